@@ -1,0 +1,190 @@
+"""Config dataclasses that validate themselves and round-trip through JSON.
+
+Every stage method has its own small dataclass (``<Method><Stage>Config``).
+``from_dict`` is strict: an unknown key, a wrong type or an impossible value
+raises ``ConfigError`` with the dotted key and the fix, before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, ClassVar, Literal
+
+from .errors import ConfigError
+
+_REGISTRY: dict[tuple[str, str], type["StageConfig"]] = {}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        return f"a list of {_type_name(inner)}"
+    if origin is dict:
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"{key}: got {value!r}; expected one of {', '.join(map(repr, allowed))}{hint}"
+            )
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"{key}: got {value!r}; expected {_type_name(tp)}")
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}: got {value!r}; expected null")
+        return None
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: got {value!r}; expected {_type_name(tp)}")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: got {value!r}; expected a mapping")
+        return dict(value)
+    if isinstance(tp, type) and issubclass(tp, Config):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: got {value!r}; expected a mapping of {tp.__name__} fields")
+        return tp.from_dict(value, prefix=key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: got {value!r}; expected true or false")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: got {value!r}; expected a number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: got {value!r}; expected a whole number")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: got {value!r}; expected a string")
+        return value
+    return value
+
+
+def unknown_key_error(key: str, known: typing.Iterable[str], where: str) -> ConfigError:
+    known = sorted(known)
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+    return ConfigError(f"{where}{key}: unknown key; {hint}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Base of all config dataclasses: strict ``from_dict``, JSON round-trip."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` for impossible values. Subclasses extend."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, prefix: str = "") -> "Config":
+        data = dict(data or {})
+        data.pop("type", None)
+        data.pop("version", None)
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        where = f"{prefix}." if prefix else ""
+        kwargs = {}
+        for key, value in data.items():
+            if key not in fields:
+                raise unknown_key_error(key, fields, where)
+            kwargs[key] = _coerce(value, hints[key], f"{where}{key}")
+        missing = [
+            n
+            for n, f in fields.items()
+            if n not in kwargs
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+        ]
+        if missing:
+            raise ConfigError(f"{where}{missing[0]}: required key is missing; add it")
+        try:
+            return cls(**kwargs)
+        except ConfigError as exc:
+            if prefix and not str(exc).startswith(prefix):
+                raise ConfigError(f"{where}{exc}") from None
+            raise
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.to_dict() if isinstance(v, Config) else v
+        return out
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The dict with ``type`` and ``version``, as stored in MLflow and reports."""
+        return {"type": type(self).__name__, "version": 1, **self.to_dict()}
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig(Config):
+    """A stage's config. Subclasses set ``stage`` and ``method`` and register."""
+
+    stage: ClassVar[str] = ""
+    method: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if cls.stage and cls.method:
+            _REGISTRY[(cls.stage, cls.method)] = cls
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **super().to_dict()}
+
+
+def stage_config_class(stage: str, method: str | None, where: str) -> type[StageConfig]:
+    """The config class registered for ``stage`` and ``method`` (default: the first one)."""
+    methods = {m: c for (s, m), c in _REGISTRY.items() if s == stage}
+    if not methods:
+        stages = sorted({s for s, _ in _REGISTRY})
+        raise unknown_key_error(stage, stages, where)
+    if method is None:
+        return next(iter(methods.values()))
+    if method not in methods:
+        close = difflib.get_close_matches(method, list(methods), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(methods))}"
+        raise ConfigError(f"{where}{stage}.method: unknown method {method!r}; {hint}")
+    return methods[method]
+
+
+def known_stages() -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for s, m in _REGISTRY:
+        out.setdefault(s, []).append(m)
+    return out

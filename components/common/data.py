@@ -1,0 +1,62 @@
+"""Dataset splits and the checks every provider's output goes through."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import numpy as np
+
+from .errors import DataError
+
+SPLIT_KEYS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
+
+
+def check_labels(x: np.ndarray, y: np.ndarray, where: str) -> None:
+    if len(x) != len(y):
+        raise DataError(f"data {where}: {len(x)} inputs but {len(y)} labels; they must pair up")
+
+
+@dataclasses.dataclass
+class Splits:
+    """Train/validation/test arrays. Calibration only ever draws from train."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        for k in ("x_train", "x_val", "x_test"):
+            arr = getattr(self, k)
+            if arr.dtype != np.float32:
+                setattr(self, k, arr.astype(np.float32))
+        for split in ("train", "val", "test"):
+            check_labels(getattr(self, f"x_{split}"), getattr(self, f"y_{split}"), split)
+            if len(getattr(self, f"x_{split}")) == 0:
+                raise DataError(f"data {self.source}: the {split} split is empty; it needs samples")
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    def calibration(self, n: int, seed: int = 0) -> np.ndarray:
+        """``n`` samples from the train split (all of it when ``n`` is larger)."""
+        n = min(n, len(self.x_train))
+        idx = np.random.default_rng(seed).choice(len(self.x_train), size=n, replace=False)
+        return self.x_train[np.sort(idx)]
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for k in SPLIT_KEYS:
+            a = getattr(self, k)
+            h.update(k.encode())
+            if a.dtype != object:
+                h.update(np.ascontiguousarray(a).tobytes())
+            else:
+                for item in a:
+                    h.update(np.ascontiguousarray(item).tobytes())
+        return h.hexdigest()

@@ -1,0 +1,139 @@
+"""Data providers: where calibration, training and evaluation data come from.
+
+A provider is a class in the ``edgeslim.datasets`` entry-point group. It is
+built with the recipe's ``data.args`` as keyword arguments and its ``load()``
+returns a :class:`~edgeslim.components.common.data.Splits`. Built-ins:
+``sklearn-digits`` and ``npz``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+
+from edgeslim.components.common.data import SPLIT_KEYS, Splits, check_labels
+from edgeslim.components.common.errors import ConfigError, DataError
+
+
+class SklearnDigits:
+    """scikit-learn's bundled 8x8 digits, split with fixed seeds.
+
+    Args:
+        seed: the split's seed; the same seed always gives the same split.
+        val_fraction: share of all samples in the validation split.
+        test_fraction: share of all samples in the test split.
+    """
+
+    name = "sklearn-digits"
+
+    def __init__(self, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2):
+        if not (0 < val_fraction < 0.5 and 0 < test_fraction < 0.5):
+            raise ConfigError(
+                "data.args: val_fraction and test_fraction must each be in (0, 0.5); "
+                f"got {val_fraction} and {test_fraction}"
+            )
+        self.seed, self.val_fraction, self.test_fraction = int(seed), val_fraction, test_fraction
+
+    def describe(self) -> dict:
+        return {"provider": self.name, "seed": self.seed, "val_fraction": self.val_fraction,
+                "test_fraction": self.test_fraction}
+
+    def load(self) -> Splits:
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x = (d.images.astype(np.float32) / 16.0)[:, None, :, :]
+        y = d.target.astype(np.int64)
+        order = np.random.default_rng(self.seed).permutation(len(x))
+        n_test = int(round(len(x) * self.test_fraction))
+        n_val = int(round(len(x) * self.val_fraction))
+        te, va, tr = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
+        return Splits(x[tr], y[tr], x[va], y[va], x[te], y[te], source="sklearn-digits")
+
+
+class NpzArrays:
+    """Arrays from an ``.npz`` file, local or on S3.
+
+    The file holds ``x_train``, ``y_train``, ``x_val``, ``y_val``, ``x_test`` and
+    ``y_test``. ``x_*`` go to the model as they are.
+
+    Args:
+        path: a local path or ``s3://bucket/key``. For S3 the usual boto3
+            settings apply, plus ``AWS_ENDPOINT_URL`` / ``endpoint_url`` for
+            S3-compatible stores.
+        endpoint_url: optional S3 endpoint.
+    """
+
+    name = "npz"
+
+    def __init__(self, path: str = "", endpoint_url: str | None = None):
+        if not path:
+            raise ConfigError("data.args.path: required for the npz provider; give a .npz path or s3:// URI")
+        self.path, self.endpoint_url = str(path), endpoint_url
+
+    def describe(self) -> dict:
+        return {"provider": self.name, "path": self.path}
+
+    def _read_bytes(self) -> bytes:
+        if self.path.startswith("s3://"):
+            import boto3
+            from botocore.exceptions import BotoCoreError, ClientError
+
+            bucket, _, key = self.path[5:].partition("/")
+            try:
+                s3 = boto3.client("s3", endpoint_url=self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL"))
+                return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+            except (BotoCoreError, ClientError) as exc:
+                raise DataError(f"data {self.path}: cannot read from S3 ({exc}); check the URI and credentials") from None
+        p = Path(self.path).expanduser()
+        if not p.is_file():
+            raise DataError(f"data {p}: no such file; point data.args.path at an .npz with {', '.join(SPLIT_KEYS)}")
+        return p.read_bytes()
+
+    def load(self) -> Splits:
+        try:
+            arrays = np.load(io.BytesIO(self._read_bytes()), allow_pickle=True)
+        except (ValueError, OSError) as exc:
+            raise DataError(f"data {self.path}: not a readable .npz ({exc}); save it with numpy.savez") from None
+        missing = [k for k in SPLIT_KEYS if k not in arrays.files]
+        if missing:
+            raise DataError(f"data {self.path}: missing arrays {missing}; the .npz needs {', '.join(SPLIT_KEYS)}")
+        parts = {k: arrays[k] for k in SPLIT_KEYS}
+        for split in ("train", "val", "test"):
+            check_labels(parts[f"x_{split}"], parts[f"y_{split}"], f"{self.path}:{split}")
+        return Splits(**parts, source=self.path)
+
+
+BUILTIN = {"sklearn-digits": SklearnDigits, "npz": NpzArrays}
+
+
+def provider_class(name: str):
+    """The provider registered under ``name`` (entry points first, then built-ins)."""
+    from importlib.metadata import entry_points
+
+    found = {ep.name: ep for ep in entry_points(group="edgeslim.datasets")}
+    if name in found:
+        return found[name].load()
+    if name in BUILTIN:
+        return BUILTIN[name]
+    known = sorted(set(found) | set(BUILTIN))
+    raise ConfigError(f"data.provider: unknown provider {name!r}; known: {', '.join(known)}")
+
+
+def load_data(provider: str, args: dict | None = None) -> Splits:
+    """Build the provider with ``args`` and load its splits."""
+    cls = provider_class(provider)
+    try:
+        inst = cls(**(args or {}))
+    except TypeError as exc:
+        raise ConfigError(f"data.args: {exc}; check the provider's arguments") from None
+    return inst.load()
+
+
+def describe_data(provider: str, args: dict | None = None) -> dict:
+    cls = provider_class(provider)
+    inst = cls(**(args or {}))
+    return inst.describe() if hasattr(inst, "describe") else {"provider": provider, **(args or {})}

@@ -1,0 +1,3 @@
+from edgeslim.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,79 @@
+"""The ``edgeslim`` command.
+
+Every ``EdgeslimError`` becomes one line on stderr and its exit code (2 for
+bad input, 3 for a candidate the gate rejected). Tracebacks only with --debug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from typing import Callable
+
+from edgeslim.components.common.errors import EdgeslimError
+
+# Subcommands live beside the code they drive; each module has
+# ``register(subparsers)`` and sets ``func`` on its parsers.
+_COMMAND_MODULES = (
+    "edgeslim.cli_main",
+    "edgeslim.deploy.fleet_cli",
+    "edgeslim.components.bench",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgeslim",
+        description="Compress an MLflow-registered PyTorch model to an int8 edge model, "
+        "gate it, register it, and roll it out.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        mod.register(sub)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in ("mlflow", "alembic", "urllib3", "kfp", "torch", "onnxscript", "onnx_ir"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not args.debug:
+        _quiet_libraries()
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return int(func(args) or 0)
+    except EdgeslimError as exc:
+        if args.debug:
+            raise
+        print(f"edgeslim: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("edgeslim: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
