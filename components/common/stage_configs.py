@@ -82,3 +82,312 @@ class PTQQuantizeConfig(StageConfig):
             raise ConfigError(
                 f"quantize.num_bins: got {self.num_bins}; use at least 128 (TensorRT uses 2048)"
             )
+
+
+# --- Compression stages (issue 3): distillation, structural pruning, QAT, accuracy-aware ---
+
+Importance = Literal["l1", "l2", "bn_scale", "taylor"]
+Optimizer = Literal["adamw", "adam", "sgd"]
+Schedule = Literal["cosine", "onecycle", "step", "constant"]
+
+
+def _check_training(where: str, epochs: int, lr: float, batch_size: int, min_epochs: int = 0) -> None:
+    if epochs < min_epochs:
+        raise ConfigError(f"{where}.epochs: got {epochs}; use {min_epochs} or more")
+    if not lr > 0:
+        raise ConfigError(f"{where}.lr: got {lr}; use a positive learning rate like 1e-3")
+    if batch_size < 1:
+        raise ConfigError(f"{where}.batch_size: got {batch_size}; use 1 or more (typical 64)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelPruneConfig(StageConfig):
+    """Structural channel pruning that follows layer dependencies (Torch-Pruning).
+
+    Channels are physically removed, together with every channel they are tied
+    to through residual adds, concats and depthwise convolutions.
+
+    Attributes:
+        target: what ``keep_fraction`` measures: ``macs`` or ``params``.
+        keep_fraction: share of the parent's MACs (or parameters) the pruned model
+            keeps, in (0, 1); 0.25 means 4x fewer.
+        importance: channel ranking: ``l1``/``l2`` weight magnitude, ``bn_scale``
+            (|gamma| of the following BatchNorm) or ``taylor`` (|w * dL/dw|).
+        global_pruning: rank channels across all layers (True) or remove the same
+            share from every layer (False).
+        max_layer_ratio: largest share of one layer's channels that may go.
+        layer_ratios: per-layer shares to remove, ``{module name or fnmatch pattern: ratio}``;
+            those layers get exactly that ratio.
+        ignored_layers: module names or fnmatch patterns never pruned (heads).
+            The output layer is always kept whole.
+        round_to: keep channel counts a multiple of this (8 suits TensorRT int8); 1 = any.
+        steps: pruning steps; the target is reached gradually, with fine-tuning after each.
+        finetune_epochs: fine-tuning epochs after each step (0: none).
+        lr: fine-tuning learning rate.
+        batch_size: fine-tuning batch size.
+        distill: fine-tune with knowledge distillation from the unpruned model.
+        temperature: distillation temperature.
+        alpha: weight of the distillation loss against the hard-label loss.
+        seed: makes the fine-tuning repeatable.
+    """
+
+    stage = "prune"
+    method = "channel"
+    target: Literal["macs", "params"] = "macs"
+    keep_fraction: float = 0.5
+    importance: Importance = "l2"
+    global_pruning: bool = False
+    max_layer_ratio: float = 0.9
+    layer_ratios: dict = dataclasses.field(default_factory=dict)
+    ignored_layers: list[str] = dataclasses.field(default_factory=list)
+    round_to: int = 1
+    steps: int = 1
+    finetune_epochs: int = 5
+    lr: float = 2e-3
+    batch_size: int = 64
+    distill: bool = True
+    temperature: float = 4.0
+    alpha: float = 0.7
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not 0.0 < self.keep_fraction < 1.0:
+            raise ConfigError(
+                f"prune.keep_fraction: got {self.keep_fraction}; use a share of the {self.target} "
+                "to keep in (0, 1), e.g. 0.25 for 4x fewer"
+            )
+        if not 0.0 < self.max_layer_ratio < 1.0:
+            raise ConfigError(
+                f"prune.max_layer_ratio: got {self.max_layer_ratio}; use a value in (0, 1): "
+                "1 would remove every channel of a layer"
+            )
+        for name, ratio in self.layer_ratios.items():
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+                raise ConfigError(f"prune.layer_ratios.{name}: got {ratio!r}; expected a number in [0, 1)")
+            if ratio >= 1.0:
+                raise ConfigError(
+                    f"prune.layer_ratios.{name}: got {ratio}; that would remove every channel of the "
+                    "layer; use a ratio below 1 (or list it in ignored_layers to keep it whole)"
+                )
+            if ratio < 0.0:
+                raise ConfigError(f"prune.layer_ratios.{name}: got {ratio}; use a ratio in [0, 1)")
+        if self.round_to < 1:
+            raise ConfigError(f"prune.round_to: got {self.round_to}; use 1 (any count) or more")
+        if self.steps < 1:
+            raise ConfigError(f"prune.steps: got {self.steps}; use 1 or more")
+        _check_training("prune", self.finetune_epochs, self.lr, self.batch_size)
+        _check_distill("prune", self.temperature, self.alpha)
+
+
+def _check_distill(where: str, temperature: float, alpha: float) -> None:
+    if not temperature > 0:
+        raise ConfigError(f"{where}.temperature: got {temperature}; use a positive temperature like 4")
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(
+            f"{where}.alpha: got {alpha}; use a weight in [0, 1] (1: distillation loss only, "
+            "0: hard labels only)"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitDistillConfig(StageConfig):
+    """Knowledge distillation on the logits: KL at temperature T blended with hard labels.
+
+    loss = alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)
+
+    Attributes:
+        student: where the student comes from: ``previous`` (the model the
+            previous stage produced; the teacher itself when distill is first),
+            ``width`` (the teacher's architecture at ``width`` channels, built by
+            structural pruning) or ``uri`` (a registered model, ``student_uri``).
+        width: channel multiplier for ``student: width``, in (0, 1).
+        student_uri: ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` for ``student: uri``.
+        temperature: softening temperature T.
+        alpha: weight of the distillation loss (1 - alpha goes to the hard labels).
+        epochs: training epochs.
+        optimizer: ``adamw``, ``adam`` or ``sgd`` (momentum 0.9, nesterov).
+        lr: peak learning rate.
+        weight_decay: decoupled (adamw) or L2 weight decay.
+        schedule: learning-rate schedule over all steps: ``cosine``, ``onecycle``,
+            ``step`` (x0.1 at 1/2 and 3/4) or ``constant``.
+        batch_size: training batch size.
+        seed: makes the run repeatable (init of adapters, shuffling, augmentation).
+    """
+
+    stage = "distill"
+    method = "logit"
+    student: Literal["previous", "width", "uri"] = "width"
+    width: float = 0.5
+    student_uri: str = ""
+    temperature: float = 4.0
+    alpha: float = 0.7
+    epochs: int = 20
+    optimizer: Optimizer = "adamw"
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    schedule: Schedule = "onecycle"
+    batch_size: int = 64
+    seed: int = 0
+
+    def validate(self) -> None:
+        where = f"distill({self.method})"
+        if self.student == "width" and not 0.0 < self.width < 1.0:
+            raise ConfigError(
+                f"{where}.width: got {self.width}; use a channel multiplier in (0, 1), e.g. 0.5"
+            )
+        if self.student == "uri":
+            import re
+
+            if not re.match(r"^models:/[^/@]+(@[\w.-]+|/\d+)$", self.student_uri):
+                raise ConfigError(
+                    f"{where}.student_uri: got {self.student_uri!r}; with student: uri give "
+                    "'models:/NAME@ALIAS' or 'models:/NAME/VERSION'"
+                )
+        elif self.student_uri:
+            raise ConfigError(
+                f"{where}.student_uri: set, but student is {self.student!r}; set student: uri "
+                "or drop student_uri"
+            )
+        _check_distill(where, self.temperature, self.alpha)
+        _check_training(where, self.epochs, self.lr, self.batch_size, min_epochs=1)
+        if self.weight_decay < 0:
+            raise ConfigError(f"{where}.weight_decay: got {self.weight_decay}; use 0 or more")
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureDistillConfig(LogitDistillConfig):
+    """Logit distillation plus feature distillation on named layer pairs.
+
+    Each pair ``[teacher_layer, student_layer]`` names modules (as in
+    ``model.named_modules()``); the student's feature map goes through a learned
+    1x1 adapter when the channel counts differ, and its MSE to the teacher's
+    feature map is added to the loss with weight ``feature_weight``.
+
+    Attributes:
+        layer_pairs: ``[[teacher module, student module], ...]``; at least one.
+        feature_weight: weight of the summed feature losses.
+    """
+
+    method = "feature"
+    layer_pairs: list[list[str]] = dataclasses.field(default_factory=list)
+    feature_weight: float = 1.0
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.layer_pairs:
+            raise ConfigError(
+                "distill(feature).layer_pairs: empty; give pairs like [[features.11, features.11]] "
+                "or use method: logit"
+            )
+        for i, pair in enumerate(self.layer_pairs):
+            if len(pair) != 2 or not all(pair):
+                raise ConfigError(
+                    f"distill(feature).layer_pairs[{i}]: got {pair!r}; each pair is "
+                    "[teacher module name, student module name]"
+                )
+        if self.feature_weight < 0:
+            raise ConfigError(f"distill(feature).feature_weight: got {self.feature_weight}; use 0 or more")
+
+
+@dataclasses.dataclass(frozen=True)
+class QATQuantizeConfig(StageConfig):
+    """Quantization-aware training into the same symmetric per-channel Q/DQ ONNX as PTQ.
+
+    Fake quantization starts from the ranges PTQ calibration picks, then the
+    weights train for ``epochs`` with the quantization in the loop.
+
+    Attributes:
+        calibrator: the PTQ calibrator that initialises the activation ranges.
+        num_samples: calibration samples (train split only).
+        percentile: for the ``percentile`` calibrator.
+        num_bins: histogram bins for ``entropy``/``mse``/``percentile``.
+        float_layers: node names or fnmatch patterns kept in float.
+        epochs: fine-tuning epochs with fake quantization (1 or more).
+        lr: fine-tuning learning rate (small: the model is already trained).
+        batch_size: fine-tuning batch size.
+        learn_ranges: also train the activation ranges (LSQ-style), not only the weights.
+        distill: distil from the fp32 parent while fine-tuning.
+        temperature: distillation temperature.
+        alpha: weight of the distillation loss.
+        seed: calibration draw and fine-tuning order.
+    """
+
+    stage = "quantize"
+    method = "qat"
+    calibrator: Calibrator = "percentile"
+    num_samples: int = 512
+    percentile: float = 99.99
+    num_bins: int = 2048
+    float_layers: list[str] = dataclasses.field(default_factory=list)
+    epochs: int = 3
+    lr: float = 1e-4
+    batch_size: int = 64
+    learn_ranges: bool = False
+    distill: bool = True
+    temperature: float = 4.0
+    alpha: float = 0.5
+    seed: int = 0
+
+    def validate(self) -> None:
+        PTQQuantizeConfig(calibrator=self.calibrator, num_samples=self.num_samples,
+                          percentile=self.percentile, num_bins=self.num_bins)
+        _check_training("quantize(qat)", self.epochs, self.lr, self.batch_size, min_epochs=1)
+        _check_distill("quantize(qat)", self.temperature, self.alpha)
+
+    def ptq(self) -> PTQQuantizeConfig:
+        """The PTQ config whose calibration initialises the fake quantizers."""
+        return PTQQuantizeConfig(calibrator=self.calibrator, num_samples=self.num_samples,
+                                 percentile=self.percentile, num_bins=self.num_bins,
+                                 float_layers=list(self.float_layers), seed=self.seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class AccuracyAwareQuantizeConfig(StageConfig):
+    """Try PTQ per calibrator, then float fallback of the most sensitive layers, then QAT;
+    stop at the first candidate that passes the gate.
+
+    Attributes:
+        calibrators: PTQ calibrators tried in this order.
+        num_samples: calibration samples (train split only).
+        percentile: for the ``percentile`` calibrator.
+        num_bins: histogram bins for ``entropy``/``mse``/``percentile``.
+        max_float_layers: how many of the most sensitive layers may be kept in
+            float, one more per trial (0: no fallback).
+        sensitivity_metric: how layers are ranked: by the metric drop when only that
+            layer is quantized (``drop``, ties broken by SQNR) or by that SQNR (``sqnr``).
+        qat: run QAT when PTQ and fallback all fail.
+        qat_epochs: QAT fine-tuning epochs.
+        qat_lr: QAT learning rate.
+        seed: calibration draw and QAT order.
+    """
+
+    stage = "quantize"
+    method = "auto"
+    calibrators: list[Calibrator] = dataclasses.field(
+        default_factory=lambda: ["percentile", "entropy", "mse", "minmax"])
+    num_samples: int = 512
+    percentile: float = 99.99
+    num_bins: int = 2048
+    max_float_layers: int = 3
+    sensitivity_metric: Literal["drop", "sqnr"] = "drop"
+    qat: bool = True
+    qat_epochs: int = 3
+    qat_lr: float = 1e-4
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not self.calibrators:
+            raise ConfigError(
+                "quantize(auto).calibrators: empty; list at least one of minmax, entropy, percentile, mse"
+            )
+        if len(set(self.calibrators)) != len(self.calibrators):
+            raise ConfigError(f"quantize(auto).calibrators: {self.calibrators} repeats a calibrator; list each once")
+        if self.max_float_layers < 0:
+            raise ConfigError(f"quantize(auto).max_float_layers: got {self.max_float_layers}; use 0 or more")
+        PTQQuantizeConfig(num_samples=self.num_samples, percentile=self.percentile, num_bins=self.num_bins)
+        _check_training("quantize(auto).qat", self.qat_epochs, self.qat_lr, 1, min_epochs=1)
+
+    def ptq(self, calibrator: str, float_layers: list[str] | None = None) -> PTQQuantizeConfig:
+        return PTQQuantizeConfig(calibrator=calibrator, num_samples=self.num_samples,  # type: ignore[arg-type]
+                                 percentile=self.percentile, num_bins=self.num_bins,
+                                 float_layers=list(float_layers or []), seed=self.seed)
