@@ -1,0 +1,427 @@
+"""Fleet state in an object store: S3 (any S3-compatible server) or a local directory.
+
+Both stores have the same small interface, with the two S3 features the
+rollout leans on: ETag-conditional reads (devices poll cheaply) and
+conditional PUTs (``If-None-Match: *`` creates a lock once; ``If-Match``
+replaces it only if nobody else did). Credentials come from boto3's usual
+chain (environment, profile, instance role) and are never stored, logged or
+returned by :meth:`describe`.
+
+Layout under the store's prefix::
+
+    artifacts/sha256/<hex>                       content-addressed models and engines
+    fleets/<fleet>/lock.json                     the per-fleet controller lock
+    fleets/<fleet>/rollouts/<name>.json          one record per rollout (deployment)
+    fleets/<fleet>/devices/<id>/registration.json  written by the agent
+    fleets/<fleet>/devices/<id>/manifest.json    signed; written by the controller
+    fleets/<fleet>/devices/<id>/status.json      written by the agent (and heartbeats)
+
+boto3 is imported only when an S3 store is opened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import urlparse
+
+from edgeslim.components.common.errors import ConfigError, FleetError
+
+STORE_ENV = "EDGESLIM_FLEET_STORE"
+ENDPOINT_ENV = "EDGESLIM_S3_ENDPOINT_URL"
+DEFAULT_LOCAL_STORE = "~/.edgeslim/fleet-store"
+
+
+class StoreUnavailable(FleetError):
+    """The store cannot be reached right now (network, server down, 5xx)."""
+
+
+class PreconditionFailed(FleetError):
+    """A conditional write lost: the object exists (If-None-Match) or changed (If-Match)."""
+
+
+class NotModified(Exception):
+    """A conditional read found the same ETag: nothing new."""
+
+
+@dataclasses.dataclass
+class Blob:
+    data: bytes
+    etag: str
+
+
+def _unquote(etag: str | None) -> str:
+    return (etag or "").strip().strip('"')
+
+
+class ObjectStore:
+    """The interface. Keys are relative to the store's prefix; ETags are unquoted."""
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def get(self, key: str, *, if_none_match: str | None = None) -> Blob | None:
+        """The object, ``None`` if absent; raises ``NotModified`` if its ETag is ``if_none_match``."""
+        raise NotImplementedError
+
+    def head(self, key: str) -> tuple[int, str] | None:
+        """(size, etag) or ``None`` if absent."""
+        raise NotImplementedError
+
+    def stream(self, key: str, start: int = 0, chunk_size: int = 1 << 16) -> Iterator[bytes]:
+        """The object's bytes from ``start`` (an HTTP Range request on S3)."""
+        raise NotImplementedError
+
+    def put(self, key: str, data: bytes, *, if_none_match_any: bool = False,
+            if_match: str | None = None) -> str:
+        """Write; returns the new ETag. Raises ``PreconditionFailed`` if a condition fails."""
+        raise NotImplementedError
+
+    def put_file(self, key: str, path: str | Path, *, if_none_match_any: bool = False) -> str:
+        return self.put(key, Path(path).read_bytes(), if_none_match_any=if_none_match_any)
+
+    def delete(self, key: str) -> None:
+        raise NotImplementedError
+
+    def list(self, prefix: str) -> list[str]:
+        """All keys under ``prefix``, sorted."""
+        raise NotImplementedError
+
+    # JSON helpers used everywhere.
+    def get_json(self, key: str) -> tuple[Any, str] | None:
+        blob = self.get(key)
+        if blob is None:
+            return None
+        try:
+            return json.loads(blob.data), blob.etag
+        except ValueError as exc:
+            raise FleetError(f"{self.describe()}: {key} is not valid JSON ({exc}); fix or delete it") from None
+
+    def put_json(self, key: str, obj: Any, **cond) -> str:
+        return self.put(key, json.dumps(obj, indent=1, sort_keys=True).encode(), **cond)
+
+
+class LocalStore(ObjectStore):
+    """A directory with the S3 semantics the fleet needs (for the demo and laptops).
+
+    Conditional writes are atomic across processes through ``flock`` on one
+    lock file; every write is a rename, so readers never see half a file.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(os.path.expanduser(str(root))).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lockfile = self.root / ".store.lock"
+        self._tlock = threading.Lock()
+
+    def describe(self) -> str:
+        return f"file://{self.root}"
+
+    def _path(self, key: str) -> Path:
+        if key.startswith("/") or ".." in key.split("/"):
+            raise ConfigError(f"store key {key!r} must be relative without '..'")
+        return self.root / key
+
+    @staticmethod
+    def _etag(data: bytes) -> str:
+        return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+    def get(self, key, *, if_none_match=None):
+        try:
+            data = self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+        etag = self._etag(data)
+        if if_none_match and _unquote(if_none_match) == etag:
+            raise NotModified(key)
+        return Blob(data, etag)
+
+    def head(self, key):
+        p = self._path(key)
+        if not p.is_file():
+            return None
+        return p.stat().st_size, self._etag(p.read_bytes())
+
+    def stream(self, key, start=0, chunk_size=1 << 16):
+        p = self._path(key)
+        try:
+            fh = open(p, "rb")
+        except FileNotFoundError:
+            raise FleetError(f"{self.describe()}: {key} does not exist") from None
+        with fh:
+            fh.seek(start)
+            while chunk := fh.read(chunk_size):
+                yield chunk
+
+    def put(self, key, data, *, if_none_match_any=False, if_match=None):
+        p = self._path(key)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with self._tlock, open(self._lockfile, "a+") as lk:
+            fcntl.flock(lk, fcntl.LOCK_EX)
+            try:
+                exists = p.is_file()
+                if if_none_match_any and exists:
+                    raise PreconditionFailed(f"{key} already exists")
+                if if_match is not None:
+                    if not exists or self._etag(p.read_bytes()) != _unquote(if_match):
+                        raise PreconditionFailed(f"{key} changed since ETag {if_match}")
+                tmp = p.with_name(f".{p.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+                tmp.write_bytes(data)
+                os.replace(tmp, p)
+            finally:
+                fcntl.flock(lk, fcntl.LOCK_UN)
+        return self._etag(data)
+
+    def delete(self, key):
+        try:
+            self._path(key).unlink()
+        except FileNotFoundError:
+            pass
+
+    def list(self, prefix):
+        base = self._path(prefix.rstrip("/")) if prefix else self.root
+        if base.is_file():
+            return [prefix]
+        if not base.is_dir():
+            return []
+        out = []
+        for p in base.rglob("*"):
+            if p.is_file() and not p.name.startswith("."):
+                out.append(p.relative_to(self.root).as_posix())
+        return sorted(out)
+
+
+class S3Store(ObjectStore):
+    """A bucket (and optional prefix) on AWS S3 or any S3-compatible server.
+
+    Args:
+        bucket: bucket name; created if missing and ``create_bucket``.
+        prefix: key prefix inside the bucket.
+        endpoint_url: e.g. ``http://127.0.0.1:7480`` for RGW or MinIO; ``None`` for AWS.
+        region: signing region.
+        profile: a named AWS profile; ``None`` uses boto3's default chain.
+        timeout_s: connect and read timeout: devices must notice an outage quickly.
+    """
+
+    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
+                 region: str | None = None, profile: str | None = None, timeout_s: float = 10.0,
+                 create_bucket: bool = False) -> None:
+        import boto3
+        from botocore.config import Config as BotoConfig
+
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.endpoint_url = endpoint_url
+        session = boto3.session.Session(profile_name=profile) if profile else boto3.session.Session()
+        cfg = BotoConfig(
+            connect_timeout=timeout_s, read_timeout=timeout_s,
+            # The agent and controller have their own backoff; one quick try here.
+            retries={"max_attempts": 2, "mode": "standard"},
+            # Many S3-compatible servers (RGW, older MinIO) reject the flexible
+            # checksum trailers that new botocore sends by default.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            s3={"addressing_style": "path"},
+        )
+        self._client = session.client("s3", endpoint_url=endpoint_url,
+                                      region_name=region or session.region_name or "us-east-1", config=cfg)
+        from botocore.exceptions import ClientError
+
+        self._ClientError = ClientError
+        if create_bucket:
+            self._ensure_bucket()
+
+    def describe(self) -> str:
+        where = f" at {self.endpoint_url}" if self.endpoint_url else ""
+        return f"s3://{self.bucket}/{self.prefix}{where}".replace(f"{self.bucket}/ at", f"{self.bucket} at")
+
+    def _k(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _call(self, fn, **kw):
+        from botocore.exceptions import BotoCoreError
+
+        try:
+            return fn(**kw)
+        except self._ClientError as exc:
+            err = exc.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if code in ("304", "NotModified") or status == 304:
+                raise NotModified(kw.get("Key")) from None
+            if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+                return None
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+                raise PreconditionFailed(f"{kw.get('Key')}: {code or status}") from None
+            if status >= 500:
+                raise StoreUnavailable(f"{self.describe()}: server error {code} ({status})") from None
+            if code == "NoSuchBucket":
+                raise FleetError(f"{self.describe()}: bucket {self.bucket!r} does not exist; create it first") from None
+            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
+                raise FleetError(
+                    f"{self.describe()}: access denied ({code}); check the credentials in the "
+                    "environment or profile"
+                ) from None
+            raise FleetError(f"{self.describe()}: {code or status}: {err.get('Message', '')}") from None
+        except BotoCoreError as exc:
+            # Connection refused, DNS, timeouts: the store is unavailable, not wrong.
+            raise StoreUnavailable(f"{self.describe()}: cannot reach the store ({type(exc).__name__})") from None
+
+    def _ensure_bucket(self) -> None:
+        from botocore.exceptions import BotoCoreError
+
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+            return
+        except self._ClientError:
+            pass
+        except BotoCoreError as exc:
+            raise StoreUnavailable(f"{self.describe()}: cannot reach the store ({type(exc).__name__})") from None
+        try:
+            self._client.create_bucket(Bucket=self.bucket)
+        except self._ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise
+
+    def get(self, key, *, if_none_match=None):
+        kw = {"Bucket": self.bucket, "Key": self._k(key)}
+        if if_none_match:
+            kw["IfNoneMatch"] = f'"{_unquote(if_none_match)}"'
+        resp = self._call(self._client.get_object, **kw)
+        if resp is None:
+            return None
+        try:
+            data = resp["Body"].read()
+        except Exception as exc:  # a reset mid-body is an outage, not a bug
+            raise StoreUnavailable(f"{self.describe()}: read of {key} broke off ({type(exc).__name__})") from None
+        return Blob(data, _unquote(resp.get("ETag")))
+
+    def head(self, key):
+        resp = self._call(self._client.head_object, Bucket=self.bucket, Key=self._k(key))
+        if resp is None:
+            return None
+        return int(resp["ContentLength"]), _unquote(resp.get("ETag"))
+
+    def stream(self, key, start=0, chunk_size=1 << 16):
+        kw = {"Bucket": self.bucket, "Key": self._k(key)}
+        if start:
+            kw["Range"] = f"bytes={start}-"
+        resp = self._call(self._client.get_object, **kw)
+        if resp is None:
+            raise FleetError(f"{self.describe()}: {key} does not exist")
+        try:
+            yield from resp["Body"].iter_chunks(chunk_size)
+        except Exception as exc:
+            raise StoreUnavailable(f"{self.describe()}: download of {key} broke off ({type(exc).__name__})") from None
+
+    def put(self, key, data, *, if_none_match_any=False, if_match=None):
+        kw = {"Bucket": self.bucket, "Key": self._k(key), "Body": data}
+        if if_none_match_any:
+            kw["IfNoneMatch"] = "*"
+        if if_match is not None:
+            # RGW compares If-Match against the bare ETag; AWS accepts either form.
+            kw["IfMatch"] = _unquote(if_match)
+        resp = self._call(self._client.put_object, **kw)
+        return _unquote((resp or {}).get("ETag"))
+
+    def put_file(self, key, path, *, if_none_match_any=False):
+        with open(path, "rb") as fh:
+            return self.put(key, fh.read(), if_none_match_any=if_none_match_any)
+
+    def delete(self, key):
+        self._call(self._client.delete_object, Bucket=self.bucket, Key=self._k(key))
+
+    def list(self, prefix):
+        out: list[str] = []
+        token = None
+        full = self._k(prefix)
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        while True:
+            kw = {"Bucket": self.bucket, "Prefix": full}
+            if token:
+                kw["ContinuationToken"] = token
+            resp = self._call(self._client.list_objects_v2, **kw) or {}
+            out.extend(o["Key"][strip:] for o in resp.get("Contents", []))
+            if not resp.get("IsTruncated"):
+                break
+            token = resp.get("NextContinuationToken")
+        return sorted(out)
+
+
+_S3_URL = re.compile(r"^s3://(?P<bucket>[^/]+)/?(?P<prefix>.*)$")
+
+
+def open_store(url: str | None = None, *, endpoint_url: str | None = None, profile: str | None = None,
+               create_bucket: bool = False, timeout_s: float = 10.0) -> ObjectStore:
+    """Open the fleet store named by ``url`` (or ``$EDGESLIM_FLEET_STORE``, or the local default).
+
+    Args:
+        url: ``s3://bucket/prefix``, ``file:///dir`` or a directory path.
+        endpoint_url: S3 endpoint (else ``$EDGESLIM_S3_ENDPOINT_URL``, else boto3's own
+            ``$AWS_ENDPOINT_URL`` handling, else AWS).
+    """
+    url = url or os.environ.get(STORE_ENV) or DEFAULT_LOCAL_STORE
+    m = _S3_URL.match(url)
+    if m:
+        endpoint_url = endpoint_url or os.environ.get(ENDPOINT_ENV) or None
+        return S3Store(m["bucket"], m["prefix"], endpoint_url=endpoint_url, profile=profile,
+                       create_bucket=create_bucket, timeout_s=timeout_s)
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return LocalStore(parsed.path)
+    if parsed.scheme and len(parsed.scheme) > 1:
+        raise ConfigError(f"fleet store {url!r}: expected s3://bucket/prefix, file:///dir or a directory path")
+    return LocalStore(url)
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_name(kind: str, value: str) -> str:
+    """Fleet, device and rollout names become key segments: keep them plain."""
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ConfigError(
+            f"{kind} name {value!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return value
+
+
+class FleetKeys:
+    """Key names of one fleet (see the module docstring)."""
+
+    def __init__(self, fleet: str) -> None:
+        self.fleet = check_name("fleet", fleet)
+        self.base = f"fleets/{fleet}"
+
+    @property
+    def lock(self) -> str:
+        return f"{self.base}/lock.json"
+
+    def rollout(self, name: str) -> str:
+        return f"{self.base}/rollouts/{check_name('rollout', name)}.json"
+
+    @property
+    def rollouts_prefix(self) -> str:
+        return f"{self.base}/rollouts/"
+
+    @property
+    def devices_prefix(self) -> str:
+        return f"{self.base}/devices/"
+
+    def device(self, device_id: str, what: str) -> str:
+        return f"{self.base}/devices/{check_name('device', device_id)}/{what}.json"
+
+    def registration(self, device_id: str) -> str:
+        return self.device(device_id, "registration")
+
+    def manifest(self, device_id: str) -> str:
+        return self.device(device_id, "manifest")
+
+    def status(self, device_id: str) -> str:
+        return self.device(device_id, "status")
