@@ -294,7 +294,8 @@ class QATQuantizeConfig(StageConfig):
     """Quantization-aware training into the same symmetric per-channel Q/DQ ONNX as PTQ.
 
     Fake quantization starts from the ranges PTQ calibration picks, then the
-    weights train for ``epochs`` with the quantization in the loop.
+    weights train for ``epochs`` with the quantization in the loop; the ranges
+    are calibrated again on the trained weights for the export.
 
     Attributes:
         calibrator: the PTQ calibrator that initialises the activation ranges.
@@ -305,7 +306,6 @@ class QATQuantizeConfig(StageConfig):
         epochs: fine-tuning epochs with fake quantization (1 or more).
         lr: fine-tuning learning rate (small: the model is already trained).
         batch_size: fine-tuning batch size.
-        learn_ranges: also train the activation ranges (LSQ-style), not only the weights.
         distill: distil from the fp32 parent while fine-tuning.
         temperature: distillation temperature.
         alpha: weight of the distillation loss.
@@ -322,7 +322,6 @@ class QATQuantizeConfig(StageConfig):
     epochs: int = 3
     lr: float = 1e-4
     batch_size: int = 64
-    learn_ranges: bool = False
     distill: bool = True
     temperature: float = 4.0
     alpha: float = 0.5
