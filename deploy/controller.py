@@ -1,0 +1,721 @@
+"""The rollout controller: alias in MLflow -> signed manifests in waves -> aliases moved.
+
+One rollout (an ``mlflow deployments`` deployment of target ``edge:/FLEET``)
+is a record in the fleet store. The controller:
+
+1. resolves ``models:/NAME@ALIAS`` (or ``/VERSION``) in MLflow and uploads the
+   edge model's ONNX (and any engines per device class) content-addressed;
+2. takes the per-fleet lock with a create-once conditional PUT;
+3. writes signed manifests wave by wave (canary first), each device's sequence
+   number one above anything it has seen;
+4. waits for each wave's statuses with a timeout, a silent device counting as
+   failed, and aborts once ``min_reported`` devices have reported and the failure
+   share is above ``max_failure_pct``: every device it touched then gets a new,
+   higher-sequence manifest back to its previous artifact;
+5. on success moves ``edge-canary`` and ``edge-stable`` and tags the model version.
+
+The rollout record is rewritten after every step, so ``get`` shows progress and
+``reconcile`` (a Kubernetes CronJob) can resume a rollout whose controller died.
+MLflow is imported only inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import socket
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+from edgeslim.components.common.config import Config
+from edgeslim.components.common.errors import ConfigError, FleetError, SourceError
+
+from . import signing
+from .manifest import Manifest, artifact_key, encode_array
+from .store import FleetKeys, ObjectStore, PreconditionFailed, StoreUnavailable, check_name
+
+log = logging.getLogger("edgeslim.controller")
+
+TERMINAL = ("succeeded", "aborted", "withdrawn", "failed")
+ACTIVE = ("pending", "running", "aborting")
+TAG_PREFIX = "edgeslim.fleet"
+# Config keys that look like secrets are refused: -C values end up in shell history and logs.
+_SECRET_WORDS = ("secret", "password", "access_key", "token", "credential", "session_key")
+
+
+@dataclasses.dataclass(frozen=True)
+class WaveRolloutConfig(Config):
+    """How a rollout moves through the fleet.
+
+    Attributes:
+        waves: cumulative percentages of the fleet per wave; the first wave is the
+            canary and always has at least one device; a last wave of 100 is implied.
+        max_failure_pct: abort when failed/reported devices exceed this percentage.
+        min_reported: ...but only once at least this many devices have reported.
+        wave_timeout_s: a device silent this long after its manifest counts as failed.
+        poll_interval_s: how often the controller reads statuses.
+        expiry_s: manifests expire this long after signing (against freeze attacks).
+        atol, rtol: tolerance of the golden-output health check on devices.
+        latency_budget_ms: the device's median latency must stay under this (None: no budget).
+        health_repeats: timed runs of the golden input.
+        device_class: roll out only to devices of this class (None: all classes).
+        canary_alias, stable_alias: moved on success (None: leave aliases alone).
+        lock_ttl_s: a lock not renewed for this long may be taken over.
+    """
+
+    waves: list[float] = dataclasses.field(default_factory=lambda: [1.0, 10.0, 50.0, 100.0])
+    max_failure_pct: float = 10.0
+    min_reported: int = 1
+    wave_timeout_s: float = 600.0
+    poll_interval_s: float = 2.0
+    expiry_s: float = 7 * 24 * 3600.0
+    atol: float = 1e-3
+    rtol: float = 1e-3
+    latency_budget_ms: float | None = None
+    health_repeats: int = 5
+    device_class: str | None = None
+    canary_alias: str | None = "edge-canary"
+    stable_alias: str | None = "edge-stable"
+    lock_ttl_s: float = 900.0
+
+    def validate(self) -> None:
+        if not self.waves:
+            raise ConfigError("waves: empty; give cumulative percentages such as 1,10,50,100")
+        prev = 0.0
+        for w in self.waves:
+            if not 0 < w <= 100 or w < prev:
+                raise ConfigError(f"waves: {self.waves} must rise within (0, 100], e.g. 1,10,50,100")
+            prev = w
+        if not 0 <= self.max_failure_pct <= 100:
+            raise ConfigError(f"max_failure_pct: got {self.max_failure_pct}; expected 0..100")
+        if self.min_reported < 1:
+            raise ConfigError(f"min_reported: got {self.min_reported}; expected >= 1")
+        for name in ("wave_timeout_s", "poll_interval_s", "expiry_s", "lock_ttl_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: got {getattr(self, name)}; expected a positive number of seconds")
+
+    @classmethod
+    def from_strings(cls, raw: dict[str, Any]) -> "WaveRolloutConfig":
+        """From ``-C key=value`` strings (MLflow CLI) or already-typed values."""
+        out: dict[str, Any] = {}
+        hints = {f.name: f.type for f in dataclasses.fields(cls)}
+        for key, value in (raw or {}).items():
+            if any(w in key.lower() for w in _SECRET_WORDS):
+                raise ConfigError(
+                    f"{key}: credentials are never passed as config (they would reach logs and "
+                    "MLflow); use the AWS environment variables or a profile"
+                )
+            if key not in hints or not isinstance(value, str):
+                out[key] = value
+                continue
+            t = str(hints[key])
+            try:
+                if value.lower() in ("none", "null", ""):
+                    out[key] = None
+                elif "list" in t:
+                    out[key] = [float(v) for v in value.replace(";", ",").split(",") if v.strip()]
+                elif "int" in t:
+                    out[key] = int(value)
+                elif "float" in t:
+                    out[key] = float(value)
+                else:
+                    out[key] = value
+            except ValueError:
+                raise ConfigError(f"{key}: got {value!r}; expected {t}") from None
+        return cls.from_dict(out)
+
+
+# Keys of the rollout request that are not wave settings.
+REQUEST_KEYS = ("wait",)
+
+
+def wave_plan(rollout: str, devices: list[str], waves: list[float]) -> list[list[str]]:
+    """Split devices into waves: a stable pseudo-random order, cumulative percentages.
+
+    The order depends on the rollout name, so the canary differs between rollouts
+    but the same rollout always plans the same waves (a resumed controller agrees).
+    """
+    order = sorted(devices, key=lambda d: hashlib.sha256(f"{rollout}/{d}".encode()).hexdigest())
+    n, plan, done = len(order), [], 0
+    pcts = list(waves) + ([100.0] if waves[-1] < 100 else [])
+    for pct in pcts:
+        upto = min(n, max(done + 1, math.ceil(pct * n / 100.0)))
+        if upto > done:
+            plan.append(order[done:upto])
+            done = upto
+    return plan
+
+
+@dataclasses.dataclass
+class ModelRef:
+    name: str
+    version: str
+    alias: str | None
+    run_id: str | None
+    uri: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> (name, alias, version)."""
+    if not isinstance(uri, str) or not uri.startswith("models:/"):
+        raise ConfigError(f"model URI {uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    rest = uri[len("models:/"):].strip("/")
+    if "@" in rest:
+        name, alias = rest.rsplit("@", 1)
+        return name, alias, None
+    if "/" in rest:
+        name, version = rest.rsplit("/", 1)
+        return name, None, version
+    raise ConfigError(f"model URI {uri!r}: add @ALIAS (e.g. @edge-candidate) or /VERSION")
+
+
+def resolve_model(uri: str) -> ModelRef:
+    """Resolve an alias to a version in the MLflow registry."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    name, alias, version = parse_model_uri(uri)
+    client = MlflowClient()
+    try:
+        mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except MlflowException as exc:
+        what = f"alias {alias!r}" if alias else f"version {version}"
+        raise SourceError(f"{uri}: registered model {name!r} has no {what} ({exc.error_code})") from None
+    except Exception as exc:  # connection refused and friends
+        raise SourceError(f"{uri}: cannot reach the MLflow registry ({type(exc).__name__})") from None
+    return ModelRef(name=name, version=str(mv.version), alias=alias, run_id=mv.run_id, uri=uri)
+
+
+def download_model(ref: ModelRef, dst: str | Path) -> Path:
+    """Download the version's edge-model directory (model.onnx, edge_meta.json, engines/)."""
+    from mlflow.artifacts import download_artifacts
+
+    path = Path(download_artifacts(f"models:/{ref.name}/{ref.version}", dst_path=str(dst)))
+    if not (path / "model.onnx").exists():
+        raise SourceError(
+            f"{ref.uri} (version {ref.version}) has no model.onnx: register it with "
+            "edgeslim.plugins.edge_flavor.log_model"
+        )
+    return path
+
+
+def golden_check(model_dir: Path, cfg: WaveRolloutConfig) -> dict[str, Any]:
+    """The manifest's health check.
+
+    The golden input and expected outputs come from ``edge_meta.json["golden"]``
+    where the pipeline recorded them (from the gated reference); otherwise they
+    are computed here from the model with ONNX Runtime on a seeded input, which
+    proves the device runs *this* model the same way.
+    """
+    import numpy as np
+
+    meta_path = model_dir / "edge_meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    golden = meta.get("golden")
+    if golden:
+        x = golden["input"]
+        x = x if isinstance(x, dict) else encode_array(np.asarray(x, dtype=np.float32))
+        outs = {k: v if isinstance(v, dict) else encode_array(np.asarray(v, dtype=np.float32))
+                for k, v in golden["outputs"].items()}
+        source = "edge_meta.json"
+    else:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        sess = ort.InferenceSession(str(model_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        inp = sess.get_inputs()[0]
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in inp.shape]
+        arr = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        res = sess.run(None, {inp.name: arr})
+        x = encode_array(arr)
+        outs = {o.name: encode_array(v) for o, v in zip(sess.get_outputs(), res)}
+        source = "computed by the controller with onnxruntime"
+    return {"input": x, "outputs": outs, "atol": cfg.atol, "rtol": cfg.rtol,
+            "latency_budget_ms": cfg.latency_budget_ms, "repeats": cfg.health_repeats, "source": source}
+
+
+def _sha256(path: Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest(), path.stat().st_size
+
+
+class Controller:
+    """Rollouts of one fleet.
+
+    Args:
+        store: the fleet store.
+        fleet: fleet name (``edge:/FLEET``).
+        signing_key: the ed25519 private key (needed to write manifests).
+        clock, sleep: injectable for unit tests of the wave logic.
+    """
+
+    def __init__(self, store: ObjectStore, fleet: str, *, signing_key=None,
+                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.store, self.fleet, self.keys = store, fleet, FleetKeys(fleet)
+        self.signing_key = signing_key
+        self.clock, self.sleep = clock, sleep
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._lock_etag: str | None = None
+
+    # ------------------------------------------------------------------ lock
+    def acquire_lock(self, rollout: str, ttl_s: float) -> None:
+        """Create-once PUT of the fleet lock; take over only an expired one (If-Match)."""
+        body = {"rollout": rollout, "holder": self.holder, "acquired_at": self.clock(),
+                "expires_at": self.clock() + ttl_s}
+        try:
+            self._lock_etag = self.store.put_json(self.keys.lock, body, if_none_match_any=True)
+            return
+        except PreconditionFailed:
+            pass
+        got = self.store.get_json(self.keys.lock)
+        if got is None:  # released between our PUT and GET: try once more
+            self._lock_etag = self.store.put_json(self.keys.lock, body, if_none_match_any=True)
+            return
+        held, etag = got
+        if held.get("expires_at", 0) > self.clock():
+            raise FleetError(
+                f"fleet {self.fleet!r} is locked by rollout {held.get('rollout')!r} "
+                f"(controller {held.get('holder')}, until {time.strftime('%H:%M:%S', time.gmtime(held.get('expires_at', 0)))} UTC); "
+                "wait for it, or abort it with `edgeslim fleet abort`"
+            )
+        try:
+            self._lock_etag = self.store.put_json(self.keys.lock, body, if_match=etag)
+        except PreconditionFailed:
+            raise FleetError(f"fleet {self.fleet!r}: another controller took the expired lock first") from None
+        log.warning("took over the expired lock of rollout %s", held.get("rollout"))
+
+    def renew_lock(self, rollout: str, ttl_s: float) -> None:
+        body = {"rollout": rollout, "holder": self.holder, "acquired_at": self.clock(),
+                "expires_at": self.clock() + ttl_s}
+        try:
+            self._lock_etag = self.store.put_json(self.keys.lock, body, if_match=self._lock_etag)
+        except PreconditionFailed:
+            raise FleetError(f"fleet {self.fleet!r}: lost the lock (another controller took it); stopping") from None
+
+    def release_lock(self) -> None:
+        got = self.store.get_json(self.keys.lock)
+        if got and got[0].get("holder") == self.holder:
+            self.store.delete(self.keys.lock)
+        self._lock_etag = None
+
+    # ------------------------------------------------------------------ records
+    def get(self, name: str) -> dict[str, Any] | None:
+        got = self.store.get_json(self.keys.rollout(name))
+        return got[0] if got else None
+
+    def list(self) -> list[dict[str, Any]]:
+        out = []
+        for key in self.store.list(self.keys.rollouts_prefix):
+            if key.endswith(".json"):
+                got = self.store.get_json(key)
+                if got:
+                    out.append(got[0])
+        return out
+
+    def _save(self, rec: dict[str, Any]) -> None:
+        rec["updated_at"] = self.clock()
+        self.store.put_json(self.keys.rollout(rec["name"]), rec)
+
+    def devices(self) -> dict[str, dict[str, Any]]:
+        """Registered devices with their latest status (``None`` if never reported)."""
+        regs: dict[str, dict[str, Any]] = {}
+        for key in self.store.list(self.keys.devices_prefix):
+            if key.endswith("/registration.json"):
+                got = self.store.get_json(key)
+                if got:
+                    regs[got[0]["device_id"]] = {"registration": got[0], "status": None}
+        for dev in regs:
+            st = self.store.get_json(self.keys.status(dev))
+            regs[dev]["status"] = st[0] if st else None
+        return regs
+
+    # ------------------------------------------------------------------ create
+    def prepare(self, name: str, model_uri: str, cfg: WaveRolloutConfig) -> dict[str, Any]:
+        """Resolve the model, upload its artifacts and write a pending rollout record."""
+        check_name("rollout", name)
+        ref = resolve_model(model_uri)
+        with tempfile.TemporaryDirectory(prefix="edgeslim-rollout-") as tmp:
+            mdir = download_model(ref, tmp)
+            artifact = self._upload(mdir / "model.onnx", "onnx")
+            engines = {}
+            edir = mdir / "engines"
+            if edir.is_dir():
+                for cls_dir in sorted(p for p in edir.iterdir() if p.is_dir()):
+                    files = sorted(cls_dir.glob("*.engine")) + sorted(cls_dir.glob("*.plan"))
+                    if files:
+                        meta_p = cls_dir / "metadata.json"
+                        meta = json.loads(meta_p.read_text()) if meta_p.exists() else {}
+                        engines[cls_dir.name] = self._upload(files[0], "tensorrt", meta)
+            health = golden_check(mdir, cfg)
+        now = self.clock()
+        return {
+            "name": name, "fleet": self.fleet, "state": "pending", "generation": 1,
+            "model": ref.to_dict(), "artifact": artifact, "engines": engines, "health_check": health,
+            "config": cfg.to_dict(), "waves": [], "devices": {}, "abort_requested": None,
+            "reason": None, "created_at": now, "updated_at": now, "history": [],
+        }
+
+    def _upload(self, path: Path, fmt: str, metadata: dict | None = None) -> dict[str, Any]:
+        sha, size = _sha256(path)
+        key = artifact_key(sha)
+        head = self.store.head(key)
+        if head is None or head[0] != size:
+            try:
+                self.store.put_file(key, path, if_none_match_any=head is None)
+            except PreconditionFailed:
+                pass  # uploaded concurrently: content-addressed, so it is the same bytes
+        return {"key": key, "sha256": sha, "size": size, "format": fmt, "metadata": metadata or {}}
+
+    def _active_rollouts(self, except_name: str | None = None) -> list[str]:
+        return [r["name"] for r in self.list() if r.get("state") in ACTIVE and r["name"] != except_name]
+
+    def create(self, name: str, model_uri: str, cfg: WaveRolloutConfig, *, wait: bool = True) -> dict[str, Any]:
+        """Start a rollout. ``wait``: run it to the end here; else leave it for ``reconcile``."""
+        if self.signing_key is None:
+            raise ConfigError("a signing key is needed to roll out; set EDGESLIM_FLEET_SIGNING_KEY "
+                              "or pass --signing-key (make one with `edgeslim fleet keygen`)")
+        existing = self.get(name)
+        if existing and existing.get("state") not in TERMINAL:
+            raise FleetError(f"rollout {name!r} already exists and is {existing['state']}; "
+                             "use update, or delete it first")
+        if existing:
+            raise FleetError(f"rollout {name!r} already exists ({existing['state']}); use `update` "
+                             "to roll out another version under this name")
+        return self._start(name, model_uri, cfg, wait=wait, history=[])
+
+    def _start(self, name: str, model_uri: str, cfg: WaveRolloutConfig, *, wait: bool,
+               history: list, generation: int = 1) -> dict[str, Any]:
+        self.acquire_lock(name, cfg.lock_ttl_s)
+        try:
+            others = self._active_rollouts(except_name=name)
+            if others:
+                raise FleetError(f"fleet {self.fleet!r} has an unfinished rollout {others[0]!r}; "
+                                 "wait for it or abort it")
+            rec = self.prepare(name, model_uri, cfg)
+            rec["history"], rec["generation"] = history, generation
+            self._save(rec)
+            log.info("rollout %s: %s version %s to fleet %s", name, rec["model"]["name"],
+                     rec["model"]["version"], self.fleet)
+            if not wait:
+                return rec
+            return self._run_locked(rec)
+        finally:
+            self.release_lock()
+
+    def update(self, name: str, model_uri: str | None, cfg: WaveRolloutConfig | None, *,
+               wait: bool = True) -> dict[str, Any]:
+        """Roll out another version under an existing rollout name (after the last one ended)."""
+        rec = self.get(name)
+        if rec is None:
+            raise FleetError(f"no rollout {name!r} in fleet {self.fleet!r}; create it first")
+        if rec["state"] not in TERMINAL:
+            raise FleetError(f"rollout {name!r} is {rec['state']}; abort it before updating")
+        cfg = cfg or WaveRolloutConfig.from_dict(rec["config"])
+        uri = model_uri or rec["model"]["uri"]
+        summary = {k: rec.get(k) for k in ("generation", "state", "model", "reason", "updated_at")}
+        return self._start(name, uri, cfg, wait=wait, history=rec.get("history", []) + [summary],
+                           generation=rec.get("generation", 1) + 1)
+
+    def abort(self, name: str, reason: str = "aborted by request") -> dict[str, Any]:
+        """Ask a running rollout to stop and roll back; roll back here if nobody runs it."""
+        rec = self.get(name)
+        if rec is None:
+            raise FleetError(f"no rollout {name!r} in fleet {self.fleet!r}")
+        if rec["state"] in TERMINAL:
+            return rec
+        rec["abort_requested"] = reason
+        self._save(rec)
+        try:
+            self.acquire_lock(name, WaveRolloutConfig.from_dict(rec["config"]).lock_ttl_s)
+        except FleetError:
+            log.info("rollout %s: abort requested; its controller will roll back", name)
+            return rec  # the running controller sees the flag at its next poll
+        try:
+            rec = self.get(name) or rec
+            if rec["state"] not in TERMINAL:
+                self._rollback(rec, reason)
+            return rec
+        finally:
+            self.release_lock()
+
+    def withdraw(self, name: str) -> dict[str, Any]:
+        """``delete``: every device this rollout touched goes back to its previous model."""
+        rec = self.get(name)
+        if rec is None:
+            raise FleetError(f"no rollout {name!r} in fleet {self.fleet!r}")
+        if rec["state"] not in TERMINAL:
+            rec = self.abort(name, "withdrawn")
+            if rec["state"] not in TERMINAL:
+                raise FleetError(f"rollout {name!r} is still running elsewhere; it will roll back, "
+                                 "delete it again once it has stopped")
+        if rec["state"] in ("aborted", "withdrawn"):
+            rec["state"] = "withdrawn"
+            self._save(rec)
+            return rec
+        self.acquire_lock(name, WaveRolloutConfig.from_dict(rec["config"]).lock_ttl_s)
+        try:
+            self._rollback(rec, "withdrawn", final_state="withdrawn")
+            return rec
+        finally:
+            self.release_lock()
+
+    def reconcile(self) -> list[dict[str, Any]]:
+        """Run every pending or orphaned rollout of the fleet (the Kubernetes Job/CronJob entry)."""
+        done = []
+        for rec in self.list():
+            if rec.get("state") not in ACTIVE:
+                continue
+            cfg = WaveRolloutConfig.from_dict(rec["config"])
+            try:
+                self.acquire_lock(rec["name"], cfg.lock_ttl_s)
+            except FleetError as exc:
+                log.info("skipping %s: %s", rec["name"], exc)
+                continue
+            try:
+                rec = self.get(rec["name"]) or rec
+                if rec.get("abort_requested") and rec["state"] in ACTIVE:
+                    self._rollback(rec, rec["abort_requested"])
+                    done.append(rec)
+                else:
+                    done.append(self._run_locked(rec))
+            finally:
+                self.release_lock()
+        return done
+
+    # ------------------------------------------------------------------ the waves
+    def _next_sequence(self, device: str) -> int:
+        seqs = [0]
+        got = self.store.get_json(self.keys.manifest(device))
+        if got and isinstance(got[0], dict):
+            seqs.append(int((got[0].get("signed") or {}).get("sequence", 0)))
+        st = self.store.get_json(self.keys.status(device))
+        if st:
+            seqs.append(int(st[0].get("applied_sequence") or 0))
+        return max(seqs) + 1
+
+    def _current_manifest(self, device: str) -> dict[str, Any] | None:
+        got = self.store.get_json(self.keys.manifest(device))
+        if not got:
+            return None
+        try:
+            return signing.verify(got[0], {signing.key_id(self.signing_key.public_key()):
+                                           self.signing_key.public_key()})
+        except signing.SignatureError:
+            log.warning("device %s: stored manifest is not ours; treating it as absent", device)
+            return None
+
+    def _write_manifest(self, rec: dict, device: str, device_class: str, *, action: str,
+                        target: dict[str, Any] | None, previous: dict[str, Any] | None) -> dict[str, Any]:
+        seq = self._next_sequence(device)
+        now = self.clock()
+        cfg = rec["config"]
+        art = (target or {}).get("artifact")
+        m = Manifest(
+            fleet=self.fleet, device_id=device, device_class=device_class, rollout_id=rec["name"],
+            sequence=seq, issued_at=now, expires_at=now + float(cfg["expiry_s"]), action=action,
+            artifact=None if art is None else _artifact(art),
+            engine=None if not (target or {}).get("engine") else _artifact(target["engine"]),
+            model=(target or {}).get("model"), health_check=(target or {}).get("health_check"),
+            previous=previous,
+        )
+        etag = self.store.put_json(self.keys.manifest(device), m.sign(self.signing_key))
+        return {"sequence": seq, "etag": etag, "sent_at": now, "action": action}
+
+    def _outcome(self, device: str, sent: dict[str, Any]) -> tuple[str, str | None] | None:
+        """``(outcome, reason)`` once the device has answered this manifest, else ``None``."""
+        got = self.store.get_json(self.keys.status(device))
+        if not got:
+            return None
+        st = got[0]
+        rej = st.get("rejected") or {}
+        if rej.get("etag") == sent["etag"]:
+            return "rejected", f"{rej.get('reason')}: {rej.get('message')}"
+        last = st.get("last") or {}
+        if last.get("sequence") == sent["sequence"]:
+            if last.get("result") == "committed":
+                return "committed", None
+            return "failed", last.get("reason") or last.get("result")
+        if int(st.get("applied_sequence") or 0) > sent["sequence"]:
+            return "superseded", None
+        return None
+
+    def _run_locked(self, rec: dict[str, Any]) -> dict[str, Any]:
+        cfg = WaveRolloutConfig.from_dict(rec["config"])
+        devs = self.devices()
+        if cfg.device_class:
+            devs = {d: v for d, v in devs.items() if v["registration"]["device_class"] == cfg.device_class}
+        if not devs and not rec["devices"]:
+            rec["state"], rec["reason"] = "failed", "no registered devices in the fleet"
+            self._save(rec)
+            raise FleetError(f"fleet {self.fleet!r} has no registered devices"
+                             + (f" of class {cfg.device_class!r}" if cfg.device_class else "")
+                             + "; start edgeslim-agent on the devices first")
+        if not rec["waves"]:
+            rec["waves"] = [{"index": i, "devices": w, "state": "planned"}
+                            for i, w in enumerate(wave_plan(rec["name"], sorted(devs), cfg.waves))]
+        rec["state"] = "running"
+        self._save(rec)
+        target_base = {"artifact": rec["artifact"], "model": rec["model"], "health_check": rec["health_check"]}
+        for wave in rec["waves"]:
+            if wave["state"] == "done":
+                continue
+            wave["state"], wave["started_at"] = "running", self.clock()
+            for dev in wave["devices"]:
+                if dev in rec["devices"]:
+                    continue  # resumed: this device already got its manifest
+                dclass = devs[dev]["registration"]["device_class"]
+                prev = self._current_manifest(dev)
+                previous = None
+                if prev and prev.get("artifact"):
+                    previous = {k: prev.get(k) for k in ("artifact", "engine", "model", "health_check")}
+                    previous["sequence"] = prev.get("sequence")
+                target = dict(target_base, engine=rec["engines"].get(dclass))
+                sent = self._write_manifest(rec, dev, dclass, action="install", target=target, previous=previous)
+                rec["devices"][dev] = {"wave": wave["index"], "device_class": dclass, "sent": sent,
+                                       "previous": previous, "outcome": None, "reason": None}
+            self._save(rec)
+            log.info("rollout %s: wave %d (%d devices) sent", rec["name"], wave["index"], len(wave["devices"]))
+            verdict = self._wait_wave(rec, wave, cfg)
+            wave["state"], wave["finished_at"] = "done", self.clock()
+            self._save(rec)
+            if verdict is not None:
+                self._rollback(rec, verdict)
+                self._tag(rec)
+                return rec
+            if wave["index"] == 0 and cfg.canary_alias:
+                self._set_alias(rec, cfg.canary_alias)
+        rec["state"] = "succeeded"
+        self._save(rec)
+        if cfg.stable_alias:
+            self._set_alias(rec, cfg.stable_alias)
+        self._tag(rec)
+        log.info("rollout %s succeeded", rec["name"])
+        return rec
+
+    def _tally(self, rec: dict[str, Any]) -> tuple[int, int]:
+        outs = [d["outcome"] for d in rec["devices"].values() if d["outcome"]]
+        failed = sum(o in ("failed", "rejected", "silent") for o in outs)
+        return len(outs), failed
+
+    def _over_threshold(self, rec: dict[str, Any], cfg: WaveRolloutConfig) -> str | None:
+        reported, failed = self._tally(rec)
+        if reported >= cfg.min_reported and failed * 100.0 / max(reported, 1) > cfg.max_failure_pct:
+            return (f"{failed} of {reported} reported devices failed "
+                    f"({failed * 100.0 / reported:.0f}% > max_failure_pct {cfg.max_failure_pct:g})")
+        return None
+
+    def _wait_wave(self, rec: dict[str, Any], wave: dict[str, Any], cfg: WaveRolloutConfig) -> str | None:
+        deadline = self.clock() + cfg.wave_timeout_s
+        waiting = [d for d in wave["devices"] if not rec["devices"][d]["outcome"]]
+        last_renew = self.clock()
+        while True:
+            for dev in list(waiting):
+                got = self._outcome(dev, rec["devices"][dev]["sent"])
+                if got:
+                    rec["devices"][dev]["outcome"], rec["devices"][dev]["reason"] = got
+                    waiting.remove(dev)
+                    log.info("rollout %s: %s %s%s", rec["name"], dev, got[0], f" ({got[1]})" if got[1] else "")
+            verdict = self._over_threshold(rec, cfg)
+            if verdict:
+                return verdict
+            if not waiting:
+                return None
+            current = self.get(rec["name"]) or {}
+            if current.get("abort_requested"):
+                return str(current["abort_requested"])
+            if self.clock() >= deadline:
+                for dev in waiting:
+                    rec["devices"][dev]["outcome"] = "silent"
+                    rec["devices"][dev]["reason"] = f"no status within wave_timeout_s={cfg.wave_timeout_s:g}"
+                self._save(rec)
+                return self._over_threshold(rec, cfg)
+            if self.clock() - last_renew > cfg.lock_ttl_s / 3:
+                self.renew_lock(rec["name"], cfg.lock_ttl_s)
+                last_renew = self.clock()
+            self._save(rec)
+            self.sleep(cfg.poll_interval_s)
+
+    def _rollback(self, rec: dict[str, Any], reason: str, final_state: str = "aborted") -> None:
+        """Every touched device gets a new, higher-sequence manifest back to its previous artifact."""
+        log.warning("rollout %s: %s; rolling back %d device(s)", rec["name"], reason, len(rec["devices"]))
+        rec["state"], rec["reason"] = "aborting", reason
+        self._save(rec)
+        for dev, d in rec["devices"].items():
+            if d.get("rolled_back"):
+                continue
+            cur = self._current_manifest(dev)
+            if cur and cur.get("rollout_id") != rec["name"]:
+                d["rolled_back"] = {"skipped": f"superseded by rollout {cur.get('rollout_id')}"}
+                continue
+            prev = d.get("previous")
+            action = "rollback" if prev else "withdraw"
+            sent = self._write_manifest(rec, dev, d["device_class"], action=action, target=prev,
+                                        previous=None)
+            d["rolled_back"] = sent
+        rec["state"] = final_state
+        self._save(rec)
+
+    # ------------------------------------------------------------------ MLflow
+    def _set_alias(self, rec: dict[str, Any], alias: str) -> None:
+        from mlflow import MlflowClient
+
+        m = rec["model"]
+        try:
+            MlflowClient().set_registered_model_alias(m["name"], alias, m["version"])
+            log.info("moved alias %s of %s to version %s", alias, m["name"], m["version"])
+        except Exception as exc:  # the rollout itself stands; say what did not happen
+            log.error("could not move alias %s: %s", alias, exc)
+            rec.setdefault("warnings", []).append(f"alias {alias} not moved: {type(exc).__name__}")
+
+    def _tag(self, rec: dict[str, Any]) -> None:
+        from mlflow import MlflowClient
+
+        m = rec["model"]
+        reported, failed = self._tally(rec)
+        summary = {"rollout": rec["name"], "generation": rec.get("generation", 1), "state": rec["state"],
+                   "devices": len(rec["devices"]), "reported": reported, "failed": failed,
+                   "reason": rec.get("reason"), "finished_at": self.clock()}
+        try:
+            MlflowClient().set_model_version_tag(m["name"], m["version"], f"{TAG_PREFIX}.{self.fleet}",
+                                                 json.dumps(summary, sort_keys=True))
+        except Exception as exc:
+            log.error("could not tag the model version: %s", exc)
+
+
+def _artifact(d: dict[str, Any]):
+    from .manifest import Artifact
+
+    return Artifact(key=d["key"], sha256=d["sha256"], size=int(d["size"]), format=d.get("format", "onnx"),
+                    metadata=d.get("metadata") or {})
+
+
+def fleet_summary(controller: Controller, rec: dict[str, Any]) -> dict[str, Any]:
+    """A rollout as ``get`` shows it: the record plus each device's live state."""
+    devs = controller.devices()
+    live = {}
+    for dev, d in rec.get("devices", {}).items():
+        st = (devs.get(dev) or {}).get("status") or {}
+        live[dev] = {"outcome": d.get("outcome"), "reason": d.get("reason"),
+                     "running": ((st.get("current") or {}).get("sha256") or "")[:12] or None,
+                     "backend": (st.get("current") or {}).get("backend"),
+                     "heartbeat_age_s": round(controller.clock() - st["heartbeat_at"], 1) if st.get("heartbeat_at") else None}
+    reported, failed = controller._tally(rec)
+    return {"name": rec["name"], "fleet": rec["fleet"], "state": rec["state"], "reason": rec.get("reason"),
+            "model": rec["model"], "generation": rec.get("generation", 1),
+            "waves": [{"index": w["index"], "devices": len(w["devices"]), "state": w["state"]} for w in rec["waves"]],
+            "reported": reported, "failed": failed, "devices": live,
+            "artifact_sha256": rec["artifact"]["sha256"]}
