@@ -1,0 +1,296 @@
+"""Everything around the TensorRT call: config, profiles, flags, metadata, cache keys, refusals.
+
+No GPU and no TensorRT here. Nodes are described with ``LocalDevice``; where
+a test needs a TensorRT *runtime* it is a stand-in module named
+``mocked tensorrt`` that only carries a version (the refusal happens before
+TensorRT would be asked to do anything).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+from test_engine_fixtures import INPUT, make_digits_onnx
+
+from edgeslim.components import engine as eng
+from edgeslim.components.common.config import Config
+from edgeslim.components.common.engine_config import ShapeProfileConfig, TensorRTEngineConfig
+from edgeslim.components.common.errors import (ConfigError, DeviceError, EdgeslimError, MissingDependencyError,
+                                               SourceError)
+from edgeslim.components.devices import LocalDevice, get_device_class
+
+ORIN = LocalDevice("Orin", (8, 7), "12.6", "10.3.0.30", jetpack="6.1", l4t="36.4.0")
+L4_NO_TRT = LocalDevice("NVIDIA L4", (8, 9), "12.8", None)
+ORIN_KEY = "orin-sm87-jp6.1-trt10.3"
+
+
+@pytest.fixture(scope="module")
+def onnx_pair(tmp_path_factory):
+    fp32, qdq, splits = make_digits_onnx(tmp_path_factory.mktemp("onnx"))
+    return fp32, qdq, splits
+
+
+# --- config -----------------------------------------------------------------------------------
+
+
+def test_engine_config_round_trips_through_json():
+    cfg = TensorRTEngineConfig.from_dict({
+        "device_classes": [ORIN_KEY, "ada-sm89-trt10"],
+        "profiles": [{"input": "input", "min": [1, 1, 8, 8], "opt": [8, 1, 8, 8], "max": [32, 1, 8, 8]}],
+        "dla_core": None, "node_selectors": {"ada-sm89-trt10": {"nvidia.com/gpu.product": "NVIDIA-L4"}},
+        "verify": {"min_sqnr_db": 25},
+    }, prefix="engines")
+    data = json.loads(json.dumps(cfg.to_json_dict()))
+    assert data["type"] == "TensorRTEngineConfig" and data["profiles"][0]["max"] == [32, 1, 8, 8]
+    assert TensorRTEngineConfig.from_dict(data, prefix="engines") == cfg
+    assert cfg.node_selector_for("ada-sm89-trt10") == {"nvidia.com/gpu.product": "NVIDIA-L4"}
+    assert cfg.node_selector_for(ORIN_KEY) == {"edgeslim.io/device-class": ORIN_KEY}
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"device_classes": ["orin"]}, "unknown device class 'orin'; known: ada-sm89-trt10"),
+    ({"profiles": [{"input": "x", "min": [8], "opt": [4], "max": [2]}]}, "min 8, opt 4, max 2; it needs min <= opt <= max"),
+    ({"profiles": [{"input": "x", "min": [1], "opt": [4], "max": [2]}]}, "min <= opt <= max"),
+    ({"min_batch": 8, "opt_batch": 4}, "1 <= min_batch <= opt_batch <= max_batch"),
+    ({"device_classes": ["ada-sm89-trt10"], "dla_core": 0}, "has no DLA; set dla_core: null"),
+    ({"device_classes": [ORIN_KEY], "dla_core": 2}, "use 0..1 or null"),
+    ({"device_classes": [ORIN_KEY], "hardware_compatibility": "ampere_plus"}, "not support it on JetPack"),
+    ({"device_classes": ["xavier-sm72-jp5.1-trt8.5"], "version_compatible": True}, "need 8.6 or newer"),
+    ({"device_classes": ["hopper-sm90-trt11"], "precision": "fp16"}, "no builder flag in TensorRT 11"),
+    ({"node_selectors": {ORIN_KEY: {"a": "b"}}}, "is not in engines.device_classes"),
+    ({"device_classes": [ORIN_KEY], "node_selectors": {ORIN_KEY: "gpu"}}, "mapping of label to value"),
+    ({"verify": {"min_top1_agreement": 1.5}}, "engines.verify.min_top1_agreement"),
+    ({"workspace": 1}, "unknown key"),
+])
+def test_bad_engine_config_is_one_clear_line(bad, words):
+    with pytest.raises(ConfigError) as exc:
+        TensorRTEngineConfig.from_dict(bad, prefix="engines")
+    assert words in str(exc.value) and "\n" not in str(exc.value)
+    assert str(exc.value).startswith("engines")
+
+
+def test_engine_config_is_a_plain_config_not_a_stage_config():
+    from edgeslim.components.common.config import StageConfig
+
+    assert issubclass(TensorRTEngineConfig, Config) and not issubclass(TensorRTEngineConfig, StageConfig)
+
+
+# --- profiles -----------------------------------------------------------------------------------
+
+
+def spec(name, shape):
+    return eng.TensorSpec(name, shape, "float32")
+
+
+def test_dynamic_batch_gets_the_default_profile():
+    cfg = TensorRTEngineConfig(min_batch=1, opt_batch=16, max_batch=128)
+    prof = eng.compute_profiles([spec("input", [-1, 1, 8, 8])], cfg)
+    assert prof == {"input": {"min": [1, 1, 8, 8], "opt": [16, 1, 8, 8], "max": [128, 1, 8, 8]}}
+
+
+def test_explicit_profile_overrides_and_other_dynamic_dims_need_one():
+    inputs = [spec("image", [-1, 3, -1, -1]), spec("scale", [-1, 2])]
+    with pytest.raises(ConfigError, match=r"'image' .* dynamic dimensions \[0, 2, 3\].*add"):
+        eng.compute_profiles(inputs, TensorRTEngineConfig())
+    cfg = TensorRTEngineConfig(profiles=[ShapeProfileConfig("image", [1, 3, 224, 224], [4, 3, 320, 320],
+                                                            [8, 3, 640, 640])], max_batch=8)
+    prof = eng.compute_profiles(inputs, cfg)
+    assert prof["image"]["opt"] == [4, 3, 320, 320]
+    assert prof["scale"] == {"min": [1, 2], "opt": [8, 2], "max": [8, 2]}
+
+
+def test_profile_must_agree_with_the_onnx():
+    inputs = [spec("image", [-1, 3, 32, 32])]
+    wrong_static = TensorRTEngineConfig(profiles=[ShapeProfileConfig("image", [1, 1, 32, 32], [2, 1, 32, 32],
+                                                                     [4, 1, 32, 32])])
+    with pytest.raises(ConfigError, match="dimension 1 is fixed at 3"):
+        eng.compute_profiles(inputs, wrong_static)
+    wrong_rank = TensorRTEngineConfig(profiles=[ShapeProfileConfig("image", [1, 3], [2, 3], [4, 3])])
+    with pytest.raises(ConfigError, match="2 dimensions, but input 'image' has 4"):
+        eng.compute_profiles(inputs, wrong_rank)
+    wrong_name = TensorRTEngineConfig(profiles=[ShapeProfileConfig("img", [1], [1], [1])])
+    with pytest.raises(ConfigError, match="'img' is not an input of the ONNX; its inputs: image"):
+        eng.compute_profiles(inputs, wrong_name)
+
+
+def test_static_input_needs_no_profile():
+    prof = eng.compute_profiles([spec("x", [1, 3, 8, 8])], TensorRTEngineConfig())
+    assert prof["x"]["min"] == prof["x"]["opt"] == prof["x"]["max"] == [1, 3, 8, 8]
+
+
+# --- API generation, flags --------------------------------------------------------------------
+
+
+def test_tensorrt_10_builds_weakly_typed_with_int8_and_fp16_flags():
+    assert eng.network_flags("10.3.0.30") == []
+    assert eng.builder_flags("10.3.0.30", TensorRTEngineConfig()) == ["INT8", "FP16"]
+
+
+def test_tensorrt_11_builds_strongly_typed_without_precision_flags():
+    assert eng.network_flags("11.1.0") == ["STRONGLY_TYPED"]
+    assert eng.builder_flags("11.1.0", TensorRTEngineConfig()) == []
+    with pytest.raises(ConfigError, match="fp16 has no builder flag"):
+        eng.builder_flags("11.1.0", TensorRTEngineConfig(precision="fp16"))
+
+
+def test_tensorrt_8_needs_explicit_batch_and_dla_adds_gpu_fallback():
+    assert eng.network_flags("8.5.2.2") == ["EXPLICIT_BATCH"]
+    cfg = TensorRTEngineConfig(device_classes=["xavier-sm72-jp5.1-trt8.5"], dla_core=1)
+    assert eng.builder_flags("8.5.2.2", cfg) == ["INT8", "FP16", "GPU_FALLBACK"]
+    cfg = TensorRTEngineConfig(version_compatible=True, precision="fp32")
+    assert eng.builder_flags("10.3.0", cfg) == ["VERSION_COMPATIBLE"]
+
+
+# --- metadata and cache keys ------------------------------------------------------------------
+
+
+def test_cache_key_is_tensorrt_version_and_compute_capability():
+    assert eng.cache_key("10.3.0.30", (8, 7)) == "trt10.3.0.30-sm87"
+    assert eng.cache_key("10.3.0.30", (8, 7)) != eng.cache_key("10.3.0.26", (8, 7))
+
+
+def test_build_digest_changes_with_anything_that_shapes_the_engine():
+    base = eng.build_settings(TensorRTEngineConfig(), {"input": {"min": [1], "opt": [8], "max": [64]}})
+    d = eng.build_digest("aa", ORIN_KEY, base)
+    assert d == eng.build_digest("aa", ORIN_KEY, dict(base))
+    assert d != eng.build_digest("ab", ORIN_KEY, base)
+    assert d != eng.build_digest("aa", "orin-sm87-jp6.2-trt10.3", base)
+    assert d != eng.build_digest("aa", ORIN_KEY, {**base, "workspace_mib": 2048})
+
+
+def test_metadata_records_platform_flags_io_and_hashes(onnx_pair):
+    _, qdq, _ = onnx_pair
+    plan = eng.plan_build(qdq, ORIN_KEY)
+    meta = eng.make_metadata(device_class=plan.device_class, local=ORIN, tensorrt_version="10.3.0.30",
+                             info=plan.onnx, config=plan.config, profiles=plan.profiles,
+                             engine_sha256="ab" * 32, engine_bytes=1234, build_seconds=1.5)
+    assert meta["device_class"] == ORIN_KEY and meta["tensorrt"] == "10.3.0.30"
+    assert (meta["compute_capability"], meta["jetpack"], meta["l4t"], meta["cuda_driver"]) == \
+        ("8.7", "6.1", "36.4.0", "12.6")
+    assert meta["device_name"] == "Orin" and meta["builder_flags"] == ["INT8", "FP16"]
+    assert meta["inputs"] == [{"name": INPUT, "shape": [-1, 1, 8, 8], "dtype": "float32"}]
+    assert meta["outputs"][0]["shape"] == [-1, 10]
+    assert meta["onnx_sha256"] == eng.file_sha256(qdq) and meta["sha256"] == "ab" * 32
+    assert meta["cache_key"] == "trt10.3.0.30-sm87"
+    assert meta["artifact_key"] == f"{ORIN_KEY}/trt10.3.0.30-sm87/{'ab' * 8}"
+    assert json.loads(json.dumps(meta)) == meta
+
+
+def test_cache_hit_is_copied_and_a_corrupt_entry_is_ignored(tmp_path):
+    entry = tmp_path / "cache" / "trt10.3.0.30-sm87" / "digest"
+    entry.mkdir(parents=True)
+    (entry / eng.ENGINE_FILE).write_bytes(b"serialized engine bytes")
+    meta = {"format": eng.METADATA_FORMAT, "sha256": eng.file_sha256(entry / eng.ENGINE_FILE)}
+    (entry / eng.META_FILE).write_text(json.dumps(meta))
+    out = tmp_path / "out"
+    out.mkdir()
+    hit = eng._cache_lookup(entry, out)
+    assert hit is not None and hit.cached and hit.engine_path.read_bytes() == b"serialized engine bytes"
+    (entry / eng.ENGINE_FILE).write_bytes(b"truncated")
+    assert eng._cache_lookup(entry, tmp_path / "out") is None
+
+
+# --- refusals (each one line) -----------------------------------------------------------------
+
+
+def one_line(exc: EdgeslimError) -> str:
+    msg = str(exc)
+    assert msg and "\n" not in msg
+    return msg
+
+
+def test_int8_from_an_onnx_without_qdq_is_refused(onnx_pair):
+    fp32, qdq, _ = onnx_pair
+    with pytest.raises(SourceError) as exc:
+        eng.plan_build(fp32, ORIN_KEY, TensorRTEngineConfig(precision="int8"))
+    assert "no QuantizeLinear/DequantizeLinear nodes" in one_line(exc.value)
+    assert eng.plan_build(fp32, ORIN_KEY, TensorRTEngineConfig(precision="fp16")).onnx.qdq_nodes == 0
+    assert eng.plan_build(qdq, ORIN_KEY).onnx.qdq_nodes > 0
+
+
+def test_unknown_device_class_is_refused_listing_known_ones(onnx_pair):
+    with pytest.raises(DeviceError) as exc:
+        eng.build_engine(onnx_pair[1], "unused", "jetson-nano")
+    assert "known: ada-sm89-trt10, hopper-sm90-trt10" in one_line(exc.value)
+
+
+def test_missing_or_broken_onnx_is_refused(tmp_path):
+    with pytest.raises(SourceError, match="no such file"):
+        eng.plan_build(tmp_path / "nope.onnx", ORIN_KEY)
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x00not onnx at all")
+    with pytest.raises(SourceError, match="cannot be read as ONNX"):
+        eng.plan_build(bad, ORIN_KEY)
+
+
+def test_build_without_a_cuda_device_is_refused(onnx_pair, tmp_path, monkeypatch):
+    monkeypatch.setattr(eng, "detect_local_device", lambda: None)
+    with pytest.raises(DeviceError) as exc:
+        eng.build_engine(onnx_pair[1], tmp_path, ORIN_KEY)
+    assert "no CUDA device on this node" in one_line(exc.value)
+
+
+def test_build_node_of_another_architecture_is_refused(onnx_pair, tmp_path):
+    with pytest.raises(DeviceError) as exc:
+        eng.build_engine(onnx_pair[1], tmp_path, ORIN_KEY, local=L4_NO_TRT)
+    assert "needs compute capability 8.7" in one_line(exc.value)
+
+
+def test_gpu_node_without_tensorrt_gets_the_install_hint(onnx_pair, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # makes `import tensorrt` fail even if installed
+    with pytest.raises(MissingDependencyError) as exc:
+        eng.build_engine(onnx_pair[1], tmp_path, "ada-sm89-trt10", local=L4_NO_TRT)
+    assert "pip install 'edgeslim[tensorrt]'" in one_line(exc.value)
+    ok, why = eng.tensorrt_available()
+    assert not ok and "pip install 'edgeslim[tensorrt]'" in why
+
+
+def built_meta(onnx_pair, version="10.3.0.30", **over):
+    plan = eng.plan_build(onnx_pair[1], ORIN_KEY)
+    meta = eng.make_metadata(device_class=get_device_class(ORIN_KEY), local=ORIN, tensorrt_version=version,
+                             info=plan.onnx, config=plan.config, profiles=plan.profiles,
+                             engine_sha256="0" * 64, engine_bytes=3, build_seconds=0.1)
+    meta.update(over)
+    return meta
+
+
+def test_engine_from_another_tensorrt_version_is_refused(onnx_pair):
+    meta = built_meta(onnx_pair)
+    eng.check_engine_compatible(meta, "10.3.0.30", ORIN)  # same version, same GPU: fine
+    with pytest.raises(DeviceError) as exc:
+        eng.check_engine_compatible(meta, "10.13.0.35")
+    assert "built with TensorRT 10.3.0.30; this runtime is TensorRT 10.13.0.35" in one_line(exc.value)
+
+
+def test_version_compatible_engine_runs_on_a_later_runtime_of_the_same_major(onnx_pair):
+    meta = built_meta(onnx_pair, version_compatible=True)
+    eng.check_engine_compatible(meta, "10.13.0.35")
+    with pytest.raises(DeviceError):
+        eng.check_engine_compatible(meta, "10.2.0")   # older runtime
+    with pytest.raises(DeviceError):
+        eng.check_engine_compatible(meta, "11.0.0")   # another major
+
+
+def test_engine_for_another_gpu_architecture_is_refused(onnx_pair):
+    meta = built_meta(onnx_pair)
+    with pytest.raises(DeviceError, match="compute capability 8.7; this GPU .* is 7.2"):
+        eng.check_engine_compatible(meta, "10.3.0.30", LocalDevice("Xavier", (7, 2), tensorrt="10.3.0.30"))
+
+
+def test_runner_refuses_another_versions_engine_before_deserializing(onnx_pair, tmp_path, monkeypatch):
+    # mocked tensorrt: only a version; deserializing would need the real library and a GPU.
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.13.0.35"))
+    (tmp_path / eng.ENGINE_FILE).write_bytes(b"engine built elsewhere")
+    (tmp_path / eng.META_FILE).write_text(json.dumps(built_meta(onnx_pair)))
+    with pytest.raises(DeviceError) as exc:
+        eng.EngineRunner(tmp_path, local=ORIN)
+    assert "TensorRT 10.3.0.30; this runtime is TensorRT 10.13.0.35" in one_line(exc.value)
+
+
+def test_runner_refuses_an_engine_without_metadata(tmp_path):
+    (tmp_path / eng.ENGINE_FILE).write_bytes(b"x")
+    with pytest.raises(DeviceError, match="missing or not JSON"):
+        eng.EngineRunner(tmp_path)
