@@ -65,7 +65,7 @@ def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: 
             opt.step()
             sched.step()
         if progress:
-            progress(epoch + 1, epochs, float(loss))
+            progress(epoch + 1, epochs, float(loss.detach()))
     return model.eval()
 
 

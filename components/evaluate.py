@@ -1,0 +1,156 @@
+"""evaluate and gate: measure a candidate against its parent, then judge it.
+
+Q/DQ models are evaluated in Q/DQ semantics (ORT_ENABLE_BASIC: each
+DequantizeLinear feeds a float op, which is what TensorRT's int8 math
+approximates). The accuracy of ORT's fused int8 CPU kernels is reported too,
+labelled as such, and never gates (see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .common.data import Splits
+from .common.errors import DataError
+from .common.recipe import AccuracyGateConfig, EvaluateConfig
+from .common.result import StageResult
+from .export import INPUT_NAME, make_session
+
+
+def top1_percent(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(axis=1) == labels).mean() * 100.0)
+
+
+def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio of ``candidate`` against ``reference``, in dB."""
+    ref = reference.astype(np.float64).ravel()
+    noise = ref - candidate.astype(np.float64).ravel()
+    n = float(np.sum(noise * noise))
+    s = float(np.sum(ref * ref))
+    if n == 0.0:
+        return float("inf")
+    return float(10.0 * np.log10(max(s, 1e-30) / n))
+
+
+def fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    """Top-1 agreement (share) and SQNR (dB) of candidate outputs against the parent's."""
+    return {
+        "top1_agreement": float((reference.argmax(1) == candidate.argmax(1)).mean()),
+        "sqnr_db": round(sqnr_db(reference, candidate), 3),
+    }
+
+
+def run_batched(session, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    outs = []
+    for i in range(0, len(x), batch):
+        res = session.run(None, {INPUT_NAME: x[i:i + batch]})
+        outs.append(res[0] if len(res) == 1 else
+                    np.concatenate([r.reshape(len(x[i:i + batch]), -1) for r in res], axis=1))
+    return np.concatenate(outs, axis=0)
+
+
+def latency_ms(session, x: np.ndarray, batch: int, warmup: int, repeats: int) -> float:
+    """Median wall time of one ``session.run`` at ``batch``, in milliseconds."""
+    reps = int(np.ceil(batch / len(x)))
+    xb = np.ascontiguousarray(np.concatenate([x] * reps)[:batch]) if reps > 1 else np.ascontiguousarray(x[:batch])
+    feed = {INPUT_NAME: xb}
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - t) * 1000.0)
+    return round(statistics.median(times), 4)
+
+
+def measure(onnx_path: str | Path, data: Splits, config: EvaluateConfig) -> dict[str, Any]:
+    """Outputs on the test split, top-1, size and latencies of one ONNX model."""
+    sess = make_session(onnx_path, basic=True, threads=config.threads)
+    try:
+        out = run_batched(sess, data.x_test)
+    except Exception as exc:  # ORT raises its own types for shape mismatches
+        raise DataError(
+            f"{Path(onnx_path).name} rejects test inputs of shape {list(data.x_test.shape)} "
+            f"({str(exc).splitlines()[0][:140]}); give data whose x arrays match the model's input"
+        ) from None
+    return {
+        "outputs": out,
+        "metric": round(top1_percent(out, data.y_test), 4),
+        "size_bytes": Path(onnx_path).stat().st_size,
+        "latency_ms": {
+            f"batch_{b}": latency_ms(sess, data.x_test, b, config.latency_warmup, config.latency_repeats)
+            for b in config.latency_batches
+        },
+    }
+
+
+def evaluate(candidate_onnx: str | Path, config: EvaluateConfig, *, parent_onnx: str | Path,
+             data: Splits) -> StageResult:
+    """Evaluate the candidate and its parent side by side on the test split.
+
+    Args:
+        candidate_onnx: the int8 Q/DQ ONNX.
+        config: latency settings.
+        parent_onnx: the fp32 ONNX of the registered parent model.
+        data: the test split is used.
+
+    Returns:
+        ``StageResult`` whose metrics hold ``source`` and ``candidate`` sections
+        (metric = top-1 %, fidelity, size, latency).
+    """
+    t0 = time.perf_counter()
+    parent = measure(parent_onnx, data, config)
+    cand = measure(candidate_onnx, data, config)
+    fused = make_session(candidate_onnx, basic=False, threads=config.threads)
+    cpu_kernel_metric = top1_percent(run_batched(fused, data.x_test), data.y_test)
+    metrics = {
+        "metric_name": "top1",
+        "test_samples": int(len(data.x_test)),
+        "source": {k: v for k, v in parent.items() if k != "outputs"},
+        "candidate": {
+            **{k: v for k, v in cand.items() if k != "outputs"},
+            "fidelity": fidelity(parent["outputs"], cand["outputs"]),
+            "cpu_int8_kernel_metric": round(cpu_kernel_metric, 4),
+        },
+    }
+    metrics["candidate"]["size_ratio"] = round(parent["size_bytes"] / cand["size_bytes"], 3)
+    return StageResult(model=Path(candidate_onnx), metrics=metrics, seconds=time.perf_counter() - t0)
+
+
+@dataclasses.dataclass
+class GateCheck:
+    name: str
+    value: float
+    threshold: float
+    passed: bool
+    detail: str
+
+
+def gate(metrics: dict[str, Any], config: AccuracyGateConfig) -> dict[str, Any]:
+    """Judge evaluation metrics against the gate; returns ``{passed, checks, summary}``."""
+    src, cand = metrics["source"], metrics["candidate"]
+    drop = round(src["metric"] - cand["metric"], 4)
+    fid = cand["fidelity"]
+    checks = [
+        GateCheck("metric_drop", drop, config.max_metric_drop, drop <= config.max_metric_drop,
+                  f"top-1 fell {drop:.2f} pt ({src['metric']:.2f} -> {cand['metric']:.2f}); "
+                  f"allowed {config.max_metric_drop:.2f}"),
+        GateCheck("top1_agreement", fid["top1_agreement"], config.min_top1_agreement,
+                  fid["top1_agreement"] >= config.min_top1_agreement,
+                  f"top-1 agreement with the parent {fid['top1_agreement']:.4f}; "
+                  f"required {config.min_top1_agreement:.4f}"),
+        GateCheck("sqnr_db", fid["sqnr_db"], config.min_sqnr_db, fid["sqnr_db"] >= config.min_sqnr_db,
+                  f"output SQNR {fid['sqnr_db']:.2f} dB; required {config.min_sqnr_db:.2f} dB"),
+    ]
+    failed = [c for c in checks if not c.passed]
+    summary = "passed: " + "; ".join(c.detail for c in checks) if not failed else \
+        "failed: " + "; ".join(
+            f"{c.name} missed by {abs(c.value - c.threshold):.4g} ({c.detail})" for c in failed)
+    return {"passed": not failed, "checks": [dataclasses.asdict(c) for c in checks], "summary": summary}

@@ -1,0 +1,129 @@
+"""export: torch module -> ONNX with a dynamic batch axis, checked against torch."""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import time
+import warnings
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import numpy as np
+
+from .common.data import Splits
+from .common.errors import DataError, SourceError
+from .common.result import StageResult
+from .common.stage_configs import OnnxExportConfig
+
+INPUT_NAME = "input"
+log = logging.getLogger(__name__)
+
+
+def check_model_accepts(model, x: np.ndarray) -> np.ndarray:
+    """Run ``model`` on a small batch; a shape it rejects becomes a ``DataError``."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            out = model(torch.from_numpy(np.ascontiguousarray(x)))
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"the model rejects inputs of shape {list(x.shape)} ({first}); "
+            "give data whose x arrays match the model's input"
+        ) from None
+    if isinstance(out, (tuple, list)):
+        return np.concatenate([o.detach().numpy().reshape(len(x), -1) for o in out], axis=1)
+    return out.detach().numpy()
+
+
+def output_names(model, x: np.ndarray) -> list[str]:
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.from_numpy(x[:1]))
+    n = len(out) if isinstance(out, (tuple, list)) else 1
+    return ["output"] if n == 1 else [f"output_{i}" for i in range(n)]
+
+
+def export(model, config: OnnxExportConfig, *, data: Splits, out_path: str | Path) -> StageResult:
+    """Export ``model`` to ONNX and check its outputs against torch.
+
+    Args:
+        model: an ``nn.Module`` in eval mode (it is not modified).
+        config: opset and check tolerance.
+        data: the splits; ``x_test`` feeds the check.
+        out_path: the ``.onnx`` file to write.
+
+    Returns:
+        ``StageResult`` whose model is the ONNX path, with ``max_abs_diff`` and ``size_bytes``.
+
+    Raises:
+        DataError: the model rejects the data's input shape.
+        SourceError: export fails, or its outputs differ from torch beyond ``atol``.
+    """
+    import torch
+
+    t0 = time.perf_counter()
+    model = copy.deepcopy(model).eval()
+    x = data.x_test[: config.check_samples]
+    reference = check_model_accepts(model, x)
+    names = output_names(model, x)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.from_numpy(np.ascontiguousarray(x[:2]))
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    try:
+        with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                model, (example,), dynamo=True, opset_version=config.opset,
+                input_names=[INPUT_NAME], output_names=names,
+                dynamic_shapes=({0: batch},), external_data=False, verbose=False,
+            )
+            program.optimize()
+            program.save(str(out_path), external_data=False)
+    except Exception as exc:  # the exporter raises many types; all mean the same to a user
+        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise SourceError(
+            f"ONNX export failed ({type(exc).__name__}: {msg}); the model must be traceable by torch.export"
+        ) from None
+    got = run_onnx(out_path, x)
+    diff = float(np.max(np.abs(got - reference))) if got.size else 0.0
+    if not np.isfinite(diff) or diff > config.atol:
+        raise SourceError(
+            f"ONNX export differs from torch by {diff:.3g} (> atol {config.atol}); "
+            "raise export.atol or check for data-dependent control flow"
+        )
+    return StageResult(
+        model=out_path,
+        metrics={"max_abs_diff": diff, "size_bytes": out_path.stat().st_size, "opset": config.opset},
+        lineage={"export": config.to_json_dict()},
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def run_onnx(path: str | Path, x: np.ndarray, *, basic: bool = True, threads: int = 0) -> np.ndarray:
+    """Run an ONNX file on ``x`` with ONNX Runtime (CPU); outputs joined along axis 1."""
+    outs = make_session(path, basic=basic, threads=threads).run(None, {INPUT_NAME: x})
+    if len(outs) == 1:
+        return outs[0]
+    return np.concatenate([o.reshape(len(x), -1) for o in outs], axis=1)
+
+
+def make_session(path: str | Path, *, basic: bool = True, threads: int = 0):
+    """An ORT CPU session. ``basic`` keeps Q/DQ semantics (see DESIGN.md)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if basic:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    if threads:
+        opts.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+        raise SourceError(f"ONNX file {path} cannot be loaded by ONNX Runtime ({str(exc)[:160]})") from None

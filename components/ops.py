@@ -1,0 +1,206 @@
+"""Thin Kubeflow components around the stages, one per stage.
+
+Each function body imports edgeslim from the image it runs in, turns its
+inputs into plain objects, calls the stage and writes the outputs. The
+components are built by :func:`make_ops` so that the base image is a
+parameter; ``kfp.local.SubprocessRunner(use_venv=False)`` runs the same
+functions on a laptop.
+"""
+
+
+from types import SimpleNamespace  # noqa: I001  (no __future__ annotations: KFP reads them)
+
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Model, Output
+
+DEFAULT_IMAGE = "ghcr.io/edgeslim/edgeslim:0.1.0"
+
+
+def pull_op(recipe_json: str, tracking_uri: str, model: Output[Model], parent: Output[Artifact]):
+    """Pull the source model named by the recipe from the MLflow registry."""
+    import json
+    from pathlib import Path
+
+    from edgeslim.components.common.model_io import save_module
+    from edgeslim.components.common.recipe import recipe_from_json
+    from edgeslim.components.pull import pull
+
+    recipe = recipe_from_json(recipe_json)
+    res = pull(recipe.source, tracking_uri=tracking_uri or recipe.tracking_uri or None,
+               out_dir=Path(model.path).parent / "download")
+    save_module(res.model, model.path)
+    Path(parent.path).write_text(json.dumps({**res.lineage, "seconds": res.seconds}))
+    model.metadata.update({"name": res.lineage["name"], "version": res.lineage["version"]})
+
+
+def export_op(recipe_json: str, model: Input[Model], onnx_model: Output[Model], info: Output[Artifact]):
+    """Export a torch module to ONNX (dynamic batch, pinned opset), checked against torch."""
+    import json
+    from pathlib import Path
+
+    from edgeslim.components.common.model_io import load_module
+    from edgeslim.components.common.recipe import recipe_from_json
+    from edgeslim.components.export import export
+    from edgeslim.plugins.datasets import load_data
+
+    recipe = recipe_from_json(recipe_json)
+    data = load_data(recipe.data.provider, recipe.data.args)
+    res = export(load_module(model.path), recipe.export, data=data, out_path=onnx_model.path)
+    Path(info.path).write_text(json.dumps({**res.metrics, "seconds": res.seconds}))
+
+
+def transform_op(recipe_json: str, model: Input[Model], student: Output[Model], info: Output[Artifact]):
+    """Apply the recipe's torch stages (distill, prune) in the order written."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from edgeslim.components.common.model_io import load_module, save_module
+    from edgeslim.components.common.recipe import recipe_from_json
+
+    recipe = recipe_from_json(recipe_json)
+    if not recipe.torch_stages:
+        shutil.copyfile(model.path, student.path)
+        Path(info.path).write_text(json.dumps({"stages": [], "seconds": 0.0}))
+        return
+    from edgeslim.components.compress import apply_torch_stages
+    from edgeslim.plugins.datasets import load_data
+
+    data = load_data(recipe.data.provider, recipe.data.args)
+    teacher = load_module(model.path)
+    res = apply_torch_stages(teacher, recipe.torch_stages, data=data, teacher=teacher)
+    save_module(res.model, student.path)
+    Path(info.path).write_text(json.dumps({**res.metrics, "seconds": res.seconds}, default=str))
+
+
+def quantize_op(recipe_json: str, onnx_model: Input[Model], student: Input[Model],
+                parent_onnx: Input[Model], qdq_model: Output[Model], info: Output[Artifact]):
+    """Quantize to a symmetric per-channel int8 Q/DQ ONNX."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from edgeslim.components.common.recipe import recipe_from_json
+    from edgeslim.plugins.datasets import load_data
+
+    recipe = recipe_from_json(recipe_json)
+    data = load_data(recipe.data.provider, recipe.data.args)
+    out_dir = Path(qdq_model.path).parent / "quantize"
+    cfg = recipe.quantize
+    if cfg.method == "ptq":
+        from edgeslim.components.quantize import quantize
+
+        res = quantize(onnx_model.path, cfg, data=data, out_dir=out_dir)
+    else:
+        from edgeslim.components.common.model_io import load_module
+        from edgeslim.components.compress import quantize_with
+
+        res = quantize_with(cfg, model=load_module(student.path), fp32_onnx=onnx_model.path,
+                            parent_onnx=parent_onnx.path, recipe=recipe, data=data, out_dir=out_dir)
+    shutil.copyfile(res.model, qdq_model.path)
+    Path(info.path).write_text(json.dumps({**res.metrics, "seconds": res.seconds}, default=str))
+
+
+def evaluate_op(recipe_json: str, qdq_model: Input[Model], parent_onnx: Input[Model],
+                student_onnx: Input[Model], evaluation: Output[Artifact]):
+    """Evaluate the candidate beside its parent on the test split (ONNX Runtime, CPU)."""
+    import json
+    from pathlib import Path
+
+    from edgeslim.components.common.recipe import recipe_from_json
+    from edgeslim.components.evaluate import evaluate
+    from edgeslim.plugins.datasets import load_data
+
+    recipe = recipe_from_json(recipe_json)
+    data = load_data(recipe.data.provider, recipe.data.args)
+    res = evaluate(qdq_model.path, recipe.evaluate, parent_onnx=parent_onnx.path, data=data)
+    res.metrics["student_fp32_size_bytes"] = Path(student_onnx.path).stat().st_size
+    Path(evaluation.path).write_text(json.dumps({**res.metrics, "seconds": res.seconds}))
+
+
+def gate_op(recipe_json: str, evaluation: Input[Artifact], verdict: Output[Artifact]) -> bool:
+    """Check the accuracy gate; the pipeline branches on the returned bool."""
+    import json
+    from pathlib import Path
+
+    from edgeslim.components.common.recipe import recipe_from_json
+    from edgeslim.components.evaluate import gate
+
+    recipe = recipe_from_json(recipe_json)
+    result = gate(json.loads(Path(evaluation.path).read_text()), recipe.gate)
+    Path(verdict.path).write_text(json.dumps(result))
+    return bool(result["passed"])
+
+
+def register_op(recipe_json: str, tracking_uri: str, qdq_model: Input[Model], parent: Input[Artifact],
+                evaluation: Input[Artifact], verdict: Input[Artifact]) -> str:
+    """Register the gated candidate as a new version of ``<parent>-edge`` with its lineage.
+
+    Returns the registration as JSON (a parameter: the local runner's ``OneOf`` takes parameters).
+    """
+    import json
+    from pathlib import Path
+
+    from edgeslim.components.common.recipe import recipe_from_json
+    from edgeslim.components.register import register
+    from edgeslim.plugins.datasets import describe_data, load_data
+
+    recipe = recipe_from_json(recipe_json)
+    data = load_data(recipe.data.provider, recipe.data.args)
+    q = recipe.quantize
+    calib = data.calibration(getattr(q, "num_samples", 512), getattr(q, "seed", 0))
+    res = register(
+        qdq_model.path, parent=json.loads(Path(parent.path).read_text()), recipe=recipe,
+        evaluation=json.loads(Path(evaluation.path).read_text()),
+        gate_result=json.loads(Path(verdict.path).read_text()), calibration=calib,
+        data_description=describe_data(recipe.data.provider, recipe.data.args),
+        tracking_uri=tracking_uri or recipe.tracking_uri or None,
+    )
+    return json.dumps({**res.metrics, "seconds": res.seconds})
+
+
+def reject_op(verdict: Input[Artifact]) -> str:
+    """The gate failed: nothing is registered; say so for the report."""
+    import json
+    from pathlib import Path
+
+    summary = json.loads(Path(verdict.path).read_text())["summary"]
+    return json.dumps({"rejected": summary, "seconds": 0.0})
+
+
+def report_op(recipe_json: str, tracking_uri: str, parent: Input[Artifact], parent_export: Input[Artifact],
+              transform: Input[Artifact], quantized: Input[Artifact], evaluation: Input[Artifact],
+              verdict: Input[Artifact], registered: str, qdq_model: Input[Model],
+              report: Output[Artifact], html: Output[dsl.HTML]):
+    """Assemble report.json and the HTML report, and log both to MLflow."""
+    import json
+    from pathlib import Path
+
+    from edgeslim.components.common.recipe import recipe_from_json
+    from edgeslim.components.report import build_report, log_report, render_html
+
+    def read(a):
+        return json.loads(Path(a.path).read_text())
+
+    recipe = recipe_from_json(recipe_json)
+    rep = build_report(
+        recipe=recipe, parent=read(parent), parent_export=read(parent_export), transform=read(transform),
+        quantized=read(quantized), evaluation=read(evaluation), verdict=read(verdict),
+        registered=json.loads(registered), onnx_path=qdq_model.path,
+    )
+    Path(report.path).write_text(json.dumps(rep, indent=2))
+    Path(html.path).write_text(render_html(rep))
+    log_report(rep, report.path, html.path, tracking_uri=tracking_uri or recipe.tracking_uri or None,
+               experiment=recipe.register.experiment)
+
+
+def make_ops(base_image: str = DEFAULT_IMAGE) -> SimpleNamespace:
+    """The KFP components, built on ``base_image`` (an image with edgeslim installed)."""
+
+    def comp(fn):
+        # install_kfp_package=False: the image (or the local env) already has edgeslim and kfp.
+        return dsl.component(fn, base_image=base_image, install_kfp_package=False)
+
+    return SimpleNamespace(**{f.__name__: comp(f) for f in (
+        pull_op, export_op, transform_op, quantize_op, evaluate_op, gate_op, register_op, reject_op,
+        report_op)})

@@ -1,0 +1,163 @@
+"""register: a gated candidate goes back into the MLflow registry, with its lineage.
+
+Idempotent: a version made from the same parent version and recipe is found
+by its tags and reused. If anything fails after the version was created, the
+version is deleted again: nothing half-made stays registered.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import edgeslim
+
+from .common.errors import GateRejected
+from .common.result import StageResult
+from .common.tracking import connect
+
+log = logging.getLogger(__name__)
+TAG = "edgeslim."
+
+
+def find_existing(client, name: str, parent_version: str, parent_name: str, recipe_hash: str):
+    """A version of ``name`` already made from this parent version and recipe, if any."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return None
+    for mv in versions:
+        t = mv.tags or {}
+        if (t.get(TAG + "parent_name") == parent_name and t.get(TAG + "parent_version") == parent_version
+                and t.get(TAG + "recipe_hash") == recipe_hash):
+            return mv
+    return None
+
+
+def _flat_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
+    src, cand = evaluation["source"], evaluation["candidate"]
+    out = {
+        "source_metric": src["metric"], "candidate_metric": cand["metric"],
+        "metric_drop": round(src["metric"] - cand["metric"], 4),
+        "top1_agreement": cand["fidelity"]["top1_agreement"], "sqnr_db": cand["fidelity"]["sqnr_db"],
+        "source_size_bytes": src["size_bytes"], "candidate_size_bytes": cand["size_bytes"],
+        "size_ratio": cand.get("size_ratio", 0.0),
+        "cpu_int8_kernel_metric": cand.get("cpu_int8_kernel_metric", 0.0),
+    }
+    for who, sec in (("source", src), ("candidate", cand)):
+        for b, ms in sec.get("latency_ms", {}).items():
+            out[f"{who}_latency_ms_{b}"] = ms
+    return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and np.isfinite(v)}
+
+
+def register(candidate_onnx: str | Path, *, parent: dict[str, Any], recipe, evaluation: dict[str, Any],
+             gate_result: dict[str, Any], calibration: np.ndarray, data_description: dict[str, Any],
+             artifacts: list[str | Path] = (), tracking_uri: str | None = None) -> StageResult:
+    """Register a candidate that passed its gate.
+
+    Args:
+        candidate_onnx: the int8 Q/DQ ONNX.
+        parent: ``pull``'s lineage (name, version, run_id, model_id).
+        recipe: the validated ``Recipe``.
+        evaluation: ``evaluate``'s metrics.
+        gate_result: ``gate``'s verdict; a failed one is refused.
+        calibration: the calibration samples (logged as a dataset input).
+        data_description: the provider and its arguments.
+        artifacts: more files logged with the run (report.json, the HTML report).
+        tracking_uri: the MLflow server.
+
+    Returns:
+        ``StageResult`` whose metrics are ``{name, version, alias, run_id, model_id, reused}``.
+
+    Raises:
+        GateRejected: ``gate_result`` did not pass.
+    """
+    import mlflow
+    from mlflow.entities import LoggedModelInput
+
+    from edgeslim.plugins import edge_flavor
+
+    if not gate_result.get("passed"):
+        raise GateRejected(f"not registering a candidate that failed its gate ({gate_result.get('summary')})")
+    t0 = time.perf_counter()
+    client = connect(tracking_uri)
+    name = recipe.register.model_name(parent["name"])
+    alias = recipe.register.alias
+    recipe_hash = recipe.digest()
+    existing = find_existing(client, name, parent["version"], parent["name"], recipe_hash)
+    if existing is not None:
+        client.set_registered_model_alias(name, alias, existing.version)
+        log.info("reusing %s version %s (same parent version and recipe)", name, existing.version)
+        return StageResult(model=None, metrics={
+            "name": name, "version": str(existing.version), "alias": alias, "run_id": existing.run_id,
+            "model_id": existing.tags.get(TAG + "model_id", ""), "reused": True,
+        }, seconds=time.perf_counter() - t0)
+
+    flat = _flat_metrics(evaluation)
+    tags = {
+        TAG + "parent_name": parent["name"], TAG + "parent_version": parent["version"],
+        TAG + "parent_run_id": parent.get("run_id", ""), TAG + "parent_model_id": parent.get("model_id", ""),
+        TAG + "parent_uri": parent.get("uri", ""), TAG + "recipe_hash": recipe_hash,
+        TAG + "version": edgeslim.__version__, TAG + "gate": gate_result["summary"][:4000],
+        **{TAG + "metric." + k: str(v) for k, v in flat.items()},
+    }
+    mlflow.set_experiment(recipe.register.experiment)
+    mv = None
+    with mlflow.start_run(run_name=f"edge {parent['name']} v{parent['version']}") as run:
+        try:
+            mlflow.log_params({
+                "source": recipe.source, "recipe_hash": recipe_hash,
+                "stages": ",".join(f"{s.stage}:{s.method}" for s in recipe.stages),
+                **{f"quantize.{k}": v for k, v in recipe.quantize.to_dict().items() if not isinstance(v, (dict, list))},
+                **{f"gate.{k}": v for k, v in recipe.gate.to_dict().items()},
+                "data.provider": recipe.data.provider,
+            })
+            mlflow.log_dict(recipe.to_dict(), "recipe.json")
+            mlflow.log_metrics(flat)
+            if parent.get("model_id"):
+                mlflow.log_input(model=LoggedModelInput(parent["model_id"]))
+            calib_ds = mlflow.data.from_numpy(
+                calibration, source=str(data_description.get("path") or data_description.get("provider")),
+                name=f"calibration-{data_description.get('provider', 'data')}")
+            mlflow.log_input(calib_ds, context="calibration",
+                             tags={"split": "train", "samples": str(len(calibration))})
+            for a in artifacts:
+                if Path(a).exists():
+                    mlflow.log_artifact(str(a))
+            info = edge_flavor.log_model(
+                candidate_onnx, name="model", input_example=np.ascontiguousarray(calibration[:2]),
+                metadata={"parent": parent, "recipe_hash": recipe_hash, "gate": gate_result,
+                          "metrics": flat, "task": "classification"},
+            )
+            model_id = getattr(info, "model_id", None) or ""
+            if model_id:
+                mlflow.set_logged_model_tags(model_id, tags)
+            model_uri = f"models:/{model_id}" if model_id else info.model_uri
+            mv = mlflow.register_model(model_uri, name, tags={**tags, TAG + "model_id": model_id})
+            client.set_registered_model_alias(name, alias, mv.version)
+            client.set_registered_model_tag(name, TAG + "parent_name", parent["name"])
+        except BaseException:
+            if mv is not None:  # nothing half-made stays registered
+                try:
+                    client.delete_model_version(name, mv.version)
+                except Exception:  # best effort: the original error matters more
+                    log.warning("could not delete half-registered %s version %s", name, mv.version)
+            raise
+    return StageResult(model=None, metrics={
+        "name": name, "version": str(mv.version), "alias": alias, "run_id": run.info.run_id,
+        "model_id": model_id, "reused": False,
+    }, lineage=tags, seconds=time.perf_counter() - t0)
+
+
+def registered_summary(result: StageResult | None) -> dict[str, Any] | None:
+    if result is None:
+        return None
+    m = result.metrics
+    return {"name": m["name"], "version": m["version"], "alias": m["alias"]}
+

@@ -1,0 +1,105 @@
+"""Run the pipeline on this machine with Kubeflow's local runner (subprocesses, no venv)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from edgeslim.components.common.errors import EdgeslimError
+
+_TASK_LINE = re.compile(r"Task '([^']+)' finished with status (\w+)")
+_ERROR_LINE = re.compile(r"edgeslim\.components\.common\.errors\.(\w+): (.*)")
+
+
+class PipelineTaskFailed(EdgeslimError):
+    """A task of the local pipeline run failed."""
+
+
+class _Echo(io.TextIOBase):
+    """Collects the runner's output; passes task-status lines to ``progress``."""
+
+    def __init__(self, progress: Callable[[str], None] | None):
+        self.buf = io.StringIO()
+        self.progress = progress
+
+    def write(self, s: str) -> int:
+        self.buf.write(s)
+        if self.progress:
+            for m in _TASK_LINE.finditer(re.sub(r"\x1b\[[0-9;]*m", "", s)):
+                self.progress(f"  task {m.group(1)}: {m.group(2).lower()}")
+        return len(s)
+
+
+def _first_error(log: str) -> str | None:
+    """The edgeslim error a task raised, as its one line, if there was one."""
+    clean = re.sub(r"\x1b\[[0-9;]*m", "", log)
+    hits = _ERROR_LINE.findall(clean)
+    if hits:
+        return hits[-1][1].strip()
+    return None
+
+
+def run_pipeline(recipe, *, tracking_uri: str, workdir: str | Path,
+                 progress: Callable[[str], None] | None = None, verbose: bool = False) -> dict[str, Any]:
+    """Run the edge-compression pipeline locally and return its report.
+
+    Raises:
+        PipelineTaskFailed: a task failed; the message is the task's own error line.
+    """
+    from kfp import local
+
+    from edgeslim.pipelines.edge_compression import build_pipeline
+
+    workdir = Path(workdir).resolve()
+    root = workdir / "kfp-local"
+    root.mkdir(parents=True, exist_ok=True)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
+               raise_on_error=True)
+    pipeline = build_pipeline()
+    sink = _Echo(progress)
+    kfp_logger = logging.getLogger("kfp")
+    handlers = list(kfp_logger.handlers)
+    t0 = time.perf_counter()
+    try:
+        if verbose:
+            task = pipeline(recipe_json=recipe.to_json(), tracking_uri=tracking_uri)
+        else:
+            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+                for h in handlers:
+                    if isinstance(h, logging.StreamHandler):
+                        h.setStream(sink)
+                task = pipeline(recipe_json=recipe.to_json(), tracking_uri=tracking_uri)
+    except RuntimeError as exc:
+        log = sink.buf.getvalue()
+        (workdir / "pipeline.log").write_text(log)
+        err = _first_error(log)
+        raise PipelineTaskFailed(
+            (err or f"local pipeline run failed: {str(exc).splitlines()[0][:200]}")
+            + ("" if err else f"; see {workdir / 'pipeline.log'}")
+        ) from None
+    finally:
+        for h in handlers:
+            if isinstance(h, logging.StreamHandler):
+                h.setStream(sys.stderr)
+    (workdir / "pipeline.log").write_text(sink.buf.getvalue())
+    report_art = task.outputs if not hasattr(task, "output") else task.output
+    report = json.loads(Path(report_art.path).read_text())
+    report["seconds"]["pipeline_total"] = round(time.perf_counter() - t0, 2)
+    html_src = Path(report_art.path).parent.parent / "report_op" / "html"
+    for cand in Path(report_art.path).parent.glob("html*"):
+        html_src = cand
+    onnx = Path(report["candidate"]["onnx_path"])
+    if onnx.exists():
+        dst = workdir / "model.int8.onnx"
+        shutil.copyfile(onnx, dst)
+        report["candidate"]["onnx_path"] = str(dst)
+    report["_html_src"] = str(html_src)
+    return report

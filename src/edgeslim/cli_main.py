@@ -1,0 +1,223 @@
+"""``edgeslim demo | run | init | compile | submit``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from edgeslim.components.common.errors import ConfigError, EdgeslimError, GateRejected
+
+
+def _progress(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="run the whole pipeline on the embedded digits default")
+    p.add_argument("--workdir", default="./edgeslim-demo", help="where MLflow, artifacts and reports go")
+    p.add_argument("--verbose", action="store_true", help="show the Kubeflow runner's task logs")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("run", help="run the pipeline for a recipe (any registered PyTorch model)")
+    p.add_argument("recipe", help="recipe YAML (write one with 'edgeslim init')")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: recipe, then $MLFLOW_TRACKING_URI)")
+    p.add_argument("--workdir", default="./edgeslim-run", help="where reports and the local runner's files go")
+    p.add_argument("--verbose", action="store_true", help="show the Kubeflow runner's task logs")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("init", help="write a commented recipe with defaults for a registered model")
+    p.add_argument("--source", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    p.add_argument("--npz", default=None, help="an .npz (local or s3://) with x_/y_ train/val/test arrays")
+    p.add_argument("-o", "--output", default="recipe.yaml", help="file to write (default recipe.yaml)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("compile", help="write the pipeline as Kubeflow IR YAML")
+    p.add_argument("-o", "--output", required=True, help="YAML file to write")
+    p.add_argument("--base-image", default=None, help="image with edgeslim installed (see deploy/images/)")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("submit", help="submit the pipeline to a Kubeflow Pipelines endpoint")
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://ml-pipeline-ui.kubeflow:80")
+    p.add_argument("--tracking-uri", default=None, help="MLflow URI as the cluster sees it")
+    p.add_argument("--experiment", default="edgeslim", help="KFP experiment name")
+    p.add_argument("--base-image", default=None, help="image with edgeslim installed")
+    p.add_argument("--namespace", default=None, help="Kubeflow profile namespace")
+    p.set_defaults(func=cmd_submit)
+
+
+def _preflight(recipe, tracking_uri: str, workdir: Path) -> None:
+    """Catch bad input in this process, with one clear line, before any task starts."""
+    from edgeslim.components.export import check_model_accepts
+    from edgeslim.components.pull import pull
+    from edgeslim.plugins.datasets import load_data
+
+    data = load_data(recipe.data.provider, recipe.data.args)
+    res = pull(recipe.source, tracking_uri=tracking_uri, out_dir=workdir / "preflight")
+    check_model_accepts(res.model, data.x_test[:4])
+
+
+def _write_outputs(report: dict, workdir: Path) -> tuple[Path, Path]:
+    import shutil
+
+    from edgeslim.components.report import render_html
+
+    html_src = Path(report.pop("_html_src", ""))
+    rj, rh = workdir / "report.json", workdir / "report.html"
+    rj.write_text(json.dumps(report, indent=2))
+    if html_src.is_file():
+        shutil.copyfile(html_src, rh)
+    else:
+        rh.write_text(render_html(report))
+    return rj, rh
+
+
+def execute(recipe, *, tracking_uri: str, workdir: Path, verbose: bool = False) -> int:
+    """Preflight, run the pipeline locally, write the reports; 0 passed, 3 gate failed."""
+    from edgeslim.components.report import format_table
+    from edgeslim.pipelines.local import run_pipeline
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    _progress(f"checking {recipe.source} on {tracking_uri}")
+    _preflight(recipe, tracking_uri, workdir)
+    _progress("running the pipeline with Kubeflow's local runner")
+    report = run_pipeline(recipe, tracking_uri=tracking_uri, workdir=workdir, progress=_progress, verbose=verbose)
+    rj, rh = _write_outputs(report, workdir)
+    print(format_table(report))
+    print(f"report: {rj}\nhtml:   {rh}")
+    if not report["gate"]["passed"]:
+        print(f"edgeslim: gate failed: {report['gate']['summary']}", file=sys.stderr)
+        return GateRejected.exit_code
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from edgeslim.components.common.mlflow_server import MlflowServer
+    from edgeslim.components.common.recipe import load_recipe
+    from edgeslim.components.common.tracking import connect
+    from edgeslim.pipelines.demo import DEMO_RECIPE, ensure_teacher
+
+    workdir = Path(args.workdir).resolve()
+    _progress(f"starting MLflow (SQLite) in {workdir}")
+    with MlflowServer(workdir / "mlflow") as server:
+        _progress(f"MLflow at {server.uri}")
+        client = connect(server.uri)
+        ensure_teacher(client, progress=_progress)
+        recipe = load_recipe(DEMO_RECIPE).with_overrides(tracking_uri=server.uri)
+        code = execute(recipe, tracking_uri=server.uri, workdir=workdir, verbose=args.verbose)
+        print(f"browse it: mlflow ui --backend-store-uri sqlite:///{workdir / 'mlflow' / 'mlflow.db'}")
+        return code
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from edgeslim.components.common.recipe import load_recipe
+    from edgeslim.components.common.tracking import resolve_tracking_uri
+
+    recipe = load_recipe(args.recipe)
+    uri = resolve_tracking_uri(args.tracking_uri or recipe.tracking_uri or None)
+    recipe = recipe.with_overrides(tracking_uri=uri)
+    return execute(recipe, tracking_uri=uri, workdir=Path(args.workdir).resolve(), verbose=args.verbose)
+
+
+INIT_TEMPLATE = """\
+# edgeslim recipe for {source}
+# Written by `edgeslim init`; run it with `edgeslim run {output}`.
+# Every key is documented in the README ("Recipe format").
+version: 1
+
+# The registered PyTorch model to compress (logged with mlflow.pytorch.log_model,
+# serialization_format="pickle" if you will distil or prune it).
+source: {source}
+
+# Calibration draws from train only; the gate judges on test.
+data:
+{data}
+
+# Stages in order; distill/prune (if any) first, the one quantize stage last.
+stages:
+  - export: {{opset: 18}}            # ONNX, dynamic batch, checked against torch
+  - quantize:
+      method: ptq                    # symmetric int8, per-channel weights: what TensorRT wants
+      calibrator: percentile         # minmax | entropy | percentile | mse
+      percentile: 99.99
+      num_samples: 512
+      num_bins: 2048
+      float_layers: []               # ONNX node names or patterns kept in float
+
+# A candidate that misses any check is not registered; `edgeslim run` exits 3.
+gate:
+  max_metric_drop: 1.0               # points of top-1
+  min_top1_agreement: 0.97           # share of test samples whose top-1 matches the parent
+  min_sqnr_db: 15.0                  # output SQNR against the parent
+
+evaluate:
+  latency_batches: [1, 32]
+  latency_warmup: 5
+  latency_repeats: 30
+
+register:
+  name: "{edge_name}"
+  alias: edge-candidate
+  experiment: edgeslim
+"""
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from edgeslim.components.common.recipe import MODEL_URI, load_recipe
+
+    m = MODEL_URI.match(args.source)
+    if not m:
+        raise ConfigError(f"--source {args.source!r}: use 'models:/NAME@ALIAS' or 'models:/NAME/VERSION'")
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise ConfigError(f"{out} exists; pass --force to overwrite it or -o another file")
+    if args.npz:
+        data = f"  provider: npz\n  args: {{path: {json.dumps(args.npz)}}}"
+    else:
+        data = ("  provider: sklearn-digits        # or: provider: npz / args: {path: data.npz}\n"
+                "  args: {seed: 0}")
+    out.write_text(INIT_TEMPLATE.format(source=args.source, data=data, output=out,
+                                        edge_name=f"{m['name']}-edge"))
+    load_recipe(out)  # what init writes, run accepts
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from edgeslim.components.ops import DEFAULT_IMAGE
+    from edgeslim.pipelines.edge_compression import compile_pipeline
+
+    out = compile_pipeline(args.output, base_image=args.base_image or DEFAULT_IMAGE)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    import kfp
+
+    from edgeslim.components.common.recipe import load_recipe
+    from edgeslim.components.ops import DEFAULT_IMAGE
+    from edgeslim.pipelines.edge_compression import build_pipeline
+
+    recipe = load_recipe(args.recipe)
+    uri = args.tracking_uri or recipe.tracking_uri
+    try:
+        client = kfp.Client(host=args.host, namespace=args.namespace)
+        run = client.create_run_from_pipeline_func(
+            build_pipeline(args.base_image or DEFAULT_IMAGE),
+            arguments={"recipe_json": recipe.to_json(), "tracking_uri": uri or ""},
+            experiment_name=args.experiment, namespace=args.namespace,
+        )
+    except EdgeslimError:
+        raise
+    except Exception as exc:  # kfp_server_api / urllib3 / auth errors
+        raise EdgeslimError(
+            f"cannot submit to Kubeflow Pipelines at {args.host} ({type(exc).__name__}: {str(exc)[:160]}); "
+            "check --host and your credentials"
+        ) from None
+    print(f"submitted run {run.run_id} to {args.host}")
+    return 0
