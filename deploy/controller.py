@@ -719,3 +719,26 @@ def fleet_summary(controller: Controller, rec: dict[str, Any]) -> dict[str, Any]
             "waves": [{"index": w["index"], "devices": len(w["devices"]), "state": w["state"]} for w in rec["waves"]],
             "reported": reported, "failed": failed, "devices": live,
             "artifact_sha256": rec["artifact"]["sha256"]}
+
+
+def follow_alias(controller: Controller, model: str, alias: str, rollout: str | None = None,
+                 raw_config: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Start a rollout of the version ``alias`` points at, unless this fleet already has one.
+
+    The entry of the CronJob and of the registry webhook: idempotent, so a
+    repeated trigger for the same version does nothing and returns ``None``.
+    """
+    raw = dict(raw_config or {})
+    wait = raw.pop("wait", True)
+    wait = wait if isinstance(wait, bool) else str(wait).lower() in ("true", "1", "yes")
+    ref = resolve_model(f"models:/{model}@{alias}")
+    for rec in controller.list():
+        m = rec.get("model") or {}
+        if m.get("name") == ref.name and str(m.get("version")) == ref.version and rec.get("state") != "failed":
+            return None
+    name = rollout or f"{ref.name}-v{ref.version}"
+    name = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in name)[:128]
+    cfg = WaveRolloutConfig.from_strings(raw)
+    if controller.get(name):
+        return controller.update(name, ref.uri, cfg, wait=wait)
+    return controller.create(name, f"models:/{ref.name}/{ref.version}", cfg, wait=wait)

@@ -1,0 +1,188 @@
+"""MLflow deployment target ``edge``: staged, signed rollouts to an edge fleet.
+
+Registered as the ``edge`` entry point of the ``mlflow.deployments`` group, so::
+
+    mlflow deployments create -t edge:/FLEET --name ROLLOUT -m models:/NAME@edge-candidate \\
+        -C waves=1,10,50,100 -C max_failure_pct=10 -C wave_timeout_s=600
+
+Everything here delegates to :mod:`edgeslim.deploy.controller`, the same code
+as ``edgeslim fleet ...``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from typing import Any
+
+from mlflow.deployments import BaseDeploymentClient
+
+from edgeslim.components.common.errors import ConfigError
+
+# -C keys that select where the fleet lives, not how the rollout moves.
+_LOCATION_KEYS = ("store", "endpoint_url", "signing_key")
+
+
+def target_help() -> str:
+    return """\
+Target `edge:/FLEET`: a signed, staged rollout of an edgeslim edge model to a fleet of devices
+running `edgeslim-agent`, with fleet state in S3 (or a local directory).
+
+Where the fleet lives (environment, or -C for the non-secret ones):
+  EDGESLIM_FLEET_STORE        s3://bucket/prefix or a directory     (-C store=...)
+  EDGESLIM_S3_ENDPOINT_URL    for S3-compatible servers (RGW, MinIO) (-C endpoint_url=...)
+  EDGESLIM_FLEET_SIGNING_KEY  ed25519 private key PEM for manifests  (-C signing_key=PATH)
+  AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE: S3 credentials. Never pass
+  credentials with -C: they are refused, because -C values reach logs and MLflow.
+
+Operations:
+  create   -m models:/NAME@ALIAS (or /VERSION): resolve the alias, take the fleet lock, send
+           manifests in waves (canary first), wait, abort and roll back past the threshold;
+           on success move the edge-canary and edge-stable aliases and tag the version.
+  update   -m another version under the same deployment name; or -C action=abort to stop a
+           running rollout and roll every touched device back.
+  delete   withdraw: every device the rollout touched goes back to its previous model.
+  get/list rollout state, per-wave and per-device outcomes, what each device runs now.
+  predict  run the deployment's model locally through the edgeslim_edge pyfunc.
+  run-local  roll out to one simulated device on this machine (a local store and agent).
+
+Config (-C KEY=VALUE):
+  waves=1,10,50,100      cumulative % of the fleet per wave; the first is the canary (>= 1 device)
+  max_failure_pct=10     abort when failed/reported devices exceed this percentage ...
+  min_reported=1         ... once at least this many devices have reported
+  wave_timeout_s=600     a device silent this long counts as failed
+  poll_interval_s=2      expiry_s=604800   atol=0.001   rtol=0.001   latency_budget_ms=None
+  health_repeats=5       device_class=None (all)   canary_alias=edge-canary   stable_alias=edge-stable
+  lock_ttl_s=900         wait=true (false: record it; `edgeslim fleet reconcile` runs it)
+"""
+
+
+def _fleet_of(target_uri: str) -> str:
+    prefix = "edge:/"
+    if not target_uri.startswith(prefix) or not target_uri[len(prefix):].strip("/"):
+        raise ConfigError(f"target {target_uri!r}: expected edge:/FLEET, e.g. edge:/jetson-orin-lab")
+    return target_uri[len(prefix):].strip("/")
+
+
+def _split(config: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    config = dict(config or {})
+    loc = {k: config.pop(k) for k in _LOCATION_KEYS if k in config}
+    return loc, config
+
+
+class EdgeDeploymentClient(BaseDeploymentClient):
+    """``mlflow.deployments.get_deploy_client("edge:/FLEET")``."""
+
+    def __init__(self, target_uri: str) -> None:
+        super().__init__(target_uri)
+        self.fleet = _fleet_of(target_uri)
+
+    def _controller(self, loc: dict[str, Any], need_key: bool = False):
+        from edgeslim.deploy.fleet_cli import open_controller
+
+        return open_controller(self.fleet, store=loc.get("store"), endpoint_url=loc.get("endpoint_url"),
+                               signing_key=loc.get("signing_key"), need_key=need_key)
+
+    @staticmethod
+    def _view(c, rec) -> dict[str, Any]:
+        from edgeslim.deploy.controller import fleet_summary
+
+        out = fleet_summary(c, rec)
+        out["flavor"] = "edgeslim_edge"
+        return out
+
+    def create_deployment(self, name, model_uri, flavor=None, config=None, endpoint=None):
+        from edgeslim.deploy.controller import WaveRolloutConfig
+        from edgeslim.deploy.fleet_cli import split_config
+
+        if flavor not in (None, "edgeslim_edge"):
+            raise ConfigError(f"flavor {flavor!r}: the edge target deploys the edgeslim_edge flavor only")
+        loc, raw = _split(config)
+        raw, wait = split_config(raw)
+        c = self._controller(loc, need_key=True)
+        return self._view(c, c.create(name, model_uri, WaveRolloutConfig.from_strings(raw), wait=wait))
+
+    def update_deployment(self, name, model_uri=None, flavor=None, config=None, endpoint=None):
+        from edgeslim.deploy.controller import WaveRolloutConfig
+        from edgeslim.deploy.fleet_cli import split_config
+
+        loc, raw = _split(config)
+        raw, wait = split_config(raw)
+        c = self._controller(loc, need_key=True)
+        if str(raw.pop("action", "")).lower() == "abort":
+            return self._view(c, c.abort(name, str(raw.pop("reason", "aborted by request"))))
+        rec = c.get(name)
+        cfg = WaveRolloutConfig.from_strings({**rec["config"], **raw}) if rec else None
+        return self._view(c, c.update(name, model_uri, cfg, wait=wait))
+
+    def delete_deployment(self, name, config=None, endpoint=None):
+        loc, _ = _split(config)
+        c = self._controller(loc, need_key=True)
+        c.withdraw(name)
+
+    def list_deployments(self, endpoint=None):
+        c = self._controller({})
+        return [{"name": r["name"], "state": r["state"], "model": r["model"], "flavor": "edgeslim_edge"}
+                for r in c.list()]
+
+    def get_deployment(self, name, endpoint=None):
+        from edgeslim.components.common.errors import FleetError
+
+        c = self._controller({})
+        rec = c.get(name)
+        if rec is None:
+            raise FleetError(f"no deployment {name!r} in fleet {self.fleet!r}")
+        return self._view(c, rec)
+
+    def predict(self, deployment_name=None, inputs=None, endpoint=None):
+        from mlflow.deployments import PredictionsResponse
+
+        from edgeslim.deploy.fleet_cli import predict
+
+        return PredictionsResponse(predict(self._controller({}), deployment_name, inputs))
+
+    def explain(self, deployment_name=None, df=None, endpoint=None):
+        raise NotImplementedError("the edge target has no explain; use predict")
+
+
+def run_local(name, model_uri, flavor=None, config=None):
+    """Roll ``model_uri`` out to one simulated device on this machine and report it.
+
+    Uses a fresh local store, a throw-away signing key and an in-process agent;
+    returns (and prints) the rollout summary once the device has decided.
+    """
+    import json
+
+    from edgeslim.deploy import signing
+    from edgeslim.deploy.agent import Agent
+    from edgeslim.deploy.controller import Controller, WaveRolloutConfig
+    from edgeslim.deploy.store import LocalStore
+
+    raw = {k: v for k, v in (config or {}).items() if k not in _LOCATION_KEYS}
+    device_class = str(raw.pop("device_class", "local"))
+    raw.setdefault("poll_interval_s", "0.2")
+    raw.setdefault("wave_timeout_s", "120")
+    raw.pop("wait", None)
+    root = tempfile.mkdtemp(prefix=f"edgeslim-run-local-{name}-")
+    priv, pub = signing.generate_keypair(os.path.join(root, "keys"))
+    store = LocalStore(os.path.join(root, "store"))
+    agent = Agent(store=store, fleet="local", device_id="device-0", device_class=device_class,
+                  state_dir=os.path.join(root, "device-0"), trusted_keys=signing.load_public_keys(pub),
+                  poll_interval=0.1, heartbeat_interval=1.0)
+    agent.register()
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        c = Controller(store, "local", signing_key=signing.load_private_key(priv))
+        rec = c.create(name, model_uri, WaveRolloutConfig.from_strings(
+            {"waves": "100", "canary_alias": "none", "stable_alias": "none", **raw}))
+    finally:
+        agent.stop()
+        thread.join(timeout=10)
+    from edgeslim.deploy.controller import fleet_summary
+
+    summary = fleet_summary(c, rec)
+    summary["device_state_dir"] = os.path.join(root, "device-0")
+    print(json.dumps(summary, indent=2, default=str))
+    return summary
