@@ -93,9 +93,7 @@ def run_pipeline(recipe, *, tracking_uri: str, workdir: str | Path,
     report_art = task.outputs if not hasattr(task, "output") else task.output
     report = json.loads(Path(report_art.path).read_text())
     report["seconds"]["pipeline_total"] = round(time.perf_counter() - t0, 2)
-    html_src = Path(report_art.path).parent.parent / "report_op" / "html"
-    for cand in Path(report_art.path).parent.glob("html*"):
-        html_src = cand
+    html_src = Path(report_art.path).with_name("html")  # report_op's other output
     onnx = Path(report["candidate"]["onnx_path"])
     if onnx.exists():
         dst = workdir / "model.int8.onnx"

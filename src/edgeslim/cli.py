@@ -11,6 +11,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 from typing import Callable
 
 from edgeslim.components.common.errors import EdgeslimError
@@ -45,8 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("MLFLOW_PRINT_MODEL_URLS_ON_CREATION", "false")
+    os.environ.setdefault("TORCH_LOGS", "-all")
+    warnings.filterwarnings("ignore")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    for name in ("mlflow", "alembic", "urllib3", "kfp", "torch", "onnxscript", "onnx_ir"):
+    for name in ("mlflow", "alembic", "urllib3", "kfp", "torch", "torch.onnx", "onnxscript", "onnx_ir"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
