@@ -440,7 +440,7 @@ class Agent:
                 backoff = min(self.max_backoff, backoff * 2)
                 delay = backoff * random.uniform(0.5, 1.0)
                 cur = read_link(self.current_link)
-                log.warning("store unreachable (%s); still serving %s; retry %d in %.1fs", exc, cur or "nothing",
+                log.warning("store unreachable (%s); still serving %s; retry %d in %.2fs", exc, cur or "nothing",
                             self.failures, delay)
                 atomic_write_json(self.state_dir / "status.json",
                                   self._status("offline", store_error=str(exc), retry_in_s=round(delay, 2)))

@@ -1,0 +1,247 @@
+"""The device agent on a local store: install, health check, rollback, recovery, resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ManifestWriter, golden_for, make_onnx, upload
+from edgeslim.deploy.agent import Agent, sha256_file
+from edgeslim.deploy.store import FleetKeys, StoreUnavailable
+
+
+def _agent(store, pub, tmp_path, name="d0", **kw) -> Agent:
+    a = Agent(store=store, fleet="f", device_id=name, device_class="cls-a", state_dir=tmp_path / name,
+              trusted_keys=pub, poll_interval=0.01, heartbeat_interval=0.01, **kw)
+    a.recover()
+    return a
+
+
+def _running_sha(a: Agent) -> str | None:
+    link = a.state_dir / "current"
+    return sha256_file(link / "model.onnx") if link.exists() else None
+
+
+@pytest.fixture
+def models(tmp_path):
+    good1 = make_onnx(tmp_path / "v1.onnx", seed=1)
+    good2 = make_onnx(tmp_path / "v2.onnx", seed=2)
+    return good1, good2
+
+
+def test_install_commits_and_publishes_status(store, keys, tmp_path, models):
+    priv, pub = keys
+    w = ManifestWriter(store, priv)
+    a = _agent(store, pub, tmp_path)
+    art = upload(store, models[0])
+    w.send(art, golden_for(models[0]))
+    assert a.step() == "applied"
+    assert _running_sha(a) == art["sha256"]
+    st, _ = store.get_json(FleetKeys("f").status("d0"))
+    assert st["last"]["result"] == "committed" and st["applied_sequence"] == 1
+    assert st["current"]["sha256"] == art["sha256"] and st["current"]["backend"] == "onnxruntime"
+    assert a.step() == "unchanged"  # ETag poll: nothing new
+
+
+def test_second_install_keeps_previous_and_rollback_manifest_returns_to_it(store, keys, tmp_path, models):
+    priv, pub = keys
+    w = ManifestWriter(store, priv)
+    a = _agent(store, pub, tmp_path)
+    a1, a2 = upload(store, models[0]), upload(store, models[1])
+    w.send(a1, golden_for(models[0]))
+    a.step()
+    w.send(a2, golden_for(models[1]))
+    a.step()
+    assert _running_sha(a) == a2["sha256"]
+    assert sha256_file(a.state_dir / "previous" / "model.onnx") == a1["sha256"]
+    w.send(a1, golden_for(models[0]), action="rollback")
+    assert a.step() == "applied"
+    assert _running_sha(a) == a1["sha256"]
+
+
+def test_failed_health_check_rolls_back_on_its_own(store, keys, tmp_path, models):
+    priv, pub = keys
+    w = ManifestWriter(store, priv)
+    a = _agent(store, pub, tmp_path)
+    a1, a2 = upload(store, models[0]), upload(store, models[1])
+    w.send(a1, golden_for(models[0]))
+    a.step()
+    # v2 with v1's golden outputs: a model that misbehaves on the device.
+    w.send(a2, golden_for(models[0]))
+    assert a.step() == "rolled_back"
+    assert _running_sha(a) == a1["sha256"]
+    st, _ = store.get_json(FleetKeys("f").status("d0"))
+    assert st["last"]["result"] == "rolled_back" and "differs from the golden" in st["last"]["reason"]
+    assert a.step() == "unchanged"  # the bad manifest is not retried
+
+
+def test_model_that_fails_to_load_is_rolled_back(store, keys, tmp_path, models):
+    priv, pub = keys
+    w = ManifestWriter(store, priv)
+    a = _agent(store, pub, tmp_path)
+    a1 = upload(store, models[0])
+    w.send(a1, golden_for(models[0]))
+    a.step()
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not an onnx model at all")
+    w.send(upload(store, broken), golden_for(models[0]))
+    assert a.step() == "rolled_back"
+    assert _running_sha(a) == a1["sha256"]
+
+
+def test_replayed_and_expired_manifests_are_refused_and_nothing_changes(store, keys, tmp_path, models):
+    priv, pub = keys
+    w = ManifestWriter(store, priv)
+    a = _agent(store, pub, tmp_path)
+    a1, a2 = upload(store, models[0]), upload(store, models[1])
+    old = w.send(a1, golden_for(models[0]))
+    a.step()
+    w.send(a2, golden_for(models[1]))
+    a.step()
+    w.publish(old)  # an attacker with write access puts back the older, validly signed manifest
+    assert a.step() == "rejected"
+    assert _running_sha(a) == a2["sha256"]
+    st, _ = store.get_json(FleetKeys("f").status("d0"))
+    assert st["rejected"]["reason"] == "replay"
+    w.send(a1, golden_for(models[0]), expires_in=-5)
+    assert a.step() == "rejected"
+    assert store.get_json(FleetKeys("f").status("d0"))[0]["rejected"]["reason"] == "expired"
+    assert _running_sha(a) == a2["sha256"]
+
+
+def test_corrupt_artifact_in_the_store_is_discarded(store, keys, tmp_path, models):
+    priv, pub = keys
+    w = ManifestWriter(store, priv)
+    a = _agent(store, pub, tmp_path)
+    a1, a2 = upload(store, models[0]), upload(store, models[1])
+    w.send(a1, golden_for(models[0]))
+    a.step()
+    store.put(a2["key"], Path(models[0]).read_bytes())  # the object no longer matches its hash
+    w.send(a2, golden_for(models[1]))
+    assert a.step() == "failed"
+    assert _running_sha(a) == a1["sha256"]
+    assert not list((a.state_dir / "partial").iterdir())
+    assert "sha256" in store.get_json(FleetKeys("f").status("d0"))[0]["last"]["reason"]
+
+
+def test_download_resumes_from_a_partial_file(store, keys, tmp_path, models, monkeypatch):
+    priv, pub = keys
+    w = ManifestWriter(store, priv)
+    a = _agent(store, pub, tmp_path)
+    big = make_onnx(tmp_path / "big.onnx", seed=3, n_in=256, n_out=256)
+    art = upload(store, big)
+    data = big.read_bytes()
+    (a.state_dir / "partial" / f"{art['sha256']}.part").write_bytes(data[:100_000])
+    starts = []
+    real = store.stream
+    monkeypatch.setattr(store, "stream", lambda key, start=0, chunk_size=65536: (starts.append(start),
+                                                                                 real(key, start, chunk_size))[1])
+    w.send(art, golden_for(big, n_in=256))
+    assert a.step() == "applied"
+    assert starts == [100_000]
+    assert _running_sha(a) == art["sha256"]
+
+
+def test_startup_undoes_a_half_done_swap_then_applies_again(store, keys, tmp_path, models):
+    priv, pub = keys
+    w = ManifestWriter(store, priv)
+    a = _agent(store, pub, tmp_path)
+    a1, a2 = upload(store, models[0]), upload(store, models[1])
+    w.send(a1, golden_for(models[0]))
+    a.step()
+    old = os.readlink(a.state_dir / "current")
+    m2 = w.manifest(a2, golden_for(models[1]))
+    rel = a.make_release(m2)
+    # What a crash right after the swap leaves: the journal, and current on the new release.
+    (a.state_dir / "swap.json").write_text(json.dumps(
+        {"sequence": m2.sequence, "from": old, "to": rel, "previous_before": None}))
+    os.unlink(a.state_dir / "current")
+    os.symlink(rel, a.state_dir / "current")
+    b = _agent(store, pub, tmp_path)  # restart
+    assert os.readlink(b.state_dir / "current") == old and not (b.state_dir / "swap.json").exists()
+    w.publish(m2.sign(priv))
+    assert b.step() == "applied"
+    assert _running_sha(b) == a2["sha256"]
+
+
+def test_startup_keeps_a_swap_that_was_already_committed(store, keys, tmp_path, models):
+    priv, pub = keys
+    w = ManifestWriter(store, priv)
+    a = _agent(store, pub, tmp_path)
+    a1, a2 = upload(store, models[0]), upload(store, models[1])
+    w.send(a1, golden_for(models[0]))
+    a.step()
+    old = os.readlink(a.state_dir / "current")
+    w.send(a2, golden_for(models[1]))
+    a.step()
+    new = os.readlink(a.state_dir / "current")
+    # Crash between recording the commit and removing the journal.
+    (a.state_dir / "swap.json").write_text(json.dumps(
+        {"sequence": 2, "from": old, "to": new, "previous_before": None}))
+    b = _agent(store, pub, tmp_path)
+    assert os.readlink(b.state_dir / "current") == new and not (b.state_dir / "swap.json").exists()
+
+
+def test_withdraw_removes_the_model_and_keeps_previous(store, keys, tmp_path, models):
+    priv, pub = keys
+    w = ManifestWriter(store, priv)
+    a = _agent(store, pub, tmp_path)
+    a1 = upload(store, models[0])
+    w.send(a1, golden_for(models[0]))
+    a.step()
+    w.send(None, None, action="withdraw")
+    assert a.step() == "applied"
+    assert not (a.state_dir / "current").exists()
+    assert sha256_file(a.state_dir / "previous" / "model.onnx") == a1["sha256"]
+
+
+class _DownStore:
+    """A store that is unreachable: every call raises, as boto3 does on connection refused."""
+
+    def describe(self):
+        return "s3://down"
+
+    def __getattr__(self, name):
+        def fail(*a, **k):
+            raise StoreUnavailable("s3://down: cannot reach the store (EndpointConnectionError)")
+        return fail
+
+
+def test_unreachable_store_backs_off_and_keeps_serving(store, keys, tmp_path, models, caplog):
+    priv, pub = keys
+    w = ManifestWriter(store, priv)
+    a = _agent(store, pub, tmp_path)
+    a1 = upload(store, models[0])
+    w.send(a1, golden_for(models[0]))
+    a.step()
+    a.store = _DownStore()
+    a.max_backoff = 0.16
+    caplog.set_level(logging.WARNING, "edgeslim.agent")
+    t = threading.Thread(target=a.run)
+    t.start()
+    time.sleep(1.0)
+    a.stop()
+    t.join(5)
+    delays = [float(r.getMessage().rsplit(" in ", 1)[1].rstrip("s")) for r in caplog.records
+              if "store unreachable" in r.getMessage()]
+    assert len(delays) >= 3
+    assert max(delays) <= 0.16 and max(delays) > 0.02  # grew from the 0.01 poll, capped
+    assert _running_sha(a) == a1["sha256"]
+    local = json.loads((a.state_dir / "status.json").read_text())
+    assert local["state"] == "offline" and local["current"]["sha256"] == a1["sha256"]
+
+
+def test_agent_import_stays_light():
+    code = ("import sys, edgeslim.deploy.agent; "
+            "print(sorted(m for m in ('torch','mlflow','kfp','onnxruntime','numpy','boto3') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
