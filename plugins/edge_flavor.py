@@ -113,7 +113,8 @@ def engine_status_tags(statuses: Mapping[str, str]) -> dict[str, str]:
 
 
 def save_model(path: str | Path, onnx_path: str | Path, *, metadata: dict[str, Any] | None = None,
-               engines: Any = None, mlflow_model=None, signature=None, input_example=None) -> Path:
+               engines: Any = None, mlflow_model=None, signature=None, input_example=None,
+               edge_metadata: dict[str, Any] | None = None) -> Path:
     """Write the edge model directory at ``path``.
 
     Args:
@@ -124,6 +125,8 @@ def save_model(path: str | Path, onnx_path: str | Path, *, metadata: dict[str, A
             ``build_engines`` (statuses included), or a mapping of device class
             to an engine folder / ``BuiltEngine`` / a status line for a class
             that was not built, or a list of ``BuiltEngine``.
+        edge_metadata: what :func:`log_model` passes as ``metadata`` (``Model.log``
+            keeps its own ``metadata`` argument for the MLmodel file).
 
     Raises:
         DeviceError: an engine is for another class, was built from another
@@ -150,7 +153,7 @@ def save_model(path: str | Path, onnx_path: str | Path, *, metadata: dict[str, A
             if item.folder is not None:
                 _copy_engine(item.folder, path / ENGINES_DIR / key, key, onnx_sha)
                 engine_dirs[key] = f"{ENGINES_DIR}/{key}"
-        meta = {**(metadata or {}), "onnx_sha256": onnx_sha, "engines": statuses}
+        meta = {**(metadata or {}), **(edge_metadata or {}), "onnx_sha256": onnx_sha, "engines": statuses}
         (path / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
         model = mlflow_model or Model()
         if signature is not None:
@@ -186,8 +189,8 @@ def log_model(onnx_path: str | Path, name: str = "model", *, metadata: dict[str,
 
     statuses = {k: v.status for k, v in _collect_engines(engines).items()}
     all_tags = {**engine_status_tags(statuses), **(tags or {})}
-    return Model.log(artifact_path=name, flavor=flavor, onnx_path=onnx_path, metadata=metadata,
-                     engines=engines, signature=signature, input_example=input_example, params=params,
+    return Model.log(artifact_path=None, name=name, flavor=flavor, onnx_path=onnx_path,
+                     edge_metadata=metadata, engines=engines, signature=signature, input_example=input_example, params=params,
                      tags=all_tags or None)
 
 
