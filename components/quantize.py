@@ -157,7 +157,11 @@ def quantize(onnx_path: str | Path, config: PTQQuantizeConfig, *, data: Splits,
         str(pre), str(out), None, quant_format=QuantFormat.QDQ, per_channel=True,
         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
         nodes_to_exclude=exclude or None, calibrate_method=CalibrationMethod.MinMax,
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+        extra_options={
+            "ActivationSymmetric": True, "WeightSymmetric": True,
+            # TensorRT fuses float biases itself and has no int32-bias Q/DQ path.
+            "QuantizeBias": False,
+        },
         calibration_cache_path=str(cache),
     )
     facts = check_qdq(out)

@@ -164,6 +164,15 @@ class StageConfig(Config):
         if cls.stage and cls.method:
             _REGISTRY[(cls.stage, cls.method)] = cls
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, prefix: str = "") -> "Config":
+        data = dict(data or {})
+        method = data.pop("method", cls.method)
+        if method != cls.method:
+            raise ConfigError(
+                f"{prefix or cls.stage}.method: got {method!r}; {cls.__name__} is method {cls.method!r}")
+        return super().from_dict(data, prefix)
+
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **super().to_dict()}
 

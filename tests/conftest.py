@@ -1,0 +1,66 @@
+"""Shared fixtures: a real `mlflow server` (SQLite) on loopback, digits data, tiny models."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from edgeslim.plugins.datasets import SklearnDigits
+
+    return SklearnDigits(seed=0).load()
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(digits):
+    """A small DigitsCNN trained for a few epochs: accurate enough (>90%) to gate on."""
+    import torch
+
+    from edgeslim.components.common.reference import DigitsCNN, train_classifier
+
+    torch.manual_seed(0)
+    return train_classifier(DigitsCNN(width=8), digits.x_train, digits.y_train, epochs=8, seed=0)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` process with a SQLite backend, started once per session."""
+    from edgeslim.components.common.mlflow_server import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def registered_teacher(mlflow_server, tiny_teacher, digits):
+    """The tiny teacher registered as `tiny-teacher@champion`; returns the URI."""
+    import mlflow
+
+    from edgeslim.components.common.tracking import connect
+
+    client = connect(mlflow_server.uri)
+    mlflow.set_experiment("tests-reference")
+    with mlflow.start_run():
+        info = mlflow.pytorch.log_model(tiny_teacher, name="model", serialization_format="pickle",
+                                        registered_model_name="tiny-teacher")
+    client.set_registered_model_alias("tiny-teacher", "champion", info.registered_model_version)
+    return "models:/tiny-teacher@champion"
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 900):
+    """Run `python -m edgeslim ARGS` in a subprocess, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "edgeslim", *args], capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})}, cwd=cwd,
+    )

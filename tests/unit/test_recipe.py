@@ -1,0 +1,75 @@
+"""Recipes are validated completely, and every error names the key and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from edgeslim.components.common.errors import ConfigError
+from edgeslim.components.common.recipe import load_recipe, recipe_from_dict
+from edgeslim.components.common.stage_configs import PTQQuantizeConfig
+from edgeslim.pipelines.demo import DEMO_RECIPE
+
+
+def demo() -> dict:
+    return yaml.safe_load(DEMO_RECIPE.read_text())
+
+
+def test_demo_recipe_loads_and_round_trips():
+    r = load_recipe(DEMO_RECIPE)
+    assert r.source == "models:/digits-teacher@champion"
+    assert isinstance(r.quantize, PTQQuantizeConfig) and r.quantize.calibrator == "percentile"
+    again = recipe_from_dict(r.to_dict())
+    assert again.digest() == r.digest()
+
+
+def test_digest_ignores_tracking_uri_but_not_settings():
+    r = load_recipe(DEMO_RECIPE)
+    assert r.with_overrides(tracking_uri="http://elsewhere").digest() == r.digest()
+    d = demo()
+    d["stages"][-1]["quantize"]["num_samples"] = 256
+    assert recipe_from_dict(d).digest() != r.digest()
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda d: d.update(sorce="x"), "sorce: unknown key; did you mean 'source'"),
+    (lambda d: d["gate"].update(max_metric_dorp=1), "gate.max_metric_dorp: unknown key; did you mean 'max_metric_drop'"),
+    (lambda d: d["gate"].update(max_metric_drop="one"), "gate.max_metric_drop: got 'one'; expected a number"),
+    (lambda d: d["gate"].update(min_top1_agreement=1.5), "gate.min_top1_agreement: got 1.5"),
+    (lambda d: d["stages"][-1]["quantize"].update(calibrator="entropi"),
+     "calibrator: got 'entropi'; expected one of"),
+    (lambda d: d["stages"][-1]["quantize"].update(num_samples=0), "num_samples: got 0"),
+    (lambda d: d["stages"][-1]["quantize"].update(percentile=20), "percentile: got 20"),
+    (lambda d: d["stages"][-1]["quantize"].update(method="magic"), "quantize.method: unknown method 'magic'"),
+    (lambda d: d["stages"].append({"export": {}}), "the last stage must be the one 'quantize' stage"),
+    (lambda d: d["stages"].append({"compresss": {}}), "compresss: unknown key"),
+    (lambda d: d.update(source="digits-teacher"), "source: got 'digits-teacher'; use a registry URI"),
+    (lambda d: d["stages"][0].update(export={"opset": 9}), "export.opset: got 9"),
+    (lambda d: d["evaluate"].update(latency_batches=[0]), "evaluate.latency_batches"),
+    (lambda d: d["register"].update(alias="edge candidate"), "register.alias"),
+])
+def test_bad_recipes_name_the_key_and_the_fix(mutate, needle):
+    d = demo()
+    mutate(d)
+    with pytest.raises(ConfigError) as exc:
+        recipe_from_dict(d)
+    assert needle in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+def test_missing_and_unparsable_files(tmp_path: Path):
+    with pytest.raises(ConfigError, match="no such file; write one with 'edgeslim init"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("source: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_recipe(bad)
+
+
+def test_config_json_round_trip_carries_type_and_version():
+    c = PTQQuantizeConfig(calibrator="entropy", num_samples=64)
+    j = c.to_json_dict()
+    assert j["type"] == "PTQQuantizeConfig" and j["version"] == 1
+    assert PTQQuantizeConfig.from_dict(j) == c

@@ -1,0 +1,126 @@
+"""export, quantize, evaluate and gate on a tiny model with real ONNX Runtime sessions."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from edgeslim.components.common.data import Splits
+from edgeslim.components.common.errors import ConfigError, DataError
+from edgeslim.components.common.recipe import AccuracyGateConfig, EvaluateConfig
+from edgeslim.components.common.stage_configs import OnnxExportConfig, PTQQuantizeConfig
+from edgeslim.components.evaluate import evaluate, gate, sqnr_db
+from edgeslim.components.export import export, run_onnx
+from edgeslim.components.quantize import quantize
+
+FAST_EVAL = EvaluateConfig(latency_batches=[1, 32], latency_warmup=1, latency_repeats=3)
+
+
+@pytest.fixture(scope="module")
+def fp32_onnx(tiny_teacher, digits, tmp_path_factory):
+    return export(tiny_teacher, OnnxExportConfig(), data=digits,
+                  out_path=tmp_path_factory.mktemp("export") / "m.onnx")
+
+
+def test_export_matches_torch_and_has_a_dynamic_batch(fp32_onnx, tiny_teacher, digits):
+    assert fp32_onnx.metrics["max_abs_diff"] < 1e-3
+    for n in (1, 7, 33):
+        got = run_onnx(fp32_onnx.model, digits.x_test[:n])
+        with torch.no_grad():
+            want = tiny_teacher(torch.from_numpy(digits.x_test[:n])).numpy()
+        assert got.shape == (n, 10)
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    m = onnx.load(str(fp32_onnx.model))
+    assert m.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
+    assert {o.domain: o.version for o in m.opset_import}[""] == 18
+
+
+def test_export_does_not_touch_the_input_model(tiny_teacher, digits, tmp_path):
+    before = copy.deepcopy(tiny_teacher.state_dict())
+    export(tiny_teacher, OnnxExportConfig(), data=digits, out_path=tmp_path / "m.onnx")
+    for k, v in tiny_teacher.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_export_refuses_data_the_model_rejects(tiny_teacher, digits, tmp_path):
+    wrong = Splits(*(a if i % 2 else np.zeros((len(a), 1, 16, 16), np.float32)
+                     for i, a in enumerate((digits.x_train, digits.y_train, digits.x_val, digits.y_val,
+                                            digits.x_test, digits.y_test))))
+    with pytest.raises(DataError, match=r"rejects inputs of shape \[64, 1, 16, 16\]"):
+        export(tiny_teacher, OnnxExportConfig(), data=wrong, out_path=tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("calibrator", ["minmax", "percentile", "entropy", "mse"])
+def test_ptq_gives_symmetric_per_channel_qdq_that_keeps_accuracy(fp32_onnx, digits, tmp_path, calibrator):
+    res = quantize(fp32_onnx.model, PTQQuantizeConfig(calibrator=calibrator, num_samples=256),
+                   data=digits, out_dir=tmp_path)
+    m = onnx.load(str(res.model))
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    qdq = [n for n in m.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq and res.metrics["zero_points_all_zero"]
+    for n in qdq:  # every zero point is 0 and int8: symmetric, as TensorRT wants
+        zp = inits[n.input[2]]
+        assert zp.dtype == np.int8 and not zp.any()
+    # Conv/Gemm weights carry one scale per output channel.
+    per_channel = [n for n in qdq if n.op_type == "DequantizeLinear" and inits[n.input[1]].size > 1]
+    assert len(per_channel) == res.metrics["per_channel_weights"] >= 5
+    for n in per_channel:
+        axis = {a.name: a.i for a in n.attribute}.get("axis", 1)
+        assert inits[n.input[0]].shape[axis] == inits[n.input[1]].size
+    # A tiny model keeps graph overhead; the demo-size model reaches >= 3.5x (tests/e2e).
+    assert res.metrics["size_bytes"] < fp32_onnx.metrics["size_bytes"] / 1.8
+    acc_fp = (run_onnx(fp32_onnx.model, digits.x_test).argmax(1) == digits.y_test).mean() * 100
+    acc_q = (run_onnx(res.model, digits.x_test).argmax(1) == digits.y_test).mean() * 100
+    assert acc_q > acc_fp - (10.0 if calibrator == "entropy" else 2.0)
+
+
+def test_calibration_draws_from_train_only(fp32_onnx, digits, tmp_path):
+    # Poison val and test with huge values: ranges must not move.
+    poisoned = Splits(digits.x_train, digits.y_train, digits.x_val * 1000, digits.y_val,
+                      digits.x_test * 1000, digits.y_test)
+    a = quantize(fp32_onnx.model, PTQQuantizeConfig(calibrator="minmax"), data=digits, out_dir=tmp_path / "a")
+    b = quantize(fp32_onnx.model, PTQQuantizeConfig(calibrator="minmax"), data=poisoned, out_dir=tmp_path / "b")
+    assert a.metrics["ranges"] == b.metrics["ranges"]
+    assert a.metrics["ranges"]["input"] <= float(digits.x_train.max()) + 1e-6
+
+
+def test_float_layers_stay_float_and_unknown_ones_are_named(fp32_onnx, digits, tmp_path):
+    m = onnx.load(str(fp32_onnx.model))
+    gemms = [n.name for n in m.graph.node if n.op_type == "Gemm"]
+    res = quantize(fp32_onnx.model, PTQQuantizeConfig(float_layers=[gemms[-1]]), data=digits, out_dir=tmp_path)
+    assert res.metrics["float_layers"] == [gemms[-1]]
+    q = onnx.load(str(res.model))
+    last = next(n for n in q.graph.node if n.name == gemms[-1])
+    producers = {o: n.op_type for n in q.graph.node for o in n.output}
+    inits = {i.name for i in q.graph.initializer}
+    assert last.input[1] in inits  # a float weight initializer, not a DequantizeLinear output
+    assert producers.get(last.input[1]) is None
+    with pytest.raises(ConfigError, match="quantize.float_layers: 'node_gem' matches no node"):
+        quantize(fp32_onnx.model, PTQQuantizeConfig(float_layers=["node_gem"]), data=digits, out_dir=tmp_path / "x")
+
+
+def test_evaluate_and_gate(fp32_onnx, digits, tmp_path):
+    res = quantize(fp32_onnx.model, PTQQuantizeConfig(), data=digits, out_dir=tmp_path)
+    ev = evaluate(res.model, FAST_EVAL, parent_onnx=fp32_onnx.model, data=digits).metrics
+    assert ev["source"]["size_bytes"] > ev["candidate"]["size_bytes"]
+    assert set(ev["candidate"]["latency_ms"]) == {"batch_1", "batch_32"}
+    assert all(v > 0 for v in ev["candidate"]["latency_ms"].values())
+    assert 0.9 <= ev["candidate"]["fidelity"]["top1_agreement"] <= 1.0
+    ok = gate(ev, AccuracyGateConfig(max_metric_drop=5, min_top1_agreement=0.9, min_sqnr_db=5))
+    assert ok["passed"] and ok["summary"].startswith("passed")
+    strict = gate(ev, AccuracyGateConfig(min_sqnr_db=200.0))
+    assert not strict["passed"]
+    failed = [c for c in strict["checks"] if not c["passed"]]
+    assert [c["name"] for c in failed] == ["sqnr_db"]
+    assert "sqnr_db missed by" in strict["summary"] and "required 200.00 dB" in strict["summary"]
+
+
+def test_sqnr():
+    x = np.ones(100)
+    assert sqnr_db(x, x) == float("inf")
+    assert abs(sqnr_db(x, x * 1.1) - 20.0) < 1e-6
