@@ -565,13 +565,19 @@ def _build_with_tensorrt(trt, plan: BuildPlan, cache_blob: bytes, lines: list[st
         raise DeviceError(f"TensorRT {version} could not build the engine for {plan.device_class.key}: "
                           f"{errors[-1] if errors else 'no error logged'}; see {LOG_FILE}")
     new_cache = bytes(cfg.get_timing_cache().serialize()) if config.timing_cache else b""
-    io = _io_of_network(network)
+    io = _io_of_network(trt, network)
     return bytes(serialized), new_cache, io
 
 
-def _io_of_network(network) -> dict[str, list[dict]]:
+def _io_of_network(trt, network) -> dict[str, list[dict]]:
+    def dtype(t) -> str:
+        try:  # numpy names, like the ONNX side of the metadata
+            return np.dtype(trt.nptype(t.dtype)).name
+        except (TypeError, KeyError):
+            return str(t.dtype).split(".")[-1].lower()
+
     def spec(t):
-        return {"name": t.name, "shape": [int(d) for d in t.shape], "dtype": str(t.dtype).split(".")[-1].lower()}
+        return {"name": t.name, "shape": [int(d) for d in t.shape], "dtype": dtype(t)}
 
     return {"inputs": [spec(network.get_input(i)) for i in range(network.num_inputs)],
             "outputs": [spec(network.get_output(i)) for i in range(network.num_outputs)]}

@@ -32,7 +32,7 @@ ENGINE_IMAGE = os.environ.get("EDGESLIM_ENGINE_IMAGE", "edgeslim-tensorrt:latest
 
 @dsl.component(base_image=ENGINE_IMAGE)
 def engine_op(qdq_onnx: Input[Model], device_class: str, engines_config_json: str, data_provider: str,
-              data_args_json: str, engines: Output[Model]) -> str:
+              data_args_json: str, engines: Output[Model], previous_model_uri: str = "") -> str:
     """Build and verify the engine of ``device_class``; returns its status line.
 
     Args:
@@ -44,11 +44,14 @@ def engine_op(qdq_onnx: Input[Model], device_class: str, engines_config_json: st
         data_args_json: the provider's arguments as JSON.
         engines: gets ``<device_class>/`` (engine, metadata, build log,
             timing cache, verification) and ``engines.json``.
+        previous_model_uri: an earlier edge model (e.g. ``models:/NAME@edge-stable``)
+            whose timing cache for this class seeds the build; empty: none.
     """
     import dataclasses
     import json
 
     from edgeslim.components.common.engine_config import TensorRTEngineConfig
+    from edgeslim.components.engine_op import previous_timing_caches
     from edgeslim.components.engine_stage import build_engines
     from edgeslim.plugins.datasets import load_data
 
@@ -56,7 +59,10 @@ def engine_op(qdq_onnx: Input[Model], device_class: str, engines_config_json: st
     cfg = dataclasses.replace(cfg, device_classes=[device_class],
                               node_selectors={k: v for k, v in cfg.node_selectors.items() if k == device_class})
     data = load_data(data_provider, json.loads(data_args_json or "{}"))
-    result = build_engines(qdq_onnx.path, cfg, data=data, out_dir=engines.path)
+    timing_caches = {}
+    if previous_model_uri and cfg.timing_cache:
+        timing_caches = previous_timing_caches(previous_model_uri, device_class)
+    result = build_engines(qdq_onnx.path, cfg, data=data, out_dir=engines.path, timing_caches=timing_caches)
     status = result.lineage["engines"][device_class]
     engines.metadata["device_class"] = device_class
     engines.metadata["status"] = status
@@ -65,6 +71,31 @@ def engine_op(qdq_onnx: Input[Model], device_class: str, engines_config_json: st
             engines.metadata[name] = value
     print(f"engine {device_class}: {status}")
     return status
+
+
+def previous_timing_caches(model_uri: str, device_class: str) -> dict[str, str]:
+    """The timing cache of ``device_class`` in an earlier edge model, if it has one.
+
+    A timing cache only speeds the build up, so a model that cannot be fetched
+    is logged and skipped rather than failing the task.
+    """
+    import logging
+    import tempfile
+
+    from edgeslim.plugins.edge_flavor import ENGINES_DIR
+
+    try:
+        import mlflow
+
+        dst = tempfile.mkdtemp(prefix="edgeslim-prev-")
+        local = mlflow.artifacts.download_artifacts(f"{model_uri.rstrip('/')}/{ENGINES_DIR}/{device_class}",
+                                                    dst_path=dst)
+    except Exception as exc:  # any MLflow/network failure: build without the cache
+        logging.getLogger(__name__).warning("no timing cache from %s (%s); building without one",
+                                            model_uri, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return {}
+    path = os.path.join(local, "timing.cache")
+    return {device_class: path} if os.path.isfile(path) else {}
 
 
 def parallel_items(config: TensorRTEngineConfig) -> list[dict[str, Any]]:

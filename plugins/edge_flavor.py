@@ -194,6 +194,16 @@ def log_model(onnx_path: str | Path, name: str = "model", *, metadata: dict[str,
                      tags=all_tags or None)
 
 
+def timing_caches_from(model_dir: str | Path) -> dict[str, Path]:
+    """Per device class, the timing cache a saved edge model carries.
+
+    The next build for the same class starts from it (``build_engines(...,
+    timing_caches=...)``); pass a previous version's downloaded folder.
+    """
+    root = Path(model_dir) / ENGINES_DIR
+    return {p.parent.name: p for p in sorted(root.glob("*/timing.cache"))}
+
+
 # --- choosing a backend ---------------------------------------------------------------------
 
 

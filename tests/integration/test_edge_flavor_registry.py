@@ -120,6 +120,7 @@ def _engine_folder(folder, qdq, device_class):
                              profiles=plan.profiles, engine_sha256=hashlib.sha256(blob).hexdigest(),
                              engine_bytes=len(blob), build_seconds=0.1)
     (folder / eng.META_FILE).write_text(json.dumps(meta))
+    (folder / eng.TIMING_CACHE_FILE).write_bytes(b"stand-in timing cache")
     return folder
 
 
@@ -156,3 +157,23 @@ def test_registered_edge_model_loads_by_alias_and_runs_on_cpu(mlflow_server, qdq
     logged = mlflow.get_logged_model(info.model_id)
     assert logged.tags[f"edgeslim.engine.{ADA_KEY}"] == NOT_BUILT_NO_CUDA
     assert logged.tags[f"edgeslim.engine.{ORIN_KEY}"] == "built and verified"
+
+
+def test_next_build_finds_the_timing_cache_of_the_registered_version(mlflow_server, qdq_model, tmp_path):
+    import mlflow
+
+    from edgeslim.components.engine_op import previous_timing_caches
+    from edgeslim.plugins import edge_flavor
+
+    qdq, _ = qdq_model
+    mlflow.set_tracking_uri(mlflow_server)
+    mlflow.set_experiment("edge-flavor-timing-cache")
+    with mlflow.start_run():
+        info = edge_flavor.log_model(qdq, engines={ORIN_KEY: _engine_folder(tmp_path / ORIN_KEY, qdq, ORIN_KEY)})
+    version = mlflow.register_model(info.model_uri, "tiny-edge-tc")
+    mlflow.MlflowClient().set_registered_model_alias("tiny-edge-tc", "edge-stable", version.version)
+
+    found = previous_timing_caches("models:/tiny-edge-tc@edge-stable", ORIN_KEY)
+    assert open(found[ORIN_KEY], "rb").read() == b"stand-in timing cache"
+    assert previous_timing_caches("models:/tiny-edge-tc@edge-stable", ADA_KEY) == {}
+    assert previous_timing_caches("models:/no-such-model@edge-stable", ORIN_KEY) == {}

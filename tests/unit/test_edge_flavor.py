@@ -191,3 +191,11 @@ def test_unusable_engine_falls_back_to_onnxruntime(models, tmp_path, monkeypatch
     model = flavor.EdgeModel(path, local=ORIN, tensorrt_version="10.3.0.30")
     assert model.backend == "onnxruntime:CPUExecutionProvider"
     assert model.predict(models["splits"].x_test[:3])[OUTPUT].shape == (3, 10)
+
+
+def test_timing_cache_travels_with_the_model_for_the_next_build(models, tmp_path):
+    orin = stand_in_engine(tmp_path / "b" / ORIN_KEY, models["qdq"], ORIN_KEY, ORIN, "10.3.0.30")
+    (orin / eng.TIMING_CACHE_FILE).write_bytes(b"tactic timings")
+    path = flavor.save_model(tmp_path / "m", models["qdq"], engines={ORIN_KEY: orin})
+    caches = flavor.timing_caches_from(path)
+    assert list(caches) == [ORIN_KEY] and caches[ORIN_KEY].read_bytes() == b"tactic timings"

@@ -294,3 +294,14 @@ def test_runner_refuses_an_engine_without_metadata(tmp_path):
     (tmp_path / eng.ENGINE_FILE).write_bytes(b"x")
     with pytest.raises(DeviceError, match="missing or not JSON"):
         eng.EngineRunner(tmp_path)
+
+
+def test_builder_imports_no_torch_mlflow_kfp_or_tensorrt():
+    """The device agent imports the builder on a Jetson: keep it light."""
+    import subprocess
+
+    code = ("import sys, edgeslim.components.engine, edgeslim.components.engine_stage, "
+            "edgeslim.components.devices, edgeslim.components.engine_cli; "
+            "print(sorted(m for m in ('torch', 'mlflow', 'kfp', 'tensorrt', 'onnxruntime') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
