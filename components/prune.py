@@ -145,8 +145,6 @@ def _plan(model: nn.Module, config: ChannelPruneConfig, example: torch.Tensor
                     "the model's outputs; remove it from layer_ratios"
                 )
             ratios[n] = float(config.layer_ratios[pat])
-    prunable = set(_prunable(model))
-    ignored &= prunable | set(ignored)
     return sorted(ignored), ratios
 
 
@@ -163,11 +161,15 @@ def _prune_to(model: nn.Module, pruner, config: ChannelPruneConfig, example: tor
     return size
 
 
+def _others(model: nn.Module, keep: set[str]) -> list[str]:
+    return [n for n in _prunable(model) if n not in keep]
+
+
 def _check_reachable(model: nn.Module, config: ChannelPruneConfig, example: torch.Tensor,
-                     ignored: list[str], ratios: dict[str, float], base: int, data: Splits) -> None:
+                     ignored: list[str], base: int, data: Splits) -> None:
     """Refuse a target that could only be met by emptying layers, before any training."""
     trial = copy.deepcopy(model)
-    pruner = _pruner(trial, config, example, ignored, ratios, config.max_layer_ratio, _INCREMENTS)
+    pruner = _pruner(trial, config, example, ignored, {}, config.max_layer_ratio, _INCREMENTS)
     floor = _prune_to(trial, pruner, config, example, config.keep_fraction * base, data)
     if floor > config.keep_fraction * base * 1.02:
         reach = floor / base
@@ -211,11 +213,18 @@ def prune(model: nn.Module, config: ChannelPruneConfig, *, data: Splits,
     base = macs0 if config.target == "macs" else params0
     channels0 = _channels(work)
     ignored, ratios = _plan(work, config, example)
-    _check_reachable(work, config, example, ignored, ratios, base, data)
+    if ratios:
+        # Layers with their own ratio lose exactly that share first, in one shot;
+        # the MACs/params target is then met by the other layers.
+        fixed = _pruner(work, config, example, _others(work, set(ratios)), ratios,
+                        max(ratios.values()), 1)
+        fixed.step()
+        ignored = sorted(set(ignored) | set(ratios))
+    _check_reachable(work, config, example, ignored, base, data)
 
     kd_teacher = copy.deepcopy(teacher if teacher is not None else model).eval() if config.distill else None
     top1_before = top1(work, data.x_val, data.y_val)
-    pruner = _pruner(work, config, example, ignored, ratios, config.max_layer_ratio, _INCREMENTS)
+    pruner = _pruner(work, config, example, ignored, {}, config.max_layer_ratio, _INCREMENTS)
     history = []
     for step in range(1, config.steps + 1):
         goal = base * config.keep_fraction ** (step / config.steps)

@@ -117,7 +117,8 @@ class ChannelPruneConfig(StageConfig):
             share from every layer (False).
         max_layer_ratio: largest share of one layer's channels that may go.
         layer_ratios: per-layer shares to remove, ``{module name or fnmatch pattern: ratio}``;
-            those layers get exactly that ratio.
+            those layers lose exactly that share (first, in one shot) and the
+            target is then met by pruning the other layers.
         ignored_layers: module names or fnmatch patterns never pruned (heads).
             The output layer is always kept whole.
         round_to: keep channel counts a multiple of this (8 suits TensorRT int8); 1 = any.

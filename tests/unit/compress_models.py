@@ -1,0 +1,61 @@
+"""Tiny trained reference models shared by the compression-stage tests.
+
+Trained once per test process (seeded, a few epochs): the two architectures
+every compression stage is tested on.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from edgeslim.components.common import reference, reference_mobile
+from edgeslim.components.common.model_io import load_module, save_module
+from edgeslim.components.common.reference import DigitsCNN, train_classifier
+from edgeslim.components.common.reference_mobile import DigitsMobileNet
+from edgeslim.plugins.datasets import SklearnDigits
+
+WORKLOADS = ("cnn", "mobile")
+
+
+@functools.lru_cache(maxsize=None)
+def digits():
+    return SklearnDigits().load()
+
+
+def _cache_path(kind: str) -> Path:
+    # Training is seeded, so a model trained by the same code and torch is the same model:
+    # keep it between runs to spare the shared CPU (delete the folder to retrain).
+    h = hashlib.sha256((inspect.getsource(reference) + inspect.getsource(reference_mobile)
+                        + torch.__version__ + kind).encode()).hexdigest()[:12]
+    root = Path(os.environ.get("EDGESLIM_TEST_CACHE", Path(tempfile.gettempdir()) / "edgeslim-test-models"))
+    return root / f"{kind}-{h}.pt"
+
+
+@functools.lru_cache(maxsize=None)
+def trained(kind: str) -> torch.nn.Module:
+    """A small trained model; tests must not change it (the stages copy their inputs)."""
+    path = _cache_path(kind)
+    if path.is_file():
+        return load_module(path)
+    d = digits()
+    if kind == "cnn":
+        model = train_classifier(DigitsCNN(width=8), d.x_train, d.y_train, epochs=4, seed=0)
+    else:
+        model = train_classifier(DigitsMobileNet(width=1.0), d.x_train, d.y_train, epochs=6, seed=0)
+    save_module(model, path)
+    return model
+
+
+def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
