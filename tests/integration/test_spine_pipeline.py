@@ -1,0 +1,239 @@
+"""The whole pipeline through Kubeflow's local runner, against a real `mlflow server`.
+
+Each bad input gets one clear line, a non-zero exit, no traceback, and nothing registered.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+FAST = {"latency_warmup": 1, "latency_repeats": 3, "latency_batches": [1, 32]}
+
+
+def write_recipe(path: Path, source: str, **over) -> Path:
+    d = {
+        "source": source,
+        "data": {"provider": "sklearn-digits", "args": {"seed": 0}},
+        "stages": [{"quantize": {"method": "ptq", "calibrator": "percentile", "num_samples": 256}}],
+        "gate": {"max_metric_drop": 2.0, "min_top1_agreement": 0.95, "min_sqnr_db": 10.0},
+        "evaluate": FAST,
+        "register": {"alias": "edge-candidate", "experiment": "tests-edge"},
+    }
+    d.update(over)
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def versions(uri: str, name: str) -> list:
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri).search_model_versions(f"name='{name}'")
+
+
+def assert_one_line_error(proc, needle: str, code: int = 2):
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    err_lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("edgeslim: error:")]
+    assert len(err_lines) == 1, proc.stderr[-2000:]
+    assert needle in err_lines[0], err_lines[0]
+
+
+@pytest.fixture(scope="module")
+def first_run(mlflow_server, registered_teacher, tmp_path_factory):
+    wd = tmp_path_factory.mktemp("run1")
+    recipe = write_recipe(wd / "recipe.yaml", registered_teacher)
+    proc = run_cli("run", str(recipe), "--tracking-uri", mlflow_server.uri, "--workdir", str(wd / "out"))
+    return proc, wd
+
+
+def test_run_registers_a_gated_int8_candidate_with_lineage(first_run, mlflow_server):
+    proc, wd = first_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = json.loads((wd / "out" / "report.json").read_text())
+    assert (wd / "out" / "report.html").read_text().startswith("<!doctype html>")
+    assert rep["source"]["name"] == "tiny-teacher" and rep["source"]["version"] == "1"
+    for k in ("uri", "metric", "size_bytes", "latency_ms"):
+        assert k in rep["source"]
+    for k in ("metric", "fidelity", "size_bytes", "latency_ms", "onnx_path"):
+        assert k in rep["candidate"]
+    assert set(rep["source"]["latency_ms"]) == {"batch_1", "batch_32"}
+    assert rep["gate"]["passed"] is True
+    assert rep["candidate"]["quantization"]["zero_points_all_zero"] is True
+    assert Path(rep["candidate"]["onnx_path"]).is_file()
+    assert rep["source"]["metric"] - rep["candidate"]["metric"] <= 2.0
+    for stage in ("pull", "export", "quantize", "evaluate", "register"):
+        assert rep["seconds"][stage] > 0
+    assert rep["registered"] == {**rep["registered"], "name": "tiny-teacher-edge", "alias": "edge-candidate"}
+    assert "digits-teacher" not in proc.stdout  # it ran the recipe's model, not the demo's
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_server.uri)
+    mv = client.get_model_version_by_alias("tiny-teacher-edge", "edge-candidate")
+    assert mv.version == rep["registered"]["version"]
+    parent = client.get_model_version("tiny-teacher", "1")
+    t = mv.tags
+    assert t["edgeslim.parent_name"] == "tiny-teacher" and t["edgeslim.parent_version"] == "1"
+    assert t["edgeslim.parent_run_id"] == parent.run_id
+    assert t["edgeslim.recipe_hash"] == rep["recipe_hash"]
+    assert float(t["edgeslim.metric.candidate_metric"]) == pytest.approx(rep["candidate"]["metric"])
+    assert "edgeslim.version" in t
+    # Lineage as run inputs: the parent LoggedModel and the calibration dataset.
+    run = client.get_run(rep["registered"]["run_id"])
+    model_inputs = [m.model_id for m in (run.inputs.model_inputs or [])]
+    parent_model_id = parent.model_id or parent.source.split("/")[1]
+    assert parent_model_id in model_inputs
+    ds = [d for d in run.inputs.dataset_inputs if any(tag.value == "calibration" for tag in d.tags)]
+    assert ds and ds[0].dataset.name.startswith("calibration-")
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"report.json", "report.html"} <= arts
+    # The registered edge model serves through pyfunc on this CPU machine.
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    from edgeslim.plugins.datasets import SklearnDigits
+
+    x = SklearnDigits().load().x_test[:5]
+    out = mlflow.pyfunc.load_model("models:/tiny-teacher-edge@edge-candidate").predict(x)
+    assert "backend" in out and np.asarray(next(v for k, v in out.items() if k != "backend")).shape[0] == 5
+
+
+def test_rerun_is_idempotent(first_run, mlflow_server, registered_teacher):
+    proc, wd = first_run
+    assert proc.returncode == 0
+    before = len(versions(mlflow_server.uri, "tiny-teacher-edge"))
+    again = run_cli("run", str(wd / "recipe.yaml"), "--tracking-uri", mlflow_server.uri,
+                    "--workdir", str(wd / "out2"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "reused" in again.stdout
+    assert len(versions(mlflow_server.uri, "tiny-teacher-edge")) == before
+
+
+def test_failing_gate_exits_3_with_a_report_and_registers_nothing(mlflow_server, registered_teacher, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", registered_teacher,
+                          gate={"min_sqnr_db": 200.0}, register={"name": "tiny-gate-fail"})
+    proc = run_cli("run", str(recipe), "--tracking-uri", mlflow_server.uri, "--workdir", str(tmp_path / "o"))
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert rep["gate"]["passed"] is False and rep["registered"] is None
+    assert "sqnr_db missed by" in rep["gate"]["summary"]
+    assert "Traceback" not in proc.stderr and "gate failed" in proc.stderr
+    assert versions(mlflow_server.uri, "tiny-gate-fail") == []
+
+
+def test_bad_source_uri_and_alias(mlflow_server, registered_teacher, tmp_path):
+    for src, needle in (("models:/no-such-model@champion", "no registered model named 'no-such-model'"),
+                        ("models:/tiny-teacher@nope", "has no alias 'nope' (its aliases: champion)"),
+                        ("models:/tiny-teacher/99", "has no version 99")):
+        recipe = write_recipe(tmp_path / "r.yaml", src)
+        proc = run_cli("run", str(recipe), "--tracking-uri", mlflow_server.uri, "--workdir", str(tmp_path / "o"))
+        assert_one_line_error(proc, needle)
+
+
+def test_not_a_pytorch_model(mlflow_server, tmp_path):
+    import mlflow
+    from sklearn.linear_model import LogisticRegression
+
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    mlflow.set_experiment("tests-bad")
+    with mlflow.start_run():
+        mlflow.sklearn.log_model(LogisticRegression().fit([[0.0], [1.0]], [0, 1]), name="m",
+                                 registered_model_name="an-sklearn-model")
+    recipe = write_recipe(tmp_path / "r.yaml", "models:/an-sklearn-model/1")
+    proc = run_cli("run", str(recipe), "--tracking-uri", mlflow_server.uri, "--workdir", str(tmp_path / "o"))
+    assert_one_line_error(proc, "is a sklearn model, not a PyTorch module")
+    assert versions(mlflow_server.uri, "an-sklearn-model-edge") == []
+
+
+def test_recipe_error_is_reported_before_anything_runs(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", "models:/x@y", gate={"max_metric_dorp": 1})
+    proc = run_cli("run", str(recipe), "--tracking-uri", "http://127.0.0.1:9", "--workdir", str(tmp_path / "o"))
+    assert_one_line_error(proc, "gate.max_metric_dorp: unknown key; did you mean 'max_metric_drop'?")
+
+
+def test_data_the_model_rejects(mlflow_server, registered_teacher, tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {f"x_{s}": rng.random((20, 3, 16, 16), dtype=np.float32) for s in ("train", "val", "test")}
+    arrays.update({f"y_{s}": rng.integers(0, 10, 20) for s in ("train", "val", "test")})
+    np.savez(tmp_path / "wrong.npz", **arrays)
+    recipe = write_recipe(tmp_path / "r.yaml", registered_teacher,
+                          data={"provider": "npz", "args": {"path": str(tmp_path / "wrong.npz")}},
+                          register={"name": "tiny-wrong-data"})
+    proc = run_cli("run", str(recipe), "--tracking-uri", mlflow_server.uri, "--workdir", str(tmp_path / "o"))
+    assert_one_line_error(proc, "the model rejects inputs of shape [4, 3, 16, 16]")
+    assert versions(mlflow_server.uri, "tiny-wrong-data") == []
+
+
+def test_mlflow_server_down_names_the_uri(tmp_path):
+    from edgeslim.components.common.mlflow_server import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    recipe = write_recipe(tmp_path / "r.yaml", "models:/tiny-teacher@champion")
+    proc = run_cli("run", str(recipe), "--tracking-uri", uri, "--workdir", str(tmp_path / "o"))
+    assert_one_line_error(proc, f"MLflow tracking server at {uri} is not reachable")
+
+
+def test_corrupt_model_artifact(mlflow_server, tiny_teacher, tmp_path):
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    mlflow.set_experiment("tests-bad")
+    with mlflow.start_run():
+        info = mlflow.pytorch.log_model(tiny_teacher, name="model", serialization_format="pickle",
+                                        registered_model_name="corrupt-teacher")
+    files = [p for p in (mlflow_server.root / "artifacts").rglob("model.pth") if info.model_id in str(p)]
+    assert files, "the logged model's weights file was not found in the artifact store"
+    files[0].write_bytes(b"this is not a torch pickle")
+    recipe = write_recipe(tmp_path / "r.yaml", "models:/corrupt-teacher/1")
+    proc = run_cli("run", str(recipe), "--tracking-uri", mlflow_server.uri, "--workdir", str(tmp_path / "o"))
+    assert_one_line_error(proc, "is corrupt or unreadable")
+    assert versions(mlflow_server.uri, "corrupt-teacher-edge") == []
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", "models:/x@y", gate={"max_metric_dorp": 1})
+    proc = run_cli("--debug", "run", str(recipe), "--workdir", str(tmp_path / "o"))
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_init_writes_a_recipe_that_run_accepts(mlflow_server, registered_teacher, tmp_path):
+    out = tmp_path / "recipe.yaml"
+    proc = run_cli("init", "--source", registered_teacher, "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    assert text.count("#") > 10  # commented
+    from edgeslim.components.common.recipe import load_recipe
+
+    r = load_recipe(out)
+    assert r.source == registered_teacher and r.register.model_name("tiny-teacher") == "tiny-teacher-edge"
+    again = run_cli("init", "--source", registered_teacher, "-o", str(out))
+    assert_one_line_error(again, "exists; pass --force")
+    npz = run_cli("init", "--source", registered_teacher, "--npz", "s3://bucket/d.npz", "-o", str(tmp_path / "n.yaml"))
+    assert npz.returncode == 0 and load_recipe(tmp_path / "n.yaml").data.provider == "npz"
+
+
+def test_compile_writes_kfp_ir(tmp_path):
+    out = tmp_path / "p.yaml"
+    proc = run_cli("compile", "-o", str(out), "--base-image", "registry.example/edgeslim:test")
+    assert proc.returncode == 0, proc.stderr
+    ir = yaml.safe_load(out.read_text())
+    assert ir["pipelineInfo"]["name"] == "edgeslim-edge-compression"
+    images = {e["container"]["image"] for e in ir["deploymentSpec"]["executors"].values()}
+    assert images == {"registry.example/edgeslim:test"}
+
+
+def test_submit_to_an_unreachable_endpoint_is_one_line(tmp_path):
+    from edgeslim.components.common.mlflow_server import free_port
+
+    recipe = write_recipe(tmp_path / "r.yaml", "models:/x@y")
+    proc = run_cli("submit", str(recipe), "--host", f"http://127.0.0.1:{free_port()}", timeout=300)
+    assert_one_line_error(proc, "cannot submit to Kubeflow Pipelines at http://127.0.0.1:")
