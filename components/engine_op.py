@@ -51,7 +51,7 @@ def engine_op(qdq_onnx: Input[Model], device_class: str, engines_config_json: st
     import json
 
     from edgeslim.components.common.engine_config import TensorRTEngineConfig
-    from edgeslim.components.engine_op import previous_timing_caches
+    from edgeslim.plugins.edge_flavor import previous_timing_caches
     from edgeslim.components.engine_stage import build_engines
     from edgeslim.plugins.datasets import load_data
 
@@ -71,31 +71,6 @@ def engine_op(qdq_onnx: Input[Model], device_class: str, engines_config_json: st
             engines.metadata[name] = value
     print(f"engine {device_class}: {status}")
     return status
-
-
-def previous_timing_caches(model_uri: str, device_class: str) -> dict[str, str]:
-    """The timing cache of ``device_class`` in an earlier edge model, if it has one.
-
-    A timing cache only speeds the build up, so a model that cannot be fetched
-    is logged and skipped rather than failing the task.
-    """
-    import logging
-    import tempfile
-
-    from edgeslim.plugins.edge_flavor import ENGINES_DIR
-
-    try:
-        import mlflow
-
-        dst = tempfile.mkdtemp(prefix="edgeslim-prev-")
-        local = mlflow.artifacts.download_artifacts(f"{model_uri.rstrip('/')}/{ENGINES_DIR}/{device_class}",
-                                                    dst_path=dst)
-    except Exception as exc:  # any MLflow/network failure: build without the cache
-        logging.getLogger(__name__).warning("no timing cache from %s (%s); building without one",
-                                            model_uri, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        return {}
-    path = os.path.join(local, "timing.cache")
-    return {device_class: path} if os.path.isfile(path) else {}
 
 
 def parallel_items(config: TensorRTEngineConfig) -> list[dict[str, Any]]:

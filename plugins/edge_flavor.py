@@ -204,6 +204,28 @@ def timing_caches_from(model_dir: str | Path) -> dict[str, Path]:
     return {p.parent.name: p for p in sorted(root.glob("*/timing.cache"))}
 
 
+def previous_timing_caches(model_uri: str, device_class: str) -> dict[str, str]:
+    """The timing cache of ``device_class`` in an earlier edge model, if it has one.
+
+    A timing cache only speeds the build up, so a model that cannot be fetched
+    is logged and skipped rather than failing the task.
+    """
+    import tempfile
+
+    try:
+        import mlflow
+
+        dst = tempfile.mkdtemp(prefix="edgeslim-prev-")
+        local = mlflow.artifacts.download_artifacts(f"{model_uri.rstrip('/')}/{ENGINES_DIR}/{device_class}",
+                                                    dst_path=dst)
+    except Exception as exc:  # any MLflow/network failure: build without the cache
+        log.warning("no timing cache from %s (%s); building without one",
+                                            model_uri, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return {}
+    path = os.path.join(local, "timing.cache")
+    return {device_class: path} if os.path.isfile(path) else {}
+
+
 # --- choosing a backend ---------------------------------------------------------------------
 
 

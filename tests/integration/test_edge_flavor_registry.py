@@ -162,8 +162,8 @@ def test_registered_edge_model_loads_by_alias_and_runs_on_cpu(mlflow_server, qdq
 def test_next_build_finds_the_timing_cache_of_the_registered_version(mlflow_server, qdq_model, tmp_path):
     import mlflow
 
-    from edgeslim.components.engine_op import previous_timing_caches
     from edgeslim.plugins import edge_flavor
+    from edgeslim.plugins.edge_flavor import previous_timing_caches
 
     qdq, _ = qdq_model
     mlflow.set_tracking_uri(mlflow_server)
