@@ -73,7 +73,7 @@ def transform_op(recipe_json: str, model: Input[Model], student: Output[Model], 
     Path(info.path).write_text(json.dumps({**res.metrics, "seconds": res.seconds}, default=str))
 
 
-def quantize_op(recipe_json: str, onnx_model: Input[Model], student: Input[Model],
+def quantize_op(recipe_json: str, tracking_uri: str, onnx_model: Input[Model], student: Input[Model],
                 parent_onnx: Input[Model], qdq_model: Output[Model], info: Output[Artifact]):
     """Quantize to a symmetric per-channel int8 Q/DQ ONNX."""
     import json
@@ -96,7 +96,8 @@ def quantize_op(recipe_json: str, onnx_model: Input[Model], student: Input[Model
         from edgeslim.components.compress import quantize_with
 
         res = quantize_with(cfg, model=load_module(student.path), fp32_onnx=onnx_model.path,
-                            parent_onnx=parent_onnx.path, recipe=recipe, data=data, out_dir=out_dir)
+                            parent_onnx=parent_onnx.path, recipe=recipe, data=data, out_dir=out_dir,
+                            tracking_uri=tracking_uri or recipe.tracking_uri or None)
     shutil.copyfile(res.model, qdq_model.path)
     Path(info.path).write_text(json.dumps({**res.metrics, "seconds": res.seconds}, default=str))
 

@@ -38,7 +38,7 @@ def build_pipeline(base_image: str = DEFAULT_IMAGE):
         student_onnx = ops.export_op(recipe_json=recipe_json, model=transformed.outputs["student"]) \
             .set_display_name("export student")
         quantized = ops.quantize_op(
-            recipe_json=recipe_json, onnx_model=student_onnx.outputs["onnx_model"],
+            recipe_json=recipe_json, tracking_uri=tracking_uri, onnx_model=student_onnx.outputs["onnx_model"],
             student=transformed.outputs["student"], parent_onnx=parent_onnx.outputs["onnx_model"],
         ).set_display_name("quantize")
         evaluated = ops.evaluate_op(
