@@ -509,19 +509,25 @@ def _cache_lookup(entry: Path, out_dir: Path) -> Optional[BuiltEngine]:
     return BuiltEngine(out_dir / ENGINE_FILE, meta, out_dir / LOG_FILE, None, cached=True)
 
 
-def _build_with_tensorrt(trt, plan: BuildPlan, cache_blob: bytes, lines: list[str]):
-    """The TensorRT calls. Returns (engine bytes, timing cache bytes, io description)."""
-    config = plan.config
-    version = str(trt.__version__)
+def _collecting_logger(trt, lines: list[str]):
+    """A TensorRT logger that keeps every message (the build log, or why a load failed)."""
 
-    class _Logger(trt.ILogger):  # keeps the builder log for build.log
+    class _Logger(trt.ILogger):
         def __init__(self):
             trt.ILogger.__init__(self)
 
         def log(self, severity, msg):
             lines.append(f"[{getattr(severity, 'name', severity)}] {msg}")
 
-    logger = _Logger()
+    return _Logger()
+
+
+def _build_with_tensorrt(trt, plan: BuildPlan, cache_blob: bytes, lines: list[str]):
+    """The TensorRT calls. Returns (engine bytes, timing cache bytes, io description)."""
+    config = plan.config
+    version = str(trt.__version__)
+
+    logger = _collecting_logger(trt, lines)
     builder = trt.Builder(logger)
     net_flags = 0
     for name in network_flags(version):
@@ -657,25 +663,21 @@ class EngineRunner:
         if not self.engine_path.is_file():
             raise DeviceError(f"engine {self.engine_path}: no such file")
         self.metadata = metadata if metadata is not None else read_metadata(self.engine_path)
+        blob = self.engine_path.read_bytes()
+        if self.metadata.get("sha256") and hashlib.sha256(blob).hexdigest() != self.metadata["sha256"]:
+            raise DeviceError(f"engine {self.engine_path}: its sha256 differs from its metadata; "
+                              "download it again or rebuild it from the Q/DQ ONNX")
         trt = import_tensorrt("running a TensorRT engine")
         self.trt = trt
         check_engine_compatible(self.metadata, str(trt.__version__), local or detect_local_device())
         self.cuda = _CudaDriver()
         lines: list[str] = []
-
-        class _Logger(trt.ILogger):
-            def __init__(self):
-                trt.ILogger.__init__(self)
-
-            def log(self, severity, msg):
-                lines.append(f"[{getattr(severity, 'name', severity)}] {msg}")
-
-        self._logger = _Logger()
+        self._logger = _collecting_logger(trt, lines)
         self.runtime = trt.Runtime(self._logger)
         if self.metadata.get("version_compatible"):
             # A version-compatible engine carries its own lean runtime, which is host code.
             self.runtime.engine_host_code_allowed = True
-        self.engine = self.runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
+        self.engine = self.runtime.deserialize_cuda_engine(blob)
         if self.engine is None:
             err = next((ln for ln in reversed(lines) if "ERROR" in ln), "no error logged")
             raise DeviceError(f"TensorRT {trt.__version__} cannot deserialize {self.engine_path}: {err}; "

@@ -284,7 +284,8 @@ def test_runner_refuses_another_versions_engine_before_deserializing(onnx_pair, 
     # mocked tensorrt: only a version; deserializing would need the real library and a GPU.
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.13.0.35"))
     (tmp_path / eng.ENGINE_FILE).write_bytes(b"engine built elsewhere")
-    (tmp_path / eng.META_FILE).write_text(json.dumps(built_meta(onnx_pair)))
+    sha = eng.file_sha256(tmp_path / eng.ENGINE_FILE)
+    (tmp_path / eng.META_FILE).write_text(json.dumps(built_meta(onnx_pair, sha256=sha)))
     with pytest.raises(DeviceError) as exc:
         eng.EngineRunner(tmp_path, local=ORIN)
     assert "TensorRT 10.3.0.30; this runtime is TensorRT 10.13.0.35" in one_line(exc.value)
