@@ -189,7 +189,8 @@ def log_model(onnx_path: str | Path, name: str = "model", *, metadata: dict[str,
 
     statuses = {k: v.status for k, v in _collect_engines(engines).items()}
     all_tags = {**engine_status_tags(statuses), **(tags or {})}
-    return Model.log(artifact_path=None, name=name, flavor=flavor, onnx_path=onnx_path,
+    # ``metadata`` goes both to edge_meta.json (what devices read) and, as before, to MLmodel.
+    return Model.log(artifact_path=None, name=name, flavor=flavor, onnx_path=onnx_path, metadata=metadata,
                      edge_metadata=metadata, engines=engines, signature=signature, input_example=input_example, params=params,
                      tags=all_tags or None)
 
