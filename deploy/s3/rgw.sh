@@ -18,7 +18,8 @@ conf="$dir/ceph.conf"
 name="client.rgw.edgeslim"
 
 stop() {
-  for p in radosgw osd mon; do
+  # pid files are named by daemon type: client (radosgw), osd, mon.
+  for p in client osd mon; do
     if [ -f "$dir/run/$p.pid" ]; then
       pid="$(cat "$dir/run/$p.pid")"
       kill "$pid" 2>/dev/null || true
@@ -42,7 +43,7 @@ stop
 rgw_port="${RGW_PORT:-7480}"; mon_port="${MON_PORT:-6789}"
 ak="${RGW_ACCESS_KEY:-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n' | tr a-f A-F)}"
 sk="${RGW_SECRET_KEY:-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')}"
-rm -rf "$dir/mon" "$dir/osd0" "$dir/run" "$dir/log"
+rm -rf "$dir/mon" "$dir/osd0" "$dir/run" "$dir/log" "$dir/monmap" "$dir/keyring"
 mkdir -p "$dir/mon" "$dir/osd0" "$dir/run" "$dir/log"
 fsid="$(cat /proc/sys/kernel/random/uuid)"
 cat > "$conf" <<CONF
@@ -84,9 +85,10 @@ rgw dns name = localhost
 rgw thread pool size = 64
 CONF
 ceph-authtool --create-keyring "$dir/keyring" --gen-key -n mon. --cap mon 'allow *' >/dev/null
-monmaptool --create --add a "127.0.0.1:$mon_port" --fsid "$fsid" "$dir/monmap" >/dev/null
-ceph-mon -c "$conf" --mkfs -i a --monmap "$dir/monmap" --keyring "$dir/keyring"
-ceph-mon -c "$conf" -i a
+monmaptool --create --addv a "[v1:127.0.0.1:$mon_port]" --fsid "$fsid" "$dir/monmap" >/dev/null
+ceph-mon -c "$conf" --mkfs -i a --monmap "$dir/monmap" --keyring "$dir/keyring" >"$dir/log/mkfs.log" 2>&1
+# Daemons must not hold the caller's stdout/stderr open (a caller reading our output would wait forever).
+ceph-mon -c "$conf" -i a </dev/null >>"$dir/log/daemons.log" 2>&1
 ok=""
 for _ in $(seq 1 100); do
   if ceph -c "$conf" --connect-timeout 2 osd create >/dev/null 2>&1; then ok=1; break; fi
@@ -94,7 +96,7 @@ for _ in $(seq 1 100); do
 done
 [ -n "$ok" ] || { echo "rgw: monitor did not come up; see $dir/log" >&2; stop; exit 1; }
 ceph-osd -c "$conf" -i 0 --mkfs >/dev/null 2>&1
-ceph-osd -c "$conf" -i 0 2>>"$dir/log/osd-start.log"
+ceph-osd -c "$conf" -i 0 </dev/null >>"$dir/log/daemons.log" 2>&1
 ok=""
 for _ in $(seq 1 150); do
   if ceph -c "$conf" osd stat 2>/dev/null | grep -q "1 up"; then ok=1; break; fi
@@ -103,7 +105,7 @@ done
 [ -n "$ok" ] || { echo "rgw: OSD did not come up; see $dir/log" >&2; stop; exit 1; }
 radosgw-admin -c "$conf" -n "$name" user create --uid=edgeslim --display-name=edgeslim \
   --access-key="$ak" --secret-key="$sk" >/dev/null
-radosgw -c "$conf" -n "$name"
+radosgw -c "$conf" -n "$name" </dev/null >>"$dir/log/daemons.log" 2>&1
 ok=""
 for _ in $(seq 1 150); do
   if (exec 3<>"/dev/tcp/127.0.0.1/$rgw_port") 2>/dev/null; then ok=1; break; fi

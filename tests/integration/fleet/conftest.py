@@ -1,0 +1,372 @@
+"""Real parts on loopback for the fleet tests.
+
+- Ceph RGW (a real S3 server) started and stopped by ``deploy/s3/rgw.sh``, the
+  same script CI uses. Without the Debian packages the tests skip with the
+  reason, except under ``CI=true``, where they fail.
+- A real ``mlflow server`` (SQLite backend, local artifact root).
+- Device agents as separate processes (``python -m edgeslim.deploy.agent``),
+  each with its own state directory and device class.
+- A TCP proxy between agents and RGW that can refuse or cut connections, to
+  play S3 outages and broken downloads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[3]
+RGW_SH = REPO / "deploy" / "s3" / "rgw.sh"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(cond, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+# --------------------------------------------------------------------------- RGW
+@pytest.fixture(scope="session")
+def rgw(tmp_path_factory):
+    """A Ceph RGW on loopback; yields its endpoint and credentials (env style)."""
+    missing = [b for b in ("radosgw", "ceph-mon", "ceph-osd", "radosgw-admin") if not shutil.which(b)]
+    if missing:
+        msg = f"Ceph RGW not installed ({', '.join(missing)} missing); run deploy/s3/install-rgw.sh"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    d = tmp_path_factory.mktemp("rgw")
+    env = dict(os.environ, RGW_PORT=str(free_port()), MON_PORT=str(free_port()))
+    proc = subprocess.run(["bash", str(RGW_SH), "start", str(d)], env=env, capture_output=True, text=True,
+                          timeout=180)
+    if proc.returncode != 0:
+        subprocess.run(["bash", str(RGW_SH), "stop", str(d)], capture_output=True)
+        pytest.fail(f"RGW did not start: {proc.stderr[-2000:]}")
+    creds = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    os.environ["AWS_ACCESS_KEY_ID"] = creds["AWS_ACCESS_KEY_ID"]
+    os.environ["AWS_SECRET_ACCESS_KEY"] = creds["AWS_SECRET_ACCESS_KEY"]
+    try:
+        yield creds
+    finally:
+        subprocess.run(["bash", str(RGW_SH), "stop", str(d)], capture_output=True, timeout=60)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def s3_url(rgw):
+    """A fresh bucket prefix per test: tests never see each other's fleets."""
+    from edgeslim.deploy.store import open_store
+
+    url = f"s3://fleet-tests/{uuid.uuid4().hex[:10]}"
+    open_store(url, endpoint_url=rgw["S3_ENDPOINT_URL"], create_bucket=True)
+    return url
+
+
+@pytest.fixture
+def s3_store(rgw, s3_url):
+    from edgeslim.deploy.store import open_store
+
+    return open_store(s3_url, endpoint_url=rgw["S3_ENDPOINT_URL"])
+
+
+# --------------------------------------------------------------------------- MLflow
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log = open(d / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{d}/mlflow.db",
+         "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+
+    def up():
+        import urllib.request
+
+        try:
+            return urllib.request.urlopen(f"{uri}/health", timeout=1).status == 200
+        except OSError:
+            return proc.poll() is not None and pytest.fail(f"mlflow server died: {(d / 'server.log').read_text()[-2000:]}")
+
+    wait_for(up, 90, "mlflow server")
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+# --------------------------------------------------------------------------- models
+def make_onnx(path: Path, *, seed: int = 0, n_in: int = 4, n_out: int = 3) -> Path:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n_in, n_out)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W", "b"], ["y"])], "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", n_in])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n_out])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.zeros(n_out, np.float32), "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+@pytest.fixture
+def register_edge_model(mlflow_server, tmp_path):
+    """Log an ONNX with the edgeslim_edge flavor, register it, point ``alias`` at it."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from edgeslim.plugins import edge_flavor
+
+    def register(name: str, onnx_path: Path, alias: str = "edge-candidate", golden_from: Path | None = None):
+        meta = {}
+        if golden_from is not None:
+            # Golden outputs recorded by the pipeline from a *different* (trusted) model.
+            x = np.random.default_rng(7).standard_normal((1, 4)).astype(np.float32)
+            meta["golden"] = {"input": x.tolist(), "outputs": {"y": run_onnx(golden_from, x).tolist()}}
+        mlflow.set_experiment("fleet-tests")
+        with mlflow.start_run():
+            info = edge_flavor.log_model(onnx_path, "model", metadata=meta)
+        mv = mlflow.register_model(info.model_uri, name)
+        MlflowClient().set_registered_model_alias(name, alias, mv.version)
+        return str(mv.version), hashlib.sha256(Path(onnx_path).read_bytes()).hexdigest()
+
+    return register
+
+
+@pytest.fixture
+def keys(tmp_path):
+    from edgeslim.deploy import signing
+
+    priv, pub = signing.generate_keypair(tmp_path / "keys")
+    return priv, pub
+
+
+# --------------------------------------------------------------------------- agents
+class AgentProc:
+    """One device: a real ``python -m edgeslim.deploy.agent`` process."""
+
+    def __init__(self, *, device_id: str, device_class: str, fleet: str, store_url: str, endpoint: str,
+                 pub: Path, state_dir: Path, extra: list[str] | None = None, env: dict | None = None):
+        self.device_id, self.device_class, self.fleet = device_id, device_class, fleet
+        self.state_dir = state_dir
+        self.args = [sys.executable, "-m", "edgeslim.deploy.agent", "--store", store_url,
+                     "--endpoint-url", endpoint, "--fleet", fleet, "--device-id", device_id,
+                     "--device-class", device_class, "--state-dir", str(state_dir), "--public-key", str(pub),
+                     "--poll-interval", "0.2", "--heartbeat-interval", "1", "--max-backoff", "1",
+                     "--health-timeout", "60"] + (extra or [])
+        self.env = dict(os.environ, **(env or {}))
+        self.proc: subprocess.Popen | None = None
+        self.lines: list[str] = []
+        self.log_path = state_dir.parent / f"{device_id}.log"
+        self._reader: threading.Thread | None = None
+
+    def start(self, *more: str) -> "AgentProc":
+        self.state_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(self.args + list(more), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True, env=self.env, start_new_session=True, bufsize=1)
+        self._reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
+        self._reader.start()
+        return self
+
+    def _read(self, proc):
+        with open(self.log_path, "a") as fh:
+            for line in proc.stderr:
+                self.lines.append(line)
+                fh.write(line)
+
+    def saw(self, text: str, since: int = 0) -> bool:
+        return any(text in line for line in self.lines[since:])
+
+    def kill(self) -> None:
+        """SIGKILL the agent and anything it started (a power cut, as far as it knows)."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        if self._reader:
+            self._reader.join(5)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if self._reader:
+            self._reader.join(5)
+
+    def running_sha(self) -> str | None:
+        link = self.state_dir / "current"
+        if not link.exists():
+            return None
+        return hashlib.sha256((link / "model.onnx").read_bytes()).hexdigest()
+
+    def local_status(self) -> dict:
+        try:
+            return json.loads((self.state_dir / "status.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
+
+@pytest.fixture
+def agents(tmp_path, rgw, s3_url, keys):
+    """Factory of agent processes; all are stopped at the end of the test."""
+    started: list[AgentProc] = []
+
+    def make(device_id: str, device_class: str = "orin-sm87-jp6.1-trt10.3", *, fleet: str = "lab",
+             endpoint: str | None = None, extra: list[str] | None = None, start: bool = True) -> AgentProc:
+        a = AgentProc(device_id=device_id, device_class=device_class, fleet=fleet, store_url=s3_url,
+                      endpoint=endpoint or rgw["S3_ENDPOINT_URL"], pub=keys[1],
+                      state_dir=tmp_path / "devices" / device_id, extra=extra)
+        started.append(a)
+        return a.start() if start else a
+
+    yield make
+    for a in started:
+        a.stop()
+
+
+# --------------------------------------------------------------------------- proxy
+class FlakyProxy:
+    """A loopback TCP proxy that can refuse connections or cut them after N bytes."""
+
+    def __init__(self, target_port: int):
+        self.target = ("127.0.0.1", target_port)
+        self.mode = "pass"
+        self.cut_after = 0
+        self.bytes_down = 0
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(64)
+        self.port = self._sock.getsockname()[1]
+        self._open: list[socket.socket] = []
+        self._stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def set(self, mode: str, cut_after: int = 0) -> None:
+        self.mode, self.cut_after = mode, cut_after
+        if mode != "pass":
+            for s in list(self._open):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def _accept(self):
+        while not self._stop:
+            try:
+                client, _ = self._sock.accept()
+            except OSError:
+                return
+            if self.mode == "refuse":
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            self._open += [client, upstream]
+            budget = [self.cut_after if self.mode == "cut" else None]
+            threading.Thread(target=self._pipe, args=(client, upstream, None), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, budget), daemon=True).start()
+
+    def _pipe(self, src, dst, budget):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if budget is not None and budget[0] is not None:
+                    if budget[0] <= 0:
+                        break
+                    data = data[: budget[0]]
+                    budget[0] -= len(data)
+                if budget is not None:
+                    self.bytes_down += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+                if s in self._open:
+                    self._open.remove(s)
+
+    def close(self):
+        self._stop = True
+        self._sock.close()
+        self.set("refuse")
+
+
+@pytest.fixture
+def proxy(rgw):
+    port = int(rgw["S3_ENDPOINT_URL"].rsplit(":", 1)[1])
+    p = FlakyProxy(port)
+    yield p
+    p.close()
