@@ -20,7 +20,7 @@ import pytest
 from test_engine_fixtures import INPUT, OUTPUT, make_digits_onnx
 
 from edgeslim.components import engine as eng
-from edgeslim.components.common.engine_config import ShapeProfileConfig, TensorRTEngineConfig
+from edgeslim.components.common.engine_config import TensorRTEngineConfig
 from edgeslim.components.common.errors import DeviceError
 from edgeslim.components.devices import LocalDevice
 
