@@ -5,16 +5,16 @@ How the fake-quant model stays faithful to the ONNX it exports:
 1. PTQ (:func:`edgeslim.components.quantize.quantize`) quantizes the fp32 ONNX
    with the configured calibrator. Its Q/DQ graph says which tensors are
    quantized and with which scale.
-2. The torch model is traced with ``torch.fx``; every traced value is matched
-   by *value* (on a calibration batch) to the ONNX tensors, so BatchNorm
-   folding, renamed nodes and reshapes don't matter. A fake quantizer with the
-   ONNX scale goes after each traced value whose ONNX twin is quantized, and
-   each conv/linear whose ONNX weight is quantized gets per-channel symmetric
-   fake quantization of its weight (max-abs scales, as the quantizer writes;
-   per-channel scales commute with BatchNorm folding, so unfolded weights
-   quantize the same).
-3. The weights are fine-tuned through the fake quantizers (straight-through
-   estimator), BatchNorm frozen, optionally distilled from the fp32 parent.
+2. The torch model is traced with ``torch.fx`` and its BatchNorms folded into
+   the convs (as ONNX Runtime's pre-processing folds them). Every traced value
+   is matched by *value* (on a calibration batch) to the ONNX tensors, so
+   renamed nodes and reshapes don't matter. A fake quantizer with the ONNX
+   scale goes after each traced value whose ONNX twin is quantized; each
+   conv/linear whose ONNX weight is quantized gets per-channel symmetric fake
+   quantization of its weight (max-abs scales, as the quantizer writes) and
+   int32 rounding of its bias at ``input scale * weight scale``.
+3. The folded weights are fine-tuned through the fake quantizers
+   (straight-through estimator), optionally distilled from the fp32 parent.
 4. The fine-tuned fp32 weights are exported and quantized again with the same
    PTQ config, and the fake-quant model is rebuilt from that final Q/DQ graph.
    Its accuracy and the ONNX Runtime accuracy of the export are both reported.
@@ -23,7 +23,7 @@ How the fake-quant model stays faithful to the ONNX it exports:
 from __future__ import annotations
 
 import copy
-import operator
+import dataclasses
 import time
 from pathlib import Path
 from typing import Callable
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .common.data import Splits
-from .common.errors import DataError, SourceError
+from .common.errors import ConfigError, DataError, SourceError
 from .common.reference import top1
 from .common.result import StageResult
 from .common.stage_configs import OnnxExportConfig, QATQuantizeConfig
@@ -42,15 +42,9 @@ Progress = Callable[[int, int, float], None]
 _MATCH_SAMPLES = 16
 
 
-class WeightFakeQuant(nn.Module):
-    """Parametrization: symmetric per-output-channel int8 fake quantization of a weight."""
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        dims = tuple(range(1, w.dim()))
-        amax = w.detach().abs().amax(dim=dims).clamp(min=1e-12)
-        scale = (amax * 2.0 / 254.0).float()  # ORT's symmetric int8: (rmax - rmin) / (127 - -127)
-        zero = torch.zeros_like(scale, dtype=torch.int32)
-        return torch.fake_quantize_per_channel_affine(w, scale, zero, 0, -128, 127)
+def _ste_round(x: torch.Tensor) -> torch.Tensor:
+    """Round half to even (as QuantizeLinear does) with a straight-through gradient."""
+    return x + (torch.round(x) - x).detach()
 
 
 class ActFakeQuant(nn.Module):
@@ -65,37 +59,58 @@ class ActFakeQuant(nn.Module):
         return torch.fake_quantize_per_tensor_affine(x, float(self.scale), 0, -128, 127)
 
 
-class FakeQuantModel(nn.Module):
-    """The traced model with fake quantizers; BatchNorm stays frozen in training
-    mode, so the unfolded weights keep quantizing like the folded ONNX ones."""
+class QuantLayer(nn.Module):
+    """A (BatchNorm-folded) conv or linear whose weight is fake-quantized per output
+    channel with max-abs scales, and whose bias is rounded to int32 at scale
+    ``input scale * weight scale``: what the Q/DQ ONNX holds."""
 
-    def __init__(self, graph_module: nn.Module, base: nn.Module):
+    def __init__(self, layer: nn.Module, input_fq: ActFakeQuant | None):
+        super().__init__()
+        self.layer = layer
+        self.input_fq = [input_fq]  # a list: shared with the graph, not a submodule of this one
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.layer.weight
+        dims = tuple(range(1, w.dim()))
+        amax = w.detach().abs().amax(dim=dims).clamp(min=1e-12)
+        scale = (amax * 2.0 / 254.0).float()  # ORT's symmetric int8: (rmax - rmin) / (127 - -127)
+        zero = torch.zeros_like(scale, dtype=torch.int32)
+        wq = torch.fake_quantize_per_channel_affine(w, scale, zero, 0, -128, 127)
+        b = self.layer.bias
+        if b is not None and self.input_fq[0] is not None:
+            bscale = self.input_fq[0].scale * scale
+            b = _ste_round(b / bscale) * bscale
+        if isinstance(self.layer, nn.Linear):
+            return nn.functional.linear(x, wq, b)
+        return self.layer._conv_forward(x, wq, b)
+
+
+class FakeQuantModel(nn.Module):
+    """The traced, BatchNorm-folded model with fake quantizers where the Q/DQ ONNX has them."""
+
+    def __init__(self, graph_module: nn.Module):
         super().__init__()
         self.graph = graph_module
-        self.base = base  # shares parameters with graph; the fp32 weights to export
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.graph(x)
 
-    def train(self, mode: bool = True) -> "FakeQuantModel":
-        super().train(mode)
-        for m in self.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
-        return self
-
-    def parameters(self, recurse: bool = True):
-        return self.base.parameters(recurse)
-
     def fp32_model(self) -> nn.Module:
-        """A copy of the trained weights without fake quantization."""
-        from torch.nn.utils import parametrize
-
-        out = copy.deepcopy(self.base)
-        for m in out.modules():
-            if parametrize.is_parametrized(m, "weight"):
-                parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
-        return out.eval()
+        """A copy with the trained (folded) weights and no fake quantization, for export."""
+        gm = copy.deepcopy(self.graph)
+        for node in list(gm.graph.nodes):
+            if node.op != "call_module":
+                continue
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, ActFakeQuant):
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+            elif isinstance(mod, QuantLayer):
+                gm.add_submodule(node.target, mod.layer)
+        gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+        return gm.eval()
 
 
 def qdq_plan(qdq_path: str | Path) -> tuple[dict[str, float], set[str]]:
@@ -168,11 +183,12 @@ def fake_quant_model(model: nn.Module, *, qdq_path: str | Path, fp32_path: str |
         fp32_path: the fp32 ONNX the Q/DQ one was made from (same tensor names).
         x: a few input samples used to match torch values to ONNX tensors.
     """
+    from torch.fx.experimental.optimization import fuse
     from torch.fx.interpreter import Interpreter
-    from torch.nn.utils import parametrize
 
-    base = copy.deepcopy(model).eval()
-    gm = _trace(base)
+    # Fold BatchNorm as ONNX Runtime's pre-processing does, so weights and biases
+    # quantize exactly as in the ONNX (BatchNorm stays folded while fine-tuning).
+    gm = fuse(_trace(copy.deepcopy(model).eval()))
     acts, weights = qdq_plan(qdq_path)
     x = np.ascontiguousarray(x[:_MATCH_SAMPLES])
     ref = _onnx_values(fp32_path, list(acts), x)
@@ -220,13 +236,40 @@ def fake_quant_model(model: nn.Module, *, qdq_path: str | Path, fp32_path: str |
         with gm.graph.inserting_after(node):
             fq = gm.graph.call_module(mod_name, args=(node,))
         node.replace_all_uses_with(fq, delete_user_cb=lambda user, fq=fq: user is not fq)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or node.target not in weights:
+            continue
+        layer = gm.get_submodule(node.target)
+        if not isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            continue
+        src = node.args[0]
+        in_fq = gm.get_submodule(src.target) if getattr(src, "op", "") == "call_module" and \
+            isinstance(gm.get_submodule(src.target), ActFakeQuant) else None
+        gm.add_submodule(node.target, QuantLayer(layer, in_fq))
     gm.recompile()
-    modules = dict(base.named_modules())
-    for name in weights:
-        m = modules.get(name)
-        if m is not None and isinstance(getattr(m, "weight", None), nn.Parameter):
-            parametrize.register_parametrization(m, "weight", WeightFakeQuant())
-    return FakeQuantModel(gm, base).eval()
+    return FakeQuantModel(gm).eval()
+
+
+def _carry_float_layers(old_pre: Path, patterns: list[str], new_fp32: Path, new_pre: Path) -> list[str]:
+    """The re-exported graph names its nodes anew: carry float layers over by weight name."""
+    if not patterns:
+        return []
+    import onnx
+
+    from .quantize import resolve_float_layers
+    from .sensitivity import preprocessed, quantizable_layers
+
+    nodes = resolve_float_layers(onnx.load(str(old_pre)), patterns)
+    by_node = {r["node"]: r["layer"] for r in quantizable_layers(old_pre)}
+    unmapped = [n for n in nodes if n not in by_node]
+    if unmapped:
+        raise ConfigError(
+            f"quantize(qat).float_layers: {unmapped[:3]} are not conv/linear nodes; QAT keeps "
+            "float only layers with weights: name conv/gemm nodes (or use method: ptq)"
+        )
+    layers = {by_node[n] for n in nodes}
+    by_layer = {r["layer"]: r["node"] for r in quantizable_layers(preprocessed(new_fp32, new_pre))}
+    return [by_layer[layer] for layer in sorted(layers) if layer in by_layer]
 
 
 def qat(model: nn.Module, config: QATQuantizeConfig, *, data: Splits | None, out_dir: str | Path,
@@ -279,7 +322,9 @@ def qat(model: nn.Module, config: QATQuantizeConfig, *, data: Splits | None, out
         temperature=config.temperature, alpha=config.alpha, seed=config.seed, progress=progress)
     tuned = fq.fp32_model()
     fp32_tuned = export(tuned, export_config, data=data, out_path=out_dir / "qat.fp32.onnx").model
-    final = quantize(fp32_tuned, config.ptq(), data=data, out_dir=out_dir / "final")
+    final_cfg = dataclasses.replace(config.ptq(), float_layers=_carry_float_layers(
+        out_dir / "ptq" / "model.pre.onnx", config.float_layers, fp32_tuned, out_dir / "qat.pre.onnx"))
+    final = quantize(fp32_tuned, final_cfg, data=data, out_dir=out_dir / "final")
     qdq = out_dir / "model.int8.onnx"
     qdq.write_bytes(Path(final.model).read_bytes())
     fq_final = fake_quant_model(tuned, qdq_path=qdq, fp32_path=out_dir / "final" / "model.pre.onnx", x=calib)
