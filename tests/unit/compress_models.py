@@ -59,3 +59,32 @@ def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def hard_to_quantize(kind: str) -> tuple[torch.nn.Module, str]:
+    """A copy of ``trained(kind)`` with one layer whose weights int8 cannot hold well.
+
+    In every output channel one weight is raised to 20x the channel's largest, so
+    the per-channel scale leaves the other weights about 6 levels: that layer,
+    quantized alone, costs far more output SQNR than any other.
+    """
+    import copy
+
+    layer = "features.7" if kind == "cnn" else "blocks.1.block.6"
+    model = copy.deepcopy(trained(kind))
+    with torch.no_grad():
+        w = model.get_submodule(layer).weight
+        flat = w.view(w.shape[0], -1)
+        flat[:, 0] = 20.0 * flat.abs().amax(dim=1)
+    return model, layer
+
+
+@functools.lru_cache(maxsize=None)
+def onnx_of(kind: str, damaged: bool = False) -> str:
+    """The fp32 ONNX of ``trained(kind)`` (or of its hard-to-quantize copy), exported once."""
+    from edgeslim.components.common.stage_configs import OnnxExportConfig
+    from edgeslim.components.export import export
+
+    model = hard_to_quantize(kind)[0] if damaged else trained(kind)
+    out = Path(tempfile.mkdtemp(prefix="edgeslim-test-onnx-")) / f"{kind}{'-damaged' if damaged else ''}.onnx"
+    return str(export(model, OnnxExportConfig(check_samples=8), data=digits(), out_path=out).model)

@@ -1,0 +1,48 @@
+"""Per-layer sensitivity: one layer int8 at a time, ranked, as a table and a chart."""
+
+import json
+
+import pytest
+
+from compress_models import WORKLOADS, digits, hard_to_quantize, onnx_of
+from edgeslim.components.common.stage_configs import PTQQuantizeConfig
+from edgeslim.components.sensitivity import (
+    format_table, layer_sensitivity, preprocessed, quantizable_layers, rank, write)
+
+CFG = PTQQuantizeConfig(calibrator="minmax", num_samples=64)
+
+
+@pytest.mark.parametrize("kind", WORKLOADS)
+def test_every_layer_measured_and_ranked(kind, tmp_path):
+    table = layer_sensitivity(onnx_of(kind), CFG, data=digits())
+    layers = quantizable_layers(preprocessed(onnx_of(kind), tmp_path / "pre.onnx"))
+    assert sorted(r["node"] for r in table["layers"]) == sorted(r["node"] for r in layers)
+    rows = table["layers"]
+    assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
+    assert all(rows[i]["metric_drop"] >= rows[i + 1]["metric_drop"] for i in range(len(rows) - 1))
+    assert all(r["sqnr_db"] > 10 for r in rows)  # one int8 layer is a small perturbation
+    assert table["split"] == "val"
+    for r in rows:
+        assert abs(table["fp32_metric"] - r["metric"] - r["metric_drop"]) < 1e-3
+
+
+@pytest.mark.parametrize("kind", WORKLOADS)
+def test_hard_to_quantize_layer_ranks_first(kind):
+    _, layer = hard_to_quantize(kind)
+    table = layer_sensitivity(onnx_of(kind, damaged=True), CFG, data=digits())
+    by_node = {r["node"]: r for r in table["layers"]}
+    worst = by_node[rank(table, "sqnr")[0]]
+    assert worst["layer"] == layer
+    others = [r["sqnr_db"] for r in table["layers"] if r["layer"] != layer]
+    assert worst["sqnr_db"] < min(others) - 3.0
+
+
+def test_table_text_and_chart(tmp_path):
+    table = layer_sensitivity(onnx_of("cnn"), CFG, data=digits())
+    paths = write(table, tmp_path)
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths["png"].stat().st_size > 5000
+    assert json.loads(paths["json"].read_text()) == table
+    text = paths["txt"].read_text()
+    assert text == format_table(table) + "\n"
+    first = table["layers"][0]["layer"]
+    assert text.splitlines()[2].split()[:2] == ["1", first]
