@@ -9,6 +9,7 @@
 # Credentials: RGW_ACCESS_KEY / RGW_SECRET_KEY (random when unset). They are
 # written to DIR/s3.env (mode 0600) and printed on stdout for the caller only.
 set -euo pipefail
+trap 'echo "rgw: failed at line $LINENO (exit $?); logs in ${dir:-?}/log" >&2' ERR
 cmd="${1:-}"; dir="${2:-}"
 if [ -z "$cmd" ] || [ -z "$dir" ]; then
   echo "usage: $0 start|stop DIR" >&2; exit 2
@@ -28,6 +29,19 @@ stop() {
       rm -f "$dir/run/$p.pid"
     fi
   done
+}
+
+# Pacific's daemons and CLI sometimes send their first command before they have
+# the monmap ('handle_command on fsid 0000...', EPERM or exit 250). Both steps
+# retried here fail fast and are idempotent, so try again a few times.
+retry() {
+  local attempt
+  for attempt in 1 2 3 4 5 6 7 8; do
+    if "$@" </dev/null >>"$dir/log/daemons.log" 2>&1; then return 0; fi
+    sleep 0.5
+  done
+  echo "rgw: '$1' failed 8 times; see $dir/log" >&2
+  return 1
 }
 
 if [ "$cmd" = "stop" ]; then
@@ -91,12 +105,16 @@ ceph-mon -c "$conf" --mkfs -i a --monmap "$dir/monmap" --keyring "$dir/keyring" 
 ceph-mon -c "$conf" -i a </dev/null >>"$dir/log/daemons.log" 2>&1
 ok=""
 for _ in $(seq 1 100); do
-  if ceph -c "$conf" --connect-timeout 2 osd create >/dev/null 2>&1; then ok=1; break; fi
+  if ceph -c "$conf" --connect-timeout 3 mon stat >/dev/null 2>&1; then ok=1; break; fi
   sleep 0.2
 done
 [ -n "$ok" ] || { echo "rgw: monitor did not come up; see $dir/log" >&2; stop; exit 1; }
-ceph-osd -c "$conf" -i 0 --mkfs >/dev/null 2>&1
-ceph-osd -c "$conf" -i 0 </dev/null >>"$dir/log/daemons.log" 2>&1
+# Create the OSD id with an explicit uuid, once (a retried bare `osd create` can
+# leave an id whose uuid the OSD then contradicts: 'wrong fsid').
+osd_uuid="$(cat /proc/sys/kernel/random/uuid)"
+retry ceph -c "$conf" osd new "$osd_uuid" 0
+ceph-osd -c "$conf" -i 0 --mkfs --osd-uuid "$osd_uuid" >"$dir/log/osd-mkfs.log" 2>&1
+retry ceph-osd -c "$conf" -i 0
 ok=""
 for _ in $(seq 1 150); do
   if ceph -c "$conf" osd stat 2>/dev/null | grep -q "1 up"; then ok=1; break; fi
