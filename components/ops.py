@@ -63,12 +63,18 @@ def transform_op(recipe_json: str, model: Input[Model], student: Output[Model], 
         shutil.copyfile(model.path, student.path)
         Path(info.path).write_text(json.dumps({"stages": [], "seconds": 0.0}))
         return
+    from edgeslim.components.common.task_config import is_detection
     from edgeslim.components.compress import apply_torch_stages
     from edgeslim.plugins.datasets import load_data
 
     data = load_data(recipe.data.provider, recipe.data.args)
     teacher = load_module(model.path)
-    res = apply_torch_stages(teacher, recipe.torch_stages, data=data, teacher=teacher)
+    if is_detection(recipe.task):
+        from edgeslim.components.detect_compress import apply_detector_stages
+
+        res = apply_detector_stages(teacher, recipe.torch_stages, data=data, task=recipe.task)
+    else:
+        res = apply_torch_stages(teacher, recipe.torch_stages, data=data, teacher=teacher)
     save_module(res.model, student.path)
     Path(info.path).write_text(json.dumps({**res.metrics, "seconds": res.seconds}, default=str))
 
@@ -87,10 +93,16 @@ def quantize_op(recipe_json: str, tracking_uri: str, onnx_model: Input[Model], s
     data = load_data(recipe.data.provider, recipe.data.args)
     out_dir = Path(qdq_model.path).parent / "quantize"
     cfg = recipe.quantize
+    from edgeslim.components.common.task_config import is_detection
+
     if cfg.method == "ptq":
         from edgeslim.components.quantize import quantize
 
         res = quantize(onnx_model.path, cfg, data=data, out_dir=out_dir)
+    elif cfg.method == "auto" and is_detection(recipe.task):
+        from edgeslim.components.detect_autotune import quantize_detector_auto
+
+        res = quantize_detector_auto(onnx_model.path, cfg, data=data, task=recipe.task, out_dir=out_dir)
     else:
         from edgeslim.components.common.model_io import load_module
         from edgeslim.components.compress import quantize_with
@@ -109,12 +121,19 @@ def evaluate_op(recipe_json: str, qdq_model: Input[Model], parent_onnx: Input[Mo
     from pathlib import Path
 
     from edgeslim.components.common.recipe import recipe_from_json
+    from edgeslim.components.common.task_config import is_detection
     from edgeslim.components.evaluate import evaluate
     from edgeslim.plugins.datasets import load_data
 
     recipe = recipe_from_json(recipe_json)
     data = load_data(recipe.data.provider, recipe.data.args)
-    res = evaluate(qdq_model.path, recipe.evaluate, parent_onnx=parent_onnx.path, data=data)
+    if is_detection(recipe.task):
+        from edgeslim.components.detect_eval import evaluate_detection
+
+        res = evaluate_detection(qdq_model.path, recipe.evaluate, parent_onnx=parent_onnx.path, data=data,
+                                 task=recipe.task)
+    else:
+        res = evaluate(qdq_model.path, recipe.evaluate, parent_onnx=parent_onnx.path, data=data)
     res.metrics["student_fp32_size_bytes"] = Path(student_onnx.path).stat().st_size
     Path(evaluation.path).write_text(json.dumps({**res.metrics, "seconds": res.seconds}))
 
@@ -125,10 +144,17 @@ def gate_op(recipe_json: str, evaluation: Input[Artifact], verdict: Output[Artif
     from pathlib import Path
 
     from edgeslim.components.common.recipe import recipe_from_json
+    from edgeslim.components.common.task_config import is_detection
     from edgeslim.components.evaluate import gate
 
     recipe = recipe_from_json(recipe_json)
-    result = gate(json.loads(Path(evaluation.path).read_text()), recipe.gate)
+    metrics = json.loads(Path(evaluation.path).read_text())
+    if is_detection(recipe.task):
+        from edgeslim.components.detect_eval import gate_detection
+
+        result = gate_detection(metrics, recipe.task.gate)
+    else:
+        result = gate(metrics, recipe.gate)
     Path(verdict.path).write_text(json.dumps(result))
     return bool(result["passed"])
 

@@ -58,7 +58,9 @@ class NpzArrays:
     """Arrays from an ``.npz`` file, local or on S3.
 
     The file holds ``x_train``, ``y_train``, ``x_val``, ``y_val``, ``x_test`` and
-    ``y_test``. ``x_*`` go to the model as they are.
+    ``y_test``. ``x_*`` go to the model as they are. For a detector, ``y_*`` are
+    object arrays: ``y[i]`` is a float32 ``(k, 5)`` array of ``[x1, y1, x2, y2, class]``
+    boxes in input pixels (checked: inside the image, ``x1 <= x2``, ``y1 <= y2``).
 
     Args:
         path: a local path or ``s3://bucket/key``. For S3 the usual boto3
@@ -104,10 +106,51 @@ class NpzArrays:
         parts = {k: arrays[k] for k in SPLIT_KEYS}
         for split in ("train", "val", "test"):
             check_labels(parts[f"x_{split}"], parts[f"y_{split}"], f"{self.path}:{split}")
+            if parts[f"y_{split}"].dtype == object:
+                parts[f"y_{split}"] = check_boxes(parts[f"x_{split}"], parts[f"y_{split}"],
+                                                  f"{self.path}:y_{split}")
         return Splits(**parts, source=self.path)
 
 
-BUILTIN = {"sklearn-digits": SklearnDigits, "npz": NpzArrays}
+def check_boxes(x: np.ndarray, y: np.ndarray, where: str) -> np.ndarray:
+    """Detection labels: per image a (k, 5) ``[x1, y1, x2, y2, class]`` array inside the image.
+
+    Returns:
+        The labels as an object array of float32 (k, 5) arrays.
+
+    Raises:
+        DataError: a label is not (k, 5), or a box lies outside the image or has x2 < x1 / y2 < y1.
+    """
+    height, width = x.shape[-2], x.shape[-1]
+    out = np.empty(len(y), dtype=object)
+    for i, lab in enumerate(y):
+        a = np.asarray(lab, dtype=np.float32)
+        if a.size == 0:
+            a = a.reshape(0, 5)
+        if a.ndim != 2 or a.shape[1] != 5:
+            raise DataError(f"data {where}[{i}]: got shape {list(a.shape)}; each label is a (k, 5) array "
+                            "[x1, y1, x2, y2, class] in input pixels")
+        for j, (x1, y1, x2, y2, c) in enumerate(a):
+            box = f"box {j} [{x1:g}, {y1:g}, {x2:g}, {y2:g}]"
+            if x2 < x1 or y2 < y1:
+                raise DataError(f"data {where}[{i}]: {box} has x2 < x1 or y2 < y1; boxes are "
+                                "[x1, y1, x2, y2] with the top-left corner first")
+            if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
+                raise DataError(f"data {where}[{i}]: {box} lies outside the {width}x{height} image; "
+                                "give boxes in input pixels, clipped to the image")
+            if c < 0 or c != int(c):
+                raise DataError(f"data {where}[{i}]: {box} has class {c:g}; classes are whole numbers from 0")
+        out[i] = a
+    return out
+
+
+def _digits_detect(**kw):
+    from edgeslim.components.common.reference_detect import DigitsDetection
+
+    return DigitsDetection(**kw)
+
+
+BUILTIN = {"sklearn-digits": SklearnDigits, "npz": NpzArrays, "digits-detect": _digits_detect}
 
 
 def provider_class(name: str):

@@ -18,6 +18,7 @@ import yaml
 from . import stage_configs  # noqa: F401  (registers the stage configs)
 from .config import Config, StageConfig, stage_config_class, unknown_key_error
 from .errors import ConfigError
+from .task_config import ClassificationTaskConfig, TaskConfig, is_detection, task_from_dict
 
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w.-]+)|/(?P<version>\d+))$")
 RECIPE_VERSION = 1
@@ -157,6 +158,7 @@ class Recipe:
     register: RegisterConfig
     tracking_uri: str = ""
     version: int = RECIPE_VERSION
+    task: TaskConfig = dataclasses.field(default_factory=ClassificationTaskConfig)
 
     @property
     def export(self) -> stage_configs.OnnxExportConfig:
@@ -183,6 +185,8 @@ class Recipe:
             "gate": self.gate.to_dict(),
             "evaluate": self.evaluate.to_dict(),
             "register": self.register.to_dict(),
+            # Only detection writes a task section, so classification recipes keep their digest.
+            **({"task": self.task.to_dict()} if is_detection(self.task) else {}),
         }
 
     def to_json(self) -> str:
@@ -198,7 +202,7 @@ class Recipe:
         return dataclasses.replace(self, **kw)
 
 
-_TOP_KEYS = ("version", "source", "tracking_uri", "data", "stages", "gate", "evaluate", "register")
+_TOP_KEYS = ("version", "source", "tracking_uri", "data", "stages", "gate", "evaluate", "register", "task")
 
 
 def recipe_from_dict(data: Any) -> Recipe:
@@ -219,14 +223,20 @@ def recipe_from_dict(data: Any) -> Recipe:
     tracking_uri = data.get("tracking_uri") or ""
     if not isinstance(tracking_uri, str):
         raise ConfigError(f"tracking_uri: got {tracking_uri!r}; expected a URI string")
+    task = task_from_dict(data.get("task"))
+    stages = _parse_stages(data.get("stages"))
+    if is_detection(task) and stages[-1].method == "qat":
+        raise ConfigError("stages: quantize method 'qat' trains with a classification loss; for a "
+                          "detection task use method 'ptq' or 'auto'")
     return Recipe(
         source=source,
         tracking_uri=tracking_uri,
         data=DataConfig.from_dict(data.get("data"), prefix="data"),
-        stages=_parse_stages(data.get("stages")),
+        stages=stages,
         gate=AccuracyGateConfig.from_dict(data.get("gate"), prefix="gate"),
         evaluate=EvaluateConfig.from_dict(data.get("evaluate"), prefix="evaluate"),
         register=RegisterConfig.from_dict(data.get("register"), prefix="register"),
+        task=task,
     )
 
 

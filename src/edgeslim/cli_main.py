@@ -18,6 +18,8 @@ def _progress(msg: str) -> None:
 def register(sub) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on the embedded digits default")
     p.add_argument("--workdir", default="./edgeslim-demo", help="where MLflow, artifacts and reports go")
+    p.add_argument("--workload", choices=("digits", "detect"), default="digits",
+                   help="digits: a classifier (default); detect: a YOLO-style detector")
     p.add_argument("--verbose", action="store_true", help="show the Kubeflow runner's task logs")
     p.set_defaults(func=cmd_demo)
 
@@ -59,6 +61,12 @@ def _preflight(recipe, tracking_uri: str, workdir: Path) -> None:
     data = load_data(recipe.data.provider, recipe.data.args)
     res = pull(recipe.source, tracking_uri=tracking_uri, out_dir=workdir / "preflight")
     check_model_accepts(res.model, data.x_test[:4])
+    from edgeslim.components.common.task_config import is_detection
+
+    if is_detection(recipe.task):
+        from edgeslim.components.detect_eval import check_detector
+
+        check_detector(res.model, data, recipe.task)
 
 
 def _write_outputs(report: dict, workdir: Path) -> tuple[Path, Path]:
@@ -106,8 +114,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with MlflowServer(workdir / "mlflow") as server:
         _progress(f"MLflow at {server.uri}")
         client = connect(server.uri)
-        ensure_teacher(client, progress=_progress)
-        recipe = load_recipe(DEMO_RECIPE).with_overrides(tracking_uri=server.uri)
+        if getattr(args, "workload", "digits") == "detect":
+            from edgeslim.pipelines.demo_detect import DETECT_RECIPE, ensure_detector
+
+            ensure_detector(client, progress=_progress)
+            recipe = load_recipe(DETECT_RECIPE).with_overrides(tracking_uri=server.uri)
+        else:
+            ensure_teacher(client, progress=_progress)
+            recipe = load_recipe(DEMO_RECIPE).with_overrides(tracking_uri=server.uri)
         code = execute(recipe, tracking_uri=server.uri, workdir=workdir, verbose=args.verbose)
         print(f"browse it: mlflow ui --backend-store-uri sqlite:///{workdir / 'mlflow' / 'mlflow.db'}")
         return code

@@ -1,0 +1,72 @@
+"""The detection demo's embedded default: a YOLO-style digits detector registered in a local MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+DETECTOR = "digits-detector"
+ALIAS = "champion"
+DETECT_RECIPE = Path(__file__).with_name("detect_recipe.yaml")
+EPOCHS = 20
+
+
+def train_reference_detector(*, epochs: int = EPOCHS, width: int = 16, seed: int = 0,
+                             progress: Callable[[str], None] | None = None):
+    """Train the reference :class:`DigitsDetector` on the ``digits-detect`` train split.
+
+    Returns:
+        ``(model, data)``.
+    """
+    import torch
+
+    from edgeslim.components.common.reference_detect import DigitsDetector, make_detection_splits, train_detector
+
+    data = make_detection_splits(seed=seed)
+
+    def tick(epoch, total, loss):
+        if progress and (epoch == total or epoch % 5 == 0 or epoch == 1):
+            progress(f"detector: training epoch {epoch}/{total} (loss {loss:.3f})")
+
+    torch.manual_seed(seed)
+    model = train_detector(DigitsDetector(width=width), data.x_train, data.y_train, epochs=epochs, seed=seed,
+                           progress=tick)
+    return model, data
+
+
+def ensure_detector(client, *, epochs: int = EPOCHS, progress: Callable[[str], None] | None = None,
+                    name: str = DETECTOR, alias: str = ALIAS, experiment: str = "edgeslim-reference") -> str:
+    """Register the reference detector as ``name@alias`` unless it is there already.
+
+    Returns:
+        The version that carries the alias.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = client.get_model_version_by_alias(name, alias)
+        if progress:
+            progress(f"detector: reusing {name} version {mv.version} @{alias}")
+        return str(mv.version)
+    except MlflowException:
+        pass
+    from edgeslim.components.common.recipe import load_recipe
+    from edgeslim.components.detect_eval import detection_metrics, torch_detections
+
+    model, data = train_reference_detector(epochs=epochs, progress=progress)
+    task = load_recipe(DETECT_RECIPE).task
+    m = detection_metrics(torch_detections(model, data.x_test, task), list(data.y_test), task.num_classes,
+                          task.score_threshold)
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name="digits-detector"):
+        mlflow.log_params({"arch": "DigitsDetector", "width": 16, "epochs": epochs, "seed": 0})
+        mlflow.log_metrics({"test_map50": m["map50"], "test_map50_95": m["map50_95"],
+                            "test_mean_tp_score": m["mean_tp_score"], "test_recall": m["recall"]})
+        info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
+                                        input_example=data.x_test[:2], registered_model_name=name)
+    version = str(info.registered_model_version)
+    client.set_registered_model_alias(name, alias, version)
+    if progress:
+        progress(f"detector: registered {name} version {version} @{alias} (test mAP@0.5 {m['map50']:.1f})")
+    return version

@@ -1,0 +1,74 @@
+"""mAP (COCO-style), precision/recall at the threshold, mean TP score, and the detection gate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeslim.components.common.task_config import DetectionGateConfig
+from edgeslim.components.detect_eval import average_precision, detection_metrics, gate_detection
+
+GT = [np.array([[0, 0, 10, 10, 0], [20, 20, 30, 30, 1]], np.float32),
+      np.array([[5, 5, 25, 25, 1]], np.float32)]
+
+
+def _perfect(score=0.9):
+    return [np.hstack([g[:, :4], np.full((len(g), 1), score), g[:, 4:5]]) for g in GT]
+
+
+def test_perfect_detections_score_100_and_report_their_mean_score():
+    m = detection_metrics(_perfect(0.9), GT, num_classes=2, score_threshold=0.25)
+    assert m["map50"] == 100.0 and m["map50_95"] == 100.0
+    assert m["precision"] == 100.0 and m["recall"] == 100.0
+    assert m["mean_tp_score"] == pytest.approx(0.9)
+    assert m["per_class_ap50"] == {"0": 100.0, "1": 100.0}
+
+
+def test_ap_is_the_101_point_interpolated_area():
+    # Two objects; detections by score: TP, FP, TP.
+    ap = average_precision(np.array([True, False, True]), n_gt=2)
+    assert ap == pytest.approx((51 * 1.0 + 50 * (2 / 3)) / 101)
+    assert average_precision(np.array([], bool), n_gt=3) == 0.0
+
+
+def test_loose_boxes_keep_map50_but_lose_map50_95():
+    preds = _perfect()
+    preds = [p.copy() for p in preds]
+    for p in preds:
+        p[:, 2:4] += 1.5  # IoU ~0.75 for the 10 px boxes
+    m = detection_metrics(preds, GT, 2, 0.25)
+    assert m["map50"] == 100.0 and m["map50_95"] < 80.0
+
+
+def test_duplicates_and_wrong_classes_are_false_positives():
+    preds = [np.vstack([_perfect()[0], [[0, 0, 10, 10, 0.95, 1]]]), _perfect()[1]]
+    m = detection_metrics(preds, GT, 2, 0.25)
+    assert m["precision"] == pytest.approx(75.0)
+    assert m["recall"] == 100.0
+    assert m["per_class_ap50"]["1"] < 100.0
+
+
+def _metrics(src, cand):
+    return {"source": {"detection": src}, "candidate": {"detection": cand}}
+
+
+def test_collapsed_confidence_is_rejected_even_though_map_held():
+    src = detection_metrics(_perfect(0.96), GT, 2, 0.25)
+    cand = detection_metrics(_perfect(0.085), GT, 2, 0.25)  # same ranking, scores squashed
+    assert cand["map50"] == src["map50"]
+    verdict = gate_detection(_metrics(src, cand), DetectionGateConfig())
+    assert not verdict["passed"]
+    assert verdict["summary"].startswith("confidences collapsed while mAP held")
+    assert "0.960 -> 0.085" in verdict["summary"]
+    failed = {c["name"] for c in verdict["checks"] if not c["passed"]}
+    assert failed == {"mean_tp_score_drop", "recall_drop"}
+
+
+def test_a_map_drop_fails_without_the_collapse_wording_and_a_faithful_candidate_passes():
+    src = detection_metrics(_perfect(0.9), GT, 2, 0.25)
+    worse = detection_metrics([_perfect(0.9)[0], np.zeros((0, 6), np.float32)], GT, 2, 0.25)
+    verdict = gate_detection(_metrics(src, worse), DetectionGateConfig())
+    assert not verdict["passed"] and "map50_drop" in verdict["summary"]
+    assert "collapsed" not in verdict["summary"]
+    ok = gate_detection(_metrics(src, detection_metrics(_perfect(0.89), GT, 2, 0.25)), DetectionGateConfig())
+    assert ok["passed"] and ok["summary"].startswith("passed")
