@@ -212,7 +212,7 @@ def fake_quant_model(model: nn.Module, *, qdq_path: str | Path, fp32_path: str |
     plan: list[tuple[object, str]] = []
     for node in list(gm.graph.nodes):
         val = seen.get(node.name)
-        if val is None:
+        if val is None or node.op == "output":
             continue
         flat = val.reshape(-1).numpy()
         tol = 1e-4 + 1e-4 * float(np.abs(flat).max(initial=0.0))

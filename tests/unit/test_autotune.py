@@ -1,0 +1,96 @@
+"""Accuracy-aware quantization: PTQ per calibrator -> float fallback -> QAT, first pass wins."""
+
+import json
+
+import pytest
+
+from compress_models import WORKLOADS, digits, hard_to_quantize, onnx_of, trained
+from edgeslim.components.autotune import quantize_auto
+from edgeslim.components.common.errors import ConfigError, GateRejected
+from edgeslim.components.common.recipe import AccuracyGateConfig
+from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig
+from edgeslim.components.quantize import check_qdq
+
+IMPOSSIBLE = AccuracyGateConfig(max_metric_drop=0.0, min_top1_agreement=1.0, min_sqnr_db=200.0)
+
+
+def _auto(model, fp32, cfg, gate, out):
+    return quantize_auto(model, fp32, cfg, data=digits(), parent_onnx_path=fp32, gate=gate, out_dir=out)
+
+
+@pytest.mark.parametrize("kind", WORKLOADS)
+def test_first_passing_ptq_wins_and_stops(kind, tmp_path):
+    cfg = AccuracyAwareQuantizeConfig(calibrators=["percentile", "minmax"], num_samples=128)
+    res = _auto(trained(kind), onnx_of(kind), cfg, AccuracyGateConfig(), tmp_path)
+    trials = res.metrics["trials"]
+    assert len(trials) == 1 and trials[0]["kind"] == "ptq" and trials[0]["passed"]
+    assert res.metrics["winner"]["trial"] == 1
+    assert "percentile" in res.metrics["reason"] and "passed" in res.metrics["reason"]
+    report = json.loads((tmp_path / "autotune.json").read_text())
+    assert report["winner"] == 1 and len(report["trials"]) == 1
+    assert check_qdq(res.model)["zero_points_all_zero"]
+    assert res.model.read_bytes() == (tmp_path / "ptq-percentile" / "model.int8.onnx").read_bytes()
+
+
+def test_every_step_tried_then_refused_with_the_best_trial(tmp_path):
+    model, layer = hard_to_quantize("cnn")
+    cfg = AccuracyAwareQuantizeConfig(calibrators=["minmax", "mse"], num_samples=128, max_float_layers=2,
+                                      sensitivity_metric="sqnr", qat_epochs=1)
+    with pytest.raises(GateRejected) as e:
+        _auto(model, onnx_of("cnn", damaged=True), cfg, IMPOSSIBLE, tmp_path)
+    msg = str(e.value)
+    assert "no candidate passed the gate after 5 trial(s)" in msg and "\n" not in msg
+    assert "max_float_layers" in msg
+    report = json.loads((tmp_path / "autotune.json").read_text())
+    rows = report["trials"]
+    assert [r["kind"] for r in rows] == ["ptq", "ptq", "fallback", "fallback", "qat"]
+    assert report["winner"] is None
+    # fallback keeps the most sensitive layer first, then one more
+    sens = {r["node"]: r["layer"] for r in report["sensitivity"]["layers"]}
+    assert [sens[n] for n in rows[2]["float_layers"]] == [layer]
+    assert len(rows[3]["float_layers"]) == 2 and rows[3]["float_layers"][0] == rows[2]["float_layers"][0]
+    assert (tmp_path / "sensitivity" / "sensitivity.png").is_file()
+    # keeping the hard layer in float buys fidelity; QAT reports its fake-quant accuracy too
+    # (how closely that matches the export is held by test_qat, on models that are not damaged)
+    assert rows[2]["sqnr_db"] > max(rows[0]["sqnr_db"], rows[1]["sqnr_db"]) + 3.0
+    assert 0.0 <= rows[4]["fake_quant_top1_test"] <= 100.0 and rows[4]["float_layers"]
+
+
+def test_float_fallback_wins_when_it_is_the_first_to_pass(tmp_path):
+    model, layer = hard_to_quantize("cnn")
+    fp32 = onnx_of("cnn", damaged=True)
+    cfg = AccuracyAwareQuantizeConfig(calibrators=["minmax"], num_samples=128, max_float_layers=2,
+                                      sensitivity_metric="sqnr", qat=False)
+    with pytest.raises(GateRejected):
+        _auto(model, fp32, cfg, IMPOSSIBLE, tmp_path / "probe")
+    probe = json.loads((tmp_path / "probe" / "autotune.json").read_text())["trials"]
+    ptq, fb1 = probe[0]["sqnr_db"], probe[1]["sqnr_db"]
+    assert fb1 > ptq
+    gate = AccuracyGateConfig(max_metric_drop=100.0, min_top1_agreement=0.0, min_sqnr_db=(ptq + fb1) / 2)
+    res = _auto(model, fp32, cfg, gate, tmp_path / "run")
+    assert [t["kind"] for t in res.metrics["trials"]] == ["ptq", "fallback"]
+    assert res.metrics["winner"]["trial"] == 2
+    assert layer in res.metrics["reason"] and "float" in res.metrics["reason"]
+
+
+def test_fallback_limit_zero_while_the_gate_fails(tmp_path):
+    cfg = AccuracyAwareQuantizeConfig(calibrators=["minmax"], num_samples=64, max_float_layers=0, qat=False)
+    with pytest.raises(GateRejected) as e:
+        _auto(trained("mobile"), onnx_of("mobile"), cfg, IMPOSSIBLE, tmp_path)
+    msg = str(e.value)
+    assert "max_float_layers is 0" in msg and "raise it" in msg and "\n" not in msg
+    assert e.value.exit_code != 0
+    rows = json.loads((tmp_path / "autotune.json").read_text())["trials"]
+    assert [r["kind"] for r in rows] == ["ptq"]
+    assert not (tmp_path / "sensitivity").exists()
+
+
+def test_config_refusals():
+    with pytest.raises(ConfigError, match="calibrators: empty"):
+        AccuracyAwareQuantizeConfig(calibrators=[])
+    with pytest.raises(ConfigError, match="repeats"):
+        AccuracyAwareQuantizeConfig(calibrators=["mse", "mse"])
+    with pytest.raises(ConfigError, match="max_float_layers"):
+        AccuracyAwareQuantizeConfig(max_float_layers=-1)
+    with pytest.raises(ConfigError, match="did you mean 'entropy'"):
+        AccuracyAwareQuantizeConfig.from_dict({"calibrators": ["entropi"]})
