@@ -33,7 +33,10 @@ ENGINE_IMAGE = os.environ.get("EDGESLIM_ENGINE_IMAGE", "edgeslim-tensorrt:latest
 @dsl.component(base_image=ENGINE_IMAGE)
 def engine_op(qdq_onnx: Input[Model], device_class: str, engines_config_json: str, data_provider: str,
               data_args_json: str, engines: Output[Model], previous_model_uri: str = "") -> str:
-    """Build and verify the engine of ``device_class``; returns its status line.
+    """Build and verify the engine of ``device_class``.
+
+    Returns JSON ``{device_class, status, path, uri}``: the status line and where
+    the ``engines`` artifact is, so that the register task can ship the engine.
 
     Args:
         qdq_onnx: the int8 Q/DQ ONNX.
@@ -47,30 +50,20 @@ def engine_op(qdq_onnx: Input[Model], device_class: str, engines_config_json: st
         previous_model_uri: an earlier edge model (e.g. ``models:/NAME@edge-stable``)
             whose timing cache for this class seeds the build; empty: none.
     """
-    import dataclasses
     import json
 
-    from edgeslim.components.common.engine_config import TensorRTEngineConfig
-    from edgeslim.plugins.edge_flavor import previous_timing_caches
-    from edgeslim.components.engine_stage import build_engines
-    from edgeslim.plugins.datasets import load_data
+    from edgeslim.components.engine_stage import build_engine_task
 
-    cfg = TensorRTEngineConfig.from_dict(json.loads(engines_config_json), prefix="engines")
-    cfg = dataclasses.replace(cfg, device_classes=[device_class],
-                              node_selectors={k: v for k, v in cfg.node_selectors.items() if k == device_class})
-    data = load_data(data_provider, json.loads(data_args_json or "{}"))
-    timing_caches = {}
-    if previous_model_uri and cfg.timing_cache:
-        timing_caches = previous_timing_caches(previous_model_uri, device_class)
-    result = build_engines(qdq_onnx.path, cfg, data=data, out_dir=engines.path, timing_caches=timing_caches)
-    status = result.lineage["engines"][device_class]
-    engines.metadata["device_class"] = device_class
-    engines.metadata["status"] = status
-    for name, value in result.metrics.items():
-        if isinstance(value, (int, float)):
-            engines.metadata[name] = value
-    print(f"engine {device_class}: {status}")
-    return status
+    def parse(v):  # kfp's local runner hands JSON-looking strings over already parsed
+        return v if isinstance(v, (dict, list)) else json.loads(v or "{}")
+
+    res = build_engine_task(qdq_onnx.path, device_class, parse(engines_config_json), data_provider=data_provider,
+                            data_args=parse(data_args_json), out_dir=engines.path,
+                            previous_model_uri=previous_model_uri)
+    engines.metadata.update({"device_class": device_class, "status": res["status"], **res["metrics"]})
+    print(f"engine {device_class}: {res['status']}")
+    return json.dumps({"device_class": device_class, "status": res["status"], "path": engines.path,
+                       "uri": engines.uri})
 
 
 def parallel_items(config: TensorRTEngineConfig) -> list[dict[str, Any]]:

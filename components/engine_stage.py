@@ -224,3 +224,35 @@ def read_summary(engines_dir: str | Path) -> dict[str, Any]:
 __all__ = ["build_engines", "verify_engine", "compare_outputs", "sqnr_db", "qdq_session", "run_session",
            "read_summary", "SUMMARY_FILE", "VERIFY_FILE", "STATUS_BUILT", "LOG_FILE", "META_FILE",
            "TIMING_CACHE_FILE"]
+
+
+def build_engine_task(qdq_onnx_path: str | Path, device_class: str, engines_config: dict[str, Any], *,
+                      data_provider: str, data_args: dict[str, Any], out_dir: str | Path,
+                      previous_model_uri: str = "") -> dict[str, Any]:
+    """What one pipeline engine task does: build and verify ``device_class`` only.
+
+    Args:
+        qdq_onnx_path: the int8 Q/DQ ONNX.
+        device_class: the class this task builds for.
+        engines_config: the recipe's ``engines`` section as a mapping.
+        data_provider: the data provider whose test split verifies the engine.
+        data_args: its arguments.
+        out_dir: gets ``<device_class>/`` and ``engines.json``.
+        previous_model_uri: an earlier edge model whose timing cache seeds the build.
+
+    Returns:
+        ``{device_class, status, metrics}``.
+    """
+    from edgeslim.plugins.datasets import load_data
+    from edgeslim.plugins.edge_flavor import previous_timing_caches
+
+    cfg = TensorRTEngineConfig.from_dict(engines_config, prefix="engines")
+    cfg = dataclasses.replace(cfg, device_classes=[device_class],
+                              node_selectors={k: v for k, v in cfg.node_selectors.items() if k == device_class})
+    data = load_data(data_provider, data_args)
+    timing_caches = {}
+    if previous_model_uri and cfg.timing_cache:
+        timing_caches = previous_timing_caches(previous_model_uri, device_class)
+    result = build_engines(qdq_onnx_path, cfg, data=data, out_dir=out_dir, timing_caches=timing_caches)
+    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    return {"device_class": device_class, "status": result.lineage["engines"][device_class], "metrics": metrics}

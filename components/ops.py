@@ -9,6 +9,7 @@ functions on a laptop.
 
 
 from types import SimpleNamespace  # noqa: I001  (no __future__ annotations: KFP reads them)
+from typing import List
 
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Model, Output
@@ -159,8 +160,57 @@ def gate_op(recipe_json: str, evaluation: Input[Artifact], verdict: Output[Artif
     return bool(result["passed"])
 
 
+def plan_engines_op(recipe_json: str, parent: Input[Artifact], verdict: Input[Artifact],
+                    plan: Output[Artifact]):
+    """What every engine task needs, from the recipe, as one JSON artifact.
+
+    When the gate failed the device-class list is empty, so engine tasks build
+    nothing. ``previous_model_uri`` names the edge model registered before, whose
+    timing cache for a class seeds its new build. (An artifact, not parameters:
+    kfp's local runner hands loop items to parameters read inside a ParallelFor.)
+    """
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from edgeslim.components.common.recipe import recipe_from_json
+
+    recipe = recipe_from_json(recipe_json)
+    cfg = recipe.engines
+    if not json.loads(Path(verdict.path).read_text())["passed"]:
+        cfg = dataclasses.replace(cfg, device_classes=[], node_selectors={})
+    name = recipe.register.model_name(json.loads(Path(parent.path).read_text())["name"])
+    Path(plan.path).write_text(json.dumps({
+        "engines_config": cfg.to_dict(), "data_provider": recipe.data.provider, "data_args": recipe.data.args,
+        "previous_model_uri": f"models:/{name}@{recipe.register.alias}",
+    }))
+
+
+def engine_build_op(qdq_model: Input[Model], device_class: str, plan: Input[Artifact],
+                    engines: Output[Model]) -> str:
+    """Build and verify the TensorRT engine of one device class (on a GPU node of that class).
+
+    Returns JSON ``{device_class, status, path, uri}`` for the register task.
+    """
+    import json
+    from pathlib import Path
+
+    p = json.loads(Path(plan.path).read_text())
+    if device_class not in p["engines_config"]["device_classes"]:
+        status = "not built: the candidate failed its gate"
+    else:
+        from edgeslim.components.engine_stage import build_engine_task
+
+        status = build_engine_task(qdq_model.path, device_class, p["engines_config"],
+                                   data_provider=p["data_provider"], data_args=p["data_args"],
+                                   out_dir=engines.path, previous_model_uri=p["previous_model_uri"])["status"]
+        engines.metadata.update({"device_class": device_class, "status": status})
+    print(f"engine {device_class}: {status}")
+    return json.dumps({"device_class": device_class, "status": status, "path": engines.path, "uri": engines.uri})
+
+
 def register_op(recipe_json: str, tracking_uri: str, qdq_model: Input[Model], parent: Input[Artifact],
-                evaluation: Input[Artifact], verdict: Input[Artifact]) -> str:
+                evaluation: Input[Artifact], verdict: Input[Artifact], engines: List[str]) -> str:
     """Register the gated candidate as a new version of ``<parent>-edge`` with its lineage.
 
     Returns the registration as JSON (a parameter: the local runner's ``OneOf`` takes parameters).
@@ -182,6 +232,8 @@ def register_op(recipe_json: str, tracking_uri: str, qdq_model: Input[Model], pa
         gate_result=json.loads(Path(verdict.path).read_text()), calibration=calib,
         data_description=describe_data(recipe.data.provider, recipe.data.args),
         tracking_uri=tracking_uri or recipe.tracking_uri or None,
+        # kfp's local runner hands JSON-looking strings over already parsed
+        engines=[e if isinstance(e, dict) else json.loads(e) for e in engines],
     )
     return json.dumps({**res.metrics, "seconds": res.seconds})
 
@@ -213,7 +265,8 @@ def report_op(recipe_json: str, tracking_uri: str, parent: Input[Artifact], pare
     rep = build_report(
         recipe=recipe, parent=read(parent), parent_export=read(parent_export), transform=read(transform),
         quantized=read(quantized), evaluation=read(evaluation), verdict=read(verdict),
-        registered=json.loads(registered), onnx_path=qdq_model.path,
+        registered=registered if isinstance(registered, dict) else json.loads(registered),
+        onnx_path=qdq_model.path,
     )
     Path(report.path).write_text(json.dumps(rep, indent=2))
     Path(html.path).write_text(render_html(rep))
@@ -229,5 +282,5 @@ def make_ops(base_image: str = DEFAULT_IMAGE) -> SimpleNamespace:
         return dsl.component(fn, base_image=base_image, install_kfp_package=False)
 
     return SimpleNamespace(**{f.__name__: comp(f) for f in (
-        pull_op, export_op, transform_op, quantize_op, evaluate_op, gate_op, register_op, reject_op,
-        report_op)})
+        pull_op, export_op, transform_op, quantize_op, evaluate_op, gate_op, plan_engines_op,
+        engine_build_op, register_op, reject_op, report_op)})

@@ -40,6 +40,25 @@ def find_existing(client, name: str, parent_version: str, parent_name: str, reci
     return None
 
 
+def _engines_to_ship(engines) -> dict[str, str]:
+    """Device class -> engine folder (built) or status line (not built)."""
+    from edgeslim.components.engine_stage import STATUS_BUILT
+
+    out: dict[str, str] = {}
+    for e in engines:
+        key, status = e["device_class"], e["status"]
+        if status != STATUS_BUILT:
+            out[key] = status
+            continue
+        folder = Path(e.get("path", "")) / key
+        if not folder.is_dir():  # on a cluster the artifact lives in the pipeline root
+            import mlflow
+
+            folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{e['uri'].rstrip('/')}/{key}"))
+        out[key] = str(folder)
+    return out
+
+
 def _flat_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
     src, cand = evaluation["source"], evaluation["candidate"]
     out = {
@@ -58,7 +77,8 @@ def _flat_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
 
 def register(candidate_onnx: str | Path, *, parent: dict[str, Any], recipe, evaluation: dict[str, Any],
              gate_result: dict[str, Any], calibration: np.ndarray, data_description: dict[str, Any],
-             artifacts: list[str | Path] = (), tracking_uri: str | None = None) -> StageResult:
+             artifacts: list[str | Path] = (), tracking_uri: str | None = None,
+             engines: list[dict[str, str]] = ()) -> StageResult:
     """Register a candidate that passed its gate.
 
     Args:
@@ -71,6 +91,8 @@ def register(candidate_onnx: str | Path, *, parent: dict[str, Any], recipe, eval
         data_description: the provider and its arguments.
         artifacts: more files logged with the run (report.json, the HTML report).
         tracking_uri: the MLflow server.
+        engines: the engine tasks' results ``{device_class, status, path, uri}``;
+            built engines ship inside the edge model, the others as status lines.
 
     Returns:
         ``StageResult`` whose metrics are ``{name, version, alias, run_id, model_id, reused}``.
@@ -97,6 +119,8 @@ def register(candidate_onnx: str | Path, *, parent: dict[str, Any], recipe, eval
         return StageResult(model=None, metrics={
             "name": name, "version": str(existing.version), "alias": alias, "run_id": existing.run_id,
             "model_id": existing.tags.get(TAG + "model_id", ""), "reused": True,
+            "engines": {k[len(TAG + "engine."):]: v for k, v in (existing.tags or {}).items()
+                        if k.startswith(TAG + "engine.")},
         }, seconds=time.perf_counter() - t0)
 
     flat = _flat_metrics(evaluation)
@@ -130,8 +154,12 @@ def register(candidate_onnx: str | Path, *, parent: dict[str, Any], recipe, eval
             for a in artifacts:
                 if Path(a).exists():
                     mlflow.log_artifact(str(a))
+            shipped = _engines_to_ship(engines)
+            tags.update(edge_flavor.engine_status_tags({k: v if isinstance(v, str) and not Path(v).exists()
+                                                        else "built and verified" for k, v in shipped.items()}))
             info = edge_flavor.log_model(
-                candidate_onnx, name="model", input_example=np.ascontiguousarray(calibration[:2]),
+                candidate_onnx, name="model", engines=shipped or None,
+                input_example=np.ascontiguousarray(calibration[:2]),
                 metadata={"parent": parent, "recipe_hash": recipe_hash, "gate": gate_result,
                           "metrics": flat, "task": "classification"},
             )
@@ -152,6 +180,8 @@ def register(candidate_onnx: str | Path, *, parent: dict[str, Any], recipe, eval
     return StageResult(model=None, metrics={
         "name": name, "version": str(mv.version), "alias": alias, "run_id": run.info.run_id,
         "model_id": model_id, "reused": False,
+        "engines": {k: v if isinstance(v, str) and not Path(v).exists() else "built and verified"
+                    for k, v in shipped.items()},
     }, lineage=tags, seconds=time.perf_counter() - t0)
 
 

@@ -45,6 +45,7 @@ def build_report(*, recipe, parent: dict, parent_export: dict, transform: dict, 
         "transform": transform,
         "gate": {"passed": verdict["passed"], "checks": verdict["checks"], "summary": verdict["summary"]},
         "registered": reg,
+        "engines": registered.get("engines", {}),
         "seconds": {
             "pull": parent.get("seconds", 0.0), "export": parent_export.get("seconds", 0.0),
             "transform": transform.get("seconds", 0.0), "quantize": quantized.get("seconds", 0.0),
@@ -85,6 +86,8 @@ def format_table(rep: dict[str, Any]) -> str:
     lines.append(f"registered: {reg['name']} version {reg['version']} @{reg['alias']}"
                  + (" (reused, same parent and recipe)" if reg.get("reused") else "")
                  if reg else "registered: nothing (the gate failed)")
+    for key, status in (rep.get("engines") or {}).items():
+        lines.append(f"engine {key}: {status}")
     secs = rep.get("seconds", {})
     lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in secs.items()))
     return "\n".join(lines)

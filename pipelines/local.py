@@ -63,7 +63,7 @@ def run_pipeline(recipe, *, tracking_uri: str, workdir: str | Path,
     root.mkdir(parents=True, exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
                raise_on_error=True)
-    pipeline = build_pipeline()
+    pipeline = build_pipeline(engines=recipe.engines, placement=False)
     sink = _Echo(progress)
     kfp_logger = logging.getLogger("kfp")
     handlers = list(kfp_logger.handlers)

@@ -17,6 +17,7 @@ import yaml
 
 from . import stage_configs  # noqa: F401  (registers the stage configs)
 from .config import Config, StageConfig, stage_config_class, unknown_key_error
+from .engine_config import TensorRTEngineConfig
 from .errors import ConfigError
 from .task_config import ClassificationTaskConfig, TaskConfig, is_detection, task_from_dict
 
@@ -156,6 +157,7 @@ class Recipe:
     gate: AccuracyGateConfig
     evaluate: EvaluateConfig
     register: RegisterConfig
+    engines: TensorRTEngineConfig = dataclasses.field(default_factory=TensorRTEngineConfig)
     tracking_uri: str = ""
     version: int = RECIPE_VERSION
     task: TaskConfig = dataclasses.field(default_factory=ClassificationTaskConfig)
@@ -185,6 +187,7 @@ class Recipe:
             "gate": self.gate.to_dict(),
             "evaluate": self.evaluate.to_dict(),
             "register": self.register.to_dict(),
+            "engines": self.engines.to_dict(),
             # Only detection writes a task section, so classification recipes keep their digest.
             **({"task": self.task.to_dict()} if is_detection(self.task) else {}),
         }
@@ -202,7 +205,8 @@ class Recipe:
         return dataclasses.replace(self, **kw)
 
 
-_TOP_KEYS = ("version", "source", "tracking_uri", "data", "stages", "gate", "evaluate", "register", "task")
+_TOP_KEYS = ("version", "source", "tracking_uri", "data", "stages", "gate", "evaluate", "register", "task",
+             "engines")
 
 
 def recipe_from_dict(data: Any) -> Recipe:
@@ -236,6 +240,7 @@ def recipe_from_dict(data: Any) -> Recipe:
         gate=AccuracyGateConfig.from_dict(data.get("gate"), prefix="gate"),
         evaluate=EvaluateConfig.from_dict(data.get("evaluate"), prefix="evaluate"),
         register=RegisterConfig.from_dict(data.get("register"), prefix="register"),
+        engines=TensorRTEngineConfig.from_dict(data.get("engines"), prefix="engines"),
         task=task,
     )
 

@@ -22,6 +22,7 @@ _COMMAND_MODULES = (
     "edgeslim.cli_main",
     "edgeslim.deploy.fleet_cli",
     "edgeslim.components.bench",
+    "edgeslim.components.engine_cli",
 )
 
 

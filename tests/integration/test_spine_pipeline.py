@@ -225,7 +225,7 @@ def test_compile_writes_kfp_ir(tmp_path):
     out = tmp_path / "p.yaml"
     proc = run_cli("compile", "-o", str(out), "--base-image", "registry.example/edgeslim:test")
     assert proc.returncode == 0, proc.stderr
-    ir = yaml.safe_load(out.read_text())
+    ir = next(yaml.safe_load_all(out.read_text()))
     assert ir["pipelineInfo"]["name"] == "edgeslim-edge-compression"
     images = {e["container"]["image"] for e in ir["deploymentSpec"]["executors"].values()}
     assert images == {"registry.example/edgeslim:test"}

@@ -93,7 +93,8 @@ def test_local_runner_without_cuda_reports_not_built(tmp_path):
                          engines_config_json=json.dumps(CFG.to_dict()), data_provider="sklearn-digits",
                          data_args_json="{}").outputs["Output"]
 
-    assert pipeline(src=str(qdq)).output == NOT_BUILT_NO_CUDA
+    out = json.loads(pipeline(src=str(qdq)).output)
+    assert out["device_class"] == ORIN_KEY and out["status"] == NOT_BUILT_NO_CUDA
     summaries = list((tmp_path / "root").rglob("engines.json"))
     assert len(summaries) == 1
     assert json.loads(summaries[0].read_text())["engines"][ORIN_KEY]["status"] == NOT_BUILT_NO_CUDA

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 
@@ -27,8 +28,9 @@ def test_every_package_folder_is_listed_and_every_listed_package_exists():
 def test_checked_in_pipeline_matches_the_code(tmp_path):
     from edgeslim.pipelines.edge_compression import COMPILED, compile_pipeline
 
-    fresh = yaml.safe_load(compile_pipeline(tmp_path / "p.yaml").read_text())
-    stored = yaml.safe_load(COMPILED.read_text())
+    # Two documents: the pipeline spec, then the Kubernetes platform spec (GPU node selectors).
+    fresh = list(yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml").read_text()))
+    stored = list(yaml.safe_load_all(COMPILED.read_text()))
     assert fresh == stored, "pipelines/edge_compression.yaml is stale: run `edgeslim compile -o pipelines/edge_compression.yaml`"
 
 
@@ -37,5 +39,12 @@ def test_compiled_pipeline_has_the_gate_branch_and_all_stages():
 
     text = COMPILED.read_text()
     for name in ("pull-op", "export-op", "transform-op", "quantize-op", "evaluate-op", "gate-op",
-                 "register-op", "reject-op", "report-op", "condition-branches"):
+                 "plan-engines-op", "engine-build-op", "register-op", "reject-op", "report-op",
+                 "condition-branches"):
         assert name in text
+    spec, platform = yaml.safe_load_all(text)
+    # The engine task asks for a GPU and a node of its device class.
+    engine = spec["deploymentSpec"]["executors"]["exec-engine-build-op"]["container"]
+    assert engine["resources"]["accelerator"]["resourceCount"] == "1"
+    selector = json.dumps(platform)
+    assert "nodeSelector" in selector
