@@ -24,7 +24,8 @@ stop() {
     if [ -f "$dir/run/$p.pid" ]; then
       pid="$(cat "$dir/run/$p.pid")"
       kill "$pid" 2>/dev/null || true
-      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      # The data is throw-away (memstore): no need to wait long for a clean exit.
+      for _ in $(seq 1 10); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
       kill -9 "$pid" 2>/dev/null || true
       rm -f "$dir/run/$p.pid"
     fi

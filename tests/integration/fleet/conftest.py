@@ -99,7 +99,7 @@ def s3_store(rgw, s3_url):
 
 # --------------------------------------------------------------------------- MLflow
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
+def mlflow_server(tmp_path_factory, request):
     d = tmp_path_factory.mktemp("mlflow")
     port = free_port()
     log = open(d / "server.log", "w")
@@ -110,6 +110,8 @@ def mlflow_server(tmp_path_factory):
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     uri = f"http://127.0.0.1:{port}"
+    # Every test with MLflow also uses RGW: start it while the server boots (2 cores, ~15 s each).
+    request.getfixturevalue("rgw")
 
     def up():
         import urllib.request
@@ -130,7 +132,7 @@ def mlflow_server(tmp_path_factory):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(20)
+            proc.wait(5)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
