@@ -112,7 +112,9 @@ def prune_detector(model: nn.Module, config: ChannelPruneConfig, *, data: Splits
     structural = dataclasses.replace(config, finetune_epochs=0, distill=False,
                                      ignored_layers=[f"m.{n}" for n in ignored],
                                      layer_ratios={f"m.{k}": v for k, v in config.layer_ratios.items()})
-    res = prune(_Flat(copy.deepcopy(model)), structural, data=view)
+    from .common.reference_detect import without_splits
+
+    res = prune(_Flat(without_splits(model)), structural, data=view)
     pruned = res.model.m
     losses: list[float] = []
     if config.finetune_epochs:

@@ -1,0 +1,98 @@
+"""The reference detector's structure, its training, export, int8 and pruning (tiny and fast)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from edgeslim.components.common.reference_detect import (
+    C2f, DigitsDetector, build_targets, default_heads, make_detection_splits, train_detector,
+)
+from edgeslim.components.common.task_config import task_from_dict
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_detection_splits(seed=0, n_train=96, n_val=16, n_test=16)
+
+
+@pytest.fixture(scope="module")
+def task():
+    return task_from_dict({"kind": "detection", "num_classes": 10, "decoder": {"heads": default_heads()}})
+
+
+@pytest.fixture(scope="module")
+def tiny(data):
+    torch.manual_seed(0)
+    return train_detector(DigitsDetector(width=8, head_hidden=8), data.x_train, data.y_train, epochs=1,
+                          batch_size=32)
+
+
+def test_the_detector_is_yolov8_shaped(tiny):
+    mods = list(tiny.modules())
+    assert any(isinstance(m, C2f) for m in mods) and any(isinstance(m, nn.SiLU) for m in mods)
+    assert any(isinstance(m, nn.Upsample) for m in mods)
+    out = tiny(torch.rand(2, 1, 48, 48))
+    assert [tuple(o.shape) for o in out] == [(2, 4, 12, 12), (2, 10, 12, 12), (2, 4, 6, 6), (2, 10, 6, 6),
+                                            (2, 4, 3, 3), (2, 10, 3, 3)]
+    for scores in out[1::2]:  # class scores end in a sigmoid
+        assert float(scores.min()) >= 0.0 and float(scores.max()) <= 1.0
+
+
+def test_targets_put_each_box_on_cells_near_its_centre(data):
+    labels = [np.array([[10, 10, 20, 22, 3]], np.float32)]
+    lvl4, lvl8, lvl16 = build_targets(labels, 48, 10)
+    assert lvl4["pos"][0, 16 // 4, 15 // 4] and lvl4["cls"][0, 3, 4, 3] == 1.0
+    assert not lvl16["pos"].any()  # a 12 px box is too small for stride 16
+    gy, gx = np.nonzero(lvl4["pos"][0])
+    l, t, r, b = lvl4["box"][0, :, gy[0], gx[0]] * 4
+    cx, cy = (gx[0] + 0.5) * 4, (gy[0] + 0.5) * 4
+    assert (cx - l, cy - t, cx + r, cy + b) == pytest.approx((10, 10, 20, 22))
+
+
+def test_training_lowers_the_detection_loss(data):
+    torch.manual_seed(0)
+    losses = []
+    train_detector(DigitsDetector(width=8, head_hidden=8), data.x_train, data.y_train, epochs=2, batch_size=32,
+                   progress=lambda e, n, l: losses.append(l))
+    assert len(losses) == 2 and losses[1] < losses[0]
+
+
+def test_export_and_int8_keep_the_head_outputs(tiny, data, task, tmp_path):
+    from edgeslim.components.common.stage_configs import OnnxExportConfig, PTQQuantizeConfig
+    from edgeslim.components.detect_autotune import head_groups
+    from edgeslim.components.detect_eval import onnx_detections
+    from edgeslim.components.export import export
+    from edgeslim.components.quantize import quantize
+
+    res = export(tiny, OnnxExportConfig(), data=data, out_path=tmp_path / "det.onnx")
+    groups = head_groups(res.model)
+    assert [g["output"] for g in groups] == [f"output_{i}" for i in range(6)]
+    for g in groups[1::2]:  # class outputs come through a Sigmoid from their conv
+        assert len(g["nodes"]) == 2
+    q = quantize(res.model, PTQQuantizeConfig(calibrator="entropy", num_samples=32), data=data,
+                 out_dir=tmp_path / "q")
+    assert q.metrics["zero_points_all_zero"] and q.metrics["per_channel_weights"] > 0
+    assert all(f"output_{i}" in q.metrics["ranges"] for i in range(6))  # the report shows each head's range
+    dets, outs, names = onnx_detections(q.model, data.x_test, task)
+    assert names == [f"output_{i}" for i in range(6)] and len(dets) == len(data.x_test)
+
+
+def test_pruning_keeps_heads_whole_and_halves_the_macs(tiny, data):
+    from edgeslim.components.common.stage_configs import ChannelPruneConfig
+    from edgeslim.components.detect_compress import head_layers, prune_detector
+
+    example = torch.from_numpy(data.x_train[:1])
+    heads = head_layers(tiny, example)
+    assert sorted(heads) == sorted(f"head.{i}.{b}.1" for i in range(3) for b in ("box", "cls"))
+    res = prune_detector(tiny, ChannelPruneConfig(keep_fraction=0.45, finetune_epochs=1, batch_size=32),
+                         data=data, feature_layers=["fpn4", "pan8", "pan16"])
+    assert res.metrics["macs_ratio"] >= 2.0
+    before = [tuple(o.shape) for o in tiny(example)]
+    after = [tuple(o.shape) for o in res.model(example)]
+    assert before == after
+    assert tiny.head[0].cls[1].out_channels == res.model.head[0].cls[1].out_channels == 10
+    # The C2f concat still lines up: a forward pass through every block works in eval and train mode.
+    res.model.train()(torch.rand(2, 1, 48, 48))
