@@ -111,7 +111,11 @@ def mlflow_server(tmp_path_factory, request):
     )
     uri = f"http://127.0.0.1:{port}"
     # Every test with MLflow also uses RGW: start it while the server boots (2 cores, ~15 s each).
-    request.getfixturevalue("rgw")
+    try:
+        request.getfixturevalue("rgw")
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
 
     def up():
         import urllib.request
@@ -372,3 +376,73 @@ def proxy(rgw):
     p = FlakyProxy(port)
     yield p
     p.close()
+
+
+# --------------------------------------------------------------------------- manifests
+class Publisher:
+    """Plays the controller for agent-level tests: uploads artifacts, signs and stores manifests."""
+
+    def __init__(self, store, priv_path, fleet="lab"):
+        from edgeslim.deploy import signing
+
+        self.store, self.fleet = store, fleet
+        self.key = signing.load_private_key(priv_path)
+
+    def upload(self, onnx_path: Path) -> dict:
+        from edgeslim.deploy.manifest import artifact_key
+
+        data = Path(onnx_path).read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        self.store.put(artifact_key(sha), data)
+        return {"key": artifact_key(sha), "sha256": sha, "size": len(data), "format": "onnx", "metadata": {}}
+
+    @staticmethod
+    def golden(onnx_path: Path, n_in: int = 4) -> dict:
+        from edgeslim.deploy.manifest import encode_array
+
+        x = np.random.default_rng(1).standard_normal((1, n_in)).astype(np.float32)
+        return {"input": encode_array(x), "outputs": {"y": encode_array(run_onnx(onnx_path, x))},
+                "atol": 1e-4, "rtol": 1e-4, "latency_budget_ms": None, "repeats": 2}
+
+    def manifest(self, device: str, device_class: str, seq: int, artifact: dict, health: dict, *,
+                 expires_in: float = 3600.0, key=None) -> dict:
+        from edgeslim.deploy.controller import _artifact
+        from edgeslim.deploy.manifest import Manifest
+
+        now = time.time()
+        m = Manifest(fleet=self.fleet, device_id=device, device_class=device_class, rollout_id=f"t{seq}",
+                     sequence=seq, issued_at=now, expires_at=now + expires_in, action="install",
+                     artifact=_artifact(artifact), model={"name": "m", "version": str(seq)}, health_check=health)
+        return m.sign(key or self.key)
+
+    def publish(self, device: str, envelope: dict) -> str:
+        from edgeslim.deploy.store import FleetKeys
+
+        return self.store.put_json(FleetKeys(self.fleet).manifest(device), envelope)
+
+    def status(self, device: str) -> dict:
+        from edgeslim.deploy.store import FleetKeys
+
+        got = self.store.get_json(FleetKeys(self.fleet).status(device))
+        return got[0] if got else {}
+
+
+def release_is_complete(state_dir: Path, link: str, known: set[str]) -> str | None:
+    """The sha the link points at, after checking it is a whole, verified, loadable model."""
+    p = state_dir / link
+    if not os.path.lexists(p):
+        return None
+    meta = json.loads((p / "release.json").read_text())
+    data = (p / "model.onnx").read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    assert sha == meta["sha256"] and len(data) == meta["size"], f"{link} is half-written"
+    assert sha in known, f"{link} points at an unknown artifact"
+    import onnxruntime as ort
+
+    ort.InferenceSession(data, providers=["CPUExecutionProvider"])  # loads
+    return sha
+
+
+@pytest.fixture
+def publisher(s3_store, keys):
+    return Publisher(s3_store, keys[0])
