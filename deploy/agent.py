@@ -110,7 +110,7 @@ class Agent:
                  state_dir: str | Path, trusted_keys: dict, poll_interval: float = 5.0,
                  heartbeat_interval: float = 30.0, max_backoff: float = 300.0,
                  max_download_rate: float | None = None, health_timeout: float = 120.0,
-                 chunk_size: int = 1 << 16) -> None:
+                 chunk_size: int = 1 << 16, health_in_process: bool = False) -> None:
         self.store, self.keys = store, FleetKeys(fleet)
         self.fleet, self.device_id = fleet, check_name("device", device_id)
         self.device_class = device_class
@@ -119,6 +119,9 @@ class Agent:
         self.poll_interval, self.heartbeat_interval = poll_interval, heartbeat_interval
         self.max_backoff, self.max_download_rate = max_backoff, max_download_rate
         self.health_timeout, self.chunk_size = health_timeout, chunk_size
+        # In-process checks are for simulating many devices in one process (bench_fleet);
+        # a real device uses the child process (isolation, and a small idle agent).
+        self.health_in_process = health_in_process
         for sub in ("objects/sha256", "partial", "releases", "engines"):
             (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
         self.current_link = self.state_dir / "current"
@@ -343,9 +346,12 @@ class Agent:
         if new_rel is None:
             return self._decide(m, "committed", None, health={"ok": True, "note": "withdrawn"})
         self.publish_status("checking", target_sequence=m.sequence)
-        from .health import check_in_subprocess
+        from .health import check_in_subprocess, run_health_check
 
-        health = check_in_subprocess(self.state_dir / new_rel, m.health_check, timeout_s=self.health_timeout)
+        if self.health_in_process:
+            health = run_health_check(self.state_dir / new_rel, m.health_check)
+        else:
+            health = check_in_subprocess(self.state_dir / new_rel, m.health_check, timeout_s=self.health_timeout)
         if health.get("ok"):
             log.info("health check passed on %s (%.2f ms); committed sequence %d", health.get("backend"),
                      health.get("latency_ms") or 0, m.sequence)

@@ -228,6 +228,8 @@ class S3Store(ObjectStore):
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
             s3={"addressing_style": "path"},
+            # A controller, or a simulated fleet, shares one client across threads.
+            max_pool_connections=64,
         )
         self._client = session.client("s3", endpoint_url=endpoint_url,
                                       region_name=region or session.region_name or "us-east-1", config=cfg)
