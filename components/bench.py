@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 TARGETS = {  # the full recipe on the digits workload (issue 3)
     "size_ratio": 10.0,          # int8 student at least 10x smaller than the fp32 teacher ONNX
@@ -44,21 +43,25 @@ def register(sub) -> None:
                    help="ONNX Runtime intra-op threads for latency (default 1: steadier on shared machines)")
     p.add_argument("--repeats", type=int, default=50, help="timed runs per latency (median reported)")
     p.add_argument("--seed", type=int, default=0, help="training seed")
+    p.add_argument("--quick", action="store_true",
+                   help="a few epochs everywhere: checks the command works, not the targets")
     p.set_defaults(func=cmd_bench)
 
 
-def _recipe(workload: str):
+def _recipe(quick: bool = False):
     """The compression recipe the bench runs: distil into a half-width student, then prune."""
     from .common.stage_configs import ChannelPruneConfig, LogitDistillConfig, PTQQuantizeConfig
 
     stages = [
-        LogitDistillConfig(student="width", width=0.5, epochs=30, lr=3e-3, temperature=4.0, alpha=0.7),
-        ChannelPruneConfig(keep_fraction=0.75, importance="l2", finetune_epochs=10, distill=True),
+        LogitDistillConfig(student="width", width=0.5, epochs=1 if quick else 30, lr=3e-3,
+                           temperature=4.0, alpha=0.7),
+        ChannelPruneConfig(keep_fraction=0.75, importance="l2", finetune_epochs=1 if quick else 10,
+                           distill=True),
     ]
     return stages, PTQQuantizeConfig(calibrator="percentile", num_samples=512)
 
 
-def _teacher(workload: str, data, seed: int, log):
+def _teacher(workload: str, data, seed: int, log, epochs: int = 25):
     import torch
 
     from .common.reference import DigitsCNN, train_classifier
@@ -66,8 +69,8 @@ def _teacher(workload: str, data, seed: int, log):
 
     torch.manual_seed(seed)
     model = DigitsCNN(width=64) if workload == "digits" else DigitsMobileNet(width=1.0)
-    log(f"training the {type(model).__name__} teacher (25 epochs)")
-    return train_classifier(model, data.x_train, data.y_train, epochs=25, seed=seed)
+    log(f"training the {type(model).__name__} teacher ({epochs} epochs)")
+    return train_classifier(model, data.x_train, data.y_train, epochs=epochs, seed=seed)
 
 
 def _ort_default(fp32: Path, data, out: Path) -> Path:
@@ -113,7 +116,7 @@ def _row(name: str, path: Path, macs: int, data, ref_out, threads: int, repeats:
 
 
 def run_bench(workload: str = "digits", *, workdir: str | Path, threads: int = 1, repeats: int = 50,
-              seed: int = 0, log=print) -> dict[str, Any]:
+              seed: int = 0, quick: bool = False, log=print) -> dict[str, Any]:
     """Train the teacher, build every row, measure them; returns ``{rows, targets, ...}``."""
     import torch
 
@@ -129,13 +132,13 @@ def run_bench(workload: str = "digits", *, workdir: str | Path, threads: int = 1
 
     data = SklearnDigits().load()
     t0 = time.perf_counter()
-    teacher = _teacher(workload, data, seed, log)
+    teacher = _teacher(workload, data, seed, log, epochs=2 if quick else 25)
     one = torch.from_numpy(data.x_test[:1])
     t_macs = count_macs_params(teacher, one)[0]
     exp = OnnxExportConfig()
     t_onnx = export(teacher, exp, data=data, out_path=workdir / "teacher.fp32.onnx").model
 
-    stages, ptq_cfg = _recipe(workload)
+    stages, ptq_cfg = _recipe(quick)
     log("compressing: " + " -> ".join(f"{s.stage}({s.method})" for s in stages) + " -> int8")
     student = apply_torch_stages(teacher, stages, data=data, teacher=teacher,
                                  progress=lambda s, i, n, l: None)
@@ -178,7 +181,7 @@ def run_bench(workload: str = "digits", *, workdir: str | Path, threads: int = 1
         "recipe": [s.to_json_dict() for s in stages] + [ptq_cfg.to_json_dict()],
         "stages": student.metrics["stages"],
         "targets": {k: {"value": v, "met": ok} for k, (v, ok) in checks.items()},
-        "targets_apply": workload == "digits",
+        "targets_apply": workload == "digits" and not quick, "quick": quick,
     }
 
 
@@ -217,7 +220,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory(prefix="edgeslim-bench-") as tmp:
         result = run_bench(args.workload, workdir=args.workdir or tmp, threads=args.threads,
-                           repeats=args.repeats, seed=args.seed, log=log)
+                           repeats=args.repeats, seed=args.seed, quick=args.quick, log=log)
         print(format_rows(result))
         if args.json_path:
             Path(args.json_path).write_text(json.dumps(result, indent=1, default=str))

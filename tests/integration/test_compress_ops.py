@@ -2,7 +2,6 @@
 local runner, and logging to a real MLflow server (SQLite) on loopback."""
 
 import json
-import os
 import socket
 import subprocess
 import sys

@@ -1,6 +1,5 @@
 """The second reference workload has the graph features the compression stages must handle."""
 
-import pytest
 import torch
 from torch import fx, nn
 
