@@ -109,7 +109,9 @@ def mlflow_server(tmp_path_factory, request):
          "--workers", "1"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         # Let the registry deliver webhooks to a receiver on loopback over http (tests only).
-        env=dict(os.environ, MLFLOW_WEBHOOK_ALLOWED_SCHEMES="http,https", MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS="true"),
+        env=dict(os.environ, MLFLOW_WEBHOOK_ALLOWED_SCHEMES="http,https", MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS="true",
+                 # The server caches who listens to an event (60 s by default).
+                 MLFLOW_WEBHOOK_CACHE_TTL="1"),
     )
     uri = f"http://127.0.0.1:{port}"
     # Every test with MLflow also uses RGW: start it while the server boots (2 cores, ~15 s each).

@@ -37,6 +37,9 @@ def test_alias_webhook_starts_a_rollout_once(mlflow_server, s3_store, keys, agen
                                  url=f"http://127.0.0.1:{server.server_port}/",
                                  events=["model_version_alias.created"], secret=secret)
     try:
+        import time
+
+        time.sleep(1.5)  # outlive the server's webhook cache (MLFLOW_WEBHOOK_CACHE_TTL=1 in conftest)
         client.set_registered_model_alias("fleet-hook", "edge-candidate", version)
         wait_for(lambda: dev.running_sha() == sha, 90, "the webhook-started rollout to reach the device")
         rec = wait_for(lambda: (s3_store.get_json(FleetKeys("lab").rollout(f"fleet-hook-v{version}")) or [{}])[0]
