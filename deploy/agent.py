@@ -294,7 +294,11 @@ class Agent:
         if built:
             return built[0], "tensorrt (engine built on device)"
         log.info("no engine for class %s: building one from the Q/DQ ONNX", self.device_class)
-        res = build_engine(str(onnx_obj), str(out), self.device_class)
+        try:
+            res = build_engine(str(onnx_obj), str(out), self.device_class)
+        except Exception as exc:  # a failed build must not take the device down: ONNX Runtime still serves
+            log.error("engine build failed (%s); serving the Q/DQ ONNX with ONNX Runtime", exc)
+            return None, "onnxruntime"
         return Path(res.engine_path), "tensorrt (engine built on device)"
 
     def make_release(self, m: Manifest) -> str:

@@ -245,3 +245,57 @@ def test_agent_import_stays_light():
             "print(sorted(m for m in ('torch','mlflow','kfp','onnxruntime','numpy','boto3') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_mocked_tensorrt_builds_an_engine_once_on_first_install(store, keys, tmp_path, models, monkeypatch):
+    """MOCKED: TensorRT cannot run here (no GPU); the builder is replaced to check the agent's side only."""
+    from edgeslim.components import engine as engine_mod
+
+    builds = []
+
+    class Built:
+        def __init__(self, path):
+            self.engine_path, self.metadata = path, {"mocked": True}
+
+    def fake_build(onnx_path, out_dir, device_class, config=None):
+        builds.append((Path(onnx_path).name, device_class))
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        p = Path(out_dir) / "model.engine"
+        p.write_bytes(b"mocked engine for " + device_class.encode())
+        return Built(p)
+
+    monkeypatch.setattr(engine_mod, "tensorrt_available", lambda: (True, "mocked"))
+    monkeypatch.setattr(engine_mod, "build_engine", fake_build)
+    priv, pub = keys
+    w = ManifestWriter(store, priv)
+    a = _agent(store, pub, tmp_path)
+    art = upload(store, models[0])
+    w.send(art, golden_for(models[0]))
+    assert a.step() == "applied"
+    assert builds == [(art["sha256"], "cls-a")]
+    assert (a.state_dir / "current" / "model.engine").read_bytes() == b"mocked engine for cls-a"
+    meta = json.loads((a.state_dir / "current" / "release.json").read_text())
+    assert meta["backend"] == "tensorrt (engine built on device)"
+    w.send(art, golden_for(models[0]), action="rollback")  # same artifact again: no second build
+    a.step()
+    assert len(builds) == 1
+
+
+def test_failed_engine_build_falls_back_to_onnxruntime(store, keys, tmp_path, models, monkeypatch):
+    """MOCKED TensorRT: the build raises; the device still installs and serves the ONNX."""
+    from edgeslim.components import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "tensorrt_available", lambda: (True, "mocked"))
+
+    def boom(*a, **k):
+        raise RuntimeError("mocked builder failure")
+
+    monkeypatch.setattr(engine_mod, "build_engine", boom)
+    priv, pub = keys
+    w = ManifestWriter(store, priv)
+    a = _agent(store, pub, tmp_path)
+    art = upload(store, models[0])
+    w.send(art, golden_for(models[0]))
+    assert a.step() == "applied"
+    assert not (a.state_dir / "current" / "model.engine").exists()
+    assert json.loads((a.state_dir / "current" / "release.json").read_text())["backend"] == "onnxruntime"
