@@ -33,6 +33,7 @@ def build_report(*, recipe, parent: dict, parent_export: dict, transform: dict, 
             "uri": recipe.source, "name": parent["name"], "version": parent["version"],
             "run_id": parent.get("run_id"), "model_id": parent.get("model_id"),
             "metric": src["metric"], "size_bytes": src["size_bytes"], "latency_ms": src["latency_ms"],
+            **({"detection": src["detection"]} if "detection" in src else {}),
         },
         "candidate": {
             "metric": cand["metric"], "fidelity": cand["fidelity"], "size_bytes": cand["size_bytes"],
@@ -41,6 +42,7 @@ def build_report(*, recipe, parent: dict, parent_export: dict, transform: dict, 
             "student_fp32_size_bytes": evaluation.get("student_fp32_size_bytes"),
             "onnx_path": str(onnx_path),
             "quantization": q,
+            **({"detection": cand["detection"]} if "detection" in cand else {}),
         },
         "transform": transform,
         "gate": {"passed": verdict["passed"], "checks": verdict["checks"], "summary": verdict["summary"]},
@@ -67,10 +69,34 @@ def summary_rows(rep: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         if cm is not None:
             rows.append((f"CPU latency {b.replace('_', ' ')} (ms)", f"{ms:.3f}", f"{cm:.3f}",
                          f"{ms / max(cm, 1e-9):.2f}x (CPU only)"))
+    if "detection" in s and "detection" in c:
+        return rows + _detection_rows(s["detection"], c["detection"], c)
     rows.append(("top-1 agreement", "", f"{c['fidelity']['top1_agreement']:.4f}", ""))
     rows.append(("output SQNR (dB)", "", f"{c['fidelity']['sqnr_db']:.2f}", ""))
     if c.get("cpu_int8_kernel_metric") is not None:
         rows.append(("top-1, ORT fused int8 CPU kernels (%)", "", f"{c['cpu_int8_kernel_metric']:.2f}", "not gated"))
+    return rows
+
+
+def _detection_rows(s: dict[str, Any], c: dict[str, Any], cand: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """mAP@0.5:0.95 and the score-calibration figures the detection gate checks."""
+    thr = c.get("score_threshold", 0.25)
+    rows = [("mAP@0.5:0.95 (%)", f"{s['map50_95']:.2f}", f"{c['map50_95']:.2f}",
+             f"{c['map50_95'] - s['map50_95']:+.2f} pt"),
+            ("mean true-positive score", f"{s['mean_tp_score']:.3f}", f"{c['mean_tp_score']:.3f}",
+             f"{c['mean_tp_score'] - s['mean_tp_score']:+.3f}"),
+            (f"recall at score >= {thr:g} (%)", f"{s['recall']:.2f}", f"{c['recall']:.2f}",
+             f"{c['recall'] - s['recall']:+.2f} pt"),
+            (f"precision at score >= {thr:g} (%)", f"{s['precision']:.2f}", f"{c['precision']:.2f}",
+             f"{c['precision'] - s['precision']:+.2f} pt"),
+            ("detection agreement", "", f"{cand['fidelity'].get('detection_agreement', 0.0):.4f}", "")]
+    if cand.get("cpu_int8_kernel_metric") is not None:
+        rows.append(("mAP@0.5, ORT fused int8 CPU kernels (%)", "", f"{cand['cpu_int8_kernel_metric']:.2f}",
+                     "not gated"))
+    ranges = (cand.get("quantization") or {}).get("ranges") or {}
+    outs = {k: v for k, v in ranges.items() if k.startswith("output")}
+    if outs:
+        rows.append(("calibrated amax of the outputs", "", ", ".join(f"{k} {v:.3g}" for k, v in outs.items()), ""))
     return rows
 
 
