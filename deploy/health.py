@@ -94,6 +94,8 @@ def run_health_check(release_dir: str | Path, check: dict[str, Any] | None) -> d
             return result
         x = decode_array(check["input"])
         outs = run(x)
+        if check.get("detections"):
+            return _check_detections(result, check, outs, run, x)
         worst = 0.0
         for name, blob in check["outputs"].items():
             if name not in outs:
@@ -125,6 +127,43 @@ def run_health_check(release_dir: str | Path, check: dict[str, Any] | None) -> d
         result["ok"] = True
     except Exception as exc:  # any failure to load or run is a failed check, with its reason
         result["error"] = f"{type(exc).__name__}: {exc}"[:500]
+    return result
+
+
+def _check_detections(result: dict[str, Any], check: dict[str, Any], outs: dict, run, x) -> dict[str, Any]:
+    """A detector's health: its decoded boxes match the golden ones by IoU and score.
+
+    ``check["task"]`` is the recipe's detection task (decoder settings), ``check["detections"]``
+    one encoded (M, 6) array per golden image; ``iou`` and ``score_tol`` are the tolerances.
+    """
+    from edgeslim.components.common.task_config import task_from_dict
+    from edgeslim.components.detect_decode import decode_outputs, match_detections
+
+    from .manifest import decode_array
+
+    got = decode_outputs(outs, task_from_dict(dict(check["task"])))
+    worst = 0.0
+    for i, blob in enumerate(check["detections"]):
+        m = match_detections(decode_array(blob), got[i], iou=float(check.get("iou", 0.9)),
+                             score_tol=float(check.get("score_tol", 0.05)))
+        worst = max(worst, m["max_score_diff"])
+        if not m["ok"]:
+            result["max_abs_err"] = m["max_score_diff"]
+            result["error"] = f"golden image {i}: detections differ ({m['reason']})"
+            return result
+    result["max_abs_err"] = worst
+    times = []
+    for _ in range(max(1, int(check.get("repeats", 5)))):
+        t0 = time.perf_counter()
+        run(x)
+        times.append((time.perf_counter() - t0) * 1000)
+    lat = sorted(times)[len(times) // 2]
+    result["latency_ms"] = round(lat, 3)
+    budget = check.get("latency_budget_ms")
+    if budget is not None and lat > float(budget):
+        result["error"] = f"median latency {lat:.2f} ms is over the budget of {budget} ms"
+        return result
+    result["ok"] = True
     return result
 
 

@@ -375,7 +375,8 @@ class EdgeModel:
         return {names[0]: x}
 
     def predict(self, data, params=None) -> dict[str, Any]:
-        """Run a batch; returns one array per output name plus ``backend``."""
+        """Run a batch; returns one array per output name plus ``backend`` (and, for a detector whose
+        metadata holds its detection ``task``, ``detections``)."""
         feeds = self._feeds(data)
         if self.runner is not None:
             result: dict[str, Any] = dict(self.runner.run(feeds))
@@ -383,6 +384,14 @@ class EdgeModel:
             outs = self.session.run(None, feeds)
             result = {o.name: v for o, v in zip(self.session.get_outputs(), outs)}
         result["backend"] = self.backend
+        task = self.meta.get("task")
+        if isinstance(task, Mapping) and task.get("kind") == "detection":
+            # A detector's pyfunc also returns decoded boxes: per image (M, 6) [x1, y1, x2, y2, score, class].
+            from edgeslim.components.common.task_config import task_from_dict
+            from edgeslim.components.detect_decode import decode_outputs
+
+            result["detections"] = decode_outputs({k: v for k, v in result.items() if k != "backend"},
+                                                  task_from_dict(dict(task)))
         return result
 
 
