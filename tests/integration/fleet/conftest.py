@@ -11,7 +11,6 @@
 """
 
 from __future__ import annotations
-
 import hashlib
 import json
 import os
@@ -24,31 +23,12 @@ import threading
 import time
 import uuid
 from pathlib import Path
-
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[3]
-RGW_SH = REPO / "deploy" / "s3" / "rgw.sh"
+from fleet_it_helpers import RGW_SH, free_port, wait_for, make_onnx, run_onnx, AgentProc, FlakyProxy, Publisher, release_is_complete  # noqa: F401
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(cond, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-# --------------------------------------------------------------------------- RGW
 @pytest.fixture(scope="session")
 def rgw(tmp_path_factory):
     """A Ceph RGW on loopback; yields its endpoint and credentials (env style)."""
@@ -80,6 +60,7 @@ def rgw(tmp_path_factory):
                 os.environ[k] = v
 
 
+
 @pytest.fixture
 def s3_url(rgw):
     """A fresh bucket prefix per test: tests never see each other's fleets."""
@@ -90,6 +71,7 @@ def s3_url(rgw):
     return url
 
 
+
 @pytest.fixture
 def s3_store(rgw, s3_url):
     from edgeslim.deploy.store import open_store
@@ -97,7 +79,7 @@ def s3_store(rgw, s3_url):
     return open_store(s3_url, endpoint_url=rgw["S3_ENDPOINT_URL"])
 
 
-# --------------------------------------------------------------------------- MLflow
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory, request):
     d = tmp_path_factory.mktemp("mlflow")
@@ -150,30 +132,6 @@ def mlflow_server(tmp_path_factory, request):
             os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
-# --------------------------------------------------------------------------- models
-def make_onnx(path: Path, *, seed: int = 0, n_in: int = 4, n_out: int = 3) -> Path:
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(seed)
-    w = rng.standard_normal((n_in, n_out)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("Gemm", ["x", "W", "b"], ["y"])], "tiny",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", n_in])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n_out])],
-        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.zeros(n_out, np.float32), "b")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
-
-
-def run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-
 
 @pytest.fixture
 def register_edge_model(mlflow_server, tmp_path):
@@ -199,6 +157,7 @@ def register_edge_model(mlflow_server, tmp_path):
     return register
 
 
+
 @pytest.fixture
 def keys(tmp_path):
     from edgeslim.deploy import signing
@@ -206,72 +165,6 @@ def keys(tmp_path):
     priv, pub = signing.generate_keypair(tmp_path / "keys")
     return priv, pub
 
-
-# --------------------------------------------------------------------------- agents
-class AgentProc:
-    """One device: a real ``python -m edgeslim.deploy.agent`` process."""
-
-    def __init__(self, *, device_id: str, device_class: str, fleet: str, store_url: str, endpoint: str,
-                 pub: Path, state_dir: Path, extra: list[str] | None = None, env: dict | None = None):
-        self.device_id, self.device_class, self.fleet = device_id, device_class, fleet
-        self.state_dir = state_dir
-        self.args = [sys.executable, "-m", "edgeslim.deploy.agent", "--store", store_url,
-                     "--endpoint-url", endpoint, "--fleet", fleet, "--device-id", device_id,
-                     "--device-class", device_class, "--state-dir", str(state_dir), "--public-key", str(pub),
-                     "--poll-interval", "0.2", "--heartbeat-interval", "1", "--max-backoff", "1",
-                     "--health-timeout", "60"] + (extra or [])
-        self.env = dict(os.environ, **(env or {}))
-        self.proc: subprocess.Popen | None = None
-        self.lines: list[str] = []
-        self.log_path = state_dir.parent / f"{device_id}.log"
-        self._reader: threading.Thread | None = None
-
-    def start(self, *more: str) -> "AgentProc":
-        self.state_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(self.args + list(more), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True, env=self.env, start_new_session=True, bufsize=1)
-        self._reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
-        self._reader.start()
-        return self
-
-    def _read(self, proc):
-        with open(self.log_path, "a") as fh:
-            for line in proc.stderr:
-                self.lines.append(line)
-                fh.write(line)
-
-    def saw(self, text: str, since: int = 0) -> bool:
-        return any(text in line for line in self.lines[since:])
-
-    def kill(self) -> None:
-        """SIGKILL the agent and anything it started (a power cut, as far as it knows)."""
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        if self._reader:
-            self._reader.join(5)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        if self._reader:
-            self._reader.join(5)
-
-    def running_sha(self) -> str | None:
-        link = self.state_dir / "current"
-        if not link.exists():
-            return None
-        return hashlib.sha256((link / "model.onnx").read_bytes()).hexdigest()
-
-    def local_status(self) -> dict:
-        try:
-            return json.loads((self.state_dir / "status.json").read_text())
-        except (FileNotFoundError, ValueError):
-            return {}
 
 
 @pytest.fixture
@@ -292,87 +185,6 @@ def agents(tmp_path, rgw, s3_url, keys):
         a.stop()
 
 
-# --------------------------------------------------------------------------- proxy
-class FlakyProxy:
-    """A loopback TCP proxy that can refuse connections or cut them after N bytes."""
-
-    def __init__(self, target_port: int):
-        self.target = ("127.0.0.1", target_port)
-        self.mode = "pass"
-        self.cut_after = 0
-        self.bytes_down = 0
-        self._sock = socket.socket()
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(64)
-        self.port = self._sock.getsockname()[1]
-        self._open: list[socket.socket] = []
-        self._stop = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def set(self, mode: str, cut_after: int = 0) -> None:
-        self.mode, self.cut_after = mode, cut_after
-        if mode != "pass":
-            for s in list(self._open):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def _accept(self):
-        while not self._stop:
-            try:
-                client, _ = self._sock.accept()
-            except OSError:
-                return
-            if self.mode == "refuse":
-                client.close()
-                continue
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            self._open += [client, upstream]
-            budget = [self.cut_after if self.mode == "cut" else None]
-            threading.Thread(target=self._pipe, args=(client, upstream, None), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, budget), daemon=True).start()
-
-    def _pipe(self, src, dst, budget):
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                if budget is not None and budget[0] is not None:
-                    if budget[0] <= 0:
-                        break
-                    data = data[: budget[0]]
-                    budget[0] -= len(data)
-                if budget is not None:
-                    self.bytes_down += len(data)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
-                if s in self._open:
-                    self._open.remove(s)
-
-    def close(self):
-        self._stop = True
-        self._sock.close()
-        self.set("refuse")
-
 
 @pytest.fixture
 def proxy(rgw):
@@ -382,71 +194,8 @@ def proxy(rgw):
     p.close()
 
 
-# --------------------------------------------------------------------------- manifests
-class Publisher:
-    """Plays the controller for agent-level tests: uploads artifacts, signs and stores manifests."""
-
-    def __init__(self, store, priv_path, fleet="lab"):
-        from edgeslim.deploy import signing
-
-        self.store, self.fleet = store, fleet
-        self.key = signing.load_private_key(priv_path)
-
-    def upload(self, onnx_path: Path) -> dict:
-        from edgeslim.deploy.manifest import artifact_key
-
-        data = Path(onnx_path).read_bytes()
-        sha = hashlib.sha256(data).hexdigest()
-        self.store.put(artifact_key(sha), data)
-        return {"key": artifact_key(sha), "sha256": sha, "size": len(data), "format": "onnx", "metadata": {}}
-
-    @staticmethod
-    def golden(onnx_path: Path, n_in: int = 4) -> dict:
-        from edgeslim.deploy.manifest import encode_array
-
-        x = np.random.default_rng(1).standard_normal((1, n_in)).astype(np.float32)
-        return {"input": encode_array(x), "outputs": {"y": encode_array(run_onnx(onnx_path, x))},
-                "atol": 1e-4, "rtol": 1e-4, "latency_budget_ms": None, "repeats": 2}
-
-    def manifest(self, device: str, device_class: str, seq: int, artifact: dict, health: dict, *,
-                 expires_in: float = 3600.0, key=None) -> dict:
-        from edgeslim.deploy.controller import _artifact
-        from edgeslim.deploy.manifest import Manifest
-
-        now = time.time()
-        m = Manifest(fleet=self.fleet, device_id=device, device_class=device_class, rollout_id=f"t{seq}",
-                     sequence=seq, issued_at=now, expires_at=now + expires_in, action="install",
-                     artifact=_artifact(artifact), model={"name": "m", "version": str(seq)}, health_check=health)
-        return m.sign(key or self.key)
-
-    def publish(self, device: str, envelope: dict) -> str:
-        from edgeslim.deploy.store import FleetKeys
-
-        return self.store.put_json(FleetKeys(self.fleet).manifest(device), envelope)
-
-    def status(self, device: str) -> dict:
-        from edgeslim.deploy.store import FleetKeys
-
-        got = self.store.get_json(FleetKeys(self.fleet).status(device))
-        return got[0] if got else {}
-
-
-def release_is_complete(state_dir: Path, link: str, known: set[str]) -> str | None:
-    """The sha the link points at, after checking it is a whole, verified, loadable model."""
-    p = state_dir / link
-    if not os.path.lexists(p):
-        return None
-    meta = json.loads((p / "release.json").read_text())
-    data = (p / "model.onnx").read_bytes()
-    sha = hashlib.sha256(data).hexdigest()
-    assert sha == meta["sha256"] and len(data) == meta["size"], f"{link} is half-written"
-    assert sha in known, f"{link} points at an unknown artifact"
-    import onnxruntime as ort
-
-    ort.InferenceSession(data, providers=["CPUExecutionProvider"])  # loads
-    return sha
-
 
 @pytest.fixture
 def publisher(s3_store, keys):
     return Publisher(s3_store, keys[0])
+

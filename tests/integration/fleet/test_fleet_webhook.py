@@ -7,7 +7,7 @@ import uuid
 import pytest
 from mlflow import MlflowClient
 
-from conftest import make_onnx, wait_for
+from fleet_it_helpers import make_onnx, wait_for
 from edgeslim.deploy import signing
 from edgeslim.deploy.controller import Controller, follow_alias
 from edgeslim.deploy.store import FleetKeys

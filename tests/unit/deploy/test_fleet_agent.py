@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ManifestWriter, golden_for, make_onnx, upload
+from fleet_unit_helpers import ManifestWriter, golden_for, make_onnx, upload
 from edgeslim.deploy.agent import Agent, sha256_file
 from edgeslim.deploy.store import FleetKeys, StoreUnavailable
 

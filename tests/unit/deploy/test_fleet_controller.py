@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import golden_for, make_onnx, upload
+from fleet_unit_helpers import golden_for, make_onnx, upload
 from edgeslim.components.common.errors import ConfigError, FleetError
 from edgeslim.deploy.agent import Agent, sha256_file
 from edgeslim.deploy.controller import Controller, WaveRolloutConfig, wave_plan
