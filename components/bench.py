@@ -35,8 +35,9 @@ TARGETS = {  # the full recipe on the digits workload (issue 3)
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="compare fp32, ORT's default int8, edgeslim PTQ and the full recipe")
-    p.add_argument("--workload", choices=("digits", "mobile"), default="digits",
-                   help="digits: the VGG-style DigitsCNN teacher (default); mobile: the inverted-residual net")
+    p.add_argument("--workload", choices=("digits", "mobile", "detect"), default="digits",
+                   help="digits: the VGG-style DigitsCNN teacher (default); mobile: the inverted-residual net; "
+                   "detect: the YOLO-style detector (its own rows, see bench_detect)")
     p.add_argument("--json", dest="json_path", default=None, help="also write the rows to this JSON file")
     p.add_argument("--workdir", default=None, help="keep the models here (default: a temporary folder)")
     p.add_argument("--threads", type=int, default=1,
@@ -55,7 +56,7 @@ def _recipe(quick: bool = False):
     stages = [
         LogitDistillConfig(student="width", width=0.5, epochs=1 if quick else 30, lr=3e-3,
                            temperature=4.0, alpha=0.7),
-        ChannelPruneConfig(keep_fraction=0.75, importance="l2", finetune_epochs=1 if quick else 10,
+        ChannelPruneConfig(keep_fraction=0.6, importance="l2", finetune_epochs=1 if quick else 10,
                            distill=True),
     ]
     return stages, PTQQuantizeConfig(calibrator="percentile", num_samples=512)
@@ -214,6 +215,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.repeats < 1 or args.threads < 0:
         raise ConfigError("bench: --repeats must be >= 1 and --threads >= 0 (0: ORT's default)")
+    if args.workload == "detect":
+        from .bench_detect import run_detect_bench
+
+        return run_detect_bench(args)
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)

@@ -2,11 +2,7 @@
 local runner, and logging to a real MLflow server (SQLite) on loopback."""
 
 import json
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -39,33 +35,6 @@ def _artifact(path, cls="Model"):
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     return {kind: save_module(trained(kind), root / f"{kind}.pt") for kind in ("cnn", "mobile")}
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"))
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                with urllib.request.urlopen(uri + "/health", timeout=2):
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-500:]}")
-        yield uri
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @pytest.mark.parametrize("kind", ["cnn", "mobile"])
@@ -114,6 +83,7 @@ def test_student_from_a_registered_model_and_trials_as_child_runs(models, mlflow
     import mlflow
     from mlflow import MlflowClient
 
+    mlflow_server = mlflow_server.uri  # the shared real `mlflow server` (tests/conftest.py)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     mlflow.set_tracking_uri(mlflow_server)
     client = MlflowClient(mlflow_server)
