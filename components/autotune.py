@@ -142,6 +142,7 @@ def quantize_auto(model, fp32_onnx_path: str | Path, config: AccuracyAwareQuanti
     trials: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
     sens_table: dict[str, Any] | None = None
+    sens_files: dict[str, str] = {}
 
     def record(kind: str, calibrator: str, float_layers: list[str], path: Path, seconds: float,
                extra: dict | None = None) -> dict[str, Any]:
@@ -166,7 +167,7 @@ def quantize_auto(model, fp32_onnx_path: str | Path, config: AccuracyAwareQuanti
         final = out_dir / "model.int8.onnx"
         final.write_bytes(Path(winner["model"]).read_bytes())
         metrics = {"size_bytes": final.stat().st_size, "winner": winner, "reason": reason,
-                   "trials": trials, "sensitivity": sens_table}
+                   "trials": trials, "sensitivity": sens_table, "sensitivity_files": sens_files}
         lineage = {"stage": "quantize", "method": "auto", "config": config.to_json_dict(),
                    "winning_trial": winner["trial"], "calibration_split": "train",
                    "data_digest": data.digest()}
@@ -186,7 +187,9 @@ def quantize_auto(model, fp32_onnx_path: str | Path, config: AccuracyAwareQuanti
     if config.max_float_layers > 0:
         sens_table = layer_sensitivity(fp32_onnx_path, config.ptq(best_cal), data=data,
                                        work_dir=out_dir / "sensitivity" / "layers")
-        tracker.sensitivity(sens_table, write(sens_table, out_dir / "sensitivity"))
+        written = write(sens_table, out_dir / "sensitivity")
+        sens_files.update({k: str(v) for k, v in written.items()})
+        tracker.sensitivity(sens_table, written)
         ranked = rank(sens_table, config.sensitivity_metric)
         for k in range(1, min(config.max_float_layers, len(ranked)) + 1):
             keep = ranked[:k]
