@@ -81,7 +81,14 @@ def _parse_c(items: list[str] | None) -> dict[str, str]:
 
 
 def _cmd(args: argparse.Namespace) -> int:
+    import logging
+
     from .controller import WaveRolloutConfig, fleet_summary
+
+    # botocore logs request headers (Authorization carries the access key id) at DEBUG:
+    # keep them out of the log even with --debug.
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
     if args.fleet_cmd == "keygen":
         from . import signing

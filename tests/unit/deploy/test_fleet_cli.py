@@ -107,3 +107,19 @@ def test_systemd_unit_only_sets_options_the_agent_has():
     options = {a.dest.upper() for a in agent_parser()._actions}
     for var in set(re.findall(r"EDGESLIM_AGENT_([A-Z_]+)=", unit)):
         assert var in options, var
+
+
+def test_debug_output_never_shows_s3_credentials(tmp_path):
+    """With --debug, a failing S3 call must not log the access key (botocore logs auth headers at DEBUG)."""
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, AWS_ACCESS_KEY_ID="AKIDLEAKCHECK123", AWS_SECRET_ACCESS_KEY="leakchecksecretvalue")
+    out = _cli("--debug", "fleet", "list", "lab", "--store", "s3://b/p", "--endpoint-url",
+               f"http://127.0.0.1:{port}", env=env)
+    assert out.returncode != 0 and "cannot reach" in (out.stderr + out.stdout)
+    assert "AKIDLEAKCHECK123" not in out.stderr + out.stdout
+    assert "leakchecksecretvalue" not in out.stderr + out.stdout
