@@ -197,9 +197,12 @@ def run_detect_bench(args: argparse.Namespace) -> int:
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
+    quick = bool(getattr(args, "quick", False))
     with tempfile.TemporaryDirectory(prefix="edgeslim-bench-detect-") as tmp:
+        # --quick: a smoke run (2 training epochs, 1 fine-tuning epoch); its figures mean nothing.
         result = run_detect_bench_rows(workdir=getattr(args, "workdir", None) or tmp,
-                                       seed=getattr(args, "seed", 0), log=log)
+                                       seed=getattr(args, "seed", 0), log=log,
+                                       **({"epochs": 2, "finetune_epochs": 1, "calib_samples": 64} if quick else {}))
         print(format_detect_rows(result))
         if getattr(args, "json_path", None):
             Path(args.json_path).write_text(json.dumps(result, indent=1, default=str))
