@@ -59,7 +59,7 @@ def run_detect_bench_rows(*, workdir: str | Path, epochs: int = 20, seed: int = 
 
     from .common.stage_configs import AccuracyAwareQuantizeConfig, ChannelPruneConfig, OnnxExportConfig, PTQQuantizeConfig
     from .common.task_config import DetectionGateConfig
-    from .detect_autotune import quantize_detector_auto
+    from .detect_autotune import head_groups, quantize_detector_auto
     from .detect_compress import prune_detector
     from .detect_eval import detection_metrics, onnx_detections
     from .export import export
@@ -92,9 +92,13 @@ def run_detect_bench_rows(*, workdir: str | Path, epochs: int = 20, seed: int = 
             f"TP score {row['mean_tp_score']:.3f}, recall {row['recall']:.1f}%")
         return row
 
-    def score_ranges(metrics: dict[str, Any]) -> dict[str, float]:
-        ranges = metrics.get("ranges", {})
-        return {h.cls: ranges[h.cls] for h in task.decoder.heads if h.cls in ranges}
+    groups = {g["output"]: g["nodes"] for g in head_groups(fp32)}
+
+    def score_ranges(metrics: dict[str, Any]) -> dict[str, Any]:
+        """The calibrated amax of each class-score output, or "float" where its head was kept in float."""
+        ranges, floats = metrics.get("ranges", {}), set(metrics.get("float_layers", []))
+        return {h.cls: ("float" if floats & set(groups.get(h.cls, [])) else ranges[h.cls])
+                for h in task.decoder.heads if h.cls in ranges}
 
     rows = [measure("fp32", fp32, t_macs)]
     log("ONNX Runtime quantize_static defaults")
@@ -113,6 +117,7 @@ def run_detect_bench_rows(*, workdir: str | Path, epochs: int = 20, seed: int = 
                                          progress=lambda m: log("    " + m))
             rows.append(measure(f"edgeslim accuracy-aware ({cal})", Path(res.model), t_macs, {
                 "float_layers": res.metrics["float_layers"], "trials": len(res.metrics["trials"]),
+                "search": res.metrics["reason"],
                 "score_head_amax": score_ranges(res.metrics)}))
         except Exception as exc:  # a failed search is a row too, with its reason
             log(f"  accuracy-aware ({cal}) found nothing: {exc}")
@@ -128,7 +133,9 @@ def run_detect_bench_rows(*, workdir: str | Path, epochs: int = 20, seed: int = 
     s_macs = count_macs_params(pruned.model, one)[0]
     s_fp32 = Path(export(pruned.model, exp, data=data, out_path=workdir / "student.fp32.onnx").model)
     rows.append(measure("prune + distill student, fp32", s_fp32, s_macs))
-    full_task = dataclasses.replace(task, gate=DetectionGateConfig(max_map_drop=0.3, max_tp_score_drop=0.02,
+    # The int8 step of the full recipe is judged against the fp32 student; the target (1 pt) is
+    # against the teacher, so half of it is left for int8.
+    full_task = dataclasses.replace(task, gate=DetectionGateConfig(max_map_drop=0.5, max_tp_score_drop=0.02,
                                                                    max_recall_drop=2.0))
     cfg = AccuracyAwareQuantizeConfig(calibrators=["percentile"], num_samples=calib_samples, max_float_layers=3,
                                       qat=False)
@@ -183,7 +190,8 @@ def format_detect_rows(result: dict[str, Any]) -> str:
                  f"P/R at score >= {result['score_threshold']}; accuracy in Q/DQ semantics.")
     for r in result["rows"]:
         if r.get("score_head_amax"):
-            amax = ", ".join(f"{k} {v:.3f}" for k, v in r["score_head_amax"].items())
+            amax = ", ".join(f"{k} {v}" if isinstance(v, str) else f"{k} {v:.3f}"
+                             for k, v in r["score_head_amax"].items())
             lines.append(f"  {r['row']}: calibrated amax of the sigmoid score outputs: {amax}")
     lines.append("Targets:")
     for k, t in result["targets"].items():
