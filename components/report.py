@@ -57,10 +57,14 @@ def build_report(*, recipe, parent: dict, parent_export: dict, transform: dict, 
     }
 
 
+_METRIC_LABELS = {"top1": "top1", "map50": "mAP@0.5"}
+
+
 def summary_rows(rep: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     s, c = rep["source"], rep["candidate"]
     rows = [("", "source fp32", "int8 candidate", "ratio / delta"),
-            (f"{rep.get('metric_name', 'top1')} (%)", f"{s['metric']:.2f}", f"{c['metric']:.2f}",
+            (f"{_METRIC_LABELS.get(rep.get('metric_name', 'top1'), rep.get('metric_name'))} (%)",
+             f"{s['metric']:.2f}", f"{c['metric']:.2f}",
              f"{c['metric'] - s['metric']:+.2f} pt"),
             ("size (bytes)", f"{s['size_bytes']:,}", f"{c['size_bytes']:,}",
              f"{s['size_bytes'] / max(c['size_bytes'], 1):.2f}x smaller")]
@@ -93,10 +97,13 @@ def _detection_rows(s: dict[str, Any], c: dict[str, Any], cand: dict[str, Any]) 
     if cand.get("cpu_int8_kernel_metric") is not None:
         rows.append(("mAP@0.5, ORT fused int8 CPU kernels (%)", "", f"{cand['cpu_int8_kernel_metric']:.2f}",
                      "not gated"))
-    ranges = (cand.get("quantization") or {}).get("ranges") or {}
+    quant = cand.get("quantization") or {}
+    ranges, floats = quant.get("ranges") or {}, set(quant.get("float_outputs") or [])
     outs = {k: v for k, v in ranges.items() if k.startswith("output")}
     if outs:
-        rows.append(("calibrated amax of the outputs", "", ", ".join(f"{k} {v:.3g}" for k, v in outs.items()), ""))
+        rows.append(("calibrated amax of the outputs", "", ", ".join(
+            f"{k} float" if k in floats else f"{k} {v:.3g}" for k, v in outs.items()),
+            "float: head kept in float" if floats else ""))
     return rows
 
 
