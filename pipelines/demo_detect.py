@@ -12,13 +12,16 @@ EPOCHS = 20
 
 
 def train_reference_detector(*, epochs: int = EPOCHS, width: int = 16, seed: int = 0,
-                             progress: Callable[[str], None] | None = None, threads: int | None = 1):
+                             progress: Callable[[str], None] | None = None, threads: int | None = 1,
+                             n_val: int = 300, n_test: int = 400):
     """Train the reference :class:`DigitsDetector` on the ``digits-detect`` train split.
 
     Args:
         threads: torch intra-op threads while training (None: torch's default). One thread by
             default: on a busy 2-core laptop OpenMP oversubscription made epochs 30x slower
             (8 s -> 300 s per epoch, measured); the small convolutions gain little from more.
+
+        n_val, n_test: validation and test canvases (the train split does not change with them).
 
     Returns:
         ``(model, data)``.
@@ -30,7 +33,7 @@ def train_reference_detector(*, epochs: int = EPOCHS, width: int = 16, seed: int
 
     from edgeslim.components.common.reference_detect import DigitsDetector, make_detection_splits, train_detector
 
-    data = make_detection_splits(seed=seed)
+    data = make_detection_splits(seed=seed, n_val=n_val, n_test=n_test)
 
     def tick(epoch, total, loss):
         if progress and (epoch == total or epoch % 5 == 0 or epoch == 1):
