@@ -13,6 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 
 from edgeslim.components.common import reference, reference_mobile
@@ -88,3 +89,12 @@ def onnx_of(kind: str, damaged: bool = False) -> str:
     model = hard_to_quantize(kind)[0] if damaged else trained(kind)
     out = Path(tempfile.mkdtemp(prefix="edgeslim-test-onnx-")) / f"{kind}{'-damaged' if damaged else ''}.onnx"
     return str(export(model, OnnxExportConfig(check_samples=8), data=digits(), out_path=out).model)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models train faster on one thread, and the shared machine's other jobs too."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

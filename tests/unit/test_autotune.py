@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from compress_models import WORKLOADS, digits, hard_to_quantize, onnx_of, trained
+from compress_models import WORKLOADS, digits, hard_to_quantize, onnx_of, trained, one_torch_thread  # noqa: F401  (autouse)
 from edgeslim.components.autotune import quantize_auto
 from edgeslim.components.common.errors import ConfigError, GateRejected
 from edgeslim.components.common.recipe import AccuracyGateConfig

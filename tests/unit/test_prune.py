@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from compress_models import WORKLOADS, digits, same_state, state, trained
+from compress_models import WORKLOADS, digits, same_state, state, trained, one_torch_thread  # noqa: F401  (autouse)
 from edgeslim.components.common.errors import ConfigError
 from edgeslim.components.common.model_io import load_module, save_module
 from edgeslim.components.common.stage_configs import ChannelPruneConfig

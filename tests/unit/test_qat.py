@@ -6,7 +6,7 @@ import onnx
 import pytest
 import torch
 
-from compress_models import WORKLOADS, digits, same_state, state, trained
+from compress_models import WORKLOADS, digits, same_state, state, trained, one_torch_thread  # noqa: F401  (autouse)
 from edgeslim.components.common.errors import DataError
 from edgeslim.components.common.stage_configs import QATQuantizeConfig
 from edgeslim.components.evaluate import sqnr_db
