@@ -45,8 +45,13 @@ def registered_detector(mlflow_server):
 
     data = load_data(DATA["provider"], DATA["args"])
     torch.manual_seed(0)
-    model = train_detector(DigitsDetector(width=8, head_hidden=8), data.x_train, data.y_train, epochs=3,
-                           batch_size=32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convolutions on a shared 2-core machine: avoid OpenMP oversubscription
+    try:
+        model = train_detector(DigitsDetector(width=8, head_hidden=8), data.x_train, data.y_train, epochs=3,
+                               batch_size=32)
+    finally:
+        torch.set_num_threads(threads)
     client = connect(mlflow_server.uri)
     mlflow.set_experiment("tests-reference")
     with mlflow.start_run():
