@@ -6,7 +6,7 @@ ranges as MinMax (see DESIGN.md), so edgeslim collects |x| histograms itself
 threshold ``amax`` by one of four rules:
 
 - ``minmax``: the largest |x| seen;
-- ``percentile``: the given percentile of |x|;
+- ``percentile``: the given percentile of the non-zero |x|;
 - ``entropy``: the threshold whose 128-level quantized histogram is closest
   in KL divergence to the original (TensorRT's IInt8EntropyCalibrator2 rule);
 - ``mse``: the threshold with the least expected squared quantization error.
@@ -41,7 +41,11 @@ def collect(session_run, tensor_names: list[str], batches, num_bins: int) -> dic
     for b in batches:
         for n, v in zip(tensor_names, session_run(b)):
             if v.size and amax[n] > 0:
-                h, _ = np.histogram(np.abs(v), bins=num_bins, range=(0.0, amax[n]))
+                # Exact zeros (ReLU outputs, padding, blank pixels) are exact in symmetric
+                # int8 whatever the range: counting them only drags entropy and percentile
+                # thresholds towards zero and clips the values that matter.
+                a = np.abs(v)
+                h, _ = np.histogram(a[a > 0], bins=num_bins, range=(0.0, amax[n]))
                 hists[n] += h
     return {n: (amax[n], hists[n]) for n in tensor_names}
 

@@ -105,12 +105,23 @@ def quantize_op(recipe_json: str, tracking_uri: str, onnx_model: Input[Model], s
 
         res = quantize_detector_auto(onnx_model.path, cfg, data=data, task=recipe.task, out_dir=out_dir)
     else:
+        import mlflow
+
         from edgeslim.components.common.model_io import load_module
+        from edgeslim.components.common.tracking import connect
         from edgeslim.components.compress import quantize_with
 
-        res = quantize_with(cfg, model=load_module(student.path), fp32_onnx=onnx_model.path,
-                            parent_onnx=parent_onnx.path, recipe=recipe, data=data, out_dir=out_dir,
-                            tracking_uri=tracking_uri or recipe.tracking_uri or None)
+        uri = tracking_uri or recipe.tracking_uri or None
+        connect(uri)
+        mlflow.set_experiment(recipe.register.experiment)
+        # Trials judge the int8 step, so their reference is the model being quantized
+        # (the final gate still compares the metric with the registered parent).
+        reference = onnx_model.path if recipe.torch_stages else parent_onnx.path
+        with mlflow.start_run(run_name=f"quantize {cfg.method}: {recipe.source}") as run:
+            mlflow.set_tag("edgeslim.recipe_hash", recipe.digest())
+            res = quantize_with(cfg, model=load_module(student.path), fp32_onnx=onnx_model.path,
+                                parent_onnx=reference, recipe=recipe, data=data, out_dir=out_dir,
+                                tracking_uri=uri, parent_run_id=run.info.run_id)
     shutil.copyfile(res.model, qdq_model.path)
     Path(info.path).write_text(json.dumps({**res.metrics, "seconds": res.seconds}, default=str))
 
@@ -134,7 +145,8 @@ def evaluate_op(recipe_json: str, qdq_model: Input[Model], parent_onnx: Input[Mo
         res = evaluate_detection(qdq_model.path, recipe.evaluate, parent_onnx=parent_onnx.path, data=data,
                                  task=recipe.task)
     else:
-        res = evaluate(qdq_model.path, recipe.evaluate, parent_onnx=parent_onnx.path, data=data)
+        res = evaluate(qdq_model.path, recipe.evaluate, parent_onnx=parent_onnx.path, data=data,
+                       student_onnx=student_onnx.path if recipe.torch_stages else None)
     res.metrics["student_fp32_size_bytes"] = Path(student_onnx.path).stat().st_size
     Path(evaluation.path).write_text(json.dumps({**res.metrics, "seconds": res.seconds}))
 

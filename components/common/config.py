@@ -136,8 +136,13 @@ class Config:
         try:
             return cls(**kwargs)
         except ConfigError as exc:
-            if prefix and not str(exc).startswith(prefix):
-                raise ConfigError(f"{where}{exc}") from None
+            msg = str(exc)
+            if prefix and not msg.startswith(prefix):
+                # validate() names keys from its own section ("quantize.num_samples"): keep one copy.
+                last = prefix.rsplit(".", 1)[-1]
+                if msg.startswith(last + "."):
+                    msg = msg[len(last) + 1:]
+                raise ConfigError(f"{where}{msg}") from None
             raise
 
     def to_dict(self) -> dict[str, Any]:

@@ -17,10 +17,18 @@ def demo() -> dict:
     return yaml.safe_load(DEMO_RECIPE.read_text())
 
 
+def ptq() -> dict:
+    """The demo recipe with a plain export + PTQ stage list."""
+    d = demo()
+    d["stages"] = [{"export": {"opset": 18}}, {"quantize": {"method": "ptq", "calibrator": "percentile"}}]
+    return d
+
+
 def test_demo_recipe_loads_and_round_trips():
     r = load_recipe(DEMO_RECIPE)
     assert r.source == "models:/digits-teacher@champion"
-    assert isinstance(r.quantize, PTQQuantizeConfig) and r.quantize.calibrator == "percentile"
+    assert [s.stage for s in r.stages] == ["distill", "prune", "export", "quantize"]
+    assert r.quantize.method == "auto" and r.engines.device_classes == ["orin-sm87-jp6.1-trt10.3"]
     again = recipe_from_dict(r.to_dict())
     assert again.digest() == r.digest()
 
@@ -51,7 +59,7 @@ def test_digest_ignores_tracking_uri_but_not_settings():
     (lambda d: d["register"].update(alias="edge candidate"), "register.alias"),
 ])
 def test_bad_recipes_name_the_key_and_the_fix(mutate, needle):
-    d = demo()
+    d = ptq()
     mutate(d)
     with pytest.raises(ConfigError) as exc:
         recipe_from_dict(d)
