@@ -18,6 +18,7 @@ import edgeslim
 
 from .common.errors import GateRejected
 from .common.result import StageResult
+from .common.task_config import is_detection
 from .common.tracking import connect
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,9 @@ def register(candidate_onnx: str | Path, *, parent: dict[str, Any], recipe, eval
                 candidate_onnx, name="model", engines=shipped or None,
                 input_example=np.ascontiguousarray(calibration[:2]),
                 metadata={"parent": parent, "recipe_hash": recipe_hash, "gate": gate_result,
-                          "metrics": flat, "task": "classification"},
+                          "metrics": flat,
+                          # a detector's edge pyfunc decodes its outputs with this
+                          "task": recipe.task.to_dict() if is_detection(recipe.task) else "classification"},
             )
             model_id = getattr(info, "model_id", None) or ""
             if model_id:
