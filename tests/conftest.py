@@ -14,6 +14,23 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _fresh_mlflow_globals():
+    """Tests talk to different MLflow servers: no active run or experiment id leaks between them."""
+    yield
+    import sys as _sys
+
+    fluent = _sys.modules.get("mlflow.tracking.fluent")
+    if fluent is not None:
+        import mlflow
+
+        while mlflow.active_run():
+            mlflow.end_run()
+        fluent._active_experiment_id = None
+    for var in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
+        os.environ.pop(var, None)
+
+
 @pytest.fixture(scope="session")
 def digits():
     from edgeslim.plugins.datasets import SklearnDigits

@@ -53,8 +53,14 @@ def connect(tracking_uri: str | None = None):
                 f"MLflow tracking server at {uri} is not reachable ({reason}); "
                 "start it or pass the right --tracking-uri"
             ) from None
+    if mlflow.get_tracking_uri() != uri:
+        # A cached experiment id belongs to the previous server.
+        import mlflow.tracking.fluent as fluent
+
+        fluent._active_experiment_id = None
+    # The registry follows the tracking URI (no global registry URI: it would outlive a
+    # later set_tracking_uri and send registrations to the wrong server).
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
