@@ -326,6 +326,13 @@ class Controller:
                     out.append(got[0])
         return out
 
+    def abort_requested(self, rec: dict[str, Any]) -> str | None:
+        """The reason of a pending abort request for this generation of the rollout, if any."""
+        got = self.store.get_json(self.keys.abort_request(rec["name"]))
+        if not got or got[0].get("generation", 1) != rec.get("generation", 1):
+            return None  # none, or left over from an earlier generation under this name
+        return str(got[0].get("reason") or "aborted by request")
+
     def _save(self, rec: dict[str, Any]) -> None:
         rec["updated_at"] = self.clock()
         self.store.put_json(self.keys.rollout(rec["name"]), rec)
@@ -437,12 +444,13 @@ class Controller:
             raise FleetError(f"no rollout {name!r} in fleet {self.fleet!r}")
         if rec["state"] in TERMINAL:
             return rec
-        rec["abort_requested"] = reason
-        self._save(rec)
+        self.store.put_json(self.keys.abort_request(name),
+                            {"reason": reason, "generation": rec.get("generation", 1), "at": self.clock()})
         try:
             self.acquire_lock(name, WaveRolloutConfig.from_dict(rec["config"]).lock_ttl_s)
         except FleetError:
             log.info("rollout %s: abort requested; its controller will roll back", name)
+            rec["abort_requested"] = reason  # for the caller's display; the request object is the truth
             return rec  # the running controller sees the flag at its next poll
         try:
             rec = self.get(name) or rec
@@ -487,8 +495,9 @@ class Controller:
                 continue
             try:
                 rec = self.get(rec["name"]) or rec
-                if rec.get("abort_requested") and rec["state"] in ACTIVE:
-                    self._rollback(rec, rec["abort_requested"])
+                requested = self.abort_requested(rec)
+                if requested and rec["state"] in ACTIVE:
+                    self._rollback(rec, requested)
                     done.append(rec)
                 else:
                     done.append(self._run_locked(rec))
@@ -634,9 +643,10 @@ class Controller:
                 return verdict
             if not waiting:
                 return None
-            current = self.get(rec["name"]) or {}
-            if current.get("abort_requested"):
-                return str(current["abort_requested"])
+            requested = self.abort_requested(rec)
+            if requested:
+                rec["abort_requested"] = requested
+                return requested
             if self.clock() >= deadline:
                 for dev in waiting:
                     rec["devices"][dev]["outcome"] = "silent"

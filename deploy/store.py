@@ -408,6 +408,11 @@ class FleetKeys:
     def rollout(self, name: str) -> str:
         return f"{self.base}/rollouts/{check_name('rollout', name)}.json"
 
+    def abort_request(self, name: str) -> str:
+        """Written only by whoever asks a rollout to stop; its controller only reads it, so a
+        controller saving its own record can never overwrite the request (no lost update)."""
+        return f"{self.base}/abort-requests/{check_name('rollout', name)}.json"
+
     @property
     def rollouts_prefix(self) -> str:
         return f"{self.base}/rollouts/"
