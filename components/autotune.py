@@ -130,7 +130,7 @@ def quantize_auto(model, fp32_onnx_path: str | Path, config: AccuracyAwareQuanti
         GateRejected: no trial passed; the message names the best one and what to change.
     """
     from .evaluate import top1_percent
-    from .quantize import quantize
+    from .quantize import calibrate_onnx, quantize
     from .sensitivity import _scores, layer_sensitivity, rank, write
 
     start = time.perf_counter()
@@ -173,11 +173,15 @@ def quantize_auto(model, fp32_onnx_path: str | Path, config: AccuracyAwareQuanti
                    "data_digest": data.digest()}
         return StageResult(final, metrics, lineage, time.perf_counter() - start)
 
-    # 1. PTQ with each calibrator.
+    # 1. PTQ with each calibrator (plus the recipe's pinned float layers).
+    ranges: dict[str, dict[str, float]] = {}
     for cal in config.calibrators:
         t = time.perf_counter()
-        res = quantize(fp32_onnx_path, config.ptq(cal), data=data, out_dir=out_dir / f"ptq-{cal}")
-        row = record("ptq", cal, [], Path(res.model), time.perf_counter() - t)
+        ranges[cal] = calibrate_onnx(fp32_onnx_path, config.ptq(cal), data)
+        res = quantize(fp32_onnx_path, config.ptq(cal), data=data, out_dir=out_dir / f"ptq-{cal}",
+                       ranges=ranges[cal])
+        pinned = list(res.metrics["float_layers"])
+        row = record("ptq", cal, pinned, Path(res.model), time.perf_counter() - t)
         if row["passed"]:
             return finish(row, f"trial {row['trial']}: plain PTQ with the {cal} calibrator passed the "
                                f"gate first ({row['gate']})")
@@ -190,13 +194,14 @@ def quantize_auto(model, fp32_onnx_path: str | Path, config: AccuracyAwareQuanti
         written = write(sens_table, out_dir / "sensitivity")
         sens_files.update({k: str(v) for k, v in written.items()})
         tracker.sensitivity(sens_table, written)
-        ranked = rank(sens_table, config.sensitivity_metric)
+        ranked = [n for n in rank(sens_table, config.sensitivity_metric) if n not in pinned]
         for k in range(1, min(config.max_float_layers, len(ranked)) + 1):
             keep = ranked[:k]
             t = time.perf_counter()
             res = quantize(fp32_onnx_path, config.ptq(best_cal, keep), data=data,
-                           out_dir=out_dir / f"fallback-{k}")
-            row = record("fallback", best_cal, keep, Path(res.model), time.perf_counter() - t)
+                           out_dir=out_dir / f"fallback-{k}", ranges=ranges[best_cal])
+            row = record("fallback", best_cal, res.metrics["float_layers"], Path(res.model),
+                         time.perf_counter() - t)
             if row["passed"]:
                 names = [r["layer"] for r in sens_table["layers"] if r["node"] in keep]
                 return finish(row, f"trial {row['trial']}: PTQ ({best_cal}) failed the gate; keeping the "

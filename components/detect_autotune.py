@@ -14,8 +14,6 @@ pipeline's evaluate task then judges the winner on the held-out test split).
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -59,34 +57,6 @@ def head_groups(onnx_path: str | Path) -> list[dict[str, Any]]:
     return groups
 
 
-@contextlib.contextmanager
-def reused_calibration():
-    """Calibrate each (graph, calibrator settings) once during a search.
-
-    Every trial re-quantizes the same pre-processed graph with the same calibration
-    samples; only ``float_layers`` changes, which does not change any tensor's range.
-    The 2048-bin entropy search alone took ~150 s per call on the reference detector,
-    so :func:`.quantize.calibrate_ranges` is memoised for the duration of the search.
-    """
-    from . import quantize as q
-
-    original = q.calibrate_ranges
-    cache: dict[tuple, dict[str, float]] = {}
-
-    def cached(model_path, config, data):
-        key = (hashlib.sha256(Path(model_path).read_bytes()).hexdigest(), config.calibrator,
-               config.num_samples, config.seed, config.percentile, config.num_bins, data.digest())
-        if key not in cache:
-            cache[key] = original(model_path, config, data)
-        return dict(cache[key])
-
-    q.calibrate_ranges = cached
-    try:
-        yield
-    finally:
-        q.calibrate_ranges = original
-
-
 def judge(onnx_path: str | Path, parent: dict[str, Any], data: Splits, task, split: str = "val"
           ) -> dict[str, Any]:
     """Detection metrics of ``onnx_path`` on ``split`` and the detection gate against ``parent``."""
@@ -107,17 +77,16 @@ def _damage(row: dict[str, Any], parent: dict[str, Any]) -> float:
 
 
 def quantize_detector_auto(fp32_onnx: str | Path, config, *, data: Splits, task, out_dir: str | Path,
-                           pinned_float: list[str] | None = None,
                            progress: Callable[[str], None] | None = None) -> StageResult:
     """The first int8 detector that passes the detection gate on the validation split.
 
     Args:
         fp32_onnx: the fp32 detector to quantize (the gate compares against it).
-        config: an ``AccuracyAwareQuantizeConfig`` (calibrators, samples, ``max_float_layers``).
+        config: an ``AccuracyAwareQuantizeConfig`` (calibrators, samples, ``max_float_layers``,
+            ``float_layers`` pinned to float in every trial).
         data: calibration from train, trials judged on val.
         task: the recipe's ``DetectionTaskConfig`` (decoder and gate).
         out_dir: one folder per trial, ``autotune.json``.
-        pinned_float: node names or patterns always kept in float (as ``quantize.float_layers``).
         progress: called with one line per trial.
 
     Returns:
@@ -127,22 +96,17 @@ def quantize_detector_auto(fp32_onnx: str | Path, config, *, data: Splits, task,
     Raises:
         GateRejected: no trial passed; the message names the best trial and what to change.
     """
-    with reused_calibration():
-        return _search(fp32_onnx, config, data=data, task=task, out_dir=out_dir, pinned_float=pinned_float,
-                       progress=progress)
-
-
-def _search(fp32_onnx: str | Path, config, *, data: Splits, task, out_dir: str | Path,
-            pinned_float: list[str] | None, progress: Callable[[str], None] | None) -> StageResult:
     import dataclasses
 
     from .detect_eval import detection_metrics, onnx_detections
-    from .quantize import quantize
+    from .quantize import calibrate_onnx, quantize
 
     start = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pinned = list(pinned_float or [])
+    # Ranges depend on the graph and calibrator only, never on float_layers: calibrate each
+    # calibrator once (the 2048-bin entropy search alone takes minutes on the reference detector).
+    ranges: dict[str, dict[str, float]] = {}
     dets, _, _ = onnx_detections(fp32_onnx, data.x_val, task)
     parent = detection_metrics(dets, list(data.y_val), task.num_classes, task.score_threshold)
     trials: list[dict[str, Any]] = []
@@ -185,9 +149,12 @@ def _search(fp32_onnx: str | Path, config, *, data: Splits, task, out_dir: str |
     def key(r: dict[str, Any]) -> tuple:
         return (r["passed"], -_damage(r, parent))
 
+    pinned: list[str] = []
     for cal in config.calibrators:
         t = time.perf_counter()
-        res = quantize(fp32_onnx, config.ptq(cal, pinned), data=data, out_dir=out_dir / f"ptq-{cal}")
+        ranges[cal] = calibrate_onnx(fp32_onnx, config.ptq(cal), data)
+        res = quantize(fp32_onnx, config.ptq(cal), data=data, out_dir=out_dir / f"ptq-{cal}", ranges=ranges[cal])
+        pinned = list(res.metrics["float_layers"])  # the recipe's patterns, resolved to nodes
         row = record("ptq", cal, pinned, res, time.perf_counter() - t)
         if row["passed"]:
             return finish(row, f"trial {row['trial']}: PTQ with the {cal} calibrator passed the detection "
@@ -205,10 +172,9 @@ def _search(fp32_onnx: str | Path, config, *, data: Splits, task, out_dir: str |
         all_nodes = [n.name for n in onnx.load(str(pre)).graph.node if n.name]
         for i, grp in enumerate(head_groups(pre)):
             others = [n for n in all_nodes if n not in grp["nodes"]]
-            # The fp32 graph (not ``pre``): the same pre-processed bytes as every trial, so the
-            # memoised calibration applies; node names are the same.
+            # The fp32 graph (not ``pre``): the graph ``ranges`` were calibrated on; node names are the same.
             res = quantize(fp32_onnx, dataclasses.replace(config.ptq(cal), float_layers=others), data=data,
-                           out_dir=out_dir / "heads" / f"group{i}")
+                           out_dir=out_dir / "heads" / f"group{i}", ranges=ranges[cal])
             r = judge(res.model, parent, data, task)
             sens.append({**grp, **{k: r[k] for k in ("map50", "mean_tp_score", "recall")},
                          "damage": round(_damage(r, parent), 4)})
@@ -217,7 +183,8 @@ def _search(fp32_onnx: str | Path, config, *, data: Splits, task, out_dir: str |
         for k in range(1, min(config.max_float_layers, len(ranked)) + 1):
             keep = pinned + [n for r in ranked[:k] for n in r["nodes"]]
             t = time.perf_counter()
-            res = quantize(fp32_onnx, config.ptq(cal, keep), data=data, out_dir=out_dir / f"fallback-{k}")
+            res = quantize(fp32_onnx, config.ptq(cal, keep), data=data, out_dir=out_dir / f"fallback-{k}",
+                           ranges=ranges[cal])
             row = record("fallback", cal, keep, res, time.perf_counter() - t)
             if row["passed"]:
                 outs = [r["output"] for r in ranked[:k]]

@@ -116,8 +116,25 @@ def check_qdq(path: str | Path) -> dict:
     }
 
 
+def calibrate_onnx(onnx_path: str | Path, config: PTQQuantizeConfig, data: Splits) -> dict[str, float]:
+    """The per-tensor ranges :func:`quantize` would choose for ``onnx_path``.
+
+    They depend on the graph, the calibrator settings and the calibration draw, never on
+    ``float_layers``; a search that re-quantizes one graph many times (sensitivity,
+    accuracy-aware fallback) calibrates once and passes them back as ``ranges=``.
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if len(data.x_train) == 0:
+        raise DataError("quantize: the train split is empty; calibration needs training samples")
+    with tempfile.TemporaryDirectory(prefix="edgeslim-pre-") as tmp:
+        pre = Path(tmp) / "model.pre.onnx"
+        quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)
+        return calibrate_ranges(pre, config, data)
+
+
 def quantize(onnx_path: str | Path, config: PTQQuantizeConfig, *, data: Splits,
-             out_dir: str | Path) -> StageResult:
+             out_dir: str | Path, ranges: dict[str, float] | None = None) -> StageResult:
     """Post-training quantization to a symmetric, per-channel int8 Q/DQ ONNX.
 
     Args:
@@ -125,6 +142,8 @@ def quantize(onnx_path: str | Path, config: PTQQuantizeConfig, *, data: Splits,
         config: calibrator, calibration size and layers kept in float.
         data: calibration draws from ``data.x_train`` only.
         out_dir: where ``model.int8.onnx`` and the calibration cache go.
+        ranges: per-tensor amax from :func:`calibrate_onnx` with the same graph and
+            calibrator settings; calibrates here when ``None``.
 
     Returns:
         ``StageResult`` whose model is the Q/DQ ONNX path; metrics hold the
@@ -143,7 +162,14 @@ def quantize(onnx_path: str | Path, config: PTQQuantizeConfig, *, data: Splits,
     pre = out_dir / "model.pre.onnx"
     quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)
     exclude = resolve_float_layers(onnx.load(str(pre)), config.float_layers)
-    ranges = calibrate_ranges(pre, config, data)
+    if ranges is None:
+        ranges = calibrate_ranges(pre, config, data)
+    else:
+        missing = sorted(set(_float_tensors(onnx.load(str(pre)))) - set(ranges))
+        if missing:
+            raise ValueError(f"quantize: ranges= lacks {len(missing)} tensor(s) of this graph ({missing[:3]}); "
+                             "they must come from calibrate_onnx() on the same ONNX")
+        ranges = dict(ranges)
     cache = out_dir / "calibration.json"
     tensors = TensorsData(CalibrationMethod.MinMax, {
         n: TensorData(lowest=np.array(-a, dtype=np.float32), highest=np.array(a, dtype=np.float32))

@@ -82,7 +82,7 @@ def layer_sensitivity(fp32_onnx: str | Path, config: PTQQuantizeConfig, *, data:
         a row has node, layer, op, metric, metric_drop (points) and sqnr_db.
     """
     from .evaluate import sqnr_db, top1_percent
-    from .quantize import quantize
+    from .quantize import calibrate_onnx, quantize
 
     x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
     with tempfile.TemporaryDirectory(prefix="edgeslim-sens-") as tmp:
@@ -95,10 +95,11 @@ def layer_sensitivity(fp32_onnx: str | Path, config: PTQQuantizeConfig, *, data:
         ref = _scores(pre, x)
         base = top1_percent(ref, y)
         rows = []
+        ranges = calibrate_onnx(pre, config, data)  # once: float_layers never changes a range
         for i, layer in enumerate(quantizable_layers(pre)):
             others = [n for n in all_nodes if n != layer["node"]]
             cfg = dataclasses.replace(config, float_layers=others)
-            res = quantize(pre, cfg, data=data, out_dir=root / f"layer{i:03d}")
+            res = quantize(pre, cfg, data=data, out_dir=root / f"layer{i:03d}", ranges=ranges)
             out = _scores(res.model, x)
             metric = top1_percent(out, y)
             rows.append(LayerSensitivity(layer["node"], layer["layer"], layer["op"], round(metric, 4),

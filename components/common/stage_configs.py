@@ -355,6 +355,8 @@ class AccuracyAwareQuantizeConfig(StageConfig):
             float, one more per trial (0: no fallback).
         sensitivity_metric: how layers are ranked: by the metric drop when only that
             layer is quantized (``drop``, ties broken by SQNR) or by that SQNR (``sqnr``).
+        float_layers: node names or fnmatch patterns kept in float in every trial
+            (as ``quantize.float_layers`` of ``method: ptq``); the fallback adds to them.
         qat: run QAT when PTQ and fallback all fail.
         qat_epochs: QAT fine-tuning epochs.
         qat_lr: QAT learning rate.
@@ -370,6 +372,7 @@ class AccuracyAwareQuantizeConfig(StageConfig):
     num_bins: int = 2048
     max_float_layers: int = 3
     sensitivity_metric: Literal["drop", "sqnr"] = "drop"
+    float_layers: list[str] = dataclasses.field(default_factory=list)
     qat: bool = True
     qat_epochs: int = 3
     qat_lr: float = 1e-4
@@ -390,4 +393,5 @@ class AccuracyAwareQuantizeConfig(StageConfig):
     def ptq(self, calibrator: str, float_layers: list[str] | None = None) -> PTQQuantizeConfig:
         return PTQQuantizeConfig(calibrator=calibrator, num_samples=self.num_samples,  # type: ignore[arg-type]
                                  percentile=self.percentile, num_bins=self.num_bins,
-                                 float_layers=list(float_layers or []), seed=self.seed)
+                                 float_layers=list(dict.fromkeys(self.float_layers + list(float_layers or []))),
+                                 seed=self.seed)

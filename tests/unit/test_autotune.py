@@ -94,3 +94,27 @@ def test_config_refusals():
         AccuracyAwareQuantizeConfig(max_float_layers=-1)
     with pytest.raises(ConfigError, match="did you mean 'entropy'"):
         AccuracyAwareQuantizeConfig.from_dict({"calibrators": ["entropi"]})
+
+
+def test_pinned_float_layers_hold_in_every_trial_and_the_fallback_adds_others(tmp_path):
+    from edgeslim.components.sensitivity import preprocessed, quantizable_layers
+
+    model, layer = hard_to_quantize("cnn")
+    fp32 = onnx_of("cnn", damaged=True)
+    node = {r["layer"]: r["node"] for r in quantizable_layers(preprocessed(fp32, tmp_path / "pre.onnx"))}[layer]
+    cfg = AccuracyAwareQuantizeConfig(calibrators=["minmax"], num_samples=64, max_float_layers=1, qat=False,
+                                      float_layers=[node])
+    with pytest.raises(GateRejected):
+        _auto(model, fp32, cfg, IMPOSSIBLE, tmp_path / "run")
+    rows = json.loads((tmp_path / "run" / "autotune.json").read_text())["trials"]
+    assert [r["kind"] for r in rows] == ["ptq", "fallback"]
+    assert rows[0]["float_layers"] == [node]
+    # the pinned layer is not spent as the fallback's one extra layer
+    assert rows[1]["float_layers"][0] == node and len(rows[1]["float_layers"]) == 2
+
+
+def test_a_pinned_pattern_matching_nothing_is_refused_in_one_line(tmp_path):
+    cfg = AccuracyAwareQuantizeConfig(calibrators=["minmax"], num_samples=64, float_layers=["no_such_node*"])
+    with pytest.raises(ConfigError, match="no_such_node") as e:
+        _auto(trained("cnn"), onnx_of("cnn"), cfg, AccuracyGateConfig(), tmp_path)
+    assert "\n" not in str(e.value)

@@ -1,4 +1,4 @@
-"""The detector autotune's building blocks: head groups and calibration reused across trials."""
+"""The detector autotune's building blocks: head groups and calibration reused across trials (ranges=)."""
 
 from __future__ import annotations
 
@@ -20,32 +20,37 @@ def onnx_and_data(tmp_path_factory):
     return path, data
 
 
-def test_calibration_runs_once_per_search_and_ranges_do_not_depend_on_float_layers(onnx_and_data, tmp_path):
-    from edgeslim.components import quantize as q
+def test_ranges_calibrated_once_give_the_same_model_and_do_not_depend_on_float_layers(onnx_and_data, tmp_path):
+    import onnx
+
     from edgeslim.components.common.stage_configs import PTQQuantizeConfig
-    from edgeslim.components.detect_autotune import head_groups, reused_calibration
+    from edgeslim.components.detect_autotune import head_groups
+    from edgeslim.components.quantize import calibrate_onnx, quantize
 
     path, data = onnx_and_data
-    calls = []
-    original = q.calibrate_ranges
+    cfg = PTQQuantizeConfig(calibrator="minmax", num_samples=8)
+    ranges = calibrate_onnx(path, cfg, data)
+    inside = quantize(path, cfg, data=data, out_dir=tmp_path / "a")
+    reused = quantize(path, cfg, data=data, out_dir=tmp_path / "b", ranges=ranges)
+    assert inside.metrics["ranges"] == reused.metrics["ranges"]
+    a, b = onnx.load(str(inside.model)), onnx.load(str(reused.model))
+    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
+    assert {i.name: i.raw_data for i in a.graph.initializer} == {i.name: i.raw_data for i in b.graph.initializer}
 
-    def counting(*a, **kw):
-        calls.append(1)
-        return original(*a, **kw)
+    heads = head_groups(tmp_path / "a" / "model.pre.onnx")
+    floated = quantize(path, PTQQuantizeConfig(calibrator="minmax", num_samples=8, float_layers=heads[1]["nodes"]),
+                       data=data, out_dir=tmp_path / "c")
+    assert floated.metrics["ranges"] == inside.metrics["ranges"]
+    assert set(heads[1]["nodes"]) <= set(floated.metrics["float_layers"])
 
-    q.calibrate_ranges = counting
-    try:
-        cfg = PTQQuantizeConfig(calibrator="minmax", num_samples=8)
-        with reused_calibration():
-            a = q.quantize(path, cfg, data=data, out_dir=tmp_path / "a")
-            heads = head_groups(tmp_path / "a" / "model.pre.onnx")
-            b = q.quantize(path, PTQQuantizeConfig(calibrator="minmax", num_samples=8,
-                                                   float_layers=heads[1]["nodes"]), data=data, out_dir=tmp_path / "b")
-        assert len(calls) == 1
-        assert a.metrics["ranges"] == b.metrics["ranges"]
-        assert set(heads[1]["nodes"]) <= set(b.metrics["float_layers"])
-        q.quantize(path, cfg, data=data, out_dir=tmp_path / "c")  # outside the search: calibrates again
-        assert len(calls) == 2
-    finally:
-        q.calibrate_ranges = original
-    assert q.calibrate_ranges is original
+
+def test_ranges_of_another_graph_are_refused(onnx_and_data, tmp_path):
+    from edgeslim.components.common.stage_configs import PTQQuantizeConfig
+    from edgeslim.components.quantize import calibrate_onnx, quantize
+
+    path, data = onnx_and_data
+    cfg = PTQQuantizeConfig(calibrator="minmax", num_samples=8)
+    ranges = calibrate_onnx(path, cfg, data)
+    partial = dict(list(ranges.items())[: len(ranges) // 2])
+    with pytest.raises(ValueError, match="must come from calibrate_onnx"):
+        quantize(path, cfg, data=data, out_dir=tmp_path / "x", ranges=partial)
