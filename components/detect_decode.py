@@ -120,6 +120,39 @@ def check_outputs(output_names: Sequence[str], shapes: Sequence[Sequence[Any]], 
                 f"grid {c[2:]}; pair the box and class maps of the same level")
 
 
+def infer_heads(output_names: Sequence[str], shapes: Sequence[Sequence[int]], input_hw: Sequence[int],
+                num_classes: int) -> list[dict[str, Any]]:
+    """The built-in decoder's ``heads`` for a YOLO-style model, read from its output shapes.
+
+    Outputs are taken in order as (box, cls) pairs of one level: a ``[N, 4, H, W]`` box map
+    and a ``[N, num_classes, H, W]`` class map (either order), whose grid divides the input
+    into ``stride``-pixel cells. ``edgeslim init`` writes what this finds.
+
+    Raises:
+        ConfigError: the outputs are not such pairs; names the shapes and the way out.
+    """
+    actual = ", ".join(f"{n} {list(s)}" for n, s in zip(output_names, shapes))
+    fix = ("write task.decoder.heads by hand, or set task.decode_fn to your own decoder "
+           f"(the model's outputs are: {actual})")
+    if num_classes == 4:
+        raise ConfigError(f"cannot tell box maps from class maps with num_classes=4; {fix}")
+    if not shapes or len(shapes) % 2:
+        raise ConfigError(f"expected (box, class) output pairs per level, got {len(shapes)} output(s); {fix}")
+    heads = []
+    for i in range(0, len(shapes), 2):
+        (na, a), (nb, b) = (output_names[i], list(shapes[i])), (output_names[i + 1], list(shapes[i + 1]))
+        if len(a) != 4 or len(b) != 4 or a[2:] != b[2:] or sorted((a[1], b[1])) != sorted((4, num_classes)):
+            raise ConfigError(f"outputs {na} {a} and {nb} {b} are not a [N, 4, H, W] box map and a "
+                              f"[N, {num_classes}, H, W] class map of one level; {fix}")
+        box, cls = (na, nb) if a[1] == 4 else (nb, na)
+        h, w = a[2], a[3]
+        if input_hw[0] % h or input_hw[1] % w or input_hw[0] // h != input_hw[1] // w:
+            raise ConfigError(f"the {h}x{w} grid of {box} does not divide the {input_hw[0]}x{input_hw[1]} "
+                              f"input into square cells; {fix}")
+        heads.append({"box": box, "cls": cls, "stride": int(input_hw[0] // h)})
+    return heads
+
+
 def load_decode_fn(spec: str) -> Decoder:
     """Import a user decoder ``module:function``.
 

@@ -38,7 +38,7 @@ from edgeslim.components.common.config import Config
 from edgeslim.components.common.errors import ConfigError, FleetError, SourceError
 
 from . import signing
-from .manifest import Manifest, artifact_key, encode_array
+from .manifest import Manifest, artifact_key, decode_array, encode_array
 from .store import FleetKeys, ObjectStore, PreconditionFailed, StoreUnavailable, check_name
 
 log = logging.getLogger("edgeslim.controller")
@@ -63,6 +63,9 @@ class WaveRolloutConfig(Config):
         poll_interval_s: how often the controller reads statuses.
         expiry_s: manifests expire this long after signing (against freeze attacks).
         atol, rtol: tolerance of the golden-output health check on devices.
+        iou, score_tol: for a detector, the health check compares decoded detections
+            instead: each golden box needs a same-class box at this IoU whose score is
+            within ``score_tol`` (int8 engines and ONNX Runtime differ in raw maps, not boxes).
         latency_budget_ms: the device's median latency must stay under this (None: no budget).
         health_repeats: timed runs of the golden input.
         device_class: roll out only to devices of this class (None: all classes).
@@ -78,6 +81,8 @@ class WaveRolloutConfig(Config):
     expiry_s: float = 7 * 24 * 3600.0
     atol: float = 1e-3
     rtol: float = 1e-3
+    iou: float = 0.9
+    score_tol: float = 0.05
     latency_budget_ms: float | None = None
     health_repeats: int = 5
     device_class: str | None = None
@@ -95,6 +100,10 @@ class WaveRolloutConfig(Config):
             prev = w
         if not 0 <= self.max_failure_pct <= 100:
             raise ConfigError(f"max_failure_pct: got {self.max_failure_pct}; expected 0..100")
+        if not 0 < self.iou <= 1:
+            raise ConfigError(f"iou: got {self.iou}; expected an IoU in (0, 1], e.g. 0.9")
+        if not 0 <= self.score_tol < 1:
+            raise ConfigError(f"score_tol: got {self.score_tol}; expected a score difference in [0, 1), e.g. 0.05")
         if self.min_reported < 1:
             raise ConfigError(f"min_reported: got {self.min_reported}; expected >= 1")
         for name in ("wave_timeout_s", "poll_interval_s", "expiry_s", "lock_ttl_s"):
@@ -212,20 +221,25 @@ def download_model(ref: ModelRef, dst: str | Path) -> Path:
 def golden_check(model_dir: Path, cfg: WaveRolloutConfig) -> dict[str, Any]:
     """The manifest's health check.
 
-    The golden input and expected outputs come from ``edge_meta.json["golden"]``
-    where the pipeline recorded them (from the gated reference); otherwise they
-    are computed here from the model with ONNX Runtime on a seeded input, which
-    proves the device runs *this* model the same way.
+    The golden input is, in order of preference: ``edge_meta.json["golden"]`` (input and
+    expected outputs recorded by whoever logged the model), the model's MLflow input
+    example (real samples; the pipeline logs two calibration images), or a seeded random
+    input. Expected outputs not recorded are computed here with ONNX Runtime, which proves
+    the device runs *this* model the same way. For a detector (``task`` in the metadata),
+    the check also carries the decoded golden detections, the decoder settings and the
+    ``iou``/``score_tol`` tolerances: the device compares boxes, not raw maps.
     """
     import numpy as np
 
     meta_path = model_dir / "edge_meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     golden = meta.get("golden")
+    check: dict[str, Any] = {"atol": cfg.atol, "rtol": cfg.rtol, "latency_budget_ms": cfg.latency_budget_ms,
+                             "repeats": cfg.health_repeats}
     if golden:
-        x = golden["input"]
-        x = x if isinstance(x, dict) else encode_array(np.asarray(x, dtype=np.float32))
-        outs = {k: v if isinstance(v, dict) else encode_array(np.asarray(v, dtype=np.float32))
+        x = np.asarray(golden["input"], dtype=np.float32) if not isinstance(golden["input"], dict) \
+            else decode_array(golden["input"])
+        outs = {k: decode_array(v) if isinstance(v, dict) else np.asarray(v, dtype=np.float32)
                 for k, v in golden["outputs"].items()}
         source = "edge_meta.json"
     else:
@@ -235,14 +249,41 @@ def golden_check(model_dir: Path, cfg: WaveRolloutConfig) -> dict[str, Any]:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         sess = ort.InferenceSession(str(model_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
         inp = sess.get_inputs()[0]
-        shape = [d if isinstance(d, int) and d > 0 else 1 for d in inp.shape]
-        arr = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-        res = sess.run(None, {inp.name: arr})
-        x = encode_array(arr)
-        outs = {o.name: encode_array(v) for o, v in zip(sess.get_outputs(), res)}
-        source = "computed by the controller with onnxruntime"
-    return {"input": x, "outputs": outs, "atol": cfg.atol, "rtol": cfg.rtol,
-            "latency_budget_ms": cfg.latency_budget_ms, "repeats": cfg.health_repeats, "source": source}
+        x, source = _input_example(model_dir, inp), "the model's input example, run by the controller with onnxruntime"
+        if x is None:
+            shape = [d if isinstance(d, int) and d > 0 else 1 for d in inp.shape]
+            x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+            source = "a seeded random input, run by the controller with onnxruntime"
+        outs = {o.name: v for o, v in zip(sess.get_outputs(), sess.run(None, {inp.name: x}))}
+    check.update(input=encode_array(x), outputs={k: encode_array(v) for k, v in outs.items()}, source=source)
+    task = meta.get("task")
+    if isinstance(task, dict) and task.get("kind") == "detection":
+        from edgeslim.components.common.task_config import task_from_dict
+        from edgeslim.components.detect_decode import decode_outputs
+
+        dets = decode_outputs(outs, task_from_dict(dict(task)))
+        check.update(task=task, detections=[encode_array(np.asarray(d, dtype=np.float32)) for d in dets],
+                     iou=cfg.iou, score_tol=cfg.score_tol)
+    return check
+
+
+def _input_example(model_dir: Path, inp) -> Any:
+    """The MLflow input example saved with the model, as float32 for input ``inp``; else None."""
+    import numpy as np
+
+    try:
+        from mlflow.models import Model
+
+        ex = Model.load(str(model_dir)).load_input_example(str(model_dir))
+    except Exception:  # no example, or one MLflow cannot read back: fall back to a seeded input
+        return None
+    if isinstance(ex, dict):
+        ex = ex.get(inp.name, next(iter(ex.values()), None))
+    if ex is None:
+        return None
+    arr = np.asarray(ex, dtype=np.float32)
+    rank = len(inp.shape)
+    return arr if arr.ndim == rank else None
 
 
 def _sha256(path: Path) -> tuple[str, int]:

@@ -33,6 +33,10 @@ def register(sub) -> None:
     p = sub.add_parser("init", help="write a commented recipe with defaults for a registered model")
     p.add_argument("--source", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION")
     p.add_argument("--npz", default=None, help="an .npz (local or s3://) with x_/y_ train/val/test arrays")
+    p.add_argument("--task", choices=("auto", "classification", "detection"), default="auto",
+                   help="auto (default): detection when the --npz labels are boxes, else classification")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI, to read a detector's output shapes (default: $MLFLOW_TRACKING_URI)")
     p.add_argument("-o", "--output", default="recipe.yaml", help="file to write (default recipe.yaml)")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.set_defaults(func=cmd_init)
@@ -180,6 +184,95 @@ register:
 """
 
 
+DETECT_INIT_TEMPLATE = """\
+# edgeslim recipe for the detector {source}
+# Written by `edgeslim init`; run it with `edgeslim run {output}`.
+# Every key is documented in the README ("Recipe format", "Detectors").
+version: 1
+
+source: {source}
+
+# Detection labels: y_* are object arrays, y[i] a (k, 5) [x1, y1, x2, y2, class] array in pixels.
+data:
+{data}
+
+stages:
+  - export: {{opset: 18}}
+  - quantize:
+      method: auto                   # PTQ per calibrator, then sensitive head layers kept in float
+      calibrators: [percentile, entropy, mse, minmax]
+      num_samples: 512
+      max_float_layers: 3
+      qat: false                     # QAT needs the training loss of your detector
+      float_layers: []               # ONNX node names or patterns always kept in float
+
+# Read from the model's outputs on {n_probe} validation image(s): {outputs}
+task:
+  kind: detection
+  num_classes: {num_classes}                  # from the labels (largest class + 1)
+  score_threshold: 0.25              # your deployment threshold: precision/recall are reported at it
+  decoder:
+    box_encoding: ltrb               # ltrb: distances from the cell centre in strides; xywh: offset + log size
+    scores: {scores}                 # {scores_why}
+    nms_iou: 0.5
+    min_score: 0.01
+    max_detections: 100
+    heads:
+{heads}
+  # decode_fn: mypkg.decoders:decode   # instead of decoder: outputs -> per image (M, 6) [x1, y1, x2, y2, score, class]
+  gate:
+    max_map_drop: 1.0                # points of mAP@0.5
+    max_tp_score_drop: 0.05          # mean true-positive score: catches collapsed confidence
+    max_recall_drop: 2.0             # points of recall at score_threshold
+    min_recall: 0.0
+
+evaluate:
+  latency_batches: [1, 8]
+  latency_warmup: 3
+  latency_repeats: 10
+
+register:
+  name: "{edge_name}"
+  alias: edge-candidate
+  experiment: edgeslim
+"""
+
+
+def _detector_task_fields(source: str, data, tracking_uri: str | None) -> dict[str, str]:
+    """num_classes from the labels; heads and score activation from the model's outputs."""
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    from edgeslim.components.detect_decode import infer_heads
+    from edgeslim.components.pull import pull
+
+    classes = [int(c) for y in data.y_train for c in np.asarray(y)[:, 4]]
+    if not classes:
+        raise ConfigError("--npz: the training labels hold no boxes; detection needs labelled objects")
+    num_classes = max(classes) + 1
+    probe = data.x_val[:2] if len(data.x_val) else data.x_train[:2]
+    with tempfile.TemporaryDirectory(prefix="edgeslim-init-") as tmp:
+        model = pull(source, tracking_uri=tracking_uri, out_dir=tmp).model
+        with torch.no_grad():
+            outs = model.eval()(torch.from_numpy(np.ascontiguousarray(probe, dtype=np.float32)))
+    outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+    names = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
+    shapes = [list(o.shape) for o in outs]
+    heads = infer_heads(names, shapes, probe.shape[-2:], num_classes)
+    cls_maps = [outs[names.index(h["cls"])].numpy() for h in heads]
+    bounded = all(float(m.min()) >= 0.0 and float(m.max()) <= 1.0 for m in cls_maps)
+    return {
+        "num_classes": str(num_classes), "n_probe": str(len(probe)),
+        "outputs": ", ".join(f"{n} {s}" for n, s in zip(names, shapes)),
+        "scores": "sigmoid" if bounded else "logits",
+        "scores_why": ("the class maps stay in [0, 1]: the graph ends in a sigmoid" if bounded else
+                       "the class maps leave [0, 1]: raw logits, the decoder applies the sigmoid"),
+        "heads": "\n".join(f"      - {{box: {h['box']}, cls: {h['cls']}, stride: {h['stride']}}}" for h in heads),
+    }
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     from edgeslim.components.common.recipe import MODEL_URI, load_recipe
 
@@ -189,13 +282,31 @@ def cmd_init(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.exists() and not args.force:
         raise ConfigError(f"{out} exists; pass --force to overwrite it or -o another file")
+    task = args.task
+    splits = None
     if args.npz:
         data = f"  provider: npz\n  args: {{path: {json.dumps(args.npz)}}}"
+        if task != "classification":
+            from edgeslim.plugins.datasets import load_data
+
+            splits = load_data("npz", {"path": args.npz})
+            boxes = splits.y_train.dtype == object
+            if task == "detection" and not boxes:
+                raise ConfigError(f"--npz {args.npz}: y_train holds class labels, not boxes; detection needs "
+                                  "y_* object arrays of (k, 5) [x1, y1, x2, y2, class] arrays")
+            task = "detection" if boxes else "classification"
+    elif task == "detection":
+        raise ConfigError("--task detection needs --npz PATH with detection labels "
+                          "(y_* object arrays of (k, 5) [x1, y1, x2, y2, class] arrays in pixels)")
     else:
         data = ("  provider: sklearn-digits        # or: provider: npz / args: {path: data.npz}\n"
                 "  args: {seed: 0}")
-    out.write_text(INIT_TEMPLATE.format(source=args.source, data=data, output=out,
-                                        edge_name=f"{m['name']}-edge"))
+    common = {"source": args.source, "data": data, "output": out, "edge_name": f"{m['name']}-edge"}
+    if task == "detection":
+        text = DETECT_INIT_TEMPLATE.format(**common, **_detector_task_fields(args.source, splits, args.tracking_uri))
+    else:
+        text = INIT_TEMPLATE.format(**common)
+    out.write_text(text)
     load_recipe(out)  # what init writes, run accepts
     print(f"wrote {out}")
     return 0

@@ -129,3 +129,39 @@ def test_labels_with_boxes_outside_the_image_are_one_line(mlflow_server, registe
     proc = run_cli("run", str(recipe), "--tracking-uri", mlflow_server.uri, "--workdir", str(tmp_path / "o"))
     assert_one_line_error(proc, ["y_test[1]", "outside the 48x48 image"])
     assert len(versions(mlflow_server.uri, "tiny-detector-edge")) == before  # nothing registered
+
+
+def test_init_reads_a_detectors_heads_from_its_outputs_and_writes_a_recipe_run_accepts(
+        mlflow_server, registered_detector, tmp_path):
+    import torch
+
+    from edgeslim.components.common.recipe import load_recipe
+    from edgeslim.components.detect_decode import check_outputs
+    from edgeslim.components.pull import pull
+    from edgeslim.plugins.datasets import load_data
+
+    d = load_data(DATA["provider"], {**DATA["args"], "n_train": 16, "n_val": 4, "n_test": 4})
+    arrays = {k: getattr(d, k) for k in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")}
+    np.savez(tmp_path / "det.npz", **arrays)
+    out = tmp_path / "recipe.yaml"
+    proc = run_cli("init", "--source", registered_detector, "--npz", str(tmp_path / "det.npz"),
+                   "--tracking-uri", mlflow_server.uri, "-o", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = load_recipe(out)
+    assert r.task.kind == "detection" and r.task.num_classes == 10
+    assert [(h.box, h.cls, h.stride) for h in r.task.decoder.heads] == [(h["box"], h["cls"], h["stride"]) for h in HEADS]
+    assert r.task.decoder.scores == "sigmoid"  # DigitsDetector's class maps end in a sigmoid
+    assert r.stages[-1].method == "auto" and r.data.provider == "npz"
+    # what `edgeslim run` checks before anything runs: the heads match the model's outputs
+    model = pull(registered_detector, tracking_uri=mlflow_server.uri, out_dir=tmp_path / "m").model
+    with torch.no_grad():
+        outs = model(torch.from_numpy(d.x_val[:2]))
+    check_outputs([f"output_{i}" for i in range(len(outs))], [list(o.shape) for o in outs], r.task)
+
+    # class labels asked to be a detector: one line
+    cls = {k: (np.zeros(len(v), np.int64) if k.startswith("y_") else v) for k, v in arrays.items()}
+    np.savez(tmp_path / "cls.npz", **cls)
+    bad = run_cli("init", "--source", registered_detector, "--npz", str(tmp_path / "cls.npz"), "--task", "detection",
+                  "--tracking-uri", mlflow_server.uri, "-o", str(tmp_path / "bad.yaml"))
+    assert_one_line_error(bad, ["y_train holds class labels, not boxes"])
+    assert not (tmp_path / "bad.yaml").exists()

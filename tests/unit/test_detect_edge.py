@@ -69,3 +69,49 @@ def test_health_check_compares_golden_detections_by_iou_and_score(exported, tmp_
     scored[0][:, 4] += 0.1
     bad = run_health_check(release, {**check, "detections": [encode_array(g) for g in scored]})
     assert not bad["ok"] and "score differs" in bad["error"]
+
+
+def test_the_controllers_check_of_a_detector_carries_golden_detections_from_its_input_example(exported, tmp_path):
+    from edgeslim.components.detect_eval import onnx_detections
+    from edgeslim.deploy.controller import WaveRolloutConfig, golden_check
+    from edgeslim.deploy.health import run_health_check
+    from edgeslim.deploy.manifest import decode_array
+    from edgeslim.plugins import edge_flavor
+
+    path, data, task = exported
+    x = np.ascontiguousarray(data.x_test[:2])
+    model_dir = tmp_path / "m"
+    edge_flavor.save_model(model_dir, path, metadata={"task": task.to_dict()}, input_example=x)
+    check = golden_check(model_dir, WaveRolloutConfig.from_strings({"iou": "0.8", "score_tol": "0.03"}))
+    assert "input example" in check["source"]
+    np.testing.assert_array_equal(decode_array(check["input"]), x)  # real images, not noise
+    want, _, _ = onnx_detections(path, x, task)
+    assert len(check["detections"]) == 2 and len(want[0]) > 0
+    np.testing.assert_allclose(decode_array(check["detections"][0]), want[0], rtol=1e-5, atol=1e-5)
+    assert (check["iou"], check["score_tol"], check["task"]["kind"]) == (0.8, 0.03, "detection")
+
+    release = tmp_path / "release"
+    release.mkdir()
+    shutil.copyfile(path, release / "model.onnx")
+    assert run_health_check(release, check)["ok"]
+    # another detector (other weights) on the device fails the same check, by its boxes
+    from edgeslim.components.common.stage_configs import OnnxExportConfig
+    from edgeslim.components.export import export
+
+    torch.manual_seed(1)
+    other = DigitsDetector(width=8, head_hidden=8).eval()
+    with torch.no_grad():
+        other.head[0].cls[1].bias.fill_(0.5)
+    export(other, OnnxExportConfig(), data=data, out_path=release / "model.onnx")
+    bad = run_health_check(release, check)
+    assert not bad["ok"] and "detections differ" in bad["error"]
+
+
+def test_detection_tolerances_out_of_range_are_refused():
+    from edgeslim.components.common.errors import ConfigError
+    from edgeslim.deploy.controller import WaveRolloutConfig
+
+    with pytest.raises(ConfigError, match="iou: got 1.5"):
+        WaveRolloutConfig.from_strings({"iou": "1.5"})
+    with pytest.raises(ConfigError, match="score_tol: got -0.1"):
+        WaveRolloutConfig.from_strings({"score_tol": "-0.1"})
