@@ -196,6 +196,8 @@ def quantize_detector_auto(fp32_onnx: str | Path, config, *, data: Splits, task,
         {"trials": trials, "winner": None, "fp32_val": parent, "head_sensitivity": sens}, indent=1, default=str))
     fix = ("raise quantize.max_float_layers" if config.max_float_layers < len(sens) or not sens
            else "loosen task.gate") + ", or try another calibrator"
+    if config.qat:  # the classifier search's last step; a detector's QAT needs its own training loss
+        fix += " (QAT is not tried for detectors: fine-tune with your detector's loss, then quantize)"
     raise GateRejected(
         f"quantize(auto): no detector candidate passed the detection gate after {len(trials)} trial(s); best "
         f"was trial {best['trial']} ({best['kind']}, {best['calibrator']}: mAP@0.5 {best['map50']:.2f} vs "

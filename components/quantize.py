@@ -28,6 +28,8 @@ from .export import INPUT_NAME, make_session
 
 log = logging.getLogger(__name__)
 CALIB_BATCH = 64
+# placement "weighted": Q/DQ only on the inputs of these (TensorRT's recommended placement)
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def _float_tensors(model) -> list[str]:
@@ -183,10 +185,14 @@ def quantize(onnx_path: str | Path, config: PTQQuantizeConfig, *, data: Splits,
         str(pre), str(out), None, quant_format=QuantFormat.QDQ, per_channel=True,
         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
         nodes_to_exclude=exclude or None, calibrate_method=CalibrationMethod.MinMax,
+        op_types_to_quantize=list(WEIGHTED_OPS) if config.placement == "weighted" else None,
         extra_options={
             "ActivationSymmetric": True, "WeightSymmetric": True,
             # TensorRT fuses float biases itself and has no int32-bias Q/DQ path.
             "QuantizeBias": False,
+            # "weighted": Q/DQ on the inputs of weighted ops, none on their outputs; TensorRT
+            # fuses the following pointwise ops (SiLU, sigmoid) and runs them in higher precision.
+            **({"OpTypesToExcludeOutputQuantization": list(WEIGHTED_OPS)} if config.placement == "weighted" else {}),
         },
         calibration_cache_path=str(cache),
     )
@@ -199,6 +205,7 @@ def quantize(onnx_path: str | Path, config: PTQQuantizeConfig, *, data: Splits,
             "calibrator": config.calibrator,
             "calibration_samples": min(config.num_samples, len(data.x_train)),
             "float_layers": exclude,
+            "placement": config.placement,
             "ranges": {k: round(v, 6) for k, v in ranges.items()},
             **facts,
         },

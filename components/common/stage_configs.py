@@ -57,6 +57,10 @@ class PTQQuantizeConfig(StageConfig):
         percentile: for ``percentile``, the percentile of |x| kept unclipped.
         num_bins: histogram bins for ``entropy``/``mse``/``percentile`` (TensorRT uses 2048).
         float_layers: node names or fnmatch patterns kept in float.
+        placement: where Q/DQ pairs go. ``all``: every op ONNX Runtime can quantize
+            (activations such as Sigmoid, Mul, Concat, Resize included); ``weighted``:
+            only the inputs of Conv/ConvTranspose/Gemm/MatMul, TensorRT's recommended
+            placement, where pointwise ops run in higher precision inside fused layers.
         seed: which calibration samples are drawn.
     """
 
@@ -67,6 +71,7 @@ class PTQQuantizeConfig(StageConfig):
     percentile: float = 99.99
     num_bins: int = 2048
     float_layers: list[str] = dataclasses.field(default_factory=list)
+    placement: Literal["all", "weighted"] = "all"
     seed: int = 0
 
     def validate(self) -> None:
@@ -357,6 +362,7 @@ class AccuracyAwareQuantizeConfig(StageConfig):
             layer is quantized (``drop``, ties broken by SQNR) or by that SQNR (``sqnr``).
         float_layers: node names or fnmatch patterns kept in float in every trial
             (as ``quantize.float_layers`` of ``method: ptq``); the fallback adds to them.
+        placement: ``all`` or ``weighted`` (as ``quantize.placement`` of ``method: ptq``).
         qat: run QAT when PTQ and fallback all fail.
         qat_epochs: QAT fine-tuning epochs.
         qat_lr: QAT learning rate.
@@ -373,6 +379,7 @@ class AccuracyAwareQuantizeConfig(StageConfig):
     max_float_layers: int = 3
     sensitivity_metric: Literal["drop", "sqnr"] = "drop"
     float_layers: list[str] = dataclasses.field(default_factory=list)
+    placement: Literal["all", "weighted"] = "all"
     qat: bool = True
     qat_epochs: int = 3
     qat_lr: float = 1e-4
@@ -394,4 +401,4 @@ class AccuracyAwareQuantizeConfig(StageConfig):
         return PTQQuantizeConfig(calibrator=calibrator, num_samples=self.num_samples,  # type: ignore[arg-type]
                                  percentile=self.percentile, num_bins=self.num_bins,
                                  float_layers=list(dict.fromkeys(self.float_layers + list(float_layers or []))),
-                                 seed=self.seed)
+                                 placement=self.placement, seed=self.seed)

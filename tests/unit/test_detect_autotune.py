@@ -54,3 +54,42 @@ def test_ranges_of_another_graph_are_refused(onnx_and_data, tmp_path):
     partial = dict(list(ranges.items())[: len(ranges) // 2])
     with pytest.raises(ValueError, match="must come from calibrate_onnx"):
         quantize(path, cfg, data=data, out_dir=tmp_path / "x", ranges=partial)
+
+
+def _activation_dq_consumers(path) -> list[set[str]]:
+    """Per DequantizeLinear of an activation (not a weight): the op types reading its output
+    (an empty set when it only feeds a graph output)."""
+    import onnx
+
+    g = onnx.load(str(path)).graph
+    inits = {i.name for i in g.initializer}
+    out = []
+    for dq in (n for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] not in inits):
+        out.append({n.op_type for n in g.node if dq.output[0] in n.input})
+    return out
+
+
+def test_weighted_placement_puts_qdq_only_on_the_inputs_of_weighted_ops(onnx_and_data, tmp_path):
+    from edgeslim.components.common.stage_configs import PTQQuantizeConfig
+    from edgeslim.components.quantize import quantize
+
+    path, data = onnx_and_data
+    everywhere = quantize(path, PTQQuantizeConfig(calibrator="minmax", num_samples=8), data=data,
+                          out_dir=tmp_path / "all")
+    weighted = quantize(path, PTQQuantizeConfig(calibrator="minmax", num_samples=8, placement="weighted"),
+                        data=data, out_dir=tmp_path / "w")
+    # "all": some quantized tensors feed no weighted op at all (e.g. the sigmoid score outputs)
+    assert any("Conv" not in c for c in _activation_dq_consumers(everywhere.model))
+    # "weighted": a tensor is quantized only because a Conv reads it (its other readers share the pair)
+    assert all("Conv" in c for c in _activation_dq_consumers(weighted.model))
+    assert weighted.metrics["placement"] == "weighted" and weighted.metrics["zero_points_all_zero"]
+    assert weighted.metrics["qdq_nodes"] < everywhere.metrics["qdq_nodes"]
+
+
+def test_an_unknown_placement_is_one_line():
+    from edgeslim.components.common.errors import ConfigError
+    from edgeslim.components.common.stage_configs import PTQQuantizeConfig
+
+    with pytest.raises(ConfigError) as e:
+        PTQQuantizeConfig.from_dict({"placement": "everywhere"}, prefix="quantize")
+    assert "placement" in str(e.value) and "weighted" in str(e.value) and "\n" not in str(e.value)
