@@ -52,32 +52,20 @@ def ensure_detector(client, *, epochs: int = EPOCHS, progress: Callable[[str], N
     Returns:
         The version that carries the alias.
     """
-    import mlflow
-    from mlflow.exceptions import MlflowException
+    from edgeslim.pipelines.reference_registry import TrainedModel, ensure_registered
 
-    try:
-        mv = client.get_model_version_by_alias(name, alias)
-        if progress:
-            progress(f"detector: reusing {name} version {mv.version} @{alias}")
-        return str(mv.version)
-    except MlflowException:
-        pass
-    from edgeslim.components.common.recipe import load_recipe
-    from edgeslim.components.detect_eval import detection_metrics, torch_detections
+    def train() -> TrainedModel:
+        from edgeslim.components.common.recipe import load_recipe
+        from edgeslim.components.detect_eval import detection_metrics, torch_detections
 
-    model, data = train_reference_detector(epochs=epochs, progress=progress)
-    task = load_recipe(DETECT_RECIPE).task
-    m = detection_metrics(torch_detections(model, data.x_test, task), list(data.y_test), task.num_classes,
-                          task.score_threshold)
-    mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name="digits-detector"):
-        mlflow.log_params({"arch": "DigitsDetector", "width": 16, "epochs": epochs, "seed": 0})
-        mlflow.log_metrics({"test_map50": m["map50"], "test_map50_95": m["map50_95"],
-                            "test_mean_tp_score": m["mean_tp_score"], "test_recall": m["recall"]})
-        info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                                        input_example=data.x_test[:2], registered_model_name=name)
-    version = str(info.registered_model_version)
-    client.set_registered_model_alias(name, alias, version)
-    if progress:
-        progress(f"detector: registered {name} version {version} @{alias} (test mAP@0.5 {m['map50']:.1f})")
-    return version
+        model, data = train_reference_detector(epochs=epochs, progress=progress)
+        task = load_recipe(DETECT_RECIPE).task
+        m = detection_metrics(torch_detections(model, data.x_test, task), list(data.y_test), task.num_classes,
+                              task.score_threshold)
+        return TrainedModel(model, params={"arch": "DigitsDetector", "width": 16, "epochs": epochs, "seed": 0},
+                            metrics={"test_map50": m["map50"], "test_map50_95": m["map50_95"],
+                                     "test_mean_tp_score": m["mean_tp_score"], "test_recall": m["recall"]},
+                            input_example=data.x_test[:2], note=f"(test mAP@0.5 {m['map50']:.1f})")
+
+    return ensure_registered(client, name=name, alias=alias, experiment=experiment, train=train,
+                             label="detector", run_name="digits-detector", progress=progress)

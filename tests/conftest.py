@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -49,14 +51,35 @@ def tiny_teacher(digits):
     return train_classifier(DigitsCNN(width=8), digits.x_train, digits.y_train, epochs=8, seed=0)
 
 
+@contextlib.contextmanager
+def running_mlflow_server(root: Path, *, while_booting: Callable[[], object] | None = None, **kwargs):
+    """The tests' one way to run a real `mlflow server`: ``MlflowServer(root, **kwargs)``, stopped on exit.
+
+    ``while_booting`` runs after the process is launched and before waiting for it to
+    answer (other slow set-up overlaps with the server's ~15 s boot). A server that dies or
+    does not answer fails the test with the tail of its log.
+    """
+    from edgeslim.components.common.errors import TrackingUnavailable
+    from edgeslim.components.common.mlflow_server import MlflowServer
+
+    server = MlflowServer(root, **kwargs).launch()
+    try:
+        if while_booting is not None:
+            while_booting()
+        try:
+            server.wait_ready()
+        except TrackingUnavailable as exc:
+            pytest.fail(f"{exc}\n--- end of {server.log_path} ---\n{server.log_tail()}")
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` process with a SQLite backend, started once per session."""
-    from edgeslim.components.common.mlflow_server import MlflowServer
-
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
-    yield server
-    server.stop()
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow")) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Mapping
 
 from .errors import TrackingUnavailable
 
@@ -22,45 +24,95 @@ def free_port() -> int:
 class MlflowServer:
     """Start ``mlflow server`` with a SQLite store and a local artifact directory.
 
-    Use as a context manager; ``uri`` is its tracking URI.
+    Use as a context manager, or ``start()`` / ``stop()``; ``uri`` is its tracking URI.
+    ``launch()`` and ``wait_ready()`` split ``start()`` so a caller can do other work
+    while the server boots.
+
+    Args:
+        root: folder for ``mlflow.db``, the server log and (by default) the artifacts.
+        port: loopback port; a free one when not given.
+        timeout: seconds ``wait_ready`` waits for ``/health``.
+        artifacts: the artifact root (``--artifacts-destination``); ``root/artifacts`` by default.
+        log_path: where the server's stdout and stderr go (appended); ``root/mlflow-server.log`` by default.
+        env: extra environment variables for the server process, over ``os.environ``.
     """
 
-    def __init__(self, root: str | Path, port: int | None = None, timeout: float = 120.0):
+    def __init__(self, root: str | Path, port: int | None = None, timeout: float = 120.0, *,
+                 artifacts: str | Path | None = None, log_path: str | Path | None = None,
+                 env: Mapping[str, str] | None = None):
         self.root = Path(root).resolve()
         self.port = port or free_port()
         self.timeout = timeout
         self.uri = f"http://127.0.0.1:{self.port}"
+        self.artifacts = Path(artifacts).resolve() if artifacts else self.root / "artifacts"
+        self.log_path = Path(log_path).resolve() if log_path else self.root / "mlflow-server.log"
+        self.env = dict(env or {})
         self.proc: subprocess.Popen | None = None
+        self._log = None
 
-    def start(self) -> "MlflowServer":
+    def launch(self) -> "MlflowServer":
+        """Start the process without waiting for it to answer."""
         self.root.mkdir(parents=True, exist_ok=True)
-        log = open(self.root / "mlflow-server.log", "ab")
-        env = {**os.environ, "GIT_PYTHON_REFRESH": "quiet"}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")
+        env = {**os.environ, "GIT_PYTHON_REFRESH": "quiet", **self.env}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server",
              "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--artifacts-destination", str(self.root / "artifacts"),
+             "--artifacts-destination", str(self.artifacts),
              "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
+        return self
+
+    def wait_ready(self) -> "MlflowServer":
+        """Wait until ``/health`` answers 200.
+
+        Raises:
+            TrackingUnavailable: the process exited, or did not answer within ``timeout``
+                (then it is stopped). The message is one line; ``log_tail`` holds the log's end.
+        """
+        if self.proc is None:
+            raise RuntimeError("MlflowServer.wait_ready() before launch()")
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise TrackingUnavailable(
-                    f"mlflow server exited with code {self.proc.returncode}; see {self.root / 'mlflow-server.log'}")
+                code = self.proc.returncode
+                self.stop()
+                raise self._failure(f"mlflow server exited with code {code}")
             try:
                 with urllib.request.urlopen(self.uri + "/health", timeout=2) as r:
                     if r.status == 200:
                         return self
             except OSError:
-                time.sleep(0.3)
+                pass
+            time.sleep(0.3)
         self.stop()
-        raise TrackingUnavailable(f"mlflow server at {self.uri} did not start within {self.timeout:.0f} s")
+        raise self._failure(f"mlflow server at {self.uri} did not start within {self.timeout:.0f} s")
+
+    def start(self) -> "MlflowServer":
+        """``launch()`` then ``wait_ready()``."""
+        return self.launch().wait_ready()
+
+    def log_tail(self, chars: int = 2000) -> str:
+        """The last ``chars`` characters of the server log ("" when there is none)."""
+        try:
+            data = self.log_path.read_bytes()
+        except OSError:
+            return ""
+        return data[-chars:].decode("utf-8", "replace")
+
+    def _failure(self, what: str) -> TrackingUnavailable:
+        tail = self.log_tail()
+        lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
+        # The last error names the cause (a port in use, a bad store URI), not the shutdown lines after it.
+        last = next((ln for ln in reversed(lines) if "error" in ln.lower()), lines[-1] if lines else "")
+        exc = TrackingUnavailable(f"{what}; see {self.log_path}" + (f" ({last[:300]})" if last else ""))
+        exc.log_tail = tail
+        return exc
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
-            import signal
-
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)
                 self.proc.wait(timeout=15)
@@ -71,6 +123,9 @@ class MlflowServer:
                     pass
                 self.proc.wait(timeout=5)
         self.proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def __enter__(self) -> "MlflowServer":
         return self.start()

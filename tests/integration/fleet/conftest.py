@@ -15,10 +15,8 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -26,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import running_mlflow_server
 from fleet_it_helpers import RGW_SH, free_port, wait_for, make_onnx, run_onnx, AgentProc, FlakyProxy, Publisher, release_is_complete  # noqa: F401
 
 
@@ -82,54 +81,26 @@ def s3_store(rgw, s3_url):
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory, request):
-    d = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    log = open(d / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{d}/mlflow.db",
-         "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        # Let the registry deliver webhooks to a receiver on loopback over http (tests only).
-        env=dict(os.environ, MLFLOW_WEBHOOK_ALLOWED_SCHEMES="http,https", MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS="true",
-                 # The server caches who listens to an event (60 s by default).
-                 MLFLOW_WEBHOOK_CACHE_TTL="1"),
-    )
-    uri = f"http://127.0.0.1:{port}"
+    """A real ``mlflow server`` that delivers webhooks; MLFLOW_TRACKING_URI points at it. Yields the URI."""
+    # Let the registry deliver webhooks to a receiver on loopback over http (tests only).
+    env = {"MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+           # The server caches who listens to an event (60 s by default).
+           "MLFLOW_WEBHOOK_CACHE_TTL": "1"}
     # Every test with MLflow also uses RGW: start it while the server boots (2 cores, ~15 s each).
-    try:
-        request.getfixturevalue("rgw")
-    except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow"), timeout=90, env=env,
+                               while_booting=lambda: request.getfixturevalue("rgw")) as server:
+        saved = os.environ.get("MLFLOW_TRACKING_URI")
+        os.environ["MLFLOW_TRACKING_URI"] = server.uri
+        import mlflow
 
-    def up():
-        import urllib.request
-
+        mlflow.set_tracking_uri(server.uri)
         try:
-            return urllib.request.urlopen(f"{uri}/health", timeout=1).status == 200
-        except OSError:
-            return proc.poll() is not None and pytest.fail(f"mlflow server died: {(d / 'server.log').read_text()[-2000:]}")
-
-    wait_for(up, 90, "mlflow server")
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield uri
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
+            yield server.uri
+        finally:
+            if saved is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
 
