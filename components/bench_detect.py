@@ -4,9 +4,11 @@ Rows, all on the same synthetic digits detection data (test canvases use held-ou
 
 1. the fp32 reference detector (ONNX);
 2. ONNX Runtime ``quantize_static`` with its defaults;
-3. edgeslim PTQ with each calibrator (minmax, percentile, entropy, mse);
+3. edgeslim PTQ with each calibrator (minmax, percentile, entropy, mse), with Q/DQ on every op
+   ONNX Runtime quantizes (``placement: all``) and only on the inputs of weighted ops
+   (``placement: weighted``, TensorRT's recommended placement);
 4. edgeslim's accuracy-aware int8 (PTQ, then sensitive head layers kept in float), once per
-   calibrator a user might pick;
+   calibrator a user might pick, with ``placement: weighted``;
 5. the full recipe: prune (heads whole) with feature distillation at the neck, then the
    accuracy-aware int8.
 
@@ -65,7 +67,7 @@ def run_detect_bench_rows(*, workdir: str | Path, epochs: int = 20, seed: int = 
 
     from .common.stage_configs import AccuracyAwareQuantizeConfig, ChannelPruneConfig, OnnxExportConfig, PTQQuantizeConfig
     from .common.task_config import DetectionGateConfig
-    from .detect_autotune import head_groups, quantize_detector_auto
+    from .detect_autotune import quantize_detector_auto
     from .detect_compress import prune_detector
     from .detect_eval import detection_metrics, onnx_detections
     from .export import export
@@ -98,33 +100,38 @@ def run_detect_bench_rows(*, workdir: str | Path, epochs: int = 20, seed: int = 
             f"TP score {row['mean_tp_score']:.3f}, recall {row['recall']:.1f}%")
         return row
 
-    groups = {g["output"]: g["nodes"] for g in head_groups(fp32)}
 
-    def score_ranges(metrics: dict[str, Any]) -> dict[str, Any]:
-        """The calibrated amax of each class-score output, or "float" where its head was kept in float."""
-        ranges, floats = metrics.get("ranges", {}), set(metrics.get("float_layers", []))
-        return {h.cls: ("float" if floats & set(groups.get(h.cls, [])) else ranges[h.cls])
+    def score_ranges(metrics: dict[str, Any], model: str | Path) -> dict[str, Any]:
+        """The amax each class-score output is quantized with, or "float" where it is not quantized
+        (its head kept in float, or ``placement: weighted``, which quantizes no op's output)."""
+        import onnx
+
+        producer = {o: n.op_type for n in onnx.load(str(model)).graph.node for o in n.output}
+        ranges = metrics.get("ranges", {})
+        return {h.cls: (ranges[h.cls] if producer.get(h.cls) == "DequantizeLinear" else "float")
                 for h in task.decoder.heads if h.cls in ranges}
 
     rows = [measure("fp32", fp32, t_macs)]
     log("ONNX Runtime quantize_static defaults")
     rows.append(measure("ORT quantize_static defaults", _ort_default(fp32, data, workdir / "ort-default.onnx"),
                         t_macs))
-    for cal in CALIBRATORS:
-        res = quantize(fp32, PTQQuantizeConfig(calibrator=cal, num_samples=calib_samples), data=data,
-                       out_dir=workdir / f"ptq-{cal}")
-        rows.append(measure(f"edgeslim PTQ {cal}", Path(res.model), t_macs,
-                            {"score_head_amax": score_ranges(res.metrics)}))
+    for placement in ("all", "weighted"):
+        for cal in CALIBRATORS:
+            res = quantize(fp32, PTQQuantizeConfig(calibrator=cal, num_samples=calib_samples, placement=placement),
+                           data=data, out_dir=workdir / f"ptq-{cal}-{placement}")
+            rows.append(measure(f"edgeslim PTQ {cal}" + (", weighted" if placement == "weighted" else ""),
+                                Path(res.model), t_macs,
+                                {"score_head_amax": score_ranges(res.metrics, res.model), "placement": placement}))
     for cal in CALIBRATORS:
         cfg = AccuracyAwareQuantizeConfig(calibrators=[cal], num_samples=calib_samples, max_float_layers=3,
-                                          qat=False)
+                                          qat=False, placement="weighted")
         try:
             res = quantize_detector_auto(fp32, cfg, data=data, task=task, out_dir=workdir / f"auto-{cal}",
                                          progress=lambda m: log("    " + m))
             rows.append(measure(f"edgeslim accuracy-aware ({cal})", Path(res.model), t_macs, {
                 "float_layers": res.metrics["float_layers"], "trials": len(res.metrics["trials"]),
                 "search": res.metrics["reason"],
-                "score_head_amax": score_ranges(res.metrics)}))
+                "score_head_amax": score_ranges(res.metrics, res.model)}))
         except Exception as exc:  # a failed search is a row too, with its reason
             log(f"  accuracy-aware ({cal}) found nothing: {exc}")
             rows.append({"row": f"edgeslim accuracy-aware ({cal})", "failed": str(exc)})
@@ -144,7 +151,7 @@ def run_detect_bench_rows(*, workdir: str | Path, epochs: int = 20, seed: int = 
     full_task = dataclasses.replace(task, gate=DetectionGateConfig(max_map_drop=0.5, max_tp_score_drop=0.02,
                                                                    max_recall_drop=2.0))
     cfg = AccuracyAwareQuantizeConfig(calibrators=["percentile"], num_samples=calib_samples, max_float_layers=3,
-                                      qat=False)
+                                      qat=False, placement="weighted")
     try:
         res = quantize_detector_auto(s_fp32, cfg, data=data, task=full_task, out_dir=workdir / "full-auto",
                                      progress=lambda m: log("    " + m))

@@ -204,6 +204,7 @@ stages:
       num_samples: 512
       max_float_layers: 3
       qat: false                     # QAT needs the training loss of your detector
+      placement: weighted            # Q/DQ only on conv inputs (TensorRT's placement): score outputs stay float
       float_layers: []               # ONNX node names or patterns always kept in float
 
 # Read from the model's outputs on {n_probe} validation image(s): {outputs}

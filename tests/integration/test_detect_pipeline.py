@@ -151,7 +151,7 @@ def test_init_reads_a_detectors_heads_from_its_outputs_and_writes_a_recipe_run_a
     assert r.task.kind == "detection" and r.task.num_classes == 10
     assert [(h.box, h.cls, h.stride) for h in r.task.decoder.heads] == [(h["box"], h["cls"], h["stride"]) for h in HEADS]
     assert r.task.decoder.scores == "sigmoid"  # DigitsDetector's class maps end in a sigmoid
-    assert r.stages[-1].method == "auto" and r.data.provider == "npz"
+    assert r.stages[-1].method == "auto" and r.stages[-1].placement == "weighted" and r.data.provider == "npz"
     # what `edgeslim run` checks before anything runs: the heads match the model's outputs
     model = pull(registered_detector, tracking_uri=mlflow_server.uri, out_dir=tmp_path / "m").model
     with torch.no_grad():
