@@ -47,26 +47,14 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int = 30,
                      lr: float = 2e-3, batch_size: int = 64, seed: int = 0,
                      progress=None) -> nn.Module:
-    """Train a classifier with Adam and cosine decay; repeatable for a seed."""
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=lr, total_steps=epochs * ((len(xt) + batch_size - 1) // batch_size))
-    model.train()
-    for epoch in range(epochs):
-        perm = torch.randperm(len(xt), generator=gen)
-        for i in range(0, len(xt), batch_size):
-            idx = perm[i:i + batch_size]
-            loss = nn.functional.cross_entropy(model(augment(xt[idx], gen)), yt[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-        if progress:
-            progress(epoch + 1, epochs, float(loss.detach()))
-    return model.eval()
+    """Train a classifier with AdamW and a one-cycle schedule; repeatable for a seed.
+
+    The one training loop is :func:`edgeslim.components.distill.fit` (here without a teacher).
+    """
+    from edgeslim.components.distill import fit  # distill imports this module
+
+    return fit(model, x=x, y=y, epochs=epochs, lr=lr, batch_size=batch_size, optimizer="adamw",
+               schedule="onecycle", weight_decay=1e-4, seed=seed, progress=progress)
 
 
 @torch.no_grad()
