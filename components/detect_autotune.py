@@ -77,6 +77,7 @@ def _damage(row: dict[str, Any], parent: dict[str, Any]) -> float:
 
 
 def quantize_detector_auto(fp32_onnx: str | Path, config, *, data: Splits, task, out_dir: str | Path,
+                           model=None, export_config=None,
                            progress: Callable[[str], None] | None = None) -> StageResult:
     """The first int8 detector that passes the detection gate on the validation split.
 
@@ -87,6 +88,9 @@ def quantize_detector_auto(fp32_onnx: str | Path, config, *, data: Splits, task,
         data: calibration from train, trials judged on val.
         task: the recipe's ``DetectionTaskConfig`` (decoder and gate).
         out_dir: one folder per trial, ``autotune.json``.
+        model: the torch detector ``fp32_onnx`` was exported from; with ``config.qat`` and
+            no passing PTQ/fallback trial, QAT (:mod:`.detect_qat`) is the last trial.
+        export_config: ONNX export settings for QAT's re-export.
         progress: called with one line per trial.
 
     Returns:
@@ -192,12 +196,31 @@ def quantize_detector_auto(fp32_onnx: str | Path, config, *, data: Splits, task,
                                    f"{k} most sensitive head(s) (producing {outs}) in float passed ({row['gate']})")
         best = max(trials, key=key)
 
+    if config.qat and model is not None:
+        from .detect_qat import qat_detector
+
+        keep = list(best["float_layers"])
+        t = time.perf_counter()
+        res = qat_detector(model, config, data=data, out_dir=out_dir / "qat", calibrator=cal, float_layers=keep,
+                           export_config=export_config)
+        row = record("qat", cal, keep, res, time.perf_counter() - t)
+        row["output_error_val"] = res.metrics["output_error_val"]
+        if row["passed"]:
+            return finish(row, f"trial {row['trial']}: PTQ ({cal}) and float fallback failed the detection gate; "
+                               f"QAT ({config.qat_epochs} epochs, weighted placement, matching the fp32 outputs) "
+                               f"passed ({row['gate']})")
+        best = max(trials, key=key)
+
     (out_dir / "autotune.json").write_text(json.dumps(
         {"trials": trials, "winner": None, "fp32_val": parent, "head_sensitivity": sens}, indent=1, default=str))
     fix = ("raise quantize.max_float_layers" if config.max_float_layers < len(sens) or not sens
            else "loosen task.gate") + ", or try another calibrator"
-    if config.qat:  # the classifier search's last step; a detector's QAT needs its own training loss
-        fix += " (QAT is not tried for detectors: fine-tune with your detector's loss, then quantize)"
+    if not config.qat:
+        fix += ", or set quantize.qat: true"
+    elif model is None:
+        fix += " (QAT was not tried: no torch model was given)"
+    else:
+        fix += ", or raise quantize.qat_epochs"
     raise GateRejected(
         f"quantize(auto): no detector candidate passed the detection gate after {len(trials)} trial(s); best "
         f"was trial {best['trial']} ({best['kind']}, {best['calibrator']}: mAP@0.5 {best['map50']:.2f} vs "

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import difflib
 import time
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -118,18 +118,21 @@ def fit(student: nn.Module, *, x: np.ndarray, y: np.ndarray, teacher: nn.Module 
         epochs: int, lr: float, batch_size: int = 64, optimizer: str = "adamw",
         schedule: str = "onecycle", weight_decay: float = 1e-4, temperature: float = 4.0,
         alpha: float = 0.7, seed: int = 0, feature_pairs: list[list[str]] | None = None,
-        feature_weight: float = 1.0, progress: Progress | None = None) -> nn.Module:
+        feature_weight: float = 1.0, progress: Progress | None = None,
+        loss_fn: Callable[[Any, Any, Any], torch.Tensor] | None = None) -> nn.Module:
     """Train ``student`` in place, optionally distilled from ``teacher``; return it in eval mode.
 
     Args:
         student: the model trained (changed in place; pass a copy to keep the original).
         x: training inputs.
-        y: integer class labels.
+        y: integer class labels (``None`` with a ``loss_fn`` that needs no labels).
         teacher: the model imitated (frozen, eval mode); None for plain training.
         epochs: passes over ``x``.
         lr: peak learning rate.
         feature_pairs: ``[[teacher layer, student layer], ...]`` for feature KD.
         progress: called with (epoch, epochs, last loss) after each epoch.
+        loss_fn: ``(student outputs, teacher outputs or None, labels batch or None) -> loss``
+            instead of the classification/KD loss (e.g. a detector's output matching).
 
     Raises:
         DataError: there are no training samples.
@@ -138,7 +141,8 @@ def fit(student: nn.Module, *, x: np.ndarray, y: np.ndarray, teacher: nn.Module 
         raise DataError("training data: the train split is empty; training needs samples")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    xt, yt = torch.from_numpy(np.asarray(x, dtype=np.float32)), torch.from_numpy(np.asarray(y)).long()
+    xt = torch.from_numpy(np.asarray(x, dtype=np.float32))
+    yt = None if y is None else torch.from_numpy(np.asarray(y)).long()
     params = list(student.parameters())
     adapters = nn.ModuleList()
     s_tap = t_tap = None
@@ -178,7 +182,11 @@ def fit(student: nn.Module, *, x: np.ndarray, y: np.ndarray, teacher: nn.Module 
                 if teacher is not None:
                     with torch.no_grad():
                         t_out = teacher(xb)
-                loss = kd_loss(s_out, t_out, yt[idx], temperature, alpha if teacher is not None else 0.0)
+                yb = None if yt is None else yt[idx]
+                if loss_fn is not None:
+                    loss = loss_fn(s_out, t_out, yb)
+                else:
+                    loss = kd_loss(s_out, t_out, yb, temperature, alpha if teacher is not None else 0.0)
                 if feature_pairs:
                     for adapter, (t_name, s_name) in zip(adapters, feature_pairs):
                         loss = loss + feature_weight * nn.functional.mse_loss(

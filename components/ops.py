@@ -103,7 +103,13 @@ def quantize_op(recipe_json: str, tracking_uri: str, onnx_model: Input[Model], s
     elif cfg.method == "auto" and is_detection(recipe.task):
         from edgeslim.components.detect_autotune import quantize_detector_auto
 
-        res = quantize_detector_auto(onnx_model.path, cfg, data=data, task=recipe.task, out_dir=out_dir)
+        model = None
+        if cfg.qat:  # QAT, the search's last resort, fine-tunes the torch detector
+            from edgeslim.components.common.model_io import load_module
+
+            model = load_module(student.path)
+        res = quantize_detector_auto(onnx_model.path, cfg, data=data, task=recipe.task, out_dir=out_dir,
+                                     model=model, export_config=recipe.export)
     else:
         import mlflow
 
