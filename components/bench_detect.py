@@ -101,15 +101,11 @@ def run_detect_bench_rows(*, workdir: str | Path, epochs: int = 20, seed: int = 
         return row
 
 
-    def score_ranges(metrics: dict[str, Any], model: str | Path) -> dict[str, Any]:
+    def score_ranges(metrics: dict[str, Any]) -> dict[str, Any]:
         """The amax each class-score output is quantized with, or "float" where it is not quantized
         (its head kept in float, or ``placement: weighted``, which quantizes no op's output)."""
-        import onnx
-
-        producer = {o: n.op_type for n in onnx.load(str(model)).graph.node for o in n.output}
-        ranges = metrics.get("ranges", {})
-        return {h.cls: (ranges[h.cls] if producer.get(h.cls) == "DequantizeLinear" else "float")
-                for h in task.decoder.heads if h.cls in ranges}
+        ranges, floats = metrics.get("ranges", {}), set(metrics.get("float_outputs", []))
+        return {h.cls: ("float" if h.cls in floats else ranges[h.cls]) for h in task.decoder.heads if h.cls in ranges}
 
     rows = [measure("fp32", fp32, t_macs)]
     log("ONNX Runtime quantize_static defaults")
@@ -121,7 +117,7 @@ def run_detect_bench_rows(*, workdir: str | Path, epochs: int = 20, seed: int = 
                            data=data, out_dir=workdir / f"ptq-{cal}-{placement}")
             rows.append(measure(f"edgeslim PTQ {cal}" + (", weighted" if placement == "weighted" else ""),
                                 Path(res.model), t_macs,
-                                {"score_head_amax": score_ranges(res.metrics, res.model), "placement": placement}))
+                                {"score_head_amax": score_ranges(res.metrics), "placement": placement}))
     for cal in CALIBRATORS:
         cfg = AccuracyAwareQuantizeConfig(calibrators=[cal], num_samples=calib_samples, max_float_layers=3,
                                           qat=False, placement="weighted")
@@ -131,7 +127,7 @@ def run_detect_bench_rows(*, workdir: str | Path, epochs: int = 20, seed: int = 
             rows.append(measure(f"edgeslim accuracy-aware ({cal})", Path(res.model), t_macs, {
                 "float_layers": res.metrics["float_layers"], "trials": len(res.metrics["trials"]),
                 "search": res.metrics["reason"],
-                "score_head_amax": score_ranges(res.metrics, res.model)}))
+                "score_head_amax": score_ranges(res.metrics)}))
         except Exception as exc:  # a failed search is a row too, with its reason
             log(f"  accuracy-aware ({cal}) found nothing: {exc}")
             rows.append({"row": f"edgeslim accuracy-aware ({cal})", "failed": str(exc)})

@@ -139,9 +139,8 @@ def quantize_detector_auto(fp32_onnx: str | Path, config, *, data: Splits, task,
         metrics = {"size_bytes": final.stat().st_size, "winner": row, "reason": reason, "trials": trials,
                    "head_sensitivity": sens, "calibrator": row["calibrator"],
                    "float_layers": win.metrics.get("float_layers", []),
-                   # Outputs whose head stayed float: their range in ``ranges`` is calibrated but unused.
-                   "float_outputs": [r["output"] for r in sens
-                                     if set(r["nodes"]) & set(win.metrics.get("float_layers", []))],
+                   # outputs left in float (head fallback or placement "weighted"): range unused
+                   "float_outputs": win.metrics.get("float_outputs", []),
                    "ranges": win.metrics.get("ranges", {}),
                    **{k: win.metrics[k] for k in ("qdq_nodes", "per_channel_weights", "zero_points_all_zero")
                       if k in win.metrics}}

@@ -91,6 +91,15 @@ def calibrate_ranges(model_path: Path, config: PTQQuantizeConfig, data: Splits) 
     return {n: calibrate.choose_amax(a, h, config.calibrator, config.percentile) for n, (a, h) in stats.items()}
 
 
+def unquantized_outputs(path: str | Path) -> list[str]:
+    """Graph outputs of a Q/DQ ONNX that carry no Q/DQ (their calibrated range is unused)."""
+    import onnx
+
+    g = onnx.load(str(path)).graph
+    producer = {o: n.op_type for n in g.node for o in n.output}
+    return [o.name for o in g.output if producer.get(o.name) != "DequantizeLinear"]
+
+
 def check_qdq(path: str | Path) -> dict:
     """Facts TensorRT cares about: Q/DQ count, zero points, per-channel weight axes."""
     import onnx
@@ -206,6 +215,8 @@ def quantize(onnx_path: str | Path, config: PTQQuantizeConfig, *, data: Splits,
             "calibration_samples": min(config.num_samples, len(data.x_train)),
             "float_layers": exclude,
             "placement": config.placement,
+            # outputs left in float (kept float, or placement "weighted"): their range is unused
+            "float_outputs": unquantized_outputs(out),
             "ranges": {k: round(v, 6) for k, v in ranges.items()},
             **facts,
         },

@@ -103,7 +103,7 @@ def _detection_rows(s: dict[str, Any], c: dict[str, Any], cand: dict[str, Any]) 
     if outs:
         rows.append(("calibrated amax of the outputs", "", ", ".join(
             f"{k} float" if k in floats else f"{k} {v:.3g}" for k, v in outs.items()),
-            "float: head kept in float" if floats else ""))
+            "float: not quantized (head kept in float, or placement: weighted)" if floats else ""))
     return rows
 
 

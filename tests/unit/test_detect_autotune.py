@@ -84,6 +84,9 @@ def test_weighted_placement_puts_qdq_only_on_the_inputs_of_weighted_ops(onnx_and
     assert all("Conv" in c for c in _activation_dq_consumers(weighted.model))
     assert weighted.metrics["placement"] == "weighted" and weighted.metrics["zero_points_all_zero"]
     assert weighted.metrics["qdq_nodes"] < everywhere.metrics["qdq_nodes"]
+    # the report says which outputs carry no Q/DQ, so an unused calibrated range is not mistaken for a clip
+    assert everywhere.metrics["float_outputs"] == []
+    assert weighted.metrics["float_outputs"] == [f"output_{i}" for i in range(6)]
 
 
 def test_an_unknown_placement_is_one_line():
