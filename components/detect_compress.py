@@ -109,25 +109,39 @@ def prune_detector(model: nn.Module, config: ChannelPruneConfig, *, data: Splits
     view = Splits(x_train=data.x_train[:256], x_val=data.x_val[:64], x_test=data.x_test[:64],
                   y_train=zeros["y_train"][:256], y_val=zeros["y_val"][:64], y_test=zeros["y_test"][:64],
                   source=data.source)
-    structural = dataclasses.replace(config, finetune_epochs=0, distill=False,
-                                     ignored_layers=[f"m.{n}" for n in ignored],
-                                     layer_ratios={f"m.{k}": v for k, v in config.layer_ratios.items()})
     from .common.reference_detect import without_splits
 
-    res = prune(_Flat(without_splits(model)), structural, data=view)
-    pruned = res.model.m
+    macs0, _ = count_macs_params(model, example)
+    kd = teacher if teacher is not None else (model if config.distill else None)
+    pruned = without_splits(model)
     losses: list[float] = []
-    if config.finetune_epochs:
-        kd = teacher if teacher is not None else (model if config.distill else None)
-        train_detector(pruned, data.x_train, data.y_train, epochs=config.finetune_epochs, lr=config.lr,
-                       batch_size=config.batch_size, seed=config.seed, teacher=kd,
-                       feature_layers=feature_layers if kd is not None else (),
-                       progress=lambda e, n, l: (losses.append(l), progress and progress(e, n, l)))
+    history = []
+    for step in range(1, config.steps + 1):
+        # Geometric steps, as the classifier pruner: step k keeps keep_fraction ** (k / steps).
+        goal = macs0 * config.keep_fraction ** (step / config.steps)
+        now, _ = count_macs_params(pruned, example)
+        structural = dataclasses.replace(config, keep_fraction=min(goal / now, 0.999), steps=1,
+                                         finetune_epochs=0, distill=False,
+                                         ignored_layers=[f"m.{n}" for n in ignored],
+                                         layer_ratios={f"m.{k}": v for k, v in config.layer_ratios.items()}
+                                         if step == 1 else {})
+        pruned = prune(_Flat(pruned), structural, data=view).model.m
+        if config.finetune_epochs:
+            n_ep = config.finetune_epochs
+            done = len(losses)
+            train_detector(pruned, data.x_train, data.y_train, epochs=n_ep, lr=config.lr,
+                           batch_size=config.batch_size, seed=config.seed + step - 1, teacher=kd,
+                           feature_layers=feature_layers if kd is not None else (),
+                           output_alpha=config.alpha if kd is not None else 0.0,
+                           progress=lambda e, n, l, done=done: (
+                               losses.append(l),
+                               progress and progress(done + e, n * config.steps, l)))
+        history.append({"step": step, "macs": count_macs_params(pruned, example)[0], "goal": int(goal)})
     macs0, params0 = count_macs_params(model, example)
     macs1, params1 = count_macs_params(pruned, example)
     metrics = {"macs_before": macs0, "macs_after": macs1, "macs_ratio": macs0 / max(macs1, 1),
                "params_before": params0, "params_after": params1, "params_ratio": params0 / max(params1, 1),
-               "heads_kept": heads, "finetune_loss": losses[-1] if losses else None}
+               "heads_kept": heads, "finetune_loss": losses[-1] if losses else None, "steps": history}
     lineage = {"stage": "prune", "config": config.to_json_dict(), "task": "detection",
                "ignored_layers": ignored, "distilled_at": list(feature_layers), "data_digest": data.digest()}
     return StageResult(pruned.eval(), metrics, lineage, time.perf_counter() - start)

@@ -390,11 +390,38 @@ def detection_loss(outputs: Sequence[torch.Tensor], targets: list[dict[str, torc
     return loss
 
 
+def output_distill_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
+                        box_min_score: float = 0.05) -> torch.Tensor:
+    """Distillation on the head outputs: the teacher's class scores are soft BCE targets on every
+    cell, and its boxes are regression targets (GIoU + L1, as in :func:`detection_loss`) on the
+    cells where its best class score is at least ``box_min_score``, weighted by that score.
+    Normalised by the sum of the teacher's best scores (its soft count of positives)."""
+    best = [t.max(1).values for t in teacher[1::2]]
+    norm = max(sum(float(b.sum()) for b in best), 1.0)
+    loss = student[0].new_zeros(())
+    for lvl, w in enumerate(best):
+        s_box, s_cls = student[2 * lvl], student[2 * lvl + 1].clamp(1e-6, 1 - 1e-6)
+        t_box, t_cls = teacher[2 * lvl], teacher[2 * lvl + 1]
+        t_c = t_cls.clamp(1e-6, 1 - 1e-6)
+        # BCE against soft targets minus their own entropy: the KL divergence, 0 when the scores match.
+        kl = nn.functional.binary_cross_entropy(s_cls, t_c, reduction="sum") - \
+            nn.functional.binary_cross_entropy(t_c, t_c, reduction="sum")
+        loss = loss + kl / norm
+        keep = w >= box_min_score
+        if keep.any():
+            pb = s_box.permute(0, 2, 3, 1)[keep]
+            tb = t_box.permute(0, 2, 3, 1)[keep].clamp(min=0)
+            wk = w[keep]
+            loss = loss + (wk * 2.0 * (1.0 - _giou(pb.clamp(min=0), tb))).sum() / norm
+            loss = loss + (wk * 0.5 * nn.functional.smooth_l1_loss(pb, tb, reduction="none").sum(1)).sum() / norm
+    return loss
+
+
 def train_detector(model: nn.Module, x: np.ndarray, labels: Sequence[np.ndarray], *, epochs: int = 20,
                    lr: float = 3e-3, batch_size: int = 32, seed: int = 0,
                    teacher: nn.Module | None = None, feature_layers: Sequence[str] = (),
-                   feature_weight: float = 1.0, progress: Callable[[int, int, float], None] | None = None
-                   ) -> nn.Module:
+                   feature_weight: float = 1.0, output_alpha: float = 0.0,
+                   progress: Callable[[int, int, float], None] | None = None) -> nn.Module:
     """Train ``model`` in place (AdamW, one-cycle); repeatable for a seed; returns it in eval mode.
 
     Args:
@@ -403,6 +430,9 @@ def train_detector(model: nn.Module, x: np.ndarray, labels: Sequence[np.ndarray]
         labels: per canvas a (k, 5) array ``[x1, y1, x2, y2, class]``.
         teacher: distil from it: feature MSE at ``feature_layers`` (module names present in
             both models, e.g. the neck outputs), through learned 1x1 adapters.
+        output_alpha: with a teacher, also distil its outputs (:func:`output_distill_loss`: its class
+            scores as soft targets on every cell, its boxes where it is confident); the loss is
+            ``(1 - output_alpha) * detection + output_alpha * output distillation`` (+ features).
         progress: called with (epoch, epochs, last loss).
     """
     from ..distill import FeatureTap, _adapter
@@ -416,10 +446,13 @@ def train_detector(model: nn.Module, x: np.ndarray, labels: Sequence[np.ndarray]
     params = list(model.parameters())
     adapters = nn.ModuleList()
     s_tap = t_tap = None
-    if teacher is not None and feature_layers:
+    if teacher is not None and (feature_layers or output_alpha):
         teacher = copy.deepcopy(teacher).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
+    else:
+        teacher = None
+    if teacher is not None and feature_layers:
         t_tap = FeatureTap(teacher, list(feature_layers), "teacher")
         s_tap = FeatureTap(model, list(feature_layers), "student")
         with torch.no_grad():
@@ -441,9 +474,12 @@ def train_detector(model: nn.Module, x: np.ndarray, labels: Sequence[np.ndarray]
                 idx = perm[i:i + batch_size]
                 out = model(xt[idx])
                 loss = detection_loss(out, [{k: v[idx] for k, v in t.items()} for t in tgt_t])
-                if t_tap is not None:
+                if teacher is not None:
                     with torch.no_grad():
-                        teacher(xt[idx])
+                        t_out = teacher(xt[idx])
+                    if output_alpha:
+                        loss = (1.0 - output_alpha) * loss + output_alpha * output_distill_loss(out, t_out)
+                if t_tap is not None:
                     for adapter, name in zip(adapters, feature_layers):
                         loss = loss + feature_weight * nn.functional.mse_loss(
                             adapter(s_tap.outputs[name]), t_tap.outputs[name])

@@ -107,3 +107,48 @@ def test_pruning_keeps_heads_whole_and_halves_the_macs(tiny, data):
     assert tiny.head[0].cls[1].out_channels == res.model.head[0].cls[1].out_channels == 10
     # The C2f concat still lines up: a forward pass through every block works in eval and train mode.
     res.model.train()(torch.rand(2, 1, 48, 48))
+
+
+def test_pruning_a_detector_in_steps_gets_there_gradually(tiny, data):
+    from edgeslim.components.common.stage_configs import ChannelPruneConfig
+    from edgeslim.components.detect_compress import prune_detector
+
+    seen = []
+    res = prune_detector(tiny, ChannelPruneConfig(keep_fraction=0.45, steps=2, finetune_epochs=1, batch_size=32),
+                         data=data, feature_layers=["fpn4"], progress=lambda e, n, l: seen.append((e, n)))
+    steps = res.metrics["steps"]
+    assert [s["step"] for s in steps] == [1, 2]
+    assert res.metrics["macs_before"] > steps[0]["macs"] > steps[1]["macs"] == res.metrics["macs_after"]
+    assert steps[1]["macs"] <= 0.45 * res.metrics["macs_before"]
+    assert seen == [(1, 2), (2, 2)]  # one fine-tuning epoch after each step, counted over the whole stage
+    assert res.lineage["config"]["steps"] == 2
+
+
+def test_output_distillation_is_zero_for_the_teachers_own_outputs(tiny, data):
+    from edgeslim.components.common.reference_detect import output_distill_loss
+
+    x = torch.from_numpy(data.x_train[:8])
+    with torch.no_grad():
+        t = tiny(x)
+        other = DigitsDetector(width=8, head_hidden=8).eval()(x)
+    assert float(output_distill_loss(t, t)) == pytest.approx(0.0, abs=1e-4)
+    assert float(output_distill_loss(other, t)) > 0.0
+
+
+def test_output_distillation_makes_the_student_imitate_the_teacher(tiny, data):
+    import copy
+
+    # A teacher unlike the labels: its class scores sit near 0.5 on every cell.
+    teacher = copy.deepcopy(tiny)
+    with torch.no_grad():
+        for head in teacher.head:
+            head.cls[-1].bias.fill_(0.0)
+    x = torch.from_numpy(data.x_val)
+    mean_score = {}
+    for alpha in (0.0, 1.0):
+        student = train_detector(copy.deepcopy(tiny), data.x_train[:64], data.y_train[:64], epochs=2,
+                                 batch_size=16, lr=1e-2, teacher=teacher, output_alpha=alpha)
+        with torch.no_grad():
+            mean_score[alpha] = float(torch.cat([o.flatten() for o in student(x)[1::2]]).mean())
+    # Labels alone push background scores down; the teacher's outputs pull them up.
+    assert mean_score[1.0] > mean_score[0.0]
