@@ -5,7 +5,9 @@ correct through C2f splits, residual adds and concats) on a view of the
 detector whose outputs are flattened into one tensor, with every head's
 prediction conv (and any ``ignored_layers``) left alone and without the
 classifier fine-tuning; the pruned detector is then fine-tuned here with the
-detection loss, distilled from the unpruned model at the neck outputs.
+detection loss, distilled from the unpruned model at the neck outputs and at the
+head outputs (``prune.alpha``: its class scores and confident boxes), in
+``prune.steps`` geometric steps with fine-tuning after each.
 """
 
 from __future__ import annotations
@@ -85,10 +87,12 @@ def prune_detector(model: nn.Module, config: ChannelPruneConfig, *, data: Splits
 
     Args:
         model: the detector (not changed).
-        config: pruning settings; ``finetune_epochs`` of detection-loss fine-tuning follow.
+        config: pruning settings. The target is reached in ``steps`` geometric steps, each followed
+            by ``finetune_epochs`` of detection-loss fine-tuning; with a teacher the loss is
+            ``(1 - alpha) * detection + alpha * head-output distillation`` plus the feature MSE.
         data: detection splits (``y_*`` hold boxes).
-        teacher: distilled from at ``feature_layers`` while fine-tuning (default: the unpruned model
-            when ``config.distill``).
+        teacher: distilled from at ``feature_layers`` and at its outputs while fine-tuning (default:
+            the unpruned model when ``config.distill``).
         feature_layers: module names present in both (e.g. the neck outputs).
 
     Raises:

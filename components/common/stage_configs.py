@@ -133,7 +133,8 @@ class ChannelPruneConfig(StageConfig):
         batch_size: fine-tuning batch size.
         distill: fine-tune with knowledge distillation from the unpruned model.
         temperature: distillation temperature.
-        alpha: weight of the distillation loss against the hard-label loss.
+        alpha: weight of the distillation loss against the hard-label loss (for a detector:
+            distillation of the teacher's class scores and boxes against the detection loss).
         seed: makes the fine-tuning repeatable.
     """
 
