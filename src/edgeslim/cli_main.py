@@ -288,9 +288,19 @@ def cmd_init(args: argparse.Namespace) -> int:
     if args.npz:
         data = f"  provider: npz\n  args: {{path: {json.dumps(args.npz)}}}"
         if task != "classification":
+            from edgeslim.components.common.errors import DataError
             from edgeslim.plugins.datasets import load_data
 
-            splits = load_data("npz", {"path": args.npz})
+            try:
+                splits = load_data("npz", {"path": args.npz})
+            except DataError as exc:
+                if task == "detection":
+                    raise
+                # auto: the data may live where only the pipeline can read it; say what was assumed
+                print(f"edgeslim: note: could not read --npz to see its labels ({exc}); wrote a "
+                      "classification recipe; pass --task detection if the labels are boxes", file=sys.stderr)
+                task = "classification"
+        if task != "classification" and splits is not None:
             boxes = splits.y_train.dtype == object
             if task == "detection" and not boxes:
                 raise ConfigError(f"--npz {args.npz}: y_train holds class labels, not boxes; detection needs "

@@ -219,6 +219,8 @@ def test_init_writes_a_recipe_that_run_accepts(mlflow_server, registered_teacher
     assert_one_line_error(again, "exists; pass --force")
     npz = run_cli("init", "--source", registered_teacher, "--npz", "s3://bucket/d.npz", "-o", str(tmp_path / "n.yaml"))
     assert npz.returncode == 0 and load_recipe(tmp_path / "n.yaml").data.provider == "npz"
+    # init could not look at the labels (no S3 here): it says what it assumed
+    assert "could not read --npz" in npz.stderr and "pass --task detection" in npz.stderr
 
 
 def test_compile_writes_kfp_ir(tmp_path):
