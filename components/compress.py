@@ -25,7 +25,8 @@ Progress = Callable[[str, int, int, float], None]
 
 
 def apply_torch_stages(model, stages: Sequence[Any], *, data: Splits, teacher,
-                       progress: Progress | None = None) -> StageResult:
+                       progress: Progress | None = None, distill_fn: Callable | None = None,
+                       prune_fn: Callable | None = None) -> StageResult:
     """Apply distill/prune stages in the order given; the output of one is the input of the next.
 
     Args:
@@ -34,6 +35,9 @@ def apply_torch_stages(model, stages: Sequence[Any], *, data: Splits, teacher,
         data: the splits (training from train, metrics from val/test).
         teacher: the fp32 model distillation imitates.
         progress: called with (stage label, step, steps, loss).
+        distill_fn, prune_fn: ``(current model, stage config, progress) -> StageResult`` in
+            place of :func:`.distill.distill` / :func:`.prune.prune` (a detector's stages
+            use :mod:`.detect_compress`'s).
 
     Returns:
         StageResult with the last model; ``metrics["stages"]`` holds each stage's metrics
@@ -58,9 +62,10 @@ def apply_torch_stages(model, stages: Sequence[Any], *, data: Splits, teacher,
                 progress(label, step, steps, loss)
 
         if isinstance(cfg, LogitDistillConfig):
-            res = distill(current, cfg, data=data, teacher=teacher, progress=cb)
+            res = (distill_fn(current, cfg, cb) if distill_fn else
+                   distill(current, cfg, data=data, teacher=teacher, progress=cb))
         elif isinstance(cfg, ChannelPruneConfig):
-            res = prune(current, cfg, data=data, progress=cb)
+            res = prune_fn(current, cfg, cb) if prune_fn else prune(current, cfg, data=data, progress=cb)
         else:
             raise ConfigError(
                 f"stages[{i}]: {cfg.stage}({cfg.method}) is not a torch stage; only distill and "
@@ -68,7 +73,7 @@ def apply_torch_stages(model, stages: Sequence[Any], *, data: Splits, teacher,
             )
         current = res.model
         done.append({"stage": cfg.stage, "method": cfg.method, "seconds": round(res.seconds, 2),
-                     **{k: v for k, v in res.metrics.items() if k not in ("channels", "steps")}})
+                     **{k: v for k, v in res.metrics.items() if k not in ("channels", "steps", "heads_kept")}})
         lineage.append(res.lineage)
     macs1, params1 = count_macs_params(current, example)
     metrics = {"stages": done, "macs_before": macs0, "macs_after": macs1,

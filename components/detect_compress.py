@@ -196,36 +196,19 @@ def distill_detector(model: nn.Module, config: LogitDistillConfig, *, data: Spli
 
 def apply_detector_stages(model: nn.Module, stages: Sequence[Any], *, data: Splits, task=None,
                           progress: Callable[[str, int, int, float], None] | None = None) -> StageResult:
-    """The recipe's distill/prune stages for a detector, in order (the counterpart of
-    :func:`.compress.apply_torch_stages`). The input model is the teacher and is not changed."""
+    """The recipe's distill/prune stages for a detector, in order: :func:`.compress.apply_torch_stages`
+    with the detector's distill and prune. The input model is the teacher and is not changed."""
     from .common.reference_detect import NECK_OUTPUTS
-    from .prune import count_macs_params
+    from .compress import apply_torch_stages
 
-    start = time.perf_counter()
-    example = torch.from_numpy(data.x_train[:1])
-    macs0, params0 = count_macs_params(model, example)
-    current = model
-    done, lineage = [], []
     neck = [n for n in NECK_OUTPUTS if n in set(_detector_names(model))]
-    for i, cfg in enumerate(stages):
-        label = f"{i + 1}:{cfg.stage}({cfg.method})"
 
-        def cb(step: int, steps: int, loss: float, label: str = label) -> None:
-            if progress:
-                progress(label, step, steps, loss)
+    def distill_fn(current, cfg, cb):
+        return distill_detector(current, cfg, data=data, teacher=model, progress=cb)
 
-        if isinstance(cfg, LogitDistillConfig):
-            res = distill_detector(current, cfg, data=data, teacher=model, progress=cb)
-        elif isinstance(cfg, ChannelPruneConfig):
-            res = prune_detector(current, cfg, data=data, teacher=current if cfg.distill else None,
-                                 feature_layers=neck if cfg.distill else (), progress=cb)
-        else:
-            raise ConfigError(f"stages[{i}]: {cfg.stage}({cfg.method}) is not a torch stage")
-        current = res.model
-        done.append({"stage": cfg.stage, "method": cfg.method, "seconds": round(res.seconds, 2),
-                     **{k: v for k, v in res.metrics.items() if k != "heads_kept"}})
-        lineage.append(res.lineage)
-    macs1, params1 = count_macs_params(current, example)
-    metrics = {"stages": done, "macs_before": macs0, "macs_after": macs1, "macs_ratio": macs0 / max(macs1, 1),
-               "params_before": params0, "params_after": params1, "params_ratio": params0 / max(params1, 1)}
-    return StageResult(current, metrics, {"stages": lineage}, time.perf_counter() - start)
+    def prune_fn(current, cfg, cb):
+        return prune_detector(current, cfg, data=data, teacher=current if cfg.distill else None,
+                              feature_layers=neck if cfg.distill else (), progress=cb)
+
+    return apply_torch_stages(model, stages, data=data, teacher=model, progress=progress,
+                              distill_fn=distill_fn, prune_fn=prune_fn)
