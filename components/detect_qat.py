@@ -210,15 +210,15 @@ def qat_detector(model: nn.Module, config, *, data: Splits, out_dir: str | Path,
     qdq = out_dir / "model.int8.onnx"
     qdq.write_bytes(Path(final.model).read_bytes())
 
-    def onnx_error(path: Path) -> float:
-        want = [o.detach().numpy() for o in _outputs(ref(torch.from_numpy(np.ascontiguousarray(x_val))))]
-        _, got = run_outputs(make_session(path, basic=True), x_val)
-        return float(sum(np.mean((g - w) ** 2) / (np.mean(w ** 2) + 1e-8) for g, w in zip(got, want)))
+    with torch.no_grad():  # the fp32 outputs once; both exports are scored by the training loss's formula
+        want = ref(torch.from_numpy(np.ascontiguousarray(x_val)))
 
-    with torch.no_grad():
-        err["ptq_onnx"], err["qat_onnx"] = onnx_error(Path(ptq.model)), onnx_error(qdq)
-    metrics = {**{k: v for k, v in final.metrics.items() if k != "ranges"}, "ranges": final.metrics["ranges"],
-               "size_bytes": qdq.stat().st_size, "qat_epochs": config.qat_epochs,
+    def onnx_error(path: Path) -> float:
+        _, got = run_outputs(make_session(path, basic=True), x_val)
+        return float(output_matching_loss([torch.from_numpy(g) for g in got], want, None))
+
+    err["ptq_onnx"], err["qat_onnx"] = onnx_error(Path(ptq.model)), onnx_error(qdq)
+    metrics = {**final.metrics, "size_bytes": qdq.stat().st_size, "qat_epochs": config.qat_epochs,
                "output_error_val": {k: float(f"{v:.4g}") for k, v in err.items()}}
     lineage = {"stage": "quantize", "method": "qat", "task": "detection", "placement": "weighted",
                "loss": "output matching against the fp32 model (label-free)", "calibration_split": "train",
