@@ -172,11 +172,12 @@ def quantize(onnx_path: str | Path, config: PTQQuantizeConfig, *, data: Splits,
     out_dir.mkdir(parents=True, exist_ok=True)
     pre = out_dir / "model.pre.onnx"
     quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)
-    exclude = resolve_float_layers(onnx.load(str(pre)), config.float_layers)
+    pre_model = onnx.load(str(pre))
+    exclude = resolve_float_layers(pre_model, config.float_layers)
     if ranges is None:
         ranges = calibrate_ranges(pre, config, data)
     else:
-        missing = sorted(set(_float_tensors(onnx.load(str(pre)))) - set(ranges))
+        missing = sorted(set(_float_tensors(pre_model)) - set(ranges))
         if missing:
             raise ValueError(f"quantize: ranges= lacks {len(missing)} tensor(s) of this graph ({missing[:3]}); "
                              "they must come from calibrate_onnx() on the same ONNX")
