@@ -16,6 +16,14 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    # Seeded runs repeat bit for bit on one machine: deterministic kernels wherever torch has a
+    # choice (README, "What repeats bit for bit").
+    import torch
+
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_mlflow_globals():
     """Tests talk to different MLflow servers: no active run or experiment id leaks between them."""

@@ -10,6 +10,13 @@ from edgeslim.components.common.errors import ConfigError, GateRejected
 from edgeslim.components.common.recipe import AccuracyGateConfig
 from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig
 from edgeslim.components.quantize import check_qdq
+from tests.spread import measured
+
+# SQNR that keeping the damaged layer in float buys over the best PTQ trial: 1.7-3.5 dB over
+# 3 kernel sets x 3 seeds (tests/spread.json). Bound 0.5 dB: the fallback must help, by a margin
+# the spread does not cross. (+3.0 dB, the old bound, was one machine's figure: an AVX2 machine
+# measured +1.2 dB with the earlier damaged layer.)
+GAIN_DB = 0.5
 
 IMPOSSIBLE = AccuracyGateConfig(max_metric_drop=0.0, min_top1_agreement=1.0, min_sqnr_db=200.0)
 
@@ -52,7 +59,8 @@ def test_every_step_tried_then_refused_with_the_best_trial(tmp_path):
     assert (tmp_path / "sensitivity" / "sensitivity.png").is_file()
     # keeping the hard layer in float buys fidelity; QAT reports its fake-quant accuracy too
     # (how closely that matches the export is held by test_qat, on models that are not damaged)
-    assert rows[2]["sqnr_db"] > max(rows[0]["sqnr_db"], rows[1]["sqnr_db"]) + 3.0
+    gain = measured("autotune.fallback_sqnr_gain_db", rows[2]["sqnr_db"] - max(rows[0]["sqnr_db"], rows[1]["sqnr_db"]))
+    assert gain > GAIN_DB
     assert 0.0 <= rows[4]["fake_quant_top1_test"] <= 100.0
     # QAT starts from the best candidate so far: highest metric, then SQNR
     best = max(rows[:4], key=lambda r: (r["metric"], r["sqnr_db"]))
@@ -68,7 +76,7 @@ def test_float_fallback_wins_when_it_is_the_first_to_pass(tmp_path):
         _auto(model, fp32, cfg, IMPOSSIBLE, tmp_path / "probe")
     probe = json.loads((tmp_path / "probe" / "autotune.json").read_text())["trials"]
     ptq, fb1 = probe[0]["sqnr_db"], probe[1]["sqnr_db"]
-    assert fb1 > ptq
+    assert measured("autotune.fallback_sqnr_gain_minmax_db", fb1 - ptq) > GAIN_DB
     gate = AccuracyGateConfig(max_metric_drop=100.0, min_top1_agreement=0.0, min_sqnr_db=(ptq + fb1) / 2)
     res = _auto(model, fp32, cfg, gate, tmp_path / "run")
     assert [t["kind"] for t in res.metrics["trials"]] == ["ptq", "fallback"]

@@ -11,6 +11,7 @@ from edgeslim.components.common.reference_detect import (
     C2f, DigitsDetector, build_targets, default_heads, make_detection_splits, train_detector,
 )
 from edgeslim.components.common.task_config import task_from_dict
+from tests.spread import SEED, measured
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -34,7 +35,7 @@ def task():
 
 @pytest.fixture(scope="module")
 def tiny(data):
-    torch.manual_seed(0)
+    torch.manual_seed(SEED)
     return train_detector(DigitsDetector(width=8, head_hidden=8), data.x_train, data.y_train, epochs=1,
                           batch_size=32)
 
@@ -151,4 +152,5 @@ def test_output_distillation_makes_the_student_imitate_the_teacher(tiny, data):
         with torch.no_grad():
             mean_score[alpha] = float(torch.cat([o.flatten() for o in student(x)[1::2]]).mean())
     # Labels alone push background scores down; the teacher's outputs pull them up.
-    assert mean_score[1.0] > mean_score[0.0]
+    # 0.0008-0.0010 in every run of tests/spread.json: small (two epochs on 64 images), never reversed
+    assert measured("detect.output_distill_score_gain", mean_score[1.0] - mean_score[0.0]) > 0.0

@@ -15,6 +15,7 @@ from edgeslim.components.common.reference_detect import (DigitsDetector, default
                                                          train_detector)
 from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig
 from edgeslim.components.common.task_config import task_from_dict
+from tests.spread import SEED, measured
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def trained():
     torch.set_num_threads(1)
     try:
         data = make_detection_splits(seed=0, n_train=128, n_val=32, n_test=16)
-        torch.manual_seed(0)
+        torch.manual_seed(SEED)
         model = train_detector(DigitsDetector(width=8, head_hidden=8), data.x_train, data.y_train, epochs=2,
                                batch_size=32)
         yield model, data
@@ -42,10 +43,12 @@ def test_qat_brings_a_clipped_detector_closer_to_fp32_and_exports_what_it_traine
                                       qat_lr=1e-4)
     res = qat_detector(model, cfg, data=data, out_dir=tmp_path, calibrator="percentile")
     err = res.metrics["output_error_val"]
-    assert err["qat_onnx"] < 0.8 * err["ptq_onnx"]  # the exported int8 model is closer to fp32 than PTQ's
+    # the exported int8 model is closer to fp32 than PTQ's (ratio 0.34-0.53 in tests/spread.json);
+    # start/PTQ 0.99-1.00, export/tuned 1.09-1.14
+    assert measured("detect_qat.qat_over_ptq_error", err["qat_onnx"] / err["ptq_onnx"]) < 0.8
     # the fake-quant model is the Q/DQ ONNX's twin: same error before training, close after the export
-    assert err["fake_quant_start"] == pytest.approx(err["ptq_onnx"], rel=0.1)
-    assert err["qat_onnx"] == pytest.approx(err["fake_quant_tuned"], rel=0.5)
+    assert measured("detect_qat.start_over_ptq_error", err["fake_quant_start"] / err["ptq_onnx"]) == pytest.approx(1, rel=0.1)
+    assert measured("detect_qat.export_over_tuned_error", err["qat_onnx"] / err["fake_quant_tuned"]) == pytest.approx(1, rel=0.5)
     g = onnx.load(str(res.model)).graph
     inits = {i.name for i in g.initializer}
     dqs = [n for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] not in inits]

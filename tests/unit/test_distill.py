@@ -9,8 +9,18 @@ from edgeslim.components.common.reference import DigitsCNN
 from edgeslim.components.common.stage_configs import FeatureDistillConfig, LogitDistillConfig
 from edgeslim.components.distill import distill, fit, kd_loss
 from edgeslim.components.prune import count_macs_params
+from tests.spread import measured
 
 X1 = torch.zeros(1, 1, 8, 8)
+# Two epochs of distillation into a half-width student, measured (tests/spread.json: 3 kernel sets x 3 seeds):
+#   validation gain over the student as built: cnn 42.8-63.9 pt, mobile 35.6-57.8 pt -> bound 20 (>= 15 pt margin)
+#   test top-1 afterwards: cnn 57.4-79.9 %, mobile 55.2-67.1 % -> bound 40 (>= 15 pt margin)
+#   feature KD, test top-1: cnn 48.7-73.5 %, mobile 50.1-67.1 % -> bound 35 (>= 13 pt margin)
+# (A point bound near the teacher, as before, failed on an AVX2 machine: 55.7 against 92.8 - 30.
+# Two epochs make a student that learns, not one that matches its teacher.)
+WIDTH_GAIN_PT = {"cnn": 20.0, "mobile": 20.0}
+WIDTH_TOP1 = {"cnn": 40.0, "mobile": 40.0}
+FEATURE_TOP1 = {"cnn": 35.0, "mobile": 35.0}
 
 
 def test_kd_loss_blends_kl_and_hard_labels():
@@ -33,8 +43,9 @@ def test_width_student_is_smaller_and_learns(kind):
     m = res.metrics
     assert m["student_params"] < 0.5 * m["teacher_params"]
     assert count_macs_params(res.model, X1) == (m["student_macs"], m["student_params"])
-    assert m["student_top1_test"] > 55.0
-    assert m["student_top1_test"] >= m["teacher_top1_test"] - 30.0
+    learned = measured(f"distill.width_student_gain_pt[{kind}]", m["student_top1_val"] - m["student_top1_val_before"])
+    assert learned > WIDTH_GAIN_PT[kind]
+    assert measured(f"distill.width_student_top1_test[{kind}]", m["student_top1_test"]) > WIDTH_TOP1[kind]
     assert same_state(before, state(teacher)), "distill changed the teacher"
     assert res.lineage["student"] == "teacher@width0.5"
 
@@ -46,8 +57,10 @@ def test_previous_stage_student_improves_under_distillation():
     weak = DigitsCNN(width=4)  # untrained: the previous stage's output
     res = distill(weak, LogitDistillConfig(student="previous", epochs=3, optimizer="sgd", lr=0.05,
                                            schedule="cosine"), data=d, teacher=teacher)
-    assert res.metrics["student_top1_val_before"] < 30.0
-    assert res.metrics["student_top1_val"] > res.metrics["student_top1_val_before"] + 30.0
+    # untrained: 10.0 % in every run (chance); gain after 3 epochs 37.8-51.7 pt (tests/spread.json)
+    assert measured("distill.untrained_top1_val", res.metrics["student_top1_val_before"]) < 30.0
+    gain = measured("distill.previous_student_gain_pt", res.metrics["student_top1_val"] - res.metrics["student_top1_val_before"])
+    assert gain > 25.0
     assert res.lineage["student"] == "previous stage"
     assert next(weak.parameters()).abs().sum() > 0 and res.model is not weak
 
@@ -70,7 +83,7 @@ def test_feature_kd_with_adapters_for_narrower_student(kind, pairs):
     d, t = digits(), trained(kind)
     cfg = FeatureDistillConfig(student="width", width=0.5, epochs=2, layer_pairs=pairs, feature_weight=0.5)
     res = distill(t, cfg, data=d, teacher=t)
-    assert res.metrics["student_top1_test"] > 50.0
+    assert measured(f"distill.feature_kd_top1_test[{kind}]", res.metrics["student_top1_test"]) > FEATURE_TOP1[kind]
     # the adapters were training-only: the student has no extra modules and no hooks left
     names = {n for n, _ in res.model.named_modules()}
     assert not any("adapter" in n for n in names)

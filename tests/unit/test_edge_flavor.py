@@ -23,6 +23,7 @@ from edgeslim.components.common.engine_config import TensorRTEngineConfig
 from edgeslim.components.common.errors import DeviceError
 from edgeslim.components.devices import LocalDevice, get_device_class
 from edgeslim.plugins import edge_flavor as flavor
+from tests.spread import measured
 
 ORIN_KEY = "orin-sm87-jp6.1-trt10.3"
 ADA_KEY = "ada-sm89-trt10"
@@ -69,7 +70,8 @@ def test_pyfunc_runs_the_qdq_onnx_in_qdq_semantics_on_cpu(models, tmp_path):
     assert out["backend"] == "onnxruntime:CPUExecutionProvider"
     expected = stage.run_session(stage.qdq_session(models["qdq"]), x)
     np.testing.assert_allclose(out[OUTPUT], expected, rtol=1e-5, atol=1e-5)
-    assert (out[OUTPUT].argmax(1) == y).mean() > 0.9
+    # 0.975 in every run: an sklearn MLP, so torch's kernels and seeds do not reach it
+    assert measured("flavor.tiny_qdq_top1", (out[OUTPUT].argmax(1) == y).mean()) > 0.9
     by_name = pyfunc.predict({INPUT: x[:4]})
     np.testing.assert_allclose(by_name[OUTPUT], expected[:4], rtol=1e-5, atol=1e-5)
 

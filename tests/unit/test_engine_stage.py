@@ -24,6 +24,7 @@ from edgeslim.components import engine_stage as stage
 from edgeslim.components.common.engine_config import EngineVerifyConfig, TensorRTEngineConfig
 from edgeslim.components.common.errors import GateRejected, SourceError
 from edgeslim.components.devices import LocalDevice
+from tests.spread import measured
 
 ORIN_KEY = "orin-sm87-jp6.1-trt10.3"
 ADA_KEY = "ada-sm89-trt10"
@@ -61,9 +62,10 @@ def test_sqnr_of_identical_outputs_is_infinite_and_noise_lowers_it():
 def test_a_faithful_engine_passes_the_gate(models):
     check = stage.verify_engine(ort_run(models["fp32"]), models["qdq"], models["splits"], EngineVerifyConfig())
     assert check.passed, check.reasons
-    assert check.metrics["top1_agreement"] >= 0.99 and check.metrics["sqnr_db"] > 20
+    assert measured("engine_verify.fp32_vs_qdq_top1_agreement", check.metrics["top1_agreement"]) >= 0.99
+    assert measured("engine_verify.fp32_vs_qdq_sqnr_db", check.metrics["sqnr_db"]) > 20
     assert check.metrics["samples"] == len(models["splits"].x_test)
-    assert check.metrics["engine_top1"] > 90
+    assert measured("engine_verify.engine_top1", check.metrics["engine_top1"]) > 90
 
 
 def test_a_damaged_engine_fails_the_gate_with_reasons(models):

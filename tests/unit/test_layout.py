@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import tomllib
 from pathlib import Path
@@ -25,12 +26,51 @@ def test_every_package_folder_is_listed_and_every_listed_package_exists():
     assert found == listed, f"not listed: {sorted(found - listed)}; listed but missing: {sorted(listed - found)}"
 
 
+def pipeline_structure(text: str) -> list:
+    """What a compiled pipeline *is*: components, inputs, outputs, DAG, executors, images, resources.
+
+    Left out is what the kfp SDK writes of itself: ``sdkVersion`` and the shell launcher and
+    imports it puts in front of each component's function. A patch release of kfp changes
+    those and nothing the cluster runs differently (kfp 2.17.0 and 2.17.3 differ only there).
+    """
+    spec, *platform = yaml.safe_load_all(text)
+    spec.pop("sdkVersion", None)
+    for executor in spec["deploymentSpec"]["executors"].values():
+        container = executor.get("container", {})
+        program = container.pop("command", [])[-1:] or [""]
+        # The component's own source, from its `def` on: the part edgeslim wrote.
+        container["function_source"] = program[0][program[0].find("\ndef "):]
+    return [spec, *platform]
+
+
+def test_pipeline_structure_ignores_the_sdk_and_sees_a_changed_component():
+    from edgeslim.pipelines.edge_compression import COMPILED
+
+    spec, *platform = yaml.safe_load_all(COMPILED.read_text())
+
+    def structure_after(change):
+        changed = copy.deepcopy(spec)
+        change(changed, changed["deploymentSpec"]["executors"]["exec-pull-op"]["container"])
+        return pipeline_structure(yaml.safe_dump_all([changed, *platform]))
+
+    same = structure_after(lambda s, c: None)
+    assert same == pipeline_structure(COMPILED.read_text())
+    # What the SDK writes of itself does not count ...
+    assert structure_after(lambda s, c: s.update(sdkVersion="kfp-9.9.9")) == same
+    assert structure_after(lambda s, c: c["command"].__setitem__(2, c["command"][2] + " --new-flag")) == same
+    # ... what the pipeline runs does.
+    assert structure_after(lambda s, c: c["command"].__setitem__(-1, c["command"][-1] + "    pass\n")) != same
+    assert structure_after(lambda s, c: c.update(image="python:3.12")) != same
+    assert structure_after(lambda s, c: c["args"].append("--x")) != same
+    assert structure_after(lambda s, c: s["root"]["dag"]["tasks"].pop("gate-op")) != same
+
+
 def test_checked_in_pipeline_matches_the_code(tmp_path):
     from edgeslim.pipelines.edge_compression import COMPILED, compile_pipeline
 
     # Two documents: the pipeline spec, then the Kubernetes platform spec (GPU node selectors).
-    fresh = list(yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml").read_text()))
-    stored = list(yaml.safe_load_all(COMPILED.read_text()))
+    fresh = pipeline_structure(compile_pipeline(tmp_path / "p.yaml").read_text())
+    stored = pipeline_structure(COMPILED.read_text())
     assert fresh == stored, "pipelines/edge_compression.yaml is stale: run `edgeslim compile -o pipelines/edge_compression.yaml`"
 
 

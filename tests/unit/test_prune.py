@@ -9,6 +9,7 @@ from edgeslim.components.common.errors import ConfigError
 from edgeslim.components.common.model_io import load_module, save_module
 from edgeslim.components.common.stage_configs import ChannelPruneConfig
 from edgeslim.components.prune import count_macs_params, prune, shrink_to_width
+from tests.spread import measured
 
 X1 = torch.zeros(1, 1, 8, 8)
 
@@ -68,7 +69,8 @@ def test_params_target_and_global_allocation_is_uneven():
     m = res.metrics
     assert m["params_after"] <= 0.4 * m["params_before"] * 1.02
     kept = [a / b for b, a in m["channels"].values() if a != b]
-    assert max(kept) - min(kept) > 0.05, "global pruning should not cut every layer alike"
+    # 0.66-0.91 (tests/spread.json): global pruning never cuts every layer alike
+    assert measured("prune.global_keep_spread", max(kept) - min(kept)) > 0.05, "global pruning should not cut every layer alike"
 
 
 def test_per_layer_allocation_is_even():
@@ -94,7 +96,7 @@ def test_iterative_steps_with_distilled_finetuning():
     assert [h["step"] for h in hist] == [1, 2]
     assert hist[0]["size"] > hist[1]["size"]
     assert res.lineage["distilled_from"] == "unpruned model"
-    assert res.metrics["top1_test"] > 60.0
+    assert measured("prune.steps_distilled_top1_test", res.metrics["top1_test"]) > 60.0  # 81.1-88.9 (tests/spread.json)
 
 
 def test_saved_whole_and_loads_back(tmp_path):

@@ -24,3 +24,14 @@ def test_ci_runs_the_readme_test_command_verbatim():
 def test_readme_pins_torch_in_both_commands():
     for cmd in _commands():
         assert "torch==2.13.0" in cmd  # an unpinned torch pulls a multi-GB CUDA build
+
+
+def test_the_test_command_installs_from_the_lock_and_the_lock_pins_everything():
+    _, tests = _commands()
+    assert "-c tests/requirements.lock" in tests
+    lines = [ln for ln in (REPO / "tests" / "requirements.lock").read_text().splitlines()
+             if ln and not ln.startswith((" ", "#"))]
+    unpinned = [ln for ln in lines if not re.fullmatch(r"[A-Za-z0-9._-]+==[^\s;]+", ln)]
+    assert lines and not unpinned, f"tests/requirements.lock has lines that pin nothing: {unpinned}"
+    names = {ln.split("==")[0].lower() for ln in lines}
+    assert {"torch", "mlflow", "kfp", "onnxruntime", "boto3", "pytest"} <= names

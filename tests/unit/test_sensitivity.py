@@ -8,6 +8,7 @@ from compress_models import WORKLOADS, digits, hard_to_quantize, onnx_of, one_to
 from edgeslim.components.common.stage_configs import PTQQuantizeConfig
 from edgeslim.components.sensitivity import (
     format_table, layer_sensitivity, preprocessed, quantizable_layers, rank, write)
+from tests.spread import measured
 
 CFG = PTQQuantizeConfig(calibrator="minmax", num_samples=64)
 
@@ -20,7 +21,8 @@ def test_every_layer_measured_and_ranked(kind, tmp_path):
     rows = table["layers"]
     assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
     assert all(rows[i]["metric_drop"] >= rows[i + 1]["metric_drop"] for i in range(len(rows) - 1))
-    assert all(r["sqnr_db"] > 10 for r in rows)  # one int8 layer is a small perturbation
+    # the least SQNR of any one int8 layer: 29.6-35.1 dB (tests/spread.json)
+    assert measured(f"sensitivity.min_layer_sqnr_db[{kind}]", min(r["sqnr_db"] for r in rows)) > 10  # one int8 layer is a small perturbation
     assert table["split"] == "val"
     for r in rows:
         assert abs(table["fp32_metric"] - r["metric"] - r["metric_drop"]) < 1e-3
@@ -34,7 +36,7 @@ def test_hard_to_quantize_layer_ranks_first(kind):
     worst = by_node[rank(table, "sqnr")[0]]
     assert worst["layer"] == layer
     others = [r["sqnr_db"] for r in table["layers"] if r["layer"] != layer]
-    assert worst["sqnr_db"] < min(others) - 1.0
+    assert measured(f"sensitivity.damaged_layer_margin_db[{kind}]", min(others) - worst["sqnr_db"]) > 1.0
 
 
 def test_table_text_and_chart(tmp_path):

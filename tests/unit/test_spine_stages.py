@@ -17,6 +17,7 @@ from edgeslim.components.common.stage_configs import OnnxExportConfig, PTQQuanti
 from edgeslim.components.evaluate import evaluate, gate, sqnr_db
 from edgeslim.components.export import export, run_onnx
 from edgeslim.components.quantize import quantize
+from tests.spread import measured
 
 FAST_EVAL = EvaluateConfig(latency_batches=[1, 32], latency_warmup=1, latency_repeats=3)
 
@@ -76,7 +77,9 @@ def test_ptq_gives_symmetric_per_channel_qdq_that_keeps_accuracy(fp32_onnx, digi
     assert res.metrics["size_bytes"] < fp32_onnx.metrics["size_bytes"] / 1.8
     acc_fp = (run_onnx(fp32_onnx.model, digits.x_test).argmax(1) == digits.y_test).mean() * 100
     acc_q = (run_onnx(res.model, digits.x_test).argmax(1) == digits.y_test).mean() * 100
-    assert acc_q > acc_fp - (10.0 if calibrator == "entropy" else 2.0)
+    # top-1 drop, tests/spread.json: entropy 3.1-4.2 pt, the others -0.3-0.6 pt over the three kernel sets
+    # (conftest's tiny teacher trains with seed 0 whatever EDGESLIM_TEST_SEED says)
+    assert measured(f"ptq.top1_drop_pt[{calibrator}]", acc_fp - acc_q) < (10.0 if calibrator == "entropy" else 2.0)
 
 
 def test_calibration_draws_from_train_only(fp32_onnx, digits, tmp_path):
@@ -110,7 +113,7 @@ def test_evaluate_and_gate(fp32_onnx, digits, tmp_path):
     assert ev["source"]["size_bytes"] > ev["candidate"]["size_bytes"]
     assert set(ev["candidate"]["latency_ms"]) == {"batch_1", "batch_32"}
     assert all(v > 0 for v in ev["candidate"]["latency_ms"].values())
-    assert 0.9 <= ev["candidate"]["fidelity"]["top1_agreement"] <= 1.0
+    assert 0.9 <= measured("evaluate.ptq_top1_agreement", ev["candidate"]["fidelity"]["top1_agreement"]) <= 1.0
     ok = gate(ev, AccuracyGateConfig(max_metric_drop=5, min_top1_agreement=0.9, min_sqnr_db=5))
     assert ok["passed"] and ok["summary"].startswith("passed")
     strict = gate(ev, AccuracyGateConfig(min_sqnr_db=200.0))
