@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from .common.data import Splits
-from .common.errors import DataError
-from .common.recipe import AccuracyGateConfig, EvaluateConfig
-from .common.result import StageResult
-from .export import INPUT_NAME, make_session
+from edgeslim.components.common.data import Splits
+from edgeslim.components.common.errors import DataError
+from edgeslim.components.recipe import AccuracyGateConfig, EvaluateConfig
+from edgeslim.components.common.result import StageResult
+from edgeslim.components.export import INPUT_NAME, make_session
 
 
 def top1_percent(logits: np.ndarray, labels: np.ndarray) -> float:

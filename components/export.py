@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .common.data import Splits
-from .common.errors import DataError, SourceError
-from .common.result import StageResult
-from .common.stage_configs import OnnxExportConfig
+from edgeslim.components.common.data import Splits
+from edgeslim.components.common.errors import DataError, SourceError
+from edgeslim.components.common.result import StageResult
+from edgeslim.components.common.stage_configs import OnnxExportConfig
 
 INPUT_NAME = "input"
 log = logging.getLogger(__name__)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import yaml
 
-from .common.errors import SourceError
-from .common.result import StageResult
-from .common.tracking import connect, model_id_of, resolve_version
+from edgeslim.components.common.errors import SourceError
+from edgeslim.components.common.result import StageResult
+from edgeslim.components.common.tracking import connect, model_id_of, resolve_version
 
 
 def pull(uri: str, *, tracking_uri: str | None = None, out_dir: str | Path) -> StageResult:

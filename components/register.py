@@ -16,10 +16,10 @@ import numpy as np
 
 import edgeslim
 
-from .common.errors import GateRejected
-from .common.result import StageResult
-from .common.task_config import is_detection
-from .common.tracking import connect
+from edgeslim.components.common.errors import GateRejected
+from edgeslim.components.common.result import StageResult
+from edgeslim.components.common.task_config import is_detection
+from edgeslim.components.common.tracking import connect
 
 log = logging.getLogger(__name__)
 TAG = "edgeslim."
@@ -43,7 +43,7 @@ def find_existing(client, name: str, parent_version: str, parent_name: str, reci
 
 def _engines_to_ship(engines) -> dict[str, str]:
     """Device class -> engine folder (built) or status line (not built)."""
-    from edgeslim.components.engine_stage import STATUS_BUILT
+    from edgeslim.components.engine.stage import STATUS_BUILT
 
     out: dict[str, str] = {}
     for e in engines:

@@ -161,7 +161,7 @@ def log_report(rep: dict[str, Any], report_path: str, html_path: str, *, trackin
 
     import mlflow
 
-    from .common.tracking import connect
+    from edgeslim.components.common.tracking import connect
 
     connect(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:

@@ -37,9 +37,9 @@ from typing import Any, Callable
 from edgeslim.components.common.config import Config
 from edgeslim.components.common.errors import ConfigError, FleetError, SourceError
 
-from . import signing
-from .manifest import Manifest, artifact_key, decode_array, encode_array
-from .store import FleetKeys, ObjectStore, PreconditionFailed, StoreUnavailable, check_name
+from edgeslim.deploy import signing
+from edgeslim.deploy.manifest import Manifest, artifact_key, decode_array, encode_array
+from edgeslim.deploy.store import FleetKeys, ObjectStore, PreconditionFailed, StoreUnavailable, check_name
 
 log = logging.getLogger("edgeslim.controller")
 
@@ -259,7 +259,7 @@ def golden_check(model_dir: Path, cfg: WaveRolloutConfig) -> dict[str, Any]:
     task = meta.get("task")
     if isinstance(task, dict) and task.get("kind") == "detection":
         from edgeslim.components.common.task_config import task_from_dict
-        from edgeslim.components.detect_decode import decode_outputs
+        from edgeslim.components.common.decode import decode_outputs
 
         dets = decode_outputs(outs, task_from_dict(dict(task)))
         check.update(task=task, detections=[encode_array(np.asarray(d, dtype=np.float32)) for d in dets],
@@ -748,7 +748,7 @@ class Controller:
 
 
 def _artifact(d: dict[str, Any]):
-    from .manifest import Artifact
+    from edgeslim.deploy.manifest import Artifact
 
     return Artifact(key=d["key"], sha256=d["sha256"], size=int(d["size"]), format=d.get("format", "onnx"),
                     metadata=d.get("metadata") or {})

@@ -27,9 +27,9 @@ SIGNING_KEY_ENV = "EDGESLIM_FLEET_SIGNING_KEY"
 def open_controller(fleet: str, *, store: str | None = None, endpoint_url: str | None = None,
                     signing_key: str | None = None, need_key: bool = False):
     """A :class:`~edgeslim.deploy.controller.Controller` for ``fleet`` from flags and environment."""
-    from . import signing
-    from .controller import Controller
-    from .store import open_store
+    from edgeslim.deploy import signing
+    from edgeslim.deploy.controller import Controller
+    from edgeslim.deploy.store import open_store
 
     key_path = signing_key or os.environ.get(SIGNING_KEY_ENV)
     if need_key and not key_path:
@@ -83,7 +83,7 @@ def _parse_c(items: list[str] | None) -> dict[str, str]:
 def _cmd(args: argparse.Namespace) -> int:
     import logging
 
-    from .controller import WaveRolloutConfig, fleet_summary
+    from edgeslim.deploy.controller import WaveRolloutConfig, fleet_summary
 
     # botocore logs request headers (Authorization carries the access key id) at DEBUG:
     # keep them out of the log even with --debug.
@@ -91,7 +91,7 @@ def _cmd(args: argparse.Namespace) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     if args.fleet_cmd == "keygen":
-        from . import signing
+        from edgeslim.deploy import signing
 
         priv, pub = signing.generate_keypair(args.dir, overwrite=args.overwrite)
         print(f"private key: {priv} (keep it secret; mode 0600)\npublic key:  {pub} (copy to every device)")
@@ -145,14 +145,14 @@ def _cmd(args: argparse.Namespace) -> int:
         _print([{"name": r["name"], "state": r["state"]} for r in done])
         return 0 if all(r["state"] in ("succeeded", "withdrawn") for r in done) else 1
     if args.fleet_cmd == "follow":
-        from .controller import follow_alias
+        from edgeslim.deploy.controller import follow_alias
 
         rec = follow_alias(c, args.model, args.alias, args.rollout, _parse_c(args.config))
         _print(fleet_summary(c, rec) if rec else {"started": None, "why": "already rolled out"})
         return 0 if rec is None or rec["state"] in ("succeeded", "pending") else 1
     if args.fleet_cmd == "webhook":
-        from .controller import follow_alias
-        from .webhook import make_server
+        from edgeslim.deploy.controller import follow_alias
+        from edgeslim.deploy.webhook import make_server
 
         secret = os.environ.get("EDGESLIM_WEBHOOK_SECRET")
         if not secret:

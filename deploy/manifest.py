@@ -18,7 +18,7 @@ from typing import Any
 
 from edgeslim.components.common.errors import FleetError
 
-from . import signing
+from edgeslim.deploy import signing
 
 MANIFEST_TYPE = "edgeslim.fleet.manifest"
 MANIFEST_VERSION = 1

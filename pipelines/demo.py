@@ -22,7 +22,7 @@ def ensure_teacher(client, *, epochs: int = 20, progress: Callable[[str], None] 
     def train() -> TrainedModel:
         import torch
 
-        from edgeslim.components.common.reference import DigitsCNN, top1, train_classifier
+        from edgeslim.components.reference.digits import DigitsCNN, top1, train_classifier
         from edgeslim.plugins.datasets import SklearnDigits
 
         data = SklearnDigits(seed=0).load()

@@ -31,7 +31,7 @@ def train_reference_detector(*, epochs: int = EPOCHS, width: int = 16, seed: int
     if threads:
         torch.set_num_threads(threads)
 
-    from edgeslim.components.common.reference_detect import DigitsDetector, make_detection_splits, train_detector
+    from edgeslim.components.reference.detector import DigitsDetector, make_detection_splits, train_detector
 
     data = make_detection_splits(seed=seed, n_val=n_val, n_test=n_test)
 
@@ -55,8 +55,8 @@ def ensure_detector(client, *, epochs: int = EPOCHS, progress: Callable[[str], N
     from edgeslim.pipelines.reference_registry import TrainedModel, ensure_registered
 
     def train() -> TrainedModel:
-        from edgeslim.components.common.recipe import load_recipe
-        from edgeslim.components.detect_eval import detection_metrics, torch_detections
+        from edgeslim.components.recipe import load_recipe
+        from edgeslim.components.tasks.detection import detection_metrics, torch_detections
 
         model, data = train_reference_detector(epochs=epochs, progress=progress)
         task = load_recipe(DETECT_RECIPE).task

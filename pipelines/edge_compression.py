@@ -14,9 +14,9 @@ from pathlib import Path
 
 from kfp import compiler, dsl
 
-from edgeslim.components.common.engine_config import TensorRTEngineConfig
-from edgeslim.components.engine_op import apply_device_class_placement, parallel_items
-from edgeslim.components.ops import DEFAULT_IMAGE, make_ops
+from edgeslim.components.engine.config import TensorRTEngineConfig
+from edgeslim.components.kfp.placement import apply_device_class_placement, parallel_items
+from edgeslim.components.kfp.ops import DEFAULT_IMAGE, make_ops
 
 PIPELINE_NAME = "edgeslim-edge-compression"
 COMPILED = Path(__file__).with_name("edge_compression.yaml")
@@ -106,7 +106,7 @@ def compile_pipeline(out: str | Path, base_image: str = DEFAULT_IMAGE,
                      engines: TensorRTEngineConfig | None = None) -> Path:
     """Write the pipeline as Kubeflow IR YAML (engine tasks for ``engines``; default: the demo recipe's)."""
     if engines is None:
-        from edgeslim.components.common.recipe import load_recipe
+        from edgeslim.components.recipe import load_recipe
         from edgeslim.pipelines.demo import DEMO_RECIPE
 
         engines = load_recipe(DEMO_RECIPE).engines

@@ -145,7 +145,7 @@ def check_boxes(x: np.ndarray, y: np.ndarray, where: str) -> np.ndarray:
 
 
 def _digits_detect(**kw):
-    from edgeslim.components.common.reference_detect import DigitsDetection
+    from edgeslim.components.reference.detector import DigitsDetection
 
     return DigitsDetection(**kw)
 

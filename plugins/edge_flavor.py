@@ -59,7 +59,7 @@ def _engine_source(item: Any) -> Path:
 
 def _collect_engines(engines: Any) -> dict[str, _EngineIn]:
     """Normalize the ``engines=`` argument of :func:`save_model`."""
-    from edgeslim.components.engine_stage import STATUS_BUILT, read_summary
+    from edgeslim.components.engine.stage import STATUS_BUILT, read_summary
 
     if engines is None:
         return {}
@@ -89,7 +89,7 @@ def _collect_engines(engines: Any) -> dict[str, _EngineIn]:
 
 
 def _copy_engine(src: Path, dst: Path, device_class: str, onnx_sha256: str) -> dict[str, Any]:
-    from edgeslim.components.engine import file_sha256, read_metadata
+    from edgeslim.components.engine.builder import file_sha256, read_metadata
 
     meta = read_metadata(src)
     if meta.get("device_class") != device_class:
@@ -136,7 +136,7 @@ def save_model(path: str | Path, onnx_path: str | Path, *, metadata: dict[str, A
     from mlflow.pyfunc import add_to_model
 
     import edgeslim
-    from edgeslim.components.engine import file_sha256
+    from edgeslim.components.engine.builder import file_sha256
 
     path = Path(path)
     onnx_path = Path(onnx_path)
@@ -248,7 +248,7 @@ class BackendChoice:
 
 
 def _engine_fits(meta: Mapping[str, Any], tensorrt_version: str, local) -> Optional[str]:
-    from edgeslim.components.engine import check_engine_compatible
+    from edgeslim.components.engine.builder import check_engine_compatible
 
     try:
         check_engine_compatible(dict(meta), tensorrt_version, local)
@@ -332,7 +332,7 @@ class EdgeModel:
     def __init__(self, path: str | Path, *, local=None, tensorrt_version: Optional[str] = None):
         import onnxruntime as ort
 
-        from edgeslim.components import devices
+        from edgeslim.components.engine import devices
 
         self.path = Path(path)
         meta_path = self.path / META_FILE
@@ -346,7 +346,7 @@ class EdgeModel:
         self.runner = self.session = None
         if self.choice.kind == "tensorrt":
             try:
-                from edgeslim.components.engine import EngineRunner
+                from edgeslim.components.engine.builder import EngineRunner
 
                 key = self.choice.device_class
                 self.runner = EngineRunner(self.path / ENGINES_DIR / key, self.engines[key], local=local)
@@ -356,7 +356,7 @@ class EdgeModel:
                 self.choice = choose_backend({}, tensorrt_version=None, local=local,
                                              available_providers=ort.get_available_providers())
         if self.runner is None:
-            from edgeslim.components.engine_stage import qdq_session
+            from edgeslim.components.engine.stage import qdq_session
 
             # Q/DQ semantics (ORT_ENABLE_BASIC): see DESIGN.md, fused CPU int8 kernels can saturate.
             self.session = qdq_session(self.path / MODEL_FILE, providers=list(self.choice.providers))
@@ -388,7 +388,7 @@ class EdgeModel:
         if isinstance(task, Mapping) and task.get("kind") == "detection":
             # A detector's pyfunc also returns decoded boxes: per image (M, 6) [x1, y1, x2, y2, score, class].
             from edgeslim.components.common.task_config import task_from_dict
-            from edgeslim.components.detect_decode import decode_outputs
+            from edgeslim.components.common.decode import decode_outputs
 
             result["detections"] = decode_outputs({k: v for k, v in result.items() if k != "backend"},
                                                   task_from_dict(dict(task)))

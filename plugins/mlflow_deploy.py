@@ -155,7 +155,7 @@ def run_local(name, model_uri, flavor=None, config=None):
     import json
 
     from edgeslim.deploy import signing
-    from edgeslim.deploy.agent import Agent
+    from edgeslim.deploy.agent.device import Agent
     from edgeslim.deploy.controller import Controller, WaveRolloutConfig
     from edgeslim.deploy.store import LocalStore
 

@@ -53,7 +53,7 @@ def tiny_teacher(digits):
     """A small DigitsCNN trained for a few epochs: accurate enough (>90%) to gate on."""
     import torch
 
-    from edgeslim.components.common.reference import DigitsCNN, train_classifier
+    from edgeslim.components.reference.digits import DigitsCNN, train_classifier
 
     torch.manual_seed(0)
     return train_classifier(DigitsCNN(width=8), digits.x_train, digits.y_train, epochs=8, seed=0)

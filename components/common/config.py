@@ -13,7 +13,7 @@ import types
 import typing
 from typing import Any, ClassVar, Literal
 
-from .errors import ConfigError
+from edgeslim.components.common.errors import ConfigError
 
 _REGISTRY: dict[tuple[str, str], type["StageConfig"]] = {}
 

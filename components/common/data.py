@@ -7,7 +7,7 @@ import hashlib
 
 import numpy as np
 
-from .errors import DataError
+from edgeslim.components.common.errors import DataError
 
 SPLIT_KEYS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
 

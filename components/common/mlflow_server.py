@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Mapping
 
-from .errors import TrackingUnavailable
+from edgeslim.components.common.errors import TrackingUnavailable
 
 
 def free_port() -> int:

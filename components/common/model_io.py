@@ -6,7 +6,7 @@ import pickle
 import zipfile
 from pathlib import Path
 
-from .errors import SourceError
+from edgeslim.components.common.errors import SourceError
 
 
 def save_module(model, path: str | Path) -> Path:

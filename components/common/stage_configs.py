@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from .config import Config, StageConfig
-from .errors import ConfigError
+from edgeslim.components.common.config import Config, StageConfig
+from edgeslim.components.common.errors import ConfigError
 
 Calibrator = Literal["minmax", "entropy", "percentile", "mse"]
 

@@ -23,8 +23,8 @@ import dataclasses
 import re
 from typing import Any, Literal
 
-from .config import Config
-from .errors import ConfigError
+from edgeslim.components.common.config import Config
+from edgeslim.components.common.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

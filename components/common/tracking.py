@@ -7,8 +7,8 @@ import re
 import urllib.error
 import urllib.request
 
-from .errors import SourceError, TrackingUnavailable
-from .recipe import MODEL_URI
+from edgeslim.components.common.errors import SourceError, TrackingUnavailable
+from edgeslim.components.recipe import MODEL_URI
 
 DEFAULT_ENV = {
     # A down server should fail in seconds, not after minutes of retries.

@@ -1,7 +1,7 @@
 """edgeslim: registered PyTorch model in, gated int8 edge model out.
 
 The stages are plain functions in :mod:`edgeslim.components`; Kubeflow
-components wrap them in :mod:`edgeslim.components.ops`.
+components wrap them in :mod:`edgeslim.components.kfp.ops`.
 """
 
 from importlib.metadata import PackageNotFoundError, version as _version

@@ -21,8 +21,8 @@ from edgeslim.components.common.errors import EdgeslimError
 _COMMAND_MODULES = (
     "edgeslim.cli_main",
     "edgeslim.deploy.fleet_cli",
-    "edgeslim.components.bench",
-    "edgeslim.components.engine_cli",
+    "edgeslim.pipelines.bench",
+    "edgeslim.components.engine.cli",
 )
 
 

@@ -68,7 +68,7 @@ def _preflight(recipe, tracking_uri: str, workdir: Path) -> None:
     from edgeslim.components.common.task_config import is_detection
 
     if is_detection(recipe.task):
-        from edgeslim.components.detect_eval import check_detector
+        from edgeslim.components.tasks.detection import check_detector
 
         check_detector(res.model, data, recipe.task)
 
@@ -109,7 +109,7 @@ def execute(recipe, *, tracking_uri: str, workdir: Path, verbose: bool = False) 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from edgeslim.components.common.mlflow_server import MlflowServer
-    from edgeslim.components.common.recipe import load_recipe
+    from edgeslim.components.recipe import load_recipe
     from edgeslim.components.common.tracking import connect
     from edgeslim.pipelines.demo import DEMO_RECIPE, ensure_teacher
 
@@ -132,7 +132,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from edgeslim.components.common.recipe import load_recipe
+    from edgeslim.components.recipe import load_recipe
     from edgeslim.components.common.tracking import resolve_tracking_uri
 
     recipe = load_recipe(args.recipe)
@@ -246,7 +246,7 @@ def _detector_task_fields(source: str, data, tracking_uri: str | None) -> dict[s
     import numpy as np
     import torch
 
-    from edgeslim.components.detect_decode import infer_heads
+    from edgeslim.components.common.decode import infer_heads
     from edgeslim.components.pull import pull
 
     classes = [int(c) for y in data.y_train for c in np.asarray(y)[:, 4]]
@@ -275,7 +275,7 @@ def _detector_task_fields(source: str, data, tracking_uri: str | None) -> dict[s
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from edgeslim.components.common.recipe import MODEL_URI, load_recipe
+    from edgeslim.components.recipe import MODEL_URI, load_recipe
 
     m = MODEL_URI.match(args.source)
     if not m:
@@ -324,7 +324,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from edgeslim.components.ops import DEFAULT_IMAGE
+    from edgeslim.components.kfp.ops import DEFAULT_IMAGE
     from edgeslim.pipelines.edge_compression import compile_pipeline
 
     out = compile_pipeline(args.output, base_image=args.base_image or DEFAULT_IMAGE)
@@ -335,8 +335,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     import kfp
 
-    from edgeslim.components.common.recipe import load_recipe
-    from edgeslim.components.ops import DEFAULT_IMAGE
+    from edgeslim.components.recipe import load_recipe
+    from edgeslim.components.kfp.ops import DEFAULT_IMAGE
     from edgeslim.pipelines.edge_compression import build_pipeline
 
     recipe = load_recipe(args.recipe)

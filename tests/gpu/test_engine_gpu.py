@@ -12,8 +12,8 @@ import json
 import numpy as np
 import pytest
 
-from edgeslim.components import devices
-from edgeslim.components import engine as eng
+from edgeslim.components.engine import devices
+from edgeslim.components.engine import builder as eng
 
 
 def _skip_reason() -> str | None:
@@ -37,10 +37,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_REASON is not None, reason=_R
 @pytest.fixture(scope="module")
 def demo_qdq(tmp_path_factory):
     """The demo's model, small: DigitsCNN trained briefly, exported, quantized by edgeslim."""
-    from edgeslim.components.common.reference import DigitsCNN, train_classifier
+    from edgeslim.components.reference.digits import DigitsCNN, train_classifier
     from edgeslim.components.common.stage_configs import OnnxExportConfig, PTQQuantizeConfig
     from edgeslim.components.export import export
-    from edgeslim.components.quantize import quantize
+    from edgeslim.components.quantize.ptq import quantize
     from edgeslim.plugins.datasets import load_data
 
     folder = tmp_path_factory.mktemp("demo")
@@ -57,8 +57,8 @@ def device_class():
 
 
 def test_engine_builds_runs_and_agrees_with_onnxruntime(demo_qdq, device_class, tmp_path):
-    from edgeslim.components.common.engine_config import TensorRTEngineConfig
-    from edgeslim.components.engine_stage import STATUS_BUILT, build_engines
+    from edgeslim.components.engine.config import TensorRTEngineConfig
+    from edgeslim.components.engine.stage import STATUS_BUILT, build_engines
 
     qdq, data = demo_qdq
     cfg = TensorRTEngineConfig(device_classes=[device_class], max_batch=128)
@@ -83,8 +83,8 @@ def test_timing_cache_and_engine_cache_are_reused(demo_qdq, device_class, tmp_pa
 
 def test_runner_splits_large_batches_and_refuses_another_version(demo_qdq, device_class, tmp_path):
     qdq, data = demo_qdq
-    from edgeslim.components.common.engine_config import TensorRTEngineConfig
-    from edgeslim.components.engine_stage import qdq_session, run_session
+    from edgeslim.components.engine.config import TensorRTEngineConfig
+    from edgeslim.components.engine.stage import qdq_session, run_session
 
     built = eng.build_engine(qdq, tmp_path, device_class, TensorRTEngineConfig(max_batch=16))
     runner = eng.EngineRunner(built.engine_path)

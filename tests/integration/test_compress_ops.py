@@ -10,9 +10,9 @@ import torch
 
 from edgeslim.components.common.model_io import load_module, save_module
 from tests.spread import measured
-from edgeslim.components.common.reference import DigitsCNN
-from edgeslim.components.common.reference_mobile import DigitsMobileNet
-from edgeslim.components.compress_ops import make_compress_ops
+from edgeslim.components.reference.digits import DigitsCNN
+from edgeslim.components.reference.mobile import DigitsMobileNet
+from edgeslim.components.kfp.compress_ops import make_compress_ops
 from edgeslim.plugins.datasets import SklearnDigits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
@@ -147,7 +147,7 @@ def test_components_run_in_the_kfp_local_runner(tmp_path):
     @dsl.component(install_kfp_package=False)
     def make_model(model: Output[Model]):
         from edgeslim.components.common.model_io import save_module
-        from edgeslim.components.common.reference_mobile import DigitsMobileNet
+        from edgeslim.components.reference.mobile import DigitsMobileNet
 
         save_module(DigitsMobileNet(width=0.5), model.path)
 

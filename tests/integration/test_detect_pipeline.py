@@ -39,7 +39,7 @@ def registered_detector(mlflow_server):
     import mlflow
     import torch
 
-    from edgeslim.components.common.reference_detect import DigitsDetector, train_detector
+    from edgeslim.components.reference.detector import DigitsDetector, train_detector
     from edgeslim.components.common.tracking import connect
     from edgeslim.plugins.datasets import load_data
 
@@ -135,8 +135,8 @@ def test_init_reads_a_detectors_heads_from_its_outputs_and_writes_a_recipe_run_a
         mlflow_server, registered_detector, tmp_path):
     import torch
 
-    from edgeslim.components.common.recipe import load_recipe
-    from edgeslim.components.detect_decode import check_outputs
+    from edgeslim.components.recipe import load_recipe
+    from edgeslim.components.common.decode import check_outputs
     from edgeslim.components.pull import pull
     from edgeslim.plugins.datasets import load_data
 

@@ -69,8 +69,8 @@ def qdq_model(tmp_path_factory):
 
 def _engine_folder(folder, qdq, device_class):
     """An engine folder as build_engine writes it; the bytes stand in for a GPU-built engine."""
-    from edgeslim.components import engine as eng
-    from edgeslim.components.devices import LocalDevice, get_device_class
+    from edgeslim.components.engine import builder as eng
+    from edgeslim.components.engine.devices import LocalDevice, get_device_class
 
     folder.mkdir(parents=True)
     blob = b"stand-in serialized engine"
@@ -90,8 +90,8 @@ def test_registered_edge_model_loads_by_alias_and_runs_on_cpu(mlflow_server, qdq
     import mlflow
     from mlflow import MlflowClient
 
-    from edgeslim.components.engine import NOT_BUILT_NO_CUDA
-    from edgeslim.components.engine_stage import qdq_session, run_session
+    from edgeslim.components.engine.builder import NOT_BUILT_NO_CUDA
+    from edgeslim.components.engine.stage import qdq_session, run_session
     from edgeslim.plugins import edge_flavor
 
     qdq, x = qdq_model

@@ -211,7 +211,7 @@ def test_init_writes_a_recipe_that_run_accepts(mlflow_server, registered_teacher
     assert proc.returncode == 0, proc.stderr
     text = out.read_text()
     assert text.count("#") > 10  # commented
-    from edgeslim.components.common.recipe import load_recipe
+    from edgeslim.components.recipe import load_recipe
 
     r = load_recipe(out)
     assert r.source == registered_teacher and r.register.model_name("tiny-teacher") == "tiny-teacher-edge"

@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgeslim.components.common import reference, reference_mobile
+from edgeslim.components.reference import digits as reference
+
+from edgeslim.components.reference import mobile as reference_mobile
 from edgeslim.components.common.model_io import load_module, save_module
-from edgeslim.components.common.reference import DigitsCNN, train_classifier
-from edgeslim.components.common.reference_mobile import DigitsMobileNet
+from edgeslim.components.reference.digits import DigitsCNN, train_classifier
+from edgeslim.components.reference.mobile import DigitsMobileNet
 from edgeslim.plugins.datasets import SklearnDigits
 from tests.spread import SEED
 

@@ -5,11 +5,11 @@ import json
 import pytest
 
 from compress_models import WORKLOADS, digits, hard_to_quantize, onnx_of, trained, one_torch_thread  # noqa: F401  (autouse)
-from edgeslim.components.autotune import quantize_auto
+from edgeslim.components.quantize.search import quantize_auto
 from edgeslim.components.common.errors import ConfigError, GateRejected
-from edgeslim.components.common.recipe import AccuracyGateConfig
+from edgeslim.components.recipe import AccuracyGateConfig
 from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig
-from edgeslim.components.quantize import check_qdq
+from edgeslim.components.quantize.ptq import check_qdq
 from tests.spread import measured
 
 # SQNR that keeping the damaged layer in float buys over the best PTQ trial: 1.7-3.5 dB over
@@ -108,7 +108,7 @@ def test_config_refusals():
 
 
 def test_pinned_float_layers_hold_in_every_trial_and_the_fallback_adds_others(tmp_path):
-    from edgeslim.components.sensitivity import preprocessed, quantizable_layers
+    from edgeslim.components.quantize.sensitivity import preprocessed, quantizable_layers
 
     model, layer = hard_to_quantize("cnn")
     fp32 = onnx_of("cnn", damaged=True)

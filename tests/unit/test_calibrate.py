@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgeslim.components import calibrate
+from edgeslim.components.quantize import calibrate
 
 
 def _stats(x):

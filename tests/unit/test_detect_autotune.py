@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgeslim.components.common.reference_detect import DigitsDetector, make_detection_splits
+from edgeslim.components.reference.detector import DigitsDetector, make_detection_splits
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +24,8 @@ def test_ranges_calibrated_once_give_the_same_model_and_do_not_depend_on_float_l
     import onnx
 
     from edgeslim.components.common.stage_configs import PTQQuantizeConfig
-    from edgeslim.components.detect_autotune import head_groups
-    from edgeslim.components.quantize import calibrate_onnx, quantize
+    from edgeslim.components.quantize.detect_search import head_groups
+    from edgeslim.components.quantize.ptq import calibrate_onnx, quantize
 
     path, data = onnx_and_data
     cfg = PTQQuantizeConfig(calibrator="minmax", num_samples=8)
@@ -46,7 +46,7 @@ def test_ranges_calibrated_once_give_the_same_model_and_do_not_depend_on_float_l
 
 def test_ranges_of_another_graph_are_refused(onnx_and_data, tmp_path):
     from edgeslim.components.common.stage_configs import PTQQuantizeConfig
-    from edgeslim.components.quantize import calibrate_onnx, quantize
+    from edgeslim.components.quantize.ptq import calibrate_onnx, quantize
 
     path, data = onnx_and_data
     cfg = PTQQuantizeConfig(calibrator="minmax", num_samples=8)
@@ -71,7 +71,7 @@ def _activation_dq_consumers(path) -> list[set[str]]:
 
 def test_weighted_placement_puts_qdq_only_on_the_inputs_of_weighted_ops(onnx_and_data, tmp_path):
     from edgeslim.components.common.stage_configs import PTQQuantizeConfig
-    from edgeslim.components.quantize import quantize
+    from edgeslim.components.quantize.ptq import quantize
 
     path, data = onnx_and_data
     everywhere = quantize(path, PTQQuantizeConfig(calibrator="minmax", num_samples=8), data=data,

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from edgeslim.components.common.errors import ConfigError, DataError
-from edgeslim.components.common.recipe import recipe_from_dict, recipe_from_json
-from edgeslim.components.common.reference_detect import _digit_pools, make_detection_splits
+from edgeslim.components.recipe import recipe_from_dict, recipe_from_json
+from edgeslim.components.reference.detector import _digit_pools, make_detection_splits
 from edgeslim.plugins.datasets import load_data
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from edgeslim.components.common.errors import ConfigError, DataError
 from edgeslim.components.common.task_config import task_from_dict
-from edgeslim.components.detect_decode import (
+from edgeslim.components.common.decode import (
     batched_nms, box_iou, check_outputs, decode_outputs, match_detections,
 )
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgeslim.components.common.reference_detect import DigitsDetector, default_heads, make_detection_splits
+from edgeslim.components.reference.detector import DigitsDetector, default_heads, make_detection_splits
 from edgeslim.components.common.task_config import task_from_dict
 
 
@@ -30,7 +30,7 @@ def exported(tmp_path_factory):
 
 
 def test_the_edge_pyfunc_of_a_detector_returns_decoded_detections(exported, tmp_path):
-    from edgeslim.components.detect_eval import onnx_detections
+    from edgeslim.components.tasks.detection import onnx_detections
     from edgeslim.plugins import edge_flavor
 
     path, data, task = exported
@@ -46,8 +46,8 @@ def test_the_edge_pyfunc_of_a_detector_returns_decoded_detections(exported, tmp_
 
 
 def test_health_check_compares_golden_detections_by_iou_and_score(exported, tmp_path):
-    from edgeslim.components.detect_eval import onnx_detections
-    from edgeslim.deploy.health import run_health_check
+    from edgeslim.components.tasks.detection import onnx_detections
+    from edgeslim.deploy.agent.health import run_health_check
     from edgeslim.deploy.manifest import encode_array
 
     path, data, task = exported
@@ -72,9 +72,9 @@ def test_health_check_compares_golden_detections_by_iou_and_score(exported, tmp_
 
 
 def test_the_controllers_check_of_a_detector_carries_golden_detections_from_its_input_example(exported, tmp_path):
-    from edgeslim.components.detect_eval import onnx_detections
+    from edgeslim.components.tasks.detection import onnx_detections
     from edgeslim.deploy.controller import WaveRolloutConfig, golden_check
-    from edgeslim.deploy.health import run_health_check
+    from edgeslim.deploy.agent.health import run_health_check
     from edgeslim.deploy.manifest import decode_array
     from edgeslim.plugins import edge_flavor
 

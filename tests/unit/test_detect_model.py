@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgeslim.components.common.reference_detect import (
+from edgeslim.components.reference.detector import (
     C2f, DigitsDetector, build_targets, default_heads, make_detection_splits, train_detector,
 )
 from edgeslim.components.common.task_config import task_from_dict
@@ -74,10 +74,10 @@ def test_training_lowers_the_detection_loss(data):
 
 def test_export_and_int8_keep_the_head_outputs(tiny, data, task, tmp_path):
     from edgeslim.components.common.stage_configs import OnnxExportConfig, PTQQuantizeConfig
-    from edgeslim.components.detect_autotune import head_groups
-    from edgeslim.components.detect_eval import onnx_detections
+    from edgeslim.components.quantize.detect_search import head_groups
+    from edgeslim.components.tasks.detection import onnx_detections
     from edgeslim.components.export import export
-    from edgeslim.components.quantize import quantize
+    from edgeslim.components.quantize.ptq import quantize
 
     res = export(tiny, OnnxExportConfig(), data=data, out_path=tmp_path / "det.onnx")
     groups = head_groups(res.model)
@@ -94,7 +94,7 @@ def test_export_and_int8_keep_the_head_outputs(tiny, data, task, tmp_path):
 
 def test_pruning_keeps_heads_whole_and_halves_the_macs(tiny, data):
     from edgeslim.components.common.stage_configs import ChannelPruneConfig
-    from edgeslim.components.detect_compress import head_layers, prune_detector
+    from edgeslim.components.transform.detect import head_layers, prune_detector
 
     example = torch.from_numpy(data.x_train[:1])
     heads = head_layers(tiny, example)
@@ -112,7 +112,7 @@ def test_pruning_keeps_heads_whole_and_halves_the_macs(tiny, data):
 
 def test_pruning_a_detector_in_steps_gets_there_gradually(tiny, data):
     from edgeslim.components.common.stage_configs import ChannelPruneConfig
-    from edgeslim.components.detect_compress import prune_detector
+    from edgeslim.components.transform.detect import prune_detector
 
     seen = []
     res = prune_detector(tiny, ChannelPruneConfig(keep_fraction=0.45, steps=2, finetune_epochs=1, batch_size=32),
@@ -126,7 +126,7 @@ def test_pruning_a_detector_in_steps_gets_there_gradually(tiny, data):
 
 
 def test_output_distillation_is_zero_for_the_teachers_own_outputs(tiny, data):
-    from edgeslim.components.common.reference_detect import output_distill_loss
+    from edgeslim.components.reference.detector import output_distill_loss
 
     x = torch.from_numpy(data.x_train[:8])
     with torch.no_grad():

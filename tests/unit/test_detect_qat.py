@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgeslim.components.common.reference_detect import (DigitsDetector, default_heads, make_detection_splits,
+from edgeslim.components.reference.detector import (DigitsDetector, default_heads, make_detection_splits,
                                                          train_detector)
 from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig
 from edgeslim.components.common.task_config import task_from_dict
@@ -33,8 +33,8 @@ def trained():
 
 
 def test_qat_brings_a_clipped_detector_closer_to_fp32_and_exports_what_it_trained(trained, tmp_path):
-    from edgeslim.components.detect_qat import qat_detector
-    from edgeslim.components.quantize import check_qdq
+    from edgeslim.components.quantize.detect_qat import qat_detector
+    from edgeslim.components.quantize.ptq import check_qdq
 
     model, data = trained
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -59,7 +59,7 @@ def test_qat_brings_a_clipped_detector_closer_to_fp32_and_exports_what_it_traine
 
 def test_a_batchnorm_that_follows_no_conv_is_refused_in_one_line():
     from edgeslim.components.common.errors import SourceError
-    from edgeslim.components.detect_qat import fold_batchnorm
+    from edgeslim.components.quantize.detect_qat import fold_batchnorm
 
     class Odd(nn.Module):
         def __init__(self):
@@ -78,7 +78,7 @@ def test_a_batchnorm_that_follows_no_conv_is_refused_in_one_line():
 def test_the_detector_search_tries_qat_last_and_says_when_it_could_not(trained, tmp_path):
     from edgeslim.components.common.errors import GateRejected
     from edgeslim.components.common.stage_configs import OnnxExportConfig
-    from edgeslim.components.detect_autotune import quantize_detector_auto
+    from edgeslim.components.quantize.detect_search import quantize_detector_auto
     from edgeslim.components.export import export
 
     model, data = trained

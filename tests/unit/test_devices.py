@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from edgeslim.components import devices
+from edgeslim.components.engine import devices
 from edgeslim.components.common.errors import DeviceError
-from edgeslim.components.devices import (DeviceClass, LocalDevice, detect_device_class, get_device_class,
+from edgeslim.components.engine.devices import (DeviceClass, LocalDevice, detect_device_class, get_device_class,
                                          known_device_classes, match_device_class, parse_l4t_release)
 
 ORIN_JP61 = LocalDevice("Orin", (8, 7), "12.6", "10.3.0.30", jetpack="6.1", l4t="36.4.0")

@@ -5,10 +5,10 @@ import torch
 
 from compress_models import WORKLOADS, digits, same_state, state, trained, one_torch_thread  # noqa: F401  (autouse)
 from edgeslim.components.common.errors import ConfigError, DataError
-from edgeslim.components.common.reference import DigitsCNN
+from edgeslim.components.reference.digits import DigitsCNN
 from edgeslim.components.common.stage_configs import FeatureDistillConfig, LogitDistillConfig
-from edgeslim.components.distill import distill, fit, kd_loss
-from edgeslim.components.prune import count_macs_params
+from edgeslim.components.transform.distill import distill, fit, kd_loss
+from edgeslim.components.transform.prune import count_macs_params
 from tests.spread import measured
 
 X1 = torch.zeros(1, 1, 8, 8)

@@ -17,11 +17,11 @@ import pytest
 from mlflow.models import Model
 from test_engine_fixtures import INPUT, OUTPUT, make_digits_onnx
 
-from edgeslim.components import engine as eng
-from edgeslim.components import engine_stage as stage
-from edgeslim.components.common.engine_config import TensorRTEngineConfig
+from edgeslim.components.engine import builder as eng
+from edgeslim.components.engine import stage
+from edgeslim.components.engine.config import TensorRTEngineConfig
 from edgeslim.components.common.errors import DeviceError
-from edgeslim.components.devices import LocalDevice, get_device_class
+from edgeslim.components.engine.devices import LocalDevice, get_device_class
 from edgeslim.plugins import edge_flavor as flavor
 from tests.spread import measured
 

@@ -15,12 +15,12 @@ import types
 import pytest
 from test_engine_fixtures import INPUT, make_digits_onnx
 
-from edgeslim.components import engine as eng
+from edgeslim.components.engine import builder as eng
 from edgeslim.components.common.config import Config
-from edgeslim.components.common.engine_config import ShapeProfileConfig, TensorRTEngineConfig
+from edgeslim.components.engine.config import ShapeProfileConfig, TensorRTEngineConfig
 from edgeslim.components.common.errors import (ConfigError, DeviceError, EdgeslimError, MissingDependencyError,
                                                SourceError)
-from edgeslim.components.devices import LocalDevice, get_device_class
+from edgeslim.components.engine.devices import LocalDevice, get_device_class
 
 ORIN = LocalDevice("Orin", (8, 7), "12.6", "10.3.0.30", jetpack="6.1", l4t="36.4.0")
 L4_NO_TRT = LocalDevice("NVIDIA L4", (8, 9), "12.8", None)
@@ -301,8 +301,8 @@ def test_builder_imports_no_torch_mlflow_kfp_or_tensorrt():
     """The device agent imports the builder on a Jetson: keep it light."""
     import subprocess
 
-    code = ("import sys, edgeslim.components.engine, edgeslim.components.engine_stage, "
-            "edgeslim.components.devices, edgeslim.components.engine_cli; "
+    code = ("import sys, edgeslim.components.engine.builder, edgeslim.components.engine.stage, "
+            "edgeslim.components.engine.devices, edgeslim.components.engine.cli; "
             "print(sorted(m for m in ('torch', 'mlflow', 'kfp', 'tensorrt', 'onnxruntime') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

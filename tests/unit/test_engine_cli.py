@@ -13,8 +13,8 @@ from edgeslim import cli
 @pytest.fixture(autouse=True)
 def engine_commands(monkeypatch):
     # Until the lead lists the module in cli._COMMAND_MODULES.
-    if "edgeslim.components.engine_cli" not in cli._COMMAND_MODULES:
-        monkeypatch.setattr(cli, "_COMMAND_MODULES", (*cli._COMMAND_MODULES, "edgeslim.components.engine_cli"))
+    if "edgeslim.components.engine.cli" not in cli._COMMAND_MODULES:
+        monkeypatch.setattr(cli, "_COMMAND_MODULES", (*cli._COMMAND_MODULES, "edgeslim.components.engine.cli"))
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_profile_with_min_above_opt_above_max(capsys, onnx_pair, tmp_path):
 
 
 def test_build_without_a_gpu(capsys, onnx_pair, tmp_path, monkeypatch):
-    from edgeslim.components import engine
+    from edgeslim.components.engine import builder as engine
 
     monkeypatch.setattr(engine, "detect_local_device", lambda: None)  # this machine, said outright
     code, _, err = run(capsys, "engine", "build", str(onnx_pair[1]), "--device-class", "ada-sm89-trt10",

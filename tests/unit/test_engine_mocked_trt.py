@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from test_engine_fixtures import INPUT, OUTPUT, make_digits_onnx
 
-from edgeslim.components import engine as eng
-from edgeslim.components.common.engine_config import TensorRTEngineConfig
+from edgeslim.components.engine import builder as eng
+from edgeslim.components.engine.config import TensorRTEngineConfig
 from edgeslim.components.common.errors import DeviceError
-from edgeslim.components.devices import LocalDevice
+from edgeslim.components.engine.devices import LocalDevice
 
 L4 = LocalDevice("NVIDIA L4", (8, 9), "12.8", None)
 H100 = LocalDevice("NVIDIA H100", (9, 0), "13.0", None)
@@ -191,7 +191,7 @@ class MockedCuda:
 
 def add_mocked_runtime(trt, static_batch=None):
     """The runtime half of the mocked module: the 'engine' runs its ONNX with ONNX Runtime."""
-    from edgeslim.components.engine_stage import qdq_session
+    from edgeslim.components.engine.stage import qdq_session
 
     class Context:
         def __init__(self, engine):
@@ -329,7 +329,7 @@ def test_engine_cache_hit_skips_the_build_and_timing_cache_is_reused(qdq, tmp_pa
 
 
 def test_runner_splits_batches_at_the_profile_maximum(qdq, tmp_path, monkeypatch):
-    from edgeslim.components.engine_stage import qdq_session, run_session
+    from edgeslim.components.engine.stage import qdq_session, run_session
 
     trt = add_mocked_runtime(mocked_tensorrt("10.13.0.35", []))
     install(monkeypatch, trt)

@@ -8,9 +8,9 @@ import pytest
 import yaml
 from kfp import compiler, dsl
 
-from edgeslim.components.common.engine_config import TensorRTEngineConfig
-from edgeslim.components.engine import NOT_BUILT_NO_CUDA
-from edgeslim.components.engine_op import apply_device_class_placement, engine_op, parallel_items
+from edgeslim.components.engine.config import TensorRTEngineConfig
+from edgeslim.components.engine.builder import NOT_BUILT_NO_CUDA
+from edgeslim.components.kfp.placement import apply_device_class_placement, engine_op, parallel_items
 
 ORIN_KEY = "orin-sm87-jp6.1-trt10.3"
 ADA_KEY = "ada-sm89-trt10"
@@ -79,7 +79,7 @@ def test_local_runner_without_cuda_reports_not_built(tmp_path):
     import kfp.local
     from test_engine_fixtures import make_digits_onnx
 
-    from edgeslim.components import devices
+    from edgeslim.components.engine import devices
 
     if devices.detect_local_device() is not None:
         pytest.skip("this machine has a CUDA device: the engine would really be built (tests/gpu covers that)")

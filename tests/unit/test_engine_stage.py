@@ -19,11 +19,11 @@ import pytest
 from onnx import numpy_helper
 from test_engine_fixtures import make_digits_onnx
 
-from edgeslim.components import engine as eng
-from edgeslim.components import engine_stage as stage
-from edgeslim.components.common.engine_config import EngineVerifyConfig, TensorRTEngineConfig
+from edgeslim.components.engine import builder as eng
+from edgeslim.components.engine import stage
+from edgeslim.components.engine.config import EngineVerifyConfig, TensorRTEngineConfig
 from edgeslim.components.common.errors import GateRejected, SourceError
-from edgeslim.components.devices import LocalDevice
+from edgeslim.components.engine.devices import LocalDevice
 from tests.spread import measured
 
 ORIN_KEY = "orin-sm87-jp6.1-trt10.3"

@@ -8,7 +8,7 @@ from compress_models import WORKLOADS, digits, same_state, state, trained, one_t
 from edgeslim.components.common.errors import ConfigError
 from edgeslim.components.common.model_io import load_module, save_module
 from edgeslim.components.common.stage_configs import ChannelPruneConfig
-from edgeslim.components.prune import count_macs_params, prune, shrink_to_width
+from edgeslim.components.transform.prune import count_macs_params, prune, shrink_to_width
 from tests.spread import measured
 
 X1 = torch.zeros(1, 1, 8, 8)

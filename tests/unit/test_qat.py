@@ -11,9 +11,9 @@ from edgeslim.components.common.errors import DataError
 from edgeslim.components.common.stage_configs import QATQuantizeConfig
 from edgeslim.components.evaluate import sqnr_db
 from edgeslim.components.export import run_onnx
-from edgeslim.components.qat import fake_quant_model, qat
-from edgeslim.components.quantize import check_qdq
-from edgeslim.components.sensitivity import quantizable_layers
+from edgeslim.components.quantize.qat import fake_quant_model, qat
+from edgeslim.components.quantize.ptq import check_qdq
+from edgeslim.components.quantize.sensitivity import quantizable_layers
 from tests.spread import measured
 
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from edgeslim.components.common.errors import ConfigError
-from edgeslim.components.common.recipe import load_recipe, recipe_from_dict
+from edgeslim.components.recipe import load_recipe, recipe_from_dict
 from edgeslim.components.common.stage_configs import PTQQuantizeConfig
 from edgeslim.pipelines.demo import DEMO_RECIPE
 

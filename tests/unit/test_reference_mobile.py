@@ -4,8 +4,8 @@ import torch
 from torch import fx, nn
 
 from compress_models import digits, trained, one_torch_thread  # noqa: F401  (autouse)
-from edgeslim.components.common.reference import top1
-from edgeslim.components.common.reference_mobile import DigitsMobileNet, example_inputs
+from edgeslim.components.reference.digits import top1
+from edgeslim.components.reference.mobile import DigitsMobileNet, example_inputs
 from tests.spread import measured
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from compress_models import WORKLOADS, digits, hard_to_quantize, onnx_of, one_torch_thread  # noqa: F401  (autouse)
 from edgeslim.components.common.stage_configs import PTQQuantizeConfig
-from edgeslim.components.sensitivity import (
+from edgeslim.components.quantize.sensitivity import (
     format_table, layer_sensitivity, preprocessed, quantizable_layers, rank, write)
 from tests.spread import measured
 

@@ -12,11 +12,11 @@ from onnx import numpy_helper
 
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import ConfigError, DataError
-from edgeslim.components.common.recipe import AccuracyGateConfig, EvaluateConfig
+from edgeslim.components.recipe import AccuracyGateConfig, EvaluateConfig
 from edgeslim.components.common.stage_configs import OnnxExportConfig, PTQQuantizeConfig
 from edgeslim.components.evaluate import evaluate, gate, sqnr_db
 from edgeslim.components.export import export, run_onnx
-from edgeslim.components.quantize import quantize
+from edgeslim.components.quantize.ptq import quantize
 from tests.spread import measured
 
 FAST_EVAL = EvaluateConfig(latency_batches=[1, 32], latency_warmup=1, latency_repeats=3)

@@ -4,7 +4,7 @@
   same script CI uses. Without the Debian packages the tests skip with the
   reason, except under ``CI=true``, where they fail.
 - A real ``mlflow server`` (SQLite backend, local artifact root).
-- Device agents as separate processes (``python -m edgeslim.deploy.agent``),
+- Device agents as separate processes (``python -m edgeslim.deploy.agent.device``),
   each with its own state directory and device class.
 - A TCP proxy between agents and RGW that can refuse or cut connections, to
   play S3 outages and broken downloads.

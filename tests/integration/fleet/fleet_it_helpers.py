@@ -67,13 +67,13 @@ def run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
 
 
 class AgentProc:
-    """One device: a real ``python -m edgeslim.deploy.agent`` process."""
+    """One device: a real ``python -m edgeslim.deploy.agent.device`` process."""
 
     def __init__(self, *, device_id: str, device_class: str, fleet: str, store_url: str, endpoint: str,
                  pub: Path, state_dir: Path, extra: list[str] | None = None, env: dict | None = None):
         self.device_id, self.device_class, self.fleet = device_id, device_class, fleet
         self.state_dir = state_dir
-        self.args = [sys.executable, "-m", "edgeslim.deploy.agent", "--store", store_url,
+        self.args = [sys.executable, "-m", "edgeslim.deploy.agent.device", "--store", store_url,
                      "--endpoint-url", endpoint, "--fleet", fleet, "--device-id", device_id,
                      "--device-class", device_class, "--state-dir", str(state_dir), "--public-key", str(pub),
                      "--poll-interval", "0.2", "--heartbeat-interval", "1", "--max-backoff", "1",

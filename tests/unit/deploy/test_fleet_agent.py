@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from fleet_unit_helpers import ManifestWriter, golden_for, make_onnx, upload
-from edgeslim.deploy.agent import Agent, sha256_file
+from edgeslim.deploy.agent.device import Agent, sha256_file
 from edgeslim.deploy.store import FleetKeys, StoreUnavailable
 
 
@@ -241,7 +241,7 @@ def test_unreachable_store_backs_off_and_keeps_serving(store, keys, tmp_path, mo
 
 
 def test_agent_import_stays_light():
-    code = ("import sys, edgeslim.deploy.agent; "
+    code = ("import sys, edgeslim.deploy.agent.device; "
             "print(sorted(m for m in ('torch','mlflow','kfp','onnxruntime','numpy','boto3') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -249,7 +249,7 @@ def test_agent_import_stays_light():
 
 def test_mocked_tensorrt_builds_an_engine_once_on_first_install(store, keys, tmp_path, models, monkeypatch):
     """MOCKED: TensorRT cannot run here (no GPU); the builder is replaced to check the agent's side only."""
-    from edgeslim.components import engine as engine_mod
+    from edgeslim.components.engine import builder as engine_mod
 
     builds = []
 
@@ -283,7 +283,7 @@ def test_mocked_tensorrt_builds_an_engine_once_on_first_install(store, keys, tmp
 
 def test_failed_engine_build_falls_back_to_onnxruntime(store, keys, tmp_path, models, monkeypatch):
     """MOCKED TensorRT: the build raises; the device still installs and serves the ONNX."""
-    from edgeslim.components import engine as engine_mod
+    from edgeslim.components.engine import builder as engine_mod
 
     monkeypatch.setattr(engine_mod, "tensorrt_available", lambda: (True, "mocked"))
 

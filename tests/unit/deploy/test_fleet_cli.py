@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from edgeslim.cli import build_parser
-from edgeslim.deploy.agent import build_parser as agent_parser
+from edgeslim.deploy.agent.device import build_parser as agent_parser
 from edgeslim.deploy.webhook import verify_signature
 
 DEPLOY = Path(__file__).resolve().parents[3] / "deploy"

@@ -1,0 +1,288 @@
+"""Detector outputs -> boxes, outside the graph: the built-in decoder, NMS, user decoders.
+
+Decoding and NMS stay out of the ONNX graph so that the int8 engine holds only
+convolutions, and so that fp32, int8 and TensorRT outputs are judged by the
+same numpy code. Every decoder returns, per image, an (M, 6) float32 array
+``[x1, y1, x2, y2, score, class]`` in input pixels, best first.
+
+Used by the evaluator (:mod:`.detect_eval`), the edge pyfunc (decoded detections
+instead of raw maps) and the device health check (:func:`match_detections`).
+This module imports only numpy (the device agent can use it).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from edgeslim.components.common.errors import ConfigError, DataError, SourceError
+
+Decoder = Callable[[list[np.ndarray]], list[np.ndarray]]
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of boxes ``a`` (N, 4) and ``b`` (M, 4), ``[x1, y1, x2, y2]``."""
+    a = np.asarray(a, np.float64).reshape(-1, 4)
+    b = np.asarray(b, np.float64).reshape(-1, 4)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    wh = np.clip(rb - lt, 0, None)
+    inter = wh[..., 0] * wh[..., 1]
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
+    """Indices kept by greedy non-maximum suppression, best score first."""
+    order = np.argsort(-scores, kind="stable")
+    keep = []
+    while order.size:
+        i = order[0]
+        keep.append(i)
+        if order.size == 1:
+            break
+        ious = box_iou(boxes[i:i + 1], boxes[order[1:]])[0]
+        order = order[1:][ious <= iou]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def batched_nms(dets: np.ndarray, iou: float, max_detections: int) -> np.ndarray:
+    """Class-aware NMS of (M, 6) detections; returns the kept rows, best first."""
+    if len(dets) == 0:
+        return dets.reshape(0, 6).astype(np.float32)
+    # Offsetting boxes per class keeps classes apart in one NMS pass.
+    offset = dets[:, 5:6] * (float(np.abs(dets[:, :4]).max()) + 1.0)
+    keep = nms(dets[:, :4] + offset, dets[:, 4], iou)[:max_detections]
+    return dets[keep].astype(np.float32)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))
+
+
+def decode_level(box: np.ndarray, cls: np.ndarray, stride: int, encoding: str, scores: str) -> list[np.ndarray]:
+    """One level's maps (N, 4, H, W) and (N, C, H, W) -> per image (H*W, 6) before NMS."""
+    n, _, h, w = box.shape
+    if scores == "logits":
+        cls = _sigmoid(cls)
+    gy, gx = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij")
+    cx, cy = gx + 0.5, gy + 0.5
+    b = box.astype(np.float32)
+    if encoding == "ltrb":
+        d = np.clip(b, 0, None)
+        x1, y1, x2, y2 = cx - d[:, 0], cy - d[:, 1], cx + d[:, 2], cy + d[:, 3]
+    else:
+        ccx, ccy = cx + b[:, 0], cy + b[:, 1]
+        bw, bh = np.exp(np.clip(b[:, 2], -20, 10)), np.exp(np.clip(b[:, 3], -20, 10))
+        x1, y1, x2, y2 = ccx - bw / 2, ccy - bh / 2, ccx + bw / 2, ccy + bh / 2
+    xyxy = np.stack([x1, y1, x2, y2], axis=-1) * stride          # (N, H, W, 4)
+    score = cls.max(axis=1)                                       # (N, H, W)
+    label = cls.argmax(axis=1).astype(np.float32)
+    flat = np.concatenate([xyxy, score[..., None], label[..., None]], axis=-1)
+    return [flat[i].reshape(-1, 6) for i in range(n)]
+
+
+def check_outputs(output_names: Sequence[str], shapes: Sequence[Sequence[Any]], task) -> None:
+    """Refuse outputs that do not match the configured heads, naming expected and actual shapes.
+
+    Args:
+        output_names: the model's output names, in order.
+        shapes: their shapes (from a run on a small batch).
+        task: a ``DetectionTaskConfig`` using the built-in decoder.
+
+    Raises:
+        ConfigError: a configured output is missing, or a map has the wrong channel count or
+            a grid that does not fit the stride.
+    """
+    dec = task.decoder
+    by_name = {n: list(s) for n, s in zip(output_names, shapes)}
+    actual = ", ".join(f"{n} {list(s)}" for n, s in by_name.items())
+    for i, head in enumerate(dec.heads):
+        for role, name, channels in (("box", head.box, 4), ("cls", head.cls, task.num_classes)):
+            where = f"task.decoder.heads[{i}].{role}"
+            if name not in by_name:
+                raise ConfigError(
+                    f"{where}: the model has no output {name!r}; expected a map [N, {channels}, H, W]; "
+                    f"the model's outputs are: {actual}")
+            shape = by_name[name]
+            if len(shape) != 4 or shape[1] != channels:
+                raise ConfigError(
+                    f"{where}: output {name!r} has shape {shape}; expected [N, {channels}, H, W] "
+                    f"({'4 box values' if role == 'box' else f'num_classes={task.num_classes}'}); "
+                    f"the model's outputs are: {actual}")
+        b, c = by_name[head.box], by_name[head.cls]
+        if b[2:] != c[2:]:
+            raise ConfigError(
+                f"task.decoder.heads[{i}]: box {head.box!r} grid {b[2:]} differs from cls {head.cls!r} "
+                f"grid {c[2:]}; pair the box and class maps of the same level")
+
+
+def infer_heads(output_names: Sequence[str], shapes: Sequence[Sequence[int]], input_hw: Sequence[int],
+                num_classes: int) -> list[dict[str, Any]]:
+    """The built-in decoder's ``heads`` for a YOLO-style model, read from its output shapes.
+
+    Outputs are taken in order as (box, cls) pairs of one level: a ``[N, 4, H, W]`` box map
+    and a ``[N, num_classes, H, W]`` class map (either order), whose grid divides the input
+    into ``stride``-pixel cells. ``edgeslim init`` writes what this finds.
+
+    Raises:
+        ConfigError: the outputs are not such pairs; names the shapes and the way out.
+    """
+    actual = ", ".join(f"{n} {list(s)}" for n, s in zip(output_names, shapes))
+    fix = ("write task.decoder.heads by hand, or set task.decode_fn to your own decoder "
+           f"(the model's outputs are: {actual})")
+    if num_classes == 4:
+        raise ConfigError(f"cannot tell box maps from class maps with num_classes=4; {fix}")
+    if not shapes or len(shapes) % 2:
+        raise ConfigError(f"expected (box, class) output pairs per level, got {len(shapes)} output(s); {fix}")
+    heads = []
+    for i in range(0, len(shapes), 2):
+        (na, a), (nb, b) = (output_names[i], list(shapes[i])), (output_names[i + 1], list(shapes[i + 1]))
+        if len(a) != 4 or len(b) != 4 or a[2:] != b[2:] or sorted((a[1], b[1])) != sorted((4, num_classes)):
+            raise ConfigError(f"outputs {na} {a} and {nb} {b} are not a [N, 4, H, W] box map and a "
+                              f"[N, {num_classes}, H, W] class map of one level; {fix}")
+        box, cls = (na, nb) if a[1] == 4 else (nb, na)
+        h, w = a[2], a[3]
+        if input_hw[0] % h or input_hw[1] % w or input_hw[0] // h != input_hw[1] // w:
+            raise ConfigError(f"the {h}x{w} grid of {box} does not divide the {input_hw[0]}x{input_hw[1]} "
+                              f"input into square cells; {fix}")
+        heads.append({"box": box, "cls": cls, "stride": int(input_hw[0] // h)})
+    return heads
+
+
+def load_decode_fn(spec: str) -> Decoder:
+    """Import a user decoder ``module:function``.
+
+    Raises:
+        ConfigError: the module cannot be imported, or it has no such callable.
+    """
+    mod_name, _, fn_name = spec.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except Exception as exc:  # any import-time failure of user code is the same problem to a user
+        raise ConfigError(
+            f"task.decode_fn {spec!r}: cannot import module {mod_name!r} ({type(exc).__name__}: "
+            f"{str(exc)[:120]}); install it or put it on PYTHONPATH") from None
+    fn = getattr(mod, fn_name, None)
+    if not callable(fn):
+        raise ConfigError(f"task.decode_fn {spec!r}: module {mod_name!r} has no function {fn_name!r}")
+    return fn
+
+
+def _check_decoded(result: Any, n_images: int, where: str) -> list[np.ndarray]:
+    if not isinstance(result, (list, tuple)) or len(result) != n_images:
+        got = f"a {type(result).__name__}" + (f" of length {len(result)}" if hasattr(result, "__len__") else "")
+        raise DataError(f"{where} returned {got}; it must return a list with one (M, 6) array per image "
+                        f"({n_images} images)")
+    out = []
+    for i, d in enumerate(result):
+        a = np.asarray(d, dtype=np.float32)
+        if a.ndim != 2 or a.shape[1] != 6:
+            raise DataError(f"{where} returned shape {list(a.shape)} for image {i}; each image needs an "
+                            "(M, 6) array [x1, y1, x2, y2, score, class]")
+        out.append(a)
+    return out
+
+
+def make_decoder(task) -> Decoder:
+    """The decoder a ``DetectionTaskConfig`` asks for: ``outputs (list, output order) -> per image (M, 6)``.
+
+    The built-in decoder needs outputs in the model's output order; it looks heads up
+    by name, so call it through :func:`decode_outputs` with the names.
+    """
+    if task.decode_fn:
+        fn = load_decode_fn(task.decode_fn)
+
+        def user(outputs: list[np.ndarray], names: Sequence[str] | None = None) -> list[np.ndarray]:
+            n = len(outputs[0]) if outputs else 0
+            try:
+                res = fn(list(outputs))
+            except Exception as exc:  # user code: say whose it is
+                raise SourceError(f"task.decode_fn {task.decode_fn!r} raised {type(exc).__name__}: "
+                                  f"{str(exc)[:160]}") from None
+            return _check_decoded(res, n, f"task.decode_fn {task.decode_fn!r}")
+
+        return user
+
+    dec = task.decoder
+
+    def builtin(outputs: list[np.ndarray], names: Sequence[str] | None = None) -> list[np.ndarray]:
+        names = list(names) if names is not None else [f"output_{i}" for i in range(len(outputs))]
+        check_outputs(names, [o.shape for o in outputs], task)
+        by_name = dict(zip(names, outputs))
+        per_image: list[list[np.ndarray]] = [[] for _ in range(len(outputs[0]))]
+        for head in dec.heads:
+            for i, d in enumerate(decode_level(by_name[head.box], by_name[head.cls], head.stride,
+                                               dec.box_encoding, dec.scores)):
+                per_image[i].append(d[d[:, 4] >= dec.min_score])
+        return [batched_nms(np.concatenate(p), dec.nms_iou, dec.max_detections) for p in per_image]
+
+    return builtin
+
+
+def decode_outputs(outputs: Sequence[np.ndarray] | dict[str, np.ndarray], task,
+                   names: Sequence[str] | None = None) -> list[np.ndarray]:
+    """Decode a batch of raw outputs to per-image (M, 6) detections.
+
+    Args:
+        outputs: the model's outputs: a list in output order (with ``names``), or a dict
+            name -> array (what the edge pyfunc and ONNX Runtime give).
+        task: the recipe's ``DetectionTaskConfig``.
+        names: output names in order, when ``outputs`` is a list (default ``output_0..``).
+
+    Returns:
+        Per image an (M, 6) float32 array ``[x1, y1, x2, y2, score, class]``, best first.
+
+    Raises:
+        ConfigError: the outputs do not match the configured heads, or the decode
+            function cannot be imported.
+        DataError: a user decode function returned the wrong shape.
+    """
+    if isinstance(outputs, dict):
+        names = [k for k in outputs if k != "backend"]
+        outputs = [np.asarray(outputs[k]) for k in names]
+    return make_decoder(task)(list(outputs), names)
+
+
+def match_detections(golden: np.ndarray, got: np.ndarray, iou: float = 0.9,
+                     score_tol: float = 0.05) -> dict[str, Any]:
+    """Compare a device's detections on a golden input with the golden ones.
+
+    Each golden box must be found, same class, at IoU >= ``iou`` with a score
+    within ``score_tol``; the device may not add boxes of its own above the
+    lowest golden score. For the device health check after an install.
+
+    Returns:
+        ``{"ok", "matched", "missing", "extra", "max_score_diff", "min_iou", "reason"}``.
+    """
+    golden = np.asarray(golden, np.float32).reshape(-1, 6)
+    got = np.asarray(got, np.float32).reshape(-1, 6)
+    used = np.zeros(len(got), bool)
+    ious = box_iou(golden[:, :4], got[:, :4]) if len(golden) and len(got) else np.zeros((len(golden), len(got)))
+    matched, missing, diffs, min_iou = 0, 0, [], 1.0
+    for g in np.argsort(-golden[:, 4], kind="stable"):
+        cand = [j for j in np.argsort(-ious[g]) if not used[j] and got[j, 5] == golden[g, 5] and ious[g, j] >= iou]
+        if not cand:
+            missing += 1
+            continue
+        j = cand[0]
+        used[j] = True
+        matched += 1
+        diffs.append(abs(float(got[j, 4] - golden[g, 4])))
+        min_iou = min(min_iou, float(ious[g, j]))
+    floor = float(golden[:, 4].min()) if len(golden) else 0.0
+    extra = int(((~used) & (got[:, 4] >= floor)).sum()) if len(got) else 0
+    max_diff = max(diffs) if diffs else 0.0
+    reasons = []
+    if missing:
+        reasons.append(f"{missing} of {len(golden)} golden boxes not found at IoU >= {iou}")
+    if max_diff > score_tol:
+        reasons.append(f"score differs by {max_diff:.3f} (> {score_tol})")
+    if extra:
+        reasons.append(f"{extra} extra boxes scored >= {floor:.3f}")
+    return {"ok": not reasons, "matched": matched, "missing": missing, "extra": extra,
+            "max_score_diff": round(max_diff, 4), "min_iou": round(min_iou, 4) if matched else 0.0,
+            "reason": "; ".join(reasons) or f"all {matched} golden boxes matched"}

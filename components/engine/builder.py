@@ -1,0 +1,753 @@
+"""engine: Q/DQ ONNX -> TensorRT engine for one device class, and the runner that executes it.
+
+Imports no torch, mlflow or kfp: the device agent on a Jetson builds engines
+with it on first install. ``tensorrt`` and ``onnx`` are imported inside the
+functions that need them, so that everything else here (device matching,
+profiles, metadata, cache keys, refusals) works where TensorRT is missing.
+
+The TensorRT API generation is picked at run time:
+
+- TensorRT 8.x/10.x (JetPack 5/6): a weakly typed network over the Q/DQ
+  graph with the ``INT8`` and ``FP16`` builder flags (FP16 lets the layers
+  outside Q/DQ pairs run in half precision).
+- TensorRT 11.x: weak typing is gone (no precision flags); the network is
+  strongly typed, so int8 comes from the Q/DQ nodes alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from edgeslim.components.engine.config import TensorRTEngineConfig
+from edgeslim.components.common.errors import ConfigError, DeviceError, MissingDependencyError, SourceError
+from edgeslim.components.engine.devices import DeviceClass, LocalDevice, detect_local_device, get_device_class, match_device_class
+
+log = logging.getLogger(__name__)
+
+ENGINE_FILE = "model.engine"
+META_FILE = "metadata.json"
+LOG_FILE = "build.log"
+TIMING_CACHE_FILE = "timing.cache"
+METADATA_FORMAT = "edgeslim-trt-engine"
+NOT_BUILT_NO_CUDA = "not built: no CUDA device; devices build it from the Q/DQ ONNX on first install"
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+
+# --- TensorRT, lazily --------------------------------------------------------------------
+
+
+def tensorrt_available() -> tuple[bool, str]:
+    """Whether ``import tensorrt`` works here, and a line saying why (not).
+
+    Importing it loads its (large) libraries but needs no GPU.
+    """
+    try:
+        import tensorrt as trt
+    except (ImportError, OSError) as exc:
+        return False, (f"tensorrt cannot be imported ({type(exc).__name__}: {exc}); "
+                       "install it with: pip install 'edgeslim[tensorrt]'")
+    return True, f"tensorrt {trt.__version__}"
+
+
+def import_tensorrt(why: str):
+    """``import tensorrt``, or ``MissingDependencyError`` with the install hint."""
+    try:
+        import tensorrt as trt
+    except (ImportError, OSError):
+        raise MissingDependencyError("tensorrt", "tensorrt", why) from None
+    return trt
+
+
+def trt_major(version: str) -> int:
+    return int(str(version).split(".")[0])
+
+
+# --- what the ONNX holds -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """An ONNX graph input or output. Dynamic dimensions are ``-1``."""
+
+    name: str
+    shape: list[int]
+    dtype: str
+
+    @property
+    def dynamic_axes(self) -> list[int]:
+        return [i for i, d in enumerate(self.shape) if d < 0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclasses.dataclass(frozen=True)
+class OnnxInfo:
+    """What the builder needs to know about an ONNX file before TensorRT sees it."""
+
+    path: Path
+    sha256: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    qdq_nodes: int
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _specs(values) -> list[TensorSpec]:
+    import onnx
+    from onnx import helper
+
+    out = []
+    for v in values:
+        tt = v.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in tt.shape.dim]
+        try:
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).name
+        except (KeyError, TypeError):
+            dtype = onnx.TensorProto.DataType.Name(tt.elem_type).lower()
+        out.append(TensorSpec(v.name, shape, dtype))
+    return out
+
+
+def inspect_onnx(path: str | Path) -> OnnxInfo:
+    """Inputs, outputs, Q/DQ node count and sha256 of an ONNX file.
+
+    Raises:
+        SourceError: the file is missing or not an ONNX model.
+    """
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise SourceError(f"ONNX file {path}: no such file; pass the Q/DQ ONNX the quantize stage wrote")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError, ValueError, ... for a bad file
+        raise SourceError(f"ONNX file {path}: cannot be read as ONNX ({type(exc).__name__}); "
+                          "pass the .onnx file the quantize stage wrote") from None
+    init = {i.name for i in model.graph.initializer}
+    inputs = _specs(i for i in model.graph.input if i.name not in init)
+    if not inputs:
+        raise SourceError(f"ONNX file {path}: the graph has no inputs; export the model again")
+    qdq = sum(1 for n in model.graph.node if n.op_type in QDQ_OPS)
+    return OnnxInfo(path, file_sha256(path), inputs, _specs(model.graph.output), qdq)
+
+
+def require_qdq(info: OnnxInfo, precision: str) -> None:
+    """Refuse an int8 build of an ONNX without Q/DQ nodes."""
+    if precision == "int8" and info.qdq_nodes == 0:
+        raise SourceError(
+            f"{info.path.name} has no QuantizeLinear/DequantizeLinear nodes, but engines.precision is "
+            "int8: TensorRT takes int8 only from Q/DQ nodes (explicit quantization); pass the Q/DQ "
+            "ONNX from the quantize stage, or set engines.precision to fp16 or fp32"
+        )
+
+
+# --- optimization profiles -------------------------------------------------------------------
+
+
+def compute_profiles(inputs: list[TensorSpec], config: TensorRTEngineConfig) -> dict[str, dict[str, list[int]]]:
+    """min/opt/max shapes per input, from the recipe's profiles and batch range.
+
+    A dynamic batch axis (axis 0) alone gets ``min_batch/opt_batch/max_batch``;
+    other dynamic axes need an explicit profile. Static inputs get their shape
+    three times (TensorRT needs no profile for them; the metadata records it).
+
+    Raises:
+        ConfigError: a profile names no input, disagrees with a static
+            dimension or has the wrong rank, or a dynamic axis has no profile.
+    """
+    names = [i.name for i in inputs]
+    for p in config.profiles:
+        if p.input not in names:
+            raise ConfigError(
+                f"engines.profiles: input {p.input!r} is not an input of the ONNX; its inputs: {', '.join(names)}"
+            )
+    out: dict[str, dict[str, list[int]]] = {}
+    for spec in inputs:
+        prof = config.profile_for(spec.name)
+        if prof is not None:
+            if len(prof.min) != len(spec.shape):
+                raise ConfigError(
+                    f"engines.profiles[{spec.name}]: {len(prof.min)} dimensions, but input {spec.name!r} "
+                    f"has {len(spec.shape)} (shape {spec.shape}, -1 is dynamic)"
+                )
+            for axis, d in enumerate(spec.shape):
+                if d > 0 and not prof.min[axis] == prof.opt[axis] == prof.max[axis] == d:
+                    raise ConfigError(
+                        f"engines.profiles[{spec.name}]: dimension {axis} is fixed at {d} in the ONNX; "
+                        f"use {d} for its min, opt and max"
+                    )
+            out[spec.name] = {"min": list(prof.min), "opt": list(prof.opt), "max": list(prof.max)}
+            continue
+        dyn = spec.dynamic_axes
+        if dyn and dyn != [0]:
+            raise ConfigError(
+                f"engines.profiles: input {spec.name!r} (shape {spec.shape}) has dynamic dimensions {dyn}; "
+                f"only the batch axis gets a default: add '- {{input: {spec.name}, min: [...], opt: [...], "
+                "max: [...]}' to engines.profiles"
+            )
+        lo, mid, hi = (list(spec.shape) for _ in range(3))
+        if dyn:
+            lo[0], mid[0], hi[0] = config.min_batch, config.opt_batch, config.max_batch
+        out[spec.name] = {"min": lo, "opt": mid, "max": hi}
+    return out
+
+
+# --- flags, keys, metadata ---------------------------------------------------------------------
+
+
+def network_flags(tensorrt_version: str) -> list[str]:
+    """``NetworkDefinitionCreationFlag`` names for this TensorRT generation."""
+    major = trt_major(tensorrt_version)
+    if major >= 11:
+        return ["STRONGLY_TYPED"]
+    if major < 10:
+        return ["EXPLICIT_BATCH"]  # implicit batch is the default before 10
+    return []
+
+
+def builder_flags(tensorrt_version: str, config: TensorRTEngineConfig) -> list[str]:
+    """``BuilderFlag`` names a build sets, for this TensorRT generation and config.
+
+    Raises:
+        ConfigError: the config asks for something this TensorRT cannot do.
+    """
+    major = trt_major(tensorrt_version)
+    flags: list[str] = []
+    if major >= 11:
+        if config.precision == "fp16":
+            raise ConfigError(
+                f"engines.precision: fp16 has no builder flag in TensorRT {tensorrt_version} (strongly "
+                "typed only); use int8 with the Q/DQ ONNX, or fp32"
+            )
+    elif config.precision == "int8":
+        flags += ["INT8", "FP16"]
+    elif config.precision == "fp16":
+        flags.append("FP16")
+    if config.version_compatible:
+        flags.append("VERSION_COMPATIBLE")
+    if config.dla_core is not None and config.gpu_fallback:
+        flags.append("GPU_FALLBACK")
+    return flags
+
+
+def cache_key(tensorrt_version: str, compute_capability: tuple[int, int]) -> str:
+    """The engine cache's key: engines are reusable only for the same TensorRT and GPU architecture."""
+    return f"trt{tensorrt_version}-sm{compute_capability[0]}{compute_capability[1]}"
+
+
+def build_settings(config: TensorRTEngineConfig, profiles: dict) -> dict[str, Any]:
+    """The config fields that shape an engine (not where or how it is verified)."""
+    return {
+        "precision": config.precision, "profiles": profiles, "workspace_mib": config.workspace_mib,
+        "dla_core": config.dla_core, "gpu_fallback": config.gpu_fallback,
+        "version_compatible": config.version_compatible,
+        "hardware_compatibility": config.hardware_compatibility,
+    }
+
+
+def build_digest(onnx_sha256: str, device_class: str, settings: dict) -> str:
+    blob = json.dumps({"onnx": onnx_sha256, "class": device_class, **settings}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def make_metadata(*, device_class: DeviceClass, local: LocalDevice, tensorrt_version: str,
+                  info: OnnxInfo, config: TensorRTEngineConfig, profiles: dict, engine_sha256: str,
+                  engine_bytes: int, build_seconds: float, io: Optional[dict] = None) -> dict[str, Any]:
+    """The facts stored next to an engine, which are also its artifact key.
+
+    ``io`` is what the built engine reports (names, shapes, dtypes); the ONNX's
+    inputs and outputs stand in where it is not given.
+    """
+    cc = local.compute_capability
+    key = cache_key(tensorrt_version, cc)
+    meta = {
+        "format": METADATA_FORMAT,
+        "format_version": 1,
+        "device_class": device_class.key,
+        "tensorrt": tensorrt_version,
+        "tensorrt_api": "strongly-typed" if trt_major(tensorrt_version) >= 11 else "weakly-typed",
+        "cuda_driver": local.cuda_driver,
+        "compute_capability": f"{cc[0]}.{cc[1]}",
+        "device_name": local.name,
+        "jetpack": local.jetpack,
+        "l4t": local.l4t,
+        "network_flags": network_flags(tensorrt_version),
+        "builder_flags": builder_flags(tensorrt_version, config),
+        **build_settings(config, profiles),
+        "inputs": (io or {}).get("inputs") or [s.to_dict() for s in info.inputs],
+        "outputs": (io or {}).get("outputs") or [s.to_dict() for s in info.outputs],
+        "onnx_sha256": info.sha256,
+        "sha256": engine_sha256,
+        "size_bytes": engine_bytes,
+        "cache_key": key,
+        "build_seconds": round(build_seconds, 3),
+        "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    meta["artifact_key"] = f"{device_class.key}/{key}/{engine_sha256[:16]}"
+    return meta
+
+
+def read_metadata(engine_path: str | Path) -> dict[str, Any]:
+    """The ``metadata.json`` next to an engine (``engine_path`` may be the file or its folder).
+
+    Raises:
+        DeviceError: there is none, or it is not edgeslim engine metadata.
+    """
+    p = Path(engine_path)
+    meta_path = p / META_FILE if p.is_dir() else p.with_name(META_FILE)
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        raise DeviceError(f"engine metadata {meta_path}: missing or not JSON; keep metadata.json next to "
+                          "the engine (build_engine writes it)") from None
+    if meta.get("format") != METADATA_FORMAT:
+        raise DeviceError(f"engine metadata {meta_path}: not an edgeslim engine (format "
+                          f"{meta.get('format')!r}); rebuild it with build_engine")
+    return meta
+
+
+def check_engine_compatible(meta: dict[str, Any], tensorrt_version: str,
+                            local: Optional[LocalDevice] = None) -> None:
+    """Refuse an engine that this TensorRT runtime (and GPU) cannot run.
+
+    Raises:
+        DeviceError: another TensorRT version (unless built version-compatible
+            within the same major, for this or a later runtime), or another
+            GPU architecture (unless built hardware-compatible).
+    """
+    built = str(meta.get("tensorrt", "unknown"))
+    label = meta.get("device_class", "?")
+    if built != tensorrt_version:
+        vc_ok = (meta.get("version_compatible") and built != "unknown"
+                 and trt_major(built) == trt_major(tensorrt_version)
+                 and _vtuple(tensorrt_version) >= _vtuple(built))
+        if not vc_ok:
+            raise DeviceError(
+                f"engine for {label} was built with TensorRT {built}; this runtime is TensorRT "
+                f"{tensorrt_version}: engines are not portable across TensorRT versions; rebuild it "
+                "here from the Q/DQ ONNX (or build it version-compatible)"
+            )
+    if local is not None:
+        cc = f"{local.compute_capability[0]}.{local.compute_capability[1]}"
+        hw = meta.get("hardware_compatibility", "none")
+        if meta.get("compute_capability") != cc and not (hw == "ampere_plus" and local.compute_capability >= (8, 0)):
+            raise DeviceError(
+                f"engine for {label} was built for compute capability {meta.get('compute_capability')}; "
+                f"this GPU ({local.name}) is {cc}: rebuild it here from the Q/DQ ONNX"
+            )
+
+
+def _vtuple(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in str(version).split(".") if p.isdigit())
+
+
+# --- the build ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class BuiltEngine:
+    """A built (or cached) engine and what is known about it.
+
+    Attributes:
+        engine_path: the serialized engine (``model.engine``).
+        metadata: the dict also written to ``metadata.json`` beside it.
+        log_path: the builder's log (``build.log``), when a build ran.
+        timing_cache_path: the timing cache after the build, when kept.
+        cached: True when the engine came from the cache without a build.
+    """
+
+    engine_path: Path
+    metadata: dict[str, Any]
+    log_path: Optional[Path] = None
+    timing_cache_path: Optional[Path] = None
+    cached: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildPlan:
+    """Everything decided before TensorRT is called: checked on any machine."""
+
+    device_class: DeviceClass
+    config: TensorRTEngineConfig
+    onnx: OnnxInfo
+    profiles: dict[str, dict[str, list[int]]]
+
+
+def plan_build(onnx_path: str | Path, device_class: str,
+               config: Optional[TensorRTEngineConfig] = None) -> BuildPlan:
+    """Check an engine build without a GPU: device class, config, Q/DQ, profiles.
+
+    Raises:
+        DeviceError: unknown device class (lists the known ones).
+        ConfigError: the config does not suit the class, or a profile is wrong.
+        SourceError: the ONNX is missing, unreadable, or has no Q/DQ for int8.
+    """
+    dc = get_device_class(device_class)
+    config = config or TensorRTEngineConfig()
+    if device_class not in config.device_classes:
+        # Re-validate the settings against this class (DLA cores, JetPack limits, ...).
+        config = dataclasses.replace(config, device_classes=[*config.device_classes, device_class])
+    info = inspect_onnx(onnx_path)
+    require_qdq(info, config.precision)
+    return BuildPlan(dc, config, info, compute_profiles(info.inputs, config))
+
+
+def build_engine(onnx_path: str | Path, out_dir: str | Path, device_class: str,
+                 config: Optional[TensorRTEngineConfig] = None, *, cache_dir: str | Path | None = None,
+                 timing_cache: str | Path | None = None, local: Optional[LocalDevice] = None) -> BuiltEngine:
+    """Build the TensorRT engine of ``onnx_path`` for ``device_class`` on this node.
+
+    Writes ``model.engine``, ``metadata.json``, ``build.log`` and (with
+    ``config.timing_cache``) ``timing.cache`` into ``out_dir``.
+
+    Args:
+        onnx_path: the Q/DQ ONNX (or a float ONNX for fp16/fp32).
+        out_dir: folder for the engine and its metadata.
+        device_class: an exact device-class key; this node must be of it.
+        config: build settings; ``None`` uses the defaults.
+        cache_dir: an engine cache keyed by (TensorRT version, compute
+            capability); a hit is copied instead of rebuilt, and the timing
+            cache of the key lives there too.
+        timing_cache: a timing cache from an earlier build of this class to
+            start from (e.g. downloaded from MLflow); overrides the cache_dir one.
+        local: what this node has; detected when ``None``.
+
+    Returns:
+        The ``BuiltEngine``.
+
+    Raises:
+        DeviceError: unknown class, no CUDA device, this node is of another
+            class, or TensorRT failed (the message points at build.log).
+        MissingDependencyError: TensorRT is not installed on this GPU node.
+        ConfigError, SourceError: see :func:`plan_build`.
+    """
+    plan = plan_build(onnx_path, device_class, config)
+    config = plan.config
+    local = local or detect_local_device()
+    if local is None:
+        raise DeviceError(f"cannot build for {device_class}: no CUDA device on this node; run the build on "
+                          "a GPU node of that class or on the device itself")
+    match_device_class(device_class, local, hardware_compatibility=config.hardware_compatibility)
+    trt = import_tensorrt(f"building a TensorRT engine for {device_class} on {local.name}")
+    version = str(trt.__version__)
+    if local.tensorrt != version:
+        local = dataclasses.replace(local, tensorrt=version)
+        match_device_class(device_class, local, hardware_compatibility=config.hardware_compatibility)
+    settings = build_settings(config, plan.profiles)
+    key = cache_key(version, local.compute_capability)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    entry = None
+    if cache_dir is not None:
+        entry = Path(cache_dir) / key / build_digest(plan.onnx.sha256, device_class, settings)
+        hit = _cache_lookup(entry, out_dir)
+        if hit is not None:
+            return hit
+        if timing_cache is None and config.timing_cache:
+            timing_cache = Path(cache_dir) / key / f"{device_class}.{TIMING_CACHE_FILE}"
+
+    t0 = time.perf_counter()
+    cache_blob = Path(timing_cache).read_bytes() if timing_cache and Path(timing_cache).is_file() else b""
+    lines: list[str] = []
+    try:
+        plan_bytes, new_cache, io = _build_with_tensorrt(trt, plan, cache_blob, lines)
+    finally:
+        (out_dir / LOG_FILE).write_text("\n".join(lines) + "\n")
+    engine_path = out_dir / ENGINE_FILE
+    engine_path.write_bytes(plan_bytes)
+    meta = make_metadata(device_class=plan.device_class, local=local, tensorrt_version=version,
+                         info=plan.onnx, config=config, profiles=plan.profiles,
+                         engine_sha256=hashlib.sha256(plan_bytes).hexdigest(),
+                         engine_bytes=len(plan_bytes), build_seconds=time.perf_counter() - t0, io=io)
+    meta["timing_cache_reused"] = bool(cache_blob)
+    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    tc_path = None
+    if config.timing_cache and new_cache:
+        tc_path = out_dir / TIMING_CACHE_FILE
+        tc_path.write_bytes(new_cache)
+    if entry is not None:
+        entry.mkdir(parents=True, exist_ok=True)
+        for name in (ENGINE_FILE, META_FILE, LOG_FILE):
+            shutil.copyfile(out_dir / name, entry / name)
+        if tc_path is not None:
+            shutil.copyfile(tc_path, Path(cache_dir) / key / f"{device_class}.{TIMING_CACHE_FILE}")
+    return BuiltEngine(engine_path, meta, out_dir / LOG_FILE, tc_path, cached=False)
+
+
+def _cache_lookup(entry: Path, out_dir: Path) -> Optional[BuiltEngine]:
+    engine, meta_path = entry / ENGINE_FILE, entry / META_FILE
+    if not (engine.is_file() and meta_path.is_file()):
+        return None
+    meta = json.loads(meta_path.read_text())
+    if file_sha256(engine) != meta.get("sha256"):
+        log.warning("engine cache entry %s is corrupt (sha256 differs); rebuilding", entry)
+        return None
+    for p in (engine, meta_path, entry / LOG_FILE):
+        if p.is_file():
+            shutil.copyfile(p, out_dir / p.name)
+    return BuiltEngine(out_dir / ENGINE_FILE, meta, out_dir / LOG_FILE, None, cached=True)
+
+
+def _collecting_logger(trt, lines: list[str]):
+    """A TensorRT logger that keeps every message (the build log, or why a load failed)."""
+
+    class _Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+
+        def log(self, severity, msg):
+            lines.append(f"[{getattr(severity, 'name', severity)}] {msg}")
+
+    return _Logger()
+
+
+def _build_with_tensorrt(trt, plan: BuildPlan, cache_blob: bytes, lines: list[str]):
+    """The TensorRT calls. Returns (engine bytes, timing cache bytes, io description)."""
+    config = plan.config
+    version = str(trt.__version__)
+
+    logger = _collecting_logger(trt, lines)
+    builder = trt.Builder(logger)
+    net_flags = 0
+    for name in network_flags(version):
+        net_flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, name))
+    network = builder.create_network(net_flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(plan.onnx.path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise SourceError(f"TensorRT {version} cannot parse {plan.onnx.path.name}: "
+                          f"{errors[0] if errors else 'no reason given'}; see {LOG_FILE}")
+
+    cfg = builder.create_builder_config()
+    cfg.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, config.workspace_mib << 20)
+    for name in builder_flags(version, config):
+        cfg.set_flag(getattr(trt.BuilderFlag, name))
+    if config.hardware_compatibility != "none":
+        cfg.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel,
+                                                   config.hardware_compatibility.upper())
+    if config.dla_core is not None:
+        if config.dla_core >= builder.num_DLA_cores:
+            raise DeviceError(f"engines.dla_core is {config.dla_core}, but this device has "
+                              f"{builder.num_DLA_cores} DLA core(s); pick one below that or null")
+        cfg.default_device_type = trt.DeviceType.DLA
+        cfg.DLA_core = config.dla_core
+    if any(s.dynamic_axes for s in plan.onnx.inputs):
+        profile = builder.create_optimization_profile()
+        for spec in plan.onnx.inputs:
+            if spec.dynamic_axes:
+                p = plan.profiles[spec.name]
+                profile.set_shape(spec.name, p["min"], p["opt"], p["max"])
+        cfg.add_optimization_profile(profile)
+    if config.timing_cache:
+        cache = cfg.create_timing_cache(cache_blob)
+        if not cfg.set_timing_cache(cache, False):
+            lines.append("[edgeslim] the previous timing cache does not match this TensorRT/GPU; starting empty")
+            cfg.set_timing_cache(cfg.create_timing_cache(b""), False)
+
+    serialized = builder.build_serialized_network(network, cfg)
+    if serialized is None:
+        errors = [ln for ln in lines if ln.startswith(("[ERROR]", "[INTERNAL_ERROR]"))]
+        raise DeviceError(f"TensorRT {version} could not build the engine for {plan.device_class.key}: "
+                          f"{errors[-1] if errors else 'no error logged'}; see {LOG_FILE}")
+    new_cache = bytes(cfg.get_timing_cache().serialize()) if config.timing_cache else b""
+    io = _io_of_network(trt, network)
+    return bytes(serialized), new_cache, io
+
+
+def _io_of_network(trt, network) -> dict[str, list[dict]]:
+    def dtype(t) -> str:
+        try:  # numpy names, like the ONNX side of the metadata
+            return np.dtype(trt.nptype(t.dtype)).name
+        except (TypeError, KeyError):
+            return str(t.dtype).split(".")[-1].lower()
+
+    def spec(t):
+        return {"name": t.name, "shape": [int(d) for d in t.shape], "dtype": dtype(t)}
+
+    return {"inputs": [spec(network.get_input(i)) for i in range(network.num_inputs)],
+            "outputs": [spec(network.get_output(i)) for i in range(network.num_outputs)]}
+
+
+# --- running an engine ------------------------------------------------------------------------
+
+
+class _CudaDriver:
+    """The few CUDA driver calls a runner needs, through ctypes (no pycuda, no torch)."""
+
+    def __init__(self):
+        from edgeslim.components.engine.devices import load_libcuda
+
+        lib = load_libcuda()
+        if lib is None or lib.cuInit(0) != 0:
+            raise DeviceError("no CUDA device on this node; the TensorRT engine cannot run here "
+                              "(the ONNX Runtime backend can)")
+        u64, vp = ctypes.c_uint64, ctypes.c_void_p
+        lib.cuMemAlloc_v2.argtypes = [ctypes.POINTER(u64), ctypes.c_size_t]
+        lib.cuMemFree_v2.argtypes = [u64]
+        lib.cuMemcpyHtoD_v2.argtypes = [u64, vp, ctypes.c_size_t]
+        lib.cuMemcpyDtoH_v2.argtypes = [vp, u64, ctypes.c_size_t]
+        lib.cuStreamCreate.argtypes = [ctypes.POINTER(vp), ctypes.c_uint]
+        lib.cuStreamSynchronize.argtypes = [vp]
+        lib.cuStreamDestroy_v2.argtypes = [vp]
+        lib.cuDevicePrimaryCtxRetain.argtypes = [ctypes.POINTER(vp), ctypes.c_int]
+        lib.cuCtxSetCurrent.argtypes = [vp]
+        self.lib = lib
+        ctx = vp()
+        # TensorRT uses the CUDA runtime, which works in the device's primary context.
+        self._check(lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), 0), "cuDevicePrimaryCtxRetain")
+        self._check(lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+        stream = vp()
+        self._check(lib.cuStreamCreate(ctypes.byref(stream), 0), "cuStreamCreate")
+        self.stream = stream
+
+    @staticmethod
+    def _check(code: int, what: str) -> None:
+        if code != 0:
+            raise DeviceError(f"CUDA driver call {what} failed with error {code}")
+
+    def alloc(self, nbytes: int) -> int:
+        ptr = ctypes.c_uint64(0)
+        self._check(self.lib.cuMemAlloc_v2(ctypes.byref(ptr), max(int(nbytes), 1)), "cuMemAlloc")
+        return ptr.value
+
+    def free(self, ptr: int) -> None:
+        self.lib.cuMemFree_v2(ptr)
+
+    def to_device(self, ptr: int, arr: np.ndarray) -> None:
+        self._check(self.lib.cuMemcpyHtoD_v2(ptr, arr.ctypes.data, arr.nbytes), "cuMemcpyHtoD")
+
+    def to_host(self, arr: np.ndarray, ptr: int) -> None:
+        self._check(self.lib.cuMemcpyDtoH_v2(arr.ctypes.data, ptr, arr.nbytes), "cuMemcpyDtoH")
+
+    def sync(self) -> None:
+        self._check(self.lib.cuStreamSynchronize(self.stream), "cuStreamSynchronize")
+
+    def close(self) -> None:
+        if self.stream:
+            self.lib.cuStreamDestroy_v2(self.stream)
+            self.stream = None
+
+
+class EngineRunner:
+    """Deserializes an engine and runs batches through it.
+
+    Refuses, in one line, an engine from another TensorRT version or GPU
+    architecture before TensorRT is asked to load it.
+    """
+
+    def __init__(self, engine_path: str | Path, metadata: Optional[dict[str, Any]] = None,
+                 local: Optional[LocalDevice] = None):
+        path = Path(engine_path)
+        self.engine_path = path / ENGINE_FILE if path.is_dir() else path
+        if not self.engine_path.is_file():
+            raise DeviceError(f"engine {self.engine_path}: no such file")
+        self.metadata = metadata if metadata is not None else read_metadata(self.engine_path)
+        blob = self.engine_path.read_bytes()
+        if self.metadata.get("sha256") and hashlib.sha256(blob).hexdigest() != self.metadata["sha256"]:
+            raise DeviceError(f"engine {self.engine_path}: its sha256 differs from its metadata; "
+                              "download it again or rebuild it from the Q/DQ ONNX")
+        trt = import_tensorrt("running a TensorRT engine")
+        self.trt = trt
+        check_engine_compatible(self.metadata, str(trt.__version__), local or detect_local_device())
+        self.cuda = _CudaDriver()
+        lines: list[str] = []
+        self._logger = _collecting_logger(trt, lines)
+        self.runtime = trt.Runtime(self._logger)
+        if self.metadata.get("version_compatible"):
+            # A version-compatible engine carries its own lean runtime, which is host code.
+            self.runtime.engine_host_code_allowed = True
+        self.engine = self.runtime.deserialize_cuda_engine(blob)
+        if self.engine is None:
+            err = next((ln for ln in reversed(lines) if "ERROR" in ln), "no error logged")
+            raise DeviceError(f"TensorRT {trt.__version__} cannot deserialize {self.engine_path}: {err}; "
+                              "rebuild it here from the Q/DQ ONNX")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if n not in self.inputs]
+        self.backend = f"tensorrt:{self.metadata.get('device_class', '?')}"
+
+    def _batch_limit(self, name: str) -> tuple[int, bool]:
+        prof = (self.metadata.get("profiles") or {}).get(name)
+        static = int(self.engine.get_tensor_shape(name)[0])
+        if static > 0:
+            return static, True
+        return int(prof["max"][0]) if prof else 1, False
+
+    def run(self, feeds: dict[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
+        """Run a batch; a batch larger than the profile's maximum is split.
+
+        Args:
+            feeds: one array per input name, or one array for a single-input engine.
+
+        Returns:
+            One array per output name.
+        """
+        if not isinstance(feeds, dict):
+            feeds = {self.inputs[0]: feeds}
+        feeds = {n: np.ascontiguousarray(feeds[n], dtype=self.trt.nptype(self.engine.get_tensor_dtype(n)))
+                 for n in self.inputs}
+        total = len(next(iter(feeds.values())))
+        limit, static = self._batch_limit(self.inputs[0])
+        parts: dict[str, list[np.ndarray]] = {n: [] for n in self.outputs}
+        for start in range(0, total, limit):
+            chunk = {n: a[start:start + limit] for n, a in feeds.items()}
+            real = len(next(iter(chunk.values())))
+            if static and real < limit:  # a fixed-batch engine: pad, then drop the padding
+                chunk = {n: np.concatenate([a, np.zeros((limit - real, *a.shape[1:]), a.dtype)])
+                         for n, a in chunk.items()}
+            for n, out in self._run_once(chunk).items():
+                parts[n].append(out[:real])
+        return {n: np.concatenate(v) for n, v in parts.items()}
+
+    def _run_once(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ptrs = []
+        try:
+            for n, a in feeds.items():
+                self.context.set_input_shape(n, a.shape)
+                ptr = self.cuda.alloc(a.nbytes)
+                ptrs.append(ptr)
+                self.cuda.to_device(ptr, a)
+                self.context.set_tensor_address(n, ptr)
+            outs = {}
+            for n in self.outputs:
+                shape = tuple(self.context.get_tensor_shape(n))
+                arr = np.empty(shape, dtype=self.trt.nptype(self.engine.get_tensor_dtype(n)))
+                ptr = self.cuda.alloc(arr.nbytes)
+                ptrs.append(ptr)
+                self.context.set_tensor_address(n, ptr)
+                outs[n] = (arr, ptr)
+            if not self.context.execute_async_v3(self.cuda.stream.value):
+                raise DeviceError(f"TensorRT could not run {self.engine_path.name}")
+            self.cuda.sync()
+            for arr, ptr in outs.values():
+                self.cuda.to_host(arr, ptr)
+            return {n: arr for n, (arr, _) in outs.items()}
+        finally:
+            for p in ptrs:
+                self.cuda.free(p)
+
+    def close(self) -> None:
+        self.context = self.engine = None
+        self.cuda.close()

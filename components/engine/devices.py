@@ -1,0 +1,358 @@
+"""Device classes: the exact keys an engine is built for, and what this node is.
+
+A TensorRT engine runs only where it was built for: the same TensorRT version,
+the same GPU architecture (compute capability) and, on Jetson, the same
+JetPack. A *device class* pins all of that under one exact key such as
+``orin-sm87-jp6.1-trt10.3``; a device refuses anything else.
+
+This module imports no torch, mlflow, kfp or tensorrt: the device agent on a
+Jetson uses it. The CUDA driver is asked through ``ctypes`` (``libcuda``
+ships with every NVIDIA driver, toolkit or not).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import difflib
+import re
+from pathlib import Path
+from typing import Optional
+
+from edgeslim.components.common.errors import DeviceError
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceClass:
+    """One kind of device an engine is built for.
+
+    Attributes:
+        key: the exact key, e.g. ``orin-sm87-jp6.1-trt10.3``.
+        family: ``jetson`` or ``datacenter``.
+        arch: GPU architecture name (``Orin``/``Ampere``, ``Xavier``/``Volta``, ``Ada``, ``Hopper``).
+        compute_capability: ``(major, minor)``, e.g. ``(8, 7)``.
+        tensorrt: the TensorRT version a build node must have, as a prefix
+            (``"10.3"`` matches 10.3.0.30; ``"10"`` any 10.x).
+        jetpack: JetPack ``major.minor`` on Jetson, else ``None``.
+        cuda: the CUDA version the platform ships (informative).
+        dla_cores: DLA cores the largest module of the class has (0: none).
+        node_selector: Kubernetes labels of a build node of this class (the
+            recipe may override them).
+        description: one line for people.
+    """
+
+    key: str
+    family: str
+    arch: str
+    compute_capability: tuple[int, int]
+    tensorrt: str
+    jetpack: Optional[str] = None
+    cuda: str = ""
+    dla_cores: int = 0
+    node_selector: dict = dataclasses.field(default_factory=dict)
+    description: str = ""
+
+    @property
+    def sm(self) -> str:
+        return f"sm{self.compute_capability[0]}{self.compute_capability[1]}"
+
+    @property
+    def is_jetson(self) -> bool:
+        return self.family == "jetson"
+
+    @property
+    def tensorrt_major(self) -> int:
+        return int(self.tensorrt.split(".")[0])
+
+    def tensorrt_matches(self, version: str) -> bool:
+        """True when ``version`` (e.g. ``10.3.0.30``) is of this class's TensorRT."""
+        want = self.tensorrt.split(".")
+        return version.split(".")[: len(want)] == want
+
+
+def _jetson_selector(key: str) -> dict:
+    # Jetson build nodes are the devices themselves (or a lab board) joined to the
+    # cluster; nothing standard labels JetPack, so the class key is the label.
+    return {"edgeslim.io/device-class": key}
+
+
+def _gfd_selector(major: int, minor: int) -> dict:
+    # Labels written by NVIDIA GPU feature discovery on datacenter nodes.
+    return {"nvidia.com/gpu.compute.major": str(major), "nvidia.com/gpu.compute.minor": str(minor)}
+
+
+_BUILTIN = (
+    DeviceClass("orin-sm87-jp6.1-trt10.3", "jetson", "Orin (Ampere)", (8, 7), "10.3", "6.1", "12.6", 2,
+                _jetson_selector("orin-sm87-jp6.1-trt10.3"),
+                "Jetson AGX Orin / Orin NX / Orin Nano, JetPack 6.1 (L4T R36.4), TensorRT 10.3"),
+    DeviceClass("orin-sm87-jp6.2-trt10.3", "jetson", "Orin (Ampere)", (8, 7), "10.3", "6.2", "12.6", 2,
+                _jetson_selector("orin-sm87-jp6.2-trt10.3"),
+                "Jetson AGX Orin / Orin NX / Orin Nano, JetPack 6.2 (L4T R36.4.3), TensorRT 10.3"),
+    DeviceClass("xavier-sm72-jp5.1-trt8.5", "jetson", "Xavier (Volta)", (7, 2), "8.5", "5.1", "11.4", 2,
+                _jetson_selector("xavier-sm72-jp5.1-trt8.5"),
+                "Jetson AGX Xavier / Xavier NX, JetPack 5.1 (L4T R35), TensorRT 8.5"),
+    DeviceClass("ada-sm89-trt10", "datacenter", "Ada", (8, 9), "10", None, "12", 0, _gfd_selector(8, 9),
+                "Ada datacenter GPU (L4, L40S), TensorRT 10.x"),
+    DeviceClass("hopper-sm90-trt10", "datacenter", "Hopper", (9, 0), "10", None, "12", 0, _gfd_selector(9, 0),
+                "Hopper datacenter GPU (H100, H200), TensorRT 10.x"),
+    DeviceClass("hopper-sm90-trt11", "datacenter", "Hopper", (9, 0), "11", None, "13", 0, _gfd_selector(9, 0),
+                "Hopper datacenter GPU (H100, H200), TensorRT 11.x"),
+)
+_REGISTRY: dict[str, DeviceClass] = {d.key: d for d in _BUILTIN}
+
+_KEY = re.compile(r"^[a-z0-9][a-z0-9.-]*$")
+
+
+def register_device_class(device_class: DeviceClass) -> DeviceClass:
+    """Add a device class (e.g. an in-house board). Its key must be new."""
+    if not _KEY.match(device_class.key):
+        raise DeviceError(
+            f"device class key {device_class.key!r}: use lower-case letters, digits, '.' and '-', "
+            "like 'orin-sm87-jp6.1-trt10.3'"
+        )
+    if device_class.key in _REGISTRY and _REGISTRY[device_class.key] != device_class:
+        raise DeviceError(f"device class {device_class.key!r} is already registered; pick a new key")
+    _REGISTRY[device_class.key] = device_class
+    return device_class
+
+
+def known_device_classes() -> list[str]:
+    """The keys of every known device class, sorted."""
+    return sorted(_REGISTRY)
+
+
+def unknown_class_message(key: str) -> str:
+    close = difflib.get_close_matches(key, known_device_classes(), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown device class {key!r}; {hint}known: {', '.join(known_device_classes())}"
+
+
+def get_device_class(key: str) -> DeviceClass:
+    """The device class registered under ``key``.
+
+    Raises:
+        DeviceError: no such key; the message lists the known ones.
+    """
+    try:
+        return _REGISTRY[key]
+    except (KeyError, TypeError):
+        raise DeviceError(unknown_class_message(str(key))) from None
+
+
+# --- what this node is ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalDevice:
+    """What a build node (or device) has: GPU 0, drivers, TensorRT, JetPack.
+
+    Attributes:
+        name: the GPU's name from the driver, e.g. ``Orin`` or ``NVIDIA L4``.
+        compute_capability: ``(major, minor)``.
+        cuda_driver: the driver's CUDA version, e.g. ``12.6``.
+        tensorrt: the installed TensorRT version, or ``None`` when it is not installed.
+        jetpack: ``major.minor[.patch]`` on Jetson, else ``None``.
+        l4t: the L4T release on Jetson (``36.4.0``), else ``None``.
+        total_memory_mib: GPU memory.
+    """
+
+    name: str
+    compute_capability: tuple[int, int]
+    cuda_driver: str = ""
+    tensorrt: Optional[str] = None
+    jetpack: Optional[str] = None
+    l4t: Optional[str] = None
+    total_memory_mib: int = 0
+
+    @property
+    def sm(self) -> str:
+        return f"sm{self.compute_capability[0]}{self.compute_capability[1]}"
+
+    @property
+    def is_jetson(self) -> bool:
+        return self.l4t is not None
+
+    def describe(self) -> str:
+        parts = [f"{self.name} ({self.sm})", f"TensorRT {self.tensorrt or 'not installed'}"]
+        if self.jetpack:
+            parts.append(f"JetPack {self.jetpack}")
+        return ", ".join(parts)
+
+
+# CUDA driver API attribute ids (cuda.h: CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR/MINOR).
+_CC_MAJOR, _CC_MINOR = 75, 76
+
+
+def load_libcuda():
+    """The CUDA driver library, or ``None`` where there is no NVIDIA driver."""
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    return None
+
+
+def _cuda_gpu0() -> Optional[tuple[str, tuple[int, int], str, int]]:
+    lib = load_libcuda()
+    if lib is None or lib.cuInit(0) != 0:
+        return None
+    count = ctypes.c_int(0)
+    if lib.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value < 1:
+        return None
+    dev = ctypes.c_int(0)
+    lib.cuDeviceGet(ctypes.byref(dev), 0)
+    name = ctypes.create_string_buffer(256)
+    lib.cuDeviceGetName(name, 256, dev)
+    major, minor, ver = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(0)
+    lib.cuDeviceGetAttribute(ctypes.byref(major), _CC_MAJOR, dev)
+    lib.cuDeviceGetAttribute(ctypes.byref(minor), _CC_MINOR, dev)
+    lib.cuDriverGetVersion(ctypes.byref(ver))
+    mem = ctypes.c_size_t(0)
+    total = getattr(lib, "cuDeviceTotalMem_v2", None)
+    if total is not None:
+        total(ctypes.byref(mem), dev)
+    driver = f"{ver.value // 1000}.{(ver.value % 1000) // 10}"
+    return name.value.decode(errors="replace"), (major.value, minor.value), driver, mem.value >> 20
+
+
+def installed_tensorrt_version() -> Optional[str]:
+    """TensorRT's version without importing it when package metadata has it."""
+    from importlib import metadata
+
+    for dist in ("tensorrt", "tensorrt-cu12", "tensorrt-cu13", "tensorrt_libs"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    try:  # JetPack installs it as a Debian package, without pip metadata
+        import tensorrt  # noqa: PLC0415
+
+        return str(tensorrt.__version__)
+    except (ImportError, OSError):
+        return None
+
+
+# L4T release -> JetPack, for boards without the nvidia-jetpack package record.
+_L4T_TO_JETPACK = (
+    ("36.4.4", "6.2.1"), ("36.4.3", "6.2"), ("36.4", "6.1"), ("36.3", "6.0"),
+    ("35.6", "5.1.4"), ("35.5", "5.1.3"), ("35.4", "5.1.2"), ("35.3", "5.1.1"), ("35.2", "5.1"),
+)
+
+
+def parse_l4t_release(text: str) -> Optional[str]:
+    """``36.4.0`` from ``/etc/nv_tegra_release`` (``# R36 (release), REVISION: 4.0, ...``)."""
+    m = re.search(r"R(\d+)\s*\(release\),\s*REVISION:\s*([\d.]+)", text)
+    return f"{m.group(1)}.{m.group(2)}" if m else None
+
+
+def jetpack_for_l4t(l4t: str) -> Optional[str]:
+    for prefix, jetpack in _L4T_TO_JETPACK:
+        if l4t == prefix or l4t.startswith(prefix + "."):
+            return jetpack
+    return None
+
+
+def _jetpack_from_dpkg(status: Path = Path("/var/lib/dpkg/status")) -> Optional[str]:
+    try:
+        text = status.read_text(errors="replace")
+    except OSError:
+        return None
+    m = re.search(r"^Package: nvidia-jetpack\n(?:[^\n]+\n)*?Version: (\d+(?:\.\d+)*)", text, re.M)
+    return m.group(1) if m else None
+
+
+def detect_local_device(tegra_release: Path = Path("/etc/nv_tegra_release")) -> Optional[LocalDevice]:
+    """GPU 0 of this node, or ``None`` where there is no CUDA device."""
+    gpu = _cuda_gpu0()
+    if gpu is None:
+        return None
+    name, cc, driver, mem = gpu
+    l4t = jetpack = None
+    if tegra_release.exists():
+        l4t = parse_l4t_release(tegra_release.read_text(errors="replace"))
+        jetpack = _jetpack_from_dpkg() or (jetpack_for_l4t(l4t) if l4t else None)
+    return LocalDevice(name=name, compute_capability=cc, cuda_driver=driver,
+                       tensorrt=installed_tensorrt_version(), jetpack=jetpack, l4t=l4t,
+                       total_memory_mib=mem)
+
+
+def _jetpack_matches(want: str, have: Optional[str]) -> bool:
+    return have is not None and have.split(".")[:2] == want.split(".")[:2]
+
+
+def mismatch_reason(device_class: DeviceClass, local: LocalDevice, *,
+                    hardware_compatibility: str = "none", check_tensorrt: bool = True) -> Optional[str]:
+    """Why ``local`` cannot build (or run) engines of ``device_class``; ``None`` if it can.
+
+    Args:
+        hardware_compatibility: ``ampere_plus`` lets an Ampere-or-newer datacenter
+            node build for another Ampere-or-newer datacenter class.
+        check_tensorrt: also require the class's TensorRT version.
+    """
+    want, have = device_class.compute_capability, local.compute_capability
+    arch_ok = want == have
+    if (not arch_ok and hardware_compatibility == "ampere_plus" and not device_class.is_jetson
+            and not local.is_jetson and want >= (8, 0) and have >= (8, 0)):
+        arch_ok = True
+    if not arch_ok:
+        return (
+            f"device class {device_class.key} needs compute capability {want[0]}.{want[1]} "
+            f"({device_class.arch}); this node has {have[0]}.{have[1]} ({local.name}): build it on a "
+            f"node of that class (node selector {device_class.node_selector}) or on the device itself"
+        )
+    if device_class.is_jetson != local.is_jetson:
+        kind = "a Jetson" if device_class.is_jetson else "a datacenter GPU"
+        return (f"device class {device_class.key} is {kind}; this node ({local.describe()}) is not: "
+                "build it on a node of that class")
+    if device_class.jetpack and not _jetpack_matches(device_class.jetpack, local.jetpack):
+        return (f"device class {device_class.key} needs JetPack {device_class.jetpack}; this node has "
+                f"JetPack {local.jetpack or 'unknown'}: build it on a device of that class")
+    if check_tensorrt and local.tensorrt and not device_class.tensorrt_matches(local.tensorrt):
+        return (f"device class {device_class.key} needs TensorRT {device_class.tensorrt}; this node has "
+                f"TensorRT {local.tensorrt}: engines are not portable across TensorRT versions")
+    return None
+
+
+def match_device_class(key: str, local: LocalDevice, *, hardware_compatibility: str = "none") -> DeviceClass:
+    """The device class ``key`` if ``local`` can build for it.
+
+    Raises:
+        DeviceError: unknown key (lists the known ones), or the node does not match.
+    """
+    device_class = get_device_class(key)
+    reason = mismatch_reason(device_class, local, hardware_compatibility=hardware_compatibility)
+    if reason:
+        raise DeviceError(reason)
+    return device_class
+
+
+def classes_for(local: LocalDevice) -> list[DeviceClass]:
+    """Every known device class this node matches exactly."""
+    return [d for d in _REGISTRY.values() if mismatch_reason(d, local) is None]
+
+
+def detect_device_class(local: Optional[LocalDevice] = None) -> DeviceClass:
+    """The device class of this build node or device.
+
+    Args:
+        local: what the node has; detected when ``None``.
+
+    Raises:
+        DeviceError: no CUDA device, or the node matches no known device class.
+    """
+    if local is None:
+        local = detect_local_device()
+    if local is None:
+        raise DeviceError(
+            "no CUDA device on this node (no NVIDIA driver answered); build engines on a GPU node "
+            "or on the device, or ship the Q/DQ ONNX and let devices build on first install"
+        )
+    hits = classes_for(local)
+    if not hits:
+        raise DeviceError(
+            f"this node ({local.describe()}) matches no known device class; known: "
+            f"{', '.join(known_device_classes())}; register one with register_device_class()"
+        )
+    # The most specific key wins (a pinned JetPack/minor TensorRT before a bare major).
+    return max(hits, key=lambda d: (len(d.tensorrt), d.jetpack or ""))

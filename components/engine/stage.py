@@ -1,0 +1,258 @@
+"""engines: build a TensorRT engine per device class from the Q/DQ ONNX, and verify each.
+
+Right after a build, on the build node: deserialize the engine, run the
+gate's evaluation set through it, compare with the Q/DQ ONNX under ONNX
+Runtime (top-1 agreement, SQNR, top-1 accuracy) and apply the engine gate.
+A failing engine is not kept. Where there is no CUDA device (CI, laptops,
+the local runner) the stage says so plainly and does not fail.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from edgeslim.components.common.data import Splits
+from edgeslim.components.engine.config import EngineVerifyConfig, TensorRTEngineConfig
+from edgeslim.components.common.errors import DataError, GateRejected
+from edgeslim.components.common.result import StageResult
+from edgeslim.components.engine.devices import LocalDevice, detect_local_device
+from edgeslim.components.engine.builder import (ENGINE_FILE, LOG_FILE, META_FILE, NOT_BUILT_NO_CUDA, TIMING_CACHE_FILE, EngineRunner,
+                     build_engine, file_sha256, plan_build)
+
+log = logging.getLogger(__name__)
+SUMMARY_FILE = "engines.json"
+VERIFY_FILE = "verification.json"
+STATUS_BUILT = "built and verified"
+
+
+def qdq_session(onnx_path: str | Path, providers: Optional[list[str]] = None):
+    """An ONNX Runtime session that keeps Q/DQ semantics.
+
+    At the default optimization level ONNX Runtime fuses Q/DQ into int8 CPU
+    kernels that can saturate on x86 without VNNI (see DESIGN.md); BASIC keeps
+    DequantizeLinear -> float op, which is what TensorRT's int8 math approximates.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(onnx_path), opts, providers=providers or ["CPUExecutionProvider"])
+
+
+def run_session(session, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    """The first output of ``session`` over ``x``, in batches."""
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+
+
+def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio of ``candidate`` against ``reference``, in dB."""
+    ref = np.asarray(reference, dtype=np.float64)
+    noise = float(np.sum((ref - np.asarray(candidate, dtype=np.float64)) ** 2))
+    signal = float(np.sum(ref ** 2))
+    if noise == 0.0:
+        return float("inf")
+    return float(10.0 * np.log10(max(signal, 1e-30) / noise))
+
+
+@dataclasses.dataclass
+class EngineCheck:
+    """What the engine gate measured and decided."""
+
+    metrics: dict[str, float]
+    passed: bool
+    reasons: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metrics": self.metrics, "passed": self.passed, "reasons": self.reasons}
+
+
+def compare_outputs(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray,
+                    gate: EngineVerifyConfig) -> EngineCheck:
+    """Compare an engine's outputs with the Q/DQ ONNX's and apply the engine gate.
+
+    Args:
+        reference: logits of the Q/DQ ONNX under ONNX Runtime, ``[N, classes]``.
+        candidate: logits of the engine on the same inputs.
+        labels: the true classes, ``[N]``.
+        gate: the thresholds.
+    """
+    if reference.shape != candidate.shape:
+        raise DataError(f"engine outputs have shape {list(candidate.shape)}, the Q/DQ ONNX's "
+                        f"{list(reference.shape)}; they must match")
+    ref_top, cand_top = reference.argmax(-1), candidate.argmax(-1)
+    m = {
+        "top1_agreement": float((ref_top == cand_top).mean()),
+        "sqnr_db": sqnr_db(reference, candidate),
+        "onnx_top1": float((ref_top == labels).mean() * 100.0),
+        "engine_top1": float((cand_top == labels).mean() * 100.0),
+        "samples": int(len(labels)),
+    }
+    m["top1_drop"] = m["onnx_top1"] - m["engine_top1"]
+    reasons = []
+    if m["top1_agreement"] < gate.min_top1_agreement:
+        reasons.append(f"top-1 agreement {m['top1_agreement']:.4f} < {gate.min_top1_agreement}")
+    if m["sqnr_db"] < gate.min_sqnr_db:
+        reasons.append(f"SQNR {m['sqnr_db']:.1f} dB < {gate.min_sqnr_db} dB")
+    if m["top1_drop"] > gate.max_metric_drop:
+        reasons.append(f"top-1 {m['engine_top1']:.2f}% is {m['top1_drop']:.2f} points below the "
+                       f"Q/DQ ONNX's {m['onnx_top1']:.2f}% (allowed {gate.max_metric_drop})")
+    return EngineCheck(m, not reasons, reasons)
+
+
+def verify_engine(run: Callable[[np.ndarray], np.ndarray], qdq_onnx_path: str | Path, data: Splits,
+                  gate: EngineVerifyConfig) -> EngineCheck:
+    """Run the evaluation set through ``run`` (the engine) and through the Q/DQ ONNX; gate.
+
+    Args:
+        run: takes a batch of inputs and returns the model's first output.
+        qdq_onnx_path: the Q/DQ ONNX the engine was built from.
+        data: the splits; the test split is the evaluation set.
+        gate: thresholds and how many samples.
+    """
+    n = gate.samples or len(data.x_test)
+    x, y = data.x_test[:n], data.y_test[:n]
+    reference = run_session(qdq_session(qdq_onnx_path), x)
+    return compare_outputs(reference, np.asarray(run(x)), y, gate)
+
+
+def _run_first_output(runner: EngineRunner) -> Callable[[np.ndarray], np.ndarray]:
+    def run(x: np.ndarray) -> np.ndarray:
+        return runner.run(x)[runner.outputs[0]]
+
+    return run
+
+
+def build_engines(qdq_onnx_path: str | Path, config: TensorRTEngineConfig, *, data: Splits,
+                  out_dir: str | Path, local: Optional[LocalDevice] = None,
+                  timing_caches: Optional[dict[str, str | Path]] = None,
+                  cache_dir: str | Path | None = None) -> StageResult:
+    """Build and verify one engine per device class of ``config``.
+
+    Every class is checked first (known key, Q/DQ present for int8, profiles)
+    on any machine, so a bad recipe fails in CI too. Then, per class: with no
+    CUDA device, it is recorded as not built (devices build it on first
+    install); otherwise the engine is built on this node, deserialized, run on
+    the test split and compared with the Q/DQ ONNX under ONNX Runtime.
+
+    Args:
+        qdq_onnx_path: the int8 Q/DQ ONNX.
+        config: the ``engines:`` section of the recipe.
+        data: the splits; ``x_test``/``y_test`` are the evaluation set.
+        out_dir: gets ``<device_class>/`` folders (``model.engine``,
+            ``metadata.json``, ``build.log``, ``timing.cache``,
+            ``verification.json``) and ``engines.json``, the status of each class.
+        local: what this node has; detected when ``None``.
+        timing_caches: per device class, a timing cache from an earlier build.
+        cache_dir: the engine cache of :func:`build_engine`.
+
+    Returns:
+        ``StageResult`` whose model is ``out_dir``; metrics per built class
+        (``engine.<class>.top1_agreement`` ...); lineage with each class's status.
+
+    Raises:
+        GateRejected: an engine failed its gate (it is removed; the others stay).
+        DeviceError, ConfigError, SourceError, MissingDependencyError: see
+            :func:`edgeslim.components.engine.builder.build_engine`.
+    """
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for key in config.device_classes:
+        plan_build(qdq_onnx_path, key, config)
+    if local is None and config.device_classes:
+        local = detect_local_device()
+    statuses: dict[str, dict[str, Any]] = {}
+    metrics: dict[str, Any] = {}
+    rejected: list[str] = []
+    for key in config.device_classes:
+        if local is None:
+            statuses[key] = {"status": NOT_BUILT_NO_CUDA, "built": False}
+            log.warning("engine %s: %s", key, NOT_BUILT_NO_CUDA)
+            continue
+        class_dir = out_dir / key
+        if class_dir.exists():
+            shutil.rmtree(class_dir)
+        built = build_engine(qdq_onnx_path, class_dir, key, config, local=local, cache_dir=cache_dir,
+                             timing_cache=(timing_caches or {}).get(key))
+        runner = EngineRunner(built.engine_path, built.metadata, local=local)
+        try:
+            check = verify_engine(_run_first_output(runner), qdq_onnx_path, data, config.verify)
+        finally:
+            runner.close()
+        (class_dir / VERIFY_FILE).write_text(json.dumps(check.to_dict(), indent=2))
+        for name, value in check.metrics.items():
+            metrics[f"engine.{key}.{name}"] = value
+        if check.passed:
+            statuses[key] = {"status": STATUS_BUILT, "built": True, "metadata": built.metadata,
+                             "verification": check.to_dict(), "cached": built.cached}
+        else:
+            # A failing engine must not be registered: drop it, keep the evidence.
+            (class_dir / ENGINE_FILE).unlink()
+            reason = "; ".join(check.reasons)
+            statuses[key] = {"status": f"rejected by the engine gate: {reason}", "built": False,
+                             "verification": check.to_dict()}
+            rejected.append(f"{key}: {reason}")
+    summary = {"qdq_onnx_sha256": file_sha256(qdq_onnx_path), "engines": statuses}
+    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    metrics["engines_built"] = sum(1 for s in statuses.values() if s["built"])
+    metrics["engines_not_built"] = len(statuses) - metrics["engines_built"]
+    if rejected:
+        raise GateRejected(f"engine gate rejected {'; '.join(rejected)}; the engine is not registered")
+    return StageResult(model=out_dir, metrics=metrics,
+                       lineage={"engines": {k: v["status"] for k, v in statuses.items()},
+                                "qdq_onnx_sha256": summary["qdq_onnx_sha256"],
+                                "engines_config": config.to_json_dict()},
+                       seconds=time.perf_counter() - t0)
+
+
+def read_summary(engines_dir: str | Path) -> dict[str, Any]:
+    """The ``engines.json`` that :func:`build_engines` wrote (empty when there is none)."""
+    p = Path(engines_dir) / SUMMARY_FILE
+    return json.loads(p.read_text()) if p.is_file() else {"engines": {}}
+
+
+__all__ = ["build_engines", "verify_engine", "compare_outputs", "sqnr_db", "qdq_session", "run_session",
+           "read_summary", "SUMMARY_FILE", "VERIFY_FILE", "STATUS_BUILT", "LOG_FILE", "META_FILE",
+           "TIMING_CACHE_FILE"]
+
+
+def build_engine_task(qdq_onnx_path: str | Path, device_class: str, engines_config: dict[str, Any], *,
+                      data_provider: str, data_args: dict[str, Any], out_dir: str | Path,
+                      previous_model_uri: str = "") -> dict[str, Any]:
+    """What one pipeline engine task does: build and verify ``device_class`` only.
+
+    Args:
+        qdq_onnx_path: the int8 Q/DQ ONNX.
+        device_class: the class this task builds for.
+        engines_config: the recipe's ``engines`` section as a mapping.
+        data_provider: the data provider whose test split verifies the engine.
+        data_args: its arguments.
+        out_dir: gets ``<device_class>/`` and ``engines.json``.
+        previous_model_uri: an earlier edge model whose timing cache seeds the build.
+
+    Returns:
+        ``{device_class, status, metrics}``.
+    """
+    from edgeslim.plugins.datasets import load_data
+    from edgeslim.plugins.edge_flavor import previous_timing_caches
+
+    cfg = TensorRTEngineConfig.from_dict(engines_config, prefix="engines")
+    cfg = dataclasses.replace(cfg, device_classes=[device_class],
+                              node_selectors={k: v for k, v in cfg.node_selectors.items() if k == device_class})
+    data = load_data(data_provider, data_args)
+    timing_caches = {}
+    if previous_model_uri and cfg.timing_cache:
+        timing_caches = previous_timing_caches(previous_model_uri, device_class)
+    result = build_engines(qdq_onnx_path, cfg, data=data, out_dir=out_dir, timing_caches=timing_caches)
+    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    return {"device_class": device_class, "status": result.lineage["engines"][device_class], "metrics": metrics}

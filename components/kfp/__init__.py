@@ -1,0 +1,1 @@
+"""The thin Kubeflow Pipelines components around the stages, and engine-task placement."""

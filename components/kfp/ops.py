@@ -1,0 +1,308 @@
+"""Thin Kubeflow components around the stages, one per stage.
+
+Each function body imports edgeslim from the image it runs in, turns its
+inputs into plain objects, calls the stage and writes the outputs. The
+components are built by :func:`make_ops` so that the base image is a
+parameter; ``kfp.local.SubprocessRunner(use_venv=False)`` runs the same
+functions on a laptop.
+"""
+
+
+from types import SimpleNamespace  # noqa: I001  (no __future__ annotations: KFP reads them)
+from typing import List
+
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Model, Output
+
+DEFAULT_IMAGE = "ghcr.io/edgeslim/edgeslim:0.1.0"
+
+
+def pull_op(recipe_json: str, tracking_uri: str, model: Output[Model], parent: Output[Artifact]):
+    """Pull the source model named by the recipe from the MLflow registry."""
+    import json
+    from pathlib import Path
+
+    from edgeslim.components.common.model_io import save_module
+    from edgeslim.components.recipe import recipe_from_json
+    from edgeslim.components.pull import pull
+
+    recipe = recipe_from_json(recipe_json)
+    res = pull(recipe.source, tracking_uri=tracking_uri or recipe.tracking_uri or None,
+               out_dir=Path(model.path).parent / "download")
+    save_module(res.model, model.path)
+    Path(parent.path).write_text(json.dumps({**res.lineage, "seconds": res.seconds}))
+    model.metadata.update({"name": res.lineage["name"], "version": res.lineage["version"]})
+
+
+def export_op(recipe_json: str, model: Input[Model], onnx_model: Output[Model], info: Output[Artifact]):
+    """Export a torch module to ONNX (dynamic batch, pinned opset), checked against torch."""
+    import json
+    from pathlib import Path
+
+    from edgeslim.components.common.model_io import load_module
+    from edgeslim.components.recipe import recipe_from_json
+    from edgeslim.components.export import export
+    from edgeslim.plugins.datasets import load_data
+
+    recipe = recipe_from_json(recipe_json)
+    data = load_data(recipe.data.provider, recipe.data.args)
+    res = export(load_module(model.path), recipe.export, data=data, out_path=onnx_model.path)
+    Path(info.path).write_text(json.dumps({**res.metrics, "seconds": res.seconds}))
+
+
+def transform_op(recipe_json: str, model: Input[Model], student: Output[Model], info: Output[Artifact]):
+    """Apply the recipe's torch stages (distill, prune) in the order written."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from edgeslim.components.common.model_io import load_module, save_module
+    from edgeslim.components.recipe import recipe_from_json
+
+    recipe = recipe_from_json(recipe_json)
+    if not recipe.torch_stages:
+        shutil.copyfile(model.path, student.path)
+        Path(info.path).write_text(json.dumps({"stages": [], "seconds": 0.0}))
+        return
+    from edgeslim.components.common.task_config import is_detection
+    from edgeslim.components.transform.stages import apply_torch_stages
+    from edgeslim.plugins.datasets import load_data
+
+    data = load_data(recipe.data.provider, recipe.data.args)
+    teacher = load_module(model.path)
+    if is_detection(recipe.task):
+        from edgeslim.components.transform.detect import apply_detector_stages
+
+        res = apply_detector_stages(teacher, recipe.torch_stages, data=data, task=recipe.task)
+    else:
+        res = apply_torch_stages(teacher, recipe.torch_stages, data=data, teacher=teacher)
+    save_module(res.model, student.path)
+    Path(info.path).write_text(json.dumps({**res.metrics, "seconds": res.seconds}, default=str))
+
+
+def quantize_op(recipe_json: str, tracking_uri: str, onnx_model: Input[Model], student: Input[Model],
+                parent_onnx: Input[Model], qdq_model: Output[Model], info: Output[Artifact]):
+    """Quantize to a symmetric per-channel int8 Q/DQ ONNX."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from edgeslim.components.recipe import recipe_from_json
+    from edgeslim.plugins.datasets import load_data
+
+    recipe = recipe_from_json(recipe_json)
+    data = load_data(recipe.data.provider, recipe.data.args)
+    out_dir = Path(qdq_model.path).parent / "quantize"
+    cfg = recipe.quantize
+    from edgeslim.components.common.task_config import is_detection
+
+    if cfg.method == "ptq":
+        from edgeslim.components.quantize.ptq import quantize
+
+        res = quantize(onnx_model.path, cfg, data=data, out_dir=out_dir)
+    elif cfg.method == "auto" and is_detection(recipe.task):
+        from edgeslim.components.quantize.detect_search import quantize_detector_auto
+
+        model = None
+        if cfg.qat:  # QAT, the search's last resort, fine-tunes the torch detector
+            from edgeslim.components.common.model_io import load_module
+
+            model = load_module(student.path)
+        res = quantize_detector_auto(onnx_model.path, cfg, data=data, task=recipe.task, out_dir=out_dir,
+                                     model=model, export_config=recipe.export)
+    else:
+        import mlflow
+
+        from edgeslim.components.common.model_io import load_module
+        from edgeslim.components.common.tracking import connect
+        from edgeslim.components.transform.stages import quantize_with
+
+        uri = tracking_uri or recipe.tracking_uri or None
+        connect(uri)
+        mlflow.set_experiment(recipe.register.experiment)
+        # Trials judge the int8 step, so their reference is the model being quantized
+        # (the final gate still compares the metric with the registered parent).
+        reference = onnx_model.path if recipe.torch_stages else parent_onnx.path
+        with mlflow.start_run(run_name=f"quantize {cfg.method}: {recipe.source}") as run:
+            mlflow.set_tag("edgeslim.recipe_hash", recipe.digest())
+            res = quantize_with(cfg, model=load_module(student.path), fp32_onnx=onnx_model.path,
+                                parent_onnx=reference, recipe=recipe, data=data, out_dir=out_dir,
+                                tracking_uri=uri, parent_run_id=run.info.run_id)
+    from edgeslim.components.quantize.ptq import check_qdq
+
+    # Whatever method made it, the report states the Q/DQ facts TensorRT cares about.
+    res.metrics.update({k: v for k, v in check_qdq(res.model).items() if k not in res.metrics})
+    shutil.copyfile(res.model, qdq_model.path)
+    Path(info.path).write_text(json.dumps({**res.metrics, "seconds": res.seconds}, default=str))
+
+
+def evaluate_op(recipe_json: str, qdq_model: Input[Model], parent_onnx: Input[Model],
+                student_onnx: Input[Model], evaluation: Output[Artifact]):
+    """Evaluate the candidate beside its parent on the test split (ONNX Runtime, CPU)."""
+    import json
+    from pathlib import Path
+
+    from edgeslim.components.recipe import recipe_from_json
+    from edgeslim.components.common.task_config import is_detection
+    from edgeslim.components.evaluate import evaluate
+    from edgeslim.plugins.datasets import load_data
+
+    recipe = recipe_from_json(recipe_json)
+    data = load_data(recipe.data.provider, recipe.data.args)
+    if is_detection(recipe.task):
+        from edgeslim.components.tasks.detection import evaluate_detection
+
+        res = evaluate_detection(qdq_model.path, recipe.evaluate, parent_onnx=parent_onnx.path, data=data,
+                                 task=recipe.task)
+    else:
+        res = evaluate(qdq_model.path, recipe.evaluate, parent_onnx=parent_onnx.path, data=data,
+                       student_onnx=student_onnx.path if recipe.torch_stages else None)
+    res.metrics["student_fp32_size_bytes"] = Path(student_onnx.path).stat().st_size
+    Path(evaluation.path).write_text(json.dumps({**res.metrics, "seconds": res.seconds}))
+
+
+def gate_op(recipe_json: str, evaluation: Input[Artifact], verdict: Output[Artifact]) -> bool:
+    """Check the accuracy gate; the pipeline branches on the returned bool."""
+    import json
+    from pathlib import Path
+
+    from edgeslim.components.recipe import recipe_from_json
+    from edgeslim.components.common.task_config import is_detection
+    from edgeslim.components.evaluate import gate
+
+    recipe = recipe_from_json(recipe_json)
+    metrics = json.loads(Path(evaluation.path).read_text())
+    if is_detection(recipe.task):
+        from edgeslim.components.tasks.detection import gate_detection
+
+        result = gate_detection(metrics, recipe.task.gate)
+    else:
+        result = gate(metrics, recipe.gate)
+    Path(verdict.path).write_text(json.dumps(result))
+    return bool(result["passed"])
+
+
+def plan_engines_op(recipe_json: str, parent: Input[Artifact], verdict: Input[Artifact],
+                    plan: Output[Artifact]):
+    """What every engine task needs, from the recipe, as one JSON artifact.
+
+    When the gate failed the device-class list is empty, so engine tasks build
+    nothing. ``previous_model_uri`` names the edge model registered before, whose
+    timing cache for a class seeds its new build. (An artifact, not parameters:
+    kfp's local runner hands loop items to parameters read inside a ParallelFor.)
+    """
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from edgeslim.components.recipe import recipe_from_json
+
+    recipe = recipe_from_json(recipe_json)
+    cfg = recipe.engines
+    if not json.loads(Path(verdict.path).read_text())["passed"]:
+        cfg = dataclasses.replace(cfg, device_classes=[], node_selectors={})
+    name = recipe.register.model_name(json.loads(Path(parent.path).read_text())["name"])
+    Path(plan.path).write_text(json.dumps({
+        "engines_config": cfg.to_dict(), "data_provider": recipe.data.provider, "data_args": recipe.data.args,
+        "previous_model_uri": f"models:/{name}@{recipe.register.alias}",
+    }))
+
+
+def engine_build_op(qdq_model: Input[Model], device_class: str, plan: Input[Artifact],
+                    engines: Output[Model]) -> str:
+    """Build and verify the TensorRT engine of one device class (on a GPU node of that class).
+
+    Returns JSON ``{device_class, status, path, uri}`` for the register task.
+    """
+    import json
+    from pathlib import Path
+
+    p = json.loads(Path(plan.path).read_text())
+    if device_class not in p["engines_config"]["device_classes"]:
+        status = "not built: the candidate failed its gate"
+    else:
+        from edgeslim.components.engine.stage import build_engine_task
+
+        status = build_engine_task(qdq_model.path, device_class, p["engines_config"],
+                                   data_provider=p["data_provider"], data_args=p["data_args"],
+                                   out_dir=engines.path, previous_model_uri=p["previous_model_uri"])["status"]
+        engines.metadata.update({"device_class": device_class, "status": status})
+    print(f"engine {device_class}: {status}")
+    return json.dumps({"device_class": device_class, "status": status, "path": engines.path, "uri": engines.uri})
+
+
+def register_op(recipe_json: str, tracking_uri: str, qdq_model: Input[Model], parent: Input[Artifact],
+                evaluation: Input[Artifact], verdict: Input[Artifact], engines: List[str]) -> str:
+    """Register the gated candidate as a new version of ``<parent>-edge`` with its lineage.
+
+    Returns the registration as JSON (a parameter: the local runner's ``OneOf`` takes parameters).
+    """
+    import json
+    from pathlib import Path
+
+    from edgeslim.components.recipe import recipe_from_json
+    from edgeslim.components.register import register
+    from edgeslim.plugins.datasets import describe_data, load_data
+
+    recipe = recipe_from_json(recipe_json)
+    data = load_data(recipe.data.provider, recipe.data.args)
+    q = recipe.quantize
+    calib = data.calibration(getattr(q, "num_samples", 512), getattr(q, "seed", 0))
+    res = register(
+        qdq_model.path, parent=json.loads(Path(parent.path).read_text()), recipe=recipe,
+        evaluation=json.loads(Path(evaluation.path).read_text()),
+        gate_result=json.loads(Path(verdict.path).read_text()), calibration=calib,
+        data_description=describe_data(recipe.data.provider, recipe.data.args),
+        tracking_uri=tracking_uri or recipe.tracking_uri or None,
+        # kfp's local runner hands JSON-looking strings over already parsed
+        engines=[e if isinstance(e, dict) else json.loads(e) for e in engines],
+    )
+    return json.dumps({**res.metrics, "seconds": res.seconds})
+
+
+def reject_op(verdict: Input[Artifact]) -> str:
+    """The gate failed: nothing is registered; say so for the report."""
+    import json
+    from pathlib import Path
+
+    summary = json.loads(Path(verdict.path).read_text())["summary"]
+    return json.dumps({"rejected": summary, "seconds": 0.0})
+
+
+def report_op(recipe_json: str, tracking_uri: str, parent: Input[Artifact], parent_export: Input[Artifact],
+              transform: Input[Artifact], quantized: Input[Artifact], evaluation: Input[Artifact],
+              verdict: Input[Artifact], registered: str, qdq_model: Input[Model],
+              report: Output[Artifact], html: Output[dsl.HTML]):
+    """Assemble report.json and the HTML report, and log both to MLflow."""
+    import json
+    from pathlib import Path
+
+    from edgeslim.components.recipe import recipe_from_json
+    from edgeslim.components.report import build_report, log_report, render_html
+
+    def read(a):
+        return json.loads(Path(a.path).read_text())
+
+    recipe = recipe_from_json(recipe_json)
+    rep = build_report(
+        recipe=recipe, parent=read(parent), parent_export=read(parent_export), transform=read(transform),
+        quantized=read(quantized), evaluation=read(evaluation), verdict=read(verdict),
+        registered=registered if isinstance(registered, dict) else json.loads(registered),
+        onnx_path=qdq_model.path,
+    )
+    Path(report.path).write_text(json.dumps(rep, indent=2))
+    Path(html.path).write_text(render_html(rep))
+    log_report(rep, report.path, html.path, tracking_uri=tracking_uri or recipe.tracking_uri or None,
+               experiment=recipe.register.experiment)
+
+
+def make_ops(base_image: str = DEFAULT_IMAGE) -> SimpleNamespace:
+    """The KFP components, built on ``base_image`` (an image with edgeslim installed)."""
+
+    def comp(fn):
+        # install_kfp_package=False: the image (or the local env) already has edgeslim and kfp.
+        return dsl.component(fn, base_image=base_image, install_kfp_package=False)
+
+    return SimpleNamespace(**{f.__name__: comp(f) for f in (
+        pull_op, export_op, transform_op, quantize_op, evaluate_op, gate_op, plan_engines_op,
+        engine_build_op, register_op, reject_op, report_op)})

@@ -1,0 +1,226 @@
+"""Quantization-aware training for detectors, without labels or graph tracing.
+
+The classifier QAT (:mod:`.qat`) rebuilds the exported graph with ``torch.fx`` and
+trains with the classification loss. Detectors defeat both: YOLO's C2f splits a
+tensor into a Python list (not traceable), and a detector's training loss belongs
+to its author. So this QAT:
+
+- quantizes with ``placement: weighted`` (Q/DQ only on the inputs of convs, as
+  TensorRT recommends), where every quantized tensor is the input of a conv module,
+  so wrapping each conv module reproduces the Q/DQ ONNX without tracing;
+- folds BatchNorm into the conv before it, as ONNX Runtime's pre-processing does;
+- fine-tunes the fake-quant model to reproduce the fp32 model's raw outputs (the
+  box and class maps) on training images: label-free output distillation;
+- exports the tuned weights and quantizes them again (ranges re-calibrated).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeslim.components.common.data import Splits
+from edgeslim.components.common.errors import DataError, SourceError
+from edgeslim.components.common.result import StageResult
+from edgeslim.components.quantize.qat import ActFakeQuant, QuantLayer
+
+Progress = Callable[[int, int, float], None]
+
+
+def conv_input_scales(qdq_path: str | Path) -> dict[str, float]:
+    """Torch module name -> scale of its quantized input, for every conv of a Q/DQ ONNX
+    whose input and weight are quantized (the module name comes from the weight's name)."""
+    import onnx
+    from onnx import numpy_helper
+
+    g = onnx.load(str(qdq_path)).graph
+    inits = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    out: dict[str, float] = {}
+    for n in g.node:
+        if n.op_type != "Conv":
+            continue
+        dq_x, dq_w = producer.get(n.input[0]), producer.get(n.input[1])
+        if not (dq_x and dq_w and dq_x.op_type == dq_w.op_type == "DequantizeLinear"):
+            continue
+        weight = dq_w.input[0].removesuffix("_quantized")
+        if not weight.endswith(".weight"):
+            continue
+        out[weight[: -len(".weight")]] = float(numpy_helper.to_array(inits[dq_x.input[1]]).reshape(-1)[0])
+    return out
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy with each BatchNorm folded into the conv right before it in an ``nn.Sequential``.
+
+    Raises:
+        SourceError: a BatchNorm does not follow a conv that way (its folded weights
+            could not match the ONNX ones).
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model = copy.deepcopy(model).eval()
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        keys = list(seq._modules)
+        for a, b in zip(keys, keys[1:]):
+            conv, bn = seq._modules[a], seq._modules[b]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                seq._modules[a] = fuse_conv_bn_eval(conv, bn)
+                seq._modules[b] = nn.Identity()
+    left = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if left:
+        raise SourceError(f"QAT for detectors folds BatchNorm into the conv before it in an nn.Sequential; "
+                          f"{left[0]!r} is not placed that way; use quantize method ptq/auto with qat: false")
+    return model
+
+
+class _QuantConv(nn.Module):
+    """A conv whose input and weight are fake-quantized as the weighted-placement ONNX holds them."""
+
+    def __init__(self, conv: nn.Module, scale: float, name: str):
+        super().__init__()
+        self.fq = ActFakeQuant(scale, name)
+        self.q = QuantLayer(conv, self.fq)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.q(self.fq(x))
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def fake_quant_detector(model: nn.Module, qdq_path: str | Path) -> nn.Module:
+    """The BatchNorm-folded copy of ``model`` with its convs fake-quantized as in ``qdq_path``."""
+    scales = conv_input_scales(qdq_path)
+    fq = fold_batchnorm(model)
+    convs = {n for n, m in fq.named_modules() if isinstance(m, nn.Conv2d)}
+    unknown = sorted(set(scales) - convs)
+    if unknown:
+        raise SourceError(f"QAT: the Q/DQ ONNX quantizes weights {unknown[:3]} that are no conv of the torch "
+                          "model; the export renamed them; use quantize method ptq/auto with qat: false")
+    for name, scale in scales.items():
+        _swap(fq, name, _QuantConv(fq.get_submodule(name), scale, name))
+    return fq.eval()
+
+
+def without_fake_quant(model: nn.Module) -> nn.Module:
+    """A copy with the (trained, folded) convs back in place of their fake-quant wrappers."""
+    out = copy.deepcopy(model)
+    for name, m in list(out.named_modules()):
+        if isinstance(m, _QuantConv):
+            _swap(out, name, m.q.layer)
+    return out.eval()
+
+
+def _float_conv_modules(pre_onnx: str | Path, qdq_path: str | Path) -> list[str]:
+    """Module names of the convs of ``pre_onnx`` that the Q/DQ ONNX left in float."""
+    from edgeslim.components.quantize.sensitivity import quantizable_layers
+
+    quantized = set(conv_input_scales(qdq_path))
+    return sorted(r["layer"] for r in quantizable_layers(pre_onnx) if r["op"] == "Conv" and r["layer"] not in quantized)
+
+
+def _outputs(o) -> list[torch.Tensor]:
+    return list(o) if isinstance(o, (tuple, list)) else [o]
+
+
+def output_matching_loss(student, teacher, _labels) -> torch.Tensor:
+    """Mean squared error per raw output, each normalised by the teacher output's power,
+    so the small sigmoid score maps weigh as much as the box maps."""
+    loss = torch.zeros(())
+    for s, t in zip(_outputs(student), _outputs(teacher)):
+        loss = loss + nn.functional.mse_loss(s, t) / (t.pow(2).mean() + 1e-8)
+    return loss
+
+
+@torch.no_grad()
+def output_error(model: nn.Module, reference: nn.Module, x: np.ndarray, batch: int = 128) -> float:
+    """:func:`output_matching_loss` of ``model`` against ``reference`` over ``x``."""
+    total, n = 0.0, 0
+    for i in range(0, len(x), batch):
+        xb = torch.from_numpy(np.ascontiguousarray(x[i:i + batch], dtype=np.float32))
+        total += float(output_matching_loss(model(xb), reference(xb), None)) * len(xb)
+        n += len(xb)
+    return total / max(n, 1)
+
+
+def qat_detector(model: nn.Module, config, *, data: Splits, out_dir: str | Path, calibrator: str,
+                 float_layers: list[str] | None = None, export_config=None,
+                 progress: Progress | None = None) -> StageResult:
+    """Fine-tune a detector with int8 in the loop; export a weighted-placement Q/DQ ONNX.
+
+    Args:
+        model: the fp32 detector (not changed).
+        config: an ``AccuracyAwareQuantizeConfig`` (samples, ``qat_epochs``, ``qat_lr``, seed).
+        data: train images for calibration and fine-tuning (labels are not used).
+        out_dir: ``model.int8.onnx`` and the intermediate files.
+        calibrator: initialises the ranges, and calibrates the export again.
+        float_layers: node names or patterns kept in float (their convs are not fake-quantized).
+        export_config: ONNX export settings (default ``OnnxExportConfig()``).
+        progress: called with (epoch, epochs, loss).
+
+    Returns:
+        StageResult whose model is the Q/DQ ONNX; metrics hold the output error against
+        the fp32 model (validation images) of PTQ, of the fake-quant model before and after
+        fine-tuning, and of the exported Q/DQ ONNX.
+    """
+    from edgeslim.components.common.stage_configs import OnnxExportConfig
+    from edgeslim.components.transform.distill import fit
+    from edgeslim.components.tasks.detection import run_outputs
+    from edgeslim.components.export import export, make_session
+    from edgeslim.components.quantize.ptq import quantize
+    from edgeslim.components.quantize.sensitivity import preprocessed, quantizable_layers
+
+    t0 = time.perf_counter()
+    if len(data.x_train) == 0:
+        raise DataError("quantize(qat): the train split is empty; QAT fine-tunes on training images")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    export_config = export_config or OnnxExportConfig()
+    fp32 = copy.deepcopy(model).eval()
+    cfg = dataclasses.replace(config.ptq(calibrator, float_layers), placement="weighted")
+    start_onnx = export(fp32, export_config, data=data, out_path=out_dir / "start.fp32.onnx").model
+    ptq = quantize(start_onnx, cfg, data=data, out_dir=out_dir / "ptq")
+    fq = fake_quant_detector(fp32, ptq.model)
+    x_val = data.x_val if len(data.x_val) else data.x_train[:256]
+    ref = fold_batchnorm(fp32)
+    err = {"fake_quant_start": output_error(fq, ref, x_val)}
+    fit(fq, x=data.x_train, y=None, teacher=ref, epochs=config.qat_epochs, lr=config.qat_lr,
+        batch_size=32, schedule="cosine", weight_decay=0.0, seed=config.seed, progress=progress,
+        loss_fn=output_matching_loss)
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    err["fake_quant_tuned"] = output_error(fq.eval(), ref, x_val)
+    tuned = without_fake_quant(fq)
+    tuned_onnx = export(tuned, export_config, data=data, out_path=out_dir / "qat.fp32.onnx").model
+    # The re-export names its nodes anew; the convs kept in float are carried over by module name.
+    float_convs = _float_conv_modules(out_dir / "ptq" / "model.pre.onnx", ptq.model)
+    by_layer = {r["layer"]: r["node"] for r in quantizable_layers(preprocessed(tuned_onnx, out_dir / "qat.pre.onnx"))}
+    final_cfg = dataclasses.replace(cfg, float_layers=[by_layer[m] for m in float_convs if m in by_layer])
+    final = quantize(tuned_onnx, final_cfg, data=data, out_dir=out_dir / "final")
+    qdq = out_dir / "model.int8.onnx"
+    qdq.write_bytes(Path(final.model).read_bytes())
+
+    with torch.no_grad():  # the fp32 outputs once; both exports are scored by the training loss's formula
+        want = ref(torch.from_numpy(np.ascontiguousarray(x_val)))
+
+    def onnx_error(path: Path) -> float:
+        _, got = run_outputs(make_session(path, basic=True), x_val)
+        return float(output_matching_loss([torch.from_numpy(g) for g in got], want, None))
+
+    err["ptq_onnx"], err["qat_onnx"] = onnx_error(Path(ptq.model)), onnx_error(qdq)
+    metrics = {**final.metrics, "size_bytes": qdq.stat().st_size, "qat_epochs": config.qat_epochs,
+               "output_error_val": {k: float(f"{v:.4g}") for k, v in err.items()}}
+    lineage = {"stage": "quantize", "method": "qat", "task": "detection", "placement": "weighted",
+               "loss": "output matching against the fp32 model (label-free)", "calibration_split": "train",
+               "data_digest": data.digest()}
+    return StageResult(qdq, metrics, lineage, time.perf_counter() - t0)

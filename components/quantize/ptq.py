@@ -1,0 +1,226 @@
+"""quantize (PTQ): fp32 ONNX -> int8 Q/DQ ONNX that TensorRT consumes.
+
+TensorRT's explicit quantization wants symmetric scales (zero point 0) and
+per-channel weight scales on the output-channel axis. ONNX Runtime's
+quantizer writes the Q/DQ graph; the activation ranges come from edgeslim's
+own calibrators (:mod:`edgeslim.components.quantize.calibrate`) and reach ORT through
+its calibration cache.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import difflib
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgeslim.components.quantize import calibrate
+from edgeslim.components.common.data import Splits
+from edgeslim.components.common.errors import ConfigError, DataError
+from edgeslim.components.common.result import StageResult
+from edgeslim.components.common.stage_configs import PTQQuantizeConfig
+from edgeslim.components.export import INPUT_NAME, make_session
+
+log = logging.getLogger(__name__)
+CALIB_BATCH = 64
+# placement "weighted": Q/DQ only on the inputs of these (TensorRT's recommended placement)
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _float_tensors(model) -> list[str]:
+    """Names of the graph input and every float node output (what may need a range)."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in
+             list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    init = {i.name for i in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in init]
+    for node in model.graph.node:
+        if node.op_type in ("Constant", "Shape", "QuantizeLinear", "DequantizeLinear"):
+            continue
+        for o in node.output:
+            if o and types.get(o) == onnx.TensorProto.FLOAT:
+                names.append(o)
+    return list(dict.fromkeys(names))
+
+
+def resolve_float_layers(model, patterns: list[str]) -> list[str]:
+    """Node names matched by ``patterns`` (exact names or fnmatch patterns)."""
+    names = [n.name for n in model.graph.node if n.name]
+    out: list[str] = []
+    for pat in patterns:
+        hits = [n for n in names if n == pat or fnmatch.fnmatchcase(n, pat)]
+        if not hits:
+            close = difflib.get_close_matches(pat, names, n=3)
+            hint = f"close: {', '.join(close)}" if close else f"node names look like: {', '.join(names[:4])}"
+            raise ConfigError(f"quantize.float_layers: {pat!r} matches no node of the ONNX graph; {hint}")
+        out.extend(hits)
+    return list(dict.fromkeys(out))
+
+
+def calibrate_ranges(model_path: Path, config: PTQQuantizeConfig, data: Splits) -> dict[str, float]:
+    """Run the calibration set through the model and choose each tensor's amax."""
+    import onnx
+
+    model = onnx.load(str(model_path))
+    names = _float_tensors(model)
+    graph_out = {o.name for o in model.graph.output}
+    for n in names:
+        if n not in graph_out:
+            model.graph.output.append(onnx.helper.ValueInfoProto(name=n))
+    with tempfile.TemporaryDirectory(prefix="edgeslim-calib-") as tmp:
+        aug = Path(tmp) / "augmented.onnx"
+        onnx.save(model, str(aug))
+        sess = make_session(aug, basic=True)
+        out_names = [o.name for o in sess.get_outputs()]
+        pick = [out_names.index(n) for n in names]
+        calib = data.calibration(config.num_samples, config.seed)
+        batches = [calib[i:i + CALIB_BATCH] for i in range(0, len(calib), CALIB_BATCH)]
+
+        def run(batch):
+            outs = sess.run(None, {INPUT_NAME: batch})
+            return [outs[i] for i in pick]
+
+        stats = calibrate.collect(run, names, batches, config.num_bins)
+    return {n: calibrate.choose_amax(a, h, config.calibrator, config.percentile) for n, (a, h) in stats.items()}
+
+
+def unquantized_outputs(path: str | Path) -> list[str]:
+    """Graph outputs of a Q/DQ ONNX that carry no Q/DQ (their calibrated range is unused)."""
+    import onnx
+
+    g = onnx.load(str(path)).graph
+    producer = {o: n.op_type for n in g.node for o in n.output}
+    return [o.name for o in g.output if producer.get(o.name) != "DequantizeLinear"]
+
+
+def check_qdq(path: str | Path) -> dict:
+    """Facts TensorRT cares about: Q/DQ count, zero points, per-channel weight axes."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    inits = {i.name: i for i in m.graph.initializer}
+    consts = {n.output[0]: n.attribute[0].t for n in m.graph.node if n.op_type == "Constant" and n.attribute}
+    zps, per_channel, qdq = [], 0, 0
+    for n in m.graph.node:
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        qdq += 1
+        if len(n.input) > 2 and n.input[2]:
+            t = inits.get(n.input[2]) or consts.get(n.input[2])
+            if t is not None:
+                zps.append(numpy_helper.to_array(t))
+        scale = inits.get(n.input[1])
+        if scale is not None and len(scale.dims) == 1 and scale.dims[0] > 1:
+            per_channel += 1
+    return {
+        "qdq_nodes": qdq,
+        "per_channel_weights": per_channel,
+        "zero_points_all_zero": bool(qdq) and all(np.all(z == 0) for z in zps),
+    }
+
+
+def calibrate_onnx(onnx_path: str | Path, config: PTQQuantizeConfig, data: Splits) -> dict[str, float]:
+    """The per-tensor ranges :func:`quantize` would choose for ``onnx_path``.
+
+    They depend on the graph, the calibrator settings and the calibration draw, never on
+    ``float_layers``; a search that re-quantizes one graph many times (sensitivity,
+    accuracy-aware fallback) calibrates once and passes them back as ``ranges=``.
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if len(data.x_train) == 0:
+        raise DataError("quantize: the train split is empty; calibration needs training samples")
+    with tempfile.TemporaryDirectory(prefix="edgeslim-pre-") as tmp:
+        pre = Path(tmp) / "model.pre.onnx"
+        quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)
+        return calibrate_ranges(pre, config, data)
+
+
+def quantize(onnx_path: str | Path, config: PTQQuantizeConfig, *, data: Splits,
+             out_dir: str | Path, ranges: dict[str, float] | None = None) -> StageResult:
+    """Post-training quantization to a symmetric, per-channel int8 Q/DQ ONNX.
+
+    Args:
+        onnx_path: the fp32 ONNX (from :func:`edgeslim.components.export.export`).
+        config: calibrator, calibration size and layers kept in float.
+        data: calibration draws from ``data.x_train`` only.
+        out_dir: where ``model.int8.onnx`` and the calibration cache go.
+        ranges: per-tensor amax from :func:`calibrate_onnx` with the same graph and
+            calibrator settings; calibrates here when ``None``.
+
+    Returns:
+        ``StageResult`` whose model is the Q/DQ ONNX path; metrics hold the
+        Q/DQ facts and the chosen per-tensor ranges.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    import onnx
+
+    t0 = time.perf_counter()
+    if len(data.x_train) == 0:
+        raise DataError("quantize: the train split is empty; calibration needs training samples")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pre = out_dir / "model.pre.onnx"
+    quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)
+    pre_model = onnx.load(str(pre))
+    exclude = resolve_float_layers(pre_model, config.float_layers)
+    if ranges is None:
+        ranges = calibrate_ranges(pre, config, data)
+    else:
+        missing = sorted(set(_float_tensors(pre_model)) - set(ranges))
+        if missing:
+            raise ValueError(f"quantize: ranges= lacks {len(missing)} tensor(s) of this graph ({missing[:3]}); "
+                             "they must come from calibrate_onnx() on the same ONNX")
+        ranges = dict(ranges)
+    cache = out_dir / "calibration.json"
+    tensors = TensorsData(CalibrationMethod.MinMax, {
+        n: TensorData(lowest=np.array(-a, dtype=np.float32), highest=np.array(a, dtype=np.float32))
+        for n, a in ranges.items()
+    })
+    from onnxruntime.quantization.calibrate import save_tensors_data  # noqa: PLC0415
+
+    save_tensors_data(tensors, cache)
+    out = out_dir / "model.int8.onnx"
+    quantize_static(
+        str(pre), str(out), None, quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+        nodes_to_exclude=exclude or None, calibrate_method=CalibrationMethod.MinMax,
+        op_types_to_quantize=list(WEIGHTED_OPS) if config.placement == "weighted" else None,
+        extra_options={
+            "ActivationSymmetric": True, "WeightSymmetric": True,
+            # TensorRT fuses float biases itself and has no int32-bias Q/DQ path.
+            "QuantizeBias": False,
+            # "weighted": Q/DQ on the inputs of weighted ops, none on their outputs; TensorRT
+            # fuses the following pointwise ops (SiLU, sigmoid) and runs them in higher precision.
+            **({"OpTypesToExcludeOutputQuantization": list(WEIGHTED_OPS)} if config.placement == "weighted" else {}),
+        },
+        calibration_cache_path=str(cache),
+    )
+    facts = check_qdq(out)
+    (out_dir / "ranges.json").write_text(json.dumps(ranges, indent=1, sort_keys=True))
+    return StageResult(
+        model=out,
+        metrics={
+            "size_bytes": out.stat().st_size,
+            "calibrator": config.calibrator,
+            "calibration_samples": min(config.num_samples, len(data.x_train)),
+            "float_layers": exclude,
+            "placement": config.placement,
+            # outputs left in float (kept float, or placement "weighted"): their range is unused
+            "float_outputs": unquantized_outputs(out),
+            "ranges": {k: round(v, 6) for k, v in ranges.items()},
+            **facts,
+        },
+        lineage={"quantize": config.to_json_dict(), "calibration_split": "train"},
+        seconds=time.perf_counter() - t0,
+    )

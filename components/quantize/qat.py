@@ -1,0 +1,346 @@
+"""Quantization-aware training that ends in the same Q/DQ ONNX as PTQ.
+
+How the fake-quant model stays faithful to the ONNX it exports:
+
+1. PTQ (:func:`edgeslim.components.quantize.ptq.quantize`) quantizes the fp32 ONNX
+   with the configured calibrator. Its Q/DQ graph says which tensors are
+   quantized and with which scale.
+2. The torch model is traced with ``torch.fx`` and its BatchNorms folded into
+   the convs (as ONNX Runtime's pre-processing folds them). Every traced value
+   is matched by *value* (on a calibration batch) to the ONNX tensors, so
+   renamed nodes and reshapes don't matter. A fake quantizer with the ONNX
+   scale goes after each traced value whose ONNX twin is quantized; each
+   conv/linear whose ONNX weight is quantized gets per-channel symmetric fake
+   quantization of its weight (max-abs scales, as the quantizer writes) and
+   int32 rounding of its bias at ``input scale * weight scale``.
+3. The folded weights are fine-tuned through the fake quantizers
+   (straight-through estimator), optionally distilled from the fp32 parent.
+4. The fine-tuned fp32 weights are exported and quantized again with the same
+   PTQ config, and the fake-quant model is rebuilt from that final Q/DQ graph.
+   Its accuracy and the ONNX Runtime accuracy of the export are both reported.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeslim.components.common.data import Splits
+from edgeslim.components.common.errors import ConfigError, DataError, SourceError
+from edgeslim.components.reference.digits import top1
+from edgeslim.components.common.result import StageResult
+from edgeslim.components.common.stage_configs import OnnxExportConfig, QATQuantizeConfig
+
+Progress = Callable[[int, int, float], None]
+_MATCH_SAMPLES = 16
+
+
+def _ste_round(x: torch.Tensor) -> torch.Tensor:
+    """Round half to even (as QuantizeLinear does) with a straight-through gradient."""
+    return x + (torch.round(x) - x).detach()
+
+
+class ActFakeQuant(nn.Module):
+    """Symmetric per-tensor int8 fake quantization with a fixed scale (zero point 0)."""
+
+    def __init__(self, scale: float, onnx_name: str = ""):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(float(scale)))
+        self.onnx_name = onnx_name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.fake_quantize_per_tensor_affine(x, float(self.scale), 0, -128, 127)
+
+
+class QuantLayer(nn.Module):
+    """A (BatchNorm-folded) conv or linear whose weight is fake-quantized per output
+    channel with max-abs scales, and whose bias is rounded to int32 at scale
+    ``input scale * weight scale``: what the Q/DQ ONNX holds."""
+
+    def __init__(self, layer: nn.Module, input_fq: ActFakeQuant | None):
+        super().__init__()
+        self.layer = layer
+        self.input_fq = [input_fq]  # a list: shared with the graph, not a submodule of this one
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.layer.weight
+        dims = tuple(range(1, w.dim()))
+        amax = w.detach().abs().amax(dim=dims).clamp(min=1e-12)
+        scale = (amax * 2.0 / 254.0).float()  # ORT's symmetric int8: (rmax - rmin) / (127 - -127)
+        zero = torch.zeros_like(scale, dtype=torch.int32)
+        wq = torch.fake_quantize_per_channel_affine(w, scale, zero, 0, -128, 127)
+        b = self.layer.bias
+        if b is not None and self.input_fq[0] is not None:
+            bscale = self.input_fq[0].scale * scale
+            b = _ste_round(b / bscale) * bscale
+        if isinstance(self.layer, nn.Linear):
+            return nn.functional.linear(x, wq, b)
+        return self.layer._conv_forward(x, wq, b)
+
+
+class FakeQuantModel(nn.Module):
+    """The traced, BatchNorm-folded model with fake quantizers where the Q/DQ ONNX has them."""
+
+    def __init__(self, graph_module: nn.Module):
+        super().__init__()
+        self.graph = graph_module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.graph(x)
+
+    def fp32_model(self) -> nn.Module:
+        """A copy with the trained (folded) weights and no fake quantization, for export."""
+        gm = copy.deepcopy(self.graph)
+        for node in list(gm.graph.nodes):
+            if node.op != "call_module":
+                continue
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, ActFakeQuant):
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+            elif isinstance(mod, QuantLayer):
+                gm.add_submodule(node.target, mod.layer)
+        gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+        return gm.eval()
+
+
+def qdq_plan(qdq_path: str | Path) -> tuple[dict[str, float], set[str]]:
+    """From a Q/DQ ONNX: activation tensor -> scale, and the module names whose weights are quantized."""
+    import onnx
+    from onnx import numpy_helper
+
+    g = onnx.load(str(qdq_path)).graph
+    inits = {i.name: i for i in g.initializer}
+    acts: dict[str, float] = {}
+    weights: set[str] = set()
+    for n in g.node:
+        if n.op_type == "QuantizeLinear" and n.input[0] not in inits:
+            name = n.input[0]
+            if name.endswith("_QuantizeLinear_Input"):  # a graph output renamed by the quantizer
+                name = name[: -len("_QuantizeLinear_Input")]
+            acts[name] = float(numpy_helper.to_array(inits[n.input[1]]).reshape(-1)[0])
+        elif n.op_type == "DequantizeLinear" and n.input[0] in inits:
+            w = n.input[0].removesuffix("_quantized")
+            if w.endswith(".weight"):
+                weights.add(w[: -len(".weight")])
+    return acts, weights
+
+
+def _onnx_values(fp32_path: str | Path, names: list[str], x: np.ndarray) -> dict[str, np.ndarray]:
+    import onnx
+
+    from edgeslim.components.export import INPUT_NAME, make_session
+
+    model = onnx.load(str(fp32_path))
+    outs = {o.name for o in model.graph.output}
+    inputs = {i.name for i in model.graph.input}
+    wanted = [n for n in names if n not in inputs]
+    for n in wanted:
+        if n not in outs:
+            model.graph.output.append(onnx.helper.ValueInfoProto(name=n))
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="edgeslim-qat-") as tmp:
+        p = Path(tmp) / "aug.onnx"
+        onnx.save(model, str(p))
+        sess = make_session(p, basic=True)
+        got = sess.run(wanted, {INPUT_NAME: x})
+    vals = dict(zip(wanted, got))
+    for n in names:
+        if n in inputs:
+            vals[n] = x
+    return vals
+
+
+def _trace(model: nn.Module):
+    from torch import fx
+
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as exc:  # fx raises several types for untraceable Python
+        raise SourceError(
+            f"QAT needs a torch.fx-traceable model ({type(exc).__name__}: {str(exc)[:140]}); "
+            "use quantize method 'ptq' for this model"
+        ) from None
+
+
+def fake_quant_model(model: nn.Module, *, qdq_path: str | Path, fp32_path: str | Path,
+                     x: np.ndarray) -> FakeQuantModel:
+    """Build the fake-quant twin of the Q/DQ ONNX ``qdq_path`` around a copy of ``model``.
+
+    Args:
+        model: the fp32 torch model ``fp32_path`` was exported from.
+        qdq_path: the Q/DQ ONNX whose quantized tensors and scales are copied.
+        fp32_path: the fp32 ONNX the Q/DQ one was made from (same tensor names).
+        x: a few input samples used to match torch values to ONNX tensors.
+    """
+    from torch.fx.experimental.optimization import fuse
+    from torch.fx.interpreter import Interpreter
+
+    # Fold BatchNorm as ONNX Runtime's pre-processing does, so weights and biases
+    # quantize exactly as in the ONNX (BatchNorm stays folded while fine-tuning).
+    gm = fuse(_trace(copy.deepcopy(model).eval()))
+    acts, weights = qdq_plan(qdq_path)
+    x = np.ascontiguousarray(x[:_MATCH_SAMPLES])
+    ref = _onnx_values(fp32_path, list(acts), x)
+    by_size: dict[int, list[str]] = {}
+    for name, v in ref.items():
+        by_size.setdefault(v.size, []).append(name)
+
+    seen: dict[str, torch.Tensor] = {}
+
+    class Capture(Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if isinstance(out, torch.Tensor) and out.is_floating_point():
+                seen[n.name] = out.detach()
+            return out
+
+    with torch.no_grad():
+        Capture(gm).run(torch.from_numpy(x))
+
+    used: set[str] = set()
+    plan: list[tuple[object, str]] = []
+    for node in list(gm.graph.nodes):
+        val = seen.get(node.name)
+        if val is None or node.op == "output":
+            continue
+        flat = val.reshape(-1).numpy()
+        tol = 1e-4 + 1e-4 * float(np.abs(flat).max(initial=0.0))
+        hits = [n for n in by_size.get(flat.size, [])
+                if np.allclose(ref[n].reshape(-1), flat, atol=tol, rtol=0)]
+        if not hits:
+            continue
+        # Equal values along reshape chains share a scale; prefer a same-shape, unused twin.
+        hits.sort(key=lambda n: (tuple(ref[n].shape) != tuple(val.shape), n in used))
+        used.add(hits[0])
+        plan.append((node, hits[0]))
+    missing = set(acts) - used
+    if missing:
+        raise SourceError(
+            f"QAT could not find torch values for quantized ONNX tensors {sorted(missing)[:4]}; "
+            "the model's ONNX export differs from its torch graph; use quantize method 'ptq'"
+        )
+    for i, (node, name) in enumerate(plan):
+        mod_name = f"act_fq_{i}"
+        gm.add_submodule(mod_name, ActFakeQuant(acts[name], name))
+        with gm.graph.inserting_after(node):
+            fq = gm.graph.call_module(mod_name, args=(node,))
+        node.replace_all_uses_with(fq, delete_user_cb=lambda user, fq=fq: user is not fq)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or node.target not in weights:
+            continue
+        layer = gm.get_submodule(node.target)
+        if not isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            continue
+        src = node.args[0]
+        in_fq = gm.get_submodule(src.target) if getattr(src, "op", "") == "call_module" and \
+            isinstance(gm.get_submodule(src.target), ActFakeQuant) else None
+        gm.add_submodule(node.target, QuantLayer(layer, in_fq))
+    gm.recompile()
+    return FakeQuantModel(gm).eval()
+
+
+def _carry_float_layers(old_pre: Path, patterns: list[str], new_fp32: Path, new_pre: Path) -> list[str]:
+    """The re-exported graph names its nodes anew: carry float layers over by weight name."""
+    if not patterns:
+        return []
+    import onnx
+
+    from edgeslim.components.quantize.ptq import resolve_float_layers
+    from edgeslim.components.quantize.sensitivity import preprocessed, quantizable_layers
+
+    nodes = resolve_float_layers(onnx.load(str(old_pre)), patterns)
+    by_node = {r["node"]: r["layer"] for r in quantizable_layers(old_pre)}
+    unmapped = [n for n in nodes if n not in by_node]
+    if unmapped:
+        raise ConfigError(
+            f"quantize(qat).float_layers: {unmapped[:3]} are not conv/linear nodes; QAT keeps "
+            "float only layers with weights: name conv/gemm nodes (or use method: ptq)"
+        )
+    layers = {by_node[n] for n in nodes}
+    by_layer = {r["layer"]: r["node"] for r in quantizable_layers(preprocessed(new_fp32, new_pre))}
+    return [by_layer[layer] for layer in sorted(layers) if layer in by_layer]
+
+
+def qat(model: nn.Module, config: QATQuantizeConfig, *, data: Splits | None, out_dir: str | Path,
+        fp32_onnx: str | Path | None = None, teacher: nn.Module | None = None,
+        export_config: OnnxExportConfig | None = None, progress: Progress | None = None
+        ) -> StageResult:
+    """Quantization-aware fine-tuning, exported as a symmetric per-channel Q/DQ ONNX.
+
+    Args:
+        model: the fp32 torch model (not changed).
+        config: PTQ settings that initialise the ranges, and the fine-tuning settings.
+        data: training split for fine-tuning and calibration; test split for metrics.
+        out_dir: where ``model.int8.onnx`` (and intermediate files) go.
+        fp32_onnx: ``model`` already exported; exported here when None.
+        teacher: distilled from when ``config.distill`` (default: ``model`` itself).
+        export_config: ONNX export settings (default ``OnnxExportConfig()``).
+        progress: called with (epoch, epochs, loss).
+
+    Returns:
+        StageResult whose model is the Q/DQ ONNX path; metrics hold the top-1 of
+        the PTQ start, of the fake-quant model and of the ONNX Runtime export.
+
+    Raises:
+        DataError: there is no training data.
+    """
+    from edgeslim.components.transform.distill import fit
+    from edgeslim.components.evaluate import top1_percent
+    from edgeslim.components.export import export, run_onnx
+    from edgeslim.components.quantize.ptq import quantize
+
+    start = time.perf_counter()
+    if data is None or len(data.x_train) == 0 or len(data.y_train) == 0:
+        raise DataError(
+            "quantize(qat): no training data; QAT fine-tunes the model, so give a data provider "
+            "with a non-empty train split (or use method: ptq)"
+        )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    export_config = export_config or OnnxExportConfig()
+    if fp32_onnx is None:
+        fp32_onnx = export(model, export_config, data=data, out_path=out_dir / "start.fp32.onnx").model
+    ptq = quantize(fp32_onnx, config.ptq(), data=data, out_dir=out_dir / "ptq")
+    ptq_top1 = top1_percent(run_onnx(ptq.model, data.x_test), data.y_test)
+    calib = data.calibration(_MATCH_SAMPLES, config.seed)
+    fq = fake_quant_model(model, qdq_path=ptq.model, fp32_path=out_dir / "ptq" / "model.pre.onnx", x=calib)
+    fq_start = top1(fq, data.x_test, data.y_test)
+    kd = copy.deepcopy(teacher if teacher is not None else model).eval() if config.distill else None
+    fit(fq, x=data.x_train, y=data.y_train, teacher=kd, epochs=config.epochs, lr=config.lr,
+        batch_size=config.batch_size, schedule="cosine", weight_decay=0.0,
+        temperature=config.temperature, alpha=config.alpha, seed=config.seed, progress=progress)
+    tuned = fq.fp32_model()
+    fp32_tuned = export(tuned, export_config, data=data, out_path=out_dir / "qat.fp32.onnx").model
+    final_cfg = dataclasses.replace(config.ptq(), float_layers=_carry_float_layers(
+        out_dir / "ptq" / "model.pre.onnx", config.float_layers, fp32_tuned, out_dir / "qat.pre.onnx"))
+    final = quantize(fp32_tuned, final_cfg, data=data, out_dir=out_dir / "final")
+    qdq = out_dir / "model.int8.onnx"
+    qdq.write_bytes(Path(final.model).read_bytes())
+    fq_final = fake_quant_model(tuned, qdq_path=qdq, fp32_path=out_dir / "final" / "model.pre.onnx", x=calib)
+    fq_top1 = top1(fq_final, data.x_test, data.y_test)
+    ort_top1 = top1_percent(run_onnx(qdq, data.x_test), data.y_test)
+    metrics = {
+        **{k: v for k, v in final.metrics.items() if k != "ranges"},
+        "size_bytes": qdq.stat().st_size,
+        "ptq_top1_test": ptq_top1,
+        "fake_quant_top1_test_start": fq_start,
+        "fake_quant_top1_test": fq_top1,
+        "onnx_top1_test": ort_top1,
+        "fake_quant_vs_onnx_pt": abs(fq_top1 - ort_top1),
+        "qat_epochs": config.epochs,
+    }
+    lineage = {"stage": "quantize", "method": "qat", "config": config.to_json_dict(),
+               "calibration_split": "train", "distilled_from": "fp32 parent" if kd is not None else None,
+               "data_digest": data.digest()}
+    return StageResult(qdq, metrics, lineage, time.perf_counter() - start)

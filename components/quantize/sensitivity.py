@@ -1,0 +1,174 @@
+"""Per-layer quantization sensitivity: what each layer costs when it alone is int8.
+
+For every conv/linear node of the fp32 ONNX, the PTQ quantizer runs with every
+*other* node in ``float_layers``; the metric drop and the output SQNR of that
+one-layer-int8 model against the fp32 model rank the layers. The ranking feeds
+the accuracy-aware fallback (:mod:`edgeslim.components.quantize.search`), which keeps
+the top layers in float.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeslim.components.common.data import Splits
+from edgeslim.components.common.stage_configs import PTQQuantizeConfig
+
+QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def preprocessed(fp32_onnx: str | Path, out_path: str | Path) -> Path:
+    """The graph the quantizer sees (ORT's pre-processing: BatchNorm folded), whose node
+    names ``float_layers`` refer to."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    quant_pre_process(str(fp32_onnx), str(out_path), skip_symbolic_shape=True)
+    return Path(out_path)
+
+
+def quantizable_layers(pre_onnx: str | Path) -> list[dict[str, str]]:
+    """Conv/linear nodes with weights: ``{node, layer, op}``; ``layer`` is the torch
+    module name read from the weight initializer (``features.3.weight`` -> ``features.3``)."""
+    import onnx
+
+    g = onnx.load(str(pre_onnx)).graph
+    inits = {i.name for i in g.initializer}
+    out = []
+    for n in g.node:
+        if n.op_type in QUANTIZABLE_OPS and n.name and len(n.input) > 1 and n.input[1] in inits:
+            w = n.input[1]
+            layer = w[: -len(".weight")] if w.endswith(".weight") else w
+            out.append({"node": n.name, "layer": layer, "op": n.op_type})
+    return out
+
+
+def _scores(onnx_path: str | Path, x: np.ndarray) -> np.ndarray:
+    from edgeslim.components.evaluate import run_batched
+    from edgeslim.components.export import make_session
+
+    return run_batched(make_session(onnx_path, basic=True), x)
+
+
+@dataclasses.dataclass
+class LayerSensitivity:
+    node: str
+    layer: str
+    op: str
+    metric: float
+    metric_drop: float
+    sqnr_db: float
+    rank: int = 0
+
+
+def layer_sensitivity(fp32_onnx: str | Path, config: PTQQuantizeConfig, *, data: Splits,
+                      work_dir: str | Path | None = None, split: str = "val") -> dict[str, Any]:
+    """Quantize one layer at a time and rank the layers by what it costs.
+
+    Args:
+        fp32_onnx: the fp32 model.
+        config: PTQ settings (calibrator, samples); its ``float_layers`` are ignored.
+        data: calibration from the train split; scores on ``split``.
+        work_dir: where the one-layer models go (a temporary folder when None).
+        split: ``val`` (default: ranking is a choice, so keep the test split out of it) or ``test``.
+
+    Returns:
+        ``{"split", "fp32_metric", "calibrator", "layers": [rows, most sensitive first]}``;
+        a row has node, layer, op, metric, metric_drop (points) and sqnr_db.
+    """
+    from edgeslim.components.evaluate import sqnr_db, top1_percent
+    from edgeslim.components.quantize.ptq import calibrate_onnx, quantize
+
+    x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+    with tempfile.TemporaryDirectory(prefix="edgeslim-sens-") as tmp:
+        root = Path(work_dir) if work_dir else Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        pre = preprocessed(fp32_onnx, root / "pre.onnx")
+        import onnx
+
+        all_nodes = [n.name for n in onnx.load(str(pre)).graph.node if n.name]
+        ref = _scores(pre, x)
+        base = top1_percent(ref, y)
+        rows = []
+        ranges = calibrate_onnx(pre, config, data)  # once: float_layers never changes a range
+        for i, layer in enumerate(quantizable_layers(pre)):
+            others = [n for n in all_nodes if n != layer["node"]]
+            cfg = dataclasses.replace(config, float_layers=others)
+            res = quantize(pre, cfg, data=data, out_dir=root / f"layer{i:03d}", ranges=ranges)
+            out = _scores(res.model, x)
+            metric = top1_percent(out, y)
+            rows.append(LayerSensitivity(layer["node"], layer["layer"], layer["op"], round(metric, 4),
+                                         round(base - metric, 4), round(sqnr_db(ref, out), 3)))
+    rows.sort(key=lambda r: (-r.metric_drop, r.sqnr_db))
+    for i, r in enumerate(rows, 1):
+        r.rank = i
+    return {"split": split, "fp32_metric": round(base, 4), "calibrator": config.calibrator,
+            "layers": [dataclasses.asdict(r) for r in rows]}
+
+
+def rank(table: dict[str, Any], by: str = "drop") -> list[str]:
+    """Node names, most sensitive first: by metric drop (ties: lower SQNR) or by SQNR alone."""
+    rows = table["layers"]
+    if by == "sqnr":
+        rows = sorted(rows, key=lambda r: r["sqnr_db"])
+    return [r["node"] for r in rows]
+
+
+def format_table(table: dict[str, Any]) -> str:
+    """The ranked table as text (for the CLI and the report)."""
+    lines = [f"per-layer sensitivity ({table['calibrator']}, {table['split']} split, "
+             f"fp32 top-1 {table['fp32_metric']:.2f}%): only the named layer int8",
+             f"{'rank':>4}  {'layer':<28} {'op':<6} {'top-1 %':>8} {'drop pt':>8} {'SQNR dB':>8}"]
+    for r in table["layers"]:
+        lines.append(f"{r['rank']:>4}  {r['layer'][:28]:<28} {r['op']:<6} {r['metric']:>8.2f} "
+                     f"{r['metric_drop']:>8.2f} {r['sqnr_db']:>8.2f}")
+    return "\n".join(lines)
+
+
+def bar_chart(table: dict[str, Any], path: str | Path) -> Path:
+    """A PNG with the metric drop and the SQNR per layer, most sensitive on top."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = table["layers"]
+    labels = [r["layer"] for r in rows][::-1]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 0.35 * len(rows) + 1.5), sharey=True)
+    a.barh(labels, [r["metric_drop"] for r in rows][::-1], color="#c0392b")
+    a.set_xlabel("top-1 drop (pt) when only this layer is int8")
+    b.barh(labels, [min(r["sqnr_db"], 80.0) for r in rows][::-1], color="#2c7fb8")
+    b.set_xlabel("output SQNR (dB)")
+    fig.suptitle(f"Per-layer int8 sensitivity ({table['calibrator']} calibration)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def write(table: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """``sensitivity.json``, ``sensitivity.txt`` and ``sensitivity.png`` in ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "sensitivity.json", "txt": out_dir / "sensitivity.txt",
+             "png": out_dir / "sensitivity.png"}
+    paths["json"].write_text(json.dumps(table, indent=1))
+    paths["txt"].write_text(format_table(table) + "\n")
+    bar_chart(table, paths["png"])
+    return paths
+
+
+def log_to_mlflow(table: dict[str, Any], paths: dict[str, Path], client, run_id: str) -> None:
+    """The table (as an MLflow table and JSON), the text and the chart, in run ``run_id``."""
+    for p in paths.values():
+        client.log_artifact(run_id, str(p), artifact_path="sensitivity")
+    client.log_table(run_id, data={k: [r[k] for r in table["layers"]] for k in
+                                   ("rank", "layer", "node", "op", "metric", "metric_drop", "sqnr_db")},
+                     artifact_file="sensitivity/sensitivity_table.json")

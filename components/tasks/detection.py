@@ -1,0 +1,327 @@
+"""Detection evaluation and the detection gate.
+
+The evaluator decodes a model's raw outputs (:mod:`.detect_decode`) and reports
+mAP@0.5, mAP@0.5:0.95 (COCO-style: greedy matching by score, 101-point
+interpolated precision, classes without ground truth left out), per-class AP,
+precision and recall at the deployment score threshold, and the mean score of
+true positives.
+
+The gate looks at score calibration as well as mAP: a calibrator that clips the
+sigmoid class-score output (see DESIGN.md) leaves the ranking, and so mAP,
+almost intact while every score falls under the deployment threshold. The
+mean true-positive score and the recall at the threshold catch that, and the
+gate says so in words.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from edgeslim.components.common.data import Splits
+from edgeslim.components.common.errors import DataError
+from edgeslim.components.common.result import StageResult
+from edgeslim.components.common.decode import box_iou, decode_outputs
+
+IOU_THRESHOLDS = np.round(np.arange(0.5, 0.96, 0.05), 2)
+_RECALL_POINTS = np.linspace(0.0, 1.0, 101)
+
+
+def _match(preds: list[np.ndarray], gts: list[np.ndarray], cls: int, iou_thr: float
+           ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Scores and TP flags of class ``cls`` predictions over all images, sorted by score; #GT."""
+    scores, tps = [], []
+    n_gt = 0
+    for p, g in zip(preds, gts):
+        p = p[p[:, 5] == cls]
+        g = g[g[:, 4] == cls]
+        n_gt += len(g)
+        if not len(p):
+            continue
+        p = p[np.argsort(-p[:, 4], kind="stable")]
+        tp = np.zeros(len(p), bool)
+        if len(g):
+            ious = box_iou(p[:, :4], g[:, :4])
+            taken = np.zeros(len(g), bool)
+            for i in range(len(p)):
+                cand = np.where(~taken & (ious[i] >= iou_thr), ious[i], -1.0)
+                j = int(np.argmax(cand))
+                if cand[j] >= 0:
+                    taken[j] = True
+                    tp[i] = True
+        scores.append(p[:, 4])
+        tps.append(tp)
+    if not scores:
+        return np.zeros(0), np.zeros(0, bool), n_gt
+    s, t = np.concatenate(scores), np.concatenate(tps)
+    order = np.argsort(-s, kind="stable")
+    return s[order], t[order], n_gt
+
+
+def average_precision(tp: np.ndarray, n_gt: int) -> float:
+    """COCO's 101-point interpolated AP from TP flags sorted by score."""
+    if n_gt == 0:
+        return float("nan")
+    if len(tp) == 0:
+        return 0.0
+    ctp = np.cumsum(tp)
+    recall = ctp / n_gt
+    precision = ctp / np.arange(1, len(tp) + 1)
+    # Precision envelope (monotone non-increasing from the right).
+    precision = np.maximum.accumulate(precision[::-1])[::-1]
+    idx = np.searchsorted(recall, _RECALL_POINTS, side="left")
+    return float(np.mean([precision[i] if i < len(precision) else 0.0 for i in idx]))
+
+
+def detection_metrics(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], num_classes: int,
+                      score_threshold: float) -> dict[str, Any]:
+    """mAP@0.5, mAP@0.5:0.95, per-class AP@0.5, precision/recall at the threshold, mean TP score.
+
+    Args:
+        preds: per image (M, 6) ``[x1, y1, x2, y2, score, class]``.
+        gts: per image (K, 5) ``[x1, y1, x2, y2, class]``.
+        num_classes: classes 0..num_classes-1 are scored.
+        score_threshold: the deployment threshold.
+
+    Returns:
+        Percentages for mAP, precision and recall (points); scores in [0, 1].
+    """
+    preds = [np.asarray(p, np.float32).reshape(-1, 6) for p in preds]
+    gts = [np.asarray(g, np.float32).reshape(-1, 5) for g in gts]
+    if len(preds) != len(gts):
+        raise DataError(f"detections for {len(preds)} images but labels for {len(gts)}; they must pair up")
+    ap = np.full((num_classes, len(IOU_THRESHOLDS)), np.nan)
+    tp_scores: list[np.ndarray] = []
+    tp_at, n_pred_at, n_gt_all = 0, 0, 0
+    for c in range(num_classes):
+        for k, thr in enumerate(IOU_THRESHOLDS):
+            s, tp, n_gt = _match(preds, gts, c, float(thr))
+            ap[c, k] = average_precision(tp, n_gt)
+            if k == 0:
+                tp_scores.append(s[tp])
+                tp_at += int((tp & (s >= score_threshold)).sum())
+                n_pred_at += int((s >= score_threshold).sum())
+                n_gt_all += n_gt
+    valid = ~np.isnan(ap[:, 0])
+    tp_all = np.concatenate(tp_scores) if tp_scores else np.zeros(0)
+    return {
+        "map50": round(float(np.mean(ap[valid, 0])) * 100, 4) if valid.any() else 0.0,
+        "map50_95": round(float(np.mean(ap[valid])) * 100, 4) if valid.any() else 0.0,
+        "per_class_ap50": {str(c): round(float(ap[c, 0]) * 100, 3) for c in range(num_classes) if valid[c]},
+        "precision": round(100.0 * tp_at / n_pred_at, 4) if n_pred_at else 0.0,
+        "recall": round(100.0 * tp_at / n_gt_all, 4) if n_gt_all else 0.0,
+        "mean_tp_score": round(float(tp_all.mean()), 4) if len(tp_all) else 0.0,
+        "true_positives": int(len(tp_all)),
+        "ground_truth": int(n_gt_all),
+        "score_threshold": score_threshold,
+    }
+
+
+def run_outputs(session, x: np.ndarray, batch: int = 128) -> tuple[list[str], list[np.ndarray]]:
+    """All outputs of an ONNX Runtime session on ``x``, concatenated over batches."""
+    from edgeslim.components.export import INPUT_NAME
+
+    names = [o.name for o in session.get_outputs()]
+    parts: list[list[np.ndarray]] = [[] for _ in names]
+    for i in range(0, len(x), batch):
+        for k, o in enumerate(session.run(None, {INPUT_NAME: x[i:i + batch]})):
+            parts[k].append(o)
+    return names, [np.concatenate(p) for p in parts]
+
+
+def onnx_detections(onnx_path: str | Path, x: np.ndarray, task, *, basic: bool = True
+                    ) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
+    """Decoded detections of an ONNX model on ``x``; also its raw outputs and their names."""
+    from edgeslim.components.export import make_session
+
+    sess = make_session(onnx_path, basic=basic)
+    try:
+        names, outs = run_outputs(sess, x)
+    except Exception as exc:  # ORT raises its own types for shape mismatches
+        raise DataError(
+            f"{Path(onnx_path).name} rejects inputs of shape {list(x.shape)} "
+            f"({str(exc).splitlines()[0][:140]}); give data whose x arrays match the model's input"
+        ) from None
+    return decode_outputs(outs, task, names), outs, names
+
+
+def torch_detections(model, x: np.ndarray, task, batch: int = 128) -> list[np.ndarray]:
+    """Decoded detections of a torch detector (outputs named ``output_0..`` as exported)."""
+    import torch
+
+    model.eval()
+    parts: list[list[np.ndarray]] = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            out = model(torch.from_numpy(np.ascontiguousarray(x[i:i + batch])))
+            out = out if isinstance(out, (tuple, list)) else (out,)
+            if not parts:
+                parts = [[] for _ in out]
+            for k, o in enumerate(out):
+                parts[k].append(o.numpy())
+    outs = [np.concatenate(p) for p in parts]
+    names = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
+    return decode_outputs(outs, task, names)
+
+
+def detection_agreement(reference: list[np.ndarray], candidate: list[np.ndarray], threshold: float,
+                        iou: float = 0.5) -> float:
+    """Share of the parent's detections above ``threshold`` that the candidate also makes."""
+    total = hit = 0
+    for r, c in zip(reference, candidate):
+        r, c = r[r[:, 4] >= threshold], c[c[:, 4] >= threshold]
+        total += len(r)
+        if not len(r) or not len(c):
+            continue
+        ious = box_iou(r[:, :4], c[:, :4])
+        same = r[:, 5][:, None] == c[:, 5][None, :]
+        hit += int(((ious >= iou) & same).any(axis=1).sum())
+    return round(hit / total, 4) if total else 1.0
+
+
+def measure_detector(onnx_path: str | Path, data: Splits, task, config=None) -> dict[str, Any]:
+    """Detections, metrics, size and latency of one ONNX detector on the test split."""
+    from edgeslim.components.evaluate import latency_ms
+    from edgeslim.components.export import make_session
+
+    dets, outs, _ = onnx_detections(onnx_path, data.x_test, task)
+    m = detection_metrics(dets, list(data.y_test), task.num_classes, task.score_threshold)
+    res = {"detections": dets, "outputs": outs, "metric": m["map50"], "detection": m,
+           "size_bytes": Path(onnx_path).stat().st_size}
+    if config is not None:
+        sess = make_session(onnx_path, basic=True, threads=config.threads)
+        res["latency_ms"] = {f"batch_{b}": latency_ms(sess, data.x_test, b, config.latency_warmup,
+                                                      config.latency_repeats)
+                             for b in config.latency_batches}
+    return res
+
+
+def evaluate_detection(candidate_onnx: str | Path, config, *, parent_onnx: str | Path, data: Splits,
+                       task) -> StageResult:
+    """Evaluate a detector candidate and its parent side by side on the test split.
+
+    Args:
+        candidate_onnx: the int8 Q/DQ ONNX (judged in Q/DQ semantics).
+        config: the recipe's ``EvaluateConfig`` (latency settings).
+        parent_onnx: the parent's fp32 ONNX.
+        data: detection splits (``y_*`` hold (k, 5) boxes per image).
+        task: the recipe's ``DetectionTaskConfig``.
+
+    Returns:
+        ``StageResult`` whose metrics have the spine's shape (``metric`` = mAP@0.5 in points,
+        ``fidelity``, size, latency) plus a ``detection`` section per model.
+    """
+    from edgeslim.components.evaluate import sqnr_db
+
+    t0 = time.perf_counter()
+    parent = measure_detector(parent_onnx, data, task, config)
+    cand = measure_detector(candidate_onnx, data, task, config)
+    flat = [np.concatenate([o.reshape(len(o), -1) for o in r["outputs"]], 1) for r in (parent, cand)]
+    agree = detection_agreement(parent["detections"], cand["detections"], task.score_threshold)
+    fused_dets, _, _ = onnx_detections(candidate_onnx, data.x_test, task, basic=False)
+    fused = detection_metrics(fused_dets, list(data.y_test), task.num_classes, task.score_threshold)
+    keep = ("metric", "size_bytes", "latency_ms", "detection")
+    metrics = {
+        "metric_name": "map50",
+        "task": "detection",
+        "test_samples": int(len(data.x_test)),
+        "source": {k: parent[k] for k in keep},
+        "candidate": {
+            **{k: cand[k] for k in keep},
+            # top1_agreement mirrors the detection agreement so the spine's registry metrics work.
+            "fidelity": {"detection_agreement": agree, "top1_agreement": agree,
+                         "sqnr_db": round(sqnr_db(flat[0], flat[1]), 3)},
+            "cpu_int8_kernel_metric": fused["map50"],
+        },
+    }
+    metrics["candidate"]["size_ratio"] = round(parent["size_bytes"] / cand["size_bytes"], 3)
+    return StageResult(model=Path(candidate_onnx), metrics=metrics, seconds=time.perf_counter() - t0)
+
+
+@dataclasses.dataclass
+class _Check:
+    name: str
+    value: float
+    threshold: float
+    passed: bool
+    detail: str
+
+
+def gate_detection(metrics: dict[str, Any], config) -> dict[str, Any]:
+    """Judge a detector: mAP@0.5 drop, mean true-positive score drop, recall at the threshold.
+
+    Args:
+        metrics: :func:`evaluate_detection`'s metrics (``source``/``candidate`` with ``detection``).
+        config: a ``DetectionGateConfig``.
+
+    Returns:
+        ``{passed, checks, summary}``; when mAP held but scores collapsed the summary says so.
+    """
+    s, c = metrics["source"]["detection"], metrics["candidate"]["detection"]
+    thr = c.get("score_threshold", 0.25)
+    map_drop = round(s["map50"] - c["map50"], 4)
+    score_drop = round(s["mean_tp_score"] - c["mean_tp_score"], 4)
+    recall_drop = round(s["recall"] - c["recall"], 4)
+    checks = [
+        _Check("map50_drop", map_drop, config.max_map_drop, map_drop <= config.max_map_drop,
+               f"mAP@0.5 fell {map_drop:.2f} pt ({s['map50']:.2f} -> {c['map50']:.2f}); "
+               f"allowed {config.max_map_drop:.2f}"),
+        _Check("mean_tp_score_drop", score_drop, config.max_tp_score_drop,
+               score_drop <= config.max_tp_score_drop,
+               f"mean true-positive score {s['mean_tp_score']:.3f} -> {c['mean_tp_score']:.3f}; "
+               f"allowed drop {config.max_tp_score_drop:.3f}"),
+        _Check("recall_drop", recall_drop, config.max_recall_drop, recall_drop <= config.max_recall_drop,
+               f"recall at score >= {thr:g} {s['recall']:.2f}% -> {c['recall']:.2f}%; "
+               f"allowed drop {config.max_recall_drop:.2f} pt"),
+        _Check("min_recall", c["recall"], config.min_recall, c["recall"] >= config.min_recall,
+               f"recall at score >= {thr:g} {c['recall']:.2f}%; required {config.min_recall:.2f}%"),
+    ]
+    failed = [k for k in checks if not k.passed]
+    if not failed:
+        summary = "passed: " + "; ".join(k.detail for k in checks[:3])
+    else:
+        summary = "failed: " + "; ".join(
+            f"{k.name} missed by {abs(k.value - k.threshold):.4g} ({k.detail})" for k in failed)
+        calib = {"mean_tp_score_drop", "recall_drop", "min_recall"}
+        if not checks[0].passed and not checks[1].passed and c["mean_tp_score"] < thr:
+            summary = (
+                f"confidences collapsed: the mean true-positive score fell {s['mean_tp_score']:.3f} -> "
+                f"{c['mean_tp_score']:.3f}, under the deployment threshold {thr:g} (a calibrator that clips "
+                "the sigmoid score output does this); keep the class-score head in float "
+                "(quantize.float_layers) or use quantize method auto. " + summary)
+        elif checks[0].passed and any(k.name in calib for k in failed):
+            summary = (
+                f"confidences collapsed while mAP held: mAP@0.5 moved only {map_drop:+.2f} pt but the "
+                f"mean true-positive score fell {s['mean_tp_score']:.3f} -> {c['mean_tp_score']:.3f} and "
+                f"recall at score >= {thr:g} {s['recall']:.1f}% -> {c['recall']:.1f}%, so the deployed "
+                "threshold finds far fewer objects; keep the class-score head in float "
+                "(quantize.float_layers) or use quantize method auto. " + summary)
+    return {"passed": not failed, "checks": [dataclasses.asdict(k) for k in checks], "summary": summary}
+
+
+def check_detector(model, data: Splits, task) -> None:
+    """Preflight for a detection recipe: the model's outputs fit the decoder, the labels are boxes.
+
+    Raises:
+        ConfigError: the outputs do not match the configured heads (expected and actual shapes
+            named), or the decode function cannot be imported.
+        DataError: the labels are not (k, 5) boxes, or a decode function returns the wrong shape.
+    """
+    import torch
+
+    y0 = data.y_test[0] if len(data.y_test) else None
+    if y0 is None or np.asarray(y0).ndim != 2 or np.asarray(y0).shape[-1] != 5:
+        raise DataError("data: a detection task needs y_* object arrays of (k, 5) boxes "
+                        "[x1, y1, x2, y2, class] per image; got labels like "
+                        f"{np.asarray(y0).shape if y0 is not None else 'none'}")
+    x = np.ascontiguousarray(data.x_test[:2])
+    with torch.no_grad():
+        out = model.eval()(torch.from_numpy(x))
+    out = out if isinstance(out, (tuple, list)) else (out,)
+    arrays = [o.numpy() for o in out]
+    names = ["output"] if len(arrays) == 1 else [f"output_{i}" for i in range(len(arrays))]
+    decode_outputs(arrays, task, names)

@@ -1,0 +1,1 @@
+"""The torch-side stages before export: distillation, structural pruning, and the training loop they share."""

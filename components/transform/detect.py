@@ -1,0 +1,214 @@
+"""Distill and prune for detectors: heads kept whole, fine-tuned with the detection loss.
+
+Channel pruning reuses :func:`.prune.prune` (Torch-Pruning's dependency graph:
+correct through C2f splits, residual adds and concats) on a view of the
+detector whose outputs are flattened into one tensor, with every head's
+prediction conv (and any ``ignored_layers``) left alone and without the
+classifier fine-tuning; the pruned detector is then fine-tuned here with the
+detection loss, distilled from the unpruned model at the neck outputs and at the
+head outputs (``prune.alpha``: its class scores and confident boxes), in
+``prune.steps`` geometric steps with fine-tuning after each.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeslim.components.common.data import Splits
+from edgeslim.components.common.errors import ConfigError
+from edgeslim.components.common.result import StageResult
+from edgeslim.components.common.stage_configs import ChannelPruneConfig, FeatureDistillConfig, LogitDistillConfig
+
+
+class _Flat(nn.Module):
+    """The detector with its outputs flattened and joined: what the classifier pruner expects."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.m = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.m(x)
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        return torch.cat([o.flatten(1) for o in out], 1)
+
+
+def head_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Conv layers whose output is a model output, directly or through a sigmoid/softmax."""
+    seen: dict[str, torch.Tensor] = {}
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n}
+    hooks = [m.register_forward_hook(lambda _m, _i, o, n=n: seen.__setitem__(n, o)) for n, m in convs.items()]
+    try:
+        with torch.no_grad():
+            out = model.eval()(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    outs = list(out) if isinstance(out, (tuple, list)) else [out]
+    heads = []
+    for name, t in seen.items():
+        for o in outs:
+            if o.shape != t.shape:
+                continue
+            if any(torch.allclose(f(t), o, atol=1e-6) for f in (lambda v: v, torch.sigmoid)):
+                heads.append(name)
+                break
+    return heads
+
+
+def _detector_names(model: nn.Module) -> list[str]:
+    return [n for n, _ in model.named_modules() if n]
+
+
+def _match(model: nn.Module, patterns: Sequence[str], key: str) -> list[str]:
+    names = _detector_names(model)
+    out: list[str] = []
+    for pat in patterns:
+        hit = [n for n in names if n == pat or fnmatch.fnmatchcase(n, pat)]
+        if not hit:
+            raise ConfigError(f"prune.{key}: no layer of the detector matches {pat!r}; layers look like "
+                              f"{', '.join(names[:8])}")
+        out += hit
+    return out
+
+
+def prune_detector(model: nn.Module, config: ChannelPruneConfig, *, data: Splits,
+                   teacher: nn.Module | None = None, feature_layers: Sequence[str] = (),
+                   progress: Callable[[int, int, float], None] | None = None) -> StageResult:
+    """Structurally prune a detector to ``config.keep_fraction`` of its MACs; heads stay whole.
+
+    Args:
+        model: the detector (not changed).
+        config: pruning settings. The target is reached in ``steps`` geometric steps, each followed
+            by ``finetune_epochs`` of detection-loss fine-tuning; with a teacher the loss is
+            ``(1 - alpha) * detection + alpha * head-output distillation`` plus the feature MSE.
+        data: detection splits (``y_*`` hold boxes).
+        teacher: distilled from at ``feature_layers`` and at its outputs while fine-tuning (default:
+            the unpruned model when ``config.distill``).
+        feature_layers: module names present in both (e.g. the neck outputs).
+
+    Raises:
+        ConfigError: ``importance: taylor`` (it needs a classification loss) or a pattern matches nothing.
+    """
+    from edgeslim.components.reference.detector import train_detector
+    from edgeslim.components.transform.prune import count_macs_params, prune
+
+    if config.importance == "taylor":
+        raise ConfigError("prune.importance: 'taylor' needs a classification loss; for a detector use "
+                          "l1, l2 or bn_scale")
+    start = time.perf_counter()
+    example = torch.from_numpy(data.x_train[:1])
+    heads = head_layers(model, example)
+    ignored = sorted(set(heads) | set(_match(model, config.ignored_layers, "ignored_layers")))
+    # Placeholder class labels: the classifier pruner reports top-1 we do not use; no training there.
+    zeros = {f"y_{s}": np.zeros(len(getattr(data, f"x_{s}")), np.int64) for s in ("train", "val", "test")}
+    view = Splits(x_train=data.x_train[:256], x_val=data.x_val[:64], x_test=data.x_test[:64],
+                  y_train=zeros["y_train"][:256], y_val=zeros["y_val"][:64], y_test=zeros["y_test"][:64],
+                  source=data.source)
+    from edgeslim.components.reference.detector import without_splits
+
+    macs0, _ = count_macs_params(model, example)
+    kd = teacher if teacher is not None else (model if config.distill else None)
+    pruned = without_splits(model)
+    losses: list[float] = []
+    history = []
+    for step in range(1, config.steps + 1):
+        # Geometric steps, as the classifier pruner: step k keeps keep_fraction ** (k / steps).
+        goal = macs0 * config.keep_fraction ** (step / config.steps)
+        now, _ = count_macs_params(pruned, example)
+        structural = dataclasses.replace(config, keep_fraction=min(goal / now, 0.999), steps=1,
+                                         finetune_epochs=0, distill=False,
+                                         ignored_layers=[f"m.{n}" for n in ignored],
+                                         layer_ratios={f"m.{k}": v for k, v in config.layer_ratios.items()}
+                                         if step == 1 else {})
+        pruned = prune(_Flat(pruned), structural, data=view).model.m
+        if config.finetune_epochs:
+            n_ep = config.finetune_epochs
+            done = len(losses)
+            train_detector(pruned, data.x_train, data.y_train, epochs=n_ep, lr=config.lr,
+                           batch_size=config.batch_size, seed=config.seed + step - 1, teacher=kd,
+                           feature_layers=feature_layers if kd is not None else (),
+                           output_alpha=config.alpha if kd is not None else 0.0,
+                           progress=lambda e, n, l, done=done: (
+                               losses.append(l),
+                               progress and progress(done + e, n * config.steps, l)))
+        history.append({"step": step, "macs": count_macs_params(pruned, example)[0], "goal": int(goal)})
+    macs0, params0 = count_macs_params(model, example)
+    macs1, params1 = count_macs_params(pruned, example)
+    metrics = {"macs_before": macs0, "macs_after": macs1, "macs_ratio": macs0 / max(macs1, 1),
+               "params_before": params0, "params_after": params1, "params_ratio": params0 / max(params1, 1),
+               "heads_kept": heads, "finetune_loss": losses[-1] if losses else None, "steps": history}
+    lineage = {"stage": "prune", "config": config.to_json_dict(), "task": "detection",
+               "ignored_layers": ignored, "distilled_at": list(feature_layers), "data_digest": data.digest()}
+    return StageResult(pruned.eval(), metrics, lineage, time.perf_counter() - start)
+
+
+def distill_detector(model: nn.Module, config: LogitDistillConfig, *, data: Splits, teacher: nn.Module,
+                     progress: Callable[[int, int, float], None] | None = None) -> StageResult:
+    """Train a detector student with the detection loss plus feature distillation from ``teacher``.
+
+    ``student: previous`` trains a copy of ``model``; ``student: width`` prunes the teacher to
+    ``width`` of its channels first (heads whole). Feature pairs come from ``layer_pairs``
+    (method ``feature``; both names must exist in both models) or, for method ``logit``,
+    the neck outputs named in ``NECK_OUTPUTS`` when the model has them.
+    """
+    from edgeslim.components.reference.detector import NECK_OUTPUTS, train_detector
+    from edgeslim.components.transform.prune import count_macs_params
+
+    start = time.perf_counter()
+    if config.student == "uri":
+        raise ConfigError("distill.student: 'uri' is not supported for detectors yet; use previous or width")
+    if config.student == "width":
+        cfg = ChannelPruneConfig(keep_fraction=min(0.95, config.width ** 2), finetune_epochs=0)
+        student = prune_detector(teacher, cfg, data=data).model
+    else:
+        student = copy.deepcopy(model)
+    if isinstance(config, FeatureDistillConfig):
+        bad = [p for p in config.layer_pairs if p[0] != p[1]]
+        if bad:
+            raise ConfigError(f"distill(feature).layer_pairs: {bad[0]} pairs different layer names; for a "
+                              "detector pair the same neck layer in teacher and student, e.g. [fpn4, fpn4]")
+        layers = [p[0] for p in config.layer_pairs]
+    else:
+        names = set(_detector_names(student))
+        layers = [n for n in NECK_OUTPUTS if n in names]
+    losses: list[float] = []
+    train_detector(student, data.x_train, data.y_train, epochs=config.epochs, lr=config.lr,
+                   batch_size=config.batch_size, seed=config.seed, teacher=teacher, feature_layers=layers,
+                   feature_weight=getattr(config, "feature_weight", 1.0),
+                   progress=lambda e, n, l: (losses.append(l), progress and progress(e, n, l)))
+    example = torch.from_numpy(data.x_train[:1])
+    macs, params = count_macs_params(student, example)
+    metrics = {"student_macs": macs, "student_params": params, "feature_layers": layers,
+               "final_loss": losses[-1] if losses else None}
+    lineage = {"stage": "distill", "config": config.to_json_dict(), "task": "detection",
+               "data_digest": data.digest()}
+    return StageResult(student.eval(), metrics, lineage, time.perf_counter() - start)
+
+
+def apply_detector_stages(model: nn.Module, stages: Sequence[Any], *, data: Splits, task=None,
+                          progress: Callable[[str, int, int, float], None] | None = None) -> StageResult:
+    """The recipe's distill/prune stages for a detector, in order: :func:`.compress.apply_torch_stages`
+    with the detector's distill and prune. The input model is the teacher and is not changed."""
+    from edgeslim.components.reference.detector import NECK_OUTPUTS
+    from edgeslim.components.transform.stages import apply_torch_stages
+
+    neck = [n for n in NECK_OUTPUTS if n in set(_detector_names(model))]
+
+    def distill_fn(current, cfg, cb):
+        return distill_detector(current, cfg, data=data, teacher=model, progress=cb)
+
+    def prune_fn(current, cfg, cb):
+        return prune_detector(current, cfg, data=data, teacher=current if cfg.distill else None,
+                              feature_layers=neck if cfg.distill else (), progress=cb)
+
+    return apply_torch_stages(model, stages, data=data, teacher=model, progress=progress,
+                              distill_fn=distill_fn, prune_fn=prune_fn)

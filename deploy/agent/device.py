@@ -1,0 +1,531 @@
+"""The device agent: pull, verify, swap, health-check, commit or roll back.
+
+Runs on each device (``edgeslim-agent`` or ``python -m edgeslim.deploy.agent.device``,
+systemd unit in ``deploy/systemd/``). It imports no torch, mlflow or kfp; the
+health check runs in a child process, so the idle agent holds only the store
+client.
+
+On disk, under ``--state-dir``::
+
+    objects/sha256/<hex>      verified artifacts (content-addressed, read-only)
+    partial/<hex>.part        downloads in progress (resumed with Range requests)
+    releases/<name>/          model.onnx (+ model.engine) hard-linked from objects
+    current -> releases/...   what the application loads; swapped with rename(2)
+    previous -> releases/...  the one before, for rollback
+    agent.json                last applied sequence and manifests (atomic writes)
+    swap.json                 the swap journal: exists only while a swap is undecided
+
+Every step is either a rename or idempotent, so a SIGKILL anywhere leaves
+``current`` on a complete, verified release; start-up undoes an undecided swap
+(and the manifest is then applied again from the start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from edgeslim.components.common.errors import ConfigError, EdgeslimError, FleetError
+
+from edgeslim.deploy import signing
+from edgeslim.deploy.manifest import Artifact, Manifest, ManifestRejected, verify_manifest
+from edgeslim.deploy.store import FleetKeys, NotModified, ObjectStore, StoreUnavailable, check_name, open_store
+
+log = logging.getLogger("edgeslim.agent")
+
+AGENT_VERSION = 1
+ENV_PREFIX = "EDGESLIM_AGENT_"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write-then-rename, fsynced: readers see the old or the new file, never half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_symlink(target: str | None, link: Path) -> None:
+    """Point ``link`` at ``target`` (relative) atomically; ``None`` removes it."""
+    if target is None:
+        try:
+            link.unlink()
+        except FileNotFoundError:
+            pass
+    else:
+        tmp = link.with_name(f".{link.name}.new")
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+    _fsync_dir(link.parent)
+
+
+def read_link(link: Path) -> str | None:
+    try:
+        return os.readlink(link)
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class IntegrityError(FleetError):
+    """A downloaded artifact does not match the manifest's sha256 or size."""
+
+
+class Agent:
+    """One device. ``run()`` loops forever; ``step()`` does one poll (for tests and --once)."""
+
+    def __init__(self, *, store: ObjectStore, fleet: str, device_id: str, device_class: str,
+                 state_dir: str | Path, trusted_keys: dict, poll_interval: float = 5.0,
+                 heartbeat_interval: float = 30.0, max_backoff: float = 300.0,
+                 max_download_rate: float | None = None, health_timeout: float = 120.0,
+                 chunk_size: int = 1 << 16, health_in_process: bool = False) -> None:
+        self.store, self.keys = store, FleetKeys(fleet)
+        self.fleet, self.device_id = fleet, check_name("device", device_id)
+        self.device_class = device_class
+        self.state_dir = Path(state_dir).resolve()
+        self.trusted_keys = trusted_keys
+        self.poll_interval, self.heartbeat_interval = poll_interval, heartbeat_interval
+        self.max_backoff, self.max_download_rate = max_backoff, max_download_rate
+        self.health_timeout, self.chunk_size = health_timeout, chunk_size
+        # In-process checks are for simulating many devices in one process (bench_fleet);
+        # a real device uses the child process (isolation, and a small idle agent).
+        self.health_in_process = health_in_process
+        for sub in ("objects/sha256", "partial", "releases", "engines"):
+            (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
+        self.current_link = self.state_dir / "current"
+        self.previous_link = self.state_dir / "previous"
+        self.state_file = self.state_dir / "agent.json"
+        self.journal_file = self.state_dir / "swap.json"
+        self.state = self._load_state()
+        self.manifest_etag: str | None = None
+        self.failures = 0
+        self.last_heartbeat = 0.0
+        self.store_ok = True
+        self.registered = False
+        self._stop = False
+
+    # ----------------------------------------------------------------- state on disk
+    def _load_state(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.state_file.read_text())
+        except FileNotFoundError:
+            return {"applied_sequence": 0, "manifest": None, "last": None, "rejected": None}
+        except ValueError:
+            # Only atomic renames write it, so this is disk damage: start clean but keep models.
+            log.error("agent.json is unreadable; starting from sequence 0 (models on disk are kept)")
+            return {"applied_sequence": 0, "manifest": None, "last": None, "rejected": None}
+
+    def _save_state(self) -> None:
+        atomic_write_json(self.state_file, self.state)
+
+    def recover(self) -> None:
+        """Finish or undo a swap that a crash interrupted, and check ``current``."""
+        for tmp in self.state_dir.glob(".*.new"):
+            tmp.unlink(missing_ok=True)
+        if self.journal_file.exists():
+            try:
+                j = json.loads(self.journal_file.read_text())
+            except ValueError:
+                j = None
+            if j is None:
+                log.error("swap journal unreadable; keeping links as they are")
+            elif self.state.get("applied_sequence", 0) >= j["sequence"]:
+                # The decision was recorded before the crash: make the links match it.
+                want = j["to"] if (self.state.get("last") or {}).get("result") == "committed" else j["from"]
+                if read_link(self.current_link) != want:
+                    atomic_symlink(want, self.current_link)
+                log.info("recovered: swap to sequence %s was already decided", j["sequence"])
+            else:
+                # Undecided: undo, and the manifest will be applied again from the start.
+                atomic_symlink(j["from"], self.current_link)
+                atomic_symlink(j["previous_before"], self.previous_link)
+                log.warning("recovered: undid a half-done swap to sequence %s; will retry it", j["sequence"])
+            self.journal_file.unlink(missing_ok=True)
+            _fsync_dir(self.state_dir)
+        cur = read_link(self.current_link)
+        if cur is not None and not self._release_ok(cur):
+            prev = read_link(self.previous_link)
+            log.error("current release %s is damaged; falling back to %s", cur, prev)
+            atomic_symlink(prev if prev and self._release_ok(prev) else None, self.current_link)
+
+    def _release_ok(self, rel: str) -> bool:
+        """A release is usable if its model file is the object its name promises."""
+        d = self.state_dir / rel
+        meta_path = d / "release.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+            model = d / "model.onnx"
+            return model.stat().st_size == meta["size"] and sha256_file(model) == meta["sha256"]
+        except (FileNotFoundError, ValueError, KeyError, OSError):
+            return False
+
+    # ----------------------------------------------------------------- status
+    def _status(self, state: str, **extra: Any) -> dict[str, Any]:
+        cur = read_link(self.current_link)
+        meta = {}
+        if cur:
+            try:
+                meta = json.loads((self.state_dir / cur / "release.json").read_text())
+            except (FileNotFoundError, ValueError):
+                meta = {}
+        st = {
+            "device_id": self.device_id, "device_class": self.device_class, "fleet": self.fleet,
+            "agent_version": AGENT_VERSION, "state": state, "heartbeat_at": time.time(),
+            "applied_sequence": self.state.get("applied_sequence", 0),
+            "rollout_id": (self.state.get("manifest") or {}).get("rollout_id"),
+            "current": {"sha256": meta.get("sha256"), "backend": meta.get("backend"),
+                        "model": meta.get("model")} if cur else None,
+            "last": self.state.get("last"), "rejected": self.state.get("rejected"),
+        }
+        st.update(extra)
+        return st
+
+    def publish_status(self, state: str = "idle", **extra: Any) -> None:
+        st = self._status(state, **extra)
+        atomic_write_json(self.state_dir / "status.json", st)
+        try:
+            self.store.put_json(self.keys.status(self.device_id), st)
+            self.last_heartbeat = time.time()
+        except StoreUnavailable as exc:
+            log.warning("could not publish status (%s); will retry", exc)
+
+    def register(self) -> None:
+        self.store.put_json(self.keys.registration(self.device_id), {
+            "device_id": self.device_id, "device_class": self.device_class, "fleet": self.fleet,
+            "agent_version": AGENT_VERSION, "hostname": socket.gethostname(), "registered_at": time.time(),
+            "trusted_keys": sorted(self.trusted_keys),
+        })
+        self.registered = True
+        log.info("registered %s/%s (class %s) at %s", self.fleet, self.device_id, self.device_class,
+                 self.store.describe())
+
+    # ----------------------------------------------------------------- download
+    def fetch(self, art: Artifact) -> Path:
+        """Make sure the verified object is in the local store; download (with resume) if not."""
+        obj = self.state_dir / "objects" / "sha256" / art.sha256
+        if obj.exists():
+            return obj
+        part = self.state_dir / "partial" / f"{art.sha256}.part"
+        have = part.stat().st_size if part.exists() else 0
+        if have > art.size:
+            part.unlink()
+            have = 0
+        if have:
+            log.info("resuming download of %s at byte %d of %d", art.sha256[:12], have, art.size)
+        else:
+            log.info("downloading %s (%d bytes)", art.sha256[:12], art.size)
+        if have < art.size:
+            t0, got = time.monotonic(), 0
+            with open(part, "ab") as fh:
+                for chunk in self.store.stream(art.key, start=have, chunk_size=self.chunk_size):
+                    fh.write(chunk)
+                    got += len(chunk)
+                    if have + got > art.size:
+                        break
+                    if self.max_download_rate:
+                        # Bandwidth cap for metered links: sleep until we are back under the rate.
+                        ahead = got / self.max_download_rate - (time.monotonic() - t0)
+                        if ahead > 0:
+                            time.sleep(ahead)
+                fh.flush()
+                os.fsync(fh.fileno())
+        size = part.stat().st_size
+        digest = sha256_file(part)
+        if size != art.size or digest != art.sha256:
+            part.unlink(missing_ok=True)
+            raise IntegrityError(
+                f"artifact {art.key}: got {size} bytes with sha256 {digest[:12]}; manifest says "
+                f"{art.size} bytes, {art.sha256[:12]} (discarded the download)"
+            )
+        os.chmod(part, 0o444)
+        os.replace(part, obj)
+        _fsync_dir(obj.parent)
+        log.info("verified %s (%d bytes)", art.sha256[:12], art.size)
+        return obj
+
+    # ----------------------------------------------------------------- engines
+    def _engine_for(self, m: Manifest, onnx_obj: Path) -> tuple[Path | None, str]:
+        """The engine to ship in the release, and the backend the device will use."""
+        try:
+            from edgeslim.components.engine.builder import build_engine, tensorrt_available
+        except ImportError:
+            return None, "onnxruntime"
+        ok, why = tensorrt_available()
+        if not ok:
+            # Serving the Q/DQ ONNX with ONNX Runtime is the documented fallback, not a failure.
+            log.info("TensorRT unavailable (%s): serving the Q/DQ ONNX with ONNX Runtime", why.split(";")[0])
+            return None, "onnxruntime"
+        if m.engine is not None:
+            return self.fetch(m.engine), "tensorrt (prebuilt engine)"
+        out = self.state_dir / "engines" / m.artifact.sha256 / self.device_class
+        built = sorted(out.glob("*.engine")) + sorted(out.glob("*.plan")) if out.exists() else []
+        if built:
+            return built[0], "tensorrt (engine built on device)"
+        log.info("no engine for class %s: building one from the Q/DQ ONNX", self.device_class)
+        try:
+            res = build_engine(str(onnx_obj), str(out), self.device_class)
+        except Exception as exc:  # a failed build must not take the device down: ONNX Runtime still serves
+            log.error("engine build failed (%s); serving the Q/DQ ONNX with ONNX Runtime", exc)
+            return None, "onnxruntime"
+        return Path(res.engine_path), "tensorrt (engine built on device)"
+
+    def make_release(self, m: Manifest) -> str:
+        """A release directory for the manifest's artifact; returns its path relative to state_dir."""
+        onnx_obj = self.fetch(m.artifact)
+        engine, backend = self._engine_for(m, onnx_obj)
+        name = m.artifact.sha256[:20] + (f"-{sha256_file(engine)[:12]}" if engine else "")
+        rel = f"releases/{name}"
+        final = self.state_dir / rel
+        if final.exists() and self._release_ok(rel):
+            return rel
+        tmp = self.state_dir / "releases" / f".{name}.tmp"
+        if tmp.exists():
+            for p in tmp.iterdir():
+                p.unlink()
+            tmp.rmdir()
+        tmp.mkdir()
+        os.link(onnx_obj, tmp / "model.onnx")
+        if engine:
+            os.link(engine, tmp / "model.engine")
+        atomic_write_json(tmp / "release.json", {
+            "sha256": m.artifact.sha256, "size": m.artifact.size, "backend": backend,
+            "model": m.model, "health_check": m.health_check,
+        })
+        if final.exists():  # a damaged leftover: replace it
+            for p in final.iterdir():
+                p.unlink()
+            final.rmdir()
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        return rel
+
+    # ----------------------------------------------------------------- apply
+    def apply(self, m: Manifest) -> dict[str, Any]:
+        """Install (or roll back to) ``m``'s artifact: swap, health-check, commit or undo."""
+        log.info("applying sequence %d (%s, rollout %s)", m.sequence, m.action, m.rollout_id)
+        self.publish_status("downloading", target_sequence=m.sequence)
+        new_rel = self.make_release(m) if m.artifact is not None else None
+        old_cur, old_prev = read_link(self.current_link), read_link(self.previous_link)
+        if new_rel == old_cur:
+            # Already running this artifact (a rollback to what we still run, say): nothing to swap.
+            return self._decide(m, "committed", None, health={"ok": True, "note": "already current"})
+        atomic_write_json(self.journal_file, {"sequence": m.sequence, "from": old_cur, "to": new_rel,
+                                              "previous_before": old_prev, "started_at": time.time()})
+        log.info("swapping current to %s (sequence %d)", new_rel, m.sequence)
+        if old_cur is not None:
+            atomic_symlink(old_cur, self.previous_link)
+        atomic_symlink(new_rel, self.current_link)
+        if new_rel is None:
+            return self._decide(m, "committed", None, health={"ok": True, "note": "withdrawn"})
+        self.publish_status("checking", target_sequence=m.sequence)
+        from edgeslim.deploy.agent.health import check_in_subprocess, run_health_check
+
+        if self.health_in_process:
+            health = run_health_check(self.state_dir / new_rel, m.health_check)
+        else:
+            health = check_in_subprocess(self.state_dir / new_rel, m.health_check, timeout_s=self.health_timeout)
+        if health.get("ok"):
+            log.info("health check passed on %s (%.2f ms); committed sequence %d", health.get("backend"),
+                     health.get("latency_ms") or 0, m.sequence)
+            return self._decide(m, "committed", None, health=health)
+        log.error("health check failed: %s; rolling back to %s", health.get("error"), old_cur)
+        atomic_symlink(old_cur, self.current_link)
+        atomic_symlink(old_prev, self.previous_link)
+        return self._decide(m, "rolled_back", health.get("error"), health=health)
+
+    def _decide(self, m: Manifest, result: str, reason: str | None, *, health: dict) -> dict[str, Any]:
+        last = {"sequence": m.sequence, "rollout_id": m.rollout_id, "action": m.action, "result": result,
+                "reason": reason, "health": health, "at": time.time(),
+                "sha256": m.artifact.sha256 if m.artifact else None}
+        self.state["applied_sequence"] = m.sequence
+        self.state["last"] = last
+        if result == "committed":
+            self.state["manifest"] = m.to_dict()
+        # Record the decision first, then drop the journal: see recover().
+        self._save_state()
+        self.journal_file.unlink(missing_ok=True)
+        _fsync_dir(self.state_dir)
+        return last
+
+    # ----------------------------------------------------------------- poll loop
+    def step(self) -> str:
+        """One poll: returns what happened (``unchanged``, ``none``, ``applied``, ``rejected``...)."""
+        if not self.registered:
+            self.register()
+        try:
+            blob = self.store.get(self.keys.manifest(self.device_id), if_none_match=self.manifest_etag)
+        except NotModified:
+            return "unchanged"
+        if blob is None:
+            return "none"
+        try:
+            envelope = json.loads(blob.data)
+        except ValueError:
+            envelope = None
+        try:
+            m = verify_manifest(envelope, self.trusted_keys, fleet=self.fleet, device_id=self.device_id,
+                                device_class=self.device_class,
+                                last_sequence=self.state.get("applied_sequence", 0))
+        except ManifestRejected as exc:
+            if exc.reason == "replay" and envelope and (envelope.get("signed") or {}).get("sequence") == \
+                    self.state.get("applied_sequence"):
+                self.manifest_etag = blob.etag  # the manifest we already applied: nothing to do
+                return "unchanged"
+            log.error("refused manifest: %s", exc)
+            self.state["rejected"] = {"reason": exc.reason, "message": str(exc), "etag": blob.etag,
+                                      "at": time.time()}
+            self._save_state()
+            self.manifest_etag = blob.etag
+            self.publish_status("idle")
+            return "rejected"
+        try:
+            last = self.apply(m)
+        except IntegrityError as exc:
+            log.error("%s", exc)
+            self.state["last"] = {"sequence": m.sequence, "rollout_id": m.rollout_id, "action": m.action,
+                                  "result": "failed", "reason": str(exc), "at": time.time()}
+            self.state["applied_sequence"] = m.sequence
+            self._save_state()
+            self.manifest_etag = blob.etag
+            self.publish_status("idle")
+            return "failed"
+        self.manifest_etag = blob.etag
+        self.publish_status("idle")
+        return "applied" if last["result"] == "committed" else last["result"]
+
+    def stop(self, *_: Any) -> None:
+        self._stop = True
+
+    def run(self, *, once: bool = False) -> int:
+        """Poll until stopped (SIGTERM) or, with ``once``, until one poll succeeded."""
+        self.recover()
+        backoff = self.poll_interval
+        while not self._stop:
+            try:
+                what = self.step()
+                if not self.store_ok:
+                    log.info("store reachable again")
+                self.store_ok, self.failures, backoff = True, 0, self.poll_interval
+                if what in ("unchanged", "none") and time.time() - self.last_heartbeat >= self.heartbeat_interval:
+                    self.publish_status("idle")
+                if once:
+                    return 0
+                delay = self.poll_interval
+            except StoreUnavailable as exc:
+                self.failures += 1
+                self.store_ok = False
+                # Exponential backoff with jitter; the current model keeps serving meanwhile.
+                backoff = min(self.max_backoff, backoff * 2)
+                delay = backoff * random.uniform(0.5, 1.0)
+                cur = read_link(self.current_link)
+                log.warning("store unreachable (%s); still serving %s; retry %d in %.2fs", exc, cur or "nothing",
+                            self.failures, delay)
+                atomic_write_json(self.state_dir / "status.json",
+                                  self._status("offline", store_error=str(exc), retry_in_s=round(delay, 2)))
+                if once:
+                    return 1
+            deadline = time.monotonic() + delay
+            while not self._stop and time.monotonic() < deadline:
+                time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        log.info("stopped")
+        return 0
+
+
+def _env(name: str, default: Any = None) -> Any:
+    return os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"), default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edgeslim-agent",
+        description="edgeslim device agent: pulls signed manifests, installs verified models, "
+                    "health-checks them and rolls back on its own. Every option can also be set "
+                    "as EDGESLIM_AGENT_<OPTION> (e.g. EDGESLIM_AGENT_DEVICE_ID). S3 credentials "
+                    "come from the usual AWS environment variables or profile.",
+    )
+    p.add_argument("--store", default=_env("store") or os.environ.get("EDGESLIM_FLEET_STORE"),
+                   help="s3://bucket/prefix or a directory")
+    p.add_argument("--endpoint-url", default=_env("endpoint_url") or os.environ.get("EDGESLIM_S3_ENDPOINT_URL"),
+                   help="S3 endpoint for S3-compatible servers")
+    p.add_argument("--fleet", default=_env("fleet"))
+    p.add_argument("--device-id", default=_env("device_id") or socket.gethostname())
+    p.add_argument("--device-class", default=_env("device_class"),
+                   help="exact device class key, e.g. orin-sm87-jp6.1-trt10.3")
+    p.add_argument("--state-dir", default=_env("state_dir", "/var/lib/edgeslim-agent"))
+    p.add_argument("--public-key", action="append",
+                   default=[k for k in (_env("public_key") or "").split(os.pathsep) if k] or None,
+                   help="trusted release public key (PEM); repeat to trust several during rotation")
+    p.add_argument("--poll-interval", type=float, default=float(_env("poll_interval", 5.0)))
+    p.add_argument("--heartbeat-interval", type=float, default=float(_env("heartbeat_interval", 30.0)))
+    p.add_argument("--max-backoff", type=float, default=float(_env("max_backoff", 300.0)))
+    p.add_argument("--max-download-rate", type=float, default=float(_env("max_download_rate", 0)) or None,
+                   help="cap downloads at this many bytes per second (metered links)")
+    p.add_argument("--health-timeout", type=float, default=float(_env("health_timeout", 120.0)))
+    p.add_argument("--once", action="store_true", help="poll once, apply what is there, exit")
+    p.add_argument("--log-level", default=_env("log_level", "INFO"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``edgeslim-agent``."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO), stream=sys.stderr,
+                        format=f"%(asctime)s edgeslim-agent[{args.device_id}] %(levelname)s %(message)s")
+    # botocore logs request headers (signatures) at DEBUG: never let that reach our log.
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        for name in ("fleet", "device_class", "store", "public_key"):
+            if not getattr(args, name):
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag} is required (or set {ENV_PREFIX}{name.upper()})")
+        agent = Agent(
+            store=open_store(args.store, endpoint_url=args.endpoint_url, timeout_s=5.0),
+            fleet=args.fleet, device_id=args.device_id, device_class=args.device_class,
+            state_dir=args.state_dir, trusted_keys=signing.load_public_keys(args.public_key),
+            poll_interval=args.poll_interval, heartbeat_interval=args.heartbeat_interval,
+            max_backoff=args.max_backoff, max_download_rate=args.max_download_rate,
+            health_timeout=args.health_timeout,
+        )
+        signal.signal(signal.SIGTERM, agent.stop)
+        signal.signal(signal.SIGINT, agent.stop)
+        return agent.run(once=args.once)
+    except EdgeslimError as exc:
+        print(f"edgeslim-agent: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

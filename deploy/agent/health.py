@@ -1,0 +1,191 @@
+"""Device health check: load the release, run the golden input, compare, time it.
+
+The agent runs this in a child process (``python -m edgeslim.deploy.agent.health``):
+the runtime's memory goes away after the check, so the idle agent stays small,
+and a model that crashes the runtime fails its check instead of killing the agent.
+
+TensorRT is used where it imports and the release has an engine; otherwise ONNX
+Runtime runs the Q/DQ ONNX with basic graph optimisation, which keeps Q/DQ
+semantics (see DESIGN.md: the fused CPU int8 kernels can saturate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+RESULT_MARK = "EDGESLIM_HEALTH "
+
+
+def _onnxruntime_runner(model_path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0].name
+    names = [o.name for o in sess.get_outputs()]
+
+    def run(x):
+        return dict(zip(names, sess.run(None, {inp: x})))
+
+    return run, "onnxruntime:CPUExecutionProvider"
+
+
+def _tensorrt_runner(engine_path: Path):
+    """Deserialize the engine and run it through Polygraphy's TensorRT runner.
+
+    Only reachable on a device with TensorRT; there is no GPU on the test
+    machines, so this path is not exercised by the test-suite (tests marked gpu).
+    """
+    import tensorrt as trt  # noqa: F401  (the import itself proves the runtime is there)
+    from polygraphy.backend.common import BytesFromPath
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+    runner = TrtRunner(EngineFromBytes(BytesFromPath(str(engine_path))))
+    runner.activate()
+
+    def run(x):
+        # Polygraphy feeds by input name; our models have one input.
+        name = runner.get_input_metadata().keys()
+        return dict(runner.infer({next(iter(name)): x}))
+
+    return run, f"tensorrt:{trt.__version__}"
+
+
+def _tensorrt_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+def run_health_check(release_dir: str | Path, check: dict[str, Any] | None) -> dict[str, Any]:
+    """Check one release directory (``model.onnx`` and maybe ``model.engine``).
+
+    Args:
+        release_dir: the directory ``current`` points at.
+        check: the manifest's ``health_check``: ``input`` and ``outputs`` (encoded
+            arrays), ``atol``, ``rtol``, ``latency_budget_ms``, ``repeats``.
+
+    Returns:
+        ``{"ok", "backend", "max_abs_err", "latency_ms", "error"}``.
+    """
+    import numpy as np
+
+    from edgeslim.deploy.manifest import decode_array
+
+    release_dir = Path(release_dir)
+    result: dict[str, Any] = {"ok": False, "backend": None, "max_abs_err": None, "latency_ms": None,
+                              "error": None}
+    try:
+        engine = release_dir / "model.engine"
+        if engine.exists() and _tensorrt_importable():
+            run, result["backend"] = _tensorrt_runner(engine)
+        else:
+            run, result["backend"] = _onnxruntime_runner(release_dir / "model.onnx")
+        if not check:
+            result["error"] = "manifest has no health check (golden input); refusing to commit blind"
+            return result
+        x = decode_array(check["input"])
+        outs = run(x)
+        if check.get("detections"):
+            return _check_detections(result, check, outs, run, x)
+        worst = 0.0
+        for name, blob in check["outputs"].items():
+            if name not in outs:
+                result["error"] = f"model has no output {name!r} (has {sorted(outs)})"
+                return result
+            want, got = decode_array(blob), np.asarray(outs[name], dtype=np.float32)
+            if want.shape != got.shape:
+                result["error"] = f"output {name!r} has shape {list(got.shape)}; golden is {list(want.shape)}"
+                return result
+            err = float(np.max(np.abs(got - want))) if want.size else 0.0
+            worst = max(worst, err)
+            if not np.allclose(got, want, atol=float(check.get("atol", 1e-3)), rtol=float(check.get("rtol", 1e-3))):
+                result["max_abs_err"] = err
+                result["error"] = (f"output {name!r} differs from the golden output "
+                                   f"(max abs error {err:.4g} > atol {check.get('atol', 1e-3)})")
+                return result
+        result["max_abs_err"] = worst
+        _latency_verdict(result, check, run, x)
+    except Exception as exc:  # any failure to load or run is a failed check, with its reason
+        result["error"] = f"{type(exc).__name__}: {exc}"[:500]
+    return result
+
+
+def _check_detections(result: dict[str, Any], check: dict[str, Any], outs: dict, run, x) -> dict[str, Any]:
+    """A detector's health: its decoded boxes match the golden ones by IoU and score.
+
+    ``check["task"]`` is the recipe's detection task (decoder settings), ``check["detections"]``
+    one encoded (M, 6) array per golden image; ``iou`` and ``score_tol`` are the tolerances.
+    """
+    from edgeslim.components.common.task_config import task_from_dict
+    from edgeslim.components.common.decode import decode_outputs, match_detections
+
+    from edgeslim.deploy.manifest import decode_array
+
+    got = decode_outputs(outs, task_from_dict(dict(check["task"])))
+    worst = 0.0
+    for i, blob in enumerate(check["detections"]):
+        m = match_detections(decode_array(blob), got[i], iou=float(check.get("iou", 0.9)),
+                             score_tol=float(check.get("score_tol", 0.05)))
+        worst = max(worst, m["max_score_diff"])
+        if not m["ok"]:
+            result["max_abs_err"] = m["max_score_diff"]
+            result["error"] = f"golden image {i}: detections differ ({m['reason']})"
+            return result
+    result["max_abs_err"] = worst
+    return _latency_verdict(result, check, run, x)
+
+
+def _latency_verdict(result: dict[str, Any], check: dict[str, Any], run, x) -> dict[str, Any]:
+    """Outputs matched: time the golden input; ok unless the median is over the budget."""
+    times = []
+    for _ in range(max(1, int(check.get("repeats", 5)))):
+        t0 = time.perf_counter()
+        run(x)
+        times.append((time.perf_counter() - t0) * 1000)
+    lat = sorted(times)[len(times) // 2]
+    result["latency_ms"] = round(lat, 3)
+    budget = check.get("latency_budget_ms")
+    if budget is not None and lat > float(budget):
+        result["error"] = f"median latency {lat:.2f} ms is over the budget of {budget} ms"
+        return result
+    result["ok"] = True
+    return result
+
+
+def check_in_subprocess(release_dir: str | Path, check: dict[str, Any] | None, *,
+                        timeout_s: float = 120.0) -> dict[str, Any]:
+    """Run :func:`run_health_check` in a child Python; a crash or hang is a failed check."""
+    payload = json.dumps({"release": str(release_dir), "check": check})
+    try:
+        proc = subprocess.run([sys.executable, "-m", "edgeslim.deploy.agent.health"], input=payload,
+                              capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "backend": None, "error": f"health check did not finish in {timeout_s:.0f}s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_MARK):
+            return json.loads(line[len(RESULT_MARK):])
+    tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
+    return {"ok": False, "backend": None,
+            "error": f"health check process exited {proc.returncode}: {tail[0][:300]}"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Health-check a release directory (reads JSON on stdin).")
+    parser.parse_args(argv)
+    req = json.loads(sys.stdin.read())
+    res = run_health_check(req["release"], req.get("check"))
+    print(RESULT_MARK + json.dumps(res), flush=True)
+    return 0 if res["ok"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
