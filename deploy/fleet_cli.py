@@ -19,7 +19,7 @@ import os
 import sys
 from typing import Any
 
-from edgeslim.components.common.errors import ConfigError, FleetError
+from edgeslim.components.common.errors import ConfigError, FleetError, MissingDependencyError
 
 SIGNING_KEY_ENV = "EDGESLIM_FLEET_SIGNING_KEY"
 
@@ -151,9 +151,13 @@ def _cmd(args: argparse.Namespace) -> int:
         _print(fleet_summary(c, rec) if rec else {"started": None, "why": "already rolled out"})
         return 0 if rec is None or rec["state"] in ("succeeded", "pending") else 1
     if args.fleet_cmd == "webhook":
+        import importlib.util
+
         from edgeslim.deploy.controller import follow_alias
         from edgeslim.deploy.webhook import make_server
 
+        if importlib.util.find_spec("mlflow") is None:  # else every alias event fails in the server thread
+            raise MissingDependencyError("mlflow", "pipeline", "the webhook rolls out registry versions")
         secret = os.environ.get("EDGESLIM_WEBHOOK_SECRET")
         if not secret:
             raise ConfigError("set EDGESLIM_WEBHOOK_SECRET to the secret given to MLflow's create_webhook")

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import logging
 import os
 import sys
 import warnings
 from typing import Callable
 
-from edgeslim.components.common.errors import EdgeslimError
+from edgeslim.components.common.errors import EdgeslimError, MissingDependencyError
 
 # Subcommands live beside the code they drive; each module has
 # ``register(subparsers)`` and sets ``func`` on its parsers.
@@ -24,6 +25,27 @@ _COMMAND_MODULES = (
     "edgeslim.pipelines.bench",
     "edgeslim.components.engine.cli",
 )
+
+
+# Modules of the optional extras, by the name Python imports: (package to name, extra). The base
+# install (the device agent, `edgeslim fleet`, `edgeslim engine`) has none of them. onnx alone is
+# hinted as `pip install onnx`: `edgeslim engine plan|build` on a device needs it, not the pipeline.
+_OPTIONAL = {
+    "torch": ("torch", "pipeline"), "mlflow": ("mlflow", "pipeline"), "kfp": ("kfp", "pipeline"),
+    "onnx": ("onnx", None), "onnxscript": ("onnxscript", "pipeline"),
+    "sklearn": ("scikit-learn", "pipeline"), "torch_pruning": ("torch-pruning", "pipeline"),
+    "matplotlib": ("matplotlib", "pipeline"), "kfp.kubernetes": ("kfp-kubernetes", "kubernetes"),
+    "tensorrt": ("tensorrt", "tensorrt"), "polygraphy": ("polygraphy", "tensorrt"),
+}
+# `demo` first starts `mlflow server` as a child process: check the pipeline is installed up front.
+_PIPELINE_COMMANDS = {"demo": ("torch", "mlflow", "kfp")}
+
+
+def missing_dependency(exc: ModuleNotFoundError) -> MissingDependencyError | None:
+    """The one-line error for a missing optional package; None for anything else (a bug)."""
+    if exc.name not in _OPTIONAL:
+        return None
+    return MissingDependencyError(*_OPTIONAL[exc.name])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +93,16 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return int(func(args) or 0)
+        for mod in _PIPELINE_COMMANDS.get(args.command, ()):
+            if importlib.util.find_spec(mod) is None:
+                raise MissingDependencyError(*_OPTIONAL[mod])
+        try:
+            return int(func(args) or 0)
+        except ModuleNotFoundError as exc:
+            missing = missing_dependency(exc)
+            if missing is None or args.debug:
+                raise
+            raise missing from None
     except EdgeslimError as exc:
         if args.debug:
             raise
