@@ -9,33 +9,19 @@ labelled as such, and never gates (see DESIGN.md).
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgeslim.components.common.onnx_runtime import latency_ms, run_batched, sqnr_db  # noqa: F401  (re-exported)
+from edgeslim.components.tasks.classification import top1_percent  # noqa: F401  (re-exported)
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import DataError
 from edgeslim.components.recipe import AccuracyGateConfig, EvaluateConfig
 from edgeslim.components.common.result import StageResult
-from edgeslim.components.export import INPUT_NAME, make_session
-
-
-def top1_percent(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float((logits.argmax(axis=1) == labels).mean() * 100.0)
-
-
-def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
-    """Signal-to-quantization-noise ratio of ``candidate`` against ``reference``, in dB."""
-    ref = reference.astype(np.float64).ravel()
-    noise = ref - candidate.astype(np.float64).ravel()
-    n = float(np.sum(noise * noise))
-    s = float(np.sum(ref * ref))
-    if n == 0.0:
-        return float("inf")
-    return float(10.0 * np.log10(max(s, 1e-30) / n))
+from edgeslim.components.export import make_session
 
 
 def fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
@@ -44,30 +30,6 @@ def fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
         "top1_agreement": float((reference.argmax(1) == candidate.argmax(1)).mean()),
         "sqnr_db": round(sqnr_db(reference, candidate), 3),
     }
-
-
-def run_batched(session, x: np.ndarray, batch: int = 256) -> np.ndarray:
-    outs = []
-    for i in range(0, len(x), batch):
-        res = session.run(None, {INPUT_NAME: x[i:i + batch]})
-        outs.append(res[0] if len(res) == 1 else
-                    np.concatenate([r.reshape(len(x[i:i + batch]), -1) for r in res], axis=1))
-    return np.concatenate(outs, axis=0)
-
-
-def latency_ms(session, x: np.ndarray, batch: int, warmup: int, repeats: int) -> float:
-    """Median wall time of one ``session.run`` at ``batch``, in milliseconds."""
-    reps = int(np.ceil(batch / len(x)))
-    xb = np.ascontiguousarray(np.concatenate([x] * reps)[:batch]) if reps > 1 else np.ascontiguousarray(x[:batch])
-    feed = {INPUT_NAME: xb}
-    for _ in range(warmup):
-        session.run(None, feed)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - t) * 1000.0)
-    return round(statistics.median(times), 4)
 
 
 def measure(onnx_path: str | Path, data: Splits, config: EvaluateConfig) -> dict[str, Any]:

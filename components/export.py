@@ -14,6 +14,7 @@ import numpy as np
 
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import DataError, SourceError
+from edgeslim.components.common.onnx_runtime import make_session, run_batched  # noqa: F401  (make_session re-exported)
 from edgeslim.components.common.result import StageResult
 from edgeslim.components.common.stage_configs import OnnxExportConfig
 
@@ -106,24 +107,5 @@ def export(model, config: OnnxExportConfig, *, data: Splits, out_path: str | Pat
 
 
 def run_onnx(path: str | Path, x: np.ndarray, *, basic: bool = True, threads: int = 0) -> np.ndarray:
-    """Run an ONNX file on ``x`` with ONNX Runtime (CPU); outputs joined along axis 1."""
-    outs = make_session(path, basic=basic, threads=threads).run(None, {INPUT_NAME: x})
-    if len(outs) == 1:
-        return outs[0]
-    return np.concatenate([o.reshape(len(x), -1) for o in outs], axis=1)
-
-
-def make_session(path: str | Path, *, basic: bool = True, threads: int = 0):
-    """An ORT CPU session. ``basic`` keeps Q/DQ semantics (see DESIGN.md)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if basic:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    if threads:
-        opts.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
-        raise SourceError(f"ONNX file {path} cannot be loaded by ONNX Runtime ({str(exc)[:160]})") from None
+    """Run an ONNX file on ``x`` with ONNX Runtime (CPU) in one batch; outputs joined along axis 1."""
+    return run_batched(make_session(path, basic=basic, threads=threads), x, batch=max(len(x), 1))

@@ -19,9 +19,9 @@ from edgeslim.components.common import stage_configs  # noqa: F401  (registers t
 from edgeslim.components.common.config import Config, StageConfig, stage_config_class, unknown_key_error
 from edgeslim.components.engine.config import TensorRTEngineConfig
 from edgeslim.components.common.errors import ConfigError
+from edgeslim.components.common.tracking import MODEL_URI
 from edgeslim.components.common.task_config import ClassificationTaskConfig, TaskConfig, is_detection, task_from_dict
 
-MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w.-]+)|/(?P<version>\d+))$")
 RECIPE_VERSION = 1
 # Stages that change the torch model, in any order; quantize comes last.
 TORCH_STAGES = ("distill", "prune")

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-import edgeslim
+from edgeslim.components.common.version import __version__
 
 from edgeslim.components.common.errors import GateRejected
 from edgeslim.components.common.result import StageResult
@@ -104,7 +104,7 @@ def register(candidate_onnx: str | Path, *, parent: dict[str, Any], recipe, eval
     import mlflow
     from mlflow.entities import LoggedModelInput
 
-    from edgeslim.plugins import edge_flavor
+    from edgeslim.components import edge_model
 
     if not gate_result.get("passed"):
         raise GateRejected(f"not registering a candidate that failed its gate ({gate_result.get('summary')})")
@@ -129,7 +129,7 @@ def register(candidate_onnx: str | Path, *, parent: dict[str, Any], recipe, eval
         TAG + "parent_name": parent["name"], TAG + "parent_version": parent["version"],
         TAG + "parent_run_id": parent.get("run_id", ""), TAG + "parent_model_id": parent.get("model_id", ""),
         TAG + "parent_uri": parent.get("uri", ""), TAG + "recipe_hash": recipe_hash,
-        TAG + "version": edgeslim.__version__, TAG + "gate": gate_result["summary"][:4000],
+        TAG + "version": __version__, TAG + "gate": gate_result["summary"][:4000],
         **{TAG + "metric." + k: str(v) for k, v in flat.items()},
     }
     mlflow.set_experiment(recipe.register.experiment)
@@ -156,9 +156,9 @@ def register(candidate_onnx: str | Path, *, parent: dict[str, Any], recipe, eval
                 if Path(a).exists():
                     mlflow.log_artifact(str(a))
             shipped = _engines_to_ship(engines)
-            tags.update(edge_flavor.engine_status_tags({k: v if isinstance(v, str) and not Path(v).exists()
+            tags.update(edge_model.engine_status_tags({k: v if isinstance(v, str) and not Path(v).exists()
                                                         else "built and verified" for k, v in shipped.items()}))
-            info = edge_flavor.log_model(
+            info = edge_model.log_model(
                 candidate_onnx, name="model", engines=shipped or None,
                 input_example=np.ascontiguousarray(calibration[:2]),
                 metadata={"parent": parent, "recipe_hash": recipe_hash, "gate": gate_result,

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import edgeslim
+from edgeslim.components.common.version import __version__
 
 CPU_INT8_NOTE = (
     "CPU latency of int8 Q/DQ models under ONNX Runtime is no proxy for edge speed: on x86 without "
@@ -24,7 +24,7 @@ def build_report(*, recipe, parent: dict, parent_export: dict, transform: dict, 
         k: registered[k] for k in ("name", "version", "alias", "run_id", "model_id", "reused") if k in registered}
     q = {k: v for k, v in quantized.items() if k not in ("seconds",)}
     return {
-        "edgeslim_version": edgeslim.__version__,
+        "edgeslim_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "recipe_hash": recipe.digest(),
         "metric_name": evaluation.get("metric_name", "top1"),

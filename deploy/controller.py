@@ -36,10 +36,11 @@ from typing import Any, Callable
 
 from edgeslim.components.common.config import Config
 from edgeslim.components.common.errors import ConfigError, FleetError, SourceError
-
+from edgeslim.components.common.hashing import file_sha256
+from edgeslim.components.common.tracking import parse_model_uri
 from edgeslim.deploy import signing
 from edgeslim.deploy.manifest import Manifest, artifact_key, decode_array, encode_array
-from edgeslim.deploy.store import FleetKeys, ObjectStore, PreconditionFailed, StoreUnavailable, check_name
+from edgeslim.deploy.store import FleetKeys, ObjectStore, PreconditionFailed, check_name
 
 log = logging.getLogger("edgeslim.controller")
 
@@ -174,20 +175,6 @@ class ModelRef:
         return dataclasses.asdict(self)
 
 
-def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
-    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> (name, alias, version)."""
-    if not isinstance(uri, str) or not uri.startswith("models:/"):
-        raise ConfigError(f"model URI {uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-    rest = uri[len("models:/"):].strip("/")
-    if "@" in rest:
-        name, alias = rest.rsplit("@", 1)
-        return name, alias, None
-    if "/" in rest:
-        name, version = rest.rsplit("/", 1)
-        return name, None, version
-    raise ConfigError(f"model URI {uri!r}: add @ALIAS (e.g. @edge-candidate) or /VERSION")
-
-
 def resolve_model(uri: str) -> ModelRef:
     """Resolve an alias to a version in the MLflow registry."""
     from mlflow import MlflowClient
@@ -243,11 +230,9 @@ def golden_check(model_dir: Path, cfg: WaveRolloutConfig) -> dict[str, Any]:
                 for k, v in golden["outputs"].items()}
         source = "edge_meta.json"
     else:
-        import onnxruntime as ort
+        from edgeslim.components.common.onnx_runtime import make_session
 
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        sess = ort.InferenceSession(str(model_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        sess = make_session(model_dir / "model.onnx")
         inp = sess.get_inputs()[0]
         x, source = _input_example(model_dir, inp), "the model's input example, run by the controller with onnxruntime"
         if x is None:
@@ -284,14 +269,6 @@ def _input_example(model_dir: Path, inp) -> Any:
     arr = np.asarray(ex, dtype=np.float32)
     rank = len(inp.shape)
     return arr if arr.ndim == rank else None
-
-
-def _sha256(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest(), path.stat().st_size
 
 
 class Controller:
@@ -418,7 +395,7 @@ class Controller:
         }
 
     def _upload(self, path: Path, fmt: str, metadata: dict | None = None) -> dict[str, Any]:
-        sha, size = _sha256(path)
+        sha, size = file_sha256(path), path.stat().st_size
         key = artifact_key(sha)
         head = self.store.head(key)
         if head is None or head[0] != size:

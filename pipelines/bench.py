@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgeslim.pipelines.bench_peers import ort_quantize_static_defaults
+
 
 TARGETS = {  # the full recipe on the digits workload (issue 3)
     "size_ratio": 10.0,          # int8 student at least 10x smaller than the fp32 teacher ONNX
@@ -72,28 +74,6 @@ def _teacher(workload: str, data, seed: int, log, epochs: int = 25):
     model = DigitsCNN(width=64) if workload == "digits" else DigitsMobileNet(width=1.0)
     log(f"training the {type(model).__name__} teacher ({epochs} epochs)")
     return train_classifier(model, data.x_train, data.y_train, epochs=epochs, seed=seed)
-
-
-def _ort_default(fp32: Path, data, out: Path) -> Path:
-    """ONNX Runtime's quantize_static with its defaults, calibrated on the same train samples."""
-    from onnxruntime.quantization import CalibrationDataReader, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from edgeslim.components.export import INPUT_NAME
-
-    calib = data.calibration(512, 0)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{INPUT_NAME: calib[i:i + 64]} for i in range(0, len(calib), 64)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    pre = out.with_suffix(".pre.onnx")
-    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-    quantize_static(str(pre), str(out), Reader())
-    return out
 
 
 def _row(name: str, path: Path, macs: int, data, ref_out, threads: int, repeats: int,
@@ -147,7 +127,7 @@ def run_bench(workload: str = "digits", *, workdir: str | Path, threads: int = 1
     s_onnx = export(student.model, exp, data=data, out_path=workdir / "student.fp32.onnx").model
 
     log("quantizing (ORT defaults, edgeslim PTQ)")
-    ort_q = _ort_default(Path(t_onnx), data, workdir / "teacher.ort-default.int8.onnx")
+    ort_q = ort_quantize_static_defaults(Path(t_onnx), data, workdir / "teacher.ort-default.int8.onnx")
     our_q = quantize(t_onnx, ptq_cfg, data=data, out_dir=workdir / "teacher-ptq").model
     stu_q = quantize(s_onnx, ptq_cfg, data=data, out_dir=workdir / "student-ptq").model
 

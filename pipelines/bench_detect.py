@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgeslim.pipelines.bench_peers import ort_quantize_static_defaults
+
 TARGETS = {
     "auto_max_map_drop": 0.3,        # accuracy-aware int8 vs fp32, mAP@0.5 points, every calibrator
     "auto_max_tp_score_drop": 0.02,  # and mean true-positive score
@@ -42,12 +44,6 @@ def _task():
     from edgeslim.components.recipe import load_recipe
 
     return load_recipe(DETECT_RECIPE).task
-
-
-def _ort_default(fp32: Path, data, out: Path) -> Path:
-    from edgeslim.pipelines.bench import _ort_default as ort_default
-
-    return ort_default(fp32, data, out)
 
 
 def run_detect_bench_rows(*, workdir: str | Path, epochs: int = 20, seed: int = 0, calib_samples: int = 256,
@@ -114,7 +110,7 @@ def run_detect_bench_rows(*, workdir: str | Path, epochs: int = 20, seed: int = 
 
     rows = [measure("fp32", fp32, t_macs)]
     log("ONNX Runtime quantize_static defaults")
-    rows.append(measure("ORT quantize_static defaults", _ort_default(fp32, data, workdir / "ort-default.onnx"),
+    rows.append(measure("ORT quantize_static defaults", ort_quantize_static_defaults(fp32, data, workdir / "ort-default.onnx"),
                         t_macs))
     for placement in ("all", "weighted"):
         for cal in CALIBRATORS:

@@ -144,39 +144,8 @@ def check_boxes(x: np.ndarray, y: np.ndarray, where: str) -> np.ndarray:
     return out
 
 
-def _digits_detect(**kw):
+def digits_detect(**kw):
+    """The demo detector's synthetic canvases (provider ``digits-detect``)."""
     from edgeslim.components.reference.detector import DigitsDetection
 
     return DigitsDetection(**kw)
-
-
-BUILTIN = {"sklearn-digits": SklearnDigits, "npz": NpzArrays, "digits-detect": _digits_detect}
-
-
-def provider_class(name: str):
-    """The provider registered under ``name`` (entry points first, then built-ins)."""
-    from importlib.metadata import entry_points
-
-    found = {ep.name: ep for ep in entry_points(group="edgeslim.datasets")}
-    if name in found:
-        return found[name].load()
-    if name in BUILTIN:
-        return BUILTIN[name]
-    known = sorted(set(found) | set(BUILTIN))
-    raise ConfigError(f"data.provider: unknown provider {name!r}; known: {', '.join(known)}")
-
-
-def load_data(provider: str, args: dict | None = None) -> Splits:
-    """Build the provider with ``args`` and load its splits."""
-    cls = provider_class(provider)
-    try:
-        inst = cls(**(args or {}))
-    except TypeError as exc:
-        raise ConfigError(f"data.args: {exc}; check the provider's arguments") from None
-    return inst.load()
-
-
-def describe_data(provider: str, args: dict | None = None) -> dict:
-    cls = provider_class(provider)
-    inst = cls(**(args or {}))
-    return inst.describe() if hasattr(inst, "describe") else {"provider": provider, **(args or {})}

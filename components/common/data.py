@@ -7,7 +7,7 @@ import hashlib
 
 import numpy as np
 
-from edgeslim.components.common.errors import DataError
+from edgeslim.components.common.errors import ConfigError, DataError
 
 SPLIT_KEYS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
 
@@ -60,3 +60,43 @@ class Splits:
                 for item in a:
                     h.update(np.ascontiguousarray(item).tobytes())
         return h.hexdigest()
+
+
+# Providers that ship with edgeslim, found by name even where no entry points are installed
+# (a source tree); a provider of the `edgeslim.datasets` entry-point group with the same name wins.
+BUILTIN_PROVIDERS = {
+    "sklearn-digits": "edgeslim.plugins.datasets:SklearnDigits",
+    "npz": "edgeslim.plugins.datasets:NpzArrays",
+    "digits-detect": "edgeslim.plugins.datasets:digits_detect",
+}
+
+
+def provider_class(name: str):
+    """The data provider registered under ``name``: the ``edgeslim.datasets`` entry points, then the built-ins."""
+    import importlib
+    from importlib.metadata import entry_points
+
+    found = {ep.name: ep for ep in entry_points(group="edgeslim.datasets")}
+    if name in found:
+        return found[name].load()
+    if name in BUILTIN_PROVIDERS:
+        module, _, attr = BUILTIN_PROVIDERS[name].partition(":")
+        return getattr(importlib.import_module(module), attr)
+    known = sorted(set(found) | set(BUILTIN_PROVIDERS))
+    raise ConfigError(f"data.provider: unknown provider {name!r}; known: {', '.join(known)}")
+
+
+def load_data(provider: str, args: dict | None = None) -> Splits:
+    """Build the provider with ``args`` and load its splits."""
+    cls = provider_class(provider)
+    try:
+        inst = cls(**(args or {}))
+    except TypeError as exc:
+        raise ConfigError(f"data.args: {exc}; check the provider's arguments") from None
+    return inst.load()
+
+
+def describe_data(provider: str, args: dict | None = None) -> dict:
+    """What the provider says of its data (for lineage), or its name and arguments."""
+    inst = provider_class(provider)(**(args or {}))
+    return inst.describe() if hasattr(inst, "describe") else {"provider": provider, **(args or {})}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from edgeslim.components.common.config import Config, StageConfig
+from edgeslim.components.common.config import StageConfig
 from edgeslim.components.common.errors import ConfigError
 
 Calibrator = Literal["minmax", "entropy", "percentile", "mse"]

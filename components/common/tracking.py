@@ -8,7 +8,9 @@ import urllib.error
 import urllib.request
 
 from edgeslim.components.common.errors import SourceError, TrackingUnavailable
-from edgeslim.components.recipe import MODEL_URI
+
+# The one parser of registry URIs: models:/NAME@ALIAS or models:/NAME/VERSION.
+MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w.-]+)|/(?P<version>\d+))$")
 
 DEFAULT_ENV = {
     # A down server should fail in seconds, not after minutes of retries.
@@ -65,9 +67,11 @@ def connect(tracking_uri: str | None = None):
 
 
 def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
-    m = MODEL_URI.match(uri)
+    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> (name, alias, version), one of them None."""
+    m = MODEL_URI.match(uri) if isinstance(uri, str) else None
     if not m:
-        raise SourceError(f"source {uri!r}: use 'models:/NAME@ALIAS' or 'models:/NAME/VERSION'")
+        raise SourceError(f"model URI {uri!r}: use 'models:/NAME@ALIAS' (e.g. @edge-candidate) or "
+                          "'models:/NAME/VERSION'")
     return m["name"], m["alias"], m["version"]
 
 

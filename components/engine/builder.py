@@ -30,6 +30,7 @@ from typing import Any, Optional
 import numpy as np
 
 from edgeslim.components.engine.config import TensorRTEngineConfig
+from edgeslim.components.common.hashing import file_sha256  # noqa: F401  (re-exported)
 from edgeslim.components.common.errors import ConfigError, DeviceError, MissingDependencyError, SourceError
 from edgeslim.components.engine.devices import DeviceClass, LocalDevice, detect_local_device, get_device_class, match_device_class
 
@@ -101,14 +102,6 @@ class OnnxInfo:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     qdq_nodes: int
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _specs(values) -> list[TensorSpec]:

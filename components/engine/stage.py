@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -20,48 +21,19 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from edgeslim.components.common.data import Splits
+from edgeslim.components.common.hashing import file_sha256
+from edgeslim.components.common.onnx_runtime import make_session, run_batched, sqnr_db
 from edgeslim.components.engine.config import EngineVerifyConfig, TensorRTEngineConfig
 from edgeslim.components.common.errors import DataError, GateRejected
 from edgeslim.components.common.result import StageResult
 from edgeslim.components.engine.devices import LocalDevice, detect_local_device
 from edgeslim.components.engine.builder import (ENGINE_FILE, LOG_FILE, META_FILE, NOT_BUILT_NO_CUDA, TIMING_CACHE_FILE, EngineRunner,
-                     build_engine, file_sha256, plan_build)
+                     build_engine, plan_build)
 
 log = logging.getLogger(__name__)
 SUMMARY_FILE = "engines.json"
 VERIFY_FILE = "verification.json"
 STATUS_BUILT = "built and verified"
-
-
-def qdq_session(onnx_path: str | Path, providers: Optional[list[str]] = None):
-    """An ONNX Runtime session that keeps Q/DQ semantics.
-
-    At the default optimization level ONNX Runtime fuses Q/DQ into int8 CPU
-    kernels that can saturate on x86 without VNNI (see DESIGN.md); BASIC keeps
-    DequantizeLinear -> float op, which is what TensorRT's int8 math approximates.
-    """
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(onnx_path), opts, providers=providers or ["CPUExecutionProvider"])
-
-
-def run_session(session, x: np.ndarray, batch: int = 256) -> np.ndarray:
-    """The first output of ``session`` over ``x``, in batches."""
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
-
-
-def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
-    """Signal-to-quantization-noise ratio of ``candidate`` against ``reference``, in dB."""
-    ref = np.asarray(reference, dtype=np.float64)
-    noise = float(np.sum((ref - np.asarray(candidate, dtype=np.float64)) ** 2))
-    signal = float(np.sum(ref ** 2))
-    if noise == 0.0:
-        return float("inf")
-    return float(10.0 * np.log10(max(signal, 1e-30) / noise))
 
 
 @dataclasses.dataclass
@@ -121,7 +93,7 @@ def verify_engine(run: Callable[[np.ndarray], np.ndarray], qdq_onnx_path: str | 
     """
     n = gate.samples or len(data.x_test)
     x, y = data.x_test[:n], data.y_test[:n]
-    reference = run_session(qdq_session(qdq_onnx_path), x)
+    reference = run_batched(make_session(qdq_onnx_path), x)
     return compare_outputs(reference, np.asarray(run(x)), y, gate)
 
 
@@ -221,7 +193,7 @@ def read_summary(engines_dir: str | Path) -> dict[str, Any]:
     return json.loads(p.read_text()) if p.is_file() else {"engines": {}}
 
 
-__all__ = ["build_engines", "verify_engine", "compare_outputs", "sqnr_db", "qdq_session", "run_session",
+__all__ = ["build_engines", "verify_engine", "compare_outputs", "sqnr_db",
            "read_summary", "SUMMARY_FILE", "VERIFY_FILE", "STATUS_BUILT", "LOG_FILE", "META_FILE",
            "TIMING_CACHE_FILE"]
 
@@ -243,8 +215,7 @@ def build_engine_task(qdq_onnx_path: str | Path, device_class: str, engines_conf
     Returns:
         ``{device_class, status, metrics}``.
     """
-    from edgeslim.plugins.datasets import load_data
-    from edgeslim.plugins.edge_flavor import previous_timing_caches
+    from edgeslim.components.common.data import load_data
 
     cfg = TensorRTEngineConfig.from_dict(engines_config, prefix="engines")
     cfg = dataclasses.replace(cfg, device_classes=[device_class],
@@ -256,3 +227,25 @@ def build_engine_task(qdq_onnx_path: str | Path, device_class: str, engines_conf
     result = build_engines(qdq_onnx_path, cfg, data=data, out_dir=out_dir, timing_caches=timing_caches)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     return {"device_class": device_class, "status": result.lineage["engines"][device_class], "metrics": metrics}
+
+
+def previous_timing_caches(model_uri: str, device_class: str) -> dict[str, str]:
+    """The timing cache of ``device_class`` in an earlier edge model, if it has one.
+
+    A timing cache only speeds the build up, so a model that cannot be fetched
+    is logged and skipped rather than failing the task.
+    """
+    import tempfile
+
+    try:
+        import mlflow
+
+        dst = tempfile.mkdtemp(prefix="edgeslim-prev-")
+        local = mlflow.artifacts.download_artifacts(f"{model_uri.rstrip('/')}/engines/{device_class}",
+                                                    dst_path=dst)
+    except Exception as exc:  # any MLflow/network failure: build without the cache
+        log.warning("no timing cache from %s (%s); building without one",
+                                            model_uri, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return {}
+    path = os.path.join(local, "timing.cache")
+    return {device_class: path} if os.path.isfile(path) else {}

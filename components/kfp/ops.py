@@ -42,7 +42,7 @@ def export_op(recipe_json: str, model: Input[Model], onnx_model: Output[Model], 
     from edgeslim.components.common.model_io import load_module
     from edgeslim.components.recipe import recipe_from_json
     from edgeslim.components.export import export
-    from edgeslim.plugins.datasets import load_data
+    from edgeslim.components.common.data import load_data
 
     recipe = recipe_from_json(recipe_json)
     data = load_data(recipe.data.provider, recipe.data.args)
@@ -66,7 +66,7 @@ def transform_op(recipe_json: str, model: Input[Model], student: Output[Model], 
         return
     from edgeslim.components.common.task_config import is_detection
     from edgeslim.components.transform.stages import apply_torch_stages
-    from edgeslim.plugins.datasets import load_data
+    from edgeslim.components.common.data import load_data
 
     data = load_data(recipe.data.provider, recipe.data.args)
     teacher = load_module(model.path)
@@ -88,7 +88,7 @@ def quantize_op(recipe_json: str, tracking_uri: str, onnx_model: Input[Model], s
     from pathlib import Path
 
     from edgeslim.components.recipe import recipe_from_json
-    from edgeslim.plugins.datasets import load_data
+    from edgeslim.components.common.data import load_data
 
     recipe = recipe_from_json(recipe_json)
     data = load_data(recipe.data.provider, recipe.data.args)
@@ -145,7 +145,7 @@ def evaluate_op(recipe_json: str, qdq_model: Input[Model], parent_onnx: Input[Mo
     from edgeslim.components.recipe import recipe_from_json
     from edgeslim.components.common.task_config import is_detection
     from edgeslim.components.evaluate import evaluate
-    from edgeslim.plugins.datasets import load_data
+    from edgeslim.components.common.data import load_data
 
     recipe = recipe_from_json(recipe_json)
     data = load_data(recipe.data.provider, recipe.data.args)
@@ -242,7 +242,7 @@ def register_op(recipe_json: str, tracking_uri: str, qdq_model: Input[Model], pa
 
     from edgeslim.components.recipe import recipe_from_json
     from edgeslim.components.register import register
-    from edgeslim.plugins.datasets import describe_data, load_data
+    from edgeslim.components.common.data import describe_data, load_data
 
     recipe = recipe_from_json(recipe_json)
     data = load_data(recipe.data.provider, recipe.data.args)

@@ -34,7 +34,7 @@ from torch import nn
 
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import ConfigError, DataError, SourceError
-from edgeslim.components.reference.digits import top1
+from edgeslim.components.tasks.classification import top1
 from edgeslim.components.common.result import StageResult
 from edgeslim.components.common.stage_configs import OnnxExportConfig, QATQuantizeConfig
 
@@ -295,7 +295,7 @@ def qat(model: nn.Module, config: QATQuantizeConfig, *, data: Splits | None, out
     Raises:
         DataError: there is no training data.
     """
-    from edgeslim.components.transform.distill import fit
+    from edgeslim.components.transform.train import fit, random_shift
     from edgeslim.components.evaluate import top1_percent
     from edgeslim.components.export import export, run_onnx
     from edgeslim.components.quantize.ptq import quantize
@@ -319,7 +319,7 @@ def qat(model: nn.Module, config: QATQuantizeConfig, *, data: Splits | None, out
     kd = copy.deepcopy(teacher if teacher is not None else model).eval() if config.distill else None
     fit(fq, x=data.x_train, y=data.y_train, teacher=kd, epochs=config.epochs, lr=config.lr,
         batch_size=config.batch_size, schedule="cosine", weight_decay=0.0,
-        temperature=config.temperature, alpha=config.alpha, seed=config.seed, progress=progress)
+        temperature=config.temperature, alpha=config.alpha, seed=config.seed, progress=progress, augment=random_shift)
     tuned = fq.fp32_model()
     fp32_tuned = export(tuned, export_config, data=data, out_path=out_dir / "qat.fp32.onnx").model
     final_cfg = dataclasses.replace(config.ptq(), float_layers=_carry_float_layers(

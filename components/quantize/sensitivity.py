@@ -49,10 +49,9 @@ def quantizable_layers(pre_onnx: str | Path) -> list[dict[str, str]]:
 
 
 def _scores(onnx_path: str | Path, x: np.ndarray) -> np.ndarray:
-    from edgeslim.components.evaluate import run_batched
-    from edgeslim.components.export import make_session
+    from edgeslim.components.common.onnx_runtime import make_session, run_batched
 
-    return run_batched(make_session(onnx_path, basic=True), x)
+    return run_batched(make_session(onnx_path), x)
 
 
 @dataclasses.dataclass

@@ -38,12 +38,6 @@ class DigitsCNN(nn.Module):
         return (torch.zeros(batch, 1, 8, 8),)
 
 
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random shifts of up to one pixel: cheap and enough for digits."""
-    dx, dy = torch.randint(-1, 2, (2,), generator=gen).tolist()
-    return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
-
-
 def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int = 30,
                      lr: float = 2e-3, batch_size: int = 64, seed: int = 0,
                      progress=None) -> nn.Module:
@@ -51,15 +45,10 @@ def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: 
 
     The one training loop is :func:`edgeslim.components.transform.distill.fit` (here without a teacher).
     """
-    from edgeslim.components.transform.distill import fit  # distill imports this module
+    from edgeslim.components.transform.train import fit, random_shift
 
-    return fit(model, x=x, y=y, epochs=epochs, lr=lr, batch_size=batch_size, optimizer="adamw",
+    return fit(model, x=x, y=y, epochs=epochs, lr=lr, batch_size=batch_size, optimizer="adamw", augment=random_shift,
                schedule="onecycle", weight_decay=1e-4, seed=seed, progress=progress)
 
 
-@torch.no_grad()
-def top1(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
-    """Top-1 accuracy in percent."""
-    model.eval()
-    pred = model(torch.from_numpy(x)).argmax(1).numpy()
-    return float((pred == y).mean() * 100.0)
+from edgeslim.components.tasks.classification import top1  # noqa: E402,F401  (the demo's and tests' name for it)

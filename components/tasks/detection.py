@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from edgeslim.components.common.onnx_runtime import latency_ms, make_session, run_outputs, sqnr_db
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import DataError
 from edgeslim.components.common.result import StageResult
@@ -121,22 +122,9 @@ def detection_metrics(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], nu
     }
 
 
-def run_outputs(session, x: np.ndarray, batch: int = 128) -> tuple[list[str], list[np.ndarray]]:
-    """All outputs of an ONNX Runtime session on ``x``, concatenated over batches."""
-    from edgeslim.components.export import INPUT_NAME
-
-    names = [o.name for o in session.get_outputs()]
-    parts: list[list[np.ndarray]] = [[] for _ in names]
-    for i in range(0, len(x), batch):
-        for k, o in enumerate(session.run(None, {INPUT_NAME: x[i:i + batch]})):
-            parts[k].append(o)
-    return names, [np.concatenate(p) for p in parts]
-
-
 def onnx_detections(onnx_path: str | Path, x: np.ndarray, task, *, basic: bool = True
                     ) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
     """Decoded detections of an ONNX model on ``x``; also its raw outputs and their names."""
-    from edgeslim.components.export import make_session
 
     sess = make_session(onnx_path, basic=basic)
     try:
@@ -185,8 +173,6 @@ def detection_agreement(reference: list[np.ndarray], candidate: list[np.ndarray]
 
 def measure_detector(onnx_path: str | Path, data: Splits, task, config=None) -> dict[str, Any]:
     """Detections, metrics, size and latency of one ONNX detector on the test split."""
-    from edgeslim.components.evaluate import latency_ms
-    from edgeslim.components.export import make_session
 
     dets, outs, _ = onnx_detections(onnx_path, data.x_test, task)
     m = detection_metrics(dets, list(data.y_test), task.num_classes, task.score_threshold)
@@ -215,7 +201,6 @@ def evaluate_detection(candidate_onnx: str | Path, config, *, parent_onnx: str |
         ``StageResult`` whose metrics have the spine's shape (``metric`` = mAP@0.5 in points,
         ``fidelity``, size, latency) plus a ``detection`` section per model.
     """
-    from edgeslim.components.evaluate import sqnr_db
 
     t0 = time.perf_counter()
     parent = measure_detector(parent_onnx, data, task, config)

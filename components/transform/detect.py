@@ -26,6 +26,8 @@ from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import ConfigError
 from edgeslim.components.common.result import StageResult
 from edgeslim.components.common.stage_configs import ChannelPruneConfig, FeatureDistillConfig, LogitDistillConfig
+from edgeslim.components.transform.c2f import without_splits
+from edgeslim.components.transform.train import fit
 
 
 class _Flat(nn.Module):
@@ -98,7 +100,6 @@ def prune_detector(model: nn.Module, config: ChannelPruneConfig, *, data: Splits
     Raises:
         ConfigError: ``importance: taylor`` (it needs a classification loss) or a pattern matches nothing.
     """
-    from edgeslim.components.reference.detector import train_detector
     from edgeslim.components.transform.prune import count_macs_params, prune
 
     if config.importance == "taylor":
@@ -113,7 +114,6 @@ def prune_detector(model: nn.Module, config: ChannelPruneConfig, *, data: Splits
     view = Splits(x_train=data.x_train[:256], x_val=data.x_val[:64], x_test=data.x_test[:64],
                   y_train=zeros["y_train"][:256], y_val=zeros["y_val"][:64], y_test=zeros["y_test"][:64],
                   source=data.source)
-    from edgeslim.components.reference.detector import without_splits
 
     macs0, _ = count_macs_params(model, example)
     kd = teacher if teacher is not None else (model if config.distill else None)
@@ -160,7 +160,6 @@ def distill_detector(model: nn.Module, config: LogitDistillConfig, *, data: Spli
     (method ``feature``; both names must exist in both models) or, for method ``logit``,
     the neck outputs named in ``NECK_OUTPUTS`` when the model has them.
     """
-    from edgeslim.components.reference.detector import NECK_OUTPUTS, train_detector
     from edgeslim.components.transform.prune import count_macs_params
 
     start = time.perf_counter()
@@ -198,7 +197,6 @@ def apply_detector_stages(model: nn.Module, stages: Sequence[Any], *, data: Spli
                           progress: Callable[[str, int, int, float], None] | None = None) -> StageResult:
     """The recipe's distill/prune stages for a detector, in order: :func:`.compress.apply_torch_stages`
     with the detector's distill and prune. The input model is the teacher and is not changed."""
-    from edgeslim.components.reference.detector import NECK_OUTPUTS
     from edgeslim.components.transform.stages import apply_torch_stages
 
     neck = [n for n in NECK_OUTPUTS if n in set(_detector_names(model))]
@@ -212,3 +210,44 @@ def apply_detector_stages(model: nn.Module, stages: Sequence[Any], *, data: Spli
 
     return apply_torch_stages(model, stages, data=data, teacher=model, progress=progress,
                               distill_fn=distill_fn, prune_fn=prune_fn)
+
+
+# Module names a feature-distillation pair uses when a detector has them: the reference detector's
+# neck outputs, one per stride.
+NECK_OUTPUTS = ("fpn4", "pan8", "pan16")
+
+
+def train_detector(model: nn.Module, x: np.ndarray, labels: Sequence[np.ndarray], *, epochs: int = 20,
+                   lr: float = 3e-3, batch_size: int = 32, seed: int = 0,
+                   teacher: nn.Module | None = None, feature_layers: Sequence[str] = (),
+                   feature_weight: float = 1.0, output_alpha: float = 0.0,
+                   progress: Callable[[int, int, float], None] | None = None) -> nn.Module:
+    """Train ``model`` in place (AdamW, one-cycle); repeatable for a seed; returns it in eval mode.
+
+    Args:
+        model: a detector returning ``(box, cls)`` pairs per level like :class:`DigitsDetector`.
+        x: canvases (N, C, H, W).
+        labels: per canvas a (k, 5) array ``[x1, y1, x2, y2, class]``.
+        teacher: distil from it: feature MSE at ``feature_layers`` (module names present in
+            both models, e.g. the neck outputs), through learned 1x1 adapters.
+        output_alpha: with a teacher, also distil its outputs (:func:`output_distill_loss`: its class
+            scores as soft targets on every cell, its boxes where it is confident); the loss is
+            ``(1 - output_alpha) * detection + output_alpha * output distillation`` (+ features).
+        progress: called with (epoch, epochs, last loss).
+    """
+    from edgeslim.components.tasks.detection_loss import build_targets, detection_loss, output_distill_loss
+
+    num_classes = model(torch.from_numpy(x[:1]))[1].shape[1]
+    targets = [{k: torch.from_numpy(v) for k, v in t.items()} for t in build_targets(labels, x.shape[-1], num_classes)]
+    use_teacher = teacher is not None and bool(feature_layers or output_alpha)
+
+    def loss_fn(out, t_out, yb):
+        loss = detection_loss(out, yb)
+        if t_out is not None and output_alpha:
+            loss = (1.0 - output_alpha) * loss + output_alpha * output_distill_loss(out, t_out)
+        return loss
+
+    return fit(model, x=np.ascontiguousarray(x), y=targets, teacher=copy.deepcopy(teacher) if use_teacher else None,
+               epochs=epochs, lr=lr, batch_size=batch_size, optimizer="adamw", schedule="onecycle",
+               weight_decay=5e-4, warmup=0.15, seed=seed, feature_pairs=[[n, n] for n in feature_layers] or None,
+               feature_weight=feature_weight, progress=progress, loss_fn=loss_fn)

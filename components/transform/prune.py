@@ -20,7 +20,7 @@ from torch import nn
 
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import ConfigError
-from edgeslim.components.reference.digits import top1
+from edgeslim.components.tasks.classification import top1
 from edgeslim.components.common.result import StageResult
 from edgeslim.components.common.stage_configs import ChannelPruneConfig
 
@@ -204,7 +204,7 @@ def prune(model: nn.Module, config: ChannelPruneConfig, *, data: Splits,
     Raises:
         ConfigError: a pattern matches no layer, or the target would empty a layer.
     """
-    from edgeslim.components.transform.distill import fit
+    from edgeslim.components.transform.train import fit, random_shift
 
     start = time.perf_counter()
     work = copy.deepcopy(model).eval()
@@ -236,7 +236,7 @@ def prune(model: nn.Module, config: ChannelPruneConfig, *, data: Splits,
             fit(work, x=data.x_train, y=data.y_train, teacher=kd_teacher,
                 epochs=config.finetune_epochs, lr=config.lr, batch_size=config.batch_size,
                 temperature=config.temperature, alpha=config.alpha, seed=config.seed + step,
-                schedule="onecycle", progress=lambda e, n, l: losses.append(l))
+                schedule="onecycle", progress=lambda e, n, l: losses.append(l), augment=random_shift)
             loss = losses[-1]
         history.append({"step": step, "size": size, "goal": goal, "top1_val_pruned": pruned_top1,
                         "top1_val_finetuned": top1(work, data.x_val, data.y_val)})

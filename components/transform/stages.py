@@ -135,7 +135,7 @@ def data_from_json(text: str) -> Splits:
     """The splits named by ``{"provider": ..., "args": {...}}`` (the recipe's ``data`` section)."""
     import json
 
-    from edgeslim.plugins.datasets import load_data
+    from edgeslim.components.common.data import load_data
 
     from edgeslim.components.recipe import DataConfig
 

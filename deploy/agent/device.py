@@ -23,7 +23,6 @@ Every step is either a rename or idempotent, so a SIGKILL anywhere leaves
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgeslim.components.common.hashing import file_sha256
 from edgeslim.components.common.errors import ConfigError, EdgeslimError, FleetError
 
 from edgeslim.deploy import signing
@@ -89,14 +89,6 @@ def read_link(link: Path) -> str | None:
         return os.readlink(link)
     except (FileNotFoundError, OSError):
         return None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class IntegrityError(FleetError):
@@ -187,7 +179,7 @@ class Agent:
         try:
             meta = json.loads(meta_path.read_text())
             model = d / "model.onnx"
-            return model.stat().st_size == meta["size"] and sha256_file(model) == meta["sha256"]
+            return model.stat().st_size == meta["size"] and file_sha256(model) == meta["sha256"]
         except (FileNotFoundError, ValueError, KeyError, OSError):
             return False
 
@@ -262,7 +254,7 @@ class Agent:
                 fh.flush()
                 os.fsync(fh.fileno())
         size = part.stat().st_size
-        digest = sha256_file(part)
+        digest = file_sha256(part)
         if size != art.size or digest != art.sha256:
             part.unlink(missing_ok=True)
             raise IntegrityError(
@@ -305,7 +297,7 @@ class Agent:
         """A release directory for the manifest's artifact; returns its path relative to state_dir."""
         onnx_obj = self.fetch(m.artifact)
         engine, backend = self._engine_for(m, onnx_obj)
-        name = m.artifact.sha256[:20] + (f"-{sha256_file(engine)[:12]}" if engine else "")
+        name = m.artifact.sha256[:20] + (f"-{file_sha256(engine)[:12]}" if engine else "")
         rel = f"releases/{name}"
         final = self.state_dir / rel
         if final.exists() and self._release_ok(rel):

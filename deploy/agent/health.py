@@ -23,12 +23,9 @@ RESULT_MARK = "EDGESLIM_HEALTH "
 
 
 def _onnxruntime_runner(model_path: Path):
-    import onnxruntime as ort
+    from edgeslim.components.common.onnx_runtime import make_session
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    sess = make_session(model_path, threads=1)
     inp = sess.get_inputs()[0].name
     names = [o.name for o in sess.get_outputs()]
 

@@ -60,7 +60,7 @@ def _preflight(recipe, tracking_uri: str, workdir: Path) -> None:
     """Catch bad input in this process, with one clear line, before any task starts."""
     from edgeslim.components.export import check_model_accepts
     from edgeslim.components.pull import pull
-    from edgeslim.plugins.datasets import load_data
+    from edgeslim.components.common.data import load_data
 
     data = load_data(recipe.data.provider, recipe.data.args)
     res = pull(recipe.source, tracking_uri=tracking_uri, out_dir=workdir / "preflight")
@@ -275,7 +275,8 @@ def _detector_task_fields(source: str, data, tracking_uri: str | None) -> dict[s
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from edgeslim.components.recipe import MODEL_URI, load_recipe
+    from edgeslim.components.common.tracking import MODEL_URI
+    from edgeslim.components.recipe import load_recipe
 
     m = MODEL_URI.match(args.source)
     if not m:
@@ -289,7 +290,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         data = f"  provider: npz\n  args: {{path: {json.dumps(args.npz)}}}"
         if task != "classification":
             from edgeslim.components.common.errors import DataError
-            from edgeslim.plugins.datasets import load_data
+            from edgeslim.components.common.data import load_data
 
             try:
                 splits = load_data("npz", {"path": args.npz})

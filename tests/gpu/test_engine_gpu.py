@@ -41,7 +41,7 @@ def demo_qdq(tmp_path_factory):
     from edgeslim.components.common.stage_configs import OnnxExportConfig, PTQQuantizeConfig
     from edgeslim.components.export import export
     from edgeslim.components.quantize.ptq import quantize
-    from edgeslim.plugins.datasets import load_data
+    from edgeslim.components.common.data import load_data
 
     folder = tmp_path_factory.mktemp("demo")
     data = load_data("sklearn-digits", {})

@@ -41,7 +41,7 @@ def registered_detector(mlflow_server):
 
     from edgeslim.components.reference.detector import DigitsDetector, train_detector
     from edgeslim.components.common.tracking import connect
-    from edgeslim.plugins.datasets import load_data
+    from edgeslim.components.common.data import load_data
 
     data = load_data(DATA["provider"], DATA["args"])
     torch.manual_seed(0)
@@ -116,7 +116,7 @@ def test_a_decode_function_that_cannot_be_imported_is_one_line(mlflow_server, re
 
 
 def test_labels_with_boxes_outside_the_image_are_one_line(mlflow_server, registered_detector, tmp_path):
-    from edgeslim.plugins.datasets import load_data
+    from edgeslim.components.common.data import load_data
 
     d = load_data(DATA["provider"], {**DATA["args"], "n_train": 8, "n_val": 4, "n_test": 4})
     arrays = {k: getattr(d, k) for k in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")}
@@ -138,7 +138,7 @@ def test_init_reads_a_detectors_heads_from_its_outputs_and_writes_a_recipe_run_a
     from edgeslim.components.recipe import load_recipe
     from edgeslim.components.common.decode import check_outputs
     from edgeslim.components.pull import pull
-    from edgeslim.plugins.datasets import load_data
+    from edgeslim.components.common.data import load_data
 
     d = load_data(DATA["provider"], {**DATA["args"], "n_train": 16, "n_val": 4, "n_test": 4})
     arrays = {k: getattr(d, k) for k in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")}

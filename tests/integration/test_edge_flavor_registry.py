@@ -91,7 +91,7 @@ def test_registered_edge_model_loads_by_alias_and_runs_on_cpu(mlflow_server, qdq
     from mlflow import MlflowClient
 
     from edgeslim.components.engine.builder import NOT_BUILT_NO_CUDA
-    from edgeslim.components.engine.stage import qdq_session, run_session
+    from edgeslim.components.common.onnx_runtime import make_session as qdq_session, run_batched as run_session
     from edgeslim.plugins import edge_flavor
 
     qdq, x = qdq_model

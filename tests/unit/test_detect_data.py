@@ -8,7 +8,7 @@ import pytest
 from edgeslim.components.common.errors import ConfigError, DataError
 from edgeslim.components.recipe import recipe_from_dict, recipe_from_json
 from edgeslim.components.reference.detector import _digit_pools, make_detection_splits
-from edgeslim.plugins.datasets import load_data
+from edgeslim.components.common.data import load_data
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ from compress_models import WORKLOADS, digits, same_state, state, trained, one_t
 from edgeslim.components.common.errors import ConfigError, DataError
 from edgeslim.components.reference.digits import DigitsCNN
 from edgeslim.components.common.stage_configs import FeatureDistillConfig, LogitDistillConfig
-from edgeslim.components.transform.distill import distill, fit, kd_loss
+from edgeslim.components.transform.distill import distill
+from edgeslim.components.transform.train import fit, kd_loss
 from edgeslim.components.transform.prune import count_macs_params
 from tests.spread import measured
 

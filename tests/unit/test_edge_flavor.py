@@ -18,6 +18,7 @@ from mlflow.models import Model
 from test_engine_fixtures import INPUT, OUTPUT, make_digits_onnx
 
 from edgeslim.components.engine import builder as eng
+from edgeslim.components.common.onnx_runtime import make_session, run_batched
 from edgeslim.components.engine import stage
 from edgeslim.components.engine.config import TensorRTEngineConfig
 from edgeslim.components.common.errors import DeviceError
@@ -68,7 +69,7 @@ def test_pyfunc_runs_the_qdq_onnx_in_qdq_semantics_on_cpu(models, tmp_path):
     x, y = models["splits"].x_test, models["splits"].y_test
     out = pyfunc.predict(x)
     assert out["backend"] == "onnxruntime:CPUExecutionProvider"
-    expected = stage.run_session(stage.qdq_session(models["qdq"]), x)
+    expected = run_batched(make_session(models["qdq"]), x)
     np.testing.assert_allclose(out[OUTPUT], expected, rtol=1e-5, atol=1e-5)
     # 0.975 in every run: an sklearn MLP, so torch's kernels and seeds do not reach it
     assert measured("flavor.tiny_qdq_top1", (out[OUTPUT].argmax(1) == y).mean()) > 0.9

@@ -191,7 +191,7 @@ class MockedCuda:
 
 def add_mocked_runtime(trt, static_batch=None):
     """The runtime half of the mocked module: the 'engine' runs its ONNX with ONNX Runtime."""
-    from edgeslim.components.engine.stage import qdq_session
+    from edgeslim.components.common.onnx_runtime import make_session as qdq_session
 
     class Context:
         def __init__(self, engine):
@@ -329,7 +329,7 @@ def test_engine_cache_hit_skips_the_build_and_timing_cache_is_reused(qdq, tmp_pa
 
 
 def test_runner_splits_batches_at_the_profile_maximum(qdq, tmp_path, monkeypatch):
-    from edgeslim.components.engine.stage import qdq_session, run_session
+    from edgeslim.components.common.onnx_runtime import make_session as qdq_session, run_batched as run_session
 
     trt = add_mocked_runtime(mocked_tensorrt("10.13.0.35", []))
     install(monkeypatch, trt)

@@ -20,6 +20,7 @@ from onnx import numpy_helper
 from test_engine_fixtures import make_digits_onnx
 
 from edgeslim.components.engine import builder as eng
+from edgeslim.components.common.onnx_runtime import make_session, run_batched
 from edgeslim.components.engine import stage
 from edgeslim.components.engine.config import EngineVerifyConfig, TensorRTEngineConfig
 from edgeslim.components.common.errors import GateRejected, SourceError
@@ -48,8 +49,8 @@ def models(tmp_path_factory):
 
 
 def ort_run(path):
-    sess = stage.qdq_session(path)
-    return lambda x: stage.run_session(sess, x)
+    sess = make_session(path)
+    return lambda x: run_batched(sess, x)
 
 
 def test_sqnr_of_identical_outputs_is_infinite_and_noise_lowers_it():
@@ -105,11 +106,11 @@ class OrtStandInRunner:
     """mocked TensorRT runner: the "engine" file is an ONNX model run by ONNX Runtime."""
 
     def __init__(self, engine_path, metadata=None, local=None):
-        self.session = stage.qdq_session(engine_path)
+        self.session = make_session(engine_path)
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def run(self, x):
-        return {self.outputs[0]: stage.run_session(self.session, x)}
+        return {self.outputs[0]: run_batched(self.session, x)}
 
     def close(self):
         pass

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from fleet_unit_helpers import ManifestWriter, golden_for, make_onnx, upload
-from edgeslim.deploy.agent.device import Agent, sha256_file
+from edgeslim.components.common.hashing import file_sha256 as sha256_file
+from edgeslim.deploy.agent.device import Agent
 from edgeslim.deploy.store import FleetKeys, StoreUnavailable
 
 

@@ -13,7 +13,8 @@ import pytest
 
 from fleet_unit_helpers import golden_for, make_onnx, upload
 from edgeslim.components.common.errors import ConfigError, FleetError
-from edgeslim.deploy.agent.device import Agent, sha256_file
+from edgeslim.components.common.hashing import file_sha256 as sha256_file
+from edgeslim.deploy.agent.device import Agent
 from edgeslim.deploy.controller import Controller, WaveRolloutConfig, wave_plan
 from edgeslim.deploy.store import FleetKeys
 

@@ -1,0 +1,84 @@
+"""ONNX Runtime, the one way every layer runs a model on CPU (the device agent included).
+
+Q/DQ models run in Q/DQ semantics by default (``basic``): at its default optimization level
+ONNX Runtime fuses Q/DQ into int8 CPU kernels that can saturate on x86 without VNNI
+(DESIGN.md); ``ORT_ENABLE_BASIC`` keeps DequantizeLinear -> float op, which is what
+TensorRT's int8 math approximates.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from edgeslim.components.common.errors import SourceError
+
+
+def make_session(path: str | Path, *, basic: bool = True, threads: int = 0,
+                 providers: Optional[list[str]] = None):
+    """An ONNX Runtime session of ``path``; ``basic`` keeps Q/DQ semantics, ``threads`` 0 lets ORT choose.
+
+    Raises:
+        SourceError: ONNX Runtime cannot load the file (one line, with ORT's reason).
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if basic:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    if threads:
+        opts.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+        raise SourceError(f"ONNX file {path} cannot be loaded by ONNX Runtime ({str(exc)[:160]})") from None
+
+
+def run_outputs(session, x: np.ndarray, batch: int = 256) -> tuple[list[str], list[np.ndarray]]:
+    """Every output of ``session`` on ``x`` (fed to its first input), joined over batches of ``batch``."""
+    name = session.get_inputs()[0].name
+    names = [o.name for o in session.get_outputs()]
+    parts: list[list[np.ndarray]] = [[] for _ in names]
+    for i in range(0, len(x), batch):
+        for k, o in enumerate(session.run(None, {name: x[i:i + batch]})):
+            parts[k].append(o)
+    return names, [np.concatenate(p) for p in parts]
+
+
+def run_batched(session, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    """The output of ``session`` on ``x`` as one ``(N, ...)`` array; several outputs are flattened and
+    joined along axis 1."""
+    _, outs = run_outputs(session, x, batch)
+    if len(outs) == 1:
+        return outs[0]
+    return np.concatenate([o.reshape(len(o), -1) for o in outs], axis=1)
+
+
+def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio of ``candidate`` against ``reference``, in dB (inf when equal)."""
+    ref = np.asarray(reference, dtype=np.float64).ravel()
+    noise = ref - np.asarray(candidate, dtype=np.float64).ravel()
+    n = float(np.sum(noise * noise))
+    if n == 0.0:
+        return float("inf")
+    return float(10.0 * np.log10(max(float(np.sum(ref * ref)), 1e-30) / n))
+
+
+def latency_ms(session, x: np.ndarray, batch: int, warmup: int, repeats: int) -> float:
+    """Median wall time of one ``session.run`` at ``batch``, in milliseconds."""
+    reps = int(np.ceil(batch / len(x)))
+    xb = np.ascontiguousarray(np.concatenate([x] * reps)[:batch]) if reps > 1 else np.ascontiguousarray(x[:batch])
+    feed = {session.get_inputs()[0].name: xb}
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - t) * 1000.0)
+    return round(statistics.median(times), 4)

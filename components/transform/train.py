@@ -1,0 +1,234 @@
+"""The one training loop: plain training, logit and feature distillation, a task's own loss.
+
+Distillation, pruning's fine-tuning, QAT and the reference models all train with :func:`fit`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Callable, Iterable
+
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeslim.components.common.errors import ConfigError, DataError
+
+Progress = Callable[[int, int, float], None]
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
+            labels: torch.Tensor, temperature: float, alpha: float) -> torch.Tensor:
+    """Hinton's distillation loss: ``alpha * T^2 * KL(t || s) + (1 - alpha) * CE(s, y)``.
+
+    The T^2 factor keeps the soft-target gradients on the same scale as the
+    hard-label ones when T changes.
+    """
+    hard = nn.functional.cross_entropy(student_logits, labels)
+    if teacher_logits is None or alpha == 0.0:
+        return hard
+    t = temperature
+    soft = nn.functional.kl_div(
+        nn.functional.log_softmax(student_logits / t, dim=1),
+        nn.functional.log_softmax(teacher_logits / t, dim=1),
+        reduction="batchmean", log_target=True,
+    ) * (t * t)
+    return alpha * soft + (1.0 - alpha) * hard
+
+
+def make_optimizer(params: Iterable[nn.Parameter], name: str, lr: float,
+                   weight_decay: float) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, name: str, lr: float, total_steps: int, warmup: float = 0.3):
+    total_steps = max(1, total_steps)
+    if name == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps, pct_start=warmup)
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+    if name == "step":
+        return torch.optim.lr_scheduler.MultiStepLR(
+            opt, milestones=[total_steps // 2, (3 * total_steps) // 4], gamma=0.1)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+class FeatureTap:
+    """Keeps the outputs of named modules of a model during forward passes."""
+
+    def __init__(self, model: nn.Module, names: list[str], role: str):
+        modules = dict(model.named_modules())
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._handles = []
+        for name in names:
+            if name not in modules or name == "":
+                known = [n for n in modules if n]
+                close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+                hint = f"close matches: {', '.join(close)}" if close else \
+                    f"its modules are: {', '.join(known[:12])}{', ...' if len(known) > 12 else ''}"
+                raise ConfigError(
+                    f"distill(feature).layer_pairs: the {role} has no layer {name!r}; {hint}"
+                )
+            self._handles.append(modules[name].register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str):
+        def hook(_module, _inputs, output):
+            self.outputs[name] = output
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _adapter(s_feat: torch.Tensor, t_feat: torch.Tensor) -> nn.Module:
+    """A learned map from a student feature to the teacher's shape (identity when equal)."""
+    if s_feat.shape[1:] == t_feat.shape[1:]:
+        return nn.Identity()
+    if s_feat.dim() == 4 and t_feat.dim() == 4:
+        conv = nn.Conv2d(s_feat.shape[1], t_feat.shape[1], 1, bias=False)
+        if s_feat.shape[2:] == t_feat.shape[2:]:
+            return conv
+        return nn.Sequential(conv, nn.AdaptiveAvgPool2d(tuple(t_feat.shape[2:])))
+    if s_feat.dim() == 2 and t_feat.dim() == 2:
+        return nn.Linear(s_feat.shape[1], t_feat.shape[1], bias=False)
+    raise ConfigError(
+        f"distill(feature).layer_pairs: cannot match a student feature of shape "
+        f"{tuple(s_feat.shape[1:])} to a teacher feature of shape {tuple(t_feat.shape[1:])}; "
+        "pair layers of the same kind (both conv maps or both vectors)"
+    )
+
+
+def _as_targets(y):
+    """Labels as tensors: an integer array becomes a LongTensor; tensors and their lists/dicts stay."""
+    if isinstance(y, torch.Tensor):
+        return y
+    if isinstance(y, dict):
+        return {k: _as_targets(v) for k, v in y.items()}
+    if isinstance(y, (list, tuple)) and y and isinstance(y[0], (dict, list, tuple, torch.Tensor)):
+        return type(y)(_as_targets(v) for v in y)
+    return torch.from_numpy(np.asarray(y)).long()
+
+
+def _take(y, idx: torch.Tensor):
+    """The batch ``idx`` of targets made by :func:`_as_targets`."""
+    if isinstance(y, dict):
+        return {k: _take(v, idx) for k, v in y.items()}
+    if isinstance(y, (list, tuple)):
+        return type(y)(_take(v, idx) for v in y)
+    return y[idx]
+
+
+def random_shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Shift an image batch (N, C, H, W) by up to one pixel, the same shift for the whole batch.
+
+    The digits reference models train with it; other inputs pass through unchanged.
+    """
+    if x.dim() != 4:
+        return x
+    dx, dy = torch.randint(-1, 2, (2,), generator=gen).tolist()
+    return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+
+
+def fit(student: nn.Module, *, x: np.ndarray, y: np.ndarray, teacher: nn.Module | None = None,
+        epochs: int, lr: float, batch_size: int = 64, optimizer: str = "adamw",
+        schedule: str = "onecycle", weight_decay: float = 1e-4, temperature: float = 4.0,
+        alpha: float = 0.7, seed: int = 0, feature_pairs: list[list[str]] | None = None,
+        feature_weight: float = 1.0, progress: Progress | None = None,
+        loss_fn: Callable[[Any, Any, Any], torch.Tensor] | None = None,
+        augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+        warmup: float = 0.3) -> nn.Module:
+    """Train ``student`` in place, optionally distilled from ``teacher``; return it in eval mode.
+
+    Args:
+        student: the model trained (changed in place; pass a copy to keep the original).
+        x: training inputs.
+        y: integer class labels, or for a ``loss_fn`` any targets indexed per sample (a tensor, or
+            lists/dicts of tensors whose first axis is the sample); ``None`` when it needs none.
+        teacher: the model imitated (frozen, eval mode); None for plain training.
+        epochs: passes over ``x``.
+        lr: peak learning rate.
+        feature_pairs: ``[[teacher layer, student layer], ...]`` for feature KD.
+        progress: called with (epoch, epochs, last loss) after each epoch.
+        loss_fn: ``(student outputs, teacher outputs or None, labels batch or None) -> loss``
+            instead of the classification/KD loss (e.g. a detector's output matching).
+        augment: ``(input batch, generator) -> input batch`` applied to every training batch
+            (e.g. :func:`random_shift`); None trains on the inputs as they are.
+        warmup: share of the steps the one-cycle schedule spends rising to ``lr``.
+
+    Raises:
+        DataError: there are no training samples.
+    """
+    if len(x) == 0:
+        raise DataError("training data: the train split is empty; training needs samples")
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    xt = torch.from_numpy(np.asarray(x, dtype=np.float32))
+    yt = None if y is None else _as_targets(y)
+    params = list(student.parameters())
+    adapters = nn.ModuleList()
+    s_tap = t_tap = None
+    if feature_pairs:
+        if teacher is None:
+            raise ConfigError("distill(feature): feature distillation needs a teacher")
+        t_tap = FeatureTap(teacher, [p[0] for p in feature_pairs], "teacher")
+        s_tap = FeatureTap(student, [p[1] for p in feature_pairs], "student")
+        with torch.no_grad():
+            student.eval()
+            probe = xt[:2]
+            teacher(probe)
+            student(probe)
+        for t_name, s_name in feature_pairs:
+            adapters.append(_adapter(s_tap.outputs[s_name], t_tap.outputs[t_name]))
+        params += list(adapters.parameters())
+    if teacher is not None:
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    opt = make_optimizer(params, optimizer, lr, weight_decay)
+    steps_per_epoch = (len(xt) + batch_size - 1) // batch_size
+    sched = make_scheduler(opt, schedule, lr, epochs * steps_per_epoch, warmup)
+    try:
+        for epoch in range(epochs):
+            student.train()
+            adapters.train()
+            perm = torch.randperm(len(xt), generator=gen)
+            loss = torch.zeros(())
+            for i in range(0, len(xt), batch_size):
+                idx = perm[i:i + batch_size]
+                xb = augment(xt[idx], gen) if augment is not None else xt[idx]
+                s_out = student(xb)
+                t_out = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_out = teacher(xb)
+                yb = None if yt is None else _take(yt, idx)
+                if loss_fn is not None:
+                    loss = loss_fn(s_out, t_out, yb)
+                else:
+                    loss = kd_loss(s_out, t_out, yb, temperature, alpha if teacher is not None else 0.0)
+                if feature_pairs:
+                    for adapter, (t_name, s_name) in zip(adapters, feature_pairs):
+                        loss = loss + feature_weight * nn.functional.mse_loss(
+                            adapter(s_tap.outputs[s_name]), t_tap.outputs[t_name].detach())
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+            if progress:
+                progress(epoch + 1, epochs, float(loss.detach()))
+    finally:
+        if s_tap:
+            s_tap.remove()
+        if t_tap:
+            t_tap.remove()
+        if teacher is not None:
+            for p in teacher.parameters():
+                p.requires_grad_(True)
+    return student.eval()
