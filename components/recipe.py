@@ -20,7 +20,7 @@ from edgeslim.components.common.config import Config, StageConfig, stage_config_
 from edgeslim.components.engine.config import TensorRTEngineConfig
 from edgeslim.components.common.errors import ConfigError
 from edgeslim.components.common.tracking import MODEL_URI
-from edgeslim.components.common.task_config import ClassificationTaskConfig, TaskConfig, is_detection, task_from_dict
+from edgeslim.components.common.task_config import ClassificationTaskConfig, TaskConfig, task_from_dict
 
 RECIPE_VERSION = 1
 # Stages that change the torch model, in any order; quantize comes last.
@@ -188,8 +188,8 @@ class Recipe:
             "evaluate": self.evaluate.to_dict(),
             "register": self.register.to_dict(),
             "engines": self.engines.to_dict(),
-            # Only detection writes a task section, so classification recipes keep their digest.
-            **({"task": self.task.to_dict()} if is_detection(self.task) else {}),
+            # The default task writes no section, so classification recipes keep their digest.
+            **({} if self.task == ClassificationTaskConfig() else {"task": self.task.to_dict()}),
         }
 
     def to_json(self) -> str:
@@ -229,9 +229,9 @@ def recipe_from_dict(data: Any) -> Recipe:
         raise ConfigError(f"tracking_uri: got {tracking_uri!r}; expected a URI string")
     task = task_from_dict(data.get("task"))
     stages = _parse_stages(data.get("stages"))
-    if is_detection(task) and stages[-1].method == "qat":
-        raise ConfigError("stages: quantize method 'qat' trains with a classification loss; for a "
-                          "detection task use method 'ptq' or 'auto'")
+    if stages[-1].method not in task.quantize_methods:
+        raise ConfigError(f"stages: quantize method {stages[-1].method!r} is not available for a {task.kind} task "
+                          f"({task.why_not_qat}); use one of {', '.join(task.quantize_methods)}")
     return Recipe(
         source=source,
         tracking_uri=tracking_uri,

@@ -18,7 +18,7 @@ from edgeslim.components.common.version import __version__
 
 from edgeslim.components.common.errors import GateRejected
 from edgeslim.components.common.result import StageResult
-from edgeslim.components.common.task_config import is_detection
+from edgeslim.components.common.task_config import task_metadata
 from edgeslim.components.common.tracking import connect
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ def register(candidate_onnx: str | Path, *, parent: dict[str, Any], recipe, eval
                 metadata={"parent": parent, "recipe_hash": recipe_hash, "gate": gate_result,
                           "metrics": flat,
                           # a detector's edge pyfunc decodes its outputs with this
-                          "task": recipe.task.to_dict() if is_detection(recipe.task) else "classification"},
+                          "task": task_metadata(recipe.task)},
             )
             model_id = getattr(info, "model_id", None) or ""
             if model_id:

@@ -241,13 +241,14 @@ def golden_check(model_dir: Path, cfg: WaveRolloutConfig) -> dict[str, Any]:
             source = "a seeded random input, run by the controller with onnxruntime"
         outs = {o.name: v for o, v in zip(sess.get_outputs(), sess.run(None, {inp.name: x}))}
     check.update(input=encode_array(x), outputs={k: encode_array(v) for k, v in outs.items()}, source=source)
-    task = meta.get("task")
-    if isinstance(task, dict) and task.get("kind") == "detection":
-        from edgeslim.components.common.task_config import task_from_dict
+    from edgeslim.components.common.task_config import task_from_dict
+
+    task = task_from_dict(meta.get("task"))
+    if getattr(task, "decodes_boxes", False):
         from edgeslim.components.common.decode import decode_outputs
 
-        dets = decode_outputs(outs, task_from_dict(dict(task)))
-        check.update(task=task, detections=[encode_array(np.asarray(d, dtype=np.float32)) for d in dets],
+        dets = decode_outputs(outs, task)
+        check.update(task=task.to_dict(), detections=[encode_array(np.asarray(d, dtype=np.float32)) for d in dets],
                      iou=cfg.iou, score_tol=cfg.score_tol)
     return check
 

@@ -149,6 +149,9 @@ class EdgeModel:
         self.path = Path(path)
         meta_path = self.path / META_FILE
         self.meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        from edgeslim.components.common.task_config import task_from_dict
+
+        self.task = task_from_dict(self.meta.get("task"))  # parsed once: a detector's pyfunc decodes boxes
         self.engines = _engine_metadata(self.path, _flavor_conf(self.path))
         local = local if local is not None else devices.detect_local_device()
         tensorrt_version = tensorrt_version or (devices.installed_tensorrt_version() if local else None)
@@ -196,14 +199,11 @@ class EdgeModel:
             outs = self.session.run(None, feeds)
             result = {o.name: v for o, v in zip(self.session.get_outputs(), outs)}
         result["backend"] = self.backend
-        task = self.meta.get("task")
-        if isinstance(task, Mapping) and task.get("kind") == "detection":
+        if getattr(self.task, "decodes_boxes", False):
             # A detector's pyfunc also returns decoded boxes: per image (M, 6) [x1, y1, x2, y2, score, class].
-            from edgeslim.components.common.task_config import task_from_dict
             from edgeslim.components.common.decode import decode_outputs
 
-            result["detections"] = decode_outputs({k: v for k, v in result.items() if k != "backend"},
-                                                  task_from_dict(dict(task)))
+            result["detections"] = decode_outputs({k: v for k, v in result.items() if k != "backend"}, self.task)
         return result
 
 

@@ -32,6 +32,11 @@ class ClassificationTaskConfig(Config):
     """A classifier: outputs are logits (N, classes); evaluated by top-1 and gated by ``gate:``."""
 
     kind: Literal["classification"] = "classification"
+    # The quantize methods a recipe may use for this task.
+    quantize_methods = ("ptq", "qat", "auto")
+    why_not_qat = ""
+    # Whether its outputs decode to boxes (the edge pyfunc and the rollout health check then compare boxes).
+    decodes_boxes = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +138,9 @@ class DetectionTaskConfig(Config):
     """
 
     kind: Literal["detection"] = "detection"
+    quantize_methods = ("ptq", "auto")
+    decodes_boxes = True
+    why_not_qat = "method 'qat' trains with a classification loss; 'auto' with qat: true ends with a detector's QAT"
     num_classes: int = 0
     score_threshold: float = 0.25
     decoder: YoloDecoderConfig = dataclasses.field(default_factory=YoloDecoderConfig)
@@ -165,10 +173,23 @@ def task_from_dict(raw: Any) -> TaskConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"task: got {raw!r}; expected a mapping like {{kind: detection, ...}}")
     kind = raw.get("kind", "classification")
-    if kind not in _KINDS:
-        raise ConfigError(f"task.kind: got {kind!r}; expected 'classification' or 'detection'")
-    return _KINDS[kind].from_dict(raw, prefix="task")  # type: ignore[return-value]
+    if kind in _KINDS:
+        return _KINDS[kind].from_dict(raw, prefix="task")  # type: ignore[return-value]
+    plugin = task_entry_point(kind)
+    if plugin is None:
+        raise ConfigError(f"task.kind: got {kind!r}; expected 'classification', 'detection', or a task "
+                          "registered under the entry-point group 'edgeslim.tasks'")
+    return plugin.config_class.from_dict(raw, prefix="task")
 
 
-def is_detection(task: Any) -> bool:
-    return isinstance(task, DetectionTaskConfig)
+def task_entry_point(kind: str):
+    """Your own task: the class registered as ``kind`` in the ``edgeslim.tasks`` entry-point group, or None."""
+    from importlib.metadata import entry_points
+
+    found = [ep for ep in entry_points(group="edgeslim.tasks") if ep.name == kind]
+    return found[0].load() if found else None
+
+
+def task_metadata(task: Any) -> Any:
+    """What a registered edge model records of its task: the kind alone for a classifier, else the section."""
+    return "classification" if isinstance(task, ClassificationTaskConfig) else task.to_dict()

@@ -64,18 +64,11 @@ def transform_op(recipe_json: str, model: Input[Model], student: Output[Model], 
         shutil.copyfile(model.path, student.path)
         Path(info.path).write_text(json.dumps({"stages": [], "seconds": 0.0}))
         return
-    from edgeslim.components.common.task_config import is_detection
-    from edgeslim.components.transform.stages import apply_torch_stages
     from edgeslim.components.common.data import load_data
+    from edgeslim.components.task import task_for
 
     data = load_data(recipe.data.provider, recipe.data.args)
-    teacher = load_module(model.path)
-    if is_detection(recipe.task):
-        from edgeslim.components.transform.detect import apply_detector_stages
-
-        res = apply_detector_stages(teacher, recipe.torch_stages, data=data, task=recipe.task)
-    else:
-        res = apply_torch_stages(teacher, recipe.torch_stages, data=data, teacher=teacher)
+    res = task_for(recipe.task).transform(load_module(model.path), recipe.torch_stages, data=data)
     save_module(res.model, student.path)
     Path(info.path).write_text(json.dumps({**res.metrics, "seconds": res.seconds}, default=str))
 
@@ -94,28 +87,16 @@ def quantize_op(recipe_json: str, tracking_uri: str, onnx_model: Input[Model], s
     data = load_data(recipe.data.provider, recipe.data.args)
     out_dir = Path(qdq_model.path).parent / "quantize"
     cfg = recipe.quantize
-    from edgeslim.components.common.task_config import is_detection
-
-    if cfg.method == "ptq":
+    if cfg.method == "ptq":  # the same for every task
         from edgeslim.components.quantize.ptq import quantize
 
         res = quantize(onnx_model.path, cfg, data=data, out_dir=out_dir)
-    elif cfg.method == "auto" and is_detection(recipe.task):
-        from edgeslim.components.quantize.detect_search import quantize_detector_auto
-
-        model = None
-        if cfg.qat:  # QAT, the search's last resort, fine-tunes the torch detector
-            from edgeslim.components.common.model_io import load_module
-
-            model = load_module(student.path)
-        res = quantize_detector_auto(onnx_model.path, cfg, data=data, task=recipe.task, out_dir=out_dir,
-                                     model=model, export_config=recipe.export)
     else:
         import mlflow
 
         from edgeslim.components.common.model_io import load_module
         from edgeslim.components.common.tracking import connect
-        from edgeslim.components.transform.stages import quantize_with
+        from edgeslim.components.task import task_for
 
         uri = tracking_uri or recipe.tracking_uri or None
         connect(uri)
@@ -125,9 +106,9 @@ def quantize_op(recipe_json: str, tracking_uri: str, onnx_model: Input[Model], s
         reference = onnx_model.path if recipe.torch_stages else parent_onnx.path
         with mlflow.start_run(run_name=f"quantize {cfg.method}: {recipe.source}") as run:
             mlflow.set_tag("edgeslim.recipe_hash", recipe.digest())
-            res = quantize_with(cfg, model=load_module(student.path), fp32_onnx=onnx_model.path,
-                                parent_onnx=reference, recipe=recipe, data=data, out_dir=out_dir,
-                                tracking_uri=uri, parent_run_id=run.info.run_id)
+            res = task_for(recipe.task).quantize(
+                cfg, fp32_onnx=onnx_model.path, model=load_module(student.path), reference_onnx=reference,
+                recipe=recipe, data=data, out_dir=out_dir, tracking_uri=uri, parent_run_id=run.info.run_id)
     from edgeslim.components.quantize.ptq import check_qdq
 
     # Whatever method made it, the report states the Q/DQ facts TensorRT cares about.
@@ -143,20 +124,13 @@ def evaluate_op(recipe_json: str, qdq_model: Input[Model], parent_onnx: Input[Mo
     from pathlib import Path
 
     from edgeslim.components.recipe import recipe_from_json
-    from edgeslim.components.common.task_config import is_detection
-    from edgeslim.components.evaluate import evaluate
     from edgeslim.components.common.data import load_data
+    from edgeslim.components.task import task_for
 
     recipe = recipe_from_json(recipe_json)
     data = load_data(recipe.data.provider, recipe.data.args)
-    if is_detection(recipe.task):
-        from edgeslim.components.tasks.detection import evaluate_detection
-
-        res = evaluate_detection(qdq_model.path, recipe.evaluate, parent_onnx=parent_onnx.path, data=data,
-                                 task=recipe.task)
-    else:
-        res = evaluate(qdq_model.path, recipe.evaluate, parent_onnx=parent_onnx.path, data=data,
-                       student_onnx=student_onnx.path if recipe.torch_stages else None)
+    res = task_for(recipe.task).evaluate(qdq_model.path, recipe.evaluate, parent_onnx=parent_onnx.path, data=data,
+                                         student_onnx=student_onnx.path if recipe.torch_stages else None)
     res.metrics["student_fp32_size_bytes"] = Path(student_onnx.path).stat().st_size
     Path(evaluation.path).write_text(json.dumps({**res.metrics, "seconds": res.seconds}))
 
@@ -167,17 +141,10 @@ def gate_op(recipe_json: str, evaluation: Input[Artifact], verdict: Output[Artif
     from pathlib import Path
 
     from edgeslim.components.recipe import recipe_from_json
-    from edgeslim.components.common.task_config import is_detection
-    from edgeslim.components.evaluate import gate
+    from edgeslim.components.task import task_for
 
     recipe = recipe_from_json(recipe_json)
-    metrics = json.loads(Path(evaluation.path).read_text())
-    if is_detection(recipe.task):
-        from edgeslim.components.tasks.detection import gate_detection
-
-        result = gate_detection(metrics, recipe.task.gate)
-    else:
-        result = gate(metrics, recipe.gate)
+    result = task_for(recipe.task).gate(json.loads(Path(evaluation.path).read_text()), recipe)
     Path(verdict.path).write_text(json.dumps(result))
     return bool(result["passed"])
 

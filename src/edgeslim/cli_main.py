@@ -65,12 +65,9 @@ def _preflight(recipe, tracking_uri: str, workdir: Path) -> None:
     data = load_data(recipe.data.provider, recipe.data.args)
     res = pull(recipe.source, tracking_uri=tracking_uri, out_dir=workdir / "preflight")
     check_model_accepts(res.model, data.x_test[:4])
-    from edgeslim.components.common.task_config import is_detection
+    from edgeslim.components.task import task_for
 
-    if is_detection(recipe.task):
-        from edgeslim.components.tasks.detection import check_detector
-
-        check_detector(res.model, data, recipe.task)
+    task_for(recipe.task).check_model(res.model, data)
 
 
 def _write_outputs(report: dict, workdir: Path) -> tuple[Path, Path]:

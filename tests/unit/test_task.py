@@ -1,0 +1,75 @@
+"""The Task is chosen once from the recipe; your own task plugs in through an entry point."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from edgeslim.components.common.errors import ConfigError
+from edgeslim.components.common.task_config import task_from_dict
+from edgeslim.components.recipe import recipe_from_dict
+from edgeslim.components.task import ClassificationTask, DetectionTask, task_for
+
+DETECTION = {"kind": "detection", "num_classes": 3,
+             "decoder": {"heads": [{"box": "output_0", "cls": "output_1", "stride": 8}]}}
+
+
+def test_built_in_tasks_by_kind():
+    assert type(task_for(task_from_dict(None))) is ClassificationTask
+    det = task_for(task_from_dict(DETECTION))
+    assert type(det) is DetectionTask and det.metadata()["num_classes"] == 3
+    assert task_for(task_from_dict(None)).metadata() == "classification"
+
+
+def test_a_method_the_task_cannot_train_is_refused_when_the_recipe_loads():
+    raw = {"source": "models:/m@champion", "task": DETECTION, "stages": [{"quantize": {"method": "qat"}}]}
+    with pytest.raises(ConfigError) as e:
+        recipe_from_dict(raw)
+    msg = str(e.value)
+    assert "'qat' is not available for a detection task" in msg and "ptq, auto" in msg and "\n" not in msg
+
+
+def test_an_unknown_kind_names_the_entry_point_group():
+    with pytest.raises(ConfigError, match="edgeslim.tasks"):
+        task_from_dict({"kind": "segmentation"})
+
+
+def test_your_own_task_through_an_installed_entry_point(tmp_path):
+    # A real distribution on sys.path: importlib.metadata finds its entry point as it would a pip install.
+    (tmp_path / "my_tasks.py").write_text(textwrap.dedent('''
+        import dataclasses
+        from typing import Literal
+        from edgeslim.components.common.config import Config
+        from edgeslim.components.task import ClassificationTask
+
+        @dataclasses.dataclass(frozen=True)
+        class SegConfig(Config):
+            kind: Literal["segmentation"] = "segmentation"
+            num_classes: int = 2
+            quantize_methods = ("ptq", "auto")
+
+        class SegTask(ClassificationTask):
+            kind = "segmentation"
+            config_class = SegConfig
+
+            def gate(self, metrics, recipe):
+                return {"passed": metrics["miou"] > 50, "summary": "mIoU", "checks": []}
+    '''))
+    dist = tmp_path / "my_tasks-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-tasks\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[edgeslim.tasks]\nsegmentation = my_tasks:SegTask\n")
+    code = textwrap.dedent('''
+        from edgeslim.components.recipe import recipe_from_dict
+        from edgeslim.components.task import task_for
+        r = recipe_from_dict({"source": "models:/m@champion", "task": {"kind": "segmentation", "num_classes": 5}})
+        t = task_for(r.task)
+        print(type(t).__name__, r.task.num_classes, t.gate({"miou": 61.0}, r)["passed"], t.metadata()["kind"])
+    ''')
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["SegTask", "5", "True", "segmentation"]
