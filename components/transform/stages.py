@@ -112,32 +112,3 @@ def quantize_with(config, *, model, fp32_onnx: str | Path, parent_onnx: str | Pa
     raise ConfigError(
         f"quantize: method {getattr(config, 'method', '?')!r} is not handled here; use ptq, qat or auto"
     )
-
-
-def stage_config_from_json(stage: str, text: str):
-    """A stage config from its JSON (``{"method": ..., fields...}``, as ``to_dict`` writes it)."""
-    import json
-
-    from edgeslim.components.common.config import stage_config_class
-
-    try:
-        body = json.loads(text or "{}")
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{stage} config: not valid JSON ({exc.msg}); pass the stage's settings as a JSON object") from None
-    if not isinstance(body, dict):
-        raise ConfigError(f"{stage} config: expected a JSON object, got {type(body).__name__}")
-    body = dict(body)
-    cls = stage_config_class(stage, body.pop("method", None), "")
-    return cls.from_dict(body, prefix=stage)
-
-
-def data_from_json(text: str) -> Splits:
-    """The splits named by ``{"provider": ..., "args": {...}}`` (the recipe's ``data`` section)."""
-    import json
-
-    from edgeslim.components.common.data import load_data
-
-    from edgeslim.components.recipe import DataConfig
-
-    cfg = DataConfig.from_dict(json.loads(text or "{}"), prefix="data")
-    return load_data(cfg.provider, cfg.args)
