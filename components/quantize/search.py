@@ -1,23 +1,34 @@
 """Accuracy-aware quantization: the cheapest int8 candidate that passes the gate.
 
-Trials, in order, stopping at the first that passes:
+One search, :func:`search`, for every task. Trials, in order, stopping at the first
+that passes:
 
-1. PTQ with each configured calibrator;
-2. the best calibrator with the most sensitive layers kept in float, one more
-   per trial, up to ``max_float_layers`` (ranked by :mod:`.sensitivity`);
+1. PTQ with each configured calibrator (each calibrates once; every later trial
+   with that calibrator reuses its ranges, since keeping nodes in float changes no
+   tensor's range);
+2. the best calibrator with the most damaging node groups kept in float, one more
+   group per trial, up to ``max_float_layers``;
 3. QAT from the best candidate so far.
 
-Each trial is judged by the same gate as the final candidate (top-1 drop,
-top-1 agreement and SQNR against the parent, on the test split). Every trial
-is a row of ``autotune.json`` (and of the report) and, when an MLflow run is
-given or active, a child run of it.
+What differs between tasks is a :class:`Strategy`: how a candidate is judged and
+ranked, which node groups the fallback ranks, how QAT runs and how the outcome is
+worded. :class:`ClassifierStrategy` (top-1, top-1 agreement and SQNR against the
+parent; per-layer sensitivity from :mod:`.sensitivity`) lives here, the detector's in
+:mod:`.detect_search`.
+
+Every choice is made on the **validation** split: trials are judged and ranked there
+and so is the fallback's ranking. The test split only reports: the pipeline's
+evaluate task judges the winner on it afterwards (``autotune.json`` says
+``"chosen_on": "val"``). Every trial is a row of ``autotune.json`` (and of the
+report) and, when an MLflow run is given or active, a child run of it.
 """
 
 from __future__ import annotations
 
+import abc
 import json
-import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -30,7 +41,7 @@ from edgeslim.components.recipe import AccuracyGateConfig
 from edgeslim.components.common.result import StageResult
 from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig, OnnxExportConfig, QATQuantizeConfig
 
-log = logging.getLogger(__name__)
+CHOSEN_ON = "val"
 
 
 class _Tracker:
@@ -40,15 +51,11 @@ class _Tracker:
         self.client = None
         self.parent = None
         run_id = parent_run_id or os.environ.get("MLFLOW_RUN_ID")
-        if not run_id:
-            try:
-                import mlflow
-
-                active = mlflow.active_run()
-                run_id = active.info.run_id if active else None
-                tracking_uri = tracking_uri or mlflow.get_tracking_uri()
-            except ImportError:
-                run_id = None
+        mlflow = sys.modules.get("mlflow")  # never imported: no run can be active
+        if not run_id and mlflow is not None:
+            active = mlflow.active_run()
+            run_id = active.info.run_id if active else None
+            tracking_uri = tracking_uri or mlflow.get_tracking_uri()
         if not run_id:
             return
         from mlflow import MlflowClient
@@ -56,48 +63,304 @@ class _Tracker:
         self.client = MlflowClient(tracking_uri=tracking_uri) if tracking_uri else MlflowClient()
         self.parent = self.client.get_run(run_id)
 
-    def trial(self, row: dict[str, Any]) -> str | None:
+    def trial(self, row: dict[str, Any], fields: tuple[str, ...]) -> str | None:
         if not self.client:
             return None
         run = self.client.create_run(
             self.parent.info.experiment_id,
             run_name=f"trial-{row['trial']}-{row['kind']}",
             tags={"mlflow.parentRunId": self.parent.info.run_id, "edgeslim.trial": str(row["trial"]),
-                  "edgeslim.trial_kind": row["kind"], "edgeslim.gate_passed": str(row["passed"])},
+                  "edgeslim.trial_kind": row["kind"], "edgeslim.gate_passed": str(row["passed"]),
+                  "edgeslim.chosen_on": CHOSEN_ON},
         )
         rid = run.info.run_id
         self.client.log_param(rid, "calibrator", row["calibrator"])
-        self.client.log_param(rid, "float_layers", ",".join(row["float_layers"]) or "-")
+        self.client.log_param(rid, "float_layers", (",".join(row["float_layers"]) or "-")[:5000])
         self.client.log_param(rid, "kind", row["kind"])
-        for k in ("metric", "metric_drop", "top1_agreement", "sqnr_db", "size_bytes"):
+        for k in (*fields, "size_bytes"):
             if isinstance(row.get(k), (int, float)) and np.isfinite(row[k]):
                 self.client.log_metric(rid, k, float(row[k]))
         self.client.set_terminated(rid, "FINISHED")
         return rid
 
-    def sensitivity(self, table: dict[str, Any], paths: dict[str, Path]) -> None:
+    def ranking(self, strategy: Strategy) -> None:
         if self.client:
-            from edgeslim.components.quantize.sensitivity import log_to_mlflow
-
-            log_to_mlflow(table, paths, self.client, self.parent.info.run_id)
+            strategy.log_ranking(self.client, self.parent.info.run_id)
 
 
-def _judge(candidate: Path, parent_out: np.ndarray, parent_metric: float, data: Splits,
-           gate_cfg: AccuracyGateConfig) -> dict[str, Any]:
-    from edgeslim.components.evaluate import fidelity, gate, top1_percent
-    from edgeslim.components.quantize.sensitivity import _scores
+class Strategy(abc.ABC):
+    """What one task's search needs; :func:`search` does the rest.
 
-    out = _scores(candidate, data.x_test)
-    metrics = {"source": {"metric": parent_metric},
-               "candidate": {"metric": top1_percent(out, data.y_test), "fidelity": fidelity(parent_out, out)}}
-    verdict = gate(metrics, gate_cfg)
-    return {"metric": round(metrics["candidate"]["metric"], 4),
-            "metric_drop": round(parent_metric - metrics["candidate"]["metric"], 4),
-            **metrics["candidate"]["fidelity"], "passed": verdict["passed"], "gate": verdict["summary"]}
+    A strategy judges a candidate on the validation split into a row, orders rows,
+    ranks the node groups the fallback keeps in float, runs QAT, and words the
+    outcome. It holds what it measured (the reference, the ranking table) for the
+    report.
+
+    Attributes:
+        task: ``classification`` or ``detection`` (lineage).
+        candidate: what a trial produces, in the refusal ("candidate", "detector candidate").
+        gate_name: the gate, in reasons and the refusal.
+        group_noun: what a fallback group is, in the reason ("layer(s)", "head(s) producing").
+        qat_note: how QAT trains, in the reason.
+        fields: the judged row fields logged as MLflow metrics.
+        table_key: where the fallback's ranking table goes in ``autotune.json`` and the metrics.
+        table: that table (``None`` or empty until :meth:`rank` ran).
+    """
+
+    task = ""
+    candidate = "candidate"
+    gate_name = "gate"
+    group_noun = "layer(s)"
+    qat_note = ""
+    fields: tuple[str, ...] = ()
+    table_key = "sensitivity"
+    table: Any = None
+
+    @abc.abstractmethod
+    def reference(self, data: Splits) -> dict[str, Any]:
+        """Measure the reference on the validation split; its figures for ``autotune.json``."""
+
+    @abc.abstractmethod
+    def judge(self, candidate: str | Path, data: Splits) -> dict[str, Any]:
+        """Metric fields of ``candidate`` on the validation split, ``passed`` and ``gate`` (the summary)."""
+
+    @abc.abstractmethod
+    def key(self, row: dict[str, Any]) -> tuple:
+        """Sort key of a judged row: the larger, the better."""
+
+    @abc.abstractmethod
+    def figures(self, row: dict[str, Any]) -> str:
+        """A row's judged figures against the reference, for the progress line and the refusal."""
+
+    @abc.abstractmethod
+    def rank(self, fp32_onnx: str | Path, config: AccuracyAwareQuantizeConfig, *, calibrator: str,
+             ranges: dict[str, float], data: Splits, out_dir: Path, pinned: list[str]) -> list[dict[str, Any]]:
+        """Node groups to keep in float, most damaging first: ``[{"label", "nodes"}]``; sets ``table``.
+        ``ranges`` are ``calibrator``'s, for ``fp32_onnx``; ``pinned`` nodes are float in every trial."""
+
+    def log_ranking(self, client, run_id: str) -> None:
+        """Log the ranking's files to the MLflow run ``run_id`` (nothing by default)."""
+
+    def qat(self, fp32_onnx: str | Path, config: AccuracyAwareQuantizeConfig, *, data: Splits, out_dir: Path,
+            calibrator: str, float_layers: list[str]) -> tuple[StageResult, dict[str, Any]] | None:
+        """QAT from ``calibrator`` and ``float_layers``: the result and extra row fields; ``None``
+        when it cannot run."""
+        return None
+
+    def reason(self, row: dict[str, Any], groups: list[dict[str, Any]], config: AccuracyAwareQuantizeConfig) -> str:
+        """Why ``row`` (after keeping ``groups`` in float) won."""
+        t, cal, gate, name = row["trial"], row["calibrator"], row["gate"], self.gate_name
+        if row["kind"] == "ptq":
+            return f"trial {t}: PTQ with the {cal} calibrator passed the {name} first ({gate})"
+        if row["kind"] == "fallback":
+            return (f"trial {t}: PTQ ({cal}) failed the {name}; keeping the {len(groups)} most sensitive "
+                    f"{self.group_noun} {[g['label'] for g in groups]} in float passed ({gate})")
+        return (f"trial {t}: PTQ ({cal}) and float fallback failed the {name}; {config.qat_epochs} epoch(s) of "
+                f"QAT{self.qat_note} passed ({gate})")
+
+    @abc.abstractmethod
+    def fix(self, config: AccuracyAwareQuantizeConfig, qat_ran: bool) -> str:
+        """What to change when no trial passed."""
+
+    def result_metrics(self, row: dict[str, Any], res: StageResult) -> dict[str, Any]:
+        """Extra metrics of the search's result, from the winning trial."""
+        return {}
 
 
-def _better(a: dict[str, Any], b: dict[str, Any] | None) -> bool:
-    return b is None or (a["metric"], a["sqnr_db"]) > (b["metric"], b["sqnr_db"])
+class ClassifierStrategy(Strategy):
+    """Top-1 drop, top-1 agreement and SQNR against the parent's outputs (the recipe's gate);
+    the fallback keeps the most sensitive single layers (:mod:`.sensitivity`) in float."""
+
+    task = "classification"
+    fields = ("metric", "metric_drop", "top1_agreement", "sqnr_db")
+
+    def __init__(self, parent_onnx: str | Path, gate: AccuracyGateConfig, *, model=None,
+                 export_config: OnnxExportConfig | None = None):
+        self.parent_onnx, self.gate, self.model, self.export_config = parent_onnx, gate, model, export_config
+        self.table: dict[str, Any] | None = None
+        self.files: dict[str, Path] = {}
+
+    def reference(self, data: Splits) -> dict[str, Any]:
+        from edgeslim.components.evaluate import top1_percent
+        from edgeslim.components.quantize.sensitivity import _scores
+
+        self.parent_out = _scores(self.parent_onnx, data.x_val)
+        self.parent_metric = top1_percent(self.parent_out, data.y_val)
+        return {"parent_metric": self.parent_metric}
+
+    def judge(self, candidate: str | Path, data: Splits) -> dict[str, Any]:
+        from edgeslim.components.evaluate import fidelity, gate, top1_percent
+        from edgeslim.components.quantize.sensitivity import _scores
+
+        out = _scores(candidate, data.x_val)
+        metrics = {"source": {"metric": self.parent_metric},
+                   "candidate": {"metric": top1_percent(out, data.y_val), "fidelity": fidelity(self.parent_out, out)}}
+        verdict = gate(metrics, self.gate)
+        return {"metric": round(metrics["candidate"]["metric"], 4),
+                "metric_drop": round(self.parent_metric - metrics["candidate"]["metric"], 4),
+                **metrics["candidate"]["fidelity"], "passed": verdict["passed"], "gate": verdict["summary"]}
+
+    def key(self, row: dict[str, Any]) -> tuple:
+        return row["metric"], row["sqnr_db"]
+
+    def rank(self, fp32_onnx, config, *, calibrator, ranges, data, out_dir, pinned):
+        from edgeslim.components.quantize.sensitivity import layer_sensitivity, rank, write
+
+        # on val (layer_sensitivity's default split); it calibrates its pre-processed graph itself
+        self.table = layer_sensitivity(fp32_onnx, config.ptq(calibrator), data=data,
+                                       work_dir=out_dir / "sensitivity" / "layers")
+        self.files = write(self.table, out_dir / "sensitivity")
+        layer = {r["node"]: r["layer"] for r in self.table["layers"]}
+        return [{"label": layer[n], "nodes": [n]} for n in rank(self.table, config.sensitivity_metric)
+                if n not in pinned]
+
+    def log_ranking(self, client, run_id):
+        from edgeslim.components.quantize.sensitivity import log_to_mlflow
+
+        log_to_mlflow(self.table, self.files, client, run_id)
+
+    def qat(self, fp32_onnx, config, *, data, out_dir, calibrator, float_layers):
+        from edgeslim.components.quantize.qat import qat
+
+        qcfg = QATQuantizeConfig(calibrator=calibrator, num_samples=config.num_samples,  # type: ignore[arg-type]
+                                 percentile=config.percentile, num_bins=config.num_bins,
+                                 float_layers=float_layers, epochs=config.qat_epochs,
+                                 lr=config.qat_lr, seed=config.seed)
+        res = qat(self.model, qcfg, data=data, out_dir=out_dir, fp32_onnx=fp32_onnx,
+                  export_config=self.export_config)
+        return res, {"fake_quant_top1_test": res.metrics["fake_quant_top1_test"]}
+
+    def figures(self, row):
+        return f"top-1 {row['metric']:.2f}% vs parent {self.parent_metric:.2f}%"
+
+    def fix(self, config, qat_ran):
+        if config.max_float_layers == 0:
+            return ("quantize.max_float_layers is 0, so no layer could fall back to float: raise it "
+                    "(e.g. 3)" + ("" if config.qat else " or set quantize.qat: true") + ", or loosen the gate")
+        if not config.qat:
+            return "set quantize.qat: true, raise quantize.max_float_layers, or loosen the gate"
+        return "raise quantize.max_float_layers or quantize.qat_epochs, or loosen the gate"
+
+    def result_metrics(self, row, res):
+        return {"sensitivity_files": {k: str(v) for k, v in self.files.items()}}
+
+
+def search(fp32_onnx: str | Path, config: AccuracyAwareQuantizeConfig, *, strategy: Strategy, data: Splits,
+           out_dir: str | Path, tracking_uri: str | None = None, parent_run_id: str | None = None,
+           progress: Callable[[str], None] | None = None) -> StageResult:
+    """The first int8 candidate of ``fp32_onnx`` that passes ``strategy``'s gate on the validation
+    split: PTQ per calibrator, then float fallback of ranked node groups, then QAT.
+
+    Args:
+        fp32_onnx: the model to quantize.
+        config: calibrators, pinned ``float_layers``, fallback limit, QAT settings.
+        strategy: judges, ranks and words for the task (:class:`ClassifierStrategy`,
+            :class:`~edgeslim.components.quantize.detect_search.DetectorStrategy`).
+        data: calibration from train; every judgement and ranking on val; test untouched.
+        out_dir: ``ptq-<calibrator>/``, ``fallback-<k>/``, ``qat/``, the ranking's files,
+            ``autotune.json`` and the winner's ``model.int8.onnx``.
+        tracking_uri: MLflow server of the parent run (default: the active/env one).
+        parent_run_id: every trial becomes a child run of it (default: ``$MLFLOW_RUN_ID``
+            or the active run; no MLflow logging without one).
+        progress: called with one line per trial.
+
+    Returns:
+        StageResult whose model is the winning Q/DQ ONNX; metrics hold ``trials`` (one row
+        each), ``winner``, ``reason``, the ranking table and ``strategy.result_metrics``.
+
+    Raises:
+        GateRejected: no trial passed; the one-line message names the best trial and what to change.
+    """
+    from edgeslim.components.quantize.ptq import calibrate_onnx, quantize
+
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tracker = _Tracker(tracking_uri, parent_run_id)
+    reference = strategy.reference(data)
+    trials: list[dict[str, Any]] = []
+    results: dict[int, StageResult] = {}
+
+    def record(kind: str, res: StageResult, cal: str, float_layers: list[str], seconds: float,
+               extra: dict | None = None) -> dict[str, Any]:
+        path = Path(res.model)
+        row = {"trial": len(trials) + 1, "kind": kind, "calibrator": cal,
+               "float_layers": list(float_layers), "model": str(path),
+               "size_bytes": path.stat().st_size, "seconds": round(seconds, 2),
+               **strategy.judge(path, data), **(extra or {})}
+        row["mlflow_run_id"] = tracker.trial(row, strategy.fields)
+        trials.append(row)
+        results[row["trial"]] = res
+        if progress:
+            progress(f"trial {row['trial']} {kind} {cal} float={len(row['float_layers'])}: {strategy.figures(row)} "
+                     f"({'pass' if row['passed'] else 'fail'})")
+        return row
+
+    def report(winner: int | None, reason: str) -> None:
+        (out_dir / "autotune.json").write_text(json.dumps(
+            {"chosen_on": CHOSEN_ON, "trials": trials, "winner": winner, "reason": reason, **reference,
+             strategy.table_key: strategy.table}, indent=1, default=str))
+
+    def finish(row: dict[str, Any], groups: list[dict[str, Any]]) -> StageResult:
+        reason = strategy.reason(row, groups, config)
+        report(row["trial"], reason)
+        final = out_dir / "model.int8.onnx"
+        final.write_bytes(Path(row["model"]).read_bytes())
+        metrics = {"size_bytes": final.stat().st_size, "winner": row, "reason": reason, "trials": trials,
+                   "chosen_on": CHOSEN_ON, strategy.table_key: strategy.table,
+                   **strategy.result_metrics(row, results[row["trial"]])}
+        lineage = {"stage": "quantize", "method": "auto", "task": strategy.task, "config": config.to_json_dict(),
+                   "winning_trial": row["trial"], "chosen_on": CHOSEN_ON, "calibration_split": "train",
+                   "data_digest": data.digest()}
+        return StageResult(final, metrics, lineage, time.perf_counter() - start)
+
+    # 1. PTQ with each calibrator (plus the recipe's pinned float layers), calibrated once.
+    ranges: dict[str, dict[str, float]] = {}
+    pinned: list[str] = []
+    for cal in config.calibrators:
+        t = time.perf_counter()
+        ranges[cal] = calibrate_onnx(fp32_onnx, config.ptq(cal), data)
+        res = quantize(fp32_onnx, config.ptq(cal), data=data, out_dir=out_dir / f"ptq-{cal}", ranges=ranges[cal])
+        pinned = list(res.metrics["float_layers"])  # the recipe's patterns, resolved to nodes
+        row = record("ptq", res, cal, pinned, time.perf_counter() - t)
+        if row["passed"]:
+            return finish(row, [])
+    cal = max(trials, key=strategy.key)["calibrator"]
+
+    # 2. Keep the most damaging node groups in float, one more per trial.
+    if config.max_float_layers > 0:
+        groups = strategy.rank(fp32_onnx, config, calibrator=cal, ranges=ranges[cal], data=data,
+                               out_dir=out_dir, pinned=pinned)
+        tracker.ranking(strategy)
+        for k in range(1, min(config.max_float_layers, len(groups)) + 1):
+            keep = [n for g in groups[:k] for n in g["nodes"]]
+            t = time.perf_counter()
+            res = quantize(fp32_onnx, config.ptq(cal, keep), data=data, out_dir=out_dir / f"fallback-{k}",
+                           ranges=ranges[cal])
+            row = record("fallback", res, cal, res.metrics["float_layers"], time.perf_counter() - t)
+            if row["passed"]:
+                return finish(row, groups[:k])
+
+    # 3. QAT from the best candidate so far.
+    qat_ran = False
+    if config.qat:
+        best = max(trials, key=strategy.key)
+        t = time.perf_counter()
+        done = strategy.qat(fp32_onnx, config, data=data, out_dir=out_dir / "qat", calibrator=best["calibrator"],
+                            float_layers=list(best["float_layers"]))
+        if done is not None:
+            qat_ran = True
+            res, extra = done
+            row = record("qat", res, best["calibrator"], best["float_layers"], time.perf_counter() - t, extra)
+            if row["passed"]:
+                return finish(row, [])
+
+    best = max(trials, key=strategy.key)
+    msg = (f"quantize(auto): no {strategy.candidate} passed the {strategy.gate_name} after {len(trials)} "
+           f"trial(s); best was trial {best['trial']} ({best['kind']}, {best['calibrator']}, "
+           f"{strategy.figures(best)}: {best['gate']}); {strategy.fix(config, qat_ran)}")
+    report(None, msg)
+    raise GateRejected(msg)
 
 
 def quantize_auto(model, fp32_onnx_path: str | Path, config: AccuracyAwareQuantizeConfig, *,
@@ -105,14 +368,14 @@ def quantize_auto(model, fp32_onnx_path: str | Path, config: AccuracyAwareQuanti
                   out_dir: str | Path, tracking_uri: str | None = None,
                   parent_run_id: str | None = None, export_config: OnnxExportConfig | None = None,
                   progress: Callable[[str], None] | None = None) -> StageResult:
-    """Find the first int8 candidate that passes ``gate``: PTQ per calibrator, then float
-    fallback of the most sensitive layers, then QAT.
+    """Find the first int8 classifier that passes ``gate`` on the validation split: PTQ per
+    calibrator, then float fallback of the most sensitive layers, then QAT (:func:`search`).
 
     Args:
         model: the fp32 torch model ``fp32_onnx_path`` was exported from (QAT trains it).
         fp32_onnx_path: the model to quantize.
         config: calibrators, fallback limit, QAT settings.
-        data: calibration and QAT from train, sensitivity on val, gate on test.
+        data: calibration and QAT from train; sensitivity and every trial judged on val.
         parent_onnx_path: the fp32 ONNX of the registered parent, what the gate compares to.
         gate: the accuracy gate of the recipe.
         out_dir: one folder per trial, ``autotune.json``, the sensitivity table and chart.
@@ -124,122 +387,11 @@ def quantize_auto(model, fp32_onnx_path: str | Path, config: AccuracyAwareQuanti
 
     Returns:
         StageResult whose model is the winning Q/DQ ONNX; metrics hold ``trials``
-        (one row each), ``winner`` and ``reason``.
+        (one row each), ``winner``, ``reason``, ``sensitivity`` and ``sensitivity_files``.
 
     Raises:
         GateRejected: no trial passed; the message names the best one and what to change.
     """
-    from edgeslim.components.evaluate import top1_percent
-    from edgeslim.components.quantize.ptq import calibrate_onnx, quantize
-    from edgeslim.components.quantize.sensitivity import _scores, layer_sensitivity, rank, write
-
-    start = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tracker = _Tracker(tracking_uri, parent_run_id)
-    parent_out = _scores(parent_onnx_path, data.x_test)
-    parent_metric = top1_percent(parent_out, data.y_test)
-    trials: list[dict[str, Any]] = []
-    best: dict[str, Any] | None = None
-    sens_table: dict[str, Any] | None = None
-    sens_files: dict[str, str] = {}
-
-    def record(kind: str, calibrator: str, float_layers: list[str], path: Path, seconds: float,
-               extra: dict | None = None) -> dict[str, Any]:
-        nonlocal best
-        row = {"trial": len(trials) + 1, "kind": kind, "calibrator": calibrator,
-               "float_layers": list(float_layers), "model": str(path),
-               "size_bytes": path.stat().st_size, "seconds": round(seconds, 2),
-               **_judge(path, parent_out, parent_metric, data, gate), **(extra or {})}
-        row["mlflow_run_id"] = tracker.trial(row)
-        trials.append(row)
-        if _better(row, best):
-            best = row
-        if progress:
-            progress(f"trial {row['trial']} {kind} {calibrator} float={len(float_layers)}: "
-                     f"top-1 {row['metric']:.2f}% ({'pass' if row['passed'] else 'fail'})")
-        return row
-
-    def finish(winner: dict[str, Any], reason: str) -> StageResult:
-        report = {"trials": trials, "winner": winner["trial"], "reason": reason,
-                  "parent_metric": parent_metric, "sensitivity": sens_table}
-        (out_dir / "autotune.json").write_text(json.dumps(report, indent=1, default=str))
-        final = out_dir / "model.int8.onnx"
-        final.write_bytes(Path(winner["model"]).read_bytes())
-        metrics = {"size_bytes": final.stat().st_size, "winner": winner, "reason": reason,
-                   "trials": trials, "sensitivity": sens_table, "sensitivity_files": sens_files}
-        lineage = {"stage": "quantize", "method": "auto", "config": config.to_json_dict(),
-                   "winning_trial": winner["trial"], "calibration_split": "train",
-                   "data_digest": data.digest()}
-        return StageResult(final, metrics, lineage, time.perf_counter() - start)
-
-    # 1. PTQ with each calibrator (plus the recipe's pinned float layers).
-    ranges: dict[str, dict[str, float]] = {}
-    for cal in config.calibrators:
-        t = time.perf_counter()
-        ranges[cal] = calibrate_onnx(fp32_onnx_path, config.ptq(cal), data)
-        res = quantize(fp32_onnx_path, config.ptq(cal), data=data, out_dir=out_dir / f"ptq-{cal}",
-                       ranges=ranges[cal])
-        pinned = list(res.metrics["float_layers"])
-        row = record("ptq", cal, pinned, Path(res.model), time.perf_counter() - t)
-        if row["passed"]:
-            return finish(row, f"trial {row['trial']}: plain PTQ with the {cal} calibrator passed the "
-                               f"gate first ({row['gate']})")
-    best_cal = best["calibrator"]  # type: ignore[index]
-
-    # 2. Keep the most sensitive layers in float, one more per trial.
-    if config.max_float_layers > 0:
-        sens_table = layer_sensitivity(fp32_onnx_path, config.ptq(best_cal), data=data,
-                                       work_dir=out_dir / "sensitivity" / "layers")
-        written = write(sens_table, out_dir / "sensitivity")
-        sens_files.update({k: str(v) for k, v in written.items()})
-        tracker.sensitivity(sens_table, written)
-        ranked = [n for n in rank(sens_table, config.sensitivity_metric) if n not in pinned]
-        for k in range(1, min(config.max_float_layers, len(ranked)) + 1):
-            keep = ranked[:k]
-            t = time.perf_counter()
-            res = quantize(fp32_onnx_path, config.ptq(best_cal, keep), data=data,
-                           out_dir=out_dir / f"fallback-{k}", ranges=ranges[best_cal])
-            row = record("fallback", best_cal, res.metrics["float_layers"], Path(res.model),
-                         time.perf_counter() - t)
-            if row["passed"]:
-                names = [r["layer"] for r in sens_table["layers"] if r["node"] in keep]
-                return finish(row, f"trial {row['trial']}: PTQ ({best_cal}) failed the gate; keeping the "
-                                   f"{k} most sensitive layer(s) {names} in float passed ({row['gate']})")
-
-    # 3. QAT from the best candidate so far.
-    if config.qat:
-        float_layers = list(best["float_layers"])  # type: ignore[index]
-        qcfg = QATQuantizeConfig(calibrator=best_cal, num_samples=config.num_samples,  # type: ignore[arg-type]
-                                 percentile=config.percentile, num_bins=config.num_bins,
-                                 float_layers=float_layers, epochs=config.qat_epochs,
-                                 lr=config.qat_lr, seed=config.seed)
-        from edgeslim.components.quantize.qat import qat
-
-        t = time.perf_counter()
-        res = qat(model, qcfg, data=data, out_dir=out_dir / "qat", fp32_onnx=fp32_onnx_path,
-                  export_config=export_config)
-        row = record("qat", best_cal, float_layers, Path(res.model), time.perf_counter() - t,
-                     {"fake_quant_top1_test": res.metrics["fake_quant_top1_test"]})
-        if row["passed"]:
-            return finish(row, f"trial {row['trial']}: PTQ and float fallback failed the gate; "
-                               f"{config.qat_epochs} epoch(s) of QAT from {best_cal} passed ({row['gate']})")
-
-    (out_dir / "autotune.json").write_text(json.dumps(
-        {"trials": trials, "winner": None, "parent_metric": parent_metric, "sensitivity": sens_table},
-        indent=1, default=str))
-    b = best  # type: ignore[assignment]
-    tried = f"{len(trials)} trial(s)"
-    if config.max_float_layers == 0:
-        fix = ("quantize.max_float_layers is 0, so no layer could fall back to float: raise it "
-               "(e.g. 3)" + ("" if config.qat else " or set quantize.qat: true")
-               + ", or loosen the gate")
-    elif not config.qat:
-        fix = "set quantize.qat: true, raise quantize.max_float_layers, or loosen the gate"
-    else:
-        fix = "raise quantize.max_float_layers or quantize.qat_epochs, or loosen the gate"
-    raise GateRejected(
-        f"quantize(auto): no candidate passed the gate after {tried}; best was trial {b['trial']} "
-        f"({b['kind']}, {b['calibrator']}, top-1 {b['metric']:.2f}% vs parent {parent_metric:.2f}%: "
-        f"{b['gate']}); {fix}"
-    )
+    strategy = ClassifierStrategy(parent_onnx_path, gate, model=model, export_config=export_config)
+    return search(fp32_onnx_path, config, strategy=strategy, data=data, out_dir=out_dir,
+                  tracking_uri=tracking_uri, parent_run_id=parent_run_id, progress=progress)

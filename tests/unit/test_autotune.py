@@ -1,7 +1,9 @@
 """Accuracy-aware quantization: PTQ per calibrator -> float fallback -> QAT, first pass wins."""
 
+import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from compress_models import WORKLOADS, digits, hard_to_quantize, onnx_of, trained, one_torch_thread  # noqa: F401  (autouse)
@@ -12,17 +14,19 @@ from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig
 from edgeslim.components.quantize.ptq import check_qdq
 from tests.spread import measured
 
-# SQNR that keeping the damaged layer in float buys over the best PTQ trial: 1.7-3.5 dB over
-# 3 kernel sets x 3 seeds (tests/spread.json). Bound 0.5 dB: the fallback must help, by a margin
-# the spread does not cross. (+3.0 dB, the old bound, was one machine's figure: an AVX2 machine
-# measured +1.2 dB with the earlier damaged layer.)
+# SQNR that keeping the damaged layer in float buys over the PTQ trial it starts from (the best
+# one by the search's ranking), on the validation split the search judges on: 1.3-3.6 dB over
+# 3 kernel sets x 3 seeds (1.6-3.6 dB with minmax alone). Bound 0.5 dB: the fallback must help,
+# by a margin the spread does not cross. (+3.0 dB, an older bound, was one machine's figure: an
+# AVX2 machine measured +1.2 dB with the earlier damaged layer. Judged on the test split, the
+# search's old habit, the gain over the best PTQ SQNR was 1.7-3.5 dB.)
 GAIN_DB = 0.5
 
 IMPOSSIBLE = AccuracyGateConfig(max_metric_drop=0.0, min_top1_agreement=1.0, min_sqnr_db=200.0)
 
 
-def _auto(model, fp32, cfg, gate, out):
-    return quantize_auto(model, fp32, cfg, data=digits(), parent_onnx_path=fp32, gate=gate, out_dir=out)
+def _auto(model, fp32, cfg, gate, out, data=None):
+    return quantize_auto(model, fp32, cfg, data=data or digits(), parent_onnx_path=fp32, gate=gate, out_dir=out)
 
 
 @pytest.mark.parametrize("kind", WORKLOADS)
@@ -59,12 +63,50 @@ def test_every_step_tried_then_refused_with_the_best_trial(tmp_path):
     assert (tmp_path / "sensitivity" / "sensitivity.png").is_file()
     # keeping the hard layer in float buys fidelity; QAT reports its fake-quant accuracy too
     # (how closely that matches the export is held by test_qat, on models that are not damaged)
-    gain = measured("autotune.fallback_sqnr_gain_db", rows[2]["sqnr_db"] - max(rows[0]["sqnr_db"], rows[1]["sqnr_db"]))
-    assert gain > GAIN_DB
+    start = next(r for r in rows[:2] if r["calibrator"] == rows[2]["calibrator"])
+    assert start == max(rows[:2], key=lambda r: (r["metric"], r["sqnr_db"]))
+    assert measured("autotune.fallback_sqnr_gain_db", rows[2]["sqnr_db"] - start["sqnr_db"]) > GAIN_DB
+    # and it beats the other calibrator's PTQ too: 0.67-3.6 dB. On val the search may start from
+    # the calibrator with the better top-1 but the lower SQNR (seed 0: one val sample apart), so
+    # this margin is the smaller one.
+    assert measured("autotune.fallback_sqnr_over_every_ptq_db",
+                    rows[2]["sqnr_db"] - max(rows[0]["sqnr_db"], rows[1]["sqnr_db"])) > 0.0
     assert 0.0 <= rows[4]["fake_quant_top1_test"] <= 100.0
     # QAT starts from the best candidate so far: highest metric, then SQNR
     best = max(rows[:4], key=lambda r: (r["metric"], r["sqnr_db"]))
     assert rows[4]["float_layers"] == best["float_layers"] and rows[4]["calibrator"] == best["calibrator"]
+
+
+def _judged(rows):
+    """The rows without what differs between two runs of one search (paths, timings)."""
+    return [{k: v for k, v in r.items() if k not in ("model", "seconds", "mlflow_run_id")} for r in rows]
+
+
+def test_the_search_chooses_on_validation_and_never_reads_the_test_split(tmp_path):
+    model, _ = hard_to_quantize("cnn")
+    fp32 = onnx_of("cnn", damaged=True)
+    cfg = AccuracyAwareQuantizeConfig(calibrators=["minmax", "mse"], num_samples=128, max_float_layers=2,
+                                      sensitivity_metric="sqnr", qat=False)
+    with pytest.raises(GateRejected):
+        _auto(model, fp32, cfg, IMPOSSIBLE, tmp_path / "probe")
+    probe = json.loads((tmp_path / "probe" / "autotune.json").read_text())
+    assert probe["chosen_on"] == "val"
+    sqnr = [r["sqnr_db"] for r in probe["trials"]]
+    # a gate only the last fallback passes (the second layer in float adds 1.6-2.2 dB over every
+    # earlier trial), so the search chooses a calibrator, ranks layers, and picks a winner
+    gate = AccuracyGateConfig(max_metric_drop=100.0, min_top1_agreement=0.0, min_sqnr_db=(max(sqnr[:3]) + sqnr[3]) / 2)
+    clean = digits()
+    rng = np.random.default_rng(0)
+    poisoned = dataclasses.replace(clean, x_test=rng.random(clean.x_test.shape, dtype=np.float32),
+                                   y_test=rng.permutation(clean.y_test))
+    assert (poisoned.y_test != clean.y_test).mean() > 0.5
+    runs = {name: _auto(model, fp32, cfg, gate, tmp_path / name, data=data)
+            for name, data in (("clean", clean), ("poisoned", poisoned))}
+    a, b = runs["clean"].metrics, runs["poisoned"].metrics
+    assert a["winner"]["trial"] == b["winner"]["trial"] == 4 and a["winner"]["kind"] == "fallback"
+    assert _judged(a["trials"]) == _judged(b["trials"]) and a["reason"] == b["reason"]
+    assert a["sensitivity"] == b["sensitivity"] and a["sensitivity"]["split"] == "val"
+    assert runs["clean"].model.read_bytes() == runs["poisoned"].model.read_bytes()
 
 
 def test_float_fallback_wins_when_it_is_the_first_to_pass(tmp_path):
@@ -74,6 +116,7 @@ def test_float_fallback_wins_when_it_is_the_first_to_pass(tmp_path):
                                       sensitivity_metric="sqnr", qat=False)
     with pytest.raises(GateRejected):
         _auto(model, fp32, cfg, IMPOSSIBLE, tmp_path / "probe")
+    # the probe's rows are validation figures, the split the gate below is judged on
     probe = json.loads((tmp_path / "probe" / "autotune.json").read_text())["trials"]
     ptq, fb1 = probe[0]["sqnr_db"], probe[1]["sqnr_db"]
     assert measured("autotune.fallback_sqnr_gain_minmax_db", fb1 - ptq) > GAIN_DB
