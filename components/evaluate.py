@@ -8,7 +8,6 @@ labelled as such, and never gates (see DESIGN.md).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from edgeslim.components.tasks.classification import top1_percent  # noqa: F401 
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import DataError
 from edgeslim.components.recipe import AccuracyGateConfig, EvaluateConfig
-from edgeslim.components.common.result import StageResult
+from edgeslim.components.common.result import GateCheck, StageResult, verdict
 from edgeslim.components.export import make_session
 
 
@@ -96,15 +95,6 @@ def evaluate(candidate_onnx: str | Path, config: EvaluateConfig, *, parent_onnx:
     return StageResult(model=Path(candidate_onnx), metrics=metrics, seconds=time.perf_counter() - t0)
 
 
-@dataclasses.dataclass
-class GateCheck:
-    name: str
-    value: float
-    threshold: float
-    passed: bool
-    detail: str
-
-
 def gate(metrics: dict[str, Any], config: AccuracyGateConfig) -> dict[str, Any]:
     """Judge evaluation metrics against the gate; returns ``{passed, checks, summary}``."""
     src, cand = metrics["source"], metrics["candidate"]
@@ -122,8 +112,4 @@ def gate(metrics: dict[str, Any], config: AccuracyGateConfig) -> dict[str, Any]:
         GateCheck("sqnr_db", qsqnr, config.min_sqnr_db, qsqnr >= config.min_sqnr_db,
                   f"int8 output SQNR {qsqnr:.2f} dB against its fp32 model; required {config.min_sqnr_db:.2f} dB"),
     ]
-    failed = [c for c in checks if not c.passed]
-    summary = "passed: " + "; ".join(c.detail for c in checks) if not failed else \
-        "failed: " + "; ".join(
-            f"{c.name} missed by {abs(c.value - c.threshold):.4g} ({c.detail})" for c in failed)
-    return {"passed": not failed, "checks": [dataclasses.asdict(c) for c in checks], "summary": summary}
+    return verdict(checks)

@@ -8,10 +8,12 @@ TensorRT's int8 math approximates.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
+import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -37,6 +39,21 @@ def make_session(path: str | Path, *, basic: bool = True, threads: int = 0,
         return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
         raise SourceError(f"ONNX file {path} cannot be loaded by ONNX Runtime ({str(exc)[:160]})") from None
+
+
+@contextlib.contextmanager
+def session_with_outputs(model, names: list[str]) -> Iterator:
+    """A session (Q/DQ semantics) of ``model`` in which the intermediate tensors ``names`` are graph
+    outputs too, so one run returns their values. ``model`` is an ONNX path, or a ModelProto that
+    gains the outputs (no copy: calibration models can be large)."""
+    import onnx
+
+    model = onnx.load(str(model)) if isinstance(model, (str, Path)) else model
+    have = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.helper.ValueInfoProto(name=n) for n in names if n not in have)
+    with tempfile.TemporaryDirectory(prefix="edgeslim-probe-") as tmp:
+        onnx.save(model, str(Path(tmp) / "probe.onnx"))
+        yield make_session(Path(tmp) / "probe.onnx")
 
 
 def run_outputs(session, x: np.ndarray, batch: int = 256) -> tuple[list[str], list[np.ndarray]]:

@@ -1,4 +1,4 @@
-"""What every stage returns."""
+"""What every stage returns, and what a gate decides."""
 
 from __future__ import annotations
 
@@ -21,3 +21,25 @@ class StageResult:
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
     lineage: dict[str, Any] = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
+
+
+@dataclasses.dataclass
+class GateCheck:
+    """One check of a gate: the measured value, its threshold, and a sentence a person can act on."""
+
+    name: str
+    value: float
+    threshold: float
+    passed: bool
+    detail: str
+
+
+def verdict(checks: list[GateCheck], shown_when_passed: int | None = None) -> dict[str, Any]:
+    """``{passed, checks, summary}`` of a gate: what passed, or by how much each failed check missed."""
+    failed = [c for c in checks if not c.passed]
+    if not failed:
+        summary = "passed: " + "; ".join(c.detail for c in checks[:shown_when_passed])
+    else:
+        summary = "failed: " + "; ".join(
+            f"{c.name} missed by {abs(c.value - c.threshold):.4g} ({c.detail})" for c in failed)
+    return {"passed": not failed, "checks": [dataclasses.asdict(c) for c in checks], "summary": summary}

@@ -24,7 +24,8 @@ from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import ConfigError, DataError
 from edgeslim.components.common.result import StageResult
 from edgeslim.components.common.stage_configs import PTQQuantizeConfig
-from edgeslim.components.export import INPUT_NAME, make_session
+from edgeslim.components.common.onnx_runtime import session_with_outputs
+from edgeslim.components.export import INPUT_NAME
 
 log = logging.getLogger(__name__)
 CALIB_BATCH = 64
@@ -70,14 +71,7 @@ def calibrate_ranges(model_path: Path, config: PTQQuantizeConfig, data: Splits) 
 
     model = onnx.load(str(model_path))
     names = _float_tensors(model)
-    graph_out = {o.name for o in model.graph.output}
-    for n in names:
-        if n not in graph_out:
-            model.graph.output.append(onnx.helper.ValueInfoProto(name=n))
-    with tempfile.TemporaryDirectory(prefix="edgeslim-calib-") as tmp:
-        aug = Path(tmp) / "augmented.onnx"
-        onnx.save(model, str(aug))
-        sess = make_session(aug, basic=True)
+    with session_with_outputs(model, names) as sess:
         out_names = [o.name for o in sess.get_outputs()]
         pick = [out_names.index(n) for n in names]
         calib = data.calibration(config.num_samples, config.seed)

@@ -138,21 +138,13 @@ def qdq_plan(qdq_path: str | Path) -> tuple[dict[str, float], set[str]]:
 def _onnx_values(fp32_path: str | Path, names: list[str], x: np.ndarray) -> dict[str, np.ndarray]:
     import onnx
 
-    from edgeslim.components.export import INPUT_NAME, make_session
+    from edgeslim.components.common.onnx_runtime import session_with_outputs
+    from edgeslim.components.export import INPUT_NAME
 
     model = onnx.load(str(fp32_path))
-    outs = {o.name for o in model.graph.output}
     inputs = {i.name for i in model.graph.input}
     wanted = [n for n in names if n not in inputs]
-    for n in wanted:
-        if n not in outs:
-            model.graph.output.append(onnx.helper.ValueInfoProto(name=n))
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="edgeslim-qat-") as tmp:
-        p = Path(tmp) / "aug.onnx"
-        onnx.save(model, str(p))
-        sess = make_session(p, basic=True)
+    with session_with_outputs(model, wanted) as sess:
         got = sess.run(wanted, {INPUT_NAME: x})
     vals = dict(zip(wanted, got))
     for n in names:

@@ -15,7 +15,6 @@ gate says so in words.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,7 +24,7 @@ import numpy as np
 from edgeslim.components.common.onnx_runtime import latency_ms, make_session, run_outputs, sqnr_db
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import DataError
-from edgeslim.components.common.result import StageResult
+from edgeslim.components.common.result import GateCheck, StageResult, verdict
 from edgeslim.components.common.decode import box_iou, decode_outputs
 
 IOU_THRESHOLDS = np.round(np.arange(0.5, 0.96, 0.05), 2)
@@ -227,15 +226,6 @@ def evaluate_detection(candidate_onnx: str | Path, config, *, parent_onnx: str |
     return StageResult(model=Path(candidate_onnx), metrics=metrics, seconds=time.perf_counter() - t0)
 
 
-@dataclasses.dataclass
-class _Check:
-    name: str
-    value: float
-    threshold: float
-    passed: bool
-    detail: str
-
-
 def gate_detection(metrics: dict[str, Any], config) -> dict[str, Any]:
     """Judge a detector: mAP@0.5 drop, mean true-positive score drop, recall at the threshold.
 
@@ -252,25 +242,23 @@ def gate_detection(metrics: dict[str, Any], config) -> dict[str, Any]:
     score_drop = round(s["mean_tp_score"] - c["mean_tp_score"], 4)
     recall_drop = round(s["recall"] - c["recall"], 4)
     checks = [
-        _Check("map50_drop", map_drop, config.max_map_drop, map_drop <= config.max_map_drop,
+        GateCheck("map50_drop", map_drop, config.max_map_drop, map_drop <= config.max_map_drop,
                f"mAP@0.5 fell {map_drop:.2f} pt ({s['map50']:.2f} -> {c['map50']:.2f}); "
                f"allowed {config.max_map_drop:.2f}"),
-        _Check("mean_tp_score_drop", score_drop, config.max_tp_score_drop,
+        GateCheck("mean_tp_score_drop", score_drop, config.max_tp_score_drop,
                score_drop <= config.max_tp_score_drop,
                f"mean true-positive score {s['mean_tp_score']:.3f} -> {c['mean_tp_score']:.3f}; "
                f"allowed drop {config.max_tp_score_drop:.3f}"),
-        _Check("recall_drop", recall_drop, config.max_recall_drop, recall_drop <= config.max_recall_drop,
+        GateCheck("recall_drop", recall_drop, config.max_recall_drop, recall_drop <= config.max_recall_drop,
                f"recall at score >= {thr:g} {s['recall']:.2f}% -> {c['recall']:.2f}%; "
                f"allowed drop {config.max_recall_drop:.2f} pt"),
-        _Check("min_recall", c["recall"], config.min_recall, c["recall"] >= config.min_recall,
+        GateCheck("min_recall", c["recall"], config.min_recall, c["recall"] >= config.min_recall,
                f"recall at score >= {thr:g} {c['recall']:.2f}%; required {config.min_recall:.2f}%"),
     ]
+    result = verdict(checks, shown_when_passed=3)
     failed = [k for k in checks if not k.passed]
-    if not failed:
-        summary = "passed: " + "; ".join(k.detail for k in checks[:3])
-    else:
-        summary = "failed: " + "; ".join(
-            f"{k.name} missed by {abs(k.value - k.threshold):.4g} ({k.detail})" for k in failed)
+    summary = result["summary"]
+    if failed:
         calib = {"mean_tp_score_drop", "recall_drop", "min_recall"}
         if not checks[0].passed and not checks[1].passed and c["mean_tp_score"] < thr:
             summary = (
@@ -285,7 +273,7 @@ def gate_detection(metrics: dict[str, Any], config) -> dict[str, Any]:
                 f"recall at score >= {thr:g} {s['recall']:.1f}% -> {c['recall']:.1f}%, so the deployed "
                 "threshold finds far fewer objects; keep the class-score head in float "
                 "(quantize.float_layers) or use quantize method auto. " + summary)
-    return {"passed": not failed, "checks": [dataclasses.asdict(k) for k in checks], "summary": summary}
+    return {**result, "summary": summary}
 
 
 def check_detector(model, data: Splits, task) -> None:

@@ -45,16 +45,9 @@ class _Flat(nn.Module):
 
 def head_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
     """Conv layers whose output is a model output, directly or through a sigmoid/softmax."""
-    seen: dict[str, torch.Tensor] = {}
-    convs = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n}
-    hooks = [m.register_forward_hook(lambda _m, _i, o, n=n: seen.__setitem__(n, o)) for n, m in convs.items()]
-    try:
-        with torch.no_grad():
-            out = model.eval()(example)
-    finally:
-        for h in hooks:
-            h.remove()
-    outs = list(out) if isinstance(out, (tuple, list)) else [out]
+    from edgeslim.components.transform.prune import layer_outputs
+
+    seen, outs = layer_outputs(model, example)
     heads = []
     for name, t in seen.items():
         for o in outs:

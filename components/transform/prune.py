@@ -57,12 +57,9 @@ def _prunable(model: nn.Module) -> dict[str, nn.Module]:
             if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Linear)) and n}
 
 
-def output_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Names of the layers whose output channels are the model's outputs (heads).
-
-    Found by running the model with a hook on every conv/linear: a head's output
-    tensor is the model's output (or has its trailing size).
-    """
+def layer_outputs(model: nn.Module, example: torch.Tensor) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Run ``model`` once (eval, no gradients): each conv/linear layer's output by name, and the model's
+    outputs as a list (a tuple, list or dict of outputs, or a single tensor)."""
     seen: dict[str, torch.Tensor] = {}
     handles = [m.register_forward_hook(lambda _m, _i, o, n=n: seen.__setitem__(n, o))
                for n, m in _prunable(model).items()]
@@ -73,6 +70,16 @@ def output_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
         for h in handles:
             h.remove()
     outs = list(out.values()) if isinstance(out, dict) else list(out) if isinstance(out, (list, tuple)) else [out]
+    return seen, outs
+
+
+def output_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Names of the layers whose output channels are the model's outputs (heads).
+
+    Found by running the model with a hook on every conv/linear: a head's output
+    tensor is the model's output (or has its trailing size).
+    """
+    seen, outs = layer_outputs(model, example)
     heads = [n for n, t in seen.items() if any(t is o for o in outs)]
     if not heads:  # the head is followed by a reshape/activation: fall back to the last layer
         heads = [list(seen)[-1]]
