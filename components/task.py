@@ -1,7 +1,7 @@
 """The Task: what differs between kinds of model, chosen once from the recipe's ``task:`` section.
 
 Every place that used to ask "is this a detector?" asks the task instead: which torch stages train
-it (and with which loss), how the accuracy-aware search judges and ranks trials, how a candidate is
+it (and with which loss), the strategy by which the accuracy-aware search judges and ranks trials, how a candidate is
 evaluated beside its parent, what the gate checks, what is checked before a run starts, and what
 the registered edge model records about it. Built in: ``classification`` and ``detection``. Your
 own: a class with the same methods, registered under the entry-point group ``edgeslim.tasks``
@@ -35,14 +35,11 @@ class ClassificationTask:
 
         return apply_torch_stages(model, stages, data=data, teacher=model, progress=progress)
 
-    def quantize(self, config, *, fp32_onnx: str | Path, model, reference_onnx: str | Path, recipe,
-                 data: Splits, out_dir: str | Path, tracking_uri: str | None = None,
-                 parent_run_id: str | None = None) -> StageResult:
-        """``qat`` and ``auto`` (PTQ is the same for every task: :func:`.quantize.ptq.quantize`)."""
-        from edgeslim.components.transform.stages import quantize_with
+    def search_strategy(self, *, fp32_onnx: str | Path, reference_onnx: str | Path, recipe, model=None):
+        """How the accuracy-aware search judges and ranks this task's trials (:mod:`.quantize.search`)."""
+        from edgeslim.components.quantize.search import ClassifierStrategy
 
-        return quantize_with(config, model=model, fp32_onnx=fp32_onnx, parent_onnx=reference_onnx, recipe=recipe,
-                             data=data, out_dir=out_dir, tracking_uri=tracking_uri, parent_run_id=parent_run_id)
+        return ClassifierStrategy(reference_onnx, recipe.gate, model=model, export_config=recipe.export)
 
     def evaluate(self, candidate_onnx: str | Path, config, *, parent_onnx: str | Path, data: Splits,
                  student_onnx: str | Path | None = None) -> StageResult:
@@ -77,13 +74,11 @@ class DetectionTask(ClassificationTask):
 
         return apply_detector_stages(model, stages, data=data, task=self.config, progress=progress)
 
-    def quantize(self, config, *, fp32_onnx: str | Path, model, reference_onnx: str | Path, recipe,
-                 data: Splits, out_dir: str | Path, tracking_uri: str | None = None,
-                 parent_run_id: str | None = None) -> StageResult:
-        from edgeslim.components.quantize.detect_search import quantize_detector_auto
+    def search_strategy(self, *, fp32_onnx: str | Path, reference_onnx: str | Path, recipe, model=None):
+        from edgeslim.components.quantize.detect_search import DetectorStrategy
 
-        return quantize_detector_auto(fp32_onnx, config, data=data, task=self.config, out_dir=out_dir,
-                                      model=model if config.qat else None, export_config=recipe.export)
+        # The detector's trials are judged against its own fp32 export (what the int8 step changes).
+        return DetectorStrategy(fp32_onnx, self.config, model=model, export_config=recipe.export)
 
     def evaluate(self, candidate_onnx: str | Path, config, *, parent_onnx: str | Path, data: Splits,
                  student_onnx: str | Path | None = None) -> StageResult:

@@ -87,28 +87,31 @@ def quantize_op(recipe_json: str, tracking_uri: str, onnx_model: Input[Model], s
     data = load_data(recipe.data.provider, recipe.data.args)
     out_dir = Path(qdq_model.path).parent / "quantize"
     cfg = recipe.quantize
-    if cfg.method == "ptq":  # the same for every task
-        from edgeslim.components.quantize.ptq import quantize
+    from edgeslim.components.common.model_io import load_module
+    from edgeslim.components.quantize.apply import quantize
 
+    if cfg.method == "ptq":  # no training, no trials: nothing to track
         res = quantize(onnx_model.path, cfg, data=data, out_dir=out_dir)
     else:
         import mlflow
 
-        from edgeslim.components.common.model_io import load_module
         from edgeslim.components.common.tracking import connect
         from edgeslim.components.task import task_for
 
         uri = tracking_uri or recipe.tracking_uri or None
         connect(uri)
         mlflow.set_experiment(recipe.register.experiment)
+        model = load_module(student.path)
         # Trials judge the int8 step, so their reference is the model being quantized
         # (the final gate still compares the metric with the registered parent).
         reference = onnx_model.path if recipe.torch_stages else parent_onnx.path
+        strategy = task_for(recipe.task).search_strategy(fp32_onnx=onnx_model.path, reference_onnx=reference,
+                                                         recipe=recipe, model=model if cfg.qat else None) \
+            if cfg.method == "auto" else None
         with mlflow.start_run(run_name=f"quantize {cfg.method}: {recipe.source}") as run:
             mlflow.set_tag("edgeslim.recipe_hash", recipe.digest())
-            res = task_for(recipe.task).quantize(
-                cfg, fp32_onnx=onnx_model.path, model=load_module(student.path), reference_onnx=reference,
-                recipe=recipe, data=data, out_dir=out_dir, tracking_uri=uri, parent_run_id=run.info.run_id)
+            res = quantize(onnx_model.path, cfg, data=data, out_dir=out_dir, model=model, strategy=strategy,
+                           export_config=recipe.export, tracking_uri=uri, parent_run_id=run.info.run_id)
     from edgeslim.components.quantize.ptq import check_qdq
 
     # Whatever method made it, the report states the Q/DQ facts TensorRT cares about.

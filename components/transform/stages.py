@@ -1,23 +1,19 @@
-"""The torch-side compression stages applied in recipe order, and the non-PTQ quantizers.
+"""The torch-side compression stages (distill, prune), applied in recipe order.
 
-The pipeline's transform task calls :func:`apply_torch_stages`; its quantize
-task calls :func:`quantize_with` for the ``qat`` and ``auto`` methods.
+The pipeline's transform task calls :func:`apply_torch_stages` through the Task.
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import ConfigError
 from edgeslim.components.common.result import StageResult
 from edgeslim.components.common.stage_configs import (
-    AccuracyAwareQuantizeConfig,
     ChannelPruneConfig,
     LogitDistillConfig,
-    QATQuantizeConfig,
 )
 
 # progress(stage label, step, steps, loss)
@@ -80,35 +76,3 @@ def apply_torch_stages(model, stages: Sequence[Any], *, data: Splits, teacher,
                "macs_ratio": macs0 / max(macs1, 1), "params_before": params0,
                "params_after": params1, "params_ratio": params0 / max(params1, 1)}
     return StageResult(current, metrics, {"stages": lineage}, time.perf_counter() - start)
-
-
-def quantize_with(config, *, model, fp32_onnx: str | Path, parent_onnx: str | Path, recipe,
-                  data: Splits, out_dir: str | Path, tracking_uri: str | None = None,
-                  parent_run_id: str | None = None) -> StageResult:
-    """Quantize with the ``qat`` or ``auto`` method (``ptq`` is :func:`.quantize.quantize`).
-
-    Args:
-        config: a ``QATQuantizeConfig`` or ``AccuracyAwareQuantizeConfig``.
-        model: the fp32 torch model ``fp32_onnx`` was exported from.
-        fp32_onnx: its ONNX export.
-        parent_onnx: the registered parent's fp32 ONNX (the gate's reference).
-        recipe: the whole recipe (export settings, gate).
-        data: the splits.
-        out_dir: where the Q/DQ ONNX and per-trial files go.
-        tracking_uri: MLflow server for the auto method's child runs.
-        parent_run_id: the run the auto method's trials become children of.
-    """
-    if isinstance(config, QATQuantizeConfig):
-        from edgeslim.components.quantize.qat import qat
-
-        return qat(model, config, data=data, out_dir=out_dir, fp32_onnx=fp32_onnx,
-                   export_config=recipe.export)
-    if isinstance(config, AccuracyAwareQuantizeConfig):
-        from edgeslim.components.quantize.search import quantize_auto
-
-        return quantize_auto(model, fp32_onnx, config, data=data, parent_onnx_path=parent_onnx,
-                             gate=recipe.gate, out_dir=out_dir, tracking_uri=tracking_uri,
-                             parent_run_id=parent_run_id, export_config=recipe.export)
-    raise ConfigError(
-        f"quantize: method {getattr(config, 'method', '?')!r} is not handled here; use ptq, qat or auto"
-    )

@@ -1,0 +1,59 @@
+"""The one quantize verb: ``quantize(fp32_onnx, config, ...)``, where the method is the config's class.
+
+- ``PTQQuantizeConfig``: calibrate and quantize (:mod:`.ptq`), the same for every task;
+- ``QATQuantizeConfig``: fake-quantized fine-tuning of the torch model, exported again (:mod:`.qat`);
+- ``AccuracyAwareQuantizeConfig``: the accuracy-aware search (:mod:`.search`), judged and ranked by the
+  task's strategy (the Task gives it: ``ClassifierStrategy`` or ``DetectorStrategy``, or your own).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from edgeslim.components.common.data import Splits
+from edgeslim.components.common.errors import ConfigError
+from edgeslim.components.common.result import StageResult
+from edgeslim.components.common.stage_configs import (AccuracyAwareQuantizeConfig, OnnxExportConfig,
+                                                      PTQQuantizeConfig, QATQuantizeConfig)
+
+
+def quantize(fp32_onnx: str | Path, config, *, data: Splits, out_dir: str | Path, model=None,
+             strategy=None, export_config: OnnxExportConfig | None = None, tracking_uri: str | None = None,
+             parent_run_id: str | None = None, progress: Callable[[str], None] | None = None) -> StageResult:
+    """Quantize ``fp32_onnx`` to a symmetric per-channel int8 Q/DQ ONNX with the method ``config`` names.
+
+    Args:
+        fp32_onnx: the fp32 ONNX to quantize.
+        config: a ``PTQQuantizeConfig``, ``QATQuantizeConfig`` or ``AccuracyAwareQuantizeConfig``.
+        data: calibration and training from train; the search judges on val.
+        out_dir: where the Q/DQ ONNX (and the search's trials) go.
+        model: the torch model ``fp32_onnx`` was exported from (QAT trains it).
+        strategy: for the search, the task's :class:`.search.Strategy`.
+        export_config: ONNX export settings for QAT's export.
+        tracking_uri, parent_run_id: the search's trials become child runs of this MLflow run.
+        progress: called with one line per search trial.
+
+    Raises:
+        ConfigError: a method without what it needs (QAT without a model, the search without a strategy).
+        GateRejected: the search found no candidate that passes.
+    """
+    if isinstance(config, PTQQuantizeConfig):
+        from edgeslim.components.quantize.ptq import quantize as ptq
+
+        return ptq(fp32_onnx, config, data=data, out_dir=out_dir)
+    if isinstance(config, QATQuantizeConfig):
+        if model is None:
+            raise ConfigError("quantize(qat): QAT trains the torch model; pass the model the ONNX was exported from")
+        from edgeslim.components.quantize.qat import qat
+
+        return qat(model, config, data=data, out_dir=out_dir, fp32_onnx=fp32_onnx, export_config=export_config)
+    if isinstance(config, AccuracyAwareQuantizeConfig):
+        if strategy is None:
+            raise ConfigError("quantize(auto): the search needs the task's strategy (Task.search_strategy)")
+        from edgeslim.components.quantize.search import search
+
+        return search(fp32_onnx, config, strategy=strategy, data=data, out_dir=out_dir, tracking_uri=tracking_uri,
+                      parent_run_id=parent_run_id, progress=progress)
+    raise ConfigError(f"quantize: method {getattr(config, 'method', '?')!r} is not a quantize method; "
+                      "use ptq, qat or auto")
