@@ -84,12 +84,9 @@ class EvaluateConfig(Config):
     threads: int = 0
 
     def validate(self) -> None:
-        if not self.latency_batches or any(b < 1 for b in self.latency_batches):
-            raise ConfigError(
-                f"evaluate.latency_batches: got {self.latency_batches}; use batch sizes >= 1"
-            )
-        if self.latency_repeats < 1:
-            raise ConfigError(f"evaluate.latency_repeats: got {self.latency_repeats}; use >= 1")
+        self.require(bool(self.latency_batches) and all(b >= 1 for b in self.latency_batches), "latency_batches",
+                     "use batch sizes >= 1", section="evaluate")
+        self.require(self.latency_repeats >= 1, "latency_repeats", "use >= 1", section="evaluate")
 
 
 @dataclasses.dataclass(frozen=True)

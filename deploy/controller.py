@@ -99,17 +99,12 @@ class WaveRolloutConfig(Config):
             if not 0 < w <= 100 or w < prev:
                 raise ConfigError(f"waves: {self.waves} must rise within (0, 100], e.g. 1,10,50,100")
             prev = w
-        if not 0 <= self.max_failure_pct <= 100:
-            raise ConfigError(f"max_failure_pct: got {self.max_failure_pct}; expected 0..100")
-        if not 0 < self.iou <= 1:
-            raise ConfigError(f"iou: got {self.iou}; expected an IoU in (0, 1], e.g. 0.9")
-        if not 0 <= self.score_tol < 1:
-            raise ConfigError(f"score_tol: got {self.score_tol}; expected a score difference in [0, 1), e.g. 0.05")
-        if self.min_reported < 1:
-            raise ConfigError(f"min_reported: got {self.min_reported}; expected >= 1")
+        self.require(0 <= self.max_failure_pct <= 100, "max_failure_pct", "expected 0..100")
+        self.require(0 < self.iou <= 1, "iou", "expected an IoU in (0, 1], e.g. 0.9")
+        self.require(0 <= self.score_tol < 1, "score_tol", "expected a score difference in [0, 1), e.g. 0.05")
+        self.require(self.min_reported >= 1, "min_reported", "expected >= 1")
         for name in ("wave_timeout_s", "poll_interval_s", "expiry_s", "lock_ttl_s"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}: got {getattr(self, name)}; expected a positive number of seconds")
+            self.require(getattr(self, name) > 0, name, "expected a positive number of seconds")
 
     @classmethod
     def from_strings(cls, raw: dict[str, Any]) -> "WaveRolloutConfig":

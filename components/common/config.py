@@ -111,6 +111,11 @@ class Config:
     def validate(self) -> None:
         """Raise ``ConfigError`` for impossible values. Subclasses extend."""
 
+    def require(self, ok: bool, field: str, fix: str, *, section: str = "") -> None:
+        """Refuse the value of ``field`` unless ``ok``: one line, ``SECTION.FIELD: got VALUE; FIX``."""
+        if not ok:
+            raise ConfigError(f"{section + '.' if section else ''}{field}: got {getattr(self, field)}; {fix}")
+
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, prefix: str = "") -> "Config":
         data = dict(data or {})

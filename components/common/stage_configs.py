@@ -45,7 +45,18 @@ class OnnxExportConfig(StageConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class PTQQuantizeConfig(StageConfig):
+class Calibration:
+    """The calibration settings that PTQ and QAT share; each config documents them."""
+
+    calibrator: Calibrator = "percentile"
+    num_samples: int = 512
+    percentile: float = 99.99
+    num_bins: int = 2048
+    float_layers: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class PTQQuantizeConfig(Calibration, StageConfig):
     """Post-training int8 quantization into a Q/DQ ONNX that TensorRT consumes.
 
     Symmetric (zero points all 0) with per-channel weight scales on the
@@ -66,11 +77,6 @@ class PTQQuantizeConfig(StageConfig):
 
     stage = "quantize"
     method = "ptq"
-    calibrator: Calibrator = "percentile"
-    num_samples: int = 512
-    percentile: float = 99.99
-    num_bins: int = 2048
-    float_layers: list[str] = dataclasses.field(default_factory=list)
     placement: Literal["all", "weighted"] = "all"
     seed: int = 0
 
@@ -106,7 +112,23 @@ def _check_training(where: str, epochs: int, lr: float, batch_size: int, min_epo
 
 
 @dataclasses.dataclass(frozen=True)
-class ChannelPruneConfig(StageConfig):
+class DistilledFinetuning:
+    """The fine-tuning settings that pruning and QAT share; each config documents its own defaults."""
+
+    lr: float = 1e-3
+    batch_size: int = 64
+    distill: bool = True
+    temperature: float = 4.0
+    alpha: float = 0.5
+    seed: int = 0
+
+    def check_finetuning(self, where: str, epochs: int, min_epochs: int = 0) -> None:
+        _check_training(where, epochs, self.lr, self.batch_size, min_epochs)
+        _check_distill(where, self.temperature, self.alpha)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelPruneConfig(DistilledFinetuning, StageConfig):
     """Structural channel pruning that follows layer dependencies (Torch-Pruning).
 
     Channels are physically removed, together with every channel they are tied
@@ -151,11 +173,7 @@ class ChannelPruneConfig(StageConfig):
     steps: int = 1
     finetune_epochs: int = 5
     lr: float = 2e-3
-    batch_size: int = 64
-    distill: bool = True
-    temperature: float = 4.0
     alpha: float = 0.7
-    seed: int = 0
 
     def validate(self) -> None:
         if not 0.0 < self.keep_fraction < 1.0:
@@ -182,8 +200,7 @@ class ChannelPruneConfig(StageConfig):
             raise ConfigError(f"prune.round_to: got {self.round_to}; use 1 (any count) or more")
         if self.steps < 1:
             raise ConfigError(f"prune.steps: got {self.steps}; use 1 or more")
-        _check_training("prune", self.finetune_epochs, self.lr, self.batch_size)
-        _check_distill("prune", self.temperature, self.alpha)
+        self.check_finetuning("prune", self.finetune_epochs)
 
 
 def _check_distill(where: str, temperature: float, alpha: float) -> None:
@@ -297,7 +314,7 @@ class FeatureDistillConfig(LogitDistillConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class QATQuantizeConfig(StageConfig):
+class QATQuantizeConfig(Calibration, DistilledFinetuning, StageConfig):
     """Quantization-aware training into the same symmetric per-channel Q/DQ ONNX as PTQ.
 
     Fake quantization starts from the ranges PTQ calibration picks, then the
@@ -321,24 +338,13 @@ class QATQuantizeConfig(StageConfig):
 
     stage = "quantize"
     method = "qat"
-    calibrator: Calibrator = "percentile"
-    num_samples: int = 512
-    percentile: float = 99.99
-    num_bins: int = 2048
-    float_layers: list[str] = dataclasses.field(default_factory=list)
     epochs: int = 3
     lr: float = 1e-4
-    batch_size: int = 64
-    distill: bool = True
-    temperature: float = 4.0
-    alpha: float = 0.5
-    seed: int = 0
 
     def validate(self) -> None:
         PTQQuantizeConfig(calibrator=self.calibrator, num_samples=self.num_samples,
                           percentile=self.percentile, num_bins=self.num_bins)
-        _check_training("quantize(qat)", self.epochs, self.lr, self.batch_size, min_epochs=1)
-        _check_distill("quantize(qat)", self.temperature, self.alpha)
+        self.check_finetuning("quantize(qat)", self.epochs, min_epochs=1)
 
     def ptq(self) -> PTQQuantizeConfig:
         """The PTQ config whose calibration initialises the fake quantizers."""

@@ -88,12 +88,10 @@ class YoloDecoderConfig(Config):
         return {**super().to_dict(), "heads": [h.to_dict() for h in self.heads]}
 
     def validate(self) -> None:
-        if not 0.0 < self.nms_iou <= 1.0:
-            raise ConfigError(f"task.decoder.nms_iou: got {self.nms_iou}; use an IoU in (0, 1]")
-        if not 0.0 <= self.min_score < 1.0:
-            raise ConfigError(f"task.decoder.min_score: got {self.min_score}; use a score in [0, 1)")
-        if self.max_detections < 1:
-            raise ConfigError(f"task.decoder.max_detections: got {self.max_detections}; use 1 or more")
+        where = "task.decoder"
+        self.require(0.0 < self.nms_iou <= 1.0, "nms_iou", "use an IoU in (0, 1]", section=where)
+        self.require(0.0 <= self.min_score < 1.0, "min_score", "use a score in [0, 1)", section=where)
+        self.require(self.max_detections >= 1, "max_detections", "use 1 or more", section=where)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -67,16 +67,11 @@ class EngineVerifyConfig(Config):
     samples: int = 0
 
     def validate(self) -> None:
-        if not 0.0 <= self.min_top1_agreement <= 1.0:
-            raise ConfigError(
-                f"engines.verify.min_top1_agreement: got {self.min_top1_agreement}; use a share in [0, 1]"
-            )
-        if self.max_metric_drop < 0:
-            raise ConfigError(
-                f"engines.verify.max_metric_drop: got {self.max_metric_drop}; use 0 or more points"
-            )
-        if self.samples < 0:
-            raise ConfigError(f"engines.verify.samples: got {self.samples}; use 0 (all) or more")
+        where = "engines.verify"
+        self.require(0.0 <= self.min_top1_agreement <= 1.0, "min_top1_agreement", "use a share in [0, 1]",
+                     section=where)
+        self.require(self.max_metric_drop >= 0, "max_metric_drop", "use 0 or more points", section=where)
+        self.require(self.samples >= 0, "samples", "use 0 (all) or more", section=where)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +93,8 @@ class TensorRTEngineConfig(Config):
         gpu_fallback: with a DLA core, let layers DLA cannot run fall back to the GPU.
         version_compatible: build engines later TensorRT versions of the same
             major can run (8.6 or newer; slower).
+        strongly_typed: build a strongly typed network (types from the ONNX, no
+            precision flags; TensorRT 10 or newer); ``None``: TensorRT 11 yes, before it no.
         hardware_compatibility: ``ampere_plus`` or ``same_compute_capability``
             engines run on other GPUs (datacenter only; not on JetPack).
         timing_cache: keep the builder's timing cache and reuse it for the next
@@ -119,6 +116,7 @@ class TensorRTEngineConfig(Config):
     dla_core: Optional[int] = None
     gpu_fallback: bool = True
     version_compatible: bool = False
+    strongly_typed: Optional[bool] = None
     hardware_compatibility: HardwareCompatibility = "none"
     timing_cache: bool = True
     node_selectors: dict = dataclasses.field(default_factory=dict)
@@ -145,21 +143,17 @@ class TensorRTEngineConfig(Config):
                     if dc.dla_cores else
                     f"engines.dla_core: device class {key} has no DLA; set dla_core: null"
                 )
-            if self.version_compatible and tuple(int(v) for v in dc.tensorrt.split(".")) < (8, 6):
-                raise ConfigError(
-                    f"engines.version_compatible: device class {key} has TensorRT {dc.tensorrt}, and "
-                    "version-compatible engines need 8.6 or newer; set version_compatible: false"
-                )
             if self.hardware_compatibility != "none" and dc.is_jetson:
                 raise ConfigError(
                     f"engines.hardware_compatibility: TensorRT does not support it on JetPack "
                     f"(device class {key}); set hardware_compatibility: none"
                 )
-            if self.precision == "fp16" and dc.tensorrt_major >= 11:
-                raise ConfigError(
-                    f"engines.precision: fp16 has no builder flag in TensorRT 11 (device class {key}); "
-                    "use int8 with the Q/DQ ONNX, or fp32"
-                )
+            for feature in self.tensorrt_features():
+                if not feature.possible_in(dc):
+                    raise ConfigError(feature.refusal(f"device class {key} has TensorRT {dc.tensorrt_label}"))
+        if self.precision == "fp16" and self.strongly_typed:
+            raise ConfigError("engines.precision: fp16 is a builder flag, and a strongly typed network takes "
+                              "none (it runs in the ONNX's own types); use int8 with the Q/DQ ONNX, or fp32")
         if self.dla_core is not None and self.dla_core < 0:
             raise ConfigError(f"engines.dla_core: got {self.dla_core}; use 0 or more, or null for the GPU")
         if self.min_batch < 1 or not self.min_batch <= self.opt_batch <= self.max_batch:
@@ -195,6 +189,35 @@ class TensorRTEngineConfig(Config):
         out["profiles"] = [p.to_dict() for p in self.profiles]
         out["node_selectors"] = {k: dict(v) for k, v in self.node_selectors.items()}
         return out
+
+    def tensorrt_features(self) -> list:
+        """The ``TensorRTFeature`` of every setting here that only some TensorRT versions have."""
+        from edgeslim.components.engine.devices import TENSORRT_FEATURES as features
+
+        out = []
+        if self.hardware_compatibility != "none":
+            out.append(features[f"hardware_compatibility.{self.hardware_compatibility}"])
+        if self.version_compatible:
+            out.append(features["version_compatible"])
+        if self.strongly_typed is not None:
+            out.append(features["strongly_typed" if self.strongly_typed else "weakly_typed"])
+        if self.precision == "fp16" and not self.strongly_typed:
+            out.append(features["fp16_flag"])
+        if self.dla_core is not None:
+            out.append(features["dla"])
+        return out
+
+    def tensorrt_version_problem(self, version: str) -> Optional[str]:
+        """Why TensorRT ``version`` cannot build these settings, in one line; ``None`` if it can."""
+        for feature in self.tensorrt_features():
+            if not feature.supported_by(version):
+                return feature.refusal(f"this node has TensorRT {version}")
+        return None
+
+    def strongly_typed_for(self, tensorrt_version: str) -> bool:
+        """Whether the network is strongly typed on this TensorRT (always from 11 on)."""
+        major = int(str(tensorrt_version).split(".")[0])
+        return major >= 11 if self.strongly_typed is None else self.strongly_typed
 
     def node_selector_for(self, device_class: str) -> dict[str, str]:
         """The node labels of build nodes for ``device_class`` (recipe, else registry default)."""
