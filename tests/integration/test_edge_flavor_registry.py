@@ -125,7 +125,7 @@ def test_next_build_finds_the_timing_cache_of_the_registered_version(mlflow_serv
     import mlflow
 
     from edgeslim.plugins import edge_flavor
-    from edgeslim.plugins.edge_flavor import previous_timing_caches
+    from edgeslim.components.engine.stage import previous_timing_caches
 
     qdq, _ = qdq_model
     mlflow.set_tracking_uri(mlflow_server)
