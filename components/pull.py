@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from edgeslim.components.common.errors import SourceError
+from edgeslim.components.common.model_io import class_import_error, use_code
 from edgeslim.components.common.result import StageResult
 from edgeslim.components.common.tracking import connect, model_id_of, resolve_version
 
@@ -51,9 +52,17 @@ def pull(uri: str, *, tracking_uri: str | None = None, out_dir: str | Path) -> S
             f"source {uri}: version {mv.version} is a {kinds} model, not a PyTorch module; "
             "edgeslim compresses models logged with mlflow.pytorch.log_model"
         )
+    # Code logged with the model (code_paths) stays in <download>/parent/code; on sys.path (as
+    # mlflow does) and remembered, so save_module ships it beside every model derived from this one.
+    code = flavors["pytorch"].get("code")
+    if code and (Path(local) / code).is_dir():
+        use_code(Path(local) / code)
     try:
         model = mlflow.pytorch.load_model(local, map_location="cpu")
     except Exception as exc:  # a broken pickle surfaces as almost anything
+        missing = class_import_error(f"source {uri}: version {mv.version}", exc)
+        if missing is not None:
+            raise missing from None
         raise SourceError(
             f"source {uri}: the model artifact of version {mv.version} is corrupt or unreadable "
             f"({type(exc).__name__}: {str(exc)[:120]}); re-log it with mlflow.pytorch.log_model"
