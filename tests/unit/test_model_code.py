@@ -74,8 +74,8 @@ def in_fresh_process(code: str, cwd: Path) -> dict:
         out = {"importable_before": importlib.util.find_spec("my_models") is not None}
     ''') + textwrap.dedent(code) + "\nprint(json.dumps(out))\n"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, cwd=cwd, env=env,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", prog], check=False, capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
