@@ -28,7 +28,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
 
-from edgeslim.components.common.errors import DeviceError, EdgeslimError, SourceError
+from edgeslim.components.common.errors import DeviceError, EdgeslimError, MissingDependencyError, SourceError
 # The flavor's save side, re-exported: MLflow flavors offer save_model/log_model beside load_model.
 from edgeslim.components.edge_model import (ENGINES_DIR, FLAVOR_NAME, META_FILE, MODEL_FILE,  # noqa: F401
                                             engine_status_tags, log_model, save_model, timing_caches_from)
@@ -158,7 +158,7 @@ class EdgeModel:
         self.choice = choose_backend(self.engines, tensorrt_version=tensorrt_version, local=local,
                                      available_providers=ort.get_available_providers(),
                                      force=os.environ.get(BACKEND_ENV))
-        self.runner = self.session = None
+        self.runner = self.session = fallback = None
         if self.choice.kind == "tensorrt":
             try:
                 from edgeslim.components.engine.builder import EngineRunner
@@ -166,16 +166,21 @@ class EdgeModel:
                 key = self.choice.device_class
                 self.runner = EngineRunner(self.path / ENGINES_DIR / key, self.engines[key], local=local)
                 self.backend = self.runner.backend
-            except EdgeslimError as exc:
-                log.warning("TensorRT engine unusable (%s); using ONNX Runtime", exc)
-                self.choice = choose_backend({}, tensorrt_version=None, local=local,
-                                             available_providers=ort.get_available_providers())
+            except Exception as exc:  # an EdgeslimError from the runner, or anything TensorRT raised: serve anyway
+                key = self.choice.device_class
+                why = " ".join((str(exc) if isinstance(exc, EdgeslimError) else f"{type(exc).__name__}: {exc}").split())
+                log.warning("TensorRT engine %s unusable (%s); using ONNX Runtime", key, why)
+                if not isinstance(exc, MissingDependencyError):  # TensorRT is there but failed: say so
+                    fallback = f" (fallback from tensorrt:{key})"
+                choice = choose_backend({}, tensorrt_version=None, local=local,
+                                        available_providers=ort.get_available_providers())
+                self.choice = dataclasses.replace(choice, reason=f"ONNX Runtime: TensorRT engine {key} unusable: {why}")
         if self.runner is None:
             from edgeslim.components.common.onnx_runtime import make_session
 
             # Q/DQ semantics (ORT_ENABLE_BASIC): see DESIGN.md, fused CPU int8 kernels can saturate.
             self.session = make_session(self.path / MODEL_FILE, providers=list(self.choice.providers))
-            self.backend = f"onnxruntime:{self.session.get_providers()[0]}"
+            self.backend = f"onnxruntime:{self.session.get_providers()[0]}" + (fallback or "")
         log.info("edge model %s: backend %s (%s)", self.path, self.backend, self.choice.reason)
 
     def _feeds(self, data) -> dict[str, np.ndarray]:

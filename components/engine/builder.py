@@ -9,9 +9,18 @@ The TensorRT API generation is picked at run time:
 
 - TensorRT 8.x/10.x (JetPack 5/6): a weakly typed network over the Q/DQ
   graph with the ``INT8`` and ``FP16`` builder flags (FP16 lets the layers
-  outside Q/DQ pairs run in half precision).
+  outside Q/DQ pairs run in half precision); ``engines.strongly_typed: true``
+  asks for a strongly typed one on 10.x.
 - TensorRT 11.x: weak typing is gone (no precision flags); the network is
   strongly typed, so int8 comes from the Q/DQ nodes alone.
+
+Settings that only some TensorRT versions have (``devices.TENSORRT_FEATURES``)
+are refused, in one line, before TensorRT is asked. Whatever TensorRT raises or
+logs on the way (a builder or runtime it cannot create, a parser error, an
+engine it cannot deserialize) becomes a ``DeviceError``/``SourceError`` that
+carries the last error lines of its log, so callers fall back to ONNX Runtime.
+tests/unit/test_trt_conformance.py checks every TensorRT name used here
+against the real Python bindings of each generation.
 """
 
 from __future__ import annotations
@@ -31,8 +40,11 @@ import numpy as np
 
 from edgeslim.components.engine.config import TensorRTEngineConfig
 from edgeslim.components.common.hashing import file_sha256  # noqa: F401  (re-exported)
-from edgeslim.components.common.errors import ConfigError, DeviceError, MissingDependencyError, SourceError
-from edgeslim.components.engine.devices import DeviceClass, LocalDevice, detect_local_device, get_device_class, match_device_class
+from edgeslim.components.common.errors import (ConfigError, DeviceError, EdgeslimError, MissingDependencyError,
+                                               SourceError)
+from edgeslim.components.engine.devices import (TENSORRT_FEATURES, DeviceClass, LocalDevice, detect_local_device,
+                                                get_device_class, match_device_class, tensorrt_install_hint,
+                                                version_tuple)
 
 log = logging.getLogger(__name__)
 
@@ -48,25 +60,36 @@ QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 # --- TensorRT, lazily --------------------------------------------------------------------
 
 
-def tensorrt_available() -> tuple[bool, str]:
+def _class_or_none(device_class: Optional[str]) -> Optional[DeviceClass]:
+    try:
+        return get_device_class(device_class) if device_class else None
+    except DeviceError:
+        return None
+
+
+def tensorrt_available(device_class: Optional[str] = None) -> tuple[bool, str]:
     """Whether ``import tensorrt`` works here, and a line saying why (not).
 
-    Importing it loads its (large) libraries but needs no GPU.
+    Importing it loads its (large) libraries but needs no GPU. The hint names
+    the extra (or JetPack) of ``device_class``, or of every class without one.
     """
     try:
         import tensorrt as trt
     except (ImportError, OSError) as exc:
-        return False, (f"tensorrt cannot be imported ({type(exc).__name__}: {exc}); "
-                       "install it with: pip install 'edgeslim[tensorrt]'")
+        return False, (f"tensorrt cannot be imported ({type(exc).__name__}: {' '.join(str(exc).split())}); "
+                       f"{tensorrt_install_hint(_class_or_none(device_class))}")
     return True, f"tensorrt {trt.__version__}"
 
 
-def import_tensorrt(why: str):
-    """``import tensorrt``, or ``MissingDependencyError`` with the install hint."""
+def import_tensorrt(why: str, device_class: Optional[str] = None):
+    """``import tensorrt``, or ``MissingDependencyError`` with the install hint of ``device_class``."""
     try:
         import tensorrt as trt
     except (ImportError, OSError):
-        raise MissingDependencyError("tensorrt", "tensorrt", why) from None
+        exc = MissingDependencyError("tensorrt", None, why)
+        exc.msg = f"tensorrt is not installed: {why}; {tensorrt_install_hint(_class_or_none(device_class))}"
+        exc.args = (exc.msg,)  # ImportError prints .msg, the rest .args
+        raise exc from None
     return trt
 
 
@@ -208,12 +231,11 @@ def compute_profiles(inputs: list[TensorSpec], config: TensorRTEngineConfig) -> 
 # --- flags, keys, metadata ---------------------------------------------------------------------
 
 
-def network_flags(tensorrt_version: str) -> list[str]:
-    """``NetworkDefinitionCreationFlag`` names for this TensorRT generation."""
-    major = trt_major(tensorrt_version)
-    if major >= 11:
+def network_flags(tensorrt_version: str, config: Optional[TensorRTEngineConfig] = None) -> list[str]:
+    """``NetworkDefinitionCreationFlag`` names for this TensorRT generation (and config)."""
+    if (config or TensorRTEngineConfig()).strongly_typed_for(tensorrt_version):
         return ["STRONGLY_TYPED"]
-    if major < 10:
+    if trt_major(tensorrt_version) < 10:
         return ["EXPLICIT_BATCH"]  # implicit batch is the default before 10
     return []
 
@@ -224,14 +246,12 @@ def builder_flags(tensorrt_version: str, config: TensorRTEngineConfig) -> list[s
     Raises:
         ConfigError: the config asks for something this TensorRT cannot do.
     """
-    major = trt_major(tensorrt_version)
     flags: list[str] = []
-    if major >= 11:
-        if config.precision == "fp16":
-            raise ConfigError(
-                f"engines.precision: fp16 has no builder flag in TensorRT {tensorrt_version} (strongly "
-                "typed only); use int8 with the Q/DQ ONNX, or fp32"
-            )
+    if config.strongly_typed_for(tensorrt_version):
+        if config.precision == "fp16":  # strongly typed networks take no precision flags
+            raise ConfigError(TENSORRT_FEATURES["fp16_flag"].refusal(
+                f"TensorRT {tensorrt_version} builds this network strongly typed; use int8 with the Q/DQ "
+                "ONNX, or fp32"))
     elif config.precision == "int8":
         flags += ["INT8", "FP16"]
     elif config.precision == "fp16":
@@ -241,6 +261,22 @@ def builder_flags(tensorrt_version: str, config: TensorRTEngineConfig) -> list[s
     if config.dla_core is not None and config.gpu_fallback:
         flags.append("GPU_FALLBACK")
     return flags
+
+
+def tensorrt_settings(tensorrt_version: str, config: TensorRTEngineConfig) -> dict[str, list[str]]:
+    """Every TensorRT enum member a build of ``config`` uses on this version, per enum.
+
+    The build reads exactly these; tests/unit/test_trt_conformance.py checks
+    them against the real bindings of each TensorRT generation.
+    """
+    return {
+        "NetworkDefinitionCreationFlag": network_flags(tensorrt_version, config),
+        "BuilderFlag": builder_flags(tensorrt_version, config),
+        "MemoryPoolType": ["WORKSPACE"],
+        "HardwareCompatibilityLevel": ([config.hardware_compatibility.upper()]
+                                       if config.hardware_compatibility != "none" else []),
+        "DeviceType": ["DLA"] if config.dla_core is not None else [],
+    }
 
 
 def cache_key(tensorrt_version: str, compute_capability: tuple[int, int]) -> str:
@@ -254,6 +290,7 @@ def build_settings(config: TensorRTEngineConfig, profiles: dict) -> dict[str, An
         "precision": config.precision, "profiles": profiles, "workspace_mib": config.workspace_mib,
         "dla_core": config.dla_core, "gpu_fallback": config.gpu_fallback,
         "version_compatible": config.version_compatible,
+        "strongly_typed": config.strongly_typed,
         "hardware_compatibility": config.hardware_compatibility,
     }
 
@@ -278,13 +315,13 @@ def make_metadata(*, device_class: DeviceClass, local: LocalDevice, tensorrt_ver
         "format_version": 1,
         "device_class": device_class.key,
         "tensorrt": tensorrt_version,
-        "tensorrt_api": "strongly-typed" if trt_major(tensorrt_version) >= 11 else "weakly-typed",
+        "tensorrt_api": "strongly-typed" if config.strongly_typed_for(tensorrt_version) else "weakly-typed",
         "cuda_driver": local.cuda_driver,
         "compute_capability": f"{cc[0]}.{cc[1]}",
         "device_name": local.name,
         "jetpack": local.jetpack,
         "l4t": local.l4t,
-        "network_flags": network_flags(tensorrt_version),
+        "network_flags": network_flags(tensorrt_version, config),
         "builder_flags": builder_flags(tensorrt_version, config),
         **build_settings(config, profiles),
         "inputs": (io or {}).get("inputs") or [s.to_dict() for s in info.inputs],
@@ -333,7 +370,7 @@ def check_engine_compatible(meta: dict[str, Any], tensorrt_version: str,
     if built != tensorrt_version:
         vc_ok = (meta.get("version_compatible") and built != "unknown"
                  and trt_major(built) == trt_major(tensorrt_version)
-                 and _vtuple(tensorrt_version) >= _vtuple(built))
+                 and version_tuple(tensorrt_version) >= version_tuple(built))
         if not vc_ok:
             raise DeviceError(
                 f"engine for {label} was built with TensorRT {built}; this runtime is TensorRT "
@@ -348,10 +385,6 @@ def check_engine_compatible(meta: dict[str, Any], tensorrt_version: str,
                 f"engine for {label} was built for compute capability {meta.get('compute_capability')}; "
                 f"this GPU ({local.name}) is {cc}: rebuild it here from the Q/DQ ONNX"
             )
-
-
-def _vtuple(version: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in str(version).split(".") if p.isdigit())
 
 
 # --- the build ----------------------------------------------------------------------------------
@@ -441,11 +474,14 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, device_class: str,
         raise DeviceError(f"cannot build for {device_class}: no CUDA device on this node; run the build on "
                           "a GPU node of that class or on the device itself")
     match_device_class(device_class, local, hardware_compatibility=config.hardware_compatibility)
-    trt = import_tensorrt(f"building a TensorRT engine for {device_class} on {local.name}")
+    trt = import_tensorrt(f"building a TensorRT engine for {device_class} on {local.name}", device_class)
     version = str(trt.__version__)
     if local.tensorrt != version:
         local = dataclasses.replace(local, tensorrt=version)
         match_device_class(device_class, local, hardware_compatibility=config.hardware_compatibility)
+    problem = config.tensorrt_version_problem(version)
+    if problem:  # e.g. same_compute_capability on a 10.x before 10.9: refused before TensorRT is asked
+        raise DeviceError(problem)
     settings = build_settings(config, plan.profiles)
     key = cache_key(version, local.compute_capability)
     out_dir = Path(out_dir)
@@ -510,62 +546,125 @@ def _collecting_logger(trt, lines: list[str]):
             trt.ILogger.__init__(self)
 
         def log(self, severity, msg):
-            lines.append(f"[{getattr(severity, 'name', severity)}] {msg}")
+            lines.append(f"[{getattr(severity, 'name', severity)}] {' '.join(str(msg).split())}")
 
     return _Logger()
+
+
+# What the bindings raise: pybind11 turns a null object into TypeError ("factory function returned
+# nullptr": no usable GPU, driver or CUDA for this TensorRT), C++ exceptions into RuntimeError & co.
+_TENSORRT_FAILURES = (TypeError, RuntimeError, ValueError, IndexError, MemoryError)
+
+
+def log_problems(lines: list[str], n: int = 2) -> str:
+    """The last ``n`` error lines of a TensorRT log (warnings when it logged no error), on one line."""
+    errors = [ln for ln in lines if ln.startswith(("[ERROR]", "[INTERNAL_ERROR]"))]
+    picked = errors or [ln for ln in lines if ln.startswith("[WARNING]")]
+    return " | ".join(picked[-n:]) if picked else "TensorRT logged no error"
+
+
+class _Steps:
+    """Names the TensorRT call under way; whatever the bindings raise there becomes one ``DeviceError``
+    line: the step, the exception, and the last error lines of the TensorRT log."""
+
+    def __init__(self, version: str, lines: list[str]):
+        self.version, self.lines, self.now = version, lines, "start"
+
+    def __call__(self, what: str) -> None:
+        self.now = what
+
+    def __enter__(self) -> "_Steps":
+        return self
+
+    def __exit__(self, tp, exc, tb) -> bool:
+        if isinstance(exc, _TENSORRT_FAILURES) and not isinstance(exc, EdgeslimError):
+            said = " ".join(str(exc).split()) or "no message"
+            why = "; no usable GPU, driver or CUDA for this TensorRT here" if "returned nullptr" in said else ""
+            raise DeviceError(f"TensorRT {self.version} could not {self.now} ({type(exc).__name__}: {said}){why}; "
+                              f"TensorRT log: {log_problems(self.lines)}") from None
+        return False
+
+
+def _member(trt, enum: str, name: str):
+    """``trt.<enum>.<name>``, or a one-line ``DeviceError`` when this TensorRT has no such member."""
+    try:
+        return getattr(getattr(trt, enum), name)
+    except AttributeError:
+        raise DeviceError(f"TensorRT {trt.__version__} has no {enum}.{name}; build on a node whose TensorRT "
+                          "matches the device class") from None
 
 
 def _build_with_tensorrt(trt, plan: BuildPlan, cache_blob: bytes, lines: list[str]):
     """The TensorRT calls. Returns (engine bytes, timing cache bytes, io description)."""
     config = plan.config
     version = str(trt.__version__)
+    use = tensorrt_settings(version, config)
+    with _Steps(version, lines) as step:
+        step("create its builder")
+        logger = _collecting_logger(trt, lines)
+        builder = trt.Builder(logger)
+        step("create the network")
+        net_flags = 0
+        for name in use["NetworkDefinitionCreationFlag"]:
+            net_flags |= 1 << int(_member(trt, "NetworkDefinitionCreationFlag", name))
+        network = builder.create_network(net_flags)
+        step("create the ONNX parser")
+        parser = trt.OnnxParser(network, logger)
+        step(f"parse {plan.onnx.path.name}")
+        if not parser.parse_from_file(str(plan.onnx.path)):
+            errors = [" ".join(str(parser.get_error(i)).split()) for i in range(parser.num_errors)]
+            raise SourceError(f"TensorRT {version} cannot parse {plan.onnx.path.name}: "
+                              f"{errors[0] if errors else log_problems(lines)}; see {LOG_FILE}")
 
-    logger = _collecting_logger(trt, lines)
-    builder = trt.Builder(logger)
-    net_flags = 0
-    for name in network_flags(version):
-        net_flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, name))
-    network = builder.create_network(net_flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(plan.onnx.path)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise SourceError(f"TensorRT {version} cannot parse {plan.onnx.path.name}: "
-                          f"{errors[0] if errors else 'no reason given'}; see {LOG_FILE}")
+        step("configure the build")
+        cfg = builder.create_builder_config()
+        cfg.set_memory_pool_limit(_member(trt, "MemoryPoolType", "WORKSPACE"), config.workspace_mib << 20)
+        for name in use["BuilderFlag"]:
+            cfg.set_flag(_member(trt, "BuilderFlag", name))
+        for name in use["HardwareCompatibilityLevel"]:
+            cfg.hardware_compatibility_level = _member(trt, "HardwareCompatibilityLevel", name)
+        if config.dla_core is not None:
+            if config.dla_core >= builder.num_DLA_cores:
+                raise DeviceError(f"engines.dla_core is {config.dla_core}, but this device has "
+                                  f"{builder.num_DLA_cores} DLA core(s); pick one below that or null")
+            cfg.default_device_type = _member(trt, "DeviceType", "DLA")
+            cfg.DLA_core = config.dla_core
+        if any(s.dynamic_axes for s in plan.onnx.inputs):
+            profile = builder.create_optimization_profile()
+            for spec in plan.onnx.inputs:
+                if spec.dynamic_axes:
+                    p = plan.profiles[spec.name]
+                    profile.set_shape(spec.name, p["min"], p["opt"], p["max"])
+            cfg.add_optimization_profile(profile)
+        if config.timing_cache:
+            step("set up the timing cache")
+            _attach_timing_cache(cfg, cache_blob, lines)
 
-    cfg = builder.create_builder_config()
-    cfg.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, config.workspace_mib << 20)
-    for name in builder_flags(version, config):
-        cfg.set_flag(getattr(trt.BuilderFlag, name))
-    if config.hardware_compatibility != "none":
-        cfg.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel,
-                                                   config.hardware_compatibility.upper())
-    if config.dla_core is not None:
-        if config.dla_core >= builder.num_DLA_cores:
-            raise DeviceError(f"engines.dla_core is {config.dla_core}, but this device has "
-                              f"{builder.num_DLA_cores} DLA core(s); pick one below that or null")
-        cfg.default_device_type = trt.DeviceType.DLA
-        cfg.DLA_core = config.dla_core
-    if any(s.dynamic_axes for s in plan.onnx.inputs):
-        profile = builder.create_optimization_profile()
-        for spec in plan.onnx.inputs:
-            if spec.dynamic_axes:
-                p = plan.profiles[spec.name]
-                profile.set_shape(spec.name, p["min"], p["opt"], p["max"])
-        cfg.add_optimization_profile(profile)
-    if config.timing_cache:
-        cache = cfg.create_timing_cache(cache_blob)
-        if not cfg.set_timing_cache(cache, False):
-            lines.append("[edgeslim] the previous timing cache does not match this TensorRT/GPU; starting empty")
-            cfg.set_timing_cache(cfg.create_timing_cache(b""), False)
+        step(f"build the engine for {plan.device_class.key}")
+        serialized = builder.build_serialized_network(network, cfg)
+        if serialized is None:
+            raise DeviceError(f"TensorRT {version} could not build the engine for {plan.device_class.key}: "
+                              f"{log_problems(lines)}; see {LOG_FILE}")
+        step("read the timing cache and the network's inputs and outputs")
+        kept = cfg.get_timing_cache() if config.timing_cache else None
+        new_cache = bytes(kept.serialize()) if kept is not None else b""
+        io = _io_of_network(trt, network)
+        return bytes(serialized), new_cache, io
 
-    serialized = builder.build_serialized_network(network, cfg)
-    if serialized is None:
-        errors = [ln for ln in lines if ln.startswith(("[ERROR]", "[INTERNAL_ERROR]"))]
-        raise DeviceError(f"TensorRT {version} could not build the engine for {plan.device_class.key}: "
-                          f"{errors[-1] if errors else 'no error logged'}; see {LOG_FILE}")
-    new_cache = bytes(cfg.get_timing_cache().serialize()) if config.timing_cache else b""
-    io = _io_of_network(trt, network)
-    return bytes(serialized), new_cache, io
+
+def _attach_timing_cache(cfg, cache_blob: bytes, lines: list[str]) -> None:
+    """The previous timing cache if this TensorRT and GPU take it, else an empty one."""
+    if cache_blob:
+        try:
+            cache = cfg.create_timing_cache(cache_blob)
+        except _TENSORRT_FAILURES:  # a blob this TensorRT cannot read at all
+            cache = None
+        if cache is not None and cfg.set_timing_cache(cache, False):
+            return
+        lines.append("[edgeslim] the previous timing cache does not match this TensorRT/GPU; starting empty")
+    empty = cfg.create_timing_cache(b"")
+    if empty is None or not cfg.set_timing_cache(empty, False):
+        lines.append("[edgeslim] TensorRT refused an empty timing cache; building without one")
 
 
 def _io_of_network(trt, network) -> dict[str, list[dict]]:
@@ -660,26 +759,51 @@ class EngineRunner:
         if self.metadata.get("sha256") and hashlib.sha256(blob).hexdigest() != self.metadata["sha256"]:
             raise DeviceError(f"engine {self.engine_path}: its sha256 differs from its metadata; "
                               "download it again or rebuild it from the Q/DQ ONNX")
-        trt = import_tensorrt("running a TensorRT engine")
+        trt = import_tensorrt("running a TensorRT engine", self.metadata.get("device_class"))
         self.trt = trt
-        check_engine_compatible(self.metadata, str(trt.__version__), local or detect_local_device())
+        version = str(trt.__version__)
+        check_engine_compatible(self.metadata, version, local or detect_local_device())
         self.cuda = _CudaDriver()
-        lines: list[str] = []
-        self._logger = _collecting_logger(trt, lines)
-        self.runtime = trt.Runtime(self._logger)
-        if self.metadata.get("version_compatible"):
-            # A version-compatible engine carries its own lean runtime, which is host code.
-            self.runtime.engine_host_code_allowed = True
-        self.engine = self.runtime.deserialize_cuda_engine(blob)
-        if self.engine is None:
-            err = next((ln for ln in reversed(lines) if "ERROR" in ln), "no error logged")
-            raise DeviceError(f"TensorRT {trt.__version__} cannot deserialize {self.engine_path}: {err}; "
-                              "rebuild it here from the Q/DQ ONNX")
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.outputs = [n for n in names if n not in self.inputs]
+        self.log: list[str] = []
+        try:
+            self._load(trt, version, blob)
+        except BaseException:
+            self.cuda.close()
+            raise
         self.backend = f"tensorrt:{self.metadata.get('device_class', '?')}"
+
+    def _load(self, trt, version: str, blob: bytes) -> None:
+        with _Steps(version, self.log) as step:
+            step("create its runtime")
+            self._logger = _collecting_logger(trt, self.log)
+            self.runtime = trt.Runtime(self._logger)
+            if self.metadata.get("version_compatible"):
+                # A version-compatible engine carries its own lean runtime, which is host code.
+                self.runtime.engine_host_code_allowed = True
+            step(f"deserialize {self.engine_path.name}")
+            self.engine = self.runtime.deserialize_cuda_engine(blob)
+            if self.engine is None:
+                raise DeviceError(f"TensorRT {version} cannot deserialize {self.engine_path}: "
+                                  f"{log_problems(self.log)}; rebuild it here from the Q/DQ ONNX")
+            step("create an execution context")
+            self.context = self.engine.create_execution_context()
+            if self.context is None:
+                raise DeviceError(f"TensorRT {version} could not create an execution context for "
+                                  f"{self.engine_path.name}: {log_problems(self.log)}")
+            step("read the engine's inputs and outputs")
+            names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+            is_input = _member(trt, "TensorIOMode", "INPUT")
+            self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == is_input]
+            self.outputs = [n for n in names if n not in self.inputs]
+            self.dtypes = {}
+            for n in names:
+                dtype = self.engine.get_tensor_dtype(n)
+                try:
+                    self.dtypes[n] = np.dtype(trt.nptype(dtype))
+                except TypeError:  # BF16, FP8, INT4, FP4: numpy has no such type
+                    raise DeviceError(f"engine {self.engine_path.name}: tensor {n!r} is {dtype}, which numpy "
+                                      "cannot hold; export the model with float32/float16/int8 inputs and "
+                                      "outputs") from None
 
     def _batch_limit(self, name: str) -> tuple[int, bool]:
         prof = (self.metadata.get("profiles") or {}).get(name)
@@ -699,8 +823,7 @@ class EngineRunner:
         """
         if not isinstance(feeds, dict):
             feeds = {self.inputs[0]: feeds}
-        feeds = {n: np.ascontiguousarray(feeds[n], dtype=self.trt.nptype(self.engine.get_tensor_dtype(n)))
-                 for n in self.inputs}
+        feeds = {n: np.ascontiguousarray(feeds[n], dtype=self.dtypes[n]) for n in self.inputs}
         total = len(next(iter(feeds.values())))
         limit, static = self._batch_limit(self.inputs[0])
         parts: dict[str, list[np.ndarray]] = {n: [] for n in self.outputs}
@@ -726,13 +849,15 @@ class EngineRunner:
             outs = {}
             for n in self.outputs:
                 shape = tuple(self.context.get_tensor_shape(n))
-                arr = np.empty(shape, dtype=self.trt.nptype(self.engine.get_tensor_dtype(n)))
+                arr = np.empty(shape, dtype=self.dtypes[n])
                 ptr = self.cuda.alloc(arr.nbytes)
                 ptrs.append(ptr)
                 self.context.set_tensor_address(n, ptr)
                 outs[n] = (arr, ptr)
-            if not self.context.execute_async_v3(self.cuda.stream.value):
-                raise DeviceError(f"TensorRT could not run {self.engine_path.name}")
+            with _Steps(str(self.trt.__version__), self.log) as step:
+                step(f"run {self.engine_path.name}")
+                if not self.context.execute_async_v3(self.cuda.stream.value):
+                    raise DeviceError(f"TensorRT could not run {self.engine_path.name}: {log_problems(self.log)}")
             self.cuda.sync()
             for arr, ptr in outs.values():
                 self.cuda.to_host(arr, ptr)

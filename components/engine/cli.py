@@ -41,12 +41,31 @@ def _cmd_classes(args: argparse.Namespace) -> int:
 
 
 def _cmd_detect(args: argparse.Namespace) -> int:
-    from edgeslim.components.engine.devices import detect_device_class, detect_local_device
+    """This node's device class and where its TensorRT comes from (the pip extra, or JetPack)."""
+    from edgeslim.components.common.errors import DeviceError
+    from edgeslim.components.engine.devices import (classes_for, detect_device_class, detect_local_device,
+                                                    tensorrt_install_hint)
 
     local = detect_local_device()
-    dc = detect_device_class(local)
-    print(f"{local.describe()}: device class {dc.key}")
-    return 0
+    if local is None or classes_for(local):
+        dc = detect_device_class(local)  # no CUDA device: its one-line error
+        candidates = classes_for(local) if local.tensorrt is None else [dc]
+        if len(candidates) == 1:
+            print(f"{local.describe()}: device class {dc.key}")
+        else:  # no TensorRT yet: the one installed decides between the classes of this GPU
+            print(f"{local.describe()}: device class {' or '.join(d.key for d in candidates)}, "
+                  "by the TensorRT you install")
+        for d in candidates:
+            have = f"installed ({local.tensorrt}); " if local.tensorrt else ""
+            print(f"  TensorRT for {d.key}: {have}{tensorrt_install_hint(d)}")
+        return 0
+    same_gpu = classes_for(local, check_tensorrt=False)
+    if not same_gpu:
+        detect_device_class(local)  # matches no class at all: its one-line error
+    raise DeviceError(f"this node ({local.describe()}) has the GPU of "
+                      f"{', '.join(d.key for d in same_gpu)} but not its TensorRT: "
+                      + "; ".join(f"{d.key} needs TensorRT {d.tensorrt_label} ({tensorrt_install_hint(d)})"
+                                  for d in same_gpu))
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -74,7 +93,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from edgeslim.components.engine.builder import check_engine_compatible, import_tensorrt, read_metadata
 
     meta = read_metadata(args.engine)
-    trt = import_tensorrt("checking an engine against this TensorRT")
+    trt = import_tensorrt("checking an engine against this TensorRT", meta.get("device_class"))
     check_engine_compatible(meta, str(trt.__version__), detect_local_device())
     print(f"{args.engine}: engine for {meta['device_class']} runs here (TensorRT {trt.__version__})")
     return 0
@@ -86,7 +105,8 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="engine_command", metavar="SUBCOMMAND")
     sub.required = True
     sub.add_parser("classes", help="list the known device classes").set_defaults(func=_cmd_classes)
-    sub.add_parser("detect", help="this node's GPU and device class").set_defaults(func=_cmd_detect)
+    sub.add_parser("detect", help="this node's GPU, device class and the TensorRT extra it needs"
+                   ).set_defaults(func=_cmd_detect)
 
     def common(q):
         q.add_argument("onnx", help="the Q/DQ ONNX")

@@ -64,6 +64,11 @@ class DeviceClass:
     def tensorrt_major(self) -> int:
         return int(self.tensorrt.split(".")[0])
 
+    @property
+    def tensorrt_label(self) -> str:
+        """The class's TensorRT for people: ``10.3``, or ``10.x`` for a bare major."""
+        return self.tensorrt if "." in self.tensorrt else f"{self.tensorrt}.x"
+
     def tensorrt_matches(self, version: str) -> bool:
         """True when ``version`` (e.g. ``10.3.0.30``) is of this class's TensorRT."""
         want = self.tensorrt.split(".")
@@ -99,6 +104,7 @@ _BUILTIN = (
                 "Hopper datacenter GPU (H100, H200), TensorRT 11.x"),
 )
 _REGISTRY: dict[str, DeviceClass] = {d.key: d for d in _BUILTIN}
+
 
 _KEY = re.compile(r"^[a-z0-9][a-z0-9.-]*$")
 
@@ -137,6 +143,121 @@ def get_device_class(key: str) -> DeviceClass:
         return _REGISTRY[key]
     except (KeyError, TypeError):
         raise DeviceError(unknown_class_message(str(key))) from None
+
+
+# --- where a class's TensorRT comes from -----------------------------------------------------
+
+# The pip extra per TensorRT major, and what it installs (pyproject.toml repeats these; a test
+# checks they agree). PyPI's `tensorrt` meta package resolves to the newest major (11.x, CUDA 13)
+# whatever it is asked, so the extras name the CUDA line: tensorrt-cu12 10.x, tensorrt-cu13 11.x.
+TENSORRT_EXTRAS = {10: ("tensorrt10", "tensorrt-cu12>=10.3,<11"), 11: ("tensorrt11", "tensorrt-cu13>=11,<12")}
+
+
+def tensorrt_extra(device_class: DeviceClass) -> Optional[str]:
+    """The ``edgeslim[...]`` extra that installs this class's TensorRT; ``None`` on Jetson (JetPack ships it)."""
+    if device_class.is_jetson or device_class.tensorrt_major not in TENSORRT_EXTRAS:
+        return None
+    return TENSORRT_EXTRAS[device_class.tensorrt_major][0]
+
+
+def tensorrt_install_hint(device_class: Optional[DeviceClass] = None) -> str:
+    """How to get the TensorRT of ``device_class`` (of any class when ``None``), as one clause."""
+    if device_class is None:
+        extras = " or ".join(f"pip install 'edgeslim[{extra}]'" for extra, _ in TENSORRT_EXTRAS.values())
+        return (f"install it with: {extras} (the extra of this node's device class: edgeslim engine detect); "
+                "on Jetson it comes with JetPack")
+    extra = tensorrt_extra(device_class)
+    if extra:
+        return f"install it with: pip install 'edgeslim[{extra}]'"
+    if device_class.is_jetson:
+        return (f"TensorRT {device_class.tensorrt} comes with JetPack {device_class.jetpack} "
+                "(sudo apt install nvidia-jetpack), not from pip")
+    return f"install TensorRT {device_class.tensorrt_label} from NVIDIA (edgeslim has no extra for it)"
+
+
+# --- features only some TensorRT versions have ------------------------------------------------
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """``(10, 14, 1, 48)`` from ``10.14.1.48.post1``: the leading numeric parts."""
+    out = []
+    for part in str(version).split("."):
+        if not part.isdigit():
+            break
+        out.append(int(part))
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRTFeature:
+    """A build setting that only some TensorRT versions have.
+
+    Attributes:
+        field: the ``engines:`` setting that asks for it.
+        what: what it is, for the error line (``a version-compatible engine``).
+        ranges: the versions that have it, ``(first, first_without)`` pairs (``None``: open-ended).
+        api: the ``tensorrt`` attribute that carries it (``Enum.MEMBER``).
+        api_marks_support: whether the bindings have ``api`` exactly where the
+            feature works (DLA's enum outlives DLA support, so not there).
+    """
+
+    field: str
+    what: str
+    ranges: tuple[tuple[str, Optional[str]], ...]
+    api: str = ""
+    api_marks_support: bool = True
+
+    def supported_by(self, version: str) -> bool:
+        v = version_tuple(version)
+        return any(version_tuple(lo) <= v and (hi is None or v < version_tuple(hi)) for lo, hi in self.ranges)
+
+    def possible_in(self, device_class: DeviceClass) -> bool:
+        """Whether some TensorRT version the class admits has it (``10`` admits every 10.x)."""
+        first = version_tuple(device_class.tensorrt)
+        past = first[:-1] + (first[-1] + 1,)
+        for lo, hi in self.ranges:
+            start = max(first, version_tuple(lo))
+            end = past if hi is None else min(past, version_tuple(hi))
+            if start < end:
+                return True
+        return False
+
+    def requirement(self) -> str:
+        """``TensorRT 10.9 or newer``, ``TensorRT before 11``, ..."""
+        parts = []
+        for lo, hi in self.ranges:
+            if hi is None:
+                parts.append(f"{lo} or newer")
+            elif version_tuple(lo) <= (0,):
+                parts.append(f"before {hi}")
+            else:
+                parts.append(f"{lo} to before {hi}")
+        return "TensorRT " + ", or ".join(parts)
+
+    def refusal(self, has: str) -> str:
+        """The one-line error: the feature, the versions that have it, and what ``has`` (a class, a node) has."""
+        return f"engines.{self.field}: {self.what} needs {self.requirement()}; {has}"
+
+
+TENSORRT_FEATURES: dict[str, TensorRTFeature] = {
+    # IBuilderConfig.hardware_compatibility_level came with 8.6; SAME_COMPUTE_CAPABILITY with 10.9.
+    "hardware_compatibility.ampere_plus": TensorRTFeature(
+        "hardware_compatibility", "ampere_plus", (("8.6", None),), "HardwareCompatibilityLevel.AMPERE_PLUS"),
+    "hardware_compatibility.same_compute_capability": TensorRTFeature(
+        "hardware_compatibility", "same_compute_capability", (("10.9", None),),
+        "HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY"),
+    "version_compatible": TensorRTFeature("version_compatible", "a version-compatible engine", (("8.6", None),),
+                                          "BuilderFlag.VERSION_COMPATIBLE"),
+    "strongly_typed": TensorRTFeature("strongly_typed", "a strongly typed network", (("10.0", None),),
+                                      "NetworkDefinitionCreationFlag.STRONGLY_TYPED"),
+    # TensorRT 11 removed weak typing together with its precision flags (INT8, FP16).
+    "weakly_typed": TensorRTFeature("strongly_typed", "a weakly typed network (false)", (("0", "11"),),
+                                    "BuilderFlag.INT8"),
+    "fp16_flag": TensorRTFeature("precision", "fp16 (the FP16 builder flag)", (("0", "11"),), "BuilderFlag.FP16"),
+    # DLA: up to 10.7, gone in 11.0-11.3, back on Jetson AGX Orin (JetPack 7.2.2) in 11.4.1.
+    "dla": TensorRTFeature("dla_core", "DLA", (("0", "10.8"), ("11.4.1", None)), "DeviceType.DLA",
+                           api_marks_support=False),
+}
 
 
 # --- what this node is ---------------------------------------------------------------
@@ -310,7 +431,8 @@ def mismatch_reason(device_class: DeviceClass, local: LocalDevice, *,
                 f"JetPack {local.jetpack or 'unknown'}: build it on a device of that class")
     if check_tensorrt and local.tensorrt and not device_class.tensorrt_matches(local.tensorrt):
         return (f"device class {device_class.key} needs TensorRT {device_class.tensorrt}; this node has "
-                f"TensorRT {local.tensorrt}: engines are not portable across TensorRT versions")
+                f"TensorRT {local.tensorrt}: engines are not portable across TensorRT versions; "
+                f"{tensorrt_install_hint(device_class)}")
     return None
 
 
@@ -327,9 +449,9 @@ def match_device_class(key: str, local: LocalDevice, *, hardware_compatibility: 
     return device_class
 
 
-def classes_for(local: LocalDevice) -> list[DeviceClass]:
-    """Every known device class this node matches exactly."""
-    return [d for d in _REGISTRY.values() if mismatch_reason(d, local) is None]
+def classes_for(local: LocalDevice, *, check_tensorrt: bool = True) -> list[DeviceClass]:
+    """Every known device class this node matches exactly (its GPU and JetPack alone, without ``check_tensorrt``)."""
+    return [d for d in _REGISTRY.values() if mismatch_reason(d, local, check_tensorrt=check_tensorrt) is None]
 
 
 def detect_device_class(local: Optional[LocalDevice] = None) -> DeviceClass:

@@ -198,7 +198,7 @@ class Agent:
             "applied_sequence": self.state.get("applied_sequence", 0),
             "rollout_id": (self.state.get("manifest") or {}).get("rollout_id"),
             "current": {"sha256": meta.get("sha256"), "backend": meta.get("backend"),
-                        "model": meta.get("model")} if cur else None,
+                        "fallback": meta.get("fallback"), "model": meta.get("model")} if cur else None,
             "last": self.state.get("last"), "rejected": self.state.get("rejected"),
         }
         st.update(extra)
@@ -268,35 +268,37 @@ class Agent:
         return obj
 
     # ----------------------------------------------------------------- engines
-    def _engine_for(self, m: Manifest, onnx_obj: Path) -> tuple[Path | None, str]:
-        """The engine to ship in the release, and the backend the device will use."""
+    def _engine_for(self, m: Manifest, onnx_obj: Path) -> tuple[Path | None, str, str | None]:
+        """The engine to ship in the release, the backend the device will use, and why not TensorRT
+        when TensorRT is there but failed."""
         try:
             from edgeslim.components.engine.builder import build_engine, tensorrt_available
         except ImportError:
-            return None, "onnxruntime"
+            return None, "onnxruntime", None
         ok, why = tensorrt_available()
         if not ok:
             # Serving the Q/DQ ONNX with ONNX Runtime is the documented fallback, not a failure.
             log.info("TensorRT unavailable (%s): serving the Q/DQ ONNX with ONNX Runtime", why.split(";")[0])
-            return None, "onnxruntime"
+            return None, "onnxruntime", None
         if m.engine is not None:
-            return self.fetch(m.engine), "tensorrt (prebuilt engine)"
+            return self.fetch(m.engine), "tensorrt (prebuilt engine)", None
         out = self.state_dir / "engines" / m.artifact.sha256 / self.device_class
         built = sorted(out.glob("*.engine")) + sorted(out.glob("*.plan")) if out.exists() else []
         if built:
-            return built[0], "tensorrt (engine built on device)"
+            return built[0], "tensorrt (engine built on device)", None
         log.info("no engine for class %s: building one from the Q/DQ ONNX", self.device_class)
         try:
             res = build_engine(str(onnx_obj), str(out), self.device_class)
         except Exception as exc:  # a failed build must not take the device down: ONNX Runtime still serves
-            log.error("engine build failed (%s); serving the Q/DQ ONNX with ONNX Runtime", exc)
-            return None, "onnxruntime"
-        return Path(res.engine_path), "tensorrt (engine built on device)"
+            why = " ".join(f"TensorRT engine build failed: {exc}".split())[:500]
+            log.error("%s; serving the Q/DQ ONNX with ONNX Runtime", why)
+            return None, "onnxruntime", why
+        return Path(res.engine_path), "tensorrt (engine built on device)", None
 
     def make_release(self, m: Manifest) -> str:
         """A release directory for the manifest's artifact; returns its path relative to state_dir."""
         onnx_obj = self.fetch(m.artifact)
-        engine, backend = self._engine_for(m, onnx_obj)
+        engine, backend, fallback = self._engine_for(m, onnx_obj)
         name = m.artifact.sha256[:20] + (f"-{file_sha256(engine)[:12]}" if engine else "")
         rel = f"releases/{name}"
         final = self.state_dir / rel
@@ -312,7 +314,7 @@ class Agent:
         if engine:
             os.link(engine, tmp / "model.engine")
         atomic_write_json(tmp / "release.json", {
-            "sha256": m.artifact.sha256, "size": m.artifact.size, "backend": backend,
+            "sha256": m.artifact.sha256, "size": m.artifact.size, "backend": backend, "fallback": fallback,
             "model": m.model, "health_check": m.health_check,
         })
         if final.exists():  # a damaged leftover: replace it
@@ -349,6 +351,10 @@ class Agent:
         else:
             health = check_in_subprocess(self.state_dir / new_rel, m.health_check, timeout_s=self.health_timeout)
         if health.get("ok"):
+            if health.get("fallback"):  # TensorRT could not load the engine here: ONNX Runtime serves it
+                meta_path = self.state_dir / new_rel / "release.json"
+                atomic_write_json(meta_path, {**json.loads(meta_path.read_text()), "backend": "onnxruntime",
+                                              "fallback": health["fallback"]})
             log.info("health check passed on %s (%.2f ms); committed sequence %d", health.get("backend"),
                      health.get("latency_ms") or 0, m.sequence)
             return self._decide(m, "committed", None, health=health)

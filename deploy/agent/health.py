@@ -71,7 +71,8 @@ def run_health_check(release_dir: str | Path, check: dict[str, Any] | None) -> d
             arrays), ``atol``, ``rtol``, ``latency_budget_ms``, ``repeats``.
 
     Returns:
-        ``{"ok", "backend", "max_abs_err", "latency_ms", "error"}``.
+        ``{"ok", "backend", "max_abs_err", "latency_ms", "error", "fallback"}``; ``fallback`` says why
+        TensorRT could not load the engine (ONNX Runtime then ran the check and ``backend`` says so).
     """
     import numpy as np
 
@@ -79,13 +80,19 @@ def run_health_check(release_dir: str | Path, check: dict[str, Any] | None) -> d
 
     release_dir = Path(release_dir)
     result: dict[str, Any] = {"ok": False, "backend": None, "max_abs_err": None, "latency_ms": None,
-                              "error": None}
+                              "error": None, "fallback": None}
     try:
         engine = release_dir / "model.engine"
+        run = None
         if engine.exists() and _tensorrt_importable():
-            run, result["backend"] = _tensorrt_runner(engine)
-        else:
+            try:
+                run, result["backend"] = _tensorrt_runner(engine)
+            except Exception as exc:  # TensorRT cannot load the engine here: ONNX Runtime serves, and says so
+                result["fallback"] = " ".join(f"TensorRT engine unusable: {type(exc).__name__}: {exc}".split())[:500]
+        if run is None:
             run, result["backend"] = _onnxruntime_runner(release_dir / "model.onnx")
+            if result["fallback"]:
+                result["backend"] += " (fallback from tensorrt)"
         if not check:
             result["error"] = "manifest has no health check (golden input); refusing to commit blind"
             return result

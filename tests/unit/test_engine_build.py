@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import types
+from pathlib import Path
 
 import pytest
 from test_engine_fixtures import INPUT, make_digits_onnx
@@ -25,6 +26,7 @@ from edgeslim.components.engine.devices import LocalDevice, get_device_class
 ORIN = LocalDevice("Orin", (8, 7), "12.6", "10.3.0.30", jetpack="6.1", l4t="36.4.0")
 L4_NO_TRT = LocalDevice("NVIDIA L4", (8, 9), "12.8", None)
 ORIN_KEY = "orin-sm87-jp6.1-trt10.3"
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +60,19 @@ def test_engine_config_round_trips_through_json():
     ({"device_classes": ["ada-sm89-trt10"], "dla_core": 0}, "has no DLA; set dla_core: null"),
     ({"device_classes": [ORIN_KEY], "dla_core": 2}, "use 0..1 or null"),
     ({"device_classes": [ORIN_KEY], "hardware_compatibility": "ampere_plus"}, "not support it on JetPack"),
-    ({"device_classes": ["xavier-sm72-jp5.1-trt8.5"], "version_compatible": True}, "need 8.6 or newer"),
-    ({"device_classes": ["hopper-sm90-trt11"], "precision": "fp16"}, "no builder flag in TensorRT 11"),
+    ({"device_classes": ["xavier-sm72-jp5.1-trt8.5"], "version_compatible": True},
+     "engines.version_compatible: a version-compatible engine needs TensorRT 8.6 or newer; "
+     "device class xavier-sm72-jp5.1-trt8.5 has TensorRT 8.5"),
+    ({"device_classes": ["hopper-sm90-trt11"], "precision": "fp16"},
+     "engines.precision: fp16 (the FP16 builder flag) needs TensorRT before 11; "
+     "device class hopper-sm90-trt11 has TensorRT 11.x"),
+    ({"device_classes": ["xavier-sm72-jp5.1-trt8.5"], "strongly_typed": True},
+     "engines.strongly_typed: a strongly typed network needs TensorRT 10.0 or newer; "
+     "device class xavier-sm72-jp5.1-trt8.5 has TensorRT 8.5"),
+    ({"device_classes": ["hopper-sm90-trt11"], "strongly_typed": False},
+     "engines.strongly_typed: a weakly typed network (false) needs TensorRT before 11; "
+     "device class hopper-sm90-trt11 has TensorRT 11.x"),
+    ({"strongly_typed": True, "precision": "fp16"}, "a strongly typed network takes none"),
     ({"node_selectors": {ORIN_KEY: {"a": "b"}}}, "is not in engines.device_classes"),
     ({"device_classes": [ORIN_KEY], "node_selectors": {ORIN_KEY: "gpu"}}, "mapping of label to value"),
     ({"verify": {"min_top1_agreement": 1.5}}, "engines.verify.min_top1_agreement"),
@@ -132,8 +145,10 @@ def test_tensorrt_10_builds_weakly_typed_with_int8_and_fp16_flags():
 def test_tensorrt_11_builds_strongly_typed_without_precision_flags():
     assert eng.network_flags("11.1.0") == ["STRONGLY_TYPED"]
     assert eng.builder_flags("11.1.0", TensorRTEngineConfig()) == []
-    with pytest.raises(ConfigError, match="fp16 has no builder flag"):
+    with pytest.raises(ConfigError, match=r"fp16 \(the FP16 builder flag\) needs TensorRT before 11"):
         eng.builder_flags("11.1.0", TensorRTEngineConfig(precision="fp16"))
+    assert eng.network_flags("10.3.0", TensorRTEngineConfig(strongly_typed=True)) == ["STRONGLY_TYPED"]
+    assert eng.builder_flags("10.3.0", TensorRTEngineConfig(strongly_typed=True)) == []
 
 
 def test_tensorrt_8_needs_explicit_batch_and_dla_adds_gpu_fallback():
@@ -239,13 +254,19 @@ def test_build_node_of_another_architecture_is_refused(onnx_pair, tmp_path):
     assert "needs compute capability 8.7" in one_line(exc.value)
 
 
-def test_gpu_node_without_tensorrt_gets_the_install_hint(onnx_pair, tmp_path, monkeypatch):
+def test_gpu_node_without_tensorrt_gets_the_install_hint_of_its_class(onnx_pair, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # makes `import tensorrt` fail even if installed
     with pytest.raises(MissingDependencyError) as exc:
         eng.build_engine(onnx_pair[1], tmp_path, "ada-sm89-trt10", local=L4_NO_TRT)
-    assert "pip install 'edgeslim[tensorrt]'" in one_line(exc.value)
+    assert one_line(exc.value).endswith("install it with: pip install 'edgeslim[tensorrt10]'")
+    with pytest.raises(MissingDependencyError) as exc:
+        eng.build_engine(onnx_pair[1], tmp_path, ORIN_KEY, local=ORIN)
+    assert "TensorRT 10.3 comes with JetPack 6.1 (sudo apt install nvidia-jetpack), not from pip" in str(exc.value)
     ok, why = eng.tensorrt_available()
-    assert not ok and "pip install 'edgeslim[tensorrt]'" in why
+    assert not ok and "pip install 'edgeslim[tensorrt10]' or pip install 'edgeslim[tensorrt11]'" in why
+    assert "edgeslim engine detect" in why and "\n" not in why
+    ok, why = eng.tensorrt_available("hopper-sm90-trt11")
+    assert not ok and why.endswith("install it with: pip install 'edgeslim[tensorrt11]'")
 
 
 def built_meta(onnx_pair, version="10.3.0.30", **over):
@@ -306,3 +327,136 @@ def test_builder_imports_no_torch_mlflow_kfp_or_tensorrt():
             "print(sorted(m for m in ('torch', 'mlflow', 'kfp', 'tensorrt', 'onnxruntime') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# --- TensorRT versions: features, extras, detect ----------------------------------------------------
+
+
+@pytest.fixture
+def extra_classes(monkeypatch):
+    """Two device classes only for these tests (the registry is global: undone after each test)."""
+    from edgeslim.components.engine import devices
+
+    ampere = devices.DeviceClass("ampere-sm80-trt10.3", "datacenter", "Ampere", (8, 0), "10.3", cuda="12")
+    thor = devices.DeviceClass("orin-sm87-jp7.0-trt11.0", "jetson", "Orin (Ampere)", (8, 7), "11.0", "7.0",
+                               "13", 2)
+    for dc in (ampere, thor):
+        monkeypatch.setitem(devices._REGISTRY, dc.key, dc)
+    return ampere.key, thor.key
+
+
+def test_every_version_gated_setting_is_refused_for_a_class_without_it_in_one_line(extra_classes):
+    ampere, orin11 = extra_classes
+    cases = [
+        ({"device_classes": [ampere], "hardware_compatibility": "same_compute_capability"},
+         f"engines.hardware_compatibility: same_compute_capability needs TensorRT 10.9 or newer; device class "
+         f"{ampere} has TensorRT 10.3"),
+        ({"device_classes": [orin11], "dla_core": 0},
+         f"engines.dla_core: DLA needs TensorRT before 10.8, or 11.4.1 or newer; device class {orin11} has "
+         "TensorRT 11.0"),
+    ]
+    for data, line in cases:
+        with pytest.raises(ConfigError) as exc:
+            TensorRTEngineConfig.from_dict(data, prefix="engines")
+        assert one_line(exc.value) == line
+    # A class that admits a version with the feature passes; the build node's TensorRT is checked later.
+    cfg = TensorRTEngineConfig(device_classes=["ada-sm89-trt10"], hardware_compatibility="same_compute_capability")
+    assert cfg.tensorrt_version_problem("10.16.1.11") is None
+    assert cfg.tensorrt_version_problem("10.8.0.43") == (
+        "engines.hardware_compatibility: same_compute_capability needs TensorRT 10.9 or newer; this node has "
+        "TensorRT 10.8.0.43")
+
+
+def test_feature_versions_read_as_ranges():
+    from edgeslim.components.engine.devices import TENSORRT_FEATURES as F
+
+    assert F["hardware_compatibility.same_compute_capability"].supported_by("10.9.0.34")
+    assert not F["hardware_compatibility.same_compute_capability"].supported_by("10.8.0.43")
+    assert F["fp16_flag"].supported_by("10.14.1.48.post1") and not F["fp16_flag"].supported_by("11.0.0.114")
+    assert F["dla"].supported_by("10.7.0") and not F["dla"].supported_by("10.8.0.43")
+    assert not F["dla"].supported_by("11.4.0.106") and F["dla"].supported_by("11.4.1")
+    xavier, ada = get_device_class("xavier-sm72-jp5.1-trt8.5"), get_device_class("ada-sm89-trt10")
+    assert not F["version_compatible"].possible_in(xavier) and F["version_compatible"].possible_in(ada)
+    assert F["hardware_compatibility.same_compute_capability"].possible_in(ada)  # 10.9..10.x are 10.x
+    assert not F["hardware_compatibility.same_compute_capability"].possible_in(get_device_class(ORIN_KEY))
+
+
+def test_build_refuses_a_setting_the_nodes_tensorrt_lacks_before_calling_it(onnx_pair, tmp_path, monkeypatch):
+    called = []
+    trt = types.SimpleNamespace(__version__="10.3.0", Builder=lambda logger: called.append(logger))
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    cfg = TensorRTEngineConfig(version_compatible=True, hardware_compatibility="same_compute_capability")
+    with pytest.raises(DeviceError) as exc:
+        eng.build_engine(onnx_pair[1], tmp_path, "ada-sm89-trt10", cfg, local=L4_NO_TRT)
+    assert "same_compute_capability needs TensorRT 10.9 or newer; this node has TensorRT 10.3.0" in one_line(exc.value)
+    assert called == []
+
+
+def test_each_class_has_one_way_to_its_tensorrt_and_the_readme_table_says_it():
+    from edgeslim.components.engine.devices import known_device_classes, tensorrt_extra, tensorrt_install_hint
+
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## TensorRT engines per device class", 1)[1].split("\n## ", 1)[0]
+    rows = {ln.split("|")[1].strip().strip("`"): ln for ln in section.splitlines() if ln.startswith("| `")}
+    for key in known_device_classes():
+        dc = get_device_class(key)
+        extra = tensorrt_extra(dc)
+        assert key in rows, f"README's TensorRT table has no row for {key}"
+        if dc.is_jetson:
+            assert extra is None and f"JetPack {dc.jetpack}" in rows[key] and "edgeslim[" not in rows[key]
+            assert "pip install" not in tensorrt_install_hint(dc)
+        else:
+            assert extra == f"tensorrt{dc.tensorrt_major}" and f"pip install 'edgeslim[{extra}]'" in rows[key]
+            assert tensorrt_install_hint(dc) == f"install it with: pip install 'edgeslim[{extra}]'"
+
+
+def test_the_tensorrt_extras_resolve_within_their_generation():
+    """Finding 2: `tensorrt>=10.0` resolved to 11.x (its meta package pulls CUDA 13 builds)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    from edgeslim.components.engine.devices import TENSORRT_EXTRAS
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert "tensorrt" not in extras
+    for major, (extra, requirement) in TENSORRT_EXTRAS.items():
+        assert extras[extra] == [requirement, "polygraphy>=0.49"]
+        req = Requirement(requirement)
+        assert req.name == {10: "tensorrt-cu12", 11: "tensorrt-cu13"}[major]
+        newest = {10: ["10.3.0", "10.16.1.11"], 11: ["11.0.0.114", "11.4.0.106"]}[major]
+        assert all(req.specifier.contains(v) for v in newest)
+        assert not any(req.specifier.contains(v) for v in ("10.2.0", "11.0.0", "12.0.0") if int(v[:2]) != major)
+
+
+@pytest.mark.parametrize("node, lines", [
+    (LocalDevice("NVIDIA L4", (8, 9), "12.8", None),
+     ["NVIDIA L4 (sm89), TensorRT not installed: device class ada-sm89-trt10",
+      "  TensorRT for ada-sm89-trt10: install it with: pip install 'edgeslim[tensorrt10]'"]),
+    (LocalDevice("NVIDIA H100", (9, 0), "13.0", None),
+     ["NVIDIA H100 (sm90), TensorRT not installed: device class hopper-sm90-trt10 or hopper-sm90-trt11, by the "
+      "TensorRT you install",
+      "  TensorRT for hopper-sm90-trt10: install it with: pip install 'edgeslim[tensorrt10]'",
+      "  TensorRT for hopper-sm90-trt11: install it with: pip install 'edgeslim[tensorrt11]'"]),
+    (ORIN,
+     ["Orin (sm87), TensorRT 10.3.0.30, JetPack 6.1: device class orin-sm87-jp6.1-trt10.3",
+      "  TensorRT for orin-sm87-jp6.1-trt10.3: installed (10.3.0.30); TensorRT 10.3 comes with JetPack 6.1 "
+      "(sudo apt install nvidia-jetpack), not from pip"]),
+])
+def test_engine_detect_names_the_extra_of_the_class(node, lines, monkeypatch, capsys):
+    from edgeslim.components.engine import cli as engine_cli, devices
+
+    monkeypatch.setattr(devices, "detect_local_device", lambda: node)
+    assert engine_cli._cmd_detect(types.SimpleNamespace()) == 0
+    assert capsys.readouterr().out.splitlines() == lines
+
+
+def test_engine_detect_on_a_node_with_the_wrong_tensorrt_says_which_extra(monkeypatch):
+    from edgeslim.components.engine import cli as engine_cli, devices
+
+    node = LocalDevice("NVIDIA L4", (8, 9), "12.8", "11.4.0.106")  # what `pip install tensorrt` gives
+    monkeypatch.setattr(devices, "detect_local_device", lambda: node)
+    with pytest.raises(DeviceError) as exc:
+        engine_cli._cmd_detect(types.SimpleNamespace())
+    assert one_line(exc.value).endswith("has the GPU of ada-sm89-trt10 but not its TensorRT: ada-sm89-trt10 needs "
+                                        "TensorRT 10.x (install it with: pip install 'edgeslim[tensorrt10]')")

@@ -1,14 +1,24 @@
-"""A real fp32 ONNX classifier and its symmetric per-channel Q/DQ ONNX, without torch.
+"""A real fp32 ONNX classifier and its symmetric per-channel Q/DQ ONNX, without torch; and the
+mocked ``tensorrt`` module, generated from the real bindings.
 
 An MLP trained on scikit-learn's digits (a second or two), written as ONNX,
 then quantized by ONNX Runtime's ``quantize_static`` in the Q/DQ format
 TensorRT's explicit quantization wants. Other engine tests import
 ``make_digits_onnx``; the tests here check that the Q/DQ model is what the
 builder and the gate expect.
+
+``MockedTensorRT`` builds a stand-in ``tensorrt`` module from the snapshot of one
+real TensorRT version (tests/unit/trt/snapshots, written from the PyPI bindings
+by tests/unit/trt/generate_snapshots.py and checked against them by
+tests/unit/test_trt_conformance.py): its enums are the real ones with their
+real values, and a mocked class may define, and an object may be given, only
+attributes the real class has. A fake one raises ``FakeAttribute``.
 """
 
 from __future__ import annotations
 
+import json
+import types
 import warnings
 from pathlib import Path
 
@@ -91,3 +101,106 @@ def test_qdq_fixture_is_symmetric_and_per_channel(tmp_path):
     # Per-channel weight scales: one scale per output unit of fc1 (48) and fc2 (10).
     scale_sizes = sorted({inits[n.input[1]].size for n in model.graph.node if n.op_type == "DequantizeLinear"})
     assert 48 in scale_sizes and 10 in scale_sizes
+
+
+# --- the mocked tensorrt, generated from the real bindings ------------------------------------------
+
+TRT_SNAPSHOTS = Path(__file__).resolve().parent / "trt" / "snapshots"
+
+
+def trt_snapshot(version: str) -> dict:
+    """The recorded API of one real TensorRT version (a file name in tests/unit/trt/snapshots)."""
+    return json.loads((TRT_SNAPSHOTS / f"tensorrt-{version}.json").read_text())
+
+
+class FakeAttribute(AssertionError):
+    """A mocked ``tensorrt`` got a name the real TensorRT of its version does not have."""
+
+
+class _Member:
+    """An enum member as pybind11 makes it: ``.name``, ``int()``, equal only within its enum."""
+
+    __slots__ = ("enum", "name", "value")
+
+    def __init__(self, enum: str, name: str, value: int):
+        self.enum, self.name, self.value = enum, name, value
+
+    def __int__(self) -> int:
+        return self.value
+
+    __index__ = __int__
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Member) and (other.enum, other.value) == (self.enum, self.value)
+
+    def __hash__(self) -> int:
+        return hash((self.enum, self.value))
+
+    def __str__(self) -> str:
+        return f"{self.enum.split('.')[-1]}.{self.name}"
+
+    __repr__ = __str__
+
+
+def _enum(qualname: str, members: dict[str, int]) -> type:
+    ns = {k: _Member(qualname, k, v) for k, v in members.items()}
+    return type(qualname.split(".")[-1], (), {**ns, "__members__": dict(ns)})
+
+
+class _MockedModule(types.ModuleType):
+    def __setattr__(self, name: str, value) -> None:
+        if not name.startswith("__") and name not in self.__dict__.get("_toplevel", (name,)):
+            raise FakeAttribute(f"mocked tensorrt {self.__version__} got {name!r}, which the real module has not")
+        super().__setattr__(name, value)
+
+
+class MockedTensorRT:
+    """A stand-in ``tensorrt`` module (``.module``) for one version, generated from its snapshot.
+
+    ``base(name)`` is the base class of a mock of ``tensorrt.<name>``: subclasses may
+    define only members the real class has, and their objects get only those attributes.
+    """
+
+    def __init__(self, version: str):
+        import numpy as np
+
+        snap = self.snapshot = trt_snapshot(version)
+        module = self.module = _MockedModule("tensorrt", "mocked tensorrt, generated from its real bindings")
+        object.__setattr__(module, "_toplevel", frozenset(snap["toplevel"]))
+        module.__version__ = snap["version"]
+        for name, members in snap["enums"].items():
+            if "." not in name:
+                setattr(module, name, _enum(name, members))
+
+        def nptype(dtype):
+            found = snap["nptype"].get(dtype.name)
+            if found is None:  # what the real one says for BF16, FP8, INT4, FP4
+                raise TypeError("Could not resolve TensorRT datatype to an equivalent numpy datatype.")
+            return np.dtype(found).type
+
+        module.nptype = nptype
+
+    def base(self, name: str) -> type:
+        snap = self.snapshot
+        if name not in snap["classes"]:
+            raise FakeAttribute(f"TensorRT {snap['version']} has no class {name!r} (or it is not recorded)")
+        allowed = frozenset(snap["classes"][name])
+        version = snap["version"]
+
+        class Mocked:
+            def __init_subclass__(cls, **kwargs):
+                super().__init_subclass__(**kwargs)
+                fake = sorted(n for n in vars(cls) if not n.startswith("_") and n not in allowed)
+                if fake:
+                    raise FakeAttribute(f"mocked {name} defines {fake}, which TensorRT {version}'s {name} has not")
+
+            def __setattr__(self, attr: str, value) -> None:
+                if not attr.startswith("_") and attr not in allowed:
+                    raise AttributeError(f"'{name}' object has no attribute '{attr}' (TensorRT {version})")
+                object.__setattr__(self, attr, value)
+
+        Mocked.__name__ = f"Mocked{name}"
+        for key, members in snap["enums"].items():  # nested enums, e.g. ILogger.Severity
+            if key.startswith(f"{name}."):
+                setattr(Mocked, key.split(".", 1)[1], _enum(key, members))
+        return Mocked

@@ -1,0 +1,339 @@
+"""TensorRT truth on a CPU machine: every TensorRT name edgeslim uses, against the real bindings.
+
+The builder, the runner, the edge pyfunc and the device agent's health check use
+``tensorrt``; no GPU has been lent, so they are checked against the real Python
+bindings of each TensorRT generation edgeslim claims, loaded over stub libraries
+(tests/unit/trt/harness.py): 10.3 (JetPack 6), 10.16 (the newest 10.x), 11.4
+(the newest 11.x) and 8.6.1 (the newest 8.x on PyPI). TensorRT 8.5 (Xavier,
+JetPack 5.1) was never on PyPI: it is checked against its documented API, the
+8.6.1 bindings minus what the TensorRT OSS pybind sources add between tags 8.5.2
+and v8.6.1 (tests/unit/trt/snapshots/tensorrt-8.5.2.2.json says so too).
+
+Two halves:
+
+- On the checked-in snapshots (no network): every enum member, class, method
+  and property edgeslim uses exists in each version, for every configuration
+  the version gate lets through; the calls fit the pybind signatures; the
+  feature table's version ranges agree with the bindings; the declared uses
+  cover what builder.py and health.py touch; and a wrong attribute is caught.
+- Against the real bindings (a session fixture downloads the ~1 MB wheels once
+  into ~/.cache/edgeslim/trt-bindings and builds the stubs with gcc): the
+  snapshots still equal the real modules (so the mocked ``tensorrt`` the unit
+  tests generate from them cannot grow a fake attribute), and edgeslim's own
+  code runs against each real module as far as it goes without a device:
+  ``trt.Builder(...)`` and ``trt.Runtime(...)`` return null objects, which must
+  become one-line ``EdgeslimError``s, and the pyfunc and the health check
+  (through Polygraphy) must fall back to ONNX Runtime and say so. Without PyPI
+  these skip with the reason, except under ``CI=true``, where they fail.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import itertools
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from test_engine_fixtures import make_digits_onnx
+
+from edgeslim.components.common.errors import ConfigError
+from edgeslim.components.engine import builder as eng
+from edgeslim.components.engine.config import TensorRTEngineConfig
+from edgeslim.components.engine.devices import TENSORRT_EXTRAS, TENSORRT_FEATURES
+
+REPO = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("trt_harness", Path(__file__).parent / "trt" / "harness.py")
+harness = sys.modules.setdefault("trt_harness", importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(harness)
+
+VERSIONS = harness.snapshot_versions()   # the real bindings' versions, then the documented 8.5
+REAL = list(harness.BINDINGS)
+NULLPTR = "TypeError: pybind11::init(): factory function returned nullptr"
+
+# What edgeslim's TensorRT code touches on each class: member -> positional arguments it passes
+# (None: a property). Enum members come from eng.tensorrt_settings() per version and config.
+USED_MEMBERS = {
+    "Builder": {"__init__": 1, "create_network": 1, "create_builder_config": 0, "create_optimization_profile": 0,
+                "build_serialized_network": 2},
+    "INetworkDefinition": {"num_inputs": None, "num_outputs": None, "get_input": 1, "get_output": 1},
+    "ITensor": {"name": None, "shape": None, "dtype": None},
+    "OnnxParser": {"__init__": 2, "parse_from_file": 1, "num_errors": None, "get_error": 1},
+    "ParserError": {"__str__": 0},
+    "IBuilderConfig": {"set_memory_pool_limit": 2, "set_flag": 1, "add_optimization_profile": 1,
+                       "create_timing_cache": 1, "set_timing_cache": 2, "get_timing_cache": 0},
+    "IOptimizationProfile": {"set_shape": 4},
+    "ITimingCache": {"serialize": 0},
+    "Runtime": {"__init__": 1, "deserialize_cuda_engine": 1},
+    "ICudaEngine": {"create_execution_context": 0, "num_io_tensors": None, "get_tensor_name": 1,
+                    "get_tensor_mode": 1, "get_tensor_shape": 1, "get_tensor_dtype": 1},
+    "IExecutionContext": {"set_input_shape": 2, "set_tensor_address": 2, "get_tensor_shape": 1,
+                          "execute_async_v3": 1},
+    "ILogger": {"__init__": 0, "log": 2, "Severity": None},
+}
+# Members used only with a setting, so only where the version gate lets that setting through.
+USED_WITH = {
+    ("IBuilderConfig", "hardware_compatibility_level"): ("hardware_compatibility.ampere_plus",
+                                                         "hardware_compatibility.same_compute_capability"),
+    ("Runtime", "engine_host_code_allowed"): ("version_compatible",),
+    ("Builder", "num_DLA_cores"): ("dla",),
+    ("IBuilderConfig", "default_device_type"): ("dla",),
+    ("IBuilderConfig", "DLA_core"): ("dla",),
+}
+USED_TOPLEVEL = {"__version__", "Builder", "OnnxParser", "Runtime", "ILogger", "nptype", "DataType", "TensorIOMode"}
+# The variables of builder.py that hold TensorRT objects, by class (for the scan of the code).
+HOLDERS = {"builder": "Builder", "network": "INetworkDefinition", "parser": "OnnxParser", "cfg": "IBuilderConfig",
+           "profile": "IOptimizationProfile", "cache": "ITimingCache", "empty": "ITimingCache",
+           "kept": "ITimingCache", "t": "ITensor", "self.runtime": "Runtime", "self.engine": "ICudaEngine",
+           "self.context": "IExecutionContext"}
+TENSORRT_CODE = ("_build_with_tensorrt", "_attach_timing_cache", "_io_of_network", "_collecting_logger",
+                 "EngineRunner")
+
+
+def snapshot(version: str) -> dict:
+    return harness.load_snapshot(version)
+
+
+def _configs():
+    for precision, strong, vc, hw, dla, fallback in itertools.product(
+            ("int8", "fp16", "fp32"), (None, True, False), (False, True),
+            ("none", "ampere_plus", "same_compute_capability"), (None, 0), (True, False)):
+        try:
+            yield TensorRTEngineConfig(precision=precision, strongly_typed=strong, version_compatible=vc,
+                                       hardware_compatibility=hw, dla_core=dla, gpu_fallback=fallback)
+        except ConfigError:
+            continue
+
+
+def uses(version: str) -> dict[str, set[str]]:
+    """Every ``Enum.MEMBER``/``Class.member``/top-level name edgeslim uses on ``version``, by owner."""
+    out: dict[str, set[str]] = defaultdict(set)
+    out["tensorrt"] = set(USED_TOPLEVEL)
+    for cls, members in USED_MEMBERS.items():
+        out[cls] |= set(members)
+    for (cls, member), features in USED_WITH.items():
+        if any(TENSORRT_FEATURES[f].supported_by(version) for f in features):
+            out[cls].add(member)
+    for cfg in _configs():
+        if cfg.tensorrt_version_problem(version):
+            continue  # the gate refuses it before TensorRT is asked
+        try:
+            settings = eng.tensorrt_settings(version, cfg)
+        except ConfigError:
+            continue
+        for enum, names in settings.items():
+            if names:
+                out["tensorrt"].add(enum)
+                out[enum] |= set(names)
+    out["TensorIOMode"].add("INPUT")
+    out["ILogger.Severity"] |= {"ERROR", "INTERNAL_ERROR", "WARNING"}  # log_problems reads these names
+    return out
+
+
+def missing(snap: dict, used: dict[str, set[str]]) -> list[str]:
+    """The used names ``snap`` lacks, as ``Owner.name``."""
+    gone = []
+    for owner, names in sorted(used.items()):
+        have = (set(snap["toplevel"]) if owner == "tensorrt" else set(snap["enums"].get(owner, ()))
+                | set(snap["classes"].get(owner, ())))
+        gone += [f"{owner}.{n}" for n in sorted(names - have)]
+    return gone
+
+
+def _params(signature: str) -> tuple[int, int]:
+    """(required, total) parameters after ``self`` of a pybind signature line."""
+    inner = signature[signature.index("(") + 1:]
+    depth, part, parts = 0, "", []
+    for ch in inner:
+        if ch in "([{" or (ch == ")" and depth) or ch in "]}":
+            depth += 1 if ch in "([{" else -1
+        elif ch == ")" and not depth:
+            break
+        if ch == "," and not depth:
+            parts.append(part)
+            part = ""
+        else:
+            part += ch
+    parts = [p.strip() for p in parts + [part] if p.strip()][1:]  # drop self
+    return sum(1 for p in parts if "=" not in p), len(parts)
+
+
+# --- on the snapshots: no network -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_every_tensorrt_name_edgeslim_uses_exists(version):
+    """For 8.5 this is the documented API (not on PyPI); for the others, the real bindings' snapshot."""
+    assert missing(snapshot(version), uses(version)) == []
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_calls_fit_the_pybind_signatures(version):
+    snap = snapshot(version)
+    for cls, members in USED_MEMBERS.items():
+        for member, nargs in members.items():
+            sigs = snap["signatures"].get(f"{cls}.{member}")
+            if nargs is None or not sigs:  # a property, or a dunder pybind documents elsewhere
+                continue
+            fits = [lo <= nargs <= hi for lo, hi in map(_params, sigs)]
+            assert any(fits), f"TensorRT {version}: {cls}.{member} gets {nargs} argument(s); it takes {sigs}"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_feature_table_agrees_with_the_bindings(version):
+    snap = snapshot(version)
+    for key, feature in TENSORRT_FEATURES.items():
+        enum, member = feature.api.split(".")
+        has = member in snap["enums"].get(enum, {})
+        if feature.supported_by(version):
+            assert has, f"{key}: TensorRT {version} should have {feature.api} ({feature.requirement()})"
+        elif feature.api_marks_support:
+            assert not has, f"{key}: TensorRT {version} has {feature.api}, but the table says {feature.requirement()}"
+
+
+def test_a_wrong_attribute_fails_the_check():
+    used = uses("10.3.0")
+    assert missing(snapshot("10.3.0"), used) == []
+    fake = dict(used, Builder=used["Builder"] | {"build_engine"},                # TensorRT 8's, gone in 10
+                HardwareCompatibilityLevel={"SAME_COMPUTE_CAPABILITY"},          # 10.9 and newer
+                BuilderFlag=used["BuilderFlag"] | {"STRICT_TYPES"})              # gone in 10
+    assert missing(snapshot("10.3.0"), fake) == ["Builder.build_engine", "BuilderFlag.STRICT_TYPES",
+                                                 "HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY"]
+    assert missing(snapshot("11.4.0.106"), {"BuilderFlag": {"INT8", "FP16"}}) == ["BuilderFlag.FP16",
+                                                                                  "BuilderFlag.INT8"]
+
+
+def test_the_declared_uses_cover_what_the_code_touches():
+    """A TensorRT name added to builder.py or health.py without being declared here fails this."""
+    touched: set[tuple[str, str]] = set()
+    scopes = []
+    for path, names in ((REPO / "components" / "engine" / "builder.py", TENSORRT_CODE),
+                        (REPO / "deploy" / "agent" / "health.py", ("_tensorrt_runner",))):
+        tree = ast.parse(path.read_text())
+        scopes += [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name in names]
+    for scope in scopes:
+        for node in ast.walk(scope):
+            if isinstance(node, ast.Attribute):
+                holder = ast.unparse(node.value)
+                if holder == "trt":
+                    touched.add(("tensorrt", node.attr))
+                elif holder.startswith("trt."):
+                    touched.add((holder[4:], node.attr))
+                elif holder in HOLDERS:
+                    touched.add((HOLDERS[holder], node.attr))
+            elif isinstance(node, ast.Call) and ast.unparse(node.func) == "_member":
+                args = node.args[1:3]
+                if all(isinstance(a, ast.Constant) for a in args):  # else a name from tensorrt_settings()
+                    touched.add((args[0].value, args[1].value))
+    declared = {(owner, n) for version in VERSIONS for owner, names in uses(version).items() for n in names}
+    assert sorted(touched - declared) == []
+    assert {("Builder", "create_network"), ("tensorrt", "nptype"), ("TensorIOMode", "INPUT"),
+            ("Runtime", "engine_host_code_allowed"), ("tensorrt", "__version__")} <= touched
+
+
+# --- against the real bindings ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def real_bindings():
+    try:
+        return {v: harness.prepare(v) for v in REAL}
+    except harness.Unavailable as exc:
+        msg = f"the TensorRT bindings wheels cannot be set up here: {exc}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+@pytest.fixture(scope="module")
+def real(real_bindings, tmp_path_factory):
+    """What each real module is, and what edgeslim's code does against it (one subprocess per version)."""
+    _, qdq, _ = make_digits_onnx(tmp_path_factory.mktemp("onnx"))
+    out = {}
+    for version, bindings in real_bindings.items():
+        out[version] = bindings.run("exercise", str(tmp_path_factory.mktemp(f"trt{version}")), str(qdq))
+    return out
+
+
+@pytest.mark.parametrize("version", REAL)
+def test_the_snapshot_is_what_the_real_bindings_have(real, version):
+    """The mocked tensorrt is generated from these files: a name the real module lacks cannot be in it."""
+    recorded = {k: v for k, v in snapshot(version).items() if k != "source"}
+    assert recorded == real[version]["snapshot"], (
+        f"tests/unit/trt/snapshots/tensorrt-{version}.json differs from the real bindings; regenerate it with "
+        "python tests/unit/trt/generate_snapshots.py")
+
+
+def test_the_documented_8_5_is_the_real_8_6_1_minus_what_8_6_added(real):
+    documented = snapshot(harness.DOCUMENTED)
+    derived = harness.derive_documented(real[harness.DOCUMENTED_FROM]["snapshot"], documented["delta_from_8.6.1"])
+    assert {k: v for k, v in documented.items() if k not in ("source", "delta_from_8.6.1")} == derived
+    assert "HardwareCompatibilityLevel" in documented["delta_from_8.6.1"]["new"]
+    assert "VERSION_COMPATIBLE" in documented["delta_from_8.6.1"]["members"]["BuilderFlag"]
+
+
+@pytest.mark.parametrize("version", REAL)
+def test_the_builder_gets_as_far_as_trt_builder_and_says_why_in_one_line(real, version):
+    ex = real[version]["exercise"]
+    assert ex["tensorrt_available"] == [True, f"tensorrt {version}"]
+    build = ex["build"]
+    assert build["edgeslim"] and build["raised"] == "DeviceError" and "\n" not in build["message"]
+    assert build["message"].startswith(f"TensorRT {version} could not create its builder ({NULLPTR}")
+    assert ex["logger"] == ["[ERROR] conformance line"]  # edgeslim's ILogger subclass, called like TensorRT does
+
+
+@pytest.mark.parametrize("version", REAL)
+def test_same_compute_capability_is_refused_where_the_bindings_lack_it(real, version):
+    same_cc = real[version]["exercise"]["same_compute_capability"]
+    assert same_cc["edgeslim"] and "\n" not in same_cc["message"]
+    if TENSORRT_FEATURES["hardware_compatibility.same_compute_capability"].supported_by(version):
+        assert same_cc["message"].startswith(f"TensorRT {version} could not create its builder")
+    else:
+        assert "same_compute_capability needs TensorRT 10.9 or newer" in same_cc["message"]
+
+
+@pytest.mark.parametrize("version", REAL)
+def test_the_runner_gets_as_far_as_trt_runtime_and_says_why_in_one_line(real, version):
+    runner = real[version]["exercise"]["runner"]
+    assert runner["edgeslim"] and runner["raised"] == "DeviceError" and "\n" not in runner["message"]
+    assert runner["message"].startswith(f"TensorRT {version} could not create its runtime ({NULLPTR}")
+
+
+@pytest.mark.parametrize("version", REAL)
+def test_the_edge_pyfunc_falls_back_to_onnxruntime_and_says_so(real, version):
+    ex = real[version]["exercise"]
+    model = ex["edge_model"]
+    assert model["raised"] is None, model
+    backend = f"onnxruntime:CPUExecutionProvider (fallback from tensorrt:{ex['device_class']})"
+    assert model["value"]["backend"] == model["value"]["predict_backend"] == backend
+    assert NULLPTR in model["value"]["reason"]
+
+
+@pytest.mark.parametrize("version", REAL)
+def test_the_agents_health_check_falls_back_to_onnxruntime_and_says_so(real, version):
+    health = real[version]["exercise"]["health"]
+    assert health["ok"], health
+    assert health["backend"] == "onnxruntime:CPUExecutionProvider (fallback from tensorrt)"
+    assert health["fallback"].startswith("TensorRT engine unusable:")
+
+
+@pytest.mark.parametrize("major", sorted(TENSORRT_EXTRAS))
+def test_each_tensorrt_extra_resolves_to_its_generation_on_pypi(real_bindings, major, tmp_path):
+    """`pip install --dry-run '.[tensorrt10]'` stops at tensorrt_cu12_libs, a placeholder that downloads from
+    NVIDIA's index (unreachable here): what the extra pins is resolved on its own, without dependencies."""
+    extra, requirement = TENSORRT_EXTRAS[major]
+    report = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--ignore-installed",
+                           "--disable-pip-version-check", "-q", "--report", str(report), requirement],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [item] = json.loads(report.read_text())["install"]
+    meta = item["metadata"]
+    assert meta["version"].split(".")[0] == str(major), f"[{extra}] resolves to {meta['name']} {meta['version']}"
+    cuda = {10: "cu12", 11: "cu13"}[major]
+    assert all(cuda in dep for dep in meta.get("requires_dist", []) if dep.startswith("tensorrt"))
