@@ -88,7 +88,7 @@ def choose_backend(engines: Mapping[str, Mapping[str, Any]], *, tensorrt_version
         if not engines:
             why = "the model ships no TensorRT engine"
         elif not tensorrt_version:
-            why = "TensorRT is not installed (pip install 'edgeslim[tensorrt]')"
+            why = "TensorRT is not installed (pip install 'edgeslim[tensorrt10]' or '[tensorrt11]', per device class)"
         else:
             misfits = []
             for key in sorted(engines):

@@ -1,7 +1,7 @@
 """Real TensorRT engines from the demo's Q/DQ ONNX, on a real GPU.
 
 Skipped, with the reason, where there is no CUDA device or no TensorRT
-(``pip install 'edgeslim[tensorrt]'``). On a GPU node of a known device class
+(``pip install 'edgeslim[tensorrt10]'``). On a GPU node of a known device class
 these build the engine, run it, and check it against ONNX Runtime.
 """
 

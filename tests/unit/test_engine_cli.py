@@ -83,4 +83,4 @@ def test_check_an_engine_without_tensorrt_gives_the_install_hint(capsys, tmp_pat
     (tmp_path / "model.engine").write_bytes(b"x")
     (tmp_path / "metadata.json").write_text(json.dumps({"format": "edgeslim-trt-engine", "tensorrt": "10.3.0"}))
     code, _, err = run(capsys, "engine", "check", str(tmp_path))
-    assert code == 2 and "pip install 'edgeslim[tensorrt]'" in error_line(err)
+    assert code == 2 and "pip install 'edgeslim[tensorrt10]'" in error_line(err)
