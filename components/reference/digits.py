@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgeslim.components.tasks.classification import top1  # noqa: F401  (the demo's and tests' name for it)
+
 
 class DigitsCNN(nn.Module):
     """The demo teacher: a plain VGG-style CNN for 1x8x8 digits.
@@ -50,5 +52,3 @@ def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: 
     return fit(model, x=x, y=y, epochs=epochs, lr=lr, batch_size=batch_size, optimizer="adamw", augment=random_shift,
                schedule="onecycle", weight_decay=1e-4, seed=seed, progress=progress)
 
-
-from edgeslim.components.tasks.classification import top1  # noqa: E402,F401  (the demo's and tests' name for it)

@@ -19,7 +19,7 @@ from edgeslim.components.common.errors import ConfigError, SourceError
 from edgeslim.components.tasks.classification import top1
 from edgeslim.components.common.result import StageResult
 from edgeslim.components.common.stage_configs import FeatureDistillConfig, LogitDistillConfig
-from edgeslim.components.transform.train import Progress, fit, kd_loss, random_shift  # noqa: F401  (kd_loss re-exported)
+from edgeslim.components.transform.train import Progress, fit, random_shift
 
 def check_output_shape(student: nn.Module, teacher: nn.Module, example: torch.Tensor,
                        what: str) -> None:
