@@ -88,3 +88,9 @@ def test_compiled_pipeline_has_the_gate_branch_and_all_stages():
     assert engine["resources"]["accelerator"]["resourceCount"] == "1"
     selector = json.dumps(platform)
     assert "nodeSelector" in selector
+
+
+def test_test_modules_have_unique_names():
+    # The test folders are not packages: two test files of one name cannot both be collected.
+    names = [p.name for p in (REPO / "tests").rglob("test_*.py")]
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []
