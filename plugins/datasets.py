@@ -96,14 +96,31 @@ class NpzArrays:
         return p.read_bytes()
 
     def load(self) -> Splits:
+        import zipfile
+
+        blob = self._read_bytes()
+        unreadable = (ValueError, OSError, EOFError, zipfile.BadZipFile)
         try:
-            arrays = np.load(io.BytesIO(self._read_bytes()), allow_pickle=True)
-        except (ValueError, OSError) as exc:
+            arrays = np.load(io.BytesIO(blob), allow_pickle=False)
+            files = arrays.files
+        except unreadable as exc:
             raise DataError(f"data {self.path}: not a readable .npz ({exc}); save it with numpy.savez") from None
-        missing = [k for k in SPLIT_KEYS if k not in arrays.files]
+        missing = [k for k in SPLIT_KEYS if k not in files]
         if missing:
             raise DataError(f"data {self.path}: missing arrays {missing}; the .npz needs {', '.join(SPLIT_KEYS)}")
-        parts = {k: arrays[k] for k in SPLIT_KEYS}
+        parts = {}
+        for k in SPLIT_KEYS:
+            try:
+                parts[k] = arrays[k]
+            except ValueError as exc:
+                if "allow_pickle" not in str(exc) or not k.startswith("y_"):
+                    raise DataError(f"data {self.path}: array {k} cannot be read ({exc}); save it with "
+                                    "numpy.savez as numbers (only detection labels may be an object array)") from None
+                # Detection labels: one (k, 5) array per image, stored as an object array (pickled).
+                parts[k] = np.load(io.BytesIO(blob), allow_pickle=True)[k]
+            except unreadable as exc:
+                raise DataError(f"data {self.path}: array {k} is corrupt or truncated ({exc}); write the "
+                                ".npz again with numpy.savez") from None
         for split in ("train", "val", "test"):
             check_labels(parts[f"x_{split}"], parts[f"y_{split}"], f"{self.path}:{split}")
             if parts[f"y_{split}"].dtype == object:
