@@ -18,7 +18,6 @@ from edgeslim.components.common.version import __version__
 
 from edgeslim.components.common.errors import GateRejected
 from edgeslim.components.common.result import StageResult
-from edgeslim.components.common.task_config import task_metadata
 from edgeslim.components.common.tracking import connect
 
 log = logging.getLogger(__name__)
@@ -105,6 +104,7 @@ def register(candidate_onnx: str | Path, *, parent: dict[str, Any], recipe, eval
     from mlflow.entities import LoggedModelInput
 
     from edgeslim.components import edge_model
+    from edgeslim.components.task import task_for
 
     if not gate_result.get("passed"):
         raise GateRejected(f"not registering a candidate that failed its gate ({gate_result.get('summary')})")
@@ -164,7 +164,7 @@ def register(candidate_onnx: str | Path, *, parent: dict[str, Any], recipe, eval
                 metadata={"parent": parent, "recipe_hash": recipe_hash, "gate": gate_result,
                           "metrics": flat,
                           # a detector's edge pyfunc decodes its outputs with this
-                          "task": task_metadata(recipe.task)},
+                          "task": task_for(recipe.task).metadata()},
             )
             model_id = getattr(info, "model_id", None) or ""
             if model_id:

@@ -108,7 +108,7 @@ class NpzArrays:
         missing = [k for k in SPLIT_KEYS if k not in files]
         if missing:
             raise DataError(f"data {self.path}: missing arrays {missing}; the .npz needs {', '.join(SPLIT_KEYS)}")
-        parts = {}
+        parts, pickled = {}, None
         for k in SPLIT_KEYS:
             try:
                 parts[k] = arrays[k]
@@ -117,7 +117,8 @@ class NpzArrays:
                     raise DataError(f"data {self.path}: array {k} cannot be read ({exc}); save it with "
                                     "numpy.savez as numbers (only detection labels may be an object array)") from None
                 # Detection labels: one (k, 5) array per image, stored as an object array (pickled).
-                parts[k] = np.load(io.BytesIO(blob), allow_pickle=True)[k]
+                pickled = pickled if pickled is not None else np.load(io.BytesIO(blob), allow_pickle=True)
+                parts[k] = pickled[k]
             except unreadable as exc:
                 raise DataError(f"data {self.path}: array {k} is corrupt or truncated ({exc}); write the "
                                 ".npz again with numpy.savez") from None
