@@ -101,12 +101,13 @@ def quantize_op(recipe_json: str, tracking_uri: str, onnx_model: Input[Model], s
         uri = tracking_uri or recipe.tracking_uri or None
         connect(uri)
         mlflow.set_experiment(recipe.register.experiment)
-        model = load_module(student.path)
+        # Only QAT trains the torch model (method qat, or the search's last trial): load it only then.
+        model = load_module(student.path) if cfg.method == "qat" or getattr(cfg, "qat", False) else None
         # Trials judge the int8 step, so their reference is the model being quantized
         # (the final gate still compares the metric with the registered parent).
         reference = onnx_model.path if recipe.torch_stages else parent_onnx.path
         strategy = task_for(recipe.task).search_strategy(fp32_onnx=onnx_model.path, reference_onnx=reference,
-                                                         recipe=recipe, model=model if cfg.qat else None) \
+                                                         recipe=recipe, model=model) \
             if cfg.method == "auto" else None
         with mlflow.start_run(run_name=f"quantize {cfg.method}: {recipe.source}") as run:
             mlflow.set_tag("edgeslim.recipe_hash", recipe.digest())
