@@ -14,6 +14,9 @@ import pytest
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 REPO = Path(__file__).resolve().parents[1]
+# RGW, the webhook-delivering MLflow server, agent processes: shared by tests/integration/fleet and
+# tests/security, so the session's one RGW serves both.
+pytest_plugins = ["tests.fleet_fixtures"]
 
 
 def pytest_configure(config):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet_it_helpers import REPO, make_onnx, wait_for
+from tests.fleet_it_helpers import REPO, make_onnx, wait_for
 from edgeslim.deploy import signing
 from edgeslim.deploy.controller import Controller, WaveRolloutConfig
 from edgeslim.deploy.store import FleetKeys

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from fleet_it_helpers import make_onnx, release_is_complete, wait_for
+from tests.fleet_it_helpers import make_onnx, release_is_complete, wait_for
 
 pytestmark = pytest.mark.slow
 ORIN = "orin-sm87-jp6.1-trt10.3"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from fleet_it_helpers import make_onnx, run_onnx, wait_for
+from tests.fleet_it_helpers import make_onnx, run_onnx, wait_for
 from edgeslim.components.common.errors import FleetError
 from edgeslim.deploy import signing
 from edgeslim.deploy.controller import Controller, WaveRolloutConfig, wave_plan

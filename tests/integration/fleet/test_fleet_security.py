@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from fleet_it_helpers import make_onnx, wait_for
+from tests.fleet_it_helpers import make_onnx, wait_for
 from edgeslim.deploy import signing
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ import uuid
 import pytest
 from mlflow import MlflowClient
 
-from fleet_it_helpers import make_onnx, wait_for
+from tests.fleet_it_helpers import make_onnx, wait_for
 from edgeslim.deploy import signing
 from edgeslim.deploy.controller import Controller, follow_alias
 from edgeslim.deploy.store import FleetKeys
@@ -16,7 +16,7 @@ from edgeslim.deploy.webhook import make_server
 pytestmark = pytest.mark.slow
 
 
-def test_alias_webhook_starts_a_rollout_once(mlflow_server, s3_store, keys, agents, register_edge_model, tmp_path):
+def test_alias_webhook_starts_a_rollout_once(fleet_mlflow, s3_store, keys, agents, register_edge_model, tmp_path):
     dev = agents("w0", "orin-sm87-jp6.1-trt10.3")
     wait_for(lambda: s3_store.get_json(FleetKeys("lab").registration("w0")), 30, "registration")
     version, sha = register_edge_model("fleet-hook", make_onnx(tmp_path / "v1.onnx", seed=31), alias="staging")

@@ -1,4 +1,4 @@
-"""Real parts on loopback for the fleet tests.
+"""Real parts on loopback for the fleet and security tests (a pytest plugin, see tests/conftest.py).
 
 - Ceph RGW (a real S3 server) started and stopped by ``deploy/s3/rgw.sh``, the
   same script CI uses. Without the Debian packages the tests skip with the
@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import running_mlflow_server
-from fleet_it_helpers import RGW_SH, free_port, wait_for, make_onnx, run_onnx, AgentProc, FlakyProxy, Publisher, release_is_complete  # noqa: F401
+from tests.fleet_it_helpers import RGW_SH, free_port, wait_for, make_onnx, run_onnx, AgentProc, FlakyProxy, Publisher, release_is_complete  # noqa: F401
 
 
 @pytest.fixture(scope="session")
@@ -80,7 +80,7 @@ def s3_store(rgw, s3_url):
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory, request):
+def fleet_mlflow(tmp_path_factory, request):
     """A real ``mlflow server`` that delivers webhooks; MLFLOW_TRACKING_URI points at it. Yields the URI."""
     # Let the registry deliver webhooks to a receiver on loopback over http (tests only).
     env = {"MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
@@ -105,7 +105,7 @@ def mlflow_server(tmp_path_factory, request):
 
 
 @pytest.fixture
-def register_edge_model(mlflow_server, tmp_path):
+def register_edge_model(fleet_mlflow, tmp_path):
     """Log an ONNX with the edgeslim_edge flavor, register it, point ``alias`` at it."""
     import mlflow
     from mlflow import MlflowClient
