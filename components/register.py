@@ -105,6 +105,7 @@ def register(candidate_onnx: str | Path, *, parent: dict[str, Any], recipe, eval
 
     from edgeslim.components import edge_model
     from edgeslim.components.task import task_for
+    from edgeslim.deploy import release
 
     if not gate_result.get("passed"):
         raise GateRejected(f"not registering a candidate that failed its gate ({gate_result.get('summary')})")
@@ -173,6 +174,8 @@ def register(candidate_onnx: str | Path, *, parent: dict[str, Any], recipe, eval
             mv = mlflow.register_model(model_uri, name, tags={**tags, TAG + "model_id": model_id})
             client.set_registered_model_alias(name, alias, mv.version)
             client.set_registered_model_tag(name, TAG + "parent_name", parent["name"])
+            # The release key signs what passed the gate (fleets install nothing else).
+            release.sign_if_configured(name, str(mv.version), client=client)
         except BaseException:
             if mv is not None:  # nothing half-made stays registered
                 try:

@@ -38,8 +38,8 @@ from edgeslim.components.common.config import Config
 from edgeslim.components.common.errors import ConfigError, FleetError, SourceError
 from edgeslim.components.common.hashing import file_sha256
 from edgeslim.components.common.tracking import parse_model_uri
-from edgeslim.deploy import signing
-from edgeslim.deploy.manifest import Manifest, artifact_key, decode_array, encode_array
+from edgeslim.deploy import bounded, signing, trust
+from edgeslim.deploy.manifest import Manifest, artifact_key, decode_array, encode_array, manifest_digest
 from edgeslim.deploy.store import FleetKeys, ObjectStore, PreconditionFailed, check_name
 
 log = logging.getLogger("edgeslim.controller")
@@ -47,6 +47,11 @@ log = logging.getLogger("edgeslim.controller")
 TERMINAL = ("succeeded", "aborted", "withdrawn", "failed")
 ACTIVE = ("pending", "running", "aborting")
 TAG_PREFIX = "edgeslim.fleet"
+ROOT_ENV = "EDGESLIM_FLEET_ROOT"
+DEFAULT_TIMESTAMP_TTL_S = 24 * 3600.0
+MAX_LOCK_TTL_S = 3600.0
+MAX_EXPIRY_S = 30 * 24 * 3600.0  # a manifest is never valid longer (a stored record cannot stretch it)
+MAX_RECORD_BYTES = bounded.MAX_MANIFEST_BYTES + (8 << 20)
 # Config keys that look like secrets are refused: -C values end up in shell history and logs.
 _SECRET_WORDS = ("secret", "password", "access_key", "token", "credential", "session_key")
 
@@ -105,6 +110,8 @@ class WaveRolloutConfig(Config):
         self.require(self.min_reported >= 1, "min_reported", "expected >= 1")
         for name in ("wave_timeout_s", "poll_interval_s", "expiry_s", "lock_ttl_s"):
             self.require(getattr(self, name) > 0, name, "expected a positive number of seconds")
+        self.require(self.expiry_s <= MAX_EXPIRY_S, "expiry_s", f"at most {MAX_EXPIRY_S:.0f} s (30 days)")
+        self.require(self.lock_ttl_s <= MAX_LOCK_TTL_S, "lock_ttl_s", f"at most {MAX_LOCK_TTL_S:.0f} s")
 
     @classmethod
     def from_strings(cls, raw: dict[str, Any]) -> "WaveRolloutConfig":
@@ -165,9 +172,10 @@ class ModelRef:
     alias: str | None
     run_id: str | None
     uri: str
+    release: str | None = None  # the release statement (JSON of a signed envelope) from the version's tag
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "release"}
 
 
 def resolve_model(uri: str) -> ModelRef:
@@ -184,7 +192,8 @@ def resolve_model(uri: str) -> ModelRef:
         raise SourceError(f"{uri}: registered model {name!r} has no {what} ({exc.error_code})") from None
     except Exception as exc:  # connection refused and friends
         raise SourceError(f"{uri}: cannot reach the MLflow registry ({type(exc).__name__})") from None
-    return ModelRef(name=name, version=str(mv.version), alias=alias, run_id=mv.run_id, uri=uri)
+    return ModelRef(name=name, version=str(mv.version), alias=alias, run_id=mv.run_id, uri=uri,
+                    release=(mv.tags or {}).get(trust.RELEASE_TAG))
 
 
 def download_model(ref: ModelRef, dst: str | Path) -> Path:
@@ -267,43 +276,120 @@ def _input_example(model_dir: Path, inp) -> Any:
     return arr if arr.ndim == rank else None
 
 
+class UntrustedRecord(FleetError):
+    """A rollout record in the store that this fleet's key did not sign: never acted on."""
+
+
 class Controller:
     """Rollouts of one fleet.
+
+    Nothing in the store is trusted unless this fleet's root vouches for it: rollout
+    records and rollback targets carry the fleet key's signature, device statuses the
+    device's own enrolled key, and a model is rolled out only under the release
+    statement that the register step signed when it passed its gate.
 
     Args:
         store: the fleet store.
         fleet: fleet name (``edge:/FLEET``).
-        signing_key: the ed25519 private key (needed to write manifests).
+        signing_key: the fleet (director) ed25519 private key (needed to write anything).
+        root: the fleet's :class:`~edgeslim.deploy.trust.Root` (as provisioned; newer
+            versions published in the store are followed).
         clock, sleep: injectable for unit tests of the wave logic.
     """
 
-    def __init__(self, store: ObjectStore, fleet: str, *, signing_key=None,
-                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(self, store: ObjectStore, fleet: str, *, signing_key=None, root=None,
+                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep,
+                 timestamp_ttl_s: float = DEFAULT_TIMESTAMP_TTL_S) -> None:
         self.store, self.fleet, self.keys = store, fleet, FleetKeys(fleet)
         self.signing_key = signing_key
+        self._root, self._root_followed = root, False
         self.clock, self.sleep = clock, sleep
+        self.timestamp_ttl_s = timestamp_ttl_s
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._lock_etag: str | None = None
+        self._etags: dict[str, str | None] = {}
+
+    # ------------------------------------------------------------------ trust
+    @property
+    def root(self):
+        """The newest root the provisioned one leads to (walked once per controller)."""
+        if self._root is None:
+            raise ConfigError("the fleet's root document is needed: pass --root root.json or set "
+                              f"{ROOT_ENV} (make it with `edgeslim fleet root init`)")
+        if not self._root_followed:
+            self._root, _ = trust.update_root(self._root, self._fetch_root)
+            self._root_followed = True
+        return self._root
+
+    def _fetch_root(self, version: int) -> Any:
+        blob = self.store.get(self.keys.root(version), max_bytes=bounded.MAX_SMALL_BYTES)
+        return None if blob is None else bounded.loads(blob.data, what=f"root version {version}")
+
+    def _require_key(self) -> None:
+        if self.signing_key is None:
+            raise ConfigError("a fleet signing key is needed to roll out; set EDGESLIM_FLEET_SIGNING_KEY "
+                              "or pass --signing-key (make one with `edgeslim fleet keygen --role fleet`)")
+        kid = signing.key_id(self.signing_key.public_key())
+        if kid not in self.root.roles["fleet"].keyids:
+            raise ConfigError(f"signing key {kid} is not a fleet key of root version {self.root.version}; "
+                              "use the fleet key the root lists, or rotate the root to add it")
+
+    def _sign(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return trust.sign_with(payload, [self.signing_key])
+
+    def _read(self, key: str, what: str, max_bytes: int = bounded.MAX_SMALL_BYTES) -> tuple[Any, str] | None:
+        """Bounded read of one untrusted JSON object (size checked before the body is read)."""
+        blob = self.store.get(key, max_bytes=max_bytes)
+        if blob is None:
+            return None
+        return bounded.loads(blob.data, what=what, max_bytes=max_bytes), blob.etag
+
+    def _verified(self, key: str, what: str, max_bytes: int = bounded.MAX_SMALL_BYTES) -> tuple[Any, str] | None:
+        """An object the fleet key signed, with its etag; raises SignatureError if it is not."""
+        got = self._read(key, what, max_bytes)
+        if got is None:
+            return None
+        return self.root.verify(got[0], "fleet", what=what), got[1]
+
+    def publish_timestamp(self) -> dict[str, Any]:
+        """A fresh, short-lived signed timestamp: devices report metadata older than it as stale."""
+        self._require_key()
+        version = int(self.clock())
+        try:
+            got = self._verified(self.keys.timestamp, "fleet timestamp")
+            if got:
+                version = max(version, int(got[0].get("version", 0)) + 1)
+        except (FleetError, TypeError, ValueError) as exc:
+            log.warning("replacing an unreadable fleet timestamp (%s)", exc)
+        ts = trust.timestamp_payload(fleet=self.fleet, version=version, root_version=self.root.version,
+                                     ttl_s=self.timestamp_ttl_s, now=self.clock())
+        self.store.put_json(self.keys.timestamp, self._sign(ts))
+        return ts
 
     # ------------------------------------------------------------------ lock
     def acquire_lock(self, rollout: str, ttl_s: float) -> None:
-        """Create-once PUT of the fleet lock; take over only an expired one (If-Match)."""
-        body = {"rollout": rollout, "holder": self.holder, "acquired_at": self.clock(),
-                "expires_at": self.clock() + ttl_s}
+        """Create-once PUT of the fleet lock; take over only one that the *store's* clock says expired."""
+        body = {"rollout": rollout, "holder": self.holder, "ttl_s": float(ttl_s)}
         try:
             self._lock_etag = self.store.put_json(self.keys.lock, body, if_none_match_any=True)
             return
         except PreconditionFailed:
             pass
-        got = self.store.get_json(self.keys.lock)
-        if got is None:  # released between our PUT and GET: try once more
+        aged = self.store.age(self.keys.lock)
+        if aged is None:  # released between our PUT and this look: try once more
             self._lock_etag = self.store.put_json(self.keys.lock, body, if_none_match_any=True)
             return
-        held, etag = got
-        if held.get("expires_at", 0) > self.clock():
+        etag, age = aged
+        try:
+            held = (self._read(self.keys.lock, "fleet lock") or ({}, ""))[0]
+            held = held if isinstance(held, dict) else {}
+            held_ttl = min(float(held.get("ttl_s", ttl_s)), MAX_LOCK_TTL_S)
+        except (FleetError, TypeError, ValueError):
+            held, held_ttl = {}, float(ttl_s)
+        if age < held_ttl:
             raise FleetError(
                 f"fleet {self.fleet!r} is locked by rollout {held.get('rollout')!r} "
-                f"(controller {held.get('holder')}, until {time.strftime('%H:%M:%S', time.gmtime(held.get('expires_at', 0)))} UTC); "
+                f"(controller {held.get('holder')}, for another {held_ttl - age:.0f}s by the store's clock); "
                 "wait for it, or abort it with `edgeslim fleet abort`"
             )
         try:
@@ -313,82 +399,288 @@ class Controller:
         log.warning("took over the expired lock of rollout %s", held.get("rollout"))
 
     def renew_lock(self, rollout: str, ttl_s: float) -> None:
-        body = {"rollout": rollout, "holder": self.holder, "acquired_at": self.clock(),
-                "expires_at": self.clock() + ttl_s}
+        body = {"rollout": rollout, "holder": self.holder, "ttl_s": float(ttl_s)}
         try:
             self._lock_etag = self.store.put_json(self.keys.lock, body, if_match=self._lock_etag)
         except PreconditionFailed:
             raise FleetError(f"fleet {self.fleet!r}: lost the lock (another controller took it); stopping") from None
 
     def release_lock(self) -> None:
-        got = self.store.get_json(self.keys.lock)
-        if got and got[0].get("holder") == self.holder:
+        try:
+            got = self._read(self.keys.lock, "fleet lock")
+        except FleetError:
+            got = None
+        if got and isinstance(got[0], dict) and got[0].get("holder") == self.holder:
             self.store.delete(self.keys.lock)
         self._lock_etag = None
 
     # ------------------------------------------------------------------ records
     def get(self, name: str) -> dict[str, Any] | None:
-        got = self.store.get_json(self.keys.rollout(name))
-        return got[0] if got else None
+        """The rollout record, verified; raises :class:`UntrustedRecord` for a planted or altered one."""
+        key = self.keys.rollout(name)
+        try:
+            got = self._verified(key, f"rollout record {name!r}", MAX_RECORD_BYTES)
+        except (signing.SignatureError, bounded.BoundedInputError) as exc:
+            raise UntrustedRecord(f"{exc}; the record was planted or altered in the store, so it is never acted "
+                                  f"on: delete {key}") from None
+        if got is None:
+            return None
+        rec, etag = got
+        if rec.get("name") != name or rec.get("fleet") != self.fleet:
+            raise UntrustedRecord(f"rollout record {key} is signed for {rec.get('fleet')}/{rec.get('name')}: "
+                                  "copied from elsewhere; delete it")
+        self._etags[name] = etag
+        return rec
 
     def list(self) -> list[dict[str, Any]]:
         out = []
         for key in self.store.list(self.keys.rollouts_prefix):
             if key.endswith(".json"):
-                got = self.store.get_json(key)
-                if got:
-                    out.append(got[0])
+                try:
+                    rec = self.get(key.rsplit("/", 1)[1][:-len(".json")])
+                except FleetError as exc:
+                    log.error("%s", exc)
+                    continue
+                if rec:
+                    out.append(rec)
         return out
 
     def abort_requested(self, rec: dict[str, Any]) -> str | None:
-        """The reason of a pending abort request for this generation of the rollout, if any."""
-        got = self.store.get_json(self.keys.abort_request(rec["name"]))
-        if not got or got[0].get("generation", 1) != rec.get("generation", 1):
-            return None  # none, or left over from an earlier generation under this name
-        return str(got[0].get("reason") or "aborted by request")
+        """The reason of a pending abort request for this generation of the rollout, if any.
+
+        Anyone who can write the store can ask for an abort: that only ever moves devices back
+        to gated models they ran before, so an unreadable request counts as one.
+        """
+        try:
+            got = self._read(self.keys.abort_request(rec["name"]), "abort request")
+        except FleetError as exc:
+            return f"aborted by an unreadable request ({exc})"
+        if not got:
+            return None
+        req = got[0] if isinstance(got[0], dict) else {}
+        if req.get("generation", 1) != rec.get("generation", 1):
+            return None  # left over from an earlier generation under this name
+        return str(req.get("reason") or "aborted by request")[:500]
 
     def _save(self, rec: dict[str, Any]) -> None:
+        """Sign and write the record, fenced on the ETag this controller last saw."""
         rec["updated_at"] = self.clock()
-        self.store.put_json(self.keys.rollout(rec["name"]), rec)
+        name, key = rec["name"], self.keys.rollout(rec["name"])
+        etag = self._etags.get(name)
+        try:
+            if etag is None:
+                new = self.store.put_json(key, self._sign(rec), if_none_match_any=True)
+            else:
+                new = self.store.put_json(key, self._sign(rec), if_match=etag)
+        except PreconditionFailed:
+            raise FleetError(f"rollout {name!r}: its record changed under this controller (another controller, "
+                             "or a write to the store); stopping without touching devices further") from None
+        self._etags[name] = new
 
-    def devices(self) -> dict[str, dict[str, Any]]:
-        """Registered devices with their latest status (``None`` if never reported)."""
+    # ------------------------------------------------------------------ devices
+    def inventory(self) -> tuple[dict[str, dict[str, Any]], str | None]:
+        """Enrolled devices (id -> class and public key) as the fleet key signed them, and the ETag."""
+        got = self._verified(self.keys.inventory, "device inventory")
+        if got is None:
+            return {}, None
+        inv, etag = got
+        if inv.get("type") != trust.INVENTORY_TYPE or inv.get("fleet") != self.fleet:
+            raise signing.SignatureError(f"device inventory is for {inv.get('fleet')!r}, not {self.fleet!r}")
+        return dict(inv.get("devices") or {}), etag
+
+    def enrol(self, device_id: str, device_class: str | None = None, public_key: str | None = None) -> dict[str, Any]:
+        """Add a device to the signed inventory; class and key default to its registration's."""
+        self._require_key()
+        check_name("device", device_id)
+        if public_key is None or device_class is None:
+            reg = self.registrations().get(device_id)
+            if reg is None:
+                raise FleetError(f"device {device_id!r} has not registered in fleet {self.fleet!r}; start its "
+                                 "agent first, or pass --class and --public-key")
+            public_key = public_key or reg["public_key"]
+            device_class = device_class or reg["device_class"]
+        trust.public_from_b64(public_key)
+        devices, etag = self.inventory()
+        devices[device_id] = {"device_class": device_class, "public_key": public_key, "enrolled_at": self.clock()}
+        return self._write_inventory(devices, etag)[device_id]
+
+    def enrol_many(self, entries: dict[str, tuple[str, str]]) -> None:
+        """Enrol several devices in one inventory write: ``{device_id: (class, public key b64)}``."""
+        self._require_key()
+        devices, etag = self.inventory()
+        for dev, (cls, pub) in entries.items():
+            check_name("device", dev)
+            trust.public_from_b64(pub)
+            devices[dev] = {"device_class": cls, "public_key": pub, "enrolled_at": self.clock()}
+        self._write_inventory(devices, etag)
+
+    def _write_inventory(self, devices: dict[str, Any], etag: str | None) -> dict[str, Any]:
+        inv = {"type": trust.INVENTORY_TYPE, "fleet": self.fleet, "devices": devices, "updated_at": self.clock()}
+        try:
+            if etag is None:
+                self.store.put_json(self.keys.inventory, self._sign(inv), if_none_match_any=True)
+            else:
+                self.store.put_json(self.keys.inventory, self._sign(inv), if_match=etag)
+        except PreconditionFailed:
+            raise FleetError("the device inventory changed while enrolling; run the command again") from None
+        return devices
+
+    def registrations(self) -> dict[str, dict[str, Any]]:
+        """Self-signed registrations, each keyed by the store path it lives under (never by its claim)."""
         regs: dict[str, dict[str, Any]] = {}
         for key in self.store.list(self.keys.devices_prefix):
-            if key.endswith("/registration.json"):
-                got = self.store.get_json(key)
-                if got:
-                    regs[got[0]["device_id"]] = {"registration": got[0], "status": None}
-        for dev in regs:
-            st = self.store.get_json(self.keys.status(dev))
-            regs[dev]["status"] = st[0] if st else None
+            if not key.endswith("/registration.json"):
+                continue
+            dev = key.split("/")[-2]
+            try:
+                env, _ = self._read(key, f"registration of {dev}") or (None, None)
+                if env is None:
+                    continue
+                claimed = env.get("signed", {}) if isinstance(env, dict) else {}
+                reg = trust.verify_device(env, str(claimed.get("public_key")), what=f"registration of {dev}")
+                if reg.get("device_id") != dev or reg.get("fleet") != self.fleet:
+                    raise FleetError(f"registration under {key} claims {reg.get('fleet')}/{reg.get('device_id')}")
+                regs[dev] = reg
+            except (FleetError, AttributeError) as exc:
+                log.warning("ignoring registration %s: %s", key, exc)
         return regs
+
+    def device_status(self, dev: str, public_key: str) -> dict[str, Any] | None:
+        """The device's latest status if its own enrolled key signed it; else ``None`` (logged)."""
+        try:
+            got = self._read(self.keys.status(dev), f"status of {dev}", bounded.MAX_STATUS_BYTES)
+            if got is None:
+                return None
+            st = trust.verify_device(got[0], public_key, what=f"status of {dev}")
+            if st.get("device_id") != dev:
+                raise FleetError(f"status signed by {dev}'s key claims to be {st.get('device_id')!r}")
+            return st
+        except (FleetError, AttributeError) as exc:
+            log.warning("device %s: status ignored: %s", dev, exc)
+            return None
+
+    def devices(self) -> dict[str, dict[str, Any]]:
+        """Enrolled, registered devices with their verified status (``None`` if none yet).
+
+        The device class is the inventory's, never the registration's claim.
+        """
+        inv, _ = self.inventory()
+        regs = self.registrations()
+        out: dict[str, dict[str, Any]] = {}
+        for dev, entry in sorted(inv.items()):
+            reg = regs.get(dev)
+            if reg is None:
+                continue
+            if reg.get("public_key") != entry.get("public_key") or reg.get("device_class") != entry.get("device_class"):
+                log.warning("device %s: registration does not match its enrolment (key or class); not a target", dev)
+                continue
+            out[dev] = {"device_class": entry["device_class"], "public_key": entry["public_key"],
+                        "registration": reg, "status": self.device_status(dev, entry["public_key"])}
+        return out
+
+    def pending(self) -> dict[str, dict[str, Any]]:
+        """Registered devices that are not enrolled yet (for `edgeslim fleet enrol`)."""
+        inv, _ = self.inventory()
+        return {d: {"device_class": r.get("device_class"), "public_key": r.get("public_key"),
+                    "fingerprint": trust.key_id(trust.public_from_b64(r["public_key"]))}
+                for d, r in self.registrations().items() if d not in inv}
 
     # ------------------------------------------------------------------ create
     def prepare(self, name: str, model_uri: str, cfg: WaveRolloutConfig) -> dict[str, Any]:
-        """Resolve the model, upload its artifacts and write a pending rollout record."""
+        """Resolve the model, check its release statement, upload its artifacts, write a pending record."""
         check_name("rollout", name)
         ref = resolve_model(model_uri)
+        target = self.prepare_target(ref, cfg)
+        now = self.clock()
+        return {
+            "name": name, "fleet": self.fleet, "state": "pending", "generation": 1,
+            "model": ref.to_dict(), "artifact": target["artifact"], "engines": target["engines"],
+            "health_check": target["health_check"], "release": target["release"],
+            "config": cfg.to_dict(), "waves": [], "devices": {}, "abort_requested": None,
+            "reason": None, "created_at": now, "updated_at": now, "history": [],
+        }
+
+    def prepare_target(self, ref: ModelRef, cfg: WaveRolloutConfig) -> dict[str, Any]:
+        """Everything a manifest needs to install ``ref``, checked against its release statement.
+
+        Only what the release role signed is shipped: the ONNX must be the one it covers, and an
+        engine goes to a device class only if the statement lists that exact engine.
+        """
+        if not ref.release:
+            raise SourceError(f"{ref.uri} (version {ref.version}) carries no release statement (tag "
+                              f"{trust.RELEASE_TAG}): it was not registered through the gate with a release key; "
+                              f"sign it with `edgeslim fleet release models:/{ref.name}/{ref.version}`")
+        try:
+            rel = trust.verify_release(bounded.loads(ref.release, what="release statement"), self.root,
+                                       now=self.clock())
+        except (signing.SignatureError, bounded.BoundedInputError) as exc:
+            raise SourceError(f"{ref.uri}: {exc}") from None
+        if (rel.name, rel.version) != (ref.name, ref.version):
+            raise SourceError(f"{ref.uri}: its release statement is for {rel.name} version {rel.version}; "
+                              "copied from another version")
         with tempfile.TemporaryDirectory(prefix="edgeslim-rollout-") as tmp:
             mdir = download_model(ref, tmp)
-            artifact = self._upload(mdir / "model.onnx", "onnx")
+            onnx = mdir / "model.onnx"
+            if (file_sha256(onnx), onnx.stat().st_size) != (rel.sha256, rel.size):
+                raise SourceError(f"{ref.uri}: model.onnx is not the file its release statement covers "
+                                  f"({rel.sha256[:12]}); it was changed after the gate")
+            artifact = self._upload(onnx, "onnx")
             engines = {}
             edir = mdir / "engines"
             if edir.is_dir():
                 for cls_dir in sorted(p for p in edir.iterdir() if p.is_dir()):
                     files = sorted(cls_dir.glob("*.engine")) + sorted(cls_dir.glob("*.plan"))
-                    if files:
-                        meta_p = cls_dir / "metadata.json"
-                        meta = json.loads(meta_p.read_text()) if meta_p.exists() else {}
-                        engines[cls_dir.name] = self._upload(files[0], "tensorrt", meta)
+                    if not files:
+                        continue
+                    want = rel.engines.get(cls_dir.name)
+                    if not want or want["sha256"] != file_sha256(files[0]):
+                        log.warning("engine %s is not in the release statement: not shipped", cls_dir.name)
+                        continue
+                    meta_p = cls_dir / "metadata.json"
+                    meta = json.loads(meta_p.read_text()) if meta_p.exists() else {}
+                    engines[cls_dir.name] = self._upload(files[0], "tensorrt", meta)
             health = golden_check(mdir, cfg)
-        now = self.clock()
-        return {
-            "name": name, "fleet": self.fleet, "state": "pending", "generation": 1,
-            "model": ref.to_dict(), "artifact": artifact, "engines": engines, "health_check": health,
-            "config": cfg.to_dict(), "waves": [], "devices": {}, "abort_requested": None,
-            "reason": None, "created_at": now, "updated_at": now, "history": [],
-        }
+        target = {"artifact": artifact, "engines": engines, "model": ref.to_dict(), "health_check": health,
+                  "release": rel.envelope}
+        return self.put_target(target)
+
+    def put_target(self, target: dict[str, Any]) -> dict[str, Any]:
+        """Sign and store what installs one artifact, so a later rollback to it can trust it."""
+        self._require_key()
+        self.store.put_json(self.keys.target(target["artifact"]["sha256"]), self._sign(target))
+        return target
+
+    def target(self, sha256: str) -> dict[str, Any] | None:
+        """What installs artifact ``sha256`` (for a rollback to it), as this fleet signed it.
+
+        A target signed by a fleet key that the root no longer lists (a rotation) is derived
+        again from MLflow, through the release statement it names, and signed anew.
+        """
+        key = self.keys.target(sha256)
+        try:
+            got = self._read(key, f"target {sha256[:12]}", bounded.MAX_MANIFEST_BYTES)
+        except FleetError as exc:
+            log.error("%s", exc)
+            return None
+        if got is None:
+            return None
+        try:
+            tgt = self.root.verify(got[0], "fleet", what=f"target {sha256[:12]}")
+            if tgt.get("artifact", {}).get("sha256") == sha256:
+                return tgt
+        except signing.SignatureError:
+            pass
+        try:  # not (or no longer) ours: only its release statement can be believed
+            rel = trust.verify_release(got[0]["signed"]["release"], self.root, now=self.clock())
+        except (signing.SignatureError, KeyError, TypeError) as exc:
+            log.error("target %s: neither the fleet key nor a release statement vouches for it (%s)", sha256[:12], exc)
+            return None
+        if rel.sha256 != sha256:
+            return None
+        log.info("target %s: re-deriving from models:/%s/%s (its fleet signature is not current)",
+                 sha256[:12], rel.name, rel.version)
+        ref = resolve_model(f"models:/{rel.name}/{rel.version}")
+        return self.prepare_target(ref, WaveRolloutConfig())
 
     def _upload(self, path: Path, fmt: str, metadata: dict | None = None) -> dict[str, Any]:
         sha, size = file_sha256(path), path.stat().st_size
@@ -406,9 +698,7 @@ class Controller:
 
     def create(self, name: str, model_uri: str, cfg: WaveRolloutConfig, *, wait: bool = True) -> dict[str, Any]:
         """Start a rollout. ``wait``: run it to the end here; else leave it for ``reconcile``."""
-        if self.signing_key is None:
-            raise ConfigError("a signing key is needed to roll out; set EDGESLIM_FLEET_SIGNING_KEY "
-                              "or pass --signing-key (make one with `edgeslim fleet keygen`)")
+        self._require_key()
         existing = self.get(name)
         if existing and existing.get("state") not in TERMINAL:
             raise FleetError(f"rollout {name!r} already exists and is {existing['state']}; "
@@ -440,6 +730,7 @@ class Controller:
     def update(self, name: str, model_uri: str | None, cfg: WaveRolloutConfig | None, *,
                wait: bool = True) -> dict[str, Any]:
         """Roll out another version under an existing rollout name (after the last one ended)."""
+        self._require_key()
         rec = self.get(name)
         if rec is None:
             raise FleetError(f"no rollout {name!r} in fleet {self.fleet!r}; create it first")
@@ -465,8 +756,9 @@ class Controller:
         except FleetError:
             log.info("rollout %s: abort requested; its controller will roll back", name)
             rec["abort_requested"] = reason  # for the caller's display; the request object is the truth
-            return rec  # the running controller sees the flag at its next poll
+            return rec  # the running controller sees the request at its next poll
         try:
+            self._require_key()
             rec = self.get(name) or rec
             if rec["state"] not in TERMINAL:
                 self._rollback(rec, reason)
@@ -475,7 +767,8 @@ class Controller:
             self.release_lock()
 
     def withdraw(self, name: str) -> dict[str, Any]:
-        """``delete``: every device this rollout touched goes back to its previous model."""
+        """``delete``: every device this rollout touched goes back to what it ran before it."""
+        self._require_key()
         rec = self.get(name)
         if rec is None:
             raise FleetError(f"no rollout {name!r} in fleet {self.fleet!r}")
@@ -490,13 +783,19 @@ class Controller:
             return rec
         self.acquire_lock(name, WaveRolloutConfig.from_dict(rec["config"]).lock_ttl_s)
         try:
+            rec = self.get(name) or rec
             self._rollback(rec, "withdrawn", final_state="withdrawn")
             return rec
         finally:
             self.release_lock()
 
     def reconcile(self) -> list[dict[str, Any]]:
-        """Run every pending or orphaned rollout of the fleet (the Kubernetes Job/CronJob entry)."""
+        """Run every pending or orphaned rollout of the fleet (the Kubernetes Job/CronJob entry).
+
+        Only records this fleet's key signed are resumed; a planted one is reported and left alone.
+        """
+        self._require_key()
+        self.publish_timestamp()
         done = []
         for rec in self.list():
             if rec.get("state") not in ACTIVE:
@@ -513,120 +812,151 @@ class Controller:
                 if requested and rec["state"] in ACTIVE:
                     self._rollback(rec, requested)
                     done.append(rec)
-                else:
+                elif rec["state"] in ACTIVE:
                     done.append(self._run_locked(rec))
             finally:
                 self.release_lock()
         return done
 
     # ------------------------------------------------------------------ the waves
-    def _next_sequence(self, device: str) -> int:
-        seqs = [0]
-        got = self.store.get_json(self.keys.manifest(device))
-        if got and isinstance(got[0], dict):
-            seqs.append(int((got[0].get("signed") or {}).get("sequence", 0)))
-        st = self.store.get_json(self.keys.status(device))
-        if st:
-            seqs.append(int(st[0].get("applied_sequence") or 0))
-        return max(seqs) + 1
-
-    def _current_manifest(self, device: str) -> dict[str, Any] | None:
-        got = self.store.get_json(self.keys.manifest(device))
-        if not got:
-            return None
+    def _current_manifest(self, device: str) -> tuple[dict[str, Any] | None, str | None]:
+        """(the device's manifest as this fleet signed it or ``None``, the stored object's ETag)."""
         try:
-            return signing.verify(got[0], {signing.key_id(self.signing_key.public_key()):
-                                           self.signing_key.public_key()})
-        except signing.SignatureError:
-            log.warning("device %s: stored manifest is not ours; treating it as absent", device)
-            return None
+            blob = self.store.get(self.keys.manifest(device), max_bytes=bounded.MAX_MANIFEST_BYTES)
+        except bounded.BoundedInputError as exc:
+            log.warning("device %s: stored manifest refused (%s)", device, exc)
+            return None, (self.store.head(self.keys.manifest(device)) or (0, None))[1]
+        if blob is None:
+            return None, None
+        try:
+            env = bounded.loads(blob.data, what=f"manifest of {device}", max_bytes=bounded.MAX_MANIFEST_BYTES)
+            return self.root.verify(env, "fleet", what=f"manifest of {device}"), blob.etag
+        except FleetError as exc:
+            log.warning("device %s: stored manifest is not this fleet's (%s); treating it as absent", device, exc)
+            return None, blob.etag
 
     def _write_manifest(self, rec: dict, device: str, device_class: str, *, action: str,
-                        target: dict[str, Any] | None, previous: dict[str, Any] | None) -> dict[str, Any]:
-        seq = self._next_sequence(device)
+                        target: dict[str, Any] | None, status: dict[str, Any] | None) -> dict[str, Any]:
+        """Sign and write one manifest, fenced on the manifest object this controller read."""
+        cur, etag = self._current_manifest(device)
+        seqs = [0, _int((cur or {}).get("sequence")), _int((status or {}).get("applied_sequence"))]
+        seq = max(seqs) + 1
         now = self.clock()
         cfg = rec["config"]
-        art = (target or {}).get("artifact")
+        target = target or {}
+        art = target.get("artifact")
+        release = target.get("release")
+        expires = now + float(cfg["expiry_s"])
+        if release:
+            expires = min(expires, float(release["signed"]["expires_at"]))
+        before = ((status or {}).get("current") or {}).get("sha256") if isinstance(status, dict) else None
         m = Manifest(
             fleet=self.fleet, device_id=device, device_class=device_class, rollout_id=rec["name"],
-            sequence=seq, issued_at=now, expires_at=now + float(cfg["expiry_s"]), action=action,
+            sequence=seq, issued_at=now, expires_at=expires, action=action,
             artifact=None if art is None else _artifact(art),
-            engine=None if not (target or {}).get("engine") else _artifact(target["engine"]),
-            model=(target or {}).get("model"), health_check=(target or {}).get("health_check"),
-            previous=previous,
+            engine=None if not target.get("engine") else _artifact(target["engine"]),
+            model=target.get("model"), health_check=target.get("health_check"),
+            previous={"sha256": before} if before else None, release=release,
         )
-        etag = self.store.put_json(self.keys.manifest(device), m.sign(self.signing_key))
-        return {"sequence": seq, "etag": etag, "sent_at": now, "action": action}
+        env = m.sign(self.signing_key)
+        try:
+            if etag is None:
+                new = self.store.put_json(self.keys.manifest(device), env, if_none_match_any=True)
+            else:
+                new = self.store.put_json(self.keys.manifest(device), env, if_match=etag)
+        except PreconditionFailed:
+            raise FleetError(f"device {device}: its manifest changed while this controller wrote it "
+                             "(another controller?); stopping") from None
+        return {"sequence": seq, "etag": new, "sent_at": now, "action": action,
+                "digest": manifest_digest(m.to_dict())}
 
-    def _outcome(self, device: str, sent: dict[str, Any]) -> tuple[str, str | None] | None:
-        """``(outcome, reason)`` once the device has answered this manifest, else ``None``."""
-        got = self.store.get_json(self.keys.status(device))
-        if not got:
+    def _outcome(self, device: str, sent: dict[str, Any], public_key: str) -> tuple[str, str | None] | None:
+        """``(outcome, reason)`` once the device has answered this manifest, else ``None``.
+
+        The answer must come from the device's own key and name this manifest by sequence *and*
+        digest. A device that signs junk about itself has failed.
+        """
+        st = self.device_status(device, public_key)
+        if not st:
             return None
-        st = got[0]
-        rej = st.get("rejected") or {}
-        if rej.get("etag") == sent["etag"]:
-            return "rejected", f"{rej.get('reason')}: {rej.get('message')}"
-        last = st.get("last") or {}
-        if last.get("sequence") == sent["sequence"]:
-            if last.get("result") == "committed":
-                return "committed", None
-            return "failed", last.get("reason") or last.get("result")
-        if int(st.get("applied_sequence") or 0) > sent["sequence"]:
-            return "superseded", None
-        return None
+        try:
+            rej = st.get("rejected") or {}
+            if rej.get("etag") == sent["etag"]:
+                return "rejected", f"{rej.get('reason')}: {str(rej.get('message'))[:300]}"
+            last = st.get("last") or {}
+            if last.get("sequence") == sent["sequence"]:
+                if sent.get("digest") and last.get("manifest_sha256") != sent["digest"]:
+                    return "failed", "the device applied another manifest under this sequence"
+                if last.get("result") == "committed":
+                    return "committed", None
+                return "failed", str(last.get("reason") or last.get("result"))[:500]
+            if _int(st.get("applied_sequence")) > sent["sequence"]:
+                return "superseded", None
+            return None
+        except (AttributeError, TypeError) as exc:
+            return "failed", f"unreadable status ({type(exc).__name__})"
 
     def _run_locked(self, rec: dict[str, Any]) -> dict[str, Any]:
         cfg = WaveRolloutConfig.from_dict(rec["config"])
+        self.publish_timestamp()
         devs = self.devices()
         if cfg.device_class:
-            devs = {d: v for d, v in devs.items() if v["registration"]["device_class"] == cfg.device_class}
+            devs = {d: v for d, v in devs.items() if v["device_class"] == cfg.device_class}
         if not devs and not rec["devices"]:
-            rec["state"], rec["reason"] = "failed", "no registered devices in the fleet"
+            rec["state"], rec["reason"] = "failed", "no enrolled, registered devices in the fleet"
             self._save(rec)
-            raise FleetError(f"fleet {self.fleet!r} has no registered devices"
+            raise FleetError(f"fleet {self.fleet!r} has no enrolled, registered devices"
                              + (f" of class {cfg.device_class!r}" if cfg.device_class else "")
-                             + "; start edgeslim-agent on the devices first")
+                             + "; start edgeslim-agent on the devices and enrol them (`edgeslim fleet enrol`)")
         if not rec["waves"]:
             rec["waves"] = [{"index": i, "devices": w, "state": "planned"}
                             for i, w in enumerate(wave_plan(rec["name"], sorted(devs), cfg.waves))]
         rec["state"] = "running"
         self._save(rec)
-        target_base = {"artifact": rec["artifact"], "model": rec["model"], "health_check": rec["health_check"]}
+        target_base = {"artifact": rec["artifact"], "model": rec["model"], "health_check": rec["health_check"],
+                       "release": rec["release"]}
         for wave in rec["waves"]:
             if wave["state"] == "done":
                 continue
+            requested = self.abort_requested(rec)
+            if requested:
+                return self._end_aborted(rec, requested)
             wave["state"], wave["started_at"] = "running", self.clock()
             for dev in wave["devices"]:
-                if dev in rec["devices"]:
-                    continue  # resumed: this device already got its manifest
-                dclass = devs[dev]["registration"]["device_class"]
-                prev = self._current_manifest(dev)
-                previous = None
-                if prev and prev.get("artifact"):
-                    previous = {k: prev.get(k) for k in ("artifact", "engine", "model", "health_check")}
-                    previous["sequence"] = prev.get("sequence")
+                if dev in rec["devices"] or dev not in devs:
+                    continue  # resumed: this device already got its manifest (or left the inventory)
+                dclass, st = devs[dev]["device_class"], devs[dev]["status"]
                 target = dict(target_base, engine=rec["engines"].get(dclass))
-                sent = self._write_manifest(rec, dev, dclass, action="install", target=target, previous=previous)
+                sent = self._write_manifest(rec, dev, dclass, action="install", target=target, status=st)
+                before = ((st or {}).get("current") or {}).get("sha256") if isinstance(st, dict) else None
                 rec["devices"][dev] = {"wave": wave["index"], "device_class": dclass, "sent": sent,
-                                       "previous": previous, "outcome": None, "reason": None}
+                                       "before": before if isinstance(before, str) else None,
+                                       "public_key": devs[dev]["public_key"], "outcome": None, "reason": None}
             self._save(rec)
             log.info("rollout %s: wave %d (%d devices) sent", rec["name"], wave["index"], len(wave["devices"]))
             verdict = self._wait_wave(rec, wave, cfg)
             wave["state"], wave["finished_at"] = "done", self.clock()
             self._save(rec)
+            verdict = verdict or self.abort_requested(rec)  # an abort after the last report still counts
             if verdict is not None:
-                self._rollback(rec, verdict)
-                self._tag(rec)
-                return rec
+                return self._end_aborted(rec, verdict)
             if wave["index"] == 0 and cfg.canary_alias:
                 self._set_alias(rec, cfg.canary_alias)
+        requested = self.abort_requested(rec)
+        if requested:
+            return self._end_aborted(rec, requested)
         rec["state"] = "succeeded"
         self._save(rec)
         if cfg.stable_alias:
             self._set_alias(rec, cfg.stable_alias)
         self._tag(rec)
         log.info("rollout %s succeeded", rec["name"])
+        return rec
+
+    def _end_aborted(self, rec: dict[str, Any], reason: str) -> dict[str, Any]:
+        rec["abort_requested"] = rec.get("abort_requested") or None
+        self._rollback(rec, reason)
+        self._tag(rec)
         return rec
 
     def _tally(self, rec: dict[str, Any]) -> tuple[int, int]:
@@ -643,24 +973,25 @@ class Controller:
 
     def _wait_wave(self, rec: dict[str, Any], wave: dict[str, Any], cfg: WaveRolloutConfig) -> str | None:
         deadline = self.clock() + cfg.wave_timeout_s
-        waiting = [d for d in wave["devices"] if not rec["devices"][d]["outcome"]]
+        waiting = [d for d in wave["devices"] if d in rec["devices"] and not rec["devices"][d]["outcome"]]
         last_renew = self.clock()
         while True:
             for dev in list(waiting):
-                got = self._outcome(dev, rec["devices"][dev]["sent"])
+                d = rec["devices"][dev]
+                got = self._outcome(dev, d["sent"], d["public_key"])
                 if got:
-                    rec["devices"][dev]["outcome"], rec["devices"][dev]["reason"] = got
+                    d["outcome"], d["reason"] = got
                     waiting.remove(dev)
                     log.info("rollout %s: %s %s%s", rec["name"], dev, got[0], f" ({got[1]})" if got[1] else "")
+            requested = self.abort_requested(rec)
+            if requested:  # before anything else: an abort is never lost to a finished wave
+                rec["abort_requested"] = requested
+                return requested
             verdict = self._over_threshold(rec, cfg)
             if verdict:
                 return verdict
             if not waiting:
                 return None
-            requested = self.abort_requested(rec)
-            if requested:
-                rec["abort_requested"] = requested
-                return requested
             if self.clock() >= deadline:
                 for dev in waiting:
                     rec["devices"][dev]["outcome"] = "silent"
@@ -669,27 +1000,46 @@ class Controller:
                 return self._over_threshold(rec, cfg)
             if self.clock() - last_renew > cfg.lock_ttl_s / 3:
                 self.renew_lock(rec["name"], cfg.lock_ttl_s)
+                self.publish_timestamp()
                 last_renew = self.clock()
             self._save(rec)
             self.sleep(cfg.poll_interval_s)
 
     def _rollback(self, rec: dict[str, Any], reason: str, final_state: str = "aborted") -> None:
-        """Every touched device gets a new, higher-sequence manifest back to its previous artifact."""
+        """Every touched device gets a new, higher-sequence manifest back to what it ran before.
+
+        "Before" is what the device itself (signed) said it ran when this rollout reached it, not
+        any manifest's claim. One device that fails here does not stop the others; the record is
+        saved after each device.
+        """
         log.warning("rollout %s: %s; rolling back %d device(s)", rec["name"], reason, len(rec["devices"]))
         rec["state"], rec["reason"] = "aborting", reason
         self._save(rec)
+        devs = None
         for dev, d in rec["devices"].items():
             if d.get("rolled_back"):
                 continue
-            cur = self._current_manifest(dev)
-            if cur and cur.get("rollout_id") != rec["name"]:
-                d["rolled_back"] = {"skipped": f"superseded by rollout {cur.get('rollout_id')}"}
-                continue
-            prev = d.get("previous")
-            action = "rollback" if prev else "withdraw"
-            sent = self._write_manifest(rec, dev, d["device_class"], action=action, target=prev,
-                                        previous=None)
-            d["rolled_back"] = sent
+            try:
+                cur, _ = self._current_manifest(dev)
+                if cur and cur.get("rollout_id") != rec["name"]:
+                    d["rolled_back"] = {"skipped": f"superseded by rollout {cur.get('rollout_id')}"}
+                    continue
+                if devs is None:
+                    devs = self.devices()
+                st = (devs.get(dev) or {}).get("status")
+                before = d.get("before")
+                target = self.target(before) if before else None
+                if before and target is None:
+                    raise FleetError(f"no signed target for what it ran before ({before[:12]}); it keeps its model")
+                if target is not None:
+                    target = dict(target, engine=(target.get("engines") or {}).get(d["device_class"]))
+                d["rolled_back"] = self._write_manifest(rec, dev, d["device_class"],
+                                                        action="rollback" if target else "withdraw",
+                                                        target=target, status=st)
+            except Exception as exc:  # noqa: BLE001 - one device must not strand the others
+                log.error("rollout %s: device %s not rolled back: %s", rec["name"], dev, exc)
+                d["rolled_back"] = {"error": str(exc)[:500]}
+            self._save(rec)
         rec["state"] = final_state
         self._save(rec)
 
@@ -720,6 +1070,11 @@ class Controller:
             log.error("could not tag the model version: %s", exc)
 
 
+def _int(value: Any) -> int:
+    """A sequence number from untrusted JSON: anything that is not a whole number counts as 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
 def _artifact(d: dict[str, Any]):
     from edgeslim.deploy.manifest import Artifact
 
@@ -733,10 +1088,11 @@ def fleet_summary(controller: Controller, rec: dict[str, Any]) -> dict[str, Any]
     live = {}
     for dev, d in rec.get("devices", {}).items():
         st = (devs.get(dev) or {}).get("status") or {}
+        cur = st.get("current") if isinstance(st.get("current"), dict) else {}
+        beat = st.get("heartbeat_at")
         live[dev] = {"outcome": d.get("outcome"), "reason": d.get("reason"),
-                     "running": ((st.get("current") or {}).get("sha256") or "")[:12] or None,
-                     "backend": (st.get("current") or {}).get("backend"),
-                     "heartbeat_age_s": round(controller.clock() - st["heartbeat_at"], 1) if st.get("heartbeat_at") else None}
+                     "running": str(cur.get("sha256") or "")[:12] or None, "backend": cur.get("backend"),
+                     "heartbeat_age_s": round(controller.clock() - beat, 1) if isinstance(beat, (int, float)) else None}
     reported, failed = controller._tally(rec)
     return {"name": rec["name"], "fleet": rec["fleet"], "state": rec["state"], "reason": rec.get("reason"),
             "model": rec["model"], "generation": rec.get("generation", 1),

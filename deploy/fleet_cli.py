@@ -7,7 +7,10 @@ Where things come from (never from the command line for secrets):
   ``$EDGESLIM_S3_ENDPOINT_URL`` for S3-compatible servers;
 - S3 credentials: boto3's chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
   ``AWS_PROFILE``, instance role);
-- the signing key: ``--signing-key`` or ``$EDGESLIM_FLEET_SIGNING_KEY`` (a PEM path);
+- the fleet (director) key: ``--signing-key`` or ``$EDGESLIM_FLEET_SIGNING_KEY`` (a PEM path);
+- the fleet's root document: ``--root`` or ``$EDGESLIM_FLEET_ROOT`` (``root.json`` from
+  ``edgeslim fleet root-init``; newer versions in the store are followed);
+- the release key (``edgeslim fleet release``): ``--release-key`` or ``$EDGESLIM_RELEASE_KEY``;
 - MLflow: ``$MLFLOW_TRACKING_URI`` or ``--tracking-uri``.
 """
 
@@ -22,21 +25,61 @@ from typing import Any
 from edgeslim.components.common.errors import ConfigError, FleetError, MissingDependencyError
 
 SIGNING_KEY_ENV = "EDGESLIM_FLEET_SIGNING_KEY"
+ROOT_ENV = "EDGESLIM_FLEET_ROOT"
 
 
 def open_controller(fleet: str, *, store: str | None = None, endpoint_url: str | None = None,
-                    signing_key: str | None = None, need_key: bool = False):
+                    signing_key: str | None = None, need_key: bool = False, root: str | None = None):
     """A :class:`~edgeslim.deploy.controller.Controller` for ``fleet`` from flags and environment."""
-    from edgeslim.deploy import signing
+    from edgeslim.deploy import signing, trust
     from edgeslim.deploy.controller import Controller
     from edgeslim.deploy.store import open_store
 
     key_path = signing_key or os.environ.get(SIGNING_KEY_ENV)
     if need_key and not key_path:
-        raise ConfigError(f"no signing key: set {SIGNING_KEY_ENV} or pass --signing-key "
-                          "(make one with `edgeslim fleet keygen DIR`)")
+        raise ConfigError(f"no fleet signing key: set {SIGNING_KEY_ENV} or pass --signing-key "
+                          "(make one with `edgeslim fleet keygen DIR --role fleet`)")
     key = signing.load_private_key(key_path) if key_path else None
-    return Controller(open_store(store, endpoint_url=endpoint_url, create_bucket=True), fleet, signing_key=key)
+    root_path = root or os.environ.get(ROOT_ENV)
+    trusted = trust.load_root(root_path)[0] if root_path else None
+    return Controller(open_store(store, endpoint_url=endpoint_url, create_bucket=True), fleet, signing_key=key,
+                      root=trusted)
+
+
+def _root_cmd(args: argparse.Namespace) -> int:
+    """``root-init`` and ``root-rotate``: the offline root keys sign the fleet's root document."""
+    from edgeslim.deploy import signing, trust
+    from edgeslim.deploy.store import FleetKeys, PreconditionFailed, open_store
+
+    def pubs(paths):
+        return [k for p in paths or [] for k in signing.load_public_keys(p).values()]
+
+    thresholds = {k: int(v) for k, v in _parse_c(args.threshold).items()}
+    root_keys = [signing.load_private_key(p) for p in args.root_key]
+    store = open_store(args.store, endpoint_url=args.endpoint_url, create_bucket=True)
+    keys = FleetKeys(args.fleet)
+    if args.fleet_cmd == "root-init":
+        version, signers = 1, root_keys
+    else:
+        current, _ = trust.load_root(args.root or os.environ.get(ROOT_ENV) or "")
+        current, _ = trust.update_root(current, lambda v: (store.get_json(keys.root(v)) or (None,))[0])
+        old = [signing.load_private_key(p) for p in args.old_root_key or []]
+        version, signers = current.version + 1, old + root_keys
+    payload = trust.make_root(root_keys=root_keys, release_keys=pubs(args.release_pub), fleet_keys=pubs(args.fleet_pub),
+                              thresholds=thresholds, version=version, fleet=args.fleet)
+    envelope = trust.sign_with(payload, signers)
+    if version > 1:
+        current.successor(envelope)  # the devices' check, before anything is published
+    try:
+        store.put_json(keys.root(version), envelope, if_none_match_any=True)
+    except PreconditionFailed:
+        raise FleetError(f"root version {version} already exists in the store; roots are never rewritten") from None
+    if args.output:
+        with open(args.output, "w") as fh:
+            json.dump(envelope, fh, indent=1, sort_keys=True)
+    _print({"fleet": args.fleet, "root_version": version, "published": keys.root(version), "written": args.output,
+            "roles": payload["roles"]})
+    return 0
 
 
 def split_config(raw: dict[str, Any] | None) -> tuple[dict[str, Any], bool]:
@@ -93,12 +136,66 @@ def _cmd(args: argparse.Namespace) -> int:
     if args.fleet_cmd == "keygen":
         from edgeslim.deploy import signing
 
-        priv, pub = signing.generate_keypair(args.dir, overwrite=args.overwrite)
-        print(f"private key: {priv} (keep it secret; mode 0600)\npublic key:  {pub} (copy to every device)")
+        priv, pub = signing.generate_keypair(args.dir, overwrite=args.overwrite, role=args.role)
+        print(f"{args.role} private key: {priv} (keep it secret; mode 0600)\n{args.role} public key:  {pub} "
+              "(goes into the root document: `edgeslim fleet root-init`)")
         return 0
-    need_key = args.fleet_cmd in ("create", "update", "abort", "delete", "reconcile", "follow", "webhook")
+    if args.fleet_cmd in ("root-init", "root-rotate"):
+        return _root_cmd(args)
+    if args.fleet_cmd == "release":
+        from edgeslim.deploy.release import sign_uri
+
+        if args.tracking_uri:
+            import mlflow
+
+            mlflow.set_tracking_uri(args.tracking_uri)
+        env = sign_uri(args.model_uri, args.release_key, expires_s=args.expires_days * 86400.0)
+        _print({"signed": env["signed"]["model"], "artifact": env["signed"]["artifact"],
+                "engines": sorted(env["signed"]["engines"]), "expires_at": env["signed"]["expires_at"]})
+        return 0
+    if args.fleet_cmd == "webhook":
+        # Keyless and MLflow-free: it only records requests; `reconcile --follow` acts on them.
+        from edgeslim.deploy.requests import record_request
+        from edgeslim.deploy.store import check_name, open_store
+        from edgeslim.deploy.webhook import make_server
+
+        secret = os.environ.get("EDGESLIM_WEBHOOK_SECRET")
+        if not secret:
+            raise ConfigError("set EDGESLIM_WEBHOOK_SECRET to the secret given to MLflow's create_webhook")
+        if args.signing_key:
+            raise ConfigError("the webhook records requests and signs nothing: drop --signing-key (the "
+                              "controller Job, `edgeslim fleet reconcile FLEET --follow MODEL`, holds the key)")
+        raw = _parse_c(args.config)
+        models = list(dict.fromkeys([*(args.model or []),
+                                     *(m.strip() for m in raw.pop("models", "").split(",") if m.strip())]))
+        if raw:
+            raise ConfigError(f"-C {', '.join(sorted(raw))}: the webhook only records requests; give rollout "
+                              "settings to `edgeslim fleet reconcile FLEET --follow MODEL -C ...`")
+        if not models:
+            raise ConfigError("name the models this fleet follows: --model NAME (repeat it) or -C models=a,b; "
+                              "alias events of every other model are ignored")
+        fleet = check_name("fleet", args.fleet)
+        store = open_store(args.store, endpoint_url=args.endpoint_url, create_bucket=True)
+
+        def on_request(model, version, alias, delivery_id):
+            return record_request(store, fleet, model=model, version=version, alias=alias, delivery_id=delivery_id)
+
+        logging.getLogger("edgeslim.webhook").setLevel(logging.INFO)  # a service: log what it decides
+        server = make_server(args.host, args.port, secret, args.alias, models=models, on_request=on_request,
+                             read_timeout=args.read_timeout, workers=args.workers)
+        print(f"listening on http://{args.host}:{server.server_port}/ for alias {args.alias!r} of "
+              f"{', '.join(models)}; requests go to {store.describe()}", flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.server_close()
+        return 0
+    need_key = args.fleet_cmd in ("create", "update", "abort", "delete", "reconcile", "follow", "enrol",
+                                  "timestamp")
     c = open_controller(args.fleet, store=args.store, endpoint_url=args.endpoint_url,
-                        signing_key=args.signing_key, need_key=need_key)
+                        signing_key=args.signing_key, need_key=need_key, root=args.root)
     if args.tracking_uri:
         import mlflow
 
@@ -128,7 +225,13 @@ def _cmd(args: argparse.Namespace) -> int:
         _print([{"name": r["name"], "state": r["state"], "model": r["model"]} for r in c.list()])
         return 0
     if args.fleet_cmd == "devices":
-        _print(c.devices())
+        _print({"enrolled": c.devices(), "pending": c.pending()})
+        return 0
+    if args.fleet_cmd == "enrol":
+        _print({args.device: c.enrol(args.device, args.device_class, args.public_key)})
+        return 0
+    if args.fleet_cmd == "timestamp":
+        _print(c.publish_timestamp())
         return 0
     if args.fleet_cmd == "abort":
         _print(fleet_summary(c, c.abort(args.name, args.reason)))
@@ -141,41 +244,26 @@ def _cmd(args: argparse.Namespace) -> int:
         _print(predict(c, args.name, data))
         return 0
     if args.fleet_cmd == "reconcile":
-        done = c.reconcile()
-        _print([{"name": r["name"], "state": r["state"]} for r in done])
-        return 0 if all(r["state"] in ("succeeded", "withdrawn") for r in done) else 1
+        handled = []
+        if args.follow:  # the webhook's requests first: re-checked, re-resolved in MLflow, then deleted
+            from edgeslim.deploy.requests import process_requests
+
+            handled = process_requests(c, models=args.follow, alias=args.alias, raw_config=_parse_c(args.config))
+            for h in handled:
+                print(f"edgeslim: request {h['delivery_id']} ({h['model'][:128]} v{h['requested_version'][:64]}): "
+                      f"{h['outcome']}{' ' + h['rollout'] if h.get('rollout') else ''}"
+                      f"{' (' + h['why'][:300] + ')' if h.get('why') else ''}", file=sys.stderr)
+        states = {h["rollout"]: h["state"] for h in handled if h.get("rollout")}
+        states.update({r["name"]: r["state"] for r in c.reconcile()})
+        _print([{"name": n, "state": st} for n, st in states.items()])
+        ok = all(st in ("succeeded", "withdrawn") for st in states.values())
+        return 0 if ok and not any(h["outcome"] == "not-started" for h in handled) else 1
     if args.fleet_cmd == "follow":
         from edgeslim.deploy.controller import follow_alias
 
         rec = follow_alias(c, args.model, args.alias, args.rollout, _parse_c(args.config))
         _print(fleet_summary(c, rec) if rec else {"started": None, "why": "already rolled out"})
         return 0 if rec is None or rec["state"] in ("succeeded", "pending") else 1
-    if args.fleet_cmd == "webhook":
-        import importlib.util
-
-        from edgeslim.deploy.controller import follow_alias
-        from edgeslim.deploy.webhook import make_server
-
-        if importlib.util.find_spec("mlflow") is None:  # else every alias event fails in the server thread
-            raise MissingDependencyError("mlflow", "pipeline", "the webhook rolls out registry versions")
-        secret = os.environ.get("EDGESLIM_WEBHOOK_SECRET")
-        if not secret:
-            raise ConfigError("set EDGESLIM_WEBHOOK_SECRET to the secret given to MLflow's create_webhook")
-        raw = _parse_c(args.config)
-
-        def on_alias(model, version, alias):
-            try:
-                follow_alias(c, model, alias, None, raw)
-            except FleetError as exc:
-                print(f"edgeslim: rollout of {model} v{version} not started: {exc}", file=sys.stderr)
-
-        server = make_server(args.host, args.port, secret, args.alias, on_alias)
-        print(f"listening on http://{args.host}:{server.server_port}/ for alias {args.alias!r}", flush=True)
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            pass
-        return 0
     raise ConfigError(f"unknown fleet command {args.fleet_cmd!r}")
 
 
@@ -190,15 +278,42 @@ def register(subparsers) -> None:
             sp.add_argument("fleet", help="fleet name (the FLEET of edge:/FLEET)")
         sp.add_argument("--store", help="s3://bucket/prefix or a directory (default $EDGESLIM_FLEET_STORE)")
         sp.add_argument("--endpoint-url", help="S3 endpoint (default $EDGESLIM_S3_ENDPOINT_URL)")
-        sp.add_argument("--signing-key", help=f"release private key PEM (default ${SIGNING_KEY_ENV})")
+        sp.add_argument("--signing-key", help=f"fleet (director) private key PEM (default ${SIGNING_KEY_ENV})")
+        sp.add_argument("--root", help=f"the fleet's root document, root.json (default ${ROOT_ENV})")
         sp.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI)")
         sp.set_defaults(func=_cmd)
         return sp
 
-    k = sub.add_parser("keygen", help="make an ed25519 signing key pair")
+    k = sub.add_parser("keygen", help="make an ed25519 key pair for one role (root, release or fleet)")
     k.add_argument("dir")
+    k.add_argument("--role", choices=("root", "release", "fleet"), default="fleet",
+                   help="root: offline, signs the root document; release: signs gated models; "
+                        "fleet: the controller's online key")
     k.add_argument("--overwrite", action="store_true")
     k.set_defaults(func=_cmd)
+    for name, helptext in (("root-init", "sign root version 1 (give root.json to devices and controllers)"),
+                           ("root-rotate", "sign the next root version with the old and the new root keys")):
+        sp = common(sub.add_parser(name, help=helptext))
+        sp.add_argument("--root-key", action="append", required=True, help="root private key PEM (repeat)")
+        if name == "root-rotate":
+            sp.add_argument("--old-root-key", action="append", required=True,
+                            help="a private key of the current root role (repeat up to its threshold)")
+        sp.add_argument("--release-pub", action="append", required=True, help="release public key PEM (repeat)")
+        sp.add_argument("--fleet-pub", action="append", required=True, help="fleet public key PEM (repeat)")
+        sp.add_argument("--threshold", action="append", metavar="ROLE=N", help="signatures a role needs (default 1)")
+        sp.add_argument("-o", "--output", help="also write the signed root document here")
+    sp = sub.add_parser("release", help="sign the release statement of a gated model version")
+    sp.add_argument("model_uri", help="models:/NAME/VERSION or models:/NAME@ALIAS")
+    sp.add_argument("--release-key", help="release private key PEM (default $EDGESLIM_RELEASE_KEY)")
+    sp.add_argument("--expires-days", type=float, default=365.0, help="devices refuse it after this")
+    sp.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI)")
+    sp.set_defaults(func=_cmd)
+    sp = common(sub.add_parser("enrol", help="add a registered device to the fleet's signed inventory"))
+    sp.add_argument("device")
+    sp.add_argument("--class", dest="device_class", help="device class (default: its registration's)")
+    sp.add_argument("--public-key", help="its public key, base64 (default: its registration's; check the "
+                                         "fingerprint `fleet devices` shows against the device's log)")
+    common(sub.add_parser("timestamp", help="sign a fresh fleet timestamp (run it as a CronJob)"))
     for name, helptext in (("create", "start a rollout of models:/NAME@ALIAS"),
                            ("update", "roll out another version under a rollout name, or -C action=abort")):
         sp = common(sub.add_parser(name, help=helptext))
@@ -219,14 +334,26 @@ def register(subparsers) -> None:
     sp = common(sub.add_parser("predict", help="run the rollout's model locally (edge pyfunc)"))
     sp.add_argument("name")
     sp.add_argument("--input", required=True, help="JSON file with a nested list (or {'inputs': ...}); - for stdin")
-    common(sub.add_parser("reconcile", help="run pending or orphaned rollouts (Kubernetes Job/CronJob)"))
+    sp = common(sub.add_parser("reconcile", help="act on webhook requests (--follow), then run pending or "
+                                                 "orphaned rollouts (Kubernetes Job/CronJob)"))
+    sp.add_argument("--follow", action="append", metavar="MODEL",
+                    help="act on recorded webhook requests for this registered model (repeat); requests for "
+                         "any other model are deleted unused")
+    sp.add_argument("--alias", default="edge-candidate", help="the alias the requests follow")
+    sp.add_argument("-C", "--config", action="append", metavar="KEY=VALUE", help="settings of started rollouts")
     sp = common(sub.add_parser("follow", help="roll out the version an alias points at, if not done yet"))
     sp.add_argument("--model", required=True, help="registered model name")
     sp.add_argument("--alias", default="edge-candidate")
     sp.add_argument("--rollout", default=None, help="rollout name (default MODEL-vVERSION)")
     sp.add_argument("-C", "--config", action="append", metavar="KEY=VALUE")
-    sp = common(sub.add_parser("webhook", help="start rollouts from MLflow registry alias webhooks"))
+    sp = common(sub.add_parser("webhook", help="record rollout requests from MLflow registry alias webhooks "
+                                               "(keyless; `reconcile --follow` acts on them)"))
+    sp.add_argument("--model", action="append", metavar="NAME",
+                    help="a registered model this fleet follows (repeat; or -C models=a,b); required")
     sp.add_argument("--alias", default="edge-candidate")
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=8088)
-    sp.add_argument("-C", "--config", action="append", metavar="KEY=VALUE")
+    sp.add_argument("--read-timeout", type=float, default=10.0,
+                    help="seconds a client has to send its whole request (default 10)")
+    sp.add_argument("--workers", type=int, default=16, help="threads that check and record requests (default 16)")
+    sp.add_argument("-C", "--config", action="append", metavar="KEY=VALUE", help="models=a,b")

@@ -21,7 +21,7 @@ from edgeslim.components.common.errors import FleetError
 from edgeslim.deploy import signing
 
 MANIFEST_TYPE = "edgeslim.fleet.manifest"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: carries the release statement (two roles must agree)
 ACTIONS = ("install", "rollback", "withdraw")
 
 
@@ -100,6 +100,7 @@ class Manifest:
     engine: Artifact | None = None
     health_check: dict[str, Any] | None = None
     previous: dict[str, Any] | None = None
+    release: dict[str, Any] | None = None  # the release statement (an envelope) covering ``artifact``
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
@@ -128,7 +129,7 @@ class Manifest:
                 expires_at=float(d["expires_at"]), action=str(d["action"]),
                 artifact=Artifact.from_dict(d.get("artifact")), model=d.get("model"),
                 engine=Artifact.from_dict(d.get("engine")), health_check=d.get("health_check"),
-                previous=d.get("previous"),
+                previous=d.get("previous"), release=d.get("release"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ManifestRejected("malformed", f"manifest field missing or wrong: {exc}") from None
@@ -138,9 +139,16 @@ class Manifest:
         return signing.sign(self.to_dict(), private_key)
 
 
+def manifest_digest(payload: dict[str, Any]) -> str:
+    """sha256 of a manifest's signed payload: what a device applied, for matching outcomes."""
+    import hashlib
+
+    return hashlib.sha256(signing.canonical_json(payload)).hexdigest()
+
+
 def verify_manifest(
     envelope: Any,
-    trusted_keys: dict,
+    root,
     *,
     fleet: str,
     device_id: str,
@@ -150,15 +158,22 @@ def verify_manifest(
 ) -> Manifest:
     """Check everything a device checks before it downloads a byte.
 
-    Order matters: the signature first (nothing unsigned is even parsed), then
-    who it is for, then replay and freeze.
+    Order matters: the fleet role's signature first (nothing unsigned is even parsed),
+    then who it is for, then replay and freeze, then the release statement: an install
+    or rollback must name exactly the artifact (and engine) that the release role
+    signed as gated, and must not outlive that statement.
+
+    Args:
+        root: the device's :class:`~edgeslim.deploy.trust.Root`.
 
     Raises:
         ManifestRejected: with ``reason`` one of ``signature``, ``malformed``,
-            ``wrong-device``, ``wrong-class``, ``replay``, ``expired``.
+            ``wrong-device``, ``wrong-class``, ``replay``, ``expired``, ``release``.
     """
+    from edgeslim.deploy import trust
+
     try:
-        payload = signing.verify(envelope, trusted_keys)
+        payload = root.verify(envelope, "fleet", what="manifest")
     except signing.SignatureError as exc:
         raise ManifestRejected("signature", str(exc)) from None
     m = Manifest.from_dict(payload)
@@ -181,4 +196,27 @@ def verify_manifest(
         raise ManifestRejected(
             "expired", f"manifest expired {now - m.expires_at:.0f}s ago (at {m.expires_at:.0f}); ask for a fresh one"
         )
+    if m.artifact is None:
+        return m  # withdraw: nothing is installed, so no release statement is needed
+    if m.release is None:
+        raise ManifestRejected("release", "manifest carries no release statement: the model was never gated "
+                                          "and signed by the release key")
+    try:
+        rel = trust.verify_release(m.release, root, now=now)
+    except signing.SignatureError as exc:
+        raise ManifestRejected("release", str(exc)) from None
+    if (rel.sha256, rel.size) != (m.artifact.sha256, m.artifact.size):
+        raise ManifestRejected("release", f"manifest artifact {m.artifact.sha256[:12]} is not the one the release "
+                                          f"statement of {rel.name} version {rel.version} covers ({rel.sha256[:12]})")
+    model = m.model or {}
+    if (str(model.get("name")), str(model.get("version"))) != (rel.name, rel.version):
+        raise ManifestRejected("release", f"manifest names model {model.get('name')} version {model.get('version')}; "
+                                          f"its release statement is for {rel.name} version {rel.version}")
+    if m.engine is not None:
+        want = rel.engines.get(device_class)
+        if not want or (want["sha256"], want["size"]) != (m.engine.sha256, m.engine.size):
+            raise ManifestRejected("release", f"engine {m.engine.sha256[:12]} for class {device_class} is not in the "
+                                              f"release statement of {rel.name} version {rel.version}")
+    if m.expires_at > rel.expires_at:
+        raise ManifestRejected("release", "manifest outlives its release statement's expiry cap")
     return m

@@ -43,7 +43,7 @@ def key_id(public_key: Ed25519PublicKey) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
-def generate_keypair(directory: str | Path, *, overwrite: bool = False) -> tuple[Path, Path]:
+def generate_keypair(directory: str | Path, *, overwrite: bool = False, role: str = "fleet") -> tuple[Path, Path]:
     """Write a new ed25519 key pair into ``directory``.
 
     The private key is written with mode 0600 and never printed.
@@ -52,13 +52,17 @@ def generate_keypair(directory: str | Path, *, overwrite: bool = False) -> tuple
         directory: where ``fleet-signing.key`` and ``fleet-signing.pub`` go.
         overwrite: replace an existing pair (old devices will then refuse new manifests
             until they get the new public key).
+        role: ``fleet`` (``fleet-signing.key``), ``release`` or ``root`` (``ROLE.key``).
 
     Returns:
         (private key path, public key path).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    priv_path, pub_path = directory / PRIVATE_KEY_FILE, directory / PUBLIC_KEY_FILE
+    if role == "fleet":
+        priv_path, pub_path = directory / PRIVATE_KEY_FILE, directory / PUBLIC_KEY_FILE
+    else:
+        priv_path, pub_path = directory / f"{role}.key", directory / f"{role}.pub"
     if not overwrite and (priv_path.exists() or pub_path.exists()):
         raise ConfigError(
             f"{directory}: a signing key already exists; keep it, or pass --overwrite to replace it"

@@ -28,6 +28,7 @@ import json
 import os
 import re
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
@@ -61,14 +62,28 @@ def _unquote(etag: str | None) -> str:
     return (etag or "").strip().strip('"')
 
 
+def _refuse_oversized(store: "ObjectStore", key: str, size: int, cap: int, etag: str):
+    from edgeslim.deploy.bounded import BoundedInputError
+
+    exc = BoundedInputError("oversized", f"{store.describe()}: {key} is {size} bytes, over the cap of {cap}: "
+                                         "refused unread")
+    exc.etag = etag
+    raise exc
+
+
 class ObjectStore:
     """The interface. Keys are relative to the store's prefix; ETags are unquoted."""
 
     def describe(self) -> str:
         raise NotImplementedError
 
-    def get(self, key: str, *, if_none_match: str | None = None) -> Blob | None:
-        """The object, ``None`` if absent; raises ``NotModified`` if its ETag is ``if_none_match``."""
+    def get(self, key: str, *, if_none_match: str | None = None, max_bytes: int | None = None) -> Blob | None:
+        """The object, ``None`` if absent; raises ``NotModified`` if its ETag is ``if_none_match``.
+
+        ``max_bytes``: an object larger than this is refused from its size alone, before a byte
+        of its body is read (:class:`~edgeslim.deploy.bounded.BoundedInputError` ``oversized``,
+        whose ``etag`` names the refused object).
+        """
         raise NotImplementedError
 
     def head(self, key: str) -> tuple[int, str] | None:
@@ -94,15 +109,26 @@ class ObjectStore:
         """All keys under ``prefix``, sorted."""
         raise NotImplementedError
 
+    def age(self, key: str) -> tuple[str, float] | None:
+        """(etag, seconds since the object was last written), both by the *store's* clock.
+
+        Leases are judged with this, never with the caller's clock: a controller whose
+        clock runs ahead cannot take a live lock.
+        """
+        raise NotImplementedError
+
     # JSON helpers used everywhere.
-    def get_json(self, key: str) -> tuple[Any, str] | None:
-        blob = self.get(key)
+    def get_json(self, key: str, *, max_bytes: int | None = None) -> tuple[Any, str] | None:
+        from edgeslim.deploy import bounded
+
+        blob = self.get(key, max_bytes=max_bytes or bounded.MAX_MANIFEST_BYTES)
         if blob is None:
             return None
         try:
-            return json.loads(blob.data), blob.etag
-        except ValueError as exc:
-            raise FleetError(f"{self.describe()}: {key} is not valid JSON ({exc}); fix or delete it") from None
+            return bounded.loads(blob.data, what=f"{self.describe()}: {key}",
+                                 max_bytes=max_bytes or bounded.MAX_MANIFEST_BYTES), blob.etag
+        except bounded.BoundedInputError as exc:
+            raise FleetError(f"{exc}; fix or delete it") from None
 
     def put_json(self, key: str, obj: Any, **cond) -> str:
         return self.put(key, json.dumps(obj, indent=1, sort_keys=True).encode(), **cond)
@@ -133,9 +159,12 @@ class LocalStore(ObjectStore):
     def _etag(data: bytes) -> str:
         return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
-    def get(self, key, *, if_none_match=None):
+    def get(self, key, *, if_none_match=None, max_bytes=None):
+        p = self._path(key)
         try:
-            data = self._path(key).read_bytes()
+            if max_bytes is not None and (st := p.stat()).st_size > max_bytes:
+                _refuse_oversized(self, key, st.st_size, max_bytes, f"{st.st_size}-{st.st_mtime_ns}")
+            data = p.read_bytes()
         except (FileNotFoundError, IsADirectoryError):
             return None
         etag = self._etag(data)
@@ -196,6 +225,14 @@ class LocalStore(ObjectStore):
             if p.is_file() and not p.name.startswith("."):
                 out.append(p.relative_to(self.root).as_posix())
         return sorted(out)
+
+    def age(self, key):
+        p = self._path(key)
+        try:
+            data, st = p.read_bytes(), p.stat()
+        except FileNotFoundError:
+            return None
+        return self._etag(data), max(0.0, time.time() - st.st_mtime)  # one host: the file system's clock
 
 
 class S3Store(ObjectStore):
@@ -291,13 +328,17 @@ class S3Store(ObjectStore):
             if exc.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                 raise
 
-    def get(self, key, *, if_none_match=None):
+    def get(self, key, *, if_none_match=None, max_bytes=None):
         kw = {"Bucket": self.bucket, "Key": self._k(key)}
         if if_none_match:
             kw["IfNoneMatch"] = f'"{_unquote(if_none_match)}"'
         resp = self._call(self._client.get_object, **kw)
         if resp is None:
             return None
+        size = int(resp.get("ContentLength") or 0)
+        if max_bytes is not None and size > max_bytes:
+            resp["Body"].close()  # the headers said enough: the body is never read
+            _refuse_oversized(self, key, size, max_bytes, _unquote(resp.get("ETag")))
         try:
             data = resp["Body"].read()
         except Exception as exc:  # a reset mid-body is an outage, not a bug
@@ -354,6 +395,15 @@ class S3Store(ObjectStore):
                 break
             token = resp.get("NextContinuationToken")
         return sorted(out)
+
+    def age(self, key):
+        resp = self._call(self._client.head_object, Bucket=self.bucket, Key=self._k(key))
+        if resp is None:
+            return None
+        from email.utils import parsedate_to_datetime
+
+        server_now = parsedate_to_datetime(resp["ResponseMetadata"]["HTTPHeaders"]["date"])
+        return _unquote(resp.get("ETag")), max(0.0, (server_now - resp["LastModified"]).total_seconds())
 
 
 _S3_URL = re.compile(r"^s3://(?P<bucket>[^/]+)/?(?P<prefix>.*)$")
@@ -432,3 +482,21 @@ class FleetKeys:
 
     def status(self, device_id: str) -> str:
         return self.device(device_id, "status")
+
+    def root(self, version: int) -> str:
+        """Root document ``version`` (TUF-style: every version kept, walked in order)."""
+        return f"{self.base}/root/{int(version)}.root.json"
+
+    @property
+    def timestamp(self) -> str:
+        return f"{self.base}/timestamp.json"
+
+    @property
+    def inventory(self) -> str:
+        return f"{self.base}/inventory.json"
+
+    def target(self, sha256: str) -> str:
+        """What the controller signed to install one artifact (for rollbacks to it)."""
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise FleetError(f"target {sha256[:80]!r} is not a sha256")
+        return f"{self.base}/targets/{sha256}.json"

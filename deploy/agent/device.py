@@ -37,8 +37,8 @@ from typing import Any
 from edgeslim.components.common.hashing import file_sha256
 from edgeslim.components.common.errors import ConfigError, EdgeslimError, FleetError
 
-from edgeslim.deploy import signing
-from edgeslim.deploy.manifest import Artifact, Manifest, ManifestRejected, verify_manifest
+from edgeslim.deploy import bounded, signing, trust
+from edgeslim.deploy.manifest import Artifact, Manifest, ManifestRejected, manifest_digest, verify_manifest
 from edgeslim.deploy.store import FleetKeys, NotModified, ObjectStore, StoreUnavailable, check_name, open_store
 
 log = logging.getLogger("edgeslim.agent")
@@ -99,7 +99,7 @@ class Agent:
     """One device. ``run()`` loops forever; ``step()`` does one poll (for tests and --once)."""
 
     def __init__(self, *, store: ObjectStore, fleet: str, device_id: str, device_class: str,
-                 state_dir: str | Path, trusted_keys: dict, poll_interval: float = 5.0,
+                 state_dir: str | Path, root: "trust.Root", poll_interval: float = 5.0,
                  heartbeat_interval: float = 30.0, max_backoff: float = 300.0,
                  max_download_rate: float | None = None, health_timeout: float = 120.0,
                  chunk_size: int = 1 << 16, health_in_process: bool = False) -> None:
@@ -107,7 +107,6 @@ class Agent:
         self.fleet, self.device_id = fleet, check_name("device", device_id)
         self.device_class = device_class
         self.state_dir = Path(state_dir).resolve()
-        self.trusted_keys = trusted_keys
         self.poll_interval, self.heartbeat_interval = poll_interval, heartbeat_interval
         self.max_backoff, self.max_download_rate = max_backoff, max_download_rate
         self.health_timeout, self.chunk_size = health_timeout, chunk_size
@@ -121,6 +120,14 @@ class Agent:
         self.state_file = self.state_dir / "agent.json"
         self.journal_file = self.state_dir / "swap.json"
         self.state = self._load_state()
+        # The device's own identity: statuses and the registration are signed with it.
+        self.device_key = trust.load_or_make_device_key(self.state_dir / "device.key")
+        self.public_key = trust.public_b64(self.device_key)
+        # The provisioned root, then every newer root this device accepted before (kept on disk).
+        (self.state_dir / "roots").mkdir(exist_ok=True)
+        self.root, _ = trust.update_root(root, self._local_root)
+        self.timestamp_etag: str | None = None
+        self.metadata_error: str | None = None
         self.manifest_etag: str | None = None
         self.failures = 0
         self.last_heartbeat = 0.0
@@ -183,6 +190,73 @@ class Agent:
         except (FileNotFoundError, ValueError, KeyError, OSError):
             return False
 
+    # ----------------------------------------------------------------- trust
+    def _local_root(self, version: int) -> Any:
+        try:
+            return bounded.loads((self.state_dir / "roots" / f"{version}.root.json").read_bytes(),
+                                 what=f"local root version {version}")
+        except FileNotFoundError:
+            return None
+
+    def _store_root(self, version: int) -> Any:
+        blob = self.store.get(self.keys.root(version), max_bytes=bounded.MAX_SMALL_BYTES)
+        return None if blob is None else bounded.loads(blob.data, what=f"root version {version}")
+
+    def follow_root(self) -> None:
+        """Accept newer roots from the store: each signed by the old root role and by its own."""
+        try:
+            self.root, accepted = trust.update_root(self.root, self._store_root)
+        except (signing.SignatureError, bounded.BoundedInputError) as exc:
+            self.metadata_error = f"refused a new root: {exc}"
+            log.error("%s", self.metadata_error)
+            return
+        for env in accepted:
+            v = env["signed"]["version"]
+            atomic_write_json(self.state_dir / "roots" / f"{v}.root.json", env)
+            log.warning("accepted root version %d (keys rotated)", v)
+
+    def follow_timestamp(self) -> None:
+        """Read the fleet's signed timestamp: freshness of the metadata, and a floor for the clock."""
+        try:
+            blob = self.store.get(self.keys.timestamp, if_none_match=self.timestamp_etag,
+                                  max_bytes=bounded.MAX_SMALL_BYTES)
+        except NotModified:
+            return
+        if blob is None:
+            return
+        try:
+            ts = trust.verify_timestamp(bounded.loads(blob.data, what="fleet timestamp"), self.root, fleet=self.fleet)
+        except (signing.SignatureError, bounded.BoundedInputError) as exc:
+            self.metadata_error = f"refused the fleet timestamp: {exc}"
+            log.error("%s", self.metadata_error)
+            self.timestamp_etag = blob.etag
+            return
+        known = self.state.get("timestamp") or {}
+        self.timestamp_etag = blob.etag
+        if int(ts["version"]) < int(known.get("version", 0)):
+            self.metadata_error = (f"fleet timestamp version {ts['version']} is older than {known.get('version')}: "
+                                   "replayed; kept the newer one")
+            log.error("%s", self.metadata_error)
+            return
+        if int(ts["version"]) > int(known.get("version", 0)):
+            self.state["timestamp"] = {k: ts[k] for k in ("version", "issued_at", "expires_at", "root_version")}
+            self._save_state()
+        self.metadata_error = None
+
+    def now(self) -> float:
+        """This device's clock, never earlier than the newest signed timestamp it has seen."""
+        return max(time.time(), float((self.state.get("timestamp") or {}).get("issued_at", 0.0)))
+
+    def metadata_report(self) -> dict[str, Any]:
+        """What the device knows of its metadata's freshness (goes into every status)."""
+        ts = self.state.get("timestamp") or {}
+        clock = time.time()
+        issued = float(ts.get("issued_at", 0.0))
+        return {"root_version": self.root.version, "timestamp_version": ts.get("version"),
+                "stale": not ts or float(ts.get("expires_at", 0.0)) <= self.now(),
+                "clock_behind_s": round(issued - clock, 1) if issued - clock > 60 else 0.0,
+                "error": self.metadata_error}
+
     # ----------------------------------------------------------------- status
     def _status(self, state: str, **extra: Any) -> dict[str, Any]:
         cur = read_link(self.current_link)
@@ -200,6 +274,7 @@ class Agent:
             "current": {"sha256": meta.get("sha256"), "backend": meta.get("backend"),
                         "fallback": meta.get("fallback"), "model": meta.get("model")} if cur else None,
             "last": self.state.get("last"), "rejected": self.state.get("rejected"),
+            "metadata": self.metadata_report(),
         }
         st.update(extra)
         return st
@@ -208,20 +283,22 @@ class Agent:
         st = self._status(state, **extra)
         atomic_write_json(self.state_dir / "status.json", st)
         try:
-            self.store.put_json(self.keys.status(self.device_id), st)
+            # Signed with the device's own key: nobody else can speak for this device.
+            self.store.put_json(self.keys.status(self.device_id), trust.sign_with(st, [self.device_key]))
             self.last_heartbeat = time.time()
         except StoreUnavailable as exc:
             log.warning("could not publish status (%s); will retry", exc)
 
     def register(self) -> None:
-        self.store.put_json(self.keys.registration(self.device_id), {
+        self.store.put_json(self.keys.registration(self.device_id), trust.sign_with({
             "device_id": self.device_id, "device_class": self.device_class, "fleet": self.fleet,
             "agent_version": AGENT_VERSION, "hostname": socket.gethostname(), "registered_at": time.time(),
-            "trusted_keys": sorted(self.trusted_keys),
-        })
+            "public_key": self.public_key, "root_version": self.root.version,
+        }, [self.device_key]))
         self.registered = True
-        log.info("registered %s/%s (class %s) at %s", self.fleet, self.device_id, self.device_class,
-                 self.store.describe())
+        log.info("registered %s/%s (class %s) at %s; device key fingerprint %s (check it when you enrol it)",
+                 self.fleet, self.device_id, self.device_class, self.store.describe(),
+                 signing.key_id(self.device_key.public_key()))
 
     # ----------------------------------------------------------------- download
     def fetch(self, art: Artifact) -> Path:
@@ -366,7 +443,8 @@ class Agent:
     def _decide(self, m: Manifest, result: str, reason: str | None, *, health: dict) -> dict[str, Any]:
         last = {"sequence": m.sequence, "rollout_id": m.rollout_id, "action": m.action, "result": result,
                 "reason": reason, "health": health, "at": time.time(),
-                "sha256": m.artifact.sha256 if m.artifact else None}
+                "sha256": m.artifact.sha256 if m.artifact else None,
+                "manifest_sha256": manifest_digest(m.to_dict())}
         self.state["applied_sequence"] = m.sequence
         self.state["last"] = last
         if result == "committed":
@@ -382,6 +460,8 @@ class Agent:
         """One poll: returns what happened (``unchanged``, ``none``, ``applied``, ``rejected``...)."""
         if not self.registered:
             self.register()
+        self.follow_root()
+        self.follow_timestamp()
         try:
             blob = self.store.get(self.keys.manifest(self.device_id), if_none_match=self.manifest_etag)
         except NotModified:
@@ -393,9 +473,9 @@ class Agent:
         except ValueError:
             envelope = None
         try:
-            m = verify_manifest(envelope, self.trusted_keys, fleet=self.fleet, device_id=self.device_id,
+            m = verify_manifest(envelope, self.root, fleet=self.fleet, device_id=self.device_id,
                                 device_class=self.device_class,
-                                last_sequence=self.state.get("applied_sequence", 0))
+                                last_sequence=self.state.get("applied_sequence", 0), now=self.now())
         except ManifestRejected as exc:
             if exc.reason == "replay" and envelope and (envelope.get("signed") or {}).get("sequence") == \
                     self.state.get("applied_sequence"):
@@ -413,7 +493,8 @@ class Agent:
         except IntegrityError as exc:
             log.error("%s", exc)
             self.state["last"] = {"sequence": m.sequence, "rollout_id": m.rollout_id, "action": m.action,
-                                  "result": "failed", "reason": str(exc), "at": time.time()}
+                                  "result": "failed", "reason": str(exc), "at": time.time(),
+                                  "manifest_sha256": manifest_digest(m.to_dict())}
             self.state["applied_sequence"] = m.sequence
             self._save_state()
             self.manifest_etag = blob.etag
@@ -482,9 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-class", default=_env("device_class"),
                    help="exact device class key, e.g. orin-sm87-jp6.1-trt10.3")
     p.add_argument("--state-dir", default=_env("state_dir", "/var/lib/edgeslim-agent"))
-    p.add_argument("--public-key", action="append",
-                   default=[k for k in (_env("public_key") or "").split(os.pathsep) if k] or None,
-                   help="trusted release public key (PEM); repeat to trust several during rotation")
+    p.add_argument("--root", default=_env("root"),
+                   help="the fleet's root document (root.json from `edgeslim fleet root-init`), installed at "
+                        "provisioning; newer roots signed by it are followed from the store")
     p.add_argument("--poll-interval", type=float, default=float(_env("poll_interval", 5.0)))
     p.add_argument("--heartbeat-interval", type=float, default=float(_env("heartbeat_interval", 30.0)))
     p.add_argument("--max-backoff", type=float, default=float(_env("max_backoff", 300.0)))
@@ -505,14 +586,14 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        for name in ("fleet", "device_class", "store", "public_key"):
+        for name in ("fleet", "device_class", "store", "root"):
             if not getattr(args, name):
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} is required (or set {ENV_PREFIX}{name.upper()})")
         agent = Agent(
             store=open_store(args.store, endpoint_url=args.endpoint_url, timeout_s=5.0),
             fleet=args.fleet, device_id=args.device_id, device_class=args.device_class,
-            state_dir=args.state_dir, trusted_keys=signing.load_public_keys(args.public_key),
+            state_dir=args.state_dir, root=trust.load_root(args.root)[0],
             poll_interval=args.poll_interval, heartbeat_interval=args.heartbeat_interval,
             max_backoff=args.max_backoff, max_download_rate=args.max_download_rate,
             health_timeout=args.health_timeout,

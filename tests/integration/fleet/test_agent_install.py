@@ -118,7 +118,7 @@ def test_agent_only_install_takes_a_rollout_from_the_controller(
         {"waves": "100", "poll_interval_s": "0.2", "wave_timeout_s": "120"}))
     assert rec["state"] == "succeeded", json.dumps(rec, indent=2, default=str)
     assert rec["devices"]["light0"]["outcome"] == "committed"
-    last = s3_store.get_json(FleetKeys("lab").status("light0"))[0]["last"]
+    last = s3_store.get_json(FleetKeys("lab").status("light0"))[0]["signed"]["last"]
     assert last["result"] == "committed" and last["rollout_id"] == "r1"
     current = dev.state_dir / "current" / "model.onnx"
     assert hashlib.sha256(current.read_bytes()).hexdigest() == sha == hashlib.sha256(onnx.read_bytes()).hexdigest()

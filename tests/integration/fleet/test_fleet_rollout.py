@@ -124,7 +124,7 @@ def test_offline_device_counts_as_silent_and_catches_up(rgw, s3_store, keys, age
     assert procs[late].running_sha() is None
     procs[late].start()  # back online
     wait_for(lambda: procs[late].running_sha() == sha, 60, "the offline device to catch up")
-    st = wait_for(lambda: (s3_store.get_json(FleetKeys("lab").status(late)) or [{}])[0].get("last"), 30, "status")
+    st = wait_for(lambda: (s3_store.get_json(FleetKeys("lab").status(late)) or [{"signed": {}}])[0]["signed"].get("last"), 30, "status")
     assert st["result"] == "committed" and st["rollout_id"] == "r1"
 
 

@@ -7,10 +7,10 @@ import pytest
 
 @pytest.fixture
 def keys(tmp_path):
-    from edgeslim.deploy import signing
+    """The fleet's three roles and its root (unpacks as ``kit, root``: tests/fleet_trust.py)."""
+    from tests.fleet_trust import TrustKit
 
-    priv, pub = signing.generate_keypair(tmp_path / "keys")
-    return signing.load_private_key(priv), signing.load_public_keys(pub)
+    return TrustKit(tmp_path / "keys", fleet="f")
 
 
 @pytest.fixture

@@ -54,8 +54,10 @@ def upload(store, path: Path) -> dict:
 class ManifestWriter:
     """Plays the controller's part for agent tests: signs and stores manifests."""
 
-    def __init__(self, store, key, fleet="f", device="d0", device_class="cls-a"):
-        self.store, self.key, self.fleet, self.device, self.device_class = store, key, fleet, device, device_class
+    def __init__(self, store, kit, fleet="f", device="d0", device_class="cls-a"):
+        """``kit``: a tests/fleet_trust.TrustKit (fleet key signs, release key covers the artifact)."""
+        self.store, self.kit, self.fleet, self.device, self.device_class = store, kit, fleet, device, device_class
+        self.key = kit.fleet_key
         self.seq = 0
 
     def manifest(self, artifact: dict | None, health: dict | None, *, seq=None, action="install",
@@ -67,10 +69,11 @@ class ManifestWriter:
             self.seq += 1
             seq = self.seq
         now = time.time()
+        release = self.kit.release(artifact, expires_s=max(expires_in, 60.0) + 60) if artifact else None
         return Manifest(fleet=self.fleet, device_id=self.device, device_class=device_class or self.device_class,
                         rollout_id=rollout, sequence=seq, issued_at=now, expires_at=now + expires_in,
                         action=action, artifact=_artifact(artifact) if artifact else None,
-                        model={"name": "m", "version": "1"}, health_check=health)
+                        model={"name": "m", "version": "1"}, health_check=health, release=release)
 
     def publish(self, envelope: dict) -> str:
         from edgeslim.deploy.store import FleetKeys

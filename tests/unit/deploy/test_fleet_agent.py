@@ -22,7 +22,7 @@ from edgeslim.deploy.store import FleetKeys, StoreUnavailable
 
 def _agent(store, pub, tmp_path, name="d0", **kw) -> Agent:
     a = Agent(store=store, fleet="f", device_id=name, device_class="cls-a", state_dir=tmp_path / name,
-              trusted_keys=pub, poll_interval=0.01, heartbeat_interval=0.01, **kw)
+              root=pub, poll_interval=0.01, heartbeat_interval=0.01, **kw)
     a.recover()
     return a
 
@@ -47,7 +47,7 @@ def test_install_commits_and_publishes_status(store, keys, tmp_path, models):
     w.send(art, golden_for(models[0]))
     assert a.step() == "applied"
     assert _running_sha(a) == art["sha256"]
-    st, _ = store.get_json(FleetKeys("f").status("d0"))
+    st = store.get_json(FleetKeys("f").status("d0"))[0]["signed"]
     assert st["last"]["result"] == "committed" and st["applied_sequence"] == 1
     assert st["current"]["sha256"] == art["sha256"] and st["current"]["backend"] == "onnxruntime"
     assert a.step() == "unchanged"  # ETag poll: nothing new
@@ -80,7 +80,7 @@ def test_failed_health_check_rolls_back_on_its_own(store, keys, tmp_path, models
     w.send(a2, golden_for(models[0]))
     assert a.step() == "rolled_back"
     assert _running_sha(a) == a1["sha256"]
-    st, _ = store.get_json(FleetKeys("f").status("d0"))
+    st = store.get_json(FleetKeys("f").status("d0"))[0]["signed"]
     assert st["last"]["result"] == "rolled_back" and "differs from the golden" in st["last"]["reason"]
     assert a.step() == "unchanged"  # the bad manifest is not retried
 
@@ -111,11 +111,11 @@ def test_replayed_and_expired_manifests_are_refused_and_nothing_changes(store, k
     w.publish(old)  # an attacker with write access puts back the older, validly signed manifest
     assert a.step() == "rejected"
     assert _running_sha(a) == a2["sha256"]
-    st, _ = store.get_json(FleetKeys("f").status("d0"))
+    st = store.get_json(FleetKeys("f").status("d0"))[0]["signed"]
     assert st["rejected"]["reason"] == "replay"
     w.send(a1, golden_for(models[0]), expires_in=-5)
     assert a.step() == "rejected"
-    assert store.get_json(FleetKeys("f").status("d0"))[0]["rejected"]["reason"] == "expired"
+    assert store.get_json(FleetKeys("f").status("d0"))[0]["signed"]["rejected"]["reason"] == "expired"
     assert _running_sha(a) == a2["sha256"]
 
 
@@ -131,7 +131,7 @@ def test_corrupt_artifact_in_the_store_is_discarded(store, keys, tmp_path, model
     assert a.step() == "failed"
     assert _running_sha(a) == a1["sha256"]
     assert not list((a.state_dir / "partial").iterdir())
-    assert "sha256" in store.get_json(FleetKeys("f").status("d0"))[0]["last"]["reason"]
+    assert "sha256" in store.get_json(FleetKeys("f").status("d0"))[0]["signed"]["last"]["reason"]
 
 
 def test_download_resumes_from_a_partial_file(store, keys, tmp_path, models, monkeypatch):
@@ -169,7 +169,7 @@ def test_startup_undoes_a_half_done_swap_then_applies_again(store, keys, tmp_pat
     os.symlink(rel, a.state_dir / "current")
     b = _agent(store, pub, tmp_path)  # restart
     assert os.readlink(b.state_dir / "current") == old and not (b.state_dir / "swap.json").exists()
-    w.publish(m2.sign(priv))
+    w.publish(m2.sign(priv.fleet_key))
     assert b.step() == "applied"
     assert _running_sha(b) == a2["sha256"]
 

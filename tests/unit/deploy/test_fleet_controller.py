@@ -43,15 +43,16 @@ def test_config_parses_cli_strings_and_refuses_secrets():
 
 class Fleet:
     def __init__(self, store, keys, tmp_path, n, models):
-        self.priv, self.pub = keys
+        self.kit = keys
         self.store = store
         self.agents = {f"d{i}": Agent(store=store, fleet="f", device_id=f"d{i}", device_class="cls-a",
-                                      state_dir=tmp_path / f"d{i}", trusted_keys=self.pub, poll_interval=0.01)
+                                      state_dir=tmp_path / f"d{i}", root=keys.root, poll_interval=0.01)
                        for i in range(n)}
         self.offline: set[str] = set()
         for a in self.agents.values():
             a.recover()
             a.register()
+        keys.enrol(store, self.agents.values())
         self.models = models
         self.tags = []
 
@@ -61,18 +62,21 @@ class Fleet:
                 a.step()
 
     def controller(self) -> Controller:
-        c = Controller(self.store, "f", signing_key=self.priv, sleep=self.step)
+        c = self.kit.controller(self.store, sleep=self.step)
         c._tag = lambda rec: self.tags.append((rec["name"], rec["state"]))
         c._set_alias = lambda rec, alias: self.tags.append((rec["name"], f"alias:{alias}"))
         return c
 
     def record(self, name, model_path, golden_path=None, **cfg):
-        """A prepared rollout record (what prepare() makes from MLflow)."""
+        """A prepared rollout record and its signed target (what prepare() makes from MLflow)."""
         cfg = WaveRolloutConfig.from_dict({"poll_interval_s": 0.01, "wave_timeout_s": 5.0, **cfg})
-        return {"name": name, "fleet": "f", "state": "pending", "generation": 1,
-                "model": {"name": "m", "version": name, "alias": None, "run_id": None, "uri": f"models:/m/{name}"},
-                "artifact": upload(self.store, model_path), "engines": {},
-                "health_check": golden_for(golden_path or model_path), "config": cfg.to_dict(), "waves": [],
+        artifact = upload(self.store, model_path)
+        target = {"artifact": artifact, "engines": {}, "health_check": golden_for(golden_path or model_path),
+                  "model": {"name": "m", "version": name, "alias": None, "run_id": None, "uri": f"models:/m/{name}"},
+                  "release": self.kit.release(artifact, name="m", version=name)}
+        self.kit.controller(self.store).put_target(target)
+        return {"name": name, "fleet": "f", "state": "pending", "generation": 1, **target,
+                "config": cfg.to_dict(), "waves": [],
                 "devices": {}, "abort_requested": None, "reason": None, "history": []}
 
     def running(self, dev):
@@ -158,7 +162,7 @@ def test_abort_request_stops_a_running_rollout(fleet):
         f.step()
         cur = c.get("r1")
         if cur["state"] == "running" and any(w["state"] == "running" and w["index"] == 1 for w in cur["waves"]):
-            Controller(f.store, "f").abort("r1", "operator said stop")  # the lock holder rolls back
+            Controller(f.store, "f", root=f.kit.root).abort("r1", "operator said stop")  # the lock holder rolls back
 
     c.sleep = sleep
     c.acquire_lock("r1", 60)  # as create() does: the abort below finds the rollout owned
@@ -172,8 +176,7 @@ def test_abort_request_stops_a_running_rollout(fleet):
 
 
 def test_lock_is_create_once_and_an_expired_one_is_taken_over(store, keys):
-    priv, _ = keys
-    a, b = Controller(store, "f", signing_key=priv), Controller(store, "f", signing_key=priv)
+    a, b = keys.controller(store), keys.controller(store)
     a.acquire_lock("r1", ttl_s=60)
     with pytest.raises(FleetError, match="locked by rollout 'r1'"):
         b.acquire_lock("r2", ttl_s=60)
