@@ -308,6 +308,8 @@ class Controller:
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._lock_etag: str | None = None
         self._etags: dict[str, str | None] = {}
+        # run_local only: signs a throw-away release statement for a version that has none.
+        self.sign_missing_release: Callable[[Path, ModelRef], str] | None = None
 
     # ------------------------------------------------------------------ trust
     @property
@@ -606,20 +608,21 @@ class Controller:
         Only what the release role signed is shipped: the ONNX must be the one it covers, and an
         engine goes to a device class only if the statement lists that exact engine.
         """
-        if not ref.release:
-            raise SourceError(f"{ref.uri} (version {ref.version}) carries no release statement (tag "
-                              f"{trust.RELEASE_TAG}): it was not registered through the gate with a release key; "
-                              f"sign it with `edgeslim fleet release models:/{ref.name}/{ref.version}`")
-        try:
-            rel = trust.verify_release(bounded.loads(ref.release, what="release statement"), self.root,
-                                       now=self.clock())
-        except (signing.SignatureError, bounded.BoundedInputError) as exc:
-            raise SourceError(f"{ref.uri}: {exc}") from None
-        if (rel.name, rel.version) != (ref.name, ref.version):
-            raise SourceError(f"{ref.uri}: its release statement is for {rel.name} version {rel.version}; "
-                              "copied from another version")
         with tempfile.TemporaryDirectory(prefix="edgeslim-rollout-") as tmp:
             mdir = download_model(ref, tmp)
+            statement = ref.release or (self.sign_missing_release(mdir, ref) if self.sign_missing_release else None)
+            if not statement:
+                raise SourceError(f"{ref.uri} (version {ref.version}) carries no release statement (tag "
+                                  f"{trust.RELEASE_TAG}): it was not registered through the gate with a release "
+                                  f"key; sign it with `edgeslim fleet release models:/{ref.name}/{ref.version}`")
+            try:
+                rel = trust.verify_release(bounded.loads(statement, what="release statement"), self.root,
+                                           now=self.clock())
+            except (signing.SignatureError, bounded.BoundedInputError) as exc:
+                raise SourceError(f"{ref.uri}: {exc}") from None
+            if (rel.name, rel.version) != (ref.name, ref.version):
+                raise SourceError(f"{ref.uri}: its release statement is for {rel.name} version {rel.version}; "
+                                  "copied from another version")
             onnx = mdir / "model.onnx"
             if (file_sha256(onnx), onnx.stat().st_size) != (rel.sha256, rel.size):
                 raise SourceError(f"{ref.uri}: model.onnx is not the file its release statement covers "

@@ -21,7 +21,7 @@ from mlflow.deployments import BaseDeploymentClient
 from edgeslim.components.common.errors import ConfigError
 
 # -C keys that select where the fleet lives, not how the rollout moves.
-_LOCATION_KEYS = ("store", "endpoint_url", "signing_key")
+_LOCATION_KEYS = ("store", "endpoint_url", "signing_key", "root")
 
 
 def target_help() -> str:
@@ -32,7 +32,8 @@ running `edgeslim-agent`, with fleet state in S3 (or a local directory).
 Where the fleet lives (environment, or -C for the non-secret ones):
   EDGESLIM_FLEET_STORE        s3://bucket/prefix or a directory     (-C store=...)
   EDGESLIM_S3_ENDPOINT_URL    for S3-compatible servers (RGW, MinIO) (-C endpoint_url=...)
-  EDGESLIM_FLEET_SIGNING_KEY  ed25519 private key PEM for manifests  (-C signing_key=PATH)
+  EDGESLIM_FLEET_SIGNING_KEY  the fleet (director) private key PEM    (-C signing_key=PATH)
+  EDGESLIM_FLEET_ROOT         the fleet's root document, root.json   (-C root=PATH)
   AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE: S3 credentials. Never pass
   credentials with -C: they are refused, because -C values reach logs and MLflow.
 
@@ -82,7 +83,7 @@ class EdgeDeploymentClient(BaseDeploymentClient):
         from edgeslim.deploy.fleet_cli import open_controller
 
         return open_controller(self.fleet, store=loc.get("store"), endpoint_url=loc.get("endpoint_url"),
-                               signing_key=loc.get("signing_key"), need_key=need_key)
+                               signing_key=loc.get("signing_key"), need_key=need_key, root=loc.get("root"))
 
     @staticmethod
     def _view(c, rec) -> dict[str, Any]:
@@ -149,12 +150,13 @@ class EdgeDeploymentClient(BaseDeploymentClient):
 def run_local(name, model_uri, flavor=None, config=None):
     """Roll ``model_uri`` out to one simulated device on this machine and report it.
 
-    Uses a fresh local store, a throw-away signing key and an in-process agent;
-    returns (and prints) the rollout summary once the device has decided.
+    Uses a fresh local store, throw-away root, release and fleet keys (the release key
+    signs the version's statement here, and only if its recorded gate passed) and an
+    in-process agent; returns (and prints) the rollout summary once the device has decided.
     """
     import json
 
-    from edgeslim.deploy import signing
+    from edgeslim.deploy import release, signing, trust
     from edgeslim.deploy.agent.device import Agent
     from edgeslim.deploy.controller import Controller, WaveRolloutConfig
     from edgeslim.deploy.store import LocalStore
@@ -165,16 +167,22 @@ def run_local(name, model_uri, flavor=None, config=None):
     raw.setdefault("wave_timeout_s", "120")
     raw.pop("wait", None)
     root = tempfile.mkdtemp(prefix=f"edgeslim-run-local-{name}-")
-    priv, pub = signing.generate_keypair(os.path.join(root, "keys"))
+    keys = {role: signing.load_private_key(signing.generate_keypair(os.path.join(root, "keys"), role=role)[0])
+            for role in ("root", "release", "fleet")}
+    trusted = trust.Root(trust.make_root(root_keys=[keys["root"]], release_keys=[keys["release"]],
+                                         fleet_keys=[keys["fleet"]], fleet="local"))
     store = LocalStore(os.path.join(root, "store"))
     agent = Agent(store=store, fleet="local", device_id="device-0", device_class=device_class,
-                  state_dir=os.path.join(root, "device-0"), trusted_keys=signing.load_public_keys(pub),
+                  state_dir=os.path.join(root, "device-0"), root=trusted,
                   poll_interval=0.1, heartbeat_interval=1.0)
     agent.register()
     thread = threading.Thread(target=agent.run, daemon=True)
     thread.start()
     try:
-        c = Controller(store, "local", signing_key=signing.load_private_key(priv))
+        c = Controller(store, "local", signing_key=keys["fleet"], root=trusted)
+        c.enrol("device-0", device_class, agent.public_key)
+        c.sign_missing_release = lambda mdir, ref: json.dumps(trust.sign_with(release.statement_for_dir(
+            mdir, name=ref.name, version=ref.version, run_id=ref.run_id), [keys["release"]]))
         rec = c.create(name, model_uri, WaveRolloutConfig.from_strings(
             {"waves": "100", "canary_alias": "none", "stable_alias": "none", **raw}))
     finally:

@@ -105,15 +105,21 @@ def fleet_mlflow(tmp_path_factory, request):
 
 
 @pytest.fixture
-def register_edge_model(fleet_mlflow, tmp_path):
-    """Log an ONNX with the edgeslim_edge flavor, register it, point ``alias`` at it."""
+def register_edge_model(fleet_mlflow, tmp_path, keys):
+    """Log an ONNX with the edgeslim_edge flavor, register it, point ``alias`` at it.
+
+    As the register step does after a passed gate, the release key signs the version's release
+    statement (``release=False``: an ungated model, registered without one).
+    """
     import mlflow
     from mlflow import MlflowClient
 
+    from edgeslim.deploy.release import sign_version
     from edgeslim.plugins import edge_flavor
 
-    def register(name: str, onnx_path: Path, alias: str = "edge-candidate", golden_from: Path | None = None):
-        meta = {}
+    def register(name: str, onnx_path: Path, alias: str = "edge-candidate", golden_from: Path | None = None,
+                 release: bool = True):
+        meta = {"gate": {"passed": True, "summary": "fleet test fixture"}} if release else {}
         if golden_from is not None:
             # Golden outputs recorded by the pipeline from a *different* (trusted) model.
             x = np.random.default_rng(7).standard_normal((1, 4)).astype(np.float32)
@@ -122,6 +128,8 @@ def register_edge_model(fleet_mlflow, tmp_path):
         with mlflow.start_run():
             info = edge_flavor.log_model(onnx_path, "model", metadata=meta)
         mv = mlflow.register_model(info.model_uri, name)
+        if release:
+            sign_version(name, str(mv.version), keys.release_key)
         MlflowClient().set_registered_model_alias(name, alias, mv.version)
         return str(mv.version), hashlib.sha256(Path(onnx_path).read_bytes()).hexdigest()
 
@@ -131,25 +139,37 @@ def register_edge_model(fleet_mlflow, tmp_path):
 
 @pytest.fixture
 def keys(tmp_path):
-    from edgeslim.deploy import signing
+    """The fleet "lab"'s root, release and fleet keys and its root.json (tests/fleet_trust.py)."""
+    from tests.fleet_trust import TrustKit
 
-    priv, pub = signing.generate_keypair(tmp_path / "keys")
-    return priv, pub
+    return TrustKit(tmp_path / "keys", fleet="lab")
 
 
 
 @pytest.fixture
-def agents(tmp_path, rgw, s3_url, keys):
-    """Factory of agent processes; all are stopped at the end of the test."""
+def agents(tmp_path, rgw, s3_url, s3_store, keys):
+    """Factory of agent processes; all are stopped at the end of the test.
+
+    A started agent is enrolled once it has registered (the operator's `edgeslim fleet enrol`),
+    unless ``enrol=False``.
+    """
     started: list[AgentProc] = []
 
     def make(device_id: str, device_class: str = "orin-sm87-jp6.1-trt10.3", *, fleet: str = "lab",
-             endpoint: str | None = None, extra: list[str] | None = None, start: bool = True) -> AgentProc:
+             endpoint: str | None = None, extra: list[str] | None = None, start: bool = True,
+             enrol: bool = True) -> AgentProc:
         a = AgentProc(device_id=device_id, device_class=device_class, fleet=fleet, store_url=s3_url,
-                      endpoint=endpoint or rgw["S3_ENDPOINT_URL"], pub=keys[1],
+                      endpoint=endpoint or rgw["S3_ENDPOINT_URL"], root=keys.root_path,
                       state_dir=tmp_path / "devices" / device_id, extra=extra)
         started.append(a)
-        return a.start() if start else a
+        if not start:
+            return a
+        a.start()
+        if enrol and fleet == keys.fleet:
+            c = keys.controller(s3_store)
+            wait_for(lambda: device_id in c.registrations(), 60, f"{device_id} to register")
+            c.enrol(device_id)
+        return a
 
     yield make
     for a in started:
@@ -168,5 +188,5 @@ def proxy(rgw):
 
 @pytest.fixture
 def publisher(s3_store, keys):
-    return Publisher(s3_store, keys[0])
+    return Publisher(s3_store, keys)
 

@@ -70,12 +70,12 @@ class AgentProc:
     """One device: a real ``python -m edgeslim.deploy.agent.device`` process."""
 
     def __init__(self, *, device_id: str, device_class: str, fleet: str, store_url: str, endpoint: str,
-                 pub: Path, state_dir: Path, extra: list[str] | None = None, env: dict | None = None):
+                 root: Path, state_dir: Path, extra: list[str] | None = None, env: dict | None = None):
         self.device_id, self.device_class, self.fleet = device_id, device_class, fleet
         self.state_dir = state_dir
         self.args = [sys.executable, "-m", "edgeslim.deploy.agent.device", "--store", store_url,
                      "--endpoint-url", endpoint, "--fleet", fleet, "--device-id", device_id,
-                     "--device-class", device_class, "--state-dir", str(state_dir), "--public-key", str(pub),
+                     "--device-class", device_class, "--state-dir", str(state_dir), "--root", str(root),
                      "--poll-interval", "0.2", "--heartbeat-interval", "1", "--max-backoff", "1",
                      "--health-timeout", "60"] + (extra or [])
         self.env = dict(os.environ, **(env or {}))
@@ -218,11 +218,10 @@ class FlakyProxy:
 class Publisher:
     """Plays the controller for agent-level tests: uploads artifacts, signs and stores manifests."""
 
-    def __init__(self, store, priv_path, fleet="lab"):
-        from edgeslim.deploy import signing
-
-        self.store, self.fleet = store, fleet
-        self.key = signing.load_private_key(priv_path)
+    def __init__(self, store, kit, fleet="lab"):
+        """``kit``: tests/fleet_trust.TrustKit; its fleet key signs, its release key covers artifacts."""
+        self.store, self.fleet, self.kit = store, fleet, kit
+        self.key = kit.fleet_key
 
     def upload(self, onnx_path: Path) -> dict:
         from edgeslim.deploy.manifest import artifact_key
@@ -246,9 +245,11 @@ class Publisher:
         from edgeslim.deploy.manifest import Manifest
 
         now = time.time()
+        release = self.kit.release(artifact, name="m", version=str(seq), expires_s=max(expires_in, 60.0) + 60)
         m = Manifest(fleet=self.fleet, device_id=device, device_class=device_class, rollout_id=f"t{seq}",
                      sequence=seq, issued_at=now, expires_at=now + expires_in, action="install",
-                     artifact=_artifact(artifact), model={"name": "m", "version": str(seq)}, health_check=health)
+                     artifact=_artifact(artifact), model={"name": "m", "version": str(seq)}, health_check=health,
+                     release=release)
         return m.sign(key or self.key)
 
     def publish(self, device: str, envelope: dict) -> str:

@@ -23,8 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.fleet_it_helpers import REPO, make_onnx, wait_for
-from edgeslim.deploy import signing
-from edgeslim.deploy.controller import Controller, WaveRolloutConfig
+from edgeslim.deploy.controller import WaveRolloutConfig
 from edgeslim.deploy.store import FleetKeys
 
 ORIN = "orin-sm87-jp6.1-trt10.3"
@@ -110,10 +109,11 @@ def test_agent_only_install_takes_a_rollout_from_the_controller(
     dev.env = _clean_env()  # the RGW credentials are in os.environ (the rgw fixture)
     dev.start()
     wait_for(lambda: s3_store.get_json(FleetKeys("lab").registration("light0")), 60, "the light agent to register")
+    keys.controller(s3_store).enrol("light0")
 
     onnx = make_onnx(tmp_path / "v1.onnx", seed=11)
     _, sha = register_edge_model("fleet-light", onnx)
-    c = Controller(s3_store, "lab", signing_key=signing.load_private_key(keys[0]))
+    c = keys.controller(s3_store)
     rec = c.create("r1", "models:/fleet-light@edge-candidate", WaveRolloutConfig.from_strings(
         {"waves": "100", "poll_interval_s": "0.2", "wave_timeout_s": "120"}))
     assert rec["state"] == "succeeded", json.dumps(rec, indent=2, default=str)

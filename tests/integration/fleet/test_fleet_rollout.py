@@ -14,8 +14,7 @@ from mlflow import MlflowClient
 
 from tests.fleet_it_helpers import make_onnx, run_onnx, wait_for
 from edgeslim.components.common.errors import FleetError
-from edgeslim.deploy import signing
-from edgeslim.deploy.controller import Controller, WaveRolloutConfig, wave_plan
+from edgeslim.deploy.controller import WaveRolloutConfig, wave_plan
 from edgeslim.deploy.store import FleetKeys
 
 pytestmark = pytest.mark.slow
@@ -25,7 +24,7 @@ ORIN, XAVIER = "orin-sm87-jp6.1-trt10.3", "xavier-sm72-jp5.1-trt8.5"
 
 def _env(rgw, s3_url, keys):
     return dict(os.environ, EDGESLIM_FLEET_STORE=s3_url, EDGESLIM_S3_ENDPOINT_URL=rgw["S3_ENDPOINT_URL"],
-                EDGESLIM_FLEET_SIGNING_KEY=str(keys[0]))
+                EDGESLIM_FLEET_SIGNING_KEY=str(keys.paths["fleet"][0]), EDGESLIM_FLEET_ROOT=str(keys.root_path))
 
 
 def _mlflow_cli(env, *args, check=True):
@@ -41,7 +40,7 @@ def _registered(store, fleet, n):
 
 
 def _controller(store, keys, fleet="lab"):
-    return Controller(store, fleet, signing_key=signing.load_private_key(keys[0]))
+    return keys.controller(store)
 
 
 FAST = {"poll_interval_s": "0.2", "wave_timeout_s": "60"}
@@ -56,7 +55,7 @@ def test_good_rollout_through_mlflow_deployments(rgw, s3_url, s3_store, keys, ag
                       "-C", "waves=25,50,100", "-C", "max_failure_pct=10", "-C", "poll_interval_s=0.2",
                       "-C", "wave_timeout_s=60")
     assert all(d.running_sha() == sha for d in devs)
-    rec = s3_store.get_json(FleetKeys("lab").rollout("r1"))[0]
+    rec = s3_store.get_json(FleetKeys("lab").rollout("r1"))[0]["signed"]  # the fleet key signs records
     assert rec["state"] == "succeeded" and [len(w["devices"]) for w in rec["waves"]] == [1, 1, 2]
     client = MlflowClient()
     aliases = client.get_registered_model("fleet-good").aliases
@@ -69,12 +68,13 @@ def test_good_rollout_through_mlflow_deployments(rgw, s3_url, s3_store, keys, ag
     # list and help through the Python client (each `mlflow` CLI start costs seconds here).
     from mlflow.deployments import get_deploy_client
 
-    os.environ.update(EDGESLIM_FLEET_STORE=s3_url, EDGESLIM_S3_ENDPOINT_URL=rgw["S3_ENDPOINT_URL"])
+    os.environ.update(EDGESLIM_FLEET_STORE=s3_url, EDGESLIM_S3_ENDPOINT_URL=rgw["S3_ENDPOINT_URL"],
+                      EDGESLIM_FLEET_ROOT=str(keys.root_path))
     try:
         listed = get_deploy_client("edge:/lab").list_deployments()
     finally:
-        os.environ.pop("EDGESLIM_FLEET_STORE")
-        os.environ.pop("EDGESLIM_S3_ENDPOINT_URL")
+        for k in ("EDGESLIM_FLEET_STORE", "EDGESLIM_S3_ENDPOINT_URL", "EDGESLIM_FLEET_ROOT"):
+            os.environ.pop(k)
     assert [(d["name"], d["state"]) for d in listed] == [("r1", "succeeded")]
     x = np.arange(8, dtype=np.float32).reshape(2, 4)
     (tmp_path / "in.json").write_text(json.dumps(x.tolist()))
@@ -115,6 +115,7 @@ def test_offline_device_counts_as_silent_and_catches_up(rgw, s3_store, keys, age
             procs[n] = agents(n, ORIN)
     wait_for(lambda: _registered(s3_store, "lab", 3), 30, "3 registrations")
     procs[late].proc.wait(30)
+    keys.controller(s3_store).enrol(late)
     _, sha = register_edge_model("fleet-offline", make_onnx(tmp_path / "v1.onnx", seed=2))
     c = _controller(s3_store, keys)
     rec = c.create("r1", "models:/fleet-offline@edge-candidate", WaveRolloutConfig.from_strings(
@@ -169,6 +170,7 @@ def test_second_controller_is_refused_by_the_lock_and_abort_rolls_back(
     first, second = plan[0][0], plan[1][0]
     live = agents(first, ORIN)
     agents(second, ORIN, start=False).start("--once").proc.wait(30)  # registered, then silent
+    keys.controller(s3_store).enrol(second)
     wait_for(lambda: _registered(s3_store, "lab", 2), 30, "2 registrations")
     _, sha = register_edge_model("fleet-lock", make_onnx(tmp_path / "v1.onnx", seed=5))
     result = {}
@@ -185,7 +187,7 @@ def test_second_controller_is_refused_by_the_lock_and_abort_rolls_back(
     t = threading.Thread(target=run)
     t.start()
     def second_wave_waiting():
-        waves = ((s3_store.get_json(FleetKeys("lab").rollout("r1")) or [{}])[0].get("waves")) or []
+        waves = ((s3_store.get_json(FleetKeys("lab").rollout("r1")) or [{"signed": {}}])[0]["signed"].get("waves")) or []
         return len(waves) == 2 and waves[1].get("state") == "running"
 
     wait_for(second_wave_waiting, 60, "wave 2 to be waiting")
@@ -219,4 +221,4 @@ def test_delete_withdraws_devices_to_their_previous_model(
     assert all(d.running_sha() == sha2 for d in devs)
     _mlflow_cli(_env(rgw, s3_url, keys), "delete", "-t", "edge:/lab", "--name", "r2")
     wait_for(lambda: all(d.running_sha() == sha1 for d in devs), 60, "devices back on v1")
-    assert s3_store.get_json(FleetKeys("lab").rollout("r2"))[0]["state"] == "withdrawn"
+    assert s3_store.get_json(FleetKeys("lab").rollout("r2"))[0]["signed"]["state"] == "withdrawn"
