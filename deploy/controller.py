@@ -319,8 +319,17 @@ class Controller:
             raise ConfigError("the fleet's root document is needed: pass --root root.json or set "
                               f"{ROOT_ENV} (make it with `edgeslim fleet root init`)")
         if not self._root_followed:
-            self._root, _ = trust.update_root(self._root, self._fetch_root)
             self._root_followed = True
+            for _ in range(trust.MAX_ROOT_STEPS):  # one version at a time: a bad one stops the walk, not us
+                try:
+                    envelope = self._fetch_root(self._root.version + 1)
+                    if envelope is None:
+                        break
+                    self._root = self._root.successor(envelope)
+                except FleetError as exc:
+                    log.error("refused root version %d: %s; keeping version %d", self._root.version + 1, exc,
+                              self._root.version)
+                    break
         return self._root
 
     def _fetch_root(self, version: int) -> Any:

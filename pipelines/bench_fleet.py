@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-REPO_S3 = Path(__file__).resolve().parent / "s3" / "rgw.sh"
+REPO_S3 = Path(__file__).resolve().parents[1] / "deploy" / "s3" / "rgw.sh"  # pipelines/ sits beside deploy/
 
 
 def _tiny_onnx(path: Path, n_in: int = 64, n_out: int = 10) -> Path:
@@ -65,31 +65,40 @@ def converge(n: int, store_url: str, endpoint: str | None, work: Path, poll: flo
     import mlflow
     from mlflow import MlflowClient
 
-    from edgeslim.deploy import signing
+    from edgeslim.deploy import signing, trust
     from edgeslim.deploy.agent.device import Agent
     from edgeslim.deploy.controller import Controller, WaveRolloutConfig
+    from edgeslim.deploy.release import sign_version
     from edgeslim.deploy.store import open_store
     from edgeslim.plugins import edge_flavor
 
+    # The three roles, as `edgeslim fleet keygen --role ...` and `root-init` make them.
+    keys = {role: signing.load_private_key(signing.generate_keypair(work / "keys", role=role)[0])
+            for role in ("root", "release", "fleet")}
+    envelope = trust.sign_with(trust.make_root(root_keys=[keys["root"]], release_keys=[keys["release"]],
+                                               fleet_keys=[keys["fleet"]], fleet="bench"), [keys["root"]])
+    (work / "keys" / "root.json").write_text(json.dumps(envelope))
+    root = trust.Root(envelope["signed"])
     mlflow.set_tracking_uri(f"sqlite:///{work}/mlflow.db")
     with mlflow.start_run():
-        info = edge_flavor.log_model(_tiny_onnx(work / "m.onnx"), "model")
+        info = edge_flavor.log_model(_tiny_onnx(work / "m.onnx"), "model",
+                                     metadata={"gate": {"passed": True, "summary": "bench model"}})
     mv = mlflow.register_model(info.model_uri, "bench")
+    sign_version("bench", str(mv.version), keys["release"])  # what the gated register step does
     MlflowClient().set_registered_model_alias("bench", "edge-candidate", mv.version)
-    priv, pub = signing.generate_keypair(work / "keys")
     store = open_store(store_url, endpoint_url=endpoint, create_bucket=True)
-    trusted = signing.load_public_keys(pub)
     agents = [Agent(store=store, fleet="bench", device_id=f"dev{i:03d}",
                     device_class=("orin-sm87-jp6.1-trt10.3" if i % 2 else "xavier-sm72-jp5.1-trt8.5"),
-                    state_dir=work / "devices" / f"dev{i:03d}", trusted_keys=trusted, poll_interval=poll,
+                    state_dir=work / "devices" / f"dev{i:03d}", root=root, poll_interval=poll,
                     heartbeat_interval=30, health_in_process=True) for i in range(n)]
     for a in agents:
         a.recover()
         a.register()
+    c = Controller(store, "bench", signing_key=keys["fleet"], root=root)
+    c.enrol_many({a.device_id: (a.device_class, a.public_key) for a in agents})
     threads = [threading.Thread(target=a.run, daemon=True) for a in agents]
     for t in threads:
         t.start()
-    c = Controller(store, "bench", signing_key=signing.load_private_key(priv))
     cfg = WaveRolloutConfig.from_strings({"waves": "1,10,50,100", "poll_interval_s": "0.5",
                                           "wave_timeout_s": "300", "max_failure_pct": "10"})
     t0 = time.perf_counter()
@@ -112,12 +121,10 @@ def agent_footprint(store_url: str, endpoint: str | None, work: Path) -> dict:
             "import boto3; print(a, time.perf_counter()-t)")
     runs = [list(map(float, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                            check=True).stdout.split())) for _ in range(5)]
-    from edgeslim.deploy import signing
-
-    pub = work / "keys" / signing.PUBLIC_KEY_FILE
     args = [sys.executable, "-m", "edgeslim.deploy.agent.device", "--store", store_url, "--fleet", "bench",
             "--device-id", "dev000", "--device-class", "xavier-sm72-jp5.1-trt8.5",
-            "--state-dir", str(work / "devices" / "dev000"), "--public-key", str(pub), "--poll-interval", "0.5"]
+            "--state-dir", str(work / "devices" / "dev000"), "--root", str(work / "keys" / "root.json"),
+            "--poll-interval", "0.5"]
     if endpoint:
         args += ["--endpoint-url", endpoint]
     proc = subprocess.Popen(args, stderr=subprocess.DEVNULL)

@@ -34,3 +34,10 @@ def test_bench_refuses_bad_repeats(capsys):
     assert main(["bench", "--repeats", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--repeats" in err[0]
+
+
+def test_the_fleet_benchmark_finds_the_rgw_script_it_starts():
+    """`python -m edgeslim.pipelines.bench_fleet` starts a loopback RGW with the script CI uses."""
+    from edgeslim.pipelines import bench_fleet
+
+    assert bench_fleet.REPO_S3.is_file() and bench_fleet.REPO_S3.name == "rgw.sh"

@@ -126,3 +126,59 @@ def test_debug_output_never_shows_s3_credentials(tmp_path):
     assert out.returncode != 0 and "cannot reach" in (out.stderr + out.stdout)
     assert "AKIDLEAKCHECK123" not in out.stderr + out.stdout
     assert "leakchecksecretvalue" not in out.stderr + out.stdout
+
+
+def test_key_ceremony_root_enrol_timestamp_and_rotation_through_the_cli(tmp_path):
+    """The README's commands: three roles, root version 1, enrolment, a timestamp, a rotation."""
+    from edgeslim.deploy import signing, trust
+    from edgeslim.deploy.agent.device import Agent
+    from edgeslim.deploy.store import FleetKeys, LocalStore
+
+    k = tmp_path / "k"
+    for role in ("root", "release", "fleet"):
+        out = _cli("fleet", "keygen", str(k), "--role", role)
+        assert out.returncode == 0 and f"{role} private key" in out.stdout, out.stderr
+    store_dir = str(tmp_path / "store")
+    base = ["--store", store_dir, "--signing-key", str(k / "fleet-signing.key")]
+    out = _cli("fleet", "root-init", "lab", *base, "--root-key", str(k / "root.key"),
+               "--release-pub", str(k / "release.pub"), "--fleet-pub", str(k / "fleet-signing.pub"),
+               "-o", str(tmp_path / "root.json"))
+    assert out.returncode == 0 and json.loads(out.stdout)["root_version"] == 1, out.stderr
+    root, _ = trust.load_root(tmp_path / "root.json")
+    store = LocalStore(store_dir)
+    agent = Agent(store=store, fleet="lab", device_id="d0", device_class="cls-a", state_dir=tmp_path / "d0",
+                  root=root, poll_interval=0.01)
+    agent.recover()
+    assert agent.step() == "none"  # registered, no manifest yet
+
+    base += ["--root", str(tmp_path / "root.json")]
+    devices = json.loads(_cli("fleet", "devices", "lab", *base).stdout)
+    assert devices["enrolled"] == {} and devices["pending"]["d0"]["fingerprint"] == \
+        signing.key_id(agent.device_key.public_key())
+    out = _cli("fleet", "enrol", "lab", "d0", *base)
+    assert out.returncode == 0, out.stderr
+    assert "d0" in json.loads(_cli("fleet", "devices", "lab", *base).stdout)["enrolled"]
+    ts = json.loads(_cli("fleet", "timestamp", "lab", *base).stdout)
+    assert ts["fleet"] == "lab" and ts["root_version"] == 1 and ts["expires_at"] > time.time()
+
+    # Rotate the fleet key: root version 2, signed by the old and the new root keys.
+    k2 = tmp_path / "k2"
+    for role in ("root", "fleet"):
+        _cli("fleet", "keygen", str(k2), "--role", role)
+    out = _cli("fleet", "root-rotate", "lab", *base, "--old-root-key", str(k / "root.key"),
+               "--root-key", str(k2 / "root.key"), "--release-pub", str(k / "release.pub"),
+               "--fleet-pub", str(k2 / "fleet-signing.pub"))
+    assert out.returncode == 0 and json.loads(out.stdout)["root_version"] == 2, out.stderr
+    agent.step()
+    assert agent.root.version == 2 and (agent.state_dir / "roots" / "2.root.json").exists()
+    # A "rotation" signed only by a key the devices never trusted is refused, and reported.
+    attacker = signing.load_private_key(signing.generate_keypair(tmp_path / "evil", role="root")[0])
+    forged = trust.make_root(root_keys=[attacker], release_keys=[attacker], fleet_keys=[attacker], version=3)
+    store.put_json(FleetKeys("lab").root(3), trust.sign_with(forged, [attacker]))
+    agent.step()
+    agent.publish_status("idle")  # the heartbeat run() sends
+    st = store.get_json(FleetKeys("lab").status("d0"))[0]["signed"]
+    assert agent.root.version == 2 and "refused a new root" in st["metadata"]["error"]
+    # The old fleet key no longer speaks for the fleet.
+    out = _cli("fleet", "timestamp", "lab", *base)
+    assert out.returncode == 2 and "not a fleet key of root version 2" in out.stderr
