@@ -52,6 +52,14 @@ class NotModified(Exception):
     """A conditional read found the same ETag: nothing new."""
 
 
+class NoSuchObject(FleetError):
+    """A key that must exist (an artifact being downloaded) is not in the store."""
+
+
+class UnsafeKey(FleetError, ConfigError):
+    """A store key that would leave the store's directory (absolute, or with '..')."""
+
+
 @dataclasses.dataclass
 class Blob:
     data: bytes
@@ -91,7 +99,7 @@ class ObjectStore:
         raise NotImplementedError
 
     def stream(self, key: str, start: int = 0, chunk_size: int = 1 << 16) -> Iterator[bytes]:
-        """The object's bytes from ``start`` (an HTTP Range request on S3)."""
+        """The object's bytes from ``start`` (an HTTP Range request on S3); :class:`NoSuchObject` if absent."""
         raise NotImplementedError
 
     def put(self, key: str, data: bytes, *, if_none_match_any: bool = False,
@@ -146,27 +154,50 @@ class LocalStore(ObjectStore):
         self.root.mkdir(parents=True, exist_ok=True)
         self._lockfile = self.root / ".store.lock"
         self._tlock = threading.Lock()
+        self._big_etags: dict[tuple[int, int, int], str] = {}
 
     def describe(self) -> str:
         return f"file://{self.root}"
 
     def _path(self, key: str) -> Path:
-        if key.startswith("/") or ".." in key.split("/"):
-            raise ConfigError(f"store key {key!r} must be relative without '..'")
+        if not isinstance(key, str) or not key or key.startswith("/") or ".." in key.split("/") or "\0" in key:
+            raise UnsafeKey(f"store key {str(key)[:200]!r} must be relative without '..': it would leave "
+                            f"{self.describe()}")
         return self.root / key
 
     @staticmethod
     def _etag(data: bytes) -> str:
         return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
+    def _etag_of_open_file(self, fh, st: os.stat_result) -> str:
+        """The ETag of a file too big to hold, hashed in chunks (cached while the file is unchanged)."""
+        sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = self._big_etags.get(sig)
+        if cached is None:
+            h = hashlib.md5(usedforsecurity=False)
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+            cached = self._big_etags[sig] = h.hexdigest()
+        return cached
+
     def get(self, key, *, if_none_match=None, max_bytes=None):
         p = self._path(key)
         try:
-            if max_bytes is not None and (st := p.stat()).st_size > max_bytes:
-                _refuse_oversized(self, key, st.st_size, max_bytes, f"{st.st_size}-{st.st_mtime_ns}")
-            data = p.read_bytes()
+            fh = open(p, "rb")
         except (FileNotFoundError, IsADirectoryError):
             return None
+        with fh:
+            st = os.fstat(fh.fileno())
+            if max_bytes is not None and st.st_size > max_bytes:
+                # Never held in memory; its real ETag, so a reader polls past what it refused.
+                etag = self._etag_of_open_file(fh, st)
+                if if_none_match and _unquote(if_none_match) == etag:
+                    raise NotModified(key)
+                _refuse_oversized(self, key, st.st_size, max_bytes, etag)
+            try:
+                data = fh.read()
+            except IsADirectoryError:
+                return None
         etag = self._etag(data)
         if if_none_match and _unquote(if_none_match) == etag:
             raise NotModified(key)
@@ -183,7 +214,7 @@ class LocalStore(ObjectStore):
         try:
             fh = open(p, "rb")
         except FileNotFoundError:
-            raise FleetError(f"{self.describe()}: {key} does not exist") from None
+            raise NoSuchObject(f"{self.describe()}: {key} does not exist") from None
         with fh:
             fh.seek(start)
             while chunk := fh.read(chunk_size):
@@ -340,9 +371,13 @@ class S3Store(ObjectStore):
             resp["Body"].close()  # the headers said enough: the body is never read
             _refuse_oversized(self, key, size, max_bytes, _unquote(resp.get("ETag")))
         try:
-            data = resp["Body"].read()
+            # No length (never on S3, but cheap to be sure): read one byte past the cap at most.
+            data = resp["Body"].read() if max_bytes is None else resp["Body"].read(max_bytes + 1)
         except Exception as exc:  # a reset mid-body is an outage, not a bug
             raise StoreUnavailable(f"{self.describe()}: read of {key} broke off ({type(exc).__name__})") from None
+        if max_bytes is not None and len(data) > max_bytes:
+            resp["Body"].close()
+            _refuse_oversized(self, key, len(data), max_bytes, _unquote(resp.get("ETag")))
         return Blob(data, _unquote(resp.get("ETag")))
 
     def head(self, key):
@@ -357,7 +392,7 @@ class S3Store(ObjectStore):
             kw["Range"] = f"bytes={start}-"
         resp = self._call(self._client.get_object, **kw)
         if resp is None:
-            raise FleetError(f"{self.describe()}: {key} does not exist")
+            raise NoSuchObject(f"{self.describe()}: {key} does not exist")
         try:
             yield from resp["Body"].iter_chunks(chunk_size)
         except Exception as exc:

@@ -12,8 +12,9 @@ import socket
 
 import pytest
 
-from edgeslim.components.common.errors import ConfigError
-from edgeslim.deploy.store import (FleetKeys, LocalStore, NotModified, PreconditionFailed, S3Store,
+from edgeslim.components.common.errors import ConfigError, FleetError
+from edgeslim.deploy.bounded import BoundedInputError
+from edgeslim.deploy.store import (FleetKeys, LocalStore, NoSuchObject, NotModified, PreconditionFailed, S3Store,
                                    StoreUnavailable, open_store)
 
 
@@ -110,3 +111,48 @@ def test_store_urls_and_names_are_checked(tmp_path):
         FleetKeys("bad/name")
     with pytest.raises(ConfigError, match="relative"):
         LocalStore(tmp_path).get("../etc/passwd")
+    with pytest.raises(FleetError, match="relative without '..'"):
+        LocalStore(tmp_path).put("/etc/passwd", b"x")
+
+
+def test_max_bytes_refuses_an_oversized_object_from_its_size(any_store):
+    data = b'{"a": "' + b"x" * 5000 + b'"}'
+    etag = any_store.put("big.json", data)
+    with pytest.raises(BoundedInputError, match=f"big.json is {len(data)} bytes, over the cap of 1024: refused unread") \
+            as got:
+        any_store.get("big.json", max_bytes=1024)
+    assert got.value.reason == "oversized" and got.value.etag == etag
+    with pytest.raises(NotModified):  # the refused object's ETag polls past it
+        any_store.get("big.json", if_none_match=etag, max_bytes=1024)
+    assert any_store.get("big.json", max_bytes=len(data)).data == data
+    with pytest.raises(FleetError, match="refused unread"):
+        any_store.get_json("big.json", max_bytes=1024)
+    any_store.put("bomb.json", b"[" * 2000 + b"]" * 2000)
+    with pytest.raises(FleetError, match="levels deep"):  # refused, never a RecursionError
+        any_store.get_json("bomb.json")
+
+
+def test_missing_object_stream_is_no_such_object(any_store):
+    with pytest.raises(NoSuchObject, match="nope does not exist"):
+        b"".join(any_store.stream("nope"))
+
+
+def test_s3_oversized_get_never_reads_the_body(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    s = S3Store("b", endpoint_url=f"http://127.0.0.1:{_free_port()}", timeout_s=1)
+
+    class Body:
+        closed = False
+
+        def read(self, *a):
+            raise AssertionError("the body of an oversized object was read")
+
+        def close(self):
+            Body.closed = True
+
+    monkeypatch.setattr(s._client, "get_object", lambda **kw: {"ContentLength": 300 << 20, "ETag": '"e1"',
+                                                               "Body": Body()})
+    with pytest.raises(BoundedInputError, match="314572800 bytes, over the cap of 1024") as got:
+        s.get("m.json", max_bytes=1024)
+    assert got.value.etag == "e1" and Body.closed
