@@ -58,7 +58,10 @@ def decode_array(blob: dict[str, Any]):
 
 @dataclasses.dataclass(frozen=True)
 class Artifact:
-    """One file in the store: key, sha256 and size (all three are checked on device)."""
+    """One file in the store: key, sha256 and size (all three are checked on device).
+
+    The key must be ``artifact_key(sha256)``: anything else is refused as ``malformed``.
+    """
 
     key: str
     sha256: str
@@ -71,6 +74,10 @@ class Artifact:
             raise ManifestRejected("malformed", f"artifact sha256 {self.sha256!r} is not 64 lowercase hex digits")
         if not isinstance(self.size, int) or self.size <= 0:
             raise ManifestRejected("malformed", f"artifact size {self.size!r} must be a positive whole number")
+        if self.key != artifact_key(self.sha256):
+            # Content-addressed only: a signed key like "../../etc/hostname" never reaches a store.
+            raise ManifestRejected("malformed", f"artifact key {str(self.key)[:200]!r} is not {artifact_key(self.sha256)!r}: "
+                                                "artifacts are stored by their sha256 only")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "Artifact | None":
