@@ -13,6 +13,7 @@ On disk, under ``--state-dir``::
     current -> releases/...   what the application loads; swapped with rename(2)
     previous -> releases/...  the one before, for rollback
     agent.json                last applied sequence and manifests (atomic writes)
+    sequence-floor            the replay floor again, written before agent.json (survives losing it)
     swap.json                 the swap journal: exists only while a swap is undecided
 
 Every step is either a rename or idempotent, so a SIGKILL anywhere leaves
@@ -23,10 +24,12 @@ Every step is either a rename or idempotent, so a SIGKILL anywhere leaves
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import random
+import shutil
 import signal
 import socket
 import sys
@@ -39,7 +42,8 @@ from edgeslim.components.common.errors import ConfigError, EdgeslimError, FleetE
 
 from edgeslim.deploy import bounded, signing, trust
 from edgeslim.deploy.manifest import Artifact, Manifest, ManifestRejected, manifest_digest, verify_manifest
-from edgeslim.deploy.store import FleetKeys, NotModified, ObjectStore, StoreUnavailable, check_name, open_store
+from edgeslim.deploy.store import (FleetKeys, NoSuchObject, NotModified, ObjectStore, StoreUnavailable, check_name,
+                                   open_store)
 
 log = logging.getLogger("edgeslim.agent")
 
@@ -91,8 +95,32 @@ def read_link(link: Path) -> str | None:
         return None
 
 
-class IntegrityError(FleetError):
+class ApplyFailed(FleetError):
+    """This manifest cannot be applied here: its sequence is recorded as ``failed``, never retried."""
+
+
+class IntegrityError(ApplyFailed):
     """A downloaded artifact does not match the manifest's sha256 or size."""
+
+
+class ArtifactMissing(ApplyFailed):
+    """The manifest's artifact is not in the store."""
+
+
+class LocalDiskError(ApplyFailed):
+    """The device's own disk refused a write (full, read-only, too large): the download is discarded."""
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _one_line(exc: BaseException, limit: int = 400) -> str:
+    return " ".join(str(exc).split())[:limit] or type(exc).__name__
 
 
 class Agent:
@@ -102,7 +130,8 @@ class Agent:
                  state_dir: str | Path, root: "trust.Root", poll_interval: float = 5.0,
                  heartbeat_interval: float = 30.0, max_backoff: float = 300.0,
                  max_download_rate: float | None = None, health_timeout: float = 120.0,
-                 chunk_size: int = 1 << 16, health_in_process: bool = False) -> None:
+                 chunk_size: int = 1 << 16, health_in_process: bool = False,
+                 max_manifest_bytes: int = bounded.MAX_MANIFEST_BYTES) -> None:
         self.store, self.keys = store, FleetKeys(fleet)
         self.fleet, self.device_id = fleet, check_name("device", device_id)
         self.device_class = device_class
@@ -110,6 +139,7 @@ class Agent:
         self.poll_interval, self.heartbeat_interval = poll_interval, heartbeat_interval
         self.max_backoff, self.max_download_rate = max_backoff, max_download_rate
         self.health_timeout, self.chunk_size = health_timeout, chunk_size
+        self.max_manifest_bytes = max_manifest_bytes
         # In-process checks are for simulating many devices in one process (bench_fleet);
         # a real device uses the child process (isolation, and a small idle agent).
         self.health_in_process = health_in_process
@@ -118,8 +148,11 @@ class Agent:
         self.current_link = self.state_dir / "current"
         self.previous_link = self.state_dir / "previous"
         self.state_file = self.state_dir / "agent.json"
+        self.floor_file = self.state_dir / "sequence-floor"
         self.journal_file = self.state_dir / "swap.json"
         self.state = self._load_state()
+        self._restore_floor()
+        self.applying_sha256: str | None = None  # manifest_digest of the signed payload being applied
         # The device's own identity: statuses and the registration are signed with it.
         self.device_key = trust.load_or_make_device_key(self.state_dir / "device.key")
         self.public_key = trust.public_b64(self.device_key)
@@ -137,16 +170,69 @@ class Agent:
 
     # ----------------------------------------------------------------- state on disk
     def _load_state(self) -> dict[str, Any]:
+        self._state_lost: str | None = None
         try:
-            return json.loads(self.state_file.read_text())
+            state = json.loads(self.state_file.read_text())
+            if isinstance(state, dict) and isinstance(state.get("applied_sequence", 0), int):
+                return state
+            raise ValueError("not an agent state")
         except FileNotFoundError:
-            return {"applied_sequence": 0, "manifest": None, "last": None, "rejected": None}
-        except ValueError:
+            self._state_lost = "is missing"
+        except (ValueError, OSError):
             # Only atomic renames write it, so this is disk damage: start clean but keep models.
-            log.error("agent.json is unreadable; starting from sequence 0 (models on disk are kept)")
-            return {"applied_sequence": 0, "manifest": None, "last": None, "rejected": None}
+            self._state_lost = "is unreadable"
+            log.error("agent.json is unreadable; starting over from the sequence floor (models on disk are kept)")
+        return {"applied_sequence": 0, "manifest": None, "last": None, "rejected": None}
+
+    def _read_floor_file(self) -> dict[str, Any]:
+        try:
+            floor = json.loads(self.floor_file.read_text())
+            return floor if isinstance(floor, dict) and isinstance(floor.get("sequence"), int) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _release_floor(self) -> int:
+        """The highest sequence recorded as installed by any release on disk."""
+        best = 0
+        for meta in (self.state_dir / "releases").glob("*/release.json"):
+            try:
+                seq = json.loads(meta.read_text()).get("sequence")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if isinstance(seq, int):
+                best = max(best, seq)
+        return best
+
+    def _restore_floor(self) -> None:
+        """Replay protection survives losing agent.json: the floor is the highest of agent.json,
+        ``sequence-floor`` (written before agent.json on every decision) and the sequence each
+        release's release.json records as having installed it."""
+        recorded = int(self.state.get("applied_sequence") or 0)
+        floor = self._read_floor_file()
+        floor_seq = int(floor.get("sequence") or 0)
+        if self._state_lost is None and floor_seq > recorded and self.journal_file.exists():
+            try:
+                pending = json.loads(self.journal_file.read_text()).get("sequence")
+            except (OSError, ValueError, AttributeError):
+                pending = None
+            if pending == floor_seq:
+                # A crash between writing the floor and recording the decision: recover() undoes
+                # that swap and the manifest is applied again, so the floor must let it through.
+                floor_seq = recorded
+                self._save_state()
+        best = max(recorded, floor_seq, self._release_floor())
+        if best > recorded:
+            self.state["applied_sequence"] = best
+            if floor_seq == best and floor.get("manifest_sha256"):
+                self.state["manifest_sha256"] = floor["manifest_sha256"]
+            log.warning("agent.json %s; recovered the sequence floor %d from sequence-floor and the releases "
+                        "on disk: older manifests stay refused", self._state_lost or "is behind", best)
+            self._save_state()
 
     def _save_state(self) -> None:
+        # The floor first, fsynced: whichever file survives a crash or a loss, replays stay refused.
+        atomic_write_json(self.floor_file, {"sequence": self.state.get("applied_sequence", 0),
+                                            "manifest_sha256": self.state.get("manifest_sha256")})
         atomic_write_json(self.state_file, self.state)
 
     def recover(self) -> None:
@@ -157,6 +243,9 @@ class Agent:
             try:
                 j = json.loads(self.journal_file.read_text())
             except ValueError:
+                j = None
+            if not isinstance(j, dict) or not isinstance(j.get("sequence"), int) or \
+                    not {"from", "to", "previous_before"} <= set(j):
                 j = None
             if j is None:
                 log.error("swap journal unreadable; keeping links as they are")
@@ -187,7 +276,7 @@ class Agent:
             meta = json.loads(meta_path.read_text())
             model = d / "model.onnx"
             return model.stat().st_size == meta["size"] and file_sha256(model) == meta["sha256"]
-        except (FileNotFoundError, ValueError, KeyError, OSError):
+        except (FileNotFoundError, ValueError, KeyError, TypeError, OSError):
             return False
 
     # ----------------------------------------------------------------- trust
@@ -264,7 +353,9 @@ class Agent:
         if cur:
             try:
                 meta = json.loads((self.state_dir / cur / "release.json").read_text())
-            except (FileNotFoundError, ValueError):
+            except (OSError, ValueError):
+                meta = {}
+            if not isinstance(meta, dict):
                 meta = {}
         st = {
             "device_id": self.device_id, "device_class": self.device_class, "fleet": self.fleet,
@@ -281,7 +372,10 @@ class Agent:
 
     def publish_status(self, state: str = "idle", **extra: Any) -> None:
         st = self._status(state, **extra)
-        atomic_write_json(self.state_dir / "status.json", st)
+        try:
+            atomic_write_json(self.state_dir / "status.json", st)
+        except OSError as exc:  # a full disk: the store still hears what happened
+            log.warning("could not write status.json (%s)", exc.strerror or exc)
         try:
             # Signed with the device's own key: nobody else can speak for this device.
             self.store.put_json(self.keys.status(self.device_id), trust.sign_with(st, [self.device_key]))
@@ -307,6 +401,32 @@ class Agent:
         if obj.exists():
             return obj
         part = self.state_dir / "partial" / f"{art.sha256}.part"
+        try:
+            return self._download(art, part, obj)
+        except NoSuchObject:
+            raise ArtifactMissing(f"artifact {art.key} is not in the store {self.store.describe()}: upload it "
+                                  f"and send a new manifest (still serving the current model)") from None
+        except OSError as exc:
+            # The device's own disk refused: drop the partial file (it is what filled the disk).
+            try:
+                part.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise self._disk_error(exc, art, f"downloading {art.sha256[:12]}") from None
+
+    def _disk_error(self, exc: OSError, art: Artifact | None, doing: str) -> LocalDiskError:
+        free = _free_bytes(self.state_dir)
+        need = f"; the artifact is {art.size} bytes" if art is not None else ""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            msg = (f"no space left on device: free {free} bytes in {self.state_dir}{need} ({doing}); "
+                   "free space on the device, then send a new manifest (still serving the current model)")
+        else:
+            msg = (f"cannot write to {self.state_dir} while {doing}: {exc.strerror or exc} "
+                   f"(errno {errno.errorcode.get(exc.errno or 0, exc.errno)}; free {free} bytes{need}); fix the "
+                   "device's disk, then send a new manifest (still serving the current model)")
+        return LocalDiskError(msg)
+
+    def _download(self, art: Artifact, part: Path, obj: Path) -> Path:
         have = part.stat().st_size if part.exists() else 0
         if have > art.size:
             part.unlink()
@@ -382,6 +502,15 @@ class Agent:
         if final.exists() and self._release_ok(rel):
             return rel
         tmp = self.state_dir / "releases" / f".{name}.tmp"
+        try:
+            self._build_release(m, onnx_obj, engine, backend, fallback, tmp, final)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise self._disk_error(exc, m.artifact, f"making release {name}") from None
+        return rel
+
+    def _build_release(self, m: Manifest, onnx_obj: Path, engine: Path | None, backend: str,
+                       fallback: str | None, tmp: Path, final: Path) -> None:
         if tmp.exists():
             for p in tmp.iterdir():
                 p.unlink()
@@ -400,7 +529,6 @@ class Agent:
             final.rmdir()
         os.replace(tmp, final)
         _fsync_dir(final.parent)
-        return rel
 
     # ----------------------------------------------------------------- apply
     def apply(self, m: Manifest) -> dict[str, Any]:
@@ -444,16 +572,54 @@ class Agent:
         last = {"sequence": m.sequence, "rollout_id": m.rollout_id, "action": m.action, "result": result,
                 "reason": reason, "health": health, "at": time.time(),
                 "sha256": m.artifact.sha256 if m.artifact else None,
-                "manifest_sha256": manifest_digest(m.to_dict())}
+                "manifest_sha256": self.applying_sha256 or manifest_digest(m.to_dict())}
         self.state["applied_sequence"] = m.sequence
+        self.state["manifest_sha256"] = last["manifest_sha256"]
         self.state["last"] = last
         if result == "committed":
             self.state["manifest"] = m.to_dict()
         # Record the decision first, then drop the journal: see recover().
         self._save_state()
+        if result == "committed":
+            self._note_installed(m.sequence)
         self.journal_file.unlink(missing_ok=True)
         _fsync_dir(self.state_dir)
         return last
+
+    def _note_installed(self, sequence: int) -> None:
+        """The third copy of the sequence floor: current's release.json names the sequence that installed it."""
+        cur = read_link(self.current_link)
+        if cur is None:
+            return
+        meta_path = self.state_dir / cur / "release.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+            if sequence > int(meta.get("sequence") or 0):
+                atomic_write_json(meta_path, {**meta, "sequence": sequence})
+        except (OSError, ValueError, AttributeError, TypeError) as exc:
+            log.warning("could not record sequence %d in %s (%s)", sequence, meta_path, exc)
+
+    def _refuse(self, reason: str, message: str, etag: str | None) -> str:
+        """Record a refused manifest (status ``rejected``) and poll past it; the current model keeps serving."""
+        log.error("refused manifest: %s", message)
+        self.state["rejected"] = {"reason": reason, "message": message, "etag": etag, "at": time.time()}
+        self._save_state()
+        self.manifest_etag = etag
+        self.publish_status("idle")
+        return "rejected"
+
+    def _fail(self, m: Manifest, reason: str, etag: str | None) -> str:
+        """Mark ``m``'s sequence failed (it is not retried: the controller sends a new one)."""
+        digest = self.applying_sha256 or manifest_digest(m.to_dict())
+        self.state["last"] = {"sequence": m.sequence, "rollout_id": m.rollout_id, "action": m.action,
+                              "result": "failed", "reason": reason, "at": time.time(),
+                              "sha256": m.artifact.sha256 if m.artifact else None, "manifest_sha256": digest}
+        self.state["applied_sequence"] = m.sequence
+        self.state["manifest_sha256"] = digest
+        self._save_state()
+        self.manifest_etag = etag
+        self.publish_status("idle")
+        return "failed"
 
     # ----------------------------------------------------------------- poll loop
     def step(self) -> str:
@@ -463,53 +629,69 @@ class Agent:
         self.follow_root()
         self.follow_timestamp()
         try:
-            blob = self.store.get(self.keys.manifest(self.device_id), if_none_match=self.manifest_etag)
+            blob = self.store.get(self.keys.manifest(self.device_id), if_none_match=self.manifest_etag,
+                                  max_bytes=self.max_manifest_bytes)
         except NotModified:
             return "unchanged"
+        except bounded.BoundedInputError as exc:  # over the cap: refused from its size, never read
+            return self._refuse(exc.reason, str(exc), getattr(exc, "etag", None))
         if blob is None:
             return "none"
         try:
-            envelope = json.loads(blob.data)
-        except ValueError:
-            envelope = None
+            envelope = bounded.loads(blob.data, what="manifest", max_bytes=self.max_manifest_bytes)
+        except bounded.BoundedInputError as exc:  # a nesting bomb, or not JSON
+            return self._refuse(exc.reason, str(exc), blob.etag)
         try:
             m = verify_manifest(envelope, self.root, fleet=self.fleet, device_id=self.device_id,
                                 device_class=self.device_class,
                                 last_sequence=self.state.get("applied_sequence", 0), now=self.now())
         except ManifestRejected as exc:
-            if exc.reason == "replay" and envelope and (envelope.get("signed") or {}).get("sequence") == \
-                    self.state.get("applied_sequence"):
-                self.manifest_etag = blob.etag  # the manifest we already applied: nothing to do
-                return "unchanged"
-            log.error("refused manifest: %s", exc)
-            self.state["rejected"] = {"reason": exc.reason, "message": str(exc), "etag": blob.etag,
-                                      "at": time.time()}
-            self._save_state()
-            self.manifest_etag = blob.etag
-            self.publish_status("idle")
-            return "rejected"
+            signed = envelope.get("signed") if isinstance(envelope, dict) else None
+            if exc.reason == "replay" and isinstance(signed, dict) and \
+                    signed.get("sequence") == self.state.get("applied_sequence"):
+                known, got = self.state.get("manifest_sha256"), manifest_digest(signed)
+                if known is None or known == got:
+                    self.manifest_etag = blob.etag  # the manifest we already applied: nothing to do
+                    return "unchanged"
+                exc = ManifestRejected(
+                    "equivocation", f"manifest sequence {signed['sequence']} was already applied with other "
+                                    f"content (payload sha256 {known[:12]}, this one {got[:12]}): two different "
+                                    "signed manifests under one sequence; the signing key may be misused")
+            return self._refuse(exc.reason, str(exc), blob.etag)
+        self.applying_sha256 = manifest_digest(envelope["signed"])
         try:
             last = self.apply(m)
-        except IntegrityError as exc:
+        except ApplyFailed as exc:
             log.error("%s", exc)
-            self.state["last"] = {"sequence": m.sequence, "rollout_id": m.rollout_id, "action": m.action,
-                                  "result": "failed", "reason": str(exc), "at": time.time(),
-                                  "manifest_sha256": manifest_digest(m.to_dict())}
-            self.state["applied_sequence"] = m.sequence
-            self._save_state()
-            self.manifest_etag = blob.etag
-            self.publish_status("idle")
-            return "failed"
+            return self._fail(m, str(exc), blob.etag)
+        finally:
+            self.applying_sha256 = None
         self.manifest_etag = blob.etag
         self.publish_status("idle")
         return "applied" if last["result"] == "committed" else last["result"]
+
+    def _after_error(self, exc: Exception, delay: float) -> None:
+        """Undo a swap the failed poll left undecided, and say what happened (best effort)."""
+        try:
+            self.recover()
+        except Exception as rexc:
+            log.error("recovery after the failed poll failed too (%s)", _one_line(rexc))
+        try:
+            self.publish_status("idle", error=f"{type(exc).__name__}: {_one_line(exc)}",
+                                retry_in_s=round(delay, 2))
+        except Exception as pexc:
+            log.warning("could not publish status (%s)", _one_line(pexc))
 
     def stop(self, *_: Any) -> None:
         self._stop = True
 
     def run(self, *, once: bool = False) -> int:
         """Poll until stopped (SIGTERM) or, with ``once``, until one poll succeeded."""
-        self.recover()
+        try:
+            self.recover()
+        except Exception as exc:  # damaged local state: report it, keep polling (the next manifest may fix it)
+            log.error("start-up recovery failed (%s: %s); polling anyway", type(exc).__name__, _one_line(exc))
+            log.debug("traceback of the failed recovery", exc_info=True)
         backoff = self.poll_interval
         while not self._stop:
             try:
@@ -531,8 +713,21 @@ class Agent:
                 cur = read_link(self.current_link)
                 log.warning("store unreachable (%s); still serving %s; retry %d in %.2fs", exc, cur or "nothing",
                             self.failures, delay)
-                atomic_write_json(self.state_dir / "status.json",
-                                  self._status("offline", store_error=str(exc), retry_in_s=round(delay, 2)))
+                try:
+                    atomic_write_json(self.state_dir / "status.json",
+                                      self._status("offline", store_error=str(exc), retry_in_s=round(delay, 2)))
+                except OSError as werr:
+                    log.warning("could not write status.json (%s)", werr.strerror or werr)
+                if once:
+                    return 1
+            except Exception as exc:  # a bug or a hostile input in one poll must not take the device down
+                self.failures += 1
+                backoff = min(self.max_backoff, backoff * 2)
+                delay = backoff * random.uniform(0.5, 1.0)
+                log.error("poll failed (%s: %s); still serving %s; retry %d in %.2fs", type(exc).__name__,
+                          _one_line(exc), read_link(self.current_link) or "nothing", self.failures, delay)
+                log.debug("traceback of the failed poll", exc_info=True)
+                self._after_error(exc, delay)
                 if once:
                     return 1
             deadline = time.monotonic() + delay
@@ -572,6 +767,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-download-rate", type=float, default=float(_env("max_download_rate", 0)) or None,
                    help="cap downloads at this many bytes per second (metered links)")
     p.add_argument("--health-timeout", type=float, default=float(_env("health_timeout", 120.0)))
+    p.add_argument("--max-manifest-bytes", type=int,
+                   default=int(_env("max_manifest_bytes", bounded.MAX_MANIFEST_BYTES)),
+                   help="refuse a manifest over this size unread (default %(default)s)")
     p.add_argument("--once", action="store_true", help="poll once, apply what is there, exit")
     p.add_argument("--log-level", default=_env("log_level", "INFO"))
     return p
@@ -596,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
             state_dir=args.state_dir, root=trust.load_root(args.root)[0],
             poll_interval=args.poll_interval, heartbeat_interval=args.heartbeat_interval,
             max_backoff=args.max_backoff, max_download_rate=args.max_download_rate,
-            health_timeout=args.health_timeout,
+            health_timeout=args.health_timeout, max_manifest_bytes=args.max_manifest_bytes,
         )
         signal.signal(signal.SIGTERM, agent.stop)
         signal.signal(signal.SIGINT, agent.stop)

@@ -17,6 +17,7 @@ import pytest
 from fleet_unit_helpers import ManifestWriter, golden_for, make_onnx, upload
 from edgeslim.components.common.hashing import file_sha256 as sha256_file
 from edgeslim.deploy.agent.device import Agent
+from edgeslim.deploy.manifest import manifest_digest
 from edgeslim.deploy.store import FleetKeys, StoreUnavailable
 
 
@@ -300,3 +301,108 @@ def test_failed_engine_build_falls_back_to_onnxruntime(store, keys, tmp_path, mo
     assert a.step() == "applied"
     assert not (a.state_dir / "current" / "model.engine").exists()
     assert json.loads((a.state_dir / "current" / "release.json").read_text())["backend"] == "onnxruntime"
+
+
+def test_an_unexpected_error_in_a_poll_is_logged_undone_and_retried(store, keys, tmp_path, models, caplog,
+                                                                    monkeypatch):
+    """A bug mid-apply (here: the health check raises once, after the swap) does not stop the loop:
+    one ERROR line without a traceback, the half-done swap is undone, the manifest is applied again."""
+    from edgeslim.deploy.agent import health
+
+    priv, pub = keys
+    w = ManifestWriter(store, priv)
+    a = _agent(store, pub, tmp_path)
+    a1, a2 = upload(store, models[0]), upload(store, models[1])
+    w.send(a1, golden_for(models[0]))
+    assert a.step() == "applied"
+    real, calls = health.check_in_subprocess, []
+
+    def flaky(*args, **kw):
+        calls.append(os.readlink(a.state_dir / "current"))
+        if len(calls) == 1:
+            raise RuntimeError("injected bug\nin the health check")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(health, "check_in_subprocess", flaky)
+    w.send(a2, golden_for(models[1]))
+    a.max_backoff = 0.05
+    caplog.set_level(logging.INFO, "edgeslim.agent")
+    t = threading.Thread(target=a.run)
+    t.start()
+    try:
+        deadline = time.monotonic() + 60
+        while _running_sha(a) != a2["sha256"] or a.state["applied_sequence"] != 2:
+            assert time.monotonic() < deadline and t.is_alive()
+            time.sleep(0.02)
+    finally:
+        a.stop()
+        t.join(10)
+    failed = [r for r in caplog.records if "poll failed" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].levelno == logging.ERROR
+    assert "RuntimeError: injected bug in the health check" in failed[0].getMessage()
+    assert all(r.exc_info is None for r in caplog.records if r.levelno >= logging.INFO)
+    assert "undid a half-done swap to sequence 2" in caplog.text
+    assert len(calls) == 2 and a.state["last"]["result"] == "committed"
+
+
+def test_crash_between_the_floor_and_agent_json_still_retries_the_manifest(store, keys, tmp_path, models):
+    """``sequence-floor`` is written before agent.json: a crash in between must not turn the
+    undecided swap's manifest into a replay."""
+    priv, pub = keys
+    w = ManifestWriter(store, priv)
+    a = _agent(store, pub, tmp_path)
+    a1, a2 = upload(store, models[0]), upload(store, models[1])
+    w.send(a1, golden_for(models[0]))
+    a.step()
+    old = os.readlink(a.state_dir / "current")
+    m2 = w.manifest(a2, golden_for(models[1]))
+    rel = a.make_release(m2)
+    (a.state_dir / "swap.json").write_text(json.dumps(
+        {"sequence": m2.sequence, "from": old, "to": rel, "previous_before": None}))
+    os.unlink(a.state_dir / "current")
+    os.symlink(rel, a.state_dir / "current")
+    (a.state_dir / "sequence-floor").write_text(json.dumps({"sequence": 2, "manifest_sha256": None}))
+    b = _agent(store, pub, tmp_path)  # restart
+    assert os.readlink(b.state_dir / "current") == old and b.state["applied_sequence"] == 1
+    w.publish(m2.sign(priv.fleet_key))
+    assert b.step() == "applied"
+    assert _running_sha(b) == a2["sha256"]
+
+
+def test_losing_agent_json_and_the_floor_file_keeps_the_floor_from_the_releases(store, keys, tmp_path, models,
+                                                                                  caplog):
+    priv, pub = keys
+    w = ManifestWriter(store, priv)
+    a = _agent(store, pub, tmp_path)
+    a1, a2 = upload(store, models[0]), upload(store, models[1])
+    old = w.send(a1, golden_for(models[0]))
+    a.step()
+    w.send(a2, golden_for(models[1]))
+    a.step()
+    assert json.loads((a.state_dir / "current" / "release.json").read_text())["sequence"] == 2
+    (a.state_dir / "agent.json").unlink()
+    (a.state_dir / "sequence-floor").unlink()
+    caplog.set_level(logging.WARNING, "edgeslim.agent")
+    b = _agent(store, pub, tmp_path)
+    assert b.state["applied_sequence"] == 2 and "agent.json is missing; recovered the sequence floor 2" in caplog.text
+    w.publish(old)
+    assert b.step() == "rejected"
+    assert store.get_json(FleetKeys("f").status("d0"))[0]["signed"]["rejected"]["reason"] == "replay"
+    assert _running_sha(b) == a2["sha256"]
+
+
+def test_missing_artifact_fails_the_sequence_once(store, keys, tmp_path, models):
+    priv, pub = keys
+    w = ManifestWriter(store, priv)
+    a = _agent(store, pub, tmp_path)
+    a1, a2 = upload(store, models[0]), upload(store, models[1])
+    w.send(a1, golden_for(models[0]))
+    a.step()
+    store.delete(a2["key"])
+    env = w.send(a2, golden_for(models[1]))
+    assert a.step() == "failed"
+    st = store.get_json(FleetKeys("f").status("d0"))[0]["signed"]
+    assert st["state"] == "idle" and a2["key"] in st["last"]["reason"] and "not in the store" in st["last"]["reason"]
+    assert st["last"]["manifest_sha256"] == manifest_digest(env["signed"]) and st["applied_sequence"] == 2
+    assert _running_sha(a) == a1["sha256"]
+    assert a.step() == "unchanged"  # not retried
