@@ -71,10 +71,22 @@ def generate_keypair(directory: str | Path, *, overwrite: bool = False, role: st
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    # Create with 0600 from the start, so the key is never world-readable, not even briefly.
-    fd = os.open(priv_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pem)
+    # A new file, 0600 from its creation, renamed over the old key: the key is never readable by
+    # others, not even briefly, and an old key file's looser mode (0644, say) does not carry over
+    # (O_CREAT keeps an existing file's mode).
+    tmp = priv_path.with_name(f".{priv_path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o600)  # whatever the umask
+            fh.write(pem)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, priv_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     pub_path.write_bytes(
         key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
