@@ -24,6 +24,16 @@ from edgeslim.components.common.errors import ConfigError
 _LOCATION_KEYS = ("store", "endpoint_url", "signing_key", "root")
 
 
+def _quiet_client_loggers() -> None:
+    """botocore logs request headers (the access key id, the signature) at DEBUG: with the
+    plugin running inside an application that logs at DEBUG, keep them out, as the CLI and
+    the agent do."""
+    import logging
+
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 def target_help() -> str:
     return """\
 Target `edge:/FLEET`: a signed, staged rollout of an edgeslim edge model to a fleet of devices
@@ -82,6 +92,7 @@ class EdgeDeploymentClient(BaseDeploymentClient):
     def _controller(self, loc: dict[str, Any], need_key: bool = False):
         from edgeslim.deploy.fleet_cli import open_controller
 
+        _quiet_client_loggers()
         return open_controller(self.fleet, store=loc.get("store"), endpoint_url=loc.get("endpoint_url"),
                                signing_key=loc.get("signing_key"), need_key=need_key, root=loc.get("root"))
 
@@ -161,6 +172,7 @@ def run_local(name, model_uri, flavor=None, config=None):
     from edgeslim.deploy.controller import Controller, WaveRolloutConfig
     from edgeslim.deploy.store import LocalStore
 
+    _quiet_client_loggers()
     raw = {k: v for k, v in (config or {}).items() if k not in _LOCATION_KEYS}
     device_class = str(raw.pop("device_class", "local"))
     raw.setdefault("poll_interval_s", "0.2")
