@@ -447,10 +447,13 @@ class Controller:
         out = []
         for key in self.store.list(self.keys.rollouts_prefix):
             if key.endswith(".json"):
-                try:
-                    rec = self.get(key.rsplit("/", 1)[1][:-len(".json")])
+                try:  # the whole rest of the key: rollouts/sub/r1.json is not r1 (check_name refuses it)
+                    rec = self.get(key[len(self.keys.rollouts_prefix):-len(".json")])
                 except FleetError as exc:
                     log.error("%s", exc)
+                    continue
+                except ConfigError as exc:  # a planted key that names no rollout must not stop the others
+                    log.error("%s: %s; not a rollout record, never acted on: delete it", key, exc)
                     continue
                 if rec:
                     out.append(rec)
