@@ -634,7 +634,8 @@ class Controller:
                 raise SourceError(f"{ref.uri}: {exc}") from None
             if (rel.name, rel.version) != (ref.name, ref.version):
                 raise SourceError(f"{ref.uri}: its release statement is for {rel.name} version {rel.version}; "
-                                  "copied from another version")
+                                  "copied from another version: sign this version's own with "
+                                  f"`edgeslim fleet release models:/{ref.name}/{ref.version}`")
             onnx = mdir / "model.onnx"
             if (file_sha256(onnx), onnx.stat().st_size) != (rel.sha256, rel.size):
                 raise SourceError(f"{ref.uri}: model.onnx is not the file its release statement covers "
