@@ -107,5 +107,7 @@ def export(model, config: OnnxExportConfig, *, data: Splits, out_path: str | Pat
 
 
 def run_onnx(path: str | Path, x: np.ndarray, *, basic: bool = True, threads: int = 0) -> np.ndarray:
-    """Run an ONNX file on ``x`` with ONNX Runtime (CPU) in one batch; outputs joined along axis 1."""
-    return run_batched(make_session(path, basic=basic, threads=threads), x, batch=max(len(x), 1))
+    """Run an ONNX file on ``x`` with ONNX Runtime (CPU); outputs joined along axis 1. A numpy ``x``
+    runs in one batch; a lazy split in batches of 256, read as they run."""
+    batch = max(len(x), 1) if isinstance(x, np.ndarray) else 256
+    return run_batched(make_session(path, basic=basic, threads=threads), x, batch=batch)

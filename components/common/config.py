@@ -49,6 +49,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             )
         return value
     if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is not None and type(None) in args and len(args) == 2:
+            # Optional[X] with a value: X's own error names the key and the fix.
+            return _coerce(value, next(a for a in args if a is not type(None)), key)
         errors = []
         for arg in typing.get_args(tp):
             try:

@@ -12,6 +12,12 @@ from edgeslim.components.common.errors import ConfigError, DataError
 SPLIT_KEYS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
 
 
+def is_lazy(x) -> bool:
+    """Whether ``x`` is an array-like read on demand (e.g. :class:`~.lazy_images.LazyImages`) rather
+    than a numpy array: it has ``len``, ``shape``, ``dtype`` and indexing, and is kept as it is."""
+    return not isinstance(x, np.ndarray) and all(hasattr(x, a) for a in ("__getitem__", "__len__", "shape", "dtype"))
+
+
 def check_labels(x: np.ndarray, y: np.ndarray, where: str) -> None:
     if len(x) != len(y):
         raise DataError(f"data {where}: {len(x)} inputs but {len(y)} labels; they must pair up")
@@ -19,7 +25,13 @@ def check_labels(x: np.ndarray, y: np.ndarray, where: str) -> None:
 
 @dataclasses.dataclass
 class Splits:
-    """Train/validation/test arrays. Calibration only ever draws from train."""
+    """Train/validation/test arrays. Calibration only ever draws from train.
+
+    ``x_*`` are float32 numpy arrays, or lazy array-likes (:func:`is_lazy`, e.g. an image
+    provider's :class:`~edgeslim.components.common.lazy_images.LazyImages`) that decode the rows
+    asked for: stages index and slice them in batches and never hold a whole split.
+    ``y_*`` are always in memory (class indices, or per-image (k, 5) boxes).
+    """
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -32,8 +44,12 @@ class Splits:
     def __post_init__(self) -> None:
         for k in ("x_train", "x_val", "x_test"):
             arr = getattr(self, k)
-            if arr.dtype != np.float32:
-                setattr(self, k, arr.astype(np.float32))
+            if is_lazy(arr):
+                if np.dtype(arr.dtype) != np.float32:
+                    raise DataError(f"data {self.source}: {k} reads as {arr.dtype}; a lazy split must give float32 rows")
+                continue
+            if not isinstance(arr, np.ndarray) or arr.dtype != np.float32:
+                setattr(self, k, np.asarray(arr, dtype=np.float32))
         for split in ("train", "val", "test"):
             check_labels(getattr(self, f"x_{split}"), getattr(self, f"y_{split}"), split)
             if len(getattr(self, f"x_{split}")) == 0:
@@ -44,7 +60,8 @@ class Splits:
         return tuple(self.x_train.shape[1:])
 
     def calibration(self, n: int, seed: int = 0) -> np.ndarray:
-        """``n`` samples from the train split (all of it when ``n`` is larger)."""
+        """``n`` samples from the train split (all of it when ``n`` is larger), drawn with ``seed``.
+        Only the drawn rows are read: a lazy split decodes ``n`` images, whatever its size."""
         n = min(n, len(self.x_train))
         idx = np.random.default_rng(seed).choice(len(self.x_train), size=n, replace=False)
         return self.x_train[np.sort(idx)]
@@ -54,12 +71,23 @@ class Splits:
         for k in SPLIT_KEYS:
             a = getattr(self, k)
             h.update(k.encode())
-            if a.dtype != object:
+            if is_lazy(a):
+                # what the rows are made from (file names, sizes, preprocessing), never the pixels
+                h.update(a.digest().encode() if hasattr(a, "digest") else _streamed_digest(a).encode())
+            elif a.dtype != object:
                 h.update(np.ascontiguousarray(a).tobytes())
             else:
                 for item in a:
                     h.update(np.ascontiguousarray(item).tobytes())
         return h.hexdigest()
+
+
+def _streamed_digest(x, batch: int = 256) -> str:
+    """sha256 of a lazy array without a ``digest()`` of its own, read a batch at a time."""
+    h = hashlib.sha256()
+    for i in range(0, len(x), batch):
+        h.update(np.ascontiguousarray(x[i:i + batch]).tobytes())
+    return h.hexdigest()
 
 
 # Providers that ship with edgeslim, found by name even where no entry points are installed
@@ -68,6 +96,9 @@ BUILTIN_PROVIDERS = {
     "sklearn-digits": "edgeslim.plugins.datasets:SklearnDigits",
     "npz": "edgeslim.plugins.datasets:NpzArrays",
     "digits-detect": "edgeslim.plugins.datasets:digits_detect",
+    "imagefolder": "edgeslim.plugins.image_datasets:ImageFolder",
+    "yolo": "edgeslim.plugins.image_datasets:YoloDataset",
+    "coco": "edgeslim.plugins.image_datasets:CocoDataset",
 }
 
 
@@ -86,17 +117,45 @@ def provider_class(name: str):
     raise ConfigError(f"data.provider: unknown provider {name!r}; known: {', '.join(known)}")
 
 
-def load_data(provider: str, args: dict | None = None) -> Splits:
-    """Build the provider with ``args`` and load its splits."""
+def _provider(provider: str, args: dict | None, preprocess=None):
+    """The provider built with ``args``, and ``preprocess=`` when the recipe declares one."""
+    import inspect
+
+    from edgeslim.components.common.image_preprocess import ImagePreprocessConfig
+
     cls = provider_class(provider)
+    kwargs = dict(args or {})
+    if preprocess is not None:
+        if "preprocess" in kwargs:
+            raise ConfigError("data.args.preprocess: declare preprocessing once, as data.preprocess")
+        try:
+            takes = "preprocess" in inspect.signature(cls).parameters
+        except (TypeError, ValueError):
+            takes = False
+        if not takes:
+            raise ConfigError(f"data.preprocess: the {provider} provider gives model inputs as they are and takes "
+                              "no preprocessing; remove data.preprocess, or use an image provider "
+                              "(imagefolder, yolo, coco)")
+        if isinstance(preprocess, dict):
+            preprocess = ImagePreprocessConfig.from_dict(preprocess, prefix="data.preprocess")
+        kwargs["preprocess"] = preprocess
     try:
-        inst = cls(**(args or {}))
+        return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"data.args: {exc}; check the provider's arguments") from None
-    return inst.load()
 
 
-def describe_data(provider: str, args: dict | None = None) -> dict:
+def load_data(provider: str, args: dict | None = None, preprocess=None) -> Splits:
+    """Build the provider with ``args`` (and the recipe's ``data.preprocess``) and load its splits.
+
+    Raises:
+        ConfigError: unknown provider, wrong arguments, or preprocessing for a provider that takes none.
+        DataError: the provider's data cannot be read or is wrong (one line naming the file and the fix).
+    """
+    return _provider(provider, args, preprocess).load()
+
+
+def describe_data(provider: str, args: dict | None = None, preprocess=None) -> dict:
     """What the provider says of its data (for lineage), or its name and arguments."""
-    inst = provider_class(provider)(**(args or {}))
+    inst = _provider(provider, args, preprocess)
     return inst.describe() if hasattr(inst, "describe") else {"provider": provider, **(args or {})}

@@ -86,10 +86,30 @@ def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float(10.0 * np.log10(max(float(np.sum(ref * ref)), 1e-30) / n))
 
 
+class SqnrAccumulator:
+    """:func:`sqnr_db` over batches: the signal and noise powers are summed as the batches come,
+    so two models' outputs over a whole split are compared without holding them."""
+
+    def __init__(self) -> None:
+        self.signal = 0.0
+        self.noise = 0.0
+
+    def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        ref = np.asarray(reference, dtype=np.float64).ravel()
+        noise = ref - np.asarray(candidate, dtype=np.float64).ravel()
+        self.signal += float(np.sum(ref * ref))
+        self.noise += float(np.sum(noise * noise))
+
+    def db(self) -> float:
+        if self.noise == 0.0:
+            return float("inf")
+        return float(10.0 * np.log10(max(self.signal, 1e-30) / self.noise))
+
+
 def latency_ms(session, x: np.ndarray, batch: int, warmup: int, repeats: int) -> float:
     """Median wall time of one ``session.run`` at ``batch``, in milliseconds."""
-    reps = int(np.ceil(batch / len(x)))
-    xb = np.ascontiguousarray(np.concatenate([x] * reps)[:batch]) if reps > 1 else np.ascontiguousarray(x[:batch])
+    # the first `batch` samples, repeated when there are fewer (only those rows are read)
+    xb = np.ascontiguousarray(x[:batch] if len(x) >= batch else x[np.arange(batch) % len(x)])
     feed = {session.get_inputs()[0].name: xb}
     for _ in range(warmup):
         session.run(None, feed)

@@ -10,11 +10,14 @@ def top1_percent(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((np.asarray(logits).argmax(axis=1) == labels).mean() * 100.0)
 
 
-def top1(model, x: np.ndarray, y: np.ndarray) -> float:
-    """Top-1 accuracy of a torch classifier on ``x`` in percent (eval mode, no gradients)."""
+def top1(model, x: np.ndarray, y: np.ndarray, batch: int = 1024) -> float:
+    """Top-1 accuracy of a torch classifier on ``x`` in percent (eval mode, no gradients), ``batch``
+    samples at a time (``x`` may be a lazy split: only one batch is in memory)."""
     import torch
 
     model.eval()
+    pred = []
     with torch.no_grad():
-        pred = model(torch.from_numpy(x)).argmax(1).numpy()
-    return float((pred == y).mean() * 100.0)
+        for i in range(0, len(x), batch):
+            pred.append(model(torch.from_numpy(np.ascontiguousarray(x[i:i + batch]))).argmax(1).numpy())
+    return float((np.concatenate(pred) == np.asarray(y)).mean() * 100.0) if pred else float("nan")

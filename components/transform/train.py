@@ -125,6 +125,20 @@ def _take(y, idx: torch.Tensor):
     return y[idx]
 
 
+class _LazyRows:
+    """A lazy split (e.g. ``LazyImages``) indexed by torch index tensors, giving float32 tensors."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        idx = idx.numpy() if isinstance(idx, torch.Tensor) else idx
+        return torch.from_numpy(np.ascontiguousarray(self.x[idx], dtype=np.float32))
+
+
 def random_shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Shift an image batch (N, C, H, W) by up to one pixel, the same shift for the whole batch.
 
@@ -148,7 +162,7 @@ def fit(student: nn.Module, *, x: np.ndarray, y: np.ndarray, teacher: nn.Module 
 
     Args:
         student: the model trained (changed in place; pass a copy to keep the original).
-        x: training inputs.
+        x: training inputs: a numpy array, or a lazy split read one batch at a time.
         y: integer class labels, or for a ``loss_fn`` any targets indexed per sample (a tensor, or
             lists/dicts of tensors whose first axis is the sample); ``None`` when it needs none.
         teacher: the model imitated (frozen, eval mode); None for plain training.
@@ -169,7 +183,8 @@ def fit(student: nn.Module, *, x: np.ndarray, y: np.ndarray, teacher: nn.Module 
         raise DataError("training data: the train split is empty; training needs samples")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    xt = torch.from_numpy(np.asarray(x, dtype=np.float32))
+    # A numpy split goes to torch once; a lazy one (image files) is read a batch at a time.
+    xt = torch.from_numpy(np.asarray(x, dtype=np.float32)) if isinstance(x, np.ndarray) else _LazyRows(x)
     yt = None if y is None else _as_targets(y)
     params = list(student.parameters())
     adapters = nn.ModuleList()
