@@ -113,6 +113,121 @@ class RegisterConfig(Config):
         return self.name or f"{parent}-edge"
 
 
+# Kubernetes resource quantities as kfp accepts them (PipelineTask.set_cpu_request / set_memory_request).
+_CPU = re.compile(r"([0-9]*[.])?[0-9]+m?")
+_MEMORY = re.compile(r"[0-9]+(E|Ei|P|Pi|T|Ti|G|Gi|M|Mi|K|Ki)?")
+# A Kubernetes object name (DNS-1123 subdomain), e.g. a Secret's.
+_K8S_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+# What each kind of task asks for when the recipe says nothing.
+TASK_KINDS = ("light", "compute", "train", "engine")
+DEFAULT_REQUESTS = {"light": ("500m", "2Gi"), "compute": ("2", "8Gi"), "train": ("4", "16Gi"), "engine": ("2", "8Gi")}
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskResources(Config):
+    """What one kind of Kubeflow task requests from Kubernetes (the local runner ignores it).
+
+    Attributes:
+        cpu: CPU request: cores (``4``, ``0.5``) or millicores (``500m``); empty: the kind's default.
+        memory: memory request: bytes with an optional suffix (``16Gi``, ``512Mi``); empty: the
+            kind's default.
+        gpu: GPUs requested (``train`` only; engine tasks take theirs from ``engines``).
+        gpu_type: the accelerator resource asked for.
+        node_selector: node labels the tasks must run on, e.g. a GPU pool's
+            (``{cloud.google.com/gke-accelerator: nvidia-l4}``).
+    """
+
+    cpu: str | float = ""
+    memory: str = ""
+    gpu: int = 0
+    gpu_type: str = "nvidia.com/gpu"
+    node_selector: dict = dataclasses.field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.cpu != "" and not _CPU.fullmatch(self.cpu_request):
+            raise ConfigError(f"cpu: got {self.cpu!r}; use cores (4, 0.5) or millicores (500m)")
+        if self.memory and not _MEMORY.fullmatch(self.memory):
+            raise ConfigError(f"memory: got {self.memory!r}; use a whole number with a suffix like 16Gi or 512Mi")
+        self.require(self.gpu >= 0, "gpu", "use 0 or more")
+        self.require(bool(self.gpu_type), "gpu_type", "name the accelerator resource, e.g. nvidia.com/gpu")
+        if not all(isinstance(k, str) and isinstance(v, str) and k and v for k, v in self.node_selector.items()):
+            raise ConfigError(f"node_selector: got {self.node_selector!r}; use a mapping of label to value "
+                              "(quote numbers: '8')")
+
+    @property
+    def cpu_request(self) -> str:
+        """The CPU request as kfp takes it: ``4.0`` becomes ``4``."""
+        if isinstance(self.cpu, float):
+            return str(int(self.cpu)) if self.cpu.is_integer() else str(self.cpu)
+        return self.cpu
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out["node_selector"] = dict(self.node_selector)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ResourcesConfig(Config):
+    """Kubernetes requests per kind of task, and retries: the recipe's ``resources:`` section.
+
+    Attributes:
+        light: pull, gate, plan engines, reject, report.
+        compute: export, quantize (when it does not train), evaluate, register.
+        train: transform (distill, prune), and quantize when it trains (method qat, or auto
+            with qat: true); ``gpu: 1`` gives it a GPU.
+        engine: the engine builds' CPU and memory (their GPU and nodes come from ``engines``).
+        retries: times Kubeflow retries a failed task (0: none).
+    """
+
+    light: TaskResources = dataclasses.field(default_factory=TaskResources)
+    compute: TaskResources = dataclasses.field(default_factory=TaskResources)
+    train: TaskResources = dataclasses.field(default_factory=TaskResources)
+    engine: TaskResources = dataclasses.field(default_factory=TaskResources)
+    retries: int = 0
+
+    def validate(self) -> None:
+        for kind in ("light", "compute", "engine"):
+            r = getattr(self, kind)
+            if r.gpu or r.node_selector:
+                key = "gpu" if r.gpu else "node_selector"
+                where = "engines.accelerator_limit and engines.node_selectors" if kind == "engine" else "resources.train"
+                raise ConfigError(f"resources.{kind}.{key}: only training tasks ask for GPUs and nodes here; "
+                                  f"remove it (use {where})")
+        self.require(0 <= self.retries <= 10, "retries", "use 0 (no retries) to 10", section="resources")
+
+    def requests(self, kind: str) -> tuple[str, str]:
+        """``(cpu, memory)`` requested by tasks of ``kind`` (one of ``TASK_KINDS``)."""
+        r: TaskResources = getattr(self, kind)
+        cpu, memory = DEFAULT_REQUESTS[kind]
+        return r.cpu_request or cpu, r.memory or memory
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterConfig(Config):
+    """Kubernetes Secrets the Kubeflow tasks read credentials from: the recipe's ``cluster:`` section.
+
+    Every task gets them as environment variables (kfp-kubernetes ``use_secret_as_env``);
+    the IR holds the names only. A missing Secret or key is skipped, so a cluster whose
+    MLflow integration injects credentials needs none.
+
+    Attributes:
+        mlflow_secret: keys ``MLFLOW_TRACKING_USERNAME`` and ``MLFLOW_TRACKING_PASSWORD``, or
+            ``MLFLOW_TRACKING_TOKEN``; empty: mount none.
+        s3_secret: keys ``AWS_ACCESS_KEY_ID`` and ``AWS_SECRET_ACCESS_KEY``; empty: mount none.
+    """
+
+    mlflow_secret: str = "edgeslim-mlflow"
+    s3_secret: str = "edgeslim-s3"
+
+    def validate(self) -> None:
+        for key in ("mlflow_secret", "s3_secret"):
+            name = getattr(self, key)
+            if name and not _K8S_NAME.fullmatch(name):
+                raise ConfigError(f"cluster.{key}: got {name!r}; use a Kubernetes Secret name "
+                                  "(lower-case letters, digits, '-' and '.'), or \"\" for none")
+
+
 def _parse_stages(raw: Any) -> list[StageConfig]:
     if raw is None:
         raw = [{"quantize": {}}]
@@ -158,6 +273,8 @@ class Recipe:
     tracking_uri: str = ""
     version: int = RECIPE_VERSION
     task: TaskConfig = dataclasses.field(default_factory=ClassificationTaskConfig)
+    resources: ResourcesConfig = dataclasses.field(default_factory=ResourcesConfig)
+    cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
 
     @property
     def export(self) -> stage_configs.OnnxExportConfig:
@@ -187,6 +304,9 @@ class Recipe:
             "engines": self.engines.to_dict(),
             # The default task writes no section, so classification recipes keep their digest.
             **({} if self.task == ClassificationTaskConfig() else {"task": self.task.to_dict()}),
+            # Where tasks run, not what they make: written only when set, and not in the digest.
+            **({} if self.resources == ResourcesConfig() else {"resources": self.resources.to_dict()}),
+            **({} if self.cluster == ClusterConfig() else {"cluster": self.cluster.to_dict()}),
         }
 
     def to_json(self) -> str:
@@ -195,7 +315,8 @@ class Recipe:
     def digest(self) -> str:
         """sha256 of everything that shapes the candidate (not where it is tracked)."""
         d = self.to_dict()
-        d.pop("tracking_uri")
+        for key in ("tracking_uri", "resources", "cluster"):
+            d.pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def with_overrides(self, **kw: Any) -> "Recipe":
@@ -203,7 +324,7 @@ class Recipe:
 
 
 _TOP_KEYS = ("version", "source", "tracking_uri", "data", "stages", "gate", "evaluate", "register", "task",
-             "engines")
+             "engines", "resources", "cluster")
 
 
 def recipe_from_dict(data: Any) -> Recipe:
@@ -239,6 +360,8 @@ def recipe_from_dict(data: Any) -> Recipe:
         register=RegisterConfig.from_dict(data.get("register"), prefix="register"),
         engines=TensorRTEngineConfig.from_dict(data.get("engines"), prefix="engines"),
         task=task,
+        resources=ResourcesConfig.from_dict(data.get("resources"), prefix="resources"),
+        cluster=ClusterConfig.from_dict(data.get("cluster"), prefix="cluster"),
     )
 
 

@@ -81,3 +81,40 @@ def test_config_json_round_trip_carries_type_and_version():
     j = c.to_json_dict()
     assert j["type"] == "PTQQuantizeConfig" and j["version"] == 1
     assert PTQQuantizeConfig.from_dict(j) == c
+
+
+def test_resources_and_cluster_round_trip_and_leave_the_digest_alone():
+    base = load_recipe(DEMO_RECIPE)
+    d = demo()
+    d["resources"] = {"train": {"gpu": 1, "cpu": 4, "memory": "16Gi"}, "light": {"cpu": "250m"}, "retries": 2}
+    d["cluster"] = {"mlflow_secret": "team-mlflow", "s3_secret": ""}
+    r = recipe_from_dict(d)
+    assert r.resources.requests("train") == ("4", "16Gi") and r.resources.train.gpu == 1
+    assert r.resources.requests("light") == ("250m", "2Gi")  # memory: the kind's default
+    assert r.resources.requests("compute") == ("2", "8Gi")
+    assert recipe_from_dict(r.to_dict()) == r
+    # Where tasks run does not change what they make: same digest, same registered version.
+    assert r.digest() == base.digest()
+    assert "resources" not in base.to_dict() and "cluster" not in base.to_dict()
+
+
+@pytest.mark.parametrize("section, body, needle", [
+    ("resources", {"train": {"cpu": "4 cores"}}, "resources.train.cpu: got '4 cores'; use cores (4, 0.5) or millicores"),
+    ("resources", {"train": {"memory": "1.5Gi"}}, "resources.train.memory: got '1.5Gi'; use a whole number"),
+    ("resources", {"train": {"gpu": -1}}, "resources.train.gpu: got -1; use 0 or more"),
+    ("resources", {"train": {"gpus": 1}}, "resources.train.gpus: unknown key; did you mean 'gpu'"),
+    ("resources", {"light": {"gpu": 1}}, "resources.light.gpu: only training tasks ask for GPUs"),
+    ("resources", {"engine": {"gpu": 1}}, "use engines.accelerator_limit"),
+    ("resources", {"retries": 50}, "resources.retries: got 50; use 0 (no retries) to 10"),
+    ("resources", {"train": {"node_selector": {"pool": 8}}}, "resources.train.node_selector: got {'pool': 8}"),
+    ("resources", {"trian": {}}, "resources.trian: unknown key; did you mean 'train'"),
+    ("cluster", {"mlflow_secret": "Team_MLflow"}, "cluster.mlflow_secret: got 'Team_MLflow'; use a Kubernetes Secret"),
+    ("cluster", {"s3_secrets": "x"}, "cluster.s3_secrets: unknown key; did you mean 's3_secret'"),
+])
+def test_bad_resources_and_cluster_settings_name_the_key_and_the_fix(section, body, needle):
+    d = ptq()
+    d[section] = body
+    with pytest.raises(ConfigError) as exc:
+        recipe_from_dict(d)
+    assert needle in str(exc.value)
+    assert "\n" not in str(exc.value)
