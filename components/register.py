@@ -165,7 +165,9 @@ def register(candidate_onnx: str | Path, *, parent: dict[str, Any], recipe, eval
                 metadata={"parent": parent, "recipe_hash": recipe_hash, "gate": gate_result,
                           "metrics": flat,
                           # a detector's edge pyfunc decodes its outputs with this
-                          "task": task_for(recipe.task).metadata()},
+                          "task": task_for(recipe.task).metadata(),
+                          # how an image becomes the model's input (resize, crop, mean/std, ...)
+                          **({"preprocess": recipe.data.preprocess.to_dict()} if recipe.data.preprocess else {})},
             )
             model_id = getattr(info, "model_id", None) or ""
             if model_id:

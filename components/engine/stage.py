@@ -81,6 +81,9 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray, labels: np.nda
     return EngineCheck(m, not reasons, reasons)
 
 
+_VERIFY_BATCH = 256
+
+
 def verify_engine(run: Callable[[np.ndarray], np.ndarray], qdq_onnx_path: str | Path, data: Splits,
                   gate: EngineVerifyConfig) -> EngineCheck:
     """Run the evaluation set through ``run`` (the engine) and through the Q/DQ ONNX; gate.
@@ -91,10 +94,14 @@ def verify_engine(run: Callable[[np.ndarray], np.ndarray], qdq_onnx_path: str | 
         data: the splits; the test split is the evaluation set.
         gate: thresholds and how many samples.
     """
-    n = gate.samples or len(data.x_test)
-    x, y = data.x_test[:n], data.y_test[:n]
-    reference = run_batched(make_session(qdq_onnx_path), x)
-    return compare_outputs(reference, np.asarray(run(x)), y, gate)
+    n = min(gate.samples or len(data.x_test), len(data.x_test))
+    sess = make_session(qdq_onnx_path)
+    reference, candidate = [], []
+    for i in range(0, n, _VERIFY_BATCH):  # a batch at a time: the test split may be image files
+        x = np.ascontiguousarray(data.x_test[i:min(i + _VERIFY_BATCH, n)])
+        reference.append(run_batched(sess, x))
+        candidate.append(np.asarray(run(x)))
+    return compare_outputs(np.concatenate(reference), np.concatenate(candidate), np.asarray(data.y_test[:n]), gate)
 
 
 def _run_first_output(runner: EngineRunner) -> Callable[[np.ndarray], np.ndarray]:
@@ -200,7 +207,7 @@ __all__ = ["build_engines", "verify_engine", "compare_outputs", "sqnr_db",
 
 def build_engine_task(qdq_onnx_path: str | Path, device_class: str, engines_config: dict[str, Any], *,
                       data_provider: str, data_args: dict[str, Any], out_dir: str | Path,
-                      previous_model_uri: str = "") -> dict[str, Any]:
+                      previous_model_uri: str = "", data_preprocess: dict[str, Any] | None = None) -> dict[str, Any]:
     """What one pipeline engine task does: build and verify ``device_class`` only.
 
     Args:
@@ -209,6 +216,7 @@ def build_engine_task(qdq_onnx_path: str | Path, device_class: str, engines_conf
         engines_config: the recipe's ``engines`` section as a mapping.
         data_provider: the data provider whose test split verifies the engine.
         data_args: its arguments.
+        data_preprocess: the recipe's ``data.preprocess`` (image providers), as a mapping.
         out_dir: gets ``<device_class>/`` and ``engines.json``.
         previous_model_uri: an earlier edge model whose timing cache seeds the build.
 
@@ -220,7 +228,7 @@ def build_engine_task(qdq_onnx_path: str | Path, device_class: str, engines_conf
     cfg = TensorRTEngineConfig.from_dict(engines_config, prefix="engines")
     cfg = dataclasses.replace(cfg, device_classes=[device_class],
                               node_selectors={k: v for k, v in cfg.node_selectors.items() if k == device_class})
-    data = load_data(data_provider, data_args)
+    data = load_data(data_provider, data_args, data_preprocess)
     timing_caches = {}
     if previous_model_uri and cfg.timing_cache:
         timing_caches = previous_timing_caches(previous_model_uri, device_class)

@@ -153,6 +153,34 @@ def output_error(model: nn.Module, reference: nn.Module, x: np.ndarray, batch: i
     return total / max(n, 1)
 
 
+@torch.no_grad()
+def onnx_output_errors(reference: nn.Module, onnx_paths: list[Path], x, batch: int = 128) -> list[float]:
+    """:func:`output_matching_loss` of each ONNX model against ``reference`` over all of ``x``,
+    accumulated batch by batch (the squared errors and the reference's power summed per output),
+    so neither the inputs nor the outputs of the whole split are held at once."""
+    from edgeslim.components.export import make_session
+    from edgeslim.components.common.onnx_runtime import run_outputs
+
+    sessions = [make_session(p, basic=True) for p in onnx_paths]
+    err: list[list[float]] = [[] for _ in sessions]
+    power: list[float] = []
+    count: list[int] = []
+    for i in range(0, len(x), batch):
+        xb = np.ascontiguousarray(x[i:i + batch], dtype=np.float32)
+        want = _outputs(reference(torch.from_numpy(xb)))
+        if not power:
+            power, count = [0.0] * len(want), [0] * len(want)
+            err = [[0.0] * len(want) for _ in sessions]
+        for k, t in enumerate(want):
+            power[k] += float(t.double().pow(2).sum())
+            count[k] += t.numel()
+        for s, sess in enumerate(sessions):
+            _, got = run_outputs(sess, xb, batch=len(xb))
+            for k, (g, t) in enumerate(zip(got, want)):
+                err[s][k] += float((torch.from_numpy(g).double() - t.double()).pow(2).sum())
+    return [sum(e / c / (p / c + 1e-8) for e, p, c in zip(errs, power, count)) for errs in err]
+
+
 def qat_detector(model: nn.Module, config, *, data: Splits, out_dir: str | Path, calibrator: str,
                  float_layers: list[str] | None = None, export_config=None,
                  progress: Progress | None = None) -> StageResult:
@@ -175,8 +203,7 @@ def qat_detector(model: nn.Module, config, *, data: Splits, out_dir: str | Path,
     """
     from edgeslim.components.common.stage_configs import OnnxExportConfig
     from edgeslim.components.transform.train import fit, random_shift
-    from edgeslim.components.tasks.detection import run_outputs
-    from edgeslim.components.export import export, make_session
+    from edgeslim.components.export import export
     from edgeslim.components.quantize.ptq import quantize
     from edgeslim.components.quantize.sensitivity import preprocessed, quantizable_layers
 
@@ -210,14 +237,7 @@ def qat_detector(model: nn.Module, config, *, data: Splits, out_dir: str | Path,
     qdq = out_dir / "model.int8.onnx"
     qdq.write_bytes(Path(final.model).read_bytes())
 
-    with torch.no_grad():  # the fp32 outputs once; both exports are scored by the training loss's formula
-        want = ref(torch.from_numpy(np.ascontiguousarray(x_val)))
-
-    def onnx_error(path: Path) -> float:
-        _, got = run_outputs(make_session(path, basic=True), x_val)
-        return float(output_matching_loss([torch.from_numpy(g) for g in got], want, None))
-
-    err["ptq_onnx"], err["qat_onnx"] = onnx_error(Path(ptq.model)), onnx_error(qdq)
+    err["ptq_onnx"], err["qat_onnx"] = onnx_output_errors(ref, [Path(ptq.model), qdq], x_val)
     metrics = {**final.metrics, "size_bytes": qdq.stat().st_size, "qat_epochs": config.qat_epochs,
                "output_error_val": {k: float(f"{v:.4g}") for k, v in err.items()}}
     lineage = {"stage": "quantize", "method": "qat", "task": "detection", "placement": "weighted",

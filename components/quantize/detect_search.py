@@ -75,7 +75,7 @@ class DetectorStrategy(Strategy):
     def reference(self, data: Splits) -> dict[str, Any]:
         from edgeslim.components.tasks.detection import detection_metrics, onnx_detections
 
-        dets, _, _ = onnx_detections(self.fp32_onnx, data.x_val, self.task_config)
+        dets, _, _ = onnx_detections(self.fp32_onnx, data.x_val, self.task_config, keep_outputs=False)
         self.parent = detection_metrics(dets, list(data.y_val), self.task_config.num_classes,
                                         self.task_config.score_threshold)
         return {"fp32_val": self.parent}
@@ -84,7 +84,7 @@ class DetectorStrategy(Strategy):
         from edgeslim.components.tasks.detection import detection_metrics, gate_detection, onnx_detections
 
         task = self.task_config
-        dets, _, _ = onnx_detections(candidate, data.x_val, task)
+        dets, _, _ = onnx_detections(candidate, data.x_val, task, keep_outputs=False)
         m = detection_metrics(dets, list(data.y_val), task.num_classes, task.score_threshold)
         verdict = gate_detection({"source": {"detection": self.parent}, "candidate": {"detection": m}}, task.gate)
         return {"map50": m["map50"], "map50_95": m["map50_95"], "mean_tp_score": m["mean_tp_score"],

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edgeslim.components.common.onnx_runtime import latency_ms, make_session, run_outputs, sqnr_db
+from edgeslim.components.common.onnx_runtime import SqnrAccumulator, latency_ms, make_session, run_outputs
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import DataError
 from edgeslim.components.common.result import GateCheck, StageResult, verdict
@@ -121,38 +121,81 @@ def detection_metrics(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], nu
     }
 
 
-def onnx_detections(onnx_path: str | Path, x: np.ndarray, task, *, basic: bool = True
-                    ) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
-    """Decoded detections of an ONNX model on ``x``; also its raw outputs and their names."""
+def _rejects(onnx_path, x, exc: Exception) -> DataError:
+    return DataError(
+        f"{Path(onnx_path).name} rejects inputs of shape {list(x.shape)} "
+        f"({str(exc).splitlines()[0][:140]}); give data whose x arrays match the model's input")
 
-    sess = make_session(onnx_path, basic=basic)
-    try:
-        names, outs = run_outputs(sess, x)
-    except Exception as exc:  # ORT raises its own types for shape mismatches
-        raise DataError(
-            f"{Path(onnx_path).name} rejects inputs of shape {list(x.shape)} "
-            f"({str(exc).splitlines()[0][:140]}); give data whose x arrays match the model's input"
-        ) from None
-    return decode_outputs(outs, task, names), outs, names
+
+def detect_batches(onnx_paths: Sequence[str | Path], x, task, *, basic: Sequence[bool] | bool = True,
+                   batch: int = 256, on_batch=None) -> list[list[np.ndarray]]:
+    """Decoded detections of one or more ONNX detectors on ``x``, run side by side a batch at a time.
+
+    Each batch of ``x`` is read once (``x`` may be a lazy split) and decoded per batch, so neither the
+    inputs nor the raw outputs of the whole split are held.
+
+    Args:
+        onnx_paths: the models.
+        x: the inputs.
+        task: the recipe's ``DetectionTaskConfig``.
+        basic: per model (or for all), Q/DQ semantics (see :func:`make_session`).
+        batch: images per run.
+        on_batch: called with each batch's raw outputs, per model ``(outputs, names)``.
+
+    Returns:
+        Per model, per image an (M, 6) ``[x1, y1, x2, y2, score, class]`` array.
+    """
+    basics = [basic] * len(onnx_paths) if isinstance(basic, bool) else list(basic)
+    sessions = [make_session(p, basic=b) for p, b in zip(onnx_paths, basics)]
+    dets: list[list[np.ndarray]] = [[] for _ in sessions]
+    for i in range(0, len(x), batch):
+        xb = np.ascontiguousarray(x[i:i + batch])
+        raw = []
+        for path, sess, out in zip(onnx_paths, sessions, dets):
+            try:
+                names, outs = run_outputs(sess, xb, batch=len(xb))
+            except Exception as exc:  # ORT raises its own types for shape mismatches
+                raise _rejects(path, x, exc) from None
+            out.extend(decode_outputs(outs, task, names))
+            raw.append((outs, names))
+        if on_batch is not None:
+            on_batch(raw)
+    return dets
+
+
+def onnx_detections(onnx_path: str | Path, x: np.ndarray, task, *, basic: bool = True, keep_outputs: bool = True
+                    ) -> tuple[list[np.ndarray], list[np.ndarray] | None, list[str]]:
+    """Decoded detections of an ONNX model on ``x`` (decoded a batch at a time); also its raw outputs
+    over all of ``x`` (``None`` with ``keep_outputs=False``: what scales with the split) and their names."""
+    kept: list[list[np.ndarray]] = []
+    names: list[str] = []
+
+    def keep(raw):
+        outs, n = raw[0]
+        names[:] = n
+        if keep_outputs:
+            kept.append(outs)
+
+    (dets,) = detect_batches([onnx_path], x, task, basic=basic, on_batch=keep)
+    outs = [np.concatenate(p) for p in zip(*kept)] if keep_outputs and kept else (None if not keep_outputs else [])
+    return dets, outs, names
 
 
 def torch_detections(model, x: np.ndarray, task, batch: int = 128) -> list[np.ndarray]:
-    """Decoded detections of a torch detector (outputs named ``output_0..`` as exported)."""
+    """Decoded detections of a torch detector (outputs named ``output_0..`` as exported), decoded a batch
+    at a time."""
     import torch
 
     model.eval()
-    parts: list[list[np.ndarray]] = []
+    dets: list[np.ndarray] = []
     with torch.no_grad():
         for i in range(0, len(x), batch):
             out = model(torch.from_numpy(np.ascontiguousarray(x[i:i + batch])))
             out = out if isinstance(out, (tuple, list)) else (out,)
-            if not parts:
-                parts = [[] for _ in out]
-            for k, o in enumerate(out):
-                parts[k].append(o.numpy())
-    outs = [np.concatenate(p) for p in parts]
-    names = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
-    return decode_outputs(outs, task, names)
+            outs = [o.numpy() for o in out]
+            names = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
+            dets.extend(decode_outputs(outs, task, names))
+    return dets
 
 
 def detection_agreement(reference: list[np.ndarray], candidate: list[np.ndarray], threshold: float,
@@ -173,10 +216,13 @@ def detection_agreement(reference: list[np.ndarray], candidate: list[np.ndarray]
 def measure_detector(onnx_path: str | Path, data: Splits, task, config=None) -> dict[str, Any]:
     """Detections, metrics, size and latency of one ONNX detector on the test split."""
 
-    dets, outs, _ = onnx_detections(onnx_path, data.x_test, task)
+    dets, _, _ = onnx_detections(onnx_path, data.x_test, task, keep_outputs=False)
+    return _measured(onnx_path, dets, data, task, config)
+
+
+def _measured(onnx_path: str | Path, dets: list[np.ndarray], data: Splits, task, config) -> dict[str, Any]:
     m = detection_metrics(dets, list(data.y_test), task.num_classes, task.score_threshold)
-    res = {"detections": dets, "outputs": outs, "metric": m["map50"], "detection": m,
-           "size_bytes": Path(onnx_path).stat().st_size}
+    res = {"detections": dets, "metric": m["map50"], "detection": m, "size_bytes": Path(onnx_path).stat().st_size}
     if config is not None:
         sess = make_session(onnx_path, basic=True, threads=config.threads)
         res["latency_ms"] = {f"batch_{b}": latency_ms(sess, data.x_test, b, config.latency_warmup,
@@ -188,6 +234,10 @@ def measure_detector(onnx_path: str | Path, data: Splits, task, config=None) -> 
 def evaluate_detection(candidate_onnx: str | Path, config, *, parent_onnx: str | Path, data: Splits,
                        task) -> StageResult:
     """Evaluate a detector candidate and its parent side by side on the test split.
+
+    The parent, the candidate (Q/DQ semantics) and the candidate on ORT's fused int8 CPU kernels
+    run on each test batch in turn: the split is read once, and the outputs' SQNR is summed over
+    batches rather than computed over held outputs.
 
     Args:
         candidate_onnx: the int8 Q/DQ ONNX (judged in Q/DQ semantics).
@@ -202,11 +252,17 @@ def evaluate_detection(candidate_onnx: str | Path, config, *, parent_onnx: str |
     """
 
     t0 = time.perf_counter()
-    parent = measure_detector(parent_onnx, data, task, config)
-    cand = measure_detector(candidate_onnx, data, task, config)
-    flat = [np.concatenate([o.reshape(len(o), -1) for o in r["outputs"]], 1) for r in (parent, cand)]
+    sqnr = SqnrAccumulator()
+
+    def flat(outs: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate([o.reshape(len(o), -1) for o in outs], 1)
+
+    parent_dets, cand_dets, fused_dets = detect_batches(
+        [parent_onnx, candidate_onnx, candidate_onnx], data.x_test, task, basic=[True, True, False],
+        on_batch=lambda raw: sqnr.add(flat(raw[0][0]), flat(raw[1][0])))
+    parent = _measured(parent_onnx, parent_dets, data, task, config)
+    cand = _measured(candidate_onnx, cand_dets, data, task, config)
     agree = detection_agreement(parent["detections"], cand["detections"], task.score_threshold)
-    fused_dets, _, _ = onnx_detections(candidate_onnx, data.x_test, task, basic=False)
     fused = detection_metrics(fused_dets, list(data.y_test), task.num_classes, task.score_threshold)
     keep = ("metric", "size_bytes", "latency_ms", "detection")
     metrics = {
@@ -218,7 +274,7 @@ def evaluate_detection(candidate_onnx: str | Path, config, *, parent_onnx: str |
             **{k: cand[k] for k in keep},
             # top1_agreement mirrors the detection agreement so the spine's registry metrics work.
             "fidelity": {"detection_agreement": agree, "top1_agreement": agree,
-                         "sqnr_db": round(sqnr_db(flat[0], flat[1]), 3)},
+                         "sqnr_db": round(sqnr.db(), 3)},
             "cpu_int8_kernel_metric": fused["map50"],
         },
     }

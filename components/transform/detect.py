@@ -219,7 +219,7 @@ def train_detector(model: nn.Module, x: np.ndarray, labels: Sequence[np.ndarray]
 
     Args:
         model: a detector returning ``(box, cls)`` pairs per level like :class:`DigitsDetector`.
-        x: canvases (N, C, H, W).
+        x: canvases (N, C, H, W): a numpy array or a lazy split (read a batch at a time).
         labels: per canvas a (k, 5) array ``[x1, y1, x2, y2, class]``.
         teacher: distil from it: feature MSE at ``feature_layers`` (module names present in
             both models, e.g. the neck outputs), through learned 1x1 adapters.
@@ -240,7 +240,7 @@ def train_detector(model: nn.Module, x: np.ndarray, labels: Sequence[np.ndarray]
             loss = (1.0 - output_alpha) * loss + output_alpha * output_distill_loss(out, t_out)
         return loss
 
-    return fit(model, x=np.ascontiguousarray(x), y=targets, teacher=copy.deepcopy(teacher) if use_teacher else None,
+    return fit(model, x=np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x, y=targets, teacher=copy.deepcopy(teacher) if use_teacher else None,
                epochs=epochs, lr=lr, batch_size=batch_size, optimizer="adamw", schedule="onecycle",
                weight_decay=5e-4, warmup=0.15, seed=seed, feature_pairs=[[n, n] for n in feature_layers] or None,
                feature_weight=feature_weight, progress=progress, loss_fn=loss_fn)

@@ -413,3 +413,43 @@ def test_classification_path_runs_on_a_lazy_imagefolder_without_holding_a_split(
     ev2 = evaluate(q2.model, fast, parent_onnx=fp32.model, data=held).metrics
     assert ev2["candidate"]["metric"] == ev["candidate"]["metric"]
     assert ev2["candidate"]["fidelity"] == ev["candidate"]["fidelity"]
+
+
+def test_detection_path_runs_on_a_lazy_yolo_dataset_as_on_held_arrays(detection, tmp_path, monkeypatch):
+    from edgeslim.components.common.onnx_runtime import sqnr_db
+    from edgeslim.components.common.stage_configs import OnnxExportConfig, PTQQuantizeConfig
+    from edgeslim.components.common.task_config import task_from_dict
+    from edgeslim.components.export import export
+    from edgeslim.components.quantize.ptq import quantize
+    from edgeslim.components.recipe import EvaluateConfig
+    from edgeslim.components.reference.detector import DigitsDetector, default_heads, train_detector
+    from edgeslim.components.tasks.detection import check_detector, evaluate_detection, onnx_detections
+
+    root, _ = detection
+    data = load_data("yolo", {"path": str(root / "data.yaml")}, {"letterbox": 48, "channel_order": "GRAY"})
+    task = task_from_dict({"kind": "detection", "num_classes": 3, "decoder": {"heads": default_heads()}})
+
+    def refuse(self, *a, **k):
+        raise AssertionError("a stage turned a whole lazy split into an array")
+
+    monkeypatch.setattr(LazyImages, "__array__", refuse)
+    torch.manual_seed(0)
+    model = train_detector(DigitsDetector(width=4, head_hidden=4, num_classes=3), data.x_train, data.y_train,
+                           epochs=1, batch_size=8)
+    check_detector(model, data, task)
+    fp32 = export(model, OnnxExportConfig(), data=data, out_path=tmp_path / "det.onnx").model
+    q = quantize(fp32, PTQQuantizeConfig(num_samples=16), data=data, out_dir=tmp_path / "q").model
+    fast = EvaluateConfig(latency_batches=[1], latency_warmup=1, latency_repeats=2)
+    lazy = evaluate_detection(q, fast, parent_onnx=fp32, data=data, task=task).metrics
+    monkeypatch.undo()
+    held = Splits(*(np.asarray(a) if isinstance(a, LazyImages) else a for a in
+                    (data.x_train, data.y_train, data.x_val, data.y_val, data.x_test, data.y_test)))
+    again = evaluate_detection(q, fast, parent_onnx=fp32, data=held, task=task).metrics
+    for side in ("source", "candidate"):
+        assert lazy[side]["detection"] == again[side]["detection"]
+    assert lazy["candidate"]["fidelity"] == again["candidate"]["fidelity"]
+    # the SQNR summed over batches is the SQNR of the held outputs
+    _, ref, _ = onnx_detections(fp32, held.x_test, task)
+    _, got, _ = onnx_detections(q, held.x_test, task)
+    flat = [np.concatenate([o.reshape(len(o), -1) for o in outs], 1) for outs in (ref, got)]
+    assert lazy["candidate"]["fidelity"]["sqnr_db"] == round(sqnr_db(*flat), 3)
