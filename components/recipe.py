@@ -19,6 +19,7 @@ from edgeslim.components.common import stage_configs  # noqa: F401  (registers t
 from edgeslim.components.common.config import Config, StageConfig, stage_config_class, unknown_key_error
 from edgeslim.components.engine.config import TensorRTEngineConfig
 from edgeslim.components.common.errors import ConfigError
+from edgeslim.components.common.image_preprocess import ImagePreprocessConfig
 from edgeslim.components.common.tracking import MODEL_URI
 from edgeslim.components.common.task_config import ClassificationTaskConfig, TaskConfig, task_from_dict
 
@@ -29,16 +30,26 @@ TORCH_STAGES = ("distill", "prune")
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig(Config):
-    """Which data provider feeds calibration, training and evaluation.
+    """Which data provider feeds calibration, training and evaluation, and how its images become inputs.
 
     Attributes:
-        provider: a name in the ``edgeslim.datasets`` entry-point group
-            (built-ins: ``sklearn-digits``, ``npz``).
+        provider: a name in the ``edgeslim.datasets`` entry-point group (built-ins: ``sklearn-digits``,
+            ``npz``, ``digits-detect``, ``imagefolder``, ``yolo``, ``coco``).
         args: keyword arguments for the provider.
+        preprocess: for image providers, resize/letterbox, crop, mean/std, channel order, layout and
+            dtype, applied identically in calibration, evaluation and fine-tuning, and recorded in
+            the registered edge model (:class:`~edgeslim.components.common.image_preprocess.ImagePreprocessConfig`).
     """
 
     provider: str = "sklearn-digits"
     args: dict = dataclasses.field(default_factory=dict)
+    preprocess: ImagePreprocessConfig | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        if self.preprocess is None:  # recipes without one keep their digest
+            d.pop("preprocess")
+        return d
 
 
 @dataclasses.dataclass(frozen=True)
