@@ -865,7 +865,7 @@ class Controller:
         expires = now + float(cfg["expiry_s"])
         if release:
             expires = min(expires, float(release["signed"]["expires_at"]))
-        before = ((status or {}).get("current") or {}).get("sha256") if isinstance(status, dict) else None
+        before = _reported_sha(status)
         m = Manifest(
             fleet=self.fleet, device_id=device, device_class=device_class, rollout_id=rec["name"],
             sequence=seq, issued_at=now, expires_at=expires, action=action,
@@ -944,7 +944,7 @@ class Controller:
                 dclass, st = devs[dev]["device_class"], devs[dev]["status"]
                 target = dict(target_base, engine=rec["engines"].get(dclass))
                 sent = self._write_manifest(rec, dev, dclass, action="install", target=target, status=st)
-                before = ((st or {}).get("current") or {}).get("sha256") if isinstance(st, dict) else None
+                before = _reported_sha(st)
                 rec["devices"][dev] = {"wave": wave["index"], "device_class": dclass, "sent": sent,
                                        "before": before if isinstance(before, str) else None,
                                        "public_key": devs[dev]["public_key"], "outcome": None, "reason": None}
@@ -1089,6 +1089,13 @@ class Controller:
 def _int(value: Any) -> int:
     """A sequence number from untrusted JSON: anything that is not a whole number counts as 0."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _reported_sha(status: Any) -> str | None:
+    """The sha256 a device's status says it runs; ``None`` for anything else (a device may sign junk)."""
+    cur = status.get("current") if isinstance(status, dict) else None
+    sha = cur.get("sha256") if isinstance(cur, dict) else None
+    return sha if isinstance(sha, str) and len(sha) == 64 and all(ch in "0123456789abcdef" for ch in sha) else None
 
 
 def _artifact(d: dict[str, Any]):
