@@ -14,7 +14,11 @@ from typing import List
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Model, Output
 
+# Built from deploy/images/: Containerfile (CPU), Containerfile.tensorrt (TensorRT 10.3 on NVIDIA's
+# nvcr.io/nvidia/tensorrt:24.08-py3), and Containerfile with a CUDA torch (GPU training).
 DEFAULT_IMAGE = "ghcr.io/edgeslim/edgeslim:0.1.0"
+DEFAULT_ENGINE_IMAGE = "ghcr.io/edgeslim/edgeslim:0.1.0-tensorrt10.3"
+DEFAULT_TRAIN_IMAGE = "ghcr.io/edgeslim/edgeslim:0.1.0-cuda"
 
 
 def pull_op(recipe_json: str, tracking_uri: str, model: Output[Model], parent: Output[Artifact]):
@@ -267,12 +271,16 @@ def report_op(recipe_json: str, tracking_uri: str, parent: Input[Artifact], pare
                experiment=recipe.register.experiment)
 
 
-def make_ops(base_image: str = DEFAULT_IMAGE) -> SimpleNamespace:
-    """The KFP components, built on ``base_image`` (an image with edgeslim installed)."""
+def make_ops(base_image: str = DEFAULT_IMAGE, *, images: dict | None = None) -> SimpleNamespace:
+    """The KFP components, built on ``base_image`` (an image with edgeslim installed).
+
+    ``images`` puts components on other images by name, e.g. ``{"engine_build_op": <TensorRT image>}``.
+    """
+    images = dict(images or {})
 
     def comp(fn):
         # install_kfp_package=False: the image (or the local env) already has edgeslim and kfp.
-        return dsl.component(fn, base_image=base_image, install_kfp_package=False)
+        return dsl.component(fn, base_image=images.get(fn.__name__, base_image), install_kfp_package=False)
 
     return SimpleNamespace(**{f.__name__: comp(f) for f in (
         pull_op, export_op, transform_op, quantize_op, evaluate_op, gate_op, plan_engines_op,

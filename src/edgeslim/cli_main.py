@@ -41,18 +41,38 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.set_defaults(func=cmd_init)
 
+    def cluster_args(p) -> None:
+        p.add_argument("--source", default=None, help="models:/NAME/VERSION (or @ALIAS): overrides the recipe's source")
+        p.add_argument("--base-image", default=None, help="image of the CPU tasks, edgeslim installed "
+                       "(deploy/images/Containerfile)")
+        p.add_argument("--engine-image", default=None, help="image of the engine tasks, TensorRT installed "
+                       "(deploy/images/Containerfile.tensorrt)")
+        p.add_argument("--train-image", default=None, help="image of the training tasks when resources.train.gpu "
+                       "asks for a GPU (a CUDA torch; deploy/images/Containerfile)")
+        p.add_argument("--mlflow-secret", default=None, help="Kubernetes Secret with the MLflow credentials "
+                       "(default: the recipe's cluster.mlflow_secret, else edgeslim-mlflow; '' for none)")
+        p.add_argument("--s3-secret", default=None, help="Kubernetes Secret with the S3 credentials "
+                       "(default: the recipe's cluster.s3_secret, else edgeslim-s3; '' for none)")
+
     p = sub.add_parser("compile", help="write the pipeline as Kubeflow IR YAML")
     p.add_argument("-o", "--output", required=True, help="YAML file to write")
-    p.add_argument("--base-image", default=None, help="image with edgeslim installed (see deploy/images/)")
+    p.add_argument("--recipe", default=None, help="lay the tasks out for this recipe (device classes, resources, "
+                   "secrets) and make it the runs' default input; default: the demo recipe's layout, no default")
+    cluster_args(p)
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("submit", help="submit the pipeline to a Kubeflow Pipelines endpoint")
     p.add_argument("recipe", help="recipe YAML")
-    p.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://ml-pipeline-ui.kubeflow:80")
+    p.add_argument("--host", required=True, help="KFP UI or API URL, e.g. http://localhost:8080 "
+                   "(kubectl -n kubeflow port-forward svc/ml-pipeline-ui 8080:80)")
+    p.add_argument("--token", default=None, help="bearer token for the KFP API (default: $KFP_TOKEN)")
     p.add_argument("--tracking-uri", default=None, help="MLflow URI as the cluster sees it")
     p.add_argument("--experiment", default="edgeslim", help="KFP experiment name")
-    p.add_argument("--base-image", default=None, help="image with edgeslim installed")
     p.add_argument("--namespace", default=None, help="Kubeflow profile namespace")
+    p.add_argument("--wait", action="store_true", help="follow the run; print its final state and fail if it failed")
+    p.add_argument("--timeout", type=float, default=0.0, help="with --wait: give up after this many seconds (0: never)")
+    p.add_argument("--poll", type=float, default=10.0, help=argparse.SUPPRESS)
+    cluster_args(p)
     p.set_defaults(func=cmd_submit)
 
 
@@ -321,37 +341,66 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cluster_recipe(path: str | None, args: argparse.Namespace):
+    """The recipe (default: the demo's) with the command line's overrides (``--source``, secrets)."""
+    import dataclasses
+
+    from edgeslim.components.common.tracking import MODEL_URI
+    from edgeslim.components.recipe import load_recipe
+    from edgeslim.pipelines.demo import DEMO_RECIPE
+
+    if path is None and args.source is not None:
+        raise ConfigError("--source: it overrides a recipe's source; add --recipe RECIPE.yaml")
+    recipe = load_recipe(path or DEMO_RECIPE)
+    if args.source is not None:
+        if not MODEL_URI.match(args.source):
+            raise ConfigError(f"--source: got {args.source!r}; use a registry URI 'models:/NAME/VERSION' "
+                              "or 'models:/NAME@ALIAS'")
+        recipe = recipe.with_overrides(source=args.source)
+    secrets = {k: getattr(args, k) for k in ("mlflow_secret", "s3_secret") if getattr(args, k) is not None}
+    if secrets:
+        recipe = recipe.with_overrides(cluster=dataclasses.replace(recipe.cluster, **secrets))
+    return recipe
+
+
+def _images(args: argparse.Namespace) -> dict:
+    from edgeslim.components.kfp.ops import DEFAULT_ENGINE_IMAGE, DEFAULT_IMAGE, DEFAULT_TRAIN_IMAGE
+
+    return {"base_image": args.base_image or DEFAULT_IMAGE, "engine_image": args.engine_image or DEFAULT_ENGINE_IMAGE,
+            "train_image": args.train_image or DEFAULT_TRAIN_IMAGE}
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
-    from edgeslim.components.kfp.ops import DEFAULT_IMAGE
     from edgeslim.pipelines.edge_compression import compile_pipeline
 
-    out = compile_pipeline(args.output, base_image=args.base_image or DEFAULT_IMAGE)
+    out = compile_pipeline(args.output, recipe=_cluster_recipe(args.recipe, args),
+                           recipe_default=args.recipe is not None, **_images(args))
     print(f"wrote {out}")
     return 0
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    import kfp
+    import os
 
-    from edgeslim.components.recipe import load_recipe
-    from edgeslim.components.kfp.ops import DEFAULT_IMAGE
-    from edgeslim.pipelines.edge_compression import build_pipeline
+    from edgeslim.pipelines.edge_compression import build_pipeline, follow_run, submit_run
 
-    recipe = load_recipe(args.recipe)
+    recipe = _cluster_recipe(args.recipe, args)
     uri = args.tracking_uri or recipe.tracking_uri
+    # Laid out here, before anything is sent: a recipe Kubernetes cannot place fails in this process.
+    pipeline = build_pipeline(recipe=recipe, **_images(args))
+    client, run_id, url = submit_run(
+        pipeline, host=args.host, token=args.token or os.environ.get("KFP_TOKEN") or None,
+        arguments={"recipe_json": recipe.to_json(), "tracking_uri": uri or ""},
+        experiment=args.experiment, namespace=args.namespace, run_name=f"edgeslim {recipe.source}",
+    )
+    print(f"submitted run {run_id}: {url}", flush=True)
+    if not args.wait:
+        return 0
     try:
-        client = kfp.Client(host=args.host, namespace=args.namespace)
-        run = client.create_run_from_pipeline_func(
-            build_pipeline(args.base_image or DEFAULT_IMAGE),
-            arguments={"recipe_json": recipe.to_json(), "tracking_uri": uri or ""},
-            experiment_name=args.experiment, namespace=args.namespace,
-        )
-    except EdgeslimError:
-        raise
-    except Exception as exc:  # kfp_server_api / urllib3 / auth errors
-        raise EdgeslimError(
-            f"cannot submit to Kubeflow Pipelines at {args.host} ({type(exc).__name__}: {str(exc)[:160]}); "
-            "check --host and your credentials"
-        ) from None
-    print(f"submitted run {run.run_id} to {args.host}")
+        state = follow_run(client, run_id, url, host=args.host, timeout=args.timeout, poll=args.poll,
+                           progress=_progress)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM stop the following, not the run
+        print(f"edgeslim: stopped following run {run_id}; it goes on at {url}", file=sys.stderr)
+        return 128 + getattr(exc, "signum", 2)
+    print(f"run {run_id} {state.lower()}: {url}")
     return 0
