@@ -1037,7 +1037,11 @@ class Controller:
                 continue
             try:
                 cur, _ = self._current_manifest(dev)
-                if cur and cur.get("rollout_id") != rec["name"]:
+                # A later rollout that only rolled the device back to this rollout's model (it failed or was
+                # aborted) does not supersede this one: the device still runs what this rollout installed.
+                back_to_ours = bool(cur) and cur.get("action") == "rollback" and \
+                    (cur.get("artifact") or {}).get("sha256") == rec["artifact"]["sha256"]
+                if cur and cur.get("rollout_id") != rec["name"] and not back_to_ours:
                     d["rolled_back"] = {"skipped": f"superseded by rollout {cur.get('rollout_id')}"}
                     continue
                 if devs is None:
