@@ -49,7 +49,7 @@ def export_op(recipe_json: str, model: Input[Model], onnx_model: Output[Model], 
     from edgeslim.components.common.data import load_data
 
     recipe = recipe_from_json(recipe_json)
-    data = load_data(recipe.data.provider, recipe.data.args)
+    data = load_data(recipe.data.provider, recipe.data.args, recipe.data.preprocess)
     res = export(load_module(model.path), recipe.export, data=data, out_path=onnx_model.path)
     Path(info.path).write_text(json.dumps({**res.metrics, "seconds": res.seconds}))
 
@@ -71,7 +71,7 @@ def transform_op(recipe_json: str, model: Input[Model], student: Output[Model], 
     from edgeslim.components.common.data import load_data
     from edgeslim.components.task import task_for
 
-    data = load_data(recipe.data.provider, recipe.data.args)
+    data = load_data(recipe.data.provider, recipe.data.args, recipe.data.preprocess)
     res = task_for(recipe.task).transform(load_module(model.path), recipe.torch_stages, data=data)
     save_module(res.model, student.path)
     Path(info.path).write_text(json.dumps({**res.metrics, "seconds": res.seconds}, default=str))
@@ -88,7 +88,7 @@ def quantize_op(recipe_json: str, tracking_uri: str, onnx_model: Input[Model], s
     from edgeslim.components.common.data import load_data
 
     recipe = recipe_from_json(recipe_json)
-    data = load_data(recipe.data.provider, recipe.data.args)
+    data = load_data(recipe.data.provider, recipe.data.args, recipe.data.preprocess)
     out_dir = Path(qdq_model.path).parent / "quantize"
     cfg = recipe.quantize
     from edgeslim.components.common.model_io import load_module
@@ -136,7 +136,7 @@ def evaluate_op(recipe_json: str, qdq_model: Input[Model], parent_onnx: Input[Mo
     from edgeslim.components.task import task_for
 
     recipe = recipe_from_json(recipe_json)
-    data = load_data(recipe.data.provider, recipe.data.args)
+    data = load_data(recipe.data.provider, recipe.data.args, recipe.data.preprocess)
     res = task_for(recipe.task).evaluate(qdq_model.path, recipe.evaluate, parent_onnx=parent_onnx.path, data=data,
                                          student_onnx=student_onnx.path if recipe.torch_stages else None)
     res.metrics["student_fp32_size_bytes"] = Path(student_onnx.path).stat().st_size
@@ -179,6 +179,7 @@ def plan_engines_op(recipe_json: str, parent: Input[Artifact], verdict: Input[Ar
     name = recipe.register.model_name(json.loads(Path(parent.path).read_text())["name"])
     Path(plan.path).write_text(json.dumps({
         "engines_config": cfg.to_dict(), "data_provider": recipe.data.provider, "data_args": recipe.data.args,
+        "data_preprocess": recipe.data.preprocess.to_dict() if recipe.data.preprocess else None,
         "previous_model_uri": f"models:/{name}@{recipe.register.alias}",
     }))
 
@@ -200,6 +201,7 @@ def engine_build_op(qdq_model: Input[Model], device_class: str, plan: Input[Arti
 
         status = build_engine_task(qdq_model.path, device_class, p["engines_config"],
                                    data_provider=p["data_provider"], data_args=p["data_args"],
+                                   data_preprocess=p.get("data_preprocess"),
                                    out_dir=engines.path, previous_model_uri=p["previous_model_uri"])["status"]
         engines.metadata.update({"device_class": device_class, "status": status})
     print(f"engine {device_class}: {status}")
@@ -220,14 +222,14 @@ def register_op(recipe_json: str, tracking_uri: str, qdq_model: Input[Model], pa
     from edgeslim.components.common.data import describe_data, load_data
 
     recipe = recipe_from_json(recipe_json)
-    data = load_data(recipe.data.provider, recipe.data.args)
+    data = load_data(recipe.data.provider, recipe.data.args, recipe.data.preprocess)
     q = recipe.quantize
     calib = data.calibration(getattr(q, "num_samples", 512), getattr(q, "seed", 0))
     res = register(
         qdq_model.path, parent=json.loads(Path(parent.path).read_text()), recipe=recipe,
         evaluation=json.loads(Path(evaluation.path).read_text()),
         gate_result=json.loads(Path(verdict.path).read_text()), calibration=calib,
-        data_description=describe_data(recipe.data.provider, recipe.data.args),
+        data_description=describe_data(recipe.data.provider, recipe.data.args, recipe.data.preprocess),
         tracking_uri=tracking_uri or recipe.tracking_uri or None,
         # kfp's local runner hands JSON-looking strings over already parsed
         engines=[e if isinstance(e, dict) else json.loads(e) for e in engines],
