@@ -2,8 +2,9 @@
 
 A provider is a class in the ``edgeslim.datasets`` entry-point group. It is
 built with the recipe's ``data.args`` as keyword arguments and its ``load()``
-returns a :class:`~edgeslim.components.common.data.Splits`. Built-ins:
-``sklearn-digits`` and ``npz``.
+returns a :class:`~edgeslim.components.common.data.Splits`. Built-ins here:
+``sklearn-digits``, ``npz`` and ``digits-detect``; the image providers (``imagefolder``,
+``yolo``, ``coco``: streamed, local or S3) are in :mod:`.image_datasets`.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ SPLIT_KEYS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
 def is_lazy(x) -> bool:
     """Whether ``x`` is an array-like read on demand (e.g. :class:`~.lazy_images.LazyImages`) rather
     than a numpy array: it has ``len``, ``shape``, ``dtype`` and indexing, and is kept as it is."""
-    return not isinstance(x, np.ndarray) and all(hasattr(x, a) for a in ("__getitem__", "__len__", "shape", "dtype"))
+    return (not isinstance(x, np.ndarray) and not hasattr(x, "numpy")  # a torch tensor is not lazy
+            and all(hasattr(x, a) for a in ("__getitem__", "__len__", "shape", "dtype")))
 
 
 def check_labels(x: np.ndarray, y: np.ndarray, where: str) -> None:

@@ -453,3 +453,17 @@ def test_detection_path_runs_on_a_lazy_yolo_dataset_as_on_held_arrays(detection,
     _, got, _ = onnx_detections(q, held.x_test, task)
     flat = [np.concatenate([o.reshape(len(o), -1) for o in outs], 1) for outs in (ref, got)]
     assert lazy["candidate"]["fidelity"]["sqnr_db"] == round(sqnr_db(*flat), 3)
+
+
+@pytest.mark.slow
+def test_the_data_scale_bench_measures_each_size_in_its_own_process(tmp_path):
+    from edgeslim.pipelines.bench_data import data_scale_bench, format_bench
+
+    res = data_scale_bench(sizes=(60, 200), workdir=tmp_path)
+    small, large = res["rows"]
+    assert (small["images"], small["val_images"], large["images"], large["val_images"]) == (60, 6, 200, 20)
+    for row in res["rows"]:
+        assert row["calibrated_tensors"] > 0 and row["peak_rss_mb"] >= row["rss_after_imports_mb"] > 0
+        assert row["eval_val_s"] >= 0 and row["calibration_s"] > 0
+    assert res["peak_rss_ratio"] == round(large["peak_rss_mb"] / small["peak_rss_mb"], 3)
+    assert "peak RSS ratio" in format_bench(res)
