@@ -22,7 +22,7 @@ import os
 import sys
 from typing import Any
 
-from edgeslim.components.common.errors import ConfigError, FleetError, MissingDependencyError
+from edgeslim.components.common.errors import ConfigError, FleetError
 
 SIGNING_KEY_ENV = "EDGESLIM_FLEET_SIGNING_KEY"
 ROOT_ENV = "EDGESLIM_FLEET_ROOT"

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import re
 import shutil
 import sys
@@ -13,9 +14,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from edgeslim.components.common import progress as progress_events
 from edgeslim.components.common.errors import EdgeslimError
 
 _TASK_LINE = re.compile(r"Task '([^']+)' finished with status (\w+)")
+_START_LINE = re.compile(r"Executing task '([^']+)'")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _ERROR_LINE = re.compile(r"edgeslim\.components\.common\.errors\.(\w+): (.*)")
 
 
@@ -24,18 +28,31 @@ class PipelineTaskFailed(EdgeslimError):
 
 
 class _Echo(io.TextIOBase):
-    """Collects the runner's output; passes task-status lines to ``progress``."""
+    """Collects the runner's output; passes task starts and ends, and the progress events the
+    tasks emit (``components/common/progress.py``), to ``progress(text, kind)``."""
 
-    def __init__(self, progress: Callable[[str], None] | None):
+    def __init__(self, progress: Callable[..., None] | None):
         self.buf = io.StringIO()
         self.progress = progress
+        self._partial = ""
 
     def write(self, s: str) -> int:
         self.buf.write(s)
         if self.progress:
-            for m in _TASK_LINE.finditer(re.sub(r"\x1b\[[0-9;]*m", "", s)):
-                self.progress(f"  task {m.group(1)}: {m.group(2).lower()}")
+            text = self._partial + _ANSI.sub("", s)
+            *whole, self._partial = text.split("\n")
+            for line in whole:
+                self._line(line)
         return len(s)
+
+    def _line(self, line: str) -> None:
+        event = progress_events.parse(line)
+        if event is not None:
+            self.progress("  " + str(event["text"]), str(event.get("kind", "note")))
+        elif m := _START_LINE.search(line):
+            self.progress(f"task {m.group(1)}: started", "task")
+        elif m := _TASK_LINE.search(line):
+            self.progress(f"task {m.group(1)}: {m.group(2).lower()}", "task")
 
 
 def _first_error(log: str) -> str | None:
@@ -68,6 +85,10 @@ def run_pipeline(recipe, *, tracking_uri: str, workdir: str | Path,
     kfp_logger = logging.getLogger("kfp")
     handlers = list(kfp_logger.handlers)
     t0 = time.perf_counter()
+    # The tasks run in subprocesses that inherit this: their progress comes back marked, through the sink.
+    saved_mode = os.environ.get(progress_events.ENV)
+    if saved_mode != "off":
+        os.environ[progress_events.ENV] = "pipe" if not verbose else ""
     try:
         if verbose:
             task = pipeline(recipe_json=recipe.to_json(), tracking_uri=tracking_uri)
@@ -89,6 +110,10 @@ def run_pipeline(recipe, *, tracking_uri: str, workdir: str | Path,
         for h in handlers:
             if isinstance(h, logging.StreamHandler):
                 h.setStream(sys.stderr)
+        if saved_mode is None:
+            os.environ.pop(progress_events.ENV, None)
+        else:
+            os.environ[progress_events.ENV] = saved_mode
     (workdir / "pipeline.log").write_text(sink.buf.getvalue())
     report_art = task.outputs if not hasattr(task, "output") else task.output
     report = json.loads(Path(report_art.path).read_text())

@@ -54,7 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compress an MLflow-registered PyTorch model to an int8 edge model, "
         "gate it, register it, and roll it out.",
     )
+    from edgeslim.components.common.version import __version__
+
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("--version", action="version", version=f"edgeslim {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress lines: only results, warnings and errors")
+    parser.add_argument("-v", "--verbose", dest="verbose_all", action="store_true",
+                        help="more detail: info logs, and the local runner's own output")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:
         try:
@@ -86,11 +93,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.WARNING,
+        level=logging.DEBUG if args.debug else logging.INFO if args.verbose_all else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
     if not args.debug:
         _quiet_libraries()
+    if args.quiet:
+        from edgeslim.components.common.progress import ENV
+
+        os.environ[ENV] = "off"
+    if args.verbose_all and hasattr(args, "verbose"):
+        args.verbose = True
+    from edgeslim.components.common import processes
+
+    already_running = set(processes.descendants())  # a caller's own children (tests call main in-process)
+    previous_handlers = processes.handle_termination()
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         for mod in _PIPELINE_COMMANDS.get(args.command, ()):
@@ -108,9 +125,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"edgeslim: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("edgeslim: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (processes.Terminated)
+        signum = getattr(exc, "signum", 2)
+        print(f"edgeslim: {'interrupted' if signum == 2 else 'stopped by ' + str(exc)}", file=sys.stderr)
+        return 128 + signum
+    finally:
+        # Whatever ended the command, nothing it started outlives it (task subprocesses, servers).
+        stopped = processes.stop_descendants(keep=already_running)
+        processes.restore(previous_handlers)
+        if stopped and args.debug:
+            print(f"edgeslim: stopped {len(stopped)} process(es) it had started", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-import time
 from pathlib import Path
 
 from edgeslim.components.common.errors import ConfigError, EdgeslimError, GateRejected
 
 
-def _progress(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+_renderer = None
+
+
+def _progress(msg: str, kind: str = "note") -> None:
+    """Progress on the terminal (one redrawn line for epochs and trials), plain lines elsewhere."""
+    global _renderer
+    from edgeslim.components.common import progress
+
+    if os.environ.get(progress.ENV) == "off":  # edgeslim --quiet
+        return
+    if _renderer is None:  # made before any redirection, so it keeps the real stderr
+        _renderer = progress.Renderer(sys.stderr)
+    _renderer(msg, kind)
 
 
 def register(sub) -> None:
@@ -82,7 +93,7 @@ def _preflight(recipe, tracking_uri: str, workdir: Path) -> None:
     from edgeslim.components.pull import pull
     from edgeslim.components.common.data import load_data
 
-    data = load_data(recipe.data.provider, recipe.data.args)
+    data = load_data(recipe.data.provider, recipe.data.args, recipe.data.preprocess)
     res = pull(recipe.source, tracking_uri=tracking_uri, out_dir=workdir / "preflight")
     check_model_accepts(res.model, data.x_test[:4])
     from edgeslim.components.task import task_for
@@ -114,7 +125,12 @@ def execute(recipe, *, tracking_uri: str, workdir: Path, verbose: bool = False) 
     _progress(f"checking {recipe.source} on {tracking_uri}")
     _preflight(recipe, tracking_uri, workdir)
     _progress("running the pipeline with Kubeflow's local runner")
-    report = run_pipeline(recipe, tracking_uri=tracking_uri, workdir=workdir, progress=_progress, verbose=verbose)
+    try:
+        report = run_pipeline(recipe, tracking_uri=tracking_uri, workdir=workdir, progress=_progress,
+                              verbose=verbose)
+    finally:
+        if _renderer is not None:
+            _renderer.close()
     rj, rh = _write_outputs(report, workdir)
     print(format_table(report))
     print(f"report: {rj}\nhtml:   {rh}")
@@ -144,7 +160,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             ensure_teacher(client, progress=_progress)
             recipe = load_recipe(DEMO_RECIPE).with_overrides(tracking_uri=server.uri)
         code = execute(recipe, tracking_uri=server.uri, workdir=workdir, verbose=args.verbose)
-        print(f"browse it: mlflow ui --backend-store-uri sqlite:///{workdir / 'mlflow' / 'mlflow.db'}")
+        # The runs' artifacts are served by the tracking server (mlflow-artifacts:/): the UI needs the same
+        # destination, or its artifact list is empty and report.html is a 404.
+        print(f"browse it: mlflow ui --backend-store-uri sqlite:///{server.root / 'mlflow.db'} "
+              f"--artifacts-destination {server.artifacts}")
         return code
 
 

@@ -16,6 +16,9 @@ def test_demo_meets_its_targets_and_reuses_on_the_second_run(tmp_path):
     first = run_cli("demo", "--workdir", str(wd), timeout=1200)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "teacher: training epoch" in first.stderr  # long steps show progress
+    # ...including the pipeline's tasks, which run in the local runner's subprocesses
+    assert "task pull: started" in first.stderr and "task report: succeeded" in first.stderr
+    assert "mlflow ui --backend-store-uri" in first.stdout and "--artifacts-destination" in first.stdout
     rep = json.loads((wd / "report.json").read_text())
     src, cand = rep["source"], rep["candidate"]
     assert src["name"] == "digits-teacher" and src["uri"] == "models:/digits-teacher@champion"
