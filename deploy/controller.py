@@ -494,13 +494,28 @@ class Controller:
     # ------------------------------------------------------------------ devices
     def inventory(self) -> tuple[dict[str, dict[str, Any]], str | None]:
         """Enrolled devices (id -> class and public key) as the fleet key signed them, and the ETag."""
-        got = self._verified(self.keys.inventory, "device inventory")
+        try:
+            got = self._verified(self.keys.inventory, "device inventory")
+        except signing.SignatureError as exc:
+            raise signing.SignatureError(f"{exc}; if the root rotated the fleet key, enrol the devices again "
+                                         "(`edgeslim fleet enrol FLEET DEVICE`)") from None
         if got is None:
             return {}, None
         inv, etag = got
         if inv.get("type") != trust.INVENTORY_TYPE or inv.get("fleet") != self.fleet:
             raise signing.SignatureError(f"device inventory is for {inv.get('fleet')!r}, not {self.fleet!r}")
         return dict(inv.get("devices") or {}), etag
+
+    def _inventory_for_write(self) -> tuple[dict[str, Any], str | None]:
+        """The inventory to enrol into. One that no current fleet key signed (a root rotation retired the
+        key that signed it, or it was garbled) is started afresh, fenced on the stored object: every
+        device is then enrolled again, from its own signed registration."""
+        try:
+            return self.inventory()
+        except (signing.SignatureError, bounded.BoundedInputError) as exc:
+            log.warning("device inventory not trusted (%s); starting a new one: enrol every device again", exc)
+            head = self.store.head(self.keys.inventory)
+            return {}, head[1] if head else None
 
     def enrol(self, device_id: str, device_class: str | None = None, public_key: str | None = None) -> dict[str, Any]:
         """Add a device to the signed inventory; class and key default to its registration's."""
@@ -514,14 +529,14 @@ class Controller:
             public_key = public_key or reg["public_key"]
             device_class = device_class or reg["device_class"]
         trust.public_from_b64(public_key)
-        devices, etag = self.inventory()
+        devices, etag = self._inventory_for_write()
         devices[device_id] = {"device_class": device_class, "public_key": public_key, "enrolled_at": self.clock()}
         return self._write_inventory(devices, etag)[device_id]
 
     def enrol_many(self, entries: dict[str, tuple[str, str]]) -> None:
         """Enrol several devices in one inventory write: ``{device_id: (class, public key b64)}``."""
         self._require_key()
-        devices, etag = self.inventory()
+        devices, etag = self._inventory_for_write()
         for dev, (cls, pub) in entries.items():
             check_name("device", dev)
             trust.public_from_b64(pub)
