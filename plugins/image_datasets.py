@@ -250,6 +250,8 @@ def parse_yolo_label(text: str, num_classes: int, where: str) -> tuple[np.ndarra
             continue
         try:
             vals = [float(p) for p in parts]
+            if not np.isfinite(vals).all():
+                raise ValueError
         except ValueError:
             raise DataError(f"data {where} line {n}: {line.strip()[:60]!r} is not numbers; a YOLO label line is "
                             "'class cx cy w h' with coordinates as shares of the image size") from None
