@@ -82,10 +82,10 @@ def _root_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def split_config(raw: dict[str, Any] | None) -> tuple[dict[str, Any], bool]:
+def split_config(raw: dict[str, Any] | None, *, default_wait: bool = True) -> tuple[dict[str, Any], bool]:
     """Separate ``wait`` from the wave settings."""
     raw = dict(raw or {})
-    wait = raw.pop("wait", True)
+    wait = raw.pop("wait", default_wait)
     if isinstance(wait, str):
         if wait.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise ConfigError(f"wait: got {wait!r}; expected true or false")

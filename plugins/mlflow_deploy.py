@@ -48,9 +48,12 @@ Where the fleet lives (environment, or -C for the non-secret ones):
   credentials with -C: they are refused, because -C values reach logs and MLflow.
 
 Operations:
-  create   -m models:/NAME@ALIAS (or /VERSION): resolve the alias, take the fleet lock, send
-           manifests in waves (canary first), wait, abort and roll back past the threshold;
-           on success move the edge-canary and edge-stable aliases and tag the version.
+  create   -m models:/NAME@ALIAS (or /VERSION): resolve the alias, check its release statement,
+           record the rollout and return; a background controller (`edgeslim fleet reconcile`,
+           its log under ~/.edgeslim/rollouts/) sends manifests in waves (canary first), aborts
+           and rolls back past the threshold, and on success moves edge-canary and edge-stable.
+           `get` follows it. -C wait=true runs it here to the end, and fails with the reason
+           when the rollout aborts.
   update   -m another version under the same deployment name; or -C action=abort to stop a
            running rollout and roll every touched device back.
   delete   withdraw: every device the rollout touched goes back to its previous model.
@@ -65,7 +68,7 @@ Config (-C KEY=VALUE):
   wave_timeout_s=600     a device silent this long counts as failed
   poll_interval_s=2      expiry_s=604800   atol=0.001   rtol=0.001   latency_budget_ms=None
   health_repeats=5       device_class=None (all)   canary_alias=edge-canary   stable_alias=edge-stable
-  lock_ttl_s=900         wait=true (false: record it; `edgeslim fleet reconcile` runs it)
+  lock_ttl_s=900         wait=false (true: run the waves here and fail if the rollout aborts)
 """
 
 
@@ -111,22 +114,38 @@ class EdgeDeploymentClient(BaseDeploymentClient):
         if flavor not in (None, "edgeslim_edge"):
             raise ConfigError(f"flavor {flavor!r}: the edge target deploys the edgeslim_edge flavor only")
         loc, raw = _split(config)
-        raw, wait = split_config(raw)
+        raw, wait = split_config(raw, default_wait=False)
         c = self._controller(loc, need_key=True)
-        return self._view(c, c.create(name, model_uri, WaveRolloutConfig.from_strings(raw), wait=wait))
+        rec = c.create(name, model_uri, WaveRolloutConfig.from_strings(raw), wait=wait)
+        return self._ended(c, rec) if wait else self._in_background(c, rec, loc)
 
     def update_deployment(self, name, model_uri=None, flavor=None, config=None, endpoint=None):
         from edgeslim.deploy.controller import WaveRolloutConfig
         from edgeslim.deploy.fleet_cli import split_config
 
         loc, raw = _split(config)
-        raw, wait = split_config(raw)
+        raw, wait = split_config(raw, default_wait=False)
         c = self._controller(loc, need_key=True)
         if str(raw.pop("action", "")).lower() == "abort":
             return self._view(c, c.abort(name, str(raw.pop("reason", "aborted by request"))))
         rec = c.get(name)
         cfg = WaveRolloutConfig.from_strings({**rec["config"], **raw}) if rec else None
-        return self._view(c, c.update(name, model_uri, cfg, wait=wait))
+        rec = c.update(name, model_uri, cfg, wait=wait)
+        return self._ended(c, rec) if wait else self._in_background(c, rec, loc)
+
+    def _ended(self, c, rec) -> dict[str, Any]:
+        """``-C wait=true``: the rollout ran here; an aborted or failed one fails the command."""
+        from mlflow.exceptions import MlflowException
+
+        if rec["state"] not in ("succeeded",):
+            raise MlflowException(f"rollout {rec['name']!r} {rec['state']}: {rec.get('reason')}")
+        return self._view(c, rec)
+
+    def _in_background(self, c, rec, loc) -> dict[str, Any]:
+        """Hand the recorded rollout to a detached controller and return at once."""
+        out = self._view(c, rec)
+        out["controller_log"] = str(start_controller(self.fleet, loc))
+        return out
 
     def delete_deployment(self, name, config=None, endpoint=None):
         loc, _ = _split(config)
@@ -156,6 +175,26 @@ class EdgeDeploymentClient(BaseDeploymentClient):
 
     def explain(self, deployment_name=None, df=None, endpoint=None):
         raise NotImplementedError("the edge target has no explain; use predict")
+
+
+def start_controller(fleet: str, loc: dict[str, Any]):
+    """Start ``edgeslim fleet reconcile FLEET`` detached (its own session): it runs the recorded
+    rollout to the end whether or not this command is still there. Returns its log file."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    log_dir = Path(os.environ.get("EDGESLIM_HOME") or Path.home() / ".edgeslim") / "rollouts"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"{fleet}.log"
+    args = [sys.executable, "-m", "edgeslim", "fleet", "reconcile", fleet]
+    for flag, key in (("--store", "store"), ("--endpoint-url", "endpoint_url"), ("--signing-key", "signing_key"),
+                      ("--root", "root")):
+        if loc.get(key):
+            args += [flag, str(loc[key])]
+    with open(log, "ab") as fh:
+        subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=fh, stderr=fh, start_new_session=True)
+    return log
 
 
 def run_local(name, model_uri, flavor=None, config=None):

@@ -53,7 +53,7 @@ def test_good_rollout_through_mlflow_deployments(rgw, s3_url, s3_store, keys, ag
     env = _env(rgw, s3_url, keys)
     out = _mlflow_cli(env, "create", "-t", "edge:/lab", "--name", "r1", "-m", "models:/fleet-good@edge-candidate",
                       "-C", "waves=25,50,100", "-C", "max_failure_pct=10", "-C", "poll_interval_s=0.2",
-                      "-C", "wave_timeout_s=60")
+                      "-C", "wave_timeout_s=60", "-C", "wait=true")
     assert all(d.running_sha() == sha for d in devs)
     rec = s3_store.get_json(FleetKeys("lab").rollout("r1"))[0]["signed"]  # the fleet key signs records
     assert rec["state"] == "succeeded" and [len(w["devices"]) for w in rec["waves"]] == [1, 1, 2]
@@ -222,3 +222,39 @@ def test_delete_withdraws_devices_to_their_previous_model(
     _mlflow_cli(_env(rgw, s3_url, keys), "delete", "-t", "edge:/lab", "--name", "r2")
     wait_for(lambda: all(d.running_sha() == sha1 for d in devs), 60, "devices back on v1")
     assert s3_store.get_json(FleetKeys("lab").rollout("r2"))[0]["signed"]["state"] == "withdrawn"
+
+
+def test_create_returns_at_once_and_an_aborted_rollout_fails_the_waiting_command(
+        rgw, s3_url, s3_store, keys, agents, register_edge_model, tmp_path):
+    """`mlflow deployments create` records the rollout and a detached controller runs it; `get`
+    follows it. With -C wait=true the command runs it, and an abort fails it with the reason."""
+    from mlflow.deployments import get_deploy_client
+
+    devs = [agents("a0", ORIN), agents("a1", ORIN)]
+    wait_for(lambda: _registered(s3_store, "lab", 2), 30, "2 registrations")
+    good = make_onnx(tmp_path / "good.onnx", seed=8)
+    _, sha = register_edge_model("fleet-async", good)
+    env = dict(_env(rgw, s3_url, keys), EDGESLIM_HOME=str(tmp_path / "home"))
+    out = _mlflow_cli(env, "create", "-t", "edge:/lab", "--name", "r1", "-m", "models:/fleet-async@edge-candidate",
+                      "-C", "waves=50,100", "-C", "poll_interval_s=0.2", "-C", "wave_timeout_s=60")
+    assert "deployment r1 is created" in out.stdout, out.stdout  # returned; the waves run elsewhere
+    saved = {k: os.environ.get(k) for k in ("EDGESLIM_FLEET_STORE", "EDGESLIM_S3_ENDPOINT_URL", "EDGESLIM_FLEET_ROOT")}
+    os.environ.update(EDGESLIM_FLEET_STORE=s3_url, EDGESLIM_S3_ENDPOINT_URL=rgw["S3_ENDPOINT_URL"],
+                      EDGESLIM_FLEET_ROOT=str(keys.root_path))
+    try:
+        client = get_deploy_client("edge:/lab")
+        got = wait_for(lambda: client.get_deployment("r1")["state"] in ("succeeded", "aborted", "failed")
+                       and client.get_deployment("r1"), 180, "the background controller to finish")
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    assert got["state"] == "succeeded" and got["reported"] == 2, got
+    assert all(d.running_sha() == sha for d in devs)
+    assert (tmp_path / "home" / "rollouts" / "lab.log").is_file()  # the detached controller's log
+
+    register_edge_model("fleet-async", make_onnx(tmp_path / "bad.onnx", seed=9), golden_from=good)
+    bad = _mlflow_cli(env, "update", "-t", "edge:/lab", "--name", "r1", "-m", "models:/fleet-async@edge-candidate",
+                      "-C", "wait=true", check=False)
+    assert bad.returncode != 0
+    assert "rollout 'r1' aborted" in bad.stderr and "reported devices failed" in bad.stderr
+    wait_for(lambda: all(d.running_sha() == sha for d in devs), 60, "devices back on the good model")
