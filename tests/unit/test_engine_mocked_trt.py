@@ -628,7 +628,6 @@ def test_device_agent_records_why_it_serves_with_onnxruntime(tmp_path, monkeypat
     monkeypatch.syspath_prepend(str(Path(__file__).parent / "deploy"))
     from fleet_unit_helpers import ManifestWriter, golden_for, make_onnx, upload
 
-    from edgeslim.deploy import signing
     from edgeslim.deploy.agent import health
     from edgeslim.deploy.agent.device import Agent
     from edgeslim.deploy.store import LocalStore
@@ -645,12 +644,13 @@ def test_device_agent_records_why_it_serves_with_onnxruntime(tmp_path, monkeypat
     monkeypatch.setattr(eng, "build_engine", fake_build)
     monkeypatch.setattr(health, "_tensorrt_importable", lambda: True)
     monkeypatch.setattr(health, "_tensorrt_runner", no_device)
-    priv, pub = signing.generate_keypair(tmp_path / "keys")
+    from tests.fleet_trust import TrustKit
+
+    kit = TrustKit(tmp_path / "keys", fleet="f")
     store = LocalStore(tmp_path / "store")
-    writer = ManifestWriter(store, signing.load_private_key(priv))
+    writer = ManifestWriter(store, kit)
     agent = Agent(store=store, fleet="f", device_id="d0", device_class="cls-a", state_dir=tmp_path / "d0",
-                  trusted_keys=signing.load_public_keys(pub), poll_interval=0.01, heartbeat_interval=0.01,
-                  health_in_process=True)
+                  root=kit.root, poll_interval=0.01, heartbeat_interval=0.01, health_in_process=True)
     agent.recover()
     model = make_onnx(tmp_path / "v1.onnx", seed=1)
     writer.send(upload(store, model), golden_for(model))
