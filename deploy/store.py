@@ -485,6 +485,8 @@ class FleetKeys:
     def __init__(self, fleet: str) -> None:
         self.fleet = check_name("fleet", fleet)
         self.base = f"fleets/{fleet}"
+        self.timestamp = f"{self.base}/timestamp.json"  # the fleet key's short-lived freshness statement
+        self.inventory = f"{self.base}/inventory.json"  # enrolled devices, signed by the fleet key
 
     @property
     def lock(self) -> str:
@@ -521,14 +523,6 @@ class FleetKeys:
     def root(self, version: int) -> str:
         """Root document ``version`` (TUF-style: every version kept, walked in order)."""
         return f"{self.base}/root/{int(version)}.root.json"
-
-    @property
-    def timestamp(self) -> str:
-        return f"{self.base}/timestamp.json"
-
-    @property
-    def inventory(self) -> str:
-        return f"{self.base}/inventory.json"
 
     def target(self, sha256: str) -> str:
         """What the controller signed to install one artifact (for rollbacks to it)."""
