@@ -25,6 +25,11 @@ Everything before the HMAC check is hostile, so the server is built to stay up u
 
 MLflow retries 429/5xx with the same delivery id: a delivery that could not be recorded is
 answered 503 and forgotten by the replay cache, so its retry is recorded.
+
+Other receivers reuse this server: ``edgeslim trigger`` (``deploy/trigger.py``) subclasses it,
+overriding :meth:`WebhookServer.handle_event` (any 5xx it answers is forgotten by the replay cache
+too), and gives it ``routes``: GET paths such as ``/healthz`` and ``/readyz`` answered by the
+workers (no body; any other GET is 404). Without routes every GET is 405, as before.
 """
 
 from __future__ import annotations
@@ -178,20 +183,27 @@ class WebhookServer:
     Args:
         on_request: ``on_request(model, version, alias, delivery_id) -> bool`` records a
             request (False: this delivery id was already recorded). Raising makes the answer
-            503, so MLflow retries; a ``ConfigError`` (a field it refuses) makes it 400.
+            503, so MLflow retries; a ``ConfigError`` (a field it refuses) makes it 400. Only
+            :meth:`handle_event` uses it: a subclass that overrides that may leave it out.
+        routes: GET path -> ``route() -> (status, text)``, run by a worker (``/healthz``,
+            ``/readyz``); None: every GET is 405.
     """
 
     def __init__(self, host: str, port: int, secret: str, alias: str, *, models: list[str],
-                 on_request: Callable[[str, str, str, str], bool], read_timeout: float = 10.0,
+                 on_request: Callable[[str, str, str, str], bool] | None = None, read_timeout: float = 10.0,
                  workers: int = 16, max_connections: int = 256, queue_size: int = 64,
-                 replay: ReplayCache | None = None) -> None:
+                 replay: ReplayCache | None = None,
+                 routes: dict[str, Callable[[], tuple[int, str]]] | None = None) -> None:
         if not secret:
             raise ConfigError("the webhook needs the secret given to MLflow's create_webhook")
         if not models:
             raise ConfigError("the webhook needs the models this fleet follows (--model NAME)")
         if read_timeout <= 0 or workers < 1 or max_connections < 1 or queue_size < 1:
             raise ConfigError("read_timeout, workers, max_connections and queue_size must be positive")
+        if on_request is None and type(self).handle_event is WebhookServer.handle_event:
+            raise ConfigError("the webhook needs on_request, or a subclass with its own handle_event")
         self.secret, self.alias, self.models = secret, alias, frozenset(models)
+        self.routes = dict(routes or {})
         self.on_request, self.read_timeout = on_request, float(read_timeout)
         self.workers, self.max_connections = int(workers), int(max_connections)
         self.replay = replay or ReplayCache()
@@ -362,7 +374,17 @@ class WebhookServer:
 
     def _begin_body(self, conn: _Conn, head: bytes, rest: bytearray) -> None:
         conn.method, conn.path, conn.headers = _parse_head(head)
+        if conn.method == "GET" and self.routes:
+            if conn.path.split("?", 1)[0] not in self.routes:
+                raise _Refused(404, f"no such route; GET {', '.join(sorted(self.routes))}, or POST an event")
+            if "transfer-encoding" in conn.headers or conn.headers.get("content-length", "0") != "0":
+                raise _Refused(400, "a GET has no body")
+            conn.need, conn.state, conn.buf = 0, "body", bytearray()  # complete: to a worker
+            return
         if conn.method != "POST":
+            if self.routes:
+                raise _Refused(405, "only GET (" + ", ".join(sorted(self.routes)) + ") and POST",
+                               {"Allow": "GET, POST"})
             raise _Refused(405, "only POST", {"Allow": "POST"})
         if "transfer-encoding" in conn.headers:
             if "content-length" in conn.headers:
@@ -403,13 +425,19 @@ class WebhookServer:
                 return
             conn, body = job
             try:
-                status, text, extra = self.decide(conn.headers, body)
+                if conn.method == "GET":
+                    status, text = self.routes[conn.path.split("?", 1)[0]]()
+                    extra = None
+                else:
+                    status, text, extra = self.decide(conn.headers, body)
             except Exception:  # a bug must not take the worker down
                 log.exception("%s: unexpected error", conn.peer)
                 status, text, extra = 500, "internal error", None
             finally:
                 self._give_back(conn)
-            log.info("%s POST %s -> %d %s", conn.peer, _printable(conn.path), status, text)
+            # Probes come every few seconds: their answers are logged only at DEBUG.
+            log.log(logging.DEBUG if conn.method == "GET" else logging.INFO, "%s %s %s -> %d %s", conn.peer,
+                    conn.method, _printable(conn.path), status, text)
             try:
                 conn.sock.settimeout(self.read_timeout)
                 conn.sock.sendall(_response(status, text, extra))
@@ -437,11 +465,12 @@ class WebhookServer:
         if seen == "full":
             log.error("replay cache full (%d recent deliveries): answering 503", len(self.replay))
             return 503, "too many recent deliveries; retry", {"Retry-After": "30"}
-        keep = True
+        keep = False
         try:
-            return self._act(delivery, body)
+            status, text, extra = self._act(delivery, body)
+            keep = status < 500  # MLflow retries a 5xx with this delivery id: let the retry through
+            return status, text, extra
         except Exception as exc:  # the store is down, or a bug: MLflow retries 503 with this delivery id
-            keep = False
             log.error("delivery %s: could not record the request: %s", delivery, _printable(str(exc), 300))
             return 503, "could not record the request; retry", {"Retry-After": "5"}
         finally:
@@ -454,6 +483,11 @@ class WebhookServer:
             return 400, exc.reason, None
         if not isinstance(event, dict):
             return 400, "not a JSON object", None
+        return self.handle_event(delivery, event)
+
+    def handle_event(self, delivery: str, event: dict) -> tuple[int, str, dict[str, str] | None]:
+        """The answer to a signed, first-seen event (a JSON object): here, an alias move of a
+        followed model records a request through ``on_request``. Subclasses override it."""
         data = event.get("data") if isinstance(event.get("data"), dict) else {}
         if (event.get("entity"), event.get("action")) != ("model_version_alias", "created") \
                 or data.get("alias") != self.alias:

@@ -86,6 +86,28 @@ def register(sub) -> None:
     cluster_args(p)
     p.set_defaults(func=cmd_submit)
 
+    p = sub.add_parser("trigger", help="compress a watched model's new or champion versions when MLflow's "
+                       "registry webhook says so (a service; $EDGESLIM_WEBHOOK_SECRET)")
+    p.add_argument("--model", action="append", required=True, metavar="NAME",
+                   help="a registered model to watch (repeat); every other model's events are ignored")
+    p.add_argument("--recipe", required=True, help="recipe YAML; its source is replaced by each event's version")
+    p.add_argument("--alias", default="champion", help="the alias whose move starts a compression (default champion)")
+    p.add_argument("--runner", choices=("local", "kfp"), default="local",
+                   help="local: Kubeflow's local runner in this process; kfp: submit to --host")
+    p.add_argument("--host", default=None, help="with --runner kfp: the KFP UI or API URL")
+    p.add_argument("--token", default=None, help="with --runner kfp: bearer token (default: $KFP_TOKEN)")
+    p.add_argument("--experiment", default="edgeslim", help="with --runner kfp: KFP experiment name")
+    p.add_argument("--namespace", default=None, help="with --runner kfp: Kubeflow profile namespace")
+    for opt in ("--base-image", "--engine-image", "--train-image", "--mlflow-secret", "--s3-secret"):
+        p.add_argument(opt, default=None, help=f"with --runner kfp: as for submit {opt}")
+    p.add_argument("--tracking-uri", default=None, help="MLflow (default: recipe, then $MLFLOW_TRACKING_URI)")
+    p.add_argument("--workdir", default="./edgeslim-trigger", help="local runner: reports go to WORKDIR/NAME-vN-HASH/")
+    p.add_argument("--listen", default="127.0.0.1", help="address to listen on (0.0.0.0 in a pod)")
+    p.add_argument("--port", type=int, default=8089)
+    p.add_argument("--queue-size", type=int, default=16, help="versions that may wait (then 503: MLflow retries)")
+    p.add_argument("--read-timeout", type=float, default=10.0, help="seconds a client has to send its request")
+    p.set_defaults(func=cmd_trigger, source=None)
+
 
 def _preflight(recipe, tracking_uri: str, workdir: Path) -> None:
     """Catch bad input in this process, with one clear line, before any task starts."""
@@ -423,3 +445,27 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 128 + getattr(exc, "signum", 2)
     print(f"run {run_id} {state.lower()}: {url}")
     return 0
+
+
+def cmd_trigger(args: argparse.Namespace) -> int:
+    from edgeslim.components.common.tracking import resolve_tracking_uri
+    from edgeslim.pipelines import trigger
+
+    secret = os.environ.get("EDGESLIM_WEBHOOK_SECRET", "")
+    if not secret:
+        raise ConfigError("set EDGESLIM_WEBHOOK_SECRET to the secret given to MLflow's create_webhook")
+    recipe = _cluster_recipe(args.recipe, args)  # the recipe, with --mlflow-secret/--s3-secret
+    uri = resolve_tracking_uri(args.tracking_uri or recipe.tracking_uri or None)
+    recipe = recipe.with_overrides(tracking_uri=uri)
+    if args.runner == "kfp":
+        if not args.host:
+            raise ConfigError("--runner kfp needs --host URL, the KFP UI or API (in a cluster: "
+                              "http://ml-pipeline.kubeflow.svc.cluster.local:8888)")
+        run = trigger.kfp_runner(recipe, host=args.host, tracking_uri=uri, experiment=args.experiment,
+                                 namespace=args.namespace, token=args.token, images=_images(args))
+    else:
+        run = trigger.local_runner(recipe, tracking_uri=uri, workdir=args.workdir, preflight=_preflight)
+    return trigger.serve(recipe, run=run, runner=args.runner, models=list(dict.fromkeys(args.model)), alias=args.alias,
+                         tracking_uri=uri, secret=secret, host=args.listen,
+                         port=args.port, queue_size=args.queue_size, read_timeout=args.read_timeout,
+                         recipe_label=args.recipe)
