@@ -310,6 +310,7 @@ class Controller:
         self._etags: dict[str, str | None] = {}
         # run_local only: signs a throw-away release statement for a version that has none.
         self.sign_missing_release: Callable[[Path, ModelRef], str] | None = None
+        self.untrusted: list[str] = []  # record keys found planted, altered or replayed (list, reconcile)
 
     # ------------------------------------------------------------------ trust
     @property
@@ -444,16 +445,20 @@ class Controller:
         return rec
 
     def list(self) -> list[dict[str, Any]]:
+        """Every record this fleet signed; the others are logged and counted in ``self.untrusted``."""
         out = []
+        self.untrusted = []
         for key in self.store.list(self.keys.rollouts_prefix):
             if key.endswith(".json"):
                 try:  # the whole rest of the key: rollouts/sub/r1.json is not r1 (check_name refuses it)
                     rec = self.get(key[len(self.keys.rollouts_prefix):-len(".json")])
                 except FleetError as exc:
                     log.error("%s", exc)
+                    self.untrusted.append(key)
                     continue
                 except ConfigError as exc:  # a planted key that names no rollout must not stop the others
                     log.error("%s: %s; not a rollout record, never acted on: delete it", key, exc)
+                    self.untrusted.append(key)
                     continue
                 if rec:
                     out.append(rec)
@@ -793,6 +798,7 @@ class Controller:
             rec = self.get(name) or rec
             if rec["state"] not in TERMINAL:
                 self._rollback(rec, reason)
+                self._tag(rec)
             return rec
         finally:
             self.release_lock()
@@ -816,6 +822,7 @@ class Controller:
         try:
             rec = self.get(name) or rec
             self._rollback(rec, "withdrawn", final_state="withdrawn")
+            self._tag(rec)
             return rec
         finally:
             self.release_lock()
@@ -839,15 +846,44 @@ class Controller:
                 continue
             try:
                 rec = self.get(rec["name"]) or rec
+                ended = self._ended_in_registry(rec)
+                if ended:
+                    log.error("rollout %s: its record says %s, but MLflow recorded generation %s as %s: an older "
+                              "version of the record was put back (a replay); not resumed", rec["name"],
+                              rec["state"], ended.get("generation"), ended.get("state"))
+                    self.untrusted.append(self.keys.rollout(rec["name"]))
+                    continue
                 requested = self.abort_requested(rec)
                 if requested and rec["state"] in ACTIVE:
                     self._rollback(rec, requested)
+                    self._tag(rec)
                     done.append(rec)
                 elif rec["state"] in ACTIVE:
                     done.append(self._run_locked(rec))
             finally:
                 self.release_lock()
         return done
+
+    def _ended_in_registry(self, rec: dict[str, Any]) -> dict[str, Any] | None:
+        """MLflow's record that this generation of the rollout already ended, if it has one.
+
+        A bucket writer can put back an older, validly signed version of a record (``pending``
+        after it was aborted, say) and delete the abort request; the model version's tag, which
+        the controller writes when a rollout ends, is outside the store and says otherwise.
+        """
+        from mlflow import MlflowClient
+
+        m = rec.get("model") or {}
+        try:
+            tags = MlflowClient().get_model_version(m["name"], m["version"]).tags or {}
+            ended = json.loads(tags.get(f"{TAG_PREFIX}.{self.fleet}", "null"))
+        except Exception as exc:  # MLflow unreachable: resume (the devices still check every signature)
+            log.warning("rollout %s: cannot check its end in MLflow (%s)", rec["name"], type(exc).__name__)
+            return None
+        if isinstance(ended, dict) and ended.get("rollout") == rec["name"] and \
+                ended.get("generation", 1) >= rec.get("generation", 1) and ended.get("state") in TERMINAL:
+            return ended
+        return None
 
     # ------------------------------------------------------------------ the waves
     def _current_manifest(self, device: str) -> tuple[dict[str, Any] | None, str | None]:
@@ -865,6 +901,12 @@ class Controller:
         except FleetError as exc:
             log.warning("device %s: stored manifest is not this fleet's (%s); treating it as absent", device, exc)
             return None, blob.etag
+
+    def _directed_sha(self, device: str) -> str | None:
+        """The artifact of the device's current manifest, as this fleet signed it (None: withdraw/none)."""
+        cur, _ = self._current_manifest(device)
+        art = (cur or {}).get("artifact") if (cur or {}).get("action") in ("install", "rollback") else None
+        return _reported_sha({"current": art}) if isinstance(art, dict) else None
 
     def _write_manifest(self, rec: dict, device: str, device_class: str, *, action: str,
                         target: dict[str, Any] | None, status: dict[str, Any] | None) -> dict[str, Any]:
@@ -957,9 +999,11 @@ class Controller:
                 if dev in rec["devices"] or dev not in devs:
                     continue  # resumed: this device already got its manifest (or left the inventory)
                 dclass, st = devs[dev]["device_class"], devs[dev]["status"]
+                # What it runs: its own signed word, else what this fleet last directed it to run (a
+                # status made unreadable must not turn a later rollback into a withdraw).
+                before = _reported_sha(st) or self._directed_sha(dev)
                 target = dict(target_base, engine=rec["engines"].get(dclass))
                 sent = self._write_manifest(rec, dev, dclass, action="install", target=target, status=st)
-                before = _reported_sha(st)
                 rec["devices"][dev] = {"wave": wave["index"], "device_class": dclass, "sent": sent,
                                        "before": before if isinstance(before, str) else None,
                                        "public_key": devs[dev]["public_key"], "outcome": None, "reason": None}

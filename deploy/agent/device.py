@@ -161,6 +161,7 @@ class Agent:
         self.root, _ = trust.update_root(root, self._local_root)
         self.timestamp_etag: str | None = None
         self.metadata_error: str | None = None
+        self._timestamp_seen = time.monotonic()  # when the kept timestamp was seen (this process: since start)
         self.manifest_etag: str | None = None
         self.failures = 0
         self.last_heartbeat = 0.0
@@ -330,11 +331,15 @@ class Agent:
         if int(ts["version"]) > int(known.get("version", 0)):
             self.state["timestamp"] = {k: ts[k] for k in ("version", "issued_at", "expires_at", "root_version")}
             self._save_state()
+            self._timestamp_seen = time.monotonic()
         self.metadata_error = None
 
     def now(self) -> float:
-        """This device's clock, never earlier than the newest signed timestamp it has seen."""
-        return max(time.time(), float((self.state.get("timestamp") or {}).get("issued_at", 0.0)))
+        """This device's clock, never earlier than the newest signed timestamp it has seen plus the
+        time that has passed since (by the monotonic clock): a device clock far behind, with no
+        fresh timestamp coming, still sees manifests and the timestamp itself expire."""
+        issued = float((self.state.get("timestamp") or {}).get("issued_at", 0.0))
+        return max(time.time(), issued + (time.monotonic() - self._timestamp_seen) if issued else 0.0)
 
     def metadata_report(self) -> dict[str, Any]:
         """What the device knows of its metadata's freshness (goes into every status)."""

@@ -117,7 +117,8 @@ def test_planted_copied_and_altered_records_are_reported_never_acted_on(
          "--root", str(keys.root_path)],
         capture_output=True, text=True, timeout=300, env=dict(os.environ))
     assert "Traceback" not in cli.stderr, cli.stderr
-    assert cli.returncode == 0, (cli.returncode, cli.stderr)
+    assert cli.returncode == 1, (cli.returncode, cli.stderr)  # the CronJob fails visibly
+    assert "rollout record(s) not acted on" in cli.stderr
     assert json.loads(cli.stdout) == []  # nothing resumed
     for name in [*planted, "r2"]:
         lines = [ln for ln in cli.stderr.splitlines() if f"rollouts/{name}.json" in ln]

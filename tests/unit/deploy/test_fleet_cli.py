@@ -91,10 +91,12 @@ def test_kubernetes_manifests_run_real_edgeslim_commands():
                     argv = [a.replace('"$FLEET"', "f").replace('"$MODEL"', "m") for a in argv]
                     argv = [a.replace("$FLEET", "f").replace("$MODEL", "m") for a in argv]
                     args = parser.parse_args(argv[1:])
-                    assert args.func and args.command == "fleet"
+                    assert args.func and args.command in ("fleet", "trigger")
                     seen += 1
                 names = {e["name"] for e in c.get("env", [])}
-                if argv[1:3] == ["fleet", "webhook"]:  # the receiver only records requests: no key
+                if argv[1] == "trigger":  # compression on registry events: no fleet key either
+                    assert "EDGESLIM_FLEET_SIGNING_KEY" not in names
+                elif argv[1:3] == ["fleet", "webhook"]:  # the receiver only records requests: no key
                     assert "EDGESLIM_FLEET_SIGNING_KEY" not in names and not pod.get("volumes")
                 else:
                     assert {"EDGESLIM_FLEET_SIGNING_KEY", "EDGESLIM_FLEET_ROOT"} <= names
