@@ -2,7 +2,7 @@
 
 The receiver is the real hardened server on loopback; MLflow is a fake client with model-version
 tags, and the runner is a recording function (the real local runner is covered by
-tests/integration/test_trigger.py). The KFP runner is real, aimed at a closed port.
+tests/integration/test_trigger_from_registry.py). The KFP runner is real, aimed at a closed port.
 """
 
 from __future__ import annotations
