@@ -12,7 +12,11 @@ is a record in the fleet store. The controller:
    failed, and aborts once ``min_reported`` devices have reported and the failure
    share is above ``max_failure_pct``: every device it touched then gets a new,
    higher-sequence manifest back to its previous artifact;
-5. on success moves ``edge-canary`` and ``edge-stable`` and tags the model version.
+5. moves ``edge-canary`` after the canary wave (the version it pointed at is kept in the
+   record, and put back if the rollout aborts), then promotes as ``-C promote=`` says:
+   ``auto`` goes on at once, ``soak`` waits ``soak_s`` while the canaries keep reporting, and
+   ``approval`` waits (``awaiting-approval``) for an approval object (``edgeslim fleet approve``);
+6. on success moves ``edge-stable`` and tags the model version.
 
 The rollout record is rewritten after every step, so ``get`` shows progress and
 ``reconcile`` (a Kubernetes CronJob) can resume a rollout whose controller died.
@@ -45,7 +49,13 @@ from edgeslim.deploy.store import FleetKeys, ObjectStore, PreconditionFailed, ch
 log = logging.getLogger("edgeslim.controller")
 
 TERMINAL = ("succeeded", "aborted", "withdrawn", "failed")
-ACTIVE = ("pending", "running", "aborting")
+WAITING = ("soaking", "awaiting-approval")  # after the canary wave, before promotion
+ACTIVE = ("pending", "running", "aborting", *WAITING)
+PROMOTE = ("auto", "soak", "approval")
+APPROVAL_TYPE = "edgeslim.fleet.approval"
+POLICY_TYPE = "edgeslim.fleet.policy"
+# A signed policy written to the store this much later than it was signed is an old one put back.
+POLICY_REPLAY_SLACK_S = 900.0
 TAG_PREFIX = "edgeslim.fleet"
 ROOT_ENV = "EDGESLIM_FLEET_ROOT"
 DEFAULT_TIMESTAMP_TTL_S = 24 * 3600.0
@@ -77,6 +87,11 @@ class WaveRolloutConfig(Config):
         device_class: roll out only to devices of this class (None: all classes).
         canary_alias, stable_alias: moved on success (None: leave aliases alone).
         lock_ttl_s: a lock not renewed for this long may be taken over.
+        promote: after the canary wave, ``auto`` goes on at once; ``soak`` waits ``soak_s``
+            seconds while the canaries keep reporting (one that fails or is silent for
+            ``wave_timeout_s`` counts as failed, against ``max_failure_pct``); ``approval``
+            waits for ``edgeslim fleet approve`` (state ``awaiting-approval``).
+        soak_s: the soak time of ``promote=soak``, from the canary wave's end.
     """
 
     waves: list[float] = dataclasses.field(default_factory=lambda: [1.0, 10.0, 50.0, 100.0])
@@ -95,6 +110,8 @@ class WaveRolloutConfig(Config):
     canary_alias: str | None = "edge-canary"
     stable_alias: str | None = "edge-stable"
     lock_ttl_s: float = 900.0
+    promote: str = "auto"
+    soak_s: float = 3600.0
 
     def validate(self) -> None:
         if not self.waves:
@@ -112,6 +129,8 @@ class WaveRolloutConfig(Config):
             self.require(getattr(self, name) > 0, name, "expected a positive number of seconds")
         self.require(self.expiry_s <= MAX_EXPIRY_S, "expiry_s", f"at most {MAX_EXPIRY_S:.0f} s (30 days)")
         self.require(self.lock_ttl_s <= MAX_LOCK_TTL_S, "lock_ttl_s", f"at most {MAX_LOCK_TTL_S:.0f} s")
+        self.require(self.promote in PROMOTE, "promote", "expected auto, soak or approval")
+        self.require(self.soak_s >= 0, "soak_s", "expected a number of seconds >= 0")
 
     @classmethod
     def from_strings(cls, raw: dict[str, Any]) -> "WaveRolloutConfig":
@@ -146,6 +165,16 @@ class WaveRolloutConfig(Config):
 
 # Keys of the rollout request that are not wave settings.
 REQUEST_KEYS = ("wait",)
+
+
+def approval_key(keys: FleetKeys, name: str) -> str:
+    """Written only by whoever approves a rollout (like the abort request); its controller only reads it."""
+    return f"{keys.base}/approvals/{check_name('rollout', name)}.json"
+
+
+def policy_key(keys: FleetKeys) -> str:
+    """The fleet's promotion policy, signed by the fleet key (``edgeslim fleet policy``)."""
+    return f"{keys.base}/policy.json"
 
 
 def wave_plan(rollout: str, devices: list[str], waves: list[float]) -> list[list[str]]:
@@ -311,6 +340,7 @@ class Controller:
         # run_local only: signs a throw-away release statement for a version that has none.
         self.sign_missing_release: Callable[[Path, ModelRef], str] | None = None
         self.untrusted: list[str] = []  # record keys found planted, altered or replayed (list, reconcile)
+        self._ignored_approvals: set[str] = set()  # etags of approval objects already logged as ignored
 
     # ------------------------------------------------------------------ trust
     @property
@@ -480,6 +510,107 @@ class Controller:
         if req.get("generation", 1) != rec.get("generation", 1):
             return None  # left over from an earlier generation under this name
         return str(req.get("reason") or "aborted by request")[:500]
+
+    # ------------------------------------------------------------------ promotion
+    def approve(self, name: str, by: str | None = None) -> dict[str, Any]:
+        """Approve the promotion of a rollout that is ``awaiting-approval``: write the approval object.
+
+        Needs no signing key: the approval is a trigger the controller reads, bound to this
+        rollout's generation and artifact. Anyone who can write the store can write one, and so
+        promote the *gated* (release-signed) model this rollout installs to the rest of the fleet.
+        """
+        rec = self.get(name)
+        if rec is None:
+            raise FleetError(f"no rollout {name!r} in fleet {self.fleet!r}; see `edgeslim fleet list`")
+        cfg = WaveRolloutConfig.from_dict(rec["config"])
+        if rec["state"] in TERMINAL:
+            raise FleetError(f"rollout {name!r} is {rec['state']}: nothing to approve")
+        if cfg.promote != "approval":
+            raise FleetError(f"rollout {name!r} promotes with promote={cfg.promote}, not approval: it waits for "
+                             "no approval")
+        if rec["state"] != "awaiting-approval":
+            raise FleetError(f"rollout {name!r} is {rec['state']}: its canary wave has not finished; approve it "
+                             "once `get` shows awaiting-approval")
+        if by is None:
+            import getpass
+
+            try:
+                by = f"{getpass.getuser()}@{socket.gethostname()}"
+            except Exception:  # no user name (a container without one)
+                by = socket.gethostname()
+        body = {"type": APPROVAL_TYPE, "fleet": self.fleet, "rollout": name, "generation": rec.get("generation", 1),
+                "artifact_sha256": rec["artifact"]["sha256"], "model": {k: rec["model"].get(k) for k in ("name", "version")},
+                "by": str(by)[:200], "at": self.clock()}
+        self.store.put_json(approval_key(self.keys, name), body)
+        log.info("rollout %s: approved by %s", name, body["by"])
+        rec["approval_requested"] = body  # for the caller's display; the object is the truth
+        return rec
+
+    def approval(self, rec: dict[str, Any]) -> dict[str, Any] | None:
+        """The approval of this generation and artifact of the rollout, if one was written.
+
+        Unsigned by design (see :meth:`approve`); one for another rollout, generation or model, or
+        one that is not an approval at all, is logged once and ignored.
+        """
+        key = approval_key(self.keys, rec["name"])
+        try:
+            got = self._read(key, "approval")
+        except (FleetError, ValueError) as exc:
+            got, why = None, str(exc)
+            if why not in self._ignored_approvals:
+                self._ignored_approvals.add(why)
+                log.warning("rollout %s: unreadable approval %s ignored: %s", rec["name"], key, why[:300])
+        if not got:
+            return None
+        a, etag = got
+        if isinstance(a, dict) and a.get("type") == APPROVAL_TYPE and a.get("fleet") == self.fleet and \
+                a.get("rollout") == rec["name"] and a.get("generation") == rec.get("generation", 1) and \
+                a.get("artifact_sha256") == rec["artifact"]["sha256"]:
+            at = a.get("at")
+            return {"by": str(a.get("by"))[:200],
+                    "at": at if isinstance(at, (int, float)) and not isinstance(at, bool) else None}
+        if etag not in self._ignored_approvals:
+            self._ignored_approvals.add(etag)
+            log.warning("rollout %s: approval %s ignored: it is not for generation %s of this rollout and model "
+                        "(approve again with `edgeslim fleet approve %s %s`)", rec["name"], key,
+                        rec.get("generation", 1), self.fleet, rec["name"])
+        return None
+
+    def set_policy(self, *, auto_promote: bool) -> dict[str, Any]:
+        """Sign and store the fleet's promotion policy (the fleet key: a bucket writer cannot turn it on)."""
+        self._require_key()
+        pol = {"type": POLICY_TYPE, "fleet": self.fleet, "auto_promote": bool(auto_promote),
+               "updated_at": self.clock()}
+        self.store.put_json(policy_key(self.keys), self._sign(pol))
+        return pol
+
+    def policy(self) -> dict[str, Any]:
+        """The fleet's promotion policy as the fleet key signed it; the default (no auto-promotion) otherwise.
+
+        A policy nobody of this fleet signed, or one written to the store well after it was signed
+        (an old ``auto_promote: true`` put back after it was turned off), is logged and ignored.
+        """
+        default = {"type": POLICY_TYPE, "fleet": self.fleet, "auto_promote": False, "updated_at": None}
+        key = policy_key(self.keys)
+        try:
+            got = self._verified(key, "fleet policy")
+            if got is None:
+                return default
+            pol, etag = got
+            if pol.get("type") != POLICY_TYPE or pol.get("fleet") != self.fleet:
+                raise FleetError(f"it is a {str(pol.get('type'))[:60]} of fleet {str(pol.get('fleet'))[:60]!r}")
+            signed_at = pol.get("updated_at")
+            aged = self.store.age(key)
+            if not isinstance(signed_at, (int, float)) or aged is None or aged[0] != etag:
+                raise FleetError("it changed while being read, or carries no signing time")
+            if (self.clock() - signed_at) - aged[1] > POLICY_REPLAY_SLACK_S:
+                raise FleetError(f"it was signed {self.clock() - signed_at:.0f}s ago but written to the store "
+                                 f"{aged[1]:.0f}s ago: an older policy put back")
+            return {**default, **pol, "auto_promote": pol.get("auto_promote") is True}
+        except (FleetError, AttributeError, TypeError) as exc:
+            log.error("fleet policy %s ignored (%s); no auto-promotion: set it again with "
+                      "`edgeslim fleet policy %s --auto-promote true|false`", key, str(exc)[:300], self.fleet)
+            return dict(default, ignored=str(exc)[:300])
 
     def _save(self, rec: dict[str, Any]) -> None:
         """Sign and write the record, fenced on the ETag this controller last saw."""
@@ -732,8 +863,14 @@ class Controller:
     def _active_rollouts(self, except_name: str | None = None) -> list[str]:
         return [r["name"] for r in self.list() if r.get("state") in ACTIVE and r["name"] != except_name]
 
-    def create(self, name: str, model_uri: str, cfg: WaveRolloutConfig, *, wait: bool = True) -> dict[str, Any]:
-        """Start a rollout. ``wait``: run it to the end here; else leave it for ``reconcile``."""
+    def create(self, name: str, model_uri: str, cfg: WaveRolloutConfig, *, wait: bool = True,
+               block: bool | None = None) -> dict[str, Any]:
+        """Start a rollout. ``wait``: run it to the end here; else leave it for ``reconcile``.
+
+        ``block`` (default ``wait``): also wait here through a soak or for an approval; ``False``
+        runs the waves but leaves a rollout that reaches its promotion ``soaking`` or
+        ``awaiting-approval`` for ``reconcile``.
+        """
         self._require_key()
         existing = self.get(name)
         if existing and existing.get("state") not in TERMINAL:
@@ -742,10 +879,10 @@ class Controller:
         if existing:
             raise FleetError(f"rollout {name!r} already exists ({existing['state']}); use `update` "
                              "to roll out another version under this name")
-        return self._start(name, model_uri, cfg, wait=wait, history=[])
+        return self._start(name, model_uri, cfg, wait=wait, block=block, history=[])
 
     def _start(self, name: str, model_uri: str, cfg: WaveRolloutConfig, *, wait: bool,
-               history: list, generation: int = 1) -> dict[str, Any]:
+               history: list, generation: int = 1, block: bool | None = None) -> dict[str, Any]:
         self.acquire_lock(name, cfg.lock_ttl_s)
         try:
             others = self._active_rollouts(except_name=name)
@@ -759,12 +896,12 @@ class Controller:
                      rec["model"]["version"], self.fleet)
             if not wait:
                 return rec
-            return self._run_locked(rec)
+            return self._run_locked(rec, block=wait if block is None else block)
         finally:
             self.release_lock()
 
     def update(self, name: str, model_uri: str | None, cfg: WaveRolloutConfig | None, *,
-               wait: bool = True) -> dict[str, Any]:
+               wait: bool = True, block: bool | None = None) -> dict[str, Any]:
         """Roll out another version under an existing rollout name (after the last one ended)."""
         self._require_key()
         rec = self.get(name)
@@ -775,7 +912,7 @@ class Controller:
         cfg = cfg or WaveRolloutConfig.from_dict(rec["config"])
         uri = model_uri or rec["model"]["uri"]
         summary = {k: rec.get(k) for k in ("generation", "state", "model", "reason", "updated_at")}
-        return self._start(name, uri, cfg, wait=wait, history=rec.get("history", []) + [summary],
+        return self._start(name, uri, cfg, wait=wait, block=block, history=rec.get("history", []) + [summary],
                            generation=rec.get("generation", 1) + 1)
 
     def abort(self, name: str, reason: str = "aborted by request") -> dict[str, Any]:
@@ -831,6 +968,8 @@ class Controller:
         """Run every pending or orphaned rollout of the fleet (the Kubernetes Job/CronJob entry).
 
         Only records this fleet's key signed are resumed; a planted one is reported and left alone.
+        A rollout that is ``soaking`` or ``awaiting-approval`` is checked once (canaries, abort,
+        approval, the soak's end) and, still waiting, left for the next run.
         """
         self._require_key()
         self.publish_timestamp()
@@ -859,7 +998,7 @@ class Controller:
                     self._tag(rec)
                     done.append(rec)
                 elif rec["state"] in ACTIVE:
-                    done.append(self._run_locked(rec))
+                    done.append(self._run_locked(rec, block=False))
             finally:
                 self.release_lock()
         return done
@@ -871,11 +1010,9 @@ class Controller:
         after it was aborted, say) and delete the abort request; the model version's tag, which
         the controller writes when a rollout ends, is outside the store and says otherwise.
         """
-        from mlflow import MlflowClient
-
         m = rec.get("model") or {}
         try:
-            tags = MlflowClient().get_model_version(m["name"], m["version"]).tags or {}
+            tags = self._mlflow().get_model_version(m["name"], m["version"]).tags or {}
             ended = json.loads(tags.get(f"{TAG_PREFIX}.{self.fleet}", "null"))
         except Exception as exc:  # MLflow unreachable: resume (the devices still check every signature)
             log.warning("rollout %s: cannot check its end in MLflow (%s)", rec["name"], type(exc).__name__)
@@ -969,7 +1106,13 @@ class Controller:
         except (AttributeError, TypeError) as exc:
             return "failed", f"unreadable status ({type(exc).__name__})"
 
-    def _run_locked(self, rec: dict[str, Any]) -> dict[str, Any]:
+    def _run_locked(self, rec: dict[str, Any], *, block: bool = True) -> dict[str, Any]:
+        """Run (or resume) the rollout under the lock this controller holds.
+
+        ``block``: wait through a soak or for an approval here; else check the promotion once and
+        return the record ``soaking`` or ``awaiting-approval`` (``reconcile``, a CronJob, must not
+        sit for hours on a gate: its next run checks again).
+        """
         cfg = WaveRolloutConfig.from_dict(rec["config"])
         self.publish_timestamp()
         devs = self.devices()
@@ -984,12 +1127,21 @@ class Controller:
         if not rec["waves"]:
             rec["waves"] = [{"index": i, "devices": w, "state": "planned"}
                             for i, w in enumerate(wave_plan(rec["name"], sorted(devs), cfg.waves))]
-        rec["state"] = "running"
-        self._save(rec)
+        if rec["state"] not in WAITING:
+            rec["state"] = "running"
+            self._save(rec)
         target_base = {"artifact": rec["artifact"], "model": rec["model"], "health_check": rec["health_check"],
                        "release": rec["release"]}
         for wave in rec["waves"]:
             if wave["state"] == "done":
+                if wave["index"] == 0:  # resumed after the canary wave: the promotion decides (again)
+                    if cfg.canary_alias and cfg.canary_alias not in (rec.get("aliases") or {}):
+                        self._set_alias(rec, cfg.canary_alias)  # stopped before it was moved (or it failed)
+                    verdict, passed = self._promotion_gate(rec, cfg, block=block)
+                    if verdict is not None:
+                        return self._end_aborted(rec, verdict)
+                    if not passed:
+                        return rec
                 continue
             requested = self.abort_requested(rec)
             if requested:
@@ -1015,8 +1167,14 @@ class Controller:
             verdict = verdict or self.abort_requested(rec)  # an abort after the last report still counts
             if verdict is not None:
                 return self._end_aborted(rec, verdict)
-            if wave["index"] == 0 and cfg.canary_alias:
-                self._set_alias(rec, cfg.canary_alias)
+            if wave["index"] == 0:
+                if cfg.canary_alias:
+                    self._set_alias(rec, cfg.canary_alias)
+                verdict, passed = self._promotion_gate(rec, cfg, block=block)
+                if verdict is not None:
+                    return self._end_aborted(rec, verdict)
+                if not passed:
+                    return rec  # soaking or awaiting-approval; the next reconcile checks again
         requested = self.abort_requested(rec)
         if requested:
             return self._end_aborted(rec, requested)
@@ -1080,6 +1238,100 @@ class Controller:
             self._save(rec)
             self.sleep(cfg.poll_interval_s)
 
+    def _promotion_gate(self, rec: dict[str, Any], cfg: WaveRolloutConfig, *,
+                        block: bool) -> tuple[str | None, bool]:
+        """After the canary wave: ``(abort reason, None)``, or ``(None, promoted?)``.
+
+        ``soak`` waits until ``soak_s`` after the canary wave ended; ``approval`` until
+        :meth:`approval` finds this generation approved. Meanwhile abort requests are honoured,
+        the canaries are watched (:meth:`_watch_canaries`), and, when ``block``, the lock is
+        renewed and the fleet timestamp refreshed as in a wave. Without ``block`` it checks once.
+        """
+        p = rec.get("promotion")
+        if cfg.promote == "auto" or (p or {}).get("passed_at") is not None:
+            return None, True
+        if not p:
+            wave0 = rec["waves"][0]
+            since = float(wave0.get("finished_at") or self.clock())
+            watch = {}
+            for dev in wave0["devices"]:
+                d = rec["devices"].get(dev)
+                if d and d.get("outcome") == "committed":
+                    st = self.device_status(dev, d["public_key"]) or {}
+                    # Silence is counted from now: a gate set up late (a resumed rollout) is not a silence.
+                    watch[dev] = {"heartbeat_at": _number(st.get("heartbeat_at")), "seen_at": self.clock()}
+            p = rec["promotion"] = {"policy": cfg.promote, "since": since,
+                                    "until": since + cfg.soak_s if cfg.promote == "soak" else None,
+                                    "approval": None, "passed_at": None, "watch": watch}
+        waiting = "soaking" if cfg.promote == "soak" else "awaiting-approval"
+        if rec["state"] != waiting:
+            rec["state"] = waiting
+            self._save(rec)
+            log.info("rollout %s: canary wave done; %s", rec["name"],
+                     f"soaking for {cfg.soak_s:g}s" if waiting == "soaking" else
+                     f"awaiting approval (`edgeslim fleet approve {self.fleet} {rec['name']}`)")
+        last_renew = self.clock()
+        while True:
+            requested = self.abort_requested(rec)
+            if requested:
+                rec["abort_requested"] = requested
+                return requested, False
+            verdict = self._watch_canaries(rec, cfg)
+            if verdict:
+                return verdict, False
+            passed = False
+            if cfg.promote == "soak":
+                passed = self.clock() >= float(p["until"])
+            else:
+                approved = self.approval(rec)
+                if approved:
+                    p["approval"], passed = approved, True
+            if passed:
+                p["passed_at"] = self.clock()
+                rec["state"] = "running"
+                self._save(rec)
+                log.info("rollout %s: promoted (%s)", rec["name"],
+                         f"soaked {cfg.soak_s:g}s" if cfg.promote == "soak" else f"approved by {p['approval']['by']}")
+                return None, True
+            if not block:
+                self._save(rec)
+                return None, False
+            if self.clock() - last_renew > cfg.lock_ttl_s / 3:
+                self.renew_lock(rec["name"], cfg.lock_ttl_s)
+                self.publish_timestamp()
+                self._save(rec)
+                last_renew = self.clock()
+            self.sleep(cfg.poll_interval_s)
+
+    def _watch_canaries(self, rec: dict[str, Any], cfg: WaveRolloutConfig) -> str | None:
+        """While a promotion waits, each committed canary must keep saying (signed) that it runs
+        this rollout's manifest and model, and keep heartbeating: a new ``heartbeat_at`` at least
+        every ``wave_timeout_s`` by this controller's clock. One that does not counts as failed
+        (or silent), against ``max_failure_pct`` as in a wave; returns the abort reason, if any."""
+        p, now, changed = rec["promotion"], self.clock(), False
+        during = "soak" if p["policy"] == "soak" else "wait for approval"
+        for dev, w in p["watch"].items():
+            d = rec["devices"].get(dev) or {}
+            if d.get("outcome") != "committed":
+                continue
+            st = self.device_status(dev, d["public_key"])
+            bad = None
+            if st:
+                hb = _number(st.get("heartbeat_at"))
+                if hb is not None and (w.get("heartbeat_at") is None or hb > w["heartbeat_at"]):
+                    w["heartbeat_at"], w["seen_at"] = hb, now
+                bad = _still_ours(st, d["sent"], rec["artifact"]["sha256"])
+            if bad:
+                d["outcome"], d["reason"] = "failed", f"during the {during}: {bad}"[:500]
+            elif now - float(w.get("seen_at") or now) > cfg.wave_timeout_s:
+                d["outcome"] = "silent"
+                d["reason"] = f"no new status for wave_timeout_s={cfg.wave_timeout_s:g} during the {during}"
+            else:
+                continue
+            changed = True
+            log.warning("rollout %s: canary %s %s (%s)", rec["name"], dev, d["outcome"], d["reason"])
+        return self._over_threshold(rec, cfg) if changed else None
+
     def _rollback(self, rec: dict[str, Any], reason: str, final_state: str = "aborted") -> None:
         """Every touched device gets a new, higher-sequence manifest back to what it ran before.
 
@@ -1088,6 +1340,7 @@ class Controller:
         saved after each device.
         """
         log.warning("rollout %s: %s; rolling back %d device(s)", rec["name"], reason, len(rec["devices"]))
+        in_flight = rec["state"] != "succeeded"  # a withdrawn, finished rollout leaves the aliases alone
         rec["state"], rec["reason"] = "aborting", reason
         self._save(rec)
         devs = None
@@ -1119,31 +1372,67 @@ class Controller:
                 log.error("rollout %s: device %s not rolled back: %s", rec["name"], dev, exc)
                 d["rolled_back"] = {"error": str(exc)[:500]}
             self._save(rec)
+        if in_flight:
+            self._restore_aliases(rec)
         rec["state"] = final_state
         self._save(rec)
 
     # ------------------------------------------------------------------ MLflow
-    def _set_alias(self, rec: dict[str, Any], alias: str) -> None:
+    def _mlflow(self):
         from mlflow import MlflowClient
 
+        return MlflowClient()
+
+    def _set_alias(self, rec: dict[str, Any], alias: str) -> None:
+        """Point ``alias`` at the rollout's version; what it pointed at before is saved in the record
+        first (``aliases``), so an abort can put it back."""
         m = rec["model"]
         try:
-            MlflowClient().set_registered_model_alias(m["name"], alias, m["version"])
+            client = self._mlflow()
+            moved = rec.setdefault("aliases", {})
+            if alias not in moved:  # a resumed rollout must not record its own version as "before"
+                before = (client.get_registered_model(m["name"]).aliases or {}).get(alias)
+                moved[alias] = {"before": None if before is None else str(before), "to": str(m["version"])}
+                self._save(rec)
+            client.set_registered_model_alias(m["name"], alias, m["version"])
             log.info("moved alias %s of %s to version %s", alias, m["name"], m["version"])
+        except FleetError:
+            raise  # the record could not be saved: another controller; stop
         except Exception as exc:  # the rollout itself stands; say what did not happen
             log.error("could not move alias %s: %s", alias, exc)
             rec.setdefault("warnings", []).append(f"alias {alias} not moved: {type(exc).__name__}")
 
-    def _tag(self, rec: dict[str, Any]) -> None:
-        from mlflow import MlflowClient
+    def _restore_aliases(self, rec: dict[str, Any]) -> None:
+        """After an abort: each alias this rollout moved goes back to the version it pointed at before
+        (deleted if there was none), unless it has been moved again since."""
+        m = rec["model"]
+        for alias, a in (rec.get("aliases") or {}).items():
+            if not isinstance(a, dict) or a.get("restored"):
+                continue
+            try:
+                client = self._mlflow()
+                now = (client.get_registered_model(m["name"]).aliases or {}).get(alias)
+                if now is None or str(now) != str(a.get("to")):
+                    a["restored"] = f"left alone: it points at {now} now, not at this rollout's version"
+                elif a.get("before"):
+                    client.set_registered_model_alias(m["name"], alias, a["before"])
+                    a["restored"] = f"back to version {a['before']}"
+                else:
+                    client.delete_registered_model_alias(m["name"], alias)
+                    a["restored"] = "deleted (it pointed at no version before)"
+                log.info("rollout %s: alias %s %s", rec["name"], alias, a["restored"])
+            except Exception as exc:  # the rollback itself stands; say what did not happen
+                log.error("rollout %s: could not restore alias %s: %s", rec["name"], alias, exc)
+                rec.setdefault("warnings", []).append(f"alias {alias} not restored: {type(exc).__name__}")
 
+    def _tag(self, rec: dict[str, Any]) -> None:
         m = rec["model"]
         reported, failed = self._tally(rec)
         summary = {"rollout": rec["name"], "generation": rec.get("generation", 1), "state": rec["state"],
                    "devices": len(rec["devices"]), "reported": reported, "failed": failed,
                    "reason": rec.get("reason"), "finished_at": self.clock()}
         try:
-            MlflowClient().set_model_version_tag(m["name"], m["version"], f"{TAG_PREFIX}.{self.fleet}",
+            self._mlflow().set_model_version_tag(m["name"], m["version"], f"{TAG_PREFIX}.{self.fleet}",
                                                  json.dumps(summary, sort_keys=True))
         except Exception as exc:
             log.error("could not tag the model version: %s", exc)
@@ -1152,6 +1441,27 @@ class Controller:
 def _int(value: Any) -> int:
     """A sequence number from untrusted JSON: anything that is not a whole number counts as 0."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value) else None
+
+
+def _still_ours(status: dict[str, Any], sent: dict[str, Any], sha256: str) -> str | None:
+    """Why a committed device's signed status says it no longer runs this rollout's model; else None."""
+    try:
+        applied = _int(status.get("applied_sequence"))
+        if applied > sent["sequence"]:
+            return f"it applied a later manifest (sequence {applied})"
+        last = status.get("last") or {}
+        if last.get("sequence") == sent["sequence"] and last.get("result") != "committed":
+            return f"it reports {str(last.get('result'))[:60]}: {str(last.get('reason'))[:300]}"
+        if _reported_sha(status) != sha256:
+            return "it no longer reports running this rollout's model"
+        return None
+    except (AttributeError, TypeError) as exc:
+        return f"unreadable status ({type(exc).__name__})"
 
 
 def _reported_sha(status: Any) -> str | None:
@@ -1180,11 +1490,28 @@ def fleet_summary(controller: Controller, rec: dict[str, Any]) -> dict[str, Any]
                      "running": str(cur.get("sha256") or "")[:12] or None, "backend": cur.get("backend"),
                      "heartbeat_age_s": round(controller.clock() - beat, 1) if isinstance(beat, (int, float)) else None}
     reported, failed = controller._tally(rec)
-    return {"name": rec["name"], "fleet": rec["fleet"], "state": rec["state"], "reason": rec.get("reason"),
-            "model": rec["model"], "generation": rec.get("generation", 1),
-            "waves": [{"index": w["index"], "devices": len(w["devices"]), "state": w["state"]} for w in rec["waves"]],
-            "reported": reported, "failed": failed, "devices": live,
-            "artifact_sha256": rec["artifact"]["sha256"]}
+    out = {"name": rec["name"], "fleet": rec["fleet"], "state": rec["state"], "reason": rec.get("reason"),
+           "model": rec["model"], "generation": rec.get("generation", 1),
+           "waves": [{"index": w["index"], "devices": len(w["devices"]), "state": w["state"]} for w in rec["waves"]],
+           "reported": reported, "failed": failed, "devices": live,
+           "artifact_sha256": rec["artifact"]["sha256"],
+           "promote": (rec.get("config") or {}).get("promote", "auto")}
+    p = rec.get("promotion")
+    if isinstance(p, dict):
+        now = controller.clock()
+        promo = {k: p.get(k) for k in ("policy", "since", "approval", "passed_at")}
+        if rec["state"] == "soaking" and isinstance(p.get("until"), (int, float)):
+            promo["soak_left_s"] = round(max(0.0, p["until"] - now), 1)
+            promo["next"] = ("promoted once the soak ends; `edgeslim fleet reconcile` (the CronJob) continues it "
+                             "if no controller is waiting on it")
+        elif rec["state"] == "awaiting-approval":
+            promo["waiting_s"] = round(max(0.0, now - float(p.get("since") or now)), 1)
+            promo["next"] = (f"edgeslim fleet approve {rec['fleet']} {rec['name']}  (or mlflow deployments update "
+                             f"-t edge:/{rec['fleet']} --name {rec['name']} -C action=approve)")
+        out["promotion"] = promo
+    if rec.get("aliases"):
+        out["aliases"] = rec["aliases"]
+    return out
 
 
 def follow_alias(controller: Controller, model: str, alias: str, rollout: str | None = None,
@@ -1193,10 +1520,18 @@ def follow_alias(controller: Controller, model: str, alias: str, rollout: str | 
 
     The entry of the CronJob and of the registry webhook: idempotent, so a
     repeated trigger for the same version does nothing and returns ``None``.
+
+    Promotion is not automatic here unless the fleet opted in: without ``promote`` in
+    ``raw_config`` the rollout uses ``promote=auto`` only if the fleet's signed policy says
+    ``auto_promote`` (``edgeslim fleet policy FLEET --auto-promote true``), else
+    ``promote=approval``. The waves run here, but a soak or an approval is waited for only
+    with an explicit ``wait=true``; otherwise the rollout is left for ``reconcile``.
     """
     raw = dict(raw_config or {})
+    explicit_wait = "wait" in raw
     wait = raw.pop("wait", True)
     wait = wait if isinstance(wait, bool) else str(wait).lower() in ("true", "1", "yes")
+    block = wait if explicit_wait else False
     ref = resolve_model(f"models:/{model}@{alias}")
     for rec in controller.list():
         m = rec.get("model") or {}
@@ -1204,7 +1539,11 @@ def follow_alias(controller: Controller, model: str, alias: str, rollout: str | 
             return None
     name = rollout or f"{ref.name}-v{ref.version}"
     name = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in name)[:128]
+    if "promote" not in raw:
+        raw["promote"] = "auto" if controller.policy()["auto_promote"] else "approval"
     cfg = WaveRolloutConfig.from_strings(raw)
+    log.info("rollout %s: promote=%s%s", name, cfg.promote, "" if "promote" in (raw_config or {}) else
+             " (the fleet's policy; -C promote=... overrides it)")
     if controller.get(name):
-        return controller.update(name, ref.uri, cfg, wait=wait)
-    return controller.create(name, f"models:/{ref.name}/{ref.version}", cfg, wait=wait)
+        return controller.update(name, ref.uri, cfg, wait=wait, block=block)
+    return controller.create(name, f"models:/{ref.name}/{ref.version}", cfg, wait=wait, block=block)

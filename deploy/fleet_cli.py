@@ -26,6 +26,14 @@ from edgeslim.components.common.errors import ConfigError, FleetError
 
 SIGNING_KEY_ENV = "EDGESLIM_FLEET_SIGNING_KEY"
 ROOT_ENV = "EDGESLIM_FLEET_ROOT"
+# States a command may leave a rollout in without failing: it goes on, or waits for its promotion.
+OK_STATES = ("succeeded", "pending", "soaking", "awaiting-approval")
+
+
+def _bool(what: str, value: str) -> bool:
+    if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise ConfigError(f"{what}: got {value!r}; expected true or false")
+    return value.lower() in ("true", "1", "yes")
 
 
 def open_controller(fleet: str, *, store: str | None = None, endpoint_url: str | None = None,
@@ -87,10 +95,14 @@ def split_config(raw: dict[str, Any] | None, *, default_wait: bool = True) -> tu
     raw = dict(raw or {})
     wait = raw.pop("wait", default_wait)
     if isinstance(wait, str):
-        if wait.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ConfigError(f"wait: got {wait!r}; expected true or false")
-        wait = wait.lower() in ("true", "1", "yes")
+        wait = _bool("wait", wait)
     return raw, bool(wait)
+
+
+def approved_line(fleet: str, rec: dict[str, Any]) -> str:
+    return (f"edgeslim: rollout {rec['name']!r} (generation {rec.get('generation', 1)}) approved; the controller "
+            "waiting on it goes on at its next poll, and if none is waiting, the next "
+            f"`edgeslim fleet reconcile {fleet}` (the CronJob) does")
 
 
 def predict(controller, name: str, inputs: Any) -> dict[str, Any]:
@@ -193,7 +205,7 @@ def _cmd(args: argparse.Namespace) -> int:
             server.server_close()
         return 0
     need_key = args.fleet_cmd in ("create", "update", "abort", "delete", "reconcile", "follow", "enrol",
-                                  "timestamp")
+                                  "timestamp") or (args.fleet_cmd == "policy" and args.auto_promote is not None)
     c = open_controller(args.fleet, store=args.store, endpoint_url=args.endpoint_url,
                         signing_key=args.signing_key, need_key=need_key, root=args.root)
     if args.tracking_uri:
@@ -204,17 +216,40 @@ def _cmd(args: argparse.Namespace) -> int:
         raw, wait = split_config(_parse_c(args.config))
         rec = c.create(args.name, args.model_uri, WaveRolloutConfig.from_strings(raw), wait=wait and not args.no_wait)
         _print(fleet_summary(c, rec))
-        return 0 if rec["state"] in ("succeeded", "pending") else 1
+        return 0 if rec["state"] in OK_STATES else 1
     if args.fleet_cmd == "update":
         raw, wait = split_config(_parse_c(args.config))
-        if raw.pop("action", None) == "abort":
+        action = raw.pop("action", None)
+        if action == "abort":
             _print(fleet_summary(c, c.abort(args.name)))
             return 0
+        if action == "approve":
+            rec = c.approve(args.name)
+            _print(fleet_summary(c, rec))
+            print(approved_line(args.fleet, rec), file=sys.stderr)
+            return 0
+        if action is not None:
+            raise ConfigError(f"-C action={action}: expected abort or approve")
         rec = c.get(args.name)
         cfg = WaveRolloutConfig.from_strings({**(rec or {}).get("config", {}), **raw}) if rec else None
         rec = c.update(args.name, args.model_uri, cfg, wait=wait and not args.no_wait)
         _print(fleet_summary(c, rec))
-        return 0 if rec["state"] in ("succeeded", "pending") else 1
+        return 0 if rec["state"] in OK_STATES else 1
+    if args.fleet_cmd == "approve":
+        rec = c.approve(args.name, by=args.by)
+        _print(fleet_summary(c, rec))
+        print(approved_line(args.fleet, rec), file=sys.stderr)
+        return 0
+    if args.fleet_cmd == "policy":
+        if args.auto_promote is not None:
+            pol = c.set_policy(auto_promote=_bool("--auto-promote", args.auto_promote))
+        else:
+            pol = c.policy()
+        _print({"fleet": args.fleet, "auto_promote": pol["auto_promote"], "updated_at": pol.get("updated_at"),
+                **({"ignored": pol["ignored"]} if pol.get("ignored") else {}),
+                "webhook_rollouts": "promote=auto" if pol["auto_promote"] else
+                "promote=approval (unless `follow`/`reconcile --follow` is given -C promote=...)"})
+        return 0
     if args.fleet_cmd == "get":
         rec = c.get(args.name)
         if rec is None:
@@ -256,7 +291,7 @@ def _cmd(args: argparse.Namespace) -> int:
         states = {h["rollout"]: h["state"] for h in handled if h.get("rollout")}
         states.update({r["name"]: r["state"] for r in c.reconcile()})
         _print([{"name": n, "state": st} for n, st in states.items()])
-        ok = all(st in ("succeeded", "withdrawn") for st in states.values())
+        ok = all(st in ("succeeded", "withdrawn", "soaking", "awaiting-approval") for st in states.values())
         if c.untrusted:  # the CronJob fails visibly: someone wrote rollout records the fleet key did not sign
             print(f"edgeslim: {len(c.untrusted)} rollout record(s) not acted on (planted, altered or replayed; "
                   "each named above): delete them", file=sys.stderr)
@@ -266,7 +301,7 @@ def _cmd(args: argparse.Namespace) -> int:
 
         rec = follow_alias(c, args.model, args.alias, args.rollout, _parse_c(args.config))
         _print(fleet_summary(c, rec) if rec else {"started": None, "why": "already rolled out"})
-        return 0 if rec is None or rec["state"] in ("succeeded", "pending") else 1
+        return 0 if rec is None or rec["state"] in OK_STATES else 1
     raise ConfigError(f"unknown fleet command {args.fleet_cmd!r}")
 
 
@@ -324,7 +359,9 @@ def register(subparsers) -> None:
         sp.add_argument("model_uri", nargs="?" if name == "update" else None,
                         help="models:/NAME@ALIAS or models:/NAME/VERSION")
         sp.add_argument("-C", "--config", action="append", metavar="KEY=VALUE",
-                        help="waves=1,10,50,100 max_failure_pct=10 min_reported=1 wave_timeout_s=600 ...")
+                        help="waves=1,10,50,100 max_failure_pct=10 min_reported=1 wave_timeout_s=600 "
+                             "promote=auto|soak|approval soak_s=3600 ..." +
+                             (" action=abort|approve" if name == "update" else ""))
         sp.add_argument("--no-wait", action="store_true", help="record the rollout; `reconcile` runs it")
     for name, helptext in (("get", "show a rollout and its devices"), ("abort", "stop and roll back"),
                            ("delete", "withdraw: devices go back to their previous model")):
@@ -332,6 +369,14 @@ def register(subparsers) -> None:
         sp.add_argument("name")
         if name == "abort":
             sp.add_argument("--reason", default="aborted by request")
+    sp = common(sub.add_parser("approve", help="approve the promotion of a rollout awaiting approval "
+                                               "(-C promote=approval) past its canary wave"))
+    sp.add_argument("name")
+    sp.add_argument("--by", default=None, help="who approves (default USER@HOST; recorded, not authenticated)")
+    sp = common(sub.add_parser("policy", help="show or set the fleet's promotion policy (signed by the fleet key)"))
+    sp.add_argument("--auto-promote", metavar="true|false", default=None,
+                    help="true: rollouts started by `follow`/`reconcile --follow` (the webhook's) promote past the "
+                         "canary on their own; false (the default): they wait for `edgeslim fleet approve`")
     common(sub.add_parser("list", help="list rollouts"))
     common(sub.add_parser("devices", help="registered devices and their status"))
     sp = common(sub.add_parser("predict", help="run the rollout's model locally (edge pyfunc)"))

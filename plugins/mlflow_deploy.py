@@ -51,11 +51,13 @@ Operations:
   create   -m models:/NAME@ALIAS (or /VERSION): resolve the alias, check its release statement,
            record the rollout and return; a background controller (`edgeslim fleet reconcile`,
            its log under ~/.edgeslim/rollouts/) sends manifests in waves (canary first), aborts
-           and rolls back past the threshold, and on success moves edge-canary and edge-stable.
-           `get` follows it. -C wait=true runs it here to the end, and fails with the reason
-           when the rollout aborts.
-  update   -m another version under the same deployment name; or -C action=abort to stop a
-           running rollout and roll every touched device back.
+           and rolls back past the threshold, moves edge-canary after the canary wave, promotes
+           as -C promote= says, and on success moves edge-stable. `get` follows it. -C wait=true
+           runs it here to the end (through a soak or an approval wait), and fails with the
+           reason when the rollout aborts.
+  update   -m another version under the same deployment name; -C action=abort to stop a
+           running rollout and roll every touched device back (edge-canary goes back too);
+           -C action=approve to approve a rollout that is awaiting-approval.
   delete   withdraw: every device the rollout touched goes back to its previous model.
   get/list rollout state, per-wave and per-device outcomes, what each device runs now.
   predict  run the deployment's model locally through the edgeslim_edge pyfunc.
@@ -69,6 +71,10 @@ Config (-C KEY=VALUE):
   poll_interval_s=2      expiry_s=604800   atol=0.001   rtol=0.001   latency_budget_ms=None
   health_repeats=5       device_class=None (all)   canary_alias=edge-canary   stable_alias=edge-stable
   lock_ttl_s=900         wait=false (true: run the waves here and fail if the rollout aborts)
+  promote=auto           after the canary wave: auto (go on at once), soak (wait soak_s while the
+                         canaries keep reporting; one that fails or goes silent aborts), or approval
+                         (wait, state awaiting-approval, for -C action=approve / `edgeslim fleet approve`)
+  soak_s=3600            the soak time of promote=soak, from the end of the canary wave
 """
 
 
@@ -125,13 +131,29 @@ class EdgeDeploymentClient(BaseDeploymentClient):
 
         loc, raw = _split(config)
         raw, wait = split_config(raw, default_wait=False)
-        c = self._controller(loc, need_key=True)
-        if str(raw.pop("action", "")).lower() == "abort":
+        action = str(raw.pop("action", "")).lower()
+        c = self._controller(loc, need_key=action != "approve")  # an approval is not signed: no key
+        if action == "abort":
             return self._view(c, c.abort(name, str(raw.pop("reason", "aborted by request"))))
+        if action == "approve":
+            return self._approved(c, name, loc)
+        if action:
+            raise ConfigError(f"-C action={action}: expected abort or approve")
         rec = c.get(name)
         cfg = WaveRolloutConfig.from_strings({**rec["config"], **raw}) if rec else None
         rec = c.update(name, model_uri, cfg, wait=wait)
         return self._ended(c, rec) if wait else self._in_background(c, rec, loc)
+
+    def _approved(self, c, name, loc) -> dict[str, Any]:
+        """``-C action=approve``: write the approval; a controller waiting on the rollout goes on, and
+        a detached one is started (if this side holds the fleet key) for a rollout nobody waits on."""
+        from edgeslim.deploy.fleet_cli import SIGNING_KEY_ENV, approved_line
+
+        out = self._view(c, c.approve(name))
+        out["approved"] = approved_line(self.fleet, out)
+        if loc.get("signing_key") or os.environ.get(SIGNING_KEY_ENV):
+            out["controller_log"] = str(start_controller(self.fleet, loc))
+        return out
 
     def _ended(self, c, rec) -> dict[str, Any]:
         """``-C wait=true``: the rollout ran here; an aborted or failed one fails the command."""

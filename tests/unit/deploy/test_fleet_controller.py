@@ -186,3 +186,21 @@ def test_lock_is_create_once_and_an_expired_one_is_taken_over(store, keys):
     a.acquire_lock("r3", ttl_s=60)  # b's lock expired
     with pytest.raises(FleetError, match="lost the lock"):
         b.renew_lock("r2", ttl_s=60)
+
+
+def test_promote_defaults_to_auto_and_is_checked():
+    assert WaveRolloutConfig().promote == "auto"  # create/update keep going after the canary, as before
+    cfg = WaveRolloutConfig.from_strings({"promote": "soak", "soak_s": "3600"})
+    assert cfg.promote == "soak" and cfg.soak_s == 3600.0
+    assert WaveRolloutConfig.from_dict({}).to_dict()["promote"] == "auto"  # records written before promote existed
+    with pytest.raises(ConfigError, match="promote: got sometimes; expected auto, soak or approval"):
+        WaveRolloutConfig.from_strings({"promote": "sometimes"})
+    with pytest.raises(ConfigError, match="soak_s"):
+        WaveRolloutConfig.from_strings({"soak_s": "-1"})
+
+
+def test_auto_promotion_moves_edge_canary_then_edge_stable_without_stopping(fleet):
+    f = fleet(3)
+    rec = f.controller()._run_locked(f.record("r1", f.models[0], waves=[30, 100]))
+    assert rec["state"] == "succeeded" and "promotion" not in rec
+    assert [t for t in f.tags if t[1].startswith("alias:")] == [("r1", "alias:edge-canary"), ("r1", "alias:edge-stable")]
