@@ -158,7 +158,12 @@ class Agent:
         self.public_key = trust.public_b64(self.device_key)
         # The provisioned root, then every newer root this device accepted before (kept on disk).
         (self.state_dir / "roots").mkdir(exist_ok=True)
-        self.root, _ = trust.update_root(root, self._local_root)
+        try:
+            self.root, _ = trust.update_root(root, self._local_root)
+        except (signing.SignatureError, bounded.BoundedInputError) as exc:  # disk damage: the store has them too
+            log.error("a root kept in %s is unreadable (%s); starting from the provisioned root version %d",
+                      self.state_dir / "roots", exc, root.version)
+            self.root = root
         self.timestamp_etag: str | None = None
         self.metadata_error: str | None = None
         self._timestamp_seen = time.monotonic()  # when the kept timestamp was seen (this process: since start)
