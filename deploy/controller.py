@@ -38,6 +38,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
+from edgeslim.components.common import progress
 from edgeslim.components.common.config import Config
 from edgeslim.components.common.errors import ConfigError, FleetError, SourceError
 from edgeslim.components.common.hashing import file_sha256
@@ -1161,6 +1162,8 @@ class Controller:
                                        "public_key": devs[dev]["public_key"], "outcome": None, "reason": None}
             self._save(rec)
             log.info("rollout %s: wave %d (%d devices) sent", rec["name"], wave["index"], len(wave["devices"]))
+            progress.emit("wave", f"rollout {rec['name']}: wave {wave['index'] + 1}/{len(rec['waves'])} sent to "
+                                  f"{len(wave['devices'])} device(s)")
             verdict = self._wait_wave(rec, wave, cfg)
             wave["state"], wave["finished_at"] = "done", self.clock()
             self._save(rec)
@@ -1209,6 +1212,7 @@ class Controller:
         waiting = [d for d in wave["devices"] if d in rec["devices"] and not rec["devices"][d]["outcome"]]
         last_renew = self.clock()
         while True:
+            before = len(waiting)
             for dev in list(waiting):
                 d = rec["devices"][dev]
                 got = self._outcome(dev, d["sent"], d["public_key"])
@@ -1216,6 +1220,12 @@ class Controller:
                     d["outcome"], d["reason"] = got
                     waiting.remove(dev)
                     log.info("rollout %s: %s %s%s", rec["name"], dev, got[0], f" ({got[1]})" if got[1] else "")
+            if len(waiting) != before:
+                n = len(wave["devices"])
+                failed = sum(rec["devices"][d]["outcome"] in ("failed", "rejected", "silent")
+                             for d in wave["devices"] if d in rec["devices"])
+                progress.emit("wave", f"rollout {rec['name']}: wave {wave['index'] + 1}/{len(rec['waves'])}: "
+                                      f"{n - len(waiting)} of {n} reported, {failed} failed, {len(waiting)} remaining")
             requested = self.abort_requested(rec)
             if requested:  # before anything else: an abort is never lost to a finished wave
                 rec["abort_requested"] = requested
