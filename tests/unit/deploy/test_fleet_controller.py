@@ -90,10 +90,13 @@ def fleet(store, keys, tmp_path):
     return lambda n: Fleet(store, keys, tmp_path, n, models)
 
 
-def test_good_rollout_reaches_every_device_and_moves_aliases(fleet):
+def test_good_rollout_reaches_every_device_and_moves_aliases(fleet, capsys):
     f = fleet(4)
     rec = f.controller()._run_locked(f.record("r1", f.models[0], waves=[25, 50, 100]))
     assert rec["state"] == "succeeded"
+    err = capsys.readouterr().err  # the waves' progress, as the terminal shows it
+    assert "rollout r1: wave 1/3 sent to 1 device(s)" in err
+    assert "rollout r1: wave 3/3: 2 of 2 reported, 0 failed, 0 remaining" in err
     assert [len(w["devices"]) for w in rec["waves"]] == [1, 1, 2]
     assert {d["outcome"] for d in rec["devices"].values()} == {"committed"}
     assert all(f.running(d) == rec["artifact"]["sha256"] for d in f.agents)
