@@ -75,6 +75,87 @@ def _flat_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and np.isfinite(v)}
 
 
+def onnx_signature(onnx_path: str | Path):
+    """The MLflow model signature of an ONNX model: one tensor spec per graph input and output, a
+    dynamic dimension as -1 (what the edge pyfunc takes and what its arrays are)."""
+    import onnx
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    inits = {i.name for i in graph.initializer}
+
+    def spec(v) -> TensorSpec:
+        t = v.type.tensor_type
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
+        shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
+        return TensorSpec(dtype, shape, v.name)
+
+    return ModelSignature(inputs=Schema([spec(v) for v in graph.input if v.name not in inits]),
+                          outputs=Schema([spec(v) for v in graph.output]))
+
+
+def edge_requirements() -> list[str]:
+    """What the edge pyfunc imports to serve the model (ONNX Runtime; TensorRT is the device's own),
+    pinned to the versions that built and checked it."""
+    import onnxruntime
+
+    return [f"edgeslim=={__version__}", f"onnxruntime=={onnxruntime.__version__}", f"numpy=={np.__version__}"]
+
+
+class _EdgeFlavorWithEnv:
+    """``edge_model``'s flavor for ``Model.log``, plus the environment files MLflow serves a model with:
+    ``requirements.txt``, ``python_env.yaml`` and ``conda.yaml`` from ``pip_requirements``, named in the
+    MLmodel's ``python_function`` section (``mlflow models serve``, ``--env-manager`` read them)."""
+
+    __name__ = "edgeslim.components.edge_model"  # the flavor module MLflow records
+
+    def __init__(self, pip_requirements: list[str]):
+        self.pip_requirements = pip_requirements
+
+    def save_model(self, path, mlflow_model=None, **kwargs):
+        import os
+
+        import yaml
+        from mlflow.models import Model
+        from mlflow.pyfunc import ENV, FLAVOR_NAME as PYFUNC
+        from mlflow.utils.environment import (_CONDA_ENV_FILE_NAME, _CONSTRAINTS_FILE_NAME, _PYTHON_ENV_FILE_NAME,
+                                              _REQUIREMENTS_FILE_NAME, _process_pip_requirements, _PythonEnv)
+
+        from edgeslim.components import edge_model
+
+        mlflow_model = mlflow_model or Model()
+        out = edge_model.save_model(path, mlflow_model=mlflow_model, **kwargs)
+        conda_env, reqs, constraints = _process_pip_requirements(None, list(self.pip_requirements))
+        with open(os.path.join(path, _CONDA_ENV_FILE_NAME), "w") as f:
+            yaml.safe_dump(conda_env, stream=f, default_flow_style=False)
+        if constraints:
+            Path(path, _CONSTRAINTS_FILE_NAME).write_text("\n".join(constraints))
+        Path(path, _REQUIREMENTS_FILE_NAME).write_text("\n".join(reqs))
+        _PythonEnv.current().to_yaml(os.path.join(path, _PYTHON_ENV_FILE_NAME))
+        mlflow_model.flavors[PYFUNC][ENV] = {"conda": _CONDA_ENV_FILE_NAME, "virtualenv": _PYTHON_ENV_FILE_NAME}
+        mlflow_model.save(os.path.join(path, "MLmodel"))
+        return out
+
+
+def version_description(*, parent: dict[str, Any], recipe_hash: str, gate_result: dict[str, Any],
+                        evaluation: dict[str, Any]) -> str:
+    """The model version's description: where it came from, the gate's verdict, what changed."""
+    src, cand = evaluation["source"], evaluation["candidate"]
+    name = {"top1": "top-1", "map50": "mAP@0.5"}.get(evaluation.get("metric_name", "top1"), "metric")
+    fid = cand.get("fidelity") or {}
+    sqnr = fid.get("quantization_sqnr_db", fid.get("sqnr_db"))
+    return (
+        f"int8 Q/DQ ONNX (edgeslim {__version__}) of models:/{parent['name']}/{parent['version']}, "
+        f"recipe {recipe_hash}.\n\n"
+        f"Gate: {'passed' if gate_result.get('passed') else 'failed'}, {gate_result.get('summary', '')}\n\n"
+        f"{name} on the test split: {src['metric']:.2f}% -> {cand['metric']:.2f}% "
+        f"({cand['metric'] - src['metric']:+.2f} pt); size {src['size_bytes']:,} B -> {cand['size_bytes']:,} B "
+        f"({src['size_bytes'] / max(cand['size_bytes'], 1):.1f}x smaller)"
+        + (f"; output SQNR {sqnr:.1f} dB against its fp32 model" if isinstance(sqnr, (int, float)) else "")
+        + ".")[:4900]
+
+
 def register(candidate_onnx: str | Path, *, parent: dict[str, Any], recipe, evaluation: dict[str, Any],
              gate_result: dict[str, Any], calibration: np.ndarray, data_description: dict[str, Any],
              artifacts: list[str | Path] = (), tracking_uri: str | None = None,
@@ -102,6 +183,7 @@ def register(candidate_onnx: str | Path, *, parent: dict[str, Any], recipe, eval
     """
     import mlflow
     from mlflow.entities import LoggedModelInput
+    from mlflow.models import Model
 
     from edgeslim.components import edge_model
     from edgeslim.components.task import task_for
@@ -159,21 +241,26 @@ def register(candidate_onnx: str | Path, *, parent: dict[str, Any], recipe, eval
             shipped = _engines_to_ship(engines)
             tags.update(edge_model.engine_status_tags({k: v if isinstance(v, str) and not Path(v).exists()
                                                         else "built and verified" for k, v in shipped.items()}))
-            info = edge_model.log_model(
-                candidate_onnx, name="model", engines=shipped or None,
-                input_example=np.ascontiguousarray(calibration[:2]),
-                metadata={"parent": parent, "recipe_hash": recipe_hash, "gate": gate_result,
-                          "metrics": flat,
-                          # a detector's edge pyfunc decodes its outputs with this
-                          "task": task_for(recipe.task).metadata(),
-                          # how an image becomes the model's input (resize, crop, mean/std, ...)
-                          **({"preprocess": recipe.data.preprocess.to_dict()} if recipe.data.preprocess else {})},
+            metadata = {"parent": parent, "recipe_hash": recipe_hash, "gate": gate_result, "metrics": flat,
+                        # a detector's edge pyfunc decodes its outputs with this
+                        "task": task_for(recipe.task).metadata(),
+                        # how an image becomes the model's input (resize, crop, mean/std, ...)
+                        **({"preprocess": recipe.data.preprocess.to_dict()} if recipe.data.preprocess else {})}
+            # edge_model.log_model, plus the signature (the ONNX's tensors) and the environment files.
+            info = Model.log(
+                artifact_path=None, name="model", flavor=_EdgeFlavorWithEnv(edge_requirements()),
+                onnx_path=candidate_onnx, metadata=metadata, edge_metadata=metadata, engines=shipped or None,
+                signature=onnx_signature(candidate_onnx), input_example=np.ascontiguousarray(calibration[:2]),
+                tags=edge_model.engine_status_tags({k: v if isinstance(v, str) and not Path(v).exists()
+                                                    else "built and verified" for k, v in shipped.items()}) or None,
             )
             model_id = getattr(info, "model_id", None) or ""
             if model_id:
                 mlflow.set_logged_model_tags(model_id, tags)
             model_uri = f"models:/{model_id}" if model_id else info.model_uri
             mv = mlflow.register_model(model_uri, name, tags={**tags, TAG + "model_id": model_id})
+            client.update_model_version(name, mv.version, description=version_description(
+                parent=parent, recipe_hash=recipe_hash, gate_result=gate_result, evaluation=evaluation))
             client.set_registered_model_alias(name, alias, mv.version)
             client.set_registered_model_tag(name, TAG + "parent_name", parent["name"])
             # The release key signs what passed the gate (fleets install nothing else).

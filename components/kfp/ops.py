@@ -12,7 +12,7 @@ from types import SimpleNamespace  # noqa: I001  (no __future__ annotations: KFP
 from typing import List
 
 from kfp import dsl
-from kfp.dsl import Artifact, Input, Model, Output
+from kfp.dsl import Artifact, Input, Markdown, Metrics, Model, Output
 
 # Built from deploy/images/: Containerfile (CPU), Containerfile.tensorrt (TensorRT 10.3 on NVIDIA's
 # nvcr.io/nvidia/tensorrt:24.08-py3), and Containerfile with a CUDA torch (GPU training).
@@ -54,9 +54,15 @@ def export_op(recipe_json: str, model: Input[Model], onnx_model: Output[Model], 
     Path(info.path).write_text(json.dumps({**res.metrics, "seconds": res.seconds}))
 
 
-def transform_op(recipe_json: str, model: Input[Model], student: Output[Model], info: Output[Artifact]):
-    """Apply the recipe's torch stages (distill, prune) in the order written."""
+def transform_op(recipe_json: str, model: Input[Model], student: Output[Model], info: Output[Artifact],
+                 metrics: Output[Metrics]):
+    """Apply the recipe's torch stages (distill, prune) in the order written.
+
+    ``info`` holds the stages' metrics and ``training_curve``, the mean loss of every epoch per stage
+    (the report logs it to MLflow); ``metrics`` (KFP) the MACs and parameters before and after.
+    """
     import json
+    import math
     import shutil
     from pathlib import Path
 
@@ -66,26 +72,64 @@ def transform_op(recipe_json: str, model: Input[Model], student: Output[Model], 
     recipe = recipe_from_json(recipe_json)
     if not recipe.torch_stages:
         shutil.copyfile(model.path, student.path)
-        Path(info.path).write_text(json.dumps({"stages": [], "seconds": 0.0}))
+        Path(info.path).write_text(json.dumps({"stages": [], "seconds": 0.0, "training_curve": []}))
+        metrics.log_metric("stages", 0)
         return
+    from edgeslim.components.common import progress
     from edgeslim.components.common.data import load_data
     from edgeslim.components.task import task_for
+    from edgeslim.components.transform.train import epoch_losses
 
     data = load_data(recipe.data.provider, recipe.data.args, recipe.data.preprocess)
-    res = task_for(recipe.task).transform(load_module(model.path), recipe.torch_stages, data=data)
+    # Every fit() reports its epochs to `losses`; each stage's progress call claims the epochs before it.
+    names = [s.stage for s in recipe.torch_stages]
+    curve, claimed, tick = [], [0], progress.epochs("transform")
+
+    def on_stage(label, step, steps, loss):
+        head = str(label).split(":", 1)[0]  # "2:prune(channel)": the stage's place in the recipe
+        i = int(head) - 1 if head.isdigit() and 0 < int(head) <= len(names) else None
+        stage = str(label) if i is None else names[i] if names.count(names[i]) == 1 else f"{names[i]}_{i + 1}"
+        done = sum(1 for c in curve if c["stage"] == stage)
+        curve.extend({"stage": stage, "epoch": done + k + 1, "loss": v} for k, v in enumerate(losses[claimed[0]:]))
+        claimed[0] = len(losses)
+        tick(label, step, steps, loss)
+
+    with epoch_losses() as losses:
+        res = task_for(recipe.task).transform(load_module(model.path), recipe.torch_stages, data=data,
+                                              progress=on_stage)
     save_module(res.model, student.path)
-    Path(info.path).write_text(json.dumps({**res.metrics, "seconds": res.seconds}, default=str))
+    Path(info.path).write_text(json.dumps({**res.metrics, "seconds": res.seconds, "training_curve": curve},
+                                          default=str))
+    metrics.log_metric("stages", len(recipe.torch_stages))
+    for k in ("macs_before", "macs_after", "macs_ratio", "params_before", "params_after", "params_ratio"):
+        if isinstance(res.metrics.get(k), (int, float)):
+            metrics.log_metric(k, float(res.metrics[k]))
+    for stage in dict.fromkeys(c["stage"] for c in curve):
+        last = [c for c in curve if c["stage"] == stage][-1]
+        if math.isfinite(last["loss"]):
+            metrics.log_metric(f"{stage}_final_loss", round(last["loss"], 6))
+            metrics.log_metric(f"{stage}_epochs", last["epoch"])
+    metrics.log_metric("seconds", round(res.seconds, 2))
 
 
 def quantize_op(recipe_json: str, tracking_uri: str, onnx_model: Input[Model], student: Input[Model],
-                parent_onnx: Input[Model], qdq_model: Output[Model], info: Output[Artifact]):
-    """Quantize to a symmetric per-channel int8 Q/DQ ONNX."""
+                parent_onnx: Input[Model], qdq_model: Output[Model], info: Output[Artifact],
+                metrics: Output[Metrics]):
+    """Quantize to a symmetric per-channel int8 Q/DQ ONNX.
+
+    ``info`` holds the method's metrics (the search's trials), ``training_curve`` (QAT's mean loss per
+    epoch) and ``mlflow_run_id`` (the search's run); ``metrics`` (KFP) the trial count, the chosen
+    candidate's figures and each calibrator's PTQ figures.
+    """
     import json
+    import math
     import shutil
     from pathlib import Path
 
     from edgeslim.components.recipe import recipe_from_json
     from edgeslim.components.common.data import load_data
+    from edgeslim.components.common import progress
+    from edgeslim.components.transform.train import epoch_losses
 
     recipe = recipe_from_json(recipe_json)
     data = load_data(recipe.data.provider, recipe.data.args, recipe.data.preprocess)
@@ -94,57 +138,123 @@ def quantize_op(recipe_json: str, tracking_uri: str, onnx_model: Input[Model], s
     from edgeslim.components.common.model_io import load_module
     from edgeslim.components.quantize.apply import quantize
 
-    if cfg.method == "ptq":  # no training, no trials: nothing to track
-        res = quantize(onnx_model.path, cfg, data=data, out_dir=out_dir)
-    else:
-        import mlflow
+    run_id = None
+    # Only QAT trains here (method qat, or the search's last trial): its epochs are the curve.
+    with epoch_losses(progress.epochs("quantize qat")) as losses:
+        if cfg.method == "ptq":  # no training, no trials: nothing to track
+            res = quantize(onnx_model.path, cfg, data=data, out_dir=out_dir)
+        else:
+            import mlflow
 
-        from edgeslim.components.common.tracking import connect
-        from edgeslim.components.task import task_for
+            from edgeslim.components.common.tracking import connect
+            from edgeslim.components.task import task_for
 
-        uri = tracking_uri or recipe.tracking_uri or None
-        connect(uri)
-        mlflow.set_experiment(recipe.register.experiment)
-        # Only QAT trains the torch model (method qat, or the search's last trial): load it only then.
-        model = load_module(student.path) if cfg.method == "qat" or getattr(cfg, "qat", False) else None
-        # Trials judge the int8 step, so their reference is the model being quantized
-        # (the final gate still compares the metric with the registered parent).
-        reference = onnx_model.path if recipe.torch_stages else parent_onnx.path
-        strategy = task_for(recipe.task).search_strategy(fp32_onnx=onnx_model.path, reference_onnx=reference,
-                                                         recipe=recipe, model=model) \
-            if cfg.method == "auto" else None
-        with mlflow.start_run(run_name=f"quantize {cfg.method}: {recipe.source}") as run:
-            mlflow.set_tag("edgeslim.recipe_hash", recipe.digest())
-            res = quantize(onnx_model.path, cfg, data=data, out_dir=out_dir, model=model, strategy=strategy,
-                           export_config=recipe.export, tracking_uri=uri, parent_run_id=run.info.run_id)
+            uri = tracking_uri or recipe.tracking_uri or None
+            connect(uri)
+            mlflow.set_experiment(recipe.register.experiment)
+            # Only QAT trains the torch model (method qat, or the search's last trial): load it only then.
+            model = load_module(student.path) if cfg.method == "qat" or getattr(cfg, "qat", False) else None
+            # Trials judge the int8 step, so their reference is the model being quantized
+            # (the final gate still compares the metric with the registered parent).
+            reference = onnx_model.path if recipe.torch_stages else parent_onnx.path
+            strategy = task_for(recipe.task).search_strategy(fp32_onnx=onnx_model.path, reference_onnx=reference,
+                                                             recipe=recipe, model=model) \
+                if cfg.method == "auto" else None
+            with mlflow.start_run(run_name=f"quantize {cfg.method}: {recipe.source}") as run:
+                mlflow.set_tag("edgeslim.recipe_hash", recipe.digest())
+                run_id = run.info.run_id
+                res = quantize(onnx_model.path, cfg, data=data, out_dir=out_dir, model=model, strategy=strategy,
+                               export_config=recipe.export, tracking_uri=uri, parent_run_id=run.info.run_id)
     from edgeslim.components.quantize.ptq import check_qdq
 
     # Whatever method made it, the report states the Q/DQ facts TensorRT cares about.
     res.metrics.update({k: v for k, v in check_qdq(res.model).items() if k not in res.metrics})
     shutil.copyfile(res.model, qdq_model.path)
-    Path(info.path).write_text(json.dumps({**res.metrics, "seconds": res.seconds}, default=str))
+    curve = [{"stage": "qat", "epoch": i + 1, "loss": v} for i, v in enumerate(losses)]
+    Path(info.path).write_text(json.dumps({**res.metrics, "seconds": res.seconds, "training_curve": curve,
+                                           "mlflow_run_id": run_id}, default=str))
+
+    def log(name, value):
+        if isinstance(value, (bool, int, float)) and math.isfinite(float(value)):
+            metrics.log_metric(name, float(value))
+
+    trials = res.metrics.get("trials") or []
+    log("trials", len(trials))
+    for k, v in res.metrics.items():  # the method's own numeric figures (size, samples, QAT top-1s, ...)
+        log(k, v)
+    if "float_layers" in res.metrics:  # PTQ's and QAT's nodes kept in float (the search's: chosen_float_layers)
+        log("float_layers", len(res.metrics["float_layers"] or []))
+    winner = res.metrics.get("winner") or {}
+    for k, v in winner.items():
+        if k not in ("mlflow_run_id", "passed"):
+            log(f"chosen_{k}", v)
+    if winner:
+        log("chosen_float_layers", len(winner.get("float_layers") or []))
+    for row in trials:  # each calibrator's PTQ trial, side by side in the KFP UI
+        if row.get("kind") == "ptq":
+            for k in ("metric", "map50", "sqnr_db", "top1_agreement", "mean_tp_score", "recall"):
+                log(f"ptq_{row['calibrator']}_{k}", row.get(k))
+    if curve:
+        log("qat_final_loss", round(curve[-1]["loss"], 6))
+    log("seconds", round(res.seconds, 2))
 
 
 def evaluate_op(recipe_json: str, qdq_model: Input[Model], parent_onnx: Input[Model],
-                student_onnx: Input[Model], evaluation: Output[Artifact]):
-    """Evaluate the candidate beside its parent on the test split (ONNX Runtime, CPU)."""
+                student_onnx: Input[Model], evaluation: Output[Artifact], metrics: Output[Metrics]):
+    """Evaluate the candidate beside its parent on the test split (ONNX Runtime, CPU).
+
+    ``evaluation`` also holds ``figures`` (the int8 output error against its fp32 model and a
+    detector's precision-recall curves, for the report's charts); ``metrics`` (KFP) the task metric,
+    agreement, SQNR, size and latency of both.
+    """
     import json
+    import math
     from pathlib import Path
 
     from edgeslim.components.recipe import recipe_from_json
     from edgeslim.components.common.data import load_data
+    from edgeslim.components.report import evaluation_figures
     from edgeslim.components.task import task_for
 
     recipe = recipe_from_json(recipe_json)
     data = load_data(recipe.data.provider, recipe.data.args, recipe.data.preprocess)
+    student = student_onnx.path if recipe.torch_stages else None
     res = task_for(recipe.task).evaluate(qdq_model.path, recipe.evaluate, parent_onnx=parent_onnx.path, data=data,
-                                         student_onnx=student_onnx.path if recipe.torch_stages else None)
+                                         student_onnx=student)
     res.metrics["student_fp32_size_bytes"] = Path(student_onnx.path).stat().st_size
+    try:
+        res.metrics["figures"] = evaluation_figures(qdq_model.path, parent_onnx=parent_onnx.path, data=data,
+                                                    task=recipe.task, student_onnx=student)
+    except Exception as exc:  # a chart must not cost the compression: the report says what went wrong
+        res.metrics["figures"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
     Path(evaluation.path).write_text(json.dumps({**res.metrics, "seconds": res.seconds}))
 
+    def log(name, value):
+        if isinstance(value, (bool, int, float)) and math.isfinite(float(value)):
+            metrics.log_metric(name, float(value))
 
-def gate_op(recipe_json: str, evaluation: Input[Artifact], verdict: Output[Artifact]) -> bool:
-    """Check the accuracy gate; the pipeline branches on the returned bool."""
+    src, cand = res.metrics["source"], res.metrics["candidate"]
+    name = res.metrics.get("metric_name", "top1")
+    log(f"source_{name}", src["metric"])
+    log(f"candidate_{name}", cand["metric"])
+    log(f"{name}_drop", round(src["metric"] - cand["metric"], 4))
+    for k, v in cand["fidelity"].items():  # agreement, SQNR (against the parent and against its fp32 model)
+        log(k, v)
+    log("source_size_bytes", src["size_bytes"])
+    log("candidate_size_bytes", cand["size_bytes"])
+    log("size_ratio", cand.get("size_ratio"))
+    for who, sec in (("source", src), ("candidate", cand)):
+        for b, ms in (sec.get("latency_ms") or {}).items():
+            log(f"{who}_latency_ms_{b}", ms)
+        for k in ("map50_95", "mean_tp_score", "recall", "precision"):
+            log(f"{who}_{k}", (sec.get("detection") or {}).get(k))
+    log("cpu_int8_kernel_metric", cand.get("cpu_int8_kernel_metric"))
+
+
+def gate_op(recipe_json: str, evaluation: Input[Artifact], verdict: Output[Artifact],
+            verdict_md: Output[Markdown]) -> bool:
+    """Check the accuracy gate; the pipeline branches on the returned bool. ``verdict_md`` is the
+    verdict as a Markdown table (the KFP UI shows it)."""
     import json
     from pathlib import Path
 
@@ -154,6 +264,15 @@ def gate_op(recipe_json: str, evaluation: Input[Artifact], verdict: Output[Artif
     recipe = recipe_from_json(recipe_json)
     result = task_for(recipe.task).gate(json.loads(Path(evaluation.path).read_text()), recipe)
     Path(verdict.path).write_text(json.dumps(result))
+
+    def cell(v):
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = [f"## Gate: {'passed' if result['passed'] else 'FAILED'}", "", cell(result["summary"]), "",
+             "| check | value | threshold | result | detail |", "|---|---:|---:|---|---|"]
+    lines += [f"| {cell(c['name'])} | {c['value']:.4g} | {c['threshold']:.4g} | "
+              f"{'pass' if c['passed'] else '**FAIL**'} | {cell(c['detail'])} |" for c in result["checks"]]
+    Path(verdict_md.path).write_text("\n".join(lines) + "\n")
     return bool(result["passed"])
 
 
@@ -249,9 +368,19 @@ def reject_op(verdict: Input[Artifact]) -> str:
 def report_op(recipe_json: str, tracking_uri: str, parent: Input[Artifact], parent_export: Input[Artifact],
               transform: Input[Artifact], quantized: Input[Artifact], evaluation: Input[Artifact],
               verdict: Input[Artifact], registered: str, qdq_model: Input[Model],
-              report: Output[Artifact], html: Output[dsl.HTML]):
-    """Assemble report.json and the HTML report, and log both to MLflow."""
+              report: Output[Artifact], html: Output[dsl.HTML],
+              kfp_run_id: str = dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+              kfp_run_name: str = dsl.PIPELINE_JOB_NAME_PLACEHOLDER):
+    """Assemble report.json and the HTML report (with its charts), and log both to MLflow.
+
+    ``kfp_run_id``/``kfp_run_name``: the KFP run, for the tags that link it. Kubeflow's local runner
+    fills these defaults in; a cluster fills in placeholders passed as task arguments, not defaults, so
+    there the run id comes from ``$KFP_RUN_ID`` or, failing that, from the report's artifact URI
+    (``<pipeline root>/<pipeline>/<run id>/<task>/...``).
+    """
     import json
+    import os
+    import re
     from pathlib import Path
 
     from edgeslim.components.recipe import recipe_from_json
@@ -260,12 +389,18 @@ def report_op(recipe_json: str, tracking_uri: str, parent: Input[Artifact], pare
     def read(a):
         return json.loads(Path(a.path).read_text())
 
+    def given(v):
+        return v if v and "{{$" not in v else ""
+
+    uuid = re.search(r"/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})/", report.uri or "")
+    kfp_run = {"run_id": given(kfp_run_id) or os.environ.get("KFP_RUN_ID", "") or (uuid.group(1) if uuid else ""),
+               "run_name": given(kfp_run_name) or os.environ.get("KFP_RUN_NAME", "")}
     recipe = recipe_from_json(recipe_json)
     rep = build_report(
         recipe=recipe, parent=read(parent), parent_export=read(parent_export), transform=read(transform),
         quantized=read(quantized), evaluation=read(evaluation), verdict=read(verdict),
         registered=registered if isinstance(registered, dict) else json.loads(registered),
-        onnx_path=qdq_model.path,
+        onnx_path=qdq_model.path, kfp_run={k: v for k, v in kfp_run.items() if v},
     )
     Path(report.path).write_text(json.dumps(rep, indent=2))
     Path(html.path).write_text(render_html(rep))

@@ -5,8 +5,9 @@ Distillation, pruning's fine-tuning, QAT and the reference models all train with
 
 from __future__ import annotations
 
+import contextlib
 import difflib
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 
 import numpy as np
@@ -16,6 +17,30 @@ from torch import nn
 from edgeslim.components.common.errors import ConfigError, DataError
 
 Progress = Callable[[int, int, float], None]
+# Called by every fit() after each epoch with (epoch, epochs, mean loss of the epoch): see epoch_losses().
+_EPOCH_LISTENERS: list[Progress] = []
+
+
+@contextlib.contextmanager
+def epoch_losses(on_epoch: Progress | None = None) -> Iterator[list[float]]:
+    """The training curve of every :func:`fit` run inside the block: one mean loss per epoch, in order.
+
+    A stage that trains inside another (QAT inside the quantize search, pruning's fine-tuning)
+    reports its epochs here without a callback threaded through it; the pipeline's tasks record
+    their curves this way. ``on_epoch(epoch, epochs, mean loss)`` is called as they come.
+    """
+    losses: list[float] = []
+
+    def listen(epoch: int, epochs: int, loss: float) -> None:
+        losses.append(loss)
+        if on_epoch is not None:
+            on_epoch(epoch, epochs, loss)
+
+    _EPOCH_LISTENERS.append(listen)
+    try:
+        yield losses
+    finally:
+        _EPOCH_LISTENERS.remove(listen)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
@@ -215,6 +240,7 @@ def fit(student: nn.Module, *, x: np.ndarray, y: np.ndarray, teacher: nn.Module 
             adapters.train()
             perm = torch.randperm(len(xt), generator=gen)
             loss = torch.zeros(())
+            total = torch.zeros((), dtype=torch.float64)
             for i in range(0, len(xt), batch_size):
                 idx = perm[i:i + batch_size]
                 xb = augment(xt[idx], gen) if augment is not None else xt[idx]
@@ -236,6 +262,9 @@ def fit(student: nn.Module, *, x: np.ndarray, y: np.ndarray, teacher: nn.Module 
                 loss.backward()
                 opt.step()
                 sched.step()
+                total += loss.detach().double() * len(idx)
+            for listen in list(_EPOCH_LISTENERS):
+                listen(epoch + 1, epochs, float(total) / len(xt))
             if progress:
                 progress(epoch + 1, epochs, float(loss.detach()))
     finally:

@@ -239,3 +239,128 @@ def test_submit_to_an_unreachable_endpoint_is_one_line(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", "models:/x@y")
     proc = run_cli("submit", str(recipe), "--host", f"http://127.0.0.1:{free_port()}", timeout=300)
     assert_one_line_error(proc, "cannot submit to Kubeflow Pipelines at http://127.0.0.1:")
+
+
+# --- Pictures people look at, and MLflow that tells the story (issue 14) ---------------------------
+
+
+def _kfp_task_dir(wd: Path, task: str) -> Path:
+    (run,) = (wd / "out" / "kfp-local").iterdir()  # one local pipeline run per workdir
+    return run / task
+
+
+def _kfp_metrics(wd: Path, task: str, output: str = "metrics") -> dict:
+    out = json.loads((_kfp_task_dir(wd, task) / "executor_output.json").read_text())
+    return out["artifacts"][output]["artifacts"][0]["metadata"]
+
+
+def test_the_report_of_a_real_run_renders_its_charts_in_a_browser_and_fetches_nothing(first_run, tmp_path):
+    from tests.integration.test_report_browser import assert_renders_offline
+
+    proc, wd = first_run
+    assert proc.returncode == 0
+    seen = assert_renders_offline(wd / "out" / "report.html", tmp_path / "browser", {"output-error"})
+    # PTQ without a search, nothing trained: each absent chart is one line saying why
+    assert [ln["id"] for ln in seen["lines"]] == ["chart-trials", "chart-sensitivity", "chart-training"]
+    assert "quantize method ptq" in seen["lines"][0]["text"]
+
+
+def test_each_kfp_task_writes_its_metrics_and_the_gate_its_verdict_as_markdown(first_run):
+    proc, wd = first_run
+    assert proc.returncode == 0
+    rep = json.loads((wd / "out" / "report.json").read_text())
+    ev = _kfp_metrics(wd, "evaluate-op")
+    assert ev["source_top1"] == pytest.approx(rep["source"]["metric"])
+    assert ev["candidate_top1"] == pytest.approx(rep["candidate"]["metric"])
+    assert ev["top1_agreement"] == pytest.approx(rep["candidate"]["fidelity"]["top1_agreement"])
+    assert ev["sqnr_db"] == pytest.approx(rep["candidate"]["fidelity"]["sqnr_db"])
+    assert ev["candidate_size_bytes"] == rep["candidate"]["size_bytes"] and ev["size_ratio"] > 1
+    assert {"source_latency_ms_batch_1", "candidate_latency_ms_batch_32"} <= set(ev)
+    q = _kfp_metrics(wd, "quantize-op")
+    assert q["trials"] == 0 and q["size_bytes"] == rep["candidate"]["size_bytes"] and q["calibration_samples"] == 256
+    assert _kfp_metrics(wd, "transform-op") == {"stages": 0}
+    md = (_kfp_task_dir(wd, "gate-op") / "verdict_md").read_text()
+    assert md.startswith("## Gate: passed\n") and "| sqnr_db | " in md and md.count("| pass |") == 3
+
+
+def test_the_registered_version_has_a_signature_environment_files_a_description_and_run_links(first_run, mlflow_server):
+    import mlflow
+    import yaml as _yaml
+    from mlflow import MlflowClient
+
+    proc, wd = first_run
+    assert proc.returncode == 0
+    rep = json.loads((wd / "out" / "report.json").read_text())
+    client = MlflowClient(mlflow_server.uri)
+    mv = client.get_model_version("tiny-teacher-edge", rep["registered"]["version"])
+    assert mv.description.startswith("int8 Q/DQ ONNX (edgeslim ")
+    assert f"models:/tiny-teacher/1, recipe {rep['recipe_hash']}" in mv.description
+    assert "Gate: passed, passed: top-1 fell" in mv.description and "x smaller" in mv.description
+    # the KFP run (the local runner's id and run name) on the version and on the registration run
+    run_name = next((wd / "out" / "kfp-local").iterdir()).name
+    assert rep["runs"]["kfp_run_name"] == run_name and rep["runs"]["kfp_run_id"]
+    run = client.get_run(rep["registered"]["run_id"])
+    for tags in (mv.tags, run.data.tags):
+        assert tags["edgeslim.kfp_run_id"] == rep["runs"]["kfp_run_id"]
+        assert tags["edgeslim.kfp_run_name"] == run_name
+    assert "edgeslim.quantize_run_id" not in mv.tags  # PTQ runs no MLflow run of its own
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "charts")}
+    assert arts == {"charts/output-error.svg"}
+    # the edge model: signature from the ONNX, requirements.txt / python_env.yaml named in MLmodel
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/tiny-teacher-edge/{mv.version}"))
+    info = mlflow.models.get_model_info(f"models:/tiny-teacher-edge/{mv.version}")
+    sig = {k: json.loads(v) for k, v in info.signature.to_dict().items() if v}
+    assert sig["inputs"] == [{"name": "input", "type": "tensor",
+                              "tensor-spec": {"dtype": "float32", "shape": [-1, 1, 8, 8]}}]
+    assert sig["outputs"][0]["tensor-spec"] == {"dtype": "float32", "shape": [-1, 10]}
+    reqs = (local / "requirements.txt").read_text().split()
+    assert {r.split("==")[0] for r in reqs} == {"mlflow", "edgeslim", "onnxruntime", "numpy"}
+    assert all("==" in r for r in reqs)
+    assert _yaml.safe_load((local / "python_env.yaml").read_text())["dependencies"] == ["-r requirements.txt"]
+    env = _yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]["env"]
+    assert env == {"conda": "conda.yaml", "virtualenv": "python_env.yaml"}
+
+
+def test_training_curves_and_the_quantize_run_are_logged_to_the_registration(mlflow_server, registered_teacher,
+                                                                               tmp_path):
+    from mlflow import MlflowClient
+
+    from tests.integration.test_report_browser import assert_renders_offline
+
+    recipe = write_recipe(
+        tmp_path / "r.yaml", registered_teacher, register={"name": "tiny-curves", "experiment": "tests-edge"},
+        stages=[{"distill": {"method": "logit", "student": "previous", "epochs": 2, "lr": 1e-4}},
+                {"prune": {"method": "channel", "keep_fraction": 0.9, "steps": 2, "finetune_epochs": 1}},
+                {"quantize": {"method": "qat", "calibrator": "percentile", "num_samples": 256, "epochs": 2}}],
+        gate={"max_metric_drop": 20.0, "min_top1_agreement": 0.5, "min_sqnr_db": 5.0})
+    proc = run_cli("run", str(recipe), "--tracking-uri", mlflow_server.uri, "--workdir", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [(r["stage"], r["epoch"]) for r in rep["training_curve"]] == [
+        ("distill", 1), ("distill", 2), ("prune", 1), ("prune", 2), ("qat", 1), ("qat", 2)]
+    client = MlflowClient(mlflow_server.uri)
+    run_id = rep["registered"]["run_id"]
+    for stage in ("distill", "prune", "qat"):
+        hist = client.get_metric_history(run_id, f"train.{stage}.loss")
+        assert [m.step for m in sorted(hist, key=lambda m: m.step)] == [1, 2]
+        want = [r["loss"] for r in rep["training_curve"] if r["stage"] == stage]
+        assert [m.value for m in sorted(hist, key=lambda m: m.step)] == pytest.approx(want)
+    # the quantize task's own run, linked both ways with the registration
+    qid = rep["runs"]["quantize"]
+    mv = client.get_model_version("tiny-curves", rep["registered"]["version"])
+    assert mv.tags["edgeslim.quantize_run_id"] == qid
+    assert client.get_run(run_id).data.tags["edgeslim.quantize_run_id"] == qid
+    qrun = client.get_run(qid)
+    assert qrun.info.run_name.startswith("quantize qat: ")
+    assert qrun.data.tags["edgeslim.compression_run_id"] == run_id
+    assert qrun.data.tags["edgeslim.model_version"] == f"tiny-curves/{mv.version}"
+    arts = {a.path for a in client.list_artifacts(run_id, "charts")}
+    assert arts == {"charts/output-error.svg", "charts/training.svg"}
+    tm = _kfp_metrics(tmp_path, "transform-op")
+    assert tm["stages"] == 2 and tm["macs_after"] < tm["macs_before"] and tm["distill_epochs"] == 2
+    qm = _kfp_metrics(tmp_path, "quantize-op")
+    assert qm["qat_epochs"] == 2 and qm["qat_final_loss"] == pytest.approx(rep["training_curve"][-1]["loss"], abs=1e-6)
+    seen = assert_renders_offline(tmp_path / "out" / "report.html", tmp_path / "browser", {"output-error", "training"})
+    assert "distill 2 epoch(s); prune 2 epoch(s); qat 2 epoch(s)" in next(
+        c["caption"] for c in seen["charts"] if c["id"] == "chart-training")
