@@ -17,7 +17,8 @@ def test_demo_meets_its_targets_and_reuses_on_the_second_run(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     assert "teacher: training epoch" in first.stderr  # long steps show progress
     # ...including the pipeline's tasks, which run in the local runner's subprocesses
-    assert "task pull: started" in first.stderr and "task report: succeeded" in first.stderr
+    assert "task pull-op: started" in first.stderr and "task report-op: success" in first.stderr
+    assert "1:distill(logit): epoch 1/" in first.stderr  # from inside the transform task
     assert "mlflow ui --backend-store-uri" in first.stdout and "--artifacts-destination" in first.stdout
     rep = json.loads((wd / "report.json").read_text())
     src, cand = rep["source"], rep["candidate"]
