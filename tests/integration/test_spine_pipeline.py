@@ -225,12 +225,15 @@ def test_init_writes_a_recipe_that_run_accepts(mlflow_server, registered_teacher
 
 def test_compile_writes_kfp_ir(tmp_path):
     out = tmp_path / "p.yaml"
-    proc = run_cli("compile", "-o", str(out), "--base-image", "registry.example/edgeslim:test")
+    proc = run_cli("compile", "-o", str(out), "--base-image", "registry.example/edgeslim:test",
+                   "--engine-image", "registry.example/edgeslim:test-trt")
     assert proc.returncode == 0, proc.stderr
     ir = next(yaml.safe_load_all(out.read_text()))
     assert ir["pipelineInfo"]["name"] == "edgeslim-edge-compression"
-    images = {e["container"]["image"] for e in ir["deploymentSpec"]["executors"].values()}
-    assert images == {"registry.example/edgeslim:test"}
+    images = {name: e["container"]["image"] for name, e in ir["deploymentSpec"]["executors"].items()}
+    # Engine builds run on the TensorRT image; every other task on the base image.
+    assert images.pop("exec-engine-build-op") == "registry.example/edgeslim:test-trt"
+    assert set(images.values()) == {"registry.example/edgeslim:test"}
 
 
 def test_submit_to_an_unreachable_endpoint_is_one_line(tmp_path):
@@ -238,7 +241,7 @@ def test_submit_to_an_unreachable_endpoint_is_one_line(tmp_path):
 
     recipe = write_recipe(tmp_path / "r.yaml", "models:/x@y")
     proc = run_cli("submit", str(recipe), "--host", f"http://127.0.0.1:{free_port()}", timeout=300)
-    assert_one_line_error(proc, "cannot submit to Kubeflow Pipelines at http://127.0.0.1:")
+    assert_one_line_error(proc, "cannot reach Kubeflow Pipelines at http://127.0.0.1:")
 
 
 # --- Pictures people look at, and MLflow that tells the story (issue 14) ---------------------------
