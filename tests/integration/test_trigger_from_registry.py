@@ -108,6 +108,7 @@ def test_a_new_champion_version_is_compressed_once_to_an_edge_candidate(fleet_ml
     from edgeslim.pipelines.trigger import trigger_hash
 
     uri, client = fleet_mlflow, MlflowClient(fleet_mlflow)
+    mlflow.set_tracking_uri(uri)  # the webhook-delivering server, whatever an earlier test pointed mlflow at
     name = f"trig-{uuid.uuid4().hex[:6]}"
     other = f"{name}-unwatched"
     recipe = _recipe(tmp_path / "recipe.yaml")
