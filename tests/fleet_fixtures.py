@@ -12,13 +12,9 @@
 
 from __future__ import annotations
 import hashlib
-import json
 import os
 import shutil
-import socket
 import subprocess
-import threading
-import time
 import uuid
 from pathlib import Path
 import numpy as np

@@ -4,17 +4,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 import numpy as np
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from edgeslim.components.common.errors import ConfigError, EdgeslimError, GateRejected
+from edgeslim.components.common.errors import ConfigError, GateRejected
 
 
 _renderer = None

@@ -11,7 +11,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from fleet_unit_helpers import ManifestWriter, golden_for, make_onnx, upload
