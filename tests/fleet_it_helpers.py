@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 import numpy as np
 
@@ -277,3 +278,29 @@ def release_is_complete(state_dir: Path, link: str, known: set[str]) -> str | No
     ort.InferenceSession(data, providers=["CPUExecutionProvider"])  # loads
     return sha
 
+
+
+def mlflow_signed_headers(secret: str, body: bytes, delivery: str | None = None, ts: int | None = None) -> dict:
+    """Headers of an MLflow webhook delivery: the v1 HMAC-SHA256 over ``<delivery id>.<timestamp>.<body>``."""
+    import base64
+    import hmac
+
+    delivery = delivery or str(uuid.uuid4())
+    stamp = str(int(time.time()) if ts is None else ts)
+    sig = hmac.new(secret.encode(), f"{delivery}.{stamp}.".encode() + body, hashlib.sha256).digest()
+    return {"Content-Type": "application/json", "X-MLflow-Delivery-Id": delivery, "X-MLflow-Timestamp": stamp,
+            "X-MLflow-Signature": "v1," + base64.b64encode(sig).decode()}
+
+
+def http_request(port: int, method: str, path: str = "/", body: bytes | None = None,
+                 headers: dict | None = None, timeout: float = 30.0) -> tuple[int, str]:
+    """One HTTP request to a receiver on loopback: (status, body text)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        conn.close()

@@ -7,10 +7,6 @@ One compression run in this file (~3-4 min on a busy 2-core machine).
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import http.client
 import json
 import os
 import re
@@ -26,6 +22,7 @@ import pytest
 import yaml
 
 from tests.fleet_it_helpers import wait_for
+from tests.fleet_it_helpers import http_request, mlflow_signed_headers
 
 pytestmark = pytest.mark.slow
 
@@ -70,22 +67,12 @@ class Receiver:
         return sum(text in line for line in list(self.lines))
 
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            resp = conn.getresponse()
-            return resp.status, resp.read().decode()
-        finally:
-            conn.close()
+        return http_request(self.port, method, path, body, headers, timeout=60)
 
     def deliver(self, event: dict, delivery: str) -> tuple[int, str]:
         """As MLflow delivers (v1 signature over ``<delivery id>.<timestamp>.<body>``)."""
         body = json.dumps(event).encode()
-        ts = str(int(time.time()))
-        sig = hmac.new(self.secret.encode(), f"{delivery}.{ts}.".encode() + body, hashlib.sha256).digest()
-        return self.request("POST", "/", body, {"Content-Type": "application/json", "X-MLflow-Delivery-Id": delivery,
-                                                "X-MLflow-Timestamp": ts,
-                                                "X-MLflow-Signature": "v1," + base64.b64encode(sig).decode()})
+        return self.request("POST", "/", body, mlflow_signed_headers(self.secret, body, delivery))
 
     def stop(self) -> int | None:
         if self.proc.poll() is None:

@@ -8,23 +8,19 @@ MLflow-style signed deliveries, and the receiver's RSS and thread count from /pr
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import http.client
 import json
 import os
 import re
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
 from tests.fleet_it_helpers import wait_for
+from tests.fleet_it_helpers import http_request, mlflow_signed_headers
 
 pytestmark = pytest.mark.slow
 
@@ -38,11 +34,7 @@ def alias_event(name: str, version: str = "1", alias: str = "edge-candidate") ->
 
 def signed_headers(secret: str, body: bytes, delivery: str | None = None) -> dict[str, str]:
     """MLflow's v1 signature: HMAC-SHA256 over ``<delivery id>.<timestamp>.<body>``."""
-    delivery = delivery or str(uuid.uuid4())
-    ts = str(int(time.time()))
-    sig = hmac.new(secret.encode(), f"{delivery}.{ts}.".encode() + body, hashlib.sha256).digest()
-    return {"Content-Type": "application/json", "X-MLflow-Delivery-Id": delivery, "X-MLflow-Timestamp": ts,
-            "X-MLflow-Signature": "v1," + base64.b64encode(sig).decode()}
+    return mlflow_signed_headers(secret, body, delivery)
 
 
 class Receiver:
@@ -78,13 +70,7 @@ class Receiver:
         return any(text in line for line in self.lines)
 
     def post(self, body: bytes, headers: dict[str, str], timeout: float = 60) -> tuple[int, str]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            conn.request("POST", "/", body=body, headers=headers)
-            resp = conn.getresponse()
-            return resp.status, resp.read().decode()
-        finally:
-            conn.close()
+        return http_request(self.port, "POST", "/", body, headers, timeout)
 
     def deliver(self, body: bytes, delivery: str | None = None) -> tuple[int, str]:
         return self.post(body, signed_headers(self.secret, body, delivery))

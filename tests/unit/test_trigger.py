@@ -7,10 +7,6 @@ tests/integration/test_trigger_from_registry.py). The KFP runner is real, aimed 
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import http.client
 import json
 import logging
 import socket
@@ -26,6 +22,7 @@ import yaml
 from edgeslim.components.common.errors import ConfigError, SourceError
 from edgeslim.deploy.trigger import (DONE, FAILED, REJECTED, SUBMITTED, Outcome, TagLedger, Trigger, ledger_key,
                                      make_trigger_server)
+from tests.fleet_it_helpers import http_request, mlflow_signed_headers
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "trigger-secret-for-tests"
@@ -80,22 +77,12 @@ def event(name="m", version="3", kind="version", alias="champion") -> bytes:
 
 
 def signed(body: bytes, delivery: str | None = None, secret: str = SECRET) -> dict:
-    delivery = delivery or str(uuid.uuid4())
-    ts = str(int(time.time()))
-    sig = hmac.new(secret.encode(), f"{delivery}.{ts}.".encode() + body, hashlib.sha256).digest()
-    return {"Content-Type": "application/json", "X-MLflow-Delivery-Id": delivery, "X-MLflow-Timestamp": ts,
-            "X-MLflow-Signature": "v1," + base64.b64encode(sig).decode()}
+    return mlflow_signed_headers(secret, body, delivery)
 
 
 def request(port: int, method: str, path: str = "/", body: bytes | None = None,
             headers: dict | None = None) -> tuple[int, str]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, resp.read().decode()
-    finally:
-        conn.close()
+    return http_request(port, method, path, body, headers)
 
 
 def deliver(port: int, body: bytes, delivery: str | None = None) -> tuple[int, str]:

@@ -7,15 +7,10 @@ tests/integration/fleet/test_fleet_webhook.py.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import http.client
 import json
 import socket
 import threading
 import time
-import uuid
 
 import pytest
 
@@ -23,6 +18,7 @@ from edgeslim.components.common.errors import ConfigError, FleetError, SourceErr
 from edgeslim.deploy import bounded, requests as fleet_requests
 from edgeslim.deploy.requests import pending_requests, process_requests, record_request, request_key
 from edgeslim.deploy.webhook import ReplayCache, make_server
+from tests.fleet_it_helpers import http_request, mlflow_signed_headers
 
 SECRET = "s3cret-for-tests"
 
@@ -33,21 +29,11 @@ def _event(name="m", version="3", alias="edge-candidate", entity="model_version_
 
 
 def _signed(body: bytes, delivery: str | None = None, secret: str = SECRET, ts: int | None = None) -> dict:
-    delivery = delivery or str(uuid.uuid4())
-    ts = str(int(time.time()) if ts is None else ts)
-    sig = hmac.new(secret.encode(), f"{delivery}.{ts}.".encode() + body, hashlib.sha256).digest()
-    return {"Content-Type": "application/json", "X-MLflow-Delivery-Id": delivery, "X-MLflow-Timestamp": ts,
-            "X-MLflow-Signature": "v1," + base64.b64encode(sig).decode()}
+    return mlflow_signed_headers(secret, body, delivery, ts)
 
 
 def _post(port: int, body: bytes, headers: dict) -> tuple[int, str]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        conn.request("POST", "/", body=body, headers=headers)
-        resp = conn.getresponse()
-        return resp.status, resp.read().decode()
-    finally:
-        conn.close()
+    return http_request(port, "POST", "/", body, headers)
 
 
 def _raw(port: int, data: bytes, *, read: bool = True) -> str:
