@@ -5,6 +5,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/s3/install-rgw.sh
+# PyPI's torchvision is a CUDA build that does not import beside the CPU torch (DESIGN.md): a .pth
+# in this Python's site-packages runs tests/torchvision_cpu.py at start-up, in every process of a
+# test run. It only adds an import hook, and does nothing when torchvision's own ops load.
+site=$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+shim="$PWD/tests/torchvision_cpu.py"
+echo "import os; p = '$shim'; os.path.exists(p) and exec(compile(open(p).read(), p, 'exec'), {'__name__': 'edgeslim_tests_torchvision_cpu'})" \
+  > "$site/edgeslim_tests_torchvision_cpu.pth"
+echo "torchvision shim: $site/edgeslim_tests_torchvision_cpu.pth"
 if command -v chromium >/dev/null 2>&1; then
   echo "chromium: already installed ($(chromium --version 2>/dev/null))"
   exit 0
