@@ -14,6 +14,8 @@ import numpy as np
 
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import DataError, SourceError
+from edgeslim.components.common.model_outputs import exportable, forward_tensors
+from edgeslim.components.common.model_outputs import output_names as tensor_output_names
 from edgeslim.components.common.onnx_runtime import make_session, run_batched  # noqa: F401  (make_session re-exported)
 from edgeslim.components.common.result import StageResult
 from edgeslim.components.common.stage_configs import OnnxExportConfig
@@ -27,26 +29,22 @@ def check_model_accepts(model, x: np.ndarray) -> np.ndarray:
     import torch
 
     try:
-        with torch.no_grad():
-            out = model(torch.from_numpy(np.ascontiguousarray(x)))
+        outs = forward_tensors(model, torch.from_numpy(np.ascontiguousarray(x)))
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise DataError(
             f"the model rejects inputs of shape {list(x.shape)} ({first}); "
             "give data whose x arrays match the model's input"
         ) from None
-    if isinstance(out, (tuple, list)):
-        return np.concatenate([o.detach().numpy().reshape(len(x), -1) for o in out], axis=1)
-    return out.detach().numpy()
+    if len(outs) > 1:
+        return np.concatenate([o.detach().numpy().reshape(len(x), -1) for o in outs], axis=1)
+    return outs[0].detach().numpy()
 
 
 def output_names(model, x: np.ndarray) -> list[str]:
     import torch
 
-    with torch.no_grad():
-        out = model(torch.from_numpy(x[:1]))
-    n = len(out) if isinstance(out, (tuple, list)) else 1
-    return ["output"] if n == 1 else [f"output_{i}" for i in range(n)]
+    return tensor_output_names(len(forward_tensors(model, torch.from_numpy(x[:1]))))
 
 
 def export(model, config: OnnxExportConfig, *, data: Splits, out_path: str | Path) -> StageResult:
@@ -75,6 +73,8 @@ def export(model, config: OnnxExportConfig, *, data: Splits, out_path: str | Pat
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.from_numpy(np.ascontiguousarray(x[:2]))
+    # A forward that returns auxiliaries beside its tensors (Ultralytics: (decoded, {...})) exports its tensors.
+    model = exportable(model, example)
     batch = torch.export.Dim("batch", min=1, max=4096)
     try:
         with warnings.catch_warnings(), redirect_stdout(io.StringIO()):

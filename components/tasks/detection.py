@@ -26,6 +26,7 @@ from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import DataError
 from edgeslim.components.common.result import GateCheck, StageResult, verdict
 from edgeslim.components.common.decode import box_iou, decode_outputs
+from edgeslim.components.common.model_outputs import forward_tensors, output_names
 
 IOU_THRESHOLDS = np.round(np.arange(0.5, 0.96, 0.05), 2)
 _RECALL_POINTS = np.linspace(0.0, 1.0, 101)
@@ -188,13 +189,9 @@ def torch_detections(model, x: np.ndarray, task, batch: int = 128) -> list[np.nd
 
     model.eval()
     dets: list[np.ndarray] = []
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            out = model(torch.from_numpy(np.ascontiguousarray(x[i:i + batch])))
-            out = out if isinstance(out, (tuple, list)) else (out,)
-            outs = [o.numpy() for o in out]
-            names = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
-            dets.extend(decode_outputs(outs, task, names))
+    for i in range(0, len(x), batch):
+        outs = [o.numpy() for o in forward_tensors(model, torch.from_numpy(np.ascontiguousarray(x[i:i + batch])))]
+        dets.extend(decode_outputs(outs, task, output_names(len(outs))))
     return dets
 
 
@@ -348,9 +345,5 @@ def check_detector(model, data: Splits, task) -> None:
                         "[x1, y1, x2, y2, class] per image; got labels like "
                         f"{np.asarray(y0).shape if y0 is not None else 'none'}")
     x = np.ascontiguousarray(data.x_test[:2])
-    with torch.no_grad():
-        out = model.eval()(torch.from_numpy(x))
-    out = out if isinstance(out, (tuple, list)) else (out,)
-    arrays = [o.numpy() for o in out]
-    names = ["output"] if len(arrays) == 1 else [f"output_{i}" for i in range(len(arrays))]
-    decode_outputs(arrays, task, names)
+    arrays = [o.numpy() for o in forward_tensors(model.eval(), torch.from_numpy(x))]
+    decode_outputs(arrays, task, output_names(len(arrays)))
