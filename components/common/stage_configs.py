@@ -13,6 +13,16 @@ from edgeslim.components.common.config import StageConfig
 from edgeslim.components.common.errors import ConfigError
 
 Calibrator = Literal["minmax", "entropy", "percentile", "mse"]
+# Training-time augmentations a fine-tuning stage may apply to its input batches (none by default:
+# nothing is assumed about the model's inputs). ``shift``: roll each batch by up to one pixel
+# (what the digits reference models train with); ``hflip``: mirror each image left-right with
+# probability 1/2 (natural images; not for detectors trained on box labels).
+Augmentation = Literal["shift", "hflip"]
+
+
+def _check_augment(where: str, augment: list[str]) -> None:
+    if len(set(augment)) != len(augment):
+        raise ConfigError(f"{where}.augment: {augment} repeats an augmentation; list each once")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,10 +131,12 @@ class DistilledFinetuning:
     temperature: float = 4.0
     alpha: float = 0.5
     seed: int = 0
+    augment: list[Augmentation] = dataclasses.field(default_factory=list)
 
     def check_finetuning(self, where: str, epochs: int, min_epochs: int = 0) -> None:
         _check_training(where, epochs, self.lr, self.batch_size, min_epochs)
         _check_distill(where, self.temperature, self.alpha)
+        _check_augment(where, self.augment)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +170,7 @@ class ChannelPruneConfig(DistilledFinetuning, StageConfig):
         alpha: weight of the distillation loss against the hard-label loss (for a detector:
             distillation of the teacher's class scores and boxes against the detection loss).
         seed: makes the fine-tuning repeatable.
+        augment: augmentations of the training batches, in order (``shift``, ``hflip``); none by default.
     """
 
     stage = "prune"
@@ -236,6 +249,7 @@ class LogitDistillConfig(StageConfig):
             ``step`` (x0.1 at 1/2 and 3/4) or ``constant``.
         batch_size: training batch size.
         seed: makes the run repeatable (init of adapters, shuffling, augmentation).
+        augment: augmentations of the training batches, in order (``shift``, ``hflip``); none by default.
     """
 
     stage = "distill"
@@ -252,9 +266,11 @@ class LogitDistillConfig(StageConfig):
     schedule: Schedule = "onecycle"
     batch_size: int = 64
     seed: int = 0
+    augment: list[Augmentation] = dataclasses.field(default_factory=list)
 
     def validate(self) -> None:
         where = f"distill({self.method})"
+        _check_augment(where, self.augment)
         if self.student == "width" and not 0.0 < self.width < 1.0:
             raise ConfigError(
                 f"{where}.width: got {self.width}; use a channel multiplier in (0, 1), e.g. 0.5"
@@ -334,6 +350,7 @@ class QATQuantizeConfig(Calibration, DistilledFinetuning, StageConfig):
         temperature: distillation temperature.
         alpha: weight of the distillation loss.
         seed: calibration draw and fine-tuning order.
+        augment: augmentations of the training batches, in order (``shift``, ``hflip``); none by default.
     """
 
     stage = "quantize"
@@ -374,6 +391,7 @@ class AccuracyAwareQuantizeConfig(StageConfig):
         qat_epochs: QAT fine-tuning epochs.
         qat_lr: QAT learning rate.
         seed: calibration draw and QAT order.
+        augment: augmentations of QAT's training batches (``shift``, ``hflip``); none by default.
     """
 
     stage = "quantize"
@@ -391,8 +409,10 @@ class AccuracyAwareQuantizeConfig(StageConfig):
     qat_epochs: int = 3
     qat_lr: float = 1e-4
     seed: int = 0
+    augment: list[Augmentation] = dataclasses.field(default_factory=list)
 
     def validate(self) -> None:
+        _check_augment("quantize(auto)", self.augment)
         if not self.calibrators:
             raise ConfigError(
                 "quantize(auto).calibrators: empty; list at least one of minmax, entropy, percentile, mse"

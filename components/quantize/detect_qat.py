@@ -202,7 +202,7 @@ def qat_detector(model: nn.Module, config, *, data: Splits, out_dir: str | Path,
         fine-tuning, and of the exported Q/DQ ONNX.
     """
     from edgeslim.components.common.stage_configs import OnnxExportConfig
-    from edgeslim.components.transform.train import fit, random_shift
+    from edgeslim.components.transform.train import augmentation, fit
     from edgeslim.components.export import export
     from edgeslim.components.quantize.ptq import quantize
     from edgeslim.components.quantize.sensitivity import preprocessed, quantizable_layers
@@ -223,7 +223,7 @@ def qat_detector(model: nn.Module, config, *, data: Splits, out_dir: str | Path,
     err = {"fake_quant_start": output_error(fq, ref, x_val)}
     fit(fq, x=data.x_train, y=None, teacher=ref, epochs=config.qat_epochs, lr=config.qat_lr,
         batch_size=32, schedule="cosine", weight_decay=0.0, seed=config.seed, progress=progress,
-        loss_fn=output_matching_loss, augment=random_shift)
+        loss_fn=output_matching_loss, augment=augmentation(config.augment))
     for p in ref.parameters():
         p.requires_grad_(False)
     err["fake_quant_tuned"] = output_error(fq.eval(), ref, x_val)

@@ -287,7 +287,7 @@ def qat(model: nn.Module, config: QATQuantizeConfig, *, data: Splits | None, out
     Raises:
         DataError: there is no training data.
     """
-    from edgeslim.components.transform.train import fit, random_shift
+    from edgeslim.components.transform.train import augmentation, fit
     from edgeslim.components.evaluate import top1_percent
     from edgeslim.components.export import export, run_onnx
     from edgeslim.components.quantize.ptq import quantize
@@ -311,7 +311,8 @@ def qat(model: nn.Module, config: QATQuantizeConfig, *, data: Splits | None, out
     kd = copy.deepcopy(teacher if teacher is not None else model).eval() if config.distill else None
     fit(fq, x=data.x_train, y=data.y_train, teacher=kd, epochs=config.epochs, lr=config.lr,
         batch_size=config.batch_size, schedule="cosine", weight_decay=0.0,
-        temperature=config.temperature, alpha=config.alpha, seed=config.seed, progress=progress, augment=random_shift)
+        temperature=config.temperature, alpha=config.alpha, seed=config.seed, progress=progress,
+        augment=augmentation(config.augment))
     tuned = fq.fp32_model()
     fp32_tuned = export(tuned, export_config, data=data, out_path=out_dir / "qat.fp32.onnx").model
     final_cfg = dataclasses.replace(config.ptq(), float_layers=_carry_float_layers(

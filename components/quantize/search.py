@@ -225,7 +225,7 @@ class ClassifierStrategy(Strategy):
         qcfg = QATQuantizeConfig(calibrator=calibrator, num_samples=config.num_samples,  # type: ignore[arg-type]
                                  percentile=config.percentile, num_bins=config.num_bins,
                                  float_layers=float_layers, epochs=config.qat_epochs,
-                                 lr=config.qat_lr, seed=config.seed)
+                                 lr=config.qat_lr, seed=config.seed, augment=list(config.augment))
         res = qat(self.model, qcfg, data=data, out_dir=out_dir, fp32_onnx=fp32_onnx,
                   export_config=self.export_config)
         return res, {"fake_quant_top1_test": res.metrics["fake_quant_top1_test"]}

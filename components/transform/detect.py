@@ -192,6 +192,11 @@ def apply_detector_stages(model: nn.Module, stages: Sequence[Any], *, data: Spli
     with the detector's distill and prune. The input model is the teacher and is not changed."""
     from edgeslim.components.transform.stages import apply_torch_stages
 
+    for cfg in stages:
+        if getattr(cfg, "augment", None):
+            raise ConfigError(f"{cfg.stage}.augment: a detector's {cfg.stage} trains on its box labels, which "
+                              f"{cfg.augment} would move off their objects; remove {cfg.stage}.augment "
+                              "(QAT, which matches the fp32 outputs instead of labels, takes it)")
     neck = [n for n in NECK_OUTPUTS if n in set(_detector_names(model))]
 
     def distill_fn(current, cfg, cb):

@@ -19,7 +19,7 @@ from edgeslim.components.common.errors import ConfigError, SourceError
 from edgeslim.components.tasks.classification import top1
 from edgeslim.components.common.result import StageResult
 from edgeslim.components.common.stage_configs import FeatureDistillConfig, LogitDistillConfig
-from edgeslim.components.transform.train import Progress, fit, random_shift
+from edgeslim.components.transform.train import Progress, augmentation, fit
 
 def check_output_shape(student: nn.Module, teacher: nn.Module, example: torch.Tensor,
                        what: str) -> None:
@@ -101,7 +101,7 @@ def distill(model: nn.Module, config: LogitDistillConfig, *, data: Splits, teach
         schedule=config.schedule, weight_decay=config.weight_decay,
         temperature=config.temperature, alpha=config.alpha, seed=config.seed,
         feature_pairs=pairs, feature_weight=getattr(config, "feature_weight", 0.0),
-        progress=progress, augment=random_shift)
+        progress=progress, augment=augmentation(config.augment))
     macs, params = count_macs_params(student, example[:1])
     t_macs, t_params = count_macs_params(teacher, example[:1])
     metrics = {

@@ -211,7 +211,7 @@ def prune(model: nn.Module, config: ChannelPruneConfig, *, data: Splits,
     Raises:
         ConfigError: a pattern matches no layer, or the target would empty a layer.
     """
-    from edgeslim.components.transform.train import fit, random_shift
+    from edgeslim.components.transform.train import augmentation, fit
 
     start = time.perf_counter()
     work = copy.deepcopy(model).eval()
@@ -243,7 +243,8 @@ def prune(model: nn.Module, config: ChannelPruneConfig, *, data: Splits,
             fit(work, x=data.x_train, y=data.y_train, teacher=kd_teacher,
                 epochs=config.finetune_epochs, lr=config.lr, batch_size=config.batch_size,
                 temperature=config.temperature, alpha=config.alpha, seed=config.seed + step,
-                schedule="onecycle", progress=lambda e, n, l: losses.append(l), augment=random_shift)
+                schedule="onecycle", progress=lambda e, n, l: losses.append(l),
+                augment=augmentation(config.augment))
             loss = losses[-1]
         history.append({"step": step, "size": size, "goal": goal, "top1_val_pruned": pruned_top1,
                         "top1_val_finetuned": top1(work, data.x_val, data.y_val)})

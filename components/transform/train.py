@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 
 import numpy as np
@@ -173,6 +173,34 @@ def random_shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return x
     dx, dy = torch.randint(-1, 2, (2,), generator=gen).tolist()
     return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+
+
+def random_hflip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Mirror each image of a batch (N, C, H, W) left-right with probability 1/2; other inputs pass unchanged."""
+    if x.dim() != 4:
+        return x
+    flip = torch.rand(x.shape[0], generator=gen) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+AUGMENTATIONS: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = {
+    "shift": random_shift, "hflip": random_hflip}
+
+
+def augmentation(names: Sequence[str]) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None:
+    """The recipe's ``augment`` list as one batch transform for :func:`fit` (None: no augmentation)."""
+    steps = [AUGMENTATIONS[n] for n in names]
+    if not steps:
+        return None
+    if len(steps) == 1:
+        return steps[0]
+
+    def chain(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        for step in steps:
+            x = step(x, gen)
+        return x
+
+    return chain
 
 
 def fit(student: nn.Module, *, x: np.ndarray, y: np.ndarray, teacher: nn.Module | None = None,
