@@ -141,6 +141,37 @@ def _as_targets(y):
     return torch.from_numpy(np.asarray(y)).long()
 
 
+def _to(y, device: torch.device):
+    """Targets made by :func:`_as_targets` (tensors, or their lists/dicts) on ``device``."""
+    if isinstance(y, dict):
+        return {k: _to(v, device) for k, v in y.items()}
+    if isinstance(y, (list, tuple)):
+        return type(y)(_to(v, device) for v in y)
+    return y.to(device, non_blocking=True) if isinstance(y, torch.Tensor) else y
+
+
+def training_device(requested: str | None = None) -> torch.device:
+    """Where :func:`fit` trains: ``requested``, else ``$EDGESLIM_DEVICE``, else the first CUDA device
+    torch sees (a GPU node of the cluster), else the CPU.
+
+    Raises:
+        ConfigError: a device name torch does not know, or CUDA asked for where torch sees none.
+    """
+    import os
+
+    name = requested or os.environ.get("EDGESLIM_DEVICE", "").strip()
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"EDGESLIM_DEVICE: {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"EDGESLIM_DEVICE: {name!r} asked for, but this torch sees no CUDA device "
+                          f"(torch {torch.__version__}); use a CUDA build of torch on a GPU node, or unset it")
+    return device
+
+
 def _take(y, idx: torch.Tensor):
     """The batch ``idx`` of targets made by :func:`_as_targets`."""
     if isinstance(y, dict):
@@ -179,7 +210,7 @@ def random_hflip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Mirror each image of a batch (N, C, H, W) left-right with probability 1/2; other inputs pass unchanged."""
     if x.dim() != 4:
         return x
-    flip = torch.rand(x.shape[0], generator=gen) < 0.5
+    flip = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
@@ -210,7 +241,7 @@ def fit(student: nn.Module, *, x: np.ndarray, y: np.ndarray, teacher: nn.Module 
         feature_weight: float = 1.0, progress: Progress | None = None,
         loss_fn: Callable[[Any, Any, Any], torch.Tensor] | None = None,
         augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
-        warmup: float = 0.3) -> nn.Module:
+        warmup: float = 0.3, device: str | None = None) -> nn.Module:
     """Train ``student`` in place, optionally distilled from ``teacher``; return it in eval mode.
 
     Args:
@@ -227,6 +258,8 @@ def fit(student: nn.Module, *, x: np.ndarray, y: np.ndarray, teacher: nn.Module 
             instead of the classification/KD loss (e.g. a detector's output matching).
         augment: ``(input batch, generator) -> input batch`` applied to every training batch
             (e.g. :func:`random_shift`); None trains on the inputs as they are.
+        device: where to train (:func:`training_device`: a GPU when torch sees one). The batches
+            move there one at a time; the student (and teacher) come back on the CPU.
         warmup: share of the steps the one-cycle schedule spends rising to ``lr``.
 
     Raises:
@@ -236,6 +269,10 @@ def fit(student: nn.Module, *, x: np.ndarray, y: np.ndarray, teacher: nn.Module 
         raise DataError("training data: the train split is empty; training needs samples")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
+    dev = training_device(device)
+    student.to(dev)
+    if teacher is not None:
+        teacher.to(dev)
     # A numpy split goes to torch once; a lazy one (image files) is read a batch at a time.
     xt = torch.from_numpy(np.asarray(x, dtype=np.float32)) if isinstance(x, np.ndarray) else _LazyRows(x)
     yt = None if y is None else _as_targets(y)
@@ -249,11 +286,12 @@ def fit(student: nn.Module, *, x: np.ndarray, y: np.ndarray, teacher: nn.Module 
         s_tap = FeatureTap(student, [p[1] for p in feature_pairs], "student")
         with torch.no_grad():
             student.eval()
-            probe = xt[:2]
+            probe = xt[:2].to(dev)
             teacher(probe)
             student(probe)
         for t_name, s_name in feature_pairs:
             adapters.append(_adapter(s_tap.outputs[s_name], t_tap.outputs[t_name]))
+        adapters.to(dev)
         params += list(adapters.parameters())
     if teacher is not None:
         teacher.eval()
@@ -268,16 +306,17 @@ def fit(student: nn.Module, *, x: np.ndarray, y: np.ndarray, teacher: nn.Module 
             adapters.train()
             perm = torch.randperm(len(xt), generator=gen)
             loss = torch.zeros(())
-            total = torch.zeros((), dtype=torch.float64)
+            total = torch.zeros((), dtype=torch.float64, device=dev)
             for i in range(0, len(xt), batch_size):
                 idx = perm[i:i + batch_size]
-                xb = augment(xt[idx], gen) if augment is not None else xt[idx]
+                xb = xt[idx].to(dev, non_blocking=True)
+                xb = augment(xb, gen) if augment is not None else xb
                 s_out = student(xb)
                 t_out = None
                 if teacher is not None:
                     with torch.no_grad():
                         t_out = teacher(xb)
-                yb = None if yt is None else _take(yt, idx)
+                yb = None if yt is None else _to(_take(yt, idx), dev)
                 if loss_fn is not None:
                     loss = loss_fn(s_out, t_out, yb)
                 else:
@@ -303,4 +342,8 @@ def fit(student: nn.Module, *, x: np.ndarray, y: np.ndarray, teacher: nn.Module 
         if teacher is not None:
             for p in teacher.parameters():
                 p.requires_grad_(True)
+        if dev.type != "cpu":  # the stages after training (export, ONNX, saving) work on the CPU
+            student.to("cpu")
+            if teacher is not None:
+                teacher.to("cpu")
     return student.eval()
