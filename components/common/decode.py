@@ -35,14 +35,14 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
-    """Indices kept by greedy non-maximum suppression, best score first."""
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float, limit: int | None = None) -> np.ndarray:
+    """Indices kept by greedy non-maximum suppression, best score first (at most ``limit``)."""
     order = np.argsort(-scores, kind="stable")
     keep = []
     while order.size:
         i = order[0]
         keep.append(i)
-        if order.size == 1:
+        if order.size == 1 or len(keep) == limit:
             break
         ious = box_iou(boxes[i:i + 1], boxes[order[1:]])[0]
         order = order[1:][ious <= iou]
@@ -55,7 +55,7 @@ def batched_nms(dets: np.ndarray, iou: float, max_detections: int) -> np.ndarray
         return dets.reshape(0, 6).astype(np.float32)
     # Offsetting boxes per class keeps classes apart in one NMS pass.
     offset = dets[:, 5:6] * (float(np.abs(dets[:, :4]).max()) + 1.0)
-    keep = nms(dets[:, :4] + offset, dets[:, 4], iou)[:max_detections]
+    keep = nms(dets[:, :4] + offset, dets[:, 4], iou, limit=max_detections)
     return dets[keep].astype(np.float32)
 
 
@@ -85,6 +85,21 @@ def decode_level(box: np.ndarray, cls: np.ndarray, stride: int, encoding: str, s
     return [flat[i].reshape(-1, 6) for i in range(n)]
 
 
+def decode_yolo(out: np.ndarray, scores: str) -> list[np.ndarray]:
+    """A decoded YOLO output (N, 4+C, A): per anchor cx, cy, w, h in input pixels, then C class
+    scores -> per image (A, 6) ``[x1, y1, x2, y2, score, class]`` before NMS (best class per anchor)."""
+    out = out.astype(np.float32)
+    cls = _sigmoid(out[:, 4:]) if scores == "logits" else out[:, 4:]
+    cx, cy, w, h = out[:, 0], out[:, 1], out[:, 2], out[:, 3]
+    flat = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, cls.max(axis=1),
+                     cls.argmax(axis=1).astype(np.float32)], axis=-1)          # (N, A, 6)
+    return list(flat)
+
+
+def _yolo_output(output_names: Sequence[str], dec) -> str:
+    return dec.output or (output_names[0] if output_names else "output")
+
+
 def check_outputs(output_names: Sequence[str], shapes: Sequence[Sequence[Any]], task) -> None:
     """Refuse outputs that do not match the configured heads, naming expected and actual shapes.
 
@@ -100,6 +115,16 @@ def check_outputs(output_names: Sequence[str], shapes: Sequence[Sequence[Any]], 
     dec = task.decoder
     by_name = {n: list(s) for n, s in zip(output_names, shapes)}
     actual = ", ".join(f"{n} {list(s)}" for n, s in by_name.items())
+    if dec.format == "yolo-decoded":
+        name, want = _yolo_output(output_names, dec), 4 + task.num_classes
+        shape = by_name.get(name)
+        if shape is None or len(shape) != 3 or shape[1] != want:
+            got = "no such output" if shape is None else f"shape {shape}"
+            raise ConfigError(
+                f"task.decoder (format yolo-decoded): output {name!r} has {got}; expected [N, {want}, A] "
+                f"(4 box values + num_classes={task.num_classes} scores per anchor); the model's outputs are: "
+                f"{actual}; fix task.num_classes or task.decoder.output, or set task.decode_fn")
+        return
     for i, head in enumerate(dec.heads):
         for role, name, channels in (("box", head.box, 4), ("cls", head.cls, task.num_classes)):
             where = f"task.decoder.heads[{i}].{role}"
@@ -151,6 +176,57 @@ def infer_heads(output_names: Sequence[str], shapes: Sequence[Sequence[int]], in
                               f"input into square cells; {fix}")
         heads.append({"box": box, "cls": cls, "stride": int(input_hw[0] // h)})
     return heads
+
+
+def yolo_strides(anchors: int, input_hw: Sequence[int]) -> list[int]:
+    """The strides of a decoded YOLO output with ``anchors`` anchors: the first run of doubling strides
+    (3 levels from 8 first, as YOLOv5/v8/11 have) whose grids over ``input_hw`` hold that many cells;
+    ``[]`` when none does."""
+    h, w = int(input_hw[0]), int(input_hw[1])
+    for levels in (3, 4, 2, 5, 1):
+        for first in (8, 4, 16, 2, 32):
+            strides = [first * 2 ** k for k in range(levels)]
+            if sum(-(-h // s) * -(-w // s) for s in strides) == anchors:
+                return strides
+    return []
+
+
+def infer_decoder(output_names: Sequence[str], shapes: Sequence[Sequence[int]], input_hw: Sequence[int],
+                  num_classes: int, model_strides: Sequence[float] = ()) -> dict[str, Any]:
+    """The built-in decoder's settings for a model, read from its output shapes.
+
+    - One ``[N, 4+C, A]`` output with ``C >= num_classes`` (Ultralytics' decoded form): format
+      ``yolo-decoded``, ``num_classes`` C, strides from ``model_strides`` (e.g. ``model.stride``) when
+      their grids hold A anchors, else found from A (:func:`yolo_strides`).
+    - (box, cls) map pairs per level: format ``maps`` with the heads of :func:`infer_heads`.
+
+    Returns:
+        ``{"format", "num_classes", ...}``: ``output`` and ``strides``, or ``heads``.
+
+    Raises:
+        ConfigError: raw per-level maps of a distribution (DFL) head, which the built-in decoder
+            cannot decode, or outputs of no known form; one line naming the shapes and the way out.
+    """
+    shapes = [list(s) for s in shapes]
+    if len(shapes) == 1 and len(shapes[0]) == 3 and shapes[0][1] >= 4 + num_classes:
+        anchors, h, w = shapes[0][2], int(input_hw[0]), int(input_hw[1])
+        given = [int(s) for s in model_strides]
+        fits = given and sum(-(-h // s) * -(-w // s) for s in given) == anchors
+        return {"format": "yolo-decoded", "num_classes": shapes[0][1] - 4, "output": output_names[0],
+                "strides": given if fits else yolo_strides(anchors, input_hw)}
+    channels = {s[1] for s in shapes if len(s) == 4}
+    if len(shapes) > 1 and len(channels) == 1 and all(len(s) == 4 for s in shapes):
+        (c,) = channels
+        bins = (c - num_classes) // 4
+        if bins > 1 and (c - num_classes) % 4 == 0:
+            actual = ", ".join(f"{n} {s}" for n, s in zip(output_names, shapes))
+            raise ConfigError(
+                f"the model returns raw per-level maps ({actual}: {bins} distribution bins per box side and "
+                f"{num_classes} class logits, a DFL head in training mode), which the built-in decoder cannot "
+                "decode; register the model in eval/export mode so it returns its decoded (N, 4+classes, A) "
+                "output (Ultralytics: model.eval() and model.model[-1].export = True), or set task.decode_fn")
+    return {"format": "maps", "num_classes": num_classes,
+            "heads": infer_heads(output_names, shapes, input_hw, num_classes)}
 
 
 def load_decode_fn(spec: str) -> Decoder:
@@ -214,7 +290,10 @@ def make_decoder(task) -> Decoder:
         check_outputs(names, [o.shape for o in outputs], task)
         by_name = dict(zip(names, outputs))
         per_image: list[list[np.ndarray]] = [[] for _ in range(len(outputs[0]))]
-        for head in dec.heads:
+        if dec.format == "yolo-decoded":
+            for i, d in enumerate(decode_yolo(by_name[_yolo_output(names, dec)], dec.scores)):
+                per_image[i].append(d[d[:, 4] >= dec.min_score])
+        for head in dec.heads if dec.format == "maps" else ():
             for i, d in enumerate(decode_level(by_name[head.box], by_name[head.cls], head.stride,
                                                dec.box_encoding, dec.scores)):
                 per_image[i].append(d[d[:, 4] >= dec.min_score])

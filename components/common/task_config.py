@@ -14,6 +14,7 @@ the detection gate, which looks at score calibration as well as mAP::
         heads:
           - {box: output_0, cls: output_1, stride: 4}
           - {box: output_2, cls: output_3, stride: 8}
+        # or, for one (N, 4+nc, A) output (Ultralytics): {format: yolo-decoded, strides: [8, 16, 32]}
       gate: {max_map_drop: 1.0, max_tp_score_drop: 0.05, max_recall_drop: 2.0}
 """
 
@@ -75,6 +76,13 @@ class YoloDecoderConfig(Config):
         nms_iou: IoU above which a lower-scored box of the same class is suppressed.
         min_score: boxes below it are dropped before NMS (keep it low: mAP needs the tail).
         max_detections: most boxes kept per image.
+        format: ``maps``: (box, cls) map pairs per level, listed in ``heads``; ``yolo-decoded``: one
+            ``(N, 4+num_classes, A)`` output (Ultralytics' decoded/export form): per anchor the box
+            centre, width and height in input pixels, then the class scores (``box_encoding`` and
+            ``heads`` do not apply).
+        output: ``yolo-decoded``: the ONNX output to read ("": the model's first output).
+        strides: ``yolo-decoded``: the levels' strides, finest first (``edgeslim init`` reads them
+            from the model); fine-tuning and the report use them. ``maps`` takes them from ``heads``.
     """
 
     heads: list[HeadConfig] = dataclasses.field(default_factory=list)
@@ -83,6 +91,9 @@ class YoloDecoderConfig(Config):
     nms_iou: float = 0.5
     min_score: float = 0.01
     max_detections: int = 100
+    format: Literal["maps", "yolo-decoded"] = "maps"
+    output: str = ""
+    strides: list[int] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "heads": [h.to_dict() for h in self.heads]}
@@ -92,6 +103,8 @@ class YoloDecoderConfig(Config):
         self.require(0.0 < self.nms_iou <= 1.0, "nms_iou", "use an IoU in (0, 1]", section=where)
         self.require(0.0 <= self.min_score < 1.0, "min_score", "use a score in [0, 1)", section=where)
         self.require(self.max_detections >= 1, "max_detections", "use 1 or more", section=where)
+        self.require(all(st >= 1 for st in self.strides), "strides", "use input pixels per cell (>= 1)",
+                     section=where)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,9 +166,10 @@ class DetectionTaskConfig(Config):
         if self.decode_fn:
             if not _DECODE_FN.match(self.decode_fn):
                 raise ConfigError(f"task.decode_fn: got {self.decode_fn!r}; use 'package.module:function'")
-        elif not self.decoder.heads:
+        elif not self.decoder.heads and self.decoder.format == "maps":
             raise ConfigError("task.decoder.heads: empty; list the heads "
-                              "({box: OUTPUT, cls: OUTPUT, stride: N} per level) or set task.decode_fn")
+                              "({box: OUTPUT, cls: OUTPUT, stride: N} per level), set task.decoder.format: "
+                              "yolo-decoded for one (N, 4+num_classes, A) output, or set task.decode_fn")
 
 
 TaskConfig = ClassificationTaskConfig | DetectionTaskConfig

@@ -268,17 +268,15 @@ stages:
 # Read from the model's outputs on {n_probe} validation image(s): {outputs}
 task:
   kind: detection
-  num_classes: {num_classes}                  # from the labels (largest class + 1)
+  num_classes: {num_classes}                  # {num_classes_why}
   score_threshold: 0.25              # your deployment threshold: precision/recall are reported at it
   decoder:
-    box_encoding: ltrb               # ltrb: distances from the cell centre in strides; xywh: offset + log size
+{decoder_layout}
     scores: {scores}                 # {scores_why}
     nms_iou: 0.5
     min_score: 0.01
     max_detections: 100
-    heads:
-{heads}
-  # decode_fn: mypkg.decoders:decode   # instead of decoder: outputs -> per image (M, 6) [x1, y1, x2, y2, score, class]
+{heads}  # decode_fn: mypkg.decoders:decode   # instead of decoder: outputs -> per image (M, 6) [x1, y1, x2, y2, score, class]
   gate:
     max_map_drop: 1.0                # points of mAP@0.5
     max_tp_score_drop: 0.05          # mean true-positive score: catches collapsed confidence
@@ -304,7 +302,8 @@ def _detector_task_fields(source: str, data, tracking_uri: str | None) -> dict[s
     import numpy as np
     import torch
 
-    from edgeslim.components.common.decode import infer_heads
+    from edgeslim.components.common.decode import infer_decoder
+    from edgeslim.components.common.model_outputs import forward_tensors, output_names
     from edgeslim.components.pull import pull
 
     classes = [int(c) for y in data.y_train for c in np.asarray(y)[:, 4]]
@@ -313,22 +312,42 @@ def _detector_task_fields(source: str, data, tracking_uri: str | None) -> dict[s
     num_classes = max(classes) + 1
     probe = data.x_val[:2] if len(data.x_val) else data.x_train[:2]
     with tempfile.TemporaryDirectory(prefix="edgeslim-init-") as tmp:
-        model = pull(source, tracking_uri=tracking_uri, out_dir=tmp).model
-        with torch.no_grad():
-            outs = model.eval()(torch.from_numpy(np.ascontiguousarray(probe, dtype=np.float32)))
-    outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
-    names = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
+        model = pull(source, tracking_uri=tracking_uri, out_dir=tmp).model.eval()
+        outs = forward_tensors(model, torch.from_numpy(np.ascontiguousarray(probe, dtype=np.float32)))
+    names = output_names(len(outs))
     shapes = [list(o.shape) for o in outs]
-    heads = infer_heads(names, shapes, probe.shape[-2:], num_classes)
-    cls_maps = [outs[names.index(h["cls"])].numpy() for h in heads]
-    bounded = all(float(m.min()) >= 0.0 and float(m.max()) <= 1.0 for m in cls_maps)
+    stride = getattr(model, "stride", None)  # Ultralytics models carry their strides
+    model_strides = [float(v) for v in np.asarray(stride, dtype=np.float64).reshape(-1)] \
+        if isinstance(stride, (torch.Tensor, list, tuple)) else []
+    dec = infer_decoder(names, shapes, probe.shape[-2:], num_classes,
+                        [s for s in model_strides if s.is_integer()] if len(model_strides) > 1 else [])
+    fields = {"num_classes": str(num_classes), "num_classes_why": "from the labels (largest class + 1)"}
+    if dec["format"] == "yolo-decoded":
+        score_maps = [outs[names.index(dec["output"])][:, 4:].numpy()]
+        strides = f"[{', '.join(str(s) for s in dec['strides'])}]"
+        fields["decoder_layout"] = (
+            "    format: yolo-decoded             # one (N, 4+classes, A) output: cx, cy, w, h in pixels, then scores\n"
+            f"    output: {dec['output']}\n"
+            f"    strides: {strides:<22}  # the levels' strides (fine-tuning uses them)")
+        fields["heads"] = ""
+        if dec["num_classes"] != num_classes:
+            fields["num_classes"] = str(dec["num_classes"])
+            fields["num_classes_why"] = (f"from the model's output ({shapes[0][1]} channels: 4 box values + classes); "
+                                         f"the labels use {num_classes}")
+    else:
+        score_maps = [outs[names.index(h["cls"])].numpy() for h in dec["heads"]]
+        fields["decoder_layout"] = (
+            "    box_encoding: ltrb               # ltrb: distances from the cell centre in strides; "
+            "xywh: offset + log size")
+        fields["heads"] = "    heads:\n" + "\n".join(
+            f"      - {{box: {h['box']}, cls: {h['cls']}, stride: {h['stride']}}}" for h in dec["heads"]) + "\n"
+    bounded = all(float(m.min()) >= 0.0 and float(m.max()) <= 1.0 for m in score_maps)
     return {
-        "num_classes": str(num_classes), "n_probe": str(len(probe)),
+        **fields, "n_probe": str(len(probe)),
         "outputs": ", ".join(f"{n} {s}" for n, s in zip(names, shapes)),
         "scores": "sigmoid" if bounded else "logits",
-        "scores_why": ("the class maps stay in [0, 1]: the graph ends in a sigmoid" if bounded else
-                       "the class maps leave [0, 1]: raw logits, the decoder applies the sigmoid"),
-        "heads": "\n".join(f"      - {{box: {h['box']}, cls: {h['cls']}, stride: {h['stride']}}}" for h in heads),
+        "scores_why": ("the class scores stay in [0, 1]: the graph ends in a sigmoid" if bounded else
+                       "the class scores leave [0, 1]: raw logits, the decoder applies the sigmoid"),
     }
 
 
