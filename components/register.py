@@ -95,12 +95,17 @@ def onnx_signature(onnx_path: str | Path):
                           outputs=Schema([spec(v) for v in graph.output]))
 
 
-def edge_requirements() -> list[str]:
+def edge_requirements(images: bool = False) -> list[str]:
     """What the edge pyfunc imports to serve the model (ONNX Runtime; TensorRT is the device's own),
-    pinned to the versions that built and checked it."""
+    pinned to the versions that built and checked it; Pillow too when it takes raw ``images``."""
     import onnxruntime
 
-    return [f"edgeslim=={__version__}", f"onnxruntime=={onnxruntime.__version__}", f"numpy=={np.__version__}"]
+    reqs = [f"edgeslim=={__version__}", f"onnxruntime=={onnxruntime.__version__}", f"numpy=={np.__version__}"]
+    if images:
+        import PIL
+
+        reqs.append(f"pillow=={PIL.__version__}")
+    return reqs
 
 
 class _EdgeFlavorWithEnv:
@@ -248,7 +253,8 @@ def register(candidate_onnx: str | Path, *, parent: dict[str, Any], recipe, eval
                         **({"preprocess": recipe.data.preprocess.to_dict()} if recipe.data.preprocess else {})}
             # edge_model.log_model, plus the signature (the ONNX's tensors) and the environment files.
             info = Model.log(
-                artifact_path=None, name="model", flavor=_EdgeFlavorWithEnv(edge_requirements()),
+                artifact_path=None, name="model",
+                flavor=_EdgeFlavorWithEnv(edge_requirements(images=recipe.data.preprocess is not None)),
                 onnx_path=candidate_onnx, metadata=metadata, edge_metadata=metadata, engines=shipped or None,
                 signature=onnx_signature(candidate_onnx), input_example=np.ascontiguousarray(calibration[:2]),
                 tags=edge_model.engine_status_tags({k: v if isinstance(v, str) and not Path(v).exists()

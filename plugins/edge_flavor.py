@@ -152,6 +152,11 @@ class EdgeModel:
         from edgeslim.components.common.task_config import task_from_dict
 
         self.task = task_from_dict(self.meta.get("task"))  # parsed once: a detector's pyfunc decodes boxes
+        self.preprocess = None  # how an image becomes the input, when the recipe declared data.preprocess
+        if self.meta.get("preprocess"):
+            from edgeslim.components.common.image_preprocess import ImagePreprocessConfig
+
+            self.preprocess = ImagePreprocessConfig.from_dict(self.meta["preprocess"], prefix="preprocess")
         self.engines = _engine_metadata(self.path, _flavor_conf(self.path))
         local = local if local is not None else devices.detect_local_device()
         tensorrt_version = tensorrt_version or (devices.installed_tensorrt_version() if local else None)
@@ -194,9 +199,33 @@ class EdgeModel:
         x = np.asarray(data.values if hasattr(data, "values") else data, dtype=np.float32)
         return {names[0]: x}
 
+    def _images(self, data):
+        """The raw images in ``data`` (``{"images": [...]}`` or a DataFrame with an ``image`` column), or None."""
+        if isinstance(data, Mapping) and "images" in data:
+            return list(data["images"])
+        columns = getattr(data, "columns", None)
+        if columns is not None and "image" in list(columns):
+            return list(data["image"])
+        return None
+
     def predict(self, data, params=None) -> dict[str, Any]:
         """Run a batch; returns one array per output name plus ``backend`` (and, for a detector whose
-        metadata holds its detection ``task``, ``detections``)."""
+        metadata holds its detection ``task``, ``detections``).
+
+        ``data`` is the model's input tensors, or raw images (``{"images": [JPEG/PNG bytes or uint8
+        HxWxC arrays]}``, or a DataFrame with an ``image`` column of bytes) that go through the
+        preprocessing the recipe declared (``data.preprocess``); a detector's ``detections`` are then
+        in each source image's pixels."""
+        images = self._images(data)
+        geometries = None
+        if images is not None:
+            if self.preprocess is None:
+                raise SourceError("predict: raw images given, but this model records no data.preprocess; pass its "
+                                  "input tensors, or compress it from a recipe that declares data.preprocess")
+            from edgeslim.components.common.image_preprocess import images_to_inputs
+
+            x, geometries = images_to_inputs(images, self.preprocess)
+            data = x
         feeds = self._feeds(data)
         if self.runner is not None:
             result: dict[str, Any] = dict(self.runner.run(feeds))
@@ -209,6 +238,10 @@ class EdgeModel:
             from edgeslim.components.common.decode import decode_outputs
 
             result["detections"] = decode_outputs({k: v for k, v in result.items() if k != "backend"}, self.task)
+            if geometries is not None:
+                for dets, g in zip(result["detections"], geometries):
+                    if len(dets):
+                        dets[:, :4] = g.to_source(dets[:, :4])
         return result
 
 

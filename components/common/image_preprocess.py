@@ -147,18 +147,32 @@ class Geometry:
         """(width, height) of the model input."""
         return (self.crop[2], self.crop[3]) if self.crop else self.canvas
 
-    def boxes(self, xyxy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Source-pixel ``[x1, y1, x2, y2]`` boxes in input pixels, clipped to the input, and the
-        mask of the boxes that keep an area (a crop can cut a box away)."""
+    def _affine(self) -> tuple[float, float, int, int]:
+        """Source pixels to input pixels: x * sx + ox, y * sy + oy."""
         sx, sy = self.resized[0] / self.source[0], self.resized[1] / self.source[1]
         ox = (self.pad[0] if self.pad else 0) - (self.crop[0] if self.crop else 0)
         oy = (self.pad[1] if self.pad else 0) - (self.crop[1] if self.crop else 0)
+        return sx, sy, ox, oy
+
+    def boxes(self, xyxy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Source-pixel ``[x1, y1, x2, y2]`` boxes in input pixels, clipped to the input, and the
+        mask of the boxes that keep an area (a crop can cut a box away)."""
+        sx, sy, ox, oy = self._affine()
         width, height = self.input_size
         b = np.asarray(xyxy, np.float64).reshape(-1, 4).copy()
         b[:, [0, 2]] = (b[:, [0, 2]] * sx + ox).clip(0, width)
         b[:, [1, 3]] = (b[:, [1, 3]] * sy + oy).clip(0, height)
         keep = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
         return b.astype(np.float32), keep
+
+    def to_source(self, xyxy: np.ndarray) -> np.ndarray:
+        """Input-pixel ``[x1, y1, x2, y2]`` boxes (e.g. a detector's) in the source image's pixels,
+        clipped to it: the inverse of :meth:`boxes`."""
+        sx, sy, ox, oy = self._affine()
+        b = np.asarray(xyxy, np.float64).reshape(-1, 4).copy()
+        b[:, [0, 2]] = ((b[:, [0, 2]] - ox) / sx).clip(0, self.source[0])
+        b[:, [1, 3]] = ((b[:, [1, 3]] - oy) / sy).clip(0, self.source[1])
+        return b.astype(np.float32)
 
 
 def open_image(blob: bytes, where: str):
@@ -190,6 +204,39 @@ def image_size(blob: bytes, where: str) -> tuple[int, int]:
         why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         raise DataError(f"data {where}: not a readable image ({why}); replace the file with a valid "
                         "JPEG/PNG or delete it") from None
+
+
+def images_to_inputs(images, config: ImagePreprocessConfig) -> tuple[np.ndarray, list[Geometry]]:
+    """Images as given to a served model (encoded JPEG/PNG bytes, ``(H, W[, C])`` uint8 arrays or
+    Pillow images) as one model-input batch, with each image's :class:`Geometry`.
+
+    Raises:
+        DataError: an item that is none of those, or bytes that are not a readable image.
+    """
+    from PIL import Image
+
+    batch, geometries = [], []
+    for i, item in enumerate(images):
+        where = f"images[{i}]"
+        if isinstance(item, (bytes, bytearray, memoryview)):
+            im = open_image(bytes(item), where)
+        elif isinstance(item, Image.Image):
+            im = item
+        else:
+            arr = np.asarray(item)
+            if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)):
+                raise DataError(f"data {where}: got an array of {arr.dtype} {arr.shape}; give encoded image bytes "
+                                "or an (H, W, 3) uint8 RGB array")
+            im = Image.fromarray(arr[:, :, 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr)
+        geometries.append(config.geometry(*im.size))
+        batch.append(preprocess_image(im, config))
+    if not batch:
+        raise DataError("data images: the list is empty; give at least one image")
+    shapes = {x.shape for x in batch}
+    if len(shapes) > 1:
+        raise DataError(f"data images: they preprocess to different shapes {sorted(shapes)}; the recorded "
+                        "preprocessing needs a fixed size (center_crop, letterbox or resize: [h, w]) to batch them")
+    return np.stack(batch), geometries
 
 
 def preprocess_image(im, config: ImagePreprocessConfig) -> np.ndarray:
