@@ -66,6 +66,37 @@ def ledger_key(recipe_hash: str) -> str:
     return TAG_PREFIX + recipe_hash
 
 
+def trigger_hash(recipe) -> str:
+    """The recipe's hash with its source left out: the same for every version it compresses."""
+    return recipe.with_overrides(source="").digest()
+
+
+def settle_submitted(client, recipe, report: dict) -> str | None:
+    """At the end of a compression run (the pipeline's report task, on the cluster too): if the parent
+    version's ledger for this recipe says ``submitted``, it now says ``done`` or ``rejected``, with
+    what was registered (or why not) and the KFP run. Returns the state written, or None when the
+    run was not one the trigger submitted (no ledger tag, another state, an alias source).
+    """
+    m = re.fullmatch(r"models:/([^/@]+)/(\d+)", recipe.source or "")
+    if not m:
+        return None
+    name, version = m.groups()
+    key = ledger_key(trigger_hash(recipe))
+    if (client.get_model_version(name, version).tags or {}).get(key) != SUBMITTED:
+        return None
+    run = (report.get("runs") or {}).get("kfp_run_id")
+    by = f" (kfp run {run})" if run else ""
+    gate = report.get("gate") or {}
+    reg = report.get("registered") or {}
+    if gate.get("passed") and reg.get("version"):
+        state, detail = DONE, f"registered {reg.get('name')} v{reg.get('version')} as @{reg.get('alias')}{by}"
+    else:
+        state, detail = REJECTED, f"gate rejected the candidate: {gate.get('summary', '?')}{by}"
+    client.set_model_version_tag(name, version, key + ".detail", _one_line(detail) or "-")
+    client.set_model_version_tag(name, version, key, state)
+    return state
+
+
 def _one_line(text: str, cap: int = MAX_DETAIL) -> str:
     return " ".join(str(text).split())[:cap]
 

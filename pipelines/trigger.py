@@ -8,7 +8,8 @@ The receiver (routing, filtering, the queue, the ledger, the HTTP server) is
   candidate is registered, ``rejected`` when the gate refused it;
 - ``kfp``: the pipeline laid out for the recipe (as ``edgeslim submit`` does) and submitted to
   ``--host``; the ledger says ``submitted`` with the run's id and page. The run on the cluster
-  registers the candidate itself.
+  registers the candidate itself, and its report task turns the ledger to ``done`` or ``rejected``
+  (:func:`~edgeslim.deploy.trigger.settle_submitted`).
 
 Each compression is the recipe with ``source: models:/NAME/VERSION``. Its ledger key is the
 recipe's hash without the source (:func:`trigger_hash`), so one recipe compresses each
@@ -27,14 +28,9 @@ from pathlib import Path
 from typing import Callable
 
 from edgeslim.components.common.errors import ConfigError
-from edgeslim.deploy.trigger import DONE, REJECTED, SUBMITTED, Outcome
+from edgeslim.deploy.trigger import DONE, REJECTED, SUBMITTED, Outcome, trigger_hash
 
 log = logging.getLogger("edgeslim.trigger")
-
-
-def trigger_hash(recipe) -> str:
-    """The recipe's hash with its source left out: the same for every version it compresses."""
-    return recipe.with_overrides(source="").digest()
 
 
 def for_version(recipe, name: str, version: str):

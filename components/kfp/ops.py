@@ -406,6 +406,17 @@ def report_op(recipe_json: str, tracking_uri: str, parent: Input[Artifact], pare
     Path(html.path).write_text(render_html(rep))
     log_report(rep, report.path, html.path, tracking_uri=tracking_uri or recipe.tracking_uri or None,
                experiment=recipe.register.experiment)
+    # A run `edgeslim trigger` submitted: its ledger on the parent version says how it ended.
+    from edgeslim.components.common.tracking import connect
+    from edgeslim.deploy.trigger import settle_submitted
+
+    try:
+        state = settle_submitted(connect(tracking_uri or recipe.tracking_uri or None), recipe, rep)
+    except Exception as exc:  # the report stands; the ledger keeps saying "submitted"
+        print(f"warning: the trigger ledger of {recipe.source} was not settled: {' '.join(str(exc).split())[:300]}")
+    else:
+        if state:
+            print(f"trigger ledger of {recipe.source}: {state}")
 
 
 def make_ops(base_image: str = DEFAULT_IMAGE, *, images: dict | None = None) -> SimpleNamespace:
