@@ -77,7 +77,7 @@ def _match(model: nn.Module, patterns: Sequence[str], key: str) -> list[str]:
 
 def prune_detector(model: nn.Module, config: ChannelPruneConfig, *, data: Splits,
                    teacher: nn.Module | None = None, feature_layers: Sequence[str] = (),
-                   progress: Callable[[int, int, float], None] | None = None) -> StageResult:
+                   progress: Callable[[int, int, float], None] | None = None, task=None) -> StageResult:
     """Structurally prune a detector to ``config.keep_fraction`` of its MACs; heads stay whole.
 
     Args:
@@ -89,6 +89,7 @@ def prune_detector(model: nn.Module, config: ChannelPruneConfig, *, data: Splits
         teacher: distilled from at ``feature_layers`` and at its outputs while fine-tuning (default:
             the unpruned model when ``config.distill``).
         feature_layers: module names present in both (e.g. the neck outputs).
+        task: the recipe's ``DetectionTaskConfig``; fine-tuning takes the levels' strides from its decoder.
 
     Raises:
         ConfigError: ``importance: taylor`` (it needs a classification loss) or a pattern matches nothing.
@@ -129,7 +130,7 @@ def prune_detector(model: nn.Module, config: ChannelPruneConfig, *, data: Splits
             train_detector(pruned, data.x_train, data.y_train, epochs=n_ep, lr=config.lr,
                            batch_size=config.batch_size, seed=config.seed + step - 1, teacher=kd,
                            feature_layers=feature_layers if kd is not None else (),
-                           output_alpha=config.alpha if kd is not None else 0.0,
+                           output_alpha=config.alpha if kd is not None else 0.0, task=task,
                            progress=lambda e, n, l, done=done: (
                                losses.append(l),
                                progress and progress(done + e, n * config.steps, l)))
@@ -145,7 +146,7 @@ def prune_detector(model: nn.Module, config: ChannelPruneConfig, *, data: Splits
 
 
 def distill_detector(model: nn.Module, config: LogitDistillConfig, *, data: Splits, teacher: nn.Module,
-                     progress: Callable[[int, int, float], None] | None = None) -> StageResult:
+                     progress: Callable[[int, int, float], None] | None = None, task=None) -> StageResult:
     """Train a detector student with the detection loss plus feature distillation from ``teacher``.
 
     ``student: previous`` trains a copy of ``model``; ``student: width`` prunes the teacher to
@@ -175,7 +176,7 @@ def distill_detector(model: nn.Module, config: LogitDistillConfig, *, data: Spli
     losses: list[float] = []
     train_detector(student, data.x_train, data.y_train, epochs=config.epochs, lr=config.lr,
                    batch_size=config.batch_size, seed=config.seed, teacher=teacher, feature_layers=layers,
-                   feature_weight=getattr(config, "feature_weight", 1.0),
+                   feature_weight=getattr(config, "feature_weight", 1.0), task=task,
                    progress=lambda e, n, l: (losses.append(l), progress and progress(e, n, l)))
     example = torch.from_numpy(data.x_train[:1])
     macs, params = count_macs_params(student, example)
@@ -200,11 +201,11 @@ def apply_detector_stages(model: nn.Module, stages: Sequence[Any], *, data: Spli
     neck = [n for n in NECK_OUTPUTS if n in set(_detector_names(model))]
 
     def distill_fn(current, cfg, cb):
-        return distill_detector(current, cfg, data=data, teacher=model, progress=cb)
+        return distill_detector(current, cfg, data=data, teacher=model, progress=cb, task=task)
 
     def prune_fn(current, cfg, cb):
         return prune_detector(current, cfg, data=data, teacher=current if cfg.distill else None,
-                              feature_layers=neck if cfg.distill else (), progress=cb)
+                              feature_layers=neck if cfg.distill else (), progress=cb, task=task)
 
     return apply_torch_stages(model, stages, data=data, teacher=model, progress=progress,
                               distill_fn=distill_fn, prune_fn=prune_fn)
@@ -219,7 +220,7 @@ def train_detector(model: nn.Module, x: np.ndarray, labels: Sequence[np.ndarray]
                    lr: float = 3e-3, batch_size: int = 32, seed: int = 0,
                    teacher: nn.Module | None = None, feature_layers: Sequence[str] = (),
                    feature_weight: float = 1.0, output_alpha: float = 0.0,
-                   progress: Callable[[int, int, float], None] | None = None) -> nn.Module:
+                   progress: Callable[[int, int, float], None] | None = None, task=None) -> nn.Module:
     """Train ``model`` in place (AdamW, one-cycle); repeatable for a seed; returns it in eval mode.
 
     Args:
@@ -232,11 +233,29 @@ def train_detector(model: nn.Module, x: np.ndarray, labels: Sequence[np.ndarray]
             scores as soft targets on every cell, its boxes where it is confident); the loss is
             ``(1 - output_alpha) * detection + output_alpha * output distillation`` (+ features).
         progress: called with (epoch, epochs, last loss).
-    """
-    from edgeslim.components.tasks.detection_loss import build_targets, detection_loss, output_distill_loss
+        task: the recipe's ``DetectionTaskConfig``: the levels' strides come from its decoder, else from
+            ``model.stride``, else from the input size over each map's size (:func:`.level_strides`).
 
-    num_classes = model(torch.from_numpy(x[:1]))[1].shape[1]
-    targets = [{k: torch.from_numpy(v) for k, v in t.items()} for t in build_targets(labels, x.shape[-1], num_classes)]
+    Raises:
+        ConfigError: the model does not return ``(box, cls)`` map pairs, which this loss trains.
+    """
+    from edgeslim.components.common.model_outputs import describe
+    from edgeslim.components.tasks.detection_loss import (build_targets, detection_loss, level_strides,
+                                                          output_distill_loss)
+
+    example = torch.from_numpy(x[:1])
+    with torch.no_grad():
+        raw = model(example)
+    outs = list(raw) if isinstance(raw, (tuple, list)) else [raw]
+    if (not outs or len(outs) % 2 or any(not isinstance(o, torch.Tensor) or o.dim() != 4 for o in outs)
+            or any(b.shape[1] != 4 for b in outs[0::2])):
+        raise ConfigError(
+            f"fine-tuning a detector trains (box, cls) map pairs per level with edgeslim's detection loss; "
+            f"this model returns {describe(raw)}; leave distill and prune out of its recipe (export and "
+            "quantize need no loss), or fine-tune it with its own trainer before registering it")
+    strides = level_strides(model, example, outs, task)
+    targets = [{k: torch.from_numpy(v) for k, v in t.items()}
+               for t in build_targets(labels, tuple(x.shape[-2:]), outs[1].shape[1], strides)]
     use_teacher = teacher is not None and bool(feature_layers or output_alpha)
 
     def loss_fn(out, t_out, yb):

@@ -54,7 +54,7 @@ def test_the_detector_is_yolov8_shaped(tiny):
 
 def test_targets_put_each_box_on_cells_near_its_centre(data):
     labels = [np.array([[10, 10, 20, 22, 3]], np.float32)]
-    lvl4, lvl8, lvl16 = build_targets(labels, 48, 10)
+    lvl4, lvl8, lvl16 = build_targets(labels, 48, 10, (4, 8, 16))
     assert lvl4["pos"][0, 16 // 4, 15 // 4] and lvl4["cls"][0, 3, 4, 3] == 1.0
     assert not lvl16["pos"].any()  # a 12 px box is too small for stride 16
     gy, gx = np.nonzero(lvl4["pos"][0])
