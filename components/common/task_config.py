@@ -15,7 +15,7 @@ the detection gate, which looks at score calibration as well as mAP::
           - {box: output_0, cls: output_1, stride: 4}
           - {box: output_2, cls: output_3, stride: 8}
         # or, for one (N, 4+nc, A) output (Ultralytics): {format: yolo-decoded, strides: [8, 16, 32]}
-      gate: {max_map_drop: 1.0, max_tp_score_drop: 0.05, max_recall_drop: 2.0}
+      gate: {max_map_drop: 1.0, max_map50_95_drop: 2.0, max_tp_score_drop: 0.05, max_recall_drop: 2.0}
 """
 
 from __future__ import annotations
@@ -113,6 +113,9 @@ class DetectionGateConfig(Config):
 
     Attributes:
         max_map_drop: largest allowed drop of mAP@0.5, in points.
+        max_map50_95_drop: largest allowed drop of mAP@0.5:0.95, in points: box precision (a
+            candidate whose boxes still overlap their objects at IoU 0.5 but no longer fit them
+            tightly keeps its mAP@0.5 and fails here).
         max_tp_score_drop: largest allowed drop of the mean true-positive score (a
             collapse of confidence shows here while mAP holds).
         max_recall_drop: largest allowed drop of recall at the deployment threshold, in points.
@@ -120,12 +123,13 @@ class DetectionGateConfig(Config):
     """
 
     max_map_drop: float = 1.0
+    max_map50_95_drop: float = 2.0
     max_tp_score_drop: float = 0.05
     max_recall_drop: float = 2.0
     min_recall: float = 0.0
 
     def validate(self) -> None:
-        for key in ("max_map_drop", "max_tp_score_drop", "max_recall_drop", "min_recall"):
+        for key in ("max_map_drop", "max_map50_95_drop", "max_tp_score_drop", "max_recall_drop", "min_recall"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"task.gate.{key}: got {getattr(self, key)}; use 0 or more")
         if self.min_recall > 100:

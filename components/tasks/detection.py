@@ -280,24 +280,30 @@ def evaluate_detection(candidate_onnx: str | Path, config, *, parent_onnx: str |
 
 
 def gate_detection(metrics: dict[str, Any], config) -> dict[str, Any]:
-    """Judge a detector: mAP@0.5 drop, mean true-positive score drop, recall at the threshold.
+    """Judge a detector: mAP@0.5 drop, mAP@0.5:0.95 drop (box precision), mean true-positive score drop,
+    recall at the threshold.
 
     Args:
         metrics: :func:`evaluate_detection`'s metrics (``source``/``candidate`` with ``detection``).
         config: a ``DetectionGateConfig``.
 
     Returns:
-        ``{passed, checks, summary}``; when mAP held but scores collapsed the summary says so.
+        ``{passed, checks, summary}``; when mAP@0.5 held but scores or box precision collapsed the
+        summary says so.
     """
     s, c = metrics["source"]["detection"], metrics["candidate"]["detection"]
     thr = c.get("score_threshold", 0.25)
     map_drop = round(s["map50"] - c["map50"], 4)
+    loc_drop = round(s["map50_95"] - c["map50_95"], 4)
     score_drop = round(s["mean_tp_score"] - c["mean_tp_score"], 4)
     recall_drop = round(s["recall"] - c["recall"], 4)
     checks = [
         GateCheck("map50_drop", map_drop, config.max_map_drop, map_drop <= config.max_map_drop,
                f"mAP@0.5 fell {map_drop:.2f} pt ({s['map50']:.2f} -> {c['map50']:.2f}); "
                f"allowed {config.max_map_drop:.2f}"),
+        GateCheck("map50_95_drop", loc_drop, config.max_map50_95_drop, loc_drop <= config.max_map50_95_drop,
+                  f"mAP@0.5:0.95 fell {loc_drop:.2f} pt ({s['map50_95']:.2f} -> {c['map50_95']:.2f}); "
+                  f"allowed {config.max_map50_95_drop:.2f}"),
         GateCheck("mean_tp_score_drop", score_drop, config.max_tp_score_drop,
                score_drop <= config.max_tp_score_drop,
                f"mean true-positive score {s['mean_tp_score']:.3f} -> {c['mean_tp_score']:.3f}; "
@@ -308,24 +314,31 @@ def gate_detection(metrics: dict[str, Any], config) -> dict[str, Any]:
         GateCheck("min_recall", c["recall"], config.min_recall, c["recall"] >= config.min_recall,
                f"recall at score >= {thr:g} {c['recall']:.2f}%; required {config.min_recall:.2f}%"),
     ]
-    result = verdict(checks, shown_when_passed=3)
+    result = verdict(checks, shown_when_passed=4)
     failed = [k for k in checks if not k.passed]
+    ok = {k.name: k.passed for k in checks}
     summary = result["summary"]
     if failed:
         calib = {"mean_tp_score_drop", "recall_drop", "min_recall"}
-        if not checks[0].passed and not checks[1].passed and c["mean_tp_score"] < thr:
+        if not ok["map50_drop"] and not ok["mean_tp_score_drop"] and c["mean_tp_score"] < thr:
             summary = (
                 f"confidences collapsed: the mean true-positive score fell {s['mean_tp_score']:.3f} -> "
                 f"{c['mean_tp_score']:.3f}, under the deployment threshold {thr:g} (a calibrator that clips "
                 "the sigmoid score output does this); keep the class-score head in float "
                 "(quantize.float_layers) or use quantize method auto. " + summary)
-        elif checks[0].passed and any(k.name in calib for k in failed):
+        elif ok["map50_drop"] and any(k.name in calib for k in failed):
             summary = (
                 f"confidences collapsed while mAP held: mAP@0.5 moved only {map_drop:+.2f} pt but the "
                 f"mean true-positive score fell {s['mean_tp_score']:.3f} -> {c['mean_tp_score']:.3f} and "
                 f"recall at score >= {thr:g} {s['recall']:.1f}% -> {c['recall']:.1f}%, so the deployed "
                 "threshold finds far fewer objects; keep the class-score head in float "
                 "(quantize.float_layers) or use quantize method auto. " + summary)
+        elif ok["map50_drop"] and not ok["map50_95_drop"]:
+            summary = (
+                f"box precision collapsed while mAP@0.5 held: mAP@0.5 moved only {c['map50'] - s['map50']:+.2f} pt but "
+                f"mAP@0.5:0.95 fell {loc_drop:.2f} pt ({s['map50_95']:.2f} -> {c['map50_95']:.2f}), so boxes "
+                "still overlap their objects but no longer fit them; keep the box head (its convs, DFL) in float "
+                "(quantize.float_layers), try another calibrator, or use quantize method auto. " + summary)
     return {**result, "summary": summary}
 
 

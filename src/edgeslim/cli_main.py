@@ -279,6 +279,7 @@ task:
 {heads}  # decode_fn: mypkg.decoders:decode   # instead of decoder: outputs -> per image (M, 6) [x1, y1, x2, y2, score, class]
   gate:
     max_map_drop: 1.0                # points of mAP@0.5
+    max_map50_95_drop: 2.0           # points of mAP@0.5:0.95: catches boxes that lost precision
     max_tp_score_drop: 0.05          # mean true-positive score: catches collapsed confidence
     max_recall_drop: 2.0             # points of recall at score_threshold
     min_recall: 0.0
