@@ -3,9 +3,12 @@
 Both stores have the same small interface, with the two S3 features the
 rollout leans on: ETag-conditional reads (devices poll cheaply) and
 conditional PUTs (``If-None-Match: *`` creates a lock once; ``If-Match``
-replaces it only if nobody else did). Credentials come from boto3's usual
-chain (environment, profile, instance role) and are never stored, logged or
-returned by :meth:`describe`.
+replaces it only if nobody else did). S3 goes through boto3 when it is
+installed (its whole credential chain: environment, profile, instance role, web
+identity, SSO) and otherwise through edgeslim's own standard-library client,
+:mod:`edgeslim.deploy.s3client` (environment and shared credentials file);
+``$EDGESLIM_S3_CLIENT=light|boto3`` forces one. Credentials are never stored,
+logged or returned by :meth:`describe`.
 
 Layout under the store's prefix::
 
@@ -16,7 +19,7 @@ Layout under the store's prefix::
     fleets/<fleet>/devices/<id>/manifest.json    signed; written by the controller
     fleets/<fleet>/devices/<id>/status.json      written by the agent (and heartbeats)
 
-boto3 is imported only when an S3 store is opened.
+boto3 (or the light client) is imported only when an S3 store is opened.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -37,6 +41,7 @@ from edgeslim.components.common.errors import ConfigError, FleetError
 
 STORE_ENV = "EDGESLIM_FLEET_STORE"
 ENDPOINT_ENV = "EDGESLIM_S3_ENDPOINT_URL"
+CLIENT_ENV = "EDGESLIM_S3_CLIENT"  # light | boto3; unset: boto3 when installed, else light
 DEFAULT_LOCAL_STORE = "~/.edgeslim/fleet-store"
 
 
@@ -274,18 +279,35 @@ class S3Store(ObjectStore):
         prefix: key prefix inside the bucket.
         endpoint_url: e.g. ``http://127.0.0.1:7480`` for RGW or MinIO; ``None`` for AWS.
         region: signing region.
-        profile: a named AWS profile; ``None`` uses boto3's default chain.
+        profile: a named AWS profile; ``None`` uses the client's default chain.
         timeout_s: connect and read timeout: devices must notice an outage quickly.
+        client: ``"boto3"`` or ``"light"`` (:mod:`edgeslim.deploy.s3client`); ``None``:
+            ``$EDGESLIM_S3_CLIENT``, else boto3 when it is installed, else light.
     """
+
+    list_page_size: int | None = None  # keys per ListObjectsV2 page; None: the server's (1000 on S3)
 
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
                  region: str | None = None, profile: str | None = None, timeout_s: float = 10.0,
-                 create_bucket: bool = False) -> None:
-        import boto3
-        from botocore.config import Config as BotoConfig
-
+                 create_bucket: bool = False, client: str | None = None) -> None:
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.endpoint_url = endpoint_url
+        self.client = _choose_client(client)
+        if self.client == "light":
+            from edgeslim.deploy import s3client
+
+            self._client = s3client.S3Client(endpoint_url, region=region, profile=profile, timeout_s=timeout_s)
+            self._ClientError, self._TransportError = s3client.ClientError, s3client.S3TransportError
+        else:
+            self._open_boto3(endpoint_url, region, profile, timeout_s)
+        if create_bucket:
+            self._ensure_bucket()
+
+    def _open_boto3(self, endpoint_url, region, profile, timeout_s) -> None:
+        import boto3
+        from botocore.config import Config as BotoConfig
+        from botocore.exceptions import BotoCoreError, ClientError
+
         session = boto3.session.Session(profile_name=profile) if profile else boto3.session.Session()
         cfg = BotoConfig(
             connect_timeout=timeout_s, read_timeout=timeout_s,
@@ -301,11 +323,7 @@ class S3Store(ObjectStore):
         )
         self._client = session.client("s3", endpoint_url=endpoint_url,
                                       region_name=region or session.region_name or "us-east-1", config=cfg)
-        from botocore.exceptions import ClientError
-
-        self._ClientError = ClientError
-        if create_bucket:
-            self._ensure_bucket()
+        self._ClientError, self._TransportError = ClientError, BotoCoreError
 
     def describe(self) -> str:
         where = f" at {self.endpoint_url}" if self.endpoint_url else ""
@@ -315,8 +333,7 @@ class S3Store(ObjectStore):
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _call(self, fn, **kw):
-        from botocore.exceptions import BotoCoreError
-
+        # Both clients raise the same shapes: an HTTP error with boto3's `response`, or a transport error.
         try:
             return fn(**kw)
         except self._ClientError as exc:
@@ -339,25 +356,26 @@ class S3Store(ObjectStore):
                     "environment or profile"
                 ) from None
             raise FleetError(f"{self.describe()}: {code or status}: {err.get('Message', '')}") from None
-        except BotoCoreError as exc:
+        except self._TransportError as exc:
             # Connection refused, DNS, timeouts: the store is unavailable, not wrong.
             raise StoreUnavailable(f"{self.describe()}: cannot reach the store ({type(exc).__name__})") from None
 
     def _ensure_bucket(self) -> None:
-        from botocore.exceptions import BotoCoreError
-
         try:
             self._client.head_bucket(Bucket=self.bucket)
             return
         except self._ClientError:
             pass
-        except BotoCoreError as exc:
+        except self._TransportError as exc:
             raise StoreUnavailable(f"{self.describe()}: cannot reach the store ({type(exc).__name__})") from None
-        try:
-            self._client.create_bucket(Bucket=self.bucket)
-        except self._ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                raise
+
+        def create(**kw):
+            try:
+                return self._client.create_bucket(**kw)
+            except self._ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
+        self._call(create, Bucket=self.bucket)  # any other refusal: the same one line as every call
 
     def get(self, key, *, if_none_match=None, max_bytes=None):
         kw = {"Bucket": self.bucket, "Key": self._k(key)}
@@ -424,6 +442,8 @@ class S3Store(ObjectStore):
             kw = {"Bucket": self.bucket, "Prefix": full}
             if token:
                 kw["ContinuationToken"] = token
+            if self.list_page_size:
+                kw["MaxKeys"] = self.list_page_size
             resp = self._call(self._client.list_objects_v2, **kw) or {}
             out.extend(o["Key"][strip:] for o in resp.get("Contents", []))
             if not resp.get("IsTruncated"):
@@ -439,6 +459,22 @@ class S3Store(ObjectStore):
 
         server_now = parsedate_to_datetime(resp["ResponseMetadata"]["HTTPHeaders"]["date"])
         return _unquote(resp.get("ETag")), max(0.0, (server_now - resp["LastModified"]).total_seconds())
+
+
+def _choose_client(name: str | None) -> str:
+    """``light`` or ``boto3``: the argument, ``$EDGESLIM_S3_CLIENT``, else boto3 when it is installed."""
+    forced = (name or os.environ.get(CLIENT_ENV) or "").strip().lower()
+    if forced not in ("", "light", "boto3"):
+        raise ConfigError(f"{CLIENT_ENV}={forced!r}: use light (edgeslim's own S3 client) or boto3, "
+                          "or leave it unset (boto3 when installed, else light)")
+    if forced == "light":
+        return "light"
+    if importlib.util.find_spec("boto3") is not None:
+        return "boto3"
+    if forced == "boto3":
+        raise ConfigError(f"{CLIENT_ENV}=boto3 but boto3 is not installed; install it with: pip install boto3 "
+                          f"(or unset {CLIENT_ENV} to use edgeslim's own S3 client)")
+    return "light"
 
 
 _S3_URL = re.compile(r"^s3://(?P<bucket>[^/]+)/?(?P<prefix>.*)$")
