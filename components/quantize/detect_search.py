@@ -3,9 +3,13 @@
 The classifier strategy judges trials by top-1; a detector needs the detection
 gate (mAP *and* score calibration), and its sensitive spots are the head outputs:
 a calibrator that clips the sigmoid class-score output collapses every confidence
-(DESIGN.md). So the fallback here ranks *head groups* (each graph output with the
-nodes that produce it, back to and including its last Conv) by what quantizing
-only that group costs, and keeps the worst ones in float, one more per trial.
+(DESIGN.md). So the fallback here ranks *output tails*
+(:func:`~edgeslim.components.quantize.sensitivity.output_tails`: each graph output with
+the nodes that produce it -- decode, DFL, concat, sigmoid -- back to and including its
+last weighted layers, found from the graph, whatever the model) by what quantizing only
+that group costs, and keeps the worst ones in float, one more per trial. When there are
+fewer tails than ``max_float_layers`` (one decoded output), every other conv/linear
+layer is measured alone too and ranked with them.
 
 Trials are judged, and head groups ranked, on the validation split (choosing is
 part of training; the pipeline's evaluate task then judges the winner on the
@@ -22,50 +26,33 @@ from edgeslim.components.common.data import Splits
 from edgeslim.components.common.result import StageResult
 from edgeslim.components.quantize.search import Strategy, search
 
-# Nodes that pass a head's values through without weights of their own.
-_PASS_THROUGH = {"Sigmoid", "Reshape", "Transpose", "Flatten", "Concat", "Identity", "Squeeze",
-                 "Unsqueeze", "Softmax", "Mul", "Add", "Relu", "Clip"}
+# A judged row's figures in the fallback's ranking table: mAP@0.5, score calibration, recall, output SQNR vs fp32.
+_RANKED = ("map50", "mean_tp_score", "recall", "sqnr_db")
 
 
 def head_groups(onnx_path: str | Path) -> list[dict[str, Any]]:
-    """Per graph output, the node names from the output back to its last Conv/Gemm.
+    """Per graph output, the node names from the output back to its last weighted layers
+    (:func:`~edgeslim.components.quantize.sensitivity.output_tails`).
 
     Returns:
-        ``[{"output": name, "nodes": [...], "conv": name}]`` in output order.
+        ``[{"output": name, "nodes": [...], "conv": name, "layers": [...]}]`` in output order.
     """
-    import onnx
+    from edgeslim.components.quantize.sensitivity import output_tails
 
-    g = onnx.load(str(onnx_path)).graph
-    producer = {o: n for n in g.node for o in n.output}
-    groups = []
-    for out in g.output:
-        nodes, frontier, conv = [], [out.name], None
-        while frontier and conv is None:
-            t = frontier.pop()
-            n = producer.get(t)
-            if n is None:
-                continue
-            nodes.append(n.name)
-            if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose"):
-                conv = n.name
-                break
-            if n.op_type in _PASS_THROUGH:
-                frontier.extend(i for i in n.input[:1] if i)
-        if conv:
-            groups.append({"output": out.name, "nodes": nodes, "conv": conv})
-    return groups
+    return [{**t, "conv": t["layers"][0]} for t in output_tails(onnx_path)]
 
 
 class DetectorStrategy(Strategy):
     """The detection gate (mAP *and* score calibration) against the fp32 detector on val; the
-    fallback keeps whole head groups (:func:`head_groups`) in float, the most damaging first."""
+    fallback keeps whole output tails (and, past them, single layers) in float, the most damaging
+    first (ties: the lower output SQNR)."""
 
     task = "detection"
     candidate = "detector candidate"
     gate_name = "detection gate"
     group_noun = "head(s) producing"
     qat_note = " (weighted placement, matching the fp32 outputs)"
-    fields = ("map50", "map50_95", "mean_tp_score", "recall")
+    fields = ("map50_95", *_RANKED)
     table_key = "head_sensitivity"
 
     def __init__(self, fp32_onnx: str | Path, task, *, model=None, export_config=None):
@@ -81,14 +68,28 @@ class DetectorStrategy(Strategy):
         return {"fp32_val": self.parent}
 
     def judge(self, candidate: str | Path, data: Splits) -> dict[str, Any]:
-        from edgeslim.components.tasks.detection import detection_metrics, gate_detection, onnx_detections
+        import numpy as np
+
+        from edgeslim.components.common.onnx_runtime import SqnrAccumulator, make_session, run_outputs
+        from edgeslim.components.tasks.detection import detect_batches, detection_metrics, gate_detection
 
         task = self.task_config
-        dets, _, _ = onnx_detections(candidate, data.x_val, task, keep_outputs=False)
+        fp32, sqnr, done = make_session(self.fp32_onnx), SqnrAccumulator(), [0]
+
+        def compare(raw):  # the fp32 outputs of the same batch (not decoded): SQNR of the raw outputs
+            outs, _ = raw[0]
+            n = len(outs[0])
+            _, ref = run_outputs(fp32, np.ascontiguousarray(data.x_val[done[0]:done[0] + n]), batch=n)
+            done[0] += n
+            for r, c in zip(ref, outs):
+                sqnr.add(r, c)
+
+        (dets,) = detect_batches([candidate], data.x_val, task, on_batch=compare)
         m = detection_metrics(dets, list(data.y_val), task.num_classes, task.score_threshold)
         verdict = gate_detection({"source": {"detection": self.parent}, "candidate": {"detection": m}}, task.gate)
         return {"map50": m["map50"], "map50_95": m["map50_95"], "mean_tp_score": m["mean_tp_score"],
-                "recall": m["recall"], "passed": verdict["passed"], "gate": verdict["summary"]}
+                "recall": m["recall"], "sqnr_db": round(sqnr.db(), 3), "passed": verdict["passed"],
+                "gate": verdict["summary"]}
 
     def damage(self, row: dict[str, Any]) -> float:
         # Points of mAP, plus the score drop on a 100-point scale, plus recall points.
@@ -100,24 +101,29 @@ class DetectorStrategy(Strategy):
         return row["passed"], -self.damage(row)
 
     def rank(self, fp32_onnx, config, *, calibrator, ranges, data, out_dir, pinned):
-        # Sensitivity of each head group: only that group int8, everything else float.
+        # Damage of each output tail (then of each other layer): only that group int8, everything else float.
         import onnx
 
         from edgeslim.components.quantize.ptq import quantize
-        from edgeslim.components.quantize.sensitivity import preprocessed
+        from edgeslim.components.quantize.sensitivity import output_tails, preprocessed, quantizable_layers
 
         pre = preprocessed(fp32_onnx, out_dir / "pre.onnx")
         self.table = []
         all_nodes = [n.name for n in onnx.load(str(pre)).graph.node if n.name]
-        for i, grp in enumerate(head_groups(pre)):
+        groups = output_tails(pre)
+        if config.max_float_layers > len(groups):  # too few tails to fill the fallback: single layers too
+            in_tails = {n for g in groups for n in g["nodes"]} | set(pinned)
+            groups += [{"output": lay["layer"], "nodes": [lay["node"]], "layers": [lay["node"]]}
+                       for lay in quantizable_layers(pre) if lay["node"] not in in_tails]
+        for i, grp in enumerate(groups):
             others = [n for n in all_nodes if n not in grp["nodes"]]
             # The fp32 graph (not ``pre``): the graph ``ranges`` were calibrated on; node names are the same.
             res = quantize(fp32_onnx, dataclasses.replace(config.ptq(calibrator), float_layers=others), data=data,
                            out_dir=out_dir / "heads" / f"group{i}", ranges=ranges)
             r = self.judge(res.model, data)
-            self.table.append({**grp, **{k: r[k] for k in ("map50", "mean_tp_score", "recall")},
+            self.table.append({**grp, **{k: r[k] for k in _RANKED},
                                "damage": round(self.damage(r), 4)})
-        self.table.sort(key=lambda r: -r["damage"])
+        self.table.sort(key=lambda r: (-r["damage"], r["sqnr_db"]))
         ranked = [r for r in self.table if r["damage"] > 0.0] or self.table
         return [{"label": r["output"], "nodes": r["nodes"]} for r in ranked]
 

@@ -169,7 +169,8 @@ class Strategy(abc.ABC):
 
 class ClassifierStrategy(Strategy):
     """Top-1 drop, top-1 agreement and SQNR against the parent's outputs (the recipe's gate);
-    the fallback keeps the most sensitive single layers (:mod:`.sensitivity`) in float."""
+    the fallback keeps the most sensitive single layers, or an output's whole tail where it is
+    more than its last layer (:mod:`.sensitivity`), in float."""
 
     task = "classification"
     fields = ("metric", "metric_drop", "top1_agreement", "sqnr_db")
@@ -208,11 +209,11 @@ class ClassifierStrategy(Strategy):
 
         # on val (layer_sensitivity's default split); it calibrates its pre-processed graph itself
         self.table = layer_sensitivity(fp32_onnx, config.ptq(calibrator), data=data,
-                                       work_dir=out_dir / "sensitivity" / "layers")
+                                       work_dir=out_dir / "sensitivity" / "layers", tails=True)
         self.files = write(self.table, out_dir / "sensitivity")
-        layer = {r["node"]: r["layer"] for r in self.table["layers"]}
-        return [{"label": layer[n], "nodes": [n]} for n in rank(self.table, config.sensitivity_metric)
-                if n not in pinned]
+        row = {r["node"]: r for r in self.table["layers"]}
+        return [{"label": row[n]["layer"], "nodes": row[n]["nodes"]} for n in rank(self.table, config.sensitivity_metric)
+                if not set(row[n]["nodes"]) <= set(pinned)]
 
     def log_ranking(self, client, run_id):
         from edgeslim.components.quantize.sensitivity import log_to_mlflow

@@ -32,6 +32,10 @@ def preprocessed(fp32_onnx: str | Path, out_path: str | Path) -> Path:
     return Path(out_path)
 
 
+def _weighted(node, inits: set[str]) -> bool:
+    return node.op_type in QUANTIZABLE_OPS and len(node.input) > 1 and node.input[1] in inits
+
+
 def quantizable_layers(pre_onnx: str | Path) -> list[dict[str, str]]:
     """Conv/linear nodes with weights: ``{node, layer, op}``; ``layer`` is the torch
     module name read from the weight initializer (``features.3.weight`` -> ``features.3``)."""
@@ -41,11 +45,80 @@ def quantizable_layers(pre_onnx: str | Path) -> list[dict[str, str]]:
     inits = {i.name for i in g.initializer}
     out = []
     for n in g.node:
-        if n.op_type in QUANTIZABLE_OPS and n.name and len(n.input) > 1 and n.input[1] in inits:
+        if n.name and _weighted(n, inits):
             w = n.input[1]
             layer = w[: -len(".weight")] if w.endswith(".weight") else w
             out.append({"node": n.name, "layer": layer, "op": n.op_type})
     return out
+
+
+# Nodes that only compute shapes and constants (never quantized): a tail does not walk into them.
+_SHAPE_OPS = ("Shape", "Size", "Constant", "ConstantOfShape")
+_DECODE_DEPTH = 2  # weighted decode nodes (a DFL's fixed conv) a tail may pass, one after another
+
+
+def output_tails(pre_onnx: str | Path) -> list[dict[str, Any]]:
+    """Per graph output, its *tail*: the nodes between the output and the last weighted
+    (Conv/Gemm/MatMul) layers on each path to it -- box decode, concat, sigmoid, softmax --
+    together with those layers, found from the graph alone.
+
+    A weighted node that reads a Concat merging two or more weighted layers is taken as
+    part of the decode (a DFL's fixed 1x1 conv over a softmax of all levels), so the tail
+    goes on through it to the layers it merges (the per-level output convs).
+
+    Returns:
+        ``[{"output", "nodes", "layers"}]`` in output order: ``nodes`` from the output back
+        (the layers last), ``layers`` the last weighted layers; outputs that no weighted
+        layer feeds have no tail.
+    """
+    import onnx
+
+    g = onnx.load(str(pre_onnx)).graph
+    inits = {i.name for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    static: set[str] = set(inits)  # tensors that hold shapes or constants only
+    for n in g.node:
+        if n.op_type in _SHAPE_OPS or all(i in static for i in n.input if i):
+            static.update(n.output)
+
+    def region(tensors: list[str]) -> tuple[list[Any], list[Any]]:
+        """Non-weighted nodes reached backwards from ``tensors`` and the weighted nodes that end each path."""
+        seen, nodes, last, queue = set(), [], [], [t for t in tensors if t not in static]
+        while queue:
+            n = producer.get(queue.pop(0))
+            if n is None or id(n) in seen:
+                continue
+            seen.add(id(n))
+            if _weighted(n, inits):
+                last.append(n)
+                continue
+            nodes.append(n)
+            queue.extend(i for i in n.input if i and i not in static)
+        return nodes, last
+
+    tails = []
+    for out in g.output:
+        order: list[str] = []
+        layers: list[str] = []
+        frontier = [out.name]
+        for depth in range(_DECODE_DEPTH + 1):
+            nodes, last = region(frontier)
+            order += [n.name for n in nodes if n.name and n.name not in order]
+            frontier = []
+            for w in last:
+                behind, feeding = region(list(w.input[:1]))
+                decode = len({f.name for f in feeding}) > 1 and any(b.op_type == "Concat" for b in behind)
+                if decode and depth < _DECODE_DEPTH:
+                    order += [w.name] if w.name not in order else []
+                    frontier.append(w.input[0])
+                elif w.name and w.name not in layers:
+                    layers.append(w.name)
+            if not frontier:
+                break
+        if layers:
+            tails.append({"output": out.name, "nodes": order + [n for n in layers if n not in order],
+                          "layers": layers})
+    return tails
 
 
 def _scores(onnx_path: str | Path, x: np.ndarray) -> np.ndarray:
@@ -63,10 +136,11 @@ class LayerSensitivity:
     metric_drop: float
     sqnr_db: float
     rank: int = 0
+    nodes: list[str] = dataclasses.field(default_factory=list)
 
 
 def layer_sensitivity(fp32_onnx: str | Path, config: PTQQuantizeConfig, *, data: Splits,
-                      work_dir: str | Path | None = None, split: str = "val") -> dict[str, Any]:
+                      work_dir: str | Path | None = None, split: str = "val", tails: bool = False) -> dict[str, Any]:
     """Quantize one layer at a time and rank the layers by what it costs.
 
     Args:
@@ -75,10 +149,12 @@ def layer_sensitivity(fp32_onnx: str | Path, config: PTQQuantizeConfig, *, data:
         data: calibration from the train split; scores on ``split``.
         work_dir: where the one-layer models go (a temporary folder when None).
         split: ``val`` (default: ranking is a choice, so keep the test split out of it) or ``test``.
+        tails: measure each output's tail (:func:`output_tails`) too, as one row (op ``tail``),
+            where it is more than its one layer (a softmax or decode after the last linear layer).
 
     Returns:
         ``{"split", "fp32_metric", "calibrator", "layers": [rows, most sensitive first]}``;
-        a row has node, layer, op, metric, metric_drop (points) and sqnr_db.
+        a row has node, layer, op, metric, metric_drop (points), sqnr_db and nodes (what was int8).
     """
     from edgeslim.components.evaluate import sqnr_db, top1_percent
     from edgeslim.components.quantize.ptq import calibrate_onnx, quantize
@@ -95,14 +171,18 @@ def layer_sensitivity(fp32_onnx: str | Path, config: PTQQuantizeConfig, *, data:
         base = top1_percent(ref, y)
         rows = []
         ranges = calibrate_onnx(pre, config, data)  # once: float_layers never changes a range
-        for i, layer in enumerate(quantizable_layers(pre)):
-            others = [n for n in all_nodes if n != layer["node"]]
+        groups = [{**lay, "nodes": [lay["node"]]} for lay in quantizable_layers(pre)]
+        if tails:
+            groups += [{"node": f"tail:{t['output']}", "layer": f"tail of {t['output']}", "op": "tail", "nodes": t["nodes"]}
+                       for t in output_tails(pre) if len(t["nodes"]) > 1]
+        for i, layer in enumerate(groups):
+            others = [n for n in all_nodes if n not in layer["nodes"]]
             cfg = dataclasses.replace(config, float_layers=others)
             res = quantize(pre, cfg, data=data, out_dir=root / f"layer{i:03d}", ranges=ranges)
             out = _scores(res.model, x)
             metric = top1_percent(out, y)
             rows.append(LayerSensitivity(layer["node"], layer["layer"], layer["op"], round(metric, 4),
-                                         round(base - metric, 4), round(sqnr_db(ref, out), 3)))
+                                         round(base - metric, 4), round(sqnr_db(ref, out), 3), nodes=layer["nodes"]))
     rows.sort(key=lambda r: (-r.metric_drop, r.sqnr_db))
     for i, r in enumerate(rows, 1):
         r.rank = i

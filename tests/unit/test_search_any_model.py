@@ -1,0 +1,124 @@
+"""The accuracy-aware int8 search on models it was not built around: the float fallback's candidate
+groups come from the graph (each output's tail: decode, DFL, concat, sigmoid, back to the last weighted
+layers), so an Ultralytics YOLOv8n with one decoded (N, 4+nc, A) output gets its head kept in float, and a
+classifier whose output ends in a softmax gets that tail measured beside its single layers."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+SIZE = 256  # YOLOv8n takes any multiple of 32; 640 is its real size, 256 keeps this test fast
+
+
+def decode_yolo(outputs):
+    """The test's ``task.decode_fn`` for Ultralytics' decoded output: cx, cy, w, h, then class scores."""
+    from edgeslim.components.common.decode import batched_nms
+
+    dets = []
+    for o in outputs[0]:
+        score, cls = o[4:].max(0), o[4:].argmax(0)
+        top = np.argsort(-score)[:300]
+        cx, cy, w, h = o[:4, top]
+        d = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, score[top], cls[top]], 1)
+        dets.append(batched_nms(d[d[:, 4] > 1e-4], 0.5, 100))
+    return dets
+
+
+@pytest.fixture(scope="module")
+def yolo(tmp_path_factory):
+    """A random-init YOLOv8n (nc=3) exported with its decoded output, and splits of smooth random images
+    whose labels are the fp32 model's own best boxes (no trained weights here: int8 damage shows as mAP)."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    from edgeslim.components.common.data import Splits
+    from edgeslim.components.common.onnx_runtime import make_session, run_outputs
+
+    torch.manual_seed(0)
+    model = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
+    x = torch.nn.functional.interpolate(torch.rand(12, 3, SIZE // 16, SIZE // 16), size=(SIZE, SIZE),
+                                        mode="bilinear").numpy()
+    for bn in model.modules():  # BatchNorm statistics of the images, as training would leave them
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            bn.reset_running_stats()
+            bn.momentum = None
+    with torch.no_grad():
+        model.train()(torch.from_numpy(x))
+    model.eval().model[-1].export = True
+    path = tmp_path_factory.mktemp("yolo") / "yolov8n.onnx"
+    torch.onnx.export(model, torch.from_numpy(x[:1]), str(path), input_names=["input"], output_names=["output"],
+                      dynamic_axes={"input": {0: "n"}, "output": {0: "n"}}, opset_version=17, dynamo=False)
+    _, (out,) = run_outputs(make_session(path), x)
+    y = np.empty(len(x), dtype=object)
+    y[:] = [d[:3][:, [0, 1, 2, 3, 5]] for d in decode_yolo([out])]
+    return path, Splits(x[:6], y[:6], x[6:9], y[6:9], x[9:], y[9:], source="yolov8n-random")
+
+
+def test_yolov8n_output_tail_is_its_head_and_keeping_it_float_beats_all_int8(yolo, tmp_path):
+    from edgeslim.components.common.onnx_runtime import make_session, run_outputs, sqnr_db
+    from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig
+    from edgeslim.components.common.task_config import DetectionGateConfig, DetectionTaskConfig
+    from edgeslim.components.quantize.detect_search import quantize_detector_auto
+    from edgeslim.components.quantize.sensitivity import output_tails, preprocessed
+
+    path, data = yolo
+    (tail,) = output_tails(preprocessed(path, tmp_path / "pre.onnx"))
+    # Found from the graph: the DFL (softmax and its fixed conv) and box decode, and the six per-level output
+    # convs (what Ultralytics' own int8 export keeps out of int8), nothing of the backbone.
+    assert {"/model.22/dfl/Softmax", "/model.22/dfl/conv/Conv", "/model.22/Sigmoid"} <= set(tail["nodes"])
+    assert sorted(tail["layers"]) == sorted(f"/model.22/cv{b}.{i}/cv{b}.{i}.2/Conv" for b in (2, 3) for i in range(3))
+    assert all(n.startswith("/model.22/") for n in tail["nodes"])
+
+    task = DetectionTaskConfig(num_classes=3, score_threshold=0.001, decode_fn="test_search_any_model:decode_yolo",
+                               gate=DetectionGateConfig(max_map_drop=10.0, max_map50_95_drop=30.0,
+                                                        max_recall_drop=15.0))
+    cfg = AccuracyAwareQuantizeConfig(calibrators=["minmax"], num_samples=6, max_float_layers=1, qat=False)
+    res = quantize_detector_auto(path, cfg, data=data, task=task, out_dir=tmp_path / "auto")
+    report = json.loads((tmp_path / "auto" / "autotune.json").read_text())
+    ptq, fallback = report["trials"]
+    assert [ptq["kind"], fallback["kind"]] == ["ptq", "fallback"] and not ptq["passed"] and fallback["passed"]
+    assert report["head_sensitivity"][0]["nodes"] == tail["nodes"]
+    assert set(tail["nodes"]) <= set(fallback["float_layers"]) and res.metrics["winner"]["trial"] == 2
+
+    # The chosen int8 model's decoded output is closer to fp32 than all-int8 PTQ's, on the validation images.
+    def out(p):
+        return run_outputs(make_session(p), data.x_val)[1][0]
+
+    ref = out(path)
+    chosen, all_int8 = sqnr_db(ref, out(res.model)), sqnr_db(ref, out(ptq["model"]))
+    assert chosen > all_int8
+    assert fallback["sqnr_db"] > ptq["sqnr_db"] and fallback["map50"] > ptq["map50"]
+
+
+def test_a_classifiers_softmax_tail_is_measured_beside_its_layers(tmp_path):
+    import onnx
+
+    from edgeslim.components.common.data import Splits
+    from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig
+    from edgeslim.components.recipe import AccuracyGateConfig
+    from edgeslim.components.quantize.search import ClassifierStrategy
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 3), torch.nn.Softmax(dim=1)).eval()
+    x = torch.rand(24, 1, 8, 8)
+    path = tmp_path / "cls.onnx"
+    torch.onnx.export(model, x[:1], str(path), input_names=["input"], output_names=["output"],
+                      dynamic_axes={"input": {0: "n"}, "output": {0: "n"}}, opset_version=17, dynamo=False)
+    y = model(x).argmax(1).numpy()
+    data = Splits(x[:8].numpy(), y[:8], x[8:16].numpy(), y[8:16], x[16:].numpy(), y[16:])
+    strategy = ClassifierStrategy(path, AccuracyGateConfig())
+    strategy.reference(data)
+    cfg = AccuracyAwareQuantizeConfig(calibrators=["minmax"], num_samples=8, max_float_layers=2, qat=False)
+    groups = strategy.rank(path, cfg, calibrator="minmax", ranges={}, data=data, out_dir=tmp_path, pinned=[])
+    rows = {r["layer"]: r for r in strategy.table["layers"]}
+    assert rows["tail of output"]["op"] == "tail"
+    ops = {n.name: n.op_type for n in onnx.load(str(path)).graph.node}
+    assert sorted(ops[n] for n in rows["tail of output"]["nodes"]) == ["Gemm", "Softmax"]
+    assert len(rows) == 3  # the conv and the linear layer alone, and the tail
+    assert {tuple(g["nodes"]) for g in groups} == {tuple(r["nodes"]) for r in rows.values()}
