@@ -1,0 +1,129 @@
+"""Ultralytics detectors as users register them (`mlflow.pytorch.log_model(YOLO(...).model, ...)`, pickle):
+`edgeslim init` recognises their decoded (N, 4+nc, A) output, and export -> PTQ -> evaluate -> gate run on
+them. Random weights (no downloads here) give meaningless mAP: the test holds the mechanics and the
+agreement of fp32 ONNX and torch, not accuracy."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+os.environ.setdefault("YOLO_OFFLINE", "1")
+NC = 3
+SIZE = 640
+
+
+def _images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Grey canvases with 1-3 filled rectangles each; labels (k, 5) [x1, y1, x2, y2, class] in pixels."""
+    rng = np.random.default_rng(seed)
+    x = np.full((n, 3, SIZE, SIZE), 0.45, np.float32)
+    y = np.empty(n, object)
+    for i in range(n):
+        boxes = []
+        for _ in range(int(rng.integers(1, 4))):
+            w, h = rng.integers(40, 240, 2)
+            x1, y1 = int(rng.integers(0, SIZE - w)), int(rng.integers(0, SIZE - h))
+            c = int(rng.integers(0, NC))
+            x[i, c, y1:y1 + h, x1:x1 + w] = 1.0
+            boxes.append([x1, y1, x1 + w, y1 + h, c])
+        y[i] = np.asarray(boxes, np.float32)
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def det_npz(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ultralytics") / "det.npz"
+    arrays = {}
+    for split, n, seed in (("train", 4, 0), ("val", 2, 1), ("test", 3, 2)):
+        arrays[f"x_{split}"], arrays[f"y_{split}"] = _images(n, seed)
+    np.savez(path, **arrays)
+    return path
+
+
+def _register(uri: str, cfg: str) -> str:
+    """A random-init Ultralytics DetectionModel registered as users do it; returns models:/NAME@champion."""
+    import mlflow
+    import torch
+    from ultralytics.nn.tasks import DetectionModel
+
+    from edgeslim.components.common.tracking import connect
+
+    torch.manual_seed(0)
+    model = DetectionModel(cfg, nc=NC, verbose=False).eval()
+    name = f"ul-{cfg.removesuffix('.yaml')}"
+    client = connect(uri)
+    mlflow.set_experiment("tests-ultralytics")
+    with mlflow.start_run():
+        info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
+                                        registered_model_name=name)
+    client.set_registered_model_alias(name, "champion", info.registered_model_version)
+    return f"models:/{name}@champion"
+
+
+@pytest.mark.parametrize("cfg", ["yolov8n.yaml", "yolo11n.yaml"])
+def test_an_ultralytics_detector_is_recognised_exported_quantized_and_gated(cfg, mlflow_server, det_npz, tmp_path):
+    import dataclasses
+
+    import onnx
+
+    from edgeslim.components.common.data import load_data
+    from edgeslim.components.common.decode import box_iou
+    from edgeslim.components.common.stage_configs import OnnxExportConfig, PTQQuantizeConfig
+    from edgeslim.components.export import export
+    from edgeslim.components.pull import pull
+    from edgeslim.components.quantize.ptq import check_qdq, quantize
+    from edgeslim.components.recipe import EvaluateConfig, load_recipe
+    from edgeslim.components.tasks.detection import (evaluate_detection, gate_detection, onnx_detections,
+                                                     torch_detections)
+
+    source = _register(mlflow_server.uri, cfg)
+    recipe_path = tmp_path / "recipe.yaml"
+    proc = run_cli("init", "--source", source, "--npz", str(det_npz), "--tracking-uri", mlflow_server.uri,
+                   "-o", str(recipe_path), env={"YOLO_OFFLINE": "1"})
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    recipe = load_recipe(recipe_path)
+    dec = recipe.task.decoder
+    assert recipe.task.kind == "detection" and recipe.task.num_classes == NC
+    assert (dec.format, dec.output, dec.strides, dec.heads) == ("yolo-decoded", "output", [8, 16, 32], [])
+    assert dec.scores == "sigmoid"  # Ultralytics applies the sigmoid in the graph
+
+    data = load_data("npz", {"path": str(det_npz)})
+    model = pull(source, tracking_uri=mlflow_server.uri, out_dir=tmp_path / "pulled").model
+    fp32 = export(model, OnnxExportConfig(check_samples=3), data=data, out_path=tmp_path / "fp32.onnx").model
+    outputs = onnx.load(str(fp32)).graph.output
+    assert [o.name for o in outputs] == ["output"]
+    dims = [d.dim_value or d.dim_param for d in outputs[0].type.tensor_type.shape.dim]
+    assert dims[1:] == [4 + NC, 8400] and isinstance(dims[0], str)  # dynamic batch
+
+    # Random-init scores sit near 0.003 (Ultralytics' class-bias prior): keep every candidate so that the
+    # decoder has boxes to agree on.
+    task = dataclasses.replace(recipe.task, decoder=dataclasses.replace(dec, min_score=0.0))
+    onnx_dets, _, _ = onnx_detections(fp32, data.x_test, task, keep_outputs=False)
+    torch_dets = torch_detections(model, data.x_test, task)
+    for a, b in zip(onnx_dets, torch_dets):
+        assert len(a) == len(b) == dec.max_detections
+        same = (box_iou(a[:, :4], b[:, :4]) > 0.99) & (a[:, 5:6] == b[:, 5][None, :])
+        assert same.any(axis=1).mean() >= 0.97
+        np.testing.assert_allclose(np.sort(a[:, 4]), np.sort(b[:, 4]), atol=1e-4)
+
+    ptq = PTQQuantizeConfig(calibrator="minmax", placement="weighted", num_samples=4)
+    int8 = quantize(fp32, ptq, data=data, out_dir=tmp_path / "int8").model
+    facts = check_qdq(int8)
+    assert facts["qdq_nodes"] > 0 and facts["per_channel_weights"] > 0 and facts["zero_points_all_zero"]
+
+    ev = evaluate_detection(int8, EvaluateConfig(latency_batches=[1], latency_warmup=1, latency_repeats=2),
+                            parent_onnx=fp32, data=data, task=task)
+    cand = ev.metrics["candidate"]
+    assert {"map50", "map50_95", "mean_tp_score"} <= set(cand["detection"])
+    assert 0.0 <= cand["fidelity"]["detection_agreement"] <= 1.0
+    verdict = gate_detection(ev.metrics, task.gate)
+    (loc,) = [c for c in verdict["checks"] if c["name"] == "map50_95_drop"]
+    assert loc["threshold"] == 2.0
+    drop = ev.metrics["source"]["detection"]["map50_95"] - cand["detection"]["map50_95"]
+    assert loc["passed"] == (drop <= 2.0 + 1e-9)
+    assert verdict["summary"].startswith(("passed", "failed", "box precision", "confidences"))
