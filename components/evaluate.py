@@ -52,6 +52,22 @@ def measure(onnx_path: str | Path, data: Splits, config: EvaluateConfig) -> dict
     }
 
 
+# Above this many classes the confusion matrix is left out of the evaluation (and of KFP's
+# ClassificationMetrics): it would outweigh everything else and no UI shows it readably.
+MAX_CONFUSION_CLASSES = 100
+
+
+def confusion_matrix(logits: np.ndarray, labels: np.ndarray) -> list[list[int]] | None:
+    """Rows: true class, columns: predicted class (top-1), over the test split; None past
+    :data:`MAX_CONFUSION_CLASSES` classes."""
+    k = int(logits.shape[1]) if logits.ndim == 2 else 0
+    if not 0 < k <= MAX_CONFUSION_CLASSES:
+        return None
+    m = np.zeros((k, k), np.int64)
+    np.add.at(m, (np.asarray(labels, np.int64), logits.argmax(1)), 1)
+    return m.tolist()
+
+
 def evaluate(candidate_onnx: str | Path, config: EvaluateConfig, *, parent_onnx: str | Path,
              data: Splits, student_onnx: str | Path | None = None) -> StageResult:
     """Evaluate the candidate and its parent side by side on the test split.
@@ -91,6 +107,10 @@ def evaluate(candidate_onnx: str | Path, config: EvaluateConfig, *, parent_onnx:
             "cpu_int8_kernel_metric": round(cpu_kernel_metric, 4),
         },
     }
+    for section, measured in (("source", parent), ("candidate", cand)):
+        cm = confusion_matrix(measured["outputs"], data.y_test)
+        if cm is not None:
+            metrics[section]["confusion_matrix"] = cm
     metrics["candidate"]["size_ratio"] = round(parent["size_bytes"] / cand["size_bytes"], 3)
     return StageResult(model=Path(candidate_onnx), metrics=metrics, seconds=time.perf_counter() - t0)
 

@@ -12,7 +12,7 @@ from types import SimpleNamespace  # noqa: I001  (no __future__ annotations: KFP
 from typing import List
 
 from kfp import dsl
-from kfp.dsl import Artifact, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import Artifact, ClassificationMetrics, Input, Markdown, Metrics, Model, Output
 
 # Built from deploy/images/: Containerfile (CPU), Containerfile.tensorrt (TensorRT 10.3 on NVIDIA's
 # nvcr.io/nvidia/tensorrt:24.08-py3), and Containerfile with a CUDA torch (GPU training).
@@ -200,12 +200,14 @@ def quantize_op(recipe_json: str, tracking_uri: str, onnx_model: Input[Model], s
 
 
 def evaluate_op(recipe_json: str, qdq_model: Input[Model], parent_onnx: Input[Model],
-                student_onnx: Input[Model], evaluation: Output[Artifact], metrics: Output[Metrics]):
+                student_onnx: Input[Model], evaluation: Output[Artifact], metrics: Output[Metrics],
+                confusion: Output[ClassificationMetrics]):
     """Evaluate the candidate beside its parent on the test split (ONNX Runtime, CPU).
 
     ``evaluation`` also holds ``figures`` (the int8 output error against its fp32 model and a
     detector's precision-recall curves, for the report's charts); ``metrics`` (KFP) the task metric,
-    agreement, SQNR, size and latency of both.
+    agreement, SQNR, size and latency of both; ``confusion`` (KFP) a classifier candidate's confusion
+    matrix on the test split (up to 100 classes; the KFP UI draws it).
     """
     import json
     import math
@@ -249,6 +251,9 @@ def evaluate_op(recipe_json: str, qdq_model: Input[Model], parent_onnx: Input[Mo
         for k in ("map50_95", "mean_tp_score", "recall", "precision"):
             log(f"{who}_{k}", (sec.get("detection") or {}).get(k))
     log("cpu_int8_kernel_metric", cand.get("cpu_int8_kernel_metric"))
+    if cand.get("confusion_matrix"):
+        cm = cand["confusion_matrix"]
+        confusion.log_confusion_matrix([str(i) for i in range(len(cm))], cm)
 
 
 def gate_op(recipe_json: str, evaluation: Input[Artifact], verdict: Output[Artifact],

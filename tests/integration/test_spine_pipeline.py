@@ -279,6 +279,13 @@ def test_each_kfp_task_writes_its_metrics_and_the_gate_its_verdict_as_markdown(f
     assert ev["sqnr_db"] == pytest.approx(rep["candidate"]["fidelity"]["sqnr_db"])
     assert ev["candidate_size_bytes"] == rep["candidate"]["size_bytes"] and ev["size_ratio"] > 1
     assert {"source_latency_ms_batch_1", "candidate_latency_ms_batch_32"} <= set(ev)
+    # the candidate's confusion matrix as KFP ClassificationMetrics: true class by row, its top-1 agrees
+    cm = _kfp_metrics(wd, "evaluate-op", "confusion")["confusionMatrix"]
+    assert [c["displayName"] for c in cm["annotationSpecs"]] == [str(i) for i in range(10)]
+    rows = [r["row"] for r in cm["rows"]]
+    total = sum(map(sum, rows))
+    assert total == rep["test_samples"]
+    assert 100.0 * sum(rows[i][i] for i in range(10)) / total == pytest.approx(rep["candidate"]["metric"], abs=1e-3)
     q = _kfp_metrics(wd, "quantize-op")
     assert q["trials"] == 0 and q["size_bytes"] == rep["candidate"]["size_bytes"] and q["calibration_samples"] == 256
     assert _kfp_metrics(wd, "transform-op") == {"stages": 0}
