@@ -5,8 +5,9 @@ Where things come from (never from the command line for secrets):
 - the store: ``--store`` or ``$EDGESLIM_FLEET_STORE`` (``s3://bucket/prefix`` or a
   directory; default ``~/.edgeslim/fleet-store``), ``--endpoint-url`` or
   ``$EDGESLIM_S3_ENDPOINT_URL`` for S3-compatible servers;
-- S3 credentials: boto3's chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
-  ``AWS_PROFILE``, instance role);
+- S3 credentials: boto3's chain when boto3 is installed (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
+  ``AWS_PROFILE``, instance role, web identity, SSO); without it, edgeslim's own S3 client reads the
+  environment and the shared credentials file (``$EDGESLIM_S3_CLIENT=light|boto3`` forces one);
 - the fleet (director) key: ``--signing-key`` or ``$EDGESLIM_FLEET_SIGNING_KEY`` (a PEM path);
 - the fleet's root document: ``--root`` or ``$EDGESLIM_FLEET_ROOT`` (``root.json`` from
   ``edgeslim fleet root-init``; newer versions in the store are followed);
@@ -141,7 +142,7 @@ def _cmd(args: argparse.Namespace) -> int:
     from edgeslim.deploy.controller import WaveRolloutConfig, fleet_summary
 
     # botocore logs request headers (Authorization carries the access key id) at DEBUG:
-    # keep them out of the log even with --debug.
+    # keep them out of the log even with --debug (the light S3 client logs no headers).
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -63,8 +63,7 @@ class ClientError(Exception):
 
     def __init__(self, operation: str, status: int, code: str, message: str, headers: dict[str, str]):
         super().__init__(f"{operation}: {code} ({status}) {message}".strip())
-        self.response = {"Error": {"Code": code, "Message": message},
-                         "ResponseMetadata": {"HTTPStatusCode": status, "HTTPHeaders": headers}}
+        self.response = {"Error": {"Code": code, "Message": message}, **_meta(status, headers)}
 
 
 class S3TransportError(Exception):
@@ -245,6 +244,15 @@ def _error_code(body: bytes, status: int) -> tuple[str, str]:
     return code or str(status), message or http.client.responses.get(status, "")
 
 
+def _present(headers: dict[str, str | None]) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if v}
+
+
+def _meta(status: int, headers: dict[str, str]) -> dict[str, Any]:
+    """boto3's ``ResponseMetadata`` (header names lower-case)."""
+    return {"ResponseMetadata": {"HTTPStatusCode": status, "HTTPHeaders": headers}}
+
+
 def _http_date(value: str | None) -> dt.datetime | None:
     try:
         return parsedate_to_datetime(value) if value else None
@@ -284,11 +292,7 @@ class S3Client:
     # -- the calls ---------------------------------------------------------------------------------
     def get_object(self, *, Bucket: str, Key: str, IfNoneMatch: str | None = None,
                    Range: str | None = None) -> dict[str, Any]:
-        headers = {}
-        if IfNoneMatch:
-            headers["if-none-match"] = IfNoneMatch
-        if Range:
-            headers["range"] = Range
+        headers = _present({"if-none-match": IfNoneMatch, "range": Range})
         conn, resp, hdrs = self._request("GetObject", "GET", Bucket, Key, headers=headers)
         out = self._object_meta(resp.status, hdrs)
         out["Body"] = StreamingBody(self._pool, conn, resp)
@@ -301,19 +305,15 @@ class S3Client:
 
     def put_object(self, *, Bucket: str, Key: str, Body: bytes, IfNoneMatch: str | None = None,
                    IfMatch: str | None = None) -> dict[str, Any]:
-        headers = {}
-        if IfNoneMatch:
-            headers["if-none-match"] = IfNoneMatch
-        if IfMatch:
-            headers["if-match"] = IfMatch
+        headers = _present({"if-none-match": IfNoneMatch, "if-match": IfMatch})
         conn, resp, hdrs = self._request("PutObject", "PUT", Bucket, Key, headers=headers, body=bytes(Body))
         self._finish(conn, resp)
-        return {"ETag": hdrs.get("etag"), "ResponseMetadata": {"HTTPStatusCode": resp.status, "HTTPHeaders": hdrs}}
+        return {"ETag": hdrs.get("etag"), **_meta(resp.status, hdrs)}
 
     def delete_object(self, *, Bucket: str, Key: str) -> dict[str, Any]:
         conn, resp, hdrs = self._request("DeleteObject", "DELETE", Bucket, Key)
         self._finish(conn, resp)
-        return {"ResponseMetadata": {"HTTPStatusCode": resp.status, "HTTPHeaders": hdrs}}
+        return _meta(resp.status, hdrs)
 
     def list_objects_v2(self, *, Bucket: str, Prefix: str = "", ContinuationToken: str | None = None,
                         MaxKeys: int | None = None) -> dict[str, Any]:
@@ -342,7 +342,7 @@ class S3Client:
                              "ETag": c.findtext(f"{ns}ETag"), "LastModified": when})
         out: dict[str, Any] = {"Contents": contents, "KeyCount": len(contents),
                                "IsTruncated": (root.findtext(f"{ns}IsTruncated") or "").lower() == "true",
-                               "ResponseMetadata": {"HTTPStatusCode": resp.status, "HTTPHeaders": hdrs}}
+                               **_meta(resp.status, hdrs)}
         token = root.findtext(f"{ns}NextContinuationToken")
         if token:
             out["NextContinuationToken"] = token
@@ -351,7 +351,7 @@ class S3Client:
     def head_bucket(self, *, Bucket: str) -> dict[str, Any]:
         conn, resp, hdrs = self._request("HeadBucket", "HEAD", Bucket, None)
         self._finish(conn, resp)
-        return {"ResponseMetadata": {"HTTPStatusCode": resp.status, "HTTPHeaders": hdrs}}
+        return _meta(resp.status, hdrs)
 
     def create_bucket(self, *, Bucket: str) -> dict[str, Any]:
         body = b""
@@ -360,15 +360,14 @@ class S3Client:
                     f"<LocationConstraint>{self.region}</LocationConstraint></CreateBucketConfiguration>").encode()
         conn, resp, hdrs = self._request("CreateBucket", "PUT", Bucket, None, body=body)
         self._finish(conn, resp)
-        return {"ResponseMetadata": {"HTTPStatusCode": resp.status, "HTTPHeaders": hdrs}}
+        return _meta(resp.status, hdrs)
 
     # -- the plumbing ------------------------------------------------------------------------------
     @staticmethod
     def _object_meta(status: int, hdrs: dict[str, str]) -> dict[str, Any]:
         length = hdrs.get("content-length")
         return {"ETag": hdrs.get("etag"), "ContentLength": int(length) if length is not None else None,
-                "LastModified": _http_date(hdrs.get("last-modified")),
-                "ResponseMetadata": {"HTTPStatusCode": status, "HTTPHeaders": hdrs}}
+                "LastModified": _http_date(hdrs.get("last-modified")), **_meta(status, hdrs)}
 
     def _finish(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse, cap: int | None = None) -> bytes:
         """Read the (small) rest of a response and give the connection back, or close it."""

@@ -790,7 +790,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO), stream=sys.stderr,
                         format=f"%(asctime)s edgeslim-agent[{args.device_id}] %(levelname)s %(message)s")
-    # botocore logs request headers (signatures) at DEBUG: never let that reach our log.
+    # botocore logs request headers (signatures) at DEBUG: never let that reach our log. (Without boto3 the
+    # store uses edgeslim's own S3 client, which logs no headers; quieting absent loggers costs nothing.)
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
@@ -798,8 +799,11 @@ def main(argv: list[str] | None = None) -> int:
             if not getattr(args, name):
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} is required (or set {ENV_PREFIX}{name.upper()})")
+        store = open_store(args.store, endpoint_url=args.endpoint_url, timeout_s=5.0)
+        if getattr(store, "client", None):
+            log.info("S3 through %s", "boto3" if store.client == "boto3" else "edgeslim's own S3 client")
         agent = Agent(
-            store=open_store(args.store, endpoint_url=args.endpoint_url, timeout_s=5.0),
+            store=store,
             fleet=args.fleet, device_id=args.device_id, device_class=args.device_class,
             state_dir=args.state_dir, root=trust.load_root(args.root)[0],
             poll_interval=args.poll_interval, heartbeat_interval=args.heartbeat_interval,
