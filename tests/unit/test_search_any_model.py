@@ -122,3 +122,45 @@ def test_a_classifiers_softmax_tail_is_measured_beside_its_layers(tmp_path):
     assert sorted(ops[n] for n in rows["tail of output"]["nodes"]) == ["Gemm", "Softmax"]
     assert len(rows) == 3  # the conv and the linear layer alone, and the tail
     assert {tuple(g["nodes"]) for g in groups} == {tuple(r["nodes"]) for r in rows.values()}
+
+
+def _entropy_bin_loop(hist: np.ndarray) -> int:
+    """The entropy calibrator's threshold search as it was, one candidate at a time (the reference)."""
+    n, levels = len(hist), 128
+    if n <= levels:
+        return n
+    hist = hist.astype(np.float64)
+    best_i, best_kl = n, np.inf
+    for i in range(levels, n + 1, max(1, (n - levels) // 256)):
+        ref = hist[:i].copy()
+        ref[i - 1] += hist[i:].sum()
+        nonzero = hist[:i] != 0
+        q = np.zeros(i, dtype=np.float64)
+        for idx in np.array_split(np.arange(i), levels):
+            cnt = nonzero[idx].sum()
+            if cnt:
+                q[idx[nonzero[idx]]] = hist[idx].sum() / cnt
+        p = ref / ref.sum()
+        if q.sum() == 0:
+            continue
+        q = q / q.sum()
+        mask = p > 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kl = float(np.sum(p[mask] * np.log(p[mask] / np.where(q[mask] > 0, q[mask], 1e-12))))
+        if kl < best_kl:
+            best_kl, best_i = kl, i
+    return best_i
+
+
+def test_the_entropy_threshold_search_gives_the_same_amax_as_the_loop_it_replaced():
+    from edgeslim.components.quantize import calibrate
+
+    rng = np.random.default_rng(0)
+    samples = [rng.normal(0, 1, 100_000), rng.standard_cauchy(50_000), rng.exponential(2.0, 30_000),
+               np.concatenate([rng.normal(0, 1, 50_000), [60.0]]),  # a rare outlier
+               rng.normal(0, 1, 300) * (rng.random(300) < 0.3)]  # few samples: many empty bins
+    for x in samples:
+        for bins in (2048, 1000, 300):
+            amax, hist = calibrate.collect(lambda b: [b], ["t"], [x.astype(np.float32)], bins)["t"]
+            expected = float(np.linspace(0.0, amax, bins + 1)[_entropy_bin_loop(hist)])
+            assert calibrate.choose_amax(amax, hist, "entropy") == expected
