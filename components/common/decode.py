@@ -214,6 +214,11 @@ def infer_decoder(output_names: Sequence[str], shapes: Sequence[Sequence[int]], 
         fits = given and sum(-(-h // s) * -(-w // s) for s in given) == anchors
         return {"format": "yolo-decoded", "num_classes": shapes[0][1] - 4, "output": output_names[0],
                 "strides": given if fits else yolo_strides(anchors, input_hw)}
+    if len(shapes) == 1 and len(shapes[0]) == 3 and shapes[0][1] > 4:
+        raise ConfigError(
+            f"output {output_names[0]} {shapes[0]} looks like a decoded YOLO output with {shapes[0][1] - 4} "
+            f"classes, but the labels have {num_classes} (classes 0..{num_classes - 1}); check the labels' "
+            "class numbers, or set task.decode_fn")
     channels = {s[1] for s in shapes if len(s) == 4}
     if len(shapes) > 1 and len(channels) == 1 and all(len(s) == 4 for s in shapes):
         (c,) = channels

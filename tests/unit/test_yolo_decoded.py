@@ -79,6 +79,8 @@ def test_init_refuses_raw_dfl_maps_and_unknown_outputs_in_one_line():
         infer_decoder(["output_0", "output_1", "output_2"], maps, (640, 640), 3)
     with pytest.raises(ConfigError, match="task.decode_fn"):
         infer_decoder(["output"], [[2, 10]], (64, 64), 3)
+    with pytest.raises(ConfigError, match=r"decoded YOLO output with 3 classes, but the labels have 5"):
+        infer_decoder(["output"], [[2, 7, 8400]], (640, 640), 5)
 
 
 class _DecodedWithExtras(torch.nn.Module):
