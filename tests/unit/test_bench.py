@@ -1,4 +1,5 @@
-"""``edgeslim bench``: every row, with its ratios, on both workloads (quick settings, not the targets)."""
+"""``edgeslim bench``: one harness; every row, with its ratios, on the classifier workloads (quick settings,
+not the targets), and on a workload defined in the test."""
 
 import json
 
@@ -22,6 +23,7 @@ def test_bench_rows_and_ratios(workload, tmp_path, capsys):
     for r in res["rows"]:
         assert r["latency_ms_b1"] > 0 and r["latency_ms_b32"] > 0 and r["size_bytes"] > 0
         assert r["size_ratio"] == round(teacher["size_bytes"] / r["size_bytes"], 2)
+        assert r["peak_rss_mb"] > 0
     ours, full = rows["edgeslim PTQ (teacher)"], rows["full recipe: distill + prune + int8"]
     assert ours["int8"] and ours["size_ratio"] > 2.5  # scales and zero points cost more on tiny nets and ours["macs"] == teacher["macs"]
     assert full["macs"] < teacher["macs"] and full["size_ratio"] > ours["size_ratio"]
@@ -41,3 +43,51 @@ def test_the_fleet_benchmark_finds_the_rgw_script_it_starts():
     from edgeslim.pipelines import bench_fleet
 
     assert bench_fleet.REPO_S3.is_file() and bench_fleet.REPO_S3.name == "rgw.sh"
+
+
+def test_one_harness_measures_any_workload_and_keeps_a_failed_row(tmp_path):
+    """A workload defined here, outside the package: the harness adds size, MACs, latency, peak RSS,
+    drops and ratios against the first row, and keeps a row that could not be built, with its reason."""
+    import numpy as np
+    import torch
+
+    from edgeslim.components.common.data import Splits
+    from edgeslim.components.common.stage_configs import OnnxExportConfig
+    from edgeslim.components.export import export
+    from edgeslim.pipelines.bench_harness import Column, RowSpec, Workload, format_rows, run_workload
+
+    class Widths(Workload):
+        name = "widths"
+        columns = (Column("mean_abs", "mean |y|", 8, ".3f"),)
+        drops = {"mean_abs_drop": ("mean_abs", 3)}
+
+        def prepare(self, ctx):
+            x = np.random.default_rng(0).normal(size=(64, 6)).astype(np.float32)
+            y = np.zeros(64, np.int64)
+            ctx.data = Splits(x, y, x, y, x, y)
+
+        def rows(self, ctx):
+            for width in (32, 8):
+                torch.manual_seed(0)
+                net = torch.nn.Sequential(torch.nn.Linear(6, width), torch.nn.ReLU(), torch.nn.Linear(width, 3))
+                path = export(net.eval(), OnnxExportConfig(), data=ctx.data, out_path=ctx.workdir / f"w{width}.onnx")
+                yield RowSpec(f"width {width}", path.model, macs=6 * width + width * 3)
+            yield RowSpec("width 0", None, failed="a layer cannot be empty")
+
+        def accuracy(self, ctx, spec, reference):
+            from edgeslim.components.common.onnx_runtime import make_session, run_batched
+
+            out = run_batched(make_session(spec.path), ctx.data.x_test)
+            return {"mean_abs": float(np.abs(out).mean())}, out
+
+    wl = Widths()
+    res = run_workload(wl, workdir=tmp_path, repeats=3, log=lambda m: None)
+    wide, narrow, failed = res["rows"]
+    assert wide["size_ratio"] == 1.0 and wide["macs_ratio"] == 1.0 and wide["mean_abs_drop"] == 0.0
+    assert narrow["macs_ratio"] == 4.0 and narrow["size_ratio"] > 1.0
+    assert narrow["mean_abs_drop"] == round(wide["mean_abs"] - narrow["mean_abs"], 3)
+    assert narrow["latency_b32_ratio"] == round(wide["latency_ms_b32"] / narrow["latency_ms_b32"], 2)
+    assert failed == {"row": "width 0", "failed": "a layer cannot be empty"}
+    assert 0 < wide["peak_rss_mb"] <= narrow["peak_rss_mb"] <= res["peak_rss_mb"]
+    table = format_rows(res, wl)
+    assert "mean |y|" in table and "width 0" in table and "FAILED: a layer cannot be empty" in table
