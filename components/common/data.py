@@ -63,9 +63,12 @@ class Splits:
     def calibration(self, n: int, seed: int = 0) -> np.ndarray:
         """``n`` samples from the train split (all of it when ``n`` is larger), drawn with ``seed``.
         Only the drawn rows are read: a lazy split decodes ``n`` images, whatever its size."""
+        return self.x_train[self.calibration_rows(n, seed)]
+
+    def calibration_rows(self, n: int, seed: int = 0) -> np.ndarray:
+        """The train rows :meth:`calibration` draws, in order (to read them a batch at a time)."""
         n = min(n, len(self.x_train))
-        idx = np.random.default_rng(seed).choice(len(self.x_train), size=n, replace=False)
-        return self.x_train[np.sort(idx)]
+        return np.sort(np.random.default_rng(seed).choice(len(self.x_train), size=n, replace=False))
 
     def digest(self) -> str:
         h = hashlib.sha256()

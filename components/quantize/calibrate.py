@@ -26,7 +26,7 @@ def collect(session_run, tensor_names: list[str], batches, num_bins: int) -> dic
     Args:
         session_run: ``f(batch) -> list[np.ndarray]`` giving the named tensors in order.
         tensor_names: names of the tensors ``session_run`` returns.
-        batches: a re-iterable sequence of input batches.
+        batches: a re-iterable of input batches (read once per pass, so they need not be held).
         num_bins: histogram bins.
 
     Returns:
@@ -35,8 +35,8 @@ def collect(session_run, tensor_names: list[str], batches, num_bins: int) -> dic
     amax = {n: 0.0 for n in tensor_names}
     for b in batches:
         for n, v in zip(tensor_names, session_run(b)):
-            if v.size:
-                amax[n] = max(amax[n], float(np.max(np.abs(v))))
+            if v.size:  # max |x| without a copy of the tensor
+                amax[n] = max(amax[n], float(v.max()), -float(v.min()))
     hists = {n: np.zeros(num_bins, dtype=np.float64) for n in tensor_names}
     for b in batches:
         for n, v in zip(tensor_names, session_run(b)):

@@ -29,6 +29,9 @@ from edgeslim.components.export import INPUT_NAME
 
 log = logging.getLogger(__name__)
 CALIB_BATCH = 64
+# Bytes of intermediate tensors one calibration batch may hold (every float tensor is a probe output):
+# a YOLOv8n at 640x640 has ~230 MB of them per image, so 64 images at once would need ~15 GB.
+CALIB_MEMORY = 1 << 30
 # placement "weighted": Q/DQ only on the inputs of these (TensorRT's recommended placement)
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -74,15 +77,30 @@ def calibrate_ranges(model_path: Path, config: PTQQuantizeConfig, data: Splits) 
     with session_with_outputs(model, names) as sess:
         out_names = [o.name for o in sess.get_outputs()]
         pick = [out_names.index(n) for n in names]
-        calib = data.calibration(config.num_samples, config.seed)
-        batches = [calib[i:i + CALIB_BATCH] for i in range(0, len(calib), CALIB_BATCH)]
 
         def run(batch):
             outs = sess.run(None, {INPUT_NAME: batch})
             return [outs[i] for i in pick]
 
+        rows = data.calibration_rows(config.num_samples, config.seed)
+        per_image = sum(o.nbytes for o in run(np.ascontiguousarray(data.x_train[rows[:1]])))
+        size = int(min(CALIB_BATCH, max(1, CALIB_MEMORY // max(per_image, 1))))
+        # Read a batch at a time, on each of collect's two passes: neither the calibration images nor
+        # more than one batch of intermediate tensors are held (the ranges do not depend on the batching).
+        batches = _Rows(data.x_train, rows, size)
         stats = calibrate.collect(run, names, batches, config.num_bins)
     return {n: calibrate.choose_amax(a, h, config.calibrator, config.percentile) for n, (a, h) in stats.items()}
+
+
+class _Rows:
+    """``x[rows]`` in batches of ``size``, read again on every iteration."""
+
+    def __init__(self, x, rows: np.ndarray, size: int):
+        self.x, self.rows, self.size = x, rows, size
+
+    def __iter__(self):
+        for i in range(0, len(self.rows), self.size):
+            yield np.ascontiguousarray(self.x[self.rows[i:i + self.size]])
 
 
 def unquantized_outputs(path: str | Path) -> list[str]:

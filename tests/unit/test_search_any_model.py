@@ -164,3 +164,26 @@ def test_the_entropy_threshold_search_gives_the_same_amax_as_the_loop_it_replace
             amax, hist = calibrate.collect(lambda b: [b], ["t"], [x.astype(np.float32)], bins)["t"]
             expected = float(np.linspace(0.0, amax, bins + 1)[_entropy_bin_loop(hist)])
             assert calibrate.choose_amax(amax, hist, "entropy") == expected
+
+
+def test_calibration_reads_a_batch_at_a_time_and_its_ranges_do_not_depend_on_the_batch(tmp_path, monkeypatch):
+    from edgeslim.components.common.data import Splits
+    from edgeslim.components.common.stage_configs import PTQQuantizeConfig
+    from edgeslim.components.quantize import ptq
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 3)).eval()
+    path = tmp_path / "net.onnx"
+    torch.onnx.export(model, torch.rand(1, 1, 8, 8), str(path), input_names=["input"], output_names=["output"],
+                      dynamic_axes={"input": {0: "n"}, "output": {0: "n"}}, opset_version=17, dynamo=False)
+    x = np.random.default_rng(0).random((20, 1, 8, 8), dtype=np.float32)
+    y = np.zeros(20, dtype=np.int64)
+    data = Splits(x[:12], y[:12], x[12:16], y[12:16], x[16:], y[16:])
+    cfg = PTQQuantizeConfig(calibrator="entropy", num_samples=10)
+    whole = ptq.calibrate_onnx(path, cfg, data)
+    monkeypatch.setattr(ptq, "CALIB_MEMORY", 1)  # a memory budget of one image per batch
+    assert ptq.calibrate_onnx(path, cfg, data) == whole
+    assert len(list(ptq._Rows(data.x_train, data.calibration_rows(10), 3))) == 4  # 10 rows, 3 at a time
+    assert np.array_equal(np.concatenate(list(ptq._Rows(data.x_train, data.calibration_rows(10), 3))),
+                          data.calibration(10))
