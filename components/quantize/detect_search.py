@@ -9,7 +9,7 @@ the nodes that produce it -- decode, DFL, concat, sigmoid -- back to and includi
 last weighted layers, found from the graph, whatever the model) by what quantizing only
 that group costs, and keeps the worst ones in float, one more per trial. When there are
 fewer tails than ``max_float_layers`` (one decoded output), every other conv/linear
-layer is measured alone too and ranked with them.
+layer is measured alone too, by its output SQNR on a few val images, and ranked after them.
 
 Trials are judged, and head groups ranked, on the validation split (choosing is
 part of training; the pipeline's evaluate task then judges the winner on the
@@ -28,6 +28,7 @@ from edgeslim.components.quantize.search import Strategy, search
 
 # A judged row's figures in the fallback's ranking table: mAP@0.5, score calibration, recall, output SQNR vs fp32.
 _RANKED = ("map50", "mean_tp_score", "recall", "sqnr_db")
+_LAYER_SAMPLES = 64  # val images a single layer's output SQNR is measured on
 
 
 def head_groups(onnx_path: str | Path) -> list[dict[str, Any]]:
@@ -108,24 +109,39 @@ class DetectorStrategy(Strategy):
         from edgeslim.components.quantize.sensitivity import output_tails, preprocessed, quantizable_layers
 
         pre = preprocessed(fp32_onnx, out_dir / "pre.onnx")
-        self.table = []
         all_nodes = [n.name for n in onnx.load(str(pre)).graph.node if n.name]
-        groups = output_tails(pre)
-        if config.max_float_layers > len(groups):  # too few tails to fill the fallback: single layers too
-            in_tails = {n for g in groups for n in g["nodes"]} | set(pinned)
-            groups += [{"output": lay["layer"], "nodes": [lay["node"]], "layers": [lay["node"]]}
-                       for lay in quantizable_layers(pre) if lay["node"] not in in_tails]
-        for i, grp in enumerate(groups):
+        tails, layers = output_tails(pre), []
+        if config.max_float_layers > len(tails):  # too few tails to fill the fallback: single layers too
+            in_tails = {n for g in tails for n in g["nodes"]} | set(pinned)
+            layers = [{"output": lay["layer"], "nodes": [lay["node"]], "layers": [lay["node"]]}
+                      for lay in quantizable_layers(pre) if lay["node"] not in in_tails]
+        rows: list[dict[str, Any]] = []
+        for i, grp in enumerate(tails + layers):
             others = [n for n in all_nodes if n not in grp["nodes"]]
             # The fp32 graph (not ``pre``): the graph ``ranges`` were calibrated on; node names are the same.
             res = quantize(fp32_onnx, dataclasses.replace(config.ptq(calibrator), float_layers=others), data=data,
                            out_dir=out_dir / "heads" / f"group{i}", ranges=ranges)
-            r = self.judge(res.model, data)
-            self.table.append({**grp, **{k: r[k] for k in _RANKED},
-                               "damage": round(self.damage(r), 4)})
-        self.table.sort(key=lambda r: (-r["damage"], r["sqnr_db"]))
-        ranked = [r for r in self.table if r["damage"] > 0.0] or self.table
-        return [{"label": r["output"], "nodes": r["nodes"]} for r in ranked]
+            if i < len(tails):
+                r = self.judge(res.model, data)
+                rows.append({**grp, **{k: r[k] for k in _RANKED}, "damage": round(self.damage(r), 4)})
+            else:  # a single layer: output SQNR on a few val images (one PTQ + judging per layer would cost minutes)
+                rows.append({**grp, "sqnr_db": self.output_sqnr(res.model, data.x_val[:_LAYER_SAMPLES]),
+                             "damage": None})
+        heads = sorted(rows[:len(tails)], key=lambda r: (-r["damage"], r["sqnr_db"]))
+        ranked = [r for r in heads if r["damage"] > 0.0] or heads
+        self.table = heads + sorted(rows[len(tails):], key=lambda r: r["sqnr_db"])
+        return [{"label": r["output"], "nodes": r["nodes"]} for r in ranked + self.table[len(heads):]]
+
+    def output_sqnr(self, candidate: str | Path, x) -> float:
+        """SQNR (dB) of ``candidate``'s raw outputs against the fp32 detector's on ``x``."""
+        import numpy as np
+
+        from edgeslim.components.common.onnx_runtime import SqnrAccumulator, make_session, run_outputs
+
+        acc, x = SqnrAccumulator(), np.ascontiguousarray(x)
+        for ref, got in zip(run_outputs(make_session(self.fp32_onnx), x)[1], run_outputs(make_session(candidate), x)[1]):
+            acc.add(ref, got)
+        return round(acc.db(), 3)
 
     def qat(self, fp32_onnx, config, *, data, out_dir, calibrator, float_layers):
         if self.model is None:

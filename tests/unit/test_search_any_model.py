@@ -95,6 +95,53 @@ def test_yolov8n_output_tail_is_its_head_and_keeping_it_float_beats_all_int8(yol
     assert fallback["sqnr_db"] > ptq["sqnr_db"] and fallback["map50"] > ptq["map50"]
 
 
+class _OneOutputDetector(torch.nn.Module):
+    """Two feature convs and a (box, class) conv pair whose maps are flattened, joined and put out as one
+    decoded (N, 4+nc, A) tensor: a single output, nothing like the reference detector's map pairs."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2, 1), torch.nn.ReLU(),
+                                            torch.nn.Conv2d(8, 8, 3, 1, 1), torch.nn.ReLU())
+        self.box, self.cls = torch.nn.Conv2d(8, 4, 1), torch.nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        f = self.features(x)
+        return torch.cat([self.box(f).flatten(2).exp() * 8, self.cls(f).flatten(2).sigmoid()], 1)
+
+
+def test_with_fewer_tails_than_the_fallback_may_keep_single_layers_are_ranked_after_the_tail(tmp_path):
+    from edgeslim.components.common.data import Splits
+    from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig
+    from edgeslim.components.common.task_config import DetectionTaskConfig
+    from edgeslim.components.quantize.detect_search import DetectorStrategy
+    from edgeslim.components.quantize.ptq import calibrate_onnx
+    from edgeslim.components.quantize.sensitivity import output_tails, preprocessed, quantizable_layers
+
+    torch.manual_seed(0)
+    path = tmp_path / "det.onnx"
+    torch.onnx.export(_OneOutputDetector().eval(), torch.rand(1, 3, 32, 32), str(path), input_names=["input"],
+                      output_names=["output"], dynamic_axes={"input": {0: "n"}, "output": {0: "n"}},
+                      opset_version=17, dynamo=False)
+    x = np.random.default_rng(0).random((10, 3, 32, 32), dtype=np.float32)
+    y = np.empty(10, dtype=object)
+    y[:] = [np.array([[4.0, 4.0, 20.0, 20.0, 1.0]], np.float32)] * 10
+    data = Splits(x[:4], y[:4], x[4:7], y[4:7], x[7:], y[7:])
+    strategy = DetectorStrategy(path, DetectionTaskConfig(num_classes=3, decode_fn="test_search_any_model:decode_yolo"))
+    strategy.reference(data)
+    cfg = AccuracyAwareQuantizeConfig(calibrators=["minmax"], num_samples=4, max_float_layers=3, qat=False)
+    groups = strategy.rank(path, cfg, calibrator="minmax", ranges=calibrate_onnx(path, cfg.ptq("minmax"), data),
+                           data=data, out_dir=tmp_path, pinned=[])
+    pre = preprocessed(path, tmp_path / "p.onnx")
+    (tail,) = output_tails(pre)
+    assert len(tail["layers"]) == 2  # the box and class convs
+    feature_convs = [lay["node"] for lay in quantizable_layers(pre) if lay["node"] not in tail["nodes"]]
+    assert groups[0]["nodes"] == tail["nodes"] and len(groups) == 3
+    assert sorted(g["nodes"][0] for g in groups[1:]) == sorted(feature_convs)
+    singles = strategy.table[1:]
+    assert [r["sqnr_db"] for r in singles] == sorted(r["sqnr_db"] for r in singles)  # the most damaged first
+
+
 def test_a_classifiers_softmax_tail_is_measured_beside_its_layers(tmp_path):
     import onnx
 
