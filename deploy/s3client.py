@@ -190,10 +190,15 @@ class _Pool:
 
 
 class StreamingBody:
-    """An object's body, read as it arrives; the connection goes back to the pool once it is all read."""
+    """An object's body, read as it arrives; the connection goes back to the pool once it is all read.
+
+    A body that ends before its ``Content-Length`` raises :class:`ConnectionClosedError` (http.client
+    would hand back the short read as if it were the end, as botocore does not).
+    """
 
     def __init__(self, pool: _Pool, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
         self._pool, self._conn, self._resp = pool, conn, resp
+        self._expected, self._got = resp.length, 0  # None when chunked: http.client checks those itself
 
     def read(self, amt: int | None = None) -> bytes:
         if self._conn is None:
@@ -203,7 +208,11 @@ class StreamingBody:
         except BaseException:
             self.close()
             raise
+        self._got += len(data)
         if self._resp.isclosed():
+            if self._expected is not None and self._got < self._expected:
+                self.close()
+                raise ConnectionClosedError(f"the body broke off after {self._got} of {self._expected} bytes")
             self._release()
         return data
 

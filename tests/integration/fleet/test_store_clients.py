@@ -191,3 +191,26 @@ def test_light_client_imports_only_the_standard_library_and_edgeslim_errors():
     outside = sorted(m for m in imported if m.split(".")[0] not in sys.stdlib_module_names
                      and m not in ("__future__", "edgeslim.components.common.errors"))
     assert not outside, outside
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_a_body_cut_short_is_an_outage_never_a_short_object(client, rgw, s3_url, monkeypatch):
+    """A connection that dies mid-body (Content-Length not reached) must not pass for the whole object."""
+    proxy = FlakyProxy(int(rgw["S3_ENDPOINT_URL"].rsplit(":", 1)[1]))
+    monkeypatch.setenv(CLIENT_ENV, client)
+    s = open_store(s3_url, endpoint_url=proxy.endpoint, timeout_s=5)
+    data = os.urandom(400_000)
+    s.put("artifacts/sha256/cut", data)
+    try:
+        proxy.set("cut", cut_after=100_000)  # every connection from now on dies after 100 kB
+        got = bytearray()
+        with pytest.raises(StoreUnavailable, match="download of artifacts/sha256/cut broke off"):
+            for chunk in s.stream("artifacts/sha256/cut", chunk_size=8192):
+                got += chunk
+        assert 0 < len(got) < len(data) and data.startswith(bytes(got))
+        with pytest.raises(StoreUnavailable, match="broke off"):
+            s.get("artifacts/sha256/cut")
+        proxy.set("pass")
+        assert b"".join(s.stream("artifacts/sha256/cut", start=len(got))) == data[len(got):]  # resumes
+    finally:
+        proxy.close()
