@@ -156,8 +156,18 @@ def _detect():
     return ReferenceDetector()
 
 
+def _arch(name: str) -> Callable[[], Workload]:
+    def make() -> Workload:
+        from edgeslim.pipelines.bench_archs import ARCHS
+
+        return ARCHS[name]()
+
+    return make
+
+
 WORKLOADS: dict[str, Callable[[], Workload]] = {"digits": ReferenceClassifier, "mobile": ReferenceMobile,
-                                                "detect": _detect}
+                                                "detect": _detect,
+                                                **{a: _arch(a) for a in ("resnet18", "mobilenetv3", "vit-tiny")}}
 
 
 def run_bench(workload: str = "digits", **kwargs) -> dict[str, Any]:
@@ -169,7 +179,8 @@ def register(sub) -> None:
     p = sub.add_parser("bench", help="compare fp32, ORT's default int8, edgeslim's int8 and the full recipe")
     p.add_argument("--workload", choices=tuple(WORKLOADS), default="digits",
                    help="digits: the VGG-style DigitsCNN teacher (default); mobile: the inverted-residual net; "
-                   "detect: the YOLO-style detector")
+                   "detect: the YOLO-style detector; resnet18, mobilenetv3, vit-tiny: real architectures at 224 "
+                   "(torchvision, timm)")
     p.add_argument("--json", dest="json_path", default=None, help="also write the rows to this JSON file")
     p.add_argument("--workdir", default=None, help="keep the models here (default: a temporary folder)")
     p.add_argument("--threads", type=int, default=1,
