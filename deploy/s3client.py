@@ -141,8 +141,9 @@ class _Signer:
         return k
 
     def sign(self, method: str, host: str, path: str, query: str, headers: dict[str, str],
-             payload_sha256: str) -> dict[str, str]:
-        now = dt.datetime.now(dt.timezone.utc) + self.skew
+             payload_sha256: str, now: dt.datetime | None = None) -> dict[str, str]:
+        """``headers`` (lower-case names) plus host, x-amz-* and authorization; ``path`` and ``query`` as sent."""
+        now = now or dt.datetime.now(dt.timezone.utc) + self.skew
         amz_date = now.strftime("%Y%m%dT%H%M%SZ")
         out = dict(headers, host=host, **{"x-amz-date": amz_date, "x-amz-content-sha256": payload_sha256})
         if self._token:

@@ -214,3 +214,26 @@ def test_a_body_cut_short_is_an_outage_never_a_short_object(client, rgw, s3_url,
         assert b"".join(s.stream("artifacts/sha256/cut", start=len(got))) == data[len(got):]  # resumes
     finally:
         proxy.close()
+
+
+def test_light_client_signs_aws_published_examples():
+    """The two header-auth examples of AWS's "Signature Version 4: Authenticating Requests (AWS S3)" page."""
+    import datetime as dt
+
+    from edgeslim.deploy.s3client import EMPTY_SHA256, _Signer
+
+    signer = _Signer("AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", None, "us-east-1")
+    when = dt.datetime(2013, 5, 24, tzinfo=dt.timezone.utc)
+    get = signer.sign("GET", "examplebucket.s3.amazonaws.com", "/test.txt", "", {"range": "bytes=0-9"},
+                      EMPTY_SHA256, now=when)
+    assert get["authorization"] == (
+        "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20130524/us-east-1/s3/aws4_request, "
+        "SignedHeaders=host;range;x-amz-content-sha256;x-amz-date, "
+        "Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41")
+    listed = signer.sign("GET", "examplebucket.s3.amazonaws.com", "/", "max-keys=2&prefix=J", {}, EMPTY_SHA256,
+                         now=when)
+    assert listed["authorization"].endswith(
+        "Signature=34b48302e7b5fa45bde8084f4b7868a86f0a534bc59db6670ed5711ef69dc6f7")
+    with_token = _Signer("AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "tok", "us-east-1")
+    signed = with_token.sign("GET", "h", "/b/k", "", {}, EMPTY_SHA256, now=when)
+    assert signed["x-amz-security-token"] == "tok" and "x-amz-security-token" in signed["authorization"]
