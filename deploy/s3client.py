@@ -21,7 +21,8 @@ else ``default``; as in boto3, an explicit ``profile`` argument reads that profi
 environment has keys. Instance roles, web identity, SSO and credential processes need boto3 (with
 it installed, the store uses it). Region: the argument, ``AWS_REGION``, ``AWS_DEFAULT_REGION``,
 else ``us-east-1``. Endpoint: the argument, ``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, else
-``https://s3.<region>.amazonaws.com``.
+``https://s3.<region>.amazonaws.com``. HTTPS verifies certificates against the system's CAs, or
+``AWS_CA_BUNDLE``; proxies (``HTTPS_PROXY``) are not used.
 
 Retries: a pooled connection the server closed while idle is replaced at once; a request that
 could not connect, or got 502/503/504, is tried once more after a short random pause; a read that
@@ -165,7 +166,14 @@ class _Pool:
 
     def __init__(self, scheme: str, host: str, port: int | None, timeout: float, maxsize: int) -> None:
         self.scheme, self.host, self.port, self.timeout, self.maxsize = scheme, host, port, timeout, maxsize
-        self._ctx = ssl.create_default_context() if scheme == "https" else None
+        self._ctx = None
+        if scheme == "https":
+            bundle = os.environ.get("AWS_CA_BUNDLE") or None  # a private CA (an on-premises S3), as boto3 reads it
+            try:
+                self._ctx = ssl.create_default_context(cafile=bundle)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"AWS_CA_BUNDLE={bundle!r}: cannot load it ({exc.__class__.__name__}); point it "
+                                  "at a PEM file of CA certificates, or unset it") from None
         self._idle: list[tuple[http.client.HTTPConnection, float]] = []
         self._lock = threading.Lock()
 
