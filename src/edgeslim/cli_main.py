@@ -44,8 +44,15 @@ def register(sub) -> None:
     p = sub.add_parser("init", help="write a commented recipe with defaults for a registered model")
     p.add_argument("--source", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION")
     p.add_argument("--npz", default=None, help="an .npz (local or s3://) with x_/y_ train/val/test arrays")
+    p.add_argument("--data", default=None, metavar="PROVIDER",
+                   help="another data provider: imagefolder, yolo, coco or one of yours (with --data-arg)")
+    p.add_argument("--data-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="an argument of --data's provider, e.g. root=s3://bucket/images (repeatable)")
+    p.add_argument("--preprocess", choices=("auto", "imagenet", "yolo", "none"), default="auto",
+                   help="how images become inputs (data.preprocess): imagenet (resize 256, crop 224, ImageNet "
+                   "mean/std), yolo (letterbox 640, 0-1); auto (default): yolo for yolo/coco, imagenet for imagefolder")
     p.add_argument("--task", choices=("auto", "classification", "detection"), default="auto",
-                   help="auto (default): detection when the --npz labels are boxes, else classification")
+                   help="auto (default): detection when the data's labels are boxes, else classification")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI, to read a detector's output shapes (default: $MLFLOW_TRACKING_URI)")
     p.add_argument("-o", "--output", default="recipe.yaml", help="file to write (default recipe.yaml)")
@@ -309,7 +316,7 @@ def _detector_task_fields(source: str, data, tracking_uri: str | None) -> dict[s
 
     classes = [int(c) for y in data.y_train for c in np.asarray(y)[:, 4]]
     if not classes:
-        raise ConfigError("--npz: the training labels hold no boxes; detection needs labelled objects")
+        raise ConfigError("the training labels hold no boxes; detection needs labelled objects")
     num_classes = max(classes) + 1
     probe = data.x_val[:2] if len(data.x_val) else data.x_train[:2]
     with tempfile.TemporaryDirectory(prefix="edgeslim-init-") as tmp:
@@ -352,6 +359,40 @@ def _detector_task_fields(source: str, data, tracking_uri: str | None) -> dict[s
     }
 
 
+PREPROCESS_PRESETS = {
+    "imagenet": {"resize": 256, "center_crop": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+    "yolo": {"letterbox": 640, "scale": 255.0},
+}
+IMAGE_PROVIDERS = {"imagefolder": "imagenet", "yolo": "yolo", "coco": "yolo"}
+
+
+def _init_data(args: argparse.Namespace) -> tuple[str, str, dict, dict | None]:
+    """The recipe's ``data:`` block, and the provider, its args and preprocessing it names."""
+    import yaml
+
+    if args.npz and args.data:
+        raise ConfigError("--npz and --data: give one data source (--npz PATH is --data npz --data-arg path=PATH)")
+    provider = "npz" if args.npz else (args.data or "")
+    kwargs: dict = {"path": args.npz} if args.npz else {}
+    for item in args.data_arg:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--data-arg {item!r}: use KEY=VALUE, e.g. root=s3://bucket/images")
+        kwargs[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    if args.data_arg and not args.data:
+        raise ConfigError("--data-arg: name the provider with --data (imagefolder, yolo, coco or yours)")
+    preset = args.preprocess if args.preprocess != "auto" else IMAGE_PROVIDERS.get(provider, "none")
+    preprocess = PREPROCESS_PRESETS.get(preset)
+    if not provider:
+        return ("  provider: sklearn-digits        # or: provider: npz / args: {path: data.npz}\n"
+                "  args: {seed: 0}"), "", {}, None
+    lines = [f"  provider: {provider}", f"  args: {json.dumps(kwargs)}"]
+    if preprocess:
+        lines.append(f"  preprocess: {json.dumps(preprocess)}   # how an image becomes the model's input "
+                     "(README, data.preprocess)")
+    return "\n".join(lines), provider, kwargs, preprocess
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     from edgeslim.components.common.tracking import MODEL_URI
     from edgeslim.components.recipe import load_recipe
@@ -364,33 +405,31 @@ def cmd_init(args: argparse.Namespace) -> int:
         raise ConfigError(f"{out} exists; pass --force to overwrite it or -o another file")
     task = args.task
     splits = None
-    if args.npz:
-        data = f"  provider: npz\n  args: {{path: {json.dumps(args.npz)}}}"
+    data, provider, kwargs, preprocess = _init_data(args)
+    where = f"--npz {args.npz}" if args.npz else f"--data {provider}"
+    if provider:
         if task != "classification":
             from edgeslim.components.common.errors import DataError
             from edgeslim.components.common.data import load_data
 
             try:
-                splits = load_data("npz", {"path": args.npz})
+                splits = load_data(provider, kwargs, preprocess)
             except DataError as exc:
                 if task == "detection":
                     raise
                 # auto: the data may live where only the pipeline can read it; say what was assumed
-                print(f"edgeslim: note: could not read --npz to see its labels ({exc}); wrote a "
+                print(f"edgeslim: note: could not read {where} to see its labels ({exc}); wrote a "
                       "classification recipe; pass --task detection if the labels are boxes", file=sys.stderr)
                 task = "classification"
         if task != "classification" and splits is not None:
             boxes = splits.y_train.dtype == object
             if task == "detection" and not boxes:
-                raise ConfigError(f"--npz {args.npz}: y_train holds class labels, not boxes; detection needs "
+                raise ConfigError(f"{where}: y_train holds class labels, not boxes; detection needs "
                                   "y_* object arrays of (k, 5) [x1, y1, x2, y2, class] arrays")
             task = "detection" if boxes else "classification"
     elif task == "detection":
-        raise ConfigError("--task detection needs --npz PATH with detection labels "
-                          "(y_* object arrays of (k, 5) [x1, y1, x2, y2, class] arrays in pixels)")
-    else:
-        data = ("  provider: sklearn-digits        # or: provider: npz / args: {path: data.npz}\n"
-                "  args: {seed: 0}")
+        raise ConfigError("--task detection needs detection data: --npz PATH (y_* object arrays of (k, 5) "
+                          "[x1, y1, x2, y2, class] arrays in pixels) or --data yolo|coco with --data-arg")
     common = {"source": args.source, "data": data, "output": out, "edge_name": f"{m['name']}-edge"}
     if task == "detection":
         text = DETECT_INIT_TEMPLATE.format(**common, **_detector_task_fields(args.source, splits, args.tracking_uri))

@@ -91,6 +91,20 @@ def test_an_ultralytics_detector_is_recognised_exported_quantized_and_gated(cfg,
     assert recipe.task.kind == "detection" and recipe.task.num_classes == NC
     assert (dec.format, dec.output, dec.strides, dec.heads) == ("yolo-decoded", "output", [8, 16, 32], [])
     assert dec.scores == "sigmoid"  # Ultralytics applies the sigmoid in the graph
+    if cfg == "yolov8n.yaml":
+        # A YOLO dataset (data.yaml, images/, labels/) instead of an .npz: init letterboxes to 640 as
+        # Ultralytics does, sees box labels, and reads the same decoder off the model.
+        from tests.image_datasets import write_detection
+
+        write_detection(tmp_path / "yolo-data")
+        from_yolo = tmp_path / "recipe-yolo.yaml"
+        proc = run_cli("init", "--source", source, "--data", "yolo", "--data-arg",
+                       f"path={tmp_path / 'yolo-data' / 'data.yaml'}", "--tracking-uri", mlflow_server.uri,
+                       "-o", str(from_yolo), env={"YOLO_OFFLINE": "1"})
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        yr = load_recipe(from_yolo)
+        assert yr.data.provider == "yolo" and yr.data.preprocess.letterbox == 640
+        assert yr.task.kind == "detection" and yr.task.decoder.format == "yolo-decoded"
 
     data = load_data("npz", {"path": str(det_npz)})
     model = pull(source, tracking_uri=mlflow_server.uri, out_dir=tmp_path / "pulled").model
