@@ -58,6 +58,7 @@ POLICY_TYPE = "edgeslim.fleet.policy"
 # A signed policy written to the store this much later than it was signed is an old one put back.
 POLICY_REPLAY_SLACK_S = 900.0
 TAG_PREFIX = "edgeslim.fleet"
+KFP_RUN_TAG = "edgeslim.kfp_run_id"  # written on the version by the pipeline's report task
 ROOT_ENV = "EDGESLIM_FLEET_ROOT"
 DEFAULT_TIMESTAMP_TTL_S = 24 * 3600.0
 MAX_LOCK_TTL_S = 3600.0
@@ -203,6 +204,7 @@ class ModelRef:
     run_id: str | None
     uri: str
     release: str | None = None  # the release statement (JSON of a signed envelope) from the version's tag
+    kfp_run_id: str | None = None  # the Kubeflow run that compressed it (its register/report tag), if any
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "release"}
@@ -222,8 +224,9 @@ def resolve_model(uri: str) -> ModelRef:
         raise SourceError(f"{uri}: registered model {name!r} has no {what} ({exc.error_code})") from None
     except Exception as exc:  # connection refused and friends
         raise SourceError(f"{uri}: cannot reach the MLflow registry ({type(exc).__name__})") from None
+    tags = mv.tags or {}
     return ModelRef(name=name, version=str(mv.version), alias=alias, run_id=mv.run_id, uri=uri,
-                    release=(mv.tags or {}).get(trust.RELEASE_TAG))
+                    release=tags.get(trust.RELEASE_TAG), kfp_run_id=tags.get(KFP_RUN_TAG) or None)
 
 
 def download_model(ref: ModelRef, dst: str | Path) -> Path:
@@ -1440,7 +1443,9 @@ class Controller:
         reported, failed = self._tally(rec)
         summary = {"rollout": rec["name"], "generation": rec.get("generation", 1), "state": rec["state"],
                    "devices": len(rec["devices"]), "reported": reported, "failed": failed,
-                   "reason": rec.get("reason"), "finished_at": self.clock()}
+                   "reason": rec.get("reason"), "finished_at": self.clock(),
+                   # what made this version: the registration run and, on a cluster, the KFP run
+                   **{k: m[k] for k in ("run_id", "kfp_run_id") if m.get(k)}}
         try:
             self._mlflow().set_model_version_tag(m["name"], m["version"], f"{TAG_PREFIX}.{self.fleet}",
                                                  json.dumps(summary, sort_keys=True))

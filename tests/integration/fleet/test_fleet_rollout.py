@@ -50,6 +50,8 @@ def test_good_rollout_through_mlflow_deployments(rgw, s3_url, s3_store, keys, ag
     devs = [agents("d0", ORIN), agents("d1", ORIN), agents("d2", XAVIER), agents("d3", XAVIER)]
     wait_for(lambda: _registered(s3_store, "lab", 4), 30, "4 registrations")
     version, sha = register_edge_model("fleet-good", make_onnx(tmp_path / "v1.onnx", seed=1))
+    # as the pipeline's report task leaves it on a version compressed on a cluster
+    MlflowClient().set_model_version_tag("fleet-good", version, "edgeslim.kfp_run_id", "run-7f3e")
     env = _env(rgw, s3_url, keys)
     out = _mlflow_cli(env, "create", "-t", "edge:/lab", "--name", "r1", "-m", "models:/fleet-good@edge-candidate",
                       "-C", "waves=25,50,100", "-C", "max_failure_pct=10", "-C", "poll_interval_s=0.2",
@@ -62,6 +64,7 @@ def test_good_rollout_through_mlflow_deployments(rgw, s3_url, s3_store, keys, ag
     assert str(aliases["edge-canary"]) == version and str(aliases["edge-stable"]) == version
     tag = json.loads(client.get_model_version("fleet-good", version).tags["edgeslim.fleet.lab"])
     assert tag["state"] == "succeeded" and tag["devices"] == 4 and tag["failed"] == 0
+    assert tag["kfp_run_id"] == "run-7f3e" and rec["model"]["kfp_run_id"] == "run-7f3e"  # the chain, linked
 
     got = _mlflow_cli(env, "get", "-t", "edge:/lab", "--name", "r1")
     assert "state: succeeded" in got.stdout and sha[:12] in got.stdout
