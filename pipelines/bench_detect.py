@@ -4,7 +4,9 @@
 Rows, all on the same synthetic digits detection data (test canvases use held-out digits):
 
 1. the fp32 reference detector (ONNX);
-2. ONNX Runtime ``quantize_static`` with its defaults;
+2. ONNX Runtime ``quantize_static`` with its defaults, and NVIDIA ModelOpt's ONNX int8 (max
+   calibration on CPU, the output tails kept in float; a failed row naming the install when
+   ``nvidia-modelopt[onnx]`` is not installed);
 3. edgeslim PTQ with each calibrator (minmax, percentile, entropy, mse), with Q/DQ on every op
    ONNX Runtime quantizes (``placement: all``) and only on the inputs of weighted ops
    (``placement: weighted``, TensorRT's recommended placement);
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from edgeslim.pipelines.bench_harness import Column, Context, RowSpec, Workload
-from edgeslim.pipelines.bench_peers import ort_quantize_static_defaults
+from edgeslim.pipelines.bench_peers import modelopt_int8, ort_quantize_static_defaults
 
 TARGETS = {
     "auto_max_map_drop": 0.3,        # accuracy-aware int8 vs fp32, mAP@0.5 points, every calibrator
@@ -117,6 +119,14 @@ class ReferenceDetector(Workload):
         log("ONNX Runtime quantize_static defaults")
         yield RowSpec("ORT quantize_static defaults", ort_quantize_static_defaults(fp32, data, wd / "ort-default.onnx"),
                       t_macs, int8=True)
+        log("NVIDIA ModelOpt ONNX int8 (max calibration, output tails float)")
+        try:
+            peer = modelopt_int8(fp32, data, wd / "modelopt.onnx", samples=self.calib_samples)
+        except ModuleNotFoundError as exc:
+            yield RowSpec("ModelOpt int8 (max, tails float)", None,
+                          failed=f"{exc.name} is not installed: pip install 'nvidia-modelopt[onnx]'")
+        else:
+            yield RowSpec("ModelOpt int8 (max, tails float)", peer, t_macs, int8=True)
         for placement in ("all", "weighted"):
             for cal in CALIBRATORS:
                 res = quantize(fp32, PTQQuantizeConfig(calibrator=cal, num_samples=self.calib_samples,

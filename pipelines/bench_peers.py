@@ -25,3 +25,29 @@ def ort_quantize_static_defaults(fp32: Path, data, out: Path) -> Path:
     quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
     quantize_static(str(pre), str(out), Reader())
     return out
+
+
+def modelopt_int8(fp32: Path, data, out: Path, samples: int = 512) -> Path:
+    """NVIDIA ModelOpt's ONNX int8 (``pip install 'nvidia-modelopt[onnx]'``): max calibration on CPU over
+    the same train samples, with every output's tail (:func:`~edgeslim.components.quantize.sensitivity.output_tails`:
+    the head's output convs, a DFL, the decode) kept in float, as Ultralytics' TensorRT int8 export uses it.
+
+    Raises:
+        ModuleNotFoundError: nvidia-modelopt is not installed.
+    """
+    import re
+    import tempfile
+
+    from modelopt.onnx.quantization import quantize
+
+    from edgeslim.components.export import INPUT_NAME
+    from edgeslim.components.quantize.sensitivity import output_tails, preprocessed
+
+    with tempfile.TemporaryDirectory(prefix="edgeslim-modelopt-") as tmp:
+        tails = output_tails(preprocessed(fp32, Path(tmp) / "pre.onnx"))
+    exclude = [f"^{re.escape(n)}$" for t in tails for n in t["nodes"]]
+    # fp32 (not ModelOpt's default fp16) where it keeps float: the rows are compared in ONNX Runtime on CPU
+    quantize(str(fp32), quantize_mode="int8", calibration_data={INPUT_NAME: data.calibration(samples, 0)},
+             calibration_method="max", calibration_eps=["cpu"], nodes_to_exclude=exclude or None,
+             high_precision_dtype="fp32", output_path=str(out), log_level="WARNING")
+    return out
