@@ -16,6 +16,7 @@ to its author. So this QAT:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import time
@@ -58,7 +59,8 @@ def conv_input_scales(qdq_path: str | Path) -> dict[str, float]:
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """A copy with each BatchNorm folded into the conv right before it in an ``nn.Sequential``.
+    """A copy with each BatchNorm folded into the conv right before it in an ``nn.Sequential``, or
+    into its block's ``conv`` in a conv/bn/act block (:func:`_fold_wrapper`).
 
     Raises:
         SourceError: a BatchNorm does not follow a conv that way (its folded weights
@@ -74,11 +76,32 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
             if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
                 seq._modules[a] = fuse_conv_bn_eval(conv, bn)
                 seq._modules[b] = nn.Identity()
+    for block in list(model.modules()):
+        _fold_wrapper(block, fuse_conv_bn_eval)
     left = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if left:
-        raise SourceError(f"QAT for detectors folds BatchNorm into the conv before it in an nn.Sequential; "
-                          f"{left[0]!r} is not placed that way; use quantize method ptq/auto with qat: false")
+        raise SourceError(f"QAT for detectors folds BatchNorm into the conv before it (in an nn.Sequential or a "
+                          f"conv/bn/act block); {left[0]!r} is not placed that way; use quantize method ptq/auto with qat: false")
     return model
+
+
+def _fold_wrapper(block: nn.Module, fuse) -> None:
+    """Fold a conv-norm-activation wrapper's ``bn`` into its ``conv`` (Ultralytics' and timm's ``Conv``:
+    children ``conv``, ``bn``, ``act``; a wrapper already fused has no ``bn``), kept only when the block
+    gives the same output on a random input."""
+    conv, bn = block._modules.get("conv"), block._modules.get("bn")
+    if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and conv.out_channels == bn.num_features):
+        return
+    x = torch.randn(2, conv.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            want = block(x)
+            block._modules["conv"], block._modules["bn"] = fuse(conv, bn), nn.Identity()
+            same = torch.allclose(block(x), want, rtol=1e-4, atol=1e-4)
+    except Exception:  # its forward is no conv-then-norm of its input
+        same = False
+    if not same:
+        block._modules["conv"], block._modules["bn"] = conv, bn
 
 
 class _QuantConv(nn.Module):
@@ -100,9 +123,12 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def fake_quant_detector(model: nn.Module, qdq_path: str | Path) -> nn.Module:
     """The BatchNorm-folded copy of ``model`` with its convs fake-quantized as in ``qdq_path``."""
-    scales = conv_input_scales(qdq_path)
     fq = fold_batchnorm(model)
     convs = {n for n, m in fq.named_modules() if isinstance(m, nn.Conv2d)}
+    # A model exported through a wrapper (one whose forward returns auxiliaries beside its tensors:
+    # model_outputs.exportable) has its weights named one module deeper: drop the wrapper's name.
+    scales = {n if n in convs or n.partition(".")[2] not in convs else n.partition(".")[2]: v
+              for n, v in conv_input_scales(qdq_path).items()}
     unknown = sorted(set(scales) - convs)
     if unknown:
         raise SourceError(f"QAT: the Q/DQ ONNX quantizes weights {unknown[:3]} that are no conv of the torch "
@@ -129,26 +155,74 @@ def _float_conv_modules(pre_onnx: str | Path, qdq_path: str | Path) -> list[str]
     return sorted(r["layer"] for r in quantizable_layers(pre_onnx) if r["op"] == "Conv" and r["layer"] not in quantized)
 
 
-def _outputs(o) -> list[torch.Tensor]:
-    return list(o) if isinstance(o, (tuple, list)) else [o]
+def _dict_tensors(d: dict) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    for v in d.values():
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+        elif isinstance(v, dict):
+            out += _dict_tensors(v)
+    return out
+
+
+def raw_outputs(o) -> list[torch.Tensor]:
+    """The tensors a forward's return value is matched on: the raw head values a forward returns in a
+    dict when it has one (Ultralytics: box distributions and class logits, alone in training mode,
+    beside the decoded output in eval), else its top-level tensors (the reference's map pairs)."""
+    if isinstance(o, dict):
+        return _dict_tensors(o)
+    if isinstance(o, (tuple, list)):
+        dicts = [v for v in o if isinstance(v, dict)]
+        return [t for d in dicts for t in _dict_tensors(d)] if dicts else [v for v in o if isinstance(v, torch.Tensor)]
+    return [o]
+
+
+@contextlib.contextmanager
+def training_outputs(*models: nn.Module):
+    """Inside the block, heads with a boolean ``export`` flag (YOLO's Detect) leave export mode, so a
+    model returns its raw head values in training and beside its decoded output in eval alike."""
+    flagged = [m for model in models for m in model.modules() if isinstance(getattr(m, "export", None), bool)]
+    before = [m.export for m in flagged]
+    for m in flagged:
+        m.export = False
+    try:
+        yield
+    finally:
+        for m, flag in zip(flagged, before):
+            m.export = flag
 
 
 def output_matching_loss(student, teacher, _labels) -> torch.Tensor:
-    """Mean squared error per raw output, each normalised by the teacher output's power,
-    so the small sigmoid score maps weigh as much as the box maps."""
+    """Mean squared error per raw output (:func:`raw_outputs`), each normalised by the teacher output's
+    power, so the small sigmoid score maps weigh as much as the box maps.
+
+    Raises:
+        SourceError: student and teacher return different numbers of raw outputs.
+    """
+    s_out, t_out = raw_outputs(student), raw_outputs(teacher)
+    if len(s_out) != len(t_out):
+        raise SourceError(f"output matching: the trained model returns {len(s_out)} raw outputs and the model it "
+                          f"imitates {len(t_out)}; a model must return the same outputs in training and eval mode")
+    return _normalised_error(s_out, t_out)
+
+
+def _normalised_error(s_out: list[torch.Tensor], t_out: list[torch.Tensor]) -> torch.Tensor:
     loss = torch.zeros(())
-    for s, t in zip(_outputs(student), _outputs(teacher)):
+    for s, t in zip(s_out, t_out):
         loss = loss + nn.functional.mse_loss(s, t) / (t.pow(2).mean() + 1e-8)
     return loss
 
 
 @torch.no_grad()
 def output_error(model: nn.Module, reference: nn.Module, x: np.ndarray, batch: int = 128) -> float:
-    """:func:`output_matching_loss` of ``model`` against ``reference`` over ``x``."""
+    """The normalised squared error of :func:`output_matching_loss` of ``model`` against ``reference``
+    over ``x``, on their deployable outputs (what the ONNX holds, as :func:`onnx_output_errors`)."""
+    from edgeslim.components.common.model_outputs import tensor_outputs
+
     total, n = 0.0, 0
     for i in range(0, len(x), batch):
         xb = torch.from_numpy(np.ascontiguousarray(x[i:i + batch], dtype=np.float32))
-        total += float(output_matching_loss(model(xb), reference(xb), None)) * len(xb)
+        total += float(_normalised_error(tensor_outputs(model(xb)), tensor_outputs(reference(xb)))) * len(xb)
         n += len(xb)
     return total / max(n, 1)
 
@@ -159,6 +233,7 @@ def onnx_output_errors(reference: nn.Module, onnx_paths: list[Path], x, batch: i
     accumulated batch by batch (the squared errors and the reference's power summed per output),
     so neither the inputs nor the outputs of the whole split are held at once."""
     from edgeslim.components.export import make_session
+    from edgeslim.components.common.model_outputs import tensor_outputs
     from edgeslim.components.common.onnx_runtime import run_outputs
 
     sessions = [make_session(p, basic=True) for p in onnx_paths]
@@ -167,7 +242,7 @@ def onnx_output_errors(reference: nn.Module, onnx_paths: list[Path], x, batch: i
     count: list[int] = []
     for i in range(0, len(x), batch):
         xb = np.ascontiguousarray(x[i:i + batch], dtype=np.float32)
-        want = _outputs(reference(torch.from_numpy(xb)))
+        want = tensor_outputs(reference(torch.from_numpy(xb)))
         if not power:
             power, count = [0.0] * len(want), [0] * len(want)
             err = [[0.0] * len(want) for _ in sessions]
@@ -221,9 +296,10 @@ def qat_detector(model: nn.Module, config, *, data: Splits, out_dir: str | Path,
     x_val = data.x_val if len(data.x_val) else data.x_train[:256]
     ref = fold_batchnorm(fp32)
     err = {"fake_quant_start": output_error(fq, ref, x_val)}
-    fit(fq, x=data.x_train, y=None, teacher=ref, epochs=config.qat_epochs, lr=config.qat_lr,
-        batch_size=32, schedule="cosine", weight_decay=0.0, seed=config.seed, progress=progress,
-        loss_fn=output_matching_loss, augment=augmentation(config.augment))
+    with training_outputs(fq, ref):
+        fit(fq, x=data.x_train, y=None, teacher=ref, epochs=config.qat_epochs, lr=config.qat_lr,
+            batch_size=32, schedule="cosine", weight_decay=0.0, seed=config.seed, progress=progress,
+            loss_fn=output_matching_loss, augment=augmentation(config.augment))
     for p in ref.parameters():
         p.requires_grad_(False)
     err["fake_quant_tuned"] = output_error(fq.eval(), ref, x_val)

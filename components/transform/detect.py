@@ -28,6 +28,12 @@ from edgeslim.components.common.result import StageResult
 from edgeslim.components.common.stage_configs import ChannelPruneConfig, FeatureDistillConfig, LogitDistillConfig
 from edgeslim.components.transform.c2f import without_splits
 from edgeslim.components.transform.train import fit
+from edgeslim.components.transform.yolo import attention_layers, last_layers, split_free
+
+# What a detector's pruning fine-tunes with: the detection loss on the labels for (box, cls) map pairs,
+# else (any other outputs, e.g. Ultralytics' decoded one) the unpruned model's raw outputs, label-free.
+FINETUNE_LOSS = {True: "detection loss (labels) with distillation from the unpruned model",
+                 False: "output matching against the unpruned model's raw outputs (label-free)"}
 
 
 class _Flat(nn.Module):
@@ -38,9 +44,9 @@ class _Flat(nn.Module):
         self.m = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.m(x)
-        out = out if isinstance(out, (tuple, list)) else (out,)
-        return torch.cat([o.flatten(1) for o in out], 1)
+        from edgeslim.components.common.model_outputs import tensor_outputs
+
+        return torch.cat([o.flatten(1) for o in tensor_outputs(self.m(x))], 1)
 
 
 def head_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
@@ -48,6 +54,7 @@ def head_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
     from edgeslim.components.transform.prune import layer_outputs
 
     seen, outs = layer_outputs(model, example)
+    outs = [o for o in outs if isinstance(o, torch.Tensor)]  # auxiliaries beside the outputs are no head
     heads = []
     for name, t in seen.items():
         for o in outs:
@@ -101,30 +108,43 @@ def prune_detector(model: nn.Module, config: ChannelPruneConfig, *, data: Splits
                           "l1, l2 or bn_scale")
     start = time.perf_counter()
     example = torch.from_numpy(data.x_train[:1])
+    pruned, split_blocks = split_free(without_splits(model))
+    label_trained = returns_map_pairs(model, example)
     heads = head_layers(model, example)
-    ignored = sorted(set(heads) | set(_match(model, config.ignored_layers, "ignored_layers")))
+    if not label_trained:  # e.g. one decoded output: the layers before it, and a fixed decode conv (DFL)
+        heads = sorted(set(heads) | set(last_layers(pruned, example)))
+    ignored = sorted(set(heads) | set(attention_layers(pruned))
+                     | set(_match(model, config.ignored_layers, "ignored_layers")))
     # Placeholder class labels: the classifier pruner reports top-1 we do not use; no training there.
     zeros = {f"y_{s}": np.zeros(len(getattr(data, f"x_{s}")), np.int64) for s in ("train", "val", "test")}
     view = Splits(x_train=data.x_train[:256], x_val=data.x_val[:64], x_test=data.x_test[:64],
                   y_train=zeros["y_train"][:256], y_val=zeros["y_val"][:64], y_test=zeros["y_test"][:64],
                   source=data.source)
 
-    macs0, _ = count_macs_params(model, example)
+    macs0, params0 = count_macs_params(model, example)
+    now = macs0  # the split-free copy has the same MACs; each step's count is the next one's start
     kd = teacher if teacher is not None else (model if config.distill else None)
-    pruned = without_splits(model)
     losses: list[float] = []
     history = []
     for step in range(1, config.steps + 1):
         # Geometric steps, as the classifier pruner: step k keeps keep_fraction ** (k / steps).
         goal = macs0 * config.keep_fraction ** (step / config.steps)
-        now, _ = count_macs_params(pruned, example)
         structural = dataclasses.replace(config, keep_fraction=min(goal / now, 0.999), steps=1,
                                          finetune_epochs=0, distill=False,
                                          ignored_layers=[f"m.{n}" for n in ignored],
                                          layer_ratios={f"m.{k}": v for k, v in config.layer_ratios.items()}
                                          if step == 1 else {})
         pruned = prune(_Flat(pruned), structural, data=view).model.m
-        if config.finetune_epochs:
+        fidelity = {}
+        if not label_trained:  # no labels to judge by: how close the outputs stay to the unpruned model's
+            fidelity["sqnr_db_val_pruned"] = round(output_sqnr_db(pruned, model, data.x_val[:64]), 3)
+        if config.finetune_epochs and not label_trained:
+            done = len(losses)
+            finetune_outputs(pruned, kd if kd is not None else model, data.x_train, epochs=config.finetune_epochs,
+                             lr=config.lr, batch_size=config.batch_size, seed=config.seed + step - 1,
+                             progress=lambda e, n, l, done=done: (
+                                 losses.append(l), progress and progress(done + e, n * config.steps, l)))
+        elif config.finetune_epochs:
             n_ep = config.finetune_epochs
             done = len(losses)
             train_detector(pruned, data.x_train, data.y_train, epochs=n_ep, lr=config.lr,
@@ -134,14 +154,21 @@ def prune_detector(model: nn.Module, config: ChannelPruneConfig, *, data: Splits
                            progress=lambda e, n, l, done=done: (
                                losses.append(l),
                                progress and progress(done + e, n * config.steps, l)))
-        history.append({"step": step, "macs": count_macs_params(pruned, example)[0], "goal": int(goal)})
-    macs0, params0 = count_macs_params(model, example)
-    macs1, params1 = count_macs_params(pruned, example)
+        if fidelity and config.finetune_epochs:
+            fidelity["sqnr_db_val_finetuned"] = round(output_sqnr_db(pruned, model, data.x_val[:64]), 3)
+        now, params1 = count_macs_params(pruned, example)
+        history.append({"step": step, "macs": now, "goal": int(goal), **fidelity})
+    macs1 = now
     metrics = {"macs_before": macs0, "macs_after": macs1, "macs_ratio": macs0 / max(macs1, 1),
                "params_before": params0, "params_after": params1, "params_ratio": params0 / max(params1, 1),
-               "heads_kept": heads, "finetune_loss": losses[-1] if losses else None, "steps": history}
+               "heads_kept": heads, "finetune_loss": losses[-1] if losses else None, "steps": history,
+               "finetune_loss_kind": FINETUNE_LOSS[label_trained] if config.finetune_epochs else None,
+               **({"output_sqnr_db_val": history[-1].get("sqnr_db_val_finetuned", history[-1]["sqnr_db_val_pruned"])}
+                  if not label_trained else {})}
     lineage = {"stage": "prune", "config": config.to_json_dict(), "task": "detection",
-               "ignored_layers": ignored, "distilled_at": list(feature_layers), "data_digest": data.digest()}
+               "ignored_layers": ignored, "distilled_at": list(feature_layers) if label_trained else [],
+               "split_free_blocks": split_blocks, "data_digest": data.digest(),
+               "finetune_loss": FINETUNE_LOSS[label_trained] if config.finetune_epochs else None}
     return StageResult(pruned.eval(), metrics, lineage, time.perf_counter() - start)
 
 
@@ -247,8 +274,7 @@ def train_detector(model: nn.Module, x: np.ndarray, labels: Sequence[np.ndarray]
     with torch.no_grad():
         raw = model(example)
     outs = list(raw) if isinstance(raw, (tuple, list)) else [raw]
-    if (not outs or len(outs) % 2 or any(not isinstance(o, torch.Tensor) or o.dim() != 4 for o in outs)
-            or any(b.shape[1] != 4 for b in outs[0::2])):
+    if not returns_map_pairs(model, example, raw):
         raise ConfigError(
             f"fine-tuning a detector trains (box, cls) map pairs per level with edgeslim's detection loss; "
             f"this model returns {describe(raw)}; leave distill and prune out of its recipe (export and "
@@ -268,3 +294,46 @@ def train_detector(model: nn.Module, x: np.ndarray, labels: Sequence[np.ndarray]
                epochs=epochs, lr=lr, batch_size=batch_size, optimizer="adamw", schedule="onecycle",
                weight_decay=5e-4, warmup=0.15, seed=seed, feature_pairs=[[n, n] for n in feature_layers] or None,
                feature_weight=feature_weight, progress=progress, loss_fn=loss_fn)
+
+
+def returns_map_pairs(model: nn.Module, example: torch.Tensor, raw: Any = None) -> bool:
+    """Whether ``model`` returns ``(box, cls)`` map pairs per level (what the detection loss trains)."""
+    if raw is None:
+        with torch.no_grad():
+            raw = model.eval()(example)
+    outs = list(raw) if isinstance(raw, (tuple, list)) else [raw]
+    return bool(outs) and not len(outs) % 2 and all(isinstance(o, torch.Tensor) and o.dim() == 4 for o in outs) \
+        and all(b.shape[1] == 4 for b in outs[0::2])
+
+
+def finetune_outputs(model: nn.Module, reference: nn.Module, x, *, epochs: int, lr: float, batch_size: int,
+                     seed: int = 0, progress: Callable[[int, int, float], None] | None = None) -> nn.Module:
+    """Fine-tune ``model`` in place to reproduce ``reference``'s raw outputs on ``x``, label-free.
+
+    The loss is the detector QAT's (:func:`.detect_qat.output_matching_loss`: per raw output, the
+    squared error over the reference output's power); a model that returns its raw head values
+    in training mode and decoded ones in eval (Ultralytics) is matched on the raw ones. AdamW,
+    one-cycle; returns the model in eval mode.
+    """
+    from edgeslim.components.quantize.detect_qat import output_matching_loss, training_outputs
+
+    ref = copy.deepcopy(reference).eval()
+    with training_outputs(model, ref):
+        return fit(model, x=np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x, y=None, teacher=ref,
+                   epochs=epochs, lr=lr, batch_size=batch_size, optimizer="adamw", schedule="onecycle",
+                   weight_decay=5e-4, warmup=0.15, seed=seed, progress=progress, loss_fn=output_matching_loss)
+
+
+@torch.no_grad()
+def output_sqnr_db(model: nn.Module, reference: nn.Module, x, batch: int = 16) -> float:
+    """SQNR in dB of ``model``'s deployable outputs against ``reference``'s over ``x`` (a batch at a time)."""
+    from edgeslim.components.common.model_outputs import forward_tensors
+    from edgeslim.components.common.onnx_runtime import SqnrAccumulator
+
+    acc = SqnrAccumulator()
+    model.eval(), reference.eval()
+    for i in range(0, len(x), batch):
+        xb = torch.from_numpy(np.ascontiguousarray(x[i:i + batch], dtype=np.float32))
+        for r, c in zip(forward_tensors(reference, xb), forward_tensors(model, xb)):
+            acc.add(r.numpy(), c.numpy())
+    return acc.db()

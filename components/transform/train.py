@@ -293,9 +293,11 @@ def fit(student: nn.Module, *, x: np.ndarray, y: np.ndarray, teacher: nn.Module 
             adapters.append(_adapter(s_tap.outputs[s_name], t_tap.outputs[t_name]))
         adapters.to(dev)
         params += list(adapters.parameters())
+    # The teacher's trainable parameters, frozen while it teaches; a fixed one (YOLO's DFL) stays fixed after.
+    thawed = [p for p in teacher.parameters() if p.requires_grad] if teacher is not None else []
     if teacher is not None:
         teacher.eval()
-        for p in teacher.parameters():
+        for p in thawed:
             p.requires_grad_(False)
     opt = make_optimizer(params, optimizer, lr, weight_decay)
     steps_per_epoch = (len(xt) + batch_size - 1) // batch_size
@@ -339,9 +341,8 @@ def fit(student: nn.Module, *, x: np.ndarray, y: np.ndarray, teacher: nn.Module 
             s_tap.remove()
         if t_tap:
             t_tap.remove()
-        if teacher is not None:
-            for p in teacher.parameters():
-                p.requires_grad_(True)
+        for p in thawed:
+            p.requires_grad_(True)
         if dev.type != "cpu":  # the stages after training (export, ONNX, saving) work on the CPU
             student.to("cpu")
             if teacher is not None:

@@ -18,16 +18,16 @@ NC = 3
 SIZE = 640
 
 
-def _images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _images(n: int, seed: int, size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
     """Grey canvases with 1-3 filled rectangles each; labels (k, 5) [x1, y1, x2, y2, class] in pixels."""
     rng = np.random.default_rng(seed)
-    x = np.full((n, 3, SIZE, SIZE), 0.45, np.float32)
+    x = np.full((n, 3, size, size), 0.45, np.float32)
     y = np.empty(n, object)
     for i in range(n):
         boxes = []
         for _ in range(int(rng.integers(1, 4))):
             w, h = rng.integers(40, 240, 2)
-            x1, y1 = int(rng.integers(0, SIZE - w)), int(rng.integers(0, SIZE - h))
+            x1, y1 = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
             c = int(rng.integers(0, NC))
             x[i, c, y1:y1 + h, x1:x1 + w] = 1.0
             boxes.append([x1, y1, x1 + w, y1 + h, c])
