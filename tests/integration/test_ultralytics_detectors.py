@@ -26,7 +26,7 @@ def _images(n: int, seed: int, size: int = SIZE) -> tuple[np.ndarray, np.ndarray
     for i in range(n):
         boxes = []
         for _ in range(int(rng.integers(1, 4))):
-            w, h = rng.integers(40, 240, 2)
+            w, h = rng.integers(size // 16, size * 3 // 8, 2)  # 40-240 pixels at 640
             x1, y1 = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
             c = int(rng.integers(0, NC))
             x[i, c, y1:y1 + h, x1:x1 + w] = 1.0

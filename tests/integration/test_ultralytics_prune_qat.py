@@ -2,8 +2,8 @@
 (C2f blocks split-free, the head's output convs and DFL kept whole) with one label-free fine-tuning
 epoch that matches the unpruned model's raw outputs; the pruned model keeps its decoded (N, 4+nc, A)
 output, exports, and goes through PTQ, evaluate and the gate; QAT of it exports a Q/DQ ONNX with the
-same output that evaluate runs on. The steps run at 256x256 (YOLOv8n's real size is 640; the structure
-and the code paths are the same, the anchors 1344 instead of 8400) on a handful of synthetic images to keep
+same output that evaluate runs on. The steps run at 192x192 (YOLOv8n's real size is 640; the structure
+and the code paths are the same, the anchors 756 instead of 8400) on a handful of synthetic images to keep
 the tests near three minutes on a shared two-core machine."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from tests.integration.test_ultralytics_detectors import _images
 pytestmark = pytest.mark.slow
 os.environ.setdefault("YOLO_OFFLINE", "1")
 NC = 3
-SIZE = 256
+SIZE = 192
 ANCHORS = (SIZE // 8) ** 2 + (SIZE // 16) ** 2 + (SIZE // 32) ** 2
 
 
