@@ -191,6 +191,7 @@ class ArchClassifier(Workload):
 
 ARCHS: dict[str, Callable[[], Workload]] = {
     "resnet18": lambda: ArchClassifier("resnet18", _torchvision("resnet18")),
-    "mobilenetv3": lambda: ArchClassifier("mobilenetv3", _torchvision("mobilenet_v3_small"), lr=2e-3),
+    # 2e-3 diverged in the second epoch (loss 0.67 -> 1.98, test top-1 at chance): 1e-3
+    "mobilenetv3": lambda: ArchClassifier("mobilenetv3", _torchvision("mobilenet_v3_small"), lr=1e-3),
     "vit-tiny": lambda: ArchClassifier("vit-tiny", _timm("deit_tiny_patch16_224"), lr=5e-4),
 }
