@@ -7,7 +7,10 @@ prediction conv (and any ``ignored_layers``) left alone and without the
 classifier fine-tuning; the pruned detector is then fine-tuned here with the
 detection loss, distilled from the unpruned model at the neck outputs and at the
 head outputs (``prune.alpha``: its class scores and confident boxes), in
-``prune.steps`` geometric steps with fine-tuning after each.
+``prune.steps`` geometric steps with fine-tuning after each. A detector whose outputs are no
+``(box, cls)`` map pairs (Ultralytics' one decoded output) is made split-free first
+(:mod:`.yolo`), keeps the layers before its outputs and a fixed decode conv whole, and is
+fine-tuned label-free to reproduce the unpruned model's raw outputs (:func:`finetune_outputs`).
 """
 
 from __future__ import annotations
@@ -91,7 +94,8 @@ def prune_detector(model: nn.Module, config: ChannelPruneConfig, *, data: Splits
         model: the detector (not changed).
         config: pruning settings. The target is reached in ``steps`` geometric steps, each followed
             by ``finetune_epochs`` of detection-loss fine-tuning; with a teacher the loss is
-            ``(1 - alpha) * detection + alpha * head-output distillation`` plus the feature MSE.
+            ``(1 - alpha) * detection + alpha * head-output distillation`` plus the feature MSE. A model
+            without map pairs is fine-tuned on output matching against the teacher (default: itself).
         data: detection splits (``y_*`` hold boxes).
         teacher: distilled from at ``feature_layers`` and at its outputs while fine-tuning (default:
             the unpruned model when ``config.distill``).
@@ -277,8 +281,8 @@ def train_detector(model: nn.Module, x: np.ndarray, labels: Sequence[np.ndarray]
     if not returns_map_pairs(model, example, raw):
         raise ConfigError(
             f"fine-tuning a detector trains (box, cls) map pairs per level with edgeslim's detection loss; "
-            f"this model returns {describe(raw)}; leave distill and prune out of its recipe (export and "
-            "quantize need no loss), or fine-tune it with its own trainer before registering it")
+            f"this model returns {describe(raw)}; leave distill out of its recipe (prune fine-tunes such a model "
+            "label-free, export and quantize need no loss), or fine-tune it with its own trainer before registering it")
     strides = level_strides(model, example, outs, task)
     targets = [{k: torch.from_numpy(v) for k, v in t.items()}
                for t in build_targets(labels, tuple(x.shape[-2:]), outs[1].shape[1], strides)]
