@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from typing import Any, Callable
@@ -61,8 +62,19 @@ def lines(what: str, kind: str = "trial") -> Callable[[str], None]:
     return lambda text: emit(kind, f"{what}: {text}")
 
 
+def bar(done: int, total: int, width: int = 20) -> str:
+    """A text progress bar, ``[#######.............]  35%``."""
+    share = min(max(done / total, 0.0), 1.0) if total > 0 else 0.0
+    full = int(round(share * width))
+    return f"[{'#' * full}{'.' * (width - full)}] {share:4.0%}"
+
+
+_STEP = re.compile(r"\b(?:epoch|step|wave) (\d+)/(\d+)\b")
+
+
 class Renderer:
-    """Draws events on a stream: plain lines, or on a terminal one redrawn line per repeated kind."""
+    """Draws events on a stream: plain lines, or on a terminal one redrawn line per repeated kind,
+    with a progress bar when the line counts steps (``epoch 3/10``)."""
 
     def __init__(self, stream=None, *, tty: bool | None = None) -> None:
         self.stream = stream or sys.stderr
@@ -72,7 +84,9 @@ class Renderer:
     def __call__(self, text: str, kind: str = "note") -> None:
         stamp = time.strftime("%H:%M:%S")
         if self.tty and kind in ("epoch", "trial", "calibrate"):
-            self.stream.write(f"\r\x1b[K[{stamp}] {text}")
+            step = _STEP.search(text)
+            drawn = f"{bar(int(step[1]), int(step[2]))} {text}" if step else text
+            self.stream.write(f"\r\x1b[K[{stamp}] {drawn}")
             self._open = True
         else:
             if self._open:

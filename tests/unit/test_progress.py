@@ -42,6 +42,9 @@ def test_plain_lines_off_a_terminal_and_one_redrawn_line_on_it():
     r("task a: succeeded", "task")
     text = term.getvalue()
     assert text.count("\r\x1b[K") == 2 and text.count("\n") == 2  # epochs share a line; the task ends it
+    # on the terminal a counted step gets a bar; off it, the line stays as it was
+    assert "[##########..........]  50% a: epoch 1/2" in text and "[####################] 100% a: epoch 2/2" in text
+    assert "#" not in plain.getvalue()
 
 
 def test_quiet_turns_progress_off_and_the_version_is_printed(monkeypatch, capsys):
