@@ -13,6 +13,28 @@ from edgeslim.components.common.result import StageResult
 from edgeslim.components.common.tracking import connect, model_id_of, resolve_version
 
 
+def check_single_input(model, where: str) -> None:
+    """Refuse, before anything runs, a model whose ``forward`` needs more than one input: every stage
+    feeds one tensor per sample (the data provider's ``x``), and the ONNX and engines have one input.
+
+    Raises:
+        SourceError: one line naming the inputs and the fix.
+    """
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # a scripted or C++ forward: the export check will say
+        return
+    required = [p.name for p in params if p.default is inspect.Parameter.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if len(required) > 1:
+        raise SourceError(
+            f"{where}: forward() takes {len(required)} inputs ({', '.join(required)}); edgeslim compresses "
+            "models with one input tensor: register a wrapper module whose forward(x) builds the others "
+            "(or give them defaults)")
+
+
 def pull(uri: str, *, tracking_uri: str | None = None, out_dir: str | Path) -> StageResult:
     """Download and load a registered PyTorch model.
 
@@ -69,6 +91,7 @@ def pull(uri: str, *, tracking_uri: str | None = None, out_dir: str | Path) -> S
         ) from None
     if not isinstance(model, torch.nn.Module):
         raise SourceError(f"source {uri}: loads as {type(model).__name__}, not a torch.nn.Module")
+    check_single_input(model, f"source {uri}")
     model.eval()
     lineage = {
         "uri": uri,

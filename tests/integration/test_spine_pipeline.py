@@ -154,6 +154,23 @@ def test_not_a_pytorch_model(mlflow_server, tmp_path):
     assert versions(mlflow_server.uri, "an-sklearn-model-edge") == []
 
 
+def test_a_model_with_two_inputs_is_refused_before_anything_runs(mlflow_server, tmp_path):
+    import mlflow
+    import torch
+
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    mlflow.set_experiment("tests-bad")
+    with mlflow.start_run():  # torch's own two-input module: forward(input1, input2)
+        mlflow.pytorch.log_model(torch.nn.Bilinear(64, 64, 10), name="m", serialization_format="pickle",
+                                 registered_model_name="a-two-input-model")
+    recipe = write_recipe(tmp_path / "r.yaml", "models:/a-two-input-model/1")
+    proc = run_cli("run", str(recipe), "--tracking-uri", mlflow_server.uri, "--workdir", str(tmp_path / "o"))
+    assert_one_line_error(proc, "forward() takes 2 inputs (input1, input2); edgeslim compresses models with one "
+                                "input tensor: register a wrapper module")
+    assert versions(mlflow_server.uri, "a-two-input-model-edge") == []
+    assert not (tmp_path / "o" / "kfp-local").exists()  # refused before the pipeline started
+
+
 def test_recipe_error_is_reported_before_anything_runs(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", "models:/x@y", gate={"max_metric_dorp": 1})
     proc = run_cli("run", str(recipe), "--tracking-uri", "http://127.0.0.1:9", "--workdir", str(tmp_path / "o"))
