@@ -83,28 +83,6 @@ def _timm(name: str) -> Callable[[int], Any]:
     return build
 
 
-@__import__("torch").no_grad()
-def _recalibrate_batchnorm(model, x, batch_size: int) -> None:
-    """BatchNorm's running statistics as the plain average over the training images. A few epochs
-    from scratch leave them far from the trained weights' activations where the momentum is small
-    (torchvision's MobileNetV3 uses 0.01): eval mode would then predict one class."""
-    import torch
-
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-    model.train()
-    for i in range(0, len(x), batch_size):
-        model(torch.from_numpy(x[i:i + batch_size]))
-    model.eval()
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-
-
 class ArchClassifier(Workload):
     """A real classifier architecture at 224, trained briefly from scratch on upscaled digits."""
 
@@ -140,7 +118,6 @@ class ArchClassifier(Workload):
         ctx.teacher = fit(model, x=ctx.data.x_train, y=ctx.data.y_train, epochs=self.epochs, lr=self.lr,
                           batch_size=self.batch_size, seed=ctx.seed,
                           progress=lambda e, n_, loss: ctx.log(f"  epoch {e}/{n_} loss {loss:.3f}"))
-        _recalibrate_batchnorm(ctx.teacher, ctx.data.x_train, self.batch_size)
 
     def rows(self, ctx: Context) -> Iterator[RowSpec]:
         import torch

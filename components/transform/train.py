@@ -234,6 +234,41 @@ def augmentation(names: Sequence[str]) -> Callable[[torch.Tensor, torch.Generato
     return chain
 
 
+# BatchNorm running statistics still holding more than this share of where they started count as stale.
+STALE_BATCHNORM = 0.01
+RECALIBRATION_SAMPLES = 1024
+
+
+@torch.no_grad()
+def recalibrate_stale_batchnorm(model: nn.Module, xt, steps: int, batch_size: int,
+                                device: torch.device | None = None) -> int:
+    """After ``steps`` training steps, give BatchNorm layers whose running statistics cannot have
+    caught up (``(1 - momentum) ** steps > STALE_BATCHNORM``: torchvision's MobileNetV3 and
+    EfficientNet use momentum 0.01, so a short fine-tune leaves eval mode on the old statistics)
+    the plain average over up to ``RECALIBRATION_SAMPLES`` training inputs. Layers that trained long
+    enough are left exactly as they are. Returns how many layers were recalibrated."""
+    stale = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+             and m.momentum is not None and (1.0 - m.momentum) ** steps > STALE_BATCHNORM]
+    if not stale:
+        return 0
+    momenta = [m.momentum for m in stale]
+    for m in stale:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    fresh = {id(m) for m in stale}
+    others = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in fresh]
+    model.train()
+    for m in others:  # keep what trained long enough exactly as it is
+        m.eval()
+    n = min(len(xt), RECALIBRATION_SAMPLES)
+    for i in range(0, n, batch_size):
+        model(xt[i:min(i + batch_size, n)].to(device or "cpu"))
+    for m, momentum in zip(stale, momenta):
+        m.momentum = momentum
+    model.eval()
+    return len(stale)
+
+
 def fit(student: nn.Module, *, x: np.ndarray, y: np.ndarray, teacher: nn.Module | None = None,
         epochs: int, lr: float, batch_size: int = 64, optimizer: str = "adamw",
         schedule: str = "onecycle", weight_decay: float = 1e-4, temperature: float = 4.0,
@@ -336,6 +371,7 @@ def fit(student: nn.Module, *, x: np.ndarray, y: np.ndarray, teacher: nn.Module 
                 listen(epoch + 1, epochs, float(total) / len(xt))
             if progress:
                 progress(epoch + 1, epochs, float(loss.detach()))
+        recalibrate_stale_batchnorm(student, xt, epochs * steps_per_epoch, batch_size, dev)
     finally:
         if s_tap:
             s_tap.remove()
