@@ -299,7 +299,7 @@ def qat_detector(model: nn.Module, config, *, data: Splits, out_dir: str | Path,
     with training_outputs(fq, ref):
         fit(fq, x=data.x_train, y=None, teacher=ref, epochs=config.qat_epochs, lr=config.qat_lr,
             batch_size=32, schedule="cosine", weight_decay=0.0, seed=config.seed, progress=progress,
-            loss_fn=output_matching_loss, augment=augmentation(config.augment))
+            loss_fn=output_matching_loss, augment=augmentation(config.augment), recalibrate_batchnorm=False)
     for p in ref.parameters():
         p.requires_grad_(False)
     err["fake_quant_tuned"] = output_error(fq.eval(), ref, x_val)

@@ -312,7 +312,7 @@ def qat(model: nn.Module, config: QATQuantizeConfig, *, data: Splits | None, out
     fit(fq, x=data.x_train, y=data.y_train, teacher=kd, epochs=config.epochs, lr=config.lr,
         batch_size=config.batch_size, schedule="cosine", weight_decay=0.0,
         temperature=config.temperature, alpha=config.alpha, seed=config.seed, progress=progress,
-        augment=augmentation(config.augment))
+        augment=augmentation(config.augment), recalibrate_batchnorm=False)
     tuned = fq.fp32_model()
     fp32_tuned = export(tuned, export_config, data=data, out_path=out_dir / "qat.fp32.onnx").model
     final_cfg = dataclasses.replace(config.ptq(), float_layers=_carry_float_layers(

@@ -244,7 +244,7 @@ def prune(model: nn.Module, config: ChannelPruneConfig, *, data: Splits,
                 epochs=config.finetune_epochs, lr=config.lr, batch_size=config.batch_size,
                 temperature=config.temperature, alpha=config.alpha, seed=config.seed + step,
                 schedule="onecycle", progress=lambda e, n, l: losses.append(l),
-                augment=augmentation(config.augment))
+                augment=augmentation(config.augment), recalibrate_batchnorm=True)
             loss = losses[-1]
         history.append({"step": step, "size": size, "goal": goal, "top1_val_pruned": pruned_top1,
                         "top1_val_finetuned": top1(work, data.x_val, data.y_val)})

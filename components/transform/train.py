@@ -276,7 +276,7 @@ def fit(student: nn.Module, *, x: np.ndarray, y: np.ndarray, teacher: nn.Module 
         feature_weight: float = 1.0, progress: Progress | None = None,
         loss_fn: Callable[[Any, Any, Any], torch.Tensor] | None = None,
         augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
-        warmup: float = 0.3, device: str | None = None) -> nn.Module:
+        warmup: float = 0.3, device: str | None = None, recalibrate_batchnorm: bool = False) -> nn.Module:
     """Train ``student`` in place, optionally distilled from ``teacher``; return it in eval mode.
 
     Args:
@@ -295,6 +295,10 @@ def fit(student: nn.Module, *, x: np.ndarray, y: np.ndarray, teacher: nn.Module 
             (e.g. :func:`random_shift`); None trains on the inputs as they are.
         device: where to train (:func:`training_device`: a GPU when torch sees one). The batches
             move there one at a time; the student (and teacher) come back on the CPU.
+        recalibrate_batchnorm: at the end, give stale BatchNorm statistics the training inputs'
+            average (:func:`recalibrate_stale_batchnorm`). Pruning asks for it: its short fine-tunes
+            follow a change of architecture. QAT must not: its fake-quant model keeps the statistics
+            its Q/DQ twin was calibrated with.
         warmup: share of the steps the one-cycle schedule spends rising to ``lr``.
 
     Raises:
@@ -371,7 +375,8 @@ def fit(student: nn.Module, *, x: np.ndarray, y: np.ndarray, teacher: nn.Module 
                 listen(epoch + 1, epochs, float(total) / len(xt))
             if progress:
                 progress(epoch + 1, epochs, float(loss.detach()))
-        recalibrate_stale_batchnorm(student, xt, epochs * steps_per_epoch, batch_size, dev)
+        if recalibrate_batchnorm:
+            recalibrate_stale_batchnorm(student, xt, epochs * steps_per_epoch, batch_size, dev)
     finally:
         if s_tap:
             s_tap.remove()
