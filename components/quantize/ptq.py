@@ -34,6 +34,12 @@ CALIB_BATCH = 64
 CALIB_MEMORY = 1 << 30
 # placement "weighted": Q/DQ only on the inputs of these (TensorRT's recommended placement)
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# Ops that apply a parameter elementwise or as a normalization. With a float constant of more than one
+# element (a Linear's bias after its MatMul, LayerNorm's gamma and beta, ConvNeXt's layer-scale gamma,
+# a ViT's position embedding), ONNX Runtime's quantizer would turn that constant into int8 with one
+# scale for the whole vector; those nodes stay float (parameter_nodes).
+PARAMETER_OPS = ("Add", "Sub", "Mul", "Div", "LayerNormalization", "InstanceNormalization",
+                 "GroupNormalization", "BatchNormalization")
 
 
 def _float_tensors(model) -> list[str]:
@@ -66,6 +72,45 @@ def resolve_float_layers(model, patterns: list[str]) -> list[str]:
             raise ConfigError(f"quantize.float_layers: {pat!r} matches no node of the ONNX graph; {hint}")
         out.extend(hits)
     return list(dict.fromkeys(out))
+
+
+def parameter_nodes(model) -> list[str]:
+    """Nodes that apply a float parameter of more than one element outside Conv/Gemm/MatMul
+    (:data:`PARAMETER_OPS`): placement ``all`` keeps them float, as ``QuantizeBias: False`` keeps
+    Conv and Gemm biases float. Only Conv/ConvTranspose/Gemm/MatMul weights become int8 (per
+    channel); a bias, a normalization's affine parameters or a layer-scale gamma stay as trained,
+    and TensorRT fuses them in higher precision. Their inputs and outputs are still quantized
+    where another op consumes them. Scalar constants (GELU's 0.5, attention's scale) are exact
+    in int8 and keep their Q/DQ."""
+    import onnx
+    from onnx import numpy_helper
+
+    size = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer
+            if i.data_type == onnx.TensorProto.FLOAT}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].type == onnx.AttributeProto.TENSOR:
+            t = n.attribute[0].t
+            if t.data_type == onnx.TensorProto.FLOAT:
+                size[n.output[0]] = int(numpy_helper.to_array(t).size)
+    return [n.name for n in model.graph.node
+            if n.op_type in PARAMETER_OPS and n.name and any(size.get(i, 0) > 1 for i in n.input)]
+
+
+# A Concat whose inputs' ranges differ by more than this keeps its output float: one int8 scale over
+# both would leave the smaller input a handful of levels (a decoded detector's pixel boxes, amax
+# ~640, beside its 0-1 class scores would round every score to 0 or 5).
+MIXED_RANGE = 16.0
+
+
+def mixed_range_concats(model, ranges: dict[str, float]) -> list[str]:
+    """Concat nodes (placement ``all``) whose calibrated input ranges differ by more than
+    :data:`MIXED_RANGE`: they stay float, and so does what they feed to the graph's outputs."""
+    out = []
+    for n in model.graph.node:
+        amax = [ranges[i] for i in n.input if i in ranges and ranges[i] > 0]
+        if n.op_type == "Concat" and n.name and len(amax) > 1 and max(amax) > MIXED_RANGE * min(amax):
+            out.append(n.name)
+    return out
 
 
 def calibrate_ranges(model_path: Path, config: PTQQuantizeConfig, data: Splits) -> dict[str, float]:
@@ -186,6 +231,7 @@ def quantize(onnx_path: str | Path, config: PTQQuantizeConfig, *, data: Splits,
     quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)
     pre_model = onnx.load(str(pre))
     exclude = resolve_float_layers(pre_model, config.float_layers)
+    parameters = parameter_nodes(pre_model) if config.placement == "all" else []
     if ranges is None:
         ranges = calibrate_ranges(pre, config, data)
     else:
@@ -194,6 +240,7 @@ def quantize(onnx_path: str | Path, config: PTQQuantizeConfig, *, data: Splits,
             raise ValueError(f"quantize: ranges= lacks {len(missing)} tensor(s) of this graph ({missing[:3]}); "
                              "they must come from calibrate_onnx() on the same ONNX")
         ranges = dict(ranges)
+    mixed = mixed_range_concats(pre_model, ranges) if config.placement == "all" else []
     cache = out_dir / "calibration.json"
     tensors = TensorsData(CalibrationMethod.MinMax, {
         n: TensorData(lowest=np.array(-a, dtype=np.float32), highest=np.array(a, dtype=np.float32))
@@ -206,7 +253,8 @@ def quantize(onnx_path: str | Path, config: PTQQuantizeConfig, *, data: Splits,
     quantize_static(
         str(pre), str(out), None, quant_format=QuantFormat.QDQ, per_channel=True,
         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-        nodes_to_exclude=exclude or None, calibrate_method=CalibrationMethod.MinMax,
+        nodes_to_exclude=list(dict.fromkeys(exclude + parameters + mixed)) or None,
+        calibrate_method=CalibrationMethod.MinMax,
         op_types_to_quantize=list(WEIGHTED_OPS) if config.placement == "weighted" else None,
         extra_options={
             "ActivationSymmetric": True, "WeightSymmetric": True,
@@ -214,7 +262,10 @@ def quantize(onnx_path: str | Path, config: PTQQuantizeConfig, *, data: Splits,
             "QuantizeBias": False,
             # "weighted": Q/DQ on the inputs of weighted ops, none on their outputs; TensorRT
             # fuses the following pointwise ops (SiLU, sigmoid) and runs them in higher precision.
-            **({"OpTypesToExcludeOutputQuantization": list(WEIGHTED_OPS)} if config.placement == "weighted" else {}),
+            # "all": a MatMul's output is quantized where its consumer takes int8 (Softmax, the next
+            # MatMul), not before a Linear's float bias Add (parameter_nodes): the value quantized
+            # is the biased one, as for Conv and Gemm, and TensorRT fuses MatMul and bias.
+            "OpTypesToExcludeOutputQuantization": list(WEIGHTED_OPS) if config.placement == "weighted" else ["MatMul"],
         },
         calibration_cache_path=str(cache),
     )
@@ -228,6 +279,10 @@ def quantize(onnx_path: str | Path, config: PTQQuantizeConfig, *, data: Splits,
             "calibration_samples": min(config.num_samples, len(data.x_train)),
             "float_layers": exclude,
             "placement": config.placement,
+            # nodes applying a bias, a normalization's or a layer scale's parameters (parameter_nodes)
+            "float_parameter_nodes": len(parameters),
+            # Concats of tensors whose ranges differ by more than MIXED_RANGE (boxes beside scores)
+            "float_mixed_range_concats": mixed,
             # outputs left in float (kept float, or placement "weighted"): their range is unused
             "float_outputs": unquantized_outputs(out),
             "ranges": {k: round(v, 6) for k, v in ranges.items()},
