@@ -88,7 +88,7 @@ def test_detector_runs_end_to_end_and_is_registered_with_detection_metrics(mlflo
         assert k in src and k in cand
     assert src["map50"] > 0  # the tiny detector finds digits
     assert rep["gate"]["passed"] and {c["name"] for c in rep["gate"]["checks"]} == {
-        "map50_drop", "mean_tp_score_drop", "recall_drop", "min_recall"}
+        "map50_drop", "map50_95_drop", "mean_tp_score_drop", "recall_drop", "min_recall"}
     q = rep["candidate"]["quantization"]
     assert q["trials"] and q["trials"][0]["calibrator"] == "percentile"
     assert all(f"output_{i}" in q["ranges"] for i in range(6))  # the score heads' ranges are in the report
