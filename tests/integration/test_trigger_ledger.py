@@ -15,14 +15,14 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture()
-def parent(mlflow_server, tmp_path):
+def parent(mlflow_server):
     from mlflow import MlflowClient
 
     client = MlflowClient(mlflow_server.uri)
     name = f"ledger-{uuid.uuid4().hex[:6]}"
     client.create_registered_model(name)
-    (tmp_path / "model").mkdir()
-    version = client.create_model_version(name, source=str(tmp_path / "model")).version
+    # the ledger needs a version, not its files: a remote source MLflow takes without reading it
+    version = client.create_model_version(name, source=f"s3://edgeslim-tests/{name}/model").version
     recipe = load_recipe(REPO / "pipelines" / "demo_recipe.yaml").with_overrides(source=f"models:/{name}/{version}")
     return client, name, str(version), recipe, ledger_key(trigger_hash(recipe))
 
