@@ -63,8 +63,11 @@ def confusion_matrix(logits: np.ndarray, labels: np.ndarray) -> list[list[int]] 
     k = int(logits.shape[1]) if logits.ndim == 2 else 0
     if not 0 < k <= MAX_CONFUSION_CLASSES:
         return None
+    y = np.asarray(labels, np.int64)
+    if len(y) and (y.min() < 0 or y.max() >= k):  # labels the logits cannot name: no matrix to draw
+        return None
     m = np.zeros((k, k), np.int64)
-    np.add.at(m, (np.asarray(labels, np.int64), logits.argmax(1)), 1)
+    np.add.at(m, (y, logits.argmax(1)), 1)
     return m.tolist()
 
 
