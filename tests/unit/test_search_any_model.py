@@ -59,7 +59,12 @@ def yolo(tmp_path_factory):
     return path, Splits(x[:6], y[:6], x[6:9], y[6:9], x[9:], y[9:], source="yolov8n-random")
 
 
-def test_yolov8n_output_tail_is_its_head_and_keeping_it_float_beats_all_int8(yolo, tmp_path):
+def test_yolov8n_output_tail_is_its_head_and_keeping_it_float_beats_all_int8(yolo, tmp_path, monkeypatch):
+    # PTQ keeps a Concat of pixel boxes and 0-1 scores float by itself (ptq.MIXED_RANGE); with that
+    # rule off, all-int8 PTQ is the failure the search's fallback must find and fix.
+    from edgeslim.components.quantize import ptq as ptq_module
+
+    monkeypatch.setattr(ptq_module, "MIXED_RANGE", float("inf"))
     from edgeslim.components.common.onnx_runtime import make_session, run_outputs, sqnr_db
     from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig
     from edgeslim.components.common.task_config import DetectionGateConfig, DetectionTaskConfig
