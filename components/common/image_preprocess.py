@@ -186,7 +186,7 @@ def open_image(blob: bytes, where: str):
     try:
         im = Image.open(io.BytesIO(blob))
         im.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Exception as exc:  # Pillow and its plugins (another library may register a HEIF opener) raise anything
         why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         raise DataError(f"data {where}: not a readable image ({why}); replace the file with a valid "
                         "JPEG/PNG or delete it") from None
@@ -200,7 +200,7 @@ def image_size(blob: bytes, where: str) -> tuple[int, int]:
     try:
         with Image.open(io.BytesIO(blob)) as im:
             return im.size
-    except (OSError, SyntaxError, ValueError) as exc:
+    except Exception as exc:  # as open_image: any plugin's failure is an unreadable image
         why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         raise DataError(f"data {where}: not a readable image ({why}); replace the file with a valid "
                         "JPEG/PNG or delete it") from None
