@@ -59,6 +59,16 @@ class DetectorStrategy(Strategy):
     def __init__(self, fp32_onnx: str | Path, task, *, model=None, export_config=None):
         self.fp32_onnx, self.task_config, self.model, self.export_config = fp32_onnx, task, model, export_config
         self.table: list[dict[str, Any]] = []
+        self._fp32_session = None
+        self._layer_reference: tuple[Any, list] | None = None  # (inputs, fp32 raw outputs) single layers compare to
+
+    def fp32_session(self):
+        """The fp32 detector's ONNX Runtime session, made once for every trial and layer judged."""
+        if self._fp32_session is None:
+            from edgeslim.components.common.onnx_runtime import make_session
+
+            self._fp32_session = make_session(self.fp32_onnx)
+        return self._fp32_session
 
     def reference(self, data: Splits) -> dict[str, Any]:
         from edgeslim.components.tasks.detection import detection_metrics, onnx_detections
@@ -71,11 +81,11 @@ class DetectorStrategy(Strategy):
     def judge(self, candidate: str | Path, data: Splits) -> dict[str, Any]:
         import numpy as np
 
-        from edgeslim.components.common.onnx_runtime import SqnrAccumulator, make_session, run_outputs
+        from edgeslim.components.common.onnx_runtime import SqnrAccumulator, run_outputs
         from edgeslim.components.tasks.detection import detect_batches, detection_metrics, gate_detection
 
         task = self.task_config
-        fp32, sqnr, done = make_session(self.fp32_onnx), SqnrAccumulator(), [0]
+        fp32, sqnr, done = self.fp32_session(), SqnrAccumulator(), [0]
 
         def compare(raw):  # the fp32 outputs of the same batch (not decoded): SQNR of the raw outputs
             outs, _ = raw[0]
@@ -133,13 +143,17 @@ class DetectorStrategy(Strategy):
         return [{"label": r["output"], "nodes": r["nodes"]} for r in ranked + self.table[len(heads):]]
 
     def output_sqnr(self, candidate: str | Path, x) -> float:
-        """SQNR (dB) of ``candidate``'s raw outputs against the fp32 detector's on ``x``."""
+        """SQNR (dB) of ``candidate``'s raw outputs against the fp32 detector's on ``x`` (the fp32 outputs
+        are computed once for the ``x`` every single layer is measured on)."""
         import numpy as np
 
         from edgeslim.components.common.onnx_runtime import SqnrAccumulator, make_session, run_outputs
 
-        acc, x = SqnrAccumulator(), np.ascontiguousarray(x)
-        for ref, got in zip(run_outputs(make_session(self.fp32_onnx), x)[1], run_outputs(make_session(candidate), x)[1]):
+        x = np.ascontiguousarray(x)
+        if self._layer_reference is None or not np.array_equal(self._layer_reference[0], x):
+            self._layer_reference = (x, run_outputs(self.fp32_session(), x)[1])
+        acc = SqnrAccumulator()
+        for ref, got in zip(self._layer_reference[1], run_outputs(make_session(candidate), x)[1]):
             acc.add(ref, got)
         return round(acc.db(), 3)
 
