@@ -86,12 +86,23 @@ def export(model, config: OnnxExportConfig, *, data: Splits, out_path: str | Pat
             )
             program.optimize()
             program.save(str(out_path), external_data=False)
+        name_folded_weights(out_path, model)
     except Exception as exc:  # the exporter raises many types; all mean the same to a user
         msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise SourceError(
             f"ONNX export failed ({type(exc).__name__}: {msg}); the model must be traceable by torch.export"
         ) from None
-    got = run_onnx(out_path, x)
+    fixed = fixed_batch(out_path)
+    if fixed is not None:
+        raise SourceError(
+            f"ONNX export fixed the batch size at {fixed}: the model's forward turns it into a Python number "
+            "(len(x), int(x.shape[0]), a loop over the batch); write it with x.shape[0], x.flatten(1) or "
+            "x.reshape(x.shape[0], -1) so the batch axis stays dynamic"
+        )
+    try:
+        got = run_onnx(out_path, x)
+    except Exception as exc:  # ORT raises its own types when the graph rejects the check batch
+        raise SourceError(f"the exported ONNX cannot run the check samples ({str(exc).splitlines()[0][:200]})") from None
     diff = float(np.max(np.abs(got - reference))) if got.size else 0.0
     if not np.isfinite(diff) or diff > config.atol:
         raise SourceError(
@@ -104,6 +115,62 @@ def export(model, config: OnnxExportConfig, *, data: Splits, out_path: str | Pat
         lineage={"export": config.to_json_dict()},
         seconds=time.perf_counter() - t0,
     )
+
+
+def fixed_batch(path: str | Path) -> int | None:
+    """The batch size an ONNX file's input is fixed at, or None when its batch axis is dynamic."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inits = {i.name for i in graph.initializer}
+    for inp in graph.input:
+        if inp.name in inits:
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and not dims[0].dim_param:
+            return int(dims[0].dim_value)
+    return None
+
+
+def name_folded_weights(path: str | Path, model) -> dict[str, str]:
+    """Give folded weights their parameter's name back, in the ONNX file ``path``.
+
+    The exporter writes a Linear on a 3-D or 4-D input (a transformer's qkv/proj/MLP, ConvNeXt's
+    channels-last MLP) as ``MatMul(x, W^T)`` and folds ``W^T`` into a new constant named like
+    ``val_87``. Renamed to the parameter (``blocks.0.attn.qkv.weight``, still holding ``W^T``), the
+    quantizer, the sensitivity table, ``float_layers`` carried across exports and QAT all find
+    the layer by name, as they do for a Conv or Gemm weight. Returns ``{old name: new name}``.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    graph = proto.graph
+    have = {i.name for i in graph.initializer}
+    params: dict[tuple[int, ...], list[tuple[str, np.ndarray]]] = {}
+    for name, p in model.named_parameters():
+        if p.dim() == 2 and name not in have:
+            params.setdefault((p.shape[1], p.shape[0]), []).append((name, p.detach().numpy()))
+    rename: dict[str, str] = {}
+    for init in graph.initializer:
+        cands = params.get(tuple(init.dims)) if len(init.dims) == 2 else None
+        if not cands:
+            continue
+        value = numpy_helper.to_array(init)
+        for name, w in cands:
+            if name not in have and name not in rename.values() and np.array_equal(value, w.T):
+                rename[init.name] = name
+                break
+    if not rename:
+        return rename
+    for init in graph.initializer:
+        init.name = rename.get(init.name, init.name)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    onnx.save(proto, str(path))
+    return rename
 
 
 def run_onnx(path: str | Path, x: np.ndarray, *, basic: bool = True, threads: int = 0) -> np.ndarray:

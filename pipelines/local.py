@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgeslim.components.common import progress as progress_events
-from edgeslim.components.common.errors import EdgeslimError
+from edgeslim.components.common.errors import EdgeslimError, GateRejected
 
 _TASK_LINE = re.compile(r"Task '([^']+)' finished with status (\w+)")
 _START_LINE = re.compile(r"Executing task '([^']+)'")
@@ -25,6 +25,13 @@ _ERROR_LINE = re.compile(r"edgeslim\.components\.common\.errors\.(\w+): (.*)")
 
 class PipelineTaskFailed(EdgeslimError):
     """A task of the local pipeline run failed."""
+
+
+class PipelineGateRejected(PipelineTaskFailed):
+    """A task refused the candidate (the accuracy-aware quantizer found none that passes the gate):
+    a verdict, not a crash, so the exit code is the gate's (3)."""
+
+    exit_code = GateRejected.exit_code
 
 
 class _Echo(io.TextIOBase):
@@ -55,12 +62,12 @@ class _Echo(io.TextIOBase):
             self.progress(f"task {m.group(1)}: {m.group(2).lower()}", "task")
 
 
-def _first_error(log: str) -> str | None:
-    """The edgeslim error a task raised, as its one line, if there was one."""
+def _task_error(log: str) -> tuple[str, str] | None:
+    """The type and the one line of the edgeslim error a task raised, if there was one."""
     clean = re.sub(r"\x1b\[[0-9;]*m", "", log)
     hits = _ERROR_LINE.findall(clean)
     if hits:
-        return hits[-1][1].strip()
+        return hits[-1][0], hits[-1][1].strip()
     return None
 
 
@@ -101,8 +108,10 @@ def run_pipeline(recipe, *, tracking_uri: str, workdir: str | Path,
     except RuntimeError as exc:
         log = sink.buf.getvalue()
         (workdir / "pipeline.log").write_text(log)
-        err = _first_error(log)
-        raise PipelineTaskFailed(
+        found = _task_error(log)
+        err = found[1] if found else None
+        kind = PipelineGateRejected if found and found[0] == GateRejected.__name__ else PipelineTaskFailed
+        raise kind(
             (err or f"local pipeline run failed: {str(exc).splitlines()[0][:200]}")
             + ("" if err else f"; see {workdir / 'pipeline.log'}")
         ) from None

@@ -79,9 +79,12 @@ class PTQQuantizeConfig(Calibration, StageConfig):
         num_bins: histogram bins for ``entropy``/``mse``/``percentile`` (TensorRT uses 2048).
         float_layers: node names or fnmatch patterns kept in float.
         placement: where Q/DQ pairs go. ``all``: every op ONNX Runtime can quantize
-            (activations such as Sigmoid, Mul, Concat, Resize included); ``weighted``:
-            only the inputs of Conv/ConvTranspose/Gemm/MatMul, TensorRT's recommended
-            placement, where pointwise ops run in higher precision inside fused layers.
+            (activations such as Sigmoid, Mul, Concat, Resize, Softmax included), while
+            parameters other than conv/linear weights (a Linear's bias Add after its MatMul,
+            LayerNorm's affine, a layer-scale gamma) stay float; ``weighted``: only the
+            inputs of Conv/ConvTranspose/Gemm/MatMul, TensorRT's recommended placement,
+            where pointwise ops run in higher precision inside fused layers. Both put Q/DQ
+            on both inputs of an attention MatMul.
         seed: which calibration samples are drawn.
     """
 
@@ -351,12 +354,15 @@ class QATQuantizeConfig(Calibration, DistilledFinetuning, StageConfig):
         alpha: weight of the distillation loss.
         seed: calibration draw and fine-tuning order.
         augment: augmentations of the training batches, in order (``shift``, ``hflip``); none by default.
+        placement: where Q/DQ pairs go, ``all`` or ``weighted`` (as ``quantize.placement`` of
+            ``method: ptq``); the fake quantizers follow the Q/DQ graph.
     """
 
     stage = "quantize"
     method = "qat"
     epochs: int = 3
     lr: float = 1e-4
+    placement: Literal["all", "weighted"] = "all"
 
     def validate(self) -> None:
         PTQQuantizeConfig(calibrator=self.calibrator, num_samples=self.num_samples,
@@ -367,7 +373,8 @@ class QATQuantizeConfig(Calibration, DistilledFinetuning, StageConfig):
         """The PTQ config whose calibration initialises the fake quantizers."""
         return PTQQuantizeConfig(calibrator=self.calibrator, num_samples=self.num_samples,
                                  percentile=self.percentile, num_bins=self.num_bins,
-                                 float_layers=list(self.float_layers), seed=self.seed)
+                                 float_layers=list(self.float_layers), placement=self.placement,
+                                 seed=self.seed)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,6 +40,15 @@ from edgeslim.components.common.stage_configs import OnnxExportConfig, QATQuanti
 
 Progress = Callable[[int, int, float], None]
 _MATCH_SAMPLES = 16
+# Input values matched at most (16 8x8 digits; 3 images at 224x224x3): every traced tensor of the
+# match run is kept, which for a 224x224 CNN is ~100 MB per image.
+_MATCH_VALUES = 1 << 19
+
+
+def match_samples(x: np.ndarray) -> int:
+    """How many samples the torch-to-ONNX match runs on: up to 16, fewer for large inputs."""
+    per = int(np.prod(x.shape[1:])) or 1
+    return max(2, min(_MATCH_SAMPLES, _MATCH_VALUES // per))
 
 
 def _ste_round(x: torch.Tensor) -> torch.Tensor:
@@ -165,6 +174,90 @@ def _trace(model: nn.Module):
         ) from None
 
 
+def _hardswish(x):
+    return x * nn.functional.hardsigmoid(x)
+
+
+def _silu(x):
+    return x * torch.sigmoid(x)
+
+
+def _gelu(x):
+    return x * (0.5 * (torch.erf(x / 1.4142135623730951) + 1.0))
+
+
+def _attention(q, k, v):
+    s = q.size(-1) ** -0.25
+    return torch.softmax((q * s) @ (k.transpose(-2, -1) * s), dim=-1) @ v
+
+
+def _attention_scaled(q, k, v, s):
+    return torch.softmax((q * s) @ (k.transpose(-2, -1) * s), dim=-1) @ v
+
+
+def _spelled_out(gm, node):
+    """The function that writes ``node`` as the ONNX exporter does (opset 18), or None.
+
+    The exporter writes Hardswish as HardSigmoid and Mul, SiLU as Sigmoid and Mul, exact GELU as
+    Div, Erf, Add and two Muls, and scaled_dot_product_attention as (q * sqrt(scale)) @
+    (k^T * sqrt(scale)), Softmax and a MatMul with v. Placement ``all`` quantizes those inner
+    tensors (the attention MatMuls' inputs among them), so the traced graph needs them too.
+    """
+    f = nn.functional
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        fn = {nn.Hardswish: _hardswish, nn.SiLU: _silu, nn.GELU: _gelu}.get(type(mod))
+        if fn is None or (fn is _gelu and mod.approximate != "none"):
+            return None  # tanh-approximated GELU is left as it is
+        return fn, node.args[:1]
+    if node.op != "call_function":
+        return None
+    if node.target in (f.hardswish, f.silu) or (node.target is f.gelu and len(node.args) == 1
+                                                 and node.kwargs.get("approximate", "none") == "none"):
+        return {f.hardswish: _hardswish, f.silu: _silu, f.gelu: _gelu}[node.target], node.args[:1]
+    if node.target is f.scaled_dot_product_attention:
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+        kw = {**dict(zip(names, node.args)), **node.kwargs}
+        # an optional forward argument (timm's attn_mask=None, is_causal=False) is traced as a
+        # placeholder that keeps its default: the model is called with its input alone
+        kw = {k: (v.args[0] if isinstance(v, torch.fx.Node) and v.op == "placeholder" and v.args else v)
+              for k, v in kw.items()}
+        if kw.get("attn_mask") is not None or kw.get("dropout_p", 0.0) or kw.get("is_causal") or kw.get("enable_gqa"):
+            return None  # masked, causal or dropout attention keeps its one node
+        qkv = (kw["query"], kw["key"], kw["value"])
+        if kw.get("scale") is None:
+            return _attention, qkv
+        return _attention_scaled, (*qkv, float(kw["scale"]) ** 0.5)
+    return None
+
+
+def spell_out_like_onnx(gm) -> int:
+    """Rewrite, in the traced graph ``gm``, the ops the exporter writes as several ONNX ops into those
+    same steps (:func:`_spelled_out`), so every tensor the Q/DQ ONNX quantizes has a torch twin.
+    The values are the same; returns how many ops were rewritten."""
+    from torch import fx
+
+    done = 0
+    for node in list(gm.graph.nodes):
+        got = _spelled_out(gm, node)
+        if got is None:
+            continue
+        fn, args = got
+        sub = fx.symbolic_trace(fn)
+        placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        with gm.graph.inserting_before(node):
+            env = dict(zip(placeholders, args))
+            out = gm.graph.graph_copy(sub.graph, env)
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
+        done += 1
+    if done:
+        gm.graph.lint()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+    return done
+
+
 def fake_quant_model(model: nn.Module, *, qdq_path: str | Path, fp32_path: str | Path,
                      x: np.ndarray) -> FakeQuantModel:
     """Build the fake-quant twin of the Q/DQ ONNX ``qdq_path`` around a copy of ``model``.
@@ -181,8 +274,9 @@ def fake_quant_model(model: nn.Module, *, qdq_path: str | Path, fp32_path: str |
     # Fold BatchNorm as ONNX Runtime's pre-processing does, so weights and biases
     # quantize exactly as in the ONNX (BatchNorm stays folded while fine-tuning).
     gm = fuse(_trace(copy.deepcopy(model).eval()))
+    spell_out_like_onnx(gm)
     acts, weights = qdq_plan(qdq_path)
-    x = np.ascontiguousarray(x[:_MATCH_SAMPLES])
+    x = np.ascontiguousarray(x[:match_samples(x)])
     ref = _onnx_values(fp32_path, list(acts), x)
     by_size: dict[int, list[str]] = {}
     for name, v in ref.items():
@@ -194,11 +288,42 @@ def fake_quant_model(model: nn.Module, *, qdq_path: str | Path, fp32_path: str |
         def run_node(self, n):
             out = super().run_node(n)
             if isinstance(out, torch.Tensor) and out.is_floating_point():
-                seen[n.name] = out.detach()
+                # a copy: an in-place op further on (ResNet's `out += identity`, ReLU(inplace=True))
+                # would otherwise change the value this node is matched by
+                seen[n.name] = out.detach().clone()
             return out
 
     with torch.no_grad():
         Capture(gm).run(torch.from_numpy(x))
+
+    ordered: dict[str, np.ndarray] = {}
+
+    def sorted_ref(n: str) -> np.ndarray:
+        if n not in ordered:
+            ordered[n] = np.sort(ref[n].reshape(-1))
+        return ordered[n]
+
+    def tolerance(b: np.ndarray) -> float:
+        return 1e-4 + 1e-4 * float(np.abs(b).max(initial=0.0))
+
+    def distance(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.abs(a - b).max(initial=0.0))
+
+    def close(a: np.ndarray, b: np.ndarray) -> bool:
+        return distance(a, b) <= tolerance(b)
+
+    def summary(v: np.ndarray) -> np.ndarray:
+        return np.array([v.min(initial=0.0), v.max(initial=0.0), np.abs(v).sum(dtype=np.float64)])
+
+    # Largest, smallest and summed |x| of every ONNX tensor: equal values (in any order) agree on
+    # them within the tolerance, so only those candidates are compared element by element (a ViT has
+    # dozens of same-sized tensors; comparing every pair in full takes minutes).
+    stats = {n: summary(v.reshape(-1)) for n, v in ref.items()}
+
+    def plausible(cands: list[str], flat: np.ndarray) -> list[str]:
+        tol, mine = tolerance(flat), summary(flat)
+        bound = np.array([tol, tol, tol * flat.size])
+        return [n for n in cands if np.all(np.abs(stats[n] - mine) <= bound)]
 
     used: set[str] = set()
     plan: list[tuple[object, str]] = []
@@ -207,16 +332,35 @@ def fake_quant_model(model: nn.Module, *, qdq_path: str | Path, fp32_path: str |
         if val is None or node.op == "output":
             continue
         flat = val.reshape(-1).numpy()
-        tol = 1e-4 + 1e-4 * float(np.abs(flat).max(initial=0.0))
-        hits = [n for n in by_size.get(flat.size, [])
-                if np.allclose(ref[n].reshape(-1), flat, atol=tol, rtol=0)]
+        cands = plausible(by_size.get(flat.size, []), flat)
+        tol = tolerance(flat)
+        dist = {n: distance(ref[n].reshape(-1), flat) for n in cands}
+        hits = [n for n in cands if dist[n] <= tol]
+        if not hits and cands:
+            # The same values in another layout: the exporter's transpose optimiser slices q, k and v
+            # out of a fused qkv before permuting them. Quantization is elementwise, so a fake
+            # quantizer on the torch tensor is the ONNX one on its permutation.
+            flat_sorted = np.sort(flat)
+            dist = {n: distance(sorted_ref(n), flat_sorted) for n in cands}
+            hits = [n for n in cands if dist[n] <= tol]
         if not hits:
             continue
-        # Equal values along reshape chains share a scale; prefer a same-shape, unused twin.
-        hits.sort(key=lambda n: (tuple(ref[n].shape) != tuple(val.shape), n in used))
+        # The nearest twins first: residual streams whose update is still tiny (ConvNeXt's layer
+        # scale starts at 1e-6) are within the tolerance of each other, and an identity module
+        # (a shortcut) repeats a value exactly. Among equally near twins, equal values along a
+        # reshape chain share a scale: prefer a same-shape, unused one.
+        near = max(10.0 * min(dist[n] for n in hits), 1e-7 * tol)
+        hits.sort(key=lambda n: (dist[n] > near, tuple(ref[n].shape) != tuple(val.shape), n in used, dist[n]))
         used.add(hits[0])
         plan.append((node, hits[0]))
     missing = set(acts) - used
+    # An ONNX tensor with no torch node of its own (a copy or permutation the exporter adds, e.g.
+    # HardSwish's input to its HardSigmoid) is quantized by its twin's fake quantizer when it holds
+    # the same values with the same scale: quantizing twice at one scale is quantizing once.
+    for name in sorted(missing):
+        if any(plausible([name], sorted_ref(u)) and np.isclose(acts[u], acts[name], rtol=1e-6, atol=0)
+               and close(sorted_ref(u), sorted_ref(name)) for u in used if ref[u].size == ref[name].size):
+            missing.discard(name)
     if missing:
         raise SourceError(
             f"QAT could not find torch values for quantized ONNX tensors {sorted(missing)[:4]}; "
@@ -240,6 +384,14 @@ def fake_quant_model(model: nn.Module, *, qdq_path: str | Path, fp32_path: str |
         gm.add_submodule(node.target, QuantLayer(layer, in_fq))
     gm.recompile()
     return FakeQuantModel(gm).eval()
+
+
+def _logits(model: nn.Module, x, batch: int = 64) -> np.ndarray:
+    """The outputs of a torch classifier on ``x`` (eval, no gradients), ``batch`` rows at a time."""
+    model.eval()
+    with torch.no_grad():
+        return np.concatenate([model(torch.from_numpy(np.ascontiguousarray(x[i:i + batch]))).numpy()
+                               for i in range(0, len(x), batch)])
 
 
 def _carry_float_layers(old_pre: Path, patterns: list[str], new_fp32: Path, new_pre: Path) -> list[str]:
@@ -288,6 +440,7 @@ def qat(model: nn.Module, config: QATQuantizeConfig, *, data: Splits | None, out
         DataError: there is no training data.
     """
     from edgeslim.components.transform.train import augmentation, fit
+    from edgeslim.components.common.onnx_runtime import sqnr_db
     from edgeslim.components.evaluate import top1_percent
     from edgeslim.components.export import export, run_onnx
     from edgeslim.components.quantize.ptq import quantize
@@ -305,7 +458,7 @@ def qat(model: nn.Module, config: QATQuantizeConfig, *, data: Splits | None, out
         fp32_onnx = export(model, export_config, data=data, out_path=out_dir / "start.fp32.onnx").model
     ptq = quantize(fp32_onnx, config.ptq(), data=data, out_dir=out_dir / "ptq")
     ptq_top1 = top1_percent(run_onnx(ptq.model, data.x_test), data.y_test)
-    calib = data.calibration(_MATCH_SAMPLES, config.seed)
+    calib = data.calibration(match_samples(data.x_train[:1]), config.seed)
     fq = fake_quant_model(model, qdq_path=ptq.model, fp32_path=out_dir / "ptq" / "model.pre.onnx", x=calib)
     fq_start = top1(fq, data.x_test, data.y_test)
     kd = copy.deepcopy(teacher if teacher is not None else model).eval() if config.distill else None
@@ -321,8 +474,9 @@ def qat(model: nn.Module, config: QATQuantizeConfig, *, data: Splits | None, out
     qdq = out_dir / "model.int8.onnx"
     qdq.write_bytes(Path(final.model).read_bytes())
     fq_final = fake_quant_model(tuned, qdq_path=qdq, fp32_path=out_dir / "final" / "model.pre.onnx", x=calib)
-    fq_top1 = top1(fq_final, data.x_test, data.y_test)
-    ort_top1 = top1_percent(run_onnx(qdq, data.x_test), data.y_test)
+    fq_out = _logits(fq_final, data.x_test)
+    ort_out = run_onnx(qdq, data.x_test)
+    fq_top1, ort_top1 = top1_percent(fq_out, data.y_test), top1_percent(ort_out, data.y_test)
     metrics = {
         **{k: v for k, v in final.metrics.items() if k != "ranges"},
         "size_bytes": qdq.stat().st_size,
@@ -331,6 +485,8 @@ def qat(model: nn.Module, config: QATQuantizeConfig, *, data: Splits | None, out
         "fake_quant_top1_test": fq_top1,
         "onnx_top1_test": ort_top1,
         "fake_quant_vs_onnx_pt": abs(fq_top1 - ort_top1),
+        # how faithfully the trained twin computes what ONNX Runtime runs (inf: identical)
+        "fake_quant_vs_onnx_sqnr_db": round(sqnr_db(ort_out, fq_out), 3),
         "qat_epochs": config.epochs,
     }
     lineage = {"stage": "quantize", "method": "qat", "config": config.to_json_dict(),

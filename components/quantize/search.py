@@ -36,7 +36,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edgeslim.components.common.data import Splits
-from edgeslim.components.common.errors import GateRejected
+from edgeslim.components.common.errors import GateRejected, SourceError
 from edgeslim.components.recipe import AccuracyGateConfig
 from edgeslim.components.common.result import StageResult
 from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig, OnnxExportConfig, QATQuantizeConfig
@@ -105,6 +105,7 @@ class Strategy(abc.ABC):
         fields: the judged row fields logged as MLflow metrics.
         table_key: where the fallback's ranking table goes in ``autotune.json`` and the metrics.
         table: that table (``None`` or empty until :meth:`rank` ran).
+        qat_skipped: why :meth:`qat` could not run (one line), or empty.
     """
 
     task = ""
@@ -115,6 +116,7 @@ class Strategy(abc.ABC):
     fields: tuple[str, ...] = ()
     table_key = "sensitivity"
     table: Any = None
+    qat_skipped = ""
 
     @abc.abstractmethod
     def reference(self, data: Splits) -> dict[str, Any]:
@@ -226,20 +228,29 @@ class ClassifierStrategy(Strategy):
         qcfg = QATQuantizeConfig(calibrator=calibrator, num_samples=config.num_samples,  # type: ignore[arg-type]
                                  percentile=config.percentile, num_bins=config.num_bins,
                                  float_layers=float_layers, epochs=config.qat_epochs,
-                                 lr=config.qat_lr, seed=config.seed, augment=list(config.augment))
-        res = qat(self.model, qcfg, data=data, out_dir=out_dir, fp32_onnx=fp32_onnx,
-                  export_config=self.export_config)
+                                 lr=config.qat_lr, seed=config.seed, augment=list(config.augment),
+                                 placement=config.placement)
+        try:
+            res = qat(self.model, qcfg, data=data, out_dir=out_dir, fp32_onnx=fp32_onnx,
+                      export_config=self.export_config)
+        except SourceError as exc:  # not traceable, or its ONNX has tensors torch does not compute
+            self.qat_skipped = str(exc)
+            return None
         return res, {"fake_quant_top1_test": res.metrics["fake_quant_top1_test"]}
 
     def figures(self, row):
         return f"top-1 {row['metric']:.2f}% vs parent {self.parent_metric:.2f}%"
 
     def fix(self, config, qat_ran):
+        # QAT was asked for but could not run: say why first, it is what the user changes
+        skipped = f"QAT could not run ({self.qat_skipped}); " if config.qat and not qat_ran and self.qat_skipped else ""
         if config.max_float_layers == 0:
-            return ("quantize.max_float_layers is 0, so no layer could fall back to float: raise it "
+            return (skipped + "quantize.max_float_layers is 0, so no layer could fall back to float: raise it "
                     "(e.g. 3)" + ("" if config.qat else " or set quantize.qat: true") + ", or loosen the gate")
         if not config.qat:
             return "set quantize.qat: true, raise quantize.max_float_layers, or loosen the gate"
+        if skipped:
+            return skipped + "raise quantize.max_float_layers, or loosen the gate"
         return "raise quantize.max_float_layers or quantize.qat_epochs, or loosen the gate"
 
     def result_metrics(self, row, res):
@@ -349,6 +360,8 @@ def search(fp32_onnx: str | Path, config: AccuracyAwareQuantizeConfig, *, strate
         t = time.perf_counter()
         done = strategy.qat(fp32_onnx, config, data=data, out_dir=out_dir / "qat", calibrator=best["calibrator"],
                             float_layers=list(best["float_layers"]))
+        if done is None and strategy.qat_skipped and progress:
+            progress(f"QAT skipped: {strategy.qat_skipped}")
         if done is not None:
             qat_ran = True
             res, extra = done

@@ -12,6 +12,7 @@ import copy
 import fnmatch
 import math
 import time
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -127,20 +128,75 @@ def _pruner(model: nn.Module, config: ChannelPruneConfig, example: torch.Tensor,
             ignored: list[str], ratio_dict: dict[str, float], max_ratio: float, steps: int):
     tp = _tp()
     modules = dict(model.named_modules())
-    return tp.pruner.MetaPruner(
-        model, example, importance=_importance(config.importance),
-        global_pruning=config.global_pruning, pruning_ratio=max_ratio,
-        pruning_ratio_dict={modules[n]: r for n, r in ratio_dict.items()} or None,
-        max_pruning_ratio=max_ratio, iterative_steps=steps,
-        ignored_layers=[modules[n] for n in ignored],
-        round_to=config.round_to if config.round_to > 1 else None,
-    )
+    with warnings.catch_warnings():
+        # Layer-scale gammas, class tokens and position embeddings are parameters outside any layer;
+        # Torch-Pruning prunes their last non-singleton axis (the channel axis of all three) and warns
+        # each time: the lineage lists them instead (unwrapped_parameters).
+        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+        return tp.pruner.MetaPruner(
+            model, example, importance=_importance(config.importance),
+            global_pruning=config.global_pruning, pruning_ratio=max_ratio,
+            pruning_ratio_dict={modules[n]: r for n, r in ratio_dict.items()} or None,
+            max_pruning_ratio=max_ratio, iterative_steps=steps,
+            ignored_layers=[modules[n] for n in ignored],
+            round_to=config.round_to if config.round_to > 1 else None,
+            # Fresh dicts: MetaPruner's defaults are shared between calls and it writes every grouped
+            # layer into them, which would keep each pruned copy (and its weights) alive.
+            in_channel_groups={}, out_channel_groups={}, num_heads={}, channel_groups={},
+        )
+
+
+def unwrapped_parameters(pruner) -> dict[str, int]:
+    """Parameters outside any layer that the pruner shrinks with their channels, and along which axis."""
+    names = pruner.DG._param_to_name
+    return {names.get(p, "?"): int(dim) for p, dim in pruner.DG.unwrapped_parameters}
+
+
+# The output projection of an attention module, by the names timm, Hugging Face and torch use.
+_ATTENTION_OUTPUTS = ("proj", "out_proj", "o_proj", "to_out", "out", "dense")
+
+
+def attention_inputs(model: nn.Module) -> dict[str, list[str]]:
+    """The query/key/value projections of every multi-head attention, by attention module.
+
+    An attention module is one with an integer ``num_heads`` (timm's ``Attention``, Swin's
+    ``WindowAttention``, most hand-written ones) or a ``nn.MultiheadAttention``. Its input
+    projections' output channels are laid out head by head (``num_heads x head_dim``, times 3
+    for a fused ``qkv``) and the forward reshapes them with the module's own ``num_heads`` and
+    ``head_dim``: pruning them channel by channel breaks that reshape. They are kept whole, so
+    heads and head dims stay as they are while the embedding width and the MLPs are pruned; the
+    output projection stays prunable on its output side (the embedding). A module whose output
+    projection is not recognised is kept whole altogether.
+    """
+    found: dict[str, list[str]] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.MultiheadAttention):
+            found[name] = [name]
+            continue
+        heads = getattr(mod, "num_heads", None)
+        if not name or isinstance(heads, bool) or not isinstance(heads, int):
+            continue
+        # the projections are the module's own layers (a block or model that merely records
+        # num_heads holds its layers deeper down, and is not an attention)
+        layers = [n for n, m in mod.named_children() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+        if not layers:
+            continue
+        outputs = {n for n in layers if n in _ATTENTION_OUTPUTS}
+        found[name] = [f"{name}.{n}" for n in layers if n not in outputs] if outputs else [name]
+    return found
+
+
+def kept_whole(model: nn.Module, example: torch.Tensor) -> tuple[list[str], list[str]]:
+    """The layers every pruning keeps whole: the output layers, and the attention inputs."""
+    heads = output_layers(model, example)
+    attention = sorted({n for names in attention_inputs(model).values() for n in names} - set(heads))
+    return heads, attention
 
 
 def _plan(model: nn.Module, config: ChannelPruneConfig, example: torch.Tensor
-          ) -> tuple[list[str], dict[str, float]]:
-    heads = output_layers(model, example)
-    ignored = set(heads)
+          ) -> tuple[list[str], dict[str, float], list[str]]:
+    heads, attention = kept_whole(model, example)
+    ignored = set(heads) | set(attention)
     for hits in _match(model, config.ignored_layers, "ignored_layers").values():
         ignored.update(hits)
     ratios: dict[str, float] = {}
@@ -151,14 +207,35 @@ def _plan(model: nn.Module, config: ChannelPruneConfig, example: torch.Tensor
                     f"prune.layer_ratios.{pat}: {n} is an output layer; pruning it would change "
                     "the model's outputs; remove it from layer_ratios"
                 )
+            if n in attention or any(n.startswith(a + ".") for a in attention):
+                raise ConfigError(
+                    f"prune.layer_ratios.{pat}: {n} projects an attention's queries/keys/values, whose "
+                    "channels are laid out head by head; they are kept whole; remove it from "
+                    "layer_ratios (the embedding width and the MLPs are pruned)"
+                )
             ratios[n] = float(config.layer_ratios[pat])
-    return sorted(ignored), ratios
+    return sorted(ignored), ratios, attention
 
 
 def _prune_to(model: nn.Module, pruner, config: ChannelPruneConfig, example: torch.Tensor,
-              goal: float, data: Splits) -> int:
-    """Step the pruner until the measured size is at most ``goal``; return the size."""
-    size = _measure(model, example, config.target)
+              goal: float, data: Splits, start: int | None = None) -> int:
+    """Step the pruner until the measured size is at most ``goal``; return the size.
+
+    ``start`` is the size the model had when ``pruner`` was made. Given it, the pruner first jumps
+    to a share of channels that cannot overshoot the goal: removing a share r of every layer's
+    channels leaves at least (1 - r)^2 of the MACs and parameters (a layer loses at most r of its
+    inputs and r of its outputs; kept-whole layers lose less), so at r = 1 - sqrt(goal / start) the
+    model is still at or above the goal. It jumps to 0.8 of that share (a layer keeps a whole number
+    of channels, rounded down), or half of it where channels are allotted unevenly (global pruning
+    can cut the heaviest layers harder) or rounded to ``round_to``; small steps take it the rest of
+    the way. A 224x224 model is then measured a handful of times rather than once per small step.
+    """
+    size = _measure(model, example, config.target) if start is None or pruner.current_step else start
+    if start and size > goal:
+        share = (1.0 - math.sqrt(goal / start)) * (0.5 if config.global_pruning or config.round_to > 1 else 0.8)
+        jump = min(int(share / pruner.max_pruning_ratio * pruner.iterative_steps), pruner.iterative_steps) - 1
+        if jump > pruner.current_step:
+            pruner.current_step = jump  # step() prunes to the absolute share of step current_step + 1
     while size > goal and pruner.current_step < pruner.iterative_steps:
         if config.importance == "taylor":
             _taylor_grads(model, data, config.seed + pruner.current_step)
@@ -174,10 +251,15 @@ def _others(model: nn.Module, keep: set[str]) -> list[str]:
 
 def _check_reachable(model: nn.Module, config: ChannelPruneConfig, example: torch.Tensor,
                      ignored: list[str], base: int, data: Splits) -> None:
-    """Refuse a target that could only be met by emptying layers, before any training."""
+    """Refuse a target that could only be met by emptying layers, before any training: a copy
+    pruned by ``max_layer_ratio`` in one shot is the smallest the pruner can make the model."""
     trial = copy.deepcopy(model)
-    pruner = _pruner(trial, config, example, ignored, {}, config.max_layer_ratio, _INCREMENTS)
-    floor = _prune_to(trial, pruner, config, example, config.keep_fraction * base, data)
+    pruner = _pruner(trial, config, example, ignored, {}, config.max_layer_ratio, 1)
+    if config.importance == "taylor":
+        _taylor_grads(trial, data, config.seed)
+    pruner.step()
+    floor = _measure(trial, example, config.target)
+    del trial
     if floor > config.keep_fraction * base * 1.02:
         reach = floor / base
         raise ConfigError(
@@ -219,7 +301,7 @@ def prune(model: nn.Module, config: ChannelPruneConfig, *, data: Splits,
     macs0, params0 = count_macs_params(work, example)
     base = macs0 if config.target == "macs" else params0
     channels0 = _channels(work)
-    ignored, ratios = _plan(work, config, example)
+    ignored, ratios, attention = _plan(work, config, example)
     if ratios:
         # Layers with their own ratio lose exactly that share first, in one shot;
         # the MACs/params target is then met by the other layers.
@@ -232,10 +314,12 @@ def prune(model: nn.Module, config: ChannelPruneConfig, *, data: Splits,
     kd_teacher = copy.deepcopy(teacher if teacher is not None else model).eval() if config.distill else None
     top1_before = top1(work, data.x_val, data.y_val)
     pruner = _pruner(work, config, example, ignored, {}, config.max_layer_ratio, _INCREMENTS)
+    unwrapped = unwrapped_parameters(pruner)  # by name before pruning replaces the parameters
+    start_size = _measure(work, example, config.target)
     history = []
     for step in range(1, config.steps + 1):
         goal = base * config.keep_fraction ** (step / config.steps)
-        size = _prune_to(work, pruner, config, example, goal, data)
+        size = _prune_to(work, pruner, config, example, goal, data, start=start_size)
         pruned_top1 = top1(work, data.x_val, data.y_val)
         loss = float("nan")
         if config.finetune_epochs:
@@ -263,6 +347,9 @@ def prune(model: nn.Module, config: ChannelPruneConfig, *, data: Splits,
         "steps": history,
     }
     lineage = {"stage": "prune", "config": config.to_json_dict(), "ignored_layers": ignored,
+               # kept whole because their channels are laid out head by head (attention_inputs)
+               "attention_inputs_kept": attention,
+               "unwrapped_parameters": unwrapped,
                "distilled_from": "unpruned model" if config.distill else None,
                "data_digest": data.digest()}
     return StageResult(work, metrics, lineage, time.perf_counter() - start)
@@ -274,7 +361,7 @@ def shrink_to_width(model: nn.Module, width: float, *, example: torch.Tensor,
 
     Built by one-shot structural pruning of a copy (keeping the channels with the
     largest weights, a better start than random init); the output layer keeps
-    its size. ``model`` is not changed.
+    its size, and attention keeps its heads (:func:`attention_inputs`). ``model`` is not changed.
 
     Raises:
         ConfigError: ``width`` is not in (0, 1).
@@ -284,7 +371,7 @@ def shrink_to_width(model: nn.Module, width: float, *, example: torch.Tensor,
     work = copy.deepcopy(model).eval()
     example = example[:1]
     cfg = ChannelPruneConfig(importance=importance, finetune_epochs=0)  # type: ignore[arg-type]
-    heads = output_layers(work, example)
-    pruner = _pruner(work, cfg, example, heads, {}, 1.0 - width, 1)
+    heads, attention = kept_whole(work, example)
+    pruner = _pruner(work, cfg, example, heads + attention, {}, 1.0 - width, 1)
     pruner.step()
     return work.eval()
