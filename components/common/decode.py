@@ -234,23 +234,32 @@ def infer_decoder(output_names: Sequence[str], shapes: Sequence[Sequence[int]], 
             "heads": infer_heads(output_names, shapes, input_hw, num_classes)}
 
 
-def load_decode_fn(spec: str) -> Decoder:
-    """Import a user decoder ``module:function``.
+def load_user_function(spec: str, key: str) -> Callable:
+    """Import a user function ``module:function`` that the recipe's ``key`` names (``task.decode_fn``,
+    ``task.loss_fn``).
 
     Raises:
-        ConfigError: the module cannot be imported, or it has no such callable.
+        ConfigError: the module cannot be imported, it has no such name, or the name is no callable.
     """
     mod_name, _, fn_name = spec.partition(":")
     try:
         mod = importlib.import_module(mod_name)
     except Exception as exc:  # any import-time failure of user code is the same problem to a user
         raise ConfigError(
-            f"task.decode_fn {spec!r}: cannot import module {mod_name!r} ({type(exc).__name__}: "
+            f"{key} {spec!r}: cannot import module {mod_name!r} ({type(exc).__name__}: "
             f"{str(exc)[:120]}); install it or put it on PYTHONPATH") from None
     fn = getattr(mod, fn_name, None)
+    if fn is None:
+        raise ConfigError(f"{key} {spec!r}: module {mod_name!r} has no function {fn_name!r}")
     if not callable(fn):
-        raise ConfigError(f"task.decode_fn {spec!r}: module {mod_name!r} has no function {fn_name!r}")
+        raise ConfigError(f"{key} {spec!r}: {fn_name!r} in module {mod_name!r} is a {type(fn).__name__}, "
+                          "not a function; name a function")
     return fn
+
+
+def load_decode_fn(spec: str) -> Decoder:
+    """Import a user decoder ``module:function`` (:func:`load_user_function`)."""
+    return load_user_function(spec, "task.decode_fn")
 
 
 def _check_decoded(result: Any, n_images: int, where: str) -> list[np.ndarray]:

@@ -149,6 +149,12 @@ class DetectionTaskConfig(Config):
         decoder: the built-in decoder's settings (used when ``decode_fn`` is empty).
         decode_fn: ``module:function`` taking the outputs (a list of numpy arrays in output
             order) and returning per image an (M, 6) array ``[x1, y1, x2, y2, score, class]``.
+        loss_fn: ``module:function`` the label-trained stages (distill, prune's fine-tuning) train with:
+            ``loss_fn(outputs, targets, model) -> scalar tensor``, ``outputs`` the model's training-mode
+            return value, ``targets`` per image a ``(k, 5)`` tensor ``[x1, y1, x2, y2, class]`` in input
+            pixels (:mod:`edgeslim.components.tasks.detector_label_loss`). Empty: Ultralytics' own loss for
+            an Ultralytics model, edgeslim's detection loss for ``(box, cls)`` map pairs, else label-free
+            output matching (prune only).
         gate: the detection gate (replaces the classification checks of ``gate:``).
     """
 
@@ -160,6 +166,7 @@ class DetectionTaskConfig(Config):
     score_threshold: float = 0.25
     decoder: YoloDecoderConfig = dataclasses.field(default_factory=YoloDecoderConfig)
     decode_fn: str = ""
+    loss_fn: str = ""
     gate: DetectionGateConfig = dataclasses.field(default_factory=DetectionGateConfig)
 
     def validate(self) -> None:
@@ -167,6 +174,9 @@ class DetectionTaskConfig(Config):
             raise ConfigError(f"task.num_classes: got {self.num_classes}; give the detector's class count (>= 1)")
         if not 0.0 < self.score_threshold < 1.0:
             raise ConfigError(f"task.score_threshold: got {self.score_threshold}; use a score in (0, 1), e.g. 0.25")
+        if self.loss_fn and not _DECODE_FN.match(self.loss_fn):
+            raise ConfigError(f"task.loss_fn: got {self.loss_fn!r}; use 'package.module:function', a function "
+                              "loss_fn(outputs, targets, model) returning a scalar tensor")
         if self.decode_fn:
             if not _DECODE_FN.match(self.decode_fn):
                 raise ConfigError(f"task.decode_fn: got {self.decode_fn!r}; use 'package.module:function'")

@@ -347,7 +347,7 @@ def check_detector(model, data: Splits, task) -> None:
 
     Raises:
         ConfigError: the outputs do not match the configured heads (expected and actual shapes
-            named), or the decode function cannot be imported.
+            named), or the decode or loss function cannot be imported.
         DataError: the labels are not (k, 5) boxes, or a decode function returns the wrong shape.
     """
     import torch
@@ -360,3 +360,7 @@ def check_detector(model, data: Splits, task) -> None:
     x = np.ascontiguousarray(data.x_test[:2])
     arrays = [o.numpy() for o in forward_tensors(model.eval(), torch.from_numpy(x))]
     decode_outputs(arrays, task, output_names(len(arrays)))
+    if getattr(task, "loss_fn", ""):  # before anything trains: one line if it cannot be imported
+        from edgeslim.components.common.decode import load_user_function
+
+        load_user_function(task.loss_fn, "task.loss_fn")

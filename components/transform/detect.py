@@ -10,7 +10,9 @@ head outputs (``prune.alpha``: its class scores and confident boxes), in
 ``prune.steps`` geometric steps with fine-tuning after each. A detector whose outputs are no
 ``(box, cls)`` map pairs (Ultralytics' one decoded output) is made split-free first
 (:mod:`.yolo`), keeps the layers before its outputs and a fixed decode conv whole, and is
-fine-tuned label-free to reproduce the unpruned model's raw outputs (:func:`finetune_outputs`).
+fine-tuned on its labels when a label loss exists for it (the recipe's ``task.loss_fn``, or Ultralytics'
+own criterion for an Ultralytics model: :func:`label_loss`), else label-free to reproduce the unpruned
+model's raw outputs (:func:`finetune_outputs`).
 """
 
 from __future__ import annotations
@@ -113,9 +115,11 @@ def prune_detector(model: nn.Module, config: ChannelPruneConfig, *, data: Splits
     start = time.perf_counter()
     example = torch.from_numpy(data.x_train[:1])
     pruned, split_blocks = split_free(without_splits(model))
-    label_trained = returns_map_pairs(model, example)
+    pairs = returns_map_pairs(model, example)
+    labels = label_loss(model, example, task) if config.finetune_epochs else (None, "")
+    label_trained = pairs or labels[0] is not None
     heads = head_layers(model, example)
-    if not label_trained:  # e.g. one decoded output: the layers before it, and a fixed decode conv (DFL)
+    if not pairs:  # e.g. one decoded output: the layers before it, and a fixed decode conv (DFL)
         heads = sorted(set(heads) | set(last_layers(pruned, example)))
     ignored = sorted(set(heads) | set(attention_layers(pruned))
                      | set(_match(model, config.ignored_layers, "ignored_layers")))
@@ -140,7 +144,7 @@ def prune_detector(model: nn.Module, config: ChannelPruneConfig, *, data: Splits
                                          if step == 1 else {})
         pruned = prune(_Flat(pruned), structural, data=view).model.m
         fidelity = {}
-        if not label_trained:  # no labels to judge by: how close the outputs stay to the unpruned model's
+        if not pairs:  # no map-pair loss to judge by: how close the outputs stay to the unpruned model's
             fidelity["sqnr_db_val_pruned"] = round(output_sqnr_db(pruned, model, data.x_val[:64]), 3)
         if config.finetune_epochs and not label_trained:
             done = len(losses)
@@ -154,7 +158,7 @@ def prune_detector(model: nn.Module, config: ChannelPruneConfig, *, data: Splits
             train_detector(pruned, data.x_train, data.y_train, epochs=n_ep, lr=config.lr,
                            batch_size=config.batch_size, seed=config.seed + step - 1, teacher=kd,
                            feature_layers=feature_layers if kd is not None else (),
-                           output_alpha=config.alpha if kd is not None else 0.0, task=task,
+                           output_alpha=config.alpha if kd is not None else 0.0, task=task, own_loss=labels,
                            progress=lambda e, n, l, done=done: (
                                losses.append(l),
                                progress and progress(done + e, n * config.steps, l)))
@@ -163,27 +167,34 @@ def prune_detector(model: nn.Module, config: ChannelPruneConfig, *, data: Splits
         now, params1 = count_macs_params(pruned, example)
         history.append({"step": step, "macs": now, "goal": int(goal), **fidelity})
     macs1 = now
+    kind = FINETUNE_LOSS[pairs] if labels[0] is None else \
+        loss_kind(labels[1], alpha=config.alpha if kd is not None else 0.0,
+                  features=feature_layers if kd is not None else (), teacher="unpruned model")
+    kind = kind if config.finetune_epochs else None
     metrics = {"macs_before": macs0, "macs_after": macs1, "macs_ratio": macs0 / max(macs1, 1),
                "params_before": params0, "params_after": params1, "params_ratio": params0 / max(params1, 1),
                "heads_kept": heads, "finetune_loss": losses[-1] if losses else None, "steps": history,
-               "finetune_loss_kind": FINETUNE_LOSS[label_trained] if config.finetune_epochs else None,
+               "finetune_loss_kind": kind,
                **({"output_sqnr_db_val": history[-1].get("sqnr_db_val_finetuned", history[-1]["sqnr_db_val_pruned"])}
-                  if not label_trained else {})}
+                  if not pairs else {})}
     lineage = {"stage": "prune", "config": config.to_json_dict(), "task": "detection",
                "ignored_layers": ignored, "distilled_at": list(feature_layers) if label_trained else [],
                "split_free_blocks": split_blocks, "data_digest": data.digest(),
-               "finetune_loss": FINETUNE_LOSS[label_trained] if config.finetune_epochs else None}
+               "finetune_loss": kind}
     return StageResult(pruned.eval(), metrics, lineage, time.perf_counter() - start)
 
 
 def distill_detector(model: nn.Module, config: LogitDistillConfig, *, data: Splits, teacher: nn.Module,
                      progress: Callable[[int, int, float], None] | None = None, task=None) -> StageResult:
-    """Train a detector student with the detection loss plus feature distillation from ``teacher``.
+    """Train a detector student with its label loss plus feature distillation from ``teacher``.
 
     ``student: previous`` trains a copy of ``model``; ``student: width`` prunes the teacher to
     ``width`` of its channels first (heads whole). Feature pairs come from ``layer_pairs``
     (method ``feature``; both names must exist in both models) or, for method ``logit``,
-    the neck outputs named in ``NECK_OUTPUTS`` when the model has them.
+    the neck outputs named in ``NECK_OUTPUTS`` when the model has them. The label loss is
+    :func:`label_loss`'s; a student without ``(box, cls)`` map pairs (e.g. Ultralytics') also matches
+    the teacher's raw outputs, weighted by ``distill.alpha``
+    (``(1 - alpha) * label loss + alpha * output matching``).
     """
     from edgeslim.components.transform.prune import count_macs_params
 
@@ -204,17 +215,20 @@ def distill_detector(model: nn.Module, config: LogitDistillConfig, *, data: Spli
     else:
         names = set(_detector_names(student))
         layers = [n for n in NECK_OUTPUTS if n in names]
+    example = torch.from_numpy(data.x_train[:1])
+    labels = label_loss(student, example, task)
+    alpha = config.alpha if not returns_map_pairs(student, example) else 0.0
     losses: list[float] = []
     train_detector(student, data.x_train, data.y_train, epochs=config.epochs, lr=config.lr,
                    batch_size=config.batch_size, seed=config.seed, teacher=teacher, feature_layers=layers,
-                   feature_weight=getattr(config, "feature_weight", 1.0), task=task,
-                   progress=lambda e, n, l: (losses.append(l), progress and progress(e, n, l)))
-    example = torch.from_numpy(data.x_train[:1])
+                   feature_weight=getattr(config, "feature_weight", 1.0), task=task, own_loss=labels,
+                   output_alpha=alpha, progress=lambda e, n, l: (losses.append(l), progress and progress(e, n, l)))
     macs, params = count_macs_params(student, example)
+    kind = loss_kind(labels[1], alpha=alpha, features=layers, teacher="teacher")
     metrics = {"student_macs": macs, "student_params": params, "feature_layers": layers,
-               "final_loss": losses[-1] if losses else None}
+               "final_loss": losses[-1] if losses else None, "loss_kind": kind}
     lineage = {"stage": "distill", "config": config.to_json_dict(), "task": "detection",
-               "data_digest": data.digest()}
+               "data_digest": data.digest(), "loss": kind}
     return StageResult(student.eval(), metrics, lineage, time.perf_counter() - start)
 
 
@@ -247,57 +261,116 @@ def apply_detector_stages(model: nn.Module, stages: Sequence[Any], *, data: Spli
 NECK_OUTPUTS = ("fpn4", "pan8", "pan16")
 
 
+def label_loss(model: nn.Module, example: torch.Tensor, task=None) -> tuple[Callable | None, str]:
+    """The loss ``model`` trains with on its box labels, and its name for the stage's metrics and lineage.
+
+    The recipe's ``task.loss_fn`` when set (any output format); else, for an Ultralytics detection model,
+    Ultralytics' own criterion (:class:`.detector_label_loss.UltralyticsLoss`); else edgeslim's detection loss
+    for ``(box, cls)`` map pairs (the function is None: :func:`train_detector` builds its dense targets);
+    else ``(None, "")``: no label loss, so pruning fine-tunes label-free.
+
+    Raises:
+        ConfigError: ``task.loss_fn`` cannot be imported or is no function (one line naming it and the fix).
+    """
+    from edgeslim.components.tasks.detector_label_loss import UltralyticsLoss, is_ultralytics_detector, user_loss
+
+    spec = getattr(task, "loss_fn", "")
+    if spec:
+        return user_loss(spec), f"task.loss_fn {spec}"
+    if is_ultralytics_detector(model):
+        try:
+            ultra = UltralyticsLoss(model)
+        except (ConfigError, NotImplementedError):  # its criterion wants more than boxes (masks, keypoints)
+            ultra = None
+        if ultra is not None:
+            return ultra, ultra.name
+    return None, "detection loss" if returns_map_pairs(model, example) else ""
+
+
+def loss_kind(name: str, *, alpha: float = 0.0, features: Sequence[str] = (), teacher: str = "teacher") -> str:
+    """What a label-trained stage trained with, in words: ``"<loss> (labels)"`` and its distillation terms."""
+    terms = [f"output distillation from the {teacher} (alpha {alpha:g})"] if alpha else []
+    terms += [f"feature distillation at {', '.join(features)}"] if features else []
+    return f"{name} (labels)" + (" with " + " and ".join(terms) if terms else "")
+
+
 def train_detector(model: nn.Module, x: np.ndarray, labels: Sequence[np.ndarray], *, epochs: int = 20,
                    lr: float = 3e-3, batch_size: int = 32, seed: int = 0,
                    teacher: nn.Module | None = None, feature_layers: Sequence[str] = (),
                    feature_weight: float = 1.0, output_alpha: float = 0.0,
-                   progress: Callable[[int, int, float], None] | None = None, task=None) -> nn.Module:
+                   progress: Callable[[int, int, float], None] | None = None, task=None,
+                   own_loss: tuple[Callable | None, str] | None = None) -> nn.Module:
     """Train ``model`` in place (AdamW, one-cycle); repeatable for a seed; returns it in eval mode.
 
     Args:
-        model: a detector returning ``(box, cls)`` pairs per level like :class:`DigitsDetector`.
+        model: a detector: one returning ``(box, cls)`` pairs per level like :class:`DigitsDetector`
+            (edgeslim's detection loss), or any detector with a label loss (:func:`label_loss`: the
+            recipe's ``task.loss_fn``, Ultralytics' own loss).
         x: canvases (N, C, H, W): a numpy array or a lazy split (read a batch at a time).
         labels: per canvas a (k, 5) array ``[x1, y1, x2, y2, class]``.
         teacher: distil from it: feature MSE at ``feature_layers`` (module names present in
             both models, e.g. the neck outputs), through learned 1x1 adapters.
-        output_alpha: with a teacher, also distil its outputs (:func:`output_distill_loss`: its class
-            scores as soft targets on every cell, its boxes where it is confident); the loss is
-            ``(1 - output_alpha) * detection + output_alpha * output distillation`` (+ features).
+        output_alpha: with a teacher, also distil its outputs (map pairs: :func:`output_distill_loss`, its
+            class scores as soft targets on every cell, its boxes where it is confident; other outputs: the
+            detector QAT's output matching on the raw head values); the loss is
+            ``(1 - output_alpha) * label loss + output_alpha * output distillation`` (+ features).
         progress: called with (epoch, epochs, last loss).
-        task: the recipe's ``DetectionTaskConfig``: the levels' strides come from its decoder, else from
-            ``model.stride``, else from the input size over each map's size (:func:`.level_strides`).
+        task: the recipe's ``DetectionTaskConfig``: its ``loss_fn``; the levels' strides come from its
+            decoder, else from ``model.stride``, else from the input size over each map's size (:func:`.level_strides`).
+        own_loss: :func:`label_loss`'s answer when the caller has it already.
 
     Raises:
-        ConfigError: the model does not return ``(box, cls)`` map pairs, which this loss trains.
+        ConfigError: the model has no label loss: no ``(box, cls)`` map pairs, no ``task.loss_fn``, and
+            not an Ultralytics model.
     """
     from edgeslim.components.common.model_outputs import describe
+    from edgeslim.components.quantize.detect_qat import output_matching_loss, training_outputs
     from edgeslim.components.tasks.detection_loss import (build_targets, detection_loss, level_strides,
                                                           output_distill_loss)
+    from edgeslim.components.tasks.detector_label_loss import pad_boxes, unpad_boxes
 
     example = torch.from_numpy(x[:1])
     with torch.no_grad():
         raw = model(example)
     outs = list(raw) if isinstance(raw, (tuple, list)) else [raw]
-    if not returns_map_pairs(model, example, raw):
+    pairs = returns_map_pairs(model, example, raw)
+    own, _ = own_loss if own_loss is not None else label_loss(model, example, task)
+    if own is None and not pairs:
         raise ConfigError(
             f"fine-tuning a detector trains (box, cls) map pairs per level with edgeslim's detection loss; "
-            f"this model returns {describe(raw)}; leave distill out of its recipe (prune fine-tunes such a model "
-            "label-free, export and quantize need no loss), or fine-tune it with its own trainer before registering it")
-    strides = level_strides(model, example, outs, task)
-    targets = [{k: torch.from_numpy(v) for k, v in t.items()}
-               for t in build_targets(labels, tuple(x.shape[-2:]), outs[1].shape[1], strides)]
+            f"this model returns {describe(raw)}; set task.loss_fn: module:function to your detector's loss "
+            "(README, Detectors), leave distill out of its recipe (prune fine-tunes such a model label-free, "
+            "export and quantize need no loss), or fine-tune it with its own trainer before registering it")
+    if own is None:
+        strides = level_strides(model, example, outs, task)
+        targets = [{k: torch.from_numpy(v) for k, v in t.items()}
+                   for t in build_targets(labels, tuple(x.shape[-2:]), outs[1].shape[1], strides)]
+
+        def labelled(out, yb):
+            return detection_loss(out, yb)
+    else:
+        targets = pad_boxes(labels)
+
+        def labelled(out, yb):
+            return own(out, unpad_boxes(yb), model)
+    distilled = output_distill_loss if pairs else (lambda s, t: output_matching_loss(s, t, None))
     use_teacher = teacher is not None and bool(feature_layers or output_alpha)
+    t_model = copy.deepcopy(teacher) if use_teacher else None
 
     def loss_fn(out, t_out, yb):
-        loss = detection_loss(out, yb)
+        loss = labelled(out, yb)
         if t_out is not None and output_alpha:
-            loss = (1.0 - output_alpha) * loss + output_alpha * output_distill_loss(out, t_out)
+            loss = (1.0 - output_alpha) * loss + output_alpha * distilled(out, t_out)
         return loss
 
-    return fit(model, x=np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x, y=targets, teacher=copy.deepcopy(teacher) if use_teacher else None,
-               epochs=epochs, lr=lr, batch_size=batch_size, optimizer="adamw", schedule="onecycle",
-               weight_decay=5e-4, warmup=0.15, seed=seed, feature_pairs=[[n, n] for n in feature_layers] or None,
-               feature_weight=feature_weight, progress=progress, loss_fn=loss_fn)
+    # A head with an export flag (Ultralytics' Detect) returns its raw values beside the decoded ones in eval
+    # mode too while it trains, so the teacher's raw outputs can be matched.
+    with training_outputs(*[m for m in (model, t_model) if m is not None]):
+        return fit(model, x=np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x, y=targets,
+                   teacher=t_model, epochs=epochs, lr=lr, batch_size=batch_size, optimizer="adamw",
+                   schedule="onecycle", weight_decay=5e-4, warmup=0.15, seed=seed,
+                   feature_pairs=[[n, n] for n in feature_layers] or None, feature_weight=feature_weight,
+                   progress=progress, loss_fn=loss_fn)
 
 
 def returns_map_pairs(model: nn.Module, example: torch.Tensor, raw: Any = None) -> bool:
