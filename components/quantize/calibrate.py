@@ -20,7 +20,8 @@ CALIBRATORS = ("minmax", "entropy", "percentile", "mse")
 _QLEVELS = 128  # int8 symmetric: 127 positive levels plus zero
 
 
-def collect(session_run, tensor_names: list[str], batches, num_bins: int) -> dict[str, tuple[float, np.ndarray]]:
+def collect(session_run, tensor_names: list[str], batches, num_bins: int,
+            histograms: bool = True) -> dict[str, tuple[float, np.ndarray]]:
     """Two passes over ``batches``: |x| maxima, then |x| histograms on [0, amax].
 
     Args:
@@ -28,26 +29,65 @@ def collect(session_run, tensor_names: list[str], batches, num_bins: int) -> dic
         tensor_names: names of the tensors ``session_run`` returns.
         batches: a re-iterable of input batches (read once per pass, so they need not be held).
         num_bins: histogram bins.
+        histograms: ``False`` skips the second pass (``minmax`` needs only the maxima); the
+            histograms are then all zero.
 
     Returns:
         name -> (amax, histogram of |x|).
     """
     amax = {n: 0.0 for n in tensor_names}
+    odd = set()  # tensors with a NaN in some batch: their histograms take np.histogram's own path
     for b in batches:
         for n, v in zip(tensor_names, session_run(b)):
             if v.size:  # max |x| without a copy of the tensor
-                amax[n] = max(amax[n], float(v.max()), -float(v.min()))
+                hi, lo = float(v.max()), float(v.min())
+                amax[n] = max(amax[n], hi, -lo)
+                if hi != hi or lo != lo:
+                    odd.add(n)
     hists = {n: np.zeros(num_bins, dtype=np.float64) for n in tensor_names}
+    if not histograms:
+        return {n: (amax[n], hists[n]) for n in tensor_names}
     for b in batches:
         for n, v in zip(tensor_names, session_run(b)):
             if v.size and amax[n] > 0:
-                # Exact zeros (ReLU outputs, padding, blank pixels) are exact in symmetric
-                # int8 whatever the range: counting them only drags entropy and percentile
-                # thresholds towards zero and clips the values that matter.
-                a = np.abs(v)
-                h, _ = np.histogram(a[a > 0], bins=num_bins, range=(0.0, amax[n]))
-                hists[n] += h
+                hists[n] += abs_histogram(v, amax[n], num_bins, exact_path=n in odd)
     return {n: (amax[n], hists[n]) for n in tensor_names}
+
+
+_BLOCK = 1 << 16  # values per step: a few temporaries of this size stay in cache
+
+
+def abs_histogram(v: np.ndarray, amax: float, num_bins: int, exact_path: bool = False) -> np.ndarray:
+    """``np.histogram(|v|[|v| > 0], num_bins, range=(0, amax))[0]``, bin for bin, without copies of ``v``
+    (``amax`` is at least every finite |v|, as :func:`collect`'s first pass makes it).
+
+    Exact zeros (ReLU outputs, padding, blank pixels) are exact in symmetric int8 whatever the
+    range: counting them only drags entropy and percentile thresholds towards zero and clips the
+    values that matter. They fall in bin 0, so they are counted with the rest and taken off there.
+    The bin of each value is numpy's own computation (same dtype, same scaling, same one-ulp edge
+    corrections) on blocks of |v|, followed by ``np.bincount``; numpy's path (masking, the
+    compressed copy, its per-block range checks) stays for what it alone handles the same way:
+    NaNs, an infinite range, dtypes other than float32/float64 (``exact_path``).
+    """
+    flat = v.reshape(-1)
+    edges = None
+    if not exact_path and flat.dtype in (np.float32, np.float64) and np.isfinite(amax):
+        edges = np.linspace(0.0, amax, num_bins + 1, dtype=flat.dtype)
+    if edges is None or edges[1] == 0:
+        a = np.abs(v)
+        return np.histogram(a[a > 0], bins=num_bins, range=(0.0, amax))[0]
+    den, num = flat.dtype.type(amax), flat.dtype.type(num_bins)
+    counts = np.zeros(num_bins, dtype=np.intp)
+    buf = np.empty(min(_BLOCK, flat.size), dtype=flat.dtype)
+    for i in range(0, flat.size, _BLOCK):
+        a = np.abs(flat[i:i + _BLOCK], out=buf[:min(_BLOCK, flat.size - i)])
+        idx = ((a / den) * num).astype(np.intp)
+        idx[idx == num_bins] -= 1
+        idx[a < edges[idx]] -= 1
+        idx[(a >= edges[idx + 1]) & (idx != num_bins - 1)] += 1
+        counts += np.bincount(idx, minlength=num_bins)
+    counts[0] -= flat.size - np.count_nonzero(flat)
+    return counts
 
 
 def choose_amax(amax: float, hist: np.ndarray, method: str, percentile: float = 99.99) -> float:

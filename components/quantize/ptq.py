@@ -130,22 +130,35 @@ def calibrate_ranges(model_path: Path, config: PTQQuantizeConfig, data: Splits) 
         rows = data.calibration_rows(config.num_samples, config.seed)
         per_image = sum(o.nbytes for o in run(np.ascontiguousarray(data.x_train[rows[:1]])))
         size = int(min(CALIB_BATCH, max(1, CALIB_MEMORY // max(per_image, 1))))
-        # Read a batch at a time, on each of collect's two passes: neither the calibration images nor
-        # more than one batch of intermediate tensors are held (the ranges do not depend on the batching).
-        batches = _Rows(data.x_train, rows, size)
-        stats = calibrate.collect(run, names, batches, config.num_bins)
+        # Read a batch at a time: never more than one batch of intermediate tensors is held (the ranges
+        # do not depend on the batching). collect makes two passes (one for minmax); the images decoded
+        # on the first are kept for the second as far as they fit in CALIB_MEMORY beside that batch
+        # (decoding is most of a plain pass on small images), and the rest are read again.
+        two_passes = config.calibrator != "minmax"
+        batches = _Rows(data.x_train, rows, size, hold=CALIB_MEMORY - size * per_image if two_passes else 0)
+        stats = calibrate.collect(run, names, batches, config.num_bins, histograms=two_passes)
     return {n: calibrate.choose_amax(a, h, config.calibrator, config.percentile) for n, (a, h) in stats.items()}
 
 
 class _Rows:
-    """``x[rows]`` in batches of ``size``, read again on every iteration."""
+    """``x[rows]`` in batches of ``size``. The first batches, up to ``hold`` bytes of them, are kept
+    once read; the others are read again on every iteration."""
 
-    def __init__(self, x, rows: np.ndarray, size: int):
-        self.x, self.rows, self.size = x, rows, size
+    def __init__(self, x, rows: np.ndarray, size: int, hold: int = 0):
+        self.x, self.rows, self.size, self.hold = x, rows, size, hold
+        self.kept: list[np.ndarray] = []
 
     def __iter__(self):
-        for i in range(0, len(self.rows), self.size):
-            yield np.ascontiguousarray(self.x[self.rows[i:i + self.size]])
+        held = sum(b.nbytes for b in self.kept)
+        for k, i in enumerate(range(0, len(self.rows), self.size)):
+            if k < len(self.kept):
+                yield self.kept[k]
+                continue
+            batch = np.ascontiguousarray(self.x[self.rows[i:i + self.size]])
+            if k == len(self.kept) and held + batch.nbytes <= self.hold:
+                self.kept.append(batch)
+                held += batch.nbytes
+            yield batch
 
 
 def unquantized_outputs(path: str | Path) -> list[str]:
