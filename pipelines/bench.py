@@ -4,7 +4,10 @@
   inverted-residual ``DigitsMobileNet``): fp32, ONNX Runtime ``quantize_static`` with its defaults
   (what a user tries first), edgeslim PTQ (symmetric, per-channel Q/DQ, percentile calibration),
   the distilled + pruned student in fp32, and the full recipe (that student in int8);
-- ``detect``: the YOLO-style detector (:mod:`.bench_detect`).
+- ``detect``: the YOLO-style detector (:mod:`.bench_detect`);
+- ``resnet18``, ``mobilenetv3``, ``vit-tiny``: real classifier architectures at 224 (:mod:`.bench_archs`);
+- ``yolov8n``: Ultralytics' YOLOv8n at 640, random weights, and the accuracy-aware search's cost
+  (:mod:`.bench_yolo`).
 
 Accuracy and fidelity are measured in Q/DQ semantics (what TensorRT's int8 math approximates, see
 DESIGN.md); latency is ONNX Runtime on this CPU with its default optimizations. CPU int8 latency is
@@ -156,6 +159,12 @@ def _detect():
     return ReferenceDetector()
 
 
+def _yolov8n():
+    from edgeslim.pipelines.bench_yolo import YoloV8n
+
+    return YoloV8n()
+
+
 def _arch(name: str) -> Callable[[], Workload]:
     def make() -> Workload:
         from edgeslim.pipelines.bench_archs import ARCHS
@@ -166,7 +175,7 @@ def _arch(name: str) -> Callable[[], Workload]:
 
 
 WORKLOADS: dict[str, Callable[[], Workload]] = {"digits": ReferenceClassifier, "mobile": ReferenceMobile,
-                                                "detect": _detect,
+                                                "detect": _detect, "yolov8n": _yolov8n,
                                                 **{a: _arch(a) for a in ("resnet18", "mobilenetv3", "vit-tiny")}}
 
 
@@ -180,7 +189,8 @@ def register(sub) -> None:
     p.add_argument("--workload", choices=tuple(WORKLOADS), default="digits",
                    help="digits: the VGG-style DigitsCNN teacher (default); mobile: the inverted-residual net; "
                    "detect: the YOLO-style detector; resnet18, mobilenetv3, vit-tiny: real architectures at 224 "
-                   "(torchvision, timm)")
+                   "(torchvision, timm); yolov8n: Ultralytics' YOLOv8n at 640 with random weights (costs are real, "
+                   "accuracy is not) and the accuracy-aware search's cost against one evaluation pass")
     p.add_argument("--json", dest="json_path", default=None, help="also write the rows to this JSON file")
     p.add_argument("--workdir", default=None, help="keep the models here (default: a temporary folder)")
     p.add_argument("--threads", type=int, default=1,

@@ -5,6 +5,7 @@ A workload (:class:`Workload`) says how its teacher and data are made, which row
 fp32 teacher first: every ratio and drop is against it) and how a row's accuracy is measured. The
 harness measures what every row shares, in the same way for every workload: size, MACs, ONNX
 Runtime latency at batch 1 and 32 (median of ``--repeats`` runs, ``--threads`` intra-op threads),
+what building the row cost (its stage's wall time and peak RSS: ``stage_s``, ``stage_peak_rss_mb``),
 the peak RSS of the process so far, and the ratios and drops against the first row.
 
 The workloads and the command are in :mod:`.bench`.
@@ -63,6 +64,7 @@ class Workload:
     columns: tuple[Column, ...] = ()  # the accuracy columns, in table order
     drops: dict[str, tuple[str, int]] = {}  # drop column -> (accuracy column, decimals), first row minus this
     targets_apply = True
+    latency_batches: tuple[int, ...] = (1, 32)  # batch sizes timed (a 640-pixel detector: batch 1 only)
 
     def prepare(self, ctx: Context) -> None:
         """Make the data and the teacher (``ctx.data``, ``ctx.teacher``)."""
@@ -90,17 +92,46 @@ class Workload:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set so far (Linux reports KiB)."""
+    """This process's peak resident set since it started, or since the last :func:`reset_peak_rss`
+    (Linux reports KiB)."""
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def _common(spec: RowSpec, data, threads: int, repeats: int) -> dict[str, Any]:
+def reset_peak_rss() -> bool:
+    """Start a new peak (Linux: ``/proc/self/clear_refs``), so that :func:`peak_rss_mb` is one
+    stage's; False where that cannot be done (then a stage's peak is the process's so far)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+class _Stage:
+    """Wall time and peak RSS from start (or :meth:`restart`) to :meth:`stop`; the process's own
+    peak is the highest of every stage's."""
+
+    def __init__(self) -> None:
+        self.process_peak = peak_rss_mb()
+        self.restart()
+
+    def restart(self) -> None:
+        self.process_peak = max(self.process_peak, peak_rss_mb())
+        self.per_stage = reset_peak_rss()
+        self.t0 = time.perf_counter()
+
+    def stop(self) -> dict[str, Any]:
+        peak = peak_rss_mb()
+        self.process_peak = max(self.process_peak, peak)
+        return {"stage_s": round(time.perf_counter() - self.t0, 2), "stage_peak_rss_mb": peak}
+
+
+def _common(spec: RowSpec, data, threads: int, repeats: int, batches: tuple[int, ...]) -> dict[str, Any]:
     from edgeslim.components.common.onnx_runtime import latency_ms, make_session
 
     fast = make_session(spec.path, basic=False, threads=threads)
     return {"size_bytes": spec.path.stat().st_size, "macs": int(spec.macs),
-            "latency_ms_b1": latency_ms(fast, data.x_test, 1, 20, repeats),
-            "latency_ms_b32": latency_ms(fast, data.x_test, 32, 10, repeats)}
+            **{f"latency_ms_b{b}": latency_ms(fast, data.x_test, b, 20 if b == 1 else 10, repeats) for b in batches}}
 
 
 def run_workload(wl: Workload, *, workdir: str | Path, threads: int = 1, repeats: int = 50,
@@ -109,19 +140,26 @@ def run_workload(wl: Workload, *, workdir: str | Path, threads: int = 1, repeats
     ctx = Context(workdir=Path(workdir), seed=seed, quick=quick, log=log)
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    stage = _Stage()
     wl.prepare(ctx)
+    prepared = stage.stop()
     rows: list[dict[str, Any]] = []
     reference = None
-    for spec in wl.rows(ctx):
+    stage.restart()
+    for spec in wl.rows(ctx):  # the generator's work up to each yield is that row's stage
+        cost = stage.stop()
         if spec.failed or spec.path is None:
             log(f"  {spec.name}: no model ({spec.failed})")
-            rows.append({"row": spec.name, "failed": spec.failed or "no model"})
+            rows.append({"row": spec.name, "failed": spec.failed or "no model", **cost, **spec.extra})
+            stage.restart()
             continue
         acc, state = wl.accuracy(ctx, spec, reference)
         if reference is None:
             reference = state
         row = {"row": spec.name, "model": str(spec.path), "int8": spec.int8, **acc,
-               **_common(spec, ctx.data, threads, repeats), **spec.extra, "peak_rss_mb": peak_rss_mb()}
+               **_common(spec, ctx.data, threads, repeats, wl.latency_batches), **spec.extra, **cost}
+        stage.restart()
+        row["peak_rss_mb"] = stage.process_peak
         log(f"  {spec.name}: " + ", ".join(f"{c.header} {row[c.key]:{c.fmt}}" for c in wl.columns
                                            if isinstance(row.get(c.key), (int, float))))
         rows.append(row)
@@ -133,20 +171,22 @@ def run_workload(wl: Workload, *, workdir: str | Path, threads: int = 1, repeats
             r[drop] = round(ref[col] - r[col], ndigits)
         r["size_ratio"] = round(ref["size_bytes"] / r["size_bytes"], 2)
         r["macs_ratio"] = round(ref["macs"] / max(r["macs"], 1), 2)
-        r["latency_b1_ratio"] = round(ref["latency_ms_b1"] / r["latency_ms_b1"], 2)
-        r["latency_b32_ratio"] = round(ref["latency_ms_b32"] / r["latency_ms_b32"], 2)
+        for b in wl.latency_batches:
+            r[f"latency_b{b}_ratio"] = round(ref[f"latency_ms_b{b}"] / r[f"latency_ms_b{b}"], 2)
+    stage.stop()
     return {"workload": wl.name, "seconds": round(time.perf_counter() - t0, 1), "threads": threads,
             "repeats": repeats, "rows": rows, "targets": wl.targets(rows, ctx),
-            "targets_apply": wl.targets_apply and not quick, "quick": quick, "peak_rss_mb": peak_rss_mb(),
-            **wl.summary(ctx)}
+            "targets_apply": wl.targets_apply and not quick, "quick": quick, "peak_rss_mb": stage.process_peak,
+            "prepare_s": prepared["stage_s"], "prepare_peak_rss_mb": prepared["stage_peak_rss_mb"],
+            "stage_rss_per_stage": stage.per_stage, **wl.summary(ctx)}
 
 
 def format_rows(result: dict[str, Any], wl: Workload) -> str:
     """The rows as a table (accuracy, size, MACs, latency | drops and ratios), then the workload's notes."""
     acc = "".join(f" {c.header:>{c.width}}" for c in wl.columns)
     drops = "".join(f" {'d' + wl.drops[d][0]:>{max(7, len(wl.drops[d][0]) + 1)}}" for d in wl.drops)
-    head = (f"{'row':<40}{acc} {'size B':>9} {'MACs':>10} {'b1 ms':>7} {'b32 ms':>7} {'RSS MB':>7} |"
-            f"{drops} {'size x':>6} {'MACs x':>6} {'b1 x':>5} {'b32 x':>5}")
+    head = (f"{'row':<40}{acc} {'size B':>9} {'MACs':>10} {'b1 ms':>7} {'b32 ms':>7} {'stage s':>8} "
+            f"{'stage MB':>8} {'RSS MB':>7} |{drops} {'size x':>6} {'MACs x':>6} {'b1 x':>5} {'b32 x':>5}")
     lines = [head, "-" * len(head)]
 
     def cell(v, width: int, fmt: str) -> str:
@@ -154,19 +194,23 @@ def format_rows(result: dict[str, Any], wl: Workload) -> str:
 
     for r in result["rows"]:
         if "failed" in r:
-            lines.append(f"{r['row'][:40]:<40} FAILED: {r['failed'][:150]}")
+            lines.append(f"{r['row'][:40]:<40} FAILED: {r['failed'][:150]} (after {r.get('stage_s', 0):.1f} s)")
             continue
         lines.append(
             f"{r['row'][:40]:<40}" + "".join(cell(r.get(c.key), c.width, c.fmt) for c in wl.columns)
-            + f" {r['size_bytes']:>9} {r['macs']:>10} {r['latency_ms_b1']:>7.3f} {r['latency_ms_b32']:>7.3f}"
-            + f" {r['peak_rss_mb']:>7.1f} |"
+            + f" {r['size_bytes']:>9} {r['macs']:>10}" + cell(r.get("latency_ms_b1"), 7, ".3f")
+            + cell(r.get("latency_ms_b32"), 7, ".3f") + cell(r.get("stage_s"), 8, ".1f")
+            + cell(r.get("stage_peak_rss_mb"), 8, ".1f") + f" {r['peak_rss_mb']:>7.1f} |"
             + "".join(cell(r[d], max(7, len(wl.drops[d][0]) + 1), f".{wl.drops[d][1]}f") for d in wl.drops)
-            + f" {r['size_ratio']:>6.2f} {r['macs_ratio']:>6.2f} {r['latency_b1_ratio']:>5.2f}"
-            + f" {r['latency_b32_ratio']:>5.2f}")
+            + f" {r['size_ratio']:>6.2f} {r['macs_ratio']:>6.2f}" + cell(r.get("latency_b1_ratio"), 5, ".2f")
+            + cell(r.get("latency_b32_ratio"), 5, ".2f"))
     lines.append("")
     lines.append("Accuracy/fidelity: Q/DQ semantics (ORT_ENABLE_BASIC), against the fp32 teacher (first row). "
                  "Latency: ORT CPU kernels, median; int8 CPU latency is as measured here and is NOT the "
-                 "edge (TensorRT) speed-up. RSS: the process's peak so far.")
+                 "edge (TensorRT) speed-up. Stage: building that row (wall time, peak RSS "
+                 + ("of the stage alone" if result.get("stage_rss_per_stage", True) else "of the process so far")
+                 + f"); preparing (teacher, data) took {result.get('prepare_s', 0):.1f} s. "
+                 "RSS MB: the process's peak so far.")
     lines += wl.notes(result)
     if result["targets"] and result["targets_apply"]:
         lines.append(f"Targets ({result['workload']}):")

@@ -7,9 +7,14 @@ a calibrator that clips the sigmoid class-score output collapses every confidenc
 (:func:`~edgeslim.components.quantize.sensitivity.output_tails`: each graph output with
 the nodes that produce it -- decode, DFL, concat, sigmoid -- back to and including its
 last weighted layers, found from the graph, whatever the model) by what quantizing only
-that group costs, and keeps the worst ones in float, one more per trial. When there are
-fewer tails than ``max_float_layers`` (one decoded output), every other conv/linear
-layer is measured alone too, by its output SQNR on a few val images, and ranked after them.
+that group costs (a single tail is not measured: it ranks first whatever it costs), and keeps
+the worst ones in float, one more per trial. When there are fewer tails than
+``max_float_layers`` (one decoded output), the other conv/linear layers are ranked after them
+by a one-pass proxy (:func:`~edgeslim.components.quantize.sensitivity.layer_noise_proxy`: the
+SQNR of each layer's own int8 rounding, every layer's input captured in one ONNX Runtime pass
+over a few val images), not by a quantized model and an inference per layer: the search's cost
+does not grow with the number of layers. The fp32 outputs the trials' SQNR is measured against
+are computed once per search.
 
 Trials are judged, and head groups ranked, on the validation split (choosing is
 part of training; the pipeline's evaluate task then judges the winner on the
@@ -28,7 +33,9 @@ from edgeslim.components.quantize.search import Strategy, search
 
 # A judged row's figures in the fallback's ranking table: mAP@0.5, score calibration, recall, output SQNR vs fp32.
 _RANKED = ("map50", "mean_tp_score", "recall", "sqnr_db")
-_LAYER_SAMPLES = 64  # val images a single layer's output SQNR is measured on
+_LAYER_SAMPLES = 8  # val images the single layers' one-pass proxy is measured on
+_SCREEN_MIN = 8  # val images a trial is screened on, at least (a quarter of val; none when val < 16)
+_REFERENCE_BYTES = 512 << 20  # fp32 raw val outputs kept for the trials' SQNR (the first images that fit)
 
 
 def head_groups(onnx_path: str | Path) -> list[dict[str, Any]]:
@@ -59,52 +66,79 @@ class DetectorStrategy(Strategy):
     def __init__(self, fp32_onnx: str | Path, task, *, model=None, export_config=None):
         self.fp32_onnx, self.task_config, self.model, self.export_config = fp32_onnx, task, model, export_config
         self.table: list[dict[str, Any]] = []
-        self._fp32_session = None
-        self._layer_reference: tuple[Any, list] | None = None  # (inputs, fp32 raw outputs) single layers compare to
-
-    def fp32_session(self):
-        """The fp32 detector's ONNX Runtime session, made once for every trial and layer judged."""
-        if self._fp32_session is None:
-            from edgeslim.components.common.onnx_runtime import make_session
-
-            self._fp32_session = make_session(self.fp32_onnx)
-        return self._fp32_session
+        self._val_outputs: list[Any] = []  # fp32 raw outputs of the first val images (up to _REFERENCE_BYTES)
+        self._val_dets: list[Any] = []  # fp32 detections on val
+        self._screen_parent: dict[str, Any] | None = None  # fp32 metrics on the screening subsample
 
     def reference(self, data: Splits) -> dict[str, Any]:
-        from edgeslim.components.tasks.detection import detection_metrics, onnx_detections
-
-        dets, _, _ = onnx_detections(self.fp32_onnx, data.x_val, self.task_config, keep_outputs=False)
-        self.parent = detection_metrics(dets, list(data.y_val), self.task_config.num_classes,
-                                        self.task_config.score_threshold)
-        return {"fp32_val": self.parent}
-
-    def judge(self, candidate: str | Path, data: Splits) -> dict[str, Any]:
         import numpy as np
 
-        from edgeslim.components.common.onnx_runtime import SqnrAccumulator, run_outputs
+        from edgeslim.components.tasks.detection import detect_batches, detection_metrics
+
+        kept, room = [], [_REFERENCE_BYTES]
+
+        def keep(raw):  # the first images' raw outputs, as many as fit (at least one)
+            outs, _ = raw[0]
+            per = max(sum(o.nbytes for o in outs) // max(len(outs[0]), 1), 1)
+            k = min(len(outs[0]), max(room[0] // per, 0 if kept else 1))
+            if k:
+                kept.append([o[:k].copy() for o in outs])
+                room[0] -= k * per
+
+        (dets,) = detect_batches([self.fp32_onnx], data.x_val, self.task_config, on_batch=keep)
+        self._val_outputs = [np.concatenate(p) for p in zip(*kept)]
+        self._val_dets, self._screen_parent = dets, None
+        self.parent = detection_metrics(dets, list(data.y_val), self.task_config.num_classes,
+                                        self.task_config.score_threshold)
+        return {"fp32_val": self.parent, "sqnr_val_images": len(self._val_outputs[0]) if kept else 0}
+
+    def judge(self, candidate: str | Path, data: Splits) -> dict[str, Any]:
+        return self._judge(candidate, data.x_val, data.y_val, self.parent, self.task_config.gate)
+
+    def screen(self, candidate: str | Path, data: Splits) -> dict[str, Any] | None:
+        """The candidate on the first ``n // 4`` val images (at least ``_SCREEN_MIN``), against the gate
+        with every allowed drop doubled: a clear failure there is not judged on the whole split. None
+        where val is too small to screen."""
+        k = max(_SCREEN_MIN, len(data.x_val) // 4)
+        if 2 * k > len(data.x_val):
+            return None
+        from edgeslim.components.tasks.detection import detection_metrics
+
+        g, task = self.task_config.gate, self.task_config
+        if self._screen_parent is None:
+            self._screen_parent = detection_metrics(self._val_dets[:k], list(data.y_val[:k]), task.num_classes,
+                                                    task.score_threshold)
+        loose = dataclasses.replace(g, max_map_drop=2 * g.max_map_drop, max_map50_95_drop=2 * g.max_map50_95_drop,
+                                    max_tp_score_drop=2 * g.max_tp_score_drop, max_recall_drop=2 * g.max_recall_drop)
+        return {**self._judge(candidate, data.x_val[:k], data.y_val[:k], self._screen_parent, loose),
+                "screened_on": k}
+
+    def _judge(self, candidate, x, y, parent: dict[str, Any], gate) -> dict[str, Any]:
+        from edgeslim.components.common.onnx_runtime import SqnrAccumulator
         from edgeslim.components.tasks.detection import detect_batches, detection_metrics, gate_detection
 
         task = self.task_config
-        fp32, sqnr, done = self.fp32_session(), SqnrAccumulator(), [0]
+        sqnr, done = SqnrAccumulator(), [0]
 
-        def compare(raw):  # the fp32 outputs of the same batch (not decoded): SQNR of the raw outputs
+        def compare(raw):  # SQNR of the raw outputs (not decoded) against fp32's, on the images kept
             outs, _ = raw[0]
-            n = len(outs[0])
-            _, ref = run_outputs(fp32, np.ascontiguousarray(data.x_val[done[0]:done[0] + n]), batch=n)
+            start, n = done[0], len(outs[0])
             done[0] += n
-            for r, c in zip(ref, outs):
-                sqnr.add(r, c)
+            for r, c in zip(self._val_outputs, outs):
+                m = max(0, min(n, len(r) - start))
+                sqnr.add(r[start:start + m], c[:m])
 
-        (dets,) = detect_batches([candidate], data.x_val, task, on_batch=compare)
-        m = detection_metrics(dets, list(data.y_val), task.num_classes, task.score_threshold)
-        verdict = gate_detection({"source": {"detection": self.parent}, "candidate": {"detection": m}}, task.gate)
+        (dets,) = detect_batches([candidate], x, task, on_batch=compare)
+        m = detection_metrics(dets, list(y), task.num_classes, task.score_threshold)
+        verdict = gate_detection({"source": {"detection": parent}, "candidate": {"detection": m}}, gate)
         return {"map50": m["map50"], "map50_95": m["map50_95"], "mean_tp_score": m["mean_tp_score"],
                 "recall": m["recall"], "sqnr_db": round(sqnr.db(), 3), "passed": verdict["passed"],
                 "gate": verdict["summary"]}
 
     def damage(self, row: dict[str, Any]) -> float:
-        # Points of mAP, plus the score drop on a 100-point scale, plus recall points.
-        p = self.parent
+        # Points of mAP, plus the score drop on a 100-point scale, plus recall points (a screened-out
+        # row's figures are the screening subsample's: against fp32's there).
+        p = self._screen_parent if row.get("screened_on") else self.parent
         return ((p["map50"] - row["map50"]) + 100.0 * (p["mean_tp_score"] - row["mean_tp_score"])
                 + (p["recall"] - row["recall"]))
 
@@ -112,50 +146,37 @@ class DetectorStrategy(Strategy):
         return row["passed"], -self.damage(row)
 
     def rank(self, fp32_onnx, config, *, calibrator, ranges, data, out_dir, pinned):
-        # Damage of each output tail (then of each other layer): only that group int8, everything else float.
+        # Damage of each output tail: only that group int8, everything else float. Then the other layers
+        # by the one-pass proxy, after the tails.
         import onnx
 
         from edgeslim.components.quantize.ptq import quantize
-        from edgeslim.components.quantize.sensitivity import output_tails, preprocessed, quantizable_layers
+        from edgeslim.components.quantize.sensitivity import (layer_noise_proxy, output_tails, preprocessed,
+                                                              quantizable_layers)
 
         pre = preprocessed(fp32_onnx, out_dir / "pre.onnx")
         all_nodes = [n.name for n in onnx.load(str(pre)).graph.node if n.name]
-        tails, layers = output_tails(pre), []
-        if config.max_float_layers > len(tails):  # too few tails to fill the fallback: single layers too
-            in_tails = {n for g in tails for n in g["nodes"]} | set(pinned)
-            layers = [{"output": lay["layer"], "nodes": [lay["node"]], "layers": [lay["node"]]}
-                      for lay in quantizable_layers(pre) if lay["node"] not in in_tails]
-        rows: list[dict[str, Any]] = []
-        for i, grp in enumerate(tails + layers):
+        tails, heads = output_tails(pre), []
+        for i, grp in enumerate(tails if len(tails) > 1 else []):  # one tail ranks first unmeasured
             others = [n for n in all_nodes if n not in grp["nodes"]]
             # The fp32 graph (not ``pre``): the graph ``ranges`` were calibrated on; node names are the same.
             res = quantize(fp32_onnx, dataclasses.replace(config.ptq(calibrator), float_layers=others), data=data,
                            out_dir=out_dir / "heads" / f"group{i}", ranges=ranges)
-            if i < len(tails):
-                r = self.judge(res.model, data)
-                rows.append({**grp, **{k: r[k] for k in _RANKED}, "damage": round(self.damage(r), 4)})
-            else:  # a single layer: output SQNR on a few val images (one PTQ + judging per layer would cost minutes)
-                rows.append({**grp, "sqnr_db": self.output_sqnr(res.model, data.x_val[:_LAYER_SAMPLES]),
-                             "damage": None})
-        heads = sorted(rows[:len(tails)], key=lambda r: (-r["damage"], r["sqnr_db"]))
-        ranked = [r for r in heads if r["damage"] > 0.0] or heads
-        self.table = heads + sorted(rows[len(tails):], key=lambda r: r["sqnr_db"])
-        return [{"label": r["output"], "nodes": r["nodes"]} for r in ranked + self.table[len(heads):]]
-
-    def output_sqnr(self, candidate: str | Path, x) -> float:
-        """SQNR (dB) of ``candidate``'s raw outputs against the fp32 detector's on ``x`` (the fp32 outputs
-        are computed once for the ``x`` every single layer is measured on)."""
-        import numpy as np
-
-        from edgeslim.components.common.onnx_runtime import SqnrAccumulator, make_session, run_outputs
-
-        x = np.ascontiguousarray(x)
-        if self._layer_reference is None or not np.array_equal(self._layer_reference[0], x):
-            self._layer_reference = (x, run_outputs(self.fp32_session(), x)[1])
-        acc = SqnrAccumulator()
-        for ref, got in zip(self._layer_reference[1], run_outputs(make_session(candidate), x)[1]):
-            acc.add(ref, got)
-        return round(acc.db(), 3)
+            r = self.judge(res.model, data)
+            heads.append({**grp, **{k: r[k] for k in _RANKED}, "damage": round(self.damage(r), 4)})
+        heads = sorted(heads, key=lambda r: (-r["damage"], r["sqnr_db"])) or [
+            {**t, **dict.fromkeys(_RANKED), "damage": None} for t in tails]
+        ranked = [r for r in heads if (r["damage"] or 0.0) > 0.0] or heads
+        layers: list[dict[str, Any]] = []
+        if config.max_float_layers > len(tails):  # too few tails to fill the fallback: single layers too
+            in_tails = {n for g in tails for n in g["nodes"]} | set(pinned)
+            singles = [lay for lay in quantizable_layers(pre) if lay["node"] not in in_tails]
+            proxy = layer_noise_proxy(pre, ranges, data.x_val[:_LAYER_SAMPLES], [lay["node"] for lay in singles])
+            layers = sorted(({"output": lay["layer"], "nodes": [lay["node"]], "layers": [lay["node"]],
+                              "sqnr_db": proxy[lay["node"]], "proxy": "own int8 rounding, one pass",
+                              "damage": None} for lay in singles), key=lambda r: r["sqnr_db"])
+        self.table = heads + layers
+        return [{"label": r["output"], "nodes": r["nodes"]} for r in ranked + layers]
 
     def qat(self, fp32_onnx, config, *, data, out_dir, calibrator, float_layers):
         if self.model is None:

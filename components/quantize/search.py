@@ -10,6 +10,12 @@ that passes:
    group per trial, up to ``max_float_layers``;
 3. QAT from the best candidate so far.
 
+A strategy may screen a trial on a part of the validation split first
+(:meth:`Strategy.screen`; the detector's does when val has 16 images or more): one that
+clearly fails there is not judged on the whole split, so a search costs a bounded number
+of passes over val, whatever the number of layers (the fallback's ranking takes one pass
+over a few images, :mod:`.detect_search`).
+
 What differs between tasks is a :class:`Strategy`: how a candidate is judged and
 ranked, which node groups the fallback ranks, how QAT runs and how the outcome is
 worded. :class:`ClassifierStrategy` (top-1, top-1 agreement and SQNR against the
@@ -125,6 +131,12 @@ class Strategy(abc.ABC):
     @abc.abstractmethod
     def judge(self, candidate: str | Path, data: Splits) -> dict[str, Any]:
         """Metric fields of ``candidate`` on the validation split, ``passed`` and ``gate`` (the summary)."""
+
+    def screen(self, candidate: str | Path, data: Splits) -> dict[str, Any] | None:
+        """Judge ``candidate`` on a part of the validation split first (a row, with ``screened_on``: how
+        many images): a trial that fails there is not judged on the whole split. None (the default):
+        every trial is judged on the whole split."""
+        return None
 
     @abc.abstractmethod
     def key(self, row: dict[str, Any]) -> tuple:
@@ -289,17 +301,28 @@ def search(fp32_onnx: str | Path, config: AccuracyAwareQuantizeConfig, *, strate
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tracker = _Tracker(tracking_uri, parent_run_id)
+    # Where the search's time goes (seconds): the reference, calibration, writing the candidates, judging
+    # them on val, ranking the fallback's groups; autotune.json and the metrics carry it as "cost".
+    cost = dict.fromkeys(("reference_s", "calibration_s", "quantize_s", "judge_s", "ranking_s"), 0.0)
     reference = strategy.reference(data)
+    cost["reference_s"] = time.perf_counter() - start
     trials: list[dict[str, Any]] = []
     results: dict[int, StageResult] = {}
 
     def record(kind: str, res: StageResult, cal: str, float_layers: list[str], seconds: float,
                extra: dict | None = None) -> dict[str, Any]:
         path = Path(res.model)
+        t = time.perf_counter()
+        # A trial that clearly fails on a part of val is not judged on all of it (its row has the part's figures).
+        screened = strategy.screen(path, data)
+        judged = screened if screened is not None and not screened["passed"] else {
+            **strategy.judge(path, data), **({"screen": screened} if screened else {})}
+        cost["quantize_s"] += seconds
+        cost["judge_s"] += time.perf_counter() - t
         row = {"trial": len(trials) + 1, "kind": kind, "calibrator": cal,
                "float_layers": list(float_layers), "model": str(path),
                "size_bytes": path.stat().st_size, "seconds": round(seconds, 2),
-               **strategy.judge(path, data), **(extra or {})}
+               "judge_seconds": round(time.perf_counter() - t, 2), **judged, **(extra or {})}
         row["mlflow_run_id"] = tracker.trial(row, strategy.fields)
         trials.append(row)
         results[row["trial"]] = res
@@ -308,10 +331,13 @@ def search(fp32_onnx: str | Path, config: AccuracyAwareQuantizeConfig, *, strate
                      f"({'pass' if row['passed'] else 'fail'})")
         return row
 
+    def costs() -> dict[str, float]:
+        return {**{k: round(v, 2) for k, v in cost.items()}, "total_s": round(time.perf_counter() - start, 2)}
+
     def report(winner: int | None, reason: str) -> None:
         (out_dir / "autotune.json").write_text(json.dumps(
             {"chosen_on": CHOSEN_ON, "trials": trials, "winner": winner, "reason": reason, **reference,
-             strategy.table_key: strategy.table}, indent=1, default=str))
+             strategy.table_key: strategy.table, "cost": costs()}, indent=1, default=str))
 
     def finish(row: dict[str, Any], groups: list[dict[str, Any]]) -> StageResult:
         reason = strategy.reason(row, groups, config)
@@ -319,7 +345,7 @@ def search(fp32_onnx: str | Path, config: AccuracyAwareQuantizeConfig, *, strate
         final = out_dir / "model.int8.onnx"
         final.write_bytes(Path(row["model"]).read_bytes())
         metrics = {"size_bytes": final.stat().st_size, "winner": row, "reason": reason, "trials": trials,
-                   "chosen_on": CHOSEN_ON, strategy.table_key: strategy.table,
+                   "chosen_on": CHOSEN_ON, strategy.table_key: strategy.table, "cost": costs(),
                    **strategy.result_metrics(row, results[row["trial"]])}
         lineage = {"stage": "quantize", "method": "auto", "task": strategy.task, "config": config.to_json_dict(),
                    "winning_trial": row["trial"], "chosen_on": CHOSEN_ON, "calibration_split": "train",
@@ -332,6 +358,8 @@ def search(fp32_onnx: str | Path, config: AccuracyAwareQuantizeConfig, *, strate
     for cal in config.calibrators:
         t = time.perf_counter()
         ranges[cal] = calibrate_onnx(fp32_onnx, config.ptq(cal), data)
+        cost["calibration_s"] += time.perf_counter() - t
+        t = time.perf_counter()  # a trial's seconds: writing its model (calibration is in cost)
         res = quantize(fp32_onnx, config.ptq(cal), data=data, out_dir=out_dir / f"ptq-{cal}", ranges=ranges[cal])
         pinned = list(res.metrics["float_layers"])  # the recipe's patterns, resolved to nodes
         row = record("ptq", res, cal, pinned, time.perf_counter() - t)
@@ -341,8 +369,10 @@ def search(fp32_onnx: str | Path, config: AccuracyAwareQuantizeConfig, *, strate
 
     # 2. Keep the most damaging node groups in float, one more per trial.
     if config.max_float_layers > 0:
+        t = time.perf_counter()
         groups = strategy.rank(fp32_onnx, config, calibrator=cal, ranges=ranges[cal], data=data,
                                out_dir=out_dir, pinned=pinned)
+        cost["ranking_s"] += time.perf_counter() - t
         tracker.ranking(strategy)
         for k in range(1, min(config.max_float_layers, len(groups)) + 1):
             keep = [n for g in groups[:k] for n in g["nodes"]]

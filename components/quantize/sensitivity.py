@@ -121,6 +121,80 @@ def output_tails(pre_onnx: str | Path) -> list[dict[str, Any]]:
     return tails
 
 
+def _weight_axis(node) -> int:
+    """The output-channel axis of a weighted node's weight (per-channel quantization's axis)."""
+    if node.op_type == "MatMul" or (node.op_type == "Gemm" and not any(
+            a.name == "transB" and a.i for a in node.attribute)):
+        return -1  # (in, out)
+    return 1 if node.op_type == "ConvTranspose" else 0
+
+
+def _fake_quant(x: np.ndarray, amax: np.ndarray | float) -> np.ndarray:
+    """Symmetric int8 round trip with ``amax`` (a scalar, or per element along a broadcast axis)."""
+    scale = np.where(np.asarray(amax) > 0, np.asarray(amax, np.float64) / 127.0, 1.0)
+    return np.clip(np.round(x / scale), -128, 127) * scale
+
+
+def layer_noise_proxy(pre_onnx: str | Path, ranges: dict[str, float], x, nodes: list[str] | None = None,
+                      batch: int = 2) -> dict[str, float]:
+    """A one-pass sensitivity proxy: per conv/linear node, the SQNR (dB) of its own int8 rounding --
+    its input activation with its calibrated range (``ranges``, symmetric) and its weight per output
+    channel (symmetric max-abs) -- with both noises' powers summed relative to their signals.
+
+    One ONNX Runtime pass over ``x`` (a few images, ``batch`` at a time) captures every node's input
+    at once, instead of a quantized model and an inference per layer, so the cost does not grow with
+    the number of layers beyond that pass. It is local (noise that later layers amplify or damp is not
+    seen), so it ranks candidates; the fallback's trials judge them.
+
+    Args:
+        pre_onnx: the pre-processed graph (:func:`preprocessed`) ``ranges`` were calibrated on.
+        ranges: per-tensor amax (:func:`~edgeslim.components.quantize.ptq.calibrate_onnx`); an input
+            without a range counts as unquantized.
+        x: the images (a validation subsample).
+        nodes: the nodes to measure (default: every :func:`quantizable_layers` node).
+
+    Returns:
+        ``{node: sqnr_db}`` (the lower, the more damage the node's own int8 does).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    from edgeslim.components.common.onnx_runtime import session_with_outputs
+
+    model = onnx.load(str(pre_onnx))
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    wanted = set(nodes) if nodes is not None else {lay["node"] for lay in quantizable_layers(pre_onnx)}
+    layers = [n for n in g.node if n.name in wanted and _weighted(n, set(inits))]
+    weight_nsr = {}
+    for n in layers:  # per-channel symmetric rounding of the weight (what PTQ does to it)
+        w = numpy_helper.to_array(inits[n.input[1]]).astype(np.float64)
+        axis = _weight_axis(n) % w.ndim
+        amax = np.abs(w).max(axis=tuple(a for a in range(w.ndim) if a != axis), keepdims=True)
+        weight_nsr[n.name] = float(np.sum((w - _fake_quant(w, amax)) ** 2) / max(np.sum(w * w), 1e-30))
+    inputs = sorted({n.input[0] for n in layers if n.input[0] not in inits})
+    signal, noise = dict.fromkeys(inputs, 0.0), dict.fromkeys(inputs, 0.0)
+    graph_inputs = {i.name for i in g.input}
+    with session_with_outputs(model, [t for t in inputs if t not in graph_inputs]) as sess:
+        names = [o.name for o in sess.get_outputs()]
+        feed = sess.get_inputs()[0].name
+        for i in range(0, len(x), batch):
+            xb = np.ascontiguousarray(x[i:i + batch])
+            got = dict(zip(names, sess.run(None, {feed: xb})))
+            got.update({t: xb for t in graph_inputs})
+            for t in inputs:
+                if t in ranges:
+                    v = got[t].astype(np.float64)
+                    signal[t] += float(np.sum(v * v))
+                    noise[t] += float(np.sum((v - _fake_quant(v, ranges[t])) ** 2))
+    out = {}
+    for n in layers:
+        t = n.input[0]
+        nsr = weight_nsr[n.name] + (noise[t] / signal[t] if signal[t] > 0 else 0.0)
+        out[n.name] = round(float(10.0 * np.log10(1.0 / nsr)) if nsr > 0 else float("inf"), 3)
+    return out
+
+
 def _scores(onnx_path: str | Path, x: np.ndarray) -> np.ndarray:
     from edgeslim.components.common.onnx_runtime import make_session, run_batched
 

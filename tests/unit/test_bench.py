@@ -23,7 +23,7 @@ def test_bench_rows_and_ratios(workload, tmp_path, capsys):
     for r in res["rows"]:
         assert r["latency_ms_b1"] > 0 and r["latency_ms_b32"] > 0 and r["size_bytes"] > 0
         assert r["size_ratio"] == round(teacher["size_bytes"] / r["size_bytes"], 2)
-        assert r["peak_rss_mb"] > 0
+        assert 0 < r["stage_peak_rss_mb"] <= r["peak_rss_mb"] and r["stage_s"] >= 0
     ours, full = rows["edgeslim PTQ (teacher)"], rows["full recipe: distill + prune + int8"]
     assert ours["int8"] and ours["size_ratio"] > 2.5  # scales and zero points cost more on tiny nets and ours["macs"] == teacher["macs"]
     assert full["macs"] < teacher["macs"] and full["size_ratio"] > ours["size_ratio"]
@@ -87,7 +87,27 @@ def test_one_harness_measures_any_workload_and_keeps_a_failed_row(tmp_path):
     assert narrow["macs_ratio"] == 4.0 and narrow["size_ratio"] > 1.0
     assert narrow["mean_abs_drop"] == round(wide["mean_abs"] - narrow["mean_abs"], 3)
     assert narrow["latency_b32_ratio"] == round(wide["latency_ms_b32"] / narrow["latency_ms_b32"], 2)
-    assert failed == {"row": "width 0", "failed": "a layer cannot be empty"}
+    assert failed["failed"] == "a layer cannot be empty" and failed["stage_s"] >= 0
     assert 0 < wide["peak_rss_mb"] <= narrow["peak_rss_mb"] <= res["peak_rss_mb"]
+    # what building each row cost: its own wall time and peak RSS, never above the process's
+    assert all(0 < r["stage_peak_rss_mb"] <= res["peak_rss_mb"] for r in (wide, narrow))
     table = format_rows(res, wl)
     assert "mean |y|" in table and "width 0" in table and "FAILED: a layer cannot be empty" in table
+
+
+def test_yolov8n_bench_reports_each_stages_cost_and_the_search_against_one_evaluation_pass(tmp_path, capsys):
+    """Ultralytics' YOLOv8n at 640 with random weights (quick: 4 images a split, one calibrator): every row
+    has its stage's wall time and peak RSS; the accuracy-aware row says what the search cost, as a multiple
+    of one evaluation pass over val; the table says that the accuracy figures mean nothing here."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--workload", "yolov8n", "--quick", "--repeats", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    rows = {r["row"]: r for r in res["rows"]}
+    assert list(rows)[:2] == ["fp32", "edgeslim PTQ minmax"] and res["input"] == [3, 640, 640]
+    auto = rows["edgeslim accuracy-aware (minmax)"]
+    for r in res["rows"]:
+        assert r["stage_s"] > 0 and r["stage_peak_rss_mb"] > 0
+    assert rows["fp32"]["map50"] == 100.0  # scored against its own boxes
+    assert auto["search_cost_ratio"] == round(auto["search_s"] / auto["eval_pass_s"], 1) and auto["trials"] >= 1
+    text = capsys.readouterr().out
+    assert "RANDOM weights" in text and "evaluation pass over val" in text and "b32 ms" in text

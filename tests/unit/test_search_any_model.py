@@ -147,6 +147,38 @@ def test_with_fewer_tails_than_the_fallback_may_keep_single_layers_are_ranked_af
     assert [r["sqnr_db"] for r in singles] == sorted(r["sqnr_db"] for r in singles)  # the most damaged first
 
 
+def test_the_one_pass_layer_proxy_finds_the_layer_whose_int8_rounding_clips(tmp_path):
+    """The single layers' ranking comes from one pass that captures every layer's input: a layer whose
+    input range is cut to a hundredth (a calibrator clipping it) ranks as the most damaged, and the
+    other layers' figures do not move."""
+    from edgeslim.components.common.data import Splits
+    from edgeslim.components.common.stage_configs import PTQQuantizeConfig
+    from edgeslim.components.quantize.ptq import calibrate_onnx
+    from edgeslim.components.quantize.sensitivity import layer_noise_proxy, preprocessed, quantizable_layers
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 2 * 2, 3)).eval()
+    path = tmp_path / "net.onnx"
+    torch.onnx.export(model, torch.rand(1, 3, 8, 8), str(path), input_names=["input"], output_names=["output"],
+                      dynamic_axes={"input": {0: "n"}, "output": {0: "n"}}, opset_version=17, dynamo=False)
+    x = np.random.default_rng(0).random((12, 3, 8, 8), dtype=np.float32)
+    y = np.zeros(12, dtype=np.int64)
+    data = Splits(x[:6], y[:6], x[6:], y[6:], x[6:], y[6:])
+    pre = preprocessed(path, tmp_path / "pre.onnx")
+    ranges = calibrate_onnx(path, PTQQuantizeConfig(calibrator="minmax", num_samples=6), data)
+    layers = [lay["node"] for lay in quantizable_layers(pre)]
+    base = layer_noise_proxy(pre, ranges, data.x_val)
+    assert sorted(base) == sorted(layers) and all(20 < v < 80 for v in base.values())  # int8: tens of dB
+
+    import onnx
+
+    third = next(n for n in onnx.load(str(pre)).graph.node if n.name == layers[2])
+    clipped = layer_noise_proxy(pre, {**ranges, third.input[0]: ranges[third.input[0]] / 100}, data.x_val)
+    assert min(clipped, key=clipped.get) == layers[2] and clipped[layers[2]] < 10
+    assert {k: v for k, v in clipped.items() if k != layers[2]} == {k: v for k, v in base.items() if k != layers[2]}
+
+
 def test_a_classifiers_softmax_tail_is_measured_beside_its_layers(tmp_path):
     import onnx
 
