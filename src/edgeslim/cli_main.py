@@ -284,6 +284,8 @@ task:
     min_score: 0.01
     max_detections: 100
 {heads}  # decode_fn: mypkg.decoders:decode   # instead of decoder: outputs -> per image (M, 6) [x1, y1, x2, y2, score, class]
+  # loss_fn: mypkg.losses:loss       # distill/prune's label loss: loss_fn(outputs, targets, model) -> scalar tensor
+  #                                  # (default: an Ultralytics model's own v8DetectionLoss, or edgeslim's for map pairs)
   gate:
     max_map_drop: 1.0                # points of mAP@0.5
     max_map50_95_drop: 2.0           # points of mAP@0.5:0.95: catches boxes that lost precision
