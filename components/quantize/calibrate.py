@@ -64,8 +64,8 @@ def abs_histogram(v: np.ndarray, amax: float, num_bins: int, exact_path: bool = 
     Exact zeros (ReLU outputs, padding, blank pixels) are exact in symmetric int8 whatever the
     range: counting them only drags entropy and percentile thresholds towards zero and clips the
     values that matter. They fall in bin 0, so they are counted with the rest and taken off there.
-    The bin of each value is numpy's own computation (same dtype, same scaling, same one-ulp edge
-    corrections) on blocks of |v|, followed by ``np.bincount``; numpy's path (masking, the
+    The bin of each value is numpy's own computation (same dtype, same scaling, the same one-ulp edge
+    corrections where they can apply) on blocks of |v|, followed by ``np.bincount``; numpy's path (masking, the
     compressed copy, its per-block range checks) stays for what it alone handles the same way:
     NaNs, an infinite range, dtypes other than float32/float64 (``exact_path``).
     """
@@ -77,14 +77,25 @@ def abs_histogram(v: np.ndarray, amax: float, num_bins: int, exact_path: bool = 
         a = np.abs(v)
         return np.histogram(a[a > 0], bins=num_bins, range=(0.0, amax))[0]
     den, num = flat.dtype.type(amax), flat.dtype.type(num_bins)
+    # numpy's scaled position is a few ulps from exact, so its one-bin corrections against the edges can
+    # only apply within num_bins * 2**-22 of a whole number: this band (16 times wider) gets them, the
+    # rest of the values (all but ~1.6% at 2048 bins) need no look-up of their edges.
+    band = flat.dtype.type(num_bins * 2.0 ** -18)
     counts = np.zeros(num_bins, dtype=np.intp)
     buf = np.empty(min(_BLOCK, flat.size), dtype=flat.dtype)
     for i in range(0, flat.size, _BLOCK):
         a = np.abs(flat[i:i + _BLOCK], out=buf[:min(_BLOCK, flat.size - i)])
-        idx = ((a / den) * num).astype(np.intp)
-        idx[idx == num_bins] -= 1
-        idx[a < edges[idx]] -= 1
-        idx[(a >= edges[idx + 1]) & (idx != num_bins - 1)] += 1
+        f = (a / den) * num
+        idx = f.astype(np.intp)
+        np.minimum(idx, num_bins - 1, out=idx)  # |x| == amax: the last bin holds its right edge
+        frac = f - np.floor(f)
+        # (below edge 1 only the upper correction can apply: zeros, often half a tensor, need none)
+        near = np.flatnonzero((frac > 1 - band) | ((frac < band) & (f >= 1)))
+        if near.size:
+            x, k = a[near], idx[near]
+            k -= x < edges[k]
+            k += (x >= edges[k + 1]) & (k != num_bins - 1)
+            idx[near] = k
         counts += np.bincount(idx, minlength=num_bins)
     counts[0] -= flat.size - np.count_nonzero(flat)
     return counts

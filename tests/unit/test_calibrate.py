@@ -48,9 +48,7 @@ def test_the_histograms_are_numpys_bin_for_bin():
     # collect bins |x| itself (no masked copy, blocks of 64k, zeros taken off bin 0); every count
     # must be np.histogram's, values on and one ulp beside the bin edges included.
     rng = np.random.default_rng(0)
-    amax = 3.7
-    edges32 = np.linspace(0.0, amax, 2049, dtype=np.float32)
-    on_edges = np.concatenate([edges32, np.nextafter(edges32, 0), np.nextafter(edges32, 10)])
+    amax = float(np.float32(3.7))  # as collect passes it: the float32 max of the data
     samples = [rng.normal(0, 1, 200_000), np.maximum(rng.normal(0, 1, 150_000), 0),  # ReLU: half zeros
                rng.standard_cauchy(70_000), rng.integers(-4, 5, 90_000) * 0.25]
     for x in samples:
@@ -59,8 +57,11 @@ def test_the_histograms_are_numpys_bin_for_bin():
             top = max(float(v.max()), -float(v.min()))
             for bins in (2048, 1000, 7):
                 assert np.array_equal(calibrate.abs_histogram(v, top, bins), _numpy_abs_histogram(v, top, bins))
-    v = np.clip(on_edges, 0, amax).astype(np.float32)
-    assert np.array_equal(calibrate.abs_histogram(v, amax, 2048), _numpy_abs_histogram(v, amax, 2048))
+    for bins in (2048, 1000, 7):
+        edges = np.linspace(0.0, amax, bins + 1, dtype=np.float32)
+        on_edges = np.concatenate([edges, np.nextafter(edges, 0), np.nextafter(edges, 10)])
+        v = np.clip(on_edges, 0, np.float32(amax))
+        assert np.array_equal(calibrate.abs_histogram(v, amax, bins), _numpy_abs_histogram(v, amax, bins))
     # A batch with a NaN adds nothing to the maxima; np.histogram drops its NaN and what lies beyond amax.
     batches = [np.array([1.0, -2.0, 0.0], dtype=np.float32), np.array([np.nan, 5.0, -0.5], dtype=np.float32)]
     (amax_nan, hist_nan), = calibrate.collect(lambda b: [b], ["t"], batches, 16).values()

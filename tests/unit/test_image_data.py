@@ -459,7 +459,7 @@ def test_detection_path_runs_on_a_lazy_yolo_dataset_as_on_held_arrays(detection,
 def test_the_data_scale_bench_measures_each_size_in_its_own_process(tmp_path):
     from edgeslim.pipelines.bench_data import data_scale_bench, format_bench
 
-    res = data_scale_bench(sizes=(60, 200), workdir=tmp_path)
+    res = data_scale_bench(sizes=(60, 200), workdir=tmp_path, calibration_samples=(8, 32), repeats=1)
     small, large = res["rows"]
     assert (small["images"], small["val_images"], large["images"], large["val_images"]) == (60, 6, 200, 20)
     for row in res["rows"]:
@@ -467,3 +467,12 @@ def test_the_data_scale_bench_measures_each_size_in_its_own_process(tmp_path):
         assert row["eval_val_s"] >= 0 and row["calibration_s"] > 0
     assert res["peak_rss_ratio"] == round(large["peak_rss_mb"] / small["peak_rss_mb"], 3)
     assert "peak RSS ratio" in format_bench(res)
+    # calibration of 8 and 32 samples of the 60-image folder (48 train images), side by side
+    few, more = res["calibration"]
+    assert (few["samples"], more["samples"]) == (8, 32)
+    for row in res["calibration"]:
+        for cal in ("entropy", "minmax"):
+            assert row[f"{cal}_s"] > 0 and row[f"{cal}_peak_rss_mb"] > 0
+            assert row[f"{cal}_x_plain"] == round(row[f"{cal}_s"] / row["plain_pass_s"], 2)
+    assert res["calibration_growth"]["entropy_s"] == round(more["entropy_s"] / few["entropy_s"], 2)
+    assert "entropy_x_plain" in format_bench(res)
