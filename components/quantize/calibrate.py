@@ -82,12 +82,14 @@ def abs_histogram(v: np.ndarray, amax: float, num_bins: int, exact_path: bool = 
     # rest of the values (all but ~1.6% at 2048 bins) need no look-up of their edges.
     band = flat.dtype.type(num_bins * 2.0 ** -18)
     counts = np.zeros(num_bins, dtype=np.intp)
+    zeros = 0
     buf = np.empty(min(_BLOCK, flat.size), dtype=flat.dtype)
     for i in range(0, flat.size, _BLOCK):
         a = np.abs(flat[i:i + _BLOCK], out=buf[:min(_BLOCK, flat.size - i)])
+        zeros += int(np.count_nonzero(a == 0))
         f = (a / den) * num
+        np.minimum(f, num_bins - 1, out=f)  # |x| == amax: the last bin holds its right edge
         idx = f.astype(np.intp)
-        np.minimum(idx, num_bins - 1, out=idx)  # |x| == amax: the last bin holds its right edge
         frac = f - np.floor(f)
         # (below edge 1 only the upper correction can apply: zeros, often half a tensor, need none)
         near = np.flatnonzero((frac > 1 - band) | ((frac < band) & (f >= 1)))
@@ -97,7 +99,7 @@ def abs_histogram(v: np.ndarray, amax: float, num_bins: int, exact_path: bool = 
             k += (x >= edges[k + 1]) & (k != num_bins - 1)
             idx[near] = k
         counts += np.bincount(idx, minlength=num_bins)
-    counts[0] -= flat.size - np.count_nonzero(flat)
+    counts[0] -= zeros
     return counts
 
 
