@@ -359,8 +359,8 @@ def recipe_from_dict(data: Any) -> Recipe:
     task = task_from_dict(data.get("task"))
     stages = _parse_stages(data.get("stages"))
     if stages[-1].method not in task.quantize_methods:
-        raise ConfigError(f"stages: quantize method {stages[-1].method!r} is not available for a {task.kind} task "
-                          f"({task.why_not_qat}); use one of {', '.join(task.quantize_methods)}")
+        raise ConfigError(f"stages: quantize method {stages[-1].method!r} is not available for a {task.kind} task; "
+                          f"use one of {', '.join(task.quantize_methods)}")
     return Recipe(
         source=source,
         tracking_uri=tracking_uri,

@@ -436,3 +436,12 @@ class AccuracyAwareQuantizeConfig(StageConfig):
                                  percentile=self.percentile, num_bins=self.num_bins,
                                  float_layers=list(dict.fromkeys(self.float_layers + list(float_layers or []))),
                                  placement=self.placement, seed=self.seed)
+
+    def qat_config(self, calibrator: str, float_layers: list[str], **overrides) -> "QATQuantizeConfig":
+        """The search's last trial as ``method: qat``: QAT from ``calibrator``'s ranges with ``float_layers``
+        kept in float (the trial's, pinned ones included), trained ``qat_epochs`` at ``qat_lr``."""
+        return QATQuantizeConfig(calibrator=calibrator, num_samples=self.num_samples,  # type: ignore[arg-type]
+                                 percentile=self.percentile, num_bins=self.num_bins,
+                                 float_layers=list(float_layers), epochs=self.qat_epochs, lr=self.qat_lr,
+                                 seed=self.seed, augment=list(self.augment), placement=self.placement,
+                                 **overrides)

@@ -35,7 +35,6 @@ class ClassificationTaskConfig(Config):
     kind: Literal["classification"] = "classification"
     # The quantize methods a recipe may use for this task.
     quantize_methods = ("ptq", "qat", "auto")
-    why_not_qat = ""
     # Whether its outputs decode to boxes (the edge pyfunc and the rollout health check then compare boxes).
     decodes_boxes = False
 
@@ -159,9 +158,8 @@ class DetectionTaskConfig(Config):
     """
 
     kind: Literal["detection"] = "detection"
-    quantize_methods = ("ptq", "auto")
+    quantize_methods = ("ptq", "qat", "auto")
     decodes_boxes = True
-    why_not_qat = "method 'qat' trains with a classification loss; 'auto' with qat: true ends with a detector's QAT"
     num_classes: int = 0
     score_threshold: float = 0.25
     decoder: YoloDecoderConfig = dataclasses.field(default_factory=YoloDecoderConfig)

@@ -159,7 +159,7 @@ def quantize_op(recipe_json: str, tracking_uri: str, onnx_model: Input[Model], s
             reference = onnx_model.path if recipe.torch_stages else parent_onnx.path
             strategy = task_for(recipe.task).search_strategy(fp32_onnx=onnx_model.path, reference_onnx=reference,
                                                              recipe=recipe, model=model) \
-                if cfg.method == "auto" else None
+                if cfg.method in ("auto", "qat") else None
             with mlflow.start_run(run_name=f"quantize {cfg.method}: {recipe.source}") as run:
                 mlflow.set_tag("edgeslim.recipe_hash", recipe.digest())
                 run_id = run.info.run_id

@@ -1,7 +1,9 @@
 """The one quantize verb: ``quantize(fp32_onnx, config, ...)``, where the method is the config's class.
 
 - ``PTQQuantizeConfig``: calibrate and quantize (:mod:`.ptq`), the same for every task;
-- ``QATQuantizeConfig``: fake-quantized fine-tuning of the torch model, exported again (:mod:`.qat`);
+- ``QATQuantizeConfig``: fake-quantized fine-tuning of the torch model, exported again: the one QAT chain
+  (:func:`.qat.qat_chain`) with the task's fake-quant twin and loss (the strategy's ``train_qat``;
+  a classifier's when no strategy is given);
 - ``AccuracyAwareQuantizeConfig``: the accuracy-aware search (:mod:`.search`), judged and ranked by the
   task's strategy (the Task gives it: ``ClassifierStrategy`` or ``DetectorStrategy``, or your own).
 """
@@ -29,7 +31,7 @@ def quantize(fp32_onnx: str | Path, config, *, data: Splits, out_dir: str | Path
         data: calibration and training from train; the search judges on val.
         out_dir: where the Q/DQ ONNX (and the search's trials) go.
         model: the torch model ``fp32_onnx`` was exported from (QAT trains it).
-        strategy: for the search, the task's :class:`.search.Strategy`.
+        strategy: the task's :class:`.search.Strategy`: it judges the search's trials and trains QAT.
         export_config: ONNX export settings for QAT's export.
         tracking_uri, parent_run_id: the search's trials become child runs of this MLflow run.
         progress: called with one line per search trial.
@@ -43,8 +45,10 @@ def quantize(fp32_onnx: str | Path, config, *, data: Splits, out_dir: str | Path
 
         return ptq(fp32_onnx, config, data=data, out_dir=out_dir)
     if isinstance(config, QATQuantizeConfig):
-        if model is None:
+        if (model if strategy is None else getattr(strategy, "model", None)) is None:
             raise ConfigError("quantize(qat): QAT trains the torch model; pass the model the ONNX was exported from")
+        if strategy is not None:  # the task's twin and loss in the one QAT chain
+            return strategy.train_qat(fp32_onnx, config, data=data, out_dir=Path(out_dir))
         from edgeslim.components.quantize.qat import qat
 
         return qat(model, config, data=data, out_dir=out_dir, fp32_onnx=fp32_onnx, export_config=export_config)

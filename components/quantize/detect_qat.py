@@ -147,14 +147,6 @@ def without_fake_quant(model: nn.Module) -> nn.Module:
     return out.eval()
 
 
-def _float_conv_modules(pre_onnx: str | Path, qdq_path: str | Path) -> list[str]:
-    """Module names of the convs of ``pre_onnx`` that the Q/DQ ONNX left in float."""
-    from edgeslim.components.quantize.sensitivity import quantizable_layers
-
-    quantized = set(conv_input_scales(qdq_path))
-    return sorted(r["layer"] for r in quantizable_layers(pre_onnx) if r["op"] == "Conv" and r["layer"] not in quantized)
-
-
 def _dict_tensors(d: dict) -> list[torch.Tensor]:
     out: list[torch.Tensor] = []
     for v in d.values():
@@ -256,18 +248,18 @@ def onnx_output_errors(reference: nn.Module, onnx_paths: list[Path], x, batch: i
     return [sum(e / c / (p / c + 1e-8) for e, p, c in zip(errs, power, count)) for errs in err]
 
 
-def qat_detector(model: nn.Module, config, *, data: Splits, out_dir: str | Path, calibrator: str,
-                 float_layers: list[str] | None = None, export_config=None,
-                 progress: Progress | None = None) -> StageResult:
-    """Fine-tune a detector with int8 in the loop; export a weighted-placement Q/DQ ONNX.
+def qat_detector(model: nn.Module, config, *, data: Splits, out_dir: str | Path, fp32_onnx: str | Path | None = None,
+                 export_config=None, progress: Progress | None = None) -> StageResult:
+    """Fine-tune a detector with int8 in the loop (:func:`.qat.qat_chain`); export a weighted-placement Q/DQ ONNX.
 
     Args:
         model: the fp32 detector (not changed).
-        config: an ``AccuracyAwareQuantizeConfig`` (samples, ``qat_epochs``, ``qat_lr``, seed).
+        config: a ``QATQuantizeConfig`` (calibrator, samples, float layers, epochs, lr, batch size, seed,
+            augmentation); its placement is ``weighted`` whatever it says (the convs' inputs: module-level
+            fake quantizers reproduce exactly that).
         data: train images for calibration and fine-tuning (labels are not used).
         out_dir: ``model.int8.onnx`` and the intermediate files.
-        calibrator: initialises the ranges, and calibrates the export again.
-        float_layers: node names or patterns kept in float (their convs are not fake-quantized).
+        fp32_onnx: ``model`` already exported; exported here when None.
         export_config: ONNX export settings (default ``OnnxExportConfig()``).
         progress: called with (epoch, epochs, loss).
 
@@ -277,46 +269,40 @@ def qat_detector(model: nn.Module, config, *, data: Splits, out_dir: str | Path,
         fine-tuning, and of the exported Q/DQ ONNX.
     """
     from edgeslim.components.common.stage_configs import OnnxExportConfig
+    from edgeslim.components.quantize.qat import qat_chain
     from edgeslim.components.transform.train import augmentation, fit
-    from edgeslim.components.export import export
-    from edgeslim.components.quantize.ptq import quantize
-    from edgeslim.components.quantize.sensitivity import preprocessed, quantizable_layers
 
     t0 = time.perf_counter()
     if len(data.x_train) == 0:
         raise DataError("quantize(qat): the train split is empty; QAT fine-tunes on training images")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    export_config = export_config or OnnxExportConfig()
     fp32 = copy.deepcopy(model).eval()
-    cfg = dataclasses.replace(config.ptq(calibrator, float_layers), placement="weighted")
-    start_onnx = export(fp32, export_config, data=data, out_path=out_dir / "start.fp32.onnx").model
-    ptq = quantize(start_onnx, cfg, data=data, out_dir=out_dir / "ptq")
-    fq = fake_quant_detector(fp32, ptq.model)
+    cfg = dataclasses.replace(config.ptq(), placement="weighted")
     x_val = data.x_val if len(data.x_val) else data.x_train[:256]
     ref = fold_batchnorm(fp32)
-    err = {"fake_quant_start": output_error(fq, ref, x_val)}
-    with training_outputs(fq, ref):
-        fit(fq, x=data.x_train, y=None, teacher=ref, epochs=config.qat_epochs, lr=config.qat_lr,
-            batch_size=32, schedule="cosine", weight_decay=0.0, seed=config.seed, progress=progress,
-            loss_fn=output_matching_loss, augment=augmentation(config.augment), recalibrate_batchnorm=False)
     for p in ref.parameters():
         p.requires_grad_(False)
-    err["fake_quant_tuned"] = output_error(fq.eval(), ref, x_val)
-    tuned = without_fake_quant(fq)
-    tuned_onnx = export(tuned, export_config, data=data, out_path=out_dir / "qat.fp32.onnx").model
-    # The re-export names its nodes anew; the convs kept in float are carried over by module name.
-    float_convs = _float_conv_modules(out_dir / "ptq" / "model.pre.onnx", ptq.model)
-    by_layer = {r["layer"]: r["node"] for r in quantizable_layers(preprocessed(tuned_onnx, out_dir / "qat.pre.onnx"))}
-    final_cfg = dataclasses.replace(cfg, float_layers=[by_layer[m] for m in float_convs if m in by_layer])
-    final = quantize(tuned_onnx, final_cfg, data=data, out_dir=out_dir / "final")
-    qdq = out_dir / "model.int8.onnx"
-    qdq.write_bytes(Path(final.model).read_bytes())
+    err: dict[str, float] = {}
 
-    err["ptq_onnx"], err["qat_onnx"] = onnx_output_errors(ref, [Path(ptq.model), qdq], x_val)
-    metrics = {**final.metrics, "size_bytes": qdq.stat().st_size, "qat_epochs": config.qat_epochs,
+    def twin(m: nn.Module, qdq_path: Path, _pre: Path) -> nn.Module:
+        fq = fake_quant_detector(m, qdq_path)
+        err["fake_quant_start"] = output_error(fq, ref, x_val)
+        return fq
+
+    def train(fq: nn.Module) -> None:
+        with training_outputs(fq, ref):
+            fit(fq, x=data.x_train, y=None, teacher=ref, epochs=config.epochs, lr=config.lr,
+                batch_size=config.batch_size, schedule="cosine", weight_decay=0.0, seed=config.seed,
+                progress=progress, loss_fn=output_matching_loss, augment=augmentation(config.augment),
+                recalibrate_batchnorm=False)
+        err["fake_quant_tuned"] = output_error(fq.eval(), ref, x_val)
+
+    run = qat_chain(fp32, cfg, data=data, out_dir=Path(out_dir), export_config=export_config or OnnxExportConfig(),
+                    fp32_onnx=fp32_onnx, twin=twin, train=train, plain=without_fake_quant)
+    err["ptq_onnx"], err["qat_onnx"] = onnx_output_errors(ref, [Path(run.ptq.model), run.qdq], x_val)
+    metrics = {**run.final.metrics, "size_bytes": run.qdq.stat().st_size, "qat_epochs": config.epochs,
                "output_error_val": {k: float(f"{v:.4g}") for k, v in err.items()}}
     lineage = {"stage": "quantize", "method": "qat", "task": "detection", "placement": "weighted",
+               "config": config.to_json_dict(),
                "loss": "output matching against the fp32 model (label-free)", "calibration_split": "train",
                "data_digest": data.digest()}
-    return StageResult(qdq, metrics, lineage, time.perf_counter() - t0)
+    return StageResult(run.qdq, metrics, lineage, time.perf_counter() - t0)

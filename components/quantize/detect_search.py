@@ -62,6 +62,7 @@ class DetectorStrategy(Strategy):
     qat_note = " (weighted placement, matching the fp32 outputs)"
     fields = ("map50_95", *_RANKED)
     table_key = "head_sensitivity"
+    qat_settings = {"batch_size": 32}  # detectors' training batches are large (a 640 px YOLO: ~0.1 GB an image)
 
     def __init__(self, fp32_onnx: str | Path, task, *, model=None, export_config=None):
         self.fp32_onnx, self.task_config, self.model, self.export_config = fp32_onnx, task, model, export_config
@@ -178,14 +179,14 @@ class DetectorStrategy(Strategy):
         self.table = heads + layers
         return [{"label": r["output"], "nodes": r["nodes"]} for r in ranked + layers]
 
-    def qat(self, fp32_onnx, config, *, data, out_dir, calibrator, float_layers):
-        if self.model is None:
-            return None
+    def train_qat(self, fp32_onnx, config, *, data, out_dir, progress=None):
         from edgeslim.components.quantize.detect_qat import qat_detector
 
-        res = qat_detector(self.model, config, data=data, out_dir=out_dir, calibrator=calibrator,
-                           float_layers=float_layers, export_config=self.export_config)
-        return res, {"output_error_val": res.metrics["output_error_val"]}
+        return qat_detector(self.model, config, data=data, out_dir=out_dir, fp32_onnx=fp32_onnx,
+                            export_config=self.export_config, progress=progress)
+
+    def qat_row(self, res):
+        return {"output_error_val": res.metrics["output_error_val"]}
 
     def figures(self, row):
         p = self.parent

@@ -394,26 +394,82 @@ def _logits(model: nn.Module, x, batch: int = 64) -> np.ndarray:
                                for i in range(0, len(x), batch)])
 
 
-def _carry_float_layers(old_pre: Path, patterns: list[str], new_fp32: Path, new_pre: Path) -> list[str]:
-    """The re-exported graph names its nodes anew: carry float layers over by weight name."""
-    if not patterns:
-        return []
+def _weighted_float_layers(qdq_path: str | Path) -> set[str]:
+    """Torch module names of the conv/linear layers a Q/DQ ONNX left in float (their weight is still a
+    plain initializer, not the output of a DequantizeLinear)."""
+    from edgeslim.components.quantize.sensitivity import quantizable_layers
+
+    return {r["layer"] for r in quantizable_layers(qdq_path)}
+
+
+def check_float_layers(pre_onnx: str | Path, patterns: list[str], placement: str) -> None:
+    """QAT re-exports the trained model, whose nodes are named anew, and carries float layers over by
+    their weights' names: with placement ``all`` every float pattern must name conv/linear nodes.
+
+    Raises:
+        ConfigError: a pattern names a node without weights (one line, with the fix).
+    """
+    if not patterns or placement == "weighted":  # weighted placement quantizes only weighted layers' inputs
+        return
     import onnx
 
     from edgeslim.components.quantize.ptq import resolve_float_layers
-    from edgeslim.components.quantize.sensitivity import preprocessed, quantizable_layers
+    from edgeslim.components.quantize.sensitivity import quantizable_layers
 
-    nodes = resolve_float_layers(onnx.load(str(old_pre)), patterns)
-    by_node = {r["node"]: r["layer"] for r in quantizable_layers(old_pre)}
-    unmapped = [n for n in nodes if n not in by_node]
+    weighted = {r["node"] for r in quantizable_layers(pre_onnx)}
+    unmapped = [n for n in resolve_float_layers(onnx.load(str(pre_onnx)), patterns) if n not in weighted]
     if unmapped:
         raise ConfigError(
             f"quantize(qat).float_layers: {unmapped[:3]} are not conv/linear nodes; QAT keeps "
             "float only layers with weights: name conv/gemm nodes (or use method: ptq)"
         )
-    layers = {by_node[n] for n in nodes}
-    by_layer = {r["layer"]: r["node"] for r in quantizable_layers(preprocessed(new_fp32, new_pre))}
-    return [by_layer[layer] for layer in sorted(layers) if layer in by_layer]
+
+
+@dataclasses.dataclass
+class QATRun:
+    """What :func:`qat_chain` made, for the task's own figures."""
+
+    ptq: StageResult  # the PTQ whose ranges initialised the fake quantizers
+    twin: nn.Module  # the fake-quant model, fine-tuned
+    tuned: nn.Module  # its trained weights as a plain fp32 model (what was exported again)
+    qdq: Path  # ``model.int8.onnx``: the tuned model quantized again
+    final: StageResult  # the PTQ that made ``qdq``
+    final_pre: Path  # its pre-processed fp32 ONNX (the tensor names of ``qdq``)
+
+
+def qat_chain(model: nn.Module, ptq_config, *, data: Splits, out_dir: Path, export_config: OnnxExportConfig,
+              fp32_onnx: str | Path | None, twin: Callable[[nn.Module, Path, Path], nn.Module],
+              train: Callable[[nn.Module], None], plain: Callable[[nn.Module], nn.Module]) -> QATRun:
+    """The one QAT chain every task runs; the task gives how its fake-quant twin is built and trained.
+
+    1. export ``model`` (unless ``fp32_onnx`` is given) and quantize it with ``ptq_config``;
+    2. ``twin(model, ptq Q/DQ ONNX, its pre-processed fp32 ONNX)``: the fake-quant model with those scales;
+    3. ``train(twin)`` fine-tunes it in place;
+    4. ``plain(twin)``: its trained weights without fake quantization, exported again;
+    5. quantized again with the same config (ranges re-calibrated on the trained weights); the conv/linear
+       layers PTQ left in float are carried over by their weights' names, as the export names nodes anew.
+    """
+    from edgeslim.components.export import export
+    from edgeslim.components.quantize.ptq import quantize
+    from edgeslim.components.quantize.sensitivity import preprocessed, quantizable_layers
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if fp32_onnx is None:
+        fp32_onnx = export(model, export_config, data=data, out_path=out_dir / "start.fp32.onnx").model
+    ptq = quantize(fp32_onnx, ptq_config, data=data, out_dir=out_dir / "ptq")
+    check_float_layers(out_dir / "ptq" / "model.pre.onnx", list(ptq_config.float_layers), ptq_config.placement)
+    fq = twin(model, Path(ptq.model), out_dir / "ptq" / "model.pre.onnx")
+    train(fq)
+    tuned = plain(fq)
+    tuned_onnx = export(tuned, export_config, data=data, out_path=out_dir / "qat.fp32.onnx").model
+    float_layers = _weighted_float_layers(ptq.model)
+    by_layer = {r["layer"]: r["node"] for r in quantizable_layers(preprocessed(tuned_onnx, out_dir / "qat.pre.onnx"))}
+    final_cfg = dataclasses.replace(ptq_config, float_layers=[by_layer[m] for m in sorted(float_layers)
+                                                              if m in by_layer])
+    final = quantize(tuned_onnx, final_cfg, data=data, out_dir=out_dir / "final")
+    qdq = out_dir / "model.int8.onnx"
+    qdq.write_bytes(Path(final.model).read_bytes())
+    return QATRun(ptq, fq, tuned, qdq, final, out_dir / "final" / "model.pre.onnx")
 
 
 def qat(model: nn.Module, config: QATQuantizeConfig, *, data: Splits | None, out_dir: str | Path,
@@ -442,8 +498,7 @@ def qat(model: nn.Module, config: QATQuantizeConfig, *, data: Splits | None, out
     from edgeslim.components.transform.train import augmentation, fit
     from edgeslim.components.common.onnx_runtime import sqnr_db
     from edgeslim.components.evaluate import top1_percent
-    from edgeslim.components.export import export, run_onnx
-    from edgeslim.components.quantize.ptq import quantize
+    from edgeslim.components.export import run_onnx
 
     start = time.perf_counter()
     if data is None or len(data.x_train) == 0 or len(data.y_train) == 0:
@@ -451,29 +506,26 @@ def qat(model: nn.Module, config: QATQuantizeConfig, *, data: Splits | None, out
             "quantize(qat): no training data; QAT fine-tunes the model, so give a data provider "
             "with a non-empty train split (or use method: ptq)"
         )
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    export_config = export_config or OnnxExportConfig()
-    if fp32_onnx is None:
-        fp32_onnx = export(model, export_config, data=data, out_path=out_dir / "start.fp32.onnx").model
-    ptq = quantize(fp32_onnx, config.ptq(), data=data, out_dir=out_dir / "ptq")
-    ptq_top1 = top1_percent(run_onnx(ptq.model, data.x_test), data.y_test)
     calib = data.calibration(match_samples(data.x_train[:1]), config.seed)
-    fq = fake_quant_model(model, qdq_path=ptq.model, fp32_path=out_dir / "ptq" / "model.pre.onnx", x=calib)
-    fq_start = top1(fq, data.x_test, data.y_test)
     kd = copy.deepcopy(teacher if teacher is not None else model).eval() if config.distill else None
-    fit(fq, x=data.x_train, y=data.y_train, teacher=kd, epochs=config.epochs, lr=config.lr,
-        batch_size=config.batch_size, schedule="cosine", weight_decay=0.0,
-        temperature=config.temperature, alpha=config.alpha, seed=config.seed, progress=progress,
-        augment=augmentation(config.augment), recalibrate_batchnorm=False)
-    tuned = fq.fp32_model()
-    fp32_tuned = export(tuned, export_config, data=data, out_path=out_dir / "qat.fp32.onnx").model
-    final_cfg = dataclasses.replace(config.ptq(), float_layers=_carry_float_layers(
-        out_dir / "ptq" / "model.pre.onnx", config.float_layers, fp32_tuned, out_dir / "qat.pre.onnx"))
-    final = quantize(fp32_tuned, final_cfg, data=data, out_dir=out_dir / "final")
-    qdq = out_dir / "model.int8.onnx"
-    qdq.write_bytes(Path(final.model).read_bytes())
-    fq_final = fake_quant_model(tuned, qdq_path=qdq, fp32_path=out_dir / "final" / "model.pre.onnx", x=calib)
+    figures: dict[str, float] = {}
+
+    def twin(m: nn.Module, qdq_path: Path, pre: Path) -> nn.Module:
+        figures["ptq_top1_test"] = top1_percent(run_onnx(qdq_path, data.x_test), data.y_test)
+        fq = fake_quant_model(m, qdq_path=qdq_path, fp32_path=pre, x=calib)
+        figures["fake_quant_top1_test_start"] = top1(fq, data.x_test, data.y_test)
+        return fq
+
+    def train(fq: nn.Module) -> None:
+        fit(fq, x=data.x_train, y=data.y_train, teacher=kd, epochs=config.epochs, lr=config.lr,
+            batch_size=config.batch_size, schedule="cosine", weight_decay=0.0,
+            temperature=config.temperature, alpha=config.alpha, seed=config.seed, progress=progress,
+            augment=augmentation(config.augment), recalibrate_batchnorm=False)
+
+    run = qat_chain(model, config.ptq(), data=data, out_dir=Path(out_dir), export_config=export_config or
+                    OnnxExportConfig(), fp32_onnx=fp32_onnx, twin=twin, train=train, plain=lambda fq: fq.fp32_model())
+    qdq, final, ptq_top1, fq_start = run.qdq, run.final, figures["ptq_top1_test"], figures["fake_quant_top1_test_start"]
+    fq_final = fake_quant_model(run.tuned, qdq_path=qdq, fp32_path=run.final_pre, x=calib)
     fq_out = _logits(fq_final, data.x_test)
     ort_out = run_onnx(qdq, data.x_test)
     fq_top1, ort_top1 = top1_percent(fq_out, data.y_test), top1_percent(ort_out, data.y_test)

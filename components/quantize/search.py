@@ -42,7 +42,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edgeslim.components.common.data import Splits
-from edgeslim.components.common.errors import GateRejected, SourceError
+from edgeslim.components.common.errors import ConfigError, GateRejected, SourceError
 from edgeslim.components.recipe import AccuracyGateConfig
 from edgeslim.components.common.result import StageResult
 from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig, OnnxExportConfig, QATQuantizeConfig
@@ -112,6 +112,7 @@ class Strategy(abc.ABC):
         table_key: where the fallback's ranking table goes in ``autotune.json`` and the metrics.
         table: that table (``None`` or empty until :meth:`rank` ran).
         qat_skipped: why :meth:`qat` could not run (one line), or empty.
+        qat_settings: ``QATQuantizeConfig`` fields the search's QAT trial sets beyond its own config's.
     """
 
     task = ""
@@ -123,6 +124,7 @@ class Strategy(abc.ABC):
     table_key = "sensitivity"
     table: Any = None
     qat_skipped = ""
+    qat_settings: dict[str, Any] = {}  # the search's QAT trial's settings beyond the search config's
 
     @abc.abstractmethod
     def reference(self, data: Splits) -> dict[str, Any]:
@@ -155,11 +157,35 @@ class Strategy(abc.ABC):
     def log_ranking(self, client, run_id: str) -> None:
         """Log the ranking's files to the MLflow run ``run_id`` (nothing by default)."""
 
+    def train_qat(self, fp32_onnx: str | Path, config: QATQuantizeConfig, *, data: Splits, out_dir: Path,
+                  progress=None) -> StageResult:
+        """``method: qat`` for this task: the one QAT chain (:func:`.qat.qat_chain`) with the task's
+        fake-quant twin and loss, from ``self.model`` (the torch model ``fp32_onnx`` was exported from).
+
+        Raises:
+            ConfigError: the task has no QAT, or there is no torch model.
+            SourceError: the model cannot be fake-quantized as its Q/DQ ONNX is.
+        """
+        raise ConfigError(f"quantize(qat): the {self.task or 'given'} task has no QAT; use method ptq or auto")
+
+    def qat_row(self, res: StageResult) -> dict[str, Any]:
+        """The QAT result's own figures, beside the judged ones in its trial row."""
+        return {}
+
     def qat(self, fp32_onnx: str | Path, config: AccuracyAwareQuantizeConfig, *, data: Splits, out_dir: Path,
             calibrator: str, float_layers: list[str]) -> tuple[StageResult, dict[str, Any]] | None:
-        """QAT from ``calibrator`` and ``float_layers``: the result and extra row fields; ``None``
-        when it cannot run."""
-        return None
+        """The search's QAT trial from ``calibrator`` and ``float_layers`` (:meth:`train_qat`): the result
+        and extra row fields; ``None`` when it cannot run (``qat_skipped`` says why)."""
+        if getattr(self, "model", None) is None:
+            self.qat_skipped = "no torch model was given"
+            return None
+        try:
+            res = self.train_qat(fp32_onnx, config.qat_config(calibrator, float_layers, **self.qat_settings),
+                                 data=data, out_dir=out_dir)
+        except SourceError as exc:  # not traceable, or its ONNX has tensors torch does not compute
+            self.qat_skipped = str(exc)
+            return None
+        return res, self.qat_row(res)
 
     def reason(self, row: dict[str, Any], groups: list[dict[str, Any]], config: AccuracyAwareQuantizeConfig) -> str:
         """Why ``row`` (after keeping ``groups`` in float) won."""
@@ -234,21 +260,14 @@ class ClassifierStrategy(Strategy):
 
         log_to_mlflow(self.table, self.files, client, run_id)
 
-    def qat(self, fp32_onnx, config, *, data, out_dir, calibrator, float_layers):
+    def train_qat(self, fp32_onnx, config, *, data, out_dir, progress=None):
         from edgeslim.components.quantize.qat import qat
 
-        qcfg = QATQuantizeConfig(calibrator=calibrator, num_samples=config.num_samples,  # type: ignore[arg-type]
-                                 percentile=config.percentile, num_bins=config.num_bins,
-                                 float_layers=float_layers, epochs=config.qat_epochs,
-                                 lr=config.qat_lr, seed=config.seed, augment=list(config.augment),
-                                 placement=config.placement)
-        try:
-            res = qat(self.model, qcfg, data=data, out_dir=out_dir, fp32_onnx=fp32_onnx,
-                      export_config=self.export_config)
-        except SourceError as exc:  # not traceable, or its ONNX has tensors torch does not compute
-            self.qat_skipped = str(exc)
-            return None
-        return res, {"fake_quant_top1_test": res.metrics["fake_quant_top1_test"]}
+        return qat(self.model, config, data=data, out_dir=out_dir, fp32_onnx=fp32_onnx,
+                   export_config=self.export_config, progress=progress)
+
+    def qat_row(self, res):
+        return {"fake_quant_top1_test": res.metrics["fake_quant_top1_test"]}
 
     def figures(self, row):
         return f"top-1 {row['metric']:.2f}% vs parent {self.parent_metric:.2f}%"

@@ -129,15 +129,15 @@ def test_qat_of_a_pruned_ultralytics_detector_exports_the_same_decoded_output(pr
                                                                              tmp_path):
     import onnx
 
-    from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig
+    from edgeslim.components.common.stage_configs import QATQuantizeConfig
     from edgeslim.components.quantize.detect_qat import qat_detector
     from edgeslim.components.quantize.ptq import check_qdq
     from edgeslim.components.recipe import EvaluateConfig
     from edgeslim.components.tasks.detection import evaluate_detection
 
     _, res = pruned
-    cfg = AccuracyAwareQuantizeConfig(calibrators=["minmax"], num_samples=4, qat_epochs=1, qat_lr=1e-5)
-    qat = qat_detector(res.model, cfg, data=data, out_dir=tmp_path / "qat", calibrator="minmax")
+    cfg = QATQuantizeConfig(calibrator="minmax", num_samples=4, epochs=1, lr=1e-5, batch_size=4)
+    qat = qat_detector(res.model, cfg, data=data, out_dir=tmp_path / "qat")
     (output,) = onnx.load(str(qat.model)).graph.output
     assert [d.dim_value or d.dim_param for d in output.type.tensor_type.shape.dim][1:] == [4 + NC, ANCHORS]
     facts = check_qdq(qat.model)

@@ -13,7 +13,7 @@ from torch import nn
 
 from edgeslim.components.reference.detector import (DigitsDetector, default_heads, make_detection_splits,
                                                          train_detector)
-from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig
+from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig, QATQuantizeConfig
 from edgeslim.components.common.task_config import task_from_dict
 from tests.spread import SEED, measured
 
@@ -39,9 +39,9 @@ def test_qat_brings_a_clipped_detector_closer_to_fp32_and_exports_what_it_traine
     model, data = trained
     before = {k: v.clone() for k, v in model.state_dict().items()}
     # percentile 95 clips hard: plain PTQ of it is poor, which is where QAT earns its keep
-    cfg = AccuracyAwareQuantizeConfig(calibrators=["percentile"], percentile=95.0, num_samples=64, qat_epochs=3,
-                                      qat_lr=1e-4)
-    res = qat_detector(model, cfg, data=data, out_dir=tmp_path, calibrator="percentile")
+    cfg = QATQuantizeConfig(calibrator="percentile", percentile=95.0, num_samples=64, epochs=3, lr=1e-4,
+                            batch_size=32)
+    res = qat_detector(model, cfg, data=data, out_dir=tmp_path)
     err = res.metrics["output_error_val"]
     # the exported int8 model is closer to fp32 than PTQ's (ratio 0.34-0.53 in tests/spread.json);
     # start/PTQ 0.99-1.00, export/tuned 1.09-1.14
