@@ -99,3 +99,22 @@ def test_the_detector_search_tries_qat_last_and_says_when_it_could_not(trained, 
     rows = json.loads((tmp_path / "without" / "autotune.json").read_text())["trials"]
     assert [r["kind"] for r in rows] == ["ptq", "fallback"]
     assert "QAT was not tried: no torch model was given" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_method_qat_on_a_detector_runs_the_detector_twin_through_the_one_quantize_verb(trained, tmp_path):
+    from edgeslim.components.common.errors import ConfigError
+    from edgeslim.components.common.stage_configs import OnnxExportConfig
+    from edgeslim.components.export import export
+    from edgeslim.components.quantize.apply import quantize
+    from edgeslim.components.quantize.detect_search import DetectorStrategy
+
+    model, data = trained
+    task = task_from_dict({"kind": "detection", "num_classes": 10, "decoder": {"heads": default_heads()}})
+    fp32 = export(model, OnnxExportConfig(), data=data, out_path=tmp_path / "fp32.onnx").model
+    cfg = QATQuantizeConfig(calibrator="minmax", num_samples=32, epochs=1, batch_size=32)
+    res = quantize(fp32, cfg, data=data, out_dir=tmp_path / "qat", strategy=DetectorStrategy(fp32, task, model=model))
+    # the detector's chain (weighted placement, label-free output matching), not the classifier's top-1 one
+    assert res.lineage["task"] == "detection" and res.metrics["placement"] == "weighted"
+    assert "qat_onnx" in res.metrics["output_error_val"] and "onnx_top1_test" not in res.metrics
+    with pytest.raises(ConfigError, match="pass the model the ONNX was exported from"):
+        quantize(fp32, cfg, data=data, out_dir=tmp_path / "none", strategy=DetectorStrategy(fp32, task))
