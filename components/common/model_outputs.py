@@ -69,8 +69,9 @@ def forward_tensors(model, x) -> list:
 
 
 def exportable(model, x):
-    """Prepare a copy of a model for ``torch.onnx.export`` (it is changed in place): ``model`` itself, or (when ``model(x)`` returns auxiliary structures beside its tensors) a
-    module that returns the tensors alone: what ``torch.onnx.export`` is given. A model whose outputs
+    """What ``torch.onnx.export`` is given for ``model``: ``model`` itself, or (when ``model(x)`` returns
+    auxiliary structures beside its tensors) a module that returns the tensors alone. ``model`` is changed
+    in place (its heads' ``dynamic`` flags), so pass a copy, as :func:`.export.export` does. A model whose outputs
     are already tensors is not wrapped, so its ONNX node names stay as they were."""
     import torch
 
