@@ -134,10 +134,10 @@ def measure_calibration(root: str, onnx_path: str, samples: int, calibrators: Se
     for _ in range(repeats):  # calibrators and plain passes take turns: the machine's load falls on all
         for cal in calibrators:
             cfg = PTQQuantizeConfig(calibrator=cal, num_samples=samples)
-            timed(cal, lambda: calibrate_onnx(onnx_path, cfg, data))
+            timed(cal, lambda cfg=cfg: calibrate_onnx(onnx_path, cfg, data))
             timed("plain_pass", lambda: run_batched(sess, data.calibration(samples, 0)))
-    for key in times:
-        row[f"{key}_s"] = round(statistics.median(times[key]), 3)
+    for key, seconds in times.items():
+        row[f"{key}_s"] = round(statistics.median(seconds), 3)
         row[f"{key}_peak_rss_mb"] = round(peaks[key], 1)
     for cal in calibrators:
         row[f"{cal}_x_plain"] = round(row[f"{cal}_s"] / max(row["plain_pass_s"], 1e-9), 2)

@@ -14,6 +14,8 @@ threshold ``amax`` by one of four rules:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 CALIBRATORS = ("minmax", "entropy", "percentile", "mse")
@@ -42,7 +44,7 @@ def collect(session_run, tensor_names: list[str], batches, num_bins: int,
             if v.size:  # max |x| without a copy of the tensor
                 hi, lo = float(v.max()), float(v.min())
                 amax[n] = max(amax[n], hi, -lo)
-                if hi != hi or lo != lo:
+                if math.isnan(hi) or math.isnan(lo):
                     odd.add(n)
     hists = {n: np.zeros(num_bins, dtype=np.float64) for n in tensor_names}
     if not histograms:
@@ -64,10 +66,10 @@ def abs_histogram(v: np.ndarray, amax: float, num_bins: int, exact_path: bool = 
     Exact zeros (ReLU outputs, padding, blank pixels) are exact in symmetric int8 whatever the
     range: counting them only drags entropy and percentile thresholds towards zero and clips the
     values that matter. They fall in bin 0, so they are counted with the rest and taken off there.
-    The bin of each value is numpy's own computation (same dtype, same scaling, the same one-ulp edge
-    corrections where they can apply) on blocks of |v|, followed by ``np.bincount``; numpy's path (masking, the
-    compressed copy, its per-block range checks) stays for what it alone handles the same way:
-    NaNs, an infinite range, dtypes other than float32/float64 (``exact_path``).
+    The bin of each value is numpy's own computation (same dtype, same scaling, the same one-ulp
+    edge corrections where they can apply) on blocks of |v|, followed by ``np.bincount``; numpy's
+    path (masking, the compressed copy, its per-block range checks) stays for what it alone
+    handles the same way: NaNs, an infinite range, dtypes other than float32/float64 (``exact_path``).
     """
     flat = v.reshape(-1)
     edges = None

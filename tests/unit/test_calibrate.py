@@ -102,6 +102,7 @@ class _CountedRows:
 
 def _reference_ranges(path, data, cfg):
     """Ranges the way calibration first made them: all images at once, np.histogram of |x| > 0."""
+    import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from edgeslim.components.common.onnx_runtime import session_with_outputs
@@ -109,8 +110,6 @@ def _reference_ranges(path, data, cfg):
 
     pre = path.with_suffix(".pre.onnx")
     quant_pre_process(str(path), str(pre), skip_symbolic_shape=True)
-    import onnx
-
     model = onnx.load(str(pre))
     names = ptq._float_tensors(model)
     x = np.asarray(data.x_train.x if isinstance(data.x_train, _CountedRows) else data.x_train)
