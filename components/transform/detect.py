@@ -150,6 +150,7 @@ def prune_detector(model: nn.Module, config: ChannelPruneConfig, *, data: Splits
             done = len(losses)
             finetune_outputs(pruned, kd if kd is not None else model, data.x_train, epochs=config.finetune_epochs,
                              lr=config.lr, batch_size=config.batch_size, seed=config.seed + step - 1,
+                             recalibrate_batchnorm=True,
                              progress=lambda e, n, l, done=done: (
                                  losses.append(l), progress and progress(done + e, n * config.steps, l)))
         elif config.finetune_epochs:
@@ -159,6 +160,7 @@ def prune_detector(model: nn.Module, config: ChannelPruneConfig, *, data: Splits
                            batch_size=config.batch_size, seed=config.seed + step - 1, teacher=kd,
                            feature_layers=feature_layers if kd is not None else (),
                            output_alpha=config.alpha if kd is not None else 0.0, task=task, own_loss=labels,
+                           recalibrate_batchnorm=True,
                            progress=lambda e, n, l, done=done: (
                                losses.append(l),
                                progress and progress(done + e, n * config.steps, l)))
@@ -299,8 +301,11 @@ def train_detector(model: nn.Module, x: np.ndarray, labels: Sequence[np.ndarray]
                    teacher: nn.Module | None = None, feature_layers: Sequence[str] = (),
                    feature_weight: float = 1.0, output_alpha: float = 0.0,
                    progress: Callable[[int, int, float], None] | None = None, task=None,
-                   own_loss: tuple[Callable | None, str] | None = None) -> nn.Module:
+                   own_loss: tuple[Callable | None, str] | None = None,
+                   recalibrate_batchnorm: bool = False) -> nn.Module:
     """Train ``model`` in place (AdamW, one-cycle); repeatable for a seed; returns it in eval mode.
+    Pruning asks for ``recalibrate_batchnorm`` (:func:`.train.fit`'s: stale BatchNorm statistics after a
+    short fine-tune that follows a change of architecture get the training inputs' average).
 
     Args:
         model: a detector: one returning ``(box, cls)`` pairs per level like :class:`DigitsDetector`
@@ -370,7 +375,7 @@ def train_detector(model: nn.Module, x: np.ndarray, labels: Sequence[np.ndarray]
                    teacher=t_model, epochs=epochs, lr=lr, batch_size=batch_size, optimizer="adamw",
                    schedule="onecycle", weight_decay=5e-4, warmup=0.15, seed=seed,
                    feature_pairs=[[n, n] for n in feature_layers] or None, feature_weight=feature_weight,
-                   progress=progress, loss_fn=loss_fn)
+                   progress=progress, loss_fn=loss_fn, recalibrate_batchnorm=recalibrate_batchnorm)
 
 
 def returns_map_pairs(model: nn.Module, example: torch.Tensor, raw: Any = None) -> bool:
@@ -384,8 +389,10 @@ def returns_map_pairs(model: nn.Module, example: torch.Tensor, raw: Any = None) 
 
 
 def finetune_outputs(model: nn.Module, reference: nn.Module, x, *, epochs: int, lr: float, batch_size: int,
-                     seed: int = 0, progress: Callable[[int, int, float], None] | None = None) -> nn.Module:
-    """Fine-tune ``model`` in place to reproduce ``reference``'s raw outputs on ``x``, label-free.
+                     seed: int = 0, progress: Callable[[int, int, float], None] | None = None,
+                     recalibrate_batchnorm: bool = False) -> nn.Module:
+    """Fine-tune ``model`` in place to reproduce ``reference``'s raw outputs on ``x``, label-free
+    (``recalibrate_batchnorm`` as :func:`train_detector`'s).
 
     The loss is the detector QAT's (:func:`.detect_qat.output_matching_loss`: per raw output, the
     squared error over the reference output's power); a model that returns its raw head values
@@ -398,7 +405,8 @@ def finetune_outputs(model: nn.Module, reference: nn.Module, x, *, epochs: int, 
     with training_outputs(model, ref):
         return fit(model, x=np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x, y=None, teacher=ref,
                    epochs=epochs, lr=lr, batch_size=batch_size, optimizer="adamw", schedule="onecycle",
-                   weight_decay=5e-4, warmup=0.15, seed=seed, progress=progress, loss_fn=output_matching_loss)
+                   weight_decay=5e-4, warmup=0.15, seed=seed, progress=progress, loss_fn=output_matching_loss,
+                   recalibrate_batchnorm=recalibrate_batchnorm)
 
 
 @torch.no_grad()

@@ -152,3 +152,22 @@ def test_a_detector_without_map_pairs_is_pruned_and_fine_tuned_on_its_raw_output
     x = torch.from_numpy(data.x_test)
     with torch.no_grad():
         assert pruned(x).shape == model(x).shape == (2, 4 + NC, 16 * 16)
+
+
+def test_pruning_a_detector_gives_its_stale_batchnorm_statistics_the_training_inputs_average(data):
+    from edgeslim.components.common.stage_configs import ChannelPruneConfig
+    from edgeslim.components.transform.detect import prune_detector
+
+    torch.manual_seed(0)
+    model = TinyYolo().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 0.03  # Ultralytics' BatchNorm momentum: a short fine-tune cannot catch up
+            m.running_mean.fill_(5.0)  # statistics nothing like the training inputs'
+    model.head.export = True
+    res = prune_detector(model, ChannelPruneConfig(keep_fraction=0.6, finetune_epochs=1, batch_size=4), data=data)
+    stem = res.model.stem
+    with torch.no_grad():  # the stem's BatchNorm sees the conv of the raw training images
+        feats = stem.conv(torch.from_numpy(data.x_train))
+    want = feats.mean(dim=(0, 2, 3))
+    assert torch.allclose(stem.bn.running_mean, want, atol=1e-4), (stem.bn.running_mean, want)
