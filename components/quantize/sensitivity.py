@@ -4,7 +4,9 @@ For every conv/linear node of the fp32 ONNX, the PTQ quantizer runs with every
 *other* node in ``float_layers``; the metric drop and the output SQNR of that
 one-layer-int8 model against the fp32 model rank the layers. The ranking feeds
 the accuracy-aware fallback (:mod:`edgeslim.components.quantize.search`), which keeps
-the top layers in float.
+the top layers in float. That costs a quantized model and an inference per layer;
+:func:`layer_noise_proxy` ranks every layer from one pass instead (the detector search's
+single layers).
 """
 
 from __future__ import annotations
