@@ -165,6 +165,12 @@ def _yolov8n():
     return YoloV8n()
 
 
+def _yolov8n_trained():
+    from edgeslim.pipelines.bench_yolo import YoloV8nTrained
+
+    return YoloV8nTrained()
+
+
 def _arch(name: str) -> Callable[[], Workload]:
     def make() -> Workload:
         from edgeslim.pipelines.bench_archs import ARCHS
@@ -176,6 +182,7 @@ def _arch(name: str) -> Callable[[], Workload]:
 
 WORKLOADS: dict[str, Callable[[], Workload]] = {"digits": ReferenceClassifier, "mobile": ReferenceMobile,
                                                 "detect": _detect, "yolov8n": _yolov8n,
+                                                "yolov8n-trained": _yolov8n_trained,
                                                 **{a: _arch(a) for a in ("resnet18", "mobilenetv3", "vit-tiny")}}
 
 
@@ -190,7 +197,8 @@ def register(sub) -> None:
                    help="digits: the VGG-style DigitsCNN teacher (default); mobile: the inverted-residual net; "
                    "detect: the YOLO-style detector; resnet18, mobilenetv3, vit-tiny: real architectures at 224 "
                    "(torchvision, timm); yolov8n: Ultralytics' YOLOv8n at 640 with random weights (costs are real, "
-                   "accuracy is not) and the accuracy-aware search's cost against one evaluation pass")
+                   "accuracy is not) and the accuracy-aware search's cost against one evaluation pass; yolov8n-trained: "
+                   "a YOLOv8n trained here on shape scenes at 192, PTQ and quantize: auto per calibrator")
     p.add_argument("--json", dest="json_path", default=None, help="also write the rows to this JSON file")
     p.add_argument("--workdir", default=None, help="keep the models here (default: a temporary folder)")
     p.add_argument("--threads", type=int, default=1,

@@ -111,3 +111,22 @@ def test_yolov8n_bench_reports_each_stages_cost_and_the_search_against_one_evalu
     assert auto["search_cost_ratio"] == round(auto["search_s"] / auto["eval_pass_s"], 1) and auto["trials"] >= 1
     text = capsys.readouterr().out
     assert "RANDOM weights" in text and "evaluation pass over val" in text and "b32 ms" in text
+
+
+def test_trained_yolov8n_bench_trains_then_reports_ptq_and_the_search_per_calibrator_on_test(tmp_path, capsys):
+    """`--workload yolov8n-trained --quick`: a YOLOv8n (3 classes) trained a couple of steps on shape scenes
+    with edgeslim's train_detector, then plain PTQ and `quantize: auto` with that calibrator, scored on the
+    test split against the drawn boxes; the search's row says which trial won or why none did."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--workload", "yolov8n-trained", "--quick", "--repeats", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    rows = {r["row"]: r for r in res["rows"]}
+    assert list(rows) == ["fp32", "PTQ minmax", "quantize: auto (minmax)"]
+    assert res["input"][0] == 3 and res["epochs"] >= 1 and res["train_s"] > 0 and res["test_objects"] > 0
+    for r in (rows["fp32"], rows["PTQ minmax"]):
+        assert 0 <= r["map50_95"] <= r["map50"] <= 100
+    auto = rows["quantize: auto (minmax)"]
+    assert auto["search_s"] > 0 and auto["trials"] >= 1
+    assert auto.get("failed") or (auto["winner"]["calibrator"] == "minmax" and "map50_drop" in auto)
+    text = capsys.readouterr().out
+    assert "trained here" in text and "quantize: auto (minmax)" in text
