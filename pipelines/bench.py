@@ -7,7 +7,8 @@
 - ``detect``: the YOLO-style detector (:mod:`.bench_detect`);
 - ``resnet18``, ``mobilenetv3``, ``vit-tiny``: real classifier architectures at 224 (:mod:`.bench_archs`);
 - ``yolov8n``: Ultralytics' YOLOv8n at 640, random weights, and the accuracy-aware search's cost
-  (:mod:`.bench_yolo`).
+  (:mod:`.bench_yolo`); ``yolov8n-trained``: a YOLOv8n trained here at 192 pixels, PTQ and the search per
+  calibrator, scored on test.
 
 Accuracy and fidelity are measured in Q/DQ semantics (what TensorRT's int8 math approximates, see
 DESIGN.md); latency is ONNX Runtime on this CPU with its default optimizations. CPU int8 latency is
