@@ -308,6 +308,8 @@ class YoloV8nTrained(YoloV8n):
                  epochs: int = 12, batch_size: int = 8, lr: float = 3e-3) -> None:
         super().__init__(n_train=n_train, n_val=n_val, n_test=n_test, calib_samples=calib_samples)
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
+        self.placements = ("all", "weighted")  # the default Q/DQ placement, then TensorRT's (conv inputs only)
+        self.extra_val = 384  # then every search again, choosing on 128 + 384 val scenes
 
     def prepare(self, ctx: Context) -> None:
         import torch
@@ -348,8 +350,7 @@ class YoloV8nTrained(YoloV8n):
     def rows(self, ctx: Context) -> Iterator[RowSpec]:
         import torch
 
-        from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig, PTQQuantizeConfig
-        from edgeslim.components.quantize.detect_search import quantize_detector_auto
+        from edgeslim.components.common.stage_configs import PTQQuantizeConfig
         from edgeslim.components.quantize.ptq import quantize
         from edgeslim.components.transform.prune import count_macs_params
 
@@ -357,34 +358,61 @@ class YoloV8nTrained(YoloV8n):
         macs = count_macs_params(ctx.teacher, torch.from_numpy(data.x_test[:1]))[0]
         yield RowSpec("fp32", fp32, macs)
         eval_s = evaluation_pass(fp32, data.x_val, data.y_val, task)
-        for cal in CALIBRATORS[:1] if ctx.quick else CALIBRATORS:
-            log(f"PTQ {cal}")
-            res = quantize(fp32, PTQQuantizeConfig(calibrator=cal, num_samples=self.calib_samples),
-                           data=data, out_dir=wd / f"ptq-{cal}")
-            yield RowSpec(f"PTQ {cal}", Path(res.model), macs, int8=True)
-            cfg = AccuracyAwareQuantizeConfig(calibrators=[cal], num_samples=self.calib_samples, qat=False)
-            name, out = f"quantize: auto ({cal})", wd / f"auto-{cal}"
-            log(f"accuracy-aware search, {cal} (judged on val)")
-            t = time.perf_counter()
-            try:
-                res = quantize_detector_auto(fp32, cfg, data=data, task=task, out_dir=out,
-                                             progress=lambda m: log("    " + m))
-            except Exception as exc:  # no trial passed on val: the row says why
-                yield RowSpec(name, None, failed=" ".join(str(exc).split())[:300],
-                              extra=self._cost(time.perf_counter() - t, eval_s, out / "autotune.json"))
-                continue
-            yield RowSpec(name, Path(res.model), macs, int8=True, extra={
-                "winner": res.metrics.get("winner"), "float_layers": res.metrics["float_layers"],
-                "search": res.metrics["reason"], **self._cost(time.perf_counter() - t, eval_s, out / "autotune.json")})
+        runs = [(c, p) for p in self.placements[:1 if ctx.quick else None] for c in CALIBRATORS[:1 if ctx.quick else None]]
+        for cal, place in runs:
+            tag = cal if place == "all" else f"{cal}, {place}"
+            log(f"PTQ {tag}")
+            res = quantize(fp32, PTQQuantizeConfig(calibrator=cal, num_samples=self.calib_samples, placement=place),
+                           data=data, out_dir=wd / f"ptq-{cal}-{place}")
+            yield RowSpec(f"PTQ {tag}", Path(res.model), macs, int8=True)
+            yield self._search(ctx, cal, place, data, eval_s, macs, "")
+        if not ctx.quick and self.extra_val:  # the same searches choosing on a larger val (test unchanged)
+            yield from self.larger_val_rows(ctx, macs, runs)
+
+    def larger_val_rows(self, ctx: Context, macs: int, runs) -> Iterator[RowSpec]:
+        """``quantize: auto`` per (calibrator, placement) again, val grown by ``extra_val`` scenes drawn with
+        seed + 1 (train and test as before): how much of a search's verdict is val's size."""
+        import dataclasses
+
+        d = ctx.data
+        xv, yv = shape_scenes(self.extra_val, ctx.seed + 1)
+        big = dataclasses.replace(d, x_val=np.concatenate([d.x_val, xv]), y_val=np.concatenate([d.y_val, yv]))
+        eval_s = evaluation_pass(ctx.extra["fp32"], big.x_val, big.y_val, ctx.extra["task"])
+        for cal, place in runs:
+            yield self._search(ctx, cal, place, big, eval_s, macs, f", val {len(big.x_val)}")
+
+    def _search(self, ctx: Context, cal: str, place: str, data, eval_s: float, macs: int, suffix: str) -> RowSpec:
+        from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig
+        from edgeslim.components.quantize.detect_search import quantize_detector_auto
+
+        tag = (cal if place == "all" else f"{cal}, {place}") + suffix
+        cfg = AccuracyAwareQuantizeConfig(calibrators=[cal], num_samples=self.calib_samples, qat=False, placement=place)
+        name, out = f"quantize: auto ({tag})", ctx.workdir / f"auto-{cal}-{place}{suffix.replace(', val ', '-val')}"
+        ctx.log(f"accuracy-aware search, {tag} (judged on {len(data.x_val)} val scenes)")
+        t = time.perf_counter()
+        try:
+            res = quantize_detector_auto(ctx.extra["fp32"], cfg, data=data, task=ctx.extra["task"], out_dir=out,
+                                         progress=lambda m: ctx.log("    " + m))
+        except Exception as exc:  # no trial passed on val: the row says why
+            cost = {**self._cost(time.perf_counter() - t, eval_s, out / "autotune.json"), "val_images": len(data.x_val)}
+            return RowSpec(name, None, failed=" ".join(str(exc).split())[:300], extra=cost)
+        cost = {**self._cost(time.perf_counter() - t, eval_s, out / "autotune.json"), "val_images": len(data.x_val)}
+        return RowSpec(name, Path(res.model), macs, int8=True, extra={
+            "winner": res.metrics.get("winner"), "float_layers": res.metrics["float_layers"],
+            "search": res.metrics["reason"], **cost})
 
     def targets(self, rows, ctx):
         fp32 = rows[0]
         out = {}
         for r in rows:
-            if r["row"].startswith("quantize: auto") and "map50" in r:
-                d50, d = fp32["map50"] - r["map50"], fp32["map50_95"] - r["map50_95"]
-                out[f"{r['row']}: within 0.3 pt mAP@0.5 and 1.0 pt mAP@0.5:0.95 of fp32 on test"] = {
-                    "value": [round(d50, 2), round(d, 2)], "met": d50 <= 0.3 and d <= 1.0}
+            if not r["row"].startswith("quantize: auto"):
+                continue
+            name = f"{r['row']}: within 0.3 pt mAP@0.5 and 1.0 pt mAP@0.5:0.95 of fp32 on test"
+            if "map50" not in r:  # no trial passed on val: nothing was found automatically
+                out[name] = {"value": "no trial passed on val", "met": False}
+                continue
+            d50, d = fp32["map50"] - r["map50"], fp32["map50_95"] - r["map50_95"]
+            out[name] = {"value": [round(d50, 2), round(d, 2)], "met": d50 <= 0.3 and d <= 1.0}
         return out
 
     def summary(self, ctx):
