@@ -382,6 +382,7 @@ class YoloV8nTrained(YoloV8n):
             yield self._search(ctx, cal, place, big, eval_s, macs, f", val {len(big.x_val)}")
 
     def _search(self, ctx: Context, cal: str, place: str, data, eval_s: float, macs: int, suffix: str) -> RowSpec:
+        from edgeslim.components.common.errors import GateRejected
         from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig
         from edgeslim.components.quantize.detect_search import quantize_detector_auto
 
@@ -393,7 +394,7 @@ class YoloV8nTrained(YoloV8n):
         try:
             res = quantize_detector_auto(ctx.extra["fp32"], cfg, data=data, task=ctx.extra["task"], out_dir=out,
                                          progress=lambda m: ctx.log("    " + m))
-        except Exception as exc:  # no trial passed on val: the row says why
+        except GateRejected as exc:  # no trial passed on val: the row says why
             cost = {**self._cost(time.perf_counter() - t, eval_s, out / "autotune.json"), "val_images": len(data.x_val)}
             return RowSpec(name, None, failed=" ".join(str(exc).split())[:300], extra=cost)
         cost = {**self._cost(time.perf_counter() - t, eval_s, out / "autotune.json"), "val_images": len(data.x_val)}
