@@ -96,3 +96,40 @@ def test_an_unknown_placement_is_one_line():
     with pytest.raises(ConfigError) as e:
         PTQQuantizeConfig.from_dict({"placement": "everywhere"}, prefix="quantize")
     assert "placement" in str(e.value) and "weighted" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("n_val, screened", [(128, False), (256, True)])
+def test_trials_are_screened_on_a_quarter_of_val_only_when_it_holds_128_images(n_val, screened, tmp_path):
+    import json
+
+    from edgeslim.components.common.errors import GateRejected
+    from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig, OnnxExportConfig
+    from edgeslim.components.common.task_config import task_from_dict
+    from edgeslim.components.export import export
+    from edgeslim.components.quantize.detect_search import DetectorStrategy
+    from edgeslim.components.quantize.search import search
+    from edgeslim.components.reference.detector import default_heads
+
+    data = make_detection_splits(seed=0, n_train=16, n_val=n_val, n_test=4)
+    torch.manual_seed(0)
+    fp32 = export(DigitsDetector(width=8, head_hidden=8).eval(), OnnxExportConfig(), data=data,
+                  out_path=tmp_path / "det.onnx").model
+    # nothing can pass (a random detector's recall is far below 100): every trial is judged and fails
+    impossible = task_from_dict({"kind": "detection", "num_classes": 10, "decoder": {"heads": default_heads()},
+                                 "gate": {"min_recall": 100.0}})
+    strategy = DetectorStrategy(fp32, impossible)
+    lines: list[str] = []
+    cfg = AccuracyAwareQuantizeConfig(calibrators=["minmax"], num_samples=8, max_float_layers=1, qat=False)
+    with pytest.raises(GateRejected):
+        search(fp32, cfg, strategy=strategy, data=data, out_dir=tmp_path / "s", progress=lines.append)
+    rows = json.loads((tmp_path / "s" / "autotune.json").read_text())["trials"]
+    assert len(rows) == 2
+    if not screened:  # too few images to screen on: every trial is judged on all of val
+        assert all("screened_on" not in r and "screen" not in r for r in rows)
+        return
+    # failed on the first quarter (128 images), so not judged on the rest; the line compares like with like
+    assert all(r["screened_on"] == 128 for r in rows)
+    trial_lines = [ln for ln in lines if "(fail)" in ln]
+    assert trial_lines and all("(first 128 val images)" in ln for ln in trial_lines)
+    sub = strategy._screen_parent["map50"]
+    assert all(f"vs fp32 {sub:.2f}" in ln for ln in trial_lines)
