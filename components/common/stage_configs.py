@@ -32,7 +32,10 @@ class OnnxExportConfig(StageConfig):
     Attributes:
         opset: ONNX opset. 18 is the lowest the torch.export-based exporter
             writes, and TensorRT 10.x parses it.
-        atol: largest absolute difference from torch allowed in the export check.
+        atol: largest absolute difference from torch allowed in the export check, plus
+        rtol: that share of the largest |torch value| of the same output channel (axis 1:
+            ``|onnx - torch| <= atol + rtol * max|torch channel|``): outputs in pixels (a detector's boxes,
+            up to 640) differ by more than 1e-3 from float32 rounding alone.
         check_samples: how many test samples the export check runs.
     """
 
@@ -40,6 +43,7 @@ class OnnxExportConfig(StageConfig):
     method = "onnx"
     opset: int = 18
     atol: float = 1e-3
+    rtol: float = 1e-4
     check_samples: int = 64
 
     def validate(self) -> None:
@@ -50,6 +54,8 @@ class OnnxExportConfig(StageConfig):
             )
         if self.atol <= 0:
             raise ConfigError(f"export.atol: got {self.atol}; use a positive tolerance like 1e-3")
+        if not 0 <= self.rtol < 1:
+            raise ConfigError(f"export.rtol: got {self.rtol}; use a share of the output's magnitude like 1e-4")
         if self.check_samples < 1:
             raise ConfigError(f"export.check_samples: got {self.check_samples}; use 1 or more")
 
