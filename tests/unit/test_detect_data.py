@@ -98,6 +98,3 @@ def test_recipe_task_errors_name_the_key():
     with pytest.raises(ConfigError, match="task.gate.max_map_drop"):
         recipe_from_dict({**BASE, "task": {"kind": "detection", "num_classes": 2, "decode_fn": "m:f",
                                            "gate": {"max_map_drop": -1}}})
-    with pytest.raises(ConfigError, match="qat"):
-        recipe_from_dict({**BASE, "stages": [{"quantize": {"method": "qat"}}],
-                          "task": {"kind": "detection", "num_classes": 2, "decode_fn": "m:f"}})
