@@ -108,7 +108,9 @@ def test_yolov8n_bench_reports_each_stages_cost_and_the_search_against_one_evalu
     for r in res["rows"]:
         assert r["stage_s"] > 0 and r["stage_peak_rss_mb"] > 0
     assert rows["fp32"]["map50"] == 100.0  # scored against its own boxes
-    assert auto["search_cost_ratio"] == round(auto["search_s"] / auto["eval_pass_s"], 1) and auto["trials"] >= 1
+    # the ratio is of the unrounded times; the reported times are rounded (0.52 s is 0.515-0.525)
+    assert auto["search_cost_ratio"] == pytest.approx(auto["search_s"] / auto["eval_pass_s"], rel=0.03)
+    assert auto["trials"] >= 1
     text = capsys.readouterr().out
     assert "RANDOM weights" in text and "evaluation pass over val" in text and "b32 ms" in text
 
