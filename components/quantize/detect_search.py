@@ -139,10 +139,13 @@ class DetectorStrategy(Strategy):
                 "recall": m["recall"], "sqnr_db": round(sqnr.db(), 3), "passed": verdict["passed"],
                 "gate": verdict["summary"]}
 
+    def _fp32_for(self, row: dict[str, Any]) -> dict[str, Any]:
+        """fp32's figures on the images ``row`` was judged on: a screened-out row's are the screen's."""
+        return self._screen_parent if row.get("screened_on") and self._screen_parent is not None else self.parent
+
     def damage(self, row: dict[str, Any]) -> float:
-        # Points of mAP, plus the score drop on a 100-point scale, plus recall points (a screened-out
-        # row's figures are the screening subsample's: against fp32's there).
-        p = self._screen_parent if row.get("screened_on") else self.parent
+        # Points of mAP, plus the score drop on a 100-point scale, plus recall points, against fp32 on the same images.
+        p = self._fp32_for(row)
         return ((p["map50"] - row["map50"]) + 100.0 * (p["mean_tp_score"] - row["mean_tp_score"])
                 + (p["recall"] - row["recall"]))
 
@@ -192,9 +195,7 @@ class DetectorStrategy(Strategy):
         return {"output_error_val": res.metrics["output_error_val"]}
 
     def figures(self, row):
-        # a row that failed its screen holds the screen's figures: compare them with fp32 on the same images
-        screened = row.get("screened_on")
-        p = self._screen_parent if screened and self._screen_parent is not None else self.parent
+        screened, p = row.get("screened_on"), self._fp32_for(row)
         where = f" (first {screened} val images)" if screened else ""
         return (f"mAP@0.5 {row['map50']:.2f} vs fp32 {p['map50']:.2f}, mean TP score {row['mean_tp_score']:.3f} "
                 f"vs {p['mean_tp_score']:.3f}{where}")

@@ -11,7 +11,7 @@ that passes:
 3. QAT from the best candidate so far.
 
 A strategy may screen a trial on a part of the validation split first
-(:meth:`Strategy.screen`; the detector's does when val has 16 images or more): one that
+(:meth:`Strategy.screen`; the detector's does when a quarter of val holds 128 images): one that
 clearly fails there is not judged on the whole split, so a search costs a bounded number
 of passes over val, whatever the number of layers (the fallback's ranking takes one pass
 over a few images, :mod:`.detect_search`).
