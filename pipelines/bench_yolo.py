@@ -163,8 +163,7 @@ class YoloV8n(Workload):
     def rows(self, ctx: Context) -> Iterator[RowSpec]:
         import torch
 
-        from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig, PTQQuantizeConfig
-        from edgeslim.components.quantize.detect_search import quantize_detector_auto
+        from edgeslim.components.common.stage_configs import PTQQuantizeConfig
         from edgeslim.components.quantize.ptq import quantize
         from edgeslim.components.transform.prune import count_macs_params
 
@@ -176,24 +175,31 @@ class YoloV8n(Workload):
             res = quantize(fp32, PTQQuantizeConfig(calibrator=cal, num_samples=self.calib_samples),
                            data=data, out_dir=wd / f"ptq-{cal}")
             yield RowSpec(f"edgeslim PTQ {cal}", Path(res.model), macs, int8=True)
-        cfg = AccuracyAwareQuantizeConfig(calibrators=["minmax"], num_samples=self.calib_samples, max_float_layers=3,
-                                          qat=False)
-        name = "edgeslim accuracy-aware (minmax)"
-        log("accuracy-aware search (judged on val), and one evaluation pass over val to compare its cost with")
+        log("one evaluation pass over val, to compare the searches' cost with")
         eval_s = evaluation_pass(fp32, data.x_val, data.y_val, task)
+        # placement weighted: what `edgeslim init` writes for a detector; auto: the default (all, then weighted)
+        for place in ("weighted",) if ctx.quick else ("weighted", "auto"):
+            yield self._search_row(ctx, place, eval_s, macs)
+
+    def _search_row(self, ctx: Context, place: str, eval_s: float, macs: int) -> RowSpec:
+        from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig
+        from edgeslim.components.quantize.detect_search import quantize_detector_auto
+
+        cfg = AccuracyAwareQuantizeConfig(calibrators=["minmax"], num_samples=self.calib_samples, max_float_layers=3,
+                                          qat=False, placement=place)
+        name, out = f"edgeslim accuracy-aware (minmax, placement {place})", ctx.workdir / f"auto-{place}"
+        ctx.log(f"accuracy-aware search, placement {place} (judged on val)")
         t = time.perf_counter()
         try:
-            res = quantize_detector_auto(fp32, cfg, data=data, task=task, out_dir=wd / "auto",
-                                         progress=lambda m: log("    " + m))
+            res = quantize_detector_auto(ctx.extra["fp32"], cfg, data=ctx.data, task=ctx.extra["task"], out_dir=out,
+                                         progress=lambda m: ctx.log("    " + m))
         except Exception as exc:  # no trial passed: a row with the reason and what the search cost
-            search_s = time.perf_counter() - t
-            yield RowSpec(name, None, failed=" ".join(str(exc).split())[:300],
-                          extra=self._cost(search_s, eval_s, wd / "auto" / "autotune.json"))
-            return
+            return RowSpec(name, None, failed=" ".join(str(exc).split())[:300],
+                           extra=self._cost(time.perf_counter() - t, eval_s, out / "autotune.json"))
         search_s = time.perf_counter() - t
-        yield RowSpec(name, Path(res.model), macs, int8=True, extra={
+        return RowSpec(name, Path(res.model), macs, int8=True, extra={
             "float_layers": len(res.metrics["float_layers"]), "search": res.metrics["reason"],
-            **self._cost(search_s, eval_s, wd / "auto" / "autotune.json")})
+            **self._cost(search_s, eval_s, out / "autotune.json")})
 
     def _cost(self, search_s: float, eval_s: float, autotune: Path) -> dict[str, Any]:
         import json
@@ -308,7 +314,7 @@ class YoloV8nTrained(YoloV8n):
                  epochs: int = 12, batch_size: int = 8, lr: float = 3e-3) -> None:
         super().__init__(n_train=n_train, n_val=n_val, n_test=n_test, calib_samples=calib_samples)
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
-        self.placements = ("all", "weighted")  # the default Q/DQ placement, then TensorRT's (conv inputs only)
+        self.placements = ("all", "weighted")  # PTQ rows: Q/DQ on every op, then TensorRT's (conv inputs only)
         self.extra_val = 384  # then every search again, choosing on 128 + 384 val scenes
 
     def prepare(self, ctx: Context) -> None:
@@ -358,19 +364,20 @@ class YoloV8nTrained(YoloV8n):
         macs = count_macs_params(ctx.teacher, torch.from_numpy(data.x_test[:1]))[0]
         yield RowSpec("fp32", fp32, macs)
         eval_s = evaluation_pass(fp32, data.x_val, data.y_val, task)
-        runs = [(c, p) for p in self.placements[:1 if ctx.quick else None] for c in CALIBRATORS[:1 if ctx.quick else None]]
-        for cal, place in runs:
-            tag = cal if place == "all" else f"{cal}, {place}"
-            log(f"PTQ {tag}")
-            res = quantize(fp32, PTQQuantizeConfig(calibrator=cal, num_samples=self.calib_samples, placement=place),
-                           data=data, out_dir=wd / f"ptq-{cal}-{place}")
-            yield RowSpec(f"PTQ {tag}", Path(res.model), macs, int8=True)
-            yield self._search(ctx, cal, place, data, eval_s, macs, "")
+        cals = CALIBRATORS[:1 if ctx.quick else None]
+        for cal in cals:
+            for place in self.placements:
+                tag = cal if place == "all" else f"{cal}, {place}"
+                log(f"PTQ {tag}")
+                res = quantize(fp32, PTQQuantizeConfig(calibrator=cal, num_samples=self.calib_samples, placement=place),
+                               data=data, out_dir=wd / f"ptq-{cal}-{place}")
+                yield RowSpec(f"PTQ {tag}", Path(res.model), macs, int8=True)
+            yield self._search(ctx, cal, data, eval_s, macs, "")
         if not ctx.quick and self.extra_val:  # the same searches choosing on a larger val (test unchanged)
-            yield from self.larger_val_rows(ctx, macs, runs)
+            yield from self.larger_val_rows(ctx, macs, cals)
 
-    def larger_val_rows(self, ctx: Context, macs: int, runs) -> Iterator[RowSpec]:
-        """``quantize: auto`` per (calibrator, placement) again, val grown by ``extra_val`` scenes drawn with
+    def larger_val_rows(self, ctx: Context, macs: int, cals) -> Iterator[RowSpec]:
+        """``quantize: auto`` per calibrator again, val grown by ``extra_val`` scenes drawn with
         seed + 1 (train and test as before): how much of a search's verdict is val's size."""
         import dataclasses
 
@@ -378,17 +385,18 @@ class YoloV8nTrained(YoloV8n):
         xv, yv = shape_scenes(self.extra_val, ctx.seed + 1)
         big = dataclasses.replace(d, x_val=np.concatenate([d.x_val, xv]), y_val=np.concatenate([d.y_val, yv]))
         eval_s = evaluation_pass(ctx.extra["fp32"], big.x_val, big.y_val, ctx.extra["task"])
-        for cal, place in runs:
-            yield self._search(ctx, cal, place, big, eval_s, macs, f", val {len(big.x_val)}")
+        for cal in cals:
+            yield self._search(ctx, cal, big, eval_s, macs, f", val {len(big.x_val)}")
 
-    def _search(self, ctx: Context, cal: str, place: str, data, eval_s: float, macs: int, suffix: str) -> RowSpec:
+    def _search(self, ctx: Context, cal: str, data, eval_s: float, macs: int, suffix: str) -> RowSpec:
         from edgeslim.components.common.errors import GateRejected
         from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig
         from edgeslim.components.quantize.detect_search import quantize_detector_auto
 
-        tag = (cal if place == "all" else f"{cal}, {place}") + suffix
-        cfg = AccuracyAwareQuantizeConfig(calibrators=[cal], num_samples=self.calib_samples, qat=False, placement=place)
-        name, out = f"quantize: auto ({tag})", ctx.workdir / f"auto-{cal}-{place}{suffix.replace(', val ', '-val')}"
+        tag = cal + suffix
+        # the recipe's defaults but the calibrator and QAT: placement auto, max_float_layers 3
+        cfg = AccuracyAwareQuantizeConfig(calibrators=[cal], num_samples=self.calib_samples, qat=False)
+        name, out = f"quantize: auto ({tag})", ctx.workdir / f"auto-{cal}{suffix.replace(', val ', '-val')}"
         ctx.log(f"accuracy-aware search, {tag} (judged on {len(data.x_val)} val scenes)")
         t = time.perf_counter()
         try:
@@ -430,7 +438,8 @@ class YoloV8nTrained(YoloV8n):
 
         def won(row):
             w = row.get("winner") or {}
-            return f"trial {w['trial']} ({w['kind']} {w['calibrator']})" if w else "no trial passed on val"
+            return (f"trial {w['trial']} ({w['kind']} {w['calibrator']}, {w['placement']} placement)" if w
+                    else "no trial passed on val")
 
         return [head] + [f"  {row['row']}: {won(row)}; float layers {row.get('float_layers', [])}; "
                          f"{row.get('trials')} trial(s), search {row['search_s']:.1f} s "

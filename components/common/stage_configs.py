@@ -399,7 +399,10 @@ class AccuracyAwareQuantizeConfig(StageConfig):
             layer is quantized (``drop``, ties broken by SQNR) or by that SQNR (``sqnr``).
         float_layers: node names or fnmatch patterns kept in float in every trial
             (as ``quantize.float_layers`` of ``method: ptq``); the fallback adds to them.
-        placement: ``all`` or ``weighted`` (as ``quantize.placement`` of ``method: ptq``).
+        placement: ``all`` or ``weighted`` (as ``quantize.placement`` of ``method: ptq``), or
+            ``auto`` (the default): each calibrator tries ``all`` and then, when that fails the gate,
+            ``weighted`` on the same ranges (one more quantize and judgement, no calibration); the
+            fallback and QAT keep the best trial's placement.
         qat: run QAT when PTQ and fallback all fail.
         qat_epochs: QAT fine-tuning epochs.
         qat_lr: QAT learning rate.
@@ -417,7 +420,7 @@ class AccuracyAwareQuantizeConfig(StageConfig):
     max_float_layers: int = 3
     sensitivity_metric: Literal["drop", "sqnr"] = "drop"
     float_layers: list[str] = dataclasses.field(default_factory=list)
-    placement: Literal["all", "weighted"] = "all"
+    placement: Literal["auto", "all", "weighted"] = "auto"
     qat: bool = True
     qat_epochs: int = 3
     qat_lr: float = 1e-4
@@ -437,11 +440,18 @@ class AccuracyAwareQuantizeConfig(StageConfig):
         PTQQuantizeConfig(num_samples=self.num_samples, percentile=self.percentile, num_bins=self.num_bins)
         _check_training("quantize(auto).qat", self.qat_epochs, self.qat_lr, 1, min_epochs=1)
 
+    @property
+    def placements(self) -> list[str]:
+        """The Q/DQ placements each calibrator's PTQ trial tries, in order."""
+        return ["all", "weighted"] if self.placement == "auto" else [self.placement]
+
     def ptq(self, calibrator: str, float_layers: list[str] | None = None) -> PTQQuantizeConfig:
+        """PTQ with ``calibrator``, the pinned float layers plus ``float_layers``, and the placement
+        (``auto``'s first, ``all``, until the search fixes it with :func:`dataclasses.replace`)."""
         return PTQQuantizeConfig(calibrator=calibrator, num_samples=self.num_samples,  # type: ignore[arg-type]
                                  percentile=self.percentile, num_bins=self.num_bins,
                                  float_layers=list(dict.fromkeys(self.float_layers + list(float_layers or []))),
-                                 placement=self.placement, seed=self.seed)
+                                 placement=self.placements[0], seed=self.seed)  # type: ignore[arg-type]
 
     def qat_config(self, calibrator: str, float_layers: list[str], **overrides) -> "QATQuantizeConfig":
         """The search's last trial as ``method: qat``: QAT from ``calibrator``'s ranges with ``float_layers``
@@ -449,5 +459,5 @@ class AccuracyAwareQuantizeConfig(StageConfig):
         return QATQuantizeConfig(calibrator=calibrator, num_samples=self.num_samples,  # type: ignore[arg-type]
                                  percentile=self.percentile, num_bins=self.num_bins,
                                  float_layers=list(float_layers), epochs=self.qat_epochs, lr=self.qat_lr,
-                                 seed=self.seed, augment=list(self.augment), placement=self.placement,
+                                 seed=self.seed, augment=list(self.augment), placement=self.placements[0],
                                  **overrides)

@@ -541,7 +541,7 @@ def qat(model: nn.Module, config: QATQuantizeConfig, *, data: Splits | None, out
         "fake_quant_vs_onnx_sqnr_db": round(sqnr_db(ort_out, fq_out), 3),
         "qat_epochs": config.epochs,
     }
-    lineage = {"stage": "quantize", "method": "qat", "config": config.to_json_dict(),
+    lineage = {"stage": "quantize", "method": "qat", "placement": config.placement, "config": config.to_json_dict(),
                "calibration_split": "train", "distilled_from": "fp32 parent" if kd is not None else None,
                "data_digest": data.digest()}
     return StageResult(qdq, metrics, lineage, time.perf_counter() - start)

@@ -5,9 +5,10 @@ that passes:
 
 1. PTQ with each configured calibrator (each calibrates once; every later trial
    with that calibrator reuses its ranges, since keeping nodes in float changes no
-   tensor's range);
-2. the best calibrator with the most damaging node groups kept in float, one more
-   group per trial, up to ``max_float_layers``;
+   tensor's range), in each of ``config.placements``: with ``placement: auto``, Q/DQ
+   on every op, then on the weighted layers' inputs only (TensorRT's placement);
+2. the best calibrator and placement with the most damaging node groups kept in float,
+   one more group per trial, up to ``max_float_layers``;
 3. QAT from the best candidate so far.
 
 A strategy may screen a trial on a part of the validation split first
@@ -32,6 +33,7 @@ report) and, when an MLflow run is given or active, a child run of it.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import json
 import os
 import sys
@@ -190,10 +192,11 @@ class Strategy(abc.ABC):
     def reason(self, row: dict[str, Any], groups: list[dict[str, Any]], config: AccuracyAwareQuantizeConfig) -> str:
         """Why ``row`` (after keeping ``groups`` in float) won."""
         t, cal, gate, name = row["trial"], row["calibrator"], row["gate"], self.gate_name
+        where = {"weighted": ", Q/DQ on the weighted layers' inputs only"}.get(row["placement"], "")
         if row["kind"] == "ptq":
-            return f"trial {t}: PTQ with the {cal} calibrator passed the {name} first ({gate})"
+            return f"trial {t}: PTQ with the {cal} calibrator{where} passed the {name} first ({gate})"
         if row["kind"] == "fallback":
-            return (f"trial {t}: PTQ ({cal}) failed the {name}; keeping the {len(groups)} most sensitive "
+            return (f"trial {t}: PTQ ({cal}{where}) failed the {name}; keeping the {len(groups)} most sensitive "
                     f"{self.group_noun} {[g['label'] for g in groups]} in float passed ({gate})")
         return (f"trial {t}: PTQ ({cal}) and float fallback failed the {name}; {config.qat_epochs} epoch(s) of "
                 f"QAT{self.qat_note} passed ({gate})")
@@ -346,7 +349,8 @@ def search(fp32_onnx: str | Path, config: AccuracyAwareQuantizeConfig, *, strate
         trials.append(row)
         results[row["trial"]] = res
         if progress:
-            progress(f"trial {row['trial']} {kind} {cal} float={len(row['float_layers'])}: {strategy.figures(row)} "
+            progress(f"trial {row['trial']} {kind} {cal} {row['placement']} float={len(row['float_layers'])}: "
+                     f"{strategy.figures(row)} "
                      f"({'pass' if row['passed'] else 'fail'})")
         return row
 
@@ -374,17 +378,24 @@ def search(fp32_onnx: str | Path, config: AccuracyAwareQuantizeConfig, *, strate
     # 1. PTQ with each calibrator (plus the recipe's pinned float layers), calibrated once.
     ranges: dict[str, dict[str, float]] = {}
     pinned: list[str] = []
+    placements = config.placements
     for cal in config.calibrators:
         t = time.perf_counter()
-        ranges[cal] = calibrate_onnx(fp32_onnx, config.ptq(cal), data)
+        ranges[cal] = calibrate_onnx(fp32_onnx, config.ptq(cal), data)  # the same whatever the placement
         cost["calibration_s"] += time.perf_counter() - t
-        t = time.perf_counter()  # a trial's seconds: writing its model (calibration is in cost)
-        res = quantize(fp32_onnx, config.ptq(cal), data=data, out_dir=out_dir / f"ptq-{cal}", ranges=ranges[cal])
-        pinned = list(res.metrics["float_layers"])  # the recipe's patterns, resolved to nodes
-        row = record("ptq", res, cal, pinned, time.perf_counter() - t)
-        if row["passed"]:
-            return finish(row, [])
-    cal = max(trials, key=strategy.key)["calibrator"]
+        for place in placements:  # a second placement reuses the ranges: one more quantize and judgement
+            t = time.perf_counter()  # a trial's seconds: writing its model (calibration is in cost)
+            res = quantize(fp32_onnx, dataclasses.replace(config.ptq(cal), placement=place), data=data,
+                           out_dir=out_dir / (f"ptq-{cal}" if place == placements[0] else f"ptq-{cal}-{place}"),
+                           ranges=ranges[cal])
+            pinned = list(res.metrics["float_layers"])  # the recipe's patterns, resolved to nodes
+            row = record("ptq", res, cal, pinned, time.perf_counter() - t, {"placement": place})
+            if row["passed"]:
+                return finish(row, [])
+    best = max(trials, key=strategy.key)
+    cal = best["calibrator"]
+    # The fallback and QAT keep the best trial's placement.
+    config = dataclasses.replace(config, placement=best["placement"])
 
     # 2. Keep the most damaging node groups in float, one more per trial.
     if config.max_float_layers > 0:
@@ -398,7 +409,8 @@ def search(fp32_onnx: str | Path, config: AccuracyAwareQuantizeConfig, *, strate
             t = time.perf_counter()
             res = quantize(fp32_onnx, config.ptq(cal, keep), data=data, out_dir=out_dir / f"fallback-{k}",
                            ranges=ranges[cal])
-            row = record("fallback", res, cal, res.metrics["float_layers"], time.perf_counter() - t)
+            row = record("fallback", res, cal, res.metrics["float_layers"], time.perf_counter() - t,
+                         {"placement": config.placement})
             if row["passed"]:
                 return finish(row, groups[:k])
 
@@ -414,7 +426,8 @@ def search(fp32_onnx: str | Path, config: AccuracyAwareQuantizeConfig, *, strate
         if done is not None:
             qat_ran = True
             res, extra = done
-            row = record("qat", res, best["calibrator"], best["float_layers"], time.perf_counter() - t, extra)
+            row = record("qat", res, best["calibrator"], best["float_layers"], time.perf_counter() - t,
+                         {"placement": res.lineage["placement"], **extra})
             if row["passed"]:
                 return finish(row, [])
 

@@ -52,7 +52,8 @@ def test_student_from_a_registered_model_and_trials_as_child_runs(mlflow_server,
 
     impossible = AccuracyGateConfig(max_metric_drop=100.0, min_top1_agreement=0.0, min_sqnr_db=200.0)
     with pytest.raises(GateRejected):
-        search(AccuracyAwareQuantizeConfig(calibrators=["minmax"], num_samples=64, max_float_layers=1, qat=False),
+        search(AccuracyAwareQuantizeConfig(calibrators=["minmax"], num_samples=64, max_float_layers=1, qat=False,
+                                           placement="all"),
                impossible, tmp_path / "refused")
     won = search(AccuracyAwareQuantizeConfig(calibrators=["minmax", "percentile"], num_samples=64),
                  AccuracyGateConfig(), tmp_path / "passed")

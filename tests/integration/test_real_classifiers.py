@@ -268,7 +268,7 @@ def test_real_classifier_prunes_exports_quantizes_and_gates_at_224(arch, data, t
 def test_registered_resnet18_runs_through_edgeslim_run_with_prune_and_auto_qat(
         mlflow_server, images_npz, data, tmp_path):
     """ResNet-18 registered as a user does, then `edgeslim run` on Kubeflow's local runner: pull, prune,
-    export, the accuracy-aware quantizer (PTQ, then QAT), evaluate and gate, every task a process of
+    export, the accuracy-aware quantizer (PTQ in both placements, then QAT), evaluate and gate, every task a process of
     its own that loads the torchvision model from what the previous one wrote. The gate asks for an
     int8 SQNR no int8 model reaches, so the search goes on to QAT, and the run ends with the gate's
     one-line refusal naming its best trial."""
@@ -304,14 +304,16 @@ def test_registered_resnet18_runs_through_edgeslim_run_with_prune_and_auto_qat(
     out = proc.stdout + proc.stderr
     assert proc.returncode == GateRejected.exit_code, (proc.stdout[-2000:], proc.stderr[-3000:])
     assert "Traceback" not in proc.stderr
-    assert "no candidate passed the gate after 2 trial(s)" in out, out[-2000:]
+    assert "no candidate passed the gate after 3 trial(s)" in out, out[-2000:]
 
     tuned = list((tmp_path / "out").rglob("autotune.json"))
     assert tuned, "the quantize task wrote no autotune.json"
     trials = json.loads(tuned[0].read_text())["trials"]
-    assert [t["kind"] for t in trials] == ["ptq", "qat"]
+    # placement auto (the default): PTQ with Q/DQ on every op, then on the weighted layers' inputs, then QAT
+    assert [(t["kind"], t["placement"]) for t in trials][:2] == [("ptq", "all"), ("ptq", "weighted")]
+    assert [t["kind"] for t in trials] == ["ptq", "ptq", "qat"]
     assert all(np.isfinite(t["sqnr_db"]) and not t["passed"] for t in trials)
-    assert "fake_quant_top1_test" in trials[1]
+    assert "fake_quant_top1_test" in trials[2]
     # the pruned ResNet-18 is what the quantize task got
     pruned = json.loads(next((tmp_path / "out").rglob("transform-op/info")).read_text())
     assert pruned["macs_after"] <= 0.7 * pruned["macs_before"] * 1.02 and pruned["params_after"] < pruned["params_before"]

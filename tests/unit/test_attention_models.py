@@ -133,7 +133,8 @@ def test_search_goes_on_without_qat_when_the_model_cannot_be_traced(tmp_path):
     model = Untraceable().eval()
     fp32 = export(model, OnnxExportConfig(check_samples=4), data=data, out_path=tmp_path / "b.onnx").model
     lines: list[str] = []
-    cfg = AccuracyAwareQuantizeConfig(calibrators=["minmax"], num_samples=16, max_float_layers=0, qat=True, qat_epochs=1)
+    cfg = AccuracyAwareQuantizeConfig(calibrators=["minmax"], num_samples=16, max_float_layers=0, qat=True, qat_epochs=1,
+                                      placement="all")
     with pytest.raises(GateRejected) as exc:
         quantize_auto(model, fp32, cfg, data=data, parent_onnx_path=fp32, out_dir=tmp_path / "auto",
                       gate=AccuracyGateConfig(min_sqnr_db=500.0), progress=lines.append)

@@ -46,7 +46,7 @@ def test_first_passing_ptq_wins_and_stops(kind, tmp_path):
 def test_every_step_tried_then_refused_with_the_best_trial(tmp_path):
     model, layer = hard_to_quantize("cnn")
     cfg = AccuracyAwareQuantizeConfig(calibrators=["minmax", "mse"], num_samples=128, max_float_layers=2,
-                                      sensitivity_metric="sqnr", qat_epochs=1)
+                                      sensitivity_metric="sqnr", qat_epochs=1, placement="all")
     with pytest.raises(GateRejected) as e:
         _auto(model, onnx_of("cnn", damaged=True), cfg, IMPOSSIBLE, tmp_path)
     msg = str(e.value)
@@ -86,7 +86,7 @@ def test_the_search_chooses_on_validation_and_never_reads_the_test_split(tmp_pat
     model, _ = hard_to_quantize("cnn")
     fp32 = onnx_of("cnn", damaged=True)
     cfg = AccuracyAwareQuantizeConfig(calibrators=["minmax", "mse"], num_samples=128, max_float_layers=2,
-                                      sensitivity_metric="sqnr", qat=False)
+                                      sensitivity_metric="sqnr", qat=False, placement="all")
     with pytest.raises(GateRejected):
         _auto(model, fp32, cfg, IMPOSSIBLE, tmp_path / "probe")
     probe = json.loads((tmp_path / "probe" / "autotune.json").read_text())
@@ -113,7 +113,7 @@ def test_float_fallback_wins_when_it_is_the_first_to_pass(tmp_path):
     model, layer = hard_to_quantize("cnn")
     fp32 = onnx_of("cnn", damaged=True)
     cfg = AccuracyAwareQuantizeConfig(calibrators=["minmax"], num_samples=128, max_float_layers=2,
-                                      sensitivity_metric="sqnr", qat=False)
+                                      sensitivity_metric="sqnr", qat=False, placement="all")
     with pytest.raises(GateRejected):
         _auto(model, fp32, cfg, IMPOSSIBLE, tmp_path / "probe")
     # the probe's rows are validation figures, the split the gate below is judged on
@@ -127,8 +127,42 @@ def test_float_fallback_wins_when_it_is_the_first_to_pass(tmp_path):
     assert layer in res.metrics["reason"] and "float" in res.metrics["reason"]
 
 
+def test_placement_auto_tries_tensorrts_placement_on_the_same_ranges_when_all_fails(tmp_path):
+    from edgeslim.components.common.stage_configs import PTQQuantizeConfig
+    from edgeslim.components.quantize.ptq import quantize
+
+    model, _ = hard_to_quantize("cnn")
+    fp32 = onnx_of("cnn", damaged=True)
+    cfg = AccuracyAwareQuantizeConfig(calibrators=["minmax"], num_samples=128, max_float_layers=1,
+                                      sensitivity_metric="sqnr", qat=False)
+    assert cfg.placement == "auto"  # the default
+    with pytest.raises(GateRejected) as e:
+        _auto(model, fp32, cfg, IMPOSSIBLE, tmp_path / "probe")
+    assert "after 3 trial(s)" in str(e.value)
+    rows = json.loads((tmp_path / "probe" / "autotune.json").read_text())["trials"]
+    # PTQ with Q/DQ on every op, then on the weighted layers' inputs only; the fallback keeps the better one's
+    assert [(r["kind"], r["placement"]) for r in rows[:2]] == [("ptq", "all"), ("ptq", "weighted")]
+    best = max(rows[:2], key=lambda r: (r["metric"], r["sqnr_db"]))
+    assert rows[2]["kind"] == "fallback" and rows[2]["placement"] == best["placement"]
+    # the second placement reuses the first one's ranges: the same model as a PTQ that calibrates itself
+    direct = quantize(fp32, PTQQuantizeConfig(calibrator="minmax", num_samples=128, placement="weighted"),
+                      data=digits(), out_dir=tmp_path / "direct")
+    assert (tmp_path / "probe" / "ptq-minmax-weighted" / "model.int8.onnx").read_bytes() == direct.model.read_bytes()
+    assert check_qdq(direct.model)["zero_points_all_zero"]
+    # a gate between the two placements' SQNR on val: the weighted trial is the first to pass
+    lo, hi = sorted(r["sqnr_db"] for r in rows[:2])
+    # weighted keeps the pointwise ops' outputs float: +0.41..+0.59 dB over all-int8 on val (native, avx2, default kernels)
+    assert measured("autotune.weighted_over_all_sqnr_db", rows[1]["sqnr_db"] - rows[0]["sqnr_db"]) > 0.0
+    gate = AccuracyGateConfig(max_metric_drop=100.0, min_top1_agreement=0.0, min_sqnr_db=(lo + hi) / 2)
+    res = _auto(model, fp32, cfg, gate, tmp_path / "run")
+    assert res.metrics["winner"]["trial"] == 2 and res.metrics["winner"]["placement"] == "weighted"
+    assert "weighted layers' inputs only" in res.metrics["reason"]
+    assert res.model.read_bytes() == direct.model.read_bytes()
+
+
 def test_fallback_limit_zero_while_the_gate_fails(tmp_path):
-    cfg = AccuracyAwareQuantizeConfig(calibrators=["minmax"], num_samples=64, max_float_layers=0, qat=False)
+    cfg = AccuracyAwareQuantizeConfig(calibrators=["minmax"], num_samples=64, max_float_layers=0, qat=False,
+                                      placement="all")
     with pytest.raises(GateRejected) as e:
         _auto(trained("mobile"), onnx_of("mobile"), cfg, IMPOSSIBLE, tmp_path)
     msg = str(e.value)
@@ -157,7 +191,7 @@ def test_pinned_float_layers_hold_in_every_trial_and_the_fallback_adds_others(tm
     fp32 = onnx_of("cnn", damaged=True)
     node = {r["layer"]: r["node"] for r in quantizable_layers(preprocessed(fp32, tmp_path / "pre.onnx"))}[layer]
     cfg = AccuracyAwareQuantizeConfig(calibrators=["minmax"], num_samples=64, max_float_layers=1, qat=False,
-                                      float_layers=[node])
+                                      float_layers=[node], placement="all")
     with pytest.raises(GateRejected):
         _auto(model, fp32, cfg, IMPOSSIBLE, tmp_path / "run")
     rows = json.loads((tmp_path / "run" / "autotune.json").read_text())["trials"]

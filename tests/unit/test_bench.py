@@ -104,7 +104,7 @@ def test_yolov8n_bench_reports_each_stages_cost_and_the_search_against_one_evalu
     res = json.loads(out.read_text())
     rows = {r["row"]: r for r in res["rows"]}
     assert list(rows)[:2] == ["fp32", "edgeslim PTQ minmax"] and res["input"] == [3, 640, 640]
-    auto = rows["edgeslim accuracy-aware (minmax)"]
+    auto = rows["edgeslim accuracy-aware (minmax, placement weighted)"]
     for r in res["rows"]:
         assert r["stage_s"] > 0 and r["stage_peak_rss_mb"] > 0
     assert rows["fp32"]["map50"] == 100.0  # scored against its own boxes
@@ -123,12 +123,13 @@ def test_trained_yolov8n_bench_trains_then_reports_ptq_and_the_search_per_calibr
     assert main(["bench", "--workload", "yolov8n-trained", "--quick", "--repeats", "1", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     rows = {r["row"]: r for r in res["rows"]}
-    assert list(rows) == ["fp32", "PTQ minmax", "quantize: auto (minmax)"]
+    assert list(rows) == ["fp32", "PTQ minmax", "PTQ minmax, weighted", "quantize: auto (minmax)"]
     assert res["input"][0] == 3 and res["epochs"] >= 1 and res["train_s"] > 0 and res["test_objects"] > 0
-    for r in (rows["fp32"], rows["PTQ minmax"]):
+    for r in (rows["fp32"], rows["PTQ minmax"], rows["PTQ minmax, weighted"]):
         assert 0 <= r["map50_95"] <= r["map50"] <= 100
     auto = rows["quantize: auto (minmax)"]
     assert auto["search_s"] > 0 and auto["trials"] >= 1
-    assert auto.get("failed") or (auto["winner"]["calibrator"] == "minmax" and "map50_drop" in auto)
+    assert auto.get("failed") or (auto["winner"]["calibrator"] == "minmax" and "map50_drop" in auto
+                                  and auto["winner"]["placement"] in ("all", "weighted"))
     text = capsys.readouterr().out
     assert "trained here" in text and "quantize: auto (minmax)" in text

@@ -123,7 +123,8 @@ def test_trials_are_screened_on_a_quarter_of_val_only_when_it_holds_128_images(n
     with pytest.raises(GateRejected):
         search(fp32, cfg, strategy=strategy, data=data, out_dir=tmp_path / "s", progress=lines.append)
     rows = json.loads((tmp_path / "s" / "autotune.json").read_text())["trials"]
-    assert len(rows) == 2
+    # placement auto: PTQ with Q/DQ everywhere, then on the weighted layers' inputs; then one fallback
+    assert [(r["kind"], r["placement"]) for r in rows][:2] == [("ptq", "all"), ("ptq", "weighted")] and len(rows) == 3
     if not screened:  # too few images to screen on: every trial is judged on all of val
         assert all("screened_on" not in r and "screen" not in r for r in rows)
         return

@@ -85,7 +85,8 @@ def test_the_detector_search_tries_qat_last_and_says_when_it_could_not(trained, 
     fp32 = export(model, OnnxExportConfig(), data=data, out_path=tmp_path / "fp32.onnx").model
     impossible = task_from_dict({"kind": "detection", "num_classes": 10, "decoder": {"heads": default_heads()},
                                  "gate": {"max_map_drop": 0.0, "max_tp_score_drop": 0.0, "min_recall": 100.0}})
-    cfg = AccuracyAwareQuantizeConfig(calibrators=["minmax"], num_samples=32, max_float_layers=1, qat_epochs=1)
+    cfg = AccuracyAwareQuantizeConfig(calibrators=["minmax"], num_samples=32, max_float_layers=1, qat_epochs=1,
+                                      placement="all")
     with pytest.raises(GateRejected) as e:
         quantize_detector_auto(fp32, cfg, data=data, task=impossible, out_dir=tmp_path / "with", model=model)
     rows = json.loads((tmp_path / "with" / "autotune.json").read_text())["trials"]

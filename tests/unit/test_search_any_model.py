@@ -82,7 +82,8 @@ def test_yolov8n_output_tail_is_its_head_and_keeping_it_float_beats_all_int8(yol
     task = DetectionTaskConfig(num_classes=3, score_threshold=0.001, decode_fn="test_search_any_model:decode_yolo",
                                gate=DetectionGateConfig(max_map_drop=15.0, max_map50_95_drop=30.0,
                                                         max_recall_drop=15.0))
-    cfg = AccuracyAwareQuantizeConfig(calibrators=["minmax"], num_samples=6, max_float_layers=1, qat=False)
+    cfg = AccuracyAwareQuantizeConfig(calibrators=["minmax"], num_samples=6, max_float_layers=1, qat=False,
+                                      placement="all")
     res = quantize_detector_auto(path, cfg, data=data, task=task, out_dir=tmp_path / "auto")
     report = json.loads((tmp_path / "auto" / "autotune.json").read_text())
     ptq, fallback = report["trials"]
