@@ -187,7 +187,7 @@ class YoloV8n(Workload):
 
         cfg = AccuracyAwareQuantizeConfig(calibrators=["minmax"], num_samples=self.calib_samples, max_float_layers=3,
                                           qat=False, placement=place)
-        name, out = f"edgeslim accuracy-aware (minmax, placement {place})", ctx.workdir / f"auto-{place}"
+        name, out = f"edgeslim search (minmax, {place})", ctx.workdir / f"auto-{place}"
         ctx.log(f"accuracy-aware search, placement {place} (judged on val)")
         t = time.perf_counter()
         try:

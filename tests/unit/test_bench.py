@@ -104,7 +104,7 @@ def test_yolov8n_bench_reports_each_stages_cost_and_the_search_against_one_evalu
     res = json.loads(out.read_text())
     rows = {r["row"]: r for r in res["rows"]}
     assert list(rows)[:2] == ["fp32", "edgeslim PTQ minmax"] and res["input"] == [3, 640, 640]
-    auto = rows["edgeslim accuracy-aware (minmax, placement weighted)"]
+    auto = rows["edgeslim search (minmax, weighted)"]
     for r in res["rows"]:
         assert r["stage_s"] > 0 and r["stage_peak_rss_mb"] > 0
     assert rows["fp32"]["map50"] == 100.0  # scored against its own boxes
