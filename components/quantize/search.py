@@ -85,6 +85,7 @@ class _Tracker:
         self.client.log_param(rid, "calibrator", row["calibrator"])
         self.client.log_param(rid, "float_layers", (",".join(row["float_layers"]) or "-")[:5000])
         self.client.log_param(rid, "kind", row["kind"])
+        self.client.log_param(rid, "placement", row["placement"])
         for k in (*fields, "size_bytes"):
             if isinstance(row.get(k), (int, float)) and np.isfinite(row[k]):
                 self.client.log_metric(rid, k, float(row[k]))

@@ -63,6 +63,7 @@ def test_student_from_a_registered_model_and_trials_as_child_runs(mlflow_server,
     assert kinds == ["fallback", "ptq", "ptq"]  # two trials refused, then one that passed
     passed = [r for r in children if r.data.tags["edgeslim.gate_passed"] == "True"]
     assert len(passed) == 1 and "sqnr_db" in passed[0].data.metrics
+    assert {r.data.params["placement"] for r in children} == {"all"}
     arts = [a.path for a in client.list_artifacts(parent.info.run_id, "sensitivity")]
     assert "sensitivity/sensitivity.png" in arts
     assert won.metrics["winner"]["trial"] == 1
