@@ -268,7 +268,7 @@ stages:
       calibrators: [percentile, entropy, mse, minmax]
       num_samples: 512
       max_float_layers: 3
-      qat: false                     # QAT needs the training loss of your detector
+      qat: false                     # true: QAT last, trained label-free to match the fp32 outputs (slow on CPU)
       placement: weighted            # Q/DQ only on conv inputs (TensorRT's placement): score outputs stay float
       float_layers: []               # ONNX node names or patterns always kept in float
 
