@@ -142,23 +142,33 @@ def calibrate_ranges(model_path: Path, config: PTQQuantizeConfig, data: Splits) 
 
 class _Rows:
     """``x[rows]`` in batches of ``size``. The first batches, up to ``hold`` bytes of them, are kept
-    once read; the others are read again on every iteration."""
+    once read; the others are read again on every iteration, each while the one before it runs
+    (one batch of images ahead, on a thread: decoding images overlaps inference and binning)."""
 
     def __init__(self, x, rows: np.ndarray, size: int, hold: int = 0):
         self.x, self.rows, self.size, self.hold = x, rows, size, hold
         self.kept: list[np.ndarray] = []
 
+    def _read(self, k: int) -> np.ndarray:
+        return np.ascontiguousarray(self.x[self.rows[k * self.size:(k + 1) * self.size]])
+
     def __iter__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
         held = sum(b.nbytes for b in self.kept)
-        for k, i in enumerate(range(0, len(self.rows), self.size)):
-            if k < len(self.kept):
-                yield self.kept[k]
-                continue
-            batch = np.ascontiguousarray(self.x[self.rows[i:i + self.size]])
-            if k == len(self.kept) and held + batch.nbytes <= self.hold:
-                self.kept.append(batch)
-                held += batch.nbytes
-            yield batch
+        n = -(-len(self.rows) // self.size)
+        with ThreadPoolExecutor(1, thread_name_prefix="edgeslim-calib-read") as pool:
+            ahead = None
+            for k in range(n):
+                if k < len(self.kept):
+                    yield self.kept[k]
+                    continue
+                batch = ahead.result() if ahead is not None else self._read(k)
+                ahead = pool.submit(self._read, k + 1) if k + 1 < n else None
+                if k == len(self.kept) and held + batch.nbytes <= self.hold:
+                    self.kept.append(batch)
+                    held += batch.nbytes
+                yield batch
 
 
 def unquantized_outputs(path: str | Path) -> list[str]:
