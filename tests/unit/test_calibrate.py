@@ -85,6 +85,26 @@ def test_minmax_reads_the_batches_once_and_the_others_twice():
     assert reads == [4, 2, 4, 2] and amax2 == amax and hist2.sum() == np.count_nonzero(x)
 
 
+def test_histograms_binned_on_several_threads_are_the_ones_binned_on_one(monkeypatch):
+    # a batch's tensors are binned concurrently; every count must be the single-threaded one
+    rng = np.random.default_rng(1)
+    tensors = [rng.normal(0, s, (3, 40_000)).astype(np.float32) for s in (0.1, 1.0, 30.0, 1e-3, 5.0)]
+    tensors[2][0, :7] = 0.0  # exact zeros are taken off bin 0
+    names = [f"t{i}" for i in range(len(tensors))]
+    batches = [0, 1, 2]
+
+    def run(b):
+        return [t[b:b + 1] for t in tensors]
+
+    out = {}
+    for threads in (1, 4):
+        monkeypatch.setattr(calibrate, "_binning_threads", lambda threads=threads: threads)
+        out[threads] = calibrate.collect(run, names, batches, 2048)
+    for n in names:
+        assert out[1][n][0] == out[4][n][0] and np.array_equal(out[1][n][1], out[4][n][1])
+    assert out[4]["t2"][1].sum() == np.count_nonzero(tensors[2])
+
+
 class _CountedRows:
     """A lazy train split over an array that counts the rows read."""
 
