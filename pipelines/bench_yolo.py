@@ -92,6 +92,43 @@ def yolov8n(seed: int, x_stats: np.ndarray):
     return model.eval()
 
 
+def calibration_cost(samples=(8, 32), repeats: int = 3, seed: int = 0, workdir: str | Path | None = None) -> list[dict]:
+    """What calibrating this YOLOv8n at 640 costs against one plain ONNX Runtime pass over the same images
+    (held in memory, random pixels: cost only), per calibrator: medians of ``repeats`` runs taking turns.
+    Run: ``python -c "from edgeslim.pipelines.bench_yolo import calibration_cost; print(calibration_cost())"``."""
+    import statistics
+    import tempfile
+
+    from edgeslim.components.common.data import Splits
+    from edgeslim.components.common.onnx_runtime import make_session, run_batched
+    from edgeslim.components.common.stage_configs import OnnxExportConfig, PTQQuantizeConfig
+    from edgeslim.components.export import export
+    from edgeslim.components.quantize.ptq import calibrate_onnx
+
+    stats = letterboxed(canvases(8, seed))
+    with tempfile.TemporaryDirectory(prefix="edgeslim-yolo-calib-") as tmp:
+        d = Splits(stats, np.zeros(8), stats[:2], np.zeros(2), stats[:2], np.zeros(2), source="canvases")
+        onnx_path = str(export(yolov8n(seed, stats), OnnxExportConfig(check_samples=1, atol=0.5),
+                               out_path=Path(workdir or tmp) / "yolov8n.onnx", data=d).model)
+        sess, rows = make_session(onnx_path), []
+        for n in samples:
+            x = np.random.default_rng(seed).random((n, 3, SIZE, SIZE), dtype=np.float32)
+            data = Splits(x, np.zeros(n), x[:2], np.zeros(2), x[:2], np.zeros(2), source="random pixels")
+            times: dict[str, list[float]] = {"entropy": [], "minmax": [], "plain": []}
+            for _ in range(repeats):
+                for cal in ("entropy", "minmax"):
+                    t = time.perf_counter()
+                    calibrate_onnx(onnx_path, PTQQuantizeConfig(calibrator=cal, num_samples=n), data)
+                    times[cal].append(time.perf_counter() - t)
+                    t = time.perf_counter()
+                    run_batched(sess, x, batch=8)
+                    times["plain"].append(time.perf_counter() - t)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            rows.append({"samples": n, **{f"{k}_s": round(v, 2) for k, v in med.items()},
+                         **{f"{k}_x_plain": round(med[k] / med["plain"], 2) for k in ("entropy", "minmax")}})
+    return rows
+
+
 def task_config():
     """The detection task of a YOLOv8n with random weights: Ultralytics' decoded output, and score
     thresholds low enough for the scores such a network gives (about 1e-4)."""
