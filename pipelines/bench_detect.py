@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from edgeslim.pipelines.bench_harness import Column, Context, RowSpec, Workload
-from edgeslim.pipelines.bench_peers import modelopt_int8, ort_quantize_static_defaults
+from edgeslim.pipelines.bench_peers import modelopt_row, ort_quantize_static_defaults
 
 TARGETS = {
     "auto_max_map_drop": 0.3,        # accuracy-aware int8 vs fp32, mAP@0.5 points, every calibrator
@@ -120,13 +120,7 @@ class ReferenceDetector(Workload):
         yield RowSpec("ORT quantize_static defaults", ort_quantize_static_defaults(fp32, data, wd / "ort-default.onnx"),
                       t_macs, int8=True)
         log("NVIDIA ModelOpt ONNX int8 (max calibration, output tails float)")
-        try:
-            peer = modelopt_int8(fp32, data, wd / "modelopt.onnx", samples=self.calib_samples)
-        except ModuleNotFoundError as exc:
-            yield RowSpec("ModelOpt int8 (max, tails float)", None,
-                          failed=f"{exc.name} is not installed: pip install 'nvidia-modelopt[onnx]'")
-        else:
-            yield RowSpec("ModelOpt int8 (max, tails float)", peer, t_macs, int8=True)
+        yield modelopt_row(fp32, data, wd / "modelopt.onnx", self.calib_samples, t_macs)
         for placement in ("all", "weighted"):
             for cal in CALIBRATORS:
                 res = quantize(fp32, PTQQuantizeConfig(calibrator=cal, num_samples=self.calib_samples,

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edgeslim.pipelines.bench_harness import RowSpec
+
+MODELOPT_ROW = "ModelOpt int8 (max, tails float)"
+
 
 def ort_quantize_static_defaults(fp32: Path, data, out: Path) -> Path:
     """ONNX Runtime's quantize_static with its defaults, calibrated on the same train samples."""
@@ -51,3 +55,12 @@ def modelopt_int8(fp32: Path, data, out: Path, samples: int = 512) -> Path:
              calibration_method="max", calibration_eps=["cpu"], nodes_to_exclude=exclude or None,
              high_precision_dtype="fp32", output_path=str(out), log_level="WARNING")
     return out
+
+
+def modelopt_row(fp32: Path, data, out: Path, samples: int, macs: int) -> RowSpec:
+    """The ModelOpt peer as a bench row (:func:`modelopt_int8`), or a failed row with the install line."""
+    try:
+        peer = modelopt_int8(fp32, data, out, samples=samples)
+    except ModuleNotFoundError as exc:
+        return RowSpec(MODELOPT_ROW, None, failed=f"{exc.name} is not installed: pip install 'nvidia-modelopt[onnx]'")
+    return RowSpec(MODELOPT_ROW, peer, macs, int8=True)

@@ -396,10 +396,14 @@ class YoloV8nTrained(YoloV8n):
         from edgeslim.components.common.stage_configs import PTQQuantizeConfig
         from edgeslim.components.quantize.ptq import quantize
         from edgeslim.components.transform.prune import count_macs_params
+        from edgeslim.pipelines.bench_peers import modelopt_row
 
         data, task, wd, log, fp32 = ctx.data, ctx.extra["task"], ctx.workdir, ctx.log, ctx.extra["fp32"]
         macs = count_macs_params(ctx.teacher, torch.from_numpy(data.x_test[:1]))[0]
         yield RowSpec("fp32", fp32, macs)
+        # the peer issue 13 names: NVIDIA ModelOpt's ONNX int8, max calibration, output tails float
+        log("NVIDIA ModelOpt ONNX int8 (max calibration, output tails float)")
+        yield modelopt_row(fp32, data, wd / "modelopt.onnx", self.calib_samples, macs)
         eval_s = evaluation_pass(fp32, data.x_val, data.y_val, task)
         cals = CALIBRATORS[:1 if ctx.quick else None]
         for cal in cals:
