@@ -200,7 +200,7 @@ class YoloV8n(Workload):
     def rows(self, ctx: Context) -> Iterator[RowSpec]:
         import torch
 
-        from edgeslim.components.common.stage_configs import PTQQuantizeConfig
+        from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig, PTQQuantizeConfig
         from edgeslim.components.quantize.ptq import quantize
         from edgeslim.components.transform.prune import count_macs_params
 
@@ -216,33 +216,35 @@ class YoloV8n(Workload):
         eval_s = evaluation_pass(fp32, data.x_val, data.y_val, task)
         # placement weighted: what `edgeslim init` writes for a detector; auto: the default (all, then weighted)
         for place in ("weighted",) if ctx.quick else ("weighted", "auto"):
-            yield self._search_row(ctx, place, eval_s, macs)
+            cfg = AccuracyAwareQuantizeConfig(calibrators=["minmax"], num_samples=self.calib_samples,
+                                              max_float_layers=3, qat=False, placement=place)
+            log(f"accuracy-aware search, placement {place} (judged on val)")
+            yield self._search_row(ctx, cfg, f"edgeslim search (minmax, {place})", wd / f"auto-{place}", data,
+                                   eval_s, macs)
 
-    def _search_row(self, ctx: Context, place: str, eval_s: float, macs: int) -> RowSpec:
-        from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig
+    def _search_row(self, ctx: Context, cfg, name: str, out: Path, data, eval_s: float, macs: int) -> RowSpec:
+        """``quantize: auto`` with ``cfg``, judged on ``data``'s val, as a row: the winner, or why no trial
+        passed, and what the search cost against one evaluation pass (``eval_s``)."""
+        from edgeslim.components.common.errors import GateRejected
         from edgeslim.components.quantize.detect_search import quantize_detector_auto
 
-        cfg = AccuracyAwareQuantizeConfig(calibrators=["minmax"], num_samples=self.calib_samples, max_float_layers=3,
-                                          qat=False, placement=place)
-        name, out = f"edgeslim search (minmax, {place})", ctx.workdir / f"auto-{place}"
-        ctx.log(f"accuracy-aware search, placement {place} (judged on val)")
         t = time.perf_counter()
         try:
-            res = quantize_detector_auto(ctx.extra["fp32"], cfg, data=ctx.data, task=ctx.extra["task"], out_dir=out,
+            res = quantize_detector_auto(ctx.extra["fp32"], cfg, data=data, task=ctx.extra["task"], out_dir=out,
                                          progress=lambda m: ctx.log("    " + m))
-        except Exception as exc:  # no trial passed: a row with the reason and what the search cost
+        except GateRejected as exc:  # no trial passed on val: the row says why
             return RowSpec(name, None, failed=" ".join(str(exc).split())[:300],
-                           extra=self._cost(time.perf_counter() - t, eval_s, out / "autotune.json"))
-        search_s = time.perf_counter() - t
+                           extra=self._cost(time.perf_counter() - t, eval_s, out / "autotune.json", data))
+        cost = self._cost(time.perf_counter() - t, eval_s, out / "autotune.json", data)
         return RowSpec(name, Path(res.model), macs, int8=True, extra={
-            "float_layers": len(res.metrics["float_layers"]), "search": res.metrics["reason"],
-            **self._cost(search_s, eval_s, out / "autotune.json")})
+            "winner": res.metrics.get("winner"), "float_layers": res.metrics["float_layers"],
+            "search": res.metrics["reason"], **cost})
 
-    def _cost(self, search_s: float, eval_s: float, autotune: Path) -> dict[str, Any]:
+    def _cost(self, search_s: float, eval_s: float, autotune: Path, data) -> dict[str, Any]:
         import json
 
         report = json.loads(autotune.read_text()) if autotune.is_file() else {}
-        return {"search_s": round(search_s, 1), "eval_pass_s": round(eval_s, 2), "val_images": self.n_val,
+        return {"search_s": round(search_s, 1), "eval_pass_s": round(eval_s, 2), "val_images": len(data.x_val),
                 "search_cost_ratio": round(search_s / max(eval_s, 1e-9), 1),
                 "trials": len(report.get("trials", [])), "search_cost": report.get("cost")}
 
@@ -430,26 +432,14 @@ class YoloV8nTrained(YoloV8n):
             yield self._search(ctx, cal, big, eval_s, macs, f", val {len(big.x_val)}")
 
     def _search(self, ctx: Context, cal: str, data, eval_s: float, macs: int, suffix: str) -> RowSpec:
-        from edgeslim.components.common.errors import GateRejected
         from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig
-        from edgeslim.components.quantize.detect_search import quantize_detector_auto
 
         tag = cal + suffix
         # the recipe's defaults but the calibrator and QAT: placement auto, max_float_layers 3
         cfg = AccuracyAwareQuantizeConfig(calibrators=[cal], num_samples=self.calib_samples, qat=False)
-        name, out = f"quantize: auto ({tag})", ctx.workdir / f"auto-{cal}{suffix.replace(', val ', '-val')}"
         ctx.log(f"accuracy-aware search, {tag} (judged on {len(data.x_val)} val scenes)")
-        t = time.perf_counter()
-        try:
-            res = quantize_detector_auto(ctx.extra["fp32"], cfg, data=data, task=ctx.extra["task"], out_dir=out,
-                                         progress=lambda m: ctx.log("    " + m))
-        except GateRejected as exc:  # no trial passed on val: the row says why
-            cost = {**self._cost(time.perf_counter() - t, eval_s, out / "autotune.json"), "val_images": len(data.x_val)}
-            return RowSpec(name, None, failed=" ".join(str(exc).split())[:300], extra=cost)
-        cost = {**self._cost(time.perf_counter() - t, eval_s, out / "autotune.json"), "val_images": len(data.x_val)}
-        return RowSpec(name, Path(res.model), macs, int8=True, extra={
-            "winner": res.metrics.get("winner"), "float_layers": res.metrics["float_layers"],
-            "search": res.metrics["reason"], **cost})
+        return self._search_row(ctx, cfg, f"quantize: auto ({tag})",
+                                ctx.workdir / f"auto-{cal}{suffix.replace(', val ', '-val')}", data, eval_s, macs)
 
     def targets(self, rows, ctx):
         fp32 = rows[0]
