@@ -445,13 +445,14 @@ class AccuracyAwareQuantizeConfig(StageConfig):
         """The Q/DQ placements each calibrator's PTQ trial tries, in order."""
         return ["all", "weighted"] if self.placement == "auto" else [self.placement]
 
-    def ptq(self, calibrator: str, float_layers: list[str] | None = None) -> PTQQuantizeConfig:
-        """PTQ with ``calibrator``, the pinned float layers plus ``float_layers``, and the placement
-        (``auto``'s first, ``all``, until the search fixes it with :func:`dataclasses.replace`)."""
+    def ptq(self, calibrator: str, float_layers: list[str] | None = None,
+            placement: str | None = None) -> PTQQuantizeConfig:
+        """PTQ with ``calibrator``, the pinned float layers plus ``float_layers``, and ``placement``
+        (default: the first of :attr:`placements`)."""
         return PTQQuantizeConfig(calibrator=calibrator, num_samples=self.num_samples,  # type: ignore[arg-type]
                                  percentile=self.percentile, num_bins=self.num_bins,
                                  float_layers=list(dict.fromkeys(self.float_layers + list(float_layers or []))),
-                                 placement=self.placements[0], seed=self.seed)  # type: ignore[arg-type]
+                                 placement=placement or self.placements[0], seed=self.seed)  # type: ignore[arg-type]
 
     def qat_config(self, calibrator: str, float_layers: list[str], **overrides) -> "QATQuantizeConfig":
         """The search's last trial as ``method: qat``: QAT from ``calibrator``'s ranges with ``float_layers``

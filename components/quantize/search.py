@@ -386,7 +386,7 @@ def search(fp32_onnx: str | Path, config: AccuracyAwareQuantizeConfig, *, strate
         cost["calibration_s"] += time.perf_counter() - t
         for place in placements:  # a second placement reuses the ranges: one more quantize and judgement
             t = time.perf_counter()  # a trial's seconds: writing its model (calibration is in cost)
-            res = quantize(fp32_onnx, dataclasses.replace(config.ptq(cal), placement=place), data=data,
+            res = quantize(fp32_onnx, config.ptq(cal, placement=place), data=data,
                            out_dir=out_dir / (f"ptq-{cal}" if place == placements[0] else f"ptq-{cal}-{place}"),
                            ranges=ranges[cal])
             pinned = list(res.metrics["float_layers"])  # the recipe's patterns, resolved to nodes
