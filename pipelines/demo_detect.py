@@ -45,27 +45,34 @@ def train_reference_detector(*, epochs: int = EPOCHS, width: int = 16, seed: int
     return model, data
 
 
+def train_registrable_detector(*, epochs: int = EPOCHS, progress: Callable[[str], None] | None = None):
+    """Train the reference detector and score it on its test split: a ``TrainedModel`` to register."""
+    from edgeslim.components.recipe import load_recipe
+    from edgeslim.components.tasks.detection import detection_metrics, torch_detections
+    from edgeslim.pipelines.reference_registry import TrainedModel
+
+    model, data = train_reference_detector(epochs=epochs, progress=progress)
+    task = load_recipe(DETECT_RECIPE).task
+    m = detection_metrics(torch_detections(model, data.x_test, task), list(data.y_test), task.num_classes,
+                          task.score_threshold)
+    return TrainedModel(model, params={"arch": "DigitsDetector", "width": 16, "epochs": epochs, "seed": 0},
+                        metrics={"test_map50": m["map50"], "test_map50_95": m["map50_95"],
+                                 "test_mean_tp_score": m["mean_tp_score"], "test_recall": m["recall"]},
+                        input_example=data.x_test[:2], note=f"(test mAP@0.5 {m['map50']:.1f})")
+
+
 def ensure_detector(client, *, epochs: int = EPOCHS, progress: Callable[[str], None] | None = None,
-                    name: str = DETECTOR, alias: str = ALIAS, experiment: str = "edgeslim-reference") -> str:
+                    name: str = DETECTOR, alias: str = ALIAS, experiment: str = "edgeslim-reference",
+                    trained=None) -> str:
     """Register the reference detector as ``name@alias`` unless it is there already.
+
+    ``trained``: the result of :func:`train_registrable_detector`, when the caller trained it already.
 
     Returns:
         The version that carries the alias.
     """
-    from edgeslim.pipelines.reference_registry import TrainedModel, ensure_registered
+    from edgeslim.pipelines.reference_registry import ensure_registered
 
-    def train() -> TrainedModel:
-        from edgeslim.components.recipe import load_recipe
-        from edgeslim.components.tasks.detection import detection_metrics, torch_detections
-
-        model, data = train_reference_detector(epochs=epochs, progress=progress)
-        task = load_recipe(DETECT_RECIPE).task
-        m = detection_metrics(torch_detections(model, data.x_test, task), list(data.y_test), task.num_classes,
-                              task.score_threshold)
-        return TrainedModel(model, params={"arch": "DigitsDetector", "width": 16, "epochs": epochs, "seed": 0},
-                            metrics={"test_map50": m["map50"], "test_map50_95": m["map50_95"],
-                                     "test_mean_tp_score": m["mean_tp_score"], "test_recall": m["recall"]},
-                            input_example=data.x_test[:2], note=f"(test mAP@0.5 {m['map50']:.1f})")
-
-    return ensure_registered(client, name=name, alias=alias, experiment=experiment, train=train,
-                             label="detector", run_name="digits-detector", progress=progress)
+    return ensure_registered(client, name=name, alias=alias, experiment=experiment,
+                             train=lambda: train_registrable_detector(epochs=epochs, progress=progress),
+                             label="detector", run_name="digits-detector", progress=progress, trained=trained)

@@ -40,7 +40,8 @@ COMPILED = Path(__file__).with_name("edge_compression.yaml")
 
 def build_pipeline(base_image: str = DEFAULT_IMAGE, *, engines: TensorRTEngineConfig | None = None,
                    placement: bool = True, recipe: Recipe | None = None, recipe_default: bool = True,
-                   engine_image: str = DEFAULT_ENGINE_IMAGE, train_image: str = DEFAULT_TRAIN_IMAGE):
+                   engine_image: str = DEFAULT_ENGINE_IMAGE, train_image: str = DEFAULT_TRAIN_IMAGE,
+                   torch_stages: bool = True):
     """The ``@dsl.pipeline`` function, with components on ``base_image``.
 
     Args:
@@ -58,6 +59,10 @@ def build_pipeline(base_image: str = DEFAULT_IMAGE, *, engines: TensorRTEngineCo
         engine_image: image of the engine tasks (TensorRT installed).
         train_image: image of the training tasks when ``resources.train.gpu`` asks for a GPU
             (a CUDA build of torch).
+        torch_stages: lay out the transform task and the student's export. False for a pipeline
+            that only ever runs recipes without distill or prune stages (the local runner lays out
+            each run for its own recipe): quantize then starts from the parent's export, two
+            tasks fewer. A compiled pipeline keeps them, since any recipe may be passed to it.
 
     Raises:
         ConfigError: a device class has no node selector (with ``placement``).
@@ -86,25 +91,31 @@ def build_pipeline(base_image: str = DEFAULT_IMAGE, *, engines: TensorRTEngineCo
         pulled = ops.pull_op(recipe_json=recipe_json, tracking_uri=tracking_uri).set_display_name("pull")
         parent_onnx = ops.export_op(recipe_json=recipe_json, model=pulled.outputs["model"]) \
             .set_display_name("export parent")
-        transformed = ops.transform_op(recipe_json=recipe_json, model=pulled.outputs["model"]) \
-            .set_display_name("transform (distill, prune)")
-        student_onnx = ops.export_op(recipe_json=recipe_json, model=transformed.outputs["student"]) \
-            .set_display_name("export student")
+        if torch_stages:
+            transformed = ops.transform_op(recipe_json=recipe_json, model=pulled.outputs["model"]) \
+                .set_display_name("transform (distill, prune)")
+            student_onnx = ops.export_op(recipe_json=recipe_json, model=transformed.outputs["student"]) \
+                .set_display_name("export student")
+            student, student_export, transform_info = (transformed.outputs["student"], student_onnx,
+                                                       transformed.outputs["info"])
+        else:  # the parent is the model quantize starts from
+            student, student_export, transform_info = pulled.outputs["model"], parent_onnx, None
         quantized = ops.quantize_op(
-            recipe_json=recipe_json, tracking_uri=tracking_uri, onnx_model=student_onnx.outputs["onnx_model"],
-            student=transformed.outputs["student"], parent_onnx=parent_onnx.outputs["onnx_model"],
+            recipe_json=recipe_json, tracking_uri=tracking_uri, onnx_model=student_export.outputs["onnx_model"],
+            student=student, parent_onnx=parent_onnx.outputs["onnx_model"],
         ).set_display_name("quantize")
         evaluated = ops.evaluate_op(
             recipe_json=recipe_json, qdq_model=quantized.outputs["qdq_model"],
-            parent_onnx=parent_onnx.outputs["onnx_model"], student_onnx=student_onnx.outputs["onnx_model"],
+            parent_onnx=parent_onnx.outputs["onnx_model"], student_onnx=student_export.outputs["onnx_model"],
         ).set_display_name("evaluate")
         gated = ops.gate_op(recipe_json=recipe_json, evaluation=evaluated.outputs["evaluation"]) \
             .set_display_name("gate")
-        for t in (pulled, parent_onnx, transformed, student_onnx, quantized, evaluated, gated):
+        kinds = [(pulled, "light"), (parent_onnx, "compute"),
+                 (quantized, "train" if trains_in_quantize else "compute"), (evaluated, "compute"), (gated, "light")]
+        if torch_stages:
+            kinds += [(transformed, "train"), (student_onnx, "compute")]
+        for t, kind in kinds:
             t.set_caching_options(False)
-        for t, kind in ((pulled, "light"), (parent_onnx, "compute"), (transformed, "train"),
-                        (student_onnx, "compute"), (quantized, "train" if trains_in_quantize else "compute"),
-                        (evaluated, "compute"), (gated, "light")):
             on_cluster(t, kind)
         # One engine task per device class, each on a GPU node of that class. It builds
         # only when the gate passed, verifies its engine, and a failing engine stops the
@@ -138,7 +149,7 @@ def build_pipeline(base_image: str = DEFAULT_IMAGE, *, engines: TensorRTEngineCo
             on_cluster(rej, "light")
         report = ops.report_op(
             recipe_json=recipe_json, tracking_uri=tracking_uri, parent=pulled.outputs["parent"],
-            parent_export=parent_onnx.outputs["info"], transform=transformed.outputs["info"],
+            parent_export=parent_onnx.outputs["info"], **({"transform": transform_info} if torch_stages else {}),
             quantized=quantized.outputs["info"], evaluation=evaluated.outputs["evaluation"],
             verdict=gated.outputs["verdict"],
             registered=dsl.OneOf(reg.output, rej.output),

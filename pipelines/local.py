@@ -87,7 +87,8 @@ def run_pipeline(recipe, *, tracking_uri: str, workdir: str | Path,
     root.mkdir(parents=True, exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
                raise_on_error=True)
-    pipeline = build_pipeline(engines=recipe.engines, placement=False)
+    # Laid out for this recipe: without distill or prune, no transform task and no second export.
+    pipeline = build_pipeline(engines=recipe.engines, placement=False, torch_stages=bool(recipe.torch_stages))
     sink = _Echo(progress)
     kfp_logger = logging.getLogger("kfp")
     handlers = list(kfp_logger.handlers)

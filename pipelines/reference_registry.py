@@ -26,8 +26,12 @@ class TrainedModel:
 
 def ensure_registered(client, *, name: str, alias: str, experiment: str, train: Callable[[], TrainedModel],
                       label: str, run_name: str | None = None,
-                      progress: Callable[[str], None] | None = None) -> str:
+                      progress: Callable[[str], None] | None = None,
+                      trained: TrainedModel | None = None) -> str:
     """Return the version of ``name@alias``; when there is none, ``train()`` and register the result.
+
+    ``trained``: a model already trained by ``train`` (the demo trains while its fresh server
+    boots); registered instead of training again when the alias is missing.
 
     The trained model is logged in a run of ``experiment`` (named ``run_name``, else ``name``)
     with its params and metrics, registered as ``name`` and given ``alias``. Progress lines
@@ -47,7 +51,8 @@ def ensure_registered(client, *, name: str, alias: str, experiment: str, train: 
         return str(mv.version)
     except MlflowException:
         pass
-    trained = train()
+    if trained is None:
+        trained = train()
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name=run_name or name):
         mlflow.log_params(trained.params)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,12 +20,26 @@ REPO = Path(__file__).resolve().parents[1]
 pytest_plugins = ["tests.fleet_fixtures"]
 
 
+_LIFELINE = None
+
+
 def pytest_configure(config):
+    # Every process a test starts (servers, RGW's daemons, agents, CLI runs) carries this test
+    # process's lifeline: if pytest dies, even by SIGKILL, its watchdog ends them all.
+    global _LIFELINE
+    from edgeslim.components.common.processes import Lifeline
+
+    _LIFELINE = Lifeline().start().hold_environ()
     # Seeded runs repeat bit for bit on one machine: deterministic kernels wherever torch has a
     # choice (README, "What repeats bit for bit").
     import torch
 
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def pytest_unconfigure(config):
+    if _LIFELINE is not None:
+        _LIFELINE.close()
 
 
 @pytest.fixture(autouse=True)
@@ -109,9 +124,28 @@ def registered_teacher(mlflow_server, tiny_teacher, digits):
     return "models:/tiny-teacher@champion"
 
 
-def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 900):
-    """Run `python -m edgeslim ARGS` in a subprocess, as a user would."""
-    return subprocess.run(
-        [sys.executable, "-m", "edgeslim", *args], capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, **(env or {})}, cwd=cwd,
-    )
+def run_process(cmd: list[str], *, timeout: float, env: dict | None = None, cwd: Path | None = None,
+                input: str | None = None) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True)`` in a process group of its own.
+
+    ``timeout`` only stops a hang: on expiry the whole group is SIGKILLed (not only ``cmd``,
+    whose children would otherwise keep running and holding ports), and the test fails with
+    the output so far.
+    """
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True)
+    try:
+        out, err = proc.communicate(input, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[:6])} still running after {timeout:.0f} s (a hang: killed its process "
+                    f"group)\n--- stderr ---\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 1800):
+    """Run `python -m edgeslim ARGS` in a subprocess, as a user would (see :func:`run_process`)."""
+    return run_process([sys.executable, "-m", "edgeslim", *args], timeout=timeout, env=env, cwd=cwd)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Mapping
 
 from edgeslim.components.common.errors import TrackingUnavailable
+from edgeslim.components.common.processes import Lifeline
 
 
 def free_port() -> int:
@@ -35,6 +36,12 @@ class MlflowServer:
         artifacts: the artifact root (``--artifacts-destination``); ``root/artifacts`` by default.
         log_path: where the server's stdout and stderr go (appended); ``root/mlflow-server.log`` by default.
         env: extra environment variables for the server process, over ``os.environ``.
+
+    The server runs without MLflow's job-execution workers (``MLFLOW_SERVER_ENABLE_JOB_EXECUTION``
+    is false unless ``env`` sets it): edgeslim submits no server-side jobs, and the workers (a job
+    runner and its huey consumers, in sessions of their own) cost seconds of start-up and memory.
+    Webhook deliveries do not need them. The server and everything it starts are on a
+    :class:`Lifeline`: they end when ``stop()`` runs or the process that launched them dies.
     """
 
     def __init__(self, root: str | Path, port: int | None = None, timeout: float = 120.0, *,
@@ -49,13 +56,16 @@ class MlflowServer:
         self.env = dict(env or {})
         self.proc: subprocess.Popen | None = None
         self._log = None
+        self._lifeline: Lifeline | None = None
 
     def launch(self) -> "MlflowServer":
         """Start the process without waiting for it to answer."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
-        env = {**os.environ, "GIT_PYTHON_REFRESH": "quiet", **self.env}
+        self._lifeline = Lifeline().start()
+        env = self._lifeline.env({**os.environ, "GIT_PYTHON_REFRESH": "quiet",
+                                  "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **self.env})
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server",
              "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
@@ -123,6 +133,9 @@ class MlflowServer:
                     pass
                 self.proc.wait(timeout=5)
         self.proc = None
+        if self._lifeline is not None:  # workers that left the server's process group
+            self._lifeline.close()
+            self._lifeline = None
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -6,14 +6,23 @@ kills Python without unwinding, so ``with MlflowServer(...)`` never stops the se
 the children are left orphaned, holding the port and memory. :func:`handle_termination`
 turns SIGTERM (and SIGHUP) into an exception that unwinds the ``with`` blocks like Ctrl-C
 does; :func:`stop_descendants` then ends whatever is still running below this process.
+
+SIGKILL cannot be handled: a :class:`Lifeline` covers it. Its watchdog (``lifeline.py``) ends
+every process started under it once its owner is gone, however it went.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
+import uuid
 from pathlib import Path
+from typing import Mapping
+
+from edgeslim.components.common import lifeline as _watchdog
 
 
 class Terminated(KeyboardInterrupt):
@@ -108,3 +117,81 @@ def _reap(pids: list[int]) -> None:
             os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
             pass
+
+
+class Lifeline:
+    """A watchdog process that ends what was started under it when this process dies or closes it.
+
+    Every process started with :meth:`env` (or, after :meth:`hold_environ`, every process started
+    at all) carries the lifeline's token in its environment, and so do its own descendants,
+    whatever session or process group they move to. When this process dies, even by SIGKILL, or
+    calls :meth:`close`, the watchdog sends SIGTERM to every carrier, then SIGKILL after
+    ``grace_s``. Lifelines nest: a process may carry the tokens of several.
+    """
+
+    def __init__(self, grace_s: float = 5.0) -> None:
+        self.token = uuid.uuid4().hex[:16]
+        self.grace_s = grace_s
+        self._write_fd: int | None = None
+        self._proc: subprocess.Popen | None = None
+        self._held = False
+
+    def start(self) -> "Lifeline":
+        read_fd, self._write_fd = os.pipe()  # both ends non-inheritable: only the watchdog gets read_fd
+        env = {k: v for k, v in os.environ.items() if k != _watchdog.ENV}  # no lifeline ends the watchdog
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", _watchdog.__file__, str(read_fd), str(os.getpid()), self.token,
+                 str(self.grace_s)],
+                pass_fds=(read_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+            )
+        finally:
+            os.close(read_fd)
+        return self
+
+    def env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
+        """``base`` (default ``os.environ``) with this lifeline's token added."""
+        out = dict(os.environ if base is None else base)
+        tokens = [t for t in out.get(_watchdog.ENV, "").split(",") if t]
+        out[_watchdog.ENV] = ",".join([*tokens, self.token])
+        return out
+
+    def hold_environ(self) -> "Lifeline":
+        """Put the token in ``os.environ``: every process started from now on carries it."""
+        os.environ[_watchdog.ENV] = self.env()[_watchdog.ENV]
+        self._held = True
+        return self
+
+    def carriers(self) -> list[int]:
+        """Processes alive now that carry this lifeline's token."""
+        return _watchdog.carriers(self.token)
+
+    def close(self, *, wait: bool = True) -> None:
+        """End every carrier now (the watchdog's sweep) and take the token out of ``os.environ``.
+
+        ``wait``: return once the sweep is done; otherwise leave the watchdog to it.
+        """
+        if self._held:
+            tokens = [t for t in os.environ.get(_watchdog.ENV, "").split(",") if t and t != self.token]
+            if tokens:
+                os.environ[_watchdog.ENV] = ",".join(tokens)
+            else:
+                os.environ.pop(_watchdog.ENV, None)
+            self._held = False
+        if self._write_fd is not None:
+            os.close(self._write_fd)
+            self._write_fd = None
+        if self._proc is not None:
+            if wait:
+                try:
+                    self._proc.wait(timeout=4 * (self.grace_s + 1.0) + 30)
+                except subprocess.TimeoutExpired:
+                    pass
+            self._proc = None
+
+    def __enter__(self) -> "Lifeline":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -371,9 +371,9 @@ def reject_op(verdict: Input[Artifact]) -> str:
 
 
 def report_op(recipe_json: str, tracking_uri: str, parent: Input[Artifact], parent_export: Input[Artifact],
-              transform: Input[Artifact], quantized: Input[Artifact], evaluation: Input[Artifact],
+              quantized: Input[Artifact], evaluation: Input[Artifact],
               verdict: Input[Artifact], registered: str, qdq_model: Input[Model],
-              report: Output[Artifact], html: Output[dsl.HTML],
+              report: Output[Artifact], html: Output[dsl.HTML], transform: Input[Artifact] = None,
               kfp_run_id: str = dsl.PIPELINE_JOB_ID_PLACEHOLDER,
               kfp_run_name: str = dsl.PIPELINE_JOB_NAME_PLACEHOLDER):
     """Assemble report.json and the HTML report (with its charts), and log both to MLflow.
@@ -381,7 +381,8 @@ def report_op(recipe_json: str, tracking_uri: str, parent: Input[Artifact], pare
     ``kfp_run_id``/``kfp_run_name``: the KFP run, for the tags that link it. Kubeflow's local runner
     fills these defaults in; a cluster fills in placeholders passed as task arguments, not defaults, so
     there the run id comes from ``$KFP_RUN_ID`` or, failing that, from the report's artifact URI
-    (``<pipeline root>/<pipeline>/<run id>/<task>/...``).
+    (``<pipeline root>/<pipeline>/<run id>/<task>/...``). ``transform`` is absent from a pipeline laid
+    out without torch stages.
     """
     import json
     import os
@@ -402,7 +403,8 @@ def report_op(recipe_json: str, tracking_uri: str, parent: Input[Artifact], pare
                "run_name": given(kfp_run_name) or os.environ.get("KFP_RUN_NAME", "")}
     recipe = recipe_from_json(recipe_json)
     rep = build_report(
-        recipe=recipe, parent=read(parent), parent_export=read(parent_export), transform=read(transform),
+        recipe=recipe, parent=read(parent), parent_export=read(parent_export),
+        transform=read(transform) if transform is not None else {"stages": [], "seconds": 0.0, "training_curve": []},
         quantized=read(quantized), evaluation=read(evaluation), verdict=read(verdict),
         registered=registered if isinstance(registered, dict) else json.loads(registered),
         onnx_path=qdq_model.path, kfp_run={k: v for k, v in kfp_run.items() if v},

@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     from edgeslim.components.common import processes
 
     already_running = set(processes.descendants())  # a caller's own children (tests call main in-process)
+    # SIGKILL cannot be caught: whatever this command starts carries the lifeline, and its watchdog
+    # ends those processes if this one dies without the cleanup below.
+    lifeline = processes.Lifeline().start().hold_environ()
     previous_handlers = processes.handle_termination()
     func: Callable[[argparse.Namespace], int] = args.func
     try:
@@ -132,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         # Whatever ended the command, nothing it started outlives it (task subprocesses, servers).
         stopped = processes.stop_descendants(keep=already_running)
+        lifeline.close()
         processes.restore(previous_handlers)
         if stopped and args.debug:
             print(f"edgeslim: stopped {len(stopped)} process(es) it had started", file=sys.stderr)

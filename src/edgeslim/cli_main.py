@@ -170,30 +170,45 @@ def execute(recipe, *, tracking_uri: str, workdir: Path, verbose: bool = False) 
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import time
+
     from edgeslim.components.common.mlflow_server import MlflowServer
     from edgeslim.components.recipe import load_recipe
     from edgeslim.components.common.tracking import connect
-    from edgeslim.pipelines.demo import DEMO_RECIPE, ensure_teacher
 
+    t0 = time.perf_counter()
+    detect = getattr(args, "workload", "digits") == "detect"
+    if detect:
+        from edgeslim.pipelines.demo_detect import DETECT_RECIPE as recipe_path
+        from edgeslim.pipelines.demo_detect import ensure_detector as ensure
+        from edgeslim.pipelines.demo_detect import train_registrable_detector as train
+    else:
+        from edgeslim.pipelines.demo import DEMO_RECIPE as recipe_path
+        from edgeslim.pipelines.demo import ensure_teacher as ensure
+        from edgeslim.pipelines.demo import train_teacher as train
     workdir = Path(args.workdir).resolve()
+    server = MlflowServer(workdir / "mlflow")
+    fresh = not (server.root / "mlflow.db").exists()
     _progress(f"starting MLflow (SQLite) in {workdir}")
-    with MlflowServer(workdir / "mlflow") as server:
+    server.launch()
+    try:
+        # A new store holds no reference model: train it while the server boots (about 10 s).
+        trained = train(progress=_progress) if fresh else None
+        server.wait_ready()
         _progress(f"MLflow at {server.uri}")
         client = connect(server.uri)
-        if getattr(args, "workload", "digits") == "detect":
-            from edgeslim.pipelines.demo_detect import DETECT_RECIPE, ensure_detector
-
-            ensure_detector(client, progress=_progress)
-            recipe = load_recipe(DETECT_RECIPE).with_overrides(tracking_uri=server.uri)
-        else:
-            ensure_teacher(client, progress=_progress)
-            recipe = load_recipe(DEMO_RECIPE).with_overrides(tracking_uri=server.uri)
+        ensure(client, progress=_progress, trained=trained)
+        recipe = load_recipe(recipe_path).with_overrides(tracking_uri=server.uri)
         code = execute(recipe, tracking_uri=server.uri, workdir=workdir, verbose=args.verbose)
         # The runs' artifacts are served by the tracking server (mlflow-artifacts:/): the UI needs the same
         # destination, or its artifact list is empty and report.html is a 404.
         print(f"browse it: mlflow ui --backend-store-uri sqlite:///{server.root / 'mlflow.db'} "
               f"--artifacts-destination {server.artifacts}")
-        return code
+    finally:
+        server.stop()
+    verdict = "gate passed" if code == 0 else "gate failed" if code == GateRejected.exit_code else f"exit {code}"
+    print(f"demo: {verdict} in {time.perf_counter() - t0:.1f} s")
+    return code
 
 
 def cmd_run(args: argparse.Namespace) -> int:
