@@ -3,7 +3,7 @@
 Q/DQ models are evaluated in Q/DQ semantics (ORT_ENABLE_BASIC: each
 DequantizeLinear feeds a float op, which is what TensorRT's int8 math
 approximates). The accuracy of ORT's fused int8 CPU kernels is reported too,
-labelled as such, and never gates (see DESIGN.md).
+labelled as such, and never gates (docs/design.md).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@
   calibrator, scored on test.
 
 Accuracy and fidelity are measured in Q/DQ semantics (what TensorRT's int8 math approximates, see
-DESIGN.md); latency is ONNX Runtime on this CPU with its default optimizations. CPU int8 latency is
+docs/design.md); latency is ONNX Runtime on this CPU with its default optimizations. CPU int8 latency is
 printed as measured: on x86 without VNNI it is no guide to int8 speed on a Jetson.
 """
 
@@ -37,7 +37,7 @@ class ReferenceClassifier(Workload):
     columns = (Column("top1", "top-1 %", 7, ".2f"), Column("top1_agreement", "agree", 6, ".3f"),
                Column("sqnr_db", "SQNR dB", 7, ".1f"))
     drops = {"top1_drop": ("top1", 3)}
-    TARGETS = {  # the full recipe on the digits workload (issue 3)
+    TARGETS = {  # the full recipe on the digits workload
         "size_ratio": 10.0,          # int8 student at least 10x smaller than the fp32 teacher ONNX
         "macs_ratio": 4.0,           # at least 4x fewer MACs
         "latency_b32_ratio": 2.5,    # fp32 student at least 2.5x lower CPU latency at batch 32 than the teacher

@@ -18,7 +18,7 @@ Rows, all on the same synthetic digits detection data (test canvases use held-ou
 Each row: mAP@0.5, mAP@0.5:0.95, mean true-positive score, precision and recall at the
 deployment threshold, and what the harness measures for every row (size, MACs, latency, peak RSS);
 plus the calibrated range of every class-score output, which is where a clipping calibrator shows.
-Accuracy is in Q/DQ semantics (see DESIGN.md).
+Accuracy is in Q/DQ semantics (docs/design.md).
 """
 
 from __future__ import annotations

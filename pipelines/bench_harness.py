@@ -11,7 +11,7 @@ the peak RSS of the process so far, and the ratios and drops against the first r
 The workloads and the command are in :mod:`.bench`.
 
 Accuracy and fidelity are measured in Q/DQ semantics (what TensorRT's int8 math approximates, see
-DESIGN.md); latency is ONNX Runtime on this CPU with its default optimizations. CPU int8 latency is
+docs/design.md); latency is ONNX Runtime on this CPU with its default optimizations. CPU int8 latency is
 printed as measured: on x86 without VNNI it is no guide to int8 speed on a Jetson.
 """
 

@@ -21,7 +21,7 @@ inference, decoding and mAP): the issue's target is at most 10x, whatever the nu
 ``edgeslim bench --workload yolov8n-trained`` (:class:`YoloV8nTrained`) measures accuracy instead: the same
 network with 3 classes, trained here with edgeslim's ``train_detector`` (Ultralytics' v8DetectionLoss) on
 synthetic scenes of filled shapes at 192 pixels (640 is not affordable to train on 2 CPU cores), then per
-calibrator plain PTQ and ``quantize: auto`` with that calibrator alone, against issue 13's gate (0.3 pt
+calibrator plain PTQ and ``quantize: auto`` with that calibrator alone, against the detector gate of the YOLOv8n target (0.3 pt
 mAP@0.5, 1.0 pt mAP@0.5:0.95), chosen on val and scored on test against the drawn boxes.
 """
 
@@ -38,7 +38,7 @@ from edgeslim.components.common.errors import MissingDependencyError
 from edgeslim.pipelines.bench_harness import Column, Context, RowSpec, Workload
 
 SIZE = 640
-SEARCH_COST_TARGET = 10.0  # the search at most 10x one evaluation pass over val (issue 13)
+SEARCH_COST_TARGET = 10.0  # the search at most 10x one evaluation pass over val
 CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
 LABELS_PER_IMAGE = 3  # the fp32 network's best boxes, this many per image on average: what every split is scored against
 
@@ -294,7 +294,7 @@ class YoloV8n(Workload):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# ``edgeslim bench --workload yolov8n-trained``: issue 13's accuracy target on a YOLOv8n trained here.
+# ``edgeslim bench --workload yolov8n-trained``: the accuracy target on a YOLOv8n trained here.
 
 TRAINED_SIZE = 192  # 640 cannot be trained on 2 shared CPU cores; 192 is a multiple of the largest stride
 SHAPES = ("disc", "square", "triangle")  # the classes: filled shapes, learnable from scratch in minutes
@@ -329,7 +329,7 @@ def shape_scenes(n: int, seed: int, size: int = TRAINED_SIZE) -> tuple[np.ndarra
 
 def trained_task_config():
     """The detection task of the trained YOLOv8n: Ultralytics' decoded output, its validation's low
-    ``min_score`` for mAP, and issue 13's gate (0.3 pt mAP@0.5, 1.0 pt mAP@0.5:0.95)."""
+    ``min_score`` for mAP, and the target's gate (0.3 pt mAP@0.5, 1.0 pt mAP@0.5:0.95)."""
     from edgeslim.components.common.task_config import DetectionTaskConfig
 
     return DetectionTaskConfig.from_dict({
@@ -403,7 +403,7 @@ class YoloV8nTrained(YoloV8n):
         data, task, wd, log, fp32 = ctx.data, ctx.extra["task"], ctx.workdir, ctx.log, ctx.extra["fp32"]
         macs = count_macs_params(ctx.teacher, torch.from_numpy(data.x_test[:1]))[0]
         yield RowSpec("fp32", fp32, macs)
-        # the peer issue 13 names: NVIDIA ModelOpt's ONNX int8, max calibration, output tails float
+        # the hand-tuned peer: NVIDIA ModelOpt's ONNX int8, max calibration, output tails float
         log("NVIDIA ModelOpt ONNX int8 (max calibration, output tails float)")
         yield modelopt_row(fp32, data, wd / "modelopt.onnx", self.calib_samples, macs)
         eval_s = evaluation_pass(fp32, data.x_val, data.y_val, task)

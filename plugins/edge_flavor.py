@@ -183,7 +183,7 @@ class EdgeModel:
         if self.runner is None:
             from edgeslim.components.common.onnx_runtime import make_session
 
-            # Q/DQ semantics (ORT_ENABLE_BASIC): see DESIGN.md, fused CPU int8 kernels can saturate.
+            # Q/DQ semantics (ORT_ENABLE_BASIC): fused CPU int8 kernels can saturate (docs/design.md).
             self.session = make_session(self.path / MODEL_FILE, providers=list(self.choice.providers))
             self.backend = f"onnxruntime:{self.session.get_providers()[0]}" + (fallback or "")
         log.info("edge model %s: backend %s (%s)", self.path, self.backend, self.choice.reason)

@@ -88,6 +88,8 @@ def running_mlflow_server(root: Path, *, while_booting: Callable[[], object] | N
     from edgeslim.components.common.errors import TrackingUnavailable
     from edgeslim.components.common.mlflow_server import MlflowServer
 
+    # The boot timeout only stops a hang: about 5 s alone, a minute or more beside CPU-bound jobs.
+    kwargs.setdefault("timeout", 900)
     server = MlflowServer(root, **kwargs).launch()
     try:
         if while_booting is not None:

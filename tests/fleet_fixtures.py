@@ -36,7 +36,7 @@ def rgw(tmp_path_factory):
     d = tmp_path_factory.mktemp("rgw")
     env = dict(os.environ, RGW_PORT=str(free_port()), MON_PORT=str(free_port()))
     proc = subprocess.run(["bash", str(RGW_SH), "start", str(d)], env=env, capture_output=True, text=True,
-                          timeout=180)
+                          timeout=900)
     if proc.returncode != 0:
         subprocess.run(["bash", str(RGW_SH), "stop", str(d)], capture_output=True)
         pytest.fail(f"RGW did not start: {proc.stderr[-2000:]}")
@@ -47,7 +47,7 @@ def rgw(tmp_path_factory):
     try:
         yield creds
     finally:
-        subprocess.run(["bash", str(RGW_SH), "stop", str(d)], capture_output=True, timeout=60)
+        subprocess.run(["bash", str(RGW_SH), "stop", str(d)], capture_output=True, timeout=600)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -83,7 +83,7 @@ def fleet_mlflow(tmp_path_factory, request):
            # The server caches who listens to an event (60 s by default).
            "MLFLOW_WEBHOOK_CACHE_TTL": "1"}
     # Every test with MLflow also uses RGW: start it while the server boots (2 cores, ~15 s each).
-    with running_mlflow_server(tmp_path_factory.mktemp("mlflow"), timeout=90, env=env,
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow"), env=env,
                                while_booting=lambda: request.getfixturevalue("rgw")) as server:
         saved = os.environ.get("MLFLOW_TRACKING_URI")
         os.environ["MLFLOW_TRACKING_URI"] = server.uri

@@ -27,7 +27,13 @@ def free_port() -> int:
 
 
 
+# A wait's timeout only stops a hang: every wait gets at least this long, far above what any of them
+# takes on a machine shared with CPU-bound jobs (the longest waits seen there took under a minute).
+HANG_S = 300.0
+
+
 def wait_for(cond, timeout: float, what: str, interval: float = 0.1):
+    timeout = max(timeout, HANG_S)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         got = cond()
@@ -75,7 +81,7 @@ class AgentProc:
                      "--endpoint-url", endpoint, "--fleet", fleet, "--device-id", device_id,
                      "--device-class", device_class, "--state-dir", str(state_dir), "--root", str(root),
                      "--poll-interval", "0.2", "--heartbeat-interval", "1", "--max-backoff", "1",
-                     "--health-timeout", "60"] + (extra or [])
+                     "--health-timeout", "600"] + (extra or [])
         self.env = dict(os.environ, **(env or {}))
         self.proc: subprocess.Popen | None = None
         self.lines: list[str] = []

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/s3/install-rgw.sh
-# PyPI's torchvision is a CUDA build that does not import beside the CPU torch (DESIGN.md): a .pth
+# PyPI's torchvision is a CUDA build that does not import beside the CPU torch (docs/design.md): a .pth
 # in this Python's site-packages runs tests/torchvision_cpu.py at start-up, in every process of a
 # test run. It only adds an import hook, and does nothing when torchvision's own ops load.
 site=$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')

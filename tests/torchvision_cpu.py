@@ -2,7 +2,7 @@
 
 PyPI's torchvision wheels are CUDA builds: beside the CPU torch 2.13.0 wheel, ``import torchvision``
 fails in ``torchvision/_meta_registrations.py`` with ``operator torchvision::nms does not exist``
-(DESIGN.md). Its models, transforms and datasets work once its two registration modules are
+(docs/design.md). Its models, transforms and datasets work once its two registration modules are
 skipped; only its C++ ops are missing, and of those only ``nms`` is used by what we test
 (Ultralytics' validation), so a pure-torch ``nms``/``batched_nms`` stands in.
 

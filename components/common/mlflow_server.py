@@ -44,7 +44,7 @@ class MlflowServer:
     :class:`Lifeline`: they end when ``stop()`` runs or the process that launched them dies.
     """
 
-    def __init__(self, root: str | Path, port: int | None = None, timeout: float = 120.0, *,
+    def __init__(self, root: str | Path, port: int | None = None, timeout: float = 300.0, *,
                  artifacts: str | Path | None = None, log_path: str | Path | None = None,
                  env: Mapping[str, str] | None = None):
         self.root = Path(root).resolve()

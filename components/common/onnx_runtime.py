@@ -2,7 +2,7 @@
 
 Q/DQ models run in Q/DQ semantics by default (``basic``): at its default optimization level
 ONNX Runtime fuses Q/DQ into int8 CPU kernels that can saturate on x86 without VNNI
-(DESIGN.md); ``ORT_ENABLE_BASIC`` keeps DequantizeLinear -> float op, which is what
+(docs/design.md); ``ORT_ENABLE_BASIC`` keeps DequantizeLinear -> float op, which is what
 TensorRT's int8 math approximates.
 """
 

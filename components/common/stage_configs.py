@@ -114,7 +114,7 @@ class PTQQuantizeConfig(Calibration, StageConfig):
             )
 
 
-# --- Compression stages (issue 3): distillation, structural pruning, QAT, accuracy-aware ---
+# --- Compression stages: distillation, structural pruning, QAT, accuracy-aware ---
 
 Importance = Literal["l1", "l2", "bn_scale", "taylor"]
 Optimizer = Literal["adamw", "adam", "sgd"]

@@ -1,7 +1,7 @@
 """Activation ranges for symmetric int8, chosen from calibration data.
 
 ONNX Runtime's own Entropy calibrator runs with 128 bins and gives the same
-ranges as MinMax (see DESIGN.md), so edgeslim collects |x| histograms itself
+ranges as MinMax (docs/design.md), so edgeslim collects |x| histograms itself
 (TensorRT-style, 2048 bins by default) and chooses each tensor's clipping
 threshold ``amax`` by one of four rules:
 

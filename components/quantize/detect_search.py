@@ -3,7 +3,7 @@
 The classifier strategy judges trials by top-1; a detector needs the detection
 gate (mAP *and* score calibration), and its sensitive spots are the head outputs:
 a calibrator that clips the sigmoid class-score output collapses every confidence
-(DESIGN.md). So the fallback here ranks *output tails*
+(docs/design.md). So the fallback here ranks *output tails*
 (:func:`~edgeslim.components.quantize.sensitivity.output_tails`: each graph output with
 the nodes that produce it -- decode, DFL, concat, sigmoid -- back to and including its
 last weighted layers, found from the graph, whatever the model) by what quantizing only

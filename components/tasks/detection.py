@@ -7,7 +7,7 @@ precision and recall at the deployment score threshold, and the mean score of
 true positives.
 
 The gate looks at score calibration as well as mAP: a calibrator that clips the
-sigmoid class-score output (see DESIGN.md) leaves the ranking, and so mAP,
+sigmoid class-score output (docs/design.md) leaves the ranking, and so mAP,
 almost intact while every score falls under the deployment threshold. The
 mean true-positive score and the recall at the threshold catch that, and the
 gate says so in words.

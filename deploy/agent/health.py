@@ -6,7 +6,7 @@ and a model that crashes the runtime fails its check instead of killing the agen
 
 TensorRT is used where it imports and the release has an engine; otherwise ONNX
 Runtime runs the Q/DQ ONNX with basic graph optimisation, which keeps Q/DQ
-semantics (see DESIGN.md: the fused CPU int8 kernels can saturate).
+semantics (docs/design.md: the fused CPU int8 kernels can saturate).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ ADA_KEY = "ada-sm89-trt10"
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real MLflow tracking + registry server on 127.0.0.1, stopped after the module. Yields the URI."""
-    with running_mlflow_server(tmp_path_factory.mktemp("mlflow"), timeout=90) as server:
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow")) as server:
         yield server.uri
 
 

@@ -96,7 +96,7 @@ def test_user_code_model_goes_through_distill_prune_and_qat(registered_user_mode
     cwd.mkdir()
     before = MlflowClient(mlflow_server.uri).search_model_versions("name='user-code-net-edge'")
     proc = run_cli("run", str(tmp_path / "recipe.yaml"), "--tracking-uri", mlflow_server.uri,
-                   "--workdir", str(tmp_path / "out"), env={"PYTHONPATH": ""}, cwd=cwd, timeout=600)
+                   "--workdir", str(tmp_path / "out"), env={"PYTHONPATH": ""}, cwd=cwd, timeout=3600)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
     assert "Traceback" not in proc.stderr
 

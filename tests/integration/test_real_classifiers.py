@@ -1,4 +1,4 @@
-"""Real classifier architectures at their real input size, 224x224x3, with random weights (issue 13).
+"""Real classifier architectures at their real input size, 224x224x3, with random weights.
 
 torchvision's ResNet-18, ResNet-50, MobileNetV3-Small and EfficientNet-B0 and timm's DeiT-Tiny and
 ConvNeXt-Tiny go through the stages a recipe runs: structural pruning, ONNX export, PTQ, QAT and the
@@ -300,7 +300,7 @@ def test_registered_resnet18_runs_through_edgeslim_run_with_prune_and_auto_qat(
     }
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     proc = run_cli("run", str(tmp_path / "recipe.yaml"), "--tracking-uri", mlflow_server.uri,
-                   "--workdir", str(tmp_path / "out"), timeout=900)
+                   "--workdir", str(tmp_path / "out"), timeout=3600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == GateRejected.exit_code, (proc.stdout[-2000:], proc.stderr[-3000:])
     assert "Traceback" not in proc.stderr

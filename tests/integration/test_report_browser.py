@@ -76,7 +76,7 @@ def open_in_chromium(page: Path, work: Path, *, screenshot: bool = True) -> dict
               "--disable-default-apps", "--hide-scrollbars", f"--user-data-dir={work / 'profile'}",
               "--host-resolver-rules=MAP * ~NOTFOUND", "--window-size=1200,2400", "--virtual-time-budget=5000"]
     proc = subprocess.run([*common, f"--log-net-log={netlog}", "--dump-dom", copy.as_uri()],
-                          capture_output=True, text=True, timeout=180)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and "<body" in proc.stdout, proc.stderr[-2000:]
     body = re.search(r"<body[^>]*>", proc.stdout).group(0)
     attrs = {k: json.loads(html.unescape(v)) for k, v in re.findall(r'data-(charts|lines)="([^"]*)"', body)}
@@ -84,7 +84,7 @@ def open_in_chromium(page: Path, work: Path, *, screenshot: bool = True) -> dict
     shot = None
     if screenshot:
         shot = work / "report.png"
-        subprocess.run([*common, f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=180)
+        subprocess.run([*common, f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=900)
     return {**attrs, "requests": page_requests(netlog), "screenshot": shot}
 
 

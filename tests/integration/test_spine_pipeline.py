@@ -261,7 +261,7 @@ def test_submit_to_an_unreachable_endpoint_is_one_line(tmp_path):
     assert_one_line_error(proc, "cannot reach Kubeflow Pipelines at http://127.0.0.1:")
 
 
-# --- Pictures people look at, and MLflow that tells the story (issue 14) ---------------------------
+# --- Pictures people look at, and MLflow that tells the story ---------------------------
 
 
 def _kfp_task_dir(wd: Path, task: str) -> Path:

@@ -131,11 +131,11 @@ def test_the_receiver_refuses_to_start_without_followed_models_or_with_a_signing
     env = dict(os.environ, EDGESLIM_WEBHOOK_SECRET="x")
     base = [sys.executable, "-m", "edgeslim", "fleet", "webhook", "lab", "--store", s3_url,
             "--endpoint-url", rgw["S3_ENDPOINT_URL"], "--port", "0"]
-    out = subprocess.run(base, capture_output=True, text=True, env=env, timeout=60)
+    out = subprocess.run(base, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 2 and "--model NAME" in out.stderr
     out = subprocess.run(base + ["--model", "m", "--signing-key", str(tmp_path / "k.pem")], capture_output=True,
-                         text=True, env=env, timeout=60)
+                         text=True, env=env, timeout=600)
     assert out.returncode == 2 and "signs nothing" in out.stderr
     out = subprocess.run(base + ["--model", "m", "-C", "waves=1,100"], capture_output=True, text=True, env=env,
-                         timeout=60)
+                         timeout=600)
     assert out.returncode == 2 and "reconcile" in out.stderr

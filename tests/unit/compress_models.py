@@ -6,6 +6,7 @@ every compression stage is tested on.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import inspect
@@ -48,8 +49,17 @@ def _cache_path(kind: str) -> Path:
 def trained(kind: str) -> torch.nn.Module:
     """A small trained model; tests must not change it (the stages copy their inputs)."""
     path = _cache_path(kind)
-    if path.is_file():
-        return load_module(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Test processes running side by side (pytest -n) train it once: the first holds the lock, the
+    # others wait for it and load what it saved.
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file():
+            return load_module(path)
+        return _train_and_save(kind, path)
+
+
+def _train_and_save(kind: str, path: Path) -> torch.nn.Module:
     d = digits()
     # One thread whoever asks first: the thread count changes float sums, so the trained model.
     before = torch.get_num_threads()

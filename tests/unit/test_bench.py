@@ -125,7 +125,7 @@ def test_trained_yolov8n_bench_trains_then_reports_ptq_and_the_search_per_calibr
     rows = {r["row"]: r for r in res["rows"]}
     assert list(rows) == ["fp32", "ModelOpt int8 (max, tails float)", "PTQ minmax", "PTQ minmax, weighted",
                           "quantize: auto (minmax)"]
-    # the peer issue 13 names: a row of its own, or one line saying how to install it
+    # the hand-tuned peer (ModelOpt): a row of its own, or one line saying how to install it
     peer = rows["ModelOpt int8 (max, tails float)"]
     assert "map50" in peer or "pip install 'nvidia-modelopt[onnx]'" in peer["failed"]
     assert res["input"][0] == 3 and res["epochs"] >= 1 and res["train_s"] > 0 and res["test_objects"] > 0

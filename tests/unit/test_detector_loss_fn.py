@@ -1,4 +1,4 @@
-"""A detector's training loss belongs to the recipe (issue 13): an Ultralytics YOLOv8n trains on its labels with
+"""A detector's training loss belongs to the recipe: an Ultralytics YOLOv8n trains on its labels with
 Ultralytics' own v8DetectionLoss by itself, a `task.loss_fn: module:function` from a module outside the repository
 trains any detector and is called as documented, and a task.loss_fn that cannot be used is one line naming it.
 YOLOv8n runs at 128x128 on 8 synthetic images (its real size is 640: same code path, fewer anchors)."""

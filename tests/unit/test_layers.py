@@ -36,7 +36,7 @@ LAYERS = [
     ("pipelines", ["edgeslim.pipelines", "edgeslim.pipelines.*"]),
     ("cli", ["edgeslim", "edgeslim.*"]),
 ]
-# deploy sits low because it may use only these (and its own modules): DESIGN.md.
+# deploy sits low because it may use only these (and its own modules): docs/design.md.
 DEPLOY_MAY_IMPORT = ["edgeslim.components.common.*", "edgeslim.components.engine",
                      "edgeslim.components.engine.devices", "edgeslim.components.engine.config",
                      "edgeslim.components.engine.builder", "edgeslim.deploy", "edgeslim.deploy.*"]

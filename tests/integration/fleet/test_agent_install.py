@@ -69,7 +69,7 @@ def agent_venv(tmp_path_factory) -> Path:
         else:
             shutil.copy2(REPO / name, src / name)
     env = _clean_env()
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=env, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=env, timeout=600)
     proc = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "-c", str(REPO / "tests" / "requirements.lock"),
                            f"{src}[agent]"], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, f"pip install '.[agent]' failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -129,18 +129,18 @@ def _installed(venv: Path) -> list[str]:
 def test_agent_only_install_runs_the_agent_without_the_pipeline(agent_venv):
     env = _clean_env()
     helped = subprocess.run([str(agent_venv / "bin" / "edgeslim-agent"), "--help"], capture_output=True, text=True,
-                            env=env, timeout=60)
+                            env=env, timeout=600)
     assert helped.returncode == 0 and "usage: edgeslim-agent" in helped.stdout, helped.stderr
     for mod in PIPELINE_ONLY:
         probe = subprocess.run([str(agent_venv / "bin" / "python"), "-c", f"import {mod}"], capture_output=True,
-                               text=True, env=env, timeout=60)
+                               text=True, env=env, timeout=600)
         assert probe.returncode != 0 and "ModuleNotFoundError" in probe.stderr, f"{mod} is in the agent-only venv"
     # The main command's help and a fleet command that needs no MLflow work too; one that does says so in one line.
     cli = str(agent_venv / "bin" / "edgeslim")
-    assert subprocess.run([cli, "--help"], capture_output=True, env=env, timeout=60).returncode == 0
-    assert subprocess.run([cli, "fleet", "--help"], capture_output=True, env=env, timeout=60).returncode == 0
+    assert subprocess.run([cli, "--help"], capture_output=True, env=env, timeout=600).returncode == 0
+    assert subprocess.run([cli, "fleet", "--help"], capture_output=True, env=env, timeout=600).returncode == 0
     compiled = subprocess.run([cli, "compile", "-o", str(agent_venv / "p.yaml")], capture_output=True, text=True,
-                              env=env, timeout=60)
+                              env=env, timeout=600)
     assert compiled.returncode == 2 and compiled.stderr.strip().splitlines() == [
         "edgeslim: error: kfp is not installed; install it with: pip install 'edgeslim[pipeline]'"]
     packages = [p for p in _installed(agent_venv) if p not in ("pip", "setuptools")]
@@ -158,7 +158,7 @@ def test_agent_only_install_takes_a_rollout_from_the_controller(
     chosen = subprocess.run([str(agent_venv / "bin" / "python"), "-c", "import sys; from edgeslim.deploy.store import "
                              f"open_store; print(open_store({s3_url!r}, endpoint_url={rgw['S3_ENDPOINT_URL']!r}).client,"
                              " sorted(m for m in sys.modules if m.startswith(('boto', 'urllib3'))))"],
-                            capture_output=True, text=True, env=dev.env, timeout=60)
+                            capture_output=True, text=True, env=dev.env, timeout=600)
     assert chosen.stdout.split() == ["light", "[]"], chosen.stderr  # no boto3 here: edgeslim's own S3 client
     dev.start()
     wait_for(lambda: s3_store.get_json(FleetKeys("lab").registration("light0")), 60, "the light agent to register")

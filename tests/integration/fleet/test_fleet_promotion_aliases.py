@@ -36,7 +36,7 @@ def _env(rgw, s3_url, keys, *, with_key=True):
 
 def _fleet(env, *args):
     out = subprocess.run([sys.executable, "-m", "edgeslim", "fleet", *args], env=env, capture_output=True,
-                         text=True, timeout=240)
+                         text=True, timeout=900)
     assert out.returncode == 0, f"edgeslim fleet {args[0]} failed:\n{out.stdout}\n{out.stderr}"
     return out
 

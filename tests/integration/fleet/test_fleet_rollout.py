@@ -29,7 +29,7 @@ def _env(rgw, s3_url, keys):
 
 def _mlflow_cli(env, *args, check=True):
     proc = subprocess.run([sys.executable, "-m", "mlflow", "deployments", *args], env=env, capture_output=True,
-                          text=True, timeout=240)
+                          text=True, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"mlflow deployments {args[0]} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -199,7 +199,7 @@ def test_second_controller_is_refused_by_the_lock_and_abort_rolls_back(
                                            WaveRolloutConfig.from_strings(FAST))
     env = _env(rgw, s3_url, keys)
     cli = subprocess.run([sys.executable, "-m", "edgeslim", "fleet", "create", "lab", "r2",
-                          "models:/fleet-lock@edge-candidate"], env=env, capture_output=True, text=True, timeout=120)
+                          "models:/fleet-lock@edge-candidate"], env=env, capture_output=True, text=True, timeout=900)
     assert cli.returncode == 2
     assert cli.stderr.strip().count("\n") == 0 and "locked by rollout 'r1'" in cli.stderr
     assert "Traceback" not in cli.stderr

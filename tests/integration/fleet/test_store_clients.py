@@ -164,7 +164,7 @@ def test_light_client_is_safe_across_threads(rgw, s3_url, monkeypatch):
 
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, **env))
 
 

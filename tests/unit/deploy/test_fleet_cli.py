@@ -23,7 +23,7 @@ DEPLOY = Path(__file__).resolve().parents[3] / "deploy"
 
 
 def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "edgeslim", *args], capture_output=True, text=True, timeout=120,
+    return subprocess.run([sys.executable, "-m", "edgeslim", *args], capture_output=True, text=True, timeout=600,
                           env=env)
 
 

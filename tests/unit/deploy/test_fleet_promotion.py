@@ -363,7 +363,7 @@ def test_cli_policy_and_approve(store, keys, tmp_path):
 
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "edgeslim", "fleet", *args], capture_output=True, text=True,
-                              timeout=120)
+                              timeout=600)
 
     out = cli("policy", "f", *base, "--signing-key", str(keys.paths["fleet"][0]), "--auto-promote", "true")
     assert out.returncode == 0, out.stderr
