@@ -13,6 +13,11 @@ from typing import Callable
 import pytest
 
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+# One compute thread per test process, and in everything a test starts (torch and NumPy read this at
+# import): the suite runs two test processes on two cores, and threads beyond the cores spin against
+# each other. Results then also do not depend on the machine's core count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("EDGESLIM_ORT_THREADS", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 REPO = Path(__file__).resolve().parents[1]
 # RGW, the webhook-delivering MLflow server, agent processes: shared by tests/integration/fleet and

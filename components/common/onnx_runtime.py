@@ -9,6 +9,7 @@ TensorRT's int8 math approximates.
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import tempfile
 import time
@@ -17,18 +18,29 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from edgeslim.components.common.errors import SourceError
+from edgeslim.components.common.errors import ConfigError, SourceError
 
 
 def make_session(path: str | Path, *, basic: bool = True, threads: int = 0,
                  providers: Optional[list[str]] = None):
-    """An ONNX Runtime session of ``path``; ``basic`` keeps Q/DQ semantics, ``threads`` 0 lets ORT choose.
+    """An ONNX Runtime session of ``path``; ``basic`` keeps Q/DQ semantics.
+
+    ``threads``: intra-op threads; 0 takes ``$EDGESLIM_ORT_THREADS`` when set, else lets ONNX Runtime
+    choose (one per core). Capping it suits a machine whose cores other jobs share: idle ONNX Runtime
+    threads spin for a while, and spinning threads beyond the free cores slow everything down.
 
     Raises:
         SourceError: ONNX Runtime cannot load the file (one line, with ORT's reason).
+        ConfigError: ``$EDGESLIM_ORT_THREADS`` is not a whole number.
     """
     import onnxruntime as ort
 
+    if not threads and os.environ.get("EDGESLIM_ORT_THREADS"):
+        raw = os.environ["EDGESLIM_ORT_THREADS"]
+        if not raw.strip().isdigit():
+            raise ConfigError(f"EDGESLIM_ORT_THREADS={raw!r} is not a whole number; set it to the intra-op "
+                              "thread count (e.g. 1), or unset it to let ONNX Runtime choose")
+        threads = int(raw)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if basic:

@@ -305,7 +305,12 @@ def test_each_kfp_task_writes_its_metrics_and_the_gate_its_verdict_as_markdown(f
     assert 100.0 * sum(rows[i][i] for i in range(10)) / total == pytest.approx(rep["candidate"]["metric"], abs=1e-3)
     q = _kfp_metrics(wd, "quantize-op")
     assert q["trials"] == 0 and q["size_bytes"] == rep["candidate"]["size_bytes"] and q["calibration_samples"] == 256
-    assert _kfp_metrics(wd, "transform-op") == {"stages": 0}
+    # A recipe without distill or prune runs no transform task and exports once: quantize starts from
+    # the parent's export.
+    tasks = {d.name for d in _kfp_task_dir(wd, "gate-op").parent.iterdir()}
+    assert {"pull-op", "export-op", "quantize-op", "evaluate-op"} <= tasks
+    assert "transform-op" not in tasks and "export-op-2" not in tasks
+    assert rep["transform"]["stages"] == [] and rep["seconds"]["transform"] == 0.0
     md = (_kfp_task_dir(wd, "gate-op") / "verdict_md").read_text()
     assert md.startswith("## Gate: passed\n") and "| sqnr_db | " in md and md.count("| pass |") == 3
 
