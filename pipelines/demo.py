@@ -9,7 +9,7 @@ TEACHER = "digits-teacher"
 ALIAS = "champion"
 DEMO_RECIPE = Path(__file__).with_name("demo_recipe.yaml")
 WIDTH = 64
-EPOCHS = 20
+EPOCHS = 15
 
 
 def train_teacher(*, epochs: int = EPOCHS, progress: Callable[[str], None] | None = None):

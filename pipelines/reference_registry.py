@@ -57,8 +57,16 @@ def ensure_registered(client, *, name: str, alias: str, experiment: str, train: 
     with mlflow.start_run(run_name=run_name or name):
         mlflow.log_params(trained.params)
         mlflow.log_metrics(trained.metrics)
+        # The requirements are known (the model's class is edgeslim's): MLflow's inference of them
+        # loads the model again in a subprocess, a few seconds of the demo's wall time.
+        import torch
+
+        from edgeslim.components.common.version import __version__
+
         info = mlflow.pytorch.log_model(trained.model, name="model", serialization_format="pickle",
-                                        input_example=trained.input_example, registered_model_name=name)
+                                        input_example=trained.input_example, registered_model_name=name,
+                                        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                                                          f"edgeslim=={__version__}"])
     version = str(info.registered_model_version)
     client.set_registered_model_alias(name, alias, version)
     if progress:

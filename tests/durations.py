@@ -19,8 +19,9 @@ def read(path: str) -> list[tuple[str, str, float, str]]:
     """(file, test name, seconds, outcome) for every test case in the report."""
     rows = []
     for case in ET.parse(path).getroot().iter("testcase"):
-        cls = case.get("classname", "")
-        file = cls.replace(".", "/").rsplit("/", 1)[0] + ".py" if "." in cls else cls
+        parts = case.get("classname", "").split(".")  # tests.unit.test_x[.TestClass]
+        i = next((k for k, p in enumerate(parts) if p.startswith("test_")), len(parts) - 1)
+        file = "/".join(parts[: i + 1]) + ".py"
         outcome = "failed" if case.find("failure") is not None or case.find("error") is not None else \
             "skipped" if case.find("skipped") is not None else "passed"
         rows.append((file, case.get("name", ""), float(case.get("time", 0.0)), outcome))

@@ -228,11 +228,14 @@ def build_engine_task(qdq_onnx_path: str | Path, device_class: str, engines_conf
     cfg = TensorRTEngineConfig.from_dict(engines_config, prefix="engines")
     cfg = dataclasses.replace(cfg, device_classes=[device_class],
                               node_selectors={k: v for k, v in cfg.node_selectors.items() if k == device_class})
-    data = load_data(data_provider, data_args, data_preprocess)
-    timing_caches = {}
-    if previous_model_uri and cfg.timing_cache:
-        timing_caches = previous_timing_caches(previous_model_uri, device_class)
-    result = build_engines(qdq_onnx_path, cfg, data=data, out_dir=out_dir, timing_caches=timing_caches)
+    local = detect_local_device()
+    data, timing_caches = None, {}
+    if local is not None:  # without a CUDA device nothing is built: no test split to verify on, no cache to seed
+        data = load_data(data_provider, data_args, data_preprocess)
+        if previous_model_uri and cfg.timing_cache:
+            timing_caches = previous_timing_caches(previous_model_uri, device_class)
+    result = build_engines(qdq_onnx_path, cfg, data=data, out_dir=out_dir, timing_caches=timing_caches,
+                           local=local)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     return {"device_class": device_class, "status": result.lineage["engines"][device_class], "metrics": metrics}
 

@@ -106,10 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         args.verbose = True
     from edgeslim.components.common import processes
 
-    already_running = set(processes.descendants())  # a caller's own children (tests call main in-process)
     # SIGKILL cannot be caught: whatever this command starts carries the lifeline, and its watchdog
     # ends those processes if this one dies without the cleanup below.
     lifeline = processes.Lifeline().start().hold_environ()
+    # A caller's own children (tests call main in-process), and the lifeline's watchdog, which
+    # lifeline.close() ends after its sweep.
+    already_running = set(processes.descendants())
     previous_handlers = processes.handle_termination()
     func: Callable[[argparse.Namespace], int] = args.func
     try:
