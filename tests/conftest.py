@@ -49,10 +49,16 @@ def pytest_unconfigure(config):
 
 @pytest.fixture(autouse=True)
 def _fresh_mlflow_globals():
-    """Tests talk to different MLflow servers: no active run or experiment id leaks between them."""
-    yield
+    """Tests talk to different MLflow servers: no active run, experiment id or tracking URI leaks between
+    them. (A test's ``mlflow.set_tracking_uri`` also rewrites ``$MLFLOW_TRACKING_URI``: left in place,
+    a later test in the same process talks to a server a module fixture has stopped.)"""
     import sys as _sys
 
+    tracking = _sys.modules.get("mlflow.tracking._tracking_service.utils")
+    registry = _sys.modules.get("mlflow.tracking._model_registry.utils")
+    saved_uris = (tracking._tracking_uri if tracking else None, registry._registry_uri if registry else None)
+    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    yield
     fluent = _sys.modules.get("mlflow.tracking.fluent")
     if fluent is not None:
         import mlflow
@@ -62,6 +68,17 @@ def _fresh_mlflow_globals():
         fluent._active_experiment_id = None
     for var in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
         os.environ.pop(var, None)
+    tracking = _sys.modules.get("mlflow.tracking._tracking_service.utils")
+    registry = _sys.modules.get("mlflow.tracking._model_registry.utils")
+    if tracking is not None:
+        tracking._tracking_uri = saved_uris[0]
+    if registry is not None:
+        registry._registry_uri = saved_uris[1]
+    for k, v in saved_env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")
