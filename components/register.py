@@ -284,11 +284,3 @@ def register(candidate_onnx: str | Path, *, parent: dict[str, Any], recipe, eval
         "engines": {k: v if isinstance(v, str) and not Path(v).exists() else "built and verified"
                     for k, v in shipped.items()},
     }, lineage=tags, seconds=time.perf_counter() - t0)
-
-
-def registered_summary(result: StageResult | None) -> dict[str, Any] | None:
-    if result is None:
-        return None
-    m = result.metrics
-    return {"name": m["name"], "version": m["version"], "alias": m["alias"]}
-

@@ -1,6 +1,6 @@
 """The Task: what differs between kinds of model, chosen once from the recipe's ``task:`` section.
 
-Every place that used to ask "is this a detector?" asks the task instead: which torch stages train
+Code that differs by kind asks the task, not "is this a detector?": which torch stages train
 it (and with which loss), the strategy by which the accuracy-aware search judges and ranks trials, how a candidate is
 evaluated beside its parent, what the gate checks, what is checked before a run starts, and what
 the registered edge model records about it. Built in: ``classification`` and ``detection``. Your

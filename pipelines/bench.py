@@ -187,11 +187,6 @@ WORKLOADS: dict[str, Callable[[], Workload]] = {"digits": ReferenceClassifier, "
                                                 **{a: _arch(a) for a in ("resnet18", "mobilenetv3", "vit-tiny")}}
 
 
-def run_bench(workload: str = "digits", **kwargs) -> dict[str, Any]:
-    """:func:`~.bench_harness.run_workload` for a workload by name."""
-    return run_workload(WORKLOADS[workload](), **kwargs)
-
-
 def register(sub) -> None:
     p = sub.add_parser("bench", help="compare fp32, ORT's default int8, edgeslim's int8 and the full recipe")
     p.add_argument("--workload", choices=tuple(WORKLOADS), default="digits",

@@ -16,7 +16,7 @@ out: at 640 pixels it trains for tens of minutes on 2 cores, which is what this 
 take.
 
 The search's cost is reported as a ratio to one evaluation pass over the validation split (fp32 ONNX
-inference, decoding and mAP): the issue's target is at most 10x, whatever the number of layers.
+inference, decoding and mAP): the target is at most 10x, whatever the number of layers.
 
 ``edgeslim bench --workload yolov8n-trained`` (:class:`YoloV8nTrained`) measures accuracy instead: the same
 network with 3 classes, trained here with edgeslim's ``train_detector`` (Ultralytics' v8DetectionLoss) on

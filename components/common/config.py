@@ -16,6 +16,9 @@ from typing import Any, ClassVar, Literal
 from edgeslim.components.common.errors import ConfigError
 
 _REGISTRY: dict[tuple[str, str], type["StageConfig"]] = {}
+# The layout of a config as ``to_json_dict`` writes it; ``from_dict`` refuses a newer one in one line
+# rather than misreading it.
+CONFIG_VERSION = 1
 
 
 def _type_name(tp: Any) -> str:
@@ -124,10 +127,16 @@ class Config:
     def from_dict(cls, data: dict[str, Any] | None, prefix: str = "") -> "Config":
         data = dict(data or {})
         data.pop("type", None)
-        data.pop("version", None)
+        where = f"{prefix}." if prefix else ""
+        version = data.pop("version", CONFIG_VERSION)
+        if type(version) is not int or version < 1:
+            raise ConfigError(f"{where}version: got {version!r}; a config version is a whole number from 1 "
+                              f"(this edgeslim writes {CONFIG_VERSION})")
+        if version > CONFIG_VERSION:
+            raise ConfigError(f"{where}version: got {version}; this edgeslim reads config versions up to "
+                              f"{CONFIG_VERSION}: upgrade edgeslim to read it")
         hints = typing.get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-        where = f"{prefix}." if prefix else ""
         kwargs = {}
         for key, value in data.items():
             if key not in fields:
@@ -163,7 +172,7 @@ class Config:
 
     def to_json_dict(self) -> dict[str, Any]:
         """The dict with ``type`` and ``version``, as stored in MLflow and reports."""
-        return {"type": type(self).__name__, "version": 1, **self.to_dict()}
+        return {"type": type(self).__name__, "version": CONFIG_VERSION, **self.to_dict()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,10 +213,3 @@ def stage_config_class(stage: str, method: str | None, where: str) -> type[Stage
         hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(methods))}"
         raise ConfigError(f"{where}{stage}.method: unknown method {method!r}; {hint}")
     return methods[method]
-
-
-def known_stages() -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for s, m in _REGISTRY:
-        out.setdefault(s, []).append(m)
-    return out

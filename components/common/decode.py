@@ -5,7 +5,7 @@ convolutions, and so that fp32, int8 and TensorRT outputs are judged by the
 same numpy code. Every decoder returns, per image, an (M, 6) float32 array
 ``[x1, y1, x2, y2, score, class]`` in input pixels, best first.
 
-Used by the evaluator (:mod:`.detect_eval`), the edge pyfunc (decoded detections
+Used by the evaluator (:mod:`edgeslim.components.tasks.detection`), the edge pyfunc (decoded detections
 instead of raw maps) and the device health check (:func:`match_detections`).
 This module imports only numpy (the device agent can use it).
 """

@@ -1,6 +1,6 @@
 """Detection evaluation and the detection gate.
 
-The evaluator decodes a model's raw outputs (:mod:`.detect_decode`) and reports
+The evaluator decodes a model's raw outputs (:mod:`edgeslim.components.common.decode`) and reports
 mAP@0.5, mAP@0.5:0.95 (COCO-style: greedy matching by score, 101-point
 interpolated precision, classes without ground truth left out), per-class AP,
 precision and recall at the deployment score threshold, and the mean score of
@@ -208,13 +208,6 @@ def detection_agreement(reference: list[np.ndarray], candidate: list[np.ndarray]
         same = r[:, 5][:, None] == c[:, 5][None, :]
         hit += int(((ious >= iou) & same).any(axis=1).sum())
     return round(hit / total, 4) if total else 1.0
-
-
-def measure_detector(onnx_path: str | Path, data: Splits, task, config=None) -> dict[str, Any]:
-    """Detections, metrics, size and latency of one ONNX detector on the test split."""
-
-    dets, _, _ = onnx_detections(onnx_path, data.x_test, task, keep_outputs=False)
-    return _measured(onnx_path, dets, data, task, config)
 
 
 def _measured(onnx_path: str | Path, dets: list[np.ndarray], data: Splits, task, config) -> dict[str, Any]:

@@ -236,7 +236,7 @@ def distill_detector(model: nn.Module, config: LogitDistillConfig, *, data: Spli
 
 def apply_detector_stages(model: nn.Module, stages: Sequence[Any], *, data: Splits, task=None,
                           progress: Callable[[str, int, int, float], None] | None = None) -> StageResult:
-    """The recipe's distill/prune stages for a detector, in order: :func:`.compress.apply_torch_stages`
+    """The recipe's distill/prune stages for a detector, in order: :func:`.stages.apply_torch_stages`
     with the detector's distill and prune. The input model is the teacher and is not changed."""
     from edgeslim.components.transform.stages import apply_torch_stages
 

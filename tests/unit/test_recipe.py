@@ -83,6 +83,18 @@ def test_config_json_round_trip_carries_type_and_version():
     assert PTQQuantizeConfig.from_dict(j) == c
 
 
+@pytest.mark.parametrize("version,needle", [
+    (2, "quantize.version: got 2; this edgeslim reads config versions up to 1: upgrade edgeslim"),
+    ("1", "quantize.version: got '1'; a config version is a whole number"),
+    (0, "quantize.version: got 0; a config version is a whole number"),
+])
+def test_a_config_from_a_newer_or_unknown_version_is_one_line_not_misread(version, needle):
+    j = {**PTQQuantizeConfig(calibrator="entropy").to_json_dict(), "version": version}
+    with pytest.raises(ConfigError) as err:
+        PTQQuantizeConfig.from_dict(j, "quantize")
+    assert "\n" not in str(err.value) and needle in str(err.value)
+
+
 def test_resources_and_cluster_round_trip_and_leave_the_digest_alone():
     base = load_recipe(DEMO_RECIPE)
     d = demo()
