@@ -357,6 +357,10 @@ def recipe_from_dict(data: Any) -> Recipe:
     if not isinstance(tracking_uri, str):
         raise ConfigError(f"tracking_uri: got {tracking_uri!r}; expected a URI string")
     task = task_from_dict(data.get("task"))
+    if data.get("gate") is not None and hasattr(task, "gate"):
+        # The task judges with its own gate: a top-level one would be read and then never checked.
+        raise ConfigError(f"gate: a {task.kind} recipe is gated by task.gate, and the top-level gate: would be "
+                          f"ignored; move its checks under task.gate ({', '.join(_gate_keys(task))})")
     stages = _parse_stages(data.get("stages"))
     if stages[-1].method not in task.quantize_methods:
         raise ConfigError(f"stages: quantize method {stages[-1].method!r} is not available for a {task.kind} task; "
@@ -374,6 +378,10 @@ def recipe_from_dict(data: Any) -> Recipe:
         resources=ResourcesConfig.from_dict(data.get("resources"), prefix="resources"),
         cluster=ClusterConfig.from_dict(data.get("cluster"), prefix="cluster"),
     )
+
+
+def _gate_keys(task) -> list[str]:
+    return [f.name for f in dataclasses.fields(task.gate)]
 
 
 def load_recipe(path: str | Path) -> Recipe:

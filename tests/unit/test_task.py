@@ -29,6 +29,20 @@ def test_a_detection_recipe_may_ask_for_qat():
     assert recipe_from_dict(raw).quantize.method == "qat"
 
 
+def test_a_detection_recipe_with_a_top_level_gate_is_refused_not_ignored():
+    raw = {"source": "models:/m@champion", "task": DETECTION, "stages": [{"quantize": {"method": "ptq"}}],
+           "gate": {"max_metric_drop": 0.5}}
+    with pytest.raises(ConfigError) as err:
+        recipe_from_dict(raw)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("gate: a detection recipe is gated by task.gate")
+    assert "max_map_drop" in msg  # it names where the checks go
+    # ...and the same checks under task.gate are taken
+    raw = {**raw, "task": {**DETECTION, "gate": {"max_map_drop": 0.5}}}
+    del raw["gate"]
+    assert recipe_from_dict(raw).task.gate.max_map_drop == 0.5
+
+
 def test_an_unknown_kind_names_the_entry_point_group():
     with pytest.raises(ConfigError, match="edgeslim.tasks"):
         task_from_dict({"kind": "segmentation"})
