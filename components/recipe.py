@@ -299,6 +299,11 @@ class Recipe:
         return self.stages[-1]
 
     @property
+    def applied_gate(self):
+        """The gate that judges the candidate: the task's own (``task.gate``) where it has one, else ``gate``."""
+        return getattr(self.task, "gate", None) or self.gate
+
+    @property
     def torch_stages(self) -> list[StageConfig]:
         return [s for s in self.stages if s.stage in TORCH_STAGES]
 
@@ -309,7 +314,8 @@ class Recipe:
             "tracking_uri": self.tracking_uri,
             "data": self.data.to_dict(),
             "stages": [{s.stage: s.to_dict()} for s in self.stages],
-            "gate": self.gate.to_dict(),
+            # A task with a gate of its own (detection: task.gate) is judged by that one alone.
+            **({} if hasattr(self.task, "gate") else {"gate": self.gate.to_dict()}),
             "evaluate": self.evaluate.to_dict(),
             "register": self.register.to_dict(),
             "engines": self.engines.to_dict(),

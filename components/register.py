@@ -228,7 +228,7 @@ def register(candidate_onnx: str | Path, *, parent: dict[str, Any], recipe, eval
                 "source": recipe.source, "recipe_hash": recipe_hash,
                 "stages": ",".join(f"{s.stage}:{s.method}" for s in recipe.stages),
                 **{f"quantize.{k}": v for k, v in recipe.quantize.to_dict().items() if not isinstance(v, (dict, list))},
-                **{f"gate.{k}": v for k, v in recipe.gate.to_dict().items()},
+                **{f"gate.{k}": v for k, v in recipe.applied_gate.to_dict().items()},
                 "data.provider": recipe.data.provider,
             })
             mlflow.log_dict(recipe.to_dict(), "recipe.json")
