@@ -7,9 +7,8 @@ import pytest
 
 from edgeslim.cli import main
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 @pytest.mark.parametrize("workload", ["digits", "mobile"])
 def test_bench_rows_and_ratios(workload, tmp_path, capsys):
     out = tmp_path / "bench.json"
@@ -36,6 +35,19 @@ def test_bench_refuses_bad_repeats(capsys):
     assert main(["bench", "--repeats", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--repeats" in err[0]
+
+
+def test_every_workload_the_command_offers_is_a_workload_with_columns_and_rows():
+    """What `edgeslim bench --workload NAME` builds before it trains anything (the runs are the slow tier's)."""
+    from edgeslim.pipelines.bench import WORKLOADS
+    from edgeslim.pipelines.bench_harness import Workload
+
+    assert set(WORKLOADS) >= {"digits", "mobile", "detect", "yolov8n", "yolov8n-trained", "resnet18",
+                              "mobilenetv3", "vit-tiny"}
+    for name, make in WORKLOADS.items():
+        wl = make()
+        assert isinstance(wl, Workload) and wl.columns, name
+        assert type(wl).prepare is not Workload.prepare and type(wl).rows is not Workload.rows, name
 
 
 def test_the_fleet_benchmark_finds_the_rgw_script_it_starts():
@@ -95,6 +107,7 @@ def test_one_harness_measures_any_workload_and_keeps_a_failed_row(tmp_path):
     assert "mean |y|" in table and "width 0" in table and "FAILED: a layer cannot be empty" in table
 
 
+@pytest.mark.slow
 def test_yolov8n_bench_reports_each_stages_cost_and_the_search_against_one_evaluation_pass(tmp_path, capsys):
     """Ultralytics' YOLOv8n at 640 with random weights (quick: 4 images a split, one calibrator): every row
     has its stage's wall time and peak RSS; the accuracy-aware row says what the search cost, as a multiple
@@ -115,6 +128,7 @@ def test_yolov8n_bench_reports_each_stages_cost_and_the_search_against_one_evalu
     assert "RANDOM weights" in text and "evaluation pass over val" in text and "b32 ms" in text
 
 
+@pytest.mark.slow
 def test_trained_yolov8n_bench_trains_then_reports_ptq_and_the_search_per_calibrator_on_test(tmp_path, capsys):
     """`--workload yolov8n-trained --quick`: a YOLOv8n (3 classes) trained a couple of steps on shape scenes
     with edgeslim's train_detector, then plain PTQ and `quantize: auto` with that calibrator, scored on the

@@ -1,4 +1,4 @@
-"""export, quantize, evaluate and gate on a tiny model with real ONNX Runtime sessions."""
+"""pull's refusals, export, quantize, evaluate and gate on a tiny model with real ONNX Runtime sessions."""
 
 from __future__ import annotations
 
@@ -127,3 +127,33 @@ def test_sqnr():
     x = np.ones(100)
     assert sqnr_db(x, x) == float("inf")
     assert abs(sqnr_db(x, x * 1.1) - 20.0) < 1e-6
+
+
+def test_pull_names_the_server_it_cannot_reach(tmp_path):
+    from edgeslim.components.common.errors import TrackingUnavailable
+    from edgeslim.components.pull import pull
+
+    with pytest.raises(TrackingUnavailable) as err:
+        pull("models:/m@champion", tracking_uri="http://127.0.0.1:9", out_dir=tmp_path)
+    assert "\n" not in str(err.value) and "http://127.0.0.1:9" in str(err.value) and "--tracking-uri" in str(err.value)
+    assert not any(tmp_path.iterdir())  # nothing half-downloaded
+
+
+def test_pull_refuses_a_model_with_two_inputs_in_one_line():
+    import torch
+
+    from edgeslim.components.common.errors import SourceError
+    from edgeslim.components.pull import check_single_input
+
+    class TwoInputs(torch.nn.Module):
+        def forward(self, image, mask):
+            return image * mask
+
+    class Defaulted(torch.nn.Module):
+        def forward(self, image, mask=None):
+            return image
+
+    with pytest.raises(SourceError) as err:
+        check_single_input(TwoInputs(), "models:/m/1")
+    assert "\n" not in str(err.value) and "forward() takes 2 inputs (image, mask)" in str(err.value)
+    check_single_input(Defaulted(), "models:/m/1")  # a second input with a default is fine

@@ -35,15 +35,18 @@ def moto_endpoint():
     server.stop()
 
 
-@pytest.fixture(params=["local", "s3-moto"])
+@pytest.fixture(params=["local", "s3-moto", "s3-moto-light"])
 def any_store(request, tmp_path, monkeypatch):
     if request.param == "local":
         return LocalStore(tmp_path / "s")
     endpoint = request.getfixturevalue("moto_endpoint")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    # boto3, and edgeslim's own standard-library client (what an agent without boto3 uses); the slow
+    # tier checks both against a real S3 server (tests/integration/fleet/test_store_clients.py).
     return S3Store(f"b{os.getpid()}{abs(hash(request.node.name)) % 10**6}", "pre/fix",
-                   endpoint_url=endpoint, create_bucket=True)
+                   endpoint_url=endpoint, create_bucket=True,
+                   client="light" if request.param == "s3-moto-light" else "boto3")
 
 
 def test_create_once_put_is_a_lock(any_store):
