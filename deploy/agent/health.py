@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgeslim.components.common.processes import die_with_parent
+
 RESULT_MARK = "EDGESLIM_HEALTH "
 
 
@@ -185,6 +187,7 @@ def check_in_subprocess(release_dir: str | Path, check: dict[str, Any] | None, *
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Health-check a release directory (reads JSON on stdin).")
     parser.parse_args(argv)
+    die_with_parent()  # an agent that is killed mid-check takes its check with it
     req = json.loads(sys.stdin.read())
     res = run_health_check(req["release"], req.get("check"))
     print(RESULT_MARK + json.dumps(res), flush=True)

@@ -105,3 +105,32 @@ def test_hold_environ_marks_later_children_and_close_takes_the_mark_back():
     finally:
         line.close()
     assert os.environ.get(watchdog.ENV) == before
+
+
+MIDDLE = r"""
+import subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1]], stdout=subprocess.PIPE, text=True)
+print(child.pid, flush=True)
+print(child.stdout.readline().strip(), flush=True)  # the child is set up
+child.wait()
+"""
+WORKER = r"""
+import time
+from edgeslim.components.common.processes import die_with_parent
+print("armed" if die_with_parent() else "unsupported", flush=True)
+time.sleep(1000)
+"""
+
+
+def test_a_worker_that_asked_to_die_with_its_parent_does():
+    """The device agent's health check: its agent SIGKILLed mid-check takes the check with it."""
+    middle = subprocess.Popen([sys.executable, "-c", MIDDLE, WORKER], stdout=subprocess.PIPE, text=True)
+    worker = int(middle.stdout.readline())
+    try:
+        assert middle.stdout.readline().strip() == "armed"
+        middle.kill()
+        middle.wait()
+        assert _wait_gone([worker]) == []
+    finally:
+        if _alive(worker):
+            os.kill(worker, signal.SIGKILL)
