@@ -228,12 +228,19 @@ def test_unreachable_store_backs_off_and_keeps_serving(store, keys, tmp_path, mo
     a.max_backoff = 0.16
     caplog.set_level(logging.WARNING, "edgeslim.agent")
     t = threading.Thread(target=a.run)
+
+    def delays():
+        return [float(r.getMessage().rsplit(" in ", 1)[1].rstrip("s")) for r in list(caplog.records)
+                if "store unreachable" in r.getMessage()]
+
     t.start()
-    time.sleep(1.0)
+    # Until the back-off has reached its cap (the deadline only stops a hang).
+    deadline = time.monotonic() + 300
+    while not (len(delays()) >= 3 and 0.16 in delays()) and time.monotonic() < deadline:
+        time.sleep(0.05)
     a.stop()
-    t.join(5)
-    delays = [float(r.getMessage().rsplit(" in ", 1)[1].rstrip("s")) for r in caplog.records
-              if "store unreachable" in r.getMessage()]
+    t.join(60)
+    delays = delays()
     assert len(delays) >= 3
     assert max(delays) <= 0.16 and max(delays) > 0.02  # grew from the 0.01 poll, capped
     assert _running_sha(a) == a1["sha256"]
