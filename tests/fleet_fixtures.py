@@ -76,8 +76,8 @@ def s3_store(rgw, s3_url):
 
 
 @pytest.fixture(scope="session")
-def fleet_mlflow(tmp_path_factory, request):
-    """A real ``mlflow server`` that delivers webhooks; MLFLOW_TRACKING_URI points at it. Yields the URI."""
+def fleet_mlflow_server(tmp_path_factory, request):
+    """A real ``mlflow server`` that delivers webhooks, once per test process. Yields the URI."""
     # Let the registry deliver webhooks to a receiver on loopback over http (tests only).
     env = {"MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
            # The server caches who listens to an event (60 s by default).
@@ -85,18 +85,18 @@ def fleet_mlflow(tmp_path_factory, request):
     # Every test with MLflow also uses RGW: start it while the server boots (2 cores, ~15 s each).
     with running_mlflow_server(tmp_path_factory.mktemp("mlflow"), env=env,
                                while_booting=lambda: request.getfixturevalue("rgw")) as server:
-        saved = os.environ.get("MLFLOW_TRACKING_URI")
-        os.environ["MLFLOW_TRACKING_URI"] = server.uri
-        import mlflow
+        yield server.uri
 
-        mlflow.set_tracking_uri(server.uri)
-        try:
-            yield server.uri
-        finally:
-            if saved is None:
-                os.environ.pop("MLFLOW_TRACKING_URI", None)
-            else:
-                os.environ["MLFLOW_TRACKING_URI"] = saved
+
+@pytest.fixture
+def fleet_mlflow(fleet_mlflow_server):
+    """The webhook-delivering server as this test's MLflow: ``MLFLOW_TRACKING_URI`` and mlflow's tracking
+    URI point at it for the test (tests/conftest.py restores both after it). Yields the URI."""
+    import mlflow
+
+    os.environ["MLFLOW_TRACKING_URI"] = fleet_mlflow_server
+    mlflow.set_tracking_uri(fleet_mlflow_server)
+    yield fleet_mlflow_server
 
 
 
