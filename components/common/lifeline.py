@@ -53,7 +53,8 @@ def carriers(token: str) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             state = fh.read().rsplit(b")", 1)[1].split()[0]
@@ -77,10 +78,10 @@ def sweep(token: str, grace_s: float = 5.0) -> list[int]:
             _kill(pid, signal.SIGTERM)
         signalled += [p for p in pids if p not in signalled]
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        while time.monotonic() < deadline and any(alive(p) for p in pids):
             time.sleep(0.05)
         for pid in pids:
-            if _alive(pid):
+            if alive(pid):
                 _kill(pid, signal.SIGKILL)
     return signalled
 

@@ -86,7 +86,7 @@ def stop_descendants(grace_s: float = 5.0, *, keep: set[int] | frozenset[int] = 
     while alive and time.monotonic() < deadline:
         time.sleep(0.1)
         _reap(alive)
-        alive = [p for p in alive if _alive(p)]
+        alive = [p for p in alive if _watchdog.alive(p)]
     for pid in alive:
         _signal(pid, signal.SIGKILL)
     _reap(alive)
@@ -101,14 +101,6 @@ def _signal(pid: int, sig: int) -> None:
             os.kill(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def _reap(pids: list[int]) -> None:

@@ -28,19 +28,11 @@ time.sleep(1000)
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _wait_gone(pids: list[int], hang_s: float = 120.0) -> list[int]:
     deadline = time.monotonic() + hang_s  # stops a hang only: the sweep takes the grace period
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(watchdog.alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
-    return [p for p in pids if _alive(p)]
+    return [p for p in pids if watchdog.alive(p)]
 
 
 def _children_of(pid: int) -> list[int]:
@@ -62,13 +54,13 @@ def test_a_sigkilled_owner_takes_every_process_it_started_with_it():
     try:
         a, b = map(int, owner.stdout.readline().split())
         started = [a, b, *_children_of(b)]
-        assert all(_alive(p) for p in started)
+        assert all(watchdog.alive(p) for p in started)
         owner.kill()  # SIGKILL: no handler, no finally, no atexit
         owner.wait()
         assert _wait_gone(started) == [], "still running after the owner's death"
     finally:
         for p in started:
-            if _alive(p):
+            if watchdog.alive(p):
                 os.kill(p, signal.SIGKILL)
 
 
@@ -132,5 +124,5 @@ def test_a_worker_that_asked_to_die_with_its_parent_does():
         middle.wait()
         assert _wait_gone([worker]) == []
     finally:
-        if _alive(worker):
+        if watchdog.alive(worker):
             os.kill(worker, signal.SIGKILL)
