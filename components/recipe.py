@@ -21,7 +21,7 @@ from edgeslim.components.engine.config import TensorRTEngineConfig
 from edgeslim.components.common.errors import ConfigError
 from edgeslim.components.common.image_preprocess import ImagePreprocessConfig
 from edgeslim.components.common.tracking import MODEL_URI
-from edgeslim.components.common.task_config import ClassificationTaskConfig, TaskConfig, task_from_dict
+from edgeslim.components.common.tasks import TaskConfig, default_task_config, task_from_dict
 
 RECIPE_VERSION = 1
 # Stages that change the torch model, in any order; quantize comes last.
@@ -283,7 +283,7 @@ class Recipe:
     engines: TensorRTEngineConfig = dataclasses.field(default_factory=TensorRTEngineConfig)
     tracking_uri: str = ""
     version: int = RECIPE_VERSION
-    task: TaskConfig = dataclasses.field(default_factory=ClassificationTaskConfig)
+    task: TaskConfig = dataclasses.field(default_factory=default_task_config)
     resources: ResourcesConfig = dataclasses.field(default_factory=ResourcesConfig)
     cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
 
@@ -320,7 +320,7 @@ class Recipe:
             "register": self.register.to_dict(),
             "engines": self.engines.to_dict(),
             # The default task writes no section, so classification recipes keep their digest.
-            **({} if self.task == ClassificationTaskConfig() else {"task": self.task.to_dict()}),
+            **({} if self.task == default_task_config() else {"task": self.task.to_dict()}),
             # Where tasks run, not what they make: written only when set, and not in the digest.
             **({} if self.resources == ResourcesConfig() else {"resources": self.resources.to_dict()}),
             **({} if self.cluster == ClusterConfig() else {"cluster": self.cluster.to_dict()}),

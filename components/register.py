@@ -191,7 +191,7 @@ def register(candidate_onnx: str | Path, *, parent: dict[str, Any], recipe, eval
     from mlflow.models import Model
 
     from edgeslim.components import edge_model
-    from edgeslim.components.task import task_for
+    from edgeslim.components.common.tasks import task_for
     from edgeslim.deploy import release
 
     if not gate_result.get("passed"):

@@ -208,7 +208,7 @@ def pr_curve(preds, gts, num_classes: int, score_threshold: float, *, iou: float
     """Precision against recall at IoU ``iou``, all classes pooled (each prediction matches only boxes of its
     own class, greedily by score, as :mod:`.tasks.detection` matches them for mAP), at most ``points``
     points, and the operating point at ``score_threshold``."""
-    from edgeslim.components.tasks.detection import _match
+    from edgeslim.components.tasks.detection.evaluate import _match
 
     preds = [np.asarray(p, np.float32).reshape(-1, 6) for p in preds]
     gts = [np.asarray(g, np.float32).reshape(-1, 5) for g in gts]
@@ -252,7 +252,7 @@ def evaluation_figures(candidate_onnx: str | Path, *, parent_onnx: str | Path, d
     err = _OutputError()
     x = data.x_test
     if getattr(task, "kind", "") == "detection":
-        from edgeslim.components.tasks.detection import detect_batches
+        from edgeslim.components.tasks.detection.evaluate import detect_batches
 
         paths = [parent_onnx, candidate_onnx, *([student_onnx] if own else [])]
         ref = 2 if own else 0

@@ -282,7 +282,7 @@ def golden_check(model_dir: Path, cfg: WaveRolloutConfig) -> dict[str, Any]:
 
     task = task_from_dict(meta.get("task"))
     if getattr(task, "decodes_boxes", False):
-        from edgeslim.components.common.decode import decode_outputs
+        from edgeslim.components.tasks.detection.runtime import decode_outputs
 
         dets = decode_outputs(outs, task)
         check.update(task=task.to_dict(), detections=[encode_array(np.asarray(d, dtype=np.float32)) for d in dets],

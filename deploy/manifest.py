@@ -11,11 +11,11 @@ imports this module.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import time
 from typing import Any
 
+from edgeslim.components.common import arrays
 from edgeslim.components.common.errors import FleetError
 
 from edgeslim.deploy import signing
@@ -39,21 +39,16 @@ def artifact_key(sha256: str) -> str:
 
 
 def encode_array(array) -> dict[str, Any]:
-    """A float32 array as ``{"shape", "dtype", "b64"}`` (exact, compact, numpy-free to carry)."""
-    import numpy as np
-
-    a = np.ascontiguousarray(np.asarray(array, dtype=np.float32))
-    return {"shape": list(a.shape), "dtype": "float32", "b64": base64.b64encode(a.tobytes()).decode()}
+    """A float32 array as ``{"shape", "dtype", "b64"}`` (:func:`edgeslim.components.common.arrays.encode_array`)."""
+    return arrays.encode_array(array)
 
 
 def decode_array(blob: dict[str, Any]):
-    """The inverse of :func:`encode_array`."""
-    import numpy as np
-
-    if blob.get("dtype") != "float32":
-        raise ManifestRejected("malformed", f"golden array dtype {blob.get('dtype')!r}; expected float32")
-    data = np.frombuffer(base64.b64decode(blob["b64"]), dtype=np.float32)
-    return data.reshape(blob["shape"])
+    """The inverse of :func:`encode_array`; a malformed array is a malformed manifest."""
+    try:
+        return arrays.decode_array(blob)
+    except arrays.MalformedArray as exc:
+        raise ManifestRejected("malformed", str(exc)) from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -110,7 +110,7 @@ class ReferenceClassifier(Workload):
 
     def accuracy(self, ctx: Context, spec: RowSpec, reference):
         from edgeslim.components.common.onnx_runtime import make_session, run_batched
-        from edgeslim.components.evaluate import fidelity, top1_percent
+        from edgeslim.components.tasks.classification.evaluate import fidelity, top1_percent
 
         data = ctx.data
         out = run_batched(make_session(spec.path, basic=True), data.x_test)

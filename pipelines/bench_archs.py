@@ -127,7 +127,7 @@ class ArchClassifier(Workload):
                                                               OnnxExportConfig, PTQQuantizeConfig)
         from edgeslim.components.export import export
         from edgeslim.components.quantize.apply import quantize
-        from edgeslim.components.quantize.search import ClassifierStrategy
+        from edgeslim.components.tasks.classification.search import ClassifierStrategy
         from edgeslim.components.recipe import AccuracyGateConfig
         from edgeslim.components.transform.prune import count_macs_params, prune
 
@@ -174,7 +174,7 @@ class ArchClassifier(Workload):
 
     def accuracy(self, ctx: Context, spec: RowSpec, reference):
         from edgeslim.components.common.onnx_runtime import make_session, run_batched
-        from edgeslim.components.evaluate import fidelity, top1_percent
+        from edgeslim.components.tasks.classification.evaluate import fidelity, top1_percent
 
         out = run_batched(make_session(spec.path, basic=True), ctx.data.x_test, batch=32)
         row = {"top1": round(top1_percent(out, ctx.data.y_test), 3),

@@ -160,7 +160,7 @@ def measure(root: str, onnx_path: str) -> dict[str, Any]:
     from edgeslim.components.common.onnx_runtime import make_session, run_batched
     from edgeslim.components.common.stage_configs import PTQQuantizeConfig
     from edgeslim.components.quantize.ptq import calibrate_onnx
-    from edgeslim.components.tasks.classification import top1_percent
+    from edgeslim.components.common.accuracy import top1_percent
 
     row: dict[str, Any] = {"rss_after_imports_mb": round(peak_rss_mb(), 1)}
     t = time.perf_counter()

@@ -75,7 +75,7 @@ class ReferenceDetector(Workload):
     def prepare(self, ctx: Context) -> None:
         import dataclasses
 
-        from edgeslim.components.common.task_config import DetectionGateConfig
+        from edgeslim.components.tasks.detection.config import DetectionGateConfig
         from edgeslim.pipelines.demo_detect import train_reference_detector
 
         if ctx.quick:  # a smoke run (2 training epochs, 1 fine-tuning epoch); its figures mean nothing
@@ -95,11 +95,11 @@ class ReferenceDetector(Workload):
 
         from edgeslim.components.common.stage_configs import (AccuracyAwareQuantizeConfig, ChannelPruneConfig,
                                                               OnnxExportConfig, PTQQuantizeConfig)
-        from edgeslim.components.common.task_config import DetectionGateConfig
+        from edgeslim.components.tasks.detection.config import DetectionGateConfig
         from edgeslim.components.export import export
-        from edgeslim.components.quantize.detect_search import quantize_detector_auto
+        from edgeslim.components.tasks.detection.search import quantize_detector_auto
         from edgeslim.components.quantize.ptq import quantize
-        from edgeslim.components.transform.detect import prune_detector
+        from edgeslim.components.tasks.detection.train import prune_detector
         from edgeslim.components.transform.prune import count_macs_params
 
         data, teacher, task, wd, log = ctx.data, ctx.teacher, ctx.extra["task"], ctx.workdir, ctx.log
@@ -173,7 +173,7 @@ class ReferenceDetector(Workload):
         yield RowSpec(name, Path(res.model), s_macs, int8=True, extra={"float_layers": res.metrics["float_layers"]})
 
     def accuracy(self, ctx: Context, spec: RowSpec, reference):
-        from edgeslim.components.tasks.detection import detection_metrics, onnx_detections
+        from edgeslim.components.tasks.detection.evaluate import detection_metrics, onnx_detections
 
         task = ctx.extra["task"]
         dets, _, _ = onnx_detections(spec.path, ctx.data.x_test, task)

@@ -132,7 +132,7 @@ def calibration_cost(samples=(8, 32), repeats: int = 3, seed: int = 0, workdir: 
 def task_config():
     """The detection task of a YOLOv8n with random weights: Ultralytics' decoded output, and score
     thresholds low enough for the scores such a network gives (about 1e-4)."""
-    from edgeslim.components.common.task_config import DetectionTaskConfig
+    from edgeslim.components.tasks.detection.config import DetectionTaskConfig
 
     return DetectionTaskConfig.from_dict({
         "kind": "detection", "num_classes": 80, "score_threshold": 0.0002,
@@ -143,7 +143,7 @@ def task_config():
 def own_boxes(fp32_onnx: Path, x, task) -> np.ndarray:
     """The fp32 network's best ``LABELS_PER_IMAGE * len(x)`` boxes over all of ``x`` as per-image
     ``[x1, y1, x2, y2, class]`` labels: one score cut for every image, so fp32 scores mAP 100."""
-    from edgeslim.components.tasks.detection import onnx_detections
+    from edgeslim.components.tasks.detection.evaluate import onnx_detections
 
     dets, _, _ = onnx_detections(fp32_onnx, x, task, keep_outputs=False)
     scores = np.sort(np.concatenate([d[:, 4] for d in dets]))[::-1]
@@ -155,7 +155,7 @@ def own_boxes(fp32_onnx: Path, x, task) -> np.ndarray:
 
 def evaluation_pass(fp32_onnx: Path, x, y, task) -> float:
     """Seconds of one evaluation pass: fp32 ONNX Runtime inference, decoding and mAP over ``x``."""
-    from edgeslim.components.tasks.detection import detection_metrics, onnx_detections
+    from edgeslim.components.tasks.detection.evaluate import detection_metrics, onnx_detections
 
     t = time.perf_counter()
     dets, _, _ = onnx_detections(fp32_onnx, x, task, keep_outputs=False)
@@ -226,7 +226,7 @@ class YoloV8n(Workload):
         """``quantize: auto`` with ``cfg``, judged on ``data``'s val, as a row: the winner, or why no trial
         passed, and what the search cost against one evaluation pass (``eval_s``)."""
         from edgeslim.components.common.errors import GateRejected
-        from edgeslim.components.quantize.detect_search import quantize_detector_auto
+        from edgeslim.components.tasks.detection.search import quantize_detector_auto
 
         t = time.perf_counter()
         try:
@@ -250,7 +250,7 @@ class YoloV8n(Workload):
 
     def accuracy(self, ctx: Context, spec: RowSpec, reference):
         from edgeslim.components.common.onnx_runtime import SqnrAccumulator
-        from edgeslim.components.tasks.detection import detection_metrics, onnx_detections
+        from edgeslim.components.tasks.detection.evaluate import detection_metrics, onnx_detections
 
         task = ctx.extra["task"]
         dets, outs, _ = onnx_detections(spec.path, ctx.data.x_test, task)
@@ -330,7 +330,7 @@ def shape_scenes(n: int, seed: int, size: int = TRAINED_SIZE) -> tuple[np.ndarra
 def trained_task_config():
     """The detection task of the trained YOLOv8n: Ultralytics' decoded output, its validation's low
     ``min_score`` for mAP, and the target's gate (0.3 pt mAP@0.5, 1.0 pt mAP@0.5:0.95)."""
-    from edgeslim.components.common.task_config import DetectionTaskConfig
+    from edgeslim.components.tasks.detection.config import DetectionTaskConfig
 
     return DetectionTaskConfig.from_dict({
         "kind": "detection", "num_classes": len(SHAPES), "score_threshold": 0.25,
@@ -362,7 +362,7 @@ class YoloV8nTrained(YoloV8n):
         from edgeslim.components.common.data import Splits
         from edgeslim.components.common.stage_configs import OnnxExportConfig
         from edgeslim.components.export import export
-        from edgeslim.components.transform.detect import train_detector
+        from edgeslim.components.tasks.detection.train import train_detector
 
         if ctx.quick:  # a smoke run: two optimizer steps, figures mean nothing
             self.n_train, self.n_val, self.n_test, self.calib_samples, self.epochs = 4, 4, 4, 4, 1

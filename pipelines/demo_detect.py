@@ -48,7 +48,7 @@ def train_reference_detector(*, epochs: int = EPOCHS, width: int = 16, seed: int
 def train_registrable_detector(*, epochs: int = EPOCHS, progress: Callable[[str], None] | None = None):
     """Train the reference detector and score it on its test split: a ``TrainedModel`` to register."""
     from edgeslim.components.recipe import load_recipe
-    from edgeslim.components.tasks.detection import detection_metrics, torch_detections
+    from edgeslim.components.tasks.detection.evaluate import detection_metrics, torch_detections
     from edgeslim.pipelines.reference_registry import TrainedModel
 
     model, data = train_reference_detector(epochs=epochs, progress=progress)

@@ -149,9 +149,10 @@ class EdgeModel:
         self.path = Path(path)
         meta_path = self.path / META_FILE
         self.meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-        from edgeslim.components.common.task_config import task_from_dict
+        from edgeslim.components.common.tasks import runtime_for
 
-        self.task = task_from_dict(self.meta.get("task"))  # parsed once: a detector's pyfunc decodes boxes
+        # The task's runtime half, read once: what a prediction adds to the raw outputs (a detector's boxes).
+        self.task_runtime = runtime_for(self.meta.get("task"))
         self.preprocess = None  # how an image becomes the input, when the recipe declared data.preprocess
         if self.meta.get("preprocess"):
             from edgeslim.components.common.image_preprocess import ImagePreprocessConfig
@@ -233,15 +234,8 @@ class EdgeModel:
             outs = self.session.run(None, feeds)
             result = {o.name: v for o, v in zip(self.session.get_outputs(), outs)}
         result["backend"] = self.backend
-        if getattr(self.task, "decodes_boxes", False):
-            # A detector's pyfunc also returns decoded boxes: per image (M, 6) [x1, y1, x2, y2, score, class].
-            from edgeslim.components.common.decode import decode_outputs
-
-            result["detections"] = decode_outputs({k: v for k, v in result.items() if k != "backend"}, self.task)
-            if geometries is not None:
-                for dets, g in zip(result["detections"], geometries):
-                    if len(dets):
-                        dets[:, :4] = g.to_source(dets[:, :4])
+        outputs = {k: v for k, v in result.items() if k != "backend"}
+        result.update(self.task_runtime.predict(outputs, geometries))
         return result
 
 

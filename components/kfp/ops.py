@@ -77,7 +77,7 @@ def transform_op(recipe_json: str, model: Input[Model], student: Output[Model], 
         return
     from edgeslim.components.common import progress
     from edgeslim.components.common.data import load_data
-    from edgeslim.components.task import task_for
+    from edgeslim.components.common.tasks import task_for
     from edgeslim.components.transform.train import epoch_losses
 
     data = load_data(recipe.data.provider, recipe.data.args, recipe.data.preprocess)
@@ -147,7 +147,7 @@ def quantize_op(recipe_json: str, tracking_uri: str, onnx_model: Input[Model], s
             import mlflow
 
             from edgeslim.components.common.tracking import connect
-            from edgeslim.components.task import task_for
+            from edgeslim.components.common.tasks import task_for
 
             uri = tracking_uri or recipe.tracking_uri or None
             connect(uri)
@@ -216,12 +216,13 @@ def evaluate_op(recipe_json: str, qdq_model: Input[Model], parent_onnx: Input[Mo
     from edgeslim.components.recipe import recipe_from_json
     from edgeslim.components.common.data import load_data
     from edgeslim.components.report import evaluation_figures
-    from edgeslim.components.task import task_for
+    from edgeslim.components.common.tasks import task_for
 
     recipe = recipe_from_json(recipe_json)
     data = load_data(recipe.data.provider, recipe.data.args, recipe.data.preprocess)
     student = student_onnx.path if recipe.torch_stages else None
-    res = task_for(recipe.task).evaluate(qdq_model.path, recipe.evaluate, parent_onnx=parent_onnx.path, data=data,
+    task = task_for(recipe.task)
+    res = task.evaluate(qdq_model.path, recipe.evaluate, parent_onnx=parent_onnx.path, data=data,
                                          student_onnx=student)
     res.metrics["student_fp32_size_bytes"] = Path(student_onnx.path).stat().st_size
     try:
@@ -248,8 +249,8 @@ def evaluate_op(recipe_json: str, qdq_model: Input[Model], parent_onnx: Input[Mo
     for who, sec in (("source", src), ("candidate", cand)):
         for b, ms in (sec.get("latency_ms") or {}).items():
             log(f"{who}_latency_ms_{b}", ms)
-        for k in ("map50_95", "mean_tp_score", "recall", "precision"):
-            log(f"{who}_{k}", (sec.get("detection") or {}).get(k))
+        for k, v in task.logged_metrics(sec).items():  # the task's own figures (a detector's mAP@0.5:0.95, ...)
+            log(f"{who}_{k}", v)
     log("cpu_int8_kernel_metric", cand.get("cpu_int8_kernel_metric"))
     if cand.get("confusion_matrix"):
         cm = cand["confusion_matrix"]
@@ -264,7 +265,7 @@ def gate_op(recipe_json: str, evaluation: Input[Artifact], verdict: Output[Artif
     from pathlib import Path
 
     from edgeslim.components.recipe import recipe_from_json
-    from edgeslim.components.task import task_for
+    from edgeslim.components.common.tasks import task_for
 
     recipe = recipe_from_json(recipe_json)
     result = task_for(recipe.task).gate(json.loads(Path(evaluation.path).read_text()), recipe)

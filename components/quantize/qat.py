@@ -34,7 +34,7 @@ from torch import nn
 
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import ConfigError, DataError, SourceError
-from edgeslim.components.tasks.classification import top1
+from edgeslim.components.common.accuracy import top1
 from edgeslim.components.common.result import StageResult
 from edgeslim.components.common.stage_configs import OnnxExportConfig, QATQuantizeConfig
 
@@ -497,7 +497,7 @@ def qat(model: nn.Module, config: QATQuantizeConfig, *, data: Splits | None, out
     """
     from edgeslim.components.transform.train import augmentation, fit
     from edgeslim.components.common.onnx_runtime import sqnr_db
-    from edgeslim.components.evaluate import top1_percent
+    from edgeslim.components.common.accuracy import top1_percent
     from edgeslim.components.export import run_onnx
 
     start = time.perf_counter()

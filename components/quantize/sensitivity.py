@@ -232,7 +232,8 @@ def layer_sensitivity(fp32_onnx: str | Path, config: PTQQuantizeConfig, *, data:
         ``{"split", "fp32_metric", "calibrator", "layers": [rows, most sensitive first]}``;
         a row has node, layer, op, metric, metric_drop (points), sqnr_db and nodes (what was int8).
     """
-    from edgeslim.components.evaluate import sqnr_db, top1_percent
+    from edgeslim.components.common.accuracy import top1_percent
+    from edgeslim.components.common.onnx_runtime import sqnr_db
     from edgeslim.components.quantize.ptq import calibrate_onnx, quantize
 
     x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")

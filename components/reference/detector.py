@@ -7,8 +7,8 @@
   residual bottlenecks, concat), SiLU, an FPN/PAN neck with upsample and concat
   at strides 4, 8 and 16, anchor-free decoupled heads; box outputs are
   left/top/right/bottom distances in stride units, class scores end in a sigmoid.
-- trained with :func:`edgeslim.components.transform.detect.train_detector` and the loss of
-  :mod:`edgeslim.components.tasks.detection_loss`; minutes on a CPU.
+- trained with :func:`edgeslim.components.tasks.detection.train.train_detector` and the loss of
+  :mod:`edgeslim.components.tasks.detection.loss`; minutes on a CPU.
 
 The model returns a tuple ``(box_s4, cls_s4, box_s8, cls_s8, box_s16, cls_s16)``;
 exported to ONNX they are ``output_0`` .. ``output_5``, which is what
@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from edgeslim.components.common.data import Splits
-from edgeslim.components.tasks.detection_loss import (build_targets, detection_loss,  # noqa: F401  (re-exported)
+from edgeslim.components.tasks.detection.loss import (build_targets, detection_loss,  # noqa: F401  (re-exported)
                                                       output_distill_loss)
 from edgeslim.components.transform.c2f import C2f, C2fNoSplit, Bottleneck, ConvBNAct, without_splits  # noqa: F401
-from edgeslim.components.transform.detect import NECK_OUTPUTS, train_detector  # noqa: F401  (re-exported)
+from edgeslim.components.tasks.detection.train import NECK_OUTPUTS, train_detector  # noqa: F401  (re-exported)
 
 CANVAS = 48
 STRIDES = (4, 8, 16)

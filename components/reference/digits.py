@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeslim.components.tasks.classification import top1  # noqa: F401  (the demo's and tests' name for it)
+from edgeslim.components.common.accuracy import top1  # noqa: F401  (the demo's and tests' name for it)
 
 
 class DigitsCNN(nn.Module):

@@ -21,7 +21,7 @@ from torch import nn
 
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import ConfigError
-from edgeslim.components.tasks.classification import top1
+from edgeslim.components.common.accuracy import top1
 from edgeslim.components.common.result import StageResult
 from edgeslim.components.common.stage_configs import ChannelPruneConfig
 

@@ -33,7 +33,7 @@ def apply_torch_stages(model, stages: Sequence[Any], *, data: Splits, teacher,
         progress: called with (stage label, step, steps, loss).
         distill_fn, prune_fn: ``(current model, stage config, progress) -> StageResult`` in
             place of :func:`.distill.distill` / :func:`.prune.prune` (a detector's stages
-            use :mod:`.detect`'s).
+            use :mod:`edgeslim.components.tasks.detection.train`'s).
 
     Returns:
         StageResult with the last model; ``metrics["stages"]`` holds each stage's metrics

@@ -51,8 +51,9 @@ def register(sub) -> None:
     p.add_argument("--preprocess", choices=("auto", "imagenet", "yolo", "none"), default="auto",
                    help="how images become inputs (data.preprocess): imagenet (resize 256, crop 224, ImageNet "
                    "mean/std), yolo (letterbox 640, 0-1); auto (default): yolo for yolo/coco, imagenet for imagefolder")
-    p.add_argument("--task", choices=("auto", "classification", "detection"), default="auto",
-                   help="auto (default): detection when the data's labels are boxes, else classification")
+    p.add_argument("--task", default="auto", metavar="KIND",
+                   help="a registered task (classification, detection, or one of yours); auto (default): the task "
+                   "whose labels the data holds (boxes: detection), else classification")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI, to read a detector's output shapes (default: $MLFLOW_TRACKING_URI)")
     p.add_argument("-o", "--output", default="recipe.yaml", help="file to write (default recipe.yaml)")
@@ -125,7 +126,7 @@ def _preflight(recipe, tracking_uri: str, workdir: Path) -> None:
     data = load_data(recipe.data.provider, recipe.data.args, recipe.data.preprocess)
     res = pull(recipe.source, tracking_uri=tracking_uri, out_dir=workdir / "preflight")
     check_model_accepts(res.model, data.x_test[:4])
-    from edgeslim.components.task import task_for
+    from edgeslim.components.common.tasks import task_for
 
     task_for(recipe.task).check_model(res.model, data)
 
@@ -221,161 +222,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     return execute(recipe, tracking_uri=uri, workdir=Path(args.workdir).resolve(), verbose=args.verbose)
 
 
-INIT_TEMPLATE = """\
-# edgeslim recipe for {source}
-# Written by `edgeslim init`; run it with `edgeslim run {output}`.
-# Every key is documented in the README ("Recipe format").
-version: 1
-
-# The registered PyTorch model to compress (logged with mlflow.pytorch.log_model,
-# serialization_format="pickle" if you will distil or prune it).
-source: {source}
-
-# Calibration draws from train only; the gate judges on test.
-data:
-{data}
-
-# Stages in order; distill/prune (if any) first, the one quantize stage last.
-stages:
-  - export: {{opset: 18}}            # ONNX, dynamic batch, checked against torch
-  - quantize:
-      method: ptq                    # symmetric int8, per-channel weights: what TensorRT wants
-      calibrator: percentile         # minmax | entropy | percentile | mse
-      percentile: 99.99
-      num_samples: 512
-      num_bins: 2048
-      float_layers: []               # ONNX node names or patterns kept in float
-
-# A candidate that misses any check is not registered; `edgeslim run` exits 3.
-gate:
-  max_metric_drop: 1.0               # points of top-1
-  min_top1_agreement: 0.97           # share of test samples whose top-1 matches the parent
-  min_sqnr_db: 15.0                  # output SQNR against the parent
-
-evaluate:
-  latency_batches: [1, 32]
-  latency_warmup: 5
-  latency_repeats: 30
-
-register:
-  name: "{edge_name}"
-  alias: edge-candidate
-  experiment: edgeslim
-"""
-
-
-DETECT_INIT_TEMPLATE = """\
-# edgeslim recipe for the detector {source}
-# Written by `edgeslim init`; run it with `edgeslim run {output}`.
-# Every key is documented in the README ("Recipe format", "Detectors").
-version: 1
-
-source: {source}
-
-# Detection labels: y_* are object arrays, y[i] a (k, 5) [x1, y1, x2, y2, class] array in pixels.
-data:
-{data}
-
-stages:
-  - export: {{opset: 18}}
-  - quantize:
-      method: auto                   # PTQ per calibrator, then sensitive head layers kept in float
-      calibrators: [percentile, entropy, mse, minmax]
-      num_samples: 512
-      max_float_layers: 3
-      qat: false                     # true: QAT last, trained label-free to match the fp32 outputs (slow on CPU)
-      placement: weighted            # Q/DQ only on conv inputs (TensorRT's placement): score outputs stay float
-      float_layers: []               # ONNX node names or patterns always kept in float
-
-# Read from the model's outputs on {n_probe} validation image(s): {outputs}
-task:
-  kind: detection
-  num_classes: {num_classes}                  # {num_classes_why}
-  score_threshold: 0.25              # your deployment threshold: precision/recall are reported at it
-  decoder:
-{decoder_layout}
-    scores: {scores}                 # {scores_why}
-    nms_iou: 0.5
-    min_score: 0.01
-    max_detections: 100
-{heads}  # decode_fn: mypkg.decoders:decode   # instead of decoder: outputs -> per image (M, 6) [x1, y1, x2, y2, score, class]
-  # loss_fn: mypkg.losses:loss       # distill/prune's label loss: loss_fn(outputs, targets, model) -> scalar tensor
-  #                                  # (default: an Ultralytics model's own v8DetectionLoss, or edgeslim's for map pairs)
-  gate:
-    max_map_drop: 1.0                # points of mAP@0.5
-    max_map50_95_drop: 2.0           # points of mAP@0.5:0.95: catches boxes that lost precision
-    max_tp_score_drop: 0.05          # mean true-positive score: catches collapsed confidence
-    max_recall_drop: 2.0             # points of recall at score_threshold
-    min_recall: 0.0
-
-evaluate:
-  latency_batches: [1, 8]
-  latency_warmup: 3
-  latency_repeats: 10
-
-register:
-  name: "{edge_name}"
-  alias: edge-candidate
-  experiment: edgeslim
-"""
-
-
-def _detector_task_fields(source: str, data, tracking_uri: str | None) -> dict[str, str]:
-    """num_classes from the labels; heads and score activation from the model's outputs."""
-    import tempfile
-
-    import numpy as np
-    import torch
-
-    from edgeslim.components.common.decode import infer_decoder
-    from edgeslim.components.common.model_outputs import forward_tensors, output_names
-    from edgeslim.components.pull import pull
-
-    classes = [int(c) for y in data.y_train for c in np.asarray(y)[:, 4]]
-    if not classes:
-        raise ConfigError("the training labels hold no boxes; detection needs labelled objects")
-    num_classes = max(classes) + 1
-    probe = data.x_val[:2] if len(data.x_val) else data.x_train[:2]
-    with tempfile.TemporaryDirectory(prefix="edgeslim-init-") as tmp:
-        model = pull(source, tracking_uri=tracking_uri, out_dir=tmp).model.eval()
-        outs = forward_tensors(model, torch.from_numpy(np.ascontiguousarray(probe, dtype=np.float32)))
-    names = output_names(len(outs))
-    shapes = [list(o.shape) for o in outs]
-    stride = getattr(model, "stride", None)  # Ultralytics models carry their strides
-    model_strides = [float(v) for v in np.asarray(stride, dtype=np.float64).reshape(-1)] \
-        if isinstance(stride, (torch.Tensor, list, tuple)) else []
-    dec = infer_decoder(names, shapes, probe.shape[-2:], num_classes,
-                        [s for s in model_strides if s.is_integer()] if len(model_strides) > 1 else [])
-    fields = {"num_classes": str(num_classes), "num_classes_why": "from the labels (largest class + 1)"}
-    if dec["format"] == "yolo-decoded":
-        score_maps = [outs[names.index(dec["output"])][:, 4:].numpy()]
-        strides = f"[{', '.join(str(s) for s in dec['strides'])}]"
-        fields["decoder_layout"] = (
-            "    format: yolo-decoded             # one (N, 4+classes, A) output: cx, cy, w, h in pixels, then scores\n"
-            f"    output: {dec['output']}\n"
-            f"    strides: {strides:<22}  # the levels' strides (fine-tuning uses them)")
-        fields["heads"] = ""
-        if dec["num_classes"] != num_classes:
-            fields["num_classes"] = str(dec["num_classes"])
-            fields["num_classes_why"] = (f"from the model's output ({shapes[0][1]} channels: 4 box values + classes); "
-                                         f"the labels use {num_classes}")
-    else:
-        score_maps = [outs[names.index(h["cls"])].numpy() for h in dec["heads"]]
-        fields["decoder_layout"] = (
-            "    box_encoding: ltrb               # ltrb: distances from the cell centre in strides; "
-            "xywh: offset + log size")
-        fields["heads"] = "    heads:\n" + "\n".join(
-            f"      - {{box: {h['box']}, cls: {h['cls']}, stride: {h['stride']}}}" for h in dec["heads"]) + "\n"
-    bounded = all(float(m.min()) >= 0.0 and float(m.max()) <= 1.0 for m in score_maps)
-    return {
-        **fields, "n_probe": str(len(probe)),
-        "outputs": ", ".join(f"{n} {s}" for n, s in zip(names, shapes)),
-        "scores": "sigmoid" if bounded else "logits",
-        "scores_why": ("the class scores stay in [0, 1]: the graph ends in a sigmoid" if bounded else
-                       "the class scores leave [0, 1]: raw logits, the decoder applies the sigmoid"),
-    }
-
-
 PREPROCESS_PRESETS = {
     "imagenet": {"resize": 256, "center_crop": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
     "yolo": {"letterbox": 640, "scale": 255.0},
@@ -411,6 +257,9 @@ def _init_data(args: argparse.Namespace) -> tuple[str, str, dict, dict | None]:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from edgeslim.components.common.tasks import DEFAULT_KIND, TASKS, task_class
     from edgeslim.components.common.tracking import MODEL_URI
     from edgeslim.components.recipe import load_recipe
 
@@ -420,38 +269,42 @@ def cmd_init(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.exists() and not args.force:
         raise ConfigError(f"{out} exists; pass --force to overwrite it or -o another file")
-    task = args.task
+    kind = args.task
     splits = None
     data, provider, kwargs, preprocess = _init_data(args)
     where = f"--npz {args.npz}" if args.npz else f"--data {provider}"
-    if provider:
-        if task != "classification":
-            from edgeslim.components.common.errors import DataError
-            from edgeslim.components.common.data import load_data
+    if kind != "auto":
+        task_class(kind)  # an unknown --task is refused here, in one line, before anything is read
+    if provider and kind != DEFAULT_KIND:
+        from edgeslim.components.common.data import load_data
+        from edgeslim.components.common.errors import DataError
 
-            try:
-                splits = load_data(provider, kwargs, preprocess)
-            except DataError as exc:
-                if task == "detection":
-                    raise
-                # auto: the data may live where only the pipeline can read it; say what was assumed
-                print(f"edgeslim: note: could not read {where} to see its labels ({exc}); wrote a "
-                      "classification recipe; pass --task detection if the labels are boxes", file=sys.stderr)
-                task = "classification"
-        if task != "classification" and splits is not None:
-            boxes = splits.y_train.dtype == object
-            if task == "detection" and not boxes:
-                raise ConfigError(f"{where}: y_train holds class labels, not boxes; detection needs "
-                                  "y_* object arrays of (k, 5) [x1, y1, x2, y2, class] arrays")
-            task = "detection" if boxes else "classification"
-    elif task == "detection":
-        raise ConfigError("--task detection needs detection data: --npz PATH (y_* object arrays of (k, 5) "
-                          "[x1, y1, x2, y2, class] arrays in pixels) or --data yolo|coco with --data-arg")
-    common = {"source": args.source, "data": data, "output": out, "edge_name": f"{m['name']}-edge"}
-    if task == "detection":
-        text = DETECT_INIT_TEMPLATE.format(**common, **_detector_task_fields(args.source, splits, args.tracking_uri))
-    else:
-        text = INIT_TEMPLATE.format(**common)
+        try:
+            splits = load_data(provider, kwargs, preprocess)
+        except DataError as exc:
+            if kind != "auto":
+                raise
+            # auto: the data may live where only the pipeline can read it; say what was assumed
+            others = "|".join(k for k in TASKS.names() if k != DEFAULT_KIND) or "KIND"
+            print(f"edgeslim: note: could not read {where} to see its labels ({exc}); wrote a {DEFAULT_KIND} "
+                  f"recipe; pass --task {others} if the labels are another task's", file=sys.stderr)
+            kind = DEFAULT_KIND
+    if kind == "auto":
+        # the one registered task whose labels these are; the default task when none or several claim them
+        claim = [k for k in TASKS.names() if splits is not None and task_class(k).recognises(splits)]
+        kind = claim[0] if len(claim) == 1 else DEFAULT_KIND
+    cls = task_class(kind)
+    if splits is not None and not cls.recognises(splits):
+        raise ConfigError(f"{where}: y_train does not hold {kind} labels; {kind} needs {cls.labels}")
+
+    with tempfile.TemporaryDirectory(prefix="edgeslim-init-") as tmp:
+        def load_model():
+            from edgeslim.components.pull import pull
+
+            return pull(args.source, tracking_uri=args.tracking_uri, out_dir=tmp).model
+
+        text = cls.init_recipe(source=args.source, output=out, data=data, edge_name=f"{m['name']}-edge",
+                               splits=splits, load_model=load_model)
     out.write_text(text)
     load_recipe(out)  # what init writes, run accepts
     print(f"wrote {out}")

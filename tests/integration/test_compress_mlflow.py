@@ -8,7 +8,7 @@ import pytest
 
 from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig, LogitDistillConfig, OnnxExportConfig
 from edgeslim.components.export import export
-from edgeslim.components.quantize.search import quantize_auto
+from edgeslim.components.tasks.classification.search import quantize_auto
 from edgeslim.components.recipe import AccuracyGateConfig
 from edgeslim.components.reference.digits import DigitsCNN
 from edgeslim.components.transform.distill import distill

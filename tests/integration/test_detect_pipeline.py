@@ -136,7 +136,7 @@ def test_init_reads_a_detectors_heads_from_its_outputs_and_writes_a_recipe_run_a
     import torch
 
     from edgeslim.components.recipe import load_recipe
-    from edgeslim.components.common.decode import check_outputs
+    from edgeslim.components.tasks.detection.runtime import check_outputs
     from edgeslim.components.pull import pull
     from edgeslim.components.common.data import load_data
 
@@ -163,5 +163,5 @@ def test_init_reads_a_detectors_heads_from_its_outputs_and_writes_a_recipe_run_a
     np.savez(tmp_path / "cls.npz", **cls)
     bad = run_cli("init", "--source", registered_detector, "--npz", str(tmp_path / "cls.npz"), "--task", "detection",
                   "--tracking-uri", mlflow_server.uri, "-o", str(tmp_path / "bad.yaml"))
-    assert_one_line_error(bad, ["y_train holds class labels, not boxes"])
+    assert_one_line_error(bad, ["y_train does not hold detection labels; detection needs boxes"])
     assert not (tmp_path / "bad.yaml").exists()

@@ -20,7 +20,7 @@ def test_register_records_the_preprocessing_in_the_edge_model(mlflow_server, tmp
 
     from edgeslim.components.common.data import describe_data, load_data
     from edgeslim.components.common.stage_configs import OnnxExportConfig, PTQQuantizeConfig
-    from edgeslim.components.evaluate import evaluate
+    from edgeslim.components.tasks.classification.evaluate import evaluate
     from edgeslim.components.export import export
     from edgeslim.components.quantize.ptq import quantize
     from edgeslim.components.recipe import EvaluateConfig, recipe_from_dict

@@ -183,7 +183,7 @@ def test_real_classifier_prunes_exports_quantizes_and_gates_at_224(arch, data, t
 
     from edgeslim.components.common.onnx_runtime import make_session, sqnr_db
     from edgeslim.components.common.stage_configs import ChannelPruneConfig, OnnxExportConfig, QATQuantizeConfig
-    from edgeslim.components.evaluate import evaluate, gate
+    from edgeslim.components.tasks.classification.evaluate import evaluate, gate
     from edgeslim.components.export import export, run_onnx
     from edgeslim.components.quantize.apply import quantize
     from edgeslim.components.quantize.ptq import check_qdq

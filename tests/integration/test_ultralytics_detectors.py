@@ -72,13 +72,13 @@ def test_an_ultralytics_detector_is_recognised_exported_quantized_and_gated(cfg,
     import onnx
 
     from edgeslim.components.common.data import load_data
-    from edgeslim.components.common.decode import box_iou
+    from edgeslim.components.tasks.detection.runtime import box_iou
     from edgeslim.components.common.stage_configs import OnnxExportConfig, PTQQuantizeConfig
     from edgeslim.components.export import export
     from edgeslim.components.pull import pull
     from edgeslim.components.quantize.ptq import check_qdq, quantize
     from edgeslim.components.recipe import EvaluateConfig, load_recipe
-    from edgeslim.components.tasks.detection import (evaluate_detection, gate_detection, onnx_detections,
+    from edgeslim.components.tasks.detection.evaluate import (evaluate_detection, gate_detection, onnx_detections,
                                                      torch_detections)
 
     source = _register(mlflow_server.uri, cfg)

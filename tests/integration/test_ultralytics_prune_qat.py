@@ -34,7 +34,7 @@ def data():
 
 @pytest.fixture(scope="module")
 def task():
-    from edgeslim.components.common.task_config import task_from_dict
+    from edgeslim.components.common.tasks import task_from_dict
 
     # Random-init scores sit near 0.003: keep every candidate so that the decoder has boxes to compare.
     return task_from_dict({"kind": "detection", "num_classes": NC,
@@ -47,7 +47,7 @@ def pruned(data):
     from ultralytics.nn.tasks import DetectionModel
 
     from edgeslim.components.common.stage_configs import ChannelPruneConfig
-    from edgeslim.components.transform.detect import prune_detector
+    from edgeslim.components.tasks.detection.train import prune_detector
 
     torch.manual_seed(0)
     model = DetectionModel("yolov8n.yaml", nc=NC, verbose=False).eval()
@@ -83,7 +83,7 @@ def test_a_pruned_ultralytics_detector_keeps_its_decoded_output_and_goes_through
     from edgeslim.components.common.stage_configs import PTQQuantizeConfig
     from edgeslim.components.quantize.ptq import check_qdq, quantize
     from edgeslim.components.recipe import EvaluateConfig
-    from edgeslim.components.tasks.detection import evaluate_detection, gate_detection
+    from edgeslim.components.tasks.detection.evaluate import evaluate_detection, gate_detection
 
     model, res = pruned
     m = res.metrics
@@ -130,10 +130,10 @@ def test_qat_of_a_pruned_ultralytics_detector_exports_the_same_decoded_output(pr
     import onnx
 
     from edgeslim.components.common.stage_configs import QATQuantizeConfig
-    from edgeslim.components.quantize.detect_qat import qat_detector
+    from edgeslim.components.tasks.detection.qat import qat_detector
     from edgeslim.components.quantize.ptq import check_qdq
     from edgeslim.components.recipe import EvaluateConfig
-    from edgeslim.components.tasks.detection import evaluate_detection
+    from edgeslim.components.tasks.detection.evaluate import evaluate_detection
 
     _, res = pruned
     cfg = QATQuantizeConfig(calibrator="minmax", num_samples=4, epochs=1, lr=1e-5, batch_size=4)

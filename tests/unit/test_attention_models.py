@@ -111,7 +111,7 @@ def test_search_goes_on_without_qat_when_the_model_cannot_be_traced(tmp_path):
     from edgeslim.components.common.errors import GateRejected
     from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig, OnnxExportConfig
     from edgeslim.components.export import export
-    from edgeslim.components.quantize.search import quantize_auto
+    from edgeslim.components.tasks.classification.search import quantize_auto
     from edgeslim.components.recipe import AccuracyGateConfig
 
     class Untraceable(nn.Module):

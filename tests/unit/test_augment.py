@@ -82,7 +82,7 @@ def test_recipes_take_augment_per_training_stage_and_refuse_unknown_names():
 
 
 def test_a_detectors_label_trained_stages_refuse_augmentation():
-    from edgeslim.components.transform.detect import apply_detector_stages
+    from edgeslim.components.tasks.detection.train import apply_detector_stages
 
     x = np.zeros((4, 3, 16, 16), np.float32)
     boxes = np.empty(4, dtype=object)

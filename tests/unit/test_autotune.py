@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from compress_models import WORKLOADS, digits, hard_to_quantize, onnx_of, trained, one_torch_thread  # noqa: F401  (autouse)
-from edgeslim.components.quantize.search import quantize_auto
+from edgeslim.components.tasks.classification.search import quantize_auto
 from edgeslim.components.common.errors import ConfigError, GateRejected
 from edgeslim.components.recipe import AccuracyGateConfig
 from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig

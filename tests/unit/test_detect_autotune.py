@@ -24,7 +24,7 @@ def test_ranges_calibrated_once_give_the_same_model_and_do_not_depend_on_float_l
     import onnx
 
     from edgeslim.components.common.stage_configs import PTQQuantizeConfig
-    from edgeslim.components.quantize.detect_search import head_groups
+    from edgeslim.components.tasks.detection.search import head_groups
     from edgeslim.components.quantize.ptq import calibrate_onnx, quantize
 
     path, data = onnx_and_data
@@ -104,9 +104,9 @@ def test_trials_are_screened_on_a_quarter_of_val_only_when_it_holds_128_images(n
 
     from edgeslim.components.common.errors import GateRejected
     from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig, OnnxExportConfig
-    from edgeslim.components.common.task_config import task_from_dict
+    from edgeslim.components.common.tasks import task_from_dict
     from edgeslim.components.export import export
-    from edgeslim.components.quantize.detect_search import DetectorStrategy
+    from edgeslim.components.tasks.detection.search import DetectorStrategy
     from edgeslim.components.quantize.search import search
     from edgeslim.components.reference.detector import default_heads
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from edgeslim.components.common.errors import ConfigError, DataError
-from edgeslim.components.common.task_config import task_from_dict
-from edgeslim.components.common.decode import (
+from edgeslim.components.common.tasks import task_from_dict
+from edgeslim.components.tasks.detection.runtime import (
     batched_nms, box_iou, check_outputs, decode_outputs, match_detections,
 )
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from edgeslim.components.reference.detector import DigitsDetector, default_heads, make_detection_splits
-from edgeslim.components.common.task_config import task_from_dict
+from edgeslim.components.common.tasks import task_from_dict
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def exported(tmp_path_factory):
 
 
 def test_the_edge_pyfunc_of_a_detector_returns_decoded_detections(exported, tmp_path):
-    from edgeslim.components.tasks.detection import onnx_detections
+    from edgeslim.components.tasks.detection.evaluate import onnx_detections
     from edgeslim.plugins import edge_flavor
 
     path, data, task = exported
@@ -46,7 +46,7 @@ def test_the_edge_pyfunc_of_a_detector_returns_decoded_detections(exported, tmp_
 
 
 def test_health_check_compares_golden_detections_by_iou_and_score(exported, tmp_path):
-    from edgeslim.components.tasks.detection import onnx_detections
+    from edgeslim.components.tasks.detection.evaluate import onnx_detections
     from edgeslim.deploy.agent.health import run_health_check
     from edgeslim.deploy.manifest import encode_array
 
@@ -72,7 +72,7 @@ def test_health_check_compares_golden_detections_by_iou_and_score(exported, tmp_
 
 
 def test_the_controllers_check_of_a_detector_carries_golden_detections_from_its_input_example(exported, tmp_path):
-    from edgeslim.components.tasks.detection import onnx_detections
+    from edgeslim.components.tasks.detection.evaluate import onnx_detections
     from edgeslim.deploy.controller import WaveRolloutConfig, golden_check
     from edgeslim.deploy.agent.health import run_health_check
     from edgeslim.deploy.manifest import decode_array

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgeslim.components.common.task_config import DetectionGateConfig
-from edgeslim.components.tasks.detection import average_precision, detection_metrics, gate_detection
+from edgeslim.components.tasks.detection.config import DetectionGateConfig
+from edgeslim.components.tasks.detection.evaluate import average_precision, detection_metrics, gate_detection
 
 GT = [np.array([[0, 0, 10, 10, 0], [20, 20, 30, 30, 1]], np.float32),
       np.array([[5, 5, 25, 25, 1]], np.float32)]

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from edgeslim.components.common.errors import ConfigError
-from edgeslim.components.common.task_config import DetectionGateConfig, task_from_dict
-from edgeslim.components.tasks.detection import detection_metrics, gate_detection
+from edgeslim.components.common.tasks import task_from_dict
+from edgeslim.components.tasks.detection.config import DetectionGateConfig
+from edgeslim.components.tasks.detection.evaluate import detection_metrics, gate_detection
 
 
 def _scene(seed=0, n_images=20):

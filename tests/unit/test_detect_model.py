@@ -10,7 +10,7 @@ from torch import nn
 from edgeslim.components.reference.detector import (
     C2f, DigitsDetector, build_targets, default_heads, make_detection_splits, train_detector,
 )
-from edgeslim.components.common.task_config import task_from_dict
+from edgeslim.components.common.tasks import task_from_dict
 from tests.spread import SEED, measured
 
 
@@ -74,8 +74,8 @@ def test_training_lowers_the_detection_loss(data):
 
 def test_export_and_int8_keep_the_head_outputs(tiny, data, task, tmp_path):
     from edgeslim.components.common.stage_configs import OnnxExportConfig, PTQQuantizeConfig
-    from edgeslim.components.quantize.detect_search import head_groups
-    from edgeslim.components.tasks.detection import onnx_detections
+    from edgeslim.components.tasks.detection.search import head_groups
+    from edgeslim.components.tasks.detection.evaluate import onnx_detections
     from edgeslim.components.export import export
     from edgeslim.components.quantize.ptq import quantize
 
@@ -94,7 +94,7 @@ def test_export_and_int8_keep_the_head_outputs(tiny, data, task, tmp_path):
 
 def test_pruning_keeps_heads_whole_and_halves_the_macs(tiny, data):
     from edgeslim.components.common.stage_configs import ChannelPruneConfig
-    from edgeslim.components.transform.detect import head_layers, prune_detector
+    from edgeslim.components.tasks.detection.train import head_layers, prune_detector
 
     example = torch.from_numpy(data.x_train[:1])
     heads = head_layers(tiny, example)
@@ -112,7 +112,7 @@ def test_pruning_keeps_heads_whole_and_halves_the_macs(tiny, data):
 
 def test_pruning_a_detector_in_steps_gets_there_gradually(tiny, data):
     from edgeslim.components.common.stage_configs import ChannelPruneConfig
-    from edgeslim.components.transform.detect import prune_detector
+    from edgeslim.components.tasks.detection.train import prune_detector
 
     seen = []
     res = prune_detector(tiny, ChannelPruneConfig(keep_fraction=0.45, steps=2, finetune_epochs=1, batch_size=32),

@@ -14,7 +14,7 @@ from torch import nn
 from edgeslim.components.reference.detector import (DigitsDetector, default_heads, make_detection_splits,
                                                          train_detector)
 from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig, QATQuantizeConfig
-from edgeslim.components.common.task_config import task_from_dict
+from edgeslim.components.common.tasks import task_from_dict
 from tests.spread import SEED, measured
 
 
@@ -33,7 +33,7 @@ def trained():
 
 
 def test_qat_brings_a_clipped_detector_closer_to_fp32_and_exports_what_it_trained(trained, tmp_path):
-    from edgeslim.components.quantize.detect_qat import qat_detector
+    from edgeslim.components.tasks.detection.qat import qat_detector
     from edgeslim.components.quantize.ptq import check_qdq
 
     model, data = trained
@@ -59,7 +59,7 @@ def test_qat_brings_a_clipped_detector_closer_to_fp32_and_exports_what_it_traine
 
 def test_a_batchnorm_that_follows_no_conv_is_refused_in_one_line():
     from edgeslim.components.common.errors import SourceError
-    from edgeslim.components.quantize.detect_qat import fold_batchnorm
+    from edgeslim.components.tasks.detection.qat import fold_batchnorm
 
     class Odd(nn.Module):
         def __init__(self):
@@ -78,7 +78,7 @@ def test_a_batchnorm_that_follows_no_conv_is_refused_in_one_line():
 def test_the_detector_search_tries_qat_last_and_says_when_it_could_not(trained, tmp_path):
     from edgeslim.components.common.errors import GateRejected
     from edgeslim.components.common.stage_configs import OnnxExportConfig
-    from edgeslim.components.quantize.detect_search import quantize_detector_auto
+    from edgeslim.components.tasks.detection.search import quantize_detector_auto
     from edgeslim.components.export import export
 
     model, data = trained
@@ -107,7 +107,7 @@ def test_method_qat_on_a_detector_runs_the_detector_twin_through_the_one_quantiz
     from edgeslim.components.common.stage_configs import OnnxExportConfig
     from edgeslim.components.export import export
     from edgeslim.components.quantize.apply import quantize
-    from edgeslim.components.quantize.detect_search import DetectorStrategy
+    from edgeslim.components.tasks.detection.search import DetectorStrategy
 
     model, data = trained
     task = task_from_dict({"kind": "detection", "num_classes": 10, "decoder": {"heads": default_heads()}})

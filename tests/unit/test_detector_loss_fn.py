@@ -59,9 +59,9 @@ def test_an_ultralytics_detector_distills_with_ultralytics_own_loss_and_lowers_i
     from ultralytics import YOLO
 
     from edgeslim.components.common.stage_configs import LogitDistillConfig
-    from edgeslim.components.common.task_config import task_from_dict
-    from edgeslim.components.tasks.detector_label_loss import UltralyticsLoss
-    from edgeslim.components.transform.detect import distill_detector
+    from edgeslim.components.common.tasks import task_from_dict
+    from edgeslim.components.tasks.detection.label_loss import UltralyticsLoss
+    from edgeslim.components.tasks.detection.train import distill_detector
 
     torch.manual_seed(0)
     model = YOLO("yolov8n.yaml").model.eval()  # args is a plain dict here: the loss gains come from Ultralytics' defaults
@@ -129,7 +129,7 @@ def user_losses(tmp_path, monkeypatch):
 
 
 def _tiny_task(loss_fn: str):
-    from edgeslim.components.common.task_config import task_from_dict
+    from edgeslim.components.common.tasks import task_from_dict
 
     return task_from_dict({"kind": "detection", "num_classes": TINY_NC, "loss_fn": loss_fn,
                            "decoder": {"format": "yolo-decoded", "strides": [2]}})
@@ -137,7 +137,7 @@ def _tiny_task(loss_fn: str):
 
 def test_a_user_loss_fn_from_outside_the_repo_is_called_as_documented_and_trains(tiny_data, user_losses):
     from edgeslim.components.common.stage_configs import ChannelPruneConfig
-    from edgeslim.components.transform.detect import prune_detector
+    from edgeslim.components.tasks.detection.train import prune_detector
 
     torch.manual_seed(0)
     model = TinyYolo().eval()
@@ -175,7 +175,7 @@ def test_a_user_loss_fn_from_outside_the_repo_is_called_as_documented_and_trains
 def test_a_task_loss_fn_that_cannot_be_used_is_one_line_naming_it(spec, message, tiny_data, user_losses):
     from edgeslim.components.common.errors import EdgeslimError
     from edgeslim.components.common.stage_configs import LogitDistillConfig
-    from edgeslim.components.transform.detect import distill_detector
+    from edgeslim.components.tasks.detection.train import distill_detector
 
     model = TinyYolo().eval()
     with pytest.raises(EdgeslimError) as err:
@@ -186,7 +186,7 @@ def test_a_task_loss_fn_that_cannot_be_used_is_one_line_naming_it(spec, message,
 
 def test_a_task_loss_fn_is_checked_in_the_recipe_and_before_the_run(tiny_data):
     from edgeslim.components.common.errors import ConfigError
-    from edgeslim.components.tasks.detection import check_detector
+    from edgeslim.components.tasks.detection.evaluate import check_detector
 
     with pytest.raises(ConfigError, match=r"task.loss_fn: got 'my loss'; use 'package.module:function'"):
         _tiny_task("my loss")

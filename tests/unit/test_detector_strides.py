@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from edgeslim.components.common.errors import ConfigError
-from edgeslim.components.common.task_config import task_from_dict
-from edgeslim.components.tasks.detection_loss import build_targets, level_ranges, level_strides
-from edgeslim.components.transform.detect import train_detector
+from edgeslim.components.common.tasks import task_from_dict
+from edgeslim.components.tasks.detection.loss import build_targets, level_ranges, level_strides
+from edgeslim.components.tasks.detection.train import train_detector
 
 
 class TwoLevel(nn.Module):

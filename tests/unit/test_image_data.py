@@ -150,7 +150,7 @@ def letterboxed(path, size=32):
 
 @pytest.mark.parametrize("provider", ["yolo", "coco"])
 def test_detection_labels_follow_the_letterbox_into_input_pixels(detection, provider, reads):
-    from edgeslim.components.tasks.detection import detection_metrics
+    from edgeslim.components.tasks.detection.evaluate import detection_metrics
     from edgeslim.plugins.datasets import check_boxes
 
     root, truth = detection
@@ -365,11 +365,11 @@ class TinyNet(nn.Module):
 
 def test_classification_path_runs_on_a_lazy_imagefolder_without_holding_a_split(tmp_path, monkeypatch):
     from edgeslim.components.common.stage_configs import LogitDistillConfig, OnnxExportConfig, PTQQuantizeConfig
-    from edgeslim.components.evaluate import evaluate, gate
+    from edgeslim.components.tasks.classification.evaluate import evaluate, gate
     from edgeslim.components.export import export
     from edgeslim.components.quantize.ptq import quantize
     from edgeslim.components.recipe import AccuracyGateConfig, EvaluateConfig
-    from edgeslim.components.tasks.classification import top1
+    from edgeslim.components.common.accuracy import top1
     from edgeslim.components.transform.stages import apply_torch_stages
     from edgeslim.components.transform.train import fit
 
@@ -418,12 +418,12 @@ def test_classification_path_runs_on_a_lazy_imagefolder_without_holding_a_split(
 def test_detection_path_runs_on_a_lazy_yolo_dataset_as_on_held_arrays(detection, tmp_path, monkeypatch):
     from edgeslim.components.common.onnx_runtime import sqnr_db
     from edgeslim.components.common.stage_configs import OnnxExportConfig, PTQQuantizeConfig
-    from edgeslim.components.common.task_config import task_from_dict
+    from edgeslim.components.common.tasks import task_from_dict
     from edgeslim.components.export import export
     from edgeslim.components.quantize.ptq import quantize
     from edgeslim.components.recipe import EvaluateConfig
     from edgeslim.components.reference.detector import DigitsDetector, default_heads, train_detector
-    from edgeslim.components.tasks.detection import check_detector, evaluate_detection, onnx_detections
+    from edgeslim.components.tasks.detection.evaluate import check_detector, evaluate_detection, onnx_detections
 
     root, _ = detection
     data = load_data("yolo", {"path": str(root / "data.yaml")}, {"letterbox": 48, "channel_order": "GRAY"})

@@ -3,7 +3,7 @@
 import pytest
 
 from edgeslim.components.common.errors import ConfigError
-from edgeslim.components.common.decode import infer_heads
+from edgeslim.components.tasks.detection.runtime import infer_heads
 
 NAMES = [f"output_{i}" for i in range(6)]
 

@@ -22,14 +22,14 @@ LAYERS = [
     ("engine", ["edgeslim.components.engine", "edgeslim.components.engine.devices",
                 "edgeslim.components.engine.config", "edgeslim.components.engine.builder"]),
     ("deploy", ["edgeslim.deploy", "edgeslim.deploy.*"]),
-    ("tasks", ["edgeslim.components.tasks", "edgeslim.components.tasks.*"]),
     ("recipe", ["edgeslim.components.recipe"]),
-    ("stages", ["edgeslim.components", "edgeslim.components.export", "edgeslim.components.evaluate",
+    ("stages", ["edgeslim.components", "edgeslim.components.export",
                 "edgeslim.components.transform", "edgeslim.components.transform.*",
                 "edgeslim.components.quantize", "edgeslim.components.quantize.*"]),
+    # Each task package builds on the stages; everything above reaches it through the registry only.
+    ("tasks", ["edgeslim.components.tasks", "edgeslim.components.tasks.*"]),
     ("stage-io", ["edgeslim.components.pull", "edgeslim.components.edge_model", "edgeslim.components.register",
-                  "edgeslim.components.report", "edgeslim.components.engine.stage", "edgeslim.components.engine.cli",
-                  "edgeslim.components.task"]),
+                  "edgeslim.components.report", "edgeslim.components.engine.stage", "edgeslim.components.engine.cli"]),
     ("reference", ["edgeslim.components.reference", "edgeslim.components.reference.*"]),
     ("kfp", ["edgeslim.components.kfp", "edgeslim.components.kfp.*"]),
     ("plugins", ["edgeslim.plugins", "edgeslim.plugins.*"]),
@@ -42,6 +42,16 @@ DEPLOY_MAY_IMPORT = ["edgeslim.components.common.*", "edgeslim.components.engine
                      "edgeslim.components.engine.builder", "edgeslim.deploy", "edgeslim.deploy.*"]
 AGENT = ["edgeslim.deploy.agent", "edgeslim.deploy.agent.*"]
 AGENT_NEVER = ["torch", "mlflow", "kfp", "edgeslim.plugins", "edgeslim.pipelines", "torch_pruning", "sklearn"]
+# A task package is reached through the task registry (``components/common/tasks.py``), never imported, except
+# by the benchmarks and reference models of that one task, which measure and train its own parts.
+TASK_PACKAGE = "edgeslim.components.tasks.*"
+TASK_SHOWCASES = {"edgeslim.pipelines.bench": "classification", "edgeslim.pipelines.bench_archs": "classification",
+                  "edgeslim.pipelines.bench_detect": "detection", "edgeslim.pipelines.bench_yolo": "detection",
+                  "edgeslim.pipelines.demo_detect": "detection", "edgeslim.components.reference.detector": "detection"}
+# What a task package's own modules may hold at module level where the device agent loads them: the package
+# (its Task class), its config and its numpy runtime half.
+TASK_LIGHT_MODULES = ("", ".config", ".runtime")
+HEAVY = ["torch", "mlflow", "kfp", "torch_pruning", "sklearn", "onnx", "onnxruntime"]
 # Only the demo, the benches and the data provider that makes the demo's canvases use these.
 REFERENCE_USERS = ["edgeslim.pipelines.*", "edgeslim.plugins.datasets", "edgeslim.components.reference.*", "edgeslim.cli_main"]
 
@@ -166,6 +176,53 @@ def test_the_agent_never_imports_torch_mlflow_kfp_plugins_or_pipelines(graph):
     assert seen, "no agent modules found"
 
 
+def _task_of(name: str) -> str | None:
+    parts = name.split(".")
+    return parts[3] if len(parts) > 3 and parts[:3] == ["edgeslim", "components", "tasks"] else None
+
+
+def test_task_packages_are_reached_only_through_the_registry(graph):
+    mods, g = graph
+    kinds = {_task_of(m) for m in mods} - {None}
+    assert {"classification", "detection"} <= kinds, f"task packages found: {sorted(kinds)}"
+    bad = [f"{a} -> {b}" for a, (ours, _) in g.items() for b in ours
+           if _task_of(b) and _task_of(b) != _task_of(a) and TASK_SHOWCASES.get(a) != _task_of(b)]
+    assert not bad, "imports of a task package from outside it (use the registry: common.tasks):\n" + "\n".join(
+        sorted(bad))
+
+
+def _module_level_imports(path: Path) -> set[str]:
+    """Top-level packages a module imports when it is imported (not inside functions)."""
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            found.add(node.module or "")
+    return found
+
+
+def test_a_task_package_loads_without_torch(graph):
+    """The agent and the edge pyfunc load a task through the registry for its runtime half: the package,
+    its config and its runtime import nothing heavy at module level, and the runtime nothing heavy at all."""
+    mods, g = graph
+    bad = []
+    for kind in sorted({_task_of(m) for m in mods} - {None}):
+        for suffix in TASK_LIGHT_MODULES:
+            name = f"edgeslim.components.tasks.{kind}{suffix}"
+            if name not in mods:
+                bad.append(f"{name} is missing: a task package has {', '.join(TASK_LIGHT_MODULES[1:])}")
+                continue
+            heavy = sorted(t for t in _module_level_imports(mods[name]) if t.split(".")[0] in HEAVY
+                           or (t.startswith("edgeslim.") and _task_of(t) is None and layer_of(t) > layer_of(
+                               "edgeslim.components.common")))
+            bad += [f"{name} imports {t} at module level" for t in heavy]
+        runtime = f"edgeslim.components.tasks.{kind}.runtime"
+        if runtime in g:
+            bad += [f"{runtime} imports {t}" for t in g[runtime][1] if t in HEAVY]
+    assert not bad, "\n".join(bad)
+
+
 def test_reference_models_are_only_for_the_demo_bench_and_tests(graph):
     _, g = graph
     bad = [f"{a} -> {b}" for a, (ours, _) in g.items() for b in ours
@@ -178,9 +235,9 @@ def test_the_contracts_catch_a_break(graph, tmp_path):
     # An upward import inside a function still counts.
     fake = tmp_path / "evaluate.py"
     fake.write_text("def f():\n    from edgeslim.plugins.datasets import load_data\n")
-    ours, _ = imports_of("edgeslim.components.evaluate", fake, mods)
+    ours, _ = imports_of("edgeslim.components.tasks.classification.evaluate", fake, mods)
     assert "edgeslim.plugins.datasets" in ours
-    assert layer_of("edgeslim.plugins.datasets") > layer_of("edgeslim.components.evaluate")
+    assert layer_of("edgeslim.plugins.datasets") > layer_of("edgeslim.components.tasks.classification.evaluate")
     relative = tmp_path / "health.py"
     relative.write_text("def f():\n    from ...pipelines import demo\n")
     ours, _ = imports_of("edgeslim.deploy.agent.health", relative, mods)

@@ -119,7 +119,7 @@ def test_the_layers_before_the_outputs_and_a_frozen_decode_conv_are_found():
 
 
 def test_conv_bn_act_blocks_fold_for_qat():
-    from edgeslim.components.quantize.detect_qat import fold_batchnorm
+    from edgeslim.components.tasks.detection.qat import fold_batchnorm
 
     torch.manual_seed(0)
     model = TinyYolo().eval()
@@ -135,7 +135,7 @@ def test_conv_bn_act_blocks_fold_for_qat():
 
 def test_a_detector_without_map_pairs_is_pruned_and_fine_tuned_on_its_raw_outputs(data):
     from edgeslim.components.common.stage_configs import ChannelPruneConfig
-    from edgeslim.components.transform.detect import prune_detector
+    from edgeslim.components.tasks.detection.train import prune_detector
 
     torch.manual_seed(0)
     model = TinyYolo().eval()
@@ -156,7 +156,7 @@ def test_a_detector_without_map_pairs_is_pruned_and_fine_tuned_on_its_raw_output
 
 def test_pruning_a_detector_gives_its_stale_batchnorm_statistics_the_training_inputs_average(data):
     from edgeslim.components.common.stage_configs import ChannelPruneConfig
-    from edgeslim.components.transform.detect import prune_detector
+    from edgeslim.components.tasks.detection.train import prune_detector
 
     torch.manual_seed(0)
     model = TinyYolo().eval()

@@ -9,7 +9,7 @@ import torch
 from compress_models import WORKLOADS, digits, same_state, state, trained, one_torch_thread  # noqa: F401  (autouse)
 from edgeslim.components.common.errors import DataError
 from edgeslim.components.common.stage_configs import QATQuantizeConfig
-from edgeslim.components.evaluate import sqnr_db
+from edgeslim.components.tasks.classification.evaluate import sqnr_db
 from edgeslim.components.export import run_onnx
 from edgeslim.components.quantize.qat import fake_quant_model, qat
 from edgeslim.components.quantize.ptq import check_qdq

@@ -8,7 +8,7 @@ from edgeslim.components.common.stage_configs import (AccuracyAwareQuantizeConfi
                                                       QATQuantizeConfig)
 from edgeslim.components.quantize.apply import quantize
 from edgeslim.components.quantize.ptq import check_qdq
-from edgeslim.components.quantize.search import ClassifierStrategy
+from edgeslim.components.tasks.classification.search import ClassifierStrategy
 from edgeslim.components.recipe import AccuracyGateConfig
 
 

@@ -181,7 +181,7 @@ GT = [np.array([[0, 0, 10, 10, 0], [20, 20, 30, 30, 1]], np.float32), np.array([
 
 
 def test_the_pr_curve_pools_classes_and_ends_at_the_recall_map_counts():
-    from edgeslim.components.tasks.detection import detection_metrics
+    from edgeslim.components.tasks.detection.evaluate import detection_metrics
 
     perfect = [np.hstack([g[:, :4], np.full((len(g), 1), 0.9), g[:, 4:5]]) for g in GT]
     c = R.pr_curve(perfect, GT, 2, 0.25)
@@ -202,7 +202,7 @@ def test_a_detector_gets_pr_curves_of_fp32_and_int8_from_a_real_model(tmp_path):
     import torch
 
     from edgeslim.components.common.stage_configs import OnnxExportConfig, PTQQuantizeConfig
-    from edgeslim.components.common.task_config import task_from_dict
+    from edgeslim.components.common.tasks import task_from_dict
     from edgeslim.components.export import export
     from edgeslim.components.quantize.ptq import quantize
     from edgeslim.components.reference.detector import DigitsDetector, default_heads, make_detection_splits

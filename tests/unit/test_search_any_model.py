@@ -18,7 +18,7 @@ SIZE = 256  # YOLOv8n takes any multiple of 32; 640 is its real size, 256 keeps 
 
 def decode_yolo(outputs):
     """The test's ``task.decode_fn`` for Ultralytics' decoded output: cx, cy, w, h, then class scores."""
-    from edgeslim.components.common.decode import batched_nms
+    from edgeslim.components.tasks.detection.runtime import batched_nms
 
     dets = []
     for o in outputs[0]:
@@ -67,8 +67,8 @@ def test_yolov8n_output_tail_is_its_head_and_keeping_it_float_beats_all_int8(yol
     monkeypatch.setattr(ptq_module, "MIXED_RANGE", float("inf"))
     from edgeslim.components.common.onnx_runtime import make_session, run_outputs, sqnr_db
     from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig
-    from edgeslim.components.common.task_config import DetectionGateConfig, DetectionTaskConfig
-    from edgeslim.components.quantize.detect_search import quantize_detector_auto
+    from edgeslim.components.tasks.detection.config import DetectionGateConfig, DetectionTaskConfig
+    from edgeslim.components.tasks.detection.search import quantize_detector_auto
     from edgeslim.components.quantize.sensitivity import output_tails, preprocessed
 
     path, data = yolo
@@ -119,8 +119,8 @@ class _OneOutputDetector(torch.nn.Module):
 def test_with_fewer_tails_than_the_fallback_may_keep_single_layers_are_ranked_after_the_tail(tmp_path):
     from edgeslim.components.common.data import Splits
     from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig
-    from edgeslim.components.common.task_config import DetectionTaskConfig
-    from edgeslim.components.quantize.detect_search import DetectorStrategy
+    from edgeslim.components.tasks.detection.config import DetectionTaskConfig
+    from edgeslim.components.tasks.detection.search import DetectorStrategy
     from edgeslim.components.quantize.ptq import calibrate_onnx
     from edgeslim.components.quantize.sensitivity import output_tails, preprocessed, quantizable_layers
 
@@ -186,7 +186,7 @@ def test_a_classifiers_softmax_tail_is_measured_beside_its_layers(tmp_path):
     from edgeslim.components.common.data import Splits
     from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig
     from edgeslim.components.recipe import AccuracyGateConfig
-    from edgeslim.components.quantize.search import ClassifierStrategy
+    from edgeslim.components.tasks.classification.search import ClassifierStrategy
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),

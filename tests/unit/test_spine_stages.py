@@ -14,7 +14,7 @@ from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import ConfigError, DataError
 from edgeslim.components.recipe import AccuracyGateConfig, EvaluateConfig
 from edgeslim.components.common.stage_configs import OnnxExportConfig, PTQQuantizeConfig
-from edgeslim.components.evaluate import evaluate, gate, sqnr_db
+from edgeslim.components.tasks.classification.evaluate import evaluate, gate, sqnr_db
 from edgeslim.components.export import export, run_onnx
 from edgeslim.components.quantize.ptq import quantize
 from tests.spread import measured

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from edgeslim.components.common.errors import ConfigError
-from edgeslim.components.common.task_config import task_from_dict
+from edgeslim.components.common.tasks import task_from_dict
 from edgeslim.components.recipe import recipe_from_dict
 from edgeslim.components.task import ClassificationTask, DetectionTask, task_for
 

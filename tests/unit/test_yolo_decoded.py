@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from edgeslim.components.common.data import Splits
-from edgeslim.components.common.decode import decode_outputs, infer_decoder, yolo_strides
+from edgeslim.components.tasks.detection.runtime import decode_outputs, infer_decoder, yolo_strides
 from edgeslim.components.common.errors import ConfigError, SourceError
 from edgeslim.components.common.model_outputs import tensor_outputs
 from edgeslim.components.common.stage_configs import OnnxExportConfig
-from edgeslim.components.common.task_config import task_from_dict
+from edgeslim.components.common.tasks import task_from_dict
 from edgeslim.components.export import export
-from edgeslim.components.tasks.detection import onnx_detections, torch_detections
+from edgeslim.components.tasks.detection.evaluate import onnx_detections, torch_detections
 
 
 def _task(**decoder):

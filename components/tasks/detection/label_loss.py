@@ -15,7 +15,7 @@ The contract of ``task.loss_fn: module:function``::
 - returns: one scalar tensor with a gradient, the batch's loss (per image, so that it does not grow with
   the batch size: the learning rate is set against it).
 
-It is called inside edgeslim's training loop (:func:`.transform.train.fit`) by the label-trained detector
+It is called inside edgeslim's training loop (:func:`edgeslim.components.transform.train.fit`) by the label-trained detector
 stages (distill, prune's fine-tuning), which add their distillation terms from the teacher to it.
 """
 
@@ -75,7 +75,7 @@ def user_loss(spec: str) -> LabelLoss:
             returns no scalar tensor with a gradient (at the call).
         SourceError: the function raised (one line naming it and its error).
     """
-    from edgeslim.components.common.decode import load_user_function
+    from edgeslim.components.tasks.detection.runtime import load_user_function
 
     fn = load_user_function(spec, "task.loss_fn")
     where = f"task.loss_fn {spec!r}"

@@ -1,6 +1,6 @@
 """Distill and prune for detectors: heads kept whole, fine-tuned with the detection loss.
 
-Channel pruning reuses :func:`.prune.prune` (Torch-Pruning's dependency graph:
+Channel pruning reuses :func:`edgeslim.components.transform.prune.prune` (Torch-Pruning's dependency graph:
 correct through C2f splits, residual adds and concats) on a view of the
 detector whose outputs are flattened into one tensor, with every head's
 prediction conv (and any ``ignored_layers``) left alone and without the
@@ -9,7 +9,7 @@ detection loss, distilled from the unpruned model at the neck outputs and at the
 head outputs (``prune.alpha``: its class scores and confident boxes), in
 ``prune.steps`` geometric steps with fine-tuning after each. A detector whose outputs are no
 ``(box, cls)`` map pairs (Ultralytics' one decoded output) is made split-free first
-(:mod:`.yolo`), keeps the layers before its outputs and a fixed decode conv whole, and is
+(:mod:`edgeslim.components.transform.yolo`), keeps the layers before its outputs and a fixed decode conv whole, and is
 fine-tuned on its labels when a label loss exists for it (the recipe's ``task.loss_fn``, or Ultralytics'
 own criterion for an Ultralytics model: :func:`label_loss`), else label-free to reproduce the unpruned
 model's raw outputs (:func:`finetune_outputs`).
@@ -236,7 +236,7 @@ def distill_detector(model: nn.Module, config: LogitDistillConfig, *, data: Spli
 
 def apply_detector_stages(model: nn.Module, stages: Sequence[Any], *, data: Splits, task=None,
                           progress: Callable[[str, int, int, float], None] | None = None) -> StageResult:
-    """The recipe's distill/prune stages for a detector, in order: :func:`.stages.apply_torch_stages`
+    """The recipe's distill/prune stages for a detector, in order: :func:`edgeslim.components.transform.stages.apply_torch_stages`
     with the detector's distill and prune. The input model is the teacher and is not changed."""
     from edgeslim.components.transform.stages import apply_torch_stages
 
@@ -267,14 +267,14 @@ def label_loss(model: nn.Module, example: torch.Tensor, task=None) -> tuple[Call
     """The loss ``model`` trains with on its box labels, and its name for the stage's metrics and lineage.
 
     The recipe's ``task.loss_fn`` when set (any output format); else, for an Ultralytics detection model,
-    Ultralytics' own criterion (:class:`.detector_label_loss.UltralyticsLoss`); else edgeslim's detection loss
+    Ultralytics' own criterion (:class:`.label_loss.UltralyticsLoss`); else edgeslim's detection loss
     for ``(box, cls)`` map pairs (the function is None: :func:`train_detector` builds its dense targets);
     else ``(None, "")``: no label loss, so pruning fine-tunes label-free.
 
     Raises:
         ConfigError: ``task.loss_fn`` cannot be imported or is no function (one line naming it and the fix).
     """
-    from edgeslim.components.tasks.detector_label_loss import UltralyticsLoss, is_ultralytics_detector, user_loss
+    from edgeslim.components.tasks.detection.label_loss import UltralyticsLoss, is_ultralytics_detector, user_loss
 
     spec = getattr(task, "loss_fn", "")
     if spec:
@@ -304,7 +304,7 @@ def train_detector(model: nn.Module, x: np.ndarray, labels: Sequence[np.ndarray]
                    own_loss: tuple[Callable | None, str] | None = None,
                    recalibrate_batchnorm: bool = False) -> nn.Module:
     """Train ``model`` in place (AdamW, one-cycle); repeatable for a seed; returns it in eval mode.
-    Pruning asks for ``recalibrate_batchnorm`` (:func:`.train.fit`'s: stale BatchNorm statistics after a
+    Pruning asks for ``recalibrate_batchnorm`` (:func:`edgeslim.components.transform.train.fit`'s: stale BatchNorm statistics after a
     short fine-tune that follows a change of architecture get the training inputs' average).
 
     Args:
@@ -321,7 +321,7 @@ def train_detector(model: nn.Module, x: np.ndarray, labels: Sequence[np.ndarray]
             ``(1 - output_alpha) * label loss + output_alpha * output distillation`` (+ features).
         progress: called with (epoch, epochs, last loss).
         task: the recipe's ``DetectionTaskConfig``: its ``loss_fn``; the levels' strides come from its
-            decoder, else from ``model.stride``, else from the input size over each map's size (:func:`.level_strides`).
+            decoder, else from ``model.stride``, else from the input size over each map's size (:func:`.loss.level_strides`).
         own_loss: :func:`label_loss`'s answer when the caller has it already.
 
     Raises:
@@ -329,10 +329,10 @@ def train_detector(model: nn.Module, x: np.ndarray, labels: Sequence[np.ndarray]
             not an Ultralytics model.
     """
     from edgeslim.components.common.model_outputs import describe
-    from edgeslim.components.quantize.detect_qat import output_matching_loss, training_outputs
-    from edgeslim.components.tasks.detection_loss import (build_targets, detection_loss, level_strides,
+    from edgeslim.components.tasks.detection.qat import output_matching_loss, training_outputs
+    from edgeslim.components.tasks.detection.loss import (build_targets, detection_loss, level_strides,
                                                           output_distill_loss)
-    from edgeslim.components.tasks.detector_label_loss import pad_boxes, unpad_boxes
+    from edgeslim.components.tasks.detection.label_loss import pad_boxes, unpad_boxes
 
     example = torch.from_numpy(x[:1])
     with torch.no_grad():
@@ -394,12 +394,12 @@ def finetune_outputs(model: nn.Module, reference: nn.Module, x, *, epochs: int, 
     """Fine-tune ``model`` in place to reproduce ``reference``'s raw outputs on ``x``, label-free
     (``recalibrate_batchnorm`` as :func:`train_detector`'s).
 
-    The loss is the detector QAT's (:func:`.detect_qat.output_matching_loss`: per raw output, the
+    The loss is the detector QAT's (:func:`.qat.output_matching_loss`: per raw output, the
     squared error over the reference output's power); a model that returns its raw head values
     in training mode and decoded ones in eval (Ultralytics) is matched on the raw ones. AdamW,
     one-cycle; returns the model in eval mode.
     """
-    from edgeslim.components.quantize.detect_qat import output_matching_loss, training_outputs
+    from edgeslim.components.tasks.detection.qat import output_matching_loss, training_outputs
 
     ref = copy.deepcopy(reference).eval()
     with training_outputs(model, ref):

@@ -1,4 +1,4 @@
-"""Classification: top-1 accuracy, of output arrays or of a torch model."""
+"""Top-1 accuracy, of output arrays or of a torch classifier: what the classifier stages report as they train."""
 
 from __future__ import annotations
 

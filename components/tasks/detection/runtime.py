@@ -5,7 +5,7 @@ convolutions, and so that fp32, int8 and TensorRT outputs are judged by the
 same numpy code. Every decoder returns, per image, an (M, 6) float32 array
 ``[x1, y1, x2, y2, score, class]`` in input pixels, best first.
 
-Used by the evaluator (:mod:`edgeslim.components.tasks.detection`), the edge pyfunc (decoded detections
+Used by the evaluator (:mod:`edgeslim.components.tasks.detection.evaluate`), the edge pyfunc (decoded detections
 instead of raw maps) and the device health check (:func:`match_detections`).
 This module imports only numpy (the device agent can use it).
 """
@@ -379,3 +379,43 @@ def match_detections(golden: np.ndarray, got: np.ndarray, iou: float = 0.9,
     return {"ok": not reasons, "matched": matched, "missing": missing, "extra": extra,
             "max_score_diff": round(max_diff, 4), "min_iou": round(min_iou, 4) if matched else 0.0,
             "reason": "; ".join(reasons) or f"all {matched} golden boxes matched"}
+
+
+class DetectionRuntime:
+    """The detector's runtime half: a prediction adds its decoded boxes, and a release's health check
+    records the golden detections, which a device's must match by IoU and score (not raw maps, which
+    int8 engines of different builds do not reproduce to the bit)."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    def predict(self, outputs: dict[str, Any], geometries: list | None = None) -> dict[str, Any]:
+        """Per image (M, 6) ``[x1, y1, x2, y2, score, class]``, in source-image pixels when ``geometries`` are given."""
+        detections = decode_outputs(outputs, self.config)
+        if geometries is not None:
+            for dets, g in zip(detections, geometries):
+                if len(dets):
+                    dets[:, :4] = g.to_source(dets[:, :4])
+        return {"detections": detections}
+
+    def golden(self, outputs: dict[str, Any], rollout: Any) -> dict[str, Any]:
+        from edgeslim.components.common.arrays import encode_array
+
+        dets = decode_outputs(outputs, self.config)
+        return {"detections": [encode_array(np.asarray(d, dtype=np.float32)) for d in dets],
+                "iou": rollout.iou, "score_tol": rollout.score_tol}
+
+    def compare(self, check: dict[str, Any], outputs: dict[str, Any]) -> tuple[str | None, float]:
+        from edgeslim.components.common.arrays import decode_array
+
+        got = decode_outputs(outputs, self.config)
+        worst = 0.0
+        for i, blob in enumerate(check.get("detections") or []):
+            if i >= len(got):
+                return f"golden image {i}: the device returned {len(got)} image(s) of detections", worst
+            m = match_detections(decode_array(blob), got[i], iou=float(check.get("iou", 0.9)),
+                                 score_tol=float(check.get("score_tol", 0.05)))
+            worst = max(worst, m["max_score_diff"])
+            if not m["ok"]:
+                return f"golden image {i}: detections differ ({m['reason']})", m["max_score_diff"]
+        return None, worst

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from edgeslim.components.common.onnx_runtime import latency_ms, run_batched, sqnr_db  # noqa: F401  (re-exported)
-from edgeslim.components.tasks.classification import top1_percent  # noqa: F401  (re-exported)
+from edgeslim.components.common.accuracy import top1_percent  # noqa: F401  (re-exported)
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import DataError
 from edgeslim.components.recipe import AccuracyGateConfig, EvaluateConfig

@@ -1,6 +1,6 @@
 """Quantization-aware training for detectors, without labels or graph tracing.
 
-The classifier QAT (:mod:`.qat`) rebuilds the exported graph with ``torch.fx`` and
+The classifier QAT (:mod:`edgeslim.components.quantize.qat`) rebuilds the exported graph with ``torch.fx`` and
 trains with the classification loss. Detectors defeat both: YOLO's C2f splits a
 tensor into a Python list (not traceable), and a detector's training loss belongs
 to its author. So this QAT:
@@ -250,7 +250,7 @@ def onnx_output_errors(reference: nn.Module, onnx_paths: list[Path], x, batch: i
 
 def qat_detector(model: nn.Module, config, *, data: Splits, out_dir: str | Path, fp32_onnx: str | Path | None = None,
                  export_config=None, progress: Progress | None = None) -> StageResult:
-    """Fine-tune a detector with int8 in the loop (:func:`.qat.qat_chain`); export a weighted-placement Q/DQ ONNX.
+    """Fine-tune a detector with int8 in the loop (:func:`edgeslim.components.quantize.qat.qat_chain`); export a weighted-placement Q/DQ ONNX.
 
     Args:
         model: the fp32 detector (not changed).

@@ -1,6 +1,6 @@
 """Detection evaluation and the detection gate.
 
-The evaluator decodes a model's raw outputs (:mod:`edgeslim.components.common.decode`) and reports
+The evaluator decodes a model's raw outputs (:mod:`edgeslim.components.tasks.detection.runtime`) and reports
 mAP@0.5, mAP@0.5:0.95 (COCO-style: greedy matching by score, 101-point
 interpolated precision, classes without ground truth left out), per-class AP,
 precision and recall at the deployment score threshold, and the mean score of
@@ -25,7 +25,7 @@ from edgeslim.components.common.onnx_runtime import SqnrAccumulator, latency_ms,
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import DataError
 from edgeslim.components.common.result import GateCheck, StageResult, verdict
-from edgeslim.components.common.decode import box_iou, decode_outputs
+from edgeslim.components.tasks.detection.runtime import box_iou, decode_outputs
 from edgeslim.components.common.model_outputs import forward_tensors, output_names
 
 IOU_THRESHOLDS = np.round(np.arange(0.5, 0.96, 0.05), 2)
@@ -354,6 +354,6 @@ def check_detector(model, data: Splits, task) -> None:
     arrays = [o.numpy() for o in forward_tensors(model.eval(), torch.from_numpy(x))]
     decode_outputs(arrays, task, output_names(len(arrays)))
     if getattr(task, "loss_fn", ""):  # before anything trains: one line if it cannot be imported
-        from edgeslim.components.common.decode import load_user_function
+        from edgeslim.components.tasks.detection.runtime import load_user_function
 
         load_user_function(task.loss_fn, "task.loss_fn")

@@ -1,6 +1,5 @@
-"""The recipe's ``task:`` section: what the model does, so it is evaluated and gated right.
+"""The detection task's ``task:`` section.
 
-``task`` is optional; without it a recipe is a classification recipe (top-1).
 A detection task configures how raw outputs become boxes (the built-in
 decoder for YOLO-style anchor-free heads, or a user ``module:function``) and
 the detection gate, which looks at score calibration as well as mAP::
@@ -26,17 +25,7 @@ from typing import Any, Literal
 
 from edgeslim.components.common.config import Config
 from edgeslim.components.common.errors import ConfigError
-
-
-@dataclasses.dataclass(frozen=True)
-class ClassificationTaskConfig(Config):
-    """A classifier: outputs are logits (N, classes); evaluated by top-1 and gated by ``gate:``."""
-
-    kind: Literal["classification"] = "classification"
-    # The quantize methods a recipe may use for this task.
-    quantize_methods = ("ptq", "qat", "auto")
-    # Whether its outputs decode to boxes (the edge pyfunc and the rollout health check then compare boxes).
-    decodes_boxes = False
+from edgeslim.components.common.tasks import TaskConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +128,7 @@ _DECODE_FN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 @dataclasses.dataclass(frozen=True)
-class DetectionTaskConfig(Config):
+class DetectionTaskConfig(TaskConfig):
     """A detector: its outputs are decoded to boxes, evaluated by mAP and gated by ``gate``.
 
     Attributes:
@@ -151,15 +140,13 @@ class DetectionTaskConfig(Config):
         loss_fn: ``module:function`` the label-trained stages (distill, prune's fine-tuning) train with:
             ``loss_fn(outputs, targets, model) -> scalar tensor``, ``outputs`` the model's training-mode
             return value, ``targets`` per image a ``(k, 5)`` tensor ``[x1, y1, x2, y2, class]`` in input
-            pixels (:mod:`edgeslim.components.tasks.detector_label_loss`). Empty: Ultralytics' own loss for
+            pixels (:mod:`edgeslim.components.tasks.detection.label_loss`). Empty: Ultralytics' own loss for
             an Ultralytics model, edgeslim's detection loss for ``(box, cls)`` map pairs, else label-free
             output matching (prune only).
         gate: the detection gate (replaces the classification checks of ``gate:``).
     """
 
     kind: Literal["detection"] = "detection"
-    quantize_methods = ("ptq", "qat", "auto")
-    decodes_boxes = True
     num_classes: int = 0
     score_threshold: float = 0.25
     decoder: YoloDecoderConfig = dataclasses.field(default_factory=YoloDecoderConfig)
@@ -182,38 +169,3 @@ class DetectionTaskConfig(Config):
             raise ConfigError("task.decoder.heads: empty; list the heads "
                               "({box: OUTPUT, cls: OUTPUT, stride: N} per level), set task.decoder.format: "
                               "yolo-decoded for one (N, 4+num_classes, A) output, or set task.decode_fn")
-
-
-TaskConfig = ClassificationTaskConfig | DetectionTaskConfig
-_KINDS = {"classification": ClassificationTaskConfig, "detection": DetectionTaskConfig}
-
-
-def task_from_dict(raw: Any) -> TaskConfig:
-    """Parse the ``task:`` section (``None``: classification)."""
-    if raw is None:
-        return ClassificationTaskConfig()
-    if isinstance(raw, str):
-        raw = {"kind": raw}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"task: got {raw!r}; expected a mapping like {{kind: detection, ...}}")
-    kind = raw.get("kind", "classification")
-    if kind in _KINDS:
-        return _KINDS[kind].from_dict(raw, prefix="task")  # type: ignore[return-value]
-    plugin = task_entry_point(kind)
-    if plugin is None:
-        raise ConfigError(f"task.kind: got {kind!r}; expected 'classification', 'detection', or a task "
-                          "registered under the entry-point group 'edgeslim.tasks'")
-    return plugin.config_class.from_dict(raw, prefix="task")
-
-
-def task_entry_point(kind: str):
-    """Your own task: the class registered as ``kind`` in the ``edgeslim.tasks`` entry-point group, or None."""
-    from importlib.metadata import entry_points
-
-    found = [ep for ep in entry_points(group="edgeslim.tasks") if ep.name == kind]
-    return found[0].load() if found else None
-
-
-def task_metadata(task: Any) -> Any:
-    """What a registered edge model records of its task: the kind alone for a classifier, else the section."""
-    return "classification" if isinstance(task, ClassificationTaskConfig) else task.to_dict()

@@ -1,4 +1,4 @@
-"""Accuracy-aware int8 for detectors: the detection strategy of the one search (:mod:`.search`).
+"""Accuracy-aware int8 for detectors: the detection strategy of the one search (:mod:`edgeslim.components.quantize.search`).
 
 The classifier strategy judges trials by top-1; a detector needs the detection
 gate (mAP *and* score calibration), and its sensitive spots are the head outputs:
@@ -77,7 +77,7 @@ class DetectorStrategy(Strategy):
     def reference(self, data: Splits) -> dict[str, Any]:
         import numpy as np
 
-        from edgeslim.components.tasks.detection import detect_batches, detection_metrics
+        from edgeslim.components.tasks.detection.evaluate import detect_batches, detection_metrics
 
         kept, room = [], [_REFERENCE_BYTES]
 
@@ -106,7 +106,7 @@ class DetectorStrategy(Strategy):
         k = max(_SCREEN_MIN, len(data.x_val) // 4)
         if 2 * k > len(data.x_val):
             return None
-        from edgeslim.components.tasks.detection import detection_metrics
+        from edgeslim.components.tasks.detection.evaluate import detection_metrics
 
         g, task = self.task_config.gate, self.task_config
         if self._screen_parent is None:
@@ -119,7 +119,7 @@ class DetectorStrategy(Strategy):
 
     def _judge(self, candidate, x, y, parent: dict[str, Any], gate) -> dict[str, Any]:
         from edgeslim.components.common.onnx_runtime import SqnrAccumulator
-        from edgeslim.components.tasks.detection import detect_batches, detection_metrics, gate_detection
+        from edgeslim.components.tasks.detection.evaluate import detect_batches, detection_metrics, gate_detection
 
         task = self.task_config
         sqnr, done = SqnrAccumulator(), [0]
@@ -186,7 +186,7 @@ class DetectorStrategy(Strategy):
         return [{"label": r["output"], "nodes": r["nodes"]} for r in ranked + layers]
 
     def train_qat(self, fp32_onnx, config, *, data, out_dir, progress=None):
-        from edgeslim.components.quantize.detect_qat import qat_detector
+        from edgeslim.components.tasks.detection.qat import qat_detector
 
         return qat_detector(self.model, config, data=data, out_dir=out_dir, fp32_onnx=fp32_onnx,
                             export_config=self.export_config, progress=progress)
@@ -220,7 +220,7 @@ class DetectorStrategy(Strategy):
 def quantize_detector_auto(fp32_onnx: str | Path, config, *, data: Splits, task, out_dir: str | Path,
                            model=None, export_config=None,
                            progress: Callable[[str], None] | None = None) -> StageResult:
-    """The first int8 detector that passes the detection gate on the validation split (:func:`.search.search`).
+    """The first int8 detector that passes the detection gate on the validation split (:func:`edgeslim.components.quantize.search.search`).
 
     Args:
         fp32_onnx: the fp32 detector to quantize (the gate compares against it).
@@ -230,7 +230,7 @@ def quantize_detector_auto(fp32_onnx: str | Path, config, *, data: Splits, task,
         task: the recipe's ``DetectionTaskConfig`` (decoder and gate).
         out_dir: one folder per trial, ``autotune.json``.
         model: the torch detector ``fp32_onnx`` was exported from; with ``config.qat`` and
-            no passing PTQ/fallback trial, QAT (:mod:`.detect_qat`) is the last trial.
+            no passing PTQ/fallback trial, QAT (:mod:`.qat`) is the last trial.
         export_config: ONNX export settings for QAT's re-export.
         progress: called with one line per trial.
 
