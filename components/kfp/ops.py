@@ -215,7 +215,7 @@ def evaluate_op(recipe_json: str, qdq_model: Input[Model], parent_onnx: Input[Mo
 
     from edgeslim.components.recipe import recipe_from_json
     from edgeslim.components.common.data import load_data
-    from edgeslim.components.report import evaluation_figures
+    from edgeslim.components.report_figures import evaluation_figures
     from edgeslim.components.task import task_for
 
     recipe = recipe_from_json(recipe_json)
@@ -390,7 +390,8 @@ def report_op(recipe_json: str, tracking_uri: str, parent: Input[Artifact], pare
     from pathlib import Path
 
     from edgeslim.components.recipe import recipe_from_json
-    from edgeslim.components.report import build_report, log_report, render_html
+    from edgeslim.components.report import build_report
+    from edgeslim.components.report_render import log_report, render_html
 
     def read(a):
         return json.loads(Path(a.path).read_text())
