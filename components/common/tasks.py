@@ -75,10 +75,12 @@ class TaskRuntime(Protocol):
 @runtime_checkable
 class Task(Protocol):
     """One kind of model. Attributes: ``kind`` (the registered name), ``config_class`` (parses the
-    recipe's ``task:`` section), ``runtime`` (its :class:`TaskRuntime` class), ``labels`` (what the
-    data's ``y`` arrays hold, in words: ``edgeslim init`` names it when the data does not fit)."""
+    recipe's ``task:`` section), ``runtime`` (its :class:`TaskRuntime` class), ``metric_label`` (the task
+    metric as the report names it), ``labels`` (what the data's ``y`` arrays hold, in words: ``edgeslim
+    init`` names it when the data does not fit)."""
 
     kind: ClassVar[str]
+    metric_label: ClassVar[str]
     config_class: ClassVar[type]
     runtime: ClassVar[type]
     labels: ClassVar[str]

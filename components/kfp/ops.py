@@ -215,7 +215,6 @@ def evaluate_op(recipe_json: str, qdq_model: Input[Model], parent_onnx: Input[Mo
 
     from edgeslim.components.recipe import recipe_from_json
     from edgeslim.components.common.data import load_data
-    from edgeslim.components.report import evaluation_figures
     from edgeslim.components.common.tasks import task_for
 
     recipe = recipe_from_json(recipe_json)
@@ -226,8 +225,8 @@ def evaluate_op(recipe_json: str, qdq_model: Input[Model], parent_onnx: Input[Mo
                                          student_onnx=student)
     res.metrics["student_fp32_size_bytes"] = Path(student_onnx.path).stat().st_size
     try:
-        res.metrics["figures"] = evaluation_figures(qdq_model.path, parent_onnx=parent_onnx.path, data=data,
-                                                    task=recipe.task, student_onnx=student)
+        res.metrics["figures"] = task.figures(qdq_model.path, parent_onnx=parent_onnx.path, data=data,
+                                              student_onnx=student)
     except Exception as exc:  # a chart must not cost the compression: the report says what went wrong
         res.metrics["figures"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
     Path(evaluation.path).write_text(json.dumps({**res.metrics, "seconds": res.seconds}))
@@ -391,7 +390,8 @@ def report_op(recipe_json: str, tracking_uri: str, parent: Input[Artifact], pare
     from pathlib import Path
 
     from edgeslim.components.recipe import recipe_from_json
-    from edgeslim.components.report import build_report, log_report, render_html
+    from edgeslim.components.report import build_report
+    from edgeslim.components.report_render import log_report, render_html
 
     def read(a):
         return json.loads(Path(a.path).read_text())

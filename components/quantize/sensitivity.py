@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeslim.components.common.charts import BAR, FAIL, bar_panels, write_svg
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.stage_configs import PTQQuantizeConfig
 
@@ -286,38 +287,27 @@ def format_table(table: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# The chart's panels (:func:`~edgeslim.components.common.charts.bar_panels`); the report draws the table
+# with them too. An exact layer's SQNR is infinite: it is drawn at 80 dB.
+CHART_SERIES = [("top-1 drop (pt) when only this layer is int8", "metric_drop", FAIL, None),
+                ("output SQNR (dB)", "sqnr_db", BAR, 80.0)]
+
+
 def bar_chart(table: dict[str, Any], path: str | Path) -> Path:
-    """A PNG with the metric drop and the SQNR per layer, most sensitive on top."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = table["layers"]
-    labels = [r["layer"] for r in rows][::-1]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 0.35 * len(rows) + 1.5), sharey=True)
-    a.barh(labels, [r["metric_drop"] for r in rows][::-1], color="#c0392b")
-    a.set_xlabel("top-1 drop (pt) when only this layer is int8")
-    b.barh(labels, [min(r["sqnr_db"], 80.0) for r in rows][::-1], color="#2c7fb8")
-    b.set_xlabel("output SQNR (dB)")
-    fig.suptitle(f"Per-layer int8 sensitivity ({table['calibrator']} calibration)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    """An SVG with the metric drop and the SQNR per layer, most sensitive on top."""
+    title = f"Per-layer int8 sensitivity ({table['calibrator']} calibration)"
+    return write_svg(bar_panels(title, table["layers"], "layer", CHART_SERIES), path)
 
 
 def write(table: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """``sensitivity.json``, ``sensitivity.txt`` and ``sensitivity.png`` in ``out_dir``."""
+    """``sensitivity.json``, ``sensitivity.txt`` and ``sensitivity.svg`` in ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "sensitivity.json", "txt": out_dir / "sensitivity.txt",
-             "png": out_dir / "sensitivity.png"}
+             "svg": out_dir / "sensitivity.svg"}
     paths["json"].write_text(json.dumps(table, indent=1))
     paths["txt"].write_text(format_table(table) + "\n")
-    bar_chart(table, paths["png"])
+    bar_chart(table, paths["svg"])
     return paths
 
 

@@ -34,7 +34,7 @@ _OPTIONAL = {
     "torch": ("torch", "pipeline"), "mlflow": ("mlflow", "pipeline"), "kfp": ("kfp", "pipeline"),
     "onnx": ("onnx", None), "onnxscript": ("onnxscript", "pipeline"),
     "sklearn": ("scikit-learn", "pipeline"), "torch_pruning": ("torch-pruning", "pipeline"),
-    "matplotlib": ("matplotlib", "pipeline"), "kfp.kubernetes": ("kfp-kubernetes", "kubernetes"),
+    "kfp.kubernetes": ("kfp-kubernetes", "kubernetes"),
     "tensorrt": ("tensorrt", "tensorrt"), "polygraphy": ("polygraphy", "tensorrt"),
 }
 # `demo` first starts `mlflow server` as a child process: check the pipeline is installed up front.

@@ -134,7 +134,7 @@ def _preflight(recipe, tracking_uri: str, workdir: Path) -> None:
 def _write_outputs(report: dict, workdir: Path) -> tuple[Path, Path]:
     import shutil
 
-    from edgeslim.components.report import render_html
+    from edgeslim.components.report_render import render_html
 
     html_src = Path(report.pop("_html_src", ""))
     rj, rh = workdir / "report.json", workdir / "report.html"
@@ -148,7 +148,7 @@ def _write_outputs(report: dict, workdir: Path) -> tuple[Path, Path]:
 
 def execute(recipe, *, tracking_uri: str, workdir: Path, verbose: bool = False) -> int:
     """Preflight, run the pipeline locally, write the reports; 0 passed, 3 gate failed."""
-    from edgeslim.components.report import format_table
+    from edgeslim.components.report_render import format_table
     from edgeslim.pipelines.local import run_pipeline
 
     workdir.mkdir(parents=True, exist_ok=True)

@@ -65,5 +65,5 @@ def test_student_from_a_registered_model_and_trials_as_child_runs(mlflow_server,
     assert len(passed) == 1 and "sqnr_db" in passed[0].data.metrics
     assert {r.data.params["placement"] for r in children} == {"all"}
     arts = [a.path for a in client.list_artifacts(parent.info.run_id, "sensitivity")]
-    assert "sensitivity/sensitivity.png" in arts
+    assert "sensitivity/sensitivity.svg" in arts
     assert won.metrics["winner"]["trial"] == 1

@@ -156,7 +156,7 @@ def _full_report() -> dict:
 
 
 def test_every_chart_of_a_detectors_report_renders_and_nothing_is_fetched(tmp_path):
-    from edgeslim.components.report import render_html
+    from edgeslim.components.report_render import render_html
 
     page = tmp_path / "report.html"
     page.write_text(render_html(_full_report()))
@@ -167,7 +167,7 @@ def test_every_chart_of_a_detectors_report_renders_and_nothing_is_fetched(tmp_pa
 
 
 def test_a_ptq_report_says_in_one_line_what_it_cannot_draw(tmp_path):
-    from edgeslim.components.report import render_html
+    from edgeslim.components.report_render import render_html
 
     rep = _full_report()
     rep["candidate"]["quantization"] = {"size_bytes": 95_000, "calibrator": "percentile"}

@@ -60,7 +60,7 @@ def test_every_step_tried_then_refused_with_the_best_trial(tmp_path):
     sens = {r["node"]: r["layer"] for r in report["sensitivity"]["layers"]}
     assert [sens[n] for n in rows[2]["float_layers"]] == [layer]
     assert len(rows[3]["float_layers"]) == 2 and rows[3]["float_layers"][0] == rows[2]["float_layers"][0]
-    assert (tmp_path / "sensitivity" / "sensitivity.png").is_file()
+    assert (tmp_path / "sensitivity" / "sensitivity.svg").is_file()
     # keeping the hard layer in float buys fidelity; QAT reports its fake-quant accuracy too
     # (how closely that matches the export is held by test_qat, on models that are not damaged)
     start = next(r for r in rows[:2] if r["calibrator"] == rows[2]["calibrator"])

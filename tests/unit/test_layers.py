@@ -29,7 +29,9 @@ LAYERS = [
     # Each task package builds on the stages; everything above reaches it through the registry only.
     ("tasks", ["edgeslim.components.tasks", "edgeslim.components.tasks.*"]),
     ("stage-io", ["edgeslim.components.pull", "edgeslim.components.edge_model", "edgeslim.components.register",
-                  "edgeslim.components.report", "edgeslim.components.engine.stage", "edgeslim.components.engine.cli"]),
+                  "edgeslim.components.report",
+                  "edgeslim.components.report_render", "edgeslim.components.engine.stage",
+                  "edgeslim.components.engine.cli"]),
     ("reference", ["edgeslim.components.reference", "edgeslim.components.reference.*"]),
     ("kfp", ["edgeslim.components.kfp", "edgeslim.components.kfp.*"]),
     ("plugins", ["edgeslim.plugins", "edgeslim.plugins.*"]),

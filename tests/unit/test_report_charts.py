@@ -15,12 +15,21 @@ import numpy as np
 import pytest
 
 from edgeslim.components import report as R
+from edgeslim.components import report_render as V
+from edgeslim.components.common import charts as C
+from edgeslim.components.common.output_error import output_error
+from edgeslim.components.common.tasks import task_from_dict
+from edgeslim.components.tasks.detection import report as D
 
 SVG = "{http://www.w3.org/2000/svg}"
 
 
-def _recipe():
-    return SimpleNamespace(digest=lambda: "abc123", source="models:/tiny/1")
+DETECTION_TASK = {"kind": "detection", "num_classes": 2, "decoder": {"heads": [{"box": "b", "cls": "c", "stride": 8}]}}
+
+
+def _recipe(detection=False):
+    return SimpleNamespace(digest=lambda: "abc123", source="models:/tiny/1",
+                           task=task_from_dict(DETECTION_TASK if detection else None))
 
 
 def _trial(i, kind, cal, metric, size, passed, floats=()):
@@ -61,7 +70,7 @@ def report(quantized=SEARCH, figures=None, detection=False, curve=(), qat_curve=
     verdict = {"passed": True, "summary": "passed: ok",
                "checks": [{"name": "metric_drop", "value": 0.4, "threshold": 1.0, "passed": True, "detail": "d"}]}
     return R.build_report(
-        recipe=_recipe(), parent={"name": "tiny", "version": "1"}, parent_export={"seconds": 1.0},
+        recipe=_recipe(detection), parent={"name": "tiny", "version": "1"}, parent_export={"seconds": 1.0},
         transform={"stages": [], "seconds": 0.0, "training_curve": list(curve)},
         quantized={**quantized, "seconds": 1.0, "training_curve": list(qat_curve), "mlflow_run_id": "q1"},
         evaluation=_evaluation(figures, detection), verdict=verdict,
@@ -76,11 +85,11 @@ def _svg(chart) -> ET.Element:
 
 
 def test_the_trials_chart_has_a_dot_and_a_size_bar_per_trial_and_rings_the_chosen_one():
-    c = R.trials_chart(report())
+    c = V.trials_chart(report())
     root = _svg(c)
     dots = [e for e in root.iter(SVG + "circle") if e.get("r") == "6"]
     assert len(dots) == 3
-    assert [d.get("fill") for d in dots] == [R._FAIL, R._FAIL, R._PASS]
+    assert [d.get("fill") for d in dots] == [C.FAIL, C.FAIL, C.PASS]
     assert len([e for e in root.iter(SVG + "circle") if e.get("fill") == "none"]) == 1 + 1  # chosen + legend ring
     bars = [e for e in root.iter(SVG + "rect") if e.find(SVG + "title") is not None]
     assert len(bars) == 3 and float(bars[2].get("height")) > float(bars[0].get("height")) > 0  # 230 kB > 214 kB
@@ -90,7 +99,7 @@ def test_the_trials_chart_has_a_dot_and_a_size_bar_per_trial_and_rings_the_chose
 
 
 def test_the_sensitivity_chart_ranks_layers_and_caps_an_exact_layers_infinite_sqnr():
-    c = R.sensitivity_chart(report())
+    c = V.sensitivity_chart(report())
     root = _svg(c)
     bars = [e for e in root.iter(SVG + "rect") if e.find(SVG + "title") is not None]
     assert len(bars) == 4  # 2 layers x (drop, SQNR)
@@ -102,28 +111,28 @@ def test_a_detectors_head_sensitivity_is_drawn_too():
     q = {**SEARCH, "sensitivity": None, "head_sensitivity": [
         {"output": "output_1", "nodes": ["a"], "map50": 80.0, "mean_tp_score": 0.2, "recall": 40.0, "damage": 75.0},
         {"output": "output_0", "nodes": ["b"], "map50": 95.0, "mean_tp_score": 0.8, "recall": 90.0, "damage": 1.0}]}
-    c = R.sensitivity_chart(report(q))
+    c = V.sensitivity_chart(report(q))
     assert c.title == "Per-head int8 sensitivity" and "output_1" in c.svg
 
 
 def test_absent_data_is_one_line_and_never_an_empty_chart():
     rep = report(PTQ)
-    cs = {c.key: c for c in R.charts(rep)}
+    cs = {c.key: c for c in V.charts(rep)}
     assert list(cs) == ["trials", "sensitivity", "output-error", "training"]  # a classifier has no PR chart
     assert cs["trials"].svg is None and cs["trials"].caption.startswith(
         "No search trials: quantize method ptq (one calibration, no search) with the percentile calibrator")
     assert cs["sensitivity"].svg is None and "only the accuracy-aware search" in cs["sensitivity"].caption
     assert cs["output-error"].svg is None and "recorded no figures" in cs["output-error"].caption
     assert cs["training"].svg is None and cs["training"].caption.startswith("Training curves: nothing trained")
-    html = R.render_html(rep)
+    html = V.render_html(rep)
     for key, c in cs.items():
         assert f'<p class="nochart" id="chart-{key}">{c.caption}</p>' in html
     assert "<svg" not in html
     # the search passed at its first trial: nothing was ranked, and the line says why
     first = {**SEARCH, "trials": SEARCH["trials"][:1], "winner": SEARCH["trials"][0], "sensitivity": None}
-    assert "PTQ trial 1 passed, so no layer had to be ranked" in R.sensitivity_chart(report(first)).caption
+    assert "PTQ trial 1 passed, so no layer had to be ranked" in V.sensitivity_chart(report(first)).caption
     # an evaluate task that failed to measure says so
-    assert "(ValueError: boom)" in R.output_error_chart(report(figures={"error": "ValueError: boom"})).caption
+    assert "(ValueError: boom)" in V.output_error_chart(report(figures={"error": "ValueError: boom"})).caption
 
 
 def _onnx_linear(path: Path, w: np.ndarray, b: np.ndarray, outputs: int = 1) -> Path:
@@ -156,7 +165,7 @@ def test_output_error_is_measured_per_output_against_the_fp32_model(tmp_path):
     parent = _onnx_linear(tmp_path / "parent.onnx", w, b, outputs=2)
     cand = _onnx_linear(tmp_path / "cand.onnx", w + noise, b, outputs=2)
     data = SimpleNamespace(x_test=rng.normal(size=(600, 16)).astype(np.float32))
-    fig = R.evaluation_figures(cand, parent_onnx=parent, data=data)["output_error"]
+    fig = output_error(cand, parent_onnx=parent, data=data)
     ref = data.x_test @ w + b
     got = data.x_test @ (w + noise) + b
     assert [o["name"] for o in fig["outputs"]] == ["output_0", "output_1"]
@@ -168,10 +177,10 @@ def test_output_error_is_measured_per_output_against_the_fp32_model(tmp_path):
     # in units of each output's RMS: the scaled output's errors land in the same bins
     assert fig["rms_error"] == pytest.approx(np.sqrt(np.mean((got - ref) ** 2)) / np.sqrt(np.mean(ref ** 2)), rel=0.05)
     assert fig["reference"] == "the fp32 parent it was quantized from"
-    student = R.evaluation_figures(cand, parent_onnx=parent, data=data, student_onnx=cand)["output_error"]
+    student = output_error(cand, parent_onnx=parent, data=data, student_onnx=cand)
     assert student["reference"] == "the fp32 student it was quantized from" and student["outputs"][0]["sqnr_db"] is None
     rep = report(figures={"output_error": fig})
-    c = R.output_error_chart(rep)
+    c = V.output_error_chart(rep)
     root = _svg(c)
     assert len([e for e in root.iter(SVG + "rect") if e.find(SVG + "title") is not None]) == 41 + 2  # bins + outputs
     assert "output_1 " in c.caption and "SQNR" in c.caption
@@ -184,17 +193,17 @@ def test_the_pr_curve_pools_classes_and_ends_at_the_recall_map_counts():
     from edgeslim.components.tasks.detection.evaluate import detection_metrics
 
     perfect = [np.hstack([g[:, :4], np.full((len(g), 1), 0.9), g[:, 4:5]]) for g in GT]
-    c = R.pr_curve(perfect, GT, 2, 0.25)
+    c = D.pr_curve(perfect, GT, 2, 0.25)
     assert c["recall"][-1] == 1.0 and set(c["precision"]) == {1.0} and c["ground_truth"] == 3
     assert c["at_threshold"] == {"recall": 1.0, "precision": 1.0}
     # a duplicate of class 1 on a class-0 box is a false positive; a low-score miss lies under the threshold
     preds = [np.vstack([perfect[0], [[0, 0, 10, 10, 0.95, 1]]]), np.array([[5, 5, 25, 25, 0.1, 1]], np.float32)]
-    c = R.pr_curve(preds, GT, 2, 0.25)
+    c = D.pr_curve(preds, GT, 2, 0.25)
     m = detection_metrics(preds, GT, 2, 0.25)
     assert c["recall"][-1] == pytest.approx(m["true_positives"] / m["ground_truth"])
     assert c["precision"][0] == 0.0  # the top-scored detection is the false positive
     assert c["at_threshold"] == {"recall": pytest.approx(2 / 3, abs=1e-4), "precision": pytest.approx(2 / 3, abs=1e-4)}
-    empty = R.pr_curve([np.zeros((0, 6))] * 2, GT, 2, 0.25)
+    empty = D.pr_curve([np.zeros((0, 6))] * 2, GT, 2, 0.25)
     assert empty["recall"] == [] and empty["at_threshold"] is None
 
 
@@ -202,7 +211,6 @@ def test_a_detector_gets_pr_curves_of_fp32_and_int8_from_a_real_model(tmp_path):
     import torch
 
     from edgeslim.components.common.stage_configs import OnnxExportConfig, PTQQuantizeConfig
-    from edgeslim.components.common.tasks import task_from_dict
     from edgeslim.components.export import export
     from edgeslim.components.quantize.ptq import quantize
     from edgeslim.components.reference.detector import DigitsDetector, default_heads, make_detection_splits
@@ -216,7 +224,7 @@ def test_a_detector_gets_pr_curves_of_fp32_and_int8_from_a_real_model(tmp_path):
     int8 = quantize(fp32, PTQQuantizeConfig(num_samples=8), data=data, out_dir=tmp_path / "q").model
     task = task_from_dict({"kind": "detection", "num_classes": 10, "decoder": {"heads": default_heads(),
                                                                                "max_detections": 5}})
-    figs = R.evaluation_figures(int8, parent_onnx=fp32, data=data, task=task)
+    figs = D.figures(int8, parent_onnx=fp32, data=data, task=task)
     assert set(figs["pr"]) == {"fp32", "int8"}
     assert figs["pr"]["fp32"]["ground_truth"] == sum(len(y) for y in data.y_test)
     assert [o["name"] for o in figs["output_error"]["outputs"]] == [f"output_{i}" for i in range(6)]
@@ -226,13 +234,16 @@ def test_a_detector_gets_pr_curves_of_fp32_and_int8_from_a_real_model(tmp_path):
     json.dumps(figs)  # what the evaluate task writes
     pr = {k: {**v, "recall": [0.0, 0.5, 0.8], "precision": [1.0, 0.9, 0.6], "at_threshold":
               {"recall": 0.5, "precision": 0.9}} for k, v in figs["pr"].items()}
-    c = R.pr_chart(report(figures={**figs, "pr": pr}, detection=True))
+    c = D.pr_chart(report(figures={**figs, "pr": pr}, detection=True))
     root = _svg(c)
     lines = list(root.iter(SVG + "polyline"))
-    assert [ln.get("stroke") for ln in lines] == [R._FP32, R._INT8] and len(lines[0].get("points").split()) == 3
+    assert [ln.get("stroke") for ln in lines] == [C.FP32, C.INT8] and len(lines[0].get("points").split()) == 3
     assert "pooled" in c.caption
-    assert R.pr_chart(report(detection=True)).svg is None  # a detector without curves: one line
-    assert R.pr_chart(report()) is None                   # a classifier: no such chart
+    assert D.pr_chart(report(detection=True)).svg is None  # a detector without curves: one line
+    # the report draws the task's own charts: a detector's curves after the output error; a classifier has none
+    assert [c.key for c in V.charts(report(detection=True))] == ["trials", "sensitivity", "output-error", "pr",
+                                                                  "training"]
+    assert "pr" not in [c.key for c in V.charts(report())]
 
 
 def test_training_curves_one_panel_per_stage():
@@ -241,14 +252,14 @@ def test_training_curves_one_panel_per_stage():
     rep = report(curve=curve, qat_curve=[{"stage": "qat", "epoch": 1, "loss": 0.3}])
     assert [r["stage"] for r in rep["training_curve"]] == ["distill"] * 3 + ["prune"] * 2 + ["qat"]
     assert "training_curve" not in rep["transform"] and "training_curve" not in rep["candidate"]["quantization"]
-    c = R.training_chart(rep)
+    c = V.training_chart(rep)
     root = _svg(c)
     assert [ln.get("points").count(",") for ln in root.iter(SVG + "polyline")] == [3, 2, 1]
     assert "distill 3 epoch(s); prune 2 epoch(s); qat 1 epoch(s)" in c.caption
-    metrics = R._curve_metrics(rep)
+    metrics = V._curve_metrics(rep)
     assert [(m.key, m.step) for m in metrics][:4] == [("train.distill.loss", 1), ("train.distill.loss", 2),
                                                       ("train.distill.loss", 3), ("train.prune.loss", 1)]
-    assert R.link_tags(rep) == {"edgeslim.quantize_run_id": "q1", "edgeslim.kfp_run_id": "k1"}
+    assert V.link_tags(rep) == {"edgeslim.quantize_run_id": "q1", "edgeslim.kfp_run_id": "k1"}
 
 
 def test_fit_reports_the_mean_loss_of_every_epoch():
@@ -276,12 +287,12 @@ def test_the_html_is_self_contained_and_every_drawn_chart_is_a_standalone_svg(tm
                             "histogram": {"edges": list(np.linspace(-1, 1, 42)), "counts": [1] * 41, "outside": 0,
                                           "sampled": 41, "total": 100}, "rms_error": 0.03, "max_abs_error": 0.9}}
     rep = report(figures=fig, curve=curve)
-    html = R.render_html(rep)
+    html = V.render_html(rep)
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html, re.I)
     assert not re.search(r"<(script|link|img|iframe|object|embed)\b", html, re.I)
     assert "@import" not in html and "url(" not in html
     assert html.count('<figure class="chart"') == 4 and html.count("<svg") == 4
-    paths = R.write_charts(rep, tmp_path / "charts")
+    paths = V.write_charts(rep, tmp_path / "charts")
     assert sorted(p.name for p in paths) == ["output-error.svg", "sensitivity.svg", "training.svg", "trials.svg"]
     for p in paths:
         assert ET.parse(p).getroot().tag == SVG + "svg"

@@ -1,6 +1,7 @@
 """Per-layer sensitivity: one layer int8 at a time, ranked, as a table and a chart."""
 
 import json
+import xml.etree.ElementTree as ET
 
 import pytest
 
@@ -11,6 +12,7 @@ from edgeslim.components.quantize.sensitivity import (
 from tests.spread import measured
 
 CFG = PTQQuantizeConfig(calibrator="minmax", num_samples=64)
+SVG = "{http://www.w3.org/2000/svg}"
 
 
 @pytest.mark.parametrize("kind", WORKLOADS)
@@ -42,7 +44,12 @@ def test_hard_to_quantize_layer_ranks_first(kind):
 def test_table_text_and_chart(tmp_path):
     table = layer_sensitivity(onnx_of("cnn"), CFG, data=digits())
     paths = write(table, tmp_path)
-    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths["png"].stat().st_size > 5000
+    chart = ET.parse(paths["svg"]).getroot()
+    assert chart.tag == SVG + "svg"
+    bars = [e for e in chart.iter(SVG + "rect") if e.find(SVG + "title") is not None]
+    assert len(bars) == 2 * len(table["layers"])  # a drop bar and an SQNR bar per layer
+    texts = [t.text for t in chart.iter(SVG + "text")]
+    assert "Per-layer int8 sensitivity (minmax calibration)" in texts and table["layers"][0]["layer"][:22] in texts
     assert json.loads(paths["json"].read_text()) == table
     text = paths["txt"].read_text()
     assert text == format_table(table) + "\n"

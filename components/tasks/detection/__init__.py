@@ -20,6 +20,7 @@ class DetectionTask:
     kind = "detection"
     config_class = DetectionTaskConfig
     runtime = DetectionRuntime
+    metric_label = "mAP@0.5"  # the task metric, as the report names it
     labels = "boxes: y_* object arrays, y[i] a (k, 5) [x1, y1, x2, y2, class] array in pixels"
 
     def __init__(self, config: DetectionTaskConfig):

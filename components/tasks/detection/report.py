@@ -1,0 +1,126 @@
+"""The detector's part of the report: the precision-recall curves of fp32 and int8 (measured by
+:func:`figures`, drawn by :func:`charts`), and the rows of the figures the detection gate checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeslim.components.common.charts import FP32, INT8, MUTED, Chart, Panel, Svg
+from edgeslim.components.common.output_error import OutputError, reference_onnx
+from edgeslim.components.tasks.detection.evaluate import _match, detect_batches
+
+
+def pr_curve(preds, gts, num_classes: int, score_threshold: float, *, iou: float = 0.5,
+             points: int = 200) -> dict[str, Any]:
+    """Precision against recall at IoU ``iou``, all classes pooled (each prediction matches only boxes of its
+    own class, greedily by score, as :mod:`.evaluate` matches them for mAP), at most ``points``
+    points, and the operating point at ``score_threshold``."""
+    preds = [np.asarray(p, np.float32).reshape(-1, 6) for p in preds]
+    gts = [np.asarray(g, np.float32).reshape(-1, 5) for g in gts]
+    scores, tps, n_gt = [], [], 0
+    for c in range(num_classes):
+        s, tp, n = _match(preds, gts, c, iou)
+        scores.append(s)
+        tps.append(tp)
+        n_gt += n
+    s, tp = np.concatenate(scores), np.concatenate(tps)
+    out: dict[str, Any] = {"iou": iou, "ground_truth": int(n_gt), "detections": int(len(s)),
+                           "score_threshold": score_threshold, "recall": [], "precision": [], "at_threshold": None}
+    if not n_gt or not len(s):
+        return out
+    order = np.argsort(-s, kind="stable")
+    s, tp = s[order], tp[order]
+    ctp = np.cumsum(tp)
+    precision = ctp / np.arange(1, len(tp) + 1)
+    recall = ctp / n_gt
+    idx = np.unique(np.linspace(0, len(s) - 1, min(points, len(s))).round().astype(int))
+    out["recall"] = [round(float(v), 5) for v in recall[idx]]
+    out["precision"] = [round(float(v), 5) for v in precision[idx]]
+    k = int((s >= score_threshold).sum())
+    if k:
+        out["at_threshold"] = {"recall": round(float(recall[k - 1]), 5), "precision": round(float(precision[k - 1]), 5)}
+    return out
+
+
+def figures(candidate_onnx: str | Path, *, parent_onnx: str | Path, data, task,
+            student_onnx: str | Path | None = None) -> dict[str, Any]:
+    """The int8 output error against its own fp32 model and the precision-recall curves of fp32 and int8, on
+    the test split, in one pass of the models over it (a lazy split is read once)."""
+    ref_path, reference = reference_onnx(parent_onnx=parent_onnx, student_onnx=student_onnx)
+    own = ref_path != Path(parent_onnx)
+    err = OutputError()
+    paths = [parent_onnx, candidate_onnx, *([student_onnx] if own else [])]
+    ref = 2 if own else 0
+    dets = detect_batches(paths, data.x_test, task, basic=True, on_batch=lambda raw: err.add(raw[ref], raw[1]))
+    gts = list(data.y_test)
+    return {"output_error": err.result(reference), "pr": {
+        "fp32": pr_curve(dets[0], gts, task.num_classes, task.score_threshold),
+        "int8": pr_curve(dets[1], gts, task.num_classes, task.score_threshold)}}
+
+
+def pr_chart(rep: dict[str, Any]) -> Chart:
+    pr = (rep.get("figures") or {}).get("pr")
+    title = "Precision-recall, fp32 and int8"
+    if not pr:
+        return Chart("pr", title, None, "Precision-recall curves: not recorded by the evaluate task.")
+    if not any(pr[k]["recall"] for k in ("fp32", "int8")):
+        return Chart("pr", title, None, "Precision-recall curves: no detections or no ground-truth boxes "
+                     "in the test split.")
+    svg = Svg(520, 400, title)
+    svg.text(12, 20, title, size=14, weight="bold")
+    p = Panel(svg, 64, 44, 300, 300, (0.0, 1.0), (0.0, 1.05))
+    p.axes(xlabel="recall", ylabel="precision", xgrid=True)
+    thr = pr["fp32"].get("score_threshold")
+    for key, colour, dash in (("fp32", FP32, ""), ("int8", INT8, "6,3")):
+        c = pr[key]
+        svg.polyline([(p.X(r), p.Y(q)) for r, q in zip(c["recall"], c["precision"])], stroke=colour, dash=dash)
+        if c.get("at_threshold"):
+            a = c["at_threshold"]
+            svg.circle(p.X(a["recall"]), p.Y(a["precision"]), 5, fill=colour, stroke="#ffffff", width=1.5,
+                       tip=f"{key} at score >= {thr}: recall {a['recall']:.3f}, precision {a['precision']:.3f}")
+    det = (rep["source"].get("detection") or {}), (rep["candidate"].get("detection") or {})
+    svg.legend(380, 70, [("fp32", FP32, "line")])
+    svg.legend(380, 90, [("int8", INT8, "dash")])
+    svg.text(380, 116, f"mAP@0.5 {det[0].get('map50', float('nan')):.1f}%", size=10, fill=FP32)
+    svg.text(380, 130, f"mAP@0.5 {det[1].get('map50', float('nan')):.1f}%", size=10, fill=INT8)
+    svg.circle(385, 152, 5, fill=MUTED)
+    svg.text(394, 156, f"score >= {thr:g}", size=10)
+    cap = (f"Test split, IoU 0.5, all classes pooled ({pr['fp32']['ground_truth']:,} boxes); the dots are the "
+           "deployment score threshold. mAP is the mean over classes, so it is not the area under these pooled curves.")
+    return Chart("pr", title, svg.render(), cap)
+
+
+def charts(rep: dict[str, Any]) -> list[Chart]:
+    return [pr_chart(rep)]
+
+
+def rows(rep: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """mAP@0.5:0.95 and the score-calibration figures the detection gate checks."""
+    cand = rep["candidate"]
+    s, c = rep["source"].get("detection") or {}, cand.get("detection") or {}
+    if not s or not c:
+        return []
+    thr = c.get("score_threshold", 0.25)
+    rows = [("mAP@0.5:0.95 (%)", f"{s['map50_95']:.2f}", f"{c['map50_95']:.2f}",
+             f"{c['map50_95'] - s['map50_95']:+.2f} pt"),
+            ("mean true-positive score", f"{s['mean_tp_score']:.3f}", f"{c['mean_tp_score']:.3f}",
+             f"{c['mean_tp_score'] - s['mean_tp_score']:+.3f}"),
+            (f"recall at score >= {thr:g} (%)", f"{s['recall']:.2f}", f"{c['recall']:.2f}",
+             f"{c['recall'] - s['recall']:+.2f} pt"),
+            (f"precision at score >= {thr:g} (%)", f"{s['precision']:.2f}", f"{c['precision']:.2f}",
+             f"{c['precision'] - s['precision']:+.2f} pt"),
+            ("detection agreement", "", f"{cand['fidelity'].get('detection_agreement', 0.0):.4f}", "")]
+    if cand.get("cpu_int8_kernel_metric") is not None:
+        rows.append(("mAP@0.5, ORT fused int8 CPU kernels (%)", "", f"{cand['cpu_int8_kernel_metric']:.2f}",
+                     "not gated"))
+    quant = cand.get("quantization") or {}
+    ranges, floats = quant.get("ranges") or {}, set(quant.get("float_outputs") or [])
+    outs = {k: v for k, v in ranges.items() if k.startswith("output")}
+    if outs:
+        rows.append(("calibrated amax of the outputs", "", ", ".join(
+            f"{k} float" if k in floats else f"{k} {v:.3g}" for k, v in outs.items()),
+            "float: not quantized (head kept in float, or placement: weighted)" if floats else ""))
+    return rows
