@@ -102,7 +102,7 @@ class ArchClassifier(Workload):
         import torch
 
         from edgeslim.components.common.data import Splits
-        from edgeslim.components.transform.train import fit
+        from edgeslim.components.transform.train import TrainConfig, fit
         from edgeslim.plugins.datasets import SklearnDigits
 
         d = SklearnDigits(seed=ctx.seed).load()
@@ -115,10 +115,11 @@ class ArchClassifier(Workload):
         torch.manual_seed(ctx.seed)
         model = self.build(10)
         ctx.log(f"training {self.name} from scratch at 224 ({self.epochs} epochs, {len(d.x_train)} images)")
-        ctx.teacher = fit(model, x=ctx.data.x_train, y=ctx.data.y_train, epochs=self.epochs, lr=self.lr,
-                          batch_size=self.batch_size, seed=ctx.seed,
-                          progress=lambda e, n_, loss: ctx.log(f"  epoch {e}/{n_} loss {loss:.3f}"),
-                          recalibrate_batchnorm=True)  # a few epochs from scratch: MobileNetV3's 0.01 lags
+        # a few epochs from scratch: MobileNetV3's BatchNorm momentum 0.01 lags, so recalibrate
+        ctx.teacher = fit(model, TrainConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+                                             seed=ctx.seed, recalibrate_batchnorm=True),
+                          x=ctx.data.x_train, y=ctx.data.y_train,
+                          progress=lambda e, n_, loss: ctx.log(f"  epoch {e}/{n_} loss {loss:.3f}"))
 
     def rows(self, ctx: Context) -> Iterator[RowSpec]:
         import torch

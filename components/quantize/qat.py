@@ -495,7 +495,7 @@ def qat(model: nn.Module, config: QATQuantizeConfig, *, data: Splits | None, out
     Raises:
         DataError: there is no training data.
     """
-    from edgeslim.components.transform.train import augmentation, fit
+    from edgeslim.components.transform.train import TrainConfig, augmentation, fit
     from edgeslim.components.common.onnx_runtime import sqnr_db
     from edgeslim.components.common.accuracy import top1_percent
     from edgeslim.components.export import run_onnx
@@ -517,10 +517,10 @@ def qat(model: nn.Module, config: QATQuantizeConfig, *, data: Splits | None, out
         return fq
 
     def train(fq: nn.Module) -> None:
-        fit(fq, x=data.x_train, y=data.y_train, teacher=kd, epochs=config.epochs, lr=config.lr,
-            batch_size=config.batch_size, schedule="cosine", weight_decay=0.0,
-            temperature=config.temperature, alpha=config.alpha, seed=config.seed, progress=progress,
-            augment=augmentation(config.augment), recalibrate_batchnorm=False)
+        fit(fq, TrainConfig(epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, schedule="cosine",
+                            weight_decay=0.0, temperature=config.temperature, alpha=config.alpha, seed=config.seed,
+                            augment=augmentation(config.augment), recalibrate_batchnorm=False),
+            x=data.x_train, y=data.y_train, teacher=kd, progress=progress)
 
     run = qat_chain(model, config.ptq(), data=data, out_dir=Path(out_dir), export_config=export_config or
                     OnnxExportConfig(), fp32_onnx=fp32_onnx, twin=twin, train=train, plain=lambda fq: fq.fp32_model())

@@ -45,10 +45,11 @@ def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: 
                      progress=None) -> nn.Module:
     """Train a classifier with AdamW and a one-cycle schedule; repeatable for a seed.
 
-    The one training loop is :func:`edgeslim.components.transform.distill.fit` (here without a teacher).
+    The one training loop is :func:`edgeslim.components.transform.train.fit` (here without a teacher).
     """
-    from edgeslim.components.transform.train import fit, random_shift
+    from edgeslim.components.transform.train import TrainConfig, fit, random_shift
 
-    return fit(model, x=x, y=y, epochs=epochs, lr=lr, batch_size=batch_size, optimizer="adamw", augment=random_shift,
-               schedule="onecycle", weight_decay=1e-4, seed=seed, progress=progress)
+    return fit(model, TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, optimizer="adamw", augment=random_shift,
+                                  schedule="onecycle", weight_decay=1e-4, seed=seed),
+               x=x, y=y, progress=progress)
 

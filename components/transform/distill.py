@@ -19,7 +19,7 @@ from edgeslim.components.common.errors import ConfigError, SourceError
 from edgeslim.components.common.accuracy import top1
 from edgeslim.components.common.result import StageResult
 from edgeslim.components.common.stage_configs import FeatureDistillConfig, LogitDistillConfig
-from edgeslim.components.transform.train import Progress, augmentation, fit
+from edgeslim.components.transform.train import Progress, TrainConfig, augmentation, fit
 
 def check_output_shape(student: nn.Module, teacher: nn.Module, example: torch.Tensor,
                        what: str) -> None:
@@ -96,12 +96,13 @@ def distill(model: nn.Module, config: LogitDistillConfig, *, data: Splits, teach
 
     before = top1(student, data.x_val, data.y_val)
     pairs = config.layer_pairs if isinstance(config, FeatureDistillConfig) else None
-    fit(student, x=data.x_train, y=data.y_train, teacher=teacher, epochs=config.epochs,
-        lr=config.lr, batch_size=config.batch_size, optimizer=config.optimizer,
-        schedule=config.schedule, weight_decay=config.weight_decay,
-        temperature=config.temperature, alpha=config.alpha, seed=config.seed,
-        feature_pairs=pairs, feature_weight=getattr(config, "feature_weight", 0.0),
-        progress=progress, augment=augmentation(config.augment))
+    fit(student, TrainConfig(epochs=config.epochs, lr=config.lr, batch_size=config.batch_size,
+                             optimizer=config.optimizer, schedule=config.schedule,
+                             weight_decay=config.weight_decay, temperature=config.temperature,
+                             alpha=config.alpha, seed=config.seed, feature_pairs=pairs,
+                             feature_weight=getattr(config, "feature_weight", 0.0),
+                             augment=augmentation(config.augment)),
+        x=data.x_train, y=data.y_train, teacher=teacher, progress=progress)
     macs, params = count_macs_params(student, example[:1])
     t_macs, t_params = count_macs_params(teacher, example[:1])
     metrics = {

@@ -293,7 +293,7 @@ def prune(model: nn.Module, config: ChannelPruneConfig, *, data: Splits,
     Raises:
         ConfigError: a pattern matches no layer, or the target would empty a layer.
     """
-    from edgeslim.components.transform.train import augmentation, fit
+    from edgeslim.components.transform.train import TrainConfig, augmentation, fit
 
     start = time.perf_counter()
     work = copy.deepcopy(model).eval()
@@ -324,11 +324,11 @@ def prune(model: nn.Module, config: ChannelPruneConfig, *, data: Splits,
         loss = float("nan")
         if config.finetune_epochs:
             losses: list[float] = []
-            fit(work, x=data.x_train, y=data.y_train, teacher=kd_teacher,
-                epochs=config.finetune_epochs, lr=config.lr, batch_size=config.batch_size,
-                temperature=config.temperature, alpha=config.alpha, seed=config.seed + step,
-                schedule="onecycle", progress=lambda e, n, l: losses.append(l),
-                augment=augmentation(config.augment), recalibrate_batchnorm=True)
+            fit(work, TrainConfig(epochs=config.finetune_epochs, lr=config.lr, batch_size=config.batch_size,
+                                  temperature=config.temperature, alpha=config.alpha, seed=config.seed + step,
+                                  schedule="onecycle", augment=augmentation(config.augment),
+                                  recalibrate_batchnorm=True),
+                x=data.x_train, y=data.y_train, teacher=kd_teacher, progress=lambda e, n, l: losses.append(l))
             loss = losses[-1]
         history.append({"step": step, "size": size, "goal": goal, "top1_val_pruned": pruned_top1,
                         "top1_val_finetuned": top1(work, data.x_val, data.y_val)})

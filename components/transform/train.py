@@ -1,14 +1,15 @@
 """The one training loop: plain training, logit and feature distillation, a task's own loss.
 
-Distillation, pruning's fine-tuning, QAT and the reference models all train with :func:`fit`.
+Distillation, pruning's fine-tuning, QAT and the reference models all train with :func:`fit`, whose
+settings are one :class:`TrainConfig`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
-
 
 import numpy as np
 import torch
@@ -269,46 +270,83 @@ def recalibrate_stale_batchnorm(model: nn.Module, xt, steps: int, batch_size: in
     return len(stale)
 
 
-def fit(student: nn.Module, *, x: np.ndarray, y: np.ndarray, teacher: nn.Module | None = None,
-        epochs: int, lr: float, batch_size: int = 64, optimizer: str = "adamw",
-        schedule: str = "onecycle", weight_decay: float = 1e-4, temperature: float = 4.0,
-        alpha: float = 0.7, seed: int = 0, feature_pairs: list[list[str]] | None = None,
-        feature_weight: float = 1.0, progress: Progress | None = None,
-        loss_fn: Callable[[Any, Any, Any], torch.Tensor] | None = None,
-        augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
-        warmup: float = 0.3, device: str | None = None, recalibrate_batchnorm: bool = False) -> nn.Module:
-    """Train ``student`` in place, optionally distilled from ``teacher``; return it in eval mode.
+@dataclass(frozen=True)
+class TrainConfig:
+    """The settings of one :func:`fit` run: everything that decides the trained weights besides the
+    model, the data and the loss.
 
-    Args:
-        student: the model trained (changed in place; pass a copy to keep the original).
-        x: training inputs: a numpy array, or a lazy split read one batch at a time.
-        y: integer class labels, or for a ``loss_fn`` any targets indexed per sample (a tensor, or
-            lists/dicts of tensors whose first axis is the sample); ``None`` when it needs none.
-        teacher: the model imitated (frozen, eval mode); None for plain training.
-        epochs: passes over ``x``.
+    Attributes:
+        epochs: passes over the training inputs.
         lr: peak learning rate.
-        feature_pairs: ``[[teacher layer, student layer], ...]`` for feature KD.
-        progress: called with (epoch, epochs, last loss) after each epoch.
-        loss_fn: ``(student outputs, teacher outputs or None, labels batch or None) -> loss``
-            instead of the classification/KD loss (e.g. a detector's output matching).
+        batch_size: samples per step.
+        optimizer: ``adamw``, ``adam`` or ``sgd`` (:func:`make_optimizer`).
+        schedule: ``onecycle``, ``cosine``, ``step`` or ``constant`` (:func:`make_scheduler`).
+        weight_decay: the optimizer's weight decay.
+        warmup: share of the steps the one-cycle schedule spends rising to ``lr``.
+        temperature: the distillation temperature of :func:`kd_loss`.
+        alpha: the soft targets' share of :func:`kd_loss` (with a teacher).
+        feature_pairs: ``((teacher layer, student layer), ...)`` for feature KD; None for none.
+        feature_weight: the weight of each feature pair's squared error in the loss.
+        seed: seeds torch's global generator and the loop's own (batch order, augmentation).
         augment: ``(input batch, generator) -> input batch`` applied to every training batch
-            (e.g. :func:`random_shift`); None trains on the inputs as they are.
+            (e.g. :func:`random_shift`, or :func:`augmentation` of a recipe's list); None trains on
+            the inputs as they are.
         device: where to train (:func:`training_device`: a GPU when torch sees one). The batches
             move there one at a time; the student (and teacher) come back on the CPU.
         recalibrate_batchnorm: at the end, give stale BatchNorm statistics the training inputs'
             average (:func:`recalibrate_stale_batchnorm`). Pruning asks for it: its short fine-tunes
             follow a change of architecture. QAT must not: its fake-quant model keeps the statistics
             its Q/DQ twin was calibrated with.
-        warmup: share of the steps the one-cycle schedule spends rising to ``lr``.
+    """
+
+    epochs: int
+    lr: float
+    batch_size: int = 64
+    optimizer: str = "adamw"
+    schedule: str = "onecycle"
+    weight_decay: float = 1e-4
+    warmup: float = 0.3
+    temperature: float = 4.0
+    alpha: float = 0.7
+    feature_pairs: Sequence[Sequence[str]] | None = None
+    feature_weight: float = 1.0
+    seed: int = 0
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+    device: str | None = None
+    recalibrate_batchnorm: bool = False
+
+    def __post_init__(self) -> None:
+        pairs = tuple(tuple(p) for p in self.feature_pairs) if self.feature_pairs else None
+        object.__setattr__(self, "feature_pairs", pairs)
+
+
+def fit(student: nn.Module, config: TrainConfig, *, x: np.ndarray, y: np.ndarray,
+        teacher: nn.Module | None = None, loss_fn: Callable[[Any, Any, Any], torch.Tensor] | None = None,
+        progress: Progress | None = None) -> nn.Module:
+    """Train ``student`` in place as ``config`` says, optionally distilled from ``teacher``; return it
+    in eval mode.
+
+    Args:
+        student: the model trained (changed in place; pass a copy to keep the original).
+        config: the loop's settings (:class:`TrainConfig`).
+        x: training inputs: a numpy array, or a lazy split read one batch at a time.
+        y: integer class labels, or for a ``loss_fn`` any targets indexed per sample (a tensor, or
+            lists/dicts of tensors whose first axis is the sample); ``None`` when it needs none.
+        teacher: the model imitated (frozen, eval mode); None for plain training.
+        loss_fn: ``(student outputs, teacher outputs or None, labels batch or None) -> loss``
+            instead of the classification/KD loss (e.g. a detector's output matching).
+        progress: called with (epoch, epochs, last loss) after each epoch.
 
     Raises:
         DataError: there are no training samples.
     """
+    c = config
+    epochs, batch_size, feature_pairs, augment = c.epochs, c.batch_size, c.feature_pairs, c.augment
     if len(x) == 0:
         raise DataError("training data: the train split is empty; training needs samples")
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    dev = training_device(device)
+    torch.manual_seed(c.seed)
+    gen = torch.Generator().manual_seed(c.seed)
+    dev = training_device(c.device)
     student.to(dev)
     if teacher is not None:
         teacher.to(dev)
@@ -338,9 +376,9 @@ def fit(student: nn.Module, *, x: np.ndarray, y: np.ndarray, teacher: nn.Module 
         teacher.eval()
         for p in thawed:
             p.requires_grad_(False)
-    opt = make_optimizer(params, optimizer, lr, weight_decay)
+    opt = make_optimizer(params, c.optimizer, c.lr, c.weight_decay)
     steps_per_epoch = (len(xt) + batch_size - 1) // batch_size
-    sched = make_scheduler(opt, schedule, lr, epochs * steps_per_epoch, warmup)
+    sched = make_scheduler(opt, c.schedule, c.lr, epochs * steps_per_epoch, c.warmup)
     try:
         for epoch in range(epochs):
             student.train()
@@ -361,10 +399,10 @@ def fit(student: nn.Module, *, x: np.ndarray, y: np.ndarray, teacher: nn.Module 
                 if loss_fn is not None:
                     loss = loss_fn(s_out, t_out, yb)
                 else:
-                    loss = kd_loss(s_out, t_out, yb, temperature, alpha if teacher is not None else 0.0)
+                    loss = kd_loss(s_out, t_out, yb, c.temperature, c.alpha if teacher is not None else 0.0)
                 if feature_pairs:
                     for adapter, (t_name, s_name) in zip(adapters, feature_pairs):
-                        loss = loss + feature_weight * nn.functional.mse_loss(
+                        loss = loss + c.feature_weight * nn.functional.mse_loss(
                             adapter(s_tap.outputs[s_name]), t_tap.outputs[t_name].detach())
                 opt.zero_grad()
                 loss.backward()
@@ -375,7 +413,7 @@ def fit(student: nn.Module, *, x: np.ndarray, y: np.ndarray, teacher: nn.Module 
                 listen(epoch + 1, epochs, float(total) / len(xt))
             if progress:
                 progress(epoch + 1, epochs, float(loss.detach()))
-        if recalibrate_batchnorm:
+        if c.recalibrate_batchnorm:
             recalibrate_stale_batchnorm(student, xt, epochs * steps_per_epoch, batch_size, dev)
     finally:
         if s_tap:

@@ -14,7 +14,7 @@ from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import ConfigError
 from edgeslim.components.common.stage_configs import ChannelPruneConfig, LogitDistillConfig
 from edgeslim.components.recipe import recipe_from_dict
-from edgeslim.components.transform.train import augmentation, fit, random_hflip, random_shift
+from edgeslim.components.transform.train import TrainConfig, augmentation, fit, random_hflip, random_shift
 from edgeslim.pipelines.demo import DEMO_RECIPE
 
 
@@ -37,7 +37,7 @@ def _batches(augment) -> tuple[np.ndarray, list[torch.Tensor]]:
     x = rng.normal(size=(16, 3, 6, 10)).astype(np.float32)
     y = rng.integers(0, 2, 16)
     model = Recorder()
-    fit(model, x=x, y=y, epochs=2, lr=1e-3, batch_size=16, augment=augment, seed=0)
+    fit(model, TrainConfig(epochs=2, lr=1e-3, batch_size=16, augment=augment, seed=0), x=x, y=y)
     return x, model.seen
 
 

@@ -8,7 +8,7 @@ from edgeslim.components.common.errors import ConfigError, DataError
 from edgeslim.components.reference.digits import DigitsCNN
 from edgeslim.components.common.stage_configs import FeatureDistillConfig, LogitDistillConfig
 from edgeslim.components.transform.distill import distill
-from edgeslim.components.transform.train import fit, kd_loss
+from edgeslim.components.transform.train import TrainConfig, fit, kd_loss
 from edgeslim.components.transform.prune import count_macs_params
 from tests.spread import measured
 
@@ -133,4 +133,4 @@ def test_config_refusals():
 def test_fit_needs_samples():
     d = digits()
     with pytest.raises(DataError, match="empty"):
-        fit(DigitsCNN(4), x=d.x_train[:0], y=d.y_train[:0], epochs=1, lr=1e-3)
+        fit(DigitsCNN(4), TrainConfig(epochs=1, lr=1e-3), x=d.x_train[:0], y=d.y_train[:0])

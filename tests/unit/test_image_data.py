@@ -371,7 +371,7 @@ def test_classification_path_runs_on_a_lazy_imagefolder_without_holding_a_split(
     from edgeslim.components.recipe import AccuracyGateConfig, EvaluateConfig
     from edgeslim.components.common.accuracy import top1
     from edgeslim.components.transform.stages import apply_torch_stages
-    from edgeslim.components.transform.train import fit
+    from edgeslim.components.transform.train import TrainConfig, fit
 
     write_imagefolder(tmp_path, layout="flat")
     data = load_data("imagefolder", {"root": str(tmp_path), "val_fraction": 0.1, "test_fraction": 0.2},
@@ -392,7 +392,7 @@ def test_classification_path_runs_on_a_lazy_imagefolder_without_holding_a_split(
     monkeypatch.setattr(LazyImages, "_rows", counted)
 
     torch.manual_seed(0)
-    teacher = fit(TinyNet(), x=data.x_train, y=data.y_train, epochs=6, lr=1e-2, seed=0)
+    teacher = fit(TinyNet(), TrainConfig(epochs=6, lr=1e-2, seed=0), x=data.x_train, y=data.y_train)
     assert top1(teacher, data.x_val, data.y_val) > 80.0
     student = apply_torch_stages(teacher, [LogitDistillConfig(epochs=1, student="previous")], data=data,
                                  teacher=teacher).model

@@ -265,15 +265,16 @@ def test_training_curves_one_panel_per_stage():
 def test_fit_reports_the_mean_loss_of_every_epoch():
     import torch
 
-    from edgeslim.components.transform.train import _EPOCH_LISTENERS, epoch_losses, fit
+    from edgeslim.components.transform.train import _EPOCH_LISTENERS, TrainConfig, epoch_losses, fit
 
     torch.manual_seed(0)
     x = np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32)
     y = (x[:, 0] > 0).astype(np.int64)
     seen, last = [], []
     with epoch_losses(lambda e, n, loss: seen.append((e, n))) as losses:
-        fit(torch.nn.Linear(4, 2), x=x, y=y, epochs=3, lr=0.05, batch_size=16, progress=lambda e, n, l: last.append(l))
-        fit(torch.nn.Linear(4, 2), x=x, y=y, epochs=2, lr=0.05, batch_size=16)
+        fit(torch.nn.Linear(4, 2), TrainConfig(epochs=3, lr=0.05, batch_size=16), x=x, y=y,
+            progress=lambda e, n, l: last.append(l))
+        fit(torch.nn.Linear(4, 2), TrainConfig(epochs=2, lr=0.05, batch_size=16), x=x, y=y)
     assert seen == [(1, 3), (2, 3), (3, 3), (1, 2), (2, 2)] and len(losses) == 5
     assert losses[2] < losses[0]  # it learns
     assert losses[:3] != last     # the mean over the epoch, not the last batch's loss

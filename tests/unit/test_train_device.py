@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from edgeslim.components.common.errors import ConfigError
-from edgeslim.components.transform.train import fit, training_device
+from edgeslim.components.transform.train import TrainConfig, fit, training_device
 
 
 def test_the_cpu_is_chosen_where_torch_sees_no_gpu_and_the_model_stays_usable(monkeypatch):
@@ -18,7 +18,7 @@ def test_the_cpu_is_chosen_where_torch_sees_no_gpu_and_the_model_stays_usable(mo
     rng = np.random.default_rng(0)
     x = rng.normal(size=(32, 4)).astype(np.float32)
     y = (x[:, 0] > 0).astype(np.int64)
-    model = fit(nn.Linear(4, 2), x=x, y=y, epochs=30, lr=0.05, batch_size=8)
+    model = fit(nn.Linear(4, 2), TrainConfig(epochs=30, lr=0.05, batch_size=8), x=x, y=y)
     assert next(model.parameters()).device.type == "cpu"
     assert (model(torch.from_numpy(x)).argmax(1).numpy() == y).mean() > 0.9
 

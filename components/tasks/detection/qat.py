@@ -270,7 +270,7 @@ def qat_detector(model: nn.Module, config, *, data: Splits, out_dir: str | Path,
     """
     from edgeslim.components.common.stage_configs import OnnxExportConfig
     from edgeslim.components.quantize.qat import qat_chain
-    from edgeslim.components.transform.train import augmentation, fit
+    from edgeslim.components.transform.train import TrainConfig, augmentation, fit
 
     t0 = time.perf_counter()
     if len(data.x_train) == 0:
@@ -290,10 +290,10 @@ def qat_detector(model: nn.Module, config, *, data: Splits, out_dir: str | Path,
 
     def train(fq: nn.Module) -> None:
         with training_outputs(fq, ref):
-            fit(fq, x=data.x_train, y=None, teacher=ref, epochs=config.epochs, lr=config.lr,
-                batch_size=config.batch_size, schedule="cosine", weight_decay=0.0, seed=config.seed,
-                progress=progress, loss_fn=output_matching_loss, augment=augmentation(config.augment),
-                recalibrate_batchnorm=False)
+            fit(fq, TrainConfig(epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, schedule="cosine",
+                                weight_decay=0.0, seed=config.seed, augment=augmentation(config.augment),
+                                recalibrate_batchnorm=False),
+                x=data.x_train, y=None, teacher=ref, loss_fn=output_matching_loss, progress=progress)
         err["fake_quant_tuned"] = output_error(fq.eval(), ref, x_val)
 
     run = qat_chain(fp32, cfg, data=data, out_dir=Path(out_dir), export_config=export_config or OnnxExportConfig(),

@@ -32,7 +32,7 @@ from edgeslim.components.common.errors import ConfigError
 from edgeslim.components.common.result import StageResult
 from edgeslim.components.common.stage_configs import ChannelPruneConfig, FeatureDistillConfig, LogitDistillConfig
 from edgeslim.components.transform.c2f import without_splits
-from edgeslim.components.transform.train import fit
+from edgeslim.components.transform.train import TrainConfig, fit
 from edgeslim.components.transform.yolo import attention_layers, last_layers, split_free
 
 # What a detector's pruning fine-tunes with: the detection loss on the labels for (box, cls) map pairs,
@@ -371,11 +371,12 @@ def train_detector(model: nn.Module, x: np.ndarray, labels: Sequence[np.ndarray]
     # A head with an export flag (Ultralytics' Detect) returns its raw values beside the decoded ones in eval
     # mode too while it trains, so the teacher's raw outputs can be matched.
     with training_outputs(*[m for m in (model, t_model) if m is not None]):
-        return fit(model, x=np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x, y=targets,
-                   teacher=t_model, epochs=epochs, lr=lr, batch_size=batch_size, optimizer="adamw",
-                   schedule="onecycle", weight_decay=5e-4, warmup=0.15, seed=seed,
-                   feature_pairs=[[n, n] for n in feature_layers] or None, feature_weight=feature_weight,
-                   progress=progress, loss_fn=loss_fn, recalibrate_batchnorm=recalibrate_batchnorm)
+        return fit(model, TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, optimizer="adamw",
+                                      schedule="onecycle", weight_decay=5e-4, warmup=0.15, seed=seed,
+                                      feature_pairs=[[n, n] for n in feature_layers] or None,
+                                      feature_weight=feature_weight, recalibrate_batchnorm=recalibrate_batchnorm),
+                   x=np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x, y=targets, teacher=t_model,
+                   loss_fn=loss_fn, progress=progress)
 
 
 def returns_map_pairs(model: nn.Module, example: torch.Tensor, raw: Any = None) -> bool:
@@ -403,10 +404,11 @@ def finetune_outputs(model: nn.Module, reference: nn.Module, x, *, epochs: int, 
 
     ref = copy.deepcopy(reference).eval()
     with training_outputs(model, ref):
-        return fit(model, x=np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x, y=None, teacher=ref,
-                   epochs=epochs, lr=lr, batch_size=batch_size, optimizer="adamw", schedule="onecycle",
-                   weight_decay=5e-4, warmup=0.15, seed=seed, progress=progress, loss_fn=output_matching_loss,
-                   recalibrate_batchnorm=recalibrate_batchnorm)
+        return fit(model, TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, optimizer="adamw",
+                                      schedule="onecycle", weight_decay=5e-4, warmup=0.15, seed=seed,
+                                      recalibrate_batchnorm=recalibrate_batchnorm),
+                   x=np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x, y=None, teacher=ref,
+                   loss_fn=output_matching_loss, progress=progress)
 
 
 @torch.no_grad()
