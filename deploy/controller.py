@@ -249,11 +249,14 @@ def golden_check(model_dir: Path, cfg: WaveRolloutConfig) -> dict[str, Any]:
     expected outputs recorded by whoever logged the model), the model's MLflow input
     example (real samples; the pipeline logs two calibration images), or a seeded random
     input. Expected outputs not recorded are computed here with ONNX Runtime, which proves
-    the device runs *this* model the same way. For a detector (``task`` in the metadata),
-    the check also carries the decoded golden detections, the decoder settings and the
-    ``iou``/``score_tol`` tolerances: the device compares boxes, not raw maps.
+    the device runs *this* model the same way. The model's task (``task`` in the metadata) adds
+    what its runtime half compares on the device, and the check records the task: a detector's
+    check carries the decoded golden detections and the ``iou``/``score_tol`` tolerances, and the
+    device compares boxes, not raw maps.
     """
     import numpy as np
+
+    from edgeslim.components.common.tasks import runtime_for
 
     meta_path = model_dir / "edge_meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
@@ -278,15 +281,11 @@ def golden_check(model_dir: Path, cfg: WaveRolloutConfig) -> dict[str, Any]:
             source = "a seeded random input, run by the controller with onnxruntime"
         outs = {o.name: v for o, v in zip(sess.get_outputs(), sess.run(None, {inp.name: x}))}
     check.update(input=encode_array(x), outputs={k: encode_array(v) for k, v in outs.items()}, source=source)
-    from edgeslim.components.common.task_config import task_from_dict
-
-    task = task_from_dict(meta.get("task"))
-    if getattr(task, "decodes_boxes", False):
-        from edgeslim.components.tasks.detection.runtime import decode_outputs
-
-        dets = decode_outputs(outs, task)
-        check.update(task=task.to_dict(), detections=[encode_array(np.asarray(d, dtype=np.float32)) for d in dets],
-                     iou=cfg.iou, score_tol=cfg.score_tol)
+    # The task the model records adds what its device check compares (a detector's decoded golden boxes).
+    meta_task = meta.get("task")
+    check.update(runtime_for(meta_task).golden(outs, cfg))
+    if meta_task is not None:
+        check["task"] = meta_task
     return check
 
 

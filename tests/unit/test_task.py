@@ -1,4 +1,5 @@
-"""The Task is chosen once from the recipe; your own task plugs in through an entry point."""
+"""The Task is chosen once from the recipe through the task registry; your own task plugs in through an
+entry point, the built-in ones the same way."""
 
 from __future__ import annotations
 
@@ -9,19 +10,34 @@ import textwrap
 import pytest
 
 from edgeslim.components.common.errors import ConfigError
-from edgeslim.components.common.tasks import task_from_dict
+from edgeslim.components.common.tasks import TASKS, Task, runtime_for, task_class, task_for, task_from_dict
 from edgeslim.components.recipe import recipe_from_dict
-from edgeslim.components.task import ClassificationTask, DetectionTask, task_for
 
 DETECTION = {"kind": "detection", "num_classes": 3,
              "decoder": {"heads": [{"box": "output_0", "cls": "output_1", "stride": 8}]}}
 
 
 def test_built_in_tasks_by_kind():
-    assert type(task_for(task_from_dict(None))) is ClassificationTask
+    from importlib.metadata import entry_points
+
+    # the built-in tasks are registered exactly as a plugin's: entry points of the installed distribution
+    installed = {ep.name: ep.value for ep in entry_points(group="edgeslim.tasks")}
+    assert installed["classification"] == "edgeslim.components.tasks.classification:ClassificationTask"
+    assert installed["detection"] == "edgeslim.components.tasks.detection:DetectionTask"
+    cls = task_for(task_from_dict(None))
     det = task_for(task_from_dict(DETECTION))
-    assert type(det) is DetectionTask and det.metadata()["num_classes"] == 3
-    assert task_for(task_from_dict(None)).metadata() == "classification"
+    assert type(cls).__name__ == "ClassificationTask" and cls.metadata() == "classification"
+    assert type(det).__name__ == "DetectionTask" and det.metadata()["num_classes"] == 3
+    assert isinstance(cls, Task) and isinstance(det, Task)  # every method of the protocol
+
+
+def test_no_task_subclasses_another():
+    kinds = [task_class(k) for k in TASKS.names()]
+    for t in kinds:
+        assert [b for b in t.__mro__[1:] if b is not object] == [], f"{t.__name__} inherits {t.__mro__[1:]}"
+    # and each has its own runtime half
+    assert type(runtime_for(None)).__name__ == "ClassificationRuntime"
+    assert type(runtime_for(DETECTION)).__name__ == "DetectionRuntime"
 
 
 def test_a_detection_recipe_may_ask_for_qat():
@@ -44,8 +60,9 @@ def test_a_detection_recipe_with_a_top_level_gate_is_refused_not_ignored():
 
 
 def test_an_unknown_kind_names_the_entry_point_group():
-    with pytest.raises(ConfigError, match="edgeslim.tasks"):
-        task_from_dict({"kind": "segmentation"})
+    with pytest.raises(ConfigError, match="edgeslim.tasks") as err:
+        task_from_dict({"kind": "detecton"})
+    assert "did you mean 'detection'" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_your_own_task_through_an_installed_entry_point(tmp_path):
@@ -53,21 +70,26 @@ def test_your_own_task_through_an_installed_entry_point(tmp_path):
     (tmp_path / "my_tasks.py").write_text(textwrap.dedent('''
         import dataclasses
         from typing import Literal
-        from edgeslim.components.common.config import Config
-        from edgeslim.components.task import ClassificationTask
+        from edgeslim.components.common.tasks import TaskConfig
 
         @dataclasses.dataclass(frozen=True)
-        class SegConfig(Config):
+        class SegConfig(TaskConfig):
             kind: Literal["segmentation"] = "segmentation"
             num_classes: int = 2
             quantize_methods = ("ptq", "auto")
 
-        class SegTask(ClassificationTask):
+        class SegTask:
             kind = "segmentation"
             config_class = SegConfig
 
+            def __init__(self, config):
+                self.config = config
+
             def gate(self, metrics, recipe):
                 return {"passed": metrics["miou"] > 50, "summary": "mIoU", "checks": []}
+
+            def metadata(self):
+                return self.config.metadata()
     '''))
     dist = tmp_path / "my_tasks-0.1.dist-info"
     dist.mkdir()
@@ -75,7 +97,7 @@ def test_your_own_task_through_an_installed_entry_point(tmp_path):
     (dist / "entry_points.txt").write_text("[edgeslim.tasks]\nsegmentation = my_tasks:SegTask\n")
     code = textwrap.dedent('''
         from edgeslim.components.recipe import recipe_from_dict
-        from edgeslim.components.task import task_for
+        from edgeslim.components.common.tasks import task_for
         r = recipe_from_dict({"source": "models:/m@champion", "task": {"kind": "segmentation", "num_classes": 5}})
         t = task_for(r.task)
         print(type(t).__name__, r.task.num_classes, t.gate({"miou": 61.0}, r)["passed"], t.metadata()["kind"])
