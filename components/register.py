@@ -144,10 +144,11 @@ class _EdgeFlavorWithEnv:
 
 
 def version_description(*, parent: dict[str, Any], recipe_hash: str, gate_result: dict[str, Any],
-                        evaluation: dict[str, Any]) -> str:
-    """The model version's description: where it came from, the gate's verdict, what changed."""
+                        evaluation: dict[str, Any], metric_label: str = "metric") -> str:
+    """The model version's description: where it came from, the gate's verdict, what changed
+    (``metric_label``: the task metric, as the task names it)."""
     src, cand = evaluation["source"], evaluation["candidate"]
-    name = {"top1": "top-1", "map50": "mAP@0.5"}.get(evaluation.get("metric_name", "top1"), "metric")
+    name = metric_label
     fid = cand.get("fidelity") or {}
     sqnr = fid.get("quantization_sqnr_db", fid.get("sqnr_db"))
     return (
@@ -266,7 +267,8 @@ def register(candidate_onnx: str | Path, *, parent: dict[str, Any], recipe, eval
             model_uri = f"models:/{model_id}" if model_id else info.model_uri
             mv = mlflow.register_model(model_uri, name, tags={**tags, TAG + "model_id": model_id})
             client.update_model_version(name, mv.version, description=version_description(
-                parent=parent, recipe_hash=recipe_hash, gate_result=gate_result, evaluation=evaluation))
+                parent=parent, recipe_hash=recipe_hash, gate_result=gate_result, evaluation=evaluation,
+                metric_label=task_for(recipe.task).metric_label))
             client.set_registered_model_alias(name, alias, mv.version)
             client.set_registered_model_tag(name, TAG + "parent_name", parent["name"])
             # The release key signs what passed the gate (fleets install nothing else).

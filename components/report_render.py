@@ -45,9 +45,10 @@ def format_table(rep: dict[str, Any]) -> str:
 
 
 def _metric_field(rep: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[str, str]:
-    fields = (("metric", "top-1 on val (%)"), ("map50", "mAP@0.5 on val (%)"))
-    for key, label in fields[::-1] if rep.get("metric_name") == "map50" else fields:
-        if rows and all(isinstance(r.get(key), (int, float)) for r in rows):
+    """The trials' field of the task metric (a strategy's rows name it as the evaluation does, or ``metric``)."""
+    label = f"{report_task(rep).metric_label} on val (%)"
+    for key in (rep.get("metric_name"), "metric"):
+        if key and rows and all(isinstance(r.get(key), (int, float)) for r in rows):
             return key, label
     return "", ""
 

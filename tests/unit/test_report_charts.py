@@ -311,7 +311,8 @@ def test_register_gives_the_edge_model_a_signature_and_a_description(tmp_path):
     assert [r.split("==")[0] for r in reqs] == ["edgeslim", "onnxruntime", "numpy"]
     ev = _evaluation()
     text = version_description(parent={"name": "tiny", "version": "3"}, recipe_hash="abc123",
-                               gate_result={"passed": True, "summary": "passed: fine"}, evaluation=ev)
+                               gate_result={"passed": True, "summary": "passed: fine"}, evaluation=ev,
+                               metric_label="top-1")
     assert text.startswith("int8 Q/DQ ONNX (edgeslim ") and "models:/tiny/3, recipe abc123" in text
     assert "Gate: passed, passed: fine" in text
     assert "top-1 on the test split: 99.00% -> 98.60% (-0.40 pt); size 900,000 B -> 215,000 B (4.2x smaller)" in text

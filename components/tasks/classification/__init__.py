@@ -18,7 +18,7 @@ class ClassificationTask:
     kind = "classification"
     config_class = ClassificationTaskConfig
     runtime = ClassificationRuntime
-    metric_label = "top1"  # the task metric, as the report names it
+    metric_label = "top-1"  # the task metric, as the report names it
     labels = "class indices: y_* integer arrays of shape (N,)"
 
     def __init__(self, config: ClassificationTaskConfig | None = None):
