@@ -6,13 +6,12 @@ JetPack. A *device class* pins all of that under one exact key such as
 ``orin-sm87-jp6.1-trt10.3``; a device refuses anything else.
 
 This module imports no torch, mlflow, kfp or tensorrt: the device agent on a
-Jetson uses it. The CUDA driver is asked through ``ctypes`` (``libcuda``
-ships with every NVIDIA driver, toolkit or not).
+Jetson uses it. What GPU 0 is comes from the CUDA driver through ``ctypes``
+(``cuda``), toolkit or not.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import difflib
 import re
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from edgeslim.components.common.errors import DeviceError
+from edgeslim.components.engine.cuda import gpu0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,43 +300,6 @@ class LocalDevice:
         return ", ".join(parts)
 
 
-# CUDA driver API attribute ids (cuda.h: CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR/MINOR).
-_CC_MAJOR, _CC_MINOR = 75, 76
-
-
-def load_libcuda():
-    """The CUDA driver library, or ``None`` where there is no NVIDIA driver."""
-    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
-        try:
-            return ctypes.CDLL(name)
-        except OSError:
-            continue
-    return None
-
-
-def _cuda_gpu0() -> Optional[tuple[str, tuple[int, int], str, int]]:
-    lib = load_libcuda()
-    if lib is None or lib.cuInit(0) != 0:
-        return None
-    count = ctypes.c_int(0)
-    if lib.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value < 1:
-        return None
-    dev = ctypes.c_int(0)
-    lib.cuDeviceGet(ctypes.byref(dev), 0)
-    name = ctypes.create_string_buffer(256)
-    lib.cuDeviceGetName(name, 256, dev)
-    major, minor, ver = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(0)
-    lib.cuDeviceGetAttribute(ctypes.byref(major), _CC_MAJOR, dev)
-    lib.cuDeviceGetAttribute(ctypes.byref(minor), _CC_MINOR, dev)
-    lib.cuDriverGetVersion(ctypes.byref(ver))
-    mem = ctypes.c_size_t(0)
-    total = getattr(lib, "cuDeviceTotalMem_v2", None)
-    if total is not None:
-        total(ctypes.byref(mem), dev)
-    driver = f"{ver.value // 1000}.{(ver.value % 1000) // 10}"
-    return name.value.decode(errors="replace"), (major.value, minor.value), driver, mem.value >> 20
-
-
 def installed_tensorrt_version() -> Optional[str]:
     """TensorRT's version without importing it when package metadata has it."""
     from importlib import metadata
@@ -385,7 +348,7 @@ def _jetpack_from_dpkg(status: Path = Path("/var/lib/dpkg/status")) -> Optional[
 
 def detect_local_device(tegra_release: Path = Path("/etc/nv_tegra_release")) -> Optional[LocalDevice]:
     """GPU 0 of this node, or ``None`` where there is no CUDA device."""
-    gpu = _cuda_gpu0()
+    gpu = gpu0()
     if gpu is None:
         return None
     name, cc, driver, mem = gpu

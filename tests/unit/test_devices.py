@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgeslim.components.engine import devices
+from edgeslim.components.engine import cuda, devices
 from edgeslim.components.common.errors import DeviceError
 from edgeslim.components.engine.devices import (DeviceClass, LocalDevice, detect_device_class, get_device_class,
                                          known_device_classes, match_device_class, parse_l4t_release)
@@ -57,7 +57,7 @@ def test_unknown_node_lists_known_classes():
 
 
 def test_no_cuda_device_is_refused_plainly(monkeypatch):
-    monkeypatch.setattr(devices, "load_libcuda", lambda: None)  # this machine has no driver either way
+    monkeypatch.setattr(cuda, "load_libcuda", lambda: None)  # this machine has no driver either way
     assert devices.detect_local_device() is None
     with pytest.raises(DeviceError, match="no CUDA device"):
         detect_device_class()
