@@ -13,12 +13,12 @@ Jetson uses it. What GPU 0 is comes from the CUDA driver through ``ctypes``
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 from pathlib import Path
 from typing import Optional
 
 from edgeslim.components.common.errors import DeviceError
+from edgeslim.components.common.registry import Registry
 from edgeslim.components.engine.cuda import gpu0
 
 
@@ -86,63 +86,76 @@ def _gfd_selector(major: int, minor: int) -> dict:
     return {"nvidia.com/gpu.compute.major": str(major), "nvidia.com/gpu.compute.minor": str(minor)}
 
 
-_BUILTIN = (
-    DeviceClass("orin-sm87-jp6.1-trt10.3", "jetson", "Orin (Ampere)", (8, 7), "10.3", "6.1", "12.6", 2,
-                _jetson_selector("orin-sm87-jp6.1-trt10.3"),
-                "Jetson AGX Orin / Orin NX / Orin Nano, JetPack 6.1 (L4T R36.4), TensorRT 10.3"),
-    DeviceClass("orin-sm87-jp6.2-trt10.3", "jetson", "Orin (Ampere)", (8, 7), "10.3", "6.2", "12.6", 2,
-                _jetson_selector("orin-sm87-jp6.2-trt10.3"),
-                "Jetson AGX Orin / Orin NX / Orin Nano, JetPack 6.2 (L4T R36.4.3), TensorRT 10.3"),
-    DeviceClass("xavier-sm72-jp5.1-trt8.5", "jetson", "Xavier (Volta)", (7, 2), "8.5", "5.1", "11.4", 2,
-                _jetson_selector("xavier-sm72-jp5.1-trt8.5"),
-                "Jetson AGX Xavier / Xavier NX, JetPack 5.1 (L4T R35), TensorRT 8.5"),
-    DeviceClass("ada-sm89-trt10", "datacenter", "Ada", (8, 9), "10", None, "12", 0, _gfd_selector(8, 9),
-                "Ada datacenter GPU (L4, L40S), TensorRT 10.x"),
-    DeviceClass("hopper-sm90-trt10", "datacenter", "Hopper", (9, 0), "10", None, "12", 0, _gfd_selector(9, 0),
-                "Hopper datacenter GPU (H100, H200), TensorRT 10.x"),
-    DeviceClass("hopper-sm90-trt11", "datacenter", "Hopper", (9, 0), "11", None, "13", 0, _gfd_selector(9, 0),
-                "Hopper datacenter GPU (H100, H200), TensorRT 11.x"),
-)
-_REGISTRY: dict[str, DeviceClass] = {d.key: d for d in _BUILTIN}
+# The built-in classes. pyproject.toml registers each under the entry-point group
+# "edgeslim.device_classes", exactly as a package of yours registers an in-house board.
+ORIN_JP61 = DeviceClass(
+    "orin-sm87-jp6.1-trt10.3", "jetson", "Orin (Ampere)", (8, 7), "10.3", "6.1", "12.6", 2,
+    _jetson_selector("orin-sm87-jp6.1-trt10.3"),
+    "Jetson AGX Orin / Orin NX / Orin Nano, JetPack 6.1 (L4T R36.4), TensorRT 10.3")
+ORIN_JP62 = DeviceClass(
+    "orin-sm87-jp6.2-trt10.3", "jetson", "Orin (Ampere)", (8, 7), "10.3", "6.2", "12.6", 2,
+    _jetson_selector("orin-sm87-jp6.2-trt10.3"),
+    "Jetson AGX Orin / Orin NX / Orin Nano, JetPack 6.2 (L4T R36.4.3), TensorRT 10.3")
+XAVIER_JP51 = DeviceClass(
+    "xavier-sm72-jp5.1-trt8.5", "jetson", "Xavier (Volta)", (7, 2), "8.5", "5.1", "11.4", 2,
+    _jetson_selector("xavier-sm72-jp5.1-trt8.5"),
+    "Jetson AGX Xavier / Xavier NX, JetPack 5.1 (L4T R35), TensorRT 8.5")
+ADA_TRT10 = DeviceClass("ada-sm89-trt10", "datacenter", "Ada", (8, 9), "10", None, "12", 0, _gfd_selector(8, 9),
+                        "Ada datacenter GPU (L4, L40S), TensorRT 10.x")
+HOPPER_TRT10 = DeviceClass("hopper-sm90-trt10", "datacenter", "Hopper", (9, 0), "10", None, "12", 0,
+                           _gfd_selector(9, 0), "Hopper datacenter GPU (H100, H200), TensorRT 10.x")
+HOPPER_TRT11 = DeviceClass("hopper-sm90-trt11", "datacenter", "Hopper", (9, 0), "11", None, "13", 0,
+                           _gfd_selector(9, 0), "Hopper datacenter GPU (H100, H200), TensorRT 11.x")
 
+DEVICE_CLASSES: Registry[DeviceClass] = Registry("edgeslim.device_classes", "device class", error=DeviceError)
 
 _KEY = re.compile(r"^[a-z0-9][a-z0-9.-]*$")
 
 
+def _key_problem(key: str) -> Optional[str]:
+    if _KEY.match(key):
+        return None
+    return (f"device class key {key!r}: use lower-case letters, digits, '.' and '-', "
+            "like 'orin-sm87-jp6.1-trt10.3'")
+
+
 def register_device_class(device_class: DeviceClass) -> DeviceClass:
-    """Add a device class (e.g. an in-house board). Its key must be new."""
-    if not _KEY.match(device_class.key):
-        raise DeviceError(
-            f"device class key {device_class.key!r}: use lower-case letters, digits, '.' and '-', "
-            "like 'orin-sm87-jp6.1-trt10.3'"
-        )
-    if device_class.key in _REGISTRY and _REGISTRY[device_class.key] != device_class:
-        raise DeviceError(f"device class {device_class.key!r} is already registered; pick a new key")
-    _REGISTRY[device_class.key] = device_class
-    return device_class
+    """Add a device class for this process (a notebook, a test). Its key must be new.
+
+    An entry point in the group ``edgeslim.device_classes`` is the lasting way:
+    ``my-board-sm87-trt10.3 = "mypkg.boards:MY_BOARD"``.
+    """
+    problem = _key_problem(device_class.key)
+    if problem:
+        raise DeviceError(problem)
+    return DEVICE_CLASSES.register(device_class.key, device_class)
 
 
 def known_device_classes() -> list[str]:
     """The keys of every known device class, sorted."""
-    return sorted(_REGISTRY)
+    return DEVICE_CLASSES.names()
 
 
 def unknown_class_message(key: str) -> str:
-    close = difflib.get_close_matches(key, known_device_classes(), n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return f"unknown device class {key!r}; {hint}known: {', '.join(known_device_classes())}"
+    """The one line that refuses ``key``: the closest known key, and all of them."""
+    return DEVICE_CLASSES.unknown(key)
 
 
 def get_device_class(key: str) -> DeviceClass:
     """The device class registered under ``key``.
 
     Raises:
-        DeviceError: no such key; the message lists the known ones.
+        DeviceError: no such key (the message lists the known ones), or what is
+            registered under it is not a ``DeviceClass`` of that key.
     """
-    try:
-        return _REGISTRY[key]
-    except (KeyError, TypeError):
-        raise DeviceError(unknown_class_message(str(key))) from None
+    device_class = DEVICE_CLASSES.get(key)
+    problem = _key_problem(key)
+    if problem:
+        raise DeviceError(problem)
+    if not (isinstance(device_class, DeviceClass) and device_class.key == key):
+        raise DeviceError(f"device class {key!r}: its entry point in the group {DEVICE_CLASSES.group!r} names "
+                          f"{device_class!r:.120}, not a DeviceClass with the key {key!r}; point it at one")
+    return device_class
 
 
 # --- where a class's TensorRT comes from -----------------------------------------------------
@@ -414,7 +427,8 @@ def match_device_class(key: str, local: LocalDevice, *, hardware_compatibility: 
 
 def classes_for(local: LocalDevice, *, check_tensorrt: bool = True) -> list[DeviceClass]:
     """Every known device class this node matches exactly (its GPU and JetPack alone, without ``check_tensorrt``)."""
-    return [d for d in _REGISTRY.values() if mismatch_reason(d, local, check_tensorrt=check_tensorrt) is None]
+    classes = [get_device_class(key) for key in known_device_classes()]
+    return [d for d in classes if mismatch_reason(d, local, check_tensorrt=check_tensorrt) is None]
 
 
 def detect_device_class(local: Optional[LocalDevice] = None) -> DeviceClass:
@@ -437,7 +451,8 @@ def detect_device_class(local: Optional[LocalDevice] = None) -> DeviceClass:
     if not hits:
         raise DeviceError(
             f"this node ({local.describe()}) matches no known device class; known: "
-            f"{', '.join(known_device_classes())}; register one with register_device_class()"
+            f"{', '.join(known_device_classes())}; register one with an entry point in the group "
+            f"{DEVICE_CLASSES.group!r}"
         )
     # The most specific key wins (a pinned JetPack/minor TensorRT before a bare major).
     return max(hits, key=lambda d: (len(d.tensorrt), d.jetpack or ""))

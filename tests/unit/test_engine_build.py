@@ -335,7 +335,7 @@ def test_builder_imports_no_torch_mlflow_kfp_or_tensorrt():
 
 
 @pytest.fixture
-def extra_classes(monkeypatch):
+def extra_classes():
     """Two device classes only for these tests (the registry is global: undone after each test)."""
     from edgeslim.components.engine import devices
 
@@ -343,8 +343,10 @@ def extra_classes(monkeypatch):
     thor = devices.DeviceClass("orin-sm87-jp7.0-trt11.0", "jetson", "Orin (Ampere)", (8, 7), "11.0", "7.0",
                                "13", 2)
     for dc in (ampere, thor):
-        monkeypatch.setitem(devices._REGISTRY, dc.key, dc)
-    return ampere.key, thor.key
+        devices.register_device_class(dc)
+    yield ampere.key, thor.key
+    for dc in (ampere, thor):
+        devices.DEVICE_CLASSES.unregister(dc.key)
 
 
 def test_every_version_gated_setting_is_refused_for_a_class_without_it_in_one_line(extra_classes):
