@@ -167,7 +167,7 @@ class EdgeModel:
         self.runner = self.session = fallback = None
         if self.choice.kind == "tensorrt":
             try:
-                from edgeslim.components.engine.builder import EngineRunner
+                from edgeslim.components.engine.runner import EngineRunner
 
                 key = self.choice.device_class
                 self.runner = EngineRunner(self.path / ENGINES_DIR / key, self.engines[key], local=local)

@@ -1,9 +1,11 @@
-"""engine: Q/DQ ONNX -> TensorRT engine for one device class, and the runner that executes it.
+"""engine: Q/DQ ONNX -> TensorRT engine for one device class, and the metadata stored beside it.
 
 Imports no torch, mlflow or kfp: the device agent on a Jetson builds engines
 with it on first install. ``tensorrt`` and ``onnx`` are imported inside the
 functions that need them, so that everything else here (device matching,
 profiles, metadata, cache keys, refusals) works where TensorRT is missing.
+The runner that executes an engine is ``runner``; the TensorRT calls both make
+go through ``tensorrt_calls``.
 
 The TensorRT API generation is picked at run time:
 
@@ -16,16 +18,14 @@ The TensorRT API generation is picked at run time:
 
 Settings that only some TensorRT versions have (``devices.TENSORRT_FEATURES``)
 are refused, in one line, before TensorRT is asked. Whatever TensorRT raises or
-logs on the way (a builder or runtime it cannot create, a parser error, an
-engine it cannot deserialize) becomes a ``DeviceError``/``SourceError`` that
-carries the last error lines of its log, so callers fall back to ONNX Runtime.
+logs on the way (a builder it cannot create, a parser error, a failed build)
+becomes a ``DeviceError``/``SourceError`` that carries the last error lines of
+its log, so callers fall back to ONNX Runtime.
 tests/unit/test_trt_conformance.py checks every TensorRT name used here
 against the real Python bindings of each generation.
 """
-
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import datetime
 import hashlib
@@ -40,11 +40,11 @@ import numpy as np
 
 from edgeslim.components.engine.config import TensorRTEngineConfig
 from edgeslim.components.common.hashing import file_sha256  # noqa: F401  (re-exported)
-from edgeslim.components.common.errors import (ConfigError, DeviceError, EdgeslimError, MissingDependencyError,
-                                               SourceError)
+from edgeslim.components.common.errors import ConfigError, DeviceError, SourceError
 from edgeslim.components.engine.devices import (TENSORRT_FEATURES, DeviceClass, LocalDevice, detect_local_device,
-                                                get_device_class, match_device_class, tensorrt_install_hint,
-                                                version_tuple)
+                                                get_device_class, match_device_class, version_tuple)
+from edgeslim.components.engine.tensorrt_calls import (TENSORRT_FAILURES, Steps, collecting_logger, enum_member,
+                                                       import_tensorrt, log_problems)
 
 log = logging.getLogger(__name__)
 
@@ -57,40 +57,7 @@ NOT_BUILT_NO_CUDA = "not built: no CUDA device; devices build it from the Q/DQ O
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
-# --- TensorRT, lazily --------------------------------------------------------------------
-
-
-def _class_or_none(device_class: Optional[str]) -> Optional[DeviceClass]:
-    try:
-        return get_device_class(device_class) if device_class else None
-    except DeviceError:
-        return None
-
-
-def tensorrt_available(device_class: Optional[str] = None) -> tuple[bool, str]:
-    """Whether ``import tensorrt`` works here, and a line saying why (not).
-
-    Importing it loads its (large) libraries but needs no GPU. The hint names
-    the extra (or JetPack) of ``device_class``, or of every class without one.
-    """
-    try:
-        import tensorrt as trt
-    except (ImportError, OSError) as exc:
-        return False, (f"tensorrt cannot be imported ({type(exc).__name__}: {' '.join(str(exc).split())}); "
-                       f"{tensorrt_install_hint(_class_or_none(device_class))}")
-    return True, f"tensorrt {trt.__version__}"
-
-
-def import_tensorrt(why: str, device_class: Optional[str] = None):
-    """``import tensorrt``, or ``MissingDependencyError`` with the install hint of ``device_class``."""
-    try:
-        import tensorrt as trt
-    except (ImportError, OSError):
-        exc = MissingDependencyError("tensorrt", None, why)
-        exc.msg = f"tensorrt is not installed: {why}; {tensorrt_install_hint(_class_or_none(device_class))}"
-        exc.args = (exc.msg,)  # ImportError prints .msg, the rest .args
-        raise exc from None
-    return trt
+# --- TensorRT versions --------------------------------------------------------------------
 
 
 def trt_major(version: str) -> int:
@@ -538,75 +505,19 @@ def _cache_lookup(entry: Path, out_dir: Path) -> Optional[BuiltEngine]:
     return BuiltEngine(out_dir / ENGINE_FILE, meta, out_dir / LOG_FILE, None, cached=True)
 
 
-def _collecting_logger(trt, lines: list[str]):
-    """A TensorRT logger that keeps every message (the build log, or why a load failed)."""
-
-    class _Logger(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-
-        def log(self, severity, msg):
-            lines.append(f"[{getattr(severity, 'name', severity)}] {' '.join(str(msg).split())}")
-
-    return _Logger()
-
-
-# What the bindings raise: pybind11 turns a null object into TypeError ("factory function returned
-# nullptr": no usable GPU, driver or CUDA for this TensorRT), C++ exceptions into RuntimeError & co.
-_TENSORRT_FAILURES = (TypeError, RuntimeError, ValueError, IndexError, MemoryError)
-
-
-def log_problems(lines: list[str], n: int = 2) -> str:
-    """The last ``n`` error lines of a TensorRT log (warnings when it logged no error), on one line."""
-    errors = [ln for ln in lines if ln.startswith(("[ERROR]", "[INTERNAL_ERROR]"))]
-    picked = errors or [ln for ln in lines if ln.startswith("[WARNING]")]
-    return " | ".join(picked[-n:]) if picked else "TensorRT logged no error"
-
-
-class _Steps:
-    """Names the TensorRT call under way; whatever the bindings raise there becomes one ``DeviceError``
-    line: the step, the exception, and the last error lines of the TensorRT log."""
-
-    def __init__(self, version: str, lines: list[str]):
-        self.version, self.lines, self.now = version, lines, "start"
-
-    def __call__(self, what: str) -> None:
-        self.now = what
-
-    def __enter__(self) -> "_Steps":
-        return self
-
-    def __exit__(self, tp, exc, tb) -> bool:
-        if isinstance(exc, _TENSORRT_FAILURES) and not isinstance(exc, EdgeslimError):
-            said = " ".join(str(exc).split()) or "no message"
-            why = "; no usable GPU, driver or CUDA for this TensorRT here" if "returned nullptr" in said else ""
-            raise DeviceError(f"TensorRT {self.version} could not {self.now} ({type(exc).__name__}: {said}){why}; "
-                              f"TensorRT log: {log_problems(self.lines)}") from None
-        return False
-
-
-def _member(trt, enum: str, name: str):
-    """``trt.<enum>.<name>``, or a one-line ``DeviceError`` when this TensorRT has no such member."""
-    try:
-        return getattr(getattr(trt, enum), name)
-    except AttributeError:
-        raise DeviceError(f"TensorRT {trt.__version__} has no {enum}.{name}; build on a node whose TensorRT "
-                          "matches the device class") from None
-
-
 def _build_with_tensorrt(trt, plan: BuildPlan, cache_blob: bytes, lines: list[str]):
     """The TensorRT calls. Returns (engine bytes, timing cache bytes, io description)."""
     config = plan.config
     version = str(trt.__version__)
     use = tensorrt_settings(version, config)
-    with _Steps(version, lines) as step:
+    with Steps(version, lines) as step:
         step("create its builder")
-        logger = _collecting_logger(trt, lines)
+        logger = collecting_logger(trt, lines)
         builder = trt.Builder(logger)
         step("create the network")
         net_flags = 0
         for name in use["NetworkDefinitionCreationFlag"]:
-            net_flags |= 1 << int(_member(trt, "NetworkDefinitionCreationFlag", name))
+            net_flags |= 1 << int(enum_member(trt, "NetworkDefinitionCreationFlag", name))
         network = builder.create_network(net_flags)
         step("create the ONNX parser")
         parser = trt.OnnxParser(network, logger)
@@ -618,16 +529,16 @@ def _build_with_tensorrt(trt, plan: BuildPlan, cache_blob: bytes, lines: list[st
 
         step("configure the build")
         cfg = builder.create_builder_config()
-        cfg.set_memory_pool_limit(_member(trt, "MemoryPoolType", "WORKSPACE"), config.workspace_mib << 20)
+        cfg.set_memory_pool_limit(enum_member(trt, "MemoryPoolType", "WORKSPACE"), config.workspace_mib << 20)
         for name in use["BuilderFlag"]:
-            cfg.set_flag(_member(trt, "BuilderFlag", name))
+            cfg.set_flag(enum_member(trt, "BuilderFlag", name))
         for name in use["HardwareCompatibilityLevel"]:
-            cfg.hardware_compatibility_level = _member(trt, "HardwareCompatibilityLevel", name)
+            cfg.hardware_compatibility_level = enum_member(trt, "HardwareCompatibilityLevel", name)
         if config.dla_core is not None:
             if config.dla_core >= builder.num_DLA_cores:
                 raise DeviceError(f"engines.dla_core is {config.dla_core}, but this device has "
                                   f"{builder.num_DLA_cores} DLA core(s); pick one below that or null")
-            cfg.default_device_type = _member(trt, "DeviceType", "DLA")
+            cfg.default_device_type = enum_member(trt, "DeviceType", "DLA")
             cfg.DLA_core = config.dla_core
         if any(s.dynamic_axes for s in plan.onnx.inputs):
             profile = builder.create_optimization_profile()
@@ -657,7 +568,7 @@ def _attach_timing_cache(cfg, cache_blob: bytes, lines: list[str]) -> None:
     if cache_blob:
         try:
             cache = cfg.create_timing_cache(cache_blob)
-        except _TENSORRT_FAILURES:  # a blob this TensorRT cannot read at all
+        except TENSORRT_FAILURES:  # a blob this TensorRT cannot read at all
             cache = None
         if cache is not None and cfg.set_timing_cache(cache, False):
             return
@@ -679,193 +590,3 @@ def _io_of_network(trt, network) -> dict[str, list[dict]]:
 
     return {"inputs": [spec(network.get_input(i)) for i in range(network.num_inputs)],
             "outputs": [spec(network.get_output(i)) for i in range(network.num_outputs)]}
-
-
-# --- running an engine ------------------------------------------------------------------------
-
-
-class _CudaDriver:
-    """The few CUDA driver calls a runner needs, through ctypes (no pycuda, no torch)."""
-
-    def __init__(self):
-        from edgeslim.components.engine.devices import load_libcuda
-
-        lib = load_libcuda()
-        if lib is None or lib.cuInit(0) != 0:
-            raise DeviceError("no CUDA device on this node; the TensorRT engine cannot run here "
-                              "(the ONNX Runtime backend can)")
-        u64, vp = ctypes.c_uint64, ctypes.c_void_p
-        lib.cuMemAlloc_v2.argtypes = [ctypes.POINTER(u64), ctypes.c_size_t]
-        lib.cuMemFree_v2.argtypes = [u64]
-        lib.cuMemcpyHtoD_v2.argtypes = [u64, vp, ctypes.c_size_t]
-        lib.cuMemcpyDtoH_v2.argtypes = [vp, u64, ctypes.c_size_t]
-        lib.cuStreamCreate.argtypes = [ctypes.POINTER(vp), ctypes.c_uint]
-        lib.cuStreamSynchronize.argtypes = [vp]
-        lib.cuStreamDestroy_v2.argtypes = [vp]
-        lib.cuDevicePrimaryCtxRetain.argtypes = [ctypes.POINTER(vp), ctypes.c_int]
-        lib.cuCtxSetCurrent.argtypes = [vp]
-        self.lib = lib
-        ctx = vp()
-        # TensorRT uses the CUDA runtime, which works in the device's primary context.
-        self._check(lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), 0), "cuDevicePrimaryCtxRetain")
-        self._check(lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
-        stream = vp()
-        self._check(lib.cuStreamCreate(ctypes.byref(stream), 0), "cuStreamCreate")
-        self.stream = stream
-
-    @staticmethod
-    def _check(code: int, what: str) -> None:
-        if code != 0:
-            raise DeviceError(f"CUDA driver call {what} failed with error {code}")
-
-    def alloc(self, nbytes: int) -> int:
-        ptr = ctypes.c_uint64(0)
-        self._check(self.lib.cuMemAlloc_v2(ctypes.byref(ptr), max(int(nbytes), 1)), "cuMemAlloc")
-        return ptr.value
-
-    def free(self, ptr: int) -> None:
-        self.lib.cuMemFree_v2(ptr)
-
-    def to_device(self, ptr: int, arr: np.ndarray) -> None:
-        self._check(self.lib.cuMemcpyHtoD_v2(ptr, arr.ctypes.data, arr.nbytes), "cuMemcpyHtoD")
-
-    def to_host(self, arr: np.ndarray, ptr: int) -> None:
-        self._check(self.lib.cuMemcpyDtoH_v2(arr.ctypes.data, ptr, arr.nbytes), "cuMemcpyDtoH")
-
-    def sync(self) -> None:
-        self._check(self.lib.cuStreamSynchronize(self.stream), "cuStreamSynchronize")
-
-    def close(self) -> None:
-        if self.stream:
-            self.lib.cuStreamDestroy_v2(self.stream)
-            self.stream = None
-
-
-class EngineRunner:
-    """Deserializes an engine and runs batches through it.
-
-    Refuses, in one line, an engine from another TensorRT version or GPU
-    architecture before TensorRT is asked to load it.
-    """
-
-    def __init__(self, engine_path: str | Path, metadata: Optional[dict[str, Any]] = None,
-                 local: Optional[LocalDevice] = None):
-        path = Path(engine_path)
-        self.engine_path = path / ENGINE_FILE if path.is_dir() else path
-        if not self.engine_path.is_file():
-            raise DeviceError(f"engine {self.engine_path}: no such file")
-        self.metadata = metadata if metadata is not None else read_metadata(self.engine_path)
-        blob = self.engine_path.read_bytes()
-        if self.metadata.get("sha256") and hashlib.sha256(blob).hexdigest() != self.metadata["sha256"]:
-            raise DeviceError(f"engine {self.engine_path}: its sha256 differs from its metadata; "
-                              "download it again or rebuild it from the Q/DQ ONNX")
-        trt = import_tensorrt("running a TensorRT engine", self.metadata.get("device_class"))
-        self.trt = trt
-        version = str(trt.__version__)
-        check_engine_compatible(self.metadata, version, local or detect_local_device())
-        self.cuda = _CudaDriver()
-        self.log: list[str] = []
-        try:
-            self._load(trt, version, blob)
-        except BaseException:
-            self.cuda.close()
-            raise
-        self.backend = f"tensorrt:{self.metadata.get('device_class', '?')}"
-
-    def _load(self, trt, version: str, blob: bytes) -> None:
-        with _Steps(version, self.log) as step:
-            step("create its runtime")
-            self._logger = _collecting_logger(trt, self.log)
-            self.runtime = trt.Runtime(self._logger)
-            if self.metadata.get("version_compatible"):
-                # A version-compatible engine carries its own lean runtime, which is host code.
-                self.runtime.engine_host_code_allowed = True
-            step(f"deserialize {self.engine_path.name}")
-            self.engine = self.runtime.deserialize_cuda_engine(blob)
-            if self.engine is None:
-                raise DeviceError(f"TensorRT {version} cannot deserialize {self.engine_path}: "
-                                  f"{log_problems(self.log)}; rebuild it here from the Q/DQ ONNX")
-            step("create an execution context")
-            self.context = self.engine.create_execution_context()
-            if self.context is None:
-                raise DeviceError(f"TensorRT {version} could not create an execution context for "
-                                  f"{self.engine_path.name}: {log_problems(self.log)}")
-            step("read the engine's inputs and outputs")
-            names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-            is_input = _member(trt, "TensorIOMode", "INPUT")
-            self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == is_input]
-            self.outputs = [n for n in names if n not in self.inputs]
-            self.dtypes = {}
-            for n in names:
-                dtype = self.engine.get_tensor_dtype(n)
-                try:
-                    self.dtypes[n] = np.dtype(trt.nptype(dtype))
-                except TypeError:  # BF16, FP8, INT4, FP4: numpy has no such type
-                    raise DeviceError(f"engine {self.engine_path.name}: tensor {n!r} is {dtype}, which numpy "
-                                      "cannot hold; export the model with float32/float16/int8 inputs and "
-                                      "outputs") from None
-
-    def _batch_limit(self, name: str) -> tuple[int, bool]:
-        prof = (self.metadata.get("profiles") or {}).get(name)
-        static = int(self.engine.get_tensor_shape(name)[0])
-        if static > 0:
-            return static, True
-        return int(prof["max"][0]) if prof else 1, False
-
-    def run(self, feeds: dict[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
-        """Run a batch; a batch larger than the profile's maximum is split.
-
-        Args:
-            feeds: one array per input name, or one array for a single-input engine.
-
-        Returns:
-            One array per output name.
-        """
-        if not isinstance(feeds, dict):
-            feeds = {self.inputs[0]: feeds}
-        feeds = {n: np.ascontiguousarray(feeds[n], dtype=self.dtypes[n]) for n in self.inputs}
-        total = len(next(iter(feeds.values())))
-        limit, static = self._batch_limit(self.inputs[0])
-        parts: dict[str, list[np.ndarray]] = {n: [] for n in self.outputs}
-        for start in range(0, total, limit):
-            chunk = {n: a[start:start + limit] for n, a in feeds.items()}
-            real = len(next(iter(chunk.values())))
-            if static and real < limit:  # a fixed-batch engine: pad, then drop the padding
-                chunk = {n: np.concatenate([a, np.zeros((limit - real, *a.shape[1:]), a.dtype)])
-                         for n, a in chunk.items()}
-            for n, out in self._run_once(chunk).items():
-                parts[n].append(out[:real])
-        return {n: np.concatenate(v) for n, v in parts.items()}
-
-    def _run_once(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ptrs = []
-        try:
-            for n, a in feeds.items():
-                self.context.set_input_shape(n, a.shape)
-                ptr = self.cuda.alloc(a.nbytes)
-                ptrs.append(ptr)
-                self.cuda.to_device(ptr, a)
-                self.context.set_tensor_address(n, ptr)
-            outs = {}
-            for n in self.outputs:
-                shape = tuple(self.context.get_tensor_shape(n))
-                arr = np.empty(shape, dtype=self.dtypes[n])
-                ptr = self.cuda.alloc(arr.nbytes)
-                ptrs.append(ptr)
-                self.context.set_tensor_address(n, ptr)
-                outs[n] = (arr, ptr)
-            with _Steps(str(self.trt.__version__), self.log) as step:
-                step(f"run {self.engine_path.name}")
-                if not self.context.execute_async_v3(self.cuda.stream.value):
-                    raise DeviceError(f"TensorRT could not run {self.engine_path.name}: {log_problems(self.log)}")
-            self.cuda.sync()
-            for arr, ptr in outs.values():
-                self.cuda.to_host(arr, ptr)
-            return {n: arr for n, (arr, _) in outs.items()}
-        finally:
-            for p in ptrs:
-                self.cuda.free(p)
-
-    def close(self) -> None:
-        self.context = self.engine = None
-        self.cuda.close()

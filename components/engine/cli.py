@@ -90,7 +90,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from edgeslim.components.engine.devices import detect_local_device
-    from edgeslim.components.engine.builder import check_engine_compatible, import_tensorrt, read_metadata
+    from edgeslim.components.engine.builder import check_engine_compatible, read_metadata
+    from edgeslim.components.engine.tensorrt_calls import import_tensorrt
 
     meta = read_metadata(args.engine)
     trt = import_tensorrt("checking an engine against this TensorRT", meta.get("device_class"))

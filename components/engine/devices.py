@@ -6,20 +6,20 @@ JetPack. A *device class* pins all of that under one exact key such as
 ``orin-sm87-jp6.1-trt10.3``; a device refuses anything else.
 
 This module imports no torch, mlflow, kfp or tensorrt: the device agent on a
-Jetson uses it. The CUDA driver is asked through ``ctypes`` (``libcuda``
-ships with every NVIDIA driver, toolkit or not).
+Jetson uses it. What GPU 0 is comes from the CUDA driver through ``ctypes``
+(``cuda``), toolkit or not.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import difflib
 import re
 from pathlib import Path
 from typing import Optional
 
 from edgeslim.components.common.errors import DeviceError
+from edgeslim.components.common.registry import Registry
+from edgeslim.components.engine.cuda import gpu0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,63 +86,76 @@ def _gfd_selector(major: int, minor: int) -> dict:
     return {"nvidia.com/gpu.compute.major": str(major), "nvidia.com/gpu.compute.minor": str(minor)}
 
 
-_BUILTIN = (
-    DeviceClass("orin-sm87-jp6.1-trt10.3", "jetson", "Orin (Ampere)", (8, 7), "10.3", "6.1", "12.6", 2,
-                _jetson_selector("orin-sm87-jp6.1-trt10.3"),
-                "Jetson AGX Orin / Orin NX / Orin Nano, JetPack 6.1 (L4T R36.4), TensorRT 10.3"),
-    DeviceClass("orin-sm87-jp6.2-trt10.3", "jetson", "Orin (Ampere)", (8, 7), "10.3", "6.2", "12.6", 2,
-                _jetson_selector("orin-sm87-jp6.2-trt10.3"),
-                "Jetson AGX Orin / Orin NX / Orin Nano, JetPack 6.2 (L4T R36.4.3), TensorRT 10.3"),
-    DeviceClass("xavier-sm72-jp5.1-trt8.5", "jetson", "Xavier (Volta)", (7, 2), "8.5", "5.1", "11.4", 2,
-                _jetson_selector("xavier-sm72-jp5.1-trt8.5"),
-                "Jetson AGX Xavier / Xavier NX, JetPack 5.1 (L4T R35), TensorRT 8.5"),
-    DeviceClass("ada-sm89-trt10", "datacenter", "Ada", (8, 9), "10", None, "12", 0, _gfd_selector(8, 9),
-                "Ada datacenter GPU (L4, L40S), TensorRT 10.x"),
-    DeviceClass("hopper-sm90-trt10", "datacenter", "Hopper", (9, 0), "10", None, "12", 0, _gfd_selector(9, 0),
-                "Hopper datacenter GPU (H100, H200), TensorRT 10.x"),
-    DeviceClass("hopper-sm90-trt11", "datacenter", "Hopper", (9, 0), "11", None, "13", 0, _gfd_selector(9, 0),
-                "Hopper datacenter GPU (H100, H200), TensorRT 11.x"),
-)
-_REGISTRY: dict[str, DeviceClass] = {d.key: d for d in _BUILTIN}
+# The built-in classes. pyproject.toml registers each under the entry-point group
+# "edgeslim.device_classes", exactly as a package of yours registers an in-house board.
+ORIN_JP61 = DeviceClass(
+    "orin-sm87-jp6.1-trt10.3", "jetson", "Orin (Ampere)", (8, 7), "10.3", "6.1", "12.6", 2,
+    _jetson_selector("orin-sm87-jp6.1-trt10.3"),
+    "Jetson AGX Orin / Orin NX / Orin Nano, JetPack 6.1 (L4T R36.4), TensorRT 10.3")
+ORIN_JP62 = DeviceClass(
+    "orin-sm87-jp6.2-trt10.3", "jetson", "Orin (Ampere)", (8, 7), "10.3", "6.2", "12.6", 2,
+    _jetson_selector("orin-sm87-jp6.2-trt10.3"),
+    "Jetson AGX Orin / Orin NX / Orin Nano, JetPack 6.2 (L4T R36.4.3), TensorRT 10.3")
+XAVIER_JP51 = DeviceClass(
+    "xavier-sm72-jp5.1-trt8.5", "jetson", "Xavier (Volta)", (7, 2), "8.5", "5.1", "11.4", 2,
+    _jetson_selector("xavier-sm72-jp5.1-trt8.5"),
+    "Jetson AGX Xavier / Xavier NX, JetPack 5.1 (L4T R35), TensorRT 8.5")
+ADA_TRT10 = DeviceClass("ada-sm89-trt10", "datacenter", "Ada", (8, 9), "10", None, "12", 0, _gfd_selector(8, 9),
+                        "Ada datacenter GPU (L4, L40S), TensorRT 10.x")
+HOPPER_TRT10 = DeviceClass("hopper-sm90-trt10", "datacenter", "Hopper", (9, 0), "10", None, "12", 0,
+                           _gfd_selector(9, 0), "Hopper datacenter GPU (H100, H200), TensorRT 10.x")
+HOPPER_TRT11 = DeviceClass("hopper-sm90-trt11", "datacenter", "Hopper", (9, 0), "11", None, "13", 0,
+                           _gfd_selector(9, 0), "Hopper datacenter GPU (H100, H200), TensorRT 11.x")
 
+DEVICE_CLASSES: Registry[DeviceClass] = Registry("edgeslim.device_classes", "device class", error=DeviceError)
 
 _KEY = re.compile(r"^[a-z0-9][a-z0-9.-]*$")
 
 
+def _key_problem(key: str) -> Optional[str]:
+    if _KEY.match(key):
+        return None
+    return (f"device class key {key!r}: use lower-case letters, digits, '.' and '-', "
+            "like 'orin-sm87-jp6.1-trt10.3'")
+
+
 def register_device_class(device_class: DeviceClass) -> DeviceClass:
-    """Add a device class (e.g. an in-house board). Its key must be new."""
-    if not _KEY.match(device_class.key):
-        raise DeviceError(
-            f"device class key {device_class.key!r}: use lower-case letters, digits, '.' and '-', "
-            "like 'orin-sm87-jp6.1-trt10.3'"
-        )
-    if device_class.key in _REGISTRY and _REGISTRY[device_class.key] != device_class:
-        raise DeviceError(f"device class {device_class.key!r} is already registered; pick a new key")
-    _REGISTRY[device_class.key] = device_class
-    return device_class
+    """Add a device class for this process (a notebook, a test). Its key must be new.
+
+    An entry point in the group ``edgeslim.device_classes`` is the lasting way:
+    ``my-board-sm87-trt10.3 = "mypkg.boards:MY_BOARD"``.
+    """
+    problem = _key_problem(device_class.key)
+    if problem:
+        raise DeviceError(problem)
+    return DEVICE_CLASSES.register(device_class.key, device_class)
 
 
 def known_device_classes() -> list[str]:
     """The keys of every known device class, sorted."""
-    return sorted(_REGISTRY)
+    return DEVICE_CLASSES.names()
 
 
 def unknown_class_message(key: str) -> str:
-    close = difflib.get_close_matches(key, known_device_classes(), n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return f"unknown device class {key!r}; {hint}known: {', '.join(known_device_classes())}"
+    """The one line that refuses ``key``: the closest known key, and all of them."""
+    return DEVICE_CLASSES.unknown(key)
 
 
 def get_device_class(key: str) -> DeviceClass:
     """The device class registered under ``key``.
 
     Raises:
-        DeviceError: no such key; the message lists the known ones.
+        DeviceError: no such key (the message lists the known ones), or what is
+            registered under it is not a ``DeviceClass`` of that key.
     """
-    try:
-        return _REGISTRY[key]
-    except (KeyError, TypeError):
-        raise DeviceError(unknown_class_message(str(key))) from None
+    device_class = DEVICE_CLASSES.get(key)
+    problem = _key_problem(key)
+    if problem:
+        raise DeviceError(problem)
+    if not (isinstance(device_class, DeviceClass) and device_class.key == key):
+        raise DeviceError(f"device class {key!r}: its entry point in the group {DEVICE_CLASSES.group!r} names "
+                          f"{device_class!r:.120}, not a DeviceClass with the key {key!r}; point it at one")
+    return device_class
 
 
 # --- where a class's TensorRT comes from -----------------------------------------------------
@@ -300,43 +313,6 @@ class LocalDevice:
         return ", ".join(parts)
 
 
-# CUDA driver API attribute ids (cuda.h: CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR/MINOR).
-_CC_MAJOR, _CC_MINOR = 75, 76
-
-
-def load_libcuda():
-    """The CUDA driver library, or ``None`` where there is no NVIDIA driver."""
-    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
-        try:
-            return ctypes.CDLL(name)
-        except OSError:
-            continue
-    return None
-
-
-def _cuda_gpu0() -> Optional[tuple[str, tuple[int, int], str, int]]:
-    lib = load_libcuda()
-    if lib is None or lib.cuInit(0) != 0:
-        return None
-    count = ctypes.c_int(0)
-    if lib.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value < 1:
-        return None
-    dev = ctypes.c_int(0)
-    lib.cuDeviceGet(ctypes.byref(dev), 0)
-    name = ctypes.create_string_buffer(256)
-    lib.cuDeviceGetName(name, 256, dev)
-    major, minor, ver = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(0)
-    lib.cuDeviceGetAttribute(ctypes.byref(major), _CC_MAJOR, dev)
-    lib.cuDeviceGetAttribute(ctypes.byref(minor), _CC_MINOR, dev)
-    lib.cuDriverGetVersion(ctypes.byref(ver))
-    mem = ctypes.c_size_t(0)
-    total = getattr(lib, "cuDeviceTotalMem_v2", None)
-    if total is not None:
-        total(ctypes.byref(mem), dev)
-    driver = f"{ver.value // 1000}.{(ver.value % 1000) // 10}"
-    return name.value.decode(errors="replace"), (major.value, minor.value), driver, mem.value >> 20
-
-
 def installed_tensorrt_version() -> Optional[str]:
     """TensorRT's version without importing it when package metadata has it."""
     from importlib import metadata
@@ -385,7 +361,7 @@ def _jetpack_from_dpkg(status: Path = Path("/var/lib/dpkg/status")) -> Optional[
 
 def detect_local_device(tegra_release: Path = Path("/etc/nv_tegra_release")) -> Optional[LocalDevice]:
     """GPU 0 of this node, or ``None`` where there is no CUDA device."""
-    gpu = _cuda_gpu0()
+    gpu = gpu0()
     if gpu is None:
         return None
     name, cc, driver, mem = gpu
@@ -451,7 +427,8 @@ def match_device_class(key: str, local: LocalDevice, *, hardware_compatibility: 
 
 def classes_for(local: LocalDevice, *, check_tensorrt: bool = True) -> list[DeviceClass]:
     """Every known device class this node matches exactly (its GPU and JetPack alone, without ``check_tensorrt``)."""
-    return [d for d in _REGISTRY.values() if mismatch_reason(d, local, check_tensorrt=check_tensorrt) is None]
+    classes = [get_device_class(key) for key in known_device_classes()]
+    return [d for d in classes if mismatch_reason(d, local, check_tensorrt=check_tensorrt) is None]
 
 
 def detect_device_class(local: Optional[LocalDevice] = None) -> DeviceClass:
@@ -474,7 +451,8 @@ def detect_device_class(local: Optional[LocalDevice] = None) -> DeviceClass:
     if not hits:
         raise DeviceError(
             f"this node ({local.describe()}) matches no known device class; known: "
-            f"{', '.join(known_device_classes())}; register one with register_device_class()"
+            f"{', '.join(known_device_classes())}; register one with an entry point in the group "
+            f"{DEVICE_CLASSES.group!r}"
         )
     # The most specific key wins (a pinned JetPack/minor TensorRT before a bare major).
     return max(hits, key=lambda d: (len(d.tensorrt), d.jetpack or ""))

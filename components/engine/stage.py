@@ -27,8 +27,9 @@ from edgeslim.components.engine.config import EngineVerifyConfig, TensorRTEngine
 from edgeslim.components.common.errors import DataError, GateRejected
 from edgeslim.components.common.result import StageResult
 from edgeslim.components.engine.devices import LocalDevice, detect_local_device
-from edgeslim.components.engine.builder import (ENGINE_FILE, LOG_FILE, META_FILE, NOT_BUILT_NO_CUDA, TIMING_CACHE_FILE, EngineRunner,
+from edgeslim.components.engine.builder import (ENGINE_FILE, LOG_FILE, META_FILE, NOT_BUILT_NO_CUDA, TIMING_CACHE_FILE,
                      build_engine, plan_build)
+from edgeslim.components.engine.runner import EngineRunner
 
 log = logging.getLogger(__name__)
 SUMMARY_FILE = "engines.json"

@@ -479,7 +479,8 @@ class Agent:
         """The engine to ship in the release, the backend the device will use, and why not TensorRT
         when TensorRT is there but failed."""
         try:
-            from edgeslim.components.engine.builder import build_engine, tensorrt_available
+            from edgeslim.components.engine.builder import build_engine
+            from edgeslim.components.engine.tensorrt_calls import tensorrt_available
         except ImportError:
             return None, "onnxruntime", None
         ok, why = tensorrt_available()

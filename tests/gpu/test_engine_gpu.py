@@ -14,13 +14,15 @@ import pytest
 
 from edgeslim.components.engine import devices
 from edgeslim.components.engine import builder as eng
+from edgeslim.components.engine.runner import EngineRunner
+from edgeslim.components.engine.tensorrt_calls import tensorrt_available
 
 
 def _skip_reason() -> str | None:
     local = devices.detect_local_device()
     if local is None:
         return "no CUDA device on this machine (no NVIDIA driver answered)"
-    ok, why = eng.tensorrt_available()
+    ok, why = tensorrt_available()
     if not ok:
         return why
     try:
@@ -87,14 +89,14 @@ def test_runner_splits_large_batches_and_refuses_another_version(demo_qdq, devic
     from edgeslim.components.engine.stage import qdq_session, run_session
 
     built = eng.build_engine(qdq, tmp_path, device_class, TensorRTEngineConfig(max_batch=16))
-    runner = eng.EngineRunner(built.engine_path)
+    runner = EngineRunner(built.engine_path)
     out = runner.run(data.x_test[:50])[runner.outputs[0]]
     ref = run_session(qdq_session(qdq), data.x_test[:50])
     assert out.shape == ref.shape and (out.argmax(1) == ref.argmax(1)).mean() >= 0.98
     runner.close()
     meta = dict(built.metadata, tensorrt="9.9.9")
     with pytest.raises(eng.DeviceError, match="built with TensorRT 9.9.9"):
-        eng.EngineRunner(built.engine_path, meta)
+        EngineRunner(built.engine_path, meta)
 
 
 def test_pyfunc_runs_the_engine_when_it_matches(demo_qdq, device_class, tmp_path):

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import pytest
 
-from edgeslim.components.engine import devices
+from edgeslim.components.engine import cuda, devices
 from edgeslim.components.common.errors import DeviceError
+from edgeslim.components.common.registry import Registry
 from edgeslim.components.engine.devices import (DeviceClass, LocalDevice, detect_device_class, get_device_class,
                                          known_device_classes, match_device_class, parse_l4t_release)
+from tests.entry_points import install_entry_points
 
 ORIN_JP61 = LocalDevice("Orin", (8, 7), "12.6", "10.3.0.30", jetpack="6.1", l4t="36.4.0")
 XAVIER = LocalDevice("Xavier", (7, 2), "11.4", "8.5.2.2", jetpack="5.1.2", l4t="35.4.1")
@@ -57,7 +59,7 @@ def test_unknown_node_lists_known_classes():
 
 
 def test_no_cuda_device_is_refused_plainly(monkeypatch):
-    monkeypatch.setattr(devices, "load_libcuda", lambda: None)  # this machine has no driver either way
+    monkeypatch.setattr(cuda, "load_libcuda", lambda: None)  # this machine has no driver either way
     assert devices.detect_local_device() is None
     with pytest.raises(DeviceError, match="no CUDA device"):
         detect_device_class()
@@ -113,11 +115,52 @@ def test_l4t_release_and_jetpack_parsing():
     assert parse_l4t_release("not a tegra file") is None
 
 
-def test_registering_a_custom_class_makes_it_matchable(monkeypatch):
-    monkeypatch.setattr(devices, "_REGISTRY", dict(devices._REGISTRY))
+@pytest.fixture
+def fresh_registry(monkeypatch):
+    """The device classes as a fresh registry for one test: what it registers, or installs, goes with it."""
+    registry = Registry(devices.DEVICE_CLASSES.group, "device class", error=DeviceError)
+    monkeypatch.setattr(devices, "DEVICE_CLASSES", registry)
+    return registry
+
+
+def test_registering_a_custom_class_makes_it_matchable(fresh_registry):
     board = DeviceClass("thor-sm110-trt10.13", "jetson", "Thor", (11, 0), "10.13", "7.0", "13.0", 0)
     devices.register_device_class(board)
     thor = LocalDevice("Thor", (11, 0), "13.0", "10.13.2", jetpack="7.0", l4t="38.2.0")
     assert detect_device_class(thor).key == "thor-sm110-trt10.13"
     with pytest.raises(DeviceError, match="lower-case"):
         devices.register_device_class(DeviceClass("Bad Key", "jetson", "x", (1, 0), "1"))
+    with pytest.raises(DeviceError, match="'ada-sm89-trt10' is already registered"):
+        devices.register_device_class(DeviceClass("ada-sm89-trt10", "datacenter", "Ada", (8, 9), "10.3"))
+
+
+LAB_BOARDS = """
+from edgeslim.components.engine.devices import DeviceClass
+
+LAB_ORIN = DeviceClass("lab-orin-sm87-jp6.1-trt10.3", "jetson", "Orin (Ampere)", (8, 7), "10.3", "6.1", "12.6", 2,
+                       {"lab.example/board": "orin-7"}, "the lab's Orin carrier board")
+MISNAMED = LAB_ORIN
+NOT_A_CLASS = {"key": "lab-dict-trt10"}
+"""
+
+
+def test_a_device_class_from_another_packages_entry_point_is_found(tmp_path, monkeypatch, fresh_registry):
+    install_entry_points(tmp_path, monkeypatch, {devices.DEVICE_CLASSES.group: {
+        "lab-orin-sm87-jp6.1-trt10.3": "lab_boards:LAB_ORIN", "lab-misnamed-trt10.3": "lab_boards:MISNAMED",
+        "lab-dict-trt10": "lab_boards:NOT_A_CLASS", "Lab-Orin": "lab_boards:LAB_ORIN"}},
+        modules={"lab_boards.py": LAB_BOARDS})
+    assert "lab-orin-sm87-jp6.1-trt10.3" in known_device_classes()
+    assert "ada-sm89-trt10" in known_device_classes()  # the built-in ones, through edgeslim's own entry points
+    board = get_device_class("lab-orin-sm87-jp6.1-trt10.3")
+    assert (board.description, board.node_selector) == ("the lab's Orin carrier board", {"lab.example/board": "orin-7"})
+    lab = LocalDevice("Orin", (8, 7), "12.6", "10.3.0.30", jetpack="6.1", l4t="36.4.0")
+    assert match_device_class("lab-orin-sm87-jp6.1-trt10.3", lab) is board
+    with pytest.raises(DeviceError) as exc:
+        get_device_class("lab-orin-sm87-jp6.1-trt10")
+    assert "did you mean 'lab-orin-sm87-jp6.1-trt10.3'" in str(exc.value)
+    for key, why in (("lab-misnamed-trt10.3", "not a DeviceClass with the key 'lab-misnamed-trt10.3'"),
+                     ("lab-dict-trt10", "names {'key': 'lab-dict-trt10'}, not a DeviceClass"),
+                     ("Lab-Orin", "use lower-case letters")):
+        with pytest.raises(DeviceError, match=why) as exc:
+            get_device_class(key)
+        assert "\n" not in str(exc.value)

@@ -22,6 +22,8 @@ from edgeslim.components.engine.config import ShapeProfileConfig, TensorRTEngine
 from edgeslim.components.common.errors import (ConfigError, DeviceError, EdgeslimError, MissingDependencyError,
                                                SourceError)
 from edgeslim.components.engine.devices import LocalDevice, get_device_class
+from edgeslim.components.engine.runner import EngineRunner
+from edgeslim.components.engine.tensorrt_calls import tensorrt_available
 
 ORIN = LocalDevice("Orin", (8, 7), "12.6", "10.3.0.30", jetpack="6.1", l4t="36.4.0")
 L4_NO_TRT = LocalDevice("NVIDIA L4", (8, 9), "12.8", None)
@@ -262,10 +264,10 @@ def test_gpu_node_without_tensorrt_gets_the_install_hint_of_its_class(onnx_pair,
     with pytest.raises(MissingDependencyError) as exc:
         eng.build_engine(onnx_pair[1], tmp_path, ORIN_KEY, local=ORIN)
     assert "TensorRT 10.3 comes with JetPack 6.1 (sudo apt install nvidia-jetpack), not from pip" in str(exc.value)
-    ok, why = eng.tensorrt_available()
+    ok, why = tensorrt_available()
     assert not ok and "pip install 'edgeslim[tensorrt10]' or pip install 'edgeslim[tensorrt11]'" in why
     assert "edgeslim engine detect" in why and "\n" not in why
-    ok, why = eng.tensorrt_available("hopper-sm90-trt11")
+    ok, why = tensorrt_available("hopper-sm90-trt11")
     assert not ok and why.endswith("install it with: pip install 'edgeslim[tensorrt11]'")
 
 
@@ -308,22 +310,22 @@ def test_runner_refuses_another_versions_engine_before_deserializing(onnx_pair, 
     sha = eng.file_sha256(tmp_path / eng.ENGINE_FILE)
     (tmp_path / eng.META_FILE).write_text(json.dumps(built_meta(onnx_pair, sha256=sha)))
     with pytest.raises(DeviceError) as exc:
-        eng.EngineRunner(tmp_path, local=ORIN)
+        EngineRunner(tmp_path, local=ORIN)
     assert "TensorRT 10.3.0.30; this runtime is TensorRT 10.13.0.35" in one_line(exc.value)
 
 
 def test_runner_refuses_an_engine_without_metadata(tmp_path):
     (tmp_path / eng.ENGINE_FILE).write_bytes(b"x")
     with pytest.raises(DeviceError, match="missing or not JSON"):
-        eng.EngineRunner(tmp_path)
+        EngineRunner(tmp_path)
 
 
 def test_builder_imports_no_torch_mlflow_kfp_or_tensorrt():
-    """The device agent imports the builder on a Jetson: keep it light."""
+    """The device agent imports the builder and the runner on a Jetson: keep them light."""
     import subprocess
 
-    code = ("import sys, edgeslim.components.engine.builder, edgeslim.components.engine.stage, "
-            "edgeslim.components.engine.devices, edgeslim.components.engine.cli; "
+    code = ("import sys, edgeslim.components.engine.builder, edgeslim.components.engine.runner, "
+            "edgeslim.components.engine.stage, edgeslim.components.engine.devices, edgeslim.components.engine.cli; "
             "print(sorted(m for m in ('torch', 'mlflow', 'kfp', 'tensorrt', 'onnxruntime') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -333,7 +335,7 @@ def test_builder_imports_no_torch_mlflow_kfp_or_tensorrt():
 
 
 @pytest.fixture
-def extra_classes(monkeypatch):
+def extra_classes():
     """Two device classes only for these tests (the registry is global: undone after each test)."""
     from edgeslim.components.engine import devices
 
@@ -341,8 +343,10 @@ def extra_classes(monkeypatch):
     thor = devices.DeviceClass("orin-sm87-jp7.0-trt11.0", "jetson", "Orin (Ampere)", (8, 7), "11.0", "7.0",
                                "13", 2)
     for dc in (ampere, thor):
-        monkeypatch.setitem(devices._REGISTRY, dc.key, dc)
-    return ampere.key, thor.key
+        devices.register_device_class(dc)
+    yield ampere.key, thor.key
+    for dc in (ampere, thor):
+        devices.DEVICE_CLASSES.unregister(dc.key)
 
 
 def test_every_version_gated_setting_is_refused_for_a_class_without_it_in_one_line(extra_classes):

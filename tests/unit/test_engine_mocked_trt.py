@@ -26,6 +26,8 @@ from test_engine_fixtures import INPUT, OUTPUT, FakeAttribute, MockedTensorRT, m
 
 from edgeslim.components.common.errors import DeviceError, EdgeslimError, SourceError
 from edgeslim.components.engine import builder as eng
+from edgeslim.components.engine import runner as engine_runner
+from edgeslim.components.engine import tensorrt_calls
 from edgeslim.components.engine.config import TensorRTEngineConfig
 from edgeslim.components.engine.devices import TENSORRT_FEATURES, LocalDevice
 
@@ -297,7 +299,7 @@ def qdq(tmp_path_factory):
 
 def install(monkeypatch, trt):
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.setattr(eng, "_CudaDriver", MockedCuda)
+    monkeypatch.setattr(engine_runner, "CudaDriver", MockedCuda)
 
 
 def one_line(exc: BaseException) -> str:
@@ -451,7 +453,7 @@ def test_same_compute_capability_before_10_9_is_refused_before_tensorrt_is_asked
 def test_an_enum_member_this_tensorrt_lacks_is_one_line_not_an_attribute_error():
     trt = mocked_tensorrt(TRT11, [])
     with pytest.raises(DeviceError) as exc:
-        eng._member(trt, "BuilderFlag", "INT8")
+        tensorrt_calls.enum_member(trt, "BuilderFlag", "INT8")
     assert one_line(exc.value).startswith(f"TensorRT {TRT11} has no BuilderFlag.INT8")
 
 
@@ -518,7 +520,7 @@ def test_runner_splits_batches_at_the_profile_maximum(qdq, tmp_path, monkeypatch
     trt = add_mocked_runtime(mocked_tensorrt(TRT10, []))
     install(monkeypatch, trt)
     built = eng.build_engine(qdq[1], tmp_path, "ada-sm89-trt10", TensorRTEngineConfig(max_batch=32), local=L4)
-    runner = eng.EngineRunner(built.engine_path, local=L4)
+    runner = engine_runner.EngineRunner(built.engine_path, local=L4)
     x = qdq[2].x_test[:70]
     out = runner.run(x)[OUTPUT]
     assert runner.context._batches == [32, 32, 6]
@@ -530,7 +532,7 @@ def test_runner_pads_a_fixed_batch_engine(qdq, tmp_path, monkeypatch):
     trt = add_mocked_runtime(mocked_tensorrt(TRT10, []), static_batch=4)
     install(monkeypatch, trt)
     built = eng.build_engine(qdq[1], tmp_path, "ada-sm89-trt10", local=L4)
-    runner = eng.EngineRunner(built.engine_path, local=L4)
+    runner = engine_runner.EngineRunner(built.engine_path, local=L4)
     out = runner.run({INPUT: qdq[2].x_test[:6]})[OUTPUT]
     assert out.shape == (6, 10) and runner.context._batches == [4, 4]
 
@@ -541,10 +543,10 @@ def test_runner_reports_an_engine_tensorrt_cannot_load(qdq, tmp_path, monkeypatc
     built = eng.build_engine(qdq[1], tmp_path, "ada-sm89-trt10", local=L4)
     built.engine_path.write_bytes(b"garbage")
     with pytest.raises(DeviceError, match="sha256 differs from its metadata"):
-        eng.EngineRunner(built.engine_path, local=L4)
+        engine_runner.EngineRunner(built.engine_path, local=L4)
     meta = dict(built.metadata, sha256=eng.file_sha256(built.engine_path))  # intact bytes, unloadable
     with pytest.raises(DeviceError, match=r"cannot deserialize .*\[ERROR\] Serialization assertion failed"):
-        eng.EngineRunner(built.engine_path, meta, local=L4)
+        engine_runner.EngineRunner(built.engine_path, meta, local=L4)
 
 
 @pytest.fixture
@@ -556,20 +558,20 @@ def built_engine(qdq, tmp_path, monkeypatch):
 def test_a_runtime_tensorrt_cannot_create_is_one_line(built_engine, monkeypatch):
     install(monkeypatch, add_mocked_runtime(mocked_tensorrt(TRT10, [], no_device=True)))
     with pytest.raises(DeviceError) as exc:
-        eng.EngineRunner(built_engine.engine_path, local=L4)
+        engine_runner.EngineRunner(built_engine.engine_path, local=L4)
     assert one_line(exc.value).startswith(f"TensorRT {TRT10} could not create its runtime (TypeError: {NULLPTR}")
 
 
 def test_an_engine_output_numpy_cannot_hold_is_refused_at_load(built_engine, monkeypatch):
     install(monkeypatch, add_mocked_runtime(mocked_tensorrt(TRT10, []), output_dtype="BF16"))
     with pytest.raises(DeviceError) as exc:
-        eng.EngineRunner(built_engine.engine_path, local=L4)
+        engine_runner.EngineRunner(built_engine.engine_path, local=L4)
     assert "tensor 'output' is DataType.BF16, which numpy cannot hold" in one_line(exc.value)
 
 
 def test_a_failed_run_is_one_line_with_the_cuda_error(built_engine, qdq, monkeypatch):
     install(monkeypatch, add_mocked_runtime(mocked_tensorrt(TRT10, []), fail_execute=True))
-    runner = eng.EngineRunner(built_engine.engine_path, local=L4)
+    runner = engine_runner.EngineRunner(built_engine.engine_path, local=L4)
     with pytest.raises(DeviceError) as exc:
         runner.run(qdq[2].x_test[:4])
     assert "CUDA error 700" in one_line(exc.value)
@@ -640,7 +642,7 @@ def test_device_agent_records_why_it_serves_with_onnxruntime(tmp_path, monkeypat
     def no_device(engine_path):
         raise TypeError(NULLPTR)
 
-    monkeypatch.setattr(eng, "tensorrt_available", lambda: (True, "mocked"))
+    monkeypatch.setattr(tensorrt_calls, "tensorrt_available", lambda: (True, "mocked"))
     monkeypatch.setattr(eng, "build_engine", fake_build)
     monkeypatch.setattr(health, "_tensorrt_importable", lambda: True)
     monkeypatch.setattr(health, "_tensorrt_runner", no_device)

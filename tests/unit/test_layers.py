@@ -19,8 +19,9 @@ FOLDERS = {"edgeslim": REPO / "src" / "edgeslim", "edgeslim.components": REPO / 
 # Lowest first; a module may import its own layer and the ones below it, never one above.
 LAYERS = [
     ("common", ["edgeslim.components.common", "edgeslim.components.common.*"]),
-    ("engine", ["edgeslim.components.engine", "edgeslim.components.engine.devices",
-                "edgeslim.components.engine.config", "edgeslim.components.engine.builder"]),
+    ("engine", ["edgeslim.components.engine", "edgeslim.components.engine.cuda", "edgeslim.components.engine.devices",
+                "edgeslim.components.engine.config", "edgeslim.components.engine.tensorrt_calls",
+                "edgeslim.components.engine.builder", "edgeslim.components.engine.runner"]),
     ("deploy", ["edgeslim.deploy", "edgeslim.deploy.*"]),
     ("recipe", ["edgeslim.components.recipe"]),
     ("stages", ["edgeslim.components", "edgeslim.components.export",
@@ -40,8 +41,10 @@ LAYERS = [
 ]
 # deploy sits low because it may use only these (and its own modules): docs/design.md.
 DEPLOY_MAY_IMPORT = ["edgeslim.components.common.*", "edgeslim.components.engine",
-                     "edgeslim.components.engine.devices", "edgeslim.components.engine.config",
-                     "edgeslim.components.engine.builder", "edgeslim.deploy", "edgeslim.deploy.*"]
+                     "edgeslim.components.engine.cuda", "edgeslim.components.engine.devices",
+                     "edgeslim.components.engine.config", "edgeslim.components.engine.tensorrt_calls",
+                     "edgeslim.components.engine.builder", "edgeslim.components.engine.runner",
+                     "edgeslim.deploy", "edgeslim.deploy.*"]
 AGENT = ["edgeslim.deploy.agent", "edgeslim.deploy.agent.*"]
 AGENT_NEVER = ["torch", "mlflow", "kfp", "edgeslim.plugins", "edgeslim.pipelines", "torch_pruning", "sklearn"]
 # A task package is reached through the task registry (``components/common/tasks.py``), never imported, except

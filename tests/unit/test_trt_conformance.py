@@ -15,7 +15,8 @@ Two halves:
   and property edgeslim uses exists in each version, for every configuration
   the version gate lets through; the calls fit the pybind signatures; the
   feature table's version ranges agree with the bindings; the declared uses
-  cover what builder.py and health.py touch; and a wrong attribute is caught.
+  cover what the engine's builder.py, runner.py and tensorrt_calls.py and the agent's health.py
+  touch; and a wrong attribute is caught.
 - Against the real bindings (a session fixture downloads the ~1 MB wheels once
   into ~/.cache/edgeslim/trt-bindings and builds the stubs with gcc): the
   snapshots still equal the real modules (so the mocked ``tensorrt`` the unit
@@ -86,13 +87,16 @@ USED_WITH = {
     ("IBuilderConfig", "DLA_core"): ("dla",),
 }
 USED_TOPLEVEL = {"__version__", "Builder", "OnnxParser", "Runtime", "ILogger", "nptype", "DataType", "TensorIOMode"}
-# The variables of builder.py that hold TensorRT objects, by class (for the scan of the code).
+# The variables of builder.py and runner.py that hold TensorRT objects, by class (for the scan of the code).
 HOLDERS = {"builder": "Builder", "network": "INetworkDefinition", "parser": "OnnxParser", "cfg": "IBuilderConfig",
            "profile": "IOptimizationProfile", "cache": "ITimingCache", "empty": "ITimingCache",
            "kept": "ITimingCache", "t": "ITensor", "self.runtime": "Runtime", "self.engine": "ICudaEngine",
            "self.context": "IExecutionContext"}
-TENSORRT_CODE = ("_build_with_tensorrt", "_attach_timing_cache", "_io_of_network", "_collecting_logger",
-                 "EngineRunner")
+ENGINE = REPO / "components" / "engine"
+# Where the engine calls TensorRT: file -> the functions and classes that do.
+TENSORRT_CODE = {ENGINE / "builder.py": ("_build_with_tensorrt", "_attach_timing_cache", "_io_of_network"),
+                 ENGINE / "runner.py": ("EngineRunner",),
+                 ENGINE / "tensorrt_calls.py": ("collecting_logger", "tensorrt_available", "enum_member")}
 
 
 def snapshot(version: str) -> dict:
@@ -209,13 +213,14 @@ def test_a_wrong_attribute_fails_the_check():
 
 
 def test_the_declared_uses_cover_what_the_code_touches():
-    """A TensorRT name added to builder.py or health.py without being declared here fails this."""
+    """A TensorRT name added to the engine's TensorRT code or health.py without being declared here fails this."""
     touched: set[tuple[str, str]] = set()
     scopes = []
-    for path, names in ((REPO / "components" / "engine" / "builder.py", TENSORRT_CODE),
-                        (REPO / "deploy" / "agent" / "health.py", ("_tensorrt_runner",))):
+    for path, names in (*TENSORRT_CODE.items(), (REPO / "deploy" / "agent" / "health.py", ("_tensorrt_runner",))):
         tree = ast.parse(path.read_text())
-        scopes += [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name in names]
+        found = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name in names]
+        assert sorted(n.name for n in found) == sorted(names), f"{path.name} no longer has all of {names}"
+        scopes += found
     for scope in scopes:
         for node in ast.walk(scope):
             if isinstance(node, ast.Attribute):
@@ -226,7 +231,7 @@ def test_the_declared_uses_cover_what_the_code_touches():
                     touched.add((holder[4:], node.attr))
                 elif holder in HOLDERS:
                     touched.add((HOLDERS[holder], node.attr))
-            elif isinstance(node, ast.Call) and ast.unparse(node.func) == "_member":
+            elif isinstance(node, ast.Call) and ast.unparse(node.func) == "enum_member":
                 args = node.args[1:3]
                 if all(isinstance(a, ast.Constant) for a in args):  # else a name from tensorrt_settings()
                     touched.add((args[0].value, args[1].value))

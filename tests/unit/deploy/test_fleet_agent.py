@@ -258,6 +258,7 @@ def test_agent_import_stays_light():
 def test_mocked_tensorrt_builds_an_engine_once_on_first_install(store, keys, tmp_path, models, monkeypatch):
     """MOCKED: TensorRT cannot run here (no GPU); the builder is replaced to check the agent's side only."""
     from edgeslim.components.engine import builder as engine_mod
+    from edgeslim.components.engine import tensorrt_calls
 
     builds = []
 
@@ -272,7 +273,7 @@ def test_mocked_tensorrt_builds_an_engine_once_on_first_install(store, keys, tmp
         p.write_bytes(b"mocked engine for " + device_class.encode())
         return Built(p)
 
-    monkeypatch.setattr(engine_mod, "tensorrt_available", lambda: (True, "mocked"))
+    monkeypatch.setattr(tensorrt_calls, "tensorrt_available", lambda: (True, "mocked"))
     monkeypatch.setattr(engine_mod, "build_engine", fake_build)
     priv, pub = keys
     w = ManifestWriter(store, priv)
@@ -292,8 +293,9 @@ def test_mocked_tensorrt_builds_an_engine_once_on_first_install(store, keys, tmp
 def test_failed_engine_build_falls_back_to_onnxruntime(store, keys, tmp_path, models, monkeypatch):
     """MOCKED TensorRT: the build raises; the device still installs and serves the ONNX."""
     from edgeslim.components.engine import builder as engine_mod
+    from edgeslim.components.engine import tensorrt_calls
 
-    monkeypatch.setattr(engine_mod, "tensorrt_available", lambda: (True, "mocked"))
+    monkeypatch.setattr(tensorrt_calls, "tensorrt_available", lambda: (True, "mocked"))
 
     def boom(*a, **k):
         raise RuntimeError("mocked builder failure")

@@ -97,13 +97,15 @@ def exercise(trt, work: Path, onnx_path: Path) -> dict:
     import numpy as np
 
     from edgeslim.components.engine import builder as eng
+    from edgeslim.components.engine import runner as engine_runner
+    from edgeslim.components.engine.tensorrt_calls import collecting_logger, tensorrt_available
     from edgeslim.components.engine.config import TensorRTEngineConfig
     from edgeslim.components.engine.devices import LocalDevice
     from edgeslim.deploy.manifest import encode_array
 
     version = str(trt.__version__)
     key, local = _class_and_node(version)
-    out: dict = {"device_class": key, "tensorrt_available": list(eng.tensorrt_available())}
+    out: dict = {"device_class": key, "tensorrt_available": list(tensorrt_available())}
 
     # The builder, as far as it goes without a GPU: trt.Builder(...) gets a null builder.
     out["build"] = _attempt(lambda: eng.build_engine(onnx_path, work / "build", key, local=local))
@@ -128,15 +130,15 @@ def exercise(trt, work: Path, onnx_path: Path) -> dict:
         def close(self):
             pass
 
-    eng._CudaDriver = NoCudaDevice
+    engine_runner.CudaDriver = NoCudaDevice  # the edge pyfunc's runner below gets it too
     engine_dir = work / "engines" / key
     engine_dir.mkdir(parents=True)
     (engine_dir / eng.ENGINE_FILE).write_bytes(b"not an engine")
     (engine_dir / eng.META_FILE).write_text(json.dumps(meta))
-    out["runner"] = _attempt(lambda: eng.EngineRunner(engine_dir, local=local))
+    out["runner"] = _attempt(lambda: engine_runner.EngineRunner(engine_dir, local=local))
 
     lines: list[str] = []
-    logger = eng._collecting_logger(trt, lines)
+    logger = collecting_logger(trt, lines)
     logger.log(trt.ILogger.Severity.ERROR, "conformance\nline")
     out["logger"] = lines
 
