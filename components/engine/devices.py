@@ -136,11 +136,6 @@ def known_device_classes() -> list[str]:
     return DEVICE_CLASSES.names()
 
 
-def unknown_class_message(key: str) -> str:
-    """The one line that refuses ``key``: the closest known key, and all of them."""
-    return DEVICE_CLASSES.unknown(key)
-
-
 def get_device_class(key: str) -> DeviceClass:
     """The device class registered under ``key``.
 
