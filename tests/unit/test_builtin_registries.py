@@ -91,6 +91,12 @@ def test_a_registered_calibrator_is_taken_by_the_configs_and_used(half_amax):
     _one_line(err, "did you mean 'half'?")
 
 
+class _FakePTQ:
+    """A quantize config of a method another package registers."""
+
+    stage, method = "quantize", "ptq-fake"
+
+
 def test_quantize_dispatches_by_the_configs_method(tmp_path):
     calls = []
 
@@ -108,7 +114,3 @@ def test_quantize_dispatches_by_the_configs_method(tmp_path):
     with pytest.raises(ConfigError) as err:
         quantize("m.onnx", OnnxExportConfig(), data=None, out_dir=tmp_path)
     _one_line(err, "quantize: method 'onnx' is not a quantize method; use auto, ptq, qat")
-
-
-class _FakePTQ:
-    stage, method = "quantize", "ptq-fake"
