@@ -15,10 +15,10 @@ from typing import Any
 
 import yaml
 
-from edgeslim.components.common import stage_configs  # noqa: F401  (registers the stage configs)
 from edgeslim.components.common.config import Config, StageConfig, stage_config_class, unknown_key_error
 from edgeslim.components.engine.config import TensorRTEngineConfig
 from edgeslim.components.common.errors import ConfigError
+from edgeslim.components.common.stage_configs import OnnxExportConfig
 from edgeslim.components.common.image_preprocess import ImagePreprocessConfig
 from edgeslim.components.common.tracking import MODEL_URI
 from edgeslim.components.common.tasks import TaskConfig, default_task_config, task_from_dict
@@ -288,11 +288,11 @@ class Recipe:
     cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
 
     @property
-    def export(self) -> stage_configs.OnnxExportConfig:
+    def export(self) -> OnnxExportConfig:
         for s in self.stages:
-            if isinstance(s, stage_configs.OnnxExportConfig):
+            if isinstance(s, OnnxExportConfig):
                 return s
-        return stage_configs.OnnxExportConfig()
+        return OnnxExportConfig()
 
     @property
     def quantize(self) -> StageConfig:

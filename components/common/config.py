@@ -14,8 +14,11 @@ import typing
 from typing import Any, ClassVar, Literal
 
 from edgeslim.components.common.errors import ConfigError
+from edgeslim.components.common.registry import Registry
 
-_REGISTRY: dict[tuple[str, str], type["StageConfig"]] = {}
+# Every stage method's config class, as "<stage>.<method>" (e.g. ``quantize.ptq``) in the entry-point
+# group ``edgeslim.stages``: the built-ins' are in edgeslim's own pyproject.toml.
+STAGES: Registry[type["StageConfig"]] = Registry("edgeslim.stages", "stage config")
 # The layout of a config as ``to_json_dict`` writes it; ``from_dict`` refuses a newer one in one line
 # rather than misreading it.
 CONFIG_VERSION = 1
@@ -177,15 +180,13 @@ class Config:
 
 @dataclasses.dataclass(frozen=True)
 class StageConfig(Config):
-    """A stage's config. Subclasses set ``stage`` and ``method`` and register."""
+    """A stage's config. Subclasses set ``stage`` and ``method`` and are registered in :data:`STAGES`
+    as ``"<stage>.<method>"``; the one whose class body sets ``is_default = True`` (not inherited) is the
+    method a recipe gets when its stage names none (a stage with a single method needs none)."""
 
     stage: ClassVar[str] = ""
     method: ClassVar[str] = ""
-
-    def __init_subclass__(cls, **kw: Any) -> None:
-        super().__init_subclass__(**kw)
-        if cls.stage and cls.method:
-            _REGISTRY[(cls.stage, cls.method)] = cls
+    is_default: ClassVar[bool] = False
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, prefix: str = "") -> "Config":
@@ -201,15 +202,36 @@ class StageConfig(Config):
 
 
 def stage_config_class(stage: str, method: str | None, where: str) -> type[StageConfig]:
-    """The config class registered for ``stage`` and ``method`` (default: the first one)."""
-    methods = {m: c for (s, m), c in _REGISTRY.items() if s == stage}
+    """The config class registered for ``stage`` and ``method`` (``None``: the stage's default method).
+
+    Raises:
+        ConfigError: an unknown stage or method (one line with the closest name), or a registered class
+            that is not that stage method's config.
+    """
+    methods = {n.partition(".")[2]: n for n in STAGES.names() if n.partition(".")[0] == stage}
     if not methods:
-        stages = sorted({s for s, _ in _REGISTRY})
+        stages = sorted({n.partition(".")[0] for n in STAGES.names()})
         raise unknown_key_error(stage, stages, where)
     if method is None:
-        return next(iter(methods.values()))
+        method = _default_method(stage, methods, where)
     if method not in methods:
         close = difflib.get_close_matches(method, list(methods), n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(methods))}"
         raise ConfigError(f"{where}{stage}.method: unknown method {method!r}; {hint}")
-    return methods[method]
+    cls = STAGES.get(methods[method])
+    if not (isinstance(cls, type) and issubclass(cls, StageConfig) and (cls.stage, cls.method) == (stage, method)):
+        raise ConfigError(f"{where}{stage}.method: the entry point {methods[method]!r} of {STAGES.group!r} is "
+                          f"not a StageConfig with stage {stage!r} and method {method!r}; fix its target")
+    return cls
+
+
+def _default_method(stage: str, methods: dict[str, str], where: str) -> str:
+    """The method of ``stage`` whose config class sets ``is_default = True`` itself, or its only method."""
+    if len(methods) == 1:
+        return next(iter(methods))
+    defaults = [m for m, name in methods.items() if vars(STAGES.get(name)).get("is_default", False)]
+    if len(defaults) != 1:
+        raise ConfigError(f"{where}{stage}.method: missing, and the stage has "
+                          f"{'no' if not defaults else 'more than one'} default method; "
+                          f"name one of {', '.join(sorted(methods))}")
+    return defaults[0]

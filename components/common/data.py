@@ -8,6 +8,7 @@ import hashlib
 import numpy as np
 
 from edgeslim.components.common.errors import ConfigError, DataError
+from edgeslim.components.common.registry import Registry
 
 SPLIT_KEYS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
 
@@ -94,31 +95,18 @@ def _streamed_digest(x, batch: int = 256) -> str:
     return h.hexdigest()
 
 
-# Providers that ship with edgeslim, found by name even where no entry points are installed
-# (a source tree); a provider of the `edgeslim.datasets` entry-point group with the same name wins.
-BUILTIN_PROVIDERS = {
-    "sklearn-digits": "edgeslim.plugins.datasets:SklearnDigits",
-    "npz": "edgeslim.plugins.datasets:NpzArrays",
-    "digits-detect": "edgeslim.plugins.datasets:digits_detect",
-    "imagefolder": "edgeslim.plugins.image_datasets:ImageFolder",
-    "yolo": "edgeslim.plugins.image_datasets:YoloDataset",
-    "coco": "edgeslim.plugins.image_datasets:CocoDataset",
-}
+# Every data provider, by the name a recipe's ``data.provider`` gives: the entry-point group
+# ``edgeslim.datasets`` (the built-ins' are in edgeslim's own pyproject.toml).
+PROVIDERS: Registry = Registry("edgeslim.datasets", "provider", where="data.provider")
 
 
 def provider_class(name: str):
-    """The data provider registered under ``name``: the ``edgeslim.datasets`` entry points, then the built-ins."""
-    import importlib
-    from importlib.metadata import entry_points
+    """The data provider registered as ``name`` in :data:`PROVIDERS`.
 
-    found = {ep.name: ep for ep in entry_points(group="edgeslim.datasets")}
-    if name in found:
-        return found[name].load()
-    if name in BUILTIN_PROVIDERS:
-        module, _, attr = BUILTIN_PROVIDERS[name].partition(":")
-        return getattr(importlib.import_module(module), attr)
-    known = sorted(set(found) | set(BUILTIN_PROVIDERS))
-    raise ConfigError(f"data.provider: unknown provider {name!r}; known: {', '.join(known)}")
+    Raises:
+        ConfigError: no provider is registered as ``name`` (one line with the closest name and the known ones).
+    """
+    return PROVIDERS.get(name)
 
 
 def _provider(provider: str, args: dict | None, preprocess=None):

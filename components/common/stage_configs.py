@@ -7,12 +7,16 @@ validated completely without importing torch or onnxruntime.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 from edgeslim.components.common.config import StageConfig
 from edgeslim.components.common.errors import ConfigError
+from edgeslim.components.common.registry import Registry
 
-Calibrator = Literal["minmax", "entropy", "percentile", "mse"]
+# The calibrators a quantize config may name: the entry-point group ``edgeslim.calibrators``
+# (the built-in minmax, entropy, percentile and mse included). Configs check names only; the
+# functions, and what one takes and returns, are in components/quantize/calibrate.py.
+CALIBRATORS: Registry = Registry("edgeslim.calibrators", "calibrator")
 # Training-time augmentations a fine-tuning stage may apply to its input batches (none by default:
 # nothing is assumed about the model's inputs). ``shift``: roll each batch by up to one pixel
 # (what the digits reference models train with); ``hflip``: mirror each image left-right with
@@ -41,6 +45,7 @@ class OnnxExportConfig(StageConfig):
 
     stage = "export"
     method = "onnx"
+    is_default = True
     opset: int = 18
     atol: float = 1e-3
     rtol: float = 1e-4
@@ -60,26 +65,65 @@ class OnnxExportConfig(StageConfig):
             raise ConfigError(f"export.check_samples: got {self.check_samples}; use 1 or more")
 
 
+def _check_calibrator(key: str, name: str) -> None:
+    if name not in CALIBRATORS:
+        raise ConfigError(f"{key}: {CALIBRATORS.unknown(name)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Calibration:
-    """The calibration settings that PTQ and QAT share; each config documents them."""
+    """The calibration settings that PTQ, QAT and the accuracy-aware search share (each config
+    documents them); their checks and errors (``quantize.<key>``) are the same in all three."""
 
-    calibrator: Calibrator = "percentile"
     num_samples: int = 512
     percentile: float = 99.99
     num_bins: int = 2048
     float_layers: list[str] = dataclasses.field(default_factory=list)
 
+    def check_calibration(self) -> None:
+        if self.num_samples < 1:
+            raise ConfigError(
+                f"quantize.num_samples: got {self.num_samples}; use at least 1 (typical 256..1024)"
+            )
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(
+                f"quantize.percentile: got {self.percentile}; use a value in (50, 100], e.g. 99.99"
+            )
+        if self.num_bins < 128:
+            raise ConfigError(
+                f"quantize.num_bins: got {self.num_bins}; use at least 128 (TensorRT uses 2048)"
+            )
+
+    def calibration(self, **changes: Any) -> dict[str, Any]:
+        """These settings, with ``changes``, as keyword arguments of another config."""
+        return {"num_samples": self.num_samples, "percentile": self.percentile, "num_bins": self.num_bins,
+                "float_layers": list(self.float_layers), **changes}
+
 
 @dataclasses.dataclass(frozen=True)
-class PTQQuantizeConfig(Calibration, StageConfig):
+class OneCalibrator(Calibration):
+    """Calibration by one calibrator, a name in :data:`CALIBRATORS` (PTQ and QAT; the search tries several)."""
+
+    calibrator: str = "percentile"
+
+    def check_calibration(self) -> None:
+        _check_calibrator("quantize.calibrator", self.calibrator)
+        super().check_calibration()
+
+    def calibration(self, **changes: Any) -> dict[str, Any]:
+        return super().calibration(**{"calibrator": self.calibrator, **changes})
+
+
+@dataclasses.dataclass(frozen=True)
+class PTQQuantizeConfig(OneCalibrator, StageConfig):
     """Post-training int8 quantization into a Q/DQ ONNX that TensorRT consumes.
 
     Symmetric (zero points all 0) with per-channel weight scales on the
     output-channel axis, as TensorRT's explicit quantization wants.
 
     Attributes:
-        calibrator: how activation ranges are chosen from calibration data.
+        calibrator: how activation ranges are chosen from calibration data: a name in
+            :data:`CALIBRATORS` (``minmax``, ``entropy``, ``percentile``, ``mse`` or your own).
         num_samples: calibration samples, drawn from the train split only.
         percentile: for ``percentile``, the percentile of |x| kept unclipped.
         num_bins: histogram bins for ``entropy``/``mse``/``percentile`` (TensorRT uses 2048).
@@ -96,22 +140,12 @@ class PTQQuantizeConfig(Calibration, StageConfig):
 
     stage = "quantize"
     method = "ptq"
+    is_default = True
     placement: Literal["all", "weighted"] = "all"
     seed: int = 0
 
     def validate(self) -> None:
-        if self.num_samples < 1:
-            raise ConfigError(
-                f"quantize.num_samples: got {self.num_samples}; use at least 1 (typical 256..1024)"
-            )
-        if not 50.0 < self.percentile <= 100.0:
-            raise ConfigError(
-                f"quantize.percentile: got {self.percentile}; use a value in (50, 100], e.g. 99.99"
-            )
-        if self.num_bins < 128:
-            raise ConfigError(
-                f"quantize.num_bins: got {self.num_bins}; use at least 128 (TensorRT uses 2048)"
-            )
+        self.check_calibration()
 
 
 # --- Compression stages: distillation, structural pruning, QAT, accuracy-aware ---
@@ -184,6 +218,7 @@ class ChannelPruneConfig(DistilledFinetuning, StageConfig):
 
     stage = "prune"
     method = "channel"
+    is_default = True
     target: Literal["macs", "params"] = "macs"
     keep_fraction: float = 0.5
     importance: Importance = "l2"
@@ -263,6 +298,7 @@ class LogitDistillConfig(StageConfig):
 
     stage = "distill"
     method = "logit"
+    is_default = True
     student: Literal["previous", "width", "uri"] = "width"
     width: float = 0.5
     student_uri: str = ""
@@ -339,7 +375,7 @@ class FeatureDistillConfig(LogitDistillConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class QATQuantizeConfig(Calibration, DistilledFinetuning, StageConfig):
+class QATQuantizeConfig(OneCalibrator, DistilledFinetuning, StageConfig):
     """Quantization-aware training into the same symmetric per-channel Q/DQ ONNX as PTQ.
 
     Fake quantization starts from the ranges PTQ calibration picks, then the
@@ -371,25 +407,21 @@ class QATQuantizeConfig(Calibration, DistilledFinetuning, StageConfig):
     placement: Literal["all", "weighted"] = "all"
 
     def validate(self) -> None:
-        PTQQuantizeConfig(calibrator=self.calibrator, num_samples=self.num_samples,
-                          percentile=self.percentile, num_bins=self.num_bins)
+        self.check_calibration()
         self.check_finetuning("quantize(qat)", self.epochs, min_epochs=1)
 
     def ptq(self) -> PTQQuantizeConfig:
         """The PTQ config whose calibration initialises the fake quantizers."""
-        return PTQQuantizeConfig(calibrator=self.calibrator, num_samples=self.num_samples,
-                                 percentile=self.percentile, num_bins=self.num_bins,
-                                 float_layers=list(self.float_layers), placement=self.placement,
-                                 seed=self.seed)
+        return PTQQuantizeConfig(**self.calibration(), placement=self.placement, seed=self.seed)
 
 
 @dataclasses.dataclass(frozen=True)
-class AccuracyAwareQuantizeConfig(StageConfig):
+class AccuracyAwareQuantizeConfig(Calibration, StageConfig):
     """Try PTQ per calibrator, then float fallback of the most sensitive layers, then QAT;
     stop at the first candidate that passes the gate.
 
     Attributes:
-        calibrators: PTQ calibrators tried in this order.
+        calibrators: PTQ calibrators tried in this order, names in :data:`CALIBRATORS`.
         num_samples: calibration samples (train split only).
         percentile: for the ``percentile`` calibrator.
         num_bins: histogram bins for ``entropy``/``mse``/``percentile``.
@@ -412,14 +444,10 @@ class AccuracyAwareQuantizeConfig(StageConfig):
 
     stage = "quantize"
     method = "auto"
-    calibrators: list[Calibrator] = dataclasses.field(
+    calibrators: list[str] = dataclasses.field(
         default_factory=lambda: ["percentile", "entropy", "mse", "minmax"])
-    num_samples: int = 512
-    percentile: float = 99.99
-    num_bins: int = 2048
     max_float_layers: int = 3
     sensitivity_metric: Literal["drop", "sqnr"] = "drop"
-    float_layers: list[str] = dataclasses.field(default_factory=list)
     placement: Literal["auto", "all", "weighted"] = "auto"
     qat: bool = True
     qat_epochs: int = 3
@@ -431,13 +459,15 @@ class AccuracyAwareQuantizeConfig(StageConfig):
         _check_augment("quantize(auto)", self.augment)
         if not self.calibrators:
             raise ConfigError(
-                "quantize(auto).calibrators: empty; list at least one of minmax, entropy, percentile, mse"
+                f"quantize(auto).calibrators: empty; list at least one of {', '.join(CALIBRATORS.names())}"
             )
+        for i, name in enumerate(self.calibrators):
+            _check_calibrator(f"quantize.calibrators[{i}]", name)
         if len(set(self.calibrators)) != len(self.calibrators):
             raise ConfigError(f"quantize(auto).calibrators: {self.calibrators} repeats a calibrator; list each once")
         if self.max_float_layers < 0:
             raise ConfigError(f"quantize(auto).max_float_layers: got {self.max_float_layers}; use 0 or more")
-        PTQQuantizeConfig(num_samples=self.num_samples, percentile=self.percentile, num_bins=self.num_bins)
+        self.check_calibration()
         _check_training("quantize(auto).qat", self.qat_epochs, self.qat_lr, 1, min_epochs=1)
 
     @property
@@ -449,16 +479,14 @@ class AccuracyAwareQuantizeConfig(StageConfig):
             placement: str | None = None) -> PTQQuantizeConfig:
         """PTQ with ``calibrator``, the pinned float layers plus ``float_layers``, and ``placement``
         (default: the first of :attr:`placements`)."""
-        return PTQQuantizeConfig(calibrator=calibrator, num_samples=self.num_samples,  # type: ignore[arg-type]
-                                 percentile=self.percentile, num_bins=self.num_bins,
-                                 float_layers=list(dict.fromkeys(self.float_layers + list(float_layers or []))),
+        pinned_and_trial = list(dict.fromkeys(self.float_layers + list(float_layers or [])))
+        return PTQQuantizeConfig(**self.calibration(float_layers=pinned_and_trial), calibrator=calibrator,
                                  placement=placement or self.placements[0], seed=self.seed)  # type: ignore[arg-type]
 
     def qat_config(self, calibrator: str, float_layers: list[str], **overrides) -> "QATQuantizeConfig":
         """The search's last trial as ``method: qat``: QAT from ``calibrator``'s ranges with ``float_layers``
         kept in float (the trial's, pinned ones included), trained ``qat_epochs`` at ``qat_lr``."""
-        return QATQuantizeConfig(calibrator=calibrator, num_samples=self.num_samples,  # type: ignore[arg-type]
-                                 percentile=self.percentile, num_bins=self.num_bins,
-                                 float_layers=list(float_layers), epochs=self.qat_epochs, lr=self.qat_lr,
+        return QATQuantizeConfig(**self.calibration(float_layers=list(float_layers)), calibrator=calibrator,
+                                 epochs=self.qat_epochs, lr=self.qat_lr,
                                  seed=self.seed, augment=list(self.augment), placement=self.placements[0],
                                  **overrides)

@@ -3,7 +3,16 @@
 ONNX Runtime's own Entropy calibrator runs with 128 bins and gives the same
 ranges as MinMax (docs/design.md), so edgeslim collects |x| histograms itself
 (TensorRT-style, 2048 bins by default) and chooses each tensor's clipping
-threshold ``amax`` by one of four rules:
+threshold ``amax`` with a calibrator. A calibrator is a function
+
+    calibrator(amax: float, hist: np.ndarray, *, percentile: float) -> float
+
+given the largest |x| seen and the histogram of the non-zero |x| on ``[0, amax]``
+(``len(hist)`` equal bins, never all zero, ``amax > 0``); it returns the threshold, in
+``(0, amax]`` for the built-ins. ``percentile`` is the config's ``quantize.percentile``
+(calibrators other than ``percentile`` ignore it). Calibrators are registered in the
+entry-point group ``edgeslim.calibrators`` (:data:`~edgeslim.components.common.stage_configs.CALIBRATORS`),
+the built-in four in edgeslim's own ``pyproject.toml``:
 
 - ``minmax``: the largest |x| seen;
 - ``percentile``: the given percentile of the non-zero |x|;
@@ -20,7 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-CALIBRATORS = ("minmax", "entropy", "percentile", "mse")
+from edgeslim.components.common.stage_configs import CALIBRATORS
+
 _QLEVELS = 128  # int8 symmetric: 127 positive levels plus zero
 
 
@@ -122,19 +132,41 @@ def abs_histogram(v: np.ndarray, amax: float, num_bins: int, exact_path: bool = 
 
 
 def choose_amax(amax: float, hist: np.ndarray, method: str, percentile: float = 99.99) -> float:
-    """The clipping threshold for one tensor."""
-    if amax <= 0 or hist.sum() == 0 or method == "minmax":
+    """The clipping threshold for one tensor, by the calibrator registered as ``method``.
+
+    A tensor that is all zeros (``amax`` 0 or an empty histogram) keeps ``amax`` whatever the calibrator.
+
+    Raises:
+        ConfigError: no calibrator is registered as ``method``.
+    """
+    calibrator = CALIBRATORS.get(method)
+    if amax <= 0 or hist.sum() == 0:
         return float(amax)
+    return float(calibrator(amax, hist, percentile=percentile))
+
+
+def minmax(amax: float, hist: np.ndarray, *, percentile: float) -> float:
+    """The largest |x| seen."""
+    return float(amax)
+
+
+def percentile(amax: float, hist: np.ndarray, *, percentile: float) -> float:
+    """The upper edge of the bin where the share ``percentile`` of the non-zero |x| is reached."""
     edges = np.linspace(0.0, amax, len(hist) + 1)
-    if method == "percentile":
-        cdf = np.cumsum(hist) / hist.sum()
-        i = int(np.searchsorted(cdf, percentile / 100.0))
-        return float(edges[min(i + 1, len(hist))])
-    if method == "entropy":
-        return float(edges[_entropy_bin(hist)])
-    if method == "mse":
-        return float(_mse_threshold(hist, edges))
-    raise ValueError(f"unknown calibrator {method!r}; known: {', '.join(CALIBRATORS)}")
+    cdf = np.cumsum(hist) / hist.sum()
+    i = int(np.searchsorted(cdf, percentile / 100.0))
+    return float(edges[min(i + 1, len(hist))])
+
+
+def entropy(amax: float, hist: np.ndarray, *, percentile: float) -> float:
+    """The threshold with the least KL divergence between the histogram and its 128-level quantization."""
+    edges = np.linspace(0.0, amax, len(hist) + 1)
+    return float(edges[_entropy_bin(hist)])
+
+
+def mse(amax: float, hist: np.ndarray, *, percentile: float) -> float:
+    """The threshold with the least expected squared quantization error."""
+    return float(_mse_threshold(hist, np.linspace(0.0, amax, len(hist) + 1)))
 
 
 def _entropy_bin(hist: np.ndarray) -> int:
