@@ -368,7 +368,7 @@ def recipe_from_dict(data: Any) -> Recipe:
         raise ConfigError(f"gate: a {task.kind} recipe is gated by task.gate, and the top-level gate: would be "
                           f"ignored; move its checks under task.gate ({', '.join(_gate_keys(task))})")
     stages = _parse_stages(data.get("stages"))
-    if stages[-1].method not in task.quantize_methods:
+    if task.quantize_methods is not None and stages[-1].method not in task.quantize_methods:
         raise ConfigError(f"stages: quantize method {stages[-1].method!r} is not available for a {task.kind} task; "
                           f"use one of {', '.join(task.quantize_methods)}")
     return Recipe(

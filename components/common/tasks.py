@@ -36,14 +36,15 @@ TASKS: Registry[Any] = Registry("edgeslim.tasks", "task kind", where="task.kind"
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig(Config):
-    """The base of every task's ``task:`` section: its ``kind`` and the quantize methods it supports.
+    """The base of every task's ``task:`` section: its ``kind`` and the quantize methods it supports
+    (``quantize_methods``: None, every registered method; a task that supports only some lists them).
 
     A task with a gate of its own declares a ``gate`` field; the recipe's top-level ``gate:`` then
     does not apply and is refused.
     """
 
     kind: str = ""
-    quantize_methods: ClassVar[tuple[str, ...]] = ("ptq", "qat", "auto")
+    quantize_methods: ClassVar[tuple[str, ...] | None] = None
 
     def metadata(self) -> Any:
         """What a registered edge model records of its task (``edge_meta.json``'s ``task``)."""

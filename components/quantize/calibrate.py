@@ -10,7 +10,9 @@ threshold ``amax`` with a calibrator. A calibrator is a function
 given the largest |x| seen and the histogram of the non-zero |x| on ``[0, amax]``
 (``len(hist)`` equal bins, never all zero, ``amax > 0``); it returns the threshold, in
 ``(0, amax]`` for the built-ins. ``percentile`` is the config's ``quantize.percentile``
-(calibrators other than ``percentile`` ignore it). Calibrators are registered in the
+(calibrators other than ``percentile`` ignore it). A calibrator that needs only ``amax`` sets the
+attribute ``needs_histogram = False`` on itself, and calibration then makes one pass over the data
+instead of two. Calibrators are registered in the
 entry-point group ``edgeslim.calibrators`` (:data:`~edgeslim.components.common.stage_configs.CALIBRATORS`),
 the built-in four in edgeslim's own ``pyproject.toml``:
 
@@ -148,6 +150,14 @@ def choose_amax(amax: float, hist: np.ndarray, method: str, percentile: float = 
 def minmax(amax: float, hist: np.ndarray, *, percentile: float) -> float:
     """The largest |x| seen."""
     return float(amax)
+
+
+minmax.needs_histogram = False  # one pass over the calibration data: the maxima are all it reads
+
+
+def needs_histogram(method: str) -> bool:
+    """Whether the calibrator registered as ``method`` reads the histograms (the second pass)."""
+    return bool(getattr(CALIBRATORS.get(method), "needs_histogram", True))
 
 
 def percentile(amax: float, hist: np.ndarray, *, percentile: float) -> float:

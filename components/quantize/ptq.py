@@ -131,10 +131,11 @@ def calibrate_ranges(model_path: Path, config: PTQQuantizeConfig, data: Splits) 
         per_image = sum(o.nbytes for o in run(np.ascontiguousarray(data.x_train[rows[:1]])))
         size = int(min(CALIB_BATCH, max(1, CALIB_MEMORY // max(per_image, 1))))
         # Read a batch at a time: never more than one batch of intermediate tensors is held (the ranges
-        # do not depend on the batching). collect makes two passes (one for minmax); the images decoded
+        # do not depend on the batching). collect makes two passes (one for a calibrator that reads no
+        # histogram, such as minmax); the images decoded
         # on the first are kept for the second as far as they fit in CALIB_MEMORY beside that batch
         # (decoding is most of a plain pass on small images), and the rest are read again.
-        two_passes = config.calibrator != "minmax"
+        two_passes = calibrate.needs_histogram(config.calibrator)
         batches = _Rows(data.x_train, rows, size, hold=CALIB_MEMORY - size * per_image if two_passes else 0)
         stats = calibrate.collect(run, names, batches, config.num_bins, histograms=two_passes)
     return {n: calibrate.choose_amax(a, h, config.calibrator, config.percentile) for n, (a, h) in stats.items()}
