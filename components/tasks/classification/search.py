@@ -17,7 +17,7 @@ from edgeslim.components.recipe import AccuracyGateConfig
 class ClassifierStrategy(Strategy):
     """Top-1 drop, top-1 agreement and SQNR against the parent's outputs (the recipe's gate);
     the fallback keeps the most sensitive single layers, or an output's whole tail where it is
-    more than its last layer (:mod:`.sensitivity`), in float."""
+    more than its last layer (:mod:`edgeslim.components.quantize.sensitivity`), in float."""
 
     task = "classification"
     fields = ("metric", "metric_drop", "top1_agreement", "sqnr_db")
