@@ -106,7 +106,6 @@ def sensitivity_chart(rep: dict[str, Any], limit: int = 30) -> Chart:
     q = rep["candidate"].get("quantization") or {}
     title = "Per-layer int8 sensitivity"
     table = q.get("sensitivity")
-    heads = q.get("head_sensitivity")
     if isinstance(table, dict) and table.get("layers"):
         rows = table["layers"][:limit]
         series = CHART_SERIES
@@ -114,13 +113,6 @@ def sensitivity_chart(rep: dict[str, Any], limit: int = 30) -> Chart:
         cap = (f"{len(table['layers'])} conv/linear layer(s) of the fp32 model, each alone in int8 "
                f"({table.get('calibrator')} calibration, {table.get('split')} split), most sensitive on top"
                + (f"; the first {limit} shown." if len(table["layers"]) > limit else "."))
-    elif heads:
-        rows = heads[:limit]
-        title = "Per-head int8 sensitivity"
-        series = [("damage when only this head is int8", "damage", FAIL, None), ("mAP@0.5 (%)", "map50", BAR, None)]
-        label = "output"
-        cap = ("Damage = mAP@0.5 drop + 100 x mean true-positive score drop + recall drop (points), "
-               "each head group alone in int8, on the validation split; most damaging on top.")
     else:
         trials = q.get("trials") or []
         winner = q.get("winner") or {}
@@ -200,10 +192,12 @@ def training_chart(rep: dict[str, Any]) -> Chart:
 
 
 def charts(rep: dict[str, Any]) -> list[Chart]:
-    """The report's charts, in page order: the task's own (a detector's precision-recall curves) after the
-    output error."""
-    return [trials_chart(rep), sensitivity_chart(rep), output_error_chart(rep), *report_task(rep).report_charts(rep),
-            training_chart(rep)]
+    """The report's charts, in page order: a chart of the task's own takes the place of the shared chart of the
+    same key (a detector's per-head sensitivity), and its others (a detector's precision-recall curves) follow
+    the output error."""
+    own = {c.key: c for c in report_task(rep).report_charts(rep)}  # a task's chart replaces the generic one
+    shared = [own.pop(c.key, c) for c in (trials_chart(rep), sensitivity_chart(rep), output_error_chart(rep))]
+    return [*shared, *own.values(), training_chart(rep)]
 
 
 def write_charts(rep: dict[str, Any], out_dir: str | Path) -> list[Path]:

@@ -114,6 +114,7 @@ def _full_report() -> dict:
     and training curves (the figures as the tasks write them)."""
     from types import SimpleNamespace
 
+    from edgeslim.components.common.tasks import task_from_dict
     from edgeslim.components.report import build_report
 
     rng = np.random.default_rng(0)
@@ -145,7 +146,9 @@ def _full_report() -> dict:
                                 "size_ratio": 3.2, "detection": {**det, "map50": 93.5},
                                 "fidelity": {"detection_agreement": 0.95, "top1_agreement": 0.95, "sqnr_db": 30.0}}}
     return build_report(
-        recipe=SimpleNamespace(digest=lambda: "abc", source="models:/det/1"), parent={"name": "det", "version": "1"},
+        recipe=SimpleNamespace(digest=lambda: "abc", source="models:/det/1", task=task_from_dict(
+            {"kind": "detection", "num_classes": 2, "decoder": {"heads": [{"box": "b", "cls": "c", "stride": 8}]}})),
+        parent={"name": "det", "version": "1"},
         parent_export={}, evaluation=evaluation,
         transform={"stages": [],
                    "training_curve": [{"stage": "distill", "epoch": e, "loss": 1.0 / e} for e in range(1, 6)]},

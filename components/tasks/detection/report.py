@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeslim.components.common.charts import FP32, INT8, MUTED, Chart, Panel, Svg
+from edgeslim.components.common.charts import BAR, FAIL, FP32, INT8, MUTED, Chart, Panel, Svg, bar_panels
 from edgeslim.components.common.output_error import OutputError, reference_onnx
 from edgeslim.components.tasks.detection.evaluate import _match, detect_batches
 
@@ -93,8 +93,21 @@ def pr_chart(rep: dict[str, Any]) -> Chart:
     return Chart("pr", title, svg.render(), cap)
 
 
+def head_sensitivity_chart(rep: dict[str, Any], limit: int = 30) -> Chart | None:
+    """The search's ranking of head groups for float fallback (None when the search ranked none)."""
+    heads = (rep["candidate"].get("quantization") or {}).get("head_sensitivity")
+    if not heads:
+        return None
+    title = "Per-head int8 sensitivity"
+    series = [("damage when only this head is int8", "damage", FAIL, None), ("mAP@0.5 (%)", "map50", BAR, None)]
+    cap = ("Damage = mAP@0.5 drop + 100 x mean true-positive score drop + recall drop (points), "
+           "each head group alone in int8, on the validation split; most damaging on top.")
+    return Chart("sensitivity", title, bar_panels(title, heads[:limit], "output", series), cap)
+
+
 def charts(rep: dict[str, Any]) -> list[Chart]:
-    return [pr_chart(rep)]
+    heads = head_sensitivity_chart(rep)
+    return [*([heads] if heads is not None else []), pr_chart(rep)]
 
 
 def rows(rep: dict[str, Any]) -> list[tuple[str, str, str, str]]:
