@@ -254,7 +254,7 @@ def run_local(name, model_uri, flavor=None, config=None):
     try:
         c = Controller(store, "local", signing_key=keys["fleet"], root=trusted)
         c.enrol("device-0", device_class, agent.public_key)
-        c.sign_missing_release = lambda mdir, ref: json.dumps(trust.sign_with(release.statement_for_dir(
+        c.targets.sign_missing_release = lambda mdir, ref: json.dumps(trust.sign_with(release.statement_for_dir(
             mdir, name=ref.name, version=ref.version, run_id=ref.run_id), [keys["release"]]))
         rec = c.create(name, model_uri, WaveRolloutConfig.from_strings(
             {"waves": "100", "canary_alias": "none", "stable_alias": "none", **raw}))
