@@ -229,7 +229,7 @@ def run_local(name, model_uri, flavor=None, config=None):
     import json
 
     from edgeslim.deploy import release, signing, trust
-    from edgeslim.deploy.agent.device import Agent
+    from edgeslim.deploy.agent.device import Agent, AgentSettings
     from edgeslim.deploy.controller import Controller, WaveRolloutConfig
     from edgeslim.deploy.store import LocalStore
 
@@ -247,7 +247,7 @@ def run_local(name, model_uri, flavor=None, config=None):
     store = LocalStore(os.path.join(root, "store"))
     agent = Agent(store=store, fleet="local", device_id="device-0", device_class=device_class,
                   state_dir=os.path.join(root, "device-0"), root=trusted,
-                  poll_interval=0.1, heartbeat_interval=1.0)
+                  settings=AgentSettings(poll_interval=0.1, heartbeat_interval=1.0))
     agent.register()
     thread = threading.Thread(target=agent.run, daemon=True)
     thread.start()

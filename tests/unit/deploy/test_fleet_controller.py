@@ -14,7 +14,7 @@ import pytest
 from fleet_unit_helpers import golden_for, make_onnx, upload
 from edgeslim.components.common.errors import ConfigError, FleetError
 from edgeslim.components.common.hashing import file_sha256 as sha256_file
-from edgeslim.deploy.agent.device import Agent
+from edgeslim.deploy.agent.device import Agent, AgentSettings
 from edgeslim.deploy.controller import Controller, WaveRolloutConfig, wave_plan
 from edgeslim.deploy.store import FleetKeys
 
@@ -46,7 +46,8 @@ class Fleet:
         self.kit = keys
         self.store = store
         self.agents = {f"d{i}": Agent(store=store, fleet="f", device_id=f"d{i}", device_class="cls-a",
-                                      state_dir=tmp_path / f"d{i}", root=keys.root, poll_interval=0.01)
+                                      state_dir=tmp_path / f"d{i}", root=keys.root,
+                                      settings=AgentSettings(poll_interval=0.01))
                        for i in range(n)}
         self.offline: set[str] = set()
         for a in self.agents.values():

@@ -20,7 +20,7 @@ from fleet_unit_helpers import golden_for, make_onnx, upload
 from edgeslim.components.common.errors import FleetError
 from edgeslim.components.common.hashing import file_sha256
 from edgeslim.deploy import trust
-from edgeslim.deploy.agent.device import Agent
+from edgeslim.deploy.agent.device import Agent, AgentSettings
 from edgeslim.deploy.controller import (
     Controller, ModelRef, WaveRolloutConfig, approval_key, fleet_summary, follow_alias, policy_key, wave_plan,
 )
@@ -64,7 +64,8 @@ class PromoFleet:
     def __init__(self, store, kit, tmp_path, n):
         self.kit, self.store, self.tmp = kit, store, tmp_path
         self.agents = {f"d{i}": Agent(store=store, fleet="f", device_id=f"d{i}", device_class="cls-a",
-                                      state_dir=tmp_path / f"d{i}", root=kit.root, poll_interval=0.01)
+                                      state_dir=tmp_path / f"d{i}", root=kit.root,
+                                      settings=AgentSettings(poll_interval=0.01))
                        for i in range(n)}
         for a in self.agents.values():
             a.recover()
