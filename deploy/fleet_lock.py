@@ -62,6 +62,7 @@ class FleetLock(FleetPart):
         log.warning("took over the expired lock of rollout %s", held.get("rollout"))
 
     def renew(self, rollout: str, ttl_s: float) -> None:
+        """Renew the lock this controller holds; one taken over meanwhile stops it (FleetError)."""
         body = {"rollout": rollout, "holder": self.holder, "ttl_s": float(ttl_s)}
         try:
             self._etag = self.store.put_json(self.keys.lock, body, if_match=self._etag)
@@ -69,6 +70,7 @@ class FleetLock(FleetPart):
             raise FleetError(f"fleet {self.fleet!r}: lost the lock (another controller took it); stopping") from None
 
     def release(self) -> None:
+        """Delete the lock if this controller holds it."""
         try:
             got = self.fleet_trust.read(self.keys.lock, "fleet lock")
         except FleetError:

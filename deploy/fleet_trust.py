@@ -63,6 +63,7 @@ class FleetTrust(FleetPart):
         return None if blob is None else bounded.loads(blob.data, what=f"root version {version}")
 
     def require_key(self) -> None:
+        """Refuse to write unless the signing key is a fleet key of the current root."""
         if self.signing_key is None:
             raise ConfigError("a fleet signing key is needed to roll out; set EDGESLIM_FLEET_SIGNING_KEY "
                               "or pass --signing-key (make one with `edgeslim fleet keygen --role fleet`)")
@@ -72,6 +73,7 @@ class FleetTrust(FleetPart):
                               "use the fleet key the root lists, or rotate the root to add it")
 
     def sign(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """``payload`` in an envelope signed by the fleet key."""
         return trust.sign_with(payload, [self.signing_key])
 
     def read(self, key: str, what: str, max_bytes: int = bounded.MAX_SMALL_BYTES) -> tuple[Any, str] | None:

@@ -105,7 +105,7 @@ class RolloutRecords(FleetPart):
 
 
 def tally(rec: dict[str, Any]) -> tuple[int, int]:
-    """(devices that reported, devices that failed, were rejected or stayed silent)."""
+    """``(reported, failed)``: devices with an outcome, and those of them that failed, were rejected or went silent."""
     outs = [d["outcome"] for d in rec["devices"].values() if d["outcome"]]
     failed = sum(o in ("failed", "rejected", "silent") for o in outs)
     return len(outs), failed
