@@ -66,7 +66,7 @@ def converge(n: int, store_url: str, endpoint: str | None, work: Path, poll: flo
     from mlflow import MlflowClient
 
     from edgeslim.deploy import signing, trust
-    from edgeslim.deploy.agent.device import Agent
+    from edgeslim.deploy.agent.device import Agent, AgentSettings
     from edgeslim.deploy.controller import Controller, WaveRolloutConfig
     from edgeslim.deploy.release import sign_version
     from edgeslim.deploy.store import open_store
@@ -89,8 +89,9 @@ def converge(n: int, store_url: str, endpoint: str | None, work: Path, poll: flo
     store = open_store(store_url, endpoint_url=endpoint, create_bucket=True)
     agents = [Agent(store=store, fleet="bench", device_id=f"dev{i:03d}",
                     device_class=("orin-sm87-jp6.1-trt10.3" if i % 2 else "xavier-sm72-jp5.1-trt8.5"),
-                    state_dir=work / "devices" / f"dev{i:03d}", root=root, poll_interval=poll,
-                    heartbeat_interval=30, health_in_process=True) for i in range(n)]
+                    state_dir=work / "devices" / f"dev{i:03d}", root=root,
+                    settings=AgentSettings(poll_interval=poll, heartbeat_interval=30, health_in_process=True))
+              for i in range(n)]
     for a in agents:
         a.recover()
         a.register()

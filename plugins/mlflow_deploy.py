@@ -229,7 +229,7 @@ def run_local(name, model_uri, flavor=None, config=None):
     import json
 
     from edgeslim.deploy import release, signing, trust
-    from edgeslim.deploy.agent.device import Agent
+    from edgeslim.deploy.agent.device import Agent, AgentSettings
     from edgeslim.deploy.controller import Controller, WaveRolloutConfig
     from edgeslim.deploy.store import LocalStore
 
@@ -247,14 +247,14 @@ def run_local(name, model_uri, flavor=None, config=None):
     store = LocalStore(os.path.join(root, "store"))
     agent = Agent(store=store, fleet="local", device_id="device-0", device_class=device_class,
                   state_dir=os.path.join(root, "device-0"), root=trusted,
-                  poll_interval=0.1, heartbeat_interval=1.0)
+                  settings=AgentSettings(poll_interval=0.1, heartbeat_interval=1.0))
     agent.register()
     thread = threading.Thread(target=agent.run, daemon=True)
     thread.start()
     try:
         c = Controller(store, "local", signing_key=keys["fleet"], root=trusted)
         c.enrol("device-0", device_class, agent.public_key)
-        c.sign_missing_release = lambda mdir, ref: json.dumps(trust.sign_with(release.statement_for_dir(
+        c.targets.sign_missing_release = lambda mdir, ref: json.dumps(trust.sign_with(release.statement_for_dir(
             mdir, name=ref.name, version=ref.version, run_id=ref.run_id), [keys["release"]]))
         rec = c.create(name, model_uri, WaveRolloutConfig.from_strings(
             {"waves": "100", "canary_alias": "none", "stable_alias": "none", **raw}))

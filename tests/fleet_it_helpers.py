@@ -245,15 +245,15 @@ class Publisher:
 
     def manifest(self, device: str, device_class: str, seq: int, artifact: dict, health: dict, *,
                  expires_in: float = 3600.0, key=None) -> dict:
-        from edgeslim.deploy.controller import _artifact
         from edgeslim.deploy.manifest import Manifest
+        from edgeslim.deploy.waves import manifest_artifact
 
         now = time.time()
         release = self.kit.release(artifact, name="m", version=str(seq), expires_s=max(expires_in, 60.0) + 60)
         m = Manifest(fleet=self.fleet, device_id=device, device_class=device_class, rollout_id=f"t{seq}",
                      sequence=seq, issued_at=now, expires_at=now + expires_in, action="install",
-                     artifact=_artifact(artifact), model={"name": "m", "version": str(seq)}, health_check=health,
-                     release=release)
+                     artifact=manifest_artifact(artifact), model={"name": "m", "version": str(seq)},
+                     health_check=health, release=release)
         return m.sign(key or self.key)
 
     def publish(self, device: str, envelope: dict) -> str:

@@ -24,6 +24,7 @@ Every step is either a rename or idempotent, so a SIGKILL anywhere leaves
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import logging
@@ -123,26 +124,43 @@ def _one_line(exc: BaseException, limit: int = 400) -> str:
     return " ".join(str(exc).split())[:limit] or type(exc).__name__
 
 
+@dataclasses.dataclass(frozen=True)
+class AgentSettings:
+    """How an agent polls, downloads and health-checks (the ``edgeslim-agent`` flags of the same names).
+
+    Attributes:
+        poll_interval: seconds between polls of the device's manifest.
+        heartbeat_interval: an idle agent re-publishes its status at least this often (seconds).
+        max_backoff: the longest wait between polls while the store is unreachable (seconds).
+        max_download_rate: cap downloads at this many bytes per second (None: no cap).
+        health_timeout: seconds the health check may run.
+        chunk_size: bytes per read of a download.
+        health_in_process: run the health check in this process, for simulating many devices in
+            one process (bench_fleet); a real device uses a child process (isolation, and a small
+            idle agent).
+        max_manifest_bytes: a larger manifest is refused unread.
+    """
+
+    poll_interval: float = 5.0
+    heartbeat_interval: float = 30.0
+    max_backoff: float = 300.0
+    max_download_rate: float | None = None
+    health_timeout: float = 120.0
+    chunk_size: int = 1 << 16
+    health_in_process: bool = False
+    max_manifest_bytes: int = bounded.MAX_MANIFEST_BYTES
+
+
 class Agent:
     """One device. ``run()`` loops forever; ``step()`` does one poll (for tests and --once)."""
 
     def __init__(self, *, store: ObjectStore, fleet: str, device_id: str, device_class: str,
-                 state_dir: str | Path, root: "trust.Root", poll_interval: float = 5.0,
-                 heartbeat_interval: float = 30.0, max_backoff: float = 300.0,
-                 max_download_rate: float | None = None, health_timeout: float = 120.0,
-                 chunk_size: int = 1 << 16, health_in_process: bool = False,
-                 max_manifest_bytes: int = bounded.MAX_MANIFEST_BYTES) -> None:
+                 state_dir: str | Path, root: "trust.Root", settings: AgentSettings = AgentSettings()) -> None:
         self.store, self.keys = store, FleetKeys(fleet)
         self.fleet, self.device_id = fleet, check_name("device", device_id)
         self.device_class = device_class
         self.state_dir = Path(state_dir).resolve()
-        self.poll_interval, self.heartbeat_interval = poll_interval, heartbeat_interval
-        self.max_backoff, self.max_download_rate = max_backoff, max_download_rate
-        self.health_timeout, self.chunk_size = health_timeout, chunk_size
-        self.max_manifest_bytes = max_manifest_bytes
-        # In-process checks are for simulating many devices in one process (bench_fleet);
-        # a real device uses the child process (isolation, and a small idle agent).
-        self.health_in_process = health_in_process
+        self.settings = settings
         for sub in ("objects/sha256", "partial", "releases", "engines"):
             (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
         self.current_link = self.state_dir / "current"
@@ -448,14 +466,14 @@ class Agent:
         if have < art.size:
             t0, got = time.monotonic(), 0
             with open(part, "ab") as fh:
-                for chunk in self.store.stream(art.key, start=have, chunk_size=self.chunk_size):
+                for chunk in self.store.stream(art.key, start=have, chunk_size=self.settings.chunk_size):
                     fh.write(chunk)
                     got += len(chunk)
                     if have + got > art.size:
                         break
-                    if self.max_download_rate:
+                    if self.settings.max_download_rate:
                         # Bandwidth cap for metered links: sleep until we are back under the rate.
-                        ahead = got / self.max_download_rate - (time.monotonic() - t0)
+                        ahead = got / self.settings.max_download_rate - (time.monotonic() - t0)
                         if ahead > 0:
                             time.sleep(ahead)
                 fh.flush()
@@ -562,10 +580,11 @@ class Agent:
         self.publish_status("checking", target_sequence=m.sequence)
         from edgeslim.deploy.agent.health import check_in_subprocess, run_health_check
 
-        if self.health_in_process:
+        if self.settings.health_in_process:
             health = run_health_check(self.state_dir / new_rel, m.health_check)
         else:
-            health = check_in_subprocess(self.state_dir / new_rel, m.health_check, timeout_s=self.health_timeout)
+            health = check_in_subprocess(self.state_dir / new_rel, m.health_check,
+                                         timeout_s=self.settings.health_timeout)
         if health.get("ok"):
             if health.get("fallback"):  # TensorRT could not load the engine here: ONNX Runtime serves it
                 meta_path = self.state_dir / new_rel / "release.json"
@@ -641,7 +660,7 @@ class Agent:
         self.follow_timestamp()
         try:
             blob = self.store.get(self.keys.manifest(self.device_id), if_none_match=self.manifest_etag,
-                                  max_bytes=self.max_manifest_bytes)
+                                  max_bytes=self.settings.max_manifest_bytes)
         except NotModified:
             return "unchanged"
         except bounded.BoundedInputError as exc:  # over the cap: refused from its size, never read
@@ -649,7 +668,7 @@ class Agent:
         if blob is None:
             return "none"
         try:
-            envelope = bounded.loads(blob.data, what="manifest", max_bytes=self.max_manifest_bytes)
+            envelope = bounded.loads(blob.data, what="manifest", max_bytes=self.settings.max_manifest_bytes)
         except bounded.BoundedInputError as exc:  # a nesting bomb, or not JSON
             return self._refuse(exc.reason, str(exc), blob.etag)
         try:
@@ -703,23 +722,24 @@ class Agent:
         except Exception as exc:  # damaged local state: report it, keep polling (the next manifest may fix it)
             log.error("start-up recovery failed (%s: %s); polling anyway", type(exc).__name__, _one_line(exc))
             log.debug("traceback of the failed recovery", exc_info=True)
-        backoff = self.poll_interval
+        backoff = self.settings.poll_interval
         while not self._stop:
             try:
                 what = self.step()
                 if not self.store_ok:
                     log.info("store reachable again")
-                self.store_ok, self.failures, backoff = True, 0, self.poll_interval
-                if what in ("unchanged", "none") and time.time() - self.last_heartbeat >= self.heartbeat_interval:
+                self.store_ok, self.failures, backoff = True, 0, self.settings.poll_interval
+                if what in ("unchanged", "none") and \
+                        time.time() - self.last_heartbeat >= self.settings.heartbeat_interval:
                     self.publish_status("idle")
                 if once:
                     return 0
-                delay = self.poll_interval
+                delay = self.settings.poll_interval
             except StoreUnavailable as exc:
                 self.failures += 1
                 self.store_ok = False
                 # Exponential backoff with jitter; the current model keeps serving meanwhile.
-                backoff = min(self.max_backoff, backoff * 2)
+                backoff = min(self.settings.max_backoff, backoff * 2)
                 delay = backoff * random.uniform(0.5, 1.0)
                 cur = read_link(self.current_link)
                 log.warning("store unreachable (%s); still serving %s; retry %d in %.2fs", exc, cur or "nothing",
@@ -733,7 +753,7 @@ class Agent:
                     return 1
             except Exception as exc:  # a bug or a hostile input in one poll must not take the device down
                 self.failures += 1
-                backoff = min(self.max_backoff, backoff * 2)
+                backoff = min(self.settings.max_backoff, backoff * 2)
                 delay = backoff * random.uniform(0.5, 1.0)
                 log.error("poll failed (%s: %s); still serving %s; retry %d in %.2fs", type(exc).__name__,
                           _one_line(exc), read_link(self.current_link) or "nothing", self.failures, delay)
@@ -807,9 +827,9 @@ def main(argv: list[str] | None = None) -> int:
             store=store,
             fleet=args.fleet, device_id=args.device_id, device_class=args.device_class,
             state_dir=args.state_dir, root=trust.load_root(args.root)[0],
-            poll_interval=args.poll_interval, heartbeat_interval=args.heartbeat_interval,
-            max_backoff=args.max_backoff, max_download_rate=args.max_download_rate,
-            health_timeout=args.health_timeout, max_manifest_bytes=args.max_manifest_bytes,
+            settings=AgentSettings(poll_interval=args.poll_interval, heartbeat_interval=args.heartbeat_interval,
+                                   max_backoff=args.max_backoff, max_download_rate=args.max_download_rate,
+                                   health_timeout=args.health_timeout, max_manifest_bytes=args.max_manifest_bytes),
         )
         signal.signal(signal.SIGTERM, agent.stop)
         signal.signal(signal.SIGINT, agent.stop)

@@ -20,7 +20,8 @@ import pytest
 
 from edgeslim.components.common.errors import SourceError
 from edgeslim.deploy import trust
-from edgeslim.deploy.controller import WaveRolloutConfig, _artifact
+from edgeslim.deploy.controller import WaveRolloutConfig
+from edgeslim.deploy.waves import manifest_artifact
 from edgeslim.deploy.manifest import Manifest
 from tests.fleet_it_helpers import make_onnx, wait_for
 
@@ -83,7 +84,7 @@ def test_ungated_or_borrowed_release_is_never_rolled_out_nor_installed(
     def by_hand(seq, release):
         now = time.time()
         return Manifest(fleet="lab", device_id="u0", device_class=ORIN, rollout_id=f"by-hand-{seq}", sequence=seq,
-                        issued_at=now, expires_at=now + 3600, action="install", artifact=_artifact(bad),
+                        issued_at=now, expires_at=now + 3600, action="install", artifact=manifest_artifact(bad),
                         model={"name": "m", "version": str(seq)}, health_check=health,
                         release=release).sign(keys.fleet_key)
 

@@ -24,7 +24,7 @@ import time
 import pytest
 
 from edgeslim.deploy.agent import device as agent_device
-from edgeslim.deploy.agent.device import Agent
+from edgeslim.deploy.agent.device import Agent, AgentSettings
 from tests.fleet_it_helpers import make_onnx, wait_for
 
 pytestmark = pytest.mark.slow
@@ -50,7 +50,7 @@ def behind(monkeypatch, s3_store, keys, tmp_path, publisher):
     """An enrolled in-process device a year behind, running the gated v1; yields (agent, v2 artifact, v2 check)."""
     monkeypatch.setattr(agent_device, "time", _YearBehind())
     agent = Agent(store=s3_store, fleet="lab", device_id="t0", device_class=ORIN, state_dir=tmp_path / "t0",
-                  root=keys.root, poll_interval=0.05, health_timeout=120)
+                  root=keys.root, settings=AgentSettings(poll_interval=0.05, health_timeout=120))
     agent.recover()
     assert agent.step() == "none"
     assert agent.now() < _real_time() - YEAR + 600  # it really is a year behind

@@ -631,7 +631,7 @@ def test_device_agent_records_why_it_serves_with_onnxruntime(tmp_path, monkeypat
     from fleet_unit_helpers import ManifestWriter, golden_for, make_onnx, upload
 
     from edgeslim.deploy.agent import health
-    from edgeslim.deploy.agent.device import Agent
+    from edgeslim.deploy.agent.device import Agent, AgentSettings
     from edgeslim.deploy.store import LocalStore
 
     def fake_build(onnx_path, out_dir, device_class, config=None):
@@ -652,7 +652,8 @@ def test_device_agent_records_why_it_serves_with_onnxruntime(tmp_path, monkeypat
     store = LocalStore(tmp_path / "store")
     writer = ManifestWriter(store, kit)
     agent = Agent(store=store, fleet="f", device_id="d0", device_class="cls-a", state_dir=tmp_path / "d0",
-                  root=kit.root, poll_interval=0.01, heartbeat_interval=0.01, health_in_process=True)
+                  root=kit.root, settings=AgentSettings(poll_interval=0.01, heartbeat_interval=0.01,
+                                                        health_in_process=True))
     agent.recover()
     model = make_onnx(tmp_path / "v1.onnx", seed=1)
     writer.send(upload(store, model), golden_for(model))

@@ -62,8 +62,8 @@ class ManifestWriter:
 
     def manifest(self, artifact: dict | None, health: dict | None, *, seq=None, action="install",
                  expires_in=3600.0, device_class=None, rollout="r"):
-        from edgeslim.deploy.controller import _artifact
         from edgeslim.deploy.manifest import Manifest
+        from edgeslim.deploy.waves import manifest_artifact
 
         if seq is None:
             self.seq += 1
@@ -72,7 +72,7 @@ class ManifestWriter:
         release = self.kit.release(artifact, expires_s=max(expires_in, 60.0) + 60) if artifact else None
         return Manifest(fleet=self.fleet, device_id=self.device, device_class=device_class or self.device_class,
                         rollout_id=rollout, sequence=seq, issued_at=now, expires_at=now + expires_in,
-                        action=action, artifact=_artifact(artifact) if artifact else None,
+                        action=action, artifact=manifest_artifact(artifact) if artifact else None,
                         model={"name": "m", "version": "1"}, health_check=health, release=release)
 
     def publish(self, envelope: dict) -> str:

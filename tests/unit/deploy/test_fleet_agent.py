@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -15,14 +16,14 @@ import pytest
 
 from fleet_unit_helpers import ManifestWriter, golden_for, make_onnx, upload
 from edgeslim.components.common.hashing import file_sha256 as sha256_file
-from edgeslim.deploy.agent.device import Agent
+from edgeslim.deploy.agent.device import Agent, AgentSettings
 from edgeslim.deploy.manifest import manifest_digest
 from edgeslim.deploy.store import FleetKeys, StoreUnavailable
 
 
 def _agent(store, pub, tmp_path, name="d0", **kw) -> Agent:
     a = Agent(store=store, fleet="f", device_id=name, device_class="cls-a", state_dir=tmp_path / name,
-              root=pub, poll_interval=0.01, heartbeat_interval=0.01, **kw)
+              root=pub, settings=AgentSettings(poll_interval=0.01, heartbeat_interval=0.01, **kw))
     a.recover()
     return a
 
@@ -225,7 +226,7 @@ def test_unreachable_store_backs_off_and_keeps_serving(store, keys, tmp_path, mo
     w.send(a1, golden_for(models[0]))
     a.step()
     a.store = _DownStore()
-    a.max_backoff = 0.16
+    a.settings = dataclasses.replace(a.settings, max_backoff=0.16)
     caplog.set_level(logging.WARNING, "edgeslim.agent")
     t = threading.Thread(target=a.run)
 
@@ -333,7 +334,7 @@ def test_an_unexpected_error_in_a_poll_is_logged_undone_and_retried(store, keys,
 
     monkeypatch.setattr(health, "check_in_subprocess", flaky)
     w.send(a2, golden_for(models[1]))
-    a.max_backoff = 0.05
+    a.settings = dataclasses.replace(a.settings, max_backoff=0.05)
     caplog.set_level(logging.INFO, "edgeslim.agent")
     t = threading.Thread(target=a.run)
     t.start()

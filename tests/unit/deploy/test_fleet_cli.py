@@ -132,7 +132,7 @@ def test_debug_output_never_shows_s3_credentials(tmp_path):
 def test_key_ceremony_root_enrol_timestamp_and_rotation_through_the_cli(tmp_path):
     """The README's commands: three roles, root version 1, enrolment, a timestamp, a rotation."""
     from edgeslim.deploy import signing, trust
-    from edgeslim.deploy.agent.device import Agent
+    from edgeslim.deploy.agent.device import Agent, AgentSettings
     from edgeslim.deploy.store import FleetKeys, LocalStore
 
     k = tmp_path / "k"
@@ -148,7 +148,7 @@ def test_key_ceremony_root_enrol_timestamp_and_rotation_through_the_cli(tmp_path
     root, _ = trust.load_root(tmp_path / "root.json")
     store = LocalStore(store_dir)
     agent = Agent(store=store, fleet="lab", device_id="d0", device_class="cls-a", state_dir=tmp_path / "d0",
-                  root=root, poll_interval=0.01)
+                  root=root, settings=AgentSettings(poll_interval=0.01))
     agent.recover()
     assert agent.step() == "none"  # registered, no manifest yet
 

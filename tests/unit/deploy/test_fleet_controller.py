@@ -14,7 +14,7 @@ import pytest
 from fleet_unit_helpers import golden_for, make_onnx, upload
 from edgeslim.components.common.errors import ConfigError, FleetError
 from edgeslim.components.common.hashing import file_sha256 as sha256_file
-from edgeslim.deploy.agent.device import Agent
+from edgeslim.deploy.agent.device import Agent, AgentSettings
 from edgeslim.deploy.controller import Controller, WaveRolloutConfig, wave_plan
 from edgeslim.deploy.store import FleetKeys
 
@@ -46,7 +46,8 @@ class Fleet:
         self.kit = keys
         self.store = store
         self.agents = {f"d{i}": Agent(store=store, fleet="f", device_id=f"d{i}", device_class="cls-a",
-                                      state_dir=tmp_path / f"d{i}", root=keys.root, poll_interval=0.01)
+                                      state_dir=tmp_path / f"d{i}", root=keys.root,
+                                      settings=AgentSettings(poll_interval=0.01))
                        for i in range(n)}
         self.offline: set[str] = set()
         for a in self.agents.values():
@@ -63,8 +64,8 @@ class Fleet:
 
     def controller(self) -> Controller:
         c = self.kit.controller(self.store, sleep=self.step)
-        c._tag = lambda rec: self.tags.append((rec["name"], rec["state"]))
-        c._set_alias = lambda rec, alias: self.tags.append((rec["name"], f"alias:{alias}"))
+        c.registry.tag = lambda rec: self.tags.append((rec["name"], rec["state"]))
+        c.registry.set_alias = lambda rec, alias: self.tags.append((rec["name"], f"alias:{alias}"))
         return c
 
     def record(self, name, model_path, golden_path=None, **cfg):
@@ -92,7 +93,7 @@ def fleet(store, keys, tmp_path):
 
 def test_good_rollout_reaches_every_device_and_moves_aliases(fleet, capsys):
     f = fleet(4)
-    rec = f.controller()._run_locked(f.record("r1", f.models[0], waves=[25, 50, 100]))
+    rec = f.controller().waves.run(f.record("r1", f.models[0], waves=[25, 50, 100]))
     assert rec["state"] == "succeeded"
     err = capsys.readouterr().err  # the waves' progress, as the terminal shows it
     assert "rollout r1: wave 1/3 sent to 1 device(s)" in err
@@ -107,11 +108,11 @@ def test_good_rollout_reaches_every_device_and_moves_aliases(fleet, capsys):
 def test_bad_canary_aborts_rolls_back_and_later_waves_are_never_touched(fleet):
     f = fleet(4)
     c = f.controller()
-    c._run_locked(f.record("r1", f.models[0], waves=[100]))
+    c.waves.run(f.record("r1", f.models[0], waves=[100]))
     v1 = c.get("r1")["artifact"]["sha256"]
     seqs_before = {d: f.store.get_json(FleetKeys("f").manifest(d))[0]["signed"]["sequence"] for d in f.agents}
     bad = f.record("r2", f.models[1], golden_path=f.models[0], waves=[25, 50, 100], max_failure_pct=10)
-    rec = c._run_locked(bad)
+    rec = c.waves.run(bad)
     assert rec["state"] == "aborted" and "1 of 1 reported devices failed" in rec["reason"]
     canary = rec["waves"][0]["devices"][0]
     assert list(rec["devices"]) == [canary]
@@ -134,7 +135,7 @@ def test_silent_device_counts_as_failed_and_catches_up_later(fleet):
     order = wave_plan("r1", sorted(f.agents), [34, 100])
     late = order[1][-1]
     f.offline.add(late)
-    rec = c._run_locked(f.record("r1", f.models[0], waves=[34, 100], max_failure_pct=50, wave_timeout_s=0.5))
+    rec = c.waves.run(f.record("r1", f.models[0], waves=[34, 100], max_failure_pct=50, wave_timeout_s=0.5))
     assert rec["state"] == "succeeded"
     assert rec["devices"][late]["outcome"] == "silent"
     assert f.running(late) is None
@@ -147,7 +148,7 @@ def test_too_many_silent_devices_abort_and_roll_back_all_touched(fleet):
     f = fleet(2)
     c = f.controller()
     f.offline.update(f.agents)
-    rec = c._run_locked(f.record("r1", f.models[0], waves=[100], wave_timeout_s=0.3))
+    rec = c.waves.run(f.record("r1", f.models[0], waves=[100], wave_timeout_s=0.3))
     assert rec["state"] == "aborted" and "2 of 2" in rec["reason"]
     for d in f.agents:  # no previous model: the rollback withdraws it
         assert f.store.get_json(FleetKeys("f").manifest(d))[0]["signed"]["action"] == "withdraw"
@@ -159,7 +160,7 @@ def test_abort_request_stops_a_running_rollout(fleet):
     order = wave_plan("r1", sorted(f.agents), [50, 100])
     f.offline.add(order[1][0])  # keeps wave 1 waiting
     rec = f.record("r1", f.models[0], waves=[50, 100], wave_timeout_s=30)
-    c._save(rec)
+    c.records.save(rec)
 
     def sleep(_):
         f.step()
@@ -167,9 +168,9 @@ def test_abort_request_stops_a_running_rollout(fleet):
         if cur["state"] == "running" and any(w["state"] == "running" and w["index"] == 1 for w in cur["waves"]):
             Controller(f.store, "f", root=f.kit.root).abort("r1", "operator said stop")  # the lock holder rolls back
 
-    c.sleep = sleep
+    c.ctx.sleep = sleep
     c.acquire_lock("r1", 60)  # as create() does: the abort below finds the rollout owned
-    rec = c._run_locked(rec)
+    rec = c.waves.run(rec)
     assert rec["state"] == "aborted" and rec["reason"] == "operator said stop"
     # stopped by the request, not by waiting out wave_timeout_s for the offline device
     assert all(d["outcome"] != "silent" for d in rec["devices"].values())
@@ -204,6 +205,6 @@ def test_promote_defaults_to_auto_and_is_checked():
 
 def test_auto_promotion_moves_edge_canary_then_edge_stable_without_stopping(fleet):
     f = fleet(3)
-    rec = f.controller()._run_locked(f.record("r1", f.models[0], waves=[30, 100]))
+    rec = f.controller().waves.run(f.record("r1", f.models[0], waves=[30, 100]))
     assert rec["state"] == "succeeded" and "promotion" not in rec
     assert [t for t in f.tags if t[1].startswith("alias:")] == [("r1", "alias:edge-canary"), ("r1", "alias:edge-stable")]

@@ -20,7 +20,7 @@ from fleet_unit_helpers import golden_for, make_onnx, upload
 from edgeslim.components.common.errors import FleetError
 from edgeslim.components.common.hashing import file_sha256
 from edgeslim.deploy import trust
-from edgeslim.deploy.agent.device import Agent
+from edgeslim.deploy.agent.device import Agent, AgentSettings
 from edgeslim.deploy.controller import (
     Controller, ModelRef, WaveRolloutConfig, approval_key, fleet_summary, follow_alias, policy_key, wave_plan,
 )
@@ -64,7 +64,8 @@ class PromoFleet:
     def __init__(self, store, kit, tmp_path, n):
         self.kit, self.store, self.tmp = kit, store, tmp_path
         self.agents = {f"d{i}": Agent(store=store, fleet="f", device_id=f"d{i}", device_class="cls-a",
-                                      state_dir=tmp_path / f"d{i}", root=kit.root, poll_interval=0.01)
+                                      state_dir=tmp_path / f"d{i}", root=kit.root,
+                                      settings=AgentSettings(poll_interval=0.01))
                        for i in range(n)}
         for a in self.agents.values():
             a.recover()
@@ -87,7 +88,7 @@ class PromoFleet:
 
     def controller(self, **kw) -> Controller:
         c = self.kit.controller(self.store, clock=self.clock, sleep=self.sleep, **kw)
-        c._mlflow = lambda: self.registry
+        c.registry.client = lambda: self.registry
         return c
 
     def keyless(self) -> Controller:
@@ -120,7 +121,7 @@ class PromoFleet:
 
     def baseline(self, c):
         """Version 1 on every device, edge-canary and edge-stable on it (promote=auto)."""
-        rec = c._run_locked(self.record("r0", self.models[0], "1", waves=[100]))
+        rec = c.waves.run(self.record("r0", self.models[0], "1", waves=[100]))
         assert rec["state"] == "succeeded"
         assert self.registry.aliases == {"edge-canary": "1", "edge-stable": "1"}
         return rec["artifact"]["sha256"]
@@ -150,7 +151,7 @@ def test_soak_waits_with_the_canary_only_then_promotes_and_moves_edge_stable(fle
                          "summary": fleet_summary(f.keyless(), f.keyless().get("r1"))})
 
     f.hooks.append(during)
-    rec = c._run_locked(f.record("r1", f.models[1], "2", waves=[30, 100], promote="soak", soak_s=1.0))
+    rec = c.waves.run(f.record("r1", f.models[1], "2", waves=[30, 100], promote="soak", soak_s=1.0))
     assert rec["state"] == "succeeded"
     # While soaking: the canary runs v2, edge-canary moved, edge-stable and the other devices not yet.
     assert seen and seen[0]["aliases"] == {"edge-canary": "2", "edge-stable": "1"}
@@ -185,7 +186,7 @@ def test_a_canary_failing_during_the_soak_aborts_rolls_back_and_edge_canary_goes
                                                "reason": "watchdog: inference crashed"})
 
     f.hooks.append(fail_during_soak)
-    rec = c._run_locked(f.record("r1", f.models[1], "2", waves=[30, 100], promote="soak", soak_s=3600))
+    rec = c.waves.run(f.record("r1", f.models[1], "2", waves=[30, 100], promote="soak", soak_s=3600))
     assert rec["state"] == "aborted" and "1 of 1 reported devices failed" in rec["reason"]
     d = rec["devices"][canary]
     assert d["outcome"] == "failed" and "during the soak" in d["reason"] and "watchdog" in d["reason"]
@@ -205,11 +206,11 @@ def test_a_canary_going_silent_during_the_soak_aborts_when_resumed(fleet):
     c = f.controller()
     f.baseline(c)
     canary = wave_plan("r1", sorted(f.agents), [50, 100])[0][0]
-    rec = c._run_locked(f.record("r1", f.models[1], "2", waves=[50, 100], promote="soak", soak_s=3600,
+    rec = c.waves.run(f.record("r1", f.models[1], "2", waves=[50, 100], promote="soak", soak_s=3600,
                                  wave_timeout_s=0.5), block=False)
     assert rec["state"] == "soaking"  # checked once, left for the next run
     f.offline.add(canary)  # no more statuses from it
-    rec = c._run_locked(c.get("r1"))  # resumed (as after a controller restart), waiting here
+    rec = c.waves.run(c.get("r1"))  # resumed (as after a controller restart), waiting here
     assert rec["state"] == "aborted"
     assert rec["devices"][canary]["outcome"] == "silent"
     assert "during the soak" in rec["devices"][canary]["reason"]
@@ -222,7 +223,7 @@ def test_approval_gate_reconcile_checks_once_ignores_forged_approvals_and_promot
     f.baseline(c)
     canary = _canary("r1", f)
     rec = f.record("r1", f.models[1], "2", waves=[30, 100], promote="approval")
-    c._save(rec)
+    c.records.save(rec)
     done = c.reconcile()  # the CronJob: runs the canary wave, checks the gate once, returns
     assert [(r["name"], r["state"]) for r in done] == [("r1", "awaiting-approval")]
     assert f.registry.aliases == {"edge-canary": "2", "edge-stable": "1"}
@@ -259,10 +260,10 @@ def test_approval_gate_reconcile_checks_once_ignores_forged_approvals_and_promot
 def test_approve_is_refused_before_the_canary_wave_and_for_other_policies(fleet):
     f = fleet(1)
     c = f.controller()
-    c._save(f.record("r1", f.models[0], "1", promote="approval"))
+    c.records.save(f.record("r1", f.models[0], "1", promote="approval"))
     with pytest.raises(FleetError, match="canary wave has not finished"):
         f.keyless().approve("r1")
-    c._save(f.record("r2", f.models[0], "1", promote="soak"))
+    c.records.save(f.record("r2", f.models[0], "1", promote="soak"))
     with pytest.raises(FleetError, match="promote=soak, not approval"):
         f.keyless().approve("r2")
     with pytest.raises(FleetError, match="no rollout 'r3'"):
@@ -283,7 +284,7 @@ def test_abort_while_awaiting_approval_rolls_back_and_puts_edge_canary_back(flee
 
     f.hooks.append(abort_when_waiting)
     c.acquire_lock("r1", 60)  # as create() does
-    rec = c._run_locked(f.record("r1", f.models[1], "2", waves=[30, 100], promote="approval"))
+    rec = c.waves.run(f.record("r1", f.models[1], "2", waves=[30, 100], promote="approval"))
     assert rec["state"] == "aborted" and rec["reason"] == "operator said no"
     assert f.registry.aliases == {"edge-canary": "1", "edge-stable": "1"}
     assert list(rec["devices"]) == [canary] and f.manifest(canary)["action"] == "rollback"
@@ -294,7 +295,7 @@ def test_abort_while_awaiting_approval_rolls_back_and_puts_edge_canary_back(flee
 def test_abort_of_a_rollout_left_awaiting_approval_deletes_an_edge_canary_it_created(fleet):
     f = fleet(2)
     c = f.controller()
-    c._save(f.record("r1", f.models[0], "1", waves=[50, 100], promote="approval"))
+    c.records.save(f.record("r1", f.models[0], "1", waves=[50, 100], promote="approval"))
     assert [r["state"] for r in c.reconcile()] == ["awaiting-approval"]
     assert f.registry.aliases == {"edge-canary": "1"}
     rec = f.controller().abort("r1")  # nobody holds the lock: this controller rolls back itself
@@ -306,7 +307,7 @@ def test_abort_of_a_rollout_left_awaiting_approval_deletes_an_edge_canary_it_cre
 def test_an_edge_canary_moved_by_someone_else_since_is_left_alone_on_abort(fleet):
     f = fleet(2)
     c = f.controller()
-    c._save(f.record("r1", f.models[0], "1", waves=[50, 100], promote="approval"))
+    c.records.save(f.record("r1", f.models[0], "1", waves=[50, 100], promote="approval"))
     c.reconcile()
     f.registry.aliases["edge-canary"] = "7"  # a person moved it meanwhile
     rec = f.controller().abort("r1")
@@ -380,7 +381,7 @@ def test_mlflow_deployments_update_action_approve_needs_no_key(fleet, keys, tmp_
 
     f = fleet(2)
     c = f.controller()
-    c._save(f.record("r1", f.models[0], "1", waves=[50, 100], promote="approval"))
+    c.records.save(f.record("r1", f.models[0], "1", waves=[50, 100], promote="approval"))
     assert [r["state"] for r in c.reconcile()] == ["awaiting-approval"]
     monkeypatch.delenv("EDGESLIM_FLEET_SIGNING_KEY", raising=False)
     out = EdgeDeploymentClient("edge:/f").update_deployment(
