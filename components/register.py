@@ -60,11 +60,13 @@ def _engines_to_ship(engines) -> dict[str, str]:
 
 
 def _flat_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
+    """The evaluation's figures as flat MLflow metrics: the task metric, every fidelity figure the task's
+    evaluation measured (agreement, SQNR, ...), size and latency."""
     src, cand = evaluation["source"], evaluation["candidate"]
     out = {
         "source_metric": src["metric"], "candidate_metric": cand["metric"],
         "metric_drop": round(src["metric"] - cand["metric"], 4),
-        "top1_agreement": cand["fidelity"]["top1_agreement"], "sqnr_db": cand["fidelity"]["sqnr_db"],
+        **(cand.get("fidelity") or {}),
         "source_size_bytes": src["size_bytes"], "candidate_size_bytes": cand["size_bytes"],
         "size_ratio": cand.get("size_ratio", 0.0),
         "cpu_int8_kernel_metric": cand.get("cpu_int8_kernel_metric", 0.0),

@@ -115,8 +115,9 @@ class Task(Protocol):
     def gate(self, metrics: dict[str, Any], recipe: Any) -> dict[str, Any]:
         """Judge the evaluation: ``{passed, checks, summary}``."""
 
-    def check_model(self, model_path: str | Path, data: Any) -> None:
-        """Refuse, in one line, an exported model whose outputs this task cannot read."""
+    def check_model(self, model: Any, data: Any) -> None:
+        """Refuse, in one line, a registered model (the torch module ``edgeslim run`` pulled, before the
+        pipeline starts) whose outputs this task cannot read."""
 
     def metadata(self) -> Any:
         """What the registered edge model records of its task."""
@@ -128,8 +129,9 @@ class Task(Protocol):
     def report_rows(self, report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         """The report's summary rows beyond the metric, size and latency: (label, source, candidate, delta)."""
 
-    def report_charts(self, report: dict[str, Any]) -> list[tuple[str, str]]:
-        """The report's charts of this task: (title, inline SVG)."""
+    def report_charts(self, report: dict[str, Any]) -> list[Any]:
+        """The report's charts of this task (:class:`~edgeslim.components.common.charts.Chart`), after the
+        output error's."""
 
     def logged_metrics(self, section: dict[str, Any]) -> dict[str, float]:
         """The task's own figures of an evaluation section (``source`` or ``candidate``), logged to KFP."""

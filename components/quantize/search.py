@@ -105,7 +105,7 @@ class Strategy(abc.ABC):
     report.
 
     Attributes:
-        task: ``classification`` or ``detection`` (lineage).
+        task: the task's kind (lineage, and the refusal of a task without QAT).
         candidate: what a trial produces, in the refusal ("candidate", "detector candidate").
         gate_name: the gate, in reasons and the refusal.
         group_noun: what a fallback group is, in the reason ("layer(s)", "head(s) producing").
@@ -177,7 +177,11 @@ class Strategy(abc.ABC):
     def qat(self, fp32_onnx: str | Path, config: AccuracyAwareQuantizeConfig, *, data: Splits, out_dir: Path,
             calibrator: str, float_layers: list[str]) -> tuple[StageResult, dict[str, Any]] | None:
         """The search's QAT trial from ``calibrator`` and ``float_layers`` (:meth:`train_qat`): the result
-        and extra row fields; ``None`` when it cannot run (``qat_skipped`` says why)."""
+        and extra row fields; ``None`` when it cannot run (``qat_skipped`` says why): the task has no QAT
+        (its strategy keeps the base :meth:`train_qat`), or no torch model was given."""
+        if type(self).train_qat is Strategy.train_qat:
+            self.qat_skipped = f"the {self.task or 'given'} task has no QAT"
+            return None
         if getattr(self, "model", None) is None:
             self.qat_skipped = "no torch model was given"
             return None
