@@ -2,18 +2,18 @@
 
 ``tests/task_plugin/edgeslim_regression`` is a regression task as its own package (a digit's value as one
 float: its config and gate, evaluator, search strategy, report rows and chart, ``edgeslim init`` template
-and numpy runtime half). The test installs it as pip would, the package beside a ``*.dist-info`` whose
-``entry_points.txt`` names it in the ``edgeslim.tasks`` group, on a folder only the processes it starts
-have on their path; then the real product, against a real `mlflow server`: ``edgeslim run`` with PTQ and
-with the accuracy-aware search, the registered edge model through ``mlflow.pyfunc``, the controller's
-golden check and the device's health check, ``edgeslim init --task regression``.
+and numpy runtime half). The test installs it as pip would (``tests/entry_points.py``): the package
+beside a ``*.dist-info`` whose ``entry_points.txt`` names it in the ``edgeslim.tasks`` group, on a folder
+the processes it starts get on their path. Then the real product, against a real `mlflow server`:
+``edgeslim run`` with PTQ and with the accuracy-aware search, the registered edge model through
+``mlflow.pyfunc``, the controller's golden check and the device's health check, ``edgeslim init --task
+regression``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import textwrap
 from pathlib import Path
@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from tests.conftest import run_cli, run_process
+from tests.entry_points import install_entry_points
 
 pytestmark = pytest.mark.slow
 
@@ -33,15 +34,15 @@ FAST = {"latency_warmup": 1, "latency_repeats": 3, "latency_batches": [1]}
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory) -> Path:
-    """The plugin installed as a distribution is: its package beside ``edgeslim_regression-0.1.dist-info``."""
-    site = tmp_path_factory.mktemp("site-packages")
-    shutil.copytree(PLUGIN, site / "edgeslim_regression", ignore=shutil.ignore_patterns("__pycache__"))
-    dist = site / "edgeslim_regression-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: edgeslim-regression\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[edgeslim.tasks]\nregression = edgeslim_regression:RegressionTask\n")
-    return site
+def site(tmp_path_factory):
+    """The plugin installed as a distribution is: its package beside ``edgeslim_regression-0.1.dist-info``,
+    whose ``entry_points.txt`` names it in ``edgeslim.tasks``; the processes the tests start get it through
+    ``$PYTHONPATH``."""
+    entry_points = {"edgeslim.tasks": {"regression": "edgeslim_regression:RegressionTask"}}
+    with pytest.MonkeyPatch.context() as mp:
+        modules = {f"edgeslim_regression/{f.name}": f.read_text() for f in PLUGIN.glob("*.py")}
+        yield install_entry_points(tmp_path_factory.mktemp("plugin"), mp, entry_points, modules=modules,
+                                   dist="edgeslim-regression")
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +182,8 @@ def test_the_device_health_check_runs_the_plugins_runtime(edge_model_dir, env, t
     proc = python(f"""
         import json
         from pathlib import Path
-        from edgeslim.deploy.controller import WaveRolloutConfig, golden_check
+        from edgeslim.deploy.golden import golden_check
+        from edgeslim.deploy.rollout_config import WaveRolloutConfig
         print(json.dumps(golden_check(Path({str(edge_model_dir)!r}), WaveRolloutConfig())))
     """, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
