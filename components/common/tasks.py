@@ -133,6 +133,10 @@ class Task(Protocol):
         """The report's charts of this task (:class:`~edgeslim.components.common.charts.Chart`), after the
         output error's."""
 
+    def engine_agreement(self, reference: dict[str, Any], candidate: dict[str, Any], labels: Any) -> dict[str, float]:
+        """A TensorRT engine's outputs against the Q/DQ ONNX's over the evaluation set (arrays by output name):
+        ``agreement`` (share in [0, 1]) and the task metric of each, ``onnx_metric`` and ``engine_metric`` (%)."""
+
     def logged_metrics(self, section: dict[str, Any]) -> dict[str, float]:
         """The task's own figures of an evaluation section (``source`` or ``candidate``), logged to KFP."""
 

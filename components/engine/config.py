@@ -53,11 +53,12 @@ class EngineVerifyConfig(Config):
     """The gate an engine passes on its build node, against the Q/DQ ONNX under ONNX Runtime.
 
     Attributes:
-        min_top1_agreement: smallest share of evaluation samples whose top-1
-            matches the Q/DQ ONNX's.
-        min_sqnr_db: smallest signal-to-noise ratio of the engine's outputs
-            against the Q/DQ ONNX's, in dB.
-        max_metric_drop: largest drop of top-1 accuracy against the Q/DQ ONNX, in points.
+        min_top1_agreement: smallest agreement with the Q/DQ ONNX, as the model's task measures it: the
+            share of evaluation samples whose top-1 matches for a classifier, the share of the Q/DQ
+            ONNX's detections the engine also makes for a detector.
+        min_sqnr_db: smallest signal-to-noise ratio of the engine's outputs against the Q/DQ ONNX's, in
+            dB (the worst output's).
+        max_metric_drop: largest drop of the task metric (top-1, mAP@0.5) against the Q/DQ ONNX, in points.
         samples: evaluation samples from the test split (0: all of it).
     """
 

@@ -2,7 +2,8 @@
 
 Right after a build, on the build node: deserialize the engine, run the
 gate's evaluation set through it, compare with the Q/DQ ONNX under ONNX
-Runtime (top-1 agreement, SQNR, top-1 accuracy) and apply the engine gate.
+Runtime (SQNR of every output, and the task's agreement and metric: top-1 for a
+classifier, decoded detections and mAP@0.5 for a detector) and apply the engine gate.
 A failing engine is not kept. Where there is no CUDA device (CI, laptops,
 the local runner) the stage says so plainly and does not fail.
 """
@@ -22,7 +23,7 @@ import numpy as np
 
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.hashing import file_sha256
-from edgeslim.components.common.onnx_runtime import make_session, run_batched, sqnr_db
+from edgeslim.components.common.onnx_runtime import make_session, run_outputs, sqnr_db
 from edgeslim.components.engine.config import EngineVerifyConfig, TensorRTEngineConfig
 from edgeslim.components.common.errors import DataError, GateRejected
 from edgeslim.components.common.result import StageResult
@@ -49,73 +50,85 @@ class EngineCheck:
         return {"metrics": self.metrics, "passed": self.passed, "reasons": self.reasons}
 
 
-def compare_outputs(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray,
-                    gate: EngineVerifyConfig) -> EngineCheck:
+def compare_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], labels,
+                    gate: EngineVerifyConfig, task=None) -> EngineCheck:
     """Compare an engine's outputs with the Q/DQ ONNX's and apply the engine gate.
 
     Args:
-        reference: logits of the Q/DQ ONNX under ONNX Runtime, ``[N, classes]``.
-        candidate: logits of the engine on the same inputs.
-        labels: the true classes, ``[N]``.
+        reference: every output of the Q/DQ ONNX under ONNX Runtime, by name, over the evaluation set.
+        candidate: the engine's outputs on the same inputs.
+        labels: the evaluation set's labels (the task reads them).
         gate: the thresholds.
+        task: the model's Task (the default task when None): its ``engine_agreement`` measures the agreement
+            and the task metric of both.
     """
-    if reference.shape != candidate.shape:
-        raise DataError(f"engine outputs have shape {list(candidate.shape)}, the Q/DQ ONNX's "
-                        f"{list(reference.shape)}; they must match")
-    ref_top, cand_top = reference.argmax(-1), candidate.argmax(-1)
+    from edgeslim.components.common.tasks import default_task_config, task_for
+
+    task = task if task is not None else task_for(default_task_config())
+    for name, ref in reference.items():
+        got = candidate.get(name)
+        if got is None or np.shape(got) != np.shape(ref):
+            shape = "no such output" if got is None else f"shape {list(np.shape(got))}"
+            raise DataError(f"engine output {name!r} has {shape}, the Q/DQ ONNX's {list(np.shape(ref))}; "
+                            "they must match")
+    figures = task.engine_agreement(reference, candidate, labels)
     m = {
-        "top1_agreement": float((ref_top == cand_top).mean()),
-        "sqnr_db": sqnr_db(reference, candidate),
-        "onnx_top1": float((ref_top == labels).mean() * 100.0),
-        "engine_top1": float((cand_top == labels).mean() * 100.0),
+        "agreement": float(figures["agreement"]),
+        # the worst output: an engine that ruins one head is not saved by the others
+        "sqnr_db": min(sqnr_db(reference[k], candidate[k]) for k in reference),
+        "onnx_metric": float(figures["onnx_metric"]),
+        "engine_metric": float(figures["engine_metric"]),
         "samples": int(len(labels)),
     }
-    m["top1_drop"] = m["onnx_top1"] - m["engine_top1"]
+    m["metric_drop"] = m["onnx_metric"] - m["engine_metric"]
+    name = task.metric_label
     reasons = []
-    if m["top1_agreement"] < gate.min_top1_agreement:
-        reasons.append(f"top-1 agreement {m['top1_agreement']:.4f} < {gate.min_top1_agreement}")
+    if m["agreement"] < gate.min_top1_agreement:
+        reasons.append(f"agreement with the Q/DQ ONNX {m['agreement']:.4f} < {gate.min_top1_agreement}")
     if m["sqnr_db"] < gate.min_sqnr_db:
         reasons.append(f"SQNR {m['sqnr_db']:.1f} dB < {gate.min_sqnr_db} dB")
-    if m["top1_drop"] > gate.max_metric_drop:
-        reasons.append(f"top-1 {m['engine_top1']:.2f}% is {m['top1_drop']:.2f} points below the "
-                       f"Q/DQ ONNX's {m['onnx_top1']:.2f}% (allowed {gate.max_metric_drop})")
+    if m["metric_drop"] > gate.max_metric_drop:
+        reasons.append(f"{name} {m['engine_metric']:.2f}% is {m['metric_drop']:.2f} points below the "
+                       f"Q/DQ ONNX's {m['onnx_metric']:.2f}% (allowed {gate.max_metric_drop})")
     return EngineCheck(m, not reasons, reasons)
 
 
 _VERIFY_BATCH = 256
 
 
-def verify_engine(run: Callable[[np.ndarray], np.ndarray], qdq_onnx_path: str | Path, data: Splits,
-                  gate: EngineVerifyConfig) -> EngineCheck:
+def verify_engine(run: Callable[[np.ndarray], dict[str, np.ndarray]], qdq_onnx_path: str | Path, data: Splits,
+                  gate: EngineVerifyConfig, task=None) -> EngineCheck:
     """Run the evaluation set through ``run`` (the engine) and through the Q/DQ ONNX; gate.
 
     Args:
-        run: takes a batch of inputs and returns the model's first output.
+        run: takes a batch of inputs and returns the model's outputs by name.
         qdq_onnx_path: the Q/DQ ONNX the engine was built from.
         data: the splits; the test split is the evaluation set.
         gate: thresholds and how many samples.
+        task: the model's Task (:func:`compare_outputs`).
     """
     n = min(gate.samples or len(data.x_test), len(data.x_test))
     sess = make_session(qdq_onnx_path)
-    reference, candidate = [], []
+    reference: dict[str, list[np.ndarray]] = {}
+    candidate: dict[str, list[np.ndarray]] = {}
     for i in range(0, n, _VERIFY_BATCH):  # a batch at a time: the test split may be image files
         x = np.ascontiguousarray(data.x_test[i:min(i + _VERIFY_BATCH, n)])
-        reference.append(run_batched(sess, x))
-        candidate.append(np.asarray(run(x)))
-    return compare_outputs(np.concatenate(reference), np.concatenate(candidate), np.asarray(data.y_test[:n]), gate)
-
-
-def _run_first_output(runner: EngineRunner) -> Callable[[np.ndarray], np.ndarray]:
-    def run(x: np.ndarray) -> np.ndarray:
-        return runner.run(x)[runner.outputs[0]]
-
-    return run
+        names, outs = run_outputs(sess, x, batch=len(x))
+        got = run(x)
+        for name, out in zip(names, outs):
+            reference.setdefault(name, []).append(out)
+            if name in got:
+                candidate.setdefault(name, []).append(np.asarray(got[name]))
+    labels = data.y_test[:n]
+    return compare_outputs({k: np.concatenate(v) for k, v in reference.items()},
+                           {k: np.concatenate(v) for k, v in candidate.items()},
+                           labels if isinstance(labels, np.ndarray) else np.asarray(labels, dtype=object), gate, task)
 
 
 def build_engines(qdq_onnx_path: str | Path, config: TensorRTEngineConfig, *, data: Splits,
                   out_dir: str | Path, local: Optional[LocalDevice] = None,
                   timing_caches: Optional[dict[str, str | Path]] = None,
-                  cache_dir: str | Path | None = None) -> StageResult:
+                  cache_dir: str | Path | None = None, task=None) -> StageResult:
     """Build and verify one engine per device class of ``config``.
 
     Every class is checked first (known key, Q/DQ present for int8, profiles)
@@ -134,10 +147,11 @@ def build_engines(qdq_onnx_path: str | Path, config: TensorRTEngineConfig, *, da
         local: what this node has; detected when ``None``.
         timing_caches: per device class, a timing cache from an earlier build.
         cache_dir: the engine cache of :func:`build_engine`.
+        task: the model's Task, which judges the engine's outputs (the default task when None).
 
     Returns:
         ``StageResult`` whose model is ``out_dir``; metrics per built class
-        (``engine.<class>.top1_agreement`` ...); lineage with each class's status.
+        (``engine.<class>.agreement``, ``.sqnr_db``, ``.engine_metric`` ...); lineage with each class's status.
 
     Raises:
         GateRejected: an engine failed its gate (it is removed; the others stay).
@@ -166,7 +180,7 @@ def build_engines(qdq_onnx_path: str | Path, config: TensorRTEngineConfig, *, da
                              timing_cache=(timing_caches or {}).get(key))
         runner = EngineRunner(built.engine_path, built.metadata, local=local)
         try:
-            check = verify_engine(_run_first_output(runner), qdq_onnx_path, data, config.verify)
+            check = verify_engine(runner.run, qdq_onnx_path, data, config.verify, task)
         finally:
             runner.close()
         (class_dir / VERIFY_FILE).write_text(json.dumps(check.to_dict(), indent=2))
@@ -208,7 +222,8 @@ __all__ = ["build_engines", "verify_engine", "compare_outputs", "sqnr_db",
 
 def build_engine_task(qdq_onnx_path: str | Path, device_class: str, engines_config: dict[str, Any], *,
                       data_provider: str, data_args: dict[str, Any], out_dir: str | Path,
-                      previous_model_uri: str = "", data_preprocess: dict[str, Any] | None = None) -> dict[str, Any]:
+                      previous_model_uri: str = "", data_preprocess: dict[str, Any] | None = None,
+                      task: Any = None) -> dict[str, Any]:
     """What one pipeline engine task does: build and verify ``device_class`` only.
 
     Args:
@@ -220,11 +235,14 @@ def build_engine_task(qdq_onnx_path: str | Path, device_class: str, engines_conf
         data_preprocess: the recipe's ``data.preprocess`` (image providers), as a mapping.
         out_dir: gets ``<device_class>/`` and ``engines.json``.
         previous_model_uri: an earlier edge model whose timing cache seeds the build.
+        task: the recipe's task metadata (``Task.metadata()``; None: the default task), whose task judges
+            the engine's outputs.
 
     Returns:
         ``{device_class, status, metrics}``.
     """
     from edgeslim.components.common.data import load_data
+    from edgeslim.components.common.tasks import task_for, task_from_dict
 
     cfg = TensorRTEngineConfig.from_dict(engines_config, prefix="engines")
     cfg = dataclasses.replace(cfg, device_classes=[device_class],
@@ -236,7 +254,7 @@ def build_engine_task(qdq_onnx_path: str | Path, device_class: str, engines_conf
         if previous_model_uri and cfg.timing_cache:
             timing_caches = previous_timing_caches(previous_model_uri, device_class)
     result = build_engines(qdq_onnx_path, cfg, data=data, out_dir=out_dir, timing_caches=timing_caches,
-                           local=local)
+                           local=local, task=task_for(task_from_dict(task)))
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     return {"device_class": device_class, "status": result.lineage["engines"][device_class], "metrics": metrics}
 

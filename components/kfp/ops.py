@@ -306,6 +306,7 @@ def plan_engines_op(recipe_json: str, parent: Input[Artifact], verdict: Input[Ar
         "engines_config": cfg.to_dict(), "data_provider": recipe.data.provider, "data_args": recipe.data.args,
         "data_preprocess": recipe.data.preprocess.to_dict() if recipe.data.preprocess else None,
         "previous_model_uri": f"models:/{name}@{recipe.register.alias}",
+        "task": recipe.task.metadata(),  # the task judges the engine's outputs
     }))
 
 
@@ -327,7 +328,8 @@ def engine_build_op(qdq_model: Input[Model], device_class: str, plan: Input[Arti
         status = build_engine_task(qdq_model.path, device_class, p["engines_config"],
                                    data_provider=p["data_provider"], data_args=p["data_args"],
                                    data_preprocess=p.get("data_preprocess"),
-                                   out_dir=engines.path, previous_model_uri=p["previous_model_uri"])["status"]
+                                   out_dir=engines.path, previous_model_uri=p["previous_model_uri"],
+                                   task=p.get("task"))["status"]
         engines.metadata.update({"device_class": device_class, "status": status})
     print(f"engine {device_class}: {status}")
     return json.dumps({"device_class": device_class, "status": status, "path": engines.path, "uri": engines.uri})

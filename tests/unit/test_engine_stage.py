@@ -20,7 +20,7 @@ from onnx import numpy_helper
 from test_engine_fixtures import make_digits_onnx
 
 from edgeslim.components.engine import builder as eng
-from edgeslim.components.common.onnx_runtime import make_session, run_batched
+from edgeslim.components.common.onnx_runtime import make_session
 from edgeslim.components.engine import stage
 from edgeslim.components.engine.config import EngineVerifyConfig, TensorRTEngineConfig
 from edgeslim.components.common.errors import GateRejected, SourceError
@@ -50,7 +50,8 @@ def models(tmp_path_factory):
 
 def ort_run(path):
     sess = make_session(path)
-    return lambda x: run_batched(sess, x)
+    names = [o.name for o in sess.get_outputs()]
+    return lambda x: dict(zip(names, sess.run(None, {sess.get_inputs()[0].name: x})))
 
 
 def test_sqnr_of_identical_outputs_is_infinite_and_noise_lowers_it():
@@ -63,10 +64,10 @@ def test_sqnr_of_identical_outputs_is_infinite_and_noise_lowers_it():
 def test_a_faithful_engine_passes_the_gate(models):
     check = stage.verify_engine(ort_run(models["fp32"]), models["qdq"], models["splits"], EngineVerifyConfig())
     assert check.passed, check.reasons
-    assert measured("engine_verify.fp32_vs_qdq_top1_agreement", check.metrics["top1_agreement"]) >= 0.99
+    assert measured("engine_verify.fp32_vs_qdq_top1_agreement", check.metrics["agreement"]) >= 0.99
     assert measured("engine_verify.fp32_vs_qdq_sqnr_db", check.metrics["sqnr_db"]) > 20
     assert check.metrics["samples"] == len(models["splits"].x_test)
-    assert measured("engine_verify.engine_top1", check.metrics["engine_top1"]) > 90
+    assert measured("engine_verify.engine_top1", check.metrics["engine_metric"]) > 90
 
 
 def test_a_damaged_engine_fails_the_gate_with_reasons(models):
@@ -74,7 +75,8 @@ def test_a_damaged_engine_fails_the_gate_with_reasons(models):
                                 EngineVerifyConfig(samples=200))
     assert not check.passed
     assert check.metrics["samples"] == 200
-    assert any("top-1 agreement" in r for r in check.reasons)
+    assert any("agreement with the Q/DQ ONNX" in r for r in check.reasons)
+    assert any(r.startswith("top-1 ") and "points below" in r for r in check.reasons)
     assert any("SQNR" in r for r in check.reasons)
 
 
@@ -110,7 +112,7 @@ class OrtStandInRunner:
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def run(self, x):
-        return {self.outputs[0]: run_batched(self.session, x)}
+        return dict(zip(self.outputs, self.session.run(None, {self.session.get_inputs()[0].name: x})))
 
     def close(self):
         pass
@@ -139,7 +141,7 @@ def test_mocked_build_that_passes_keeps_engine_metadata_and_verification(models,
     result = stage.build_engines(models["qdq"], TensorRTEngineConfig(device_classes=[ADA_KEY]),
                                  data=models["splits"], out_dir=tmp_path, local=L4)
     assert result.lineage["engines"] == {ADA_KEY: stage.STATUS_BUILT}
-    assert result.metrics[f"engine.{ADA_KEY}.top1_agreement"] >= 0.99
+    assert result.metrics[f"engine.{ADA_KEY}.agreement"] >= 0.99
     assert (tmp_path / ADA_KEY / eng.ENGINE_FILE).is_file()
     verification = json.loads((tmp_path / ADA_KEY / stage.VERIFY_FILE).read_text())
     assert verification["passed"] is True
@@ -155,4 +157,37 @@ def test_mocked_build_that_fails_the_gate_is_dropped_and_rejected(models, tmp_pa
     assert exc.value.exit_code == 3 and ADA_KEY in str(exc.value) and "\n" not in str(exc.value)
     assert not (tmp_path / ADA_KEY / eng.ENGINE_FILE).exists()  # never registered
     status = stage.read_summary(tmp_path)["engines"][ADA_KEY]["status"]
-    assert status.startswith("rejected by the engine gate: top-1 agreement")
+    assert status.startswith("rejected by the engine gate: agreement with the Q/DQ ONNX")
+
+
+def test_a_detectors_engine_is_judged_by_its_decoded_boxes(tmp_path):
+    """The engine gate asks the model's task: a detector's engine agrees when it makes the Q/DQ ONNX's boxes."""
+    import torch
+
+    from edgeslim.components.common.stage_configs import OnnxExportConfig, PTQQuantizeConfig
+    from edgeslim.components.common.tasks import task_for, task_from_dict
+    from edgeslim.components.export import export
+    from edgeslim.components.quantize.ptq import quantize
+    from edgeslim.components.reference.detector import DigitsDetector, default_heads, make_detection_splits
+
+    data = make_detection_splits(seed=0, n_train=8, n_val=4, n_test=6)
+    torch.manual_seed(0)
+    model = DigitsDetector(width=8, head_hidden=8).eval()
+    with torch.no_grad():
+        model.head[0].cls[1].bias.fill_(0.5)  # an untrained detector that still makes boxes
+    fp32 = export(model, OnnxExportConfig(), data=data, out_path=tmp_path / "det.onnx").model
+    qdq = quantize(fp32, PTQQuantizeConfig(num_samples=8), data=data, out_dir=tmp_path / "q").model
+    task = task_for(task_from_dict({"kind": "detection", "num_classes": 10, "score_threshold": 0.3,
+                                    "decoder": {"heads": default_heads(), "max_detections": 5}}))
+    same = stage.verify_engine(ort_run(qdq), qdq, data, EngineVerifyConfig(), task)
+    assert same.passed and same.metrics["agreement"] == 1.0
+    assert same.metrics["engine_metric"] == same.metrics["onnx_metric"]
+
+    def no_scores(x):  # an engine whose class maps came out empty: no box survives the threshold
+        out = ort_run(qdq)(x)
+        return {k: (np.zeros_like(v) if k in {h["cls"] for h in default_heads()} else v) for k, v in out.items()}
+
+    broken = stage.verify_engine(no_scores, qdq, data, EngineVerifyConfig(), task)
+    assert not broken.passed and broken.metrics["agreement"] < 0.5
+    assert any(r.startswith("agreement with the Q/DQ ONNX") for r in broken.reasons)
+    assert broken.metrics["engine_metric"] == 0.0 <= broken.metrics["onnx_metric"]  # no box, no mAP

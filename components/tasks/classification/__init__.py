@@ -78,5 +78,16 @@ class ClassificationTask:
     def report_charts(self, report: dict[str, Any]) -> list:
         return []
 
+    def engine_agreement(self, reference, candidate, labels) -> dict[str, float]:
+        """Top-1 of the first output (the logits): agreement, and accuracy against the labels."""
+        import numpy as np
+
+        first = next(iter(reference))
+        ref_top, cand_top = reference[first].argmax(-1), candidate[first].argmax(-1)
+        labels = np.asarray(labels)
+        return {"agreement": float((ref_top == cand_top).mean()),
+                "onnx_metric": float((ref_top == labels).mean() * 100.0),
+                "engine_metric": float((cand_top == labels).mean() * 100.0)}
+
     def logged_metrics(self, section: dict[str, Any]) -> dict[str, float]:
         return {}

@@ -90,6 +90,17 @@ class DetectionTask:
 
         return charts(report)
 
+    def engine_agreement(self, reference, candidate, labels) -> dict[str, float]:
+        """Decoded detections: the share of the Q/DQ ONNX's boxes the engine also makes, and mAP@0.5 of each."""
+        from edgeslim.components.tasks.detection.evaluate import detection_agreement, detection_metrics
+        from edgeslim.components.tasks.detection.runtime import decode_outputs
+
+        ref, cand = decode_outputs(reference, self.config), decode_outputs(candidate, self.config)
+        gts, c = list(labels), self.config
+        return {"agreement": detection_agreement(ref, cand, c.score_threshold),
+                "onnx_metric": detection_metrics(ref, gts, c.num_classes, c.score_threshold)["map50"],
+                "engine_metric": detection_metrics(cand, gts, c.num_classes, c.score_threshold)["map50"]}
+
     def logged_metrics(self, section: dict[str, Any]) -> dict[str, float]:
         det = section.get("detection") or {}
         return {k: det[k] for k in ("map50_95", "mean_tp_score", "recall", "precision") if k in det}
