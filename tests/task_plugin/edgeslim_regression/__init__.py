@@ -99,5 +99,17 @@ class RegressionTask:
 
         return charts(report)
 
+    def engine_agreement(self, reference, candidate, labels) -> dict[str, float]:
+        """Share of samples whose engine value is within the tolerance of the Q/DQ ONNX's; each one's metric."""
+        import numpy as np
+
+        from edgeslim_regression.evaluate import scores
+
+        tol = self.config.tolerance
+        ref, cand = (np.asarray(next(iter(o.values())), np.float64).reshape(-1) for o in (reference, candidate))
+        y = np.asarray(labels, np.float64).reshape(-1)
+        return {"agreement": float((np.abs(ref - cand) <= tol).mean()),
+                "onnx_metric": scores(ref, y, tol)["within"], "engine_metric": scores(cand, y, tol)["within"]}
+
     def logged_metrics(self, section: dict[str, Any]) -> dict[str, float]:
         return dict(section.get("regression") or {})
