@@ -2,5 +2,5 @@
 
 It runs on a Jetson with numpy, onnxruntime and cryptography only (S3 through the standard-library client,
 ``deploy/s3client.py``, or boto3 when installed): nothing here imports
-torch, mlflow, kfp, ``edgeslim.plugins`` or ``edgeslim.pipelines`` (tests/unit/test_layout.py).
+torch, mlflow, kfp, ``edgeslim.plugins`` or ``edgeslim.pipelines``, not even lazily (tests/unit/test_layers.py).
 """

@@ -14,14 +14,12 @@ Real RGW store, real ``mlflow server`` (first test), real agent processes.
 
 from __future__ import annotations
 
-import inspect
 import json
 import time
 
 import pytest
 
 from edgeslim.components.common.errors import FleetError
-from edgeslim.deploy.agent import device as agent_device
 from edgeslim.deploy.controller import ACTIVE, WaveRolloutConfig
 from edgeslim.deploy.store import FleetKeys
 from tests.fleet_it_helpers import make_onnx, wait_for
@@ -104,9 +102,6 @@ def test_a_clock_ahead_controller_and_a_concurrent_manifest_writer_are_fenced(
     wait_for(lambda: all(d.running_sha() == sha2 for d in devs.values()), 60, "both devices on v2")
 
 
-@pytest.mark.skipif("equivocation" not in inspect.getsource(agent_device),
-                    reason="the agent's equivocation check (deploy/agent/device.py refusing a same-sequence "
-                           "manifest with other content, reason 'equivocation') is not implemented yet")
 def test_device_refuses_a_second_manifest_under_an_applied_sequence(agents, publisher, tmp_path):
     dev = agents("q0", ORIN)
     paths = [make_onnx(tmp_path / f"v{i}.onnx", seed=90 + i) for i in (1, 2)]

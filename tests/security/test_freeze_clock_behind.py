@@ -2,11 +2,11 @@
 
 ``faketime`` is not installed on the test machines, and a subprocess's clock cannot be patched
 from here, so the device is an in-process :class:`~edgeslim.deploy.agent.device.Agent` (the
-same class the agent process runs) whose module-level ``time`` answers ``time.time()`` a year
-behind (``monotonic``, ``sleep`` and everything else are the real ones). boto3 keeps the real
-clock: RGW refuses SigV4 requests signed more than 15 minutes off, and what is under test is
-the agent's own expiry and freshness checks, not the S3 client. The store is the real RGW, the
-health check the real child process, the timestamps the controller's own
+same class the agent process runs) whose wall clock (``agent.ctx.clock``, which every part of
+the agent reads) is a year behind (its ``time.monotonic`` and ``time.sleep`` are the real ones).
+boto3 keeps the real clock: RGW refuses SigV4 requests signed more than 15 minutes off, and what
+is under test is the agent's own expiry and freshness checks, not the S3 client. The store is
+the real RGW, the health check the real child process, the timestamps the controller's own
 (``Controller.publish_timestamp``).
 
 - Once it has seen the fleet's signed timestamp, the device refuses a manifest that expired
@@ -23,7 +23,6 @@ import time
 
 import pytest
 
-from edgeslim.deploy.agent import device as agent_device
 from edgeslim.deploy.agent.device import Agent, AgentSettings
 from tests.fleet_it_helpers import make_onnx, wait_for
 
@@ -34,23 +33,17 @@ YEAR = 365 * 24 * 3600.0
 _real_time = time.time
 
 
-class _YearBehind:
-    """The ``time`` module as a device with a clock a year behind sees it."""
-
-    def __getattr__(self, name):
-        return getattr(time, name)
-
-    @staticmethod
-    def time() -> float:
-        return _real_time() - YEAR
+def _year_behind() -> float:
+    """The wall clock of a device a year behind."""
+    return _real_time() - YEAR
 
 
 @pytest.fixture
-def behind(monkeypatch, s3_store, keys, tmp_path, publisher):
+def behind(s3_store, keys, tmp_path, publisher):
     """An enrolled in-process device a year behind, running the gated v1; yields (agent, v2 artifact, v2 check)."""
-    monkeypatch.setattr(agent_device, "time", _YearBehind())
     agent = Agent(store=s3_store, fleet="lab", device_id="t0", device_class=ORIN, state_dir=tmp_path / "t0",
                   root=keys.root, settings=AgentSettings(poll_interval=0.05, health_timeout=120))
+    agent.ctx.clock = _year_behind
     agent.recover()
     assert agent.step() == "none"
     assert agent.now() < _real_time() - YEAR + 600  # it really is a year behind

@@ -1,0 +1,231 @@
+"""Releases on the device's disk and the switch between them: swap, health-check, commit or roll back.
+
+A release directory (``releases/<name>/``) holds ``model.onnx`` (and ``model.engine`` where
+TensorRT is there), hard-linked from the verified objects, and ``release.json``. ``current``
+and ``previous`` point at releases and are swapped with rename(2); ``swap.json`` journals a
+swap until it is decided, so :meth:`Installer.recover` can finish or undo one that a crash
+interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from edgeslim.components.common.hashing import file_sha256
+from edgeslim.deploy.agent.context import AgentContext
+from edgeslim.deploy.agent.disk import atomic_symlink, atomic_write_json, disk_error, fsync_dir, read_link
+from edgeslim.deploy.agent.fetch import ArtifactFetcher
+from edgeslim.deploy.agent.report import Reporter
+from edgeslim.deploy.agent.state import LocalState
+from edgeslim.deploy.manifest import Manifest
+
+log = logging.getLogger("edgeslim.agent")
+
+
+class Installer:
+    """Installs (or rolls back to) a manifest's artifact, and keeps ``current`` on a verified release.
+
+    Args:
+        ctx: the device and its store.
+        local: the agent's state on disk (every decision is recorded there).
+        fetcher: where artifacts and prebuilt engines come from.
+        reporter: publishes the ``downloading`` and ``checking`` statuses on the way.
+    """
+
+    def __init__(self, ctx: AgentContext, local: LocalState, fetcher: ArtifactFetcher, reporter: Reporter) -> None:
+        self.ctx, self.local, self.fetcher, self.reporter = ctx, local, fetcher, reporter
+
+    # ----------------------------------------------------------------- recovery
+    def recover(self) -> None:
+        """Finish or undo a swap that a crash interrupted, and check ``current``."""
+        ctx, state = self.ctx, self.local.data
+        for tmp in ctx.state_dir.glob(".*.new"):
+            tmp.unlink(missing_ok=True)
+        if ctx.journal_file.exists():
+            try:
+                j = json.loads(ctx.journal_file.read_text())
+            except ValueError:
+                j = None
+            if not isinstance(j, dict) or not isinstance(j.get("sequence"), int) or \
+                    not {"from", "to", "previous_before"} <= set(j):
+                j = None
+            if j is None:
+                log.error("swap journal unreadable; keeping links as they are")
+            elif state.get("applied_sequence", 0) >= j["sequence"]:
+                # The decision was recorded before the crash: make the links match it.
+                want = j["to"] if (state.get("last") or {}).get("result") == "committed" else j["from"]
+                if read_link(ctx.current_link) != want:
+                    atomic_symlink(want, ctx.current_link)
+                log.info("recovered: swap to sequence %s was already decided", j["sequence"])
+            else:
+                # Undecided: undo, and the manifest will be applied again from the start.
+                atomic_symlink(j["from"], ctx.current_link)
+                atomic_symlink(j["previous_before"], ctx.previous_link)
+                log.warning("recovered: undid a half-done swap to sequence %s; will retry it", j["sequence"])
+            ctx.journal_file.unlink(missing_ok=True)
+            fsync_dir(ctx.state_dir)
+        cur = read_link(ctx.current_link)
+        if cur is not None and not self._release_ok(cur):
+            prev = read_link(ctx.previous_link)
+            log.error("current release %s is damaged; falling back to %s", cur, prev)
+            atomic_symlink(prev if prev and self._release_ok(prev) else None, ctx.current_link)
+
+    def _release_ok(self, rel: str) -> bool:
+        """A release is usable if its model file is the object its name promises."""
+        d = self.ctx.state_dir / rel
+        meta_path = d / "release.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+            model = d / "model.onnx"
+            return model.stat().st_size == meta["size"] and file_sha256(model) == meta["sha256"]
+        except (FileNotFoundError, ValueError, KeyError, TypeError, OSError):
+            return False
+
+    # ----------------------------------------------------------------- releases
+    def _engine_for(self, m: Manifest, onnx_obj: Path) -> tuple[Path | None, str, str | None]:
+        """The engine to ship in the release, the backend the device will use, and why not TensorRT
+        when TensorRT is there but failed."""
+        try:
+            from edgeslim.components.engine.builder import build_engine
+            from edgeslim.components.engine.tensorrt_calls import tensorrt_available
+        except ImportError:
+            return None, "onnxruntime", None
+        ok, why = tensorrt_available()
+        if not ok:
+            # Serving the Q/DQ ONNX with ONNX Runtime is the documented fallback, not a failure.
+            log.info("TensorRT unavailable (%s): serving the Q/DQ ONNX with ONNX Runtime", why.split(";")[0])
+            return None, "onnxruntime", None
+        if m.engine is not None:
+            return self.fetcher.fetch(m.engine), "tensorrt (prebuilt engine)", None
+        device_class = self.ctx.device_class
+        out = self.ctx.state_dir / "engines" / m.artifact.sha256 / device_class
+        built = sorted(out.glob("*.engine")) + sorted(out.glob("*.plan")) if out.exists() else []
+        if built:
+            return built[0], "tensorrt (engine built on device)", None
+        log.info("no engine for class %s: building one from the Q/DQ ONNX", device_class)
+        try:
+            res = build_engine(str(onnx_obj), str(out), device_class)
+        except Exception as exc:  # a failed build must not take the device down: ONNX Runtime still serves
+            why = " ".join(f"TensorRT engine build failed: {exc}".split())[:500]
+            log.error("%s; serving the Q/DQ ONNX with ONNX Runtime", why)
+            return None, "onnxruntime", why
+        return Path(res.engine_path), "tensorrt (engine built on device)", None
+
+    def make_release(self, m: Manifest) -> str:
+        """A release directory for the manifest's artifact; returns its path relative to state_dir."""
+        onnx_obj = self.fetcher.fetch(m.artifact)
+        engine, backend, fallback = self._engine_for(m, onnx_obj)
+        name = m.artifact.sha256[:20] + (f"-{file_sha256(engine)[:12]}" if engine else "")
+        rel = f"releases/{name}"
+        final = self.ctx.state_dir / rel
+        if final.exists() and self._release_ok(rel):
+            return rel
+        tmp = self.ctx.state_dir / "releases" / f".{name}.tmp"
+        try:
+            self._build_release(m, onnx_obj, engine, backend, fallback, tmp, final)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise disk_error(exc, self.ctx.state_dir, m.artifact, f"making release {name}") from None
+        return rel
+
+    def _build_release(self, m: Manifest, onnx_obj: Path, engine: Path | None, backend: str,
+                       fallback: str | None, tmp: Path, final: Path) -> None:
+        if tmp.exists():
+            for p in tmp.iterdir():
+                p.unlink()
+            tmp.rmdir()
+        tmp.mkdir()
+        os.link(onnx_obj, tmp / "model.onnx")
+        if engine:
+            os.link(engine, tmp / "model.engine")
+        atomic_write_json(tmp / "release.json", {
+            "sha256": m.artifact.sha256, "size": m.artifact.size, "backend": backend, "fallback": fallback,
+            "model": m.model, "health_check": m.health_check,
+        })
+        if final.exists():  # a damaged leftover: replace it
+            for p in final.iterdir():
+                p.unlink()
+            final.rmdir()
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+
+    # ----------------------------------------------------------------- apply
+    def apply(self, m: Manifest, digest: str) -> dict[str, Any]:
+        """Install (or roll back to) ``m``'s artifact: swap, health-check, commit or undo.
+
+        ``digest`` is the sha256 of the manifest's signed payload, recorded with the decision.
+        Returns the decision (``last`` in ``agent.json``).
+        """
+        ctx = self.ctx
+        log.info("applying sequence %d (%s, rollout %s)", m.sequence, m.action, m.rollout_id)
+        self.reporter.publish("downloading", target_sequence=m.sequence)
+        new_rel = self.make_release(m) if m.artifact is not None else None
+        old_cur, old_prev = read_link(ctx.current_link), read_link(ctx.previous_link)
+        if new_rel == old_cur:
+            # Already running this artifact (a rollback to what we still run, say): nothing to swap.
+            return self._decide(m, digest, "committed", None, health={"ok": True, "note": "already current"})
+        atomic_write_json(ctx.journal_file, {"sequence": m.sequence, "from": old_cur, "to": new_rel,
+                                             "previous_before": old_prev, "started_at": ctx.clock()})
+        log.info("swapping current to %s (sequence %d)", new_rel, m.sequence)
+        if old_cur is not None:
+            atomic_symlink(old_cur, ctx.previous_link)
+        atomic_symlink(new_rel, ctx.current_link)
+        if new_rel is None:
+            return self._decide(m, digest, "committed", None, health={"ok": True, "note": "withdrawn"})
+        self.reporter.publish("checking", target_sequence=m.sequence)
+        from edgeslim.deploy.agent.health import check_in_subprocess, run_health_check
+
+        if ctx.settings.health_in_process:
+            health = run_health_check(ctx.state_dir / new_rel, m.health_check)
+        else:
+            health = check_in_subprocess(ctx.state_dir / new_rel, m.health_check,
+                                         timeout_s=ctx.settings.health_timeout)
+        if health.get("ok"):
+            if health.get("fallback"):  # TensorRT could not load the engine here: ONNX Runtime serves it
+                meta_path = ctx.state_dir / new_rel / "release.json"
+                atomic_write_json(meta_path, {**json.loads(meta_path.read_text()), "backend": "onnxruntime",
+                                              "fallback": health["fallback"]})
+            log.info("health check passed on %s (%.2f ms); committed sequence %d", health.get("backend"),
+                     health.get("latency_ms") or 0, m.sequence)
+            return self._decide(m, digest, "committed", None, health=health)
+        log.error("health check failed: %s; rolling back to %s", health.get("error"), old_cur)
+        atomic_symlink(old_cur, ctx.current_link)
+        atomic_symlink(old_prev, ctx.previous_link)
+        return self._decide(m, digest, "rolled_back", health.get("error"), health=health)
+
+    def _decide(self, m: Manifest, digest: str, result: str, reason: str | None, *,
+                health: dict) -> dict[str, Any]:
+        state = self.local.data
+        last = {"sequence": m.sequence, "rollout_id": m.rollout_id, "action": m.action, "result": result,
+                "reason": reason, "health": health, "at": self.ctx.clock(),
+                "sha256": m.artifact.sha256 if m.artifact else None, "manifest_sha256": digest}
+        state["applied_sequence"] = m.sequence
+        state["manifest_sha256"] = digest
+        state["last"] = last
+        if result == "committed":
+            state["manifest"] = m.to_dict()
+        # Record the decision first, then drop the journal: see recover().
+        self.local.save()
+        if result == "committed":
+            self._note_installed(m.sequence)
+        self.ctx.journal_file.unlink(missing_ok=True)
+        fsync_dir(self.ctx.state_dir)
+        return last
+
+    def _note_installed(self, sequence: int) -> None:
+        """The third copy of the sequence floor: current's release.json names the sequence that installed it."""
+        cur = read_link(self.ctx.current_link)
+        if cur is None:
+            return
+        meta_path = self.ctx.state_dir / cur / "release.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+            if sequence > int(meta.get("sequence") or 0):
+                atomic_write_json(meta_path, {**meta, "sequence": sequence})
+        except (OSError, ValueError, AttributeError, TypeError) as exc:
+            log.warning("could not record sequence %d in %s (%s)", sequence, meta_path, exc)
