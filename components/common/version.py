@@ -1,8 +1,9 @@
-"""edgeslim's version, for every layer (registered models, reports and the flavor record it)."""
+"""edgeslim's version, written here and nowhere else.
 
-from importlib.metadata import PackageNotFoundError, version as _version
+pyproject.toml reads it when the package is built (``[tool.setuptools.dynamic]``), so the wheel's
+metadata says the same as ``edgeslim --version``, the device agent's status records, the
+registered models' tags and requirements, the reports and the default container images.
+tests/unit/test_version.py checks that every copy of the number agrees with this one.
+"""
 
-try:
-    __version__ = _version("edgeslim")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+source"
+__version__ = "0.1.0"

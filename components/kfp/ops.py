@@ -14,11 +14,14 @@ from typing import List
 from kfp import dsl
 from kfp.dsl import Artifact, ClassificationMetrics, Input, Markdown, Metrics, Model, Output
 
+from edgeslim.components.common.version import __version__
+
 # Built from deploy/images/: Containerfile (CPU), Containerfile.tensorrt (TensorRT 10.3 on NVIDIA's
-# nvcr.io/nvidia/tensorrt:24.08-py3), and Containerfile with a CUDA torch (GPU training).
-DEFAULT_IMAGE = "ghcr.io/edgeslim/edgeslim:0.1.0"
-DEFAULT_ENGINE_IMAGE = "ghcr.io/edgeslim/edgeslim:0.1.0-tensorrt10.3"
-DEFAULT_TRAIN_IMAGE = "ghcr.io/edgeslim/edgeslim:0.1.0-cuda"
+# nvcr.io/nvidia/tensorrt:24.08-py3), and Containerfile with a CUDA torch (GPU training); tagged with
+# this release's version.
+DEFAULT_IMAGE = f"ghcr.io/edgeslim/edgeslim:{__version__}"
+DEFAULT_ENGINE_IMAGE = f"ghcr.io/edgeslim/edgeslim:{__version__}-tensorrt10.3"
+DEFAULT_TRAIN_IMAGE = f"ghcr.io/edgeslim/edgeslim:{__version__}-cuda"
 
 
 def pull_op(recipe_json: str, tracking_uri: str, model: Output[Model], parent: Output[Artifact]):

@@ -13,6 +13,7 @@ import logging
 import socket
 from typing import Any
 
+from edgeslim.components.common.version import __version__
 from edgeslim.deploy import signing, trust
 from edgeslim.deploy.agent.context import AgentContext
 from edgeslim.deploy.agent.disk import atomic_write_json, read_link
@@ -21,8 +22,6 @@ from edgeslim.deploy.agent.state import LocalState
 from edgeslim.deploy.store import StoreUnavailable
 
 log = logging.getLogger("edgeslim.agent")
-
-AGENT_VERSION = 1
 
 
 class Reporter:
@@ -56,7 +55,7 @@ class Reporter:
                 meta = {}
         st = {
             "device_id": ctx.device_id, "device_class": ctx.device_class, "fleet": ctx.fleet,
-            "agent_version": AGENT_VERSION, "state": state, "heartbeat_at": ctx.clock(),
+            "agent_version": __version__, "state": state, "heartbeat_at": ctx.clock(),
             "applied_sequence": data.get("applied_sequence", 0),
             "rollout_id": (data.get("manifest") or {}).get("rollout_id"),
             "current": {"sha256": meta.get("sha256"), "backend": meta.get("backend"),
@@ -91,7 +90,7 @@ class Reporter:
         ctx = self.ctx
         ctx.store.put_json(ctx.keys.registration(ctx.device_id), trust.sign_with({
             "device_id": ctx.device_id, "device_class": ctx.device_class, "fleet": ctx.fleet,
-            "agent_version": AGENT_VERSION, "hostname": socket.gethostname(), "registered_at": ctx.clock(),
+            "agent_version": __version__, "hostname": socket.gethostname(), "registered_at": ctx.clock(),
             "public_key": self.public_key, "root_version": self.metadata.root.version,
         }, [self.device_key]))
         self.registered = True

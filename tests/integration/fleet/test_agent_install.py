@@ -34,7 +34,7 @@ from edgeslim.deploy.store import FleetKeys
 ORIN = "orin-sm87-jp6.1-trt10.3"
 PIPELINE_ONLY = ("torch", "mlflow", "kfp", "onnx", "sklearn", "torch_pruning", "boto3", "botocore", "s3transfer")
 # What `pip install` reads from the checkout; copied so the build writes no build/ or egg-info there.
-SOURCE = ("pyproject.toml", "README.md", "src", "components", "pipelines", "plugins", "deploy")
+SOURCE = ("pyproject.toml", "README.md", "LICENSE", "src", "components", "pipelines", "plugins", "deploy")
 
 
 def _requirements(extra: str) -> set[str]:

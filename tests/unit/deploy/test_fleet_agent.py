@@ -16,6 +16,7 @@ import pytest
 
 from fleet_unit_helpers import ManifestWriter, golden_for, make_onnx, upload
 from edgeslim.components.common.hashing import file_sha256 as sha256_file
+from edgeslim.components.common.version import __version__
 from edgeslim.deploy.agent.device import Agent, AgentSettings
 from edgeslim.deploy.manifest import manifest_digest
 from edgeslim.deploy.store import FleetKeys, StoreUnavailable
@@ -51,6 +52,7 @@ def test_install_commits_and_publishes_status(store, keys, tmp_path, models):
     st = store.get_json(FleetKeys("f").status("d0"))[0]["signed"]
     assert st["last"]["result"] == "committed" and st["applied_sequence"] == 1
     assert st["current"]["sha256"] == art["sha256"] and st["current"]["backend"] == "onnxruntime"
+    assert st["agent_version"] == __version__
     assert a.step() == "unchanged"  # ETag poll: nothing new
 
 
