@@ -284,7 +284,7 @@ def prune(model: nn.Module, config: ChannelPruneConfig, *, data: Splits,
         config: pruning settings.
         data: training data for fine-tuning and Taylor importance; metrics on val/test.
         teacher: distilled from while fine-tuning; defaults to the unpruned ``model``.
-        progress: called with (step, steps, last fine-tuning loss).
+        progress: called with (step, steps, mean loss of the step's last fine-tuning epoch).
 
     Returns:
         StageResult with the pruned model; metrics hold MACs and params before

@@ -18,7 +18,7 @@ from torch import nn
 from edgeslim.components.common.errors import ConfigError, DataError
 
 Progress = Callable[[int, int, float], None]
-# Called by every fit() after each epoch with (epoch, epochs, mean loss of the epoch): see epoch_losses().
+# Called by every fit() after each epoch with (epoch, epochs, mean loss per sample of the epoch): see epoch_losses().
 _EPOCH_LISTENERS: list[Progress] = []
 
 
@@ -335,7 +335,12 @@ def fit(student: nn.Module, config: TrainConfig, *, x: np.ndarray, y: np.ndarray
         teacher: the model imitated (frozen, eval mode); None for plain training.
         loss_fn: ``(student outputs, teacher outputs or None, labels batch or None) -> loss``
             instead of the classification/KD loss (e.g. a detector's output matching).
-        progress: called with (epoch, epochs, last loss) after each epoch.
+        progress: called with (epoch, epochs, mean loss of the epoch) after each epoch.
+
+    The loss of an epoch is the mean loss per training sample: each batch's loss (a mean over its
+    samples) weighted by the batch's size, over the epoch. Every figure of a training loss is this
+    one: the progress line, :func:`epoch_losses`, the stages' final losses, the report's training
+    curves and the MLflow metrics ``train.<stage>.loss``.
 
     Raises:
         DataError: there are no training samples.
@@ -384,7 +389,6 @@ def fit(student: nn.Module, config: TrainConfig, *, x: np.ndarray, y: np.ndarray
             student.train()
             adapters.train()
             perm = torch.randperm(len(xt), generator=gen)
-            loss = torch.zeros(())
             total = torch.zeros((), dtype=torch.float64, device=dev)
             for i in range(0, len(xt), batch_size):
                 idx = perm[i:i + batch_size]
@@ -409,10 +413,11 @@ def fit(student: nn.Module, config: TrainConfig, *, x: np.ndarray, y: np.ndarray
                 opt.step()
                 sched.step()
                 total += loss.detach().double() * len(idx)
+            mean = float(total) / len(xt)  # the epoch's loss, printed, recorded and logged alike
             for listen in list(_EPOCH_LISTENERS):
-                listen(epoch + 1, epochs, float(total) / len(xt))
+                listen(epoch + 1, epochs, mean)
             if progress:
-                progress(epoch + 1, epochs, float(loss.detach()))
+                progress(epoch + 1, epochs, mean)
         if c.recalibrate_batchnorm:
             recalibrate_stale_batchnorm(student, xt, epochs * steps_per_epoch, batch_size, dev)
     finally:

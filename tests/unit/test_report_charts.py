@@ -278,8 +278,27 @@ def test_fit_reports_the_mean_loss_of_every_epoch():
         fit(torch.nn.Linear(4, 2), TrainConfig(epochs=2, lr=0.05, batch_size=16), x=x, y=y)
     assert seen == [(1, 3), (2, 3), (3, 3), (1, 2), (2, 2)] and len(losses) == 5
     assert losses[2] < losses[0]  # it learns
-    assert losses[:3] != last     # the mean over the epoch, not the last batch's loss
+    assert losses[:3] == last     # the progress line prints the figure the curve records and MLflow logs
     assert not _EPOCH_LISTENERS   # nothing stays hooked after the block
+
+
+def test_an_epochs_loss_is_the_mean_loss_per_sample_over_the_epoch():
+    import torch
+
+    from edgeslim.components.transform.train import TrainConfig, epoch_losses, fit
+
+    torch.manual_seed(0)
+    x = np.random.default_rng(1).normal(size=(40, 4)).astype(np.float32)
+    y = (x[:, 1] > 0).astype(np.int64)
+    model = torch.nn.Linear(4, 2)
+    with torch.no_grad():
+        want = float(torch.nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y)))
+    printed = []
+    with epoch_losses() as losses:  # lr 0: the weights stay, so every epoch's loss is the same known figure
+        fit(model, TrainConfig(epochs=2, lr=0.0, batch_size=16, schedule="constant", weight_decay=0.0), x=x, y=y,
+            progress=lambda e, n, l: printed.append(l))
+    # batches of 16, 16 and 8 samples: their mean losses weighted by size, not averaged as three equals
+    assert losses == printed and losses == pytest.approx([want, want], rel=1e-6)
 
 
 def test_the_html_is_self_contained_and_every_drawn_chart_is_a_standalone_svg(tmp_path):

@@ -319,7 +319,7 @@ def train_detector(model: nn.Module, x: np.ndarray, labels: Sequence[np.ndarray]
             class scores as soft targets on every cell, its boxes where it is confident; other outputs: the
             detector QAT's output matching on the raw head values); the loss is
             ``(1 - output_alpha) * label loss + output_alpha * output distillation`` (+ features).
-        progress: called with (epoch, epochs, last loss).
+        progress: called with (epoch, epochs, mean loss per sample of the epoch).
         task: the recipe's ``DetectionTaskConfig``: its ``loss_fn``; the levels' strides come from its
             decoder, else from ``model.stride``, else from the input size over each map's size (:func:`.loss.level_strides`).
         own_loss: :func:`label_loss`'s answer when the caller has it already.
