@@ -27,7 +27,8 @@ Every choice is made on the **validation** split: trials are judged and ranked t
 and so is the fallback's ranking. The test split only reports: the pipeline's
 evaluate task judges the winner on it afterwards (``autotune.json`` says
 ``"chosen_on": "val"``). Every trial is a row of ``autotune.json`` (and of the
-report) and, when an MLflow run is given or active, a child run of it.
+report) and, when an MLflow run is given or active, a child run of it; that run then carries the
+chosen trial's figures as its own metrics and params.
 """
 
 from __future__ import annotations
@@ -90,6 +91,27 @@ class _Tracker:
                 self.client.log_metric(rid, k, float(row[k]))
         self.client.set_terminated(rid, "FINISHED")
         return rid
+
+    def outcome(self, winner: dict[str, Any] | None, fields: tuple[str, ...], trials: int) -> None:
+        """The search's outcome on the parent run, which stands for the search: ``trials``, and the chosen
+        trial's number (``winning_trial``), judged ``fields``, ``size_bytes`` and count of nodes kept in float
+        (``float_layers``) as metrics, named as on its trial's child run; its ``calibrator``, ``kind`` and
+        ``placement`` as params; ``edgeslim.gate_passed`` as a tag."""
+        if not self.client:
+            return
+        from mlflow.entities import Metric, Param, RunTag
+
+        values: dict[str, Any] = {"trials": trials}
+        params: list[Param] = []
+        if winner is not None:
+            values.update({"winning_trial": winner["trial"], **{k: winner.get(k) for k in (*fields, "size_bytes")},
+                           "float_layers": len(winner["float_layers"])})
+            params = [Param(k, str(winner[k])) for k in ("calibrator", "kind", "placement")]
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, 0) for k, v in values.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)]
+        self.client.log_batch(self.parent.info.run_id, metrics=metrics, params=params,
+                              tags=[RunTag("edgeslim.gate_passed", str(winner is not None))])
 
     def ranking(self, strategy: Strategy) -> None:
         if self.client:
@@ -228,8 +250,8 @@ def search(fp32_onnx: str | Path, config: AccuracyAwareQuantizeConfig, *, strate
         out_dir: ``ptq-<calibrator>/``, ``fallback-<k>/``, ``qat/``, the ranking's files,
             ``autotune.json`` and the winner's ``model.int8.onnx``.
         tracking_uri: MLflow server of the parent run (default: the active/env one).
-        parent_run_id: every trial becomes a child run of it (default: ``$MLFLOW_RUN_ID``
-            or the active run; no MLflow logging without one).
+        parent_run_id: every trial becomes a child run of it, and it gets the chosen trial's figures
+            (default: ``$MLFLOW_RUN_ID`` or the active run; no MLflow logging without one).
         progress: called with one line per trial.
 
     Returns:
@@ -287,6 +309,7 @@ def search(fp32_onnx: str | Path, config: AccuracyAwareQuantizeConfig, *, strate
     def finish(row: dict[str, Any], groups: list[dict[str, Any]]) -> StageResult:
         reason = strategy.reason(row, groups, config)
         report(row["trial"], reason)
+        tracker.outcome(row, strategy.fields, len(trials))
         final = out_dir / "model.int8.onnx"
         final.write_bytes(Path(row["model"]).read_bytes())
         metrics = {"size_bytes": final.stat().st_size, "winner": row, "reason": reason, "trials": trials,
@@ -358,4 +381,5 @@ def search(fp32_onnx: str | Path, config: AccuracyAwareQuantizeConfig, *, strate
            f"trial(s); best was trial {best['trial']} ({best['kind']}, {best['calibrator']}, "
            f"{strategy.figures(best)}: {best['gate']}); {strategy.fix(config, qat_ran)}")
     report(None, msg)
+    tracker.outcome(None, strategy.fields, len(trials))
     raise GateRejected(msg)

@@ -1,5 +1,6 @@
 """The compression stages against a real MLflow server (SQLite) on loopback: a student taken from the
-registry, and the accuracy-aware search's trials as child runs of the quantize run."""
+registry, and the accuracy-aware search's trials as child runs of the quantize run, which carries the
+winner's figures."""
 
 import sys
 from pathlib import Path
@@ -67,3 +68,10 @@ def test_student_from_a_registered_model_and_trials_as_child_runs(mlflow_server,
     arts = [a.path for a in client.list_artifacts(parent.info.run_id, "sensitivity")]
     assert "sensitivity/sensitivity.svg" in arts
     assert won.metrics["winner"]["trial"] == 1
+    # the search's own run carries the chosen trial's figures (the last search's: one trial, it passed)
+    search_run = client.get_run(parent.info.run_id).data
+    chosen = passed[0].data
+    assert {k: search_run.metrics[k] for k in chosen.metrics} == chosen.metrics
+    assert search_run.metrics["trials"] == 1 and search_run.metrics["float_layers"] == 0
+    assert search_run.params["calibrator"] == chosen.params["calibrator"] == "minmax"
+    assert search_run.tags["edgeslim.gate_passed"] == "True"

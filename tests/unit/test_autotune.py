@@ -206,3 +206,65 @@ def test_a_pinned_pattern_matching_nothing_is_refused_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match="no_such_node") as e:
         _auto(trained("cnn"), onnx_of("cnn"), cfg, AccuracyGateConfig(), tmp_path)
     assert "\n" not in str(e.value)
+
+
+class _Client:
+    """An MlflowClient that records what the search logs."""
+
+    def __init__(self, tracking_uri=None):
+        from types import SimpleNamespace
+
+        self.children, self.batches = {}, []
+        self.parent = SimpleNamespace(info=SimpleNamespace(run_id="search", experiment_id="0"))
+
+    def get_run(self, run_id):
+        return self.parent
+
+    def create_run(self, experiment_id, run_name, tags):
+        from types import SimpleNamespace
+
+        rid = f"child-{len(self.children) + 1}"
+        self.children[rid] = {"params": {}, "metrics": {}}
+        return SimpleNamespace(info=SimpleNamespace(run_id=rid))
+
+    def log_param(self, rid, k, v):
+        self.children[rid]["params"][k] = v
+
+    def log_metric(self, rid, k, v):
+        self.children[rid]["metrics"][k] = v
+
+    def set_terminated(self, rid, status):
+        pass
+
+    def log_batch(self, rid, metrics=(), params=(), tags=()):
+        self.batches.append((rid, {m.key: m.value for m in metrics}, {p.key: p.value for p in params},
+                             {t.key: t.value for t in tags}))
+
+
+def test_the_search_run_carries_the_chosen_trials_figures_beside_its_trials_child_runs(tmp_path, monkeypatch):
+    import mlflow
+
+    clients = []
+    monkeypatch.setattr(mlflow, "MlflowClient", lambda **kw: clients.append(_Client(**kw)) or clients[-1])
+    cfg = AccuracyAwareQuantizeConfig(calibrators=["percentile", "minmax"], num_samples=128)
+    res = quantize_auto(trained("cnn"), onnx_of("cnn"), cfg, data=digits(), parent_onnx_path=onnx_of("cnn"),
+                        gate=AccuracyGateConfig(), out_dir=tmp_path / "won", tracking_uri="http://mlflow",
+                        parent_run_id="search")
+    won = res.metrics["winner"]
+    (rid, metrics, params, tags), = clients[0].batches
+    child = clients[0].children[won["mlflow_run_id"]]
+    assert rid == "search" and tags == {"edgeslim.gate_passed": "True"}
+    # the search run's figures are the chosen trial's, named as on its child run
+    assert {k: metrics[k] for k in child["metrics"]} == child["metrics"]
+    assert set(child["metrics"]) == {"metric", "metric_drop", "top1_agreement", "sqnr_db", "size_bytes"}
+    assert metrics["trials"] == 1 and metrics["winning_trial"] == 1 and metrics["float_layers"] == 0
+    assert params == {"calibrator": "percentile", "kind": "ptq", "placement": won["placement"]}
+    assert metrics["size_bytes"] == won["size_bytes"] and metrics["metric"] == won["metric"]
+
+    refuse = AccuracyAwareQuantizeConfig(calibrators=["minmax"], num_samples=64, max_float_layers=0, qat=False,
+                                         placement="all")
+    with pytest.raises(GateRejected):
+        quantize_auto(trained("cnn"), onnx_of("cnn"), refuse, data=digits(), parent_onnx_path=onnx_of("cnn"),
+                      gate=IMPOSSIBLE, out_dir=tmp_path / "refused", tracking_uri="http://mlflow",
+                      parent_run_id="search")
+    assert clients[1].batches == [("search", {"trials": 1.0}, {}, {"edgeslim.gate_passed": "False"})]
