@@ -57,7 +57,8 @@ def export(model, config: OnnxExportConfig, *, data: Splits, out_path: str | Pat
         out_path: the ``.onnx`` file to write.
 
     Returns:
-        ``StageResult`` whose model is the ONNX path, with ``max_abs_diff`` and ``size_bytes``.
+        ``StageResult`` whose model is the ONNX path, with ``max_abs_diff``, ``size_bytes`` and the
+        model's ``macs`` (one sample's forward pass) and ``params`` (:func:`count_size`).
 
     Raises:
         DataError: the model rejects the data's input shape.
@@ -73,6 +74,7 @@ def export(model, config: OnnxExportConfig, *, data: Splits, out_path: str | Pat
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.from_numpy(np.ascontiguousarray(x[:2]))
+    counted = count_size(model, example[:1])
     # A forward that returns auxiliaries beside its tensors (Ultralytics: (decoded, {...})) exports its tensors.
     model = exportable(model, example)
     batch = torch.export.Dim("batch", min=1, max=4096)
@@ -117,10 +119,26 @@ def export(model, config: OnnxExportConfig, *, data: Splits, out_path: str | Pat
         )
     return StageResult(
         model=out_path,
-        metrics={"max_abs_diff": diff, "size_bytes": out_path.stat().st_size, "opset": config.opset},
+        metrics={"max_abs_diff": diff, "size_bytes": out_path.stat().st_size, "opset": config.opset, **counted},
         lineage={"export": config.to_json_dict()},
         seconds=time.perf_counter() - t0,
     )
+
+
+def count_size(model, example) -> dict[str, int]:
+    """``{"macs", "params"}`` of ``model``: the MACs of its forward pass on ``example`` (one sample) and its
+    parameters, counted as pruning counts them (:func:`edgeslim.components.transform.prune.count_macs_params`),
+    so the figures of the report, the registry and the transform's before/after agree. Empty when the
+    counter cannot run the model (the figures are reported, never gated on: they must not cost the export)."""
+    from edgeslim.components.transform.prune import count_macs_params
+
+    try:
+        macs, params = count_macs_params(model, example)
+    except Exception as exc:  # the counter's hooks meet what the exporter does not
+        log.warning("MACs and parameters not counted (%s: %s)", type(exc).__name__, str(exc).splitlines()[0][:200]
+                    if str(exc).strip() else "")
+        return {}
+    return {"macs": macs, "params": params}
 
 
 def fixed_batch(path: str | Path) -> int | None:

@@ -61,7 +61,8 @@ def _engines_to_ship(engines) -> dict[str, str]:
 
 def _flat_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
     """The evaluation's figures as flat MLflow metrics: the task metric, every fidelity figure the task's
-    evaluation measured (agreement, SQNR, ...), size and latency."""
+    evaluation measured (agreement, SQNR, ...), size, MACs and parameters (one sample's forward pass, as
+    the exports counted them), and latency."""
     src, cand = evaluation["source"], evaluation["candidate"]
     out = {
         "source_metric": src["metric"], "candidate_metric": cand["metric"],
@@ -69,6 +70,8 @@ def _flat_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
         **(cand.get("fidelity") or {}),
         "source_size_bytes": src["size_bytes"], "candidate_size_bytes": cand["size_bytes"],
         "size_ratio": cand.get("size_ratio", 0.0),
+        "source_macs": src.get("macs"), "candidate_macs": cand.get("macs"),
+        "source_params": src.get("params"), "candidate_params": cand.get("params"),
         "cpu_int8_kernel_metric": cand.get("cpu_int8_kernel_metric", 0.0),
     }
     for who, sec in (("source", src), ("candidate", cand)):

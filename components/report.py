@@ -39,11 +39,13 @@ def build_report(*, recipe, parent: dict, parent_export: dict, transform: dict, 
             "uri": recipe.source, "name": parent["name"], "version": parent["version"],
             "run_id": parent.get("run_id"), "model_id": parent.get("model_id"),
             "metric": src["metric"], "size_bytes": src["size_bytes"], "latency_ms": src["latency_ms"],
+            "macs": src.get("macs"), "params": src.get("params"),
             **({kind: src[kind]} if kind in src else {}),
         },
         "candidate": {
             "metric": cand["metric"], "fidelity": cand["fidelity"], "size_bytes": cand["size_bytes"],
             "size_ratio": cand.get("size_ratio"), "latency_ms": cand["latency_ms"],
+            "macs": cand.get("macs"), "params": cand.get("params"),
             "cpu_int8_kernel_metric": cand.get("cpu_int8_kernel_metric"),
             "student_fp32_size_bytes": evaluation.get("student_fp32_size_bytes"),
             "onnx_path": str(onnx_path),
@@ -77,7 +79,8 @@ def report_task(rep: dict[str, Any]):
 
 
 def summary_rows(rep: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    """The summary table: the task metric, size and CPU latency of both, then the task's own rows."""
+    """The summary table: the task metric, size, MACs and parameters (where counted) and CPU latency of
+    both, then the task's own rows."""
     s, c = rep["source"], rep["candidate"]
     task = report_task(rep)
     rows = [("", "source fp32", "int8 candidate", "ratio / delta"),
@@ -85,6 +88,9 @@ def summary_rows(rep: dict[str, Any]) -> list[tuple[str, str, str, str]]:
              f"{c['metric'] - s['metric']:+.2f} pt"),
             ("size (bytes)", f"{s['size_bytes']:,}", f"{c['size_bytes']:,}",
              f"{s['size_bytes'] / max(c['size_bytes'], 1):.2f}x smaller")]
+    for key, label in (("macs", "MACs per sample"), ("params", "parameters")):
+        if isinstance(s.get(key), int) and isinstance(c.get(key), int):
+            rows.append((label, f"{s[key]:,}", f"{c[key]:,}", f"{s[key] / max(c[key], 1):.2f}x fewer"))
     for b, ms in s["latency_ms"].items():
         cm = c["latency_ms"].get(b)
         if cm is not None:

@@ -107,6 +107,7 @@ def build_pipeline(base_image: str = DEFAULT_IMAGE, *, engines: TensorRTEngineCo
         evaluated = ops.evaluate_op(
             recipe_json=recipe_json, qdq_model=quantized.outputs["qdq_model"],
             parent_onnx=parent_onnx.outputs["onnx_model"], student_onnx=student_export.outputs["onnx_model"],
+            parent_export=parent_onnx.outputs["info"], student_export=student_export.outputs["info"],
         ).set_display_name("evaluate")
         gated = ops.gate_op(recipe_json=recipe_json, evaluation=evaluated.outputs["evaluation"]) \
             .set_display_name("gate")

@@ -204,14 +204,16 @@ def quantize_op(recipe_json: str, tracking_uri: str, onnx_model: Input[Model], s
 
 
 def evaluate_op(recipe_json: str, qdq_model: Input[Model], parent_onnx: Input[Model],
-                student_onnx: Input[Model], evaluation: Output[Artifact], metrics: Output[Metrics],
-                confusion: Output[ClassificationMetrics]):
+                student_onnx: Input[Model], parent_export: Input[Artifact], student_export: Input[Artifact],
+                evaluation: Output[Artifact], metrics: Output[Metrics], confusion: Output[ClassificationMetrics]):
     """Evaluate the candidate beside its parent on the test split (ONNX Runtime, CPU).
 
     ``evaluation`` also holds ``figures`` (the int8 output error against its fp32 model and a
-    detector's precision-recall curves, for the report's charts); ``metrics`` (KFP) the task metric,
-    agreement, SQNR, size and latency of both; ``confusion`` (KFP) a classifier candidate's confusion
-    matrix on the test split (up to 100 classes; the KFP UI draws it).
+    detector's precision-recall curves, for the report's charts), and each side's ``macs`` and
+    ``params`` as the exports counted them (the candidate's are those of the fp32 model it was quantized
+    from: int8 changes how weights are stored, not how many there are or the MACs); ``metrics`` (KFP)
+    the task metric, agreement, SQNR, size, MACs, parameters and latency of both; ``confusion`` (KFP) a
+    classifier candidate's confusion matrix on the test split (up to 100 classes; the KFP UI draws it).
     """
     import json
     import math
@@ -228,6 +230,9 @@ def evaluate_op(recipe_json: str, qdq_model: Input[Model], parent_onnx: Input[Mo
     res = task.evaluate(qdq_model.path, recipe.evaluate, parent_onnx=parent_onnx.path, data=data,
                                          student_onnx=student)
     res.metrics["student_fp32_size_bytes"] = Path(student_onnx.path).stat().st_size
+    for who, info in (("source", parent_export), ("candidate", student_export)):
+        counted = json.loads(Path(info.path).read_text())
+        res.metrics[who].update({k: counted[k] for k in ("macs", "params") if k in counted})
     try:
         res.metrics["figures"] = task.figures(qdq_model.path, parent_onnx=parent_onnx.path, data=data,
                                               student_onnx=student)
@@ -250,6 +255,8 @@ def evaluate_op(recipe_json: str, qdq_model: Input[Model], parent_onnx: Input[Mo
     log("candidate_size_bytes", cand["size_bytes"])
     log("size_ratio", cand.get("size_ratio"))
     for who, sec in (("source", src), ("candidate", cand)):
+        log(f"{who}_macs", sec.get("macs"))
+        log(f"{who}_params", sec.get("params"))
         for b, ms in (sec.get("latency_ms") or {}).items():
             log(f"{who}_latency_ms_{b}", ms)
         for k, v in task.logged_metrics(sec).items():  # the task's own figures (a detector's mAP@0.5:0.95, ...)

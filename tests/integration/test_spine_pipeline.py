@@ -6,6 +6,7 @@ Each bad input gets one clear line, a non-zero exit, no traceback, and nothing r
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -296,6 +297,9 @@ def test_each_kfp_task_writes_its_metrics_and_the_gate_its_verdict_as_markdown(f
     assert ev["sqnr_db"] == pytest.approx(rep["candidate"]["fidelity"]["sqnr_db"])
     assert ev["candidate_size_bytes"] == rep["candidate"]["size_bytes"] and ev["size_ratio"] > 1
     assert {"source_latency_ms_batch_1", "candidate_latency_ms_batch_32"} <= set(ev)
+    # nothing pruned: the candidate has its parent's MACs and parameters (the parent's export counted both)
+    assert ev["source_macs"] == ev["candidate_macs"] == rep["candidate"]["macs"] > 0
+    assert ev["source_params"] == ev["candidate_params"] == rep["source"]["params"] > 0
     # the candidate's confusion matrix as KFP ClassificationMetrics: true class by row, its top-1 agrees
     cm = _kfp_metrics(wd, "evaluate-op", "confusion")["confusionMatrix"]
     assert [c["displayName"] for c in cm["annotationSpecs"]] == [str(i) for i in range(10)]
@@ -393,6 +397,20 @@ def test_training_curves_and_the_quantize_run_are_logged_to_the_registration(mlf
     assert tm["stages"] == 2 and tm["macs_after"] < tm["macs_before"] and tm["distill_epochs"] == 2
     qm = _kfp_metrics(tmp_path, "quantize-op")
     assert qm["qat_epochs"] == 2 and qm["qat_final_loss"] == pytest.approx(rep["training_curve"][-1]["loss"], abs=1e-6)
+    # one loss figure: the progress line prints the epoch's loss the curve records and MLflow logs
+    for stage, pattern in (("distill", r"distill\S*: epoch 2/2, loss ([0-9.]+)"),
+                           ("qat", r"qat\S*: epoch 2/2, loss ([0-9.]+)")):
+        printed = [float(v) for v in re.findall(pattern, proc.stderr)]
+        want = [r["loss"] for r in rep["training_curve"] if r["stage"] == stage][-1]
+        assert printed and printed[-1] == pytest.approx(want, abs=1e-4), (stage, printed, want)
+    # MACs and parameters of both, as the exports counted them: the transform's before and after
+    assert (rep["source"]["macs"], rep["candidate"]["macs"]) == (tm["macs_before"], tm["macs_after"])
+    assert (rep["source"]["params"], rep["candidate"]["params"]) == (tm["params_before"], tm["params_after"])
+    logged = client.get_run(run_id).data.metrics
+    ev = _kfp_metrics(tmp_path, "evaluate-op")
+    for k in ("source_macs", "candidate_macs", "source_params", "candidate_params"):
+        who, what = k.split("_")
+        assert logged[k] == ev[k] == rep[who][what] == float(mv.tags[f"edgeslim.metric.{k}"])
     seen = assert_renders_offline(tmp_path / "out" / "report.html", tmp_path / "browser", {"output-error", "training"})
     assert "distill 2 epoch(s); prune 2 epoch(s); qat 2 epoch(s)" in next(
         c["caption"] for c in seen["charts"] if c["id"] == "chart-training")

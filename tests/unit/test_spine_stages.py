@@ -39,6 +39,12 @@ def test_export_matches_torch_and_has_a_dynamic_batch(fp32_onnx, tiny_teacher, d
     m = onnx.load(str(fp32_onnx.model))
     assert m.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
     assert {o.domain: o.version for o in m.opset_import}[""] == 18
+    # one sample's MACs and the parameters, counted as pruning counts them
+    from edgeslim.components.transform.prune import count_macs_params
+
+    counted = count_macs_params(copy.deepcopy(tiny_teacher), torch.from_numpy(digits.x_test[:1]))
+    assert (fp32_onnx.metrics["macs"], fp32_onnx.metrics["params"]) == counted
+    assert fp32_onnx.metrics["params"] == sum(p.numel() for p in tiny_teacher.parameters())
 
 
 def test_export_does_not_touch_the_input_model(tiny_teacher, digits, tmp_path):
@@ -121,6 +127,55 @@ def test_evaluate_and_gate(fp32_onnx, digits, tmp_path):
     failed = [c for c in strict["checks"] if not c["passed"]]
     assert [c["name"] for c in failed] == ["sqnr_db"]
     assert "sqnr_db missed by" in strict["summary"] and "required 200.00 dB" in strict["summary"]
+
+
+def test_the_evaluate_task_gives_each_side_the_macs_and_parameters_its_export_counted(fp32_onnx, tmp_path):
+    import dataclasses
+    import json
+    import math
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from edgeslim.components.common.data import load_data
+    from edgeslim.components.kfp.ops import evaluate_op
+    from edgeslim.components.recipe import load_recipe
+    from edgeslim.pipelines.demo import DEMO_RECIPE
+
+    class Sink:
+        def __init__(self):
+            self.metadata = {}
+
+        def log_metric(self, k, v):
+            assert isinstance(v, float) and math.isfinite(v), (k, v)
+            self.metadata[k] = v
+
+        def log_confusion_matrix(self, categories, matrix):
+            self.metadata["confusion"] = len(categories)
+
+    def art(name, content=None):
+        if content is not None:
+            (tmp_path / name).write_text(json.dumps(content))
+        return SimpleNamespace(path=str(tmp_path / name))
+
+    recipe = dataclasses.replace(load_recipe(DEMO_RECIPE), evaluate=FAST_EVAL)
+    data = load_data(recipe.data.provider, recipe.data.args, recipe.data.preprocess)
+    qdq = quantize(fp32_onnx.model, PTQQuantizeConfig(), data=data, out_dir=tmp_path / "q").model
+    onnx_model = SimpleNamespace(path=str(fp32_onnx.model))
+    metrics, out = Sink(), art("evaluation.json")
+    # the student's export could not count its model: the candidate has no figures, and no metric says 0
+    evaluate_op(recipe.to_json(), SimpleNamespace(path=str(qdq)), onnx_model, onnx_model,
+                art("parent.json", {"size_bytes": 1, "macs": 9000, "params": 700}),
+                art("student.json", {"size_bytes": 1}), out, metrics, Sink())
+    ev = json.loads(Path(out.path).read_text())
+    assert (ev["source"]["macs"], ev["source"]["params"]) == (9000, 700)
+    assert "macs" not in ev["candidate"] and "candidate_macs" not in metrics.metadata
+    assert metrics.metadata["source_macs"] == 9000.0 and metrics.metadata["source_params"] == 700.0
+    evaluate_op(recipe.to_json(), SimpleNamespace(path=str(qdq)), onnx_model, onnx_model,
+                art("parent.json", {"macs": 9000, "params": 700}), art("student.json", {"macs": 5000, "params": 400}),
+                out, metrics, Sink())
+    ev = json.loads(Path(out.path).read_text())
+    assert (ev["candidate"]["macs"], ev["candidate"]["params"]) == (5000, 400)
+    assert metrics.metadata["candidate_macs"] == 5000.0 and metrics.metadata["candidate_params"] == 400.0
 
 
 def test_sqnr():
