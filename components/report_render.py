@@ -21,6 +21,7 @@ from typing import Any
 from edgeslim.components.common.charts import (
     BAR, FAIL, INK, INT8, MUTED, PASS, STAGE_COLORS, Chart, Panel, Svg, bar_panels, num, span, tick_label,
     write_svg)
+from edgeslim.components.engine.stage import STATUS_BUILT
 from edgeslim.components.quantize.sensitivity import CHART_SERIES
 from edgeslim.components.report import CPU_INT8_NOTE, report_task, summary_rows
 
@@ -213,15 +214,37 @@ def _chart_html(c: Chart) -> str:
             "</figure>")
 
 
+def gate_figure(value: Any) -> str:
+    """A gate check's value or threshold as the page prints it: 4 significant digits, as the summary table
+    rounds agreement and the KFP verdict rounds every figure."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _engines_html(rep: dict[str, Any]) -> str:
+    """Per device class, whether its TensorRT engine was built and verified (and ships in the edge model),
+    or why not."""
+    esc = _html.escape
+    engines = rep.get("engines") or {}
+    if not engines:
+        why = ("nothing was registered (the gate failed)" if not rep.get("registered") else
+               "the recipe names no device class (engines.device_classes)")
+        return f'<p class="noengine">No TensorRT engines: {esc(why)}.</p>'
+    rows = "".join(f"<tr class={'ok' if status == STATUS_BUILT else 'bad'}><td>{esc(key)}</td>"
+                   f"<td>{esc(status)}</td></tr>" for key, status in engines.items())
+    return f'<table class="engines"><tr><th>device class</th><th>engine</th></tr>{rows}</table>'
+
+
 def render_html(rep: dict[str, Any]) -> str:
-    """A self-contained HTML page of the report: its charts are inline SVG, nothing is fetched."""
+    """A self-contained HTML page of the report: its charts are inline SVG, nothing is fetched. It ends
+    with report.json itself, folded."""
     esc = _html.escape
     rows = summary_rows(rep)
     head = "".join(f"<th>{esc(h)}</th>" for h in rows[0])
     body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
     checks = "".join(
-        f"<tr class={'ok' if c['passed'] else 'bad'}><td>{esc(c['name'])}</td><td>{c['value']}</td>"
-        f"<td>{c['threshold']}</td><td>{'pass' if c['passed'] else 'FAIL'}</td><td>{esc(c['detail'])}</td></tr>"
+        f"<tr class={'ok' if c['passed'] else 'bad'}><td>{esc(c['name'])}</td><td>{gate_figure(c['value'])}</td>"
+        f"<td>{gate_figure(c['threshold'])}</td><td>{'pass' if c['passed'] else 'FAIL'}</td>"
+        f"<td>{esc(c['detail'])}</td></tr>"
         for c in rep["gate"]["checks"])
     reg = rep["registered"]
     reg_html = (f"{esc(reg['name'])} version {esc(str(reg['version']))} with alias {esc(reg['alias'])}"
@@ -230,20 +253,25 @@ def render_html(rep: dict[str, Any]) -> str:
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>edgeslim report</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}.ok{{background:#e8f5e9}}.bad{{background:#ffebee}}
-pre{{background:#f5f5f5;padding:1em;overflow:auto}}figure.chart{{margin:1.5em 0}}
+td:first-child,th:first-child,table.engines td{{text-align:left}}pre{{background:#f5f5f5;padding:1em;overflow:auto}}
+details{{margin:1em 0}}summary{{cursor:pointer;font-weight:bold}}figure.chart{{margin:1.5em 0}}
 figure.chart svg{{max-width:100%;height:auto;border:1px solid #eee}}
 figcaption{{color:#555;font-size:0.9em;max-width:60em}}
 p.nochart{{color:#555;font-style:italic}}</style></head><body>
 <h1>edgeslim report: {esc(rep['source']['name'])} v{esc(str(rep['source']['version']))}</h1>
 <p>Source <code>{esc(rep['source']['uri'])}</code>, recipe {esc(rep['recipe_hash'])}, edgeslim {esc(rep['edgeslim_version'])}.</p>
-<table><tr>{head}</tr>{body}</table>
+<table class="summary"><tr>{head}</tr>{body}</table>
 <h2>Gate: {'passed' if rep['gate']['passed'] else 'FAILED'}</h2>
-<table><tr><th>check</th><th>value</th><th>threshold</th><th>result</th><th>detail</th></tr>{checks}</table>
+<table class="gate"><tr><th>check</th><th>value</th><th>threshold</th><th>result</th><th>detail</th></tr>{checks}</table>
 <h2>Registered</h2><p>{reg_html}</p>
+<h2>Engines</h2>
+{_engines_html(rep)}
 <h2>Charts</h2>
 {figures}
 <p><em>{esc(CPU_INT8_NOTE)}</em></p>
-<h2>Full report</h2><pre>{esc(json.dumps(rep, indent=2))}</pre></body></html>"""
+<h2>Full report</h2>
+<details id="report-json"><summary>report.json</summary><pre>{esc(json.dumps(rep, indent=2))}</pre></details>
+</body></html>"""
 
 
 # --- MLflow -------------------------------------------------------------------------------------

@@ -30,8 +30,16 @@ MEASURE = """<script>(function () {
   });
   const lines = Array.from(document.querySelectorAll("p.nochart")).map(function (p) {
     return {id: p.id, height: p.getBoundingClientRect().height, text: p.textContent}; });
+  const fold = document.querySelector("details#report-json");
+  const rows = function (sel) { return Array.from(document.querySelectorAll(sel + " tr")).slice(1).map(function (tr) {
+    return Array.from(tr.cells).map(function (c) { return c.textContent; }); }); };
+  const page = {
+    fold: fold && {open: fold.open, summary: fold.querySelector("summary").getBoundingClientRect().height,
+                   height: fold.getBoundingClientRect().height, shown: fold.querySelector("pre").checkVisibility()},
+    engines: rows("table.engines"), gate: rows("table.gate"), summary: rows("table.summary")};
   document.body.setAttribute("data-charts", JSON.stringify(charts));
   document.body.setAttribute("data-lines", JSON.stringify(lines));
+  document.body.setAttribute("data-page", JSON.stringify(page));
 })();</script>"""
 
 # Browser-internal requests (component updates, ...) have no origin: everything else came from the page.
@@ -64,8 +72,9 @@ def page_requests(netlog: Path) -> list[str]:
 
 def open_in_chromium(page: Path, work: Path, *, screenshot: bool = True) -> dict:
     """Load ``page`` (a copy with :data:`MEASURE` added) in headless Chromium with every host name
-    unresolvable; return the measured charts, the one-line notes, the page's network requests and
-    (``screenshot``) a PNG of it."""
+    unresolvable; return the measured charts, the one-line notes, the ``page`` (the folded report.json:
+    open or not, heights, whether its text shows; the text of the engine, gate and summary tables' rows), the page's network requests
+    and (``screenshot``) a PNG of it."""
     exe = chromium()
     work.mkdir(parents=True, exist_ok=True)
     copy = work / "measured.html"
@@ -79,8 +88,8 @@ def open_in_chromium(page: Path, work: Path, *, screenshot: bool = True) -> dict
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and "<body" in proc.stdout, proc.stderr[-2000:]
     body = re.search(r"<body[^>]*>", proc.stdout).group(0)
-    attrs = {k: json.loads(html.unescape(v)) for k, v in re.findall(r'data-(charts|lines)="([^"]*)"', body)}
-    assert set(attrs) == {"charts", "lines"}, "the measuring script did not run:\n" + proc.stderr[-2000:]
+    attrs = {k: json.loads(html.unescape(v)) for k, v in re.findall(r'data-(charts|lines|page)="([^"]*)"', body)}
+    assert set(attrs) == {"charts", "lines", "page"}, "the measuring script did not run:\n" + proc.stderr[-2000:]
     shot = None
     if screenshot:
         shot = work / "report.png"
@@ -141,8 +150,10 @@ def _full_report() -> dict:
     det = {"map50": 95.0, "map50_95": 60.0, "mean_tp_score": 0.8, "recall": 90.0, "precision": 85.0,
            "per_class_ap50": {"0": 95.0}}
     evaluation = {"metric_name": "map50", "test_samples": 64, "figures": figures,
-                  "source": {"metric": 95.0, "size_bytes": 300_000, "latency_ms": {"batch_1": 1.0}, "detection": det},
+                  "source": {"metric": 95.0, "size_bytes": 300_000, "latency_ms": {"batch_1": 1.0}, "detection": det,
+                             "macs": 12_000_000, "params": 75_000},
                   "candidate": {"metric": 93.5, "size_bytes": 95_000, "latency_ms": {"batch_1": 2.0},
+                                "macs": 7_200_000, "params": 45_000,
                                 "size_ratio": 3.2, "detection": {**det, "map50": 93.5},
                                 "fidelity": {"detection_agreement": 0.95, "top1_agreement": 0.95, "sqnr_db": 30.0}}}
     return build_report(
@@ -154,8 +165,13 @@ def _full_report() -> dict:
                    "training_curve": [{"stage": "distill", "epoch": e, "loss": 1.0 / e} for e in range(1, 6)]},
         quantized={"trials": trials, "winner": trials[2], "head_sensitivity": heads, "size_bytes": 95_000,
                    "training_curve": [{"stage": "qat", "epoch": e, "loss": 0.5 - 0.1 * e} for e in (1, 2)]},
-        verdict={"passed": True, "summary": "passed", "checks": []},
-        registered={"name": "det-edge", "version": "1", "alias": "edge-candidate"}, onnx_path="m.onnx")
+        verdict={"passed": True, "summary": "passed", "checks": [
+            {"name": "map50_drop", "value": 1.5, "threshold": 2.0, "passed": True, "detail": "d"},
+            {"name": "detection_agreement", "value": 0.9444444444444444, "threshold": 0.9, "passed": True,
+             "detail": "a"}]},
+        registered={"name": "det-edge", "version": "1", "alias": "edge-candidate",
+                    "engines": {"orin-sm87-jp6.1-trt10.3": "built and verified",
+                                "t4-sm75": "not built: no CUDA device on this node"}}, onnx_path="m.onnx")
 
 
 def test_every_chart_of_a_detectors_report_renders_and_nothing_is_fetched(tmp_path):
@@ -167,6 +183,22 @@ def test_every_chart_of_a_detectors_report_renders_and_nothing_is_fetched(tmp_pa
                                   {"trials", "sensitivity", "output-error", "pr", "training"})
     assert seen["lines"] == []
     assert seen["screenshot"].stat().st_size > 20_000  # a page with pictures, for a person to look at
+
+
+def test_the_page_shows_macs_each_engine_and_the_rounded_gate_and_folds_report_json(tmp_path):
+    from edgeslim.components.report_render import render_html
+
+    page = tmp_path / "report.html"
+    page.write_text(render_html(_full_report()))
+    seen = open_in_chromium(page, tmp_path / "browser", screenshot=False)["page"]
+    assert ["MACs per sample", "12,000,000", "7,200,000", "1.67x fewer"] in seen["summary"]
+    assert ["parameters", "75,000", "45,000", "1.67x fewer"] in seen["summary"]
+    assert [r[:3] for r in seen["gate"]] == [["map50_drop", "1.5", "2"], ["detection_agreement", "0.9444", "0.9"]]
+    assert seen["engines"] == [["orin-sm87-jp6.1-trt10.3", "built and verified"],
+                               ["t4-sm75", "not built: no CUDA device on this node"]]
+    # report.json is there, folded: its summary line shows, its text is hidden and takes no room until opened
+    fold = seen["fold"]
+    assert fold["open"] is False and fold["shown"] is False and 0 < fold["summary"] <= fold["height"] < 40
 
 
 def test_a_ptq_report_says_in_one_line_what_it_cannot_draw(tmp_path):

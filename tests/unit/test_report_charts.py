@@ -52,10 +52,12 @@ SEARCH["winner"] = SEARCH["trials"][2]
 PTQ = {"size_bytes": 214_000, "calibrator": "percentile", "float_layers": [], "zero_points_all_zero": True}
 
 
-def _evaluation(figures=None, detection=False):
-    src = {"metric": 99.0, "size_bytes": 900_000, "latency_ms": {"batch_1": 0.2}}
+def _evaluation(figures=None, detection=False, counted=True):
+    src = {"metric": 99.0, "size_bytes": 900_000, "latency_ms": {"batch_1": 0.2},
+           **({"macs": 4_200_000, "params": 210_000} if counted else {})}
     cand = {"metric": 98.6, "size_bytes": 215_000, "latency_ms": {"batch_1": 0.3}, "size_ratio": 4.2,
-            "fidelity": {"top1_agreement": 0.99, "sqnr_db": 31.0, "quantization_sqnr_db": 31.0}}
+            "fidelity": {"top1_agreement": 0.99, "sqnr_db": 31.0, "quantization_sqnr_db": 31.0},
+            **({"macs": 1_400_000, "params": 52_500} if counted else {})}
     if detection:
         det = {"map50_95": 60.0, "mean_tp_score": 0.8, "recall": 90.0, "precision": 88.0, "map50": 95.0,
                "per_class_ap50": {"0": 95.0}}
@@ -66,15 +68,16 @@ def _evaluation(figures=None, detection=False):
             **({"figures": figures} if figures is not None else {})}
 
 
-def report(quantized=SEARCH, figures=None, detection=False, curve=(), qat_curve=()):
+def report(quantized=SEARCH, figures=None, detection=False, curve=(), qat_curve=(), counted=True, engines=None):
     verdict = {"passed": True, "summary": "passed: ok",
                "checks": [{"name": "metric_drop", "value": 0.4, "threshold": 1.0, "passed": True, "detail": "d"}]}
     return R.build_report(
         recipe=_recipe(detection), parent={"name": "tiny", "version": "1"}, parent_export={"seconds": 1.0},
         transform={"stages": [], "seconds": 0.0, "training_curve": list(curve)},
         quantized={**quantized, "seconds": 1.0, "training_curve": list(qat_curve), "mlflow_run_id": "q1"},
-        evaluation=_evaluation(figures, detection), verdict=verdict,
-        registered={"name": "tiny-edge", "version": "1", "alias": "edge-candidate", "run_id": "r1"},
+        evaluation=_evaluation(figures, detection, counted), verdict=verdict,
+        registered={"name": "tiny-edge", "version": "1", "alias": "edge-candidate", "run_id": "r1",
+                    **({"engines": engines} if engines is not None else {})},
         onnx_path="/x.onnx", kfp_run={"run_id": "k1"})
 
 
@@ -317,6 +320,44 @@ def test_the_html_is_self_contained_and_every_drawn_chart_is_a_standalone_svg(tm
     assert sorted(p.name for p in paths) == ["output-error.svg", "sensitivity.svg", "training.svg", "trials.svg"]
     for p in paths:
         assert ET.parse(p).getroot().tag == SVG + "svg"
+
+
+def test_macs_and_parameters_of_both_are_in_the_summary_table_and_the_registrys_metrics():
+    from edgeslim.components.register import _flat_metrics
+
+    rep = report()
+    rows = {r[0]: r[1:] for r in R.summary_rows(rep)}
+    assert rows["MACs per sample"] == ("4,200,000", "1,400,000", "3.00x fewer")
+    assert rows["parameters"] == ("210,000", "52,500", "4.00x fewer")
+    labels = [r[0] for r in R.summary_rows(rep)]
+    assert labels.index("size (bytes)") + 1 == labels.index("MACs per sample")  # after size, before latency
+    assert re.search(r"^MACs per sample +4,200,000 +1,400,000 +3.00x fewer$", V.format_table(rep), re.M)
+    assert "<td>MACs per sample</td><td>4,200,000</td><td>1,400,000</td><td>3.00x fewer</td>" in V.render_html(rep)
+    flat = _flat_metrics(_evaluation())
+    assert (flat["source_macs"], flat["candidate_macs"]) == (4_200_000.0, 1_400_000.0)
+    assert (flat["source_params"], flat["candidate_params"]) == (210_000.0, 52_500.0)
+    # a model the counter could not run: no row, no metric (never a made-up 0)
+    bare = report(counted=False)
+    assert not {"MACs per sample", "parameters"} & {r[0] for r in R.summary_rows(bare)}
+    assert bare["source"]["macs"] is None and "source_macs" not in _flat_metrics(_evaluation(counted=False))
+
+
+def test_the_page_rounds_the_gate_shows_each_engine_and_folds_the_json():
+    rep = report(engines={"orin-sm87": "built and verified", "t4-sm75": "not built: no CUDA device on this node"})
+    rep["gate"]["checks"].append({"name": "top1_agreement", "value": 0.9944444444444445, "threshold": 0.97,
+                                  "passed": True, "detail": "top-1 agreement with the parent 0.9944"})
+    html = V.render_html(rep)
+    assert "<td>top1_agreement</td><td>0.9944</td><td>0.97</td>" in html and "0.99444" not in html.split("<details")[0]
+    assert ('<tr class=ok><td>orin-sm87</td><td>built and verified</td></tr>'
+            '<tr class=bad><td>t4-sm75</td><td>not built: no CUDA device on this node</td></tr>') in html
+    # the raw report is the page's last element, folded under its file name
+    fold = html.index('<details id="report-json"><summary>report.json</summary><pre>')
+    assert html.count("<pre>") == 1 and html.index("<pre>") > fold
+    assert html[fold:].rstrip().endswith("</pre></details>\n</body></html>")
+    assert "&quot;edgeslim_version&quot;" in html[fold:] and "edgeslim_version" not in html[:fold]
+    assert "No TensorRT engines: the recipe names no device class" in V.render_html(report())
+    rejected = {**report(), "registered": None}
+    assert "No TensorRT engines: nothing was registered (the gate failed)" in V.render_html(rejected)
 
 
 def test_register_gives_the_edge_model_a_signature_and_a_description(tmp_path):
