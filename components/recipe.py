@@ -272,7 +272,25 @@ def _parse_stages(raw: Any) -> list[StageConfig]:
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """A whole, validated recipe."""
+    """A whole, validated recipe.
+
+    Attributes:
+        source: the registered PyTorch model to compress: ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``
+            (logged with ``mlflow.pytorch.log_model``, ``serialization_format="pickle"`` to distil or prune it).
+        data: the data provider that feeds calibration, training and evaluation.
+        stages: the stages, in order: distill and prune (any order, any number), export, and the one
+            quantize stage last.
+        gate: what a classifier candidate must keep to be registered (a task with a gate of its own, such
+            as detection, is gated by ``task.gate`` instead).
+        evaluate: how the candidate is measured on the test split.
+        register: where a candidate that passed the gate is registered.
+        engines: the TensorRT engines built per device class.
+        tracking_uri: the MLflow tracking URI; empty: ``--tracking-uri``, then ``$MLFLOW_TRACKING_URI``.
+        version: the recipe format's version (1).
+        task: what kind of model this is, with the task's own settings.
+        resources: what each kind of Kubeflow task requests from Kubernetes (not in the recipe hash).
+        cluster: the Kubernetes Secrets the Kubeflow tasks read credentials from (not in the recipe hash).
+    """
 
     source: str
     data: DataConfig

@@ -36,10 +36,11 @@ class OnnxExportConfig(StageConfig):
     Attributes:
         opset: ONNX opset. 18 is the lowest the torch.export-based exporter
             writes, and TensorRT 10.x parses it.
-        atol: largest absolute difference from torch allowed in the export check, plus
-        rtol: that share of the largest |torch value| of the same output channel (axis 1:
-            ``|onnx - torch| <= atol + rtol * max|torch channel|``): outputs in pixels (a detector's boxes,
-            up to 640) differ by more than 1e-3 from float32 rounding alone.
+        atol: the absolute part of the export check's tolerance:
+            ``|onnx - torch| <= atol + rtol * max|torch channel|`` (channels on axis 1).
+        rtol: the relative part of that tolerance, a share of the largest |torch value| of the same
+            output channel: outputs in pixels (a detector's boxes, up to 640) differ by more than 1e-3
+            from float32 rounding alone.
         check_samples: how many test samples the export check runs.
     """
 

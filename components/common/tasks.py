@@ -41,6 +41,9 @@ class TaskConfig(Config):
 
     A task with a gate of its own declares a ``gate`` field; the recipe's top-level ``gate:`` then
     does not apply and is refused.
+
+    Attributes:
+        kind: the task, a name registered in the entry-point group ``edgeslim.tasks``.
     """
 
     kind: str = ""

@@ -80,8 +80,8 @@ class TensorRTEngineConfig(Config):
     """How TensorRT engines are built, per device class, from the Q/DQ ONNX.
 
     Attributes:
-        device_classes: exact device-class keys to build for (see
-            ``edgeslim.components.engine.devices.known_device_classes``); empty: none.
+        device_classes: exact device-class keys to build for (``edgeslim engine classes`` lists
+            them); empty: none.
         precision: ``int8`` needs a Q/DQ ONNX (explicit quantization); ``fp16``
             only on TensorRT 8/10 (11 has no precision flags); ``fp32``.
         min_batch: smallest batch of the default profile (dynamic batch axis only).
