@@ -1,4 +1,11 @@
-"""`edgeslim demo` end to end, as a user runs it: the demo's targets hold, and a second run finds its teacher."""
+"""`edgeslim demo` end to end, as the README and docs/quickstart.md document it: the demo's targets hold, and
+a second run finds its teacher.
+
+The README's demo command is the quickstart's install followed by the quickstart's `edgeslim demo`. The
+install is what the test environment was made with (the test command's `-e '.[test]'` holds every
+`pipeline` requirement; tests/integration/fleet/test_agent_install.py checks that), so the test runs the
+documented `edgeslim demo` as written, in a fresh folder.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +13,24 @@ import json
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.doc_commands import run_bash
+from tests.docs_blocks import REPO, blocks, doc_block
 
 pytestmark = pytest.mark.slow
+INSTALL = "pip install torch==2.13.0 -e '.[pipeline]'"
+
+
+def test_the_readme_demo_is_the_quickstarts_install_and_demo():
+    demo = doc_block("docs/quickstart.md", "demo")
+    assert doc_block("README.md", "demo") == f"{INSTALL} && {demo}"
+    assert [b.text for b in blocks(REPO / "docs" / "quickstart.md") if b.text.startswith("pip install")] == \
+        [INSTALL + "\n"]
 
 
 def test_demo_meets_its_targets_and_its_teacher_is_reused(tmp_path):
-    wd = tmp_path / "demo"
+    wd = tmp_path / "edgeslim-demo"  # the demo's default --workdir, in the reader's folder
     # The timeout only stops a hang: the demo takes about 90 s alone, several minutes on a busy machine.
-    first = run_cli("demo", "--workdir", str(wd), timeout=3600)
+    first = run_bash(doc_block("docs/quickstart.md", "demo"), cwd=tmp_path, timeout=3600)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "teacher: training epoch" in first.stderr  # long steps show progress
     # ...including the pipeline's tasks, which run in the local runner's subprocesses

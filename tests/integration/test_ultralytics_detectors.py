@@ -1,7 +1,10 @@
-"""Ultralytics detectors as users register them (`mlflow.pytorch.log_model(YOLO(...).model, ...)`, pickle):
-`edgeslim init` recognises their decoded (N, 4+nc, A) output, and export -> PTQ -> evaluate -> gate run on
-them. Random weights (no downloads here) give meaningless mAP: the test holds the mechanics and the
-agreement of fp32 ONNX and torch, not accuracy."""
+"""Ultralytics detectors as users register them (`mlflow.pytorch.log_model(YOLO(...).model, ...)`, pickle).
+
+docs/quickstart.md's "Your YOLOv8" runs as written: its `log_yolo.py`, then `edgeslim init --data yolo` and
+`edgeslim run`, on a YOLOv8n in `best.pt` and a dataset in Ultralytics' layout. For YOLO11n, `edgeslim init`
+recognises the decoded (N, 4+nc, A) output, and export -> PTQ -> evaluate -> gate run on it step by step.
+Random weights (no downloads here) give meaningless mAP: the tests hold the mechanics and the agreement of
+fp32 ONNX and torch, not accuracy."""
 
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import run_cli
+from tests.doc_commands import run_bash
+from tests.docs_blocks import doc_block
 
 pytestmark = pytest.mark.slow
 os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -65,8 +70,45 @@ def _register(uri: str, cfg: str) -> str:
     return f"models:/{name}@champion"
 
 
-@pytest.mark.parametrize("cfg", ["yolov8n.yaml", "yolo11n.yaml"])
-def test_an_ultralytics_detector_is_recognised_exported_quantized_and_gated(cfg, mlflow_server, det_npz, tmp_path):
+def _weights(path) -> None:
+    """What the reader brings as `best.pt`: a YOLOv8n with NC classes, saved as Ultralytics saves a checkpoint
+    (random weights: nothing can be downloaded here)."""
+    import torch
+    from ultralytics import YOLO
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(0)
+    yolo = YOLO("yolov8n.yaml")
+    yolo.model = DetectionModel("yolov8n.yaml", nc=NC, verbose=False)
+    yolo.save(str(path))
+
+
+def test_the_documented_yolov8_is_logged_initialised_and_compressed_as_written(mlflow_server, tmp_path):
+    import json
+
+    from edgeslim.components.recipe import load_recipe
+    from tests.image_datasets import write_detection
+
+    _weights(tmp_path / "best.pt")
+    write_detection(tmp_path / "datasets" / "shapes")
+    (tmp_path / "log_yolo.py").write_text(doc_block("docs/quickstart.md", "log-yolo"))
+    # The timeout only stops a hang: YOLOv8n at 640 takes a few minutes on two busy cores.
+    proc = run_bash(doc_block("docs/quickstart.md", "own-yolo"), cwd=tmp_path, timeout=3600,
+                    env={"MLFLOW_TRACKING_URI": mlflow_server.uri, "YOLO_OFFLINE": "1"})
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, (proc.stdout[-2000:], proc.stderr[-3000:])
+    # init letterboxes to 640 as Ultralytics does, sees box labels, and reads the decoder off the model
+    recipe = load_recipe(tmp_path / "yolo-recipe.yaml")
+    assert recipe.data.provider == "yolo" and recipe.data.preprocess.letterbox == 640
+    dec = recipe.task.decoder
+    assert recipe.task.kind == "detection" and recipe.task.num_classes == NC
+    assert (dec.format, dec.output, dec.strides, dec.scores) == ("yolo-decoded", "output", [8, 16, 32], "sigmoid")
+    rep = json.loads((tmp_path / "edgeslim-run" / "report.json").read_text())
+    assert rep["gate"]["passed"] is True, rep["gate"]
+    assert rep["registered"]["name"] == "my-yolov8n-edge" and rep["registered"]["alias"] == "edge-candidate"
+    assert rep["candidate"]["quantization"]["zero_points_all_zero"] is True
+
+
+def test_yolo11n_is_recognised_exported_quantized_and_gated(mlflow_server, det_npz, tmp_path):
     import dataclasses
 
     import onnx
@@ -81,7 +123,7 @@ def test_an_ultralytics_detector_is_recognised_exported_quantized_and_gated(cfg,
     from edgeslim.components.tasks.detection.evaluate import (evaluate_detection, gate_detection, onnx_detections,
                                                      torch_detections)
 
-    source = _register(mlflow_server.uri, cfg)
+    source = _register(mlflow_server.uri, "yolo11n.yaml")
     recipe_path = tmp_path / "recipe.yaml"
     proc = run_cli("init", "--source", source, "--npz", str(det_npz), "--tracking-uri", mlflow_server.uri,
                    "-o", str(recipe_path), env={"YOLO_OFFLINE": "1"})
@@ -91,20 +133,6 @@ def test_an_ultralytics_detector_is_recognised_exported_quantized_and_gated(cfg,
     assert recipe.task.kind == "detection" and recipe.task.num_classes == NC
     assert (dec.format, dec.output, dec.strides, dec.heads) == ("yolo-decoded", "output", [8, 16, 32], [])
     assert dec.scores == "sigmoid"  # Ultralytics applies the sigmoid in the graph
-    if cfg == "yolov8n.yaml":
-        # A YOLO dataset (data.yaml, images/, labels/) instead of an .npz: init letterboxes to 640 as
-        # Ultralytics does, sees box labels, and reads the same decoder off the model.
-        from tests.image_datasets import write_detection
-
-        write_detection(tmp_path / "yolo-data")
-        from_yolo = tmp_path / "recipe-yolo.yaml"
-        proc = run_cli("init", "--source", source, "--data", "yolo", "--data-arg",
-                       f"path={tmp_path / 'yolo-data' / 'data.yaml'}", "--tracking-uri", mlflow_server.uri,
-                       "-o", str(from_yolo), env={"YOLO_OFFLINE": "1"})
-        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-        yr = load_recipe(from_yolo)
-        assert yr.data.provider == "yolo" and yr.data.preprocess.letterbox == 640
-        assert yr.task.kind == "detection" and yr.task.decoder.format == "yolo-decoded"
 
     data = load_data("npz", {"path": str(det_npz)})
     model = pull(source, tracking_uri=mlflow_server.uri, out_dir=tmp_path / "pulled").model

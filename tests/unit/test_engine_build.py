@@ -396,16 +396,16 @@ def test_build_refuses_a_setting_the_nodes_tensorrt_lacks_before_calling_it(onnx
     assert called == []
 
 
-def test_each_class_has_one_way_to_its_tensorrt_and_the_readme_table_says_it():
+def test_each_class_has_one_way_to_its_tensorrt_and_the_docs_table_says_it():
     from edgeslim.components.engine.devices import known_device_classes, tensorrt_extra, tensorrt_install_hint
 
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## TensorRT engines per device class", 1)[1].split("\n## ", 1)[0]
+    page = (REPO / "docs" / "tensorrt.md").read_text()
+    section = page.split("## TensorRT per device class", 1)[1].split("\n## ", 1)[0]
     rows = {ln.split("|")[1].strip().strip("`"): ln for ln in section.splitlines() if ln.startswith("| `")}
     for key in known_device_classes():
         dc = get_device_class(key)
         extra = tensorrt_extra(dc)
-        assert key in rows, f"README's TensorRT table has no row for {key}"
+        assert key in rows, f"docs/tensorrt.md's TensorRT table has no row for {key}"
         if dc.is_jetson:
             assert extra is None and f"JetPack {dc.jetpack}" in rows[key] and "edgeslim[" not in rows[key]
             assert "pip install" not in tensorrt_install_hint(dc)

@@ -35,3 +35,16 @@ def test_the_test_command_installs_from_the_lock_and_the_lock_pins_everything():
     assert lines and not unpinned, f"tests/requirements.lock has lines that pin nothing: {unpinned}"
     names = {ln.split("==")[0].lower() for ln in lines}
     assert {"torch", "mlflow", "kfp", "onnxruntime", "boto3", "pytest"} <= names
+
+
+def test_the_readme_is_at_most_150_lines():
+    lines = (REPO / "README.md").read_text().splitlines()
+    assert len(lines) <= 150, f"README.md has {len(lines)} lines; the reference belongs in docs/ (mkdocs.yml)"
+
+
+def test_the_readmes_relative_links_point_at_files_that_exist():
+    text = (REPO / "README.md").read_text()
+    links = [m for m in re.findall(r"\]\(([^)\s]+)\)", text) if not re.match(r"[a-z]+:", m)]
+    assert any(link.startswith("docs/") for link in links)
+    missing = [link for link in links if not (REPO / link.split("#", 1)[0]).exists()]
+    assert not missing, f"README.md links to files that do not exist: {missing}"
