@@ -50,7 +50,7 @@ class ReferenceClassifier(Workload):
                                                               PTQQuantizeConfig)
 
         stages = [
-            # The reference models train with a one-pixel shift (the figures in the README use it).
+            # The reference models train with a one-pixel shift (the figures in docs/benchmarks.md use it).
             LogitDistillConfig(student="width", width=0.5, epochs=1 if quick else 30, lr=3e-3,
                                temperature=4.0, alpha=0.7, augment=["shift"]),
             ChannelPruneConfig(keep_fraction=0.6, importance="l2", finetune_epochs=1 if quick else 10,

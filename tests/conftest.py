@@ -36,7 +36,7 @@ def pytest_configure(config):
 
     _LIFELINE = Lifeline().start().hold_environ()
     # Seeded runs repeat bit for bit on one machine: deterministic kernels wherever torch has a
-    # choice (README, "What repeats bit for bit").
+    # choice (docs/design.md, "What repeats bit for bit").
     import torch
 
     torch.use_deterministic_algorithms(True, warn_only=True)

@@ -8,7 +8,7 @@
 #                               (no lock) and run the suite, to see drift before the lock moves
 #
 # torch stays at 2.13.0 in both: on these machines a newer torch is a multi-GB CUDA build
-# (README, "Installing torch for your platform"). pyproject.toml keeps its ranges for users.
+# (docs/quickstart.md, "Install"). pyproject.toml keeps its ranges for users.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore

@@ -252,7 +252,7 @@ def _init_data(args: argparse.Namespace) -> tuple[str, str, dict, dict | None]:
     lines = [f"  provider: {provider}", f"  args: {json.dumps(kwargs)}"]
     if preprocess:
         lines.append(f"  preprocess: {json.dumps(preprocess)}   # how an image becomes the model's input "
-                     "(README, data.preprocess)")
+                     "(docs/data.md, Preprocessing)")
     return "\n".join(lines), provider, kwargs, preprocess
 
 

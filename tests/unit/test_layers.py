@@ -1,6 +1,6 @@
 """Import contracts: layers import downward only, no module imports itself back, and the device
 agent stays light. Every import counts, module-level or inside a function (a lazy import is
-still a dependency). README, "Architecture", shows the layers."""
+still a dependency). docs/design.md, "Layers", shows them."""
 
 from __future__ import annotations
 

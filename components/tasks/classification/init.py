@@ -3,7 +3,7 @@
 INIT_TEMPLATE = """\
 # edgeslim recipe for {source}
 # Written by `edgeslim init`; run it with `edgeslim run {output}`.
-# Every key is documented in the README ("Recipe format").
+# Every key is documented in the recipe reference (docs/recipe-reference.md).
 version: 1
 
 # The registered PyTorch model to compress (logged with mlflow.pytorch.log_model,

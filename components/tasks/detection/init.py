@@ -12,7 +12,7 @@ from edgeslim.components.tasks.detection.runtime import infer_decoder
 INIT_TEMPLATE = """\
 # edgeslim recipe for the detector {source}
 # Written by `edgeslim init`; run it with `edgeslim run {output}`.
-# Every key is documented in the README ("Recipe format", "Detectors").
+# Every key is documented in the recipe reference (docs/recipe-reference.md); docs/recipes.md, "Detection recipes".
 version: 1
 
 source: {source}

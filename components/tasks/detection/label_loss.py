@@ -87,7 +87,7 @@ def user_loss(spec: str) -> LabelLoss:
             raise
         except Exception as exc:  # user code: say whose it is
             raise SourceError(f"{where} raised {type(exc).__name__}: {str(exc)[:160]} (it is called as "
-                              "loss_fn(outputs, targets, model); see README, Detectors)") from None
+                              "loss_fn(outputs, targets, model); see docs/model-code.md, The training loss)") from None
         return scalar_loss(loss, where)
 
     return call

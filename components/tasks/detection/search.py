@@ -36,7 +36,7 @@ _RANKED = ("map50", "mean_tp_score", "recall", "sqnr_db")
 _LAYER_SAMPLES = 8  # val images the single layers' one-pass proxy is measured on
 # Val images a trial is screened on, at least (a quarter of val; no screen when val has fewer than twice
 # as many). Fewer is noise: on a trained YOLOv8n, 32 images moved mAP@0.5 by more than a 0.3 pt gate's
-# doubled allowance, and the screen rejected candidates within the target on test (README, Detectors).
+# doubled allowance, and the screen rejected candidates within the target on test (docs/benchmarks.md, "Trained YOLOv8n").
 _SCREEN_MIN = 128
 _REFERENCE_BYTES = 512 << 20  # fp32 raw val outputs kept for the trials' SQNR (the first images that fit)
 

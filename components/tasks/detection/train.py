@@ -344,8 +344,9 @@ def train_detector(model: nn.Module, x: np.ndarray, labels: Sequence[np.ndarray]
         raise ConfigError(
             f"fine-tuning a detector trains (box, cls) map pairs per level with edgeslim's detection loss; "
             f"this model returns {describe(raw)}; set task.loss_fn: module:function to your detector's loss "
-            "(README, Detectors), leave distill out of its recipe (prune fine-tunes such a model label-free, "
-            "export and quantize need no loss), or fine-tune it with its own trainer before registering it")
+            "(docs/model-code.md, \"The training loss\"), leave distill out of its recipe (prune fine-tunes such a "
+            "model label-free, export and quantize need no loss), or fine-tune it with its own trainer before "
+            "registering it")
     if own is None:
         strides = level_strides(model, example, outs, task)
         targets = [{k: torch.from_numpy(v) for k, v in t.items()}

@@ -10,7 +10,7 @@ downloads and conditional status writes.
 Installed size (site-packages and bin; without the venv's own pip and setuptools; and what a
 TensorRT-only device would install: the same without onnxruntime and what only it needs) and the
 idle agent's RSS are measured and printed (`pytest -s`), not asserted: timings and sizes vary by
-machine (README, "Installing torch for your platform", records the figures).
+machine (docs/benchmarks.md, "Device agent install", records the figures).
 """
 
 from __future__ import annotations

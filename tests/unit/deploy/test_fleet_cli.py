@@ -130,7 +130,7 @@ def test_debug_output_never_shows_s3_credentials(tmp_path):
 
 
 def test_key_ceremony_root_enrol_timestamp_and_rotation_through_the_cli(tmp_path):
-    """The README's commands: three roles, root version 1, enrolment, a timestamp, a rotation."""
+    """The documented commands (docs/security.md): three roles, root version 1, enrolment, a timestamp, a rotation."""
     from edgeslim.deploy import signing, trust
     from edgeslim.deploy.agent.device import Agent, AgentSettings
     from edgeslim.deploy.store import FleetKeys, LocalStore
