@@ -171,10 +171,14 @@ def _cmd(args: argparse.Namespace) -> int:
         from edgeslim.deploy.requests import record_request
         from edgeslim.deploy.store import check_name, open_store
         from edgeslim.deploy.webhook import make_server
+        from edgeslim.deploy.webhook_tls import TlsFiles, check_url, needs_line, receiver_url
 
         secret = os.environ.get("EDGESLIM_WEBHOOK_SECRET")
         if not secret:
             raise ConfigError("set EDGESLIM_WEBHOOK_SECRET to the secret given to MLflow's create_webhook")
+        tls = TlsFiles(args.tls_cert, args.tls_key) if (args.tls_cert or args.tls_key) else None
+        if args.url:
+            check_url(args.url)
         if args.signing_key:
             raise ConfigError("the webhook records requests and signs nothing: drop --signing-key (the "
                               "controller Job, `edgeslim fleet reconcile FLEET --follow MODEL`, holds the key)")
@@ -195,9 +199,12 @@ def _cmd(args: argparse.Namespace) -> int:
 
         logging.getLogger("edgeslim.webhook").setLevel(logging.INFO)  # a service: log what it decides
         server = make_server(args.host, args.port, secret, args.alias, models=models, on_request=on_request,
-                             read_timeout=args.read_timeout, workers=args.workers)
-        print(f"listening on http://{args.host}:{server.server_port}/ for alias {args.alias!r} of "
+                             read_timeout=args.read_timeout, workers=args.workers, tls=tls)
+        print(f"listening on {server.scheme}://{args.host}:{server.server_port}/ for alias {args.alias!r} of "
               f"{', '.join(models)}; requests go to {store.describe()}", flush=True)
+        needs = needs_line(receiver_url(args.host, server.server_port, tls=tls is not None, url=args.url))
+        if needs:
+            print(needs, flush=True)
         try:
             server.serve_forever()
         except KeyboardInterrupt:
@@ -406,3 +413,8 @@ def register(subparsers) -> None:
                     help="seconds a client has to send its whole request (default 10)")
     sp.add_argument("--workers", type=int, default=16, help="threads that check and record requests (default 16)")
     sp.add_argument("-C", "--config", action="append", metavar="KEY=VALUE", help="models=a,b")
+    sp.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate (and its chain); with "
+                                                       "--tls-key. Reloaded when it changes")
+    sp.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    sp.add_argument("--url", help="the URL given to MLflow's create_webhook (default: the listening address); "
+                                  "at start, one line says what MLflow's server needs to deliver there")
