@@ -100,10 +100,33 @@ def split_config(raw: dict[str, Any] | None, *, default_wait: bool = True) -> tu
     return raw, bool(wait)
 
 
-def approved_line(fleet: str, rec: dict[str, Any]) -> str:
-    return (f"edgeslim: rollout {rec['name']!r} (generation {rec.get('generation', 1)}) approved; the controller "
-            "waiting on it goes on at its next poll, and if none is waiting, the next "
-            f"`edgeslim fleet reconcile {fleet}` (the CronJob) does")
+def approved_line(rec: dict[str, Any], next_step: str) -> str:
+    """One line for the approver: which rollout was approved, and what promotes it now."""
+    return f"edgeslim: rollout {rec['name']!r} (generation {rec.get('generation', 1)}) {next_step}"
+
+
+def approve(c, name: str, *, by: str | None = None, wait: bool = True) -> int:
+    """``approve`` and ``update -C action=approve``: write the approval; with the fleet key (and
+    ``wait``) promote the rollout here and run its remaining waves, as ``create`` runs its waves;
+    otherwise say what promotes it."""
+    from edgeslim.deploy.controller import approved_next, fleet_summary
+
+    rec = c.approve(name, by=by)
+    if not wait or c.fleet_trust.signing_key is None:
+        _print(fleet_summary(c, rec))
+        why = "" if wait else " (--no-wait)"
+        if c.fleet_trust.signing_key is None:
+            why = f" (no fleet key here: set {SIGNING_KEY_ENV} to promote it with this command)"
+        print(approved_line(rec, approved_next(c, rec) + why), file=sys.stderr)
+        return 0
+    print(approved_line(rec, "approved; promoting it here and running its remaining waves"), file=sys.stderr)
+    done = c.resume(name)
+    if done is None:  # another controller holds it, or it ended meanwhile
+        done = c.get(name) or rec
+        if done["state"] == "awaiting-approval":
+            print(approved_line(done, approved_next(c, done)), file=sys.stderr)
+    _print(fleet_summary(c, done))
+    return 0 if done["state"] in OK_STATES else 1
 
 
 def predict(controller, name: str, inputs: Any) -> dict[str, Any]:
@@ -232,10 +255,7 @@ def _cmd(args: argparse.Namespace) -> int:
             _print(fleet_summary(c, c.abort(args.name)))
             return 0
         if action == "approve":
-            rec = c.approve(args.name)
-            _print(fleet_summary(c, rec))
-            print(approved_line(args.fleet, rec), file=sys.stderr)
-            return 0
+            return approve(c, args.name, wait=not args.no_wait)
         if action is not None:
             raise ConfigError(f"-C action={action}: expected abort or approve")
         rec = c.get(args.name)
@@ -244,10 +264,7 @@ def _cmd(args: argparse.Namespace) -> int:
         _print(fleet_summary(c, rec))
         return 0 if rec["state"] in OK_STATES else 1
     if args.fleet_cmd == "approve":
-        rec = c.approve(args.name, by=args.by)
-        _print(fleet_summary(c, rec))
-        print(approved_line(args.fleet, rec), file=sys.stderr)
-        return 0
+        return approve(c, args.name, by=args.by, wait=not args.no_wait)
     if args.fleet_cmd == "policy":
         if args.auto_promote is not None:
             pol = c.set_policy(auto_promote=_bool("--auto-promote", args.auto_promote))
@@ -378,9 +395,12 @@ def register(subparsers) -> None:
         if name == "abort":
             sp.add_argument("--reason", default="aborted by request")
     sp = common(sub.add_parser("approve", help="approve the promotion of a rollout awaiting approval "
-                                               "(-C promote=approval) past its canary wave"))
+                                               "(-C promote=approval) past its canary wave; with the fleet key, "
+                                               "promote it here and run its remaining waves"))
     sp.add_argument("name")
     sp.add_argument("--by", default=None, help="who approves (default USER@HOST; recorded, not authenticated)")
+    sp.add_argument("--no-wait", action="store_true", help="only record the approval; the controller holding "
+                                                           "the fleet lock, or the next `reconcile`, promotes it")
     sp = common(sub.add_parser("policy", help="show or set the fleet's promotion policy (signed by the fleet key)"))
     sp.add_argument("--auto-promote", metavar="true|false", default=None,
                     help="true: rollouts started by `follow`/`reconcile --follow` (the webhook's) promote past the "
