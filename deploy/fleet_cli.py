@@ -130,18 +130,19 @@ def approve(c, name: str, *, by: str | None = None, wait: bool = True) -> int:
 
 
 def predict(controller, name: str, inputs: Any) -> dict[str, Any]:
-    """Run the rollout's model version locally through the edge pyfunc."""
+    """Run the rollout's model version locally through the edge pyfunc. ``inputs``: the parsed JSON of
+    ``edgeslim fleet predict``, or the DataFrame ``mlflow deployments predict`` reads
+    (:func:`~edgeslim.deploy.predict_input.model_input` says which forms)."""
     import mlflow.pyfunc
-    import numpy as np
+
+    from edgeslim.deploy.predict_input import model_input
 
     rec = controller.get(name)
     if rec is None:
         raise FleetError(f"no rollout {name!r} in fleet {controller.fleet!r}")
     m = rec["model"]
     model = mlflow.pyfunc.load_model(f"models:/{m['name']}/{m['version']}")
-    if isinstance(inputs, dict) and "inputs" in inputs:
-        inputs = inputs["inputs"]
-    out = model.predict(np.asarray(inputs, dtype=np.float32))
+    out = model.predict(model_input(inputs, model.metadata.get_input_schema()))
     return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in out.items()}
 
 
@@ -409,7 +410,8 @@ def register(subparsers) -> None:
     common(sub.add_parser("devices", help="registered devices and their status"))
     sp = common(sub.add_parser("predict", help="run the rollout's model locally (edge pyfunc)"))
     sp.add_argument("name")
-    sp.add_argument("--input", required=True, help="JSON file with a nested list (or {'inputs': ...}); - for stdin")
+    sp.add_argument("--input", "--input-path", dest="input", required=True, help="JSON file: {\"inputs\": [sample, ...]} or a list of samples, each "
+                                                   "nested as the model's input, or rows of flat numbers; - for stdin")
     sp = common(sub.add_parser("reconcile", help="act on webhook requests (--follow), then run pending or "
                                                  "orphaned rollouts (Kubernetes Job/CronJob)"))
     sp.add_argument("--follow", action="append", metavar="MODEL",

@@ -61,7 +61,9 @@ Operations:
            set, a background controller promotes it and runs its remaining waves at once.
   delete   withdraw: every device the rollout touched goes back to its previous model.
   get/list rollout state, per-wave and per-device outcomes, what each device runs now.
-  predict  run the deployment's model locally through the edgeslim_edge pyfunc.
+  predict  run the deployment's model locally through the edgeslim_edge pyfunc; --input-path FILE
+           holds {"inputs": [sample, ...]} or a list of samples, each nested as the model's
+           input (e.g. 1x8x8), or rows of flat numbers, one per sample.
   run-local  roll out to one simulated device on this machine (a local store and agent).
 
 Config (-C KEY=VALUE):
