@@ -5,7 +5,8 @@ is there for the next block (``export -p`` is saved after each block and sourced
 and what a block starts in the background (``cmd &``) keeps running until :meth:`DocShell.close`,
 which stops every process group the blocks made. Each block runs in ``bash -e`` (a failing command
 fails the block, as a reader would notice), its output in files (a background process holding a
-pipe cannot make the test wait).
+pipe cannot make the test wait). ``python``, ``mlflow``, ``edgeslim`` and ``edgeslim-agent`` are the
+test's own interpreter and its packages.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from pathlib import Path
 from tests.docs_blocks import doc_block
 
 
+# The commands the docs run, as modules of this Python (used where its bin folder lacks the script).
+COMMANDS = {"mlflow": "mlflow", "edgeslim": "edgeslim", "edgeslim-agent": "edgeslim.deploy.agent.device"}
+
+
 class DocShell:
     """``run(page, name)`` executes that block here; ``close()`` stops what the blocks left running.
 
@@ -32,8 +37,15 @@ class DocShell:
     def __init__(self, cwd: Path, env: dict[str, str]) -> None:
         self.cwd = Path(cwd)
         self.cwd.mkdir(parents=True, exist_ok=True)
-        bindir = str(Path(sys.executable).parent)  # this Python's `python`, `edgeslim`, `mlflow` come first
-        self.env = dict(env, PATH=os.pathsep.join([bindir, env.get("PATH", os.environ.get("PATH", ""))]))
+        bindir = Path(sys.executable).parent  # this Python's `python`, `edgeslim`, `mlflow` come first
+        shims = self.cwd / ".doc-shell-bin"
+        shims.mkdir(exist_ok=True)
+        for command, module in COMMANDS.items():
+            if not (bindir / command).exists():  # e.g. a venv over system site-packages has no `mlflow` script
+                (shims / command).write_text(f'#!/bin/sh\nexec "{sys.executable}" -m {module} "$@"\n')
+                (shims / command).chmod(0o755)
+        self.env = dict(env, PATH=os.pathsep.join([str(shims), str(bindir),
+                                                   env.get("PATH", os.environ.get("PATH", ""))]))
         self.state = self.cwd / ".doc-shell-env"
         self.state.write_text("")
         self.groups: list[int] = []
