@@ -24,7 +24,6 @@ from tests.fleet_it_helpers import make_onnx, wait_for
 
 pytestmark = pytest.mark.slow
 
-PAGE = "docs/registry-trigger.md"
 MODEL = "digits-teacher"
 STATES = ("submitted", "done", "rejected", "failed")
 
@@ -77,7 +76,7 @@ def test_the_registry_trigger_page_runs_as_written_over_http_and_tls(fleet_mlflo
     try:
         # --- over http, with the development settings on the MLflow server
         start = time.monotonic()
-        sh.run(PAGE, "trigger-start")
+        sh.run("docs/registry-trigger.md", "trigger-start")
         log = work / "trigger.log"
         wait_for(lambda: "listening on http://127.0.0.1:8089/" in _text(log), 120, "the trigger to listen")
         head = _text(log)
@@ -86,24 +85,24 @@ def test_the_registry_trigger_page_runs_as_written_over_http_and_tls(fleet_mlflo
                 "https MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true") in head, head
         time.sleep(1.5)  # the server's webhook cache, MLFLOW_WEBHOOK_CACHE_TTL=1 as the page sets it
         version = _new_version(tmp_path, 61)
-        out = sh.run(PAGE, "champion")
+        out = sh.run("docs/registry-trigger.md", "champion")
         assert f"champion -> {version}" in out.stdout
         wait_for(lambda: f"{MODEL} v{version} (new version): compression queued" in _text(log), 120,
                  "the new version's delivery")
         wait_for(lambda: f"{MODEL} v{version} (alias champion)" in _text(log), 120, "the champion delivery")
         wait_for(lambda: set(_ledger(client, version).values()) & set(STATES), 300, "the ledger tag")
-        assert "edgeslim.trigger." in sh.run(PAGE, "ledger").stdout
-        assert "deleted webhook" in sh.run(PAGE, "trigger-remove").stdout
+        assert "edgeslim.trigger." in sh.run("docs/registry-trigger.md", "ledger").stdout
+        assert "deleted webhook" in sh.run("docs/registry-trigger.md", "trigger-remove").stdout
         assert not [h for h in client.list_webhooks() if h.name == "edgeslim-trigger"]
         http_s = time.monotonic() - start
 
         # --- over TLS: a self-signed certificate the MLflow server's Python trusts
         start = time.monotonic()
-        sh.run(PAGE, "tls-cert")
+        sh.run("docs/registry-trigger.md", "tls-cert")
         # "where mlflow server runs, with its Python": the test server's certifi is a copy on its PYTHONPATH.
-        sh.run(PAGE, "tls-trust", env={"PYTHONPATH": str(mlflow_server_certifi)})
+        sh.run("docs/registry-trigger.md", "tls-trust", env={"PYTHONPATH": str(mlflow_server_certifi)})
         assert (work / "trigger.crt").read_text() in (mlflow_server_certifi / "certifi" / "cacert.pem").read_text()
-        sh.run(PAGE, "tls-start")
+        sh.run("docs/registry-trigger.md", "tls-start")
         tls_log = work / "trigger-tls.log"
         wait_for(lambda: "listening on https://127.0.0.1:8443/" in _text(tls_log), 120, "the TLS trigger to listen")
         head = _text(tls_log)
@@ -111,7 +110,7 @@ def test_the_registry_trigger_page_runs_as_written_over_http_and_tls(fleet_mlflo
             in head and "ALLOWED_SCHEMES" not in head, head
         time.sleep(1.5)
         version = _new_version(tmp_path, 62)
-        sh.run(PAGE, "champion")
+        sh.run("docs/registry-trigger.md", "champion")
         wait_for(lambda: f"{MODEL} v{version} (new version): compression queued" in _text(tls_log), 120,
                  "the delivery over TLS")
         wait_for(lambda: set(_ledger(client, version).values()) & set(STATES), 300, "the ledger tag")

@@ -28,8 +28,6 @@ from edgeslim.deploy.store import FleetKeys
 
 pytestmark = pytest.mark.slow
 
-ROLLOUT = "docs/fleet-rollout.md"
-PROMOTION = "docs/promotion.md"
 MODEL = "digits-teacher-edge"
 DEVICES = ("orin-001", "orin-002")
 
@@ -96,28 +94,28 @@ def test_fleet_rollout_and_canary_approve_stable_run_as_documented(fleet_mlflow,
     try:
         # --- Fleet rollout: keys, two agents, enrol, release, create, get
         start = time.monotonic()
-        sh.run(ROLLOUT, "keys")
+        sh.run("docs/fleet-rollout.md", "keys")
         assert sh.exported("EDGESLIM_FLEET_ROOT") == str(work / "root.json")
-        sh.run(ROLLOUT, "agents")
+        sh.run("docs/fleet-rollout.md", "agents")
         wait_for(lambda: {k.split("/")[-2] for k in s3_store.list(keys.devices_prefix)
                           if k.endswith("registration.json")} >= set(DEVICES), 120, "both agents to register")
-        out = sh.run(ROLLOUT, "enrol")
+        out = sh.run("docs/fleet-rollout.md", "enrol")
         assert all(d in out.stdout for d in DEVICES)
-        sh.run(ROLLOUT, "release")
+        sh.run("docs/fleet-rollout.md", "release")
         assert "edgeslim.release" in client.get_model_version(MODEL, v1).tags
-        out = sh.run(ROLLOUT, "create")
+        out = sh.run("docs/fleet-rollout.md", "create")
         assert "r1" in out.stdout + out.stderr
         rec = wait_for(lambda: _record(s3_store).get("state") in ("succeeded", "aborted", "failed")
                        and _record(s3_store), 300, "the background controller to finish r1")
         assert rec["state"] == "succeeded", rec.get("reason")
         assert [_running(work, d) for d in DEVICES] == [sha1, sha1]
-        out = sh.run(ROLLOUT, "get")
+        out = sh.run("docs/fleet-rollout.md", "get")
         assert "state: succeeded" in out.stdout and "r1" in out.stdout.split("state: succeeded", 1)[1]
         rollout_s = time.monotonic() - start
 
         # --- mlflow deployments predict and edgeslim fleet predict
         start = time.monotonic()
-        out = sh.run(ROLLOUT, "predict")
+        out = sh.run("docs/fleet-rollout.md", "predict")
         from sklearn.datasets import load_digits
 
         x = (load_digits().images[:2, None] / 16).astype(np.float32)
@@ -131,31 +129,31 @@ def test_fleet_rollout_and_canary_approve_stable_run_as_documented(fleet_mlflow,
         # --- Promotion: version 2, canary -> approve -> stable, nothing else run
         start = time.monotonic()
         v2 = _register_candidate(v2_path)
-        sh.run(PROMOTION, "release")
-        sh.run(PROMOTION, "rollout")
+        sh.run("docs/promotion.md", "release")
+        sh.run("docs/promotion.md", "rollout")
         rec = wait_for(lambda: _record(s3_store).get("generation") == 2 and _record(s3_store).get("state") in (
             "awaiting-approval", "aborted", "failed", "succeeded") and _record(s3_store), 300, "the canary wave")
         assert rec["state"] == "awaiting-approval", rec.get("reason")
         aliases = {k: str(v) for k, v in client.get_registered_model(MODEL).aliases.items()}
         assert aliases["edge-canary"] == v2 and aliases["edge-stable"] == v1
         assert sorted(_running(work, d) for d in DEVICES) == sorted([sha1, sha2])  # one canary
-        out = sh.run(PROMOTION, "get-waiting")
+        out = sh.run("docs/promotion.md", "get-waiting")
         assert "state: awaiting-approval" in out.stdout and "'approval': None" in out.stdout
         assert "edgeslim fleet approve lab r1" in out.stdout
-        out = sh.run(PROMOTION, "approve")
+        out = sh.run("docs/promotion.md", "approve")
         rec = _record(s3_store)  # the command has returned: the rollout has ended
         assert rec["state"] == "succeeded", (rec.get("reason"), out.stderr[-2000:])
         assert rec["promotion"]["approval"]["by"] and [_running(work, d) for d in DEVICES] == [sha2, sha2]
-        out = sh.run(PROMOTION, "aliases")
+        out = sh.run("docs/promotion.md", "aliases")
         assert "state: succeeded" in out.stdout
         assert f"'edge-canary': '{v2}'" in out.stdout and f"'edge-stable': '{v2}'" in out.stdout, out.stdout
         approve_s = time.monotonic() - start
 
-        sh.run(PROMOTION, "policy")
+        sh.run("docs/promotion.md", "policy")
         assert s3_store.get_json(keys.base + "/policy.json")[0]["signed"]["auto_promote"] is False
 
         # --- withdraw: both devices go back to what they ran before generation 2
-        sh.run(ROLLOUT, "delete")
+        sh.run("docs/fleet-rollout.md", "delete")
         assert _record(s3_store)["state"] == "withdrawn"
         wait_for(lambda: [_running(work, d) for d in DEVICES] == [sha1, sha1], 120, "both devices back on v1")
     finally:
