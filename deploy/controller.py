@@ -275,11 +275,16 @@ class Controller(FleetPart):
                     done.append(got)
         return done
 
-    def resume(self, name: str) -> dict[str, Any] | None:
+    def resume(self, name: str, *, lock_wait_s: float = 0.0) -> dict[str, Any] | None:
         """Run one recorded rollout on from where it stands, here (``edgeslim fleet approve``: an approved
         rollout promotes and runs its remaining waves). Returns its record, or None when it did not act:
-        another controller holds the fleet lock (that one goes on with it), the rollout ended
-        meanwhile, or its record is a replay (then in ``untrusted``)."""
+        another controller holds the fleet lock and goes on with the rollout, the rollout ended
+        meanwhile, or its record is a replay (then in ``untrusted``).
+
+        ``lock_wait_s``: while another controller holds the lock and the rollout stays as it is, try
+        again every ``poll_interval_s`` for this long: a ``reconcile`` that has just left the rollout
+        waiting lets go, and one that waits on the rollout moves it on.
+        """
         self.fleet_trust.require_key()
         rec = self.get(name)
         if rec is None:
@@ -287,7 +292,15 @@ class Controller(FleetPart):
         if rec["state"] not in ACTIVE:
             return rec
         self.publish_timestamp()
-        return self._resume(rec)
+        deadline = self.clock() + lock_wait_s
+        while True:
+            got = self._resume(rec)
+            now = self.get(name)
+            if got is not None or now is None or now["state"] != rec["state"] or self.clock() >= deadline \
+                    or self.keys.rollout(name) in self.untrusted:
+                return got
+            self.sleep(WaveRolloutConfig.from_dict(now["config"]).poll_interval_s)
+            rec = now
 
     def lock_holder(self) -> dict[str, Any] | None:
         """Who holds the fleet lock now (``rollout``, ``holder``, ``left_s``); None when nobody does."""

@@ -27,6 +27,8 @@ from edgeslim.components.common.errors import ConfigError, FleetError
 
 SIGNING_KEY_ENV = "EDGESLIM_FLEET_SIGNING_KEY"
 ROOT_ENV = "EDGESLIM_FLEET_ROOT"
+# How long `approve` keeps trying for the fleet lock another controller holds (one ending its check).
+APPROVE_LOCK_WAIT_S = 30.0
 # States a command may leave a rollout in without failing: it goes on, or waits for its promotion.
 OK_STATES = ("succeeded", "pending", "soaking", "awaiting-approval")
 
@@ -120,7 +122,7 @@ def approve(c, name: str, *, by: str | None = None, wait: bool = True) -> int:
         print(approved_line(rec, approved_next(c, rec) + why), file=sys.stderr)
         return 0
     print(approved_line(rec, "approved; promoting it here and running its remaining waves"), file=sys.stderr)
-    done = c.resume(name)
+    done = c.resume(name, lock_wait_s=APPROVE_LOCK_WAIT_S)
     if done is None:  # another controller holds it, or it ended meanwhile
         done = c.get(name) or rec
         if done["state"] == "awaiting-approval":

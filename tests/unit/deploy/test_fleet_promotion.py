@@ -280,11 +280,14 @@ def test_get_shows_an_approval_at_once_and_approve_with_the_fleet_key_promotes_w
     assert fleet_cli.approve(approver, "r1", by="alice") == 0
     assert "(ctl-7) promotes it at its next poll (no fleet key here" in capsys.readouterr().err
     assert f.stored("r1")["state"] == "awaiting-approval"
-    # With it, the same command promotes and runs the remaining waves (once the lock is free).
-    assert fleet_cli.approve(c, "r1", by="alice") == 0  # the lock is another controller's: it goes on
+    # With it, the same command promotes and runs the remaining waves, once the lock is free: a lock
+    # held throughout is another controller's to act on, and the command says so...
+    assert fleet_cli.approve(c, "r1", by="alice") == 0
     assert "(ctl-7) promotes it at its next poll" in capsys.readouterr().err
     assert f.stored("r1")["state"] == "awaiting-approval"
-    f.store.delete(FleetKeys("f").lock)
+    # ... and one let go of meanwhile (a `reconcile` ending its check) is taken, and the rollout run here.
+    f.hooks.append(lambda: f.store.delete(FleetKeys("f").lock) if f.store.get_json(FleetKeys("f").lock) and
+                   f.store.get_json(FleetKeys("f").lock)[0].get("holder") == "ctl-7" else None)
     assert fleet_cli.approve(c, "r1", by="alice") == 0
     out = capsys.readouterr()
     assert "approved; promoting it here and running its remaining waves" in out.err
