@@ -53,7 +53,7 @@ from edgeslim.deploy.targets import ReleaseTargets
 from edgeslim.deploy.waves import WaveRunner, wave_plan
 
 __all__ = ["ACTIVE", "Controller", "ModelRef", "UntrustedRecord", "WaveRolloutConfig", "approval_key",
-           "fleet_summary", "follow_alias", "golden_check", "policy_key", "resolve_model", "wave_plan"]
+           "approved_next", "fleet_summary", "follow_alias", "golden_check", "policy_key", "resolve_model", "wave_plan"]
 
 log = logging.getLogger("edgeslim.controller")
 
@@ -269,33 +269,71 @@ class Controller(FleetPart):
         self.publish_timestamp()
         done = []
         for rec in self.list():
-            if rec.get("state") not in ACTIVE:
-                continue
-            cfg = WaveRolloutConfig.from_dict(rec["config"])
-            try:
-                self.acquire_lock(rec["name"], cfg.lock_ttl_s)
-            except FleetError as exc:
-                log.info("skipping %s: %s", rec["name"], exc)
-                continue
-            try:
-                rec = self.get(rec["name"]) or rec
-                ended = self.registry.ended(rec)
-                if ended:
-                    log.error("rollout %s: its record says %s, but MLflow recorded generation %s as %s: an older "
-                              "version of the record was put back (a replay); not resumed", rec["name"],
-                              rec["state"], ended.get("generation"), ended.get("state"))
-                    self.untrusted.append(self.keys.rollout(rec["name"]))
-                    continue
-                requested = self.records.abort_requested(rec)
-                if requested and rec["state"] in ACTIVE:
-                    self.waves.rollback(rec, requested)
-                    self.registry.tag(rec)
-                    done.append(rec)
-                elif rec["state"] in ACTIVE:
-                    done.append(self.waves.run(rec, block=False))
-            finally:
-                self.release_lock()
+            if rec.get("state") in ACTIVE:
+                got = self._resume(rec)
+                if got is not None:
+                    done.append(got)
         return done
+
+    def resume(self, name: str, *, lock_wait_s: float = 0.0) -> dict[str, Any] | None:
+        """Run one recorded rollout on from where it stands, here (``edgeslim fleet approve``: an approved
+        rollout promotes and runs its remaining waves). Returns its record, or None when it did not act:
+        another controller holds the fleet lock and goes on with the rollout, the rollout ended
+        meanwhile, or its record is a replay (then in ``untrusted``).
+
+        ``lock_wait_s``: while another controller holds the lock and the rollout stays as it is, try
+        again every ``poll_interval_s`` for this long: a ``reconcile`` that has just left the rollout
+        waiting lets go, and one that waits on the rollout moves it on.
+        """
+        self.fleet_trust.require_key()
+        rec = self.get(name)
+        if rec is None:
+            raise FleetError(f"no rollout {name!r} in fleet {self.fleet!r}")
+        if rec["state"] not in ACTIVE:
+            return rec
+        self.publish_timestamp()
+        deadline = self.clock() + lock_wait_s
+        while True:
+            got = self._resume(rec)
+            now = self.get(name)
+            if got is not None or now is None or now["state"] != rec["state"] or self.clock() >= deadline \
+                    or self.keys.rollout(name) in self.untrusted:
+                return got
+            self.sleep(WaveRolloutConfig.from_dict(now["config"]).poll_interval_s)
+            rec = now
+
+    def lock_holder(self) -> dict[str, Any] | None:
+        """Who holds the fleet lock now (``rollout``, ``holder``, ``left_s``); None when nobody does."""
+        return self.lock.held()
+
+    def _resume(self, rec: dict[str, Any]) -> dict[str, Any] | None:
+        """Under the fleet lock: roll back on an abort request, else run the waves on; a soak or an
+        approval still outstanding is checked once. None when it did not act (see :meth:`resume`)."""
+        cfg = WaveRolloutConfig.from_dict(rec["config"])
+        try:
+            self.acquire_lock(rec["name"], cfg.lock_ttl_s)
+        except FleetError as exc:
+            log.info("skipping %s: %s", rec["name"], exc)
+            return None
+        try:
+            rec = self.get(rec["name"]) or rec
+            ended = self.registry.ended(rec)
+            if ended:
+                log.error("rollout %s: its record says %s, but MLflow recorded generation %s as %s: an older "
+                          "version of the record was put back (a replay); not resumed", rec["name"],
+                          rec["state"], ended.get("generation"), ended.get("state"))
+                self.untrusted.append(self.keys.rollout(rec["name"]))
+                return None
+            if rec["state"] not in ACTIVE:  # it ended meanwhile
+                return None
+            requested = self.records.abort_requested(rec)
+            if requested:
+                self.waves.rollback(rec, requested)
+                self.registry.tag(rec)
+                return rec
+            return self.waves.run(rec, block=False)
+        finally:
+            self.release_lock()
 
 
 def fleet_summary(controller: Controller, rec: dict[str, Any]) -> dict[str, Any]:
@@ -326,12 +364,28 @@ def fleet_summary(controller: Controller, rec: dict[str, Any]) -> dict[str, Any]
                              "if no controller is waiting on it")
         elif rec["state"] == "awaiting-approval":
             promo["waiting_s"] = round(max(0.0, now - float(p.get("since") or now)), 1)
-            promo["next"] = (f"edgeslim fleet approve {rec['fleet']} {rec['name']}  (or mlflow deployments update "
-                             f"-t edge:/{rec['fleet']} --name {rec['name']} -C action=approve)")
+            # The approval object is the truth: it shows before a controller has read it into the record.
+            approved = promo.get("approval") or controller.promotion.approval(rec)
+            if approved:
+                promo["approval"] = approved
+                promo["next"] = approved_next(controller, rec)
+            else:
+                promo["next"] = (f"edgeslim fleet approve {rec['fleet']} {rec['name']}  (or mlflow deployments "
+                                 f"update -t edge:/{rec['fleet']} --name {rec['name']} -C action=approve)")
         out["promotion"] = promo
     if rec.get("aliases"):
         out["aliases"] = rec["aliases"]
     return out
+
+
+def approved_next(controller: Controller, rec: dict[str, Any]) -> str:
+    """What promotes an approved rollout that still stands ``awaiting-approval``: the controller
+    holding the fleet lock, or, when none does, the next ``reconcile``."""
+    held = controller.lock_holder()
+    if held and held.get("rollout") == rec["name"]:
+        return f"approved; the controller holding the fleet lock ({held.get('holder')}) promotes it at its next poll"
+    return (f"approved; no controller is running it: `edgeslim fleet reconcile {rec['fleet']}` (the CronJob, or "
+            f"run it with the fleet key) promotes it")
 
 
 def follow_alias(controller: Controller, model: str, alias: str, rollout: str | None = None,

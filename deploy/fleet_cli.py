@@ -27,6 +27,8 @@ from edgeslim.components.common.errors import ConfigError, FleetError
 
 SIGNING_KEY_ENV = "EDGESLIM_FLEET_SIGNING_KEY"
 ROOT_ENV = "EDGESLIM_FLEET_ROOT"
+# How long `approve` keeps trying for the fleet lock another controller holds (one ending its check).
+APPROVE_LOCK_WAIT_S = 30.0
 # States a command may leave a rollout in without failing: it goes on, or waits for its promotion.
 OK_STATES = ("succeeded", "pending", "soaking", "awaiting-approval")
 
@@ -100,25 +102,49 @@ def split_config(raw: dict[str, Any] | None, *, default_wait: bool = True) -> tu
     return raw, bool(wait)
 
 
-def approved_line(fleet: str, rec: dict[str, Any]) -> str:
-    return (f"edgeslim: rollout {rec['name']!r} (generation {rec.get('generation', 1)}) approved; the controller "
-            "waiting on it goes on at its next poll, and if none is waiting, the next "
-            f"`edgeslim fleet reconcile {fleet}` (the CronJob) does")
+def approved_line(rec: dict[str, Any], next_step: str) -> str:
+    """One line for the approver: which rollout was approved, and what promotes it now."""
+    return f"edgeslim: rollout {rec['name']!r} (generation {rec.get('generation', 1)}) {next_step}"
+
+
+def approve(c, name: str, *, by: str | None = None, wait: bool = True) -> int:
+    """``approve`` and ``update -C action=approve``: write the approval; with the fleet key (and
+    ``wait``) promote the rollout here and run its remaining waves, as ``create`` runs its waves;
+    otherwise say what promotes it."""
+    from edgeslim.deploy.controller import approved_next, fleet_summary
+
+    rec = c.approve(name, by=by)
+    if not wait or c.fleet_trust.signing_key is None:
+        _print(fleet_summary(c, rec))
+        why = "" if wait else " (--no-wait)"
+        if c.fleet_trust.signing_key is None:
+            why = f" (no fleet key here: set {SIGNING_KEY_ENV} to promote it with this command)"
+        print(approved_line(rec, approved_next(c, rec) + why), file=sys.stderr)
+        return 0
+    print(approved_line(rec, "approved; promoting it here and running its remaining waves"), file=sys.stderr)
+    done = c.resume(name, lock_wait_s=APPROVE_LOCK_WAIT_S)
+    if done is None:  # another controller holds it, or it ended meanwhile
+        done = c.get(name) or rec
+        if done["state"] == "awaiting-approval":
+            print(approved_line(done, approved_next(c, done)), file=sys.stderr)
+    _print(fleet_summary(c, done))
+    return 0 if done["state"] in OK_STATES else 1
 
 
 def predict(controller, name: str, inputs: Any) -> dict[str, Any]:
-    """Run the rollout's model version locally through the edge pyfunc."""
+    """Run the rollout's model version locally through the edge pyfunc. ``inputs``: the parsed JSON of
+    ``edgeslim fleet predict``, or the DataFrame ``mlflow deployments predict`` reads
+    (:func:`~edgeslim.deploy.predict_input.model_input` says which forms)."""
     import mlflow.pyfunc
-    import numpy as np
+
+    from edgeslim.deploy.predict_input import model_input
 
     rec = controller.get(name)
     if rec is None:
         raise FleetError(f"no rollout {name!r} in fleet {controller.fleet!r}")
     m = rec["model"]
     model = mlflow.pyfunc.load_model(f"models:/{m['name']}/{m['version']}")
-    if isinstance(inputs, dict) and "inputs" in inputs:
-        inputs = inputs["inputs"]
-    out = model.predict(np.asarray(inputs, dtype=np.float32))
+    out = model.predict(model_input(inputs, model.metadata.get_input_schema()))
     return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in out.items()}
 
 
@@ -171,10 +197,14 @@ def _cmd(args: argparse.Namespace) -> int:
         from edgeslim.deploy.requests import record_request
         from edgeslim.deploy.store import check_name, open_store
         from edgeslim.deploy.webhook import make_server
+        from edgeslim.deploy.webhook_tls import TlsFiles, check_url, needs_line, receiver_url
 
         secret = os.environ.get("EDGESLIM_WEBHOOK_SECRET")
         if not secret:
             raise ConfigError("set EDGESLIM_WEBHOOK_SECRET to the secret given to MLflow's create_webhook")
+        tls = TlsFiles(args.tls_cert, args.tls_key) if (args.tls_cert or args.tls_key) else None
+        if args.url:
+            check_url(args.url)
         if args.signing_key:
             raise ConfigError("the webhook records requests and signs nothing: drop --signing-key (the "
                               "controller Job, `edgeslim fleet reconcile FLEET --follow MODEL`, holds the key)")
@@ -195,9 +225,12 @@ def _cmd(args: argparse.Namespace) -> int:
 
         logging.getLogger("edgeslim.webhook").setLevel(logging.INFO)  # a service: log what it decides
         server = make_server(args.host, args.port, secret, args.alias, models=models, on_request=on_request,
-                             read_timeout=args.read_timeout, workers=args.workers)
-        print(f"listening on http://{args.host}:{server.server_port}/ for alias {args.alias!r} of "
+                             read_timeout=args.read_timeout, workers=args.workers, tls=tls)
+        print(f"listening on {server.scheme}://{args.host}:{server.server_port}/ for alias {args.alias!r} of "
               f"{', '.join(models)}; requests go to {store.describe()}", flush=True)
+        needs = needs_line(receiver_url(args.host, server.server_port, tls=tls is not None, url=args.url))
+        if needs:
+            print(needs, flush=True)
         try:
             server.serve_forever()
         except KeyboardInterrupt:
@@ -225,10 +258,7 @@ def _cmd(args: argparse.Namespace) -> int:
             _print(fleet_summary(c, c.abort(args.name)))
             return 0
         if action == "approve":
-            rec = c.approve(args.name)
-            _print(fleet_summary(c, rec))
-            print(approved_line(args.fleet, rec), file=sys.stderr)
-            return 0
+            return approve(c, args.name, wait=not args.no_wait)
         if action is not None:
             raise ConfigError(f"-C action={action}: expected abort or approve")
         rec = c.get(args.name)
@@ -237,10 +267,7 @@ def _cmd(args: argparse.Namespace) -> int:
         _print(fleet_summary(c, rec))
         return 0 if rec["state"] in OK_STATES else 1
     if args.fleet_cmd == "approve":
-        rec = c.approve(args.name, by=args.by)
-        _print(fleet_summary(c, rec))
-        print(approved_line(args.fleet, rec), file=sys.stderr)
-        return 0
+        return approve(c, args.name, by=args.by, wait=not args.no_wait)
     if args.fleet_cmd == "policy":
         if args.auto_promote is not None:
             pol = c.set_policy(auto_promote=_bool("--auto-promote", args.auto_promote))
@@ -371,9 +398,12 @@ def register(subparsers) -> None:
         if name == "abort":
             sp.add_argument("--reason", default="aborted by request")
     sp = common(sub.add_parser("approve", help="approve the promotion of a rollout awaiting approval "
-                                               "(-C promote=approval) past its canary wave"))
+                                               "(-C promote=approval) past its canary wave; with the fleet key, "
+                                               "promote it here and run its remaining waves"))
     sp.add_argument("name")
     sp.add_argument("--by", default=None, help="who approves (default USER@HOST; recorded, not authenticated)")
+    sp.add_argument("--no-wait", action="store_true", help="only record the approval; the controller holding "
+                                                           "the fleet lock, or the next `reconcile`, promotes it")
     sp = common(sub.add_parser("policy", help="show or set the fleet's promotion policy (signed by the fleet key)"))
     sp.add_argument("--auto-promote", metavar="true|false", default=None,
                     help="true: rollouts started by `follow`/`reconcile --follow` (the webhook's) promote past the "
@@ -382,7 +412,8 @@ def register(subparsers) -> None:
     common(sub.add_parser("devices", help="registered devices and their status"))
     sp = common(sub.add_parser("predict", help="run the rollout's model locally (edge pyfunc)"))
     sp.add_argument("name")
-    sp.add_argument("--input", required=True, help="JSON file with a nested list (or {'inputs': ...}); - for stdin")
+    sp.add_argument("--input", "--input-path", dest="input", required=True, help="JSON file: {\"inputs\": [sample, ...]} or a list of samples, each "
+                                                   "nested as the model's input, or rows of flat numbers; - for stdin")
     sp = common(sub.add_parser("reconcile", help="act on webhook requests (--follow), then run pending or "
                                                  "orphaned rollouts (Kubernetes Job/CronJob)"))
     sp.add_argument("--follow", action="append", metavar="MODEL",
@@ -406,3 +437,8 @@ def register(subparsers) -> None:
                     help="seconds a client has to send its whole request (default 10)")
     sp.add_argument("--workers", type=int, default=16, help="threads that check and record requests (default 16)")
     sp.add_argument("-C", "--config", action="append", metavar="KEY=VALUE", help="models=a,b")
+    sp.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate (and its chain); with "
+                                                       "--tls-key. Reloaded when it changes")
+    sp.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    sp.add_argument("--url", help="the URL given to MLflow's create_webhook (default: the listening address); "
+                                  "at start, one line says what MLflow's server needs to deliver there")

@@ -43,12 +43,7 @@ class FleetLock(FleetPart):
             self._etag = self.store.put_json(self.keys.lock, body, if_none_match_any=True)
             return
         etag, age = aged
-        try:
-            held = (self.fleet_trust.read(self.keys.lock, "fleet lock") or ({}, ""))[0]
-            held = held if isinstance(held, dict) else {}
-            held_ttl = min(float(held.get("ttl_s", ttl_s)), MAX_LOCK_TTL_S)
-        except (FleetError, TypeError, ValueError):
-            held, held_ttl = {}, float(ttl_s)
+        held, held_ttl = self._read(float(ttl_s))
         if age < held_ttl:
             raise FleetError(
                 f"fleet {self.fleet!r} is locked by rollout {held.get('rollout')!r} "
@@ -60,6 +55,26 @@ class FleetLock(FleetPart):
         except PreconditionFailed:
             raise FleetError(f"fleet {self.fleet!r}: another controller took the expired lock first") from None
         log.warning("took over the expired lock of rollout %s", held.get("rollout"))
+
+    def _read(self, ttl_s: float) -> tuple[dict, float]:
+        """The lock's body and the ttl it claims (capped; ``ttl_s`` when it says none or is unreadable)."""
+        try:
+            held = (self.fleet_trust.read(self.keys.lock, "fleet lock") or ({}, ""))[0]
+            held = held if isinstance(held, dict) else {}
+            return held, min(float(held.get("ttl_s", ttl_s)), MAX_LOCK_TTL_S)
+        except (FleetError, TypeError, ValueError):
+            return {}, float(ttl_s)
+
+    def held(self) -> dict | None:
+        """Who holds the lock now, by the store's clock: ``{"rollout", "holder", "left_s"}``; None when
+        it is free or expired (the next controller takes it)."""
+        aged = self.store.age(self.keys.lock)
+        if aged is None:
+            return None
+        held, held_ttl = self._read(MAX_LOCK_TTL_S)
+        left = held_ttl - aged[1]
+        return {"rollout": held.get("rollout"), "holder": held.get("holder"), "left_s": round(left, 1)} \
+            if left > 0 else None
 
     def renew(self, rollout: str, ttl_s: float) -> None:
         """Renew the lock this controller holds; one taken over meanwhile stops it (FleetError)."""

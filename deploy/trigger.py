@@ -372,20 +372,21 @@ class TriggerServer(WebhookServer):
     """The hardened webhook server with the trigger's routing and its health routes."""
 
     def __init__(self, host: str, port: int, secret: str, trigger: Trigger, *, read_timeout: float = 10.0,
-                 workers: int = 4, max_connections: int = 256) -> None:
+                 workers: int = 4, max_connections: int = 256, tls=None) -> None:
         self.trigger = trigger
         super().__init__(host, port, secret, trigger.alias, models=sorted(trigger.models), read_timeout=read_timeout,
                          workers=workers, max_connections=max_connections,
-                         routes={"/healthz": trigger.health, "/readyz": trigger.ready})
+                         routes={"/healthz": trigger.health, "/readyz": trigger.ready}, tls=tls)
 
     def handle_event(self, delivery: str, event: dict) -> tuple[int, str, dict[str, str] | None]:
         return self.trigger.on_event(delivery, event)
 
 
 def make_trigger_server(host: str, port: int, secret: str, trigger: Trigger, *, read_timeout: float = 10.0,
-                        workers: int = 4, max_connections: int = 256) -> TriggerServer:
-    """The receiver for ``trigger`` (started here: its worker runs from now on)."""
+                        workers: int = 4, max_connections: int = 256, tls=None) -> TriggerServer:
+    """The receiver for ``trigger`` (started here: its worker runs from now on); HTTPS with ``tls``
+    (a :class:`~edgeslim.deploy.webhook_tls.TlsFiles`)."""
     server = TriggerServer(host, port, secret, trigger, read_timeout=read_timeout, workers=workers,
-                           max_connections=max_connections)
+                           max_connections=max_connections, tls=tls)
     trigger.start()
     return server

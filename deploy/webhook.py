@@ -26,6 +26,10 @@ Everything before the HMAC check is hostile, so the server is built to stay up u
 MLflow retries 429/5xx with the same delivery id: a delivery that could not be recorded is
 answered 503 and forgotten by the replay cache, so its retry is recorded.
 
+With ``tls`` (:class:`~edgeslim.deploy.webhook_tls.TlsFiles`) it serves HTTPS: each accepted
+socket is wrapped and its handshake runs on the reading thread, non-blocking, inside the same
+``read_timeout``; MLflow's server accepts https URLs by default (``deploy/webhook_tls.py``).
+
 Other receivers reuse this server: ``edgeslim trigger`` (``deploy/trigger.py``) subclasses it,
 overriding :meth:`WebhookServer.handle_event` (any 5xx it answers is forgotten by the replay cache
 too), and gives it ``routes``: GET paths such as ``/healthz`` and ``/readyz`` answered by the
@@ -44,6 +48,7 @@ import queue
 import re
 import selectors
 import socket
+import ssl
 import threading
 import time
 from typing import Callable
@@ -148,10 +153,10 @@ class _Conn:
     __slots__ = ("sock", "peer", "buf", "state", "deadline", "need", "method", "path", "headers", "budget",
                  "drained")
 
-    def __init__(self, sock: socket.socket, peer: str, deadline: float) -> None:
+    def __init__(self, sock: socket.socket, peer: str, deadline: float, *, tls: bool = False) -> None:
         self.sock, self.peer, self.deadline = sock, peer, deadline
         self.buf = bytearray()
-        self.state = "head"  # head -> body -> (handed to a worker) | drain
+        self.state = "handshake" if tls else "head"  # [handshake ->] head -> body -> (to a worker) | drain
         self.need = self.budget = self.drained = 0
         self.method = self.path = ""
         self.headers: dict[str, str] = {}
@@ -187,13 +192,14 @@ class WebhookServer:
             :meth:`handle_event` uses it: a subclass that overrides that may leave it out.
         routes: GET path -> ``route() -> (status, text)``, run by a worker (``/healthz``,
             ``/readyz``); None: every GET is 405.
+        tls: serve HTTPS with this certificate and key (a ``TlsFiles``); None: plain HTTP.
     """
 
     def __init__(self, host: str, port: int, secret: str, alias: str, *, models: list[str],
                  on_request: Callable[[str, str, str, str], bool] | None = None, read_timeout: float = 10.0,
                  workers: int = 16, max_connections: int = 256, queue_size: int = 64,
                  replay: ReplayCache | None = None,
-                 routes: dict[str, Callable[[], tuple[int, str]]] | None = None) -> None:
+                 routes: dict[str, Callable[[], tuple[int, str]]] | None = None, tls=None) -> None:
         if not secret:
             raise ConfigError("the webhook needs the secret given to MLflow's create_webhook")
         if not models:
@@ -204,6 +210,8 @@ class WebhookServer:
             raise ConfigError("the webhook needs on_request, or a subclass with its own handle_event")
         self.secret, self.alias, self.models = secret, alias, frozenset(models)
         self.routes = dict(routes or {})
+        self.tls = tls
+        self.scheme = "https" if tls is not None else "http"
         self.on_request, self.read_timeout = on_request, float(read_timeout)
         self.workers, self.max_connections = int(workers), int(max_connections)
         self.replay = replay or ReplayCache()
@@ -286,10 +294,18 @@ class WebhookServer:
             peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
             if len(self._conns) >= self.max_connections:
                 log.warning("%s refused: %d connections open already (503)", peer, len(self._conns))
-                self._send_now(sock, _response(503, "too many connections; retry", {"Retry-After": "2"}))
+                if self.tls is None:  # over TLS a plain answer is noise: the client sees the close
+                    self._send_now(sock, _response(503, "too many connections; retry", {"Retry-After": "2"}))
                 sock.close()
                 continue
-            conn = _Conn(sock, peer, time.monotonic() + self.read_timeout)
+            if self.tls is not None:
+                try:
+                    sock = self.tls.context().wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                except (OSError, ValueError) as exc:
+                    log.info("%s: TLS refused: %s", peer, exc)
+                    sock.close()
+                    continue
+            conn = _Conn(sock, peer, time.monotonic() + self.read_timeout, tls=self.tls is not None)
             self._conns[sock] = conn
             self._sel.register(sock, selectors.EVENT_READ, conn)
 
@@ -334,27 +350,54 @@ class WebhookServer:
     def _expire(self) -> None:
         now = time.monotonic()
         for conn in [c for c in self._conns.values() if c.deadline <= now]:
-            if conn.state != "drain":
+            if conn.state not in ("drain", "handshake"):
                 log.info("%s timed out after %gs reading the request (408)", conn.peer, self.read_timeout)
                 self._send_now(conn.sock, _response(408, "request not received in time"))
             self._close(conn)
 
     def _on_readable(self, conn: _Conn) -> None:
+        # A TLS socket may hold decrypted bytes the selector does not see: read them too.
+        while self._read_once(conn) and conn.sock in self._conns and conn.state != "drain" \
+                and isinstance(conn.sock, ssl.SSLSocket) and conn.sock.pending():
+            pass
+
+    def _handshake(self, conn: _Conn) -> bool:
+        """One non-blocking step of the TLS handshake; True once it is done."""
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._sel.modify(conn.sock, selectors.EVENT_READ, conn)
+            return False
+        except ssl.SSLWantWriteError:
+            self._sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+            return False
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError: a bad client, a plain-HTTP request
+            log.info("%s: TLS handshake failed: %s", conn.peer, _printable(getattr(exc, "reason", None) or exc, 200))
+            self._close(conn)
+            return False
+        self._sel.modify(conn.sock, selectors.EVENT_READ, conn)
+        conn.state = "head"
+        return True
+
+    def _read_once(self, conn: _Conn) -> bool:
+        """Read what the socket has and act on it; False when nothing was read."""
+        if conn.state == "handshake" and not self._handshake(conn):
+            return False
         try:
             data = conn.sock.recv(1 << 16)
-        except (BlockingIOError, InterruptedError):
-            return
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return False
         except OSError:
             self._close(conn)
-            return
+            return False
         if not data:
             self._close(conn)
-            return
+            return False
         if conn.state == "drain":
             conn.drained += len(data)
             if conn.drained > DRAIN_BYTES:
                 self._close(conn)
-            return
+            return True
         try:
             if conn.state == "head":
                 start = max(0, len(conn.buf) - 3)
@@ -363,7 +406,7 @@ class WebhookServer:
                 if end < 0 or end > MAX_HEADER_BYTES:
                     if len(conn.buf) > MAX_HEADER_BYTES:
                         raise _Refused(431, f"request headers over {MAX_HEADER_BYTES} bytes")
-                    return
+                    return True
                 self._begin_body(conn, bytes(conn.buf[:end]), conn.buf[end + 4:])
             else:
                 conn.buf += data
@@ -371,6 +414,7 @@ class WebhookServer:
                 self._dispatch(conn)
         except _Refused as r:
             self._refuse(conn, r.status, r.text, r.extra)
+        return True
 
     def _begin_body(self, conn: _Conn, head: bytes, rest: bytearray) -> None:
         conn.method, conn.path, conn.headers = _parse_head(head)
@@ -512,8 +556,8 @@ class WebhookServer:
 
 def make_server(host: str, port: int, secret: str, alias: str, *, models: list[str],
                 on_request: Callable[[str, str, str, str], bool], read_timeout: float = 10.0,
-                workers: int = 16, max_connections: int = 256) -> WebhookServer:
+                workers: int = 16, max_connections: int = 256, tls=None) -> WebhookServer:
     """A receiver that calls ``on_request(model, version, alias, delivery_id)`` for matching,
     signed, first-seen events of a model in ``models``; see :class:`WebhookServer`."""
     return WebhookServer(host, port, secret, alias, models=models, on_request=on_request,
-                         read_timeout=read_timeout, workers=workers, max_connections=max_connections)
+                         read_timeout=read_timeout, workers=workers, max_connections=max_connections, tls=tls)

@@ -107,10 +107,15 @@ def kfp_runner(recipe, *, host: str, tracking_uri: str, experiment: str = "edges
 
 def serve(recipe, *, run: Callable[[str, str], Outcome], runner: str, models: list[str], alias: str,
           tracking_uri: str, secret: str, host: str = "127.0.0.1", port: int = 8089, queue_size: int = 16,
-          read_timeout: float = 10.0, workers: int = 4, recipe_label: str = "") -> int:
-    """Run the receiver until SIGTERM or Ctrl-C; the first stdout line says where it listens."""
+          read_timeout: float = 10.0, workers: int = 4, recipe_label: str = "", tls=None,
+          url: str | None = None) -> int:
+    """Run the receiver until SIGTERM or Ctrl-C; the first stdout line says where it listens, and a
+    second one what MLflow's server needs to deliver there when its defaults refuse the URL
+    (``url``: the one given to ``create_webhook``; by default the listening address).
+    ``tls``: serve HTTPS (a :class:`~edgeslim.deploy.webhook_tls.TlsFiles`)."""
     from edgeslim.components.common.tracking import DEFAULT_ENV
     from edgeslim.deploy.trigger import TagLedger, Trigger, ledger_key, make_trigger_server, mlflow_ready
+    from edgeslim.deploy.webhook_tls import needs_line, receiver_url
 
     if not secret:
         raise ConfigError("set EDGESLIM_WEBHOOK_SECRET to the secret given to MLflow's create_webhook")
@@ -130,10 +135,14 @@ def serve(recipe, *, run: Callable[[str, str], Outcome], runner: str, models: li
         ok, text = mlflow_ready(tracking_uri)
         if not ok:
             log.warning("%s; /readyz answers 503 until it does", text)
-        server = make_trigger_server(host, port, secret, trigger, read_timeout=read_timeout, workers=workers)
-        print(f"listening on http://{host}:{server.server_port}/ for new versions and @{alias} of "
+        server = make_trigger_server(host, port, secret, trigger, read_timeout=read_timeout, workers=workers,
+                                     tls=tls)
+        print(f"listening on {server.scheme}://{host}:{server.server_port}/ for new versions and @{alias} of "
               f"{', '.join(sorted(set(models)))}; recipe {recipe_label or '-'} ({h}) on the {runner} runner; "
               f"ledger: tag {ledger_key(h)} on each version in {tracking_uri}", flush=True)
+        needs = needs_line(receiver_url(host, server.server_port, tls=tls is not None, url=url))
+        if needs:
+            print(needs, flush=True)
         try:
             server.serve_forever()
         except KeyboardInterrupt:

@@ -57,10 +57,13 @@ Operations:
            reason when the rollout aborts.
   update   -m another version under the same deployment name; -C action=abort to stop a
            running rollout and roll every touched device back (edge-canary goes back too);
-           -C action=approve to approve a rollout that is awaiting-approval.
+           -C action=approve to approve a rollout that is awaiting-approval: with the fleet key
+           set, a background controller promotes it and runs its remaining waves at once.
   delete   withdraw: every device the rollout touched goes back to its previous model.
   get/list rollout state, per-wave and per-device outcomes, what each device runs now.
-  predict  run the deployment's model locally through the edgeslim_edge pyfunc.
+  predict  run the deployment's model locally through the edgeslim_edge pyfunc; --input-path FILE
+           holds {"inputs": [sample, ...]} or a list of samples, each nested as the model's
+           input (e.g. 1x8x8), or rows of flat numbers, one per sample.
   run-local  roll out to one simulated device on this machine (a local store and agent).
 
 Config (-C KEY=VALUE):
@@ -145,14 +148,22 @@ class EdgeDeploymentClient(BaseDeploymentClient):
         return self._ended(c, rec) if wait else self._in_background(c, rec, loc)
 
     def _approved(self, c, name, loc) -> dict[str, Any]:
-        """``-C action=approve``: write the approval; a controller waiting on the rollout goes on, and
-        a detached one is started (if this side holds the fleet key) for a rollout nobody waits on."""
+        """``-C action=approve``: write the approval; with the fleet key here, a detached controller
+        (as ``create`` starts) promotes the rollout and runs its remaining waves; without it, the
+        controller holding the fleet lock or the next ``reconcile`` does (``approved`` says which)."""
+        from edgeslim.deploy.controller import approved_next
         from edgeslim.deploy.fleet_cli import SIGNING_KEY_ENV, approved_line
 
-        out = self._view(c, c.approve(name))
-        out["approved"] = approved_line(self.fleet, out)
+        rec = c.approve(name)
         if loc.get("signing_key") or os.environ.get(SIGNING_KEY_ENV):
-            out["controller_log"] = str(start_controller(self.fleet, loc))
+            log = start_controller(self.fleet, loc)
+            out = self._view(c, rec)
+            out["approved"] = approved_line(rec, f"approved; a controller started here promotes it (log {log})")
+            out["controller_log"] = str(log)
+            return out
+        out = self._view(c, rec)
+        out["approved"] = approved_line(rec, approved_next(c, rec) + f" (no fleet key here: set {SIGNING_KEY_ENV} "
+                                        "to promote it with this command)")
         return out
 
     def _ended(self, c, rec) -> dict[str, Any]:

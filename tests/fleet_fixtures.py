@@ -3,7 +3,9 @@
 - Ceph RGW (a real S3 server) started and stopped by ``deploy/s3/rgw.sh``, the
   same script CI uses. Without the Debian packages the tests skip with the
   reason, except under ``CI=true``, where they fail.
-- A real ``mlflow server`` (SQLite backend, local artifact root).
+- A real ``mlflow server`` (SQLite backend, local artifact root), with the webhook settings
+  docs/registry-trigger.md gives for one machine, and its own copy of the CA bundle its webhook
+  deliveries trust.
 - Device agents as separate processes (``python -m edgeslim.deploy.agent.device``),
   each with its own state directory and device class.
 - A TCP proxy between agents and RGW that can refuse or cut connections, to
@@ -21,6 +23,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import running_mlflow_server
+from tests.docs_blocks import doc_block
 from tests.fleet_it_helpers import RGW_SH, free_port, wait_for, make_onnx, run_onnx, AgentProc, FlakyProxy, Publisher, release_is_complete  # noqa: F401
 
 
@@ -75,13 +78,34 @@ def s3_store(rgw, s3_url):
 
 
 
+def documented_server_settings() -> dict[str, str]:
+    """The ``MLFLOW_*`` variables that docs/registry-trigger.md tells a reader to set for ``mlflow server``
+    on one machine, as its block leaves them (the block run in bash)."""
+    text = doc_block("docs/registry-trigger.md", "mlflow-server-settings")
+    out = subprocess.run(["bash", "-c", text + "\nenv -0"], env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                         capture_output=True, text=True, timeout=60, check=True)
+    env = dict(kv.split("=", 1) for kv in out.stdout.split("\0") if "=" in kv)
+    return {k: v for k, v in env.items() if k.startswith("MLFLOW_")}
+
+
 @pytest.fixture(scope="session")
-def fleet_mlflow_server(tmp_path_factory, request):
-    """A real ``mlflow server`` that delivers webhooks, once per test process. Yields the URI."""
-    # Let the registry deliver webhooks to a receiver on loopback over http (tests only).
-    env = {"MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
-           # The server caches who listens to an event (60 s by default).
-           "MLFLOW_WEBHOOK_CACHE_TTL": "1"}
+def mlflow_server_certifi(tmp_path_factory) -> Path:
+    """A folder on the fleet MLflow server's PYTHONPATH holding a copy of ``certifi``: the CA bundle its
+    webhook deliveries verify against. A test adds a receiver's CA to it as the docs say (on this
+    copy, with the same PYTHONPATH), never to the installed package."""
+    import certifi
+
+    d = tmp_path_factory.mktemp("mlflow-certifi")
+    shutil.copytree(Path(certifi.__file__).parent, d / "certifi")
+    return d
+
+
+@pytest.fixture(scope="session")
+def fleet_mlflow_server(tmp_path_factory, request, mlflow_server_certifi):
+    """A real ``mlflow server`` that delivers webhooks, once per test process, started with the settings
+    the docs give for one machine (http and loopback receivers, a 1 s webhook cache). Yields the URI."""
+    env = dict(documented_server_settings(), PYTHONPATH=os.pathsep.join(
+        p for p in (str(mlflow_server_certifi), os.environ.get("PYTHONPATH", "")) if p))
     # Every test with MLflow also uses RGW: start it while the server boots (2 cores, ~15 s each).
     with running_mlflow_server(tmp_path_factory.mktemp("mlflow"), env=env,
                                while_booting=lambda: request.getfixturevalue("rgw")) as server:

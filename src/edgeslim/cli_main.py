@@ -114,6 +114,12 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, default=8089)
     p.add_argument("--queue-size", type=int, default=16, help="versions that may wait (then 503: MLflow retries)")
     p.add_argument("--read-timeout", type=float, default=10.0, help="seconds a client has to send its request")
+    p.add_argument("--tls-cert", default=None, metavar="PEM",
+                   help="serve HTTPS with this certificate (and its chain); with --tls-key. Reloaded when it changes")
+    p.add_argument("--tls-key", default=None, metavar="PEM", help="the private key of --tls-cert")
+    p.add_argument("--url", default=None,
+                   help="the URL given to MLflow's create_webhook (default: the listening address); at start, "
+                        "one line says what MLflow's server needs to deliver there when its defaults refuse it")
     p.set_defaults(func=cmd_trigger, source=None)
 
 
@@ -378,11 +384,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_trigger(args: argparse.Namespace) -> int:
     from edgeslim.components.common.tracking import resolve_tracking_uri
+    from edgeslim.deploy.webhook_tls import TlsFiles, check_url
     from edgeslim.pipelines import trigger
 
     secret = os.environ.get("EDGESLIM_WEBHOOK_SECRET", "")
     if not secret:
         raise ConfigError("set EDGESLIM_WEBHOOK_SECRET to the secret given to MLflow's create_webhook")
+    tls = TlsFiles(args.tls_cert, args.tls_key) if (args.tls_cert or args.tls_key) else None
+    if args.url:
+        check_url(args.url)
     recipe = _cluster_recipe(args.recipe, args)  # the recipe, with --mlflow-secret/--s3-secret
     uri = resolve_tracking_uri(args.tracking_uri or recipe.tracking_uri or None)
     recipe = recipe.with_overrides(tracking_uri=uri)
@@ -397,4 +407,4 @@ def cmd_trigger(args: argparse.Namespace) -> int:
     return trigger.serve(recipe, run=run, runner=args.runner, models=list(dict.fromkeys(args.model)), alias=args.alias,
                          tracking_uri=uri, secret=secret, host=args.listen,
                          port=args.port, queue_size=args.queue_size, read_timeout=args.read_timeout,
-                         recipe_label=args.recipe)
+                         recipe_label=args.recipe, tls=tls, url=args.url)

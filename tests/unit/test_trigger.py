@@ -423,3 +423,13 @@ def test_the_kubernetes_manifest_runs_a_real_trigger_command_with_probes_on_its_
     env = {e["name"]: e for e in c.get("env", [])}
     assert "valueFrom" in env["EDGESLIM_WEBHOOK_SECRET"] and "EDGESLIM_FLEET_SIGNING_KEY" not in env
     assert deployment["spec"]["replicas"] == 1
+    # TLS from a mounted kubernetes.io/tls secret (not a subPath: renewals must show), probed over HTTPS,
+    # and --url is the Service's https URL, the one MLflow's create_webhook gets.
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "subPath" not in mounts["tls"] and volumes["tls"]["secret"]["secretName"] == "edgeslim-trigger-tls"
+    assert {args.tls_cert, args.tls_key} == {mounts["tls"]["mountPath"] + "/tls.crt",
+                                             mounts["tls"]["mountPath"] + "/tls.key"}
+    assert c["livenessProbe"]["httpGet"]["scheme"] == c["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    (service,) = [d for d in docs if d["kind"] == "Service"]
+    assert args.url == f"https://{service['metadata']['name']}.mlops.svc:{service['spec']['ports'][0]['port']}/"

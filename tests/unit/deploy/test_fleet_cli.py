@@ -97,7 +97,9 @@ def test_kubernetes_manifests_run_real_edgeslim_commands():
                 if argv[1] == "trigger":  # compression on registry events: no fleet key either
                     assert "EDGESLIM_FLEET_SIGNING_KEY" not in names
                 elif argv[1:3] == ["fleet", "webhook"]:  # the receiver only records requests: no key
-                    assert "EDGESLIM_FLEET_SIGNING_KEY" not in names and not pod.get("volumes")
+                    assert "EDGESLIM_FLEET_SIGNING_KEY" not in names and args.tls_cert
+                    # its one volume is its TLS certificate
+                    assert [v["secret"]["secretName"] for v in pod["volumes"]] == ["edgeslim-fleet-webhook-tls"]
                 else:
                     assert {"EDGESLIM_FLEET_SIGNING_KEY", "EDGESLIM_FLEET_ROOT"} <= names
                 assert not any("SECRET" in n and "value" in e for e in c.get("env", []) for n in [e["name"]]

@@ -257,6 +257,46 @@ def test_approval_gate_reconcile_checks_once_ignores_forged_approvals_and_promot
         approver.approve("r1")
 
 
+def test_get_shows_an_approval_at_once_and_approve_with_the_fleet_key_promotes_with_no_further_command(
+        fleet, capsys):
+    from edgeslim.deploy import fleet_cli
+
+    f = fleet(3)
+    c = f.controller()
+    f.baseline(c)
+    c.records.save(f.record("r1", f.models[1], "2", waves=[30, 100], promote="approval"))
+    assert [r["state"] for r in c.reconcile()] == ["awaiting-approval"]
+
+    # An approval no controller has read yet: `get` shows it, and what promotes it.
+    approver = f.keyless()
+    approver.approve("r1", by="alice")
+    promo = fleet_summary(approver, approver.get("r1"))["promotion"]
+    assert promo["approval"]["by"] == "alice"
+    assert "no controller is running it: `edgeslim fleet reconcile f`" in promo["next"]
+    f.store.put_json(FleetKeys("f").lock, {"rollout": "r1", "holder": "ctl-7", "ttl_s": 900.0})
+    promo = fleet_summary(approver, approver.get("r1"))["promotion"]
+    assert promo["next"] == "approved; the controller holding the fleet lock (ctl-7) promotes it at its next poll"
+    # Without the fleet key, `approve` records and says what runs next; it promotes nothing itself.
+    assert fleet_cli.approve(approver, "r1", by="alice") == 0
+    assert "(ctl-7) promotes it at its next poll (no fleet key here" in capsys.readouterr().err
+    assert f.stored("r1")["state"] == "awaiting-approval"
+    # With it, the same command promotes and runs the remaining waves, once the lock is free: a lock
+    # held throughout is another controller's to act on, and the command says so...
+    assert fleet_cli.approve(c, "r1", by="alice") == 0
+    assert "(ctl-7) promotes it at its next poll" in capsys.readouterr().err
+    assert f.stored("r1")["state"] == "awaiting-approval"
+    # ... and one let go of meanwhile (a `reconcile` ending its check) is taken, and the rollout run here.
+    f.hooks.append(lambda: f.store.delete(FleetKeys("f").lock) if f.store.get_json(FleetKeys("f").lock) and
+                   f.store.get_json(FleetKeys("f").lock)[0].get("holder") == "ctl-7" else None)
+    assert fleet_cli.approve(c, "r1", by="alice") == 0
+    out = capsys.readouterr()
+    assert "approved; promoting it here and running its remaining waves" in out.err
+    got = json.loads(out.out)
+    assert got["state"] == "succeeded" and got["promotion"]["approval"]["by"] == "alice"
+    assert f.registry.aliases == {"edge-canary": "2", "edge-stable": "2"}
+    assert all(f.running(d) == got["artifact_sha256"] for d in f.agents)
+
+
 def test_approve_is_refused_before_the_canary_wave_and_for_other_policies(fleet):
     f = fleet(1)
     c = f.controller()
