@@ -166,13 +166,13 @@ def test_without_a_gpu_request_training_stays_on_the_cpu_image_and_the_local_run
     assert all("resources" not in ex["container"] for ex in docs[0]["deploymentSpec"]["executors"].values())
 
 
-def test_a_device_class_without_a_node_selector_is_refused_in_one_line(tmp_path):
+def test_a_device_class_without_a_node_selector_is_refused_in_one_line(tmp_path, request):
     from edgeslim.components.engine import devices
     from edgeslim.pipelines.edge_compression import compile_pipeline
 
     key = "lab-sm86-trt10-noselector"
-    if key not in devices.known_device_classes():
-        devices.register_device_class(devices.DeviceClass(key, "datacenter", "Ampere", (8, 6), "10"))
+    devices.register_device_class(devices.DeviceClass(key, "datacenter", "Ampere", (8, 6), "10"))
+    request.addfinalizer(lambda: devices.DEVICE_CLASSES.unregister(key))  # the other tests see the built-ins
     d = cluster_recipe()
     d["engines"].update(device_classes=[ADA, key])
     with pytest.raises(ConfigError) as exc:
