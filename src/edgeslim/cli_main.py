@@ -43,9 +43,11 @@ def register(sub) -> None:
 
     p = sub.add_parser("init", help="write a commented recipe with defaults for a registered model")
     p.add_argument("--source", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION")
-    p.add_argument("--npz", default=None, help="an .npz (local or s3://) with x_/y_ train/val/test arrays")
+    p.add_argument("--npz", default=None, metavar="PATH",
+                   help="the data: an .npz (local or s3://) with x_/y_ train/val/test arrays; this or --data is required")
     p.add_argument("--data", default=None, metavar="PROVIDER",
-                   help="another data provider: imagefolder, yolo, coco or one of yours (with --data-arg)")
+                   help="the data provider: imagefolder, yolo, coco, one of yours (with --data-arg), or "
+                   "sklearn-digits (the demo's digits); this or --npz is required")
     p.add_argument("--data-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="an argument of --data's provider, e.g. root=s3://bucket/images (repeatable)")
     p.add_argument("--preprocess", choices=("auto", "imagenet", "yolo", "none"), default="auto",
@@ -250,11 +252,11 @@ def _init_data(args: argparse.Namespace) -> tuple[str, str, dict, dict | None]:
         kwargs[key.strip()] = yaml.safe_load(value) if value.strip() else ""
     if args.data_arg and not args.data:
         raise ConfigError("--data-arg: name the provider with --data (imagefolder, yolo, coco or yours)")
+    if not provider:
+        raise ConfigError("no data: pass --npz PATH (an .npz with x_/y_ train/val/test arrays) or --data PROVIDER "
+                          "(imagefolder, yolo, coco, yours; --data sklearn-digits for the demo's digits)")
     preset = args.preprocess if args.preprocess != "auto" else IMAGE_PROVIDERS.get(provider, "none")
     preprocess = PREPROCESS_PRESETS.get(preset)
-    if not provider:
-        return ("  provider: sklearn-digits        # or: provider: npz / args: {path: data.npz}\n"
-                "  args: {seed: 0}"), "", {}, None
     lines = [f"  provider: {provider}", f"  args: {json.dumps(kwargs)}"]
     if preprocess:
         lines.append(f"  preprocess: {json.dumps(preprocess)}   # how an image becomes the model's input "
@@ -281,7 +283,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     where = f"--npz {args.npz}" if args.npz else f"--data {provider}"
     if kind != "auto":
         task_class(kind)  # an unknown --task is refused here, in one line, before anything is read
-    if provider and kind != DEFAULT_KIND:
+    if kind != DEFAULT_KIND:
         from edgeslim.components.common.data import load_data
         from edgeslim.components.common.errors import DataError
 
