@@ -335,9 +335,12 @@ def _cmd(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add ``edgeslim fleet ...`` to the edgeslim command."""
+    from edgeslim.components.common.helptext import plain
+
     p = subparsers.add_parser("fleet", help="signed, staged rollouts to edge fleets",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="fleet_cmd", metavar="FLEET_COMMAND", required=True)
+                              description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="fleet_cmd", metavar="FLEET_COMMAND", required=True,
+                           help="what to do (`edgeslim fleet FLEET_COMMAND --help` shows its options)")
 
     def common(sp, fleet=True):
         if fleet:
@@ -351,11 +354,11 @@ def register(subparsers) -> None:
         return sp
 
     k = sub.add_parser("keygen", help="make an ed25519 key pair for one role (root, release or fleet)")
-    k.add_argument("dir")
+    k.add_argument("dir", help="folder for the key pair (made if missing)")
     k.add_argument("--role", choices=("root", "release", "fleet"), default="fleet",
                    help="root: offline, signs the root document; release: signs gated models; "
                         "fleet: the controller's online key")
-    k.add_argument("--overwrite", action="store_true")
+    k.add_argument("--overwrite", action="store_true", help="replace a key pair of this role already in DIR")
     k.set_defaults(func=_cmd)
     for name, helptext in (("root-init", "sign root version 1 (give root.json to devices and controllers)"),
                            ("root-rotate", "sign the next root version with the old and the new root keys")):
@@ -375,7 +378,7 @@ def register(subparsers) -> None:
     sp.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI)")
     sp.set_defaults(func=_cmd)
     sp = common(sub.add_parser("enrol", help="add a registered device to the fleet's signed inventory"))
-    sp.add_argument("device")
+    sp.add_argument("device", help="the device id it registered with (see `edgeslim fleet devices`)")
     sp.add_argument("--class", dest="device_class", help="device class (default: its registration's)")
     sp.add_argument("--public-key", help="its public key, base64 (default: its registration's; check the "
                                          "fingerprint `fleet devices` shows against the device's log)")
@@ -394,13 +397,14 @@ def register(subparsers) -> None:
     for name, helptext in (("get", "show a rollout and its devices"), ("abort", "stop and roll back"),
                            ("delete", "withdraw: devices go back to their previous model")):
         sp = common(sub.add_parser(name, help=helptext))
-        sp.add_argument("name")
+        sp.add_argument("name", help="rollout (deployment) name")
         if name == "abort":
-            sp.add_argument("--reason", default="aborted by request")
+            sp.add_argument("--reason", default="aborted by request",
+                            help="recorded in the rollout and its MLflow tag (default: aborted by request)")
     sp = common(sub.add_parser("approve", help="approve the promotion of a rollout awaiting approval "
                                                "(-C promote=approval) past its canary wave; with the fleet key, "
                                                "promote it here and run its remaining waves"))
-    sp.add_argument("name")
+    sp.add_argument("name", help="rollout (deployment) name")
     sp.add_argument("--by", default=None, help="who approves (default USER@HOST; recorded, not authenticated)")
     sp.add_argument("--no-wait", action="store_true", help="only record the approval; the controller holding "
                                                            "the fleet lock, or the next `reconcile`, promotes it")
@@ -411,7 +415,7 @@ def register(subparsers) -> None:
     common(sub.add_parser("list", help="list rollouts"))
     common(sub.add_parser("devices", help="registered devices and their status"))
     sp = common(sub.add_parser("predict", help="run the rollout's model locally (edge pyfunc)"))
-    sp.add_argument("name")
+    sp.add_argument("name", help="rollout (deployment) name")
     sp.add_argument("--input", "--input-path", dest="input", required=True, help="JSON file: {\"inputs\": [sample, ...]} or a list of samples, each "
                                                    "nested as the model's input, or rows of flat numbers; - for stdin")
     sp = common(sub.add_parser("reconcile", help="act on webhook requests (--follow), then run pending or "
@@ -423,16 +427,18 @@ def register(subparsers) -> None:
     sp.add_argument("-C", "--config", action="append", metavar="KEY=VALUE", help="settings of started rollouts")
     sp = common(sub.add_parser("follow", help="roll out the version an alias points at, if not done yet"))
     sp.add_argument("--model", required=True, help="registered model name")
-    sp.add_argument("--alias", default="edge-candidate")
+    sp.add_argument("--alias", default="edge-candidate", help="the alias to follow (default edge-candidate)")
     sp.add_argument("--rollout", default=None, help="rollout name (default MODEL-vVERSION)")
-    sp.add_argument("-C", "--config", action="append", metavar="KEY=VALUE")
+    sp.add_argument("-C", "--config", action="append", metavar="KEY=VALUE",
+                    help="settings of the rollout it starts, as for create (repeat)")
     sp = common(sub.add_parser("webhook", help="record rollout requests from MLflow registry alias webhooks "
                                                "(keyless; `reconcile --follow` acts on them)"))
     sp.add_argument("--model", action="append", metavar="NAME",
                     help="a registered model this fleet follows (repeat; or -C models=a,b); required")
-    sp.add_argument("--alias", default="edge-candidate")
-    sp.add_argument("--host", default="127.0.0.1")
-    sp.add_argument("--port", type=int, default=8088)
+    sp.add_argument("--alias", default="edge-candidate",
+                    help="the alias whose moves are recorded (default edge-candidate)")
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 in a pod)")
+    sp.add_argument("--port", type=int, default=8088, help="port to listen on (default 8088; 0: a free port)")
     sp.add_argument("--read-timeout", type=float, default=10.0,
                     help="seconds a client has to send its whole request (default 10)")
     sp.add_argument("--workers", type=int, default=16, help="threads that check and record requests (default 16)")

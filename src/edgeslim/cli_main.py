@@ -113,7 +113,7 @@ def register(sub) -> None:
     p.add_argument("--tracking-uri", default=None, help="MLflow (default: recipe, then $MLFLOW_TRACKING_URI)")
     p.add_argument("--workdir", default="./edgeslim-trigger", help="local runner: reports go to WORKDIR/NAME-vN-HASH/")
     p.add_argument("--listen", default="127.0.0.1", help="address to listen on (0.0.0.0 in a pod)")
-    p.add_argument("--port", type=int, default=8089)
+    p.add_argument("--port", type=int, default=8089, help="port to listen on (default 8089)")
     p.add_argument("--queue-size", type=int, default=16, help="versions that may wait (then 503: MLflow retries)")
     p.add_argument("--read-timeout", type=float, default=10.0, help="seconds a client has to send its request")
     p.add_argument("--tls-cert", default=None, metavar="PEM",
