@@ -18,6 +18,7 @@ Where things come from (never from the command line for secrets):
 from __future__ import annotations
 
 import argparse
+import contextvars
 import json
 import os
 import sys
@@ -148,8 +149,27 @@ def predict(controller, name: str, inputs: Any) -> dict[str, Any]:
     return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in out.items()}
 
 
+# The command being run: its --json, and its name for the table view.
+_COMMAND: contextvars.ContextVar[argparse.Namespace | None] = contextvars.ContextVar("fleet_command", default=None)
+
+
 def _print(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    """A result: tables with ISO-8601 UTC times for people, the record as JSON with --json."""
+    args = _COMMAND.get()
+    if args.json:
+        print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    else:
+        from edgeslim.deploy.fleet_output import render
+
+        print(render(args.fleet_cmd, obj))
+
+
+def _run(args: argparse.Namespace) -> int:
+    token = _COMMAND.set(args)
+    try:
+        return _cmd(args)
+    finally:
+        _COMMAND.reset(token)
 
 
 def _parse_c(items: list[str] | None) -> dict[str, str]:
@@ -342,7 +362,7 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="fleet_cmd", metavar="FLEET_COMMAND", required=True,
                            help="what to do (`edgeslim fleet FLEET_COMMAND --help` shows its options)")
 
-    def common(sp, fleet=True):
+    def common(sp, fleet=True, result=True):
         if fleet:
             sp.add_argument("fleet", help="fleet name (the FLEET of edge:/FLEET)")
         sp.add_argument("--store", help="s3://bucket/prefix or a directory (default $EDGESLIM_FLEET_STORE)")
@@ -350,8 +370,16 @@ def register(subparsers) -> None:
         sp.add_argument("--signing-key", help=f"fleet (director) private key PEM (default ${SIGNING_KEY_ENV})")
         sp.add_argument("--root", help=f"the fleet's root document, root.json (default ${ROOT_ENV})")
         sp.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI)")
-        sp.set_defaults(func=_cmd)
+        if result:
+            json_flag(sp)
+        else:
+            sp.set_defaults(func=_cmd)
         return sp
+
+    def json_flag(sp):
+        sp.add_argument("--json", action="store_true",
+                        help="print the result as JSON (times in seconds since the epoch) instead of tables")
+        sp.set_defaults(func=_run)
 
     k = sub.add_parser("keygen", help="make an ed25519 key pair for one role (root, release or fleet)")
     k.add_argument("dir", help="folder for the key pair (made if missing)")
@@ -376,7 +404,7 @@ def register(subparsers) -> None:
     sp.add_argument("--release-key", help="release private key PEM (default $EDGESLIM_RELEASE_KEY)")
     sp.add_argument("--expires-days", type=float, default=365.0, help="devices refuse it after this")
     sp.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI)")
-    sp.set_defaults(func=_cmd)
+    json_flag(sp)
     sp = common(sub.add_parser("enrol", help="add a registered device to the fleet's signed inventory"))
     sp.add_argument("device", help="the device id it registered with (see `edgeslim fleet devices`)")
     sp.add_argument("--class", dest="device_class", help="device class (default: its registration's)")
@@ -432,7 +460,7 @@ def register(subparsers) -> None:
     sp.add_argument("-C", "--config", action="append", metavar="KEY=VALUE",
                     help="settings of the rollout it starts, as for create (repeat)")
     sp = common(sub.add_parser("webhook", help="record rollout requests from MLflow registry alias webhooks "
-                                               "(keyless; `reconcile --follow` acts on them)"))
+                                               "(keyless; `reconcile --follow` acts on them)"), result=False)
     sp.add_argument("--model", action="append", metavar="NAME",
                     help="a registered model this fleet follows (repeat; or -C models=a,b); required")
     sp.add_argument("--alias", default="edge-candidate",
