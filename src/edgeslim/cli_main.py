@@ -26,6 +26,14 @@ def _progress(msg: str, kind: str = "note") -> None:
     _renderer(msg, kind)
 
 
+def _ticking(doing: str):
+    """A step that may be silent: its lines go through the returned ticker, which says ``doing``
+    again after a few seconds without one (``components/common/progress.py``)."""
+    from edgeslim.components.common.progress import Ticker
+
+    return Ticker(_progress, doing)
+
+
 def register(sub) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on the embedded digits default")
     p.add_argument("--workdir", default="./edgeslim-demo", help="where MLflow, artifacts and reports go")
@@ -160,8 +168,9 @@ def execute(recipe, *, tracking_uri: str, workdir: Path, verbose: bool = False) 
     from edgeslim.pipelines.local import run_pipeline
 
     workdir.mkdir(parents=True, exist_ok=True)
-    _progress(f"checking {recipe.source} on {tracking_uri}")
-    _preflight(recipe, tracking_uri, workdir)
+    with _ticking(f"checking {recipe.source} on {tracking_uri}") as tick:
+        tick(f"checking {recipe.source} on {tracking_uri}")
+        _preflight(recipe, tracking_uri, workdir)
     _progress("running the pipeline with Kubeflow's local runner")
     try:
         report = run_pipeline(recipe, tracking_uri=tracking_uri, workdir=workdir, progress=_progress,
@@ -202,11 +211,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     server.launch()
     try:
         # A new store holds no reference model: train it while the server boots (about 10 s).
-        trained = train(progress=_progress) if fresh else None
-        server.wait_ready()
+        trained = None
+        if fresh:
+            with _ticking("training the reference model") as tick:
+                tick("training the reference model while MLflow starts")
+                trained = train(progress=lambda text: tick(text, "epoch"))
+        with _ticking(f"waiting for MLflow at {server.uri}"):
+            server.wait_ready()
         _progress(f"MLflow at {server.uri}")
         client = connect(server.uri)
-        ensure(client, progress=_progress, trained=trained)
+        with _ticking("registering the reference model") as tick:
+            ensure(client, progress=tick, trained=trained)
         recipe = load_recipe(recipe_path).with_overrides(tracking_uri=server.uri)
         code = execute(recipe, tracking_uri=server.uri, workdir=workdir, verbose=args.verbose)
         # The runs' artifacts are served by the tracking server (mlflow-artifacts:/): the UI needs the same
