@@ -13,6 +13,9 @@ Where things come from (never from the command line for secrets):
   ``edgeslim fleet root-init``; newer versions in the store are followed);
 - the release key (``edgeslim fleet release``): ``--release-key`` or ``$EDGESLIM_RELEASE_KEY``;
 - MLflow: ``$MLFLOW_TRACKING_URI`` or ``--tracking-uri``.
+
+Results print as tables and ``key: value`` lines with times in ISO-8601 UTC; ``--json`` prints
+the records themselves (times in seconds since the epoch), for scripts.
 """
 
 from __future__ import annotations
