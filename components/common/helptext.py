@@ -16,8 +16,7 @@ _LITERAL = re.compile(r"``(.+?)``", re.S)
 
 def _role(m: re.Match) -> str:
     target = m.group(1).strip()
-    short = target.rsplit(".", 1)[-1] if m.group(0).startswith(":") and "`~" in m.group(0) else target
-    return f"`{short}`"
+    return f"`{target.rsplit('.', 1)[-1] if '`~' in m.group(0) else target}`"  # ~ shows the last name only
 
 
 def plain(text: str | None) -> str:

@@ -168,8 +168,9 @@ def execute(recipe, *, tracking_uri: str, workdir: Path, verbose: bool = False) 
     from edgeslim.pipelines.local import run_pipeline
 
     workdir.mkdir(parents=True, exist_ok=True)
-    with _ticking(f"checking {recipe.source} on {tracking_uri}") as tick:
-        tick(f"checking {recipe.source} on {tracking_uri}")
+    checking = f"checking {recipe.source} on {tracking_uri}"
+    with _ticking(checking) as tick:
+        tick(checking)
         _preflight(recipe, tracking_uri, workdir)
     _progress("running the pipeline with Kubeflow's local runner")
     try:
