@@ -157,9 +157,10 @@ _COMMAND: contextvars.ContextVar[argparse.Namespace | None] = contextvars.Contex
 
 
 def _print(obj: Any) -> None:
-    """A result: tables with ISO-8601 UTC times for people, the record as JSON with --json."""
+    """A result: tables with ISO-8601 UTC times for people, the record as JSON with --json (and when
+    a function here such as :func:`approve` is called from Python, outside a command)."""
     args = _COMMAND.get()
-    if args.json:
+    if args is None or args.json:
         print(json.dumps(obj, indent=2, sort_keys=True, default=str))
     else:
         from edgeslim.deploy.fleet_output import render
