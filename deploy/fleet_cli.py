@@ -13,11 +13,15 @@ Where things come from (never from the command line for secrets):
   ``edgeslim fleet root-init``; newer versions in the store are followed);
 - the release key (``edgeslim fleet release``): ``--release-key`` or ``$EDGESLIM_RELEASE_KEY``;
 - MLflow: ``$MLFLOW_TRACKING_URI`` or ``--tracking-uri``.
+
+Results print as tables and ``key: value`` lines with times in ISO-8601 UTC; ``--json`` prints
+the records themselves (times in seconds since the epoch), for scripts.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextvars
 import json
 import os
 import sys
@@ -148,8 +152,28 @@ def predict(controller, name: str, inputs: Any) -> dict[str, Any]:
     return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in out.items()}
 
 
+# The command being run: its --json, and its name for the table view.
+_COMMAND: contextvars.ContextVar[argparse.Namespace | None] = contextvars.ContextVar("fleet_command", default=None)
+
+
 def _print(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    """A result: tables with ISO-8601 UTC times for people, the record as JSON with --json (and when
+    a function here such as :func:`approve` is called from Python, outside a command)."""
+    args = _COMMAND.get()
+    if args is None or args.json:
+        print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    else:
+        from edgeslim.deploy.fleet_output import render
+
+        print(render(args.fleet_cmd, obj))
+
+
+def _run(args: argparse.Namespace) -> int:
+    token = _COMMAND.set(args)
+    try:
+        return _cmd(args)
+    finally:
+        _COMMAND.reset(token)
 
 
 def _parse_c(items: list[str] | None) -> dict[str, str]:
@@ -335,11 +359,14 @@ def _cmd(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add ``edgeslim fleet ...`` to the edgeslim command."""
-    p = subparsers.add_parser("fleet", help="signed, staged rollouts to edge fleets",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="fleet_cmd", metavar="FLEET_COMMAND", required=True)
+    from edgeslim.components.common.helptext import plain
 
-    def common(sp, fleet=True):
+    p = subparsers.add_parser("fleet", help="signed, staged rollouts to edge fleets",
+                              description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="fleet_cmd", metavar="FLEET_COMMAND", required=True,
+                           help="what to do (`edgeslim fleet FLEET_COMMAND --help` shows its options)")
+
+    def common(sp, fleet=True, result=True):
         if fleet:
             sp.add_argument("fleet", help="fleet name (the FLEET of edge:/FLEET)")
         sp.add_argument("--store", help="s3://bucket/prefix or a directory (default $EDGESLIM_FLEET_STORE)")
@@ -347,15 +374,23 @@ def register(subparsers) -> None:
         sp.add_argument("--signing-key", help=f"fleet (director) private key PEM (default ${SIGNING_KEY_ENV})")
         sp.add_argument("--root", help=f"the fleet's root document, root.json (default ${ROOT_ENV})")
         sp.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI)")
-        sp.set_defaults(func=_cmd)
+        if result:
+            json_flag(sp)
+        else:
+            sp.set_defaults(func=_cmd)
         return sp
 
+    def json_flag(sp):
+        sp.add_argument("--json", action="store_true",
+                        help="print the result as JSON (times in seconds since the epoch) instead of tables")
+        sp.set_defaults(func=_run)
+
     k = sub.add_parser("keygen", help="make an ed25519 key pair for one role (root, release or fleet)")
-    k.add_argument("dir")
+    k.add_argument("dir", help="folder for the key pair (made if missing)")
     k.add_argument("--role", choices=("root", "release", "fleet"), default="fleet",
                    help="root: offline, signs the root document; release: signs gated models; "
                         "fleet: the controller's online key")
-    k.add_argument("--overwrite", action="store_true")
+    k.add_argument("--overwrite", action="store_true", help="replace a key pair of this role already in DIR")
     k.set_defaults(func=_cmd)
     for name, helptext in (("root-init", "sign root version 1 (give root.json to devices and controllers)"),
                            ("root-rotate", "sign the next root version with the old and the new root keys")):
@@ -373,9 +408,9 @@ def register(subparsers) -> None:
     sp.add_argument("--release-key", help="release private key PEM (default $EDGESLIM_RELEASE_KEY)")
     sp.add_argument("--expires-days", type=float, default=365.0, help="devices refuse it after this")
     sp.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI)")
-    sp.set_defaults(func=_cmd)
+    json_flag(sp)
     sp = common(sub.add_parser("enrol", help="add a registered device to the fleet's signed inventory"))
-    sp.add_argument("device")
+    sp.add_argument("device", help="the device id it registered with (see `edgeslim fleet devices`)")
     sp.add_argument("--class", dest="device_class", help="device class (default: its registration's)")
     sp.add_argument("--public-key", help="its public key, base64 (default: its registration's; check the "
                                          "fingerprint `fleet devices` shows against the device's log)")
@@ -394,13 +429,14 @@ def register(subparsers) -> None:
     for name, helptext in (("get", "show a rollout and its devices"), ("abort", "stop and roll back"),
                            ("delete", "withdraw: devices go back to their previous model")):
         sp = common(sub.add_parser(name, help=helptext))
-        sp.add_argument("name")
+        sp.add_argument("name", help="rollout (deployment) name")
         if name == "abort":
-            sp.add_argument("--reason", default="aborted by request")
+            sp.add_argument("--reason", default="aborted by request",
+                            help="recorded in the rollout and its MLflow tag (default: aborted by request)")
     sp = common(sub.add_parser("approve", help="approve the promotion of a rollout awaiting approval "
                                                "(-C promote=approval) past its canary wave; with the fleet key, "
                                                "promote it here and run its remaining waves"))
-    sp.add_argument("name")
+    sp.add_argument("name", help="rollout (deployment) name")
     sp.add_argument("--by", default=None, help="who approves (default USER@HOST; recorded, not authenticated)")
     sp.add_argument("--no-wait", action="store_true", help="only record the approval; the controller holding "
                                                            "the fleet lock, or the next `reconcile`, promotes it")
@@ -411,7 +447,7 @@ def register(subparsers) -> None:
     common(sub.add_parser("list", help="list rollouts"))
     common(sub.add_parser("devices", help="registered devices and their status"))
     sp = common(sub.add_parser("predict", help="run the rollout's model locally (edge pyfunc)"))
-    sp.add_argument("name")
+    sp.add_argument("name", help="rollout (deployment) name")
     sp.add_argument("--input", "--input-path", dest="input", required=True, help="JSON file: {\"inputs\": [sample, ...]} or a list of samples, each "
                                                    "nested as the model's input, or rows of flat numbers; - for stdin")
     sp = common(sub.add_parser("reconcile", help="act on webhook requests (--follow), then run pending or "
@@ -423,16 +459,18 @@ def register(subparsers) -> None:
     sp.add_argument("-C", "--config", action="append", metavar="KEY=VALUE", help="settings of started rollouts")
     sp = common(sub.add_parser("follow", help="roll out the version an alias points at, if not done yet"))
     sp.add_argument("--model", required=True, help="registered model name")
-    sp.add_argument("--alias", default="edge-candidate")
+    sp.add_argument("--alias", default="edge-candidate", help="the alias to follow (default edge-candidate)")
     sp.add_argument("--rollout", default=None, help="rollout name (default MODEL-vVERSION)")
-    sp.add_argument("-C", "--config", action="append", metavar="KEY=VALUE")
+    sp.add_argument("-C", "--config", action="append", metavar="KEY=VALUE",
+                    help="settings of the rollout it starts, as for create (repeat)")
     sp = common(sub.add_parser("webhook", help="record rollout requests from MLflow registry alias webhooks "
-                                               "(keyless; `reconcile --follow` acts on them)"))
+                                               "(keyless; `reconcile --follow` acts on them)"), result=False)
     sp.add_argument("--model", action="append", metavar="NAME",
                     help="a registered model this fleet follows (repeat; or -C models=a,b); required")
-    sp.add_argument("--alias", default="edge-candidate")
-    sp.add_argument("--host", default="127.0.0.1")
-    sp.add_argument("--port", type=int, default=8088)
+    sp.add_argument("--alias", default="edge-candidate",
+                    help="the alias whose moves are recorded (default edge-candidate)")
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 in a pod)")
+    sp.add_argument("--port", type=int, default=8088, help="port to listen on (default 8088; 0: a free port)")
     sp.add_argument("--read-timeout", type=float, default=10.0,
                     help="seconds a client has to send its whole request (default 10)")
     sp.add_argument("--workers", type=int, default=16, help="threads that check and record requests (default 16)")

@@ -141,14 +141,21 @@ def agent_footprint(store_url: str, endpoint: str | None, work: Path) -> dict:
             "agent_idle_rss_mb": round(rss_kb / 1024, 1)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--devices", type=int, default=100)
+def build_parser() -> argparse.ArgumentParser:
+    from edgeslim.components.common.helptext import plain
+
+    p = argparse.ArgumentParser(prog="python -m edgeslim.pipelines.bench_fleet", description=plain(__doc__),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--devices", type=int, default=100, help="simulated devices, each an agent thread (default 100)")
     p.add_argument("--poll-interval", type=float, default=1.0, help="agent poll interval (s)")
     p.add_argument("--store", help="s3://bucket/prefix; default: start a loopback RGW")
-    p.add_argument("--endpoint-url")
+    p.add_argument("--endpoint-url", help="S3 endpoint of --store (an S3-compatible server)")
     p.add_argument("--out", help="also write the JSON result here")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     import logging
 
     logging.basicConfig(level=logging.WARNING)

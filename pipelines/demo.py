@@ -23,7 +23,7 @@ def train_teacher(*, epochs: int = EPOCHS, progress: Callable[[str], None] | Non
     data = SklearnDigits(seed=0).load()
 
     def tick(epoch, total, loss):
-        if progress and (epoch == total or epoch % 5 == 0 or epoch == 1):
+        if progress:
             progress(f"teacher: training epoch {epoch}/{total} (loss {loss:.3f})")
 
     torch.manual_seed(0)

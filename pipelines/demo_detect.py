@@ -36,7 +36,7 @@ def train_reference_detector(*, epochs: int = EPOCHS, width: int = 16, seed: int
     data = make_detection_splits(seed=seed, n_val=n_val, n_test=n_test)
 
     def tick(epoch, total, loss):
-        if progress and (epoch == total or epoch % 5 == 0 or epoch == 1):
+        if progress:
             progress(f"detector: training epoch {epoch}/{total} (loss {loss:.3f})")
 
     torch.manual_seed(seed)

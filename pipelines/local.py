@@ -21,6 +21,8 @@ _TASK_LINE = re.compile(r"Task '([^']+)' finished with status (\w+)")
 _START_LINE = re.compile(r"Executing task '([^']+)'")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _ERROR_LINE = re.compile(r"edgeslim\.components\.common\.errors\.(\w+): (.*)")
+# What a heartbeat says between tasks (Kubeflow's runner is laying out the next one).
+PIPELINE_RUNNING = "the pipeline: running"
 
 
 class PipelineTaskFailed(EdgeslimError):
@@ -36,11 +38,13 @@ class PipelineGateRejected(PipelineTaskFailed):
 
 class _Echo(io.TextIOBase):
     """Collects the runner's output; passes task starts and ends, and the progress events the
-    tasks emit (``components/common/progress.py``), to ``progress(text, kind)``."""
+    tasks emit (``components/common/progress.py``), to ``progress(text, kind)``, and what is
+    running now to ``running(what)`` (a task, or the pipeline between tasks)."""
 
-    def __init__(self, progress: Callable[..., None] | None):
+    def __init__(self, progress: Callable[..., None] | None, running: Callable[[str], None] | None = None):
         self.buf = io.StringIO()
         self.progress = progress
+        self.running = running
         self._partial = ""
 
     def write(self, s: str) -> int:
@@ -58,8 +62,12 @@ class _Echo(io.TextIOBase):
             self.progress("  " + str(event["text"]), str(event.get("kind", "note")))
         elif m := _START_LINE.search(line):
             self.progress(f"task {m.group(1)}: started", "task")
+            if self.running:
+                self.running(f"task {m.group(1)}: running")
         elif m := _TASK_LINE.search(line):
             self.progress(f"task {m.group(1)}: {m.group(2).lower()}", "task")
+            if self.running:
+                self.running(PIPELINE_RUNNING)
 
 
 def _task_error(log: str) -> tuple[str, str] | None:
@@ -89,7 +97,9 @@ def run_pipeline(recipe, *, tracking_uri: str, workdir: str | Path,
                raise_on_error=True)
     # Laid out for this recipe: without distill or prune, no transform task and no second export.
     pipeline = build_pipeline(engines=recipe.engines, placement=False, torch_stages=bool(recipe.torch_stages))
-    sink = _Echo(progress)
+    # A task's subprocess may say nothing for a while (imports, loading data): the ticker says which runs.
+    ticker = progress_events.Ticker(progress, PIPELINE_RUNNING) if progress and not verbose else None
+    sink = _Echo(ticker, ticker.start if ticker else None)
     kfp_logger = logging.getLogger("kfp")
     handlers = list(kfp_logger.handlers)
     t0 = time.perf_counter()
@@ -101,7 +111,7 @@ def run_pipeline(recipe, *, tracking_uri: str, workdir: str | Path,
         if verbose:
             task = pipeline(recipe_json=recipe.to_json(), tracking_uri=tracking_uri)
         else:
-            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), ticker or contextlib.nullcontext():
                 for h in handlers:
                     if isinstance(h, logging.StreamHandler):
                         h.setStream(sink)

@@ -10,7 +10,9 @@ goes depends on ``$EDGESLIM_PROGRESS``:
 - unset: a plain, timestamped line on stderr (a KFP task on a cluster: its log).
 
 The CLI renders progress as plain lines when stderr is not a terminal, and on a terminal
-redraws one status line for repeated events (epochs, trials) instead of scrolling.
+redraws one status line for repeated events (epochs, trials) instead of scrolling. A step that
+says nothing for a while (a server booting, a task's subprocess importing torch) runs under a
+:class:`Ticker`, which reports it as still running after :data:`HEARTBEAT_S` seconds of silence.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 from typing import Any, Callable
 
 ENV = "EDGESLIM_PROGRESS"
 MARK = "::edgeslim-progress::"
+# A Ticker speaks after this many seconds without a line.
+HEARTBEAT_S = 5.0
 
 
 def emit(kind: str, text: str, **fields: Any) -> None:
@@ -74,24 +79,27 @@ _STEP = re.compile(r"\b(?:epoch|step|wave) (\d+)/(\d+)\b")
 
 class Renderer:
     """Draws events on a stream: plain lines, or on a terminal one redrawn line per repeated kind,
-    with a progress bar when the line counts steps (``epoch 3/10``)."""
+    with a progress bar when the line counts steps (``epoch 3/10``). Heartbeats (a :class:`Ticker`'s
+    lines) redraw only each other: the redrawn line before them stays on screen."""
 
     def __init__(self, stream=None, *, tty: bool | None = None) -> None:
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty() if tty is None else tty
-        self._open = False  # a redrawable line is on screen
+        self._open: str | None = None  # the kind of the redrawable line on screen
 
     def __call__(self, text: str, kind: str = "note") -> None:
         stamp = time.strftime("%H:%M:%S")
-        if self.tty and kind in ("epoch", "trial", "calibrate"):
+        if self.tty and kind in ("epoch", "trial", "calibrate", "heartbeat"):
+            if kind == "heartbeat" and self._open not in (None, "heartbeat"):
+                self.stream.write("\n")
             step = _STEP.search(text)
             drawn = f"{bar(int(step[1]), int(step[2]))} {text}" if step else text
             self.stream.write(f"\r\x1b[K[{stamp}] {drawn}")
-            self._open = True
+            self._open = kind
         else:
             if self._open:
                 self.stream.write("\n")
-                self._open = False
+                self._open = None
             self.stream.write(f"[{stamp}] {text}\n")
         self.stream.flush()
 
@@ -99,4 +107,51 @@ class Renderer:
         if self._open:
             self.stream.write("\n")
             self.stream.flush()
-            self._open = False
+            self._open = None
+
+
+class Ticker:
+    """Passes progress lines on to ``say(text, kind)``; after :data:`HEARTBEAT_S` seconds without
+    one, says ``doing`` again with its running time (``"task quantize-op: running (10 s)"``), and
+    again after each further silence of that length.
+
+    Use it as a context manager around a step, and give the step the ticker as its progress
+    callback: its own lines go through, and restart the silence. ``doing`` may change as the step
+    moves on (``start``). Lines are passed on one at a time, from the step's thread or the ticker's.
+    """
+
+    def __init__(self, say: Callable[..., None], doing: str, every: float | None = None) -> None:
+        self.say, self.every = say, HEARTBEAT_S if every is None else every
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.doing, self._since = doing, time.monotonic()
+        self._last = self._since
+
+    def __call__(self, text: str, kind: str = "note") -> None:
+        with self._lock:
+            self._last = time.monotonic()
+            self.say(text, kind)
+
+    def start(self, doing: str) -> None:
+        """From now on the step is ``doing``; its running time counts from now."""
+        with self._lock:
+            self.doing, self._since = doing, time.monotonic()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every / 10):
+            with self._lock:
+                now = time.monotonic()
+                if now - self._last >= self.every:
+                    self._last = now
+                    self.say(f"{self.doing} ({now - self._since:.0f} s)", "heartbeat")
+
+    def __enter__(self) -> "Ticker":
+        self._thread = threading.Thread(target=self._run, name="edgeslim-ticker", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()

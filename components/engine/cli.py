@@ -103,7 +103,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     """Add ``edgeslim engine`` and its subcommands."""
     p = subparsers.add_parser("engine", help="TensorRT engines and device classes")
-    sub = p.add_subparsers(dest="engine_command", metavar="SUBCOMMAND")
+    sub = p.add_subparsers(dest="engine_command", metavar="SUBCOMMAND",
+                           help="what to do (`edgeslim engine SUBCOMMAND --help` shows its options)")
     sub.required = True
     sub.add_parser("classes", help="list the known device classes").set_defaults(func=_cmd_classes)
     sub.add_parser("detect", help="this node's GPU, device class and the TensorRT extra it needs"

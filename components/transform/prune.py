@@ -284,7 +284,9 @@ def prune(model: nn.Module, config: ChannelPruneConfig, *, data: Splits,
         config: pruning settings.
         data: training data for fine-tuning and Taylor importance; metrics on val/test.
         teacher: distilled from while fine-tuning; defaults to the unpruned ``model``.
-        progress: called with (step, steps, mean loss of the step's last fine-tuning epoch).
+        progress: called with (epoch, epochs, the epoch's mean loss) after each fine-tuning epoch,
+            counted over all ``config.steps`` steps; without fine-tuning, with (step, steps, nan)
+            after each step.
 
     Returns:
         StageResult with the pruned model; metrics hold MACs and params before
@@ -321,19 +323,18 @@ def prune(model: nn.Module, config: ChannelPruneConfig, *, data: Splits,
         goal = base * config.keep_fraction ** (step / config.steps)
         size = _prune_to(work, pruner, config, example, goal, data, start=start_size)
         pruned_top1 = top1(work, data.x_val, data.y_val)
-        loss = float("nan")
         if config.finetune_epochs:
-            losses: list[float] = []
+            done = (step - 1) * config.finetune_epochs
             fit(work, TrainConfig(epochs=config.finetune_epochs, lr=config.lr, batch_size=config.batch_size,
                                   temperature=config.temperature, alpha=config.alpha, seed=config.seed + step,
                                   schedule="onecycle", augment=augmentation(config.augment),
                                   recalibrate_batchnorm=True),
-                x=data.x_train, y=data.y_train, teacher=kd_teacher, progress=lambda e, n, l: losses.append(l))
-            loss = losses[-1]
+                x=data.x_train, y=data.y_train, teacher=kd_teacher,
+                progress=lambda e, n, l, done=done: progress and progress(done + e, n * config.steps, l))
+        elif progress:
+            progress(step, config.steps, float("nan"))
         history.append({"step": step, "size": size, "goal": goal, "top1_val_pruned": pruned_top1,
                         "top1_val_finetuned": top1(work, data.x_val, data.y_val)})
-        if progress:
-            progress(step, config.steps, loss)
 
     macs1, params1 = count_macs_params(work, example)
     channels1 = _channels(work)

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeslim.components.common.errors import ConfigError, EdgeslimError
+from edgeslim.components.common.version import __version__
 
 from edgeslim.deploy import bounded, trust
 from edgeslim.deploy.agent.context import AgentContext, AgentSettings
@@ -270,29 +271,39 @@ def build_parser() -> argparse.ArgumentParser:
                     "as EDGESLIM_AGENT_<OPTION> (e.g. EDGESLIM_AGENT_DEVICE_ID). S3 credentials "
                     "come from the usual AWS environment variables or profile.",
     )
+    p.add_argument("--version", action="version", version=f"edgeslim-agent {__version__}")
     p.add_argument("--store", default=_env("store") or os.environ.get("EDGESLIM_FLEET_STORE"),
                    help="s3://bucket/prefix or a directory")
     p.add_argument("--endpoint-url", default=_env("endpoint_url") or os.environ.get("EDGESLIM_S3_ENDPOINT_URL"),
                    help="S3 endpoint for S3-compatible servers")
-    p.add_argument("--fleet", default=_env("fleet"))
-    p.add_argument("--device-id", default=_env("device_id") or socket.gethostname())
+    p.add_argument("--fleet", default=_env("fleet"), help="the fleet this device belongs to (required)")
+    p.add_argument("--device-id", default=_env("device_id") or socket.gethostname(),
+                   help="this device's id in the fleet (default: the host name)")
     p.add_argument("--device-class", default=_env("device_class"),
                    help="exact device class key, e.g. orin-sm87-jp6.1-trt10.3")
-    p.add_argument("--state-dir", default=_env("state_dir", "/var/lib/edgeslim-agent"))
+    p.add_argument("--state-dir", default=_env("state_dir", "/var/lib/edgeslim-agent"),
+                   help="where its releases, device key and state live (default %(default)s)")
     p.add_argument("--root", default=_env("root"),
                    help="the fleet's root document (root.json from `edgeslim fleet root-init`), installed at "
                         "provisioning; newer roots signed by it are followed from the store")
-    p.add_argument("--poll-interval", type=float, default=float(_env("poll_interval", 5.0)))
-    p.add_argument("--heartbeat-interval", type=float, default=float(_env("heartbeat_interval", 30.0)))
-    p.add_argument("--max-backoff", type=float, default=float(_env("max_backoff", 300.0)))
+    p.add_argument("--poll-interval", type=float, default=float(_env("poll_interval", 5.0)),
+                   help="seconds between polls of the store for a new manifest (default %(default)s)")
+    p.add_argument("--heartbeat-interval", type=float, default=float(_env("heartbeat_interval", 30.0)),
+                   help="seconds between status reports while idle (default %(default)s)")
+    p.add_argument("--max-backoff", type=float, default=float(_env("max_backoff", 300.0)),
+                   help="longest wait in seconds between retries while the store is unreachable "
+                        "(default %(default)s)")
     p.add_argument("--max-download-rate", type=float, default=float(_env("max_download_rate", 0)) or None,
                    help="cap downloads at this many bytes per second (metered links)")
-    p.add_argument("--health-timeout", type=float, default=float(_env("health_timeout", 120.0)))
+    p.add_argument("--health-timeout", type=float, default=float(_env("health_timeout", 120.0)),
+                   help="seconds a new model's health check may take before it counts as failed "
+                        "(default %(default)s)")
     p.add_argument("--max-manifest-bytes", type=int,
                    default=int(_env("max_manifest_bytes", bounded.MAX_MANIFEST_BYTES)),
                    help="refuse a manifest over this size unread (default %(default)s)")
     p.add_argument("--once", action="store_true", help="poll once, apply what is there, exit")
-    p.add_argument("--log-level", default=_env("log_level", "INFO"))
+    p.add_argument("--log-level", default=_env("log_level", "INFO"),
+                   help="DEBUG, INFO, WARNING or ERROR (default %(default)s)")
     return p
 
 

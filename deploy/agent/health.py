@@ -144,9 +144,13 @@ def check_in_subprocess(release_dir: str | Path, check: dict[str, Any] | None, *
             "error": f"health check process exited {proc.returncode}: {tail[0][:300]}"}
 
 
+def build_parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog="python -m edgeslim.deploy.agent.health", description="Health-check a release directory: reads the agent's JSON "
+                                   "request on stdin, prints the result line on stdout (the agent runs it).")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Health-check a release directory (reads JSON on stdin).")
-    parser.parse_args(argv)
+    build_parser().parse_args(argv)
     die_with_parent()  # an agent that is killed mid-check takes its check with it
     req = json.loads(sys.stdin.read())
     res = run_health_check(req["release"], req.get("check"))

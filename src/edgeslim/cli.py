@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="no progress lines: only results, warnings and errors")
     parser.add_argument("-v", "--verbose", dest="verbose_all", action="store_true",
                         help="more detail: info logs, and the local runner's own output")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                help="what to do (`edgeslim COMMAND --help` shows its options)")
     for name in _COMMAND_MODULES:
         try:
             mod = importlib.import_module(name)

@@ -26,6 +26,14 @@ def _progress(msg: str, kind: str = "note") -> None:
     _renderer(msg, kind)
 
 
+def _ticking(doing: str):
+    """A step that may be silent: its lines go through the returned ticker, which says ``doing``
+    again after a few seconds without one (``components/common/progress.py``)."""
+    from edgeslim.components.common.progress import Ticker
+
+    return Ticker(_progress, doing)
+
+
 def register(sub) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on the embedded digits default")
     p.add_argument("--workdir", default="./edgeslim-demo", help="where MLflow, artifacts and reports go")
@@ -43,9 +51,11 @@ def register(sub) -> None:
 
     p = sub.add_parser("init", help="write a commented recipe with defaults for a registered model")
     p.add_argument("--source", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION")
-    p.add_argument("--npz", default=None, help="an .npz (local or s3://) with x_/y_ train/val/test arrays")
+    p.add_argument("--npz", default=None, metavar="PATH",
+                   help="the data: an .npz (local or s3://) with x_/y_ train/val/test arrays; this or --data is required")
     p.add_argument("--data", default=None, metavar="PROVIDER",
-                   help="another data provider: imagefolder, yolo, coco or one of yours (with --data-arg)")
+                   help="the data provider: imagefolder, yolo, coco, one of yours (with --data-arg), or "
+                   "sklearn-digits (the demo's digits); this or --npz is required")
     p.add_argument("--data-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="an argument of --data's provider, e.g. root=s3://bucket/images (repeatable)")
     p.add_argument("--preprocess", choices=("auto", "imagenet", "yolo", "none"), default="auto",
@@ -111,7 +121,7 @@ def register(sub) -> None:
     p.add_argument("--tracking-uri", default=None, help="MLflow (default: recipe, then $MLFLOW_TRACKING_URI)")
     p.add_argument("--workdir", default="./edgeslim-trigger", help="local runner: reports go to WORKDIR/NAME-vN-HASH/")
     p.add_argument("--listen", default="127.0.0.1", help="address to listen on (0.0.0.0 in a pod)")
-    p.add_argument("--port", type=int, default=8089)
+    p.add_argument("--port", type=int, default=8089, help="port to listen on (default 8089)")
     p.add_argument("--queue-size", type=int, default=16, help="versions that may wait (then 503: MLflow retries)")
     p.add_argument("--read-timeout", type=float, default=10.0, help="seconds a client has to send its request")
     p.add_argument("--tls-cert", default=None, metavar="PEM",
@@ -158,8 +168,10 @@ def execute(recipe, *, tracking_uri: str, workdir: Path, verbose: bool = False) 
     from edgeslim.pipelines.local import run_pipeline
 
     workdir.mkdir(parents=True, exist_ok=True)
-    _progress(f"checking {recipe.source} on {tracking_uri}")
-    _preflight(recipe, tracking_uri, workdir)
+    checking = f"checking {recipe.source} on {tracking_uri}"
+    with _ticking(checking) as tick:
+        tick(checking)
+        _preflight(recipe, tracking_uri, workdir)
     _progress("running the pipeline with Kubeflow's local runner")
     try:
         report = run_pipeline(recipe, tracking_uri=tracking_uri, workdir=workdir, progress=_progress,
@@ -200,11 +212,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     server.launch()
     try:
         # A new store holds no reference model: train it while the server boots (about 10 s).
-        trained = train(progress=_progress) if fresh else None
-        server.wait_ready()
+        trained = None
+        if fresh:
+            with _ticking("training the reference model") as tick:
+                tick("training the reference model while MLflow starts")
+                trained = train(progress=lambda text: tick(text, "epoch"))
+        with _ticking(f"waiting for MLflow at {server.uri}"):
+            server.wait_ready()
         _progress(f"MLflow at {server.uri}")
         client = connect(server.uri)
-        ensure(client, progress=_progress, trained=trained)
+        with _ticking("registering the reference model") as tick:
+            ensure(client, progress=tick, trained=trained)
         recipe = load_recipe(recipe_path).with_overrides(tracking_uri=server.uri)
         code = execute(recipe, tracking_uri=server.uri, workdir=workdir, verbose=args.verbose)
         # The runs' artifacts are served by the tracking server (mlflow-artifacts:/): the UI needs the same
@@ -250,11 +268,11 @@ def _init_data(args: argparse.Namespace) -> tuple[str, str, dict, dict | None]:
         kwargs[key.strip()] = yaml.safe_load(value) if value.strip() else ""
     if args.data_arg and not args.data:
         raise ConfigError("--data-arg: name the provider with --data (imagefolder, yolo, coco or yours)")
+    if not provider:
+        raise ConfigError("no data: pass --npz PATH (an .npz with x_/y_ train/val/test arrays) or --data PROVIDER "
+                          "(imagefolder, yolo, coco, yours; --data sklearn-digits for the demo's digits)")
     preset = args.preprocess if args.preprocess != "auto" else IMAGE_PROVIDERS.get(provider, "none")
     preprocess = PREPROCESS_PRESETS.get(preset)
-    if not provider:
-        return ("  provider: sklearn-digits        # or: provider: npz / args: {path: data.npz}\n"
-                "  args: {seed: 0}"), "", {}, None
     lines = [f"  provider: {provider}", f"  args: {json.dumps(kwargs)}"]
     if preprocess:
         lines.append(f"  preprocess: {json.dumps(preprocess)}   # how an image becomes the model's input "
@@ -281,7 +299,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     where = f"--npz {args.npz}" if args.npz else f"--data {provider}"
     if kind != "auto":
         task_class(kind)  # an unknown --task is refused here, in one line, before anything is read
-    if provider and kind != DEFAULT_KIND:
+    if kind != DEFAULT_KIND:
         from edgeslim.components.common.data import load_data
         from edgeslim.components.common.errors import DataError
 

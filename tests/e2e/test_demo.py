@@ -10,6 +10,7 @@ documented `edgeslim demo` as written, in a fresh folder.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -27,15 +28,33 @@ def test_the_readme_demo_is_the_quickstarts_install_and_demo():
         [INSTALL + "\n"]
 
 
+def epoch_counts() -> dict[str, int]:
+    """Each training of the demo (the teacher, then the recipe's torch stages) and its epochs."""
+    from edgeslim.components.recipe import load_recipe
+    from edgeslim.pipelines.demo import DEMO_RECIPE, EPOCHS
+
+    counts = {"teacher": EPOCHS}
+    for i, stage in enumerate(load_recipe(DEMO_RECIPE).torch_stages):
+        counts[f"{i + 1}:{stage.stage}({stage.method})"] = \
+            stage.epochs if stage.stage == "distill" else stage.finetune_epochs * stage.steps
+    return counts
+
+
 def test_demo_meets_its_targets_and_its_teacher_is_reused(tmp_path):
     wd = tmp_path / "edgeslim-demo"  # the demo's default --workdir, in the reader's folder
     # The timeout only stops a hang: the demo takes about 90 s alone, several minutes on a busy machine.
     first = run_bash(doc_block("docs/quickstart.md", "demo"), cwd=tmp_path, timeout=3600)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "teacher: training epoch" in first.stderr  # long steps show progress
-    # ...including the pipeline's tasks, which run in the local runner's subprocesses
+    # Never silent for long: every epoch of every training has its line, counted right, including those
+    # inside the pipeline's tasks (the local runner's subprocesses), whose starts and ends show too.
+    for label, epochs in epoch_counts().items():
+        for e in range(1, epochs + 1):
+            line = f"teacher: training epoch {e}/{epochs} (" if label == "teacher" else f"{label}: epoch {e}/{epochs},"
+            assert line in first.stderr, (line, first.stderr[-3000:])
+    qat = re.findall(r"quantize qat: epoch (\d+)/(\d+)", first.stderr)  # when the search reaches QAT
+    assert [int(e) for e, _ in qat] == list(range(1, len(qat) + 1)) and {n for _, n in qat} <= {str(len(qat))}
+    assert "training the reference model while MLflow starts" in first.stderr
     assert "task pull-op: started" in first.stderr and "task report-op: success" in first.stderr
-    assert "1:distill(logit): epoch 1/" in first.stderr  # from inside the transform task
     assert "mlflow ui --backend-store-uri" in first.stdout and "--artifacts-destination" in first.stdout
     last = first.stdout.strip().splitlines()[-1]
     assert last.startswith("demo: gate passed in ") and last.endswith(" s")  # its wall time, last

@@ -225,7 +225,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 def test_init_writes_a_recipe_that_run_accepts(mlflow_server, registered_teacher, tmp_path):
     out = tmp_path / "recipe.yaml"
-    proc = run_cli("init", "--source", registered_teacher, "-o", str(out))
+    proc = run_cli("init", "--source", registered_teacher, "--data", "sklearn-digits", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
     text = out.read_text()
     assert text.count("#") > 10  # commented
@@ -233,7 +233,8 @@ def test_init_writes_a_recipe_that_run_accepts(mlflow_server, registered_teacher
 
     r = load_recipe(out)
     assert r.source == registered_teacher and r.register.model_name("tiny-teacher") == "tiny-teacher-edge"
-    again = run_cli("init", "--source", registered_teacher, "-o", str(out))
+    assert r.data.provider == "sklearn-digits" and r.task.kind == "classification"
+    again = run_cli("init", "--source", registered_teacher, "--data", "sklearn-digits", "-o", str(out))
     assert_one_line_error(again, "exists; pass --force")
     npz = run_cli("init", "--source", registered_teacher, "--npz", "s3://bucket/d.npz", "-o", str(tmp_path / "n.yaml"))
     assert npz.returncode == 0 and load_recipe(tmp_path / "n.yaml").data.provider == "npz"

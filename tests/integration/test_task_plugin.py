@@ -256,7 +256,7 @@ def test_a_search_no_trial_passes_says_what_the_plugin_would_change(mlflow_serve
 
 def test_init_writes_the_plugins_recipe_and_refuses_a_misspelt_task(data_npz, env, tmp_path):
     out = tmp_path / "recipe.yaml"
-    proc = run_cli("init", "--source", SOURCE, "--task", "regression", "-o", str(out), env=env)
+    proc = run_cli("init", "--source", SOURCE, "--npz", str(data_npz), "--task", "regression", "-o", str(out), env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = out.read_text()
     assert "kind: regression" in text and "max_mae_increase" in text
@@ -264,7 +264,8 @@ def test_init_writes_the_plugins_recipe_and_refuses_a_misspelt_task(data_npz, en
     auto = run_cli("init", "--source", SOURCE, "--npz", str(data_npz), "-o", str(tmp_path / "auto.yaml"), env=env)
     assert auto.returncode == 0, auto.stderr[-2000:]
     assert yaml.safe_load((tmp_path / "auto.yaml").read_text())["task"]["kind"] == "regression"
-    typo = run_cli("init", "--source", SOURCE, "--task", "regresion", "-o", str(tmp_path / "t.yaml"), env=env)
+    typo = run_cli("init", "--source", SOURCE, "--npz", str(data_npz), "--task", "regresion", "-o",
+                   str(tmp_path / "t.yaml"), env=env)
     assert typo.returncode == 2 and "Traceback" not in typo.stderr
     lines = [ln for ln in typo.stderr.splitlines() if ln.startswith("edgeslim: error:")]
     assert len(lines) == 1 and "did you mean 'regression'" in lines[0], typo.stderr[-2000:]

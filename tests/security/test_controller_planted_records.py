@@ -114,7 +114,7 @@ def test_planted_copied_and_altered_records_are_reported_never_acted_on(
     cli = subprocess.run(
         [sys.executable, "-m", "edgeslim", "fleet", "reconcile", "lab", "--store", s3_url,
          "--endpoint-url", rgw["S3_ENDPOINT_URL"], "--signing-key", str(keys.paths["fleet"][0]),
-         "--root", str(keys.root_path)],
+         "--root", str(keys.root_path), "--json"],
         capture_output=True, text=True, timeout=300, env=dict(os.environ))
     assert "Traceback" not in cli.stderr, cli.stderr
     assert cli.returncode == 1, (cli.returncode, cli.stderr)  # the CronJob fails visibly

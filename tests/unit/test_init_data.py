@@ -1,5 +1,6 @@
-"""`edgeslim init` for data other than an .npz: an image folder gets a classification recipe with the
-preprocessing it needs, written so that `edgeslim run` accepts it; wrong arguments are one line."""
+"""`edgeslim init`'s data: an image folder gets a classification recipe with the preprocessing it needs,
+written so that `edgeslim run` accepts it; the demo's digits are named explicitly; no data flag, or wrong
+arguments, are one line."""
 
 from __future__ import annotations
 
@@ -29,7 +30,16 @@ def test_an_image_folder_gets_a_classification_recipe_with_imagenet_preprocessin
     assert load_recipe(tmp_path / "plain.yaml").data.preprocess is None
 
 
+def test_the_demo_data_is_named_explicitly(tmp_path):
+    out = tmp_path / "recipe.yaml"
+    proc = run_cli("init", "--source", "models:/digits-teacher@champion", "--data", "sklearn-digits", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    recipe = load_recipe(out)
+    assert (recipe.data.provider, recipe.task.kind) == ("sklearn-digits", "classification")
+
+
 @pytest.mark.parametrize("args, needle", [
+    ([], "no data: pass --npz PATH"),  # init never guesses the data
     (["--data", "imagefolder", "--data-arg", "root"], "--data-arg 'root': use KEY=VALUE"),
     (["--npz", "x.npz", "--data", "imagefolder"], "--npz and --data: give one data source"),
     (["--data-arg", "root=/x"], "--data-arg: name the provider with --data"),
@@ -40,4 +50,6 @@ def test_wrong_data_arguments_are_one_line(tmp_path, args, needle):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], proc.stderr
+    if not args:
+        assert "--data PROVIDER" in lines[0] and "--data sklearn-digits" in lines[0]
     assert not (tmp_path / "r.yaml").exists()

@@ -99,6 +99,14 @@ def test_iterative_steps_with_distilled_finetuning():
     assert measured("prune.steps_distilled_top1_test", res.metrics["top1_test"]) > 60.0  # 81.1-88.9 (tests/spread.json)
 
 
+@pytest.mark.parametrize("finetune_epochs, counted", [(2, [(1, 4), (2, 4), (3, 4), (4, 4)]), (0, [(1, 2), (2, 2)])])
+def test_progress_counts_every_finetuning_epoch_over_all_steps(finetune_epochs, counted):
+    calls = []
+    prune(trained("cnn"), _fast(keep_fraction=0.5, steps=2, finetune_epochs=finetune_epochs), data=digits(),
+          progress=lambda *a: calls.append(a))
+    assert [(e, n) for e, n, _ in calls] == counted
+
+
 def test_saved_whole_and_loads_back(tmp_path):
     res = prune(trained("mobile"), _fast(keep_fraction=0.5), data=digits())
     path = save_module(res.model, tmp_path / "pruned.pt")

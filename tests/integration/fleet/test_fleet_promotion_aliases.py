@@ -86,7 +86,7 @@ def test_edge_stable_moves_only_after_approve_and_an_abort_puts_edge_canary_back
             if n not in canary:  # the later wave is not touched before the approval
                 assert devs[n].running_sha() == sha1
                 assert s3_store.get_json(FleetKeys("lab").manifest(n))[0]["signed"]["rollout_id"] == "r1"
-        got = json.loads(_fleet(_env(rgw, s3_url, keys, with_key=False), "get", "lab", "r2").stdout)
+        got = json.loads(_fleet(_env(rgw, s3_url, keys, with_key=False), "get", "lab", "r2", "--json").stdout)
         assert got["state"] == "awaiting-approval"
         assert "edgeslim fleet approve lab r2" in got["promotion"]["next"]
         assert aliases()["edge-stable"] == v1
@@ -106,7 +106,7 @@ def test_edge_stable_moves_only_after_approve_and_an_abort_puts_edge_canary_back
     # and the Job does not sit on the approval: it leaves the rollout awaiting-approval.
     v3, sha3 = register_edge_model("fleet-promo", make_onnx(tmp_path / "v3.onnx", seed=43))
     env = _env(rgw, s3_url, keys)
-    followed = json.loads(_fleet(env, "follow", "lab", "--model", "fleet-promo", "-C", "waves=30,100",
+    followed = json.loads(_fleet(env, "follow", "lab", "--json", "--model", "fleet-promo", "-C", "waves=30,100",
                                  *[f"-C{k}={v}" for k, v in FAST.items()]).stdout)
     name = f"fleet-promo-v{v3}"
     assert followed["name"] == name and followed["state"] == "awaiting-approval" and followed["promote"] == "approval"
@@ -115,7 +115,7 @@ def test_edge_stable_moves_only_after_approve_and_an_abort_puts_edge_canary_back
     assert devs[canary3].running_sha() == sha3
 
     # Aborted while awaiting approval: the canary goes back to v2, and so does edge-canary.
-    aborted = json.loads(_fleet(env, "abort", "lab", name, "--reason", "not this one").stdout)
+    aborted = json.loads(_fleet(env, "abort", "lab", name, "--reason", "not this one", "--json").stdout)
     assert aborted["state"] == "aborted" and aborted["reason"] == "not this one"
     assert aliases() == {"edge-candidate": v3, "edge-canary": v2, "edge-stable": v2}
     wait_for(lambda: all(d.running_sha() == sha2 for d in devs.values()), 60, "every device back on v2")

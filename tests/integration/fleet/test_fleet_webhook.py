@@ -44,7 +44,7 @@ def _reconcile(s3_url, endpoint, keys, *follow):
     out = subprocess.run([sys.executable, "-m", "edgeslim", "fleet", "reconcile", "lab", "--store", s3_url,
                           "--endpoint-url", endpoint, "--signing-key", str(keys.paths["fleet"][0]),
                           "--root", str(keys.root_path), *args, "-C", "waves=100", "-C", "poll_interval_s=0.2",
-                          "-C", "promote=auto"],  # webhook rollouts wait for approval unless told otherwise
+                          "-C", "promote=auto", "--json"],  # webhook rollouts wait for approval unless told otherwise
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout), out.stderr

@@ -20,6 +20,8 @@ from edgeslim.deploy.agent.device import build_parser as agent_parser
 from edgeslim.deploy.webhook import verify_signature
 
 DEPLOY = Path(__file__).resolve().parents[3] / "deploy"
+ISO = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
+EPOCH = r"\b1\d{9}(\.\d+)?\b"  # seconds since the epoch, as the JSON holds them
 
 
 def _cli(*args, env=None):
@@ -34,9 +36,43 @@ def test_keygen_then_a_local_fleet_lists_and_refuses_unknown_rollouts(tmp_path):
     again = _cli("fleet", "keygen", str(tmp_path / "k"))
     assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
     store = str(tmp_path / "store")
-    assert json.loads(_cli("fleet", "list", "lab", "--store", store).stdout) == []
+    assert json.loads(_cli("fleet", "list", "lab", "--store", store, "--json").stdout) == []
     got = _cli("fleet", "get", "lab", "nope", "--store", store)
     assert got.returncode == 2 and got.stderr.count("\n") == 1 and "no rollout 'nope'" in got.stderr
+
+
+def test_a_rollout_prints_as_a_table_with_iso_times_and_as_json_with_json():
+    from edgeslim.deploy.fleet_output import render
+
+    summary = {"name": "r1", "fleet": "lab", "state": "succeeded", "reason": None,
+               "model": {"name": "m", "version": "3", "alias": "edge-candidate", "uri": "models:/m@edge-candidate"},
+               "waves": [{"index": 0, "devices": 1, "state": "succeeded"}, {"index": 1, "devices": 2, "state": "succeeded"}],
+               "devices": {"d0": {"outcome": "committed", "running": "abcdef012345", "heartbeat_age_s": 2.5},
+                           "d1": {"outcome": None, "running": None, "heartbeat_age_s": None}},
+               "promotion": {"policy": "approval", "since": 1767225600.25, "passed_at": 1767229200.0,
+                             "approval": {"by": "ops@host", "at": 1767229199.9}}}
+    lines = render("get", summary).splitlines()
+    assert "name:      r1" in lines and "model:     m v3 @edge-candidate" in lines and "reason:    -" in lines
+    assert lines[lines.index("waves:") + 1].split() == ["INDEX", "DEVICES", "STATE"]
+    assert lines[lines.index("devices:") + 1].split() == ["DEVICE", "OUTCOME", "RUNNING", "HEARTBEAT_AGE_S"]
+    assert re.fullmatch(r"  d0 +committed +abcdef012345 +2\.5", lines[lines.index("devices:") + 2])
+    assert "  since:     2026-01-01T00:00:00Z" in lines and "    at: 2026-01-01T00:59:59Z" in lines
+    assert "  passed_at: 2026-01-01T01:00:00Z" in lines
+    assert render("list", []) == "(no rollouts)" and render("reconcile", []) == "(no rollouts to run)"
+    assert render("list", [{"name": "r1", "state": "pending", "model": summary["model"]}]).splitlines() == [
+        "NAME  STATE    MODEL", "r1    pending  m v3 @edge-candidate"]
+
+
+def test_list_prints_a_table_and_json_with_json(keys, store, tmp_path):
+    rec = {"name": "r1", "fleet": "f", "state": "pending", "generation": 1,
+           "model": {"name": "m", "version": "3", "alias": None}}
+    keys.controller(store).records.save(rec)
+    base = ["fleet", "list", "f", "--store", str(tmp_path / "store"), "--root", str(keys.root_path)]
+    shown = _cli(*base)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines() == ["NAME  STATE    MODEL", "r1    pending  m v3"]
+    got = _cli(*base, "--json")
+    assert json.loads(got.stdout) == [{"name": "r1", "state": "pending", "model": rec["model"]}]
 
 
 def test_create_without_a_signing_key_says_how_to_make_one(tmp_path, monkeypatch):
@@ -145,7 +181,7 @@ def test_key_ceremony_root_enrol_timestamp_and_rotation_through_the_cli(tmp_path
     base = ["--store", store_dir, "--signing-key", str(k / "fleet-signing.key")]
     out = _cli("fleet", "root-init", "lab", *base, "--root-key", str(k / "root.key"),
                "--release-pub", str(k / "release.pub"), "--fleet-pub", str(k / "fleet-signing.pub"),
-               "-o", str(tmp_path / "root.json"))
+               "-o", str(tmp_path / "root.json"), "--json")
     assert out.returncode == 0 and json.loads(out.stdout)["root_version"] == 1, out.stderr
     root, _ = trust.load_root(tmp_path / "root.json")
     store = LocalStore(store_dir)
@@ -155,13 +191,24 @@ def test_key_ceremony_root_enrol_timestamp_and_rotation_through_the_cli(tmp_path
     assert agent.step() == "none"  # registered, no manifest yet
 
     base += ["--root", str(tmp_path / "root.json")]
-    devices = json.loads(_cli("fleet", "devices", "lab", *base).stdout)
+    devices = json.loads(_cli("fleet", "devices", "lab", *base, "--json").stdout)
     assert devices["enrolled"] == {} and devices["pending"]["d0"]["fingerprint"] == \
         signing.key_id(agent.device_key.public_key())
     out = _cli("fleet", "enrol", "lab", "d0", *base)
     assert out.returncode == 0, out.stderr
-    assert "d0" in json.loads(_cli("fleet", "devices", "lab", *base).stdout)["enrolled"]
-    ts = json.loads(_cli("fleet", "timestamp", "lab", *base).stdout)
+    # People get tables with ISO-8601 UTC times; --json (above) the records, times in epoch seconds.
+    assert out.stdout.splitlines()[0].split() == ["DEVICE", "DEVICE_CLASS", "PUBLIC_KEY", "ENROLLED_AT"]
+    assert re.fullmatch(rf"d0 +cls-a +\S+ +{ISO}", out.stdout.splitlines()[1]), out.stdout
+    shown = _cli("fleet", "devices", "lab", *base).stdout
+    assert shown.splitlines()[0] == "enrolled:" and shown.splitlines()[1].split() == [
+        "DEVICE", "CLASS", "STATE", "RUNNING", "BACKEND", "HEARTBEAT_AT", "AGENT", "FINGERPRINT"], shown
+    fingerprint = signing.key_id(agent.device_key.public_key())
+    assert re.search(rf"^  d0 +cls-a +.* {fingerprint}$", shown, re.M) and "pending" in shown, shown
+    assert not re.search(EPOCH, shown) and "{" not in shown
+    shown = _cli("fleet", "timestamp", "lab", *base).stdout
+    assert re.search(rf"^issued_at: +{ISO}\nexpires_at: +{ISO}$", shown, re.M), shown
+    assert "d0" in json.loads(_cli("fleet", "devices", "lab", *base, "--json").stdout)["enrolled"]
+    ts = json.loads(_cli("fleet", "timestamp", "lab", *base, "--json").stdout)
     assert ts["fleet"] == "lab" and ts["root_version"] == 1 and ts["expires_at"] > time.time()
 
     # Rotate the fleet key: root version 2, signed by the old and the new root keys.
@@ -170,7 +217,7 @@ def test_key_ceremony_root_enrol_timestamp_and_rotation_through_the_cli(tmp_path
         _cli("fleet", "keygen", str(k2), "--role", role)
     out = _cli("fleet", "root-rotate", "lab", *base, "--old-root-key", str(k / "root.key"),
                "--root-key", str(k2 / "root.key"), "--release-pub", str(k / "release.pub"),
-               "--fleet-pub", str(k2 / "fleet-signing.pub"))
+               "--fleet-pub", str(k2 / "fleet-signing.pub"), "--json")
     assert out.returncode == 0 and json.loads(out.stdout)["root_version"] == 2, out.stderr
     agent.step()
     assert agent.root.version == 2 and (agent.state_dir / "roots" / "2.root.json").exists()

@@ -408,7 +408,7 @@ def test_cli_policy_and_approve(store, keys, tmp_path):
 
     out = cli("policy", "f", *base, "--signing-key", str(keys.paths["fleet"][0]), "--auto-promote", "true")
     assert out.returncode == 0, out.stderr
-    assert json.loads(cli("policy", "f", *base).stdout)["auto_promote"] is True
+    assert json.loads(cli("policy", "f", *base, "--json").stdout)["auto_promote"] is True
     assert store.get_json(policy_key(FleetKeys("f")))[0]["signatures"]  # signed
     nokey = cli("policy", "f", *base, "--auto-promote", "false")
     assert nokey.returncode == 2 and "signing key" in nokey.stderr
