@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What the test suite needs from the machine, from Debian's packages (root or sudo; idempotent):
-# Ceph RGW, a real S3 server for the fleet tests (deploy/s3/install-rgw.sh), and Chromium, which
-# tests/integration/test_report_browser.py opens report.html in. The README's test command runs this.
+# Ceph RGW, a real S3 server for the fleet tests (deploy/s3/install-rgw.sh), Chromium, which the tests open
+# report.html and the docs site in, and openssl. The README's test command runs this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/s3/install-rgw.sh
@@ -13,8 +13,12 @@ shim="$PWD/tests/torchvision_cpu.py"
 echo "import os; p = '$shim'; os.path.exists(p) and exec(compile(open(p).read(), p, 'exec'), {'__name__': 'edgeslim_tests_torchvision_cpu'})" \
   > "$site/edgeslim_tests_torchvision_cpu.pth"
 echo "torchvision shim: $site/edgeslim_tests_torchvision_cpu.pth"
-if command -v chromium >/dev/null 2>&1; then
-  echo "chromium: already installed ($(chromium --version 2>/dev/null))"
+# Chromium opens report.html and the docs site; openssl makes the certificates the documented TLS setup uses.
+need=()
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+if [ ${#need[@]} -eq 0 ]; then
+  echo "chromium: already installed ($(chromium --version 2>/dev/null)); openssl: $(openssl version)"
   exit 0
 fi
 SUDO=""
@@ -22,6 +26,6 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 export DEBIAN_FRONTEND=noninteractive
 start=$(date +%s)
 $SUDO apt-get update -q
-# 25 packages, ~113 MB to download, ~414 MB installed; about 20 s on the 2-core CI machine.
-$SUDO apt-get install -y -q --no-install-recommends chromium
-echo "chromium: installed in $(( $(date +%s) - start )) s ($(chromium --version 2>/dev/null))"
+# chromium: 25 packages, ~113 MB to download, ~414 MB installed; about 20 s on the 2-core CI machine.
+$SUDO apt-get install -y -q --no-install-recommends "${need[@]}"
+echo "${need[*]}: installed in $(( $(date +%s) - start )) s"
