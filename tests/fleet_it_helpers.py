@@ -303,7 +303,10 @@ def http_request(port: int, method: str, path: str = "/", body: bytes | None = N
     """One HTTP request to a receiver on loopback: (status, body text)."""
     import http.client
 
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    return _exchange(http.client.HTTPConnection("127.0.0.1", port, timeout=timeout), method, path, body, headers)
+
+
+def _exchange(conn, method: str, path: str, body: bytes | None, headers: dict | None) -> tuple[int, str]:
     try:
         conn.request(method, path, body=body, headers=headers or {})
         resp = conn.getresponse()
@@ -353,10 +356,4 @@ def https_request(port: int, method: str, path: str = "/", body: bytes | None = 
     import ssl
 
     ctx = ssl.create_default_context(cafile=str(cafile))
-    conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=ctx)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, resp.read().decode()
-    finally:
-        conn.close()
+    return _exchange(http.client.HTTPSConnection(host, port, timeout=timeout, context=ctx), method, path, body, headers)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from edgeslim.components.common.helptext import plain
+from tests.parsers import walk
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,15 +27,6 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
 
 # The modules that build those parsers: a new parser elsewhere must join _parsers() to be checked.
 PARSER_MODULES = {"src/edgeslim/cli.py", "deploy/agent/device.py", "deploy/agent/health.py", "pipelines/bench_fleet.py"}
-
-
-def walk(parser: argparse.ArgumentParser, path: str):
-    """(command path, parser) for the parser and every subcommand below it."""
-    yield path, parser
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
-                yield from walk(sub, f"{path} {name}")
 
 
 def _all():

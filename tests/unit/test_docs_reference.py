@@ -12,6 +12,7 @@ import typing
 import pytest
 
 from tests.docs_blocks import REPO
+from tests.parsers import walk
 
 
 @pytest.fixture(scope="module")
@@ -97,21 +98,13 @@ def test_an_undocumented_key_stops_the_build_naming_it(gen_ref):
         STAGES.unregister("prune.silent")
 
 
-def _parsers(parser: argparse.ArgumentParser, name: str):
-    yield name, parser
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for cmd, sub in action.choices.items():
-                yield from _parsers(sub, f"{name} {cmd}")
-
-
 def test_the_cli_reference_lists_every_command_and_option(gen_ref):
     from edgeslim.cli import build_parser
     from edgeslim.deploy.agent.device import build_parser as agent_parser
 
     text = gen_ref.cli_reference()
     for root, name in ((build_parser(), "edgeslim"), (agent_parser(), "edgeslim-agent")):
-        for cmd, parser in _parsers(root, name):
+        for cmd, parser in walk(root, name):
             section = text.split(f"`{cmd}` {{#", 1)
             assert len(section) == 2, f"no section for {cmd}"
             body = section[1].split("\n#", 1)[0]
