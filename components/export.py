@@ -18,7 +18,7 @@ from edgeslim.components.common.model_outputs import exportable, forward_tensors
 from edgeslim.components.common.model_outputs import output_names as tensor_output_names
 from edgeslim.components.common.onnx_runtime import make_session, run_batched  # noqa: F401  (make_session re-exported)
 from edgeslim.components.common.result import StageResult
-from edgeslim.components.common.stage_configs import OnnxExportConfig
+from edgeslim.components.common.stage_configs import DEFAULT_OPSET, OnnxExportConfig
 
 INPUT_NAME = "input"
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def export(model, config: OnnxExportConfig, *, data: Splits, out_path: str | Pat
         with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                model, (example,), dynamo=True, opset_version=config.opset,
+                model, (example,), dynamo=True, opset_version=max(config.resolved_opset, DEFAULT_OPSET),
                 input_names=[INPUT_NAME], output_names=names,
                 dynamic_shapes=({0: batch},), external_data=False, verbose=False,
             )
@@ -94,6 +94,8 @@ def export(model, config: OnnxExportConfig, *, data: Splits, out_path: str | Pat
         raise SourceError(
             f"ONNX export failed ({type(exc).__name__}: {msg}); the model must be traceable by torch.export"
         ) from None
+    if config.resolved_opset < DEFAULT_OPSET:
+        convert_opset(out_path, config.resolved_opset)
     fixed = fixed_batch(out_path)
     if fixed is not None:
         raise SourceError(
@@ -119,10 +121,79 @@ def export(model, config: OnnxExportConfig, *, data: Splits, out_path: str | Pat
         )
     return StageResult(
         model=out_path,
-        metrics={"max_abs_diff": diff, "size_bytes": out_path.stat().st_size, "opset": config.opset, **counted},
+        metrics={"max_abs_diff": diff, "size_bytes": out_path.stat().st_size, "opset": config.resolved_opset, **counted},
         lineage={"export": config.to_json_dict()},
         seconds=time.perf_counter() - t0,
     )
+
+
+# Opset 18 moved the axes of these reductions from an attribute to an input (ReduceSum: 13).
+_REDUCE_AXES_INPUT_18 = ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean",
+                         "ReduceMin", "ReduceProd", "ReduceSumSquare")
+
+
+def convert_opset(path: Path, opset: int) -> None:
+    """Rewrite the ONNX at ``path`` (default-domain opset 18) in the older ``opset``.
+
+    ONNX's version converter has no 18 -> 17 adapter for Split and leaves the Reduce* ops
+    invalid, so that step is done here: Split loses ``num_outputs`` (17 splits evenly into its
+    outputs), a reduction's constant ``axes`` input becomes its attribute, and Resize loses the
+    attributes 18 added where they hold their defaults. ONNX's converter takes it from 17 on.
+
+    Raises:
+        SourceError: the graph uses what opset 17 cannot say (an op new in 18, computed axes).
+    """
+    import onnx
+    from onnx import helper, numpy_helper, version_converter
+
+    model = onnx.load(str(path))
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
+                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+
+    def refuse(node, why: str):
+        return SourceError(f"the exported graph cannot be written in opset {opset}: {node.op_type} "
+                           f"{node.name!r} {why}; use export.opset 18 and a device class whose TensorRT parses it")
+
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        drop = set()
+        if node.op_type == "Split":
+            drop.add("num_outputs")
+        elif node.op_type in _REDUCE_AXES_INPUT_18:
+            if attrs.get("noop_with_empty_axes", 0):
+                raise refuse(node, "reduces nothing when its axes are empty (noop_with_empty_axes)")
+            drop.add("noop_with_empty_axes")
+            if len(node.input) > 1 and node.input[1]:
+                if node.input[1] not in consts:
+                    raise refuse(node, "takes computed axes")
+                node.attribute.append(helper.make_attribute("axes", [int(a) for a in consts[node.input[1]].ravel()]))
+                del node.input[1:]
+        elif node.op_type == "Resize":
+            if attrs.get("antialias", 0) or "axes" in attrs or \
+                    attrs.get("keep_aspect_ratio_policy", b"stretch") not in (b"stretch", "stretch"):
+                raise refuse(node, "uses antialias, axes or keep_aspect_ratio_policy")
+            drop |= {"antialias", "keep_aspect_ratio_policy"}
+        elif node.op_type in ("ScatterElements", "ScatterND") and attrs.get("reduction") in (b"max", b"min"):
+            raise refuse(node, "reduces with max or min")
+        elif node.op_type == "Pad" and len(node.input) > 3 and node.input[3]:
+            raise refuse(node, "takes axes")
+        elif node.op_type in ("BitwiseAnd", "BitwiseNot", "BitwiseOr", "BitwiseXor", "CenterCropPad", "Col2Im",
+                              "GroupNormalization", "Mish", "OptionalGetElement", "OptionalHasElement"):
+            raise refuse(node, "is newer than opset 17 here")
+        if drop:
+            kept = [a for a in node.attribute if a.name not in drop]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = 17
+    if opset < 17:
+        model = version_converter.convert_version(model, opset)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
 
 
 def count_size(model, example) -> dict[str, int]:

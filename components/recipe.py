@@ -18,7 +18,7 @@ import yaml
 from edgeslim.components.common.config import Config, StageConfig, stage_config_class, unknown_key_error
 from edgeslim.components.engine.config import TensorRTEngineConfig
 from edgeslim.components.common.errors import ConfigError
-from edgeslim.components.common.stage_configs import OnnxExportConfig
+from edgeslim.components.common.stage_configs import DEFAULT_OPSET, OnnxExportConfig
 from edgeslim.components.common.image_preprocess import ImagePreprocessConfig
 from edgeslim.components.common.tracking import MODEL_URI
 from edgeslim.components.common.tasks import TaskConfig, default_task_config, task_from_dict
@@ -226,10 +226,13 @@ class ClusterConfig(Config):
         mlflow_secret: keys ``MLFLOW_TRACKING_USERNAME`` and ``MLFLOW_TRACKING_PASSWORD``, or
             ``MLFLOW_TRACKING_TOKEN``; empty: mount none.
         s3_secret: keys ``AWS_ACCESS_KEY_ID`` and ``AWS_SECRET_ACCESS_KEY``; empty: mount none.
+        image_pull_secrets: the ``kubernetes.io/dockerconfigjson`` Secrets every task pulls its
+            image with (a private registry); empty: none.
     """
 
     mlflow_secret: str = "edgeslim-mlflow"
     s3_secret: str = "edgeslim-s3"
+    image_pull_secrets: list[str] = dataclasses.field(default_factory=list)
 
     def validate(self) -> None:
         for key in ("mlflow_secret", "s3_secret"):
@@ -237,6 +240,10 @@ class ClusterConfig(Config):
             if name and not _K8S_NAME.fullmatch(name):
                 raise ConfigError(f"cluster.{key}: got {name!r}; use a Kubernetes Secret name "
                                   "(lower-case letters, digits, '-' and '.'), or \"\" for none")
+        for name in self.image_pull_secrets:
+            if not _K8S_NAME.fullmatch(name):
+                raise ConfigError(f"cluster.image_pull_secrets: got {name!r}; use Kubernetes Secret names "
+                                  "(lower-case letters, digits, '-' and '.')")
 
 
 def _parse_stages(raw: Any) -> list[StageConfig]:
@@ -307,10 +314,11 @@ class Recipe:
 
     @property
     def export(self) -> OnnxExportConfig:
-        for s in self.stages:
-            if isinstance(s, OnnxExportConfig):
-                return s
-        return OnnxExportConfig()
+        """The export stage's settings, its opset resolved for the engines' device classes."""
+        config = next((s for s in self.stages if isinstance(s, OnnxExportConfig)), OnnxExportConfig())
+        if config.opset is None:
+            config = dataclasses.replace(config, opset=min(DEFAULT_OPSET, *engine_opset_ceilings(self.engines).values()))
+        return config
 
     @property
     def quantize(self) -> StageConfig:
@@ -352,6 +360,8 @@ class Recipe:
         d = self.to_dict()
         for key in ("tracking_uri", "resources", "cluster"):
             d.pop(key, None)
+        for key in ("images", "tolerations"):  # where engine tasks run, not what they build
+            d["engines"].pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def with_overrides(self, **kw: Any) -> "Recipe":
@@ -386,6 +396,8 @@ def recipe_from_dict(data: Any) -> Recipe:
         raise ConfigError(f"gate: a {task.kind} recipe is gated by task.gate, and the top-level gate: would be "
                           f"ignored; move its checks under task.gate ({', '.join(_gate_keys(task))})")
     stages = _parse_stages(data.get("stages"))
+    engines = TensorRTEngineConfig.from_dict(data.get("engines"), prefix="engines")
+    _check_export_opset(stages, engines)
     if task.quantize_methods is not None and stages[-1].method not in task.quantize_methods:
         raise ConfigError(f"stages: quantize method {stages[-1].method!r} is not available for a {task.kind} task; "
                           f"use one of {', '.join(task.quantize_methods)}")
@@ -397,11 +409,32 @@ def recipe_from_dict(data: Any) -> Recipe:
         gate=AccuracyGateConfig.from_dict(data.get("gate"), prefix="gate"),
         evaluate=EvaluateConfig.from_dict(data.get("evaluate"), prefix="evaluate"),
         register=RegisterConfig.from_dict(data.get("register"), prefix="register"),
-        engines=TensorRTEngineConfig.from_dict(data.get("engines"), prefix="engines"),
+        engines=engines,
         task=task,
         resources=ResourcesConfig.from_dict(data.get("resources"), prefix="resources"),
         cluster=ClusterConfig.from_dict(data.get("cluster"), prefix="cluster"),
     )
+
+
+def engine_opset_ceilings(engines: TensorRTEngineConfig) -> dict[str, int]:
+    """The highest opset every TensorRT release of each device class parses, by class."""
+    from edgeslim.components.engine.onnx_support import opset_range, recorded
+
+    out = {}
+    for key in engines.device_classes:
+        known = [v for v in engines.tensorrt_versions_for(key) if recorded(v)]
+        if known:
+            out[key] = min(opset_range(v)[1] for v in known)
+    return out
+
+
+def _check_export_opset(stages: list[StageConfig], engines: TensorRTEngineConfig) -> None:
+    opset = next((s.opset for s in stages if isinstance(s, OnnxExportConfig)), None)
+    for key, top in engine_opset_ceilings(engines).items():
+        if opset is not None and opset > top:
+            raise ConfigError(f"export.opset: {opset}, but device class {key}'s TensorRT parses opset {top} at most; "
+                              f"set export.opset: {top}, or remove it and the export picks the highest opset every "
+                              "class in engines.device_classes parses")
 
 
 def _gate_keys(task) -> list[str]:

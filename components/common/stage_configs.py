@@ -7,7 +7,7 @@ validated completely without importing torch or onnxruntime.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 from edgeslim.components.common.config import StageConfig
 from edgeslim.components.common.errors import ConfigError
@@ -29,13 +29,17 @@ def _check_augment(where: str, augment: list[str]) -> None:
         raise ConfigError(f"{where}.augment: {augment} repeats an augmentation; list each once")
 
 
+DEFAULT_OPSET = 18  # the lowest the torch.export-based exporter writes
+
+
 @dataclasses.dataclass(frozen=True)
 class OnnxExportConfig(StageConfig):
     """Export to ONNX with a dynamic batch axis and a pinned opset.
 
     Attributes:
-        opset: ONNX opset. 18 is the lowest the torch.export-based exporter
-            writes, and TensorRT 10.x parses it.
+        opset: ONNX opset; unset: the highest, 18 at most, that the TensorRT of every class in
+            ``engines.device_classes`` parses (17 for TensorRT 8.5). The torch.export-based
+            exporter writes 18 or newer; a lower opset is converted from its 18.
         atol: the absolute part of the export check's tolerance:
             ``|onnx - torch| <= atol + rtol * max|torch channel|`` (channels on axis 1).
         rtol: the relative part of that tolerance, a share of the largest |torch value| of the same
@@ -47,13 +51,24 @@ class OnnxExportConfig(StageConfig):
     stage = "export"
     method = "onnx"
     is_default = True
-    opset: int = 18
+    opset: Optional[int] = None
     atol: float = 1e-3
     rtol: float = 1e-4
     check_samples: int = 64
 
+    @property
+    def resolved_opset(self) -> int:
+        """The opset the export writes: ``opset``, else ``DEFAULT_OPSET``."""
+        return DEFAULT_OPSET if self.opset is None else self.opset
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        if out.get("opset") is None:  # unset: written only once the recipe resolves it
+            out.pop("opset", None)
+        return out
+
     def validate(self) -> None:
-        if not 13 <= self.opset <= 23:
+        if self.opset is not None and not 13 <= self.opset <= 23:
             raise ConfigError(
                 f"export.opset: got {self.opset}; Q/DQ per-channel needs opset 13 or newer and "
                 "onnx supports up to 23: use a value in 13..23 (default 18)"

@@ -41,6 +41,7 @@ import numpy as np
 from edgeslim.components.engine.config import TensorRTEngineConfig
 from edgeslim.components.common.hashing import file_sha256  # noqa: F401  (re-exported)
 from edgeslim.components.common.errors import ConfigError, DeviceError, SourceError
+from edgeslim.components.engine.onnx_support import graph_ops, parser_problem
 from edgeslim.components.engine.devices import (TENSORRT_FEATURES, DeviceClass, LocalDevice, detect_local_device,
                                                 get_device_class, match_device_class, version_tuple)
 from edgeslim.components.engine.tensorrt_calls import (TENSORRT_FAILURES, Steps, collecting_logger, enum_member,
@@ -92,6 +93,8 @@ class OnnxInfo:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     qdq_nodes: int
+    opset: int = 0
+    ops: frozenset = frozenset()
 
 
 def _specs(values) -> list[TensorSpec]:
@@ -131,7 +134,8 @@ def inspect_onnx(path: str | Path) -> OnnxInfo:
     if not inputs:
         raise SourceError(f"ONNX file {path}: the graph has no inputs; export the model again")
     qdq = sum(1 for n in model.graph.node if n.op_type in QDQ_OPS)
-    return OnnxInfo(path, file_sha256(path), inputs, _specs(model.graph.output), qdq)
+    opset, ops = graph_ops(path)
+    return OnnxInfo(path, file_sha256(path), inputs, _specs(model.graph.output), qdq, opset, frozenset(ops))
 
 
 def require_qdq(info: OnnxInfo, precision: str) -> None:
@@ -384,16 +388,20 @@ class BuildPlan:
     config: TensorRTEngineConfig
     onnx: OnnxInfo
     profiles: dict[str, dict[str, list[int]]]
+    tensorrt_versions: tuple[str, ...] = ()
 
 
 def plan_build(onnx_path: str | Path, device_class: str,
                config: Optional[TensorRTEngineConfig] = None) -> BuildPlan:
-    """Check an engine build without a GPU: device class, config, Q/DQ, profiles.
+    """Check an engine build without a GPU: device class, config, Q/DQ, profiles, and that every
+    TensorRT release the class admits (``engines.min_tensorrt`` narrows it) can build the settings
+    and parse the ONNX's opset and operators.
 
     Raises:
         DeviceError: unknown device class (lists the known ones).
         ConfigError: the config does not suit the class, or a profile is wrong.
-        SourceError: the ONNX is missing, unreadable, or has no Q/DQ for int8.
+        SourceError: the ONNX is missing, unreadable, has no Q/DQ for int8, or uses an opset or an
+            operator some TensorRT release of the class cannot parse.
     """
     dc = get_device_class(device_class)
     config = config or TensorRTEngineConfig()
@@ -402,7 +410,11 @@ def plan_build(onnx_path: str | Path, device_class: str,
         config = dataclasses.replace(config, device_classes=[*config.device_classes, device_class])
     info = inspect_onnx(onnx_path)
     require_qdq(info, config.precision)
-    return BuildPlan(dc, config, info, compute_profiles(info.inputs, config))
+    versions = config.tensorrt_versions_for(device_class)
+    problem = parser_problem(info.path.name, info.opset, set(info.ops), device_class, versions)
+    if problem:
+        raise SourceError(problem)
+    return BuildPlan(dc, config, info, compute_profiles(info.inputs, config), versions)
 
 
 def build_engine(onnx_path: str | Path, out_dir: str | Path, device_class: str,
@@ -446,7 +458,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, device_class: str,
     if local.tensorrt != version:
         local = dataclasses.replace(local, tensorrt=version)
         match_device_class(device_class, local, hardware_compatibility=config.hardware_compatibility)
-    problem = config.tensorrt_version_problem(version)
+    problem = config.tensorrt_version_problem(version, device_class)
     if problem:  # e.g. same_compute_capability on a 10.x before 10.9: refused before TensorRT is asked
         raise DeviceError(problem)
     settings = build_settings(config, plan.profiles)

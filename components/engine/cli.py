@@ -71,9 +71,12 @@ def _cmd_detect(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from edgeslim.components.engine.builder import plan_build
 
+    from edgeslim.components.engine.devices import releases_label
+
     plan = plan_build(args.onnx, args.device_class, _load_config(args.config))
     print(json.dumps({"device_class": plan.device_class.key, "qdq_nodes": plan.onnx.qdq_nodes,
-                      "precision": plan.config.precision, "profiles": plan.profiles}, indent=2))
+                      "precision": plan.config.precision, "profiles": plan.profiles, "opset": plan.onnx.opset,
+                      "build_node_tensorrt": releases_label(plan.tensorrt_versions)}, indent=2))
     return 0
 
 

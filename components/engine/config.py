@@ -100,8 +100,16 @@ class TensorRTEngineConfig(Config):
             engines run on other GPUs (datacenter only; not on JetPack).
         timing_cache: keep the builder's timing cache and reuse it for the next
             build of the same device class.
+        min_tensorrt: per device class, the oldest TensorRT release (``10.9``) its build
+            nodes may have, for a setting only newer releases of the class's range can
+            build; the class's build nodes must then have that release or newer.
         node_selectors: per device class, the Kubernetes node labels of its
             build nodes; a class not listed uses its registry default.
+        images: per device class, the image of its engine task; a class not listed uses
+            the image of its platform (``edgeslim compile --help`` names them).
+        tolerations: the Kubernetes tolerations of every engine task, so that it can run on
+            tainted GPU nodes (each a mapping with ``key`` and optionally ``operator``,
+            ``value``, ``effect``).
         accelerator_type: the accelerator an engine task requests.
         accelerator_limit: how many of them.
         verify: the gate an engine passes right after its build.
@@ -120,7 +128,11 @@ class TensorRTEngineConfig(Config):
     strongly_typed: Optional[bool] = None
     hardware_compatibility: HardwareCompatibility = "none"
     timing_cache: bool = True
+    min_tensorrt: dict = dataclasses.field(default_factory=dict)
     node_selectors: dict = dataclasses.field(default_factory=dict)
+    images: dict = dataclasses.field(default_factory=dict)
+    tolerations: list[dict] = dataclasses.field(
+        default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
     accelerator_type: str = "nvidia.com/gpu"
     accelerator_limit: int = 1
     verify: EngineVerifyConfig = dataclasses.field(default_factory=EngineVerifyConfig)
@@ -128,6 +140,7 @@ class TensorRTEngineConfig(Config):
     def validate(self) -> None:
         from edgeslim.components.engine.devices import get_device_class
 
+        self._validate_per_class()
         seen = set()
         for key in self.device_classes:
             try:
@@ -149,9 +162,7 @@ class TensorRTEngineConfig(Config):
                     f"engines.hardware_compatibility: TensorRT does not support it on JetPack "
                     f"(device class {key}); set hardware_compatibility: none"
                 )
-            for feature in self.tensorrt_features():
-                if not feature.possible_in(dc):
-                    raise ConfigError(feature.refusal(f"device class {key} has TensorRT {dc.tensorrt_label}"))
+            self._check_features(dc)
         if self.precision == "fp16" and self.strongly_typed:
             raise ConfigError("engines.precision: fp16 is a builder flag, and a strongly typed network takes "
                               "none (it runs in the ONNX's own types); use int8 with the Q/DQ ONNX, or fp32")
@@ -184,11 +195,66 @@ class TensorRTEngineConfig(Config):
                     "e.g. {nvidia.com/gpu.product: NVIDIA-L4}"
                 )
 
+    def _validate_per_class(self) -> None:
+        """``min_tensorrt``, ``images`` and ``tolerations``: shapes and keys."""
+        from edgeslim.components.engine.devices import get_device_class, releases_label, version_tuple
+
+        for section in ("min_tensorrt", "images"):
+            for key, value in getattr(self, section).items():
+                if key not in self.device_classes:
+                    raise ConfigError(f"engines.{section}: {key!r} is not in engines.device_classes "
+                                      f"({', '.join(self.device_classes) or 'empty'}); add it there or remove it")
+                if not isinstance(value, str) or not value.strip():
+                    raise ConfigError(f"engines.{section}.{key}: got {value!r}; use a string, e.g. "
+                                      + ("'10.9'" if section == "min_tensorrt" else "'registry.example/edgeslim:tag'"))
+        for key, version in self.min_tensorrt.items():
+            admitted = get_device_class(key).tensorrt_versions()
+            if not version_tuple(version) or not self.tensorrt_versions_for(key):
+                raise ConfigError(f"engines.min_tensorrt.{key}: got {version!r}; device class {key} admits TensorRT "
+                                  f"{releases_label(admitted)}: use one of those releases, e.g. {admitted[-1]!r}")
+        for i, tol in enumerate(self.tolerations):
+            if not (isinstance(tol, dict) and isinstance(tol.get("key", ""), str)
+                    and set(tol) <= {"key", "operator", "value", "effect"}
+                    and tol.get("operator", "Equal") in ("Equal", "Exists")
+                    and tol.get("effect", "") in ("", "NoSchedule", "PreferNoSchedule", "NoExecute")):
+                raise ConfigError(f"engines.tolerations[{i}]: got {tol!r}; use a mapping like {{key: nvidia.com/gpu, "
+                                  "operator: Exists, effect: NoSchedule}} (operator Equal or Exists; effect "
+                                  "NoSchedule, PreferNoSchedule or NoExecute)")
+
+    def tensorrt_versions_for(self, device_class: str) -> tuple[str, ...]:
+        """The TensorRT releases a build node of ``device_class`` may have, with ``min_tensorrt`` applied."""
+        from edgeslim.components.engine.devices import get_device_class
+
+        return get_device_class(device_class).tensorrt_versions(self.min_tensorrt.get(device_class))
+
+    def _check_features(self, dc) -> None:
+        """Refuse, in one line, a setting that some TensorRT release the class admits cannot build."""
+        from edgeslim.components.engine.devices import releases_label
+
+        versions = self.tensorrt_versions_for(dc.key)
+        for feature in self.tensorrt_features():
+            lacking = feature.lacking_in(dc, self.min_tensorrt.get(dc.key))
+            if not lacking:
+                continue
+            if lacking == versions:
+                raise ConfigError(feature.refusal(f"device class {dc.key} has TensorRT {releases_label(versions)}"))
+            able = [v for v in versions if v not in lacking]
+            raise ConfigError(feature.refusal(
+                f"device class {dc.key} admits TensorRT {releases_label(versions)}, and a build node with "
+                f"{releases_label(lacking)} cannot build it: build it only on nodes with {releases_label(able)} "
+                f"(engines.min_tensorrt: {{{dc.key}: '{able[0]}'}}, and node selectors for those nodes), "
+                f"or drop the setting"))
+
     def to_dict(self) -> dict:
         # The base class leaves configs inside lists as objects; JSON wants mappings.
         out = super().to_dict()
         out["profiles"] = [p.to_dict() for p in self.profiles]
         out["node_selectors"] = {k: dict(v) for k, v in self.node_selectors.items()}
+        out["tolerations"] = [dict(t) for t in self.tolerations]
+        # Written only when set, so that a recipe without them keeps its digest.
+        for key in ("min_tensorrt", "images", "tolerations"):
+            if out[key] == getattr(type(self)(), key):
+                del out[key]
         return out
 
     def tensorrt_features(self) -> list:
@@ -208,8 +274,14 @@ class TensorRTEngineConfig(Config):
             out.append(features["dla"])
         return out
 
-    def tensorrt_version_problem(self, version: str) -> Optional[str]:
-        """Why TensorRT ``version`` cannot build these settings, in one line; ``None`` if it can."""
+    def tensorrt_version_problem(self, version: str, device_class: Optional[str] = None) -> Optional[str]:
+        """Why TensorRT ``version`` cannot build these settings (for ``device_class``), in one line; ``None`` if it can."""
+        from edgeslim.components.engine.devices import version_tuple
+
+        least = self.min_tensorrt.get(device_class or "")
+        if least and version_tuple(version) < version_tuple(least):
+            return (f"engines.min_tensorrt: {device_class} builds on TensorRT {least} or newer; this node has "
+                    f"TensorRT {version}: run the build on a node with a newer TensorRT")
         for feature in self.tensorrt_features():
             if not feature.supported_by(version):
                 return feature.refusal(f"this node has TensorRT {version}")

@@ -74,6 +74,22 @@ class DeviceClass:
         want = self.tensorrt.split(".")
         return version.split(".")[: len(want)] == want
 
+    def tensorrt_versions(self, at_least: Optional[str] = None) -> tuple[str, ...]:
+        """The TensorRT releases (``major.minor``) a build node of this class may have, oldest first.
+
+        ``10`` admits every 10.x of ``TENSORRT_RELEASES``; a pin no release there matches (an
+        in-house class on a newer TensorRT) admits itself. ``at_least`` drops the older ones.
+        """
+        hits = tuple(v for v in TENSORRT_RELEASES if self.tensorrt_matches(v)) or (self.tensorrt,)
+        if at_least:
+            hits = tuple(v for v in hits if version_tuple(v) >= version_tuple(at_least)[:2])
+        return hits
+
+    @property
+    def cpu_arch(self) -> str:
+        """The CPU architecture of its build nodes, as Kubernetes labels it (``kubernetes.io/arch``)."""
+        return "arm64" if self.is_jetson else "amd64"
+
 
 def _jetson_selector(key: str) -> dict:
     # Jetson build nodes are the devices themselves (or a lab board) joined to the
@@ -106,6 +122,16 @@ HOPPER_TRT10 = DeviceClass("hopper-sm90-trt10", "datacenter", "Hopper", (9, 0), 
                            _gfd_selector(9, 0), "Hopper datacenter GPU (H100, H200), TensorRT 10.x")
 HOPPER_TRT11 = DeviceClass("hopper-sm90-trt11", "datacenter", "Hopper", (9, 0), "11", None, "13", 0,
                            _gfd_selector(9, 0), "Hopper datacenter GPU (H100, H200), TensorRT 11.x")
+
+# The TensorRT releases (major.minor) a class's ``tensorrt`` prefix can admit, oldest first.
+TENSORRT_RELEASES = ("8.5", "8.6", *(f"10.{minor}" for minor in range(17)), *(f"11.{minor}" for minor in range(6)))
+
+
+def releases_label(versions) -> str:
+    """``10.0-10.16`` for a run of releases, ``10.3`` for one."""
+    versions = list(versions)
+    return versions[0] if len(versions) == 1 else f"{versions[0]}-{versions[-1]}"
+
 
 DEVICE_CLASSES: Registry[DeviceClass] = Registry("edgeslim.device_classes", "device class", error=DeviceError)
 
@@ -219,16 +245,9 @@ class TensorRTFeature:
         v = version_tuple(version)
         return any(version_tuple(lo) <= v and (hi is None or v < version_tuple(hi)) for lo, hi in self.ranges)
 
-    def possible_in(self, device_class: DeviceClass) -> bool:
-        """Whether some TensorRT version the class admits has it (``10`` admits every 10.x)."""
-        first = version_tuple(device_class.tensorrt)
-        past = first[:-1] + (first[-1] + 1,)
-        for lo, hi in self.ranges:
-            start = max(first, version_tuple(lo))
-            end = past if hi is None else min(past, version_tuple(hi))
-            if start < end:
-                return True
-        return False
+    def lacking_in(self, device_class: DeviceClass, at_least: Optional[str] = None) -> tuple[str, ...]:
+        """The releases the class admits (from ``at_least`` on) that do not have it, oldest first."""
+        return tuple(v for v in device_class.tensorrt_versions(at_least) if not self.supported_by(v))
 
     def requirement(self) -> str:
         """``TensorRT 10.9 or newer``, ``TensorRT before 11``, ..."""
