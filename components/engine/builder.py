@@ -58,9 +58,6 @@ NOT_BUILT_NO_CUDA = "not built: no CUDA device; devices build it from the Q/DQ O
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
-# --- TensorRT versions --------------------------------------------------------------------
-
-
 def trt_major(version: str) -> int:
     return int(str(version).split(".")[0])
 
@@ -393,15 +390,14 @@ class BuildPlan:
 
 def plan_build(onnx_path: str | Path, device_class: str,
                config: Optional[TensorRTEngineConfig] = None) -> BuildPlan:
-    """Check an engine build without a GPU: device class, config, Q/DQ, profiles, and that every
-    TensorRT release the class admits (``engines.min_tensorrt`` narrows it) can build the settings
-    and parse the ONNX's opset and operators.
+    """Check an engine build without a GPU: device class, config, Q/DQ, profiles, and that every TensorRT
+    release the class admits (``engines.min_tensorrt`` narrows it) builds the settings and parses the ONNX.
 
     Raises:
         DeviceError: unknown device class (lists the known ones).
         ConfigError: the config does not suit the class, or a profile is wrong.
-        SourceError: the ONNX is missing, unreadable, has no Q/DQ for int8, or uses an opset or an
-            operator some TensorRT release of the class cannot parse.
+        SourceError: the ONNX is missing, unreadable, has no Q/DQ for int8, or has an opset or op some
+            TensorRT release of the class cannot parse.
     """
     dc = get_device_class(device_class)
     config = config or TensorRTEngineConfig()

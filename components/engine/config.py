@@ -237,7 +237,8 @@ class TensorRTEngineConfig(Config):
             if not lacking:
                 continue
             if lacking == versions:
-                raise ConfigError(feature.refusal(f"device class {dc.key} has TensorRT {releases_label(versions)}"))
+                has = releases_label(versions) if dc.key in self.min_tensorrt else dc.tensorrt_label
+                raise ConfigError(feature.refusal(f"device class {dc.key} has TensorRT {has}"))
             able = [v for v in versions if v not in lacking]
             raise ConfigError(feature.refusal(
                 f"device class {dc.key} admits TensorRT {releases_label(versions)}, and a build node with "
@@ -278,13 +279,13 @@ class TensorRTEngineConfig(Config):
         """Why TensorRT ``version`` cannot build these settings (for ``device_class``), in one line; ``None`` if it can."""
         from edgeslim.components.engine.devices import version_tuple
 
+        for feature in self.tensorrt_features():
+            if not feature.supported_by(version):
+                return feature.refusal(f"this node has TensorRT {version}")
         least = self.min_tensorrt.get(device_class or "")
         if least and version_tuple(version) < version_tuple(least):
             return (f"engines.min_tensorrt: {device_class} builds on TensorRT {least} or newer; this node has "
                     f"TensorRT {version}: run the build on a node with a newer TensorRT")
-        for feature in self.tensorrt_features():
-            if not feature.supported_by(version):
-                return feature.refusal(f"this node has TensorRT {version}")
         return None
 
     def strongly_typed_for(self, tensorrt_version: str) -> bool:

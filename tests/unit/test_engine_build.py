@@ -363,12 +363,25 @@ def test_every_version_gated_setting_is_refused_for_a_class_without_it_in_one_li
         with pytest.raises(ConfigError) as exc:
             TensorRTEngineConfig.from_dict(data, prefix="engines")
         assert one_line(exc.value) == line
-    # A class that admits a version with the feature passes; the build node's TensorRT is checked later.
-    cfg = TensorRTEngineConfig(device_classes=["ada-sm89-trt10"], hardware_compatibility="same_compute_capability")
-    assert cfg.tensorrt_version_problem("10.16.1.11") is None
-    assert cfg.tensorrt_version_problem("10.8.0.43") == (
+    # A class whose range holds releases without it is refused too, naming the build nodes it would need;
+    # engines.min_tensorrt narrows the class to those, and the build node's TensorRT is checked on the node.
+    with pytest.raises(ConfigError) as exc:
+        TensorRTEngineConfig(device_classes=["ada-sm89-trt10"], hardware_compatibility="same_compute_capability")
+    assert one_line(exc.value) == (
+        "engines.hardware_compatibility: same_compute_capability needs TensorRT 10.9 or newer; device class "
+        "ada-sm89-trt10 admits TensorRT 10.0-10.16, and a build node with 10.0-10.8 cannot build it: build it only "
+        "on nodes with 10.9-10.16 (engines.min_tensorrt: {ada-sm89-trt10: '10.9'}, and node selectors for those "
+        "nodes), or drop the setting")
+    cfg = TensorRTEngineConfig(device_classes=["ada-sm89-trt10"], hardware_compatibility="same_compute_capability",
+                               min_tensorrt={"ada-sm89-trt10": "10.9"})
+    assert cfg.tensorrt_version_problem("10.16.1.11", "ada-sm89-trt10") is None
+    assert cfg.tensorrt_version_problem("10.8.0.43", "ada-sm89-trt10") == (
         "engines.hardware_compatibility: same_compute_capability needs TensorRT 10.9 or newer; this node has "
         "TensorRT 10.8.0.43")
+    assert TensorRTEngineConfig(device_classes=["ada-sm89-trt10"], min_tensorrt={"ada-sm89-trt10": "10.9"}) \
+        .tensorrt_version_problem("10.8.0.43", "ada-sm89-trt10") == (
+        "engines.min_tensorrt: ada-sm89-trt10 builds on TensorRT 10.9 or newer; this node has TensorRT 10.8.0.43: "
+        "run the build on a node with a newer TensorRT")
 
 
 def test_feature_versions_read_as_ranges():
@@ -380,16 +393,19 @@ def test_feature_versions_read_as_ranges():
     assert F["dla"].supported_by("10.7.0") and not F["dla"].supported_by("10.8.0.43")
     assert not F["dla"].supported_by("11.4.0.106") and F["dla"].supported_by("11.4.1")
     xavier, ada = get_device_class("xavier-sm72-jp5.1-trt8.5"), get_device_class("ada-sm89-trt10")
-    assert not F["version_compatible"].possible_in(xavier) and F["version_compatible"].possible_in(ada)
-    assert F["hardware_compatibility.same_compute_capability"].possible_in(ada)  # 10.9..10.x are 10.x
-    assert not F["hardware_compatibility.same_compute_capability"].possible_in(get_device_class(ORIN_KEY))
+    assert F["version_compatible"].lacking_in(xavier) == ("8.5",) and F["version_compatible"].lacking_in(ada) == ()
+    same_cc = F["hardware_compatibility.same_compute_capability"]
+    assert same_cc.lacking_in(ada) == tuple(f"10.{m}" for m in range(9))  # 10.0-10.8 of the class's 10.x
+    assert same_cc.lacking_in(ada, "10.9") == ()
+    assert same_cc.lacking_in(get_device_class(ORIN_KEY)) == ("10.3",)
 
 
 def test_build_refuses_a_setting_the_nodes_tensorrt_lacks_before_calling_it(onnx_pair, tmp_path, monkeypatch):
     called = []
     trt = types.SimpleNamespace(__version__="10.3.0", Builder=lambda logger: called.append(logger))
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    cfg = TensorRTEngineConfig(version_compatible=True, hardware_compatibility="same_compute_capability")
+    cfg = TensorRTEngineConfig(version_compatible=True, hardware_compatibility="same_compute_capability",
+                               device_classes=["ada-sm89-trt10"], min_tensorrt={"ada-sm89-trt10": "10.9"})
     with pytest.raises(DeviceError) as exc:
         eng.build_engine(onnx_pair[1], tmp_path, "ada-sm89-trt10", cfg, local=L4_NO_TRT)
     assert "same_compute_capability needs TensorRT 10.9 or newer; this node has TensorRT 10.3.0" in one_line(exc.value)

@@ -84,3 +84,21 @@ def test_check_an_engine_without_tensorrt_gives_the_install_hint(capsys, tmp_pat
     (tmp_path / "metadata.json").write_text(json.dumps({"format": "edgeslim-trt-engine", "tensorrt": "10.3.0"}))
     code, _, err = run(capsys, "engine", "check", str(tmp_path))
     assert code == 2 and "pip install 'edgeslim[tensorrt10]'" in error_line(err)
+
+
+def test_plan_refuses_what_some_tensorrt_of_the_class_cannot_build_in_one_line(capsys, onnx_pair, tmp_path):
+    """Opset 18 on the TensorRT 8.5 class; same_compute_capability on a class whose 10.x range starts before 10.9."""
+    code, _, err = run(capsys, "engine", "plan", str(onnx_pair[1]), "--device-class", "xavier-sm72-jp5.1-trt8.5")
+    assert code != 0 and "qdq.onnx is opset 18, and TensorRT 8.5 (device class xavier-sm72-jp5.1-trt8.5) parses " \
+        "opset 17 at most: export with export.opset: 17" in error_line(err)
+    cfg = tmp_path / "engines.yaml"
+    cfg.write_text("engines:\n  hardware_compatibility: same_compute_capability\n")
+    code, _, err = run(capsys, "engine", "plan", str(onnx_pair[1]), "--device-class", "ada-sm89-trt10",
+                       "--config", str(cfg))
+    assert code != 0 and "same_compute_capability needs TensorRT 10.9 or newer; device class ada-sm89-trt10 admits " \
+        "TensorRT 10.0-10.16, and a build node with 10.0-10.8 cannot build it" in error_line(err)
+    cfg.write_text("engines:\n  hardware_compatibility: same_compute_capability\n  device_classes: [ada-sm89-trt10]\n"
+                   "  min_tensorrt: {ada-sm89-trt10: '10.9'}\n")
+    code, out, _ = run(capsys, "engine", "plan", str(onnx_pair[1]), "--device-class", "ada-sm89-trt10",
+                       "--config", str(cfg))
+    assert code == 0 and json.loads(out)["build_node_tensorrt"] == "10.9-10.16"

@@ -44,8 +44,8 @@ def digits_splits() -> Splits:
     return Splits(x_tr, y_tr, x_va, y_va, x_te, y_te, source="sklearn-digits")
 
 
-def make_digits_onnx(folder: Path, splits: Splits | None = None) -> tuple[Path, Path, Splits]:
-    """Write ``fp32.onnx`` and ``qdq.onnx`` (dynamic batch) into ``folder``."""
+def make_digits_onnx(folder: Path, splits: Splits | None = None, opset: int = 18) -> tuple[Path, Path, Splits]:
+    """Write ``fp32.onnx`` and ``qdq.onnx`` (dynamic batch, default-domain ``opset``) into ``folder``."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from sklearn.neural_network import MLPClassifier
 
@@ -69,7 +69,7 @@ def make_digits_onnx(folder: Path, splits: Splits | None = None) -> tuple[Path, 
         nodes, "digits_mlp",
         [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", 1, 8, 8])],
         [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", 10])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 9
     onnx.checker.check_model(model)
     fp32 = folder / "fp32.onnx"

@@ -119,11 +119,13 @@ def test_tensorrt_10_strongly_typed_on_request(qdq, tmp_path, monkeypatch):
     assert built.metadata["tensorrt_api"] == "strongly-typed" and built.metadata["strongly_typed"] is True
 
 
-def test_tensorrt_8_5_build_on_xavier_uses_explicit_batch(qdq, tmp_path, monkeypatch):
-    """TensorRT 8.5 is the documented API (not on PyPI): see tests/unit/test_trt_conformance.py."""
+def test_tensorrt_8_5_build_on_xavier_uses_explicit_batch(tmp_path, monkeypatch):
+    """TensorRT 8.5 is the documented API (not on PyPI): see tests/unit/test_trt_conformance.py. It parses
+    opset 17 at most."""
     calls = []
     install(monkeypatch, mocked_tensorrt(TRT8_5, calls, dla_cores=2))
-    eng.build_engine(qdq[1], tmp_path, "xavier-sm72-jp5.1-trt8.5", TensorRTEngineConfig(dla_core=0), local=XAVIER)
+    _, qdq17, _ = make_digits_onnx(tmp_path / "onnx", opset=17)
+    eng.build_engine(qdq17, tmp_path, "xavier-sm72-jp5.1-trt8.5", TensorRTEngineConfig(dla_core=0), local=XAVIER)
     assert ("network_flags", 1 << 0) in calls and ("builder_flags", ["FP16", "GPU_FALLBACK", "INT8"]) in calls
 
 
@@ -159,7 +161,8 @@ def test_same_compute_capability_before_10_9_is_refused_before_tensorrt_is_asked
     """Finding 1: HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY came with 10.9; 10.3 has none."""
     calls = []
     install(monkeypatch, mocked_tensorrt(TRT10_JETPACK6, calls))
-    cfg = TensorRTEngineConfig(hardware_compatibility="same_compute_capability")
+    cfg = TensorRTEngineConfig(hardware_compatibility="same_compute_capability", device_classes=["ada-sm89-trt10"],
+                               min_tensorrt={"ada-sm89-trt10": "10.9"})
     with pytest.raises(DeviceError) as exc:
         eng.build_engine(qdq[1], tmp_path, "ada-sm89-trt10", cfg, local=L4)
     assert one_line(exc.value) == ("engines.hardware_compatibility: same_compute_capability needs TensorRT 10.9 "
