@@ -9,7 +9,8 @@ compiles and uploads it once and every model reuses it::
                                                        -> report (OneOf)
 
 What Kubernetes needs is fixed when the pipeline is compiled, from the recipe: one engine
-task per device class (TensorRT image, GPU, the class's node selector), CPU and memory
+task per device class (the image of its platform, arm64 for Jetson classes, a GPU, the class's
+node selector with its CPU architecture, the engine tolerations), image pull Secrets, CPU and memory
 requests per kind of task, a GPU for training when the recipe asks, retries, and the
 credential Secrets. :func:`submit_run` and :func:`follow_run` send it to a Kubeflow
 Pipelines endpoint and follow the run.
@@ -31,7 +32,7 @@ from edgeslim.components.common.errors import EdgeslimError
 from edgeslim.components.engine.config import TensorRTEngineConfig
 from edgeslim.components.kfp.ops import DEFAULT_ENGINE_IMAGE, DEFAULT_IMAGE, DEFAULT_TRAIN_IMAGE, make_ops
 from edgeslim.components.kfp.placement import (apply_device_class_placement, apply_task_settings,
-                                               check_node_selectors, parallel_items, quantize_trains)
+                                               check_node_selectors, engine_image_for, quantize_trains)
 from edgeslim.components.recipe import ClusterConfig, Recipe, ResourcesConfig
 
 PIPELINE_NAME = "edgeslim-edge-compression"
@@ -56,7 +57,8 @@ def build_pipeline(base_image: str = DEFAULT_IMAGE, *, engines: TensorRTEngineCo
             the tasks.
         recipe_default: make the recipe's JSON the default of the ``recipe_json`` parameter
             (a run started from the KFP UI then needs no input).
-        engine_image: image of the engine tasks (TensorRT installed).
+        engine_image: image of the engine tasks of x86_64 TensorRT 10 classes (TensorRT installed); the
+            other classes' tasks run on ``engines.images`` of the recipe, else on their platform's image.
         train_image: image of the training tasks when ``resources.train.gpu`` asks for a GPU
             (a CUDA build of torch).
         torch_stages: lay out the transform task and the student's export. False for a pipeline
@@ -73,13 +75,12 @@ def build_pipeline(base_image: str = DEFAULT_IMAGE, *, engines: TensorRTEngineCo
     trains_in_quantize = recipe is not None and quantize_trains(recipe)
     if placement:
         check_node_selectors(engines)
-    images = {"engine_build_op": engine_image}
+    images = {}
     if resources.train.gpu:
         images["transform_op"] = train_image
         if trains_in_quantize:
             images["quantize_op"] = train_image
     ops = make_ops(base_image, images=images)
-    items = parallel_items(engines)
     default_recipe = recipe.to_json() if recipe is not None and recipe_default else None
 
     def on_cluster(task, kind: str):
@@ -118,25 +119,22 @@ def build_pipeline(base_image: str = DEFAULT_IMAGE, *, engines: TensorRTEngineCo
         for t, kind in kinds:
             t.set_caching_options(False)
             on_cluster(t, kind)
-        # One engine task per device class, each on a GPU node of that class. It builds
-        # only when the gate passed, verifies its engine, and a failing engine stops the
-        # registration. (The loop sits outside dsl.If: loop-item node selectors cannot
-        # cross into a condition branch.)
+        # One engine task per device class, each on its platform's image and a GPU node of that
+        # class. It builds only when the gate passed, verifies its engine, and a failing engine
+        # stops the registration. (The tasks sit outside dsl.If, which the plan task decides for them.)
         plan = ops.plan_engines_op(recipe_json=recipe_json, parent=pulled.outputs["parent"],
                                    verdict=gated.outputs["verdict"]) \
             .set_display_name("plan engines").set_caching_options(False)
         on_cluster(plan, "light")
         collected = []
-        if items:
-            with dsl.ParallelFor(items, name="device-classes") as item:
-                eng = ops.engine_build_op(
-                    qdq_model=quantized.outputs["qdq_model"], device_class=item.device_class,
-                    plan=plan.outputs["plan"],
-                ).set_display_name("engine").set_caching_options(False)
-                if placement:
-                    apply_device_class_placement(eng, item, engines)
-                on_cluster(eng, "engine")
-            collected = dsl.Collected(eng.outputs["Output"])
+        for key in engines.device_classes:
+            eng = ops.engine_build_on(engine_image_for(key, engines, engine_image))(
+                qdq_model=quantized.outputs["qdq_model"], device_class=key, plan=plan.outputs["plan"],
+            ).set_display_name(f"engine {key}").set_caching_options(False)
+            if placement:
+                apply_device_class_placement(eng, key, engines)
+            on_cluster(eng, "engine")
+            collected.append(eng.outputs["Output"])
         with dsl.If(gated.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (KFP condition)
             reg = ops.register_op(
                 recipe_json=recipe_json, tracking_uri=tracking_uri, qdq_model=quantized.outputs["qdq_model"],

@@ -16,12 +16,20 @@ from kfp.dsl import Artifact, ClassificationMetrics, Input, Markdown, Metrics, M
 
 from edgeslim.components.common.version import __version__
 
-# Built from deploy/images/: Containerfile (CPU), Containerfile.tensorrt (TensorRT 10.3 on NVIDIA's
-# nvcr.io/nvidia/tensorrt:24.08-py3), and Containerfile with a CUDA torch (GPU training); tagged with
-# this release's version.
-DEFAULT_IMAGE = f"ghcr.io/edgeslim/edgeslim:{__version__}"
-DEFAULT_ENGINE_IMAGE = f"ghcr.io/edgeslim/edgeslim:{__version__}-tensorrt10.3"
-DEFAULT_TRAIN_IMAGE = f"ghcr.io/edgeslim/edgeslim:{__version__}-cuda"
+# Built from deploy/images/ (deploy/images/README.md): Containerfile (CPU; amd64 and arm64 under one
+# tag), Containerfile.tensorrt (x86_64, TensorRT 10.3 on NVIDIA's TensorRT image; with TRT_BASE, 11.x),
+# Containerfile.jetson (arm64, NVIDIA's L4T JetPack image of each JetPack release), and Containerfile
+# with a CUDA torch (GPU training); tagged with this release's version.
+IMAGE_REPOSITORY = "ghcr.io/edgeslim/edgeslim"
+DEFAULT_IMAGE = f"{IMAGE_REPOSITORY}:{__version__}"
+DEFAULT_ENGINE_IMAGE = f"{IMAGE_REPOSITORY}:{__version__}-tensorrt10.3"
+DEFAULT_TRAIN_IMAGE = f"{IMAGE_REPOSITORY}:{__version__}-cuda"
+
+
+def platform_image(device_class) -> str:
+    """The released image of a class's platform: ``-jetpack6.1`` (arm64 L4T) or ``-tensorrt11`` (x86_64)."""
+    tag = f"jetpack{device_class.jetpack}" if device_class.is_jetson else f"tensorrt{device_class.tensorrt_major}"
+    return f"{IMAGE_REPOSITORY}:{__version__}-{tag}"
 
 
 def pull_op(recipe_json: str, tracking_uri: str, model: Output[Model], parent: Output[Artifact]):
@@ -298,8 +306,7 @@ def plan_engines_op(recipe_json: str, parent: Input[Artifact], verdict: Input[Ar
 
     When the gate failed the device-class list is empty, so engine tasks build
     nothing. ``previous_model_uri`` names the edge model registered before, whose
-    timing cache for a class seeds its new build. (An artifact, not parameters:
-    kfp's local runner hands loop items to parameters read inside a ParallelFor.)
+    timing cache for a class seeds its new build.
     """
     import dataclasses
     import json
@@ -451,6 +458,14 @@ def make_ops(base_image: str = DEFAULT_IMAGE, *, images: dict | None = None) -> 
         # install_kfp_package=False: the image (or the local env) already has edgeslim and kfp.
         return dsl.component(fn, base_image=images.get(fn.__name__, base_image), install_kfp_package=False)
 
-    return SimpleNamespace(**{f.__name__: comp(f) for f in (
+    engine_ops: dict = {}
+
+    def engine_build_on(image: str):
+        """``engine_build_op`` on ``image`` (one component per image: engine tasks run on their platform's)."""
+        if image not in engine_ops:
+            engine_ops[image] = dsl.component(engine_build_op, base_image=image, install_kfp_package=False)
+        return engine_ops[image]
+
+    return SimpleNamespace(engine_build_on=engine_build_on, **{f.__name__: comp(f) for f in (
         pull_op, export_op, transform_op, quantize_op, evaluate_op, gate_op, plan_engines_op,
         engine_build_op, register_op, reject_op, report_op)})

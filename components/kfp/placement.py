@@ -2,10 +2,12 @@
 task requests, retries and reads its credentials from.
 
 The pipeline (``edgeslim.pipelines.edge_compression``) lays out ``ops.engine_build_op`` once per
-class with ``dsl.ParallelFor`` over :func:`parallel_items`, and gives each task a GPU and its
-class's node selector with :func:`apply_device_class_placement`. Without a CUDA device (CI,
-laptops, the local runner) the task reports "not built: no CUDA device; ..." and succeeds.
-Every task gets CPU and memory requests for its kind, retries and the credential Secrets
+class, on the image of the class's platform (:func:`engine_image_for`: arm64 L4T images for
+Jetson classes, x86_64 TensorRT images for datacenter ones), and gives each task a GPU, its
+class's node selector with the CPU architecture (``kubernetes.io/arch``) and the engine
+tolerations with :func:`apply_device_class_placement`. Without a CUDA device (CI, laptops, the
+local runner) the task reports "not built: no CUDA device; ..." and succeeds. Every task gets
+CPU and memory requests for its kind, retries, the credential Secrets and the image pull Secrets
 with :func:`apply_task_settings`. The local runner has no Kubernetes: it uses none of this.
 """
 
@@ -76,6 +78,8 @@ def apply_task_settings(task, kind: str, resources: ResourcesConfig, cluster: Cl
     if kind == "train":
         for label, value in sorted(resources.train.node_selector.items()):
             kubernetes.add_node_selector(task, label, value)
+    if cluster.image_pull_secrets:
+        kubernetes.set_image_pull_secrets(task, list(cluster.image_pull_secrets))
     if resources.retries:
         task.set_retry(num_retries=resources.retries, backoff_duration=RETRY_BACKOFF, backoff_factor=2.0)
     for name, keys in ((cluster.mlflow_secret, MLFLOW_SECRET_KEYS), (cluster.s3_secret, S3_SECRET_KEYS)):
@@ -85,19 +89,39 @@ def apply_task_settings(task, kind: str, resources: ResourcesConfig, cluster: Cl
     return task
 
 
-def parallel_items(config: TensorRTEngineConfig) -> list[dict[str, Any]]:
-    """What ``dsl.ParallelFor`` iterates over: each class with its node selector."""
-    return [{"device_class": k, "node_selector": config.node_selector_for(k)} for k in config.device_classes]
+def engine_image_for(device_class: str, config: TensorRTEngineConfig, engine_image: str) -> str:
+    """The image of ``device_class``'s engine task: ``engines.images`` of the recipe, else its platform's.
+
+    Args:
+        device_class: a device-class key.
+        config: the recipe's ``engines`` section.
+        engine_image: the image of the x86_64 TensorRT 10 classes (``edgeslim compile --engine-image``).
+    """
+    from edgeslim.components.engine.devices import get_device_class
+    from edgeslim.components.kfp.ops import platform_image
+
+    if device_class in config.images:
+        return config.images[device_class]
+    dc = get_device_class(device_class)
+    if not dc.is_jetson and dc.tensorrt_major == 10:
+        return engine_image
+    return platform_image(dc)
 
 
-def apply_device_class_placement(task, device_class, config: TensorRTEngineConfig):
-    """Ask for a GPU and a node of the device class for ``task``.
+def node_selector_for(device_class: str, config: TensorRTEngineConfig) -> dict[str, str]:
+    """The class's node labels (recipe, else registry) with its CPU architecture (``kubernetes.io/arch``)."""
+    from edgeslim.components.engine.devices import get_device_class
+
+    return {"kubernetes.io/arch": get_device_class(device_class).cpu_arch, **config.node_selector_for(device_class)}
+
+
+def apply_device_class_placement(task, device_class: str, config: TensorRTEngineConfig):
+    """Ask for a GPU, a node of the device class and its architecture, and the engine tolerations for ``task``.
 
     Args:
         task: an engine task (``ops.engine_build_op``).
-        device_class: a device-class key, or the ``ParallelFor`` loop item over
-            :func:`parallel_items` (its ``node_selector`` is then used).
-        config: accelerator type/limit and node selectors.
+        device_class: a device-class key.
+        config: accelerator type/limit, node selectors and tolerations.
 
     Returns:
         The task.
@@ -108,8 +132,8 @@ def apply_device_class_placement(task, device_class, config: TensorRTEngineConfi
     kubernetes = _kubernetes()
     task.set_accelerator_type(config.accelerator_type)
     task.set_accelerator_limit(config.accelerator_limit)
-    if isinstance(device_class, str):
-        kubernetes.add_node_selector_json(task, config.node_selector_for(device_class))
-    else:
-        kubernetes.add_node_selector_json(task, device_class.node_selector)
+    kubernetes.add_node_selector_json(task, node_selector_for(device_class, config))
+    for tol in config.tolerations:
+        kubernetes.add_toleration(task, key=tol.get("key") or None, operator=tol.get("operator") or None,
+                                  value=tol.get("value") or None, effect=tol.get("effect") or None)
     return task

@@ -74,8 +74,9 @@ def register(sub) -> None:
         p.add_argument("--source", default=None, help="models:/NAME/VERSION (or @ALIAS): overrides the recipe's source")
         p.add_argument("--base-image", default=None, help="image of the CPU tasks, edgeslim installed "
                        "(deploy/images/Containerfile)")
-        p.add_argument("--engine-image", default=None, help="image of the engine tasks, TensorRT installed "
-                       "(deploy/images/Containerfile.tensorrt)")
+        p.add_argument("--engine-image", default=None, help="image of the engine tasks of x86_64 TensorRT 10 "
+                       "classes (deploy/images/Containerfile.tensorrt); Jetson classes run on the arm64 "
+                       "'-jetpackX.Y' images, others on '-tensorrtN', unless engines.images names one")
         p.add_argument("--train-image", default=None, help="image of the training tasks when resources.train.gpu "
                        "asks for a GPU (a CUDA torch; deploy/images/Containerfile)")
         p.add_argument("--mlflow-secret", default=None, help="Kubernetes Secret with the MLflow credentials "

@@ -1,21 +1,29 @@
-"""Engine tasks in the compiled pipeline: one per device class, each asking for a GPU and a node of its class."""
+"""Engine tasks in the compiled pipeline: one per device class, each on its platform's image (arm64 for
+Jetson, x86_64 otherwise), asking for a GPU and a node of its class and architecture, tolerating GPU taints."""
 
 # No `from __future__ import annotations`: kfp reads the components' real annotations.
 
 import json
 
+import pytest
 import yaml
 from kfp import compiler, dsl
 
 from edgeslim.components.engine.config import TensorRTEngineConfig
-from edgeslim.components.kfp.ops import make_ops
-from edgeslim.components.kfp.placement import apply_device_class_placement, parallel_items
+from edgeslim.components.engine.devices import get_device_class, known_device_classes
+from edgeslim.components.kfp.ops import DEFAULT_ENGINE_IMAGE, make_ops
+from edgeslim.components.kfp.placement import apply_device_class_placement
 from edgeslim.pipelines.edge_compression import compile_pipeline
 
 ORIN_KEY = "orin-sm87-jp6.1-trt10.3"
 ADA_KEY = "ada-sm89-trt10"
 CFG = TensorRTEngineConfig(device_classes=[ORIN_KEY, ADA_KEY],
                            node_selectors={ADA_KEY: {"nvidia.com/gpu.product": "NVIDIA-L4"}})
+# The recipe's own tolerations replace the default one.
+TOLERATING = TensorRTEngineConfig(device_classes=[ADA_KEY], node_selectors=CFG.node_selectors,
+                                  tolerations=[{"key": "dedicated", "operator": "Equal", "value": "gpu",
+                                                "effect": "NoExecute"}])
+GPU_TAINT = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 
 
 def _docs(path):
@@ -23,23 +31,55 @@ def _docs(path):
     return docs[0], (docs[1] if len(docs) > 1 else {})
 
 
-def test_parallel_items_carry_each_class_and_its_node_selector():
-    assert parallel_items(CFG) == [
-        {"device_class": ORIN_KEY, "node_selector": {"edgeslim.io/device-class": ORIN_KEY}},
-        {"device_class": ADA_KEY, "node_selector": {"nvidia.com/gpu.product": "NVIDIA-L4"}},
-    ]
+def engine_tasks(spec, platform) -> dict:
+    """device class -> (image, container resources, kubernetes executor config) of its engine task."""
+    executors = spec["deploymentSpec"]["executors"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    out = {}
+    for task in spec["root"]["dag"]["tasks"].values():
+        if not task["componentRef"]["name"].startswith("comp-engine-build-op"):
+            continue
+        key = task["inputs"]["parameters"]["device_class"]["runtimeValue"]["constant"]
+        label = spec["components"][task["componentRef"]["name"]]["executorLabel"]
+        container = executors[label]["container"]
+        out[key] = (container["image"], container.get("resources", {}), k8s.get(label, {}), task["taskInfo"]["name"])
+    return out
 
 
-def test_each_engine_task_of_the_pipeline_asks_for_a_gpu_and_a_node_of_its_class(tmp_path):
-    spec, platform = _docs(compile_pipeline(tmp_path / "p.yaml", engines=CFG))
-    resources = spec["deploymentSpec"]["executors"]["exec-engine-build-op"]["container"]["resources"]
-    assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
-    assert resources["accelerator"]["resourceCount"] == "1"
-    selector = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-engine-build-op"]["nodeSelector"]
-    assert selector["nodeSelectorJson"]["componentInputParameter"].endswith("subvar-node_selector")
-    loop = next(t for t in spec["root"]["dag"]["tasks"].values() if "parameterIterator" in t)
-    items = json.loads(loop["parameterIterator"]["items"]["raw"])
-    assert [i["device_class"] for i in items] == [ORIN_KEY, ADA_KEY]
+@pytest.fixture(scope="module")
+def every_class(tmp_path_factory):
+    """The engine tasks of a pipeline compiled for every built-in class (one compile for the module)."""
+    cfg = TensorRTEngineConfig(device_classes=known_device_classes(), node_selectors=CFG.node_selectors,
+                               images={"hopper-sm90-trt11": "registry.example/trt11:1"})
+    return engine_tasks(*_docs(compile_pipeline(tmp_path_factory.mktemp("ir") / "p.yaml", engines=cfg)))
+
+
+def test_every_class_gets_a_task_on_its_architectures_image_with_its_node_gpu_and_tolerations(every_class):
+    """Jetson classes on arm64 L4T images, the others on x86_64 TensorRT ones; nvidia.com/gpu taints tolerated."""
+    assert sorted(every_class) == known_device_classes()
+    for key, (image, resources, k8s, name) in every_class.items():
+        dc = get_device_class(key)
+        assert name == f"engine {key}"
+        if dc.is_jetson:
+            assert image.endswith(f"-jetpack{dc.jetpack}"), (key, image)
+        elif key == "hopper-sm90-trt11":
+            assert image == "registry.example/trt11:1"  # engines.images
+        else:
+            assert image == DEFAULT_ENGINE_IMAGE, (key, image)
+        selector = k8s["nodeSelector"]["nodeSelectorJson"]["runtimeValue"]["constant"]
+        assert selector == {"kubernetes.io/arch": "arm64" if dc.is_jetson else "amd64",
+                            **CFG.node_selectors.get(key, dc.node_selector)}, key
+        assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu" and resources["accelerator"]["resourceCount"] == "1"
+        assert k8s["tolerations"] == GPU_TAINT, key
+
+
+def test_an_orin_and_an_ada_class_land_on_arm64_and_x86_images(every_class):
+    (orin_image, _, orin, _), (ada_image, _, ada, _) = every_class[ORIN_KEY], every_class[ADA_KEY]
+    assert orin_image.endswith("-jetpack6.1") and ada_image == DEFAULT_ENGINE_IMAGE != orin_image
+    assert orin["nodeSelector"]["nodeSelectorJson"]["runtimeValue"]["constant"] == {
+        "kubernetes.io/arch": "arm64", "edgeslim.io/device-class": ORIN_KEY}
+    assert ada["nodeSelector"]["nodeSelectorJson"]["runtimeValue"]["constant"] == {
+        "kubernetes.io/arch": "amd64", "nvidia.com/gpu.product": "NVIDIA-L4"}
 
 
 def test_a_fixed_device_class_gets_its_selector_literally(tmp_path):
@@ -48,12 +88,14 @@ def test_a_fixed_device_class_gets_its_selector_literally(tmp_path):
     @dsl.pipeline(name="engine-one-class")
     def pipeline(qdq: dsl.Input[dsl.Model], plan: dsl.Input[dsl.Artifact]):
         task = ops.engine_build_op(qdq_model=qdq, device_class=ADA_KEY, plan=plan)
-        apply_device_class_placement(task, ADA_KEY, CFG)
+        apply_device_class_placement(task, ADA_KEY, TOLERATING)
 
     compiler.Compiler().compile(pipeline, str(tmp_path / "one.yaml"))
     _, platform = _docs(tmp_path / "one.yaml")
-    selector = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-engine-build-op"]["nodeSelector"]
-    assert selector == {"nodeSelectorJson": {"runtimeValue": {"constant": {"nvidia.com/gpu.product": "NVIDIA-L4"}}}}
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-engine-build-op"]
+    assert k8s["nodeSelector"] == {"nodeSelectorJson": {"runtimeValue": {"constant": {
+        "kubernetes.io/arch": "amd64", "nvidia.com/gpu.product": "NVIDIA-L4"}}}}
+    assert k8s["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoExecute"}]
 
 
 def test_the_engine_component_reports_not_built_without_a_cuda_device(tmp_path):

@@ -1,8 +1,9 @@
 """The pipeline as a Kubeflow cluster runs it: compiled from a recipe with two device classes and a GPU
 for training, and submitted with `edgeslim submit` to a stand-in of the KFP REST API on loopback.
 
-The compiled IR is read as the cluster reads it: one engine task per class (a ``ParallelFor`` over the
-classes) on the TensorRT image with a GPU and the class's node selector, training tasks with an
+The compiled IR is read as the cluster reads it: one engine task per class, on its platform's image (the
+Orin class on the arm64 JetPack image, the Ada class on the x86_64 TensorRT image) with a GPU and the
+class's node selector and architecture, image pull Secrets on every task, training tasks with an
 accelerator, CPU and memory requests on every task, the credential Secrets in the ``kubernetes``
 platform spec, retries, and ``--source`` in the run's parameters. ``submit`` talks to the real
 ``kfp.Client``; the stand-in server answers the REST routes that client calls.
@@ -39,7 +40,7 @@ def cluster_recipe(**changes) -> dict:
     d = yaml.safe_load(DEMO_RECIPE.read_text())
     d["engines"].update(device_classes=[ORIN, ADA], node_selectors={ADA: {"nvidia.com/gpu.product": "NVIDIA-L4"}})
     d["resources"] = {"train": {"gpu": 1, "cpu": 4, "memory": "16Gi"}, "retries": 2}
-    d["cluster"] = {"mlflow_secret": "team-mlflow"}
+    d["cluster"] = {"mlflow_secret": "team-mlflow", "image_pull_secrets": ["regcred"]}
     d.update(changes)
     return d
 
@@ -82,22 +83,26 @@ def executor_of(spec, task: dict) -> str:
     return spec["components"][task["componentRef"]["name"]].get("executorLabel", "")
 
 
-def test_one_engine_task_per_device_class_on_the_engine_image_with_its_gpu_and_node(compiled):
+def test_one_engine_task_per_device_class_on_its_platforms_image_with_its_gpu_and_node(compiled):
     spec, k8s = compiled
-    loop = next(t for t in spec["root"]["dag"]["tasks"].values() if "parameterIterator" in t)
-    assert json.loads(loop["parameterIterator"]["items"]["raw"]) == [
-        {"device_class": ORIN, "node_selector": {"edgeslim.io/device-class": ORIN}},
-        {"device_class": ADA, "node_selector": {"nvidia.com/gpu.product": "NVIDIA-L4"}},
-    ]
-    engine = spec["deploymentSpec"]["executors"]["exec-engine-build-op"]["container"]
-    assert engine["image"] == ENGINE_IMAGE
-    assert engine["resources"]["accelerator"] == {"count": "1", "resourceCount": "1", "resourceType": "nvidia.com/gpu",
-                                                  "type": "nvidia.com/gpu"}
-    # Each iteration's pod gets its own class's selector, from the loop item.
-    selector = k8s["exec-engine-build-op"]["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"]
-    assert selector.endswith("subvar-node_selector")
-    images = {name: ex["container"]["image"] for name, ex in spec["deploymentSpec"]["executors"].items()}
-    assert [n for n, i in images.items() if i == ENGINE_IMAGE] == ["exec-engine-build-op"]
+    executors = spec["deploymentSpec"]["executors"]
+    engines = {t["inputs"]["parameters"]["device_class"]["runtimeValue"]["constant"]:
+               spec["components"][t["componentRef"]["name"]]["executorLabel"]
+               for t in spec["root"]["dag"]["tasks"].values() if "device_class" in t.get("inputs", {}).get("parameters", {})}
+    assert sorted(engines) == sorted([ORIN, ADA])
+    assert executors[engines[ADA]]["container"]["image"] == ENGINE_IMAGE  # --engine-image: x86_64 TensorRT 10
+    assert executors[engines[ORIN]]["container"]["image"].endswith("-jetpack6.1")  # arm64 L4T
+    for key, arch, selector in ((ORIN, "arm64", {"edgeslim.io/device-class": ORIN}),
+                                (ADA, "amd64", {"nvidia.com/gpu.product": "NVIDIA-L4"})):
+        container = executors[engines[key]]["container"]
+        assert container["resources"]["accelerator"] == {"count": "1", "resourceCount": "1",
+                                                         "resourceType": "nvidia.com/gpu", "type": "nvidia.com/gpu"}
+        placed = k8s[engines[key]]
+        assert placed["nodeSelector"]["nodeSelectorJson"]["runtimeValue"]["constant"] == {
+            "kubernetes.io/arch": arch, **selector}
+        assert placed["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    images = {name: ex["container"]["image"] for name, ex in executors.items()}
+    assert [n for n, i in images.items() if i == ENGINE_IMAGE] == [engines[ADA]]
 
 
 def test_training_tasks_ask_for_a_gpu_on_the_training_image(compiled):
@@ -111,14 +116,14 @@ def test_training_tasks_ask_for_a_gpu_on_the_training_image(compiled):
         assert c["resources"]["accelerator"]["resourceCount"] == "1"
         assert (c["resources"]["resourceCpuRequest"], c["resources"]["resourceMemoryRequest"]) == ("4", "16Gi")
     gpu = sorted(n for n, ex in executors.items() if "accelerator" in ex["container"].get("resources", {}))
-    assert gpu == ["exec-engine-build-op", "exec-quantize-op", "exec-transform-op"]
+    assert gpu == ["exec-engine-build-op", "exec-engine-build-op-2", "exec-quantize-op", "exec-transform-op"]
 
 
 def test_every_task_has_cpu_and_memory_requests_retries_and_the_secrets(compiled):
     spec, k8s = compiled
     executors = spec["deploymentSpec"]["executors"]
-    assert len(executors) == 12  # pull, export x2, transform, quantize, evaluate, gate, plan, engine, register,
-    #                              reject, report
+    assert len(executors) == 13  # pull, export x2, transform, quantize, evaluate, gate, plan, engine x2 (one per
+    #                              platform image), register, reject, report
     for name, ex in executors.items():
         res = ex["container"].get("resources", {})
         assert res.get("resourceCpuRequest") and res.get("resourceMemoryRequest"), name
@@ -127,11 +132,12 @@ def test_every_task_has_cpu_and_memory_requests_retries_and_the_secrets(compiled
         secrets = {s["secretName"]: {m["envVar"] for m in s["keyToEnv"]} for s in k8s[name]["secretAsEnv"]}
         assert secrets == {"team-mlflow": MLFLOW_ENV, "edgeslim-s3": S3_ENV}, name
         assert all(s["optional"] for s in k8s[name]["secretAsEnv"]), name
+        assert [s["secretName"] for s in k8s[name]["imagePullSecret"]] == ["regcred"], name
     assert executors["exec-pull-op"]["container"]["resources"]["resourceCpuRequest"] == "500m"
     assert executors["exec-evaluate-op"]["container"]["resources"]["resourceMemoryRequest"] == "8Gi"
     tasks = all_tasks(spec)
     runs = {n: t for n, t in tasks.items() if executor_of(spec, t)}
-    assert len(runs) == 12  # export twice, each its own executor
+    assert len(runs) == 13  # export twice, each its own executor
     for name, task in runs.items():
         assert task.get("retryPolicy", {}).get("maxRetryCount") == 2, name
 
@@ -310,7 +316,9 @@ def test_submit_wait_follows_the_run_and_names_the_failed_task(recipe_file):
     assert recipe_from_dict(json.loads(run["runtime_config"]["parameters"]["recipe_json"])).source == SOURCE
     # The client sends the pipeline spec and its Kubernetes platform spec together.
     spec, platform = run["pipeline_spec"]["pipeline_spec"], run["pipeline_spec"]["platform_spec"]
-    assert spec["deploymentSpec"]["executors"]["exec-engine-build-op"]["container"]["image"].endswith("tensorrt10.3")
+    engine_images = sorted(ex["container"]["image"].rsplit("-", 1)[-1]
+                           for name, ex in spec["deploymentSpec"]["executors"].items() if "engine-build" in name)
+    assert engine_images == ["jetpack6.1", "tensorrt10.3"]  # the Orin class on arm64 L4T, the Ada class on x86_64
     envs = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-pull-op"]["secretAsEnv"]
     assert [s["secretName"] for s in envs] == ["team-mlflow"]  # --s3-secret '' mounts none
 
