@@ -4,9 +4,11 @@ The agent runs this in a child process (``python -m edgeslim.deploy.agent.health
 the runtime's memory goes away after the check, so the idle agent stays small,
 and a model that crashes the runtime fails its check instead of killing the agent.
 
-TensorRT is used where it imports and the release has an engine; otherwise ONNX
-Runtime runs the Q/DQ ONNX with basic graph optimisation, which keeps Q/DQ
-semantics (docs/design.md: the fused CPU int8 kernels can saturate).
+TensorRT runs the engine (through Polygraphy) where it imports and the release has an
+engine; otherwise ONNX Runtime runs the Q/DQ ONNX with basic graph optimisation, which
+keeps Q/DQ semantics (docs/design.md: the fused CPU int8 kernels can saturate). The
+TensorRT-only agent (``edgeslim[agent-trt]``) has no ONNX Runtime: there a release
+without a usable engine fails its check, and says why.
 """
 
 from __future__ import annotations
@@ -58,10 +60,14 @@ def _tensorrt_runner(engine_path: Path):
     return run, f"tensorrt:{trt.__version__}"
 
 
-def _tensorrt_importable() -> bool:
+def _importable(module: str) -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("tensorrt") is not None
+    return importlib.util.find_spec(module) is not None
+
+
+NO_ONNXRUNTIME = ("this agent has no ONNX Runtime to run the Q/DQ ONNX with (a TensorRT-only install, "
+                  "edgeslim[agent-trt]): ship an engine for its device class, or install edgeslim[agent]")
 
 
 def run_health_check(release_dir: str | Path, check: dict[str, Any] | None) -> dict[str, Any]:
@@ -85,11 +91,16 @@ def run_health_check(release_dir: str | Path, check: dict[str, Any] | None) -> d
     try:
         engine = release_dir / "model.engine"
         run = None
-        if engine.exists() and _tensorrt_importable():
+        if engine.exists() and _importable("tensorrt"):
             try:
                 run, result["backend"] = _tensorrt_runner(engine)
             except Exception as exc:  # TensorRT cannot load the engine here: ONNX Runtime serves, and says so
                 result["fallback"] = " ".join(f"TensorRT engine unusable: {type(exc).__name__}: {exc}".split())[:500]
+        if run is None and not _importable("onnxruntime"):
+            why = result["fallback"] or ("the release has no TensorRT engine" if not engine.exists()
+                                         else "TensorRT cannot be imported")
+            result["error"] = f"{why}; {NO_ONNXRUNTIME}"[:700]
+            return result
         if run is None:
             run, result["backend"] = _onnxruntime_runner(release_dir / "model.onnx")
             if result["fallback"]:

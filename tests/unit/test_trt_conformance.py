@@ -13,10 +13,12 @@ Two halves:
 
 - On the checked-in snapshots (no network): every enum member, class, method
   and property edgeslim uses exists in each version, for every configuration
-  the version gate lets through; the calls fit the pybind signatures; the
-  feature table's version ranges agree with the bindings; the declared uses
-  cover what the engine's builder.py, runner.py and tensorrt_calls.py and the agent's health.py
-  touch; and a wrong attribute is caught.
+  the version gate lets through; the feature table's version ranges agree with
+  the bindings; and a wrong attribute is caught. What the engine's builder.py,
+  runner.py and tensorrt_calls.py and the agent's health.py touch is found by a
+  scan that follows types (tests/unit/trt/typescan.py: ``c2 = self.context`` is
+  still an execution context), must be declared here, and each call's argument
+  count must fit the recorded pybind signatures of every version.
 - Against the real bindings (a session fixture downloads the ~1 MB wheels once
   into ~/.cache/edgeslim/trt-bindings and builds the stubs with gcc): the
   snapshots still equal the real modules (so the mocked ``tensorrt`` the unit
@@ -52,30 +54,32 @@ REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("trt_harness", Path(__file__).parent / "trt" / "harness.py")
 harness = sys.modules.setdefault("trt_harness", importlib.util.module_from_spec(_spec))
 _spec.loader.exec_module(harness)
+_spec = importlib.util.spec_from_file_location("trt_typescan", Path(__file__).parent / "trt" / "typescan.py")
+typescan = sys.modules.setdefault("trt_typescan", importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(typescan)
 
 VERSIONS = harness.snapshot_versions()   # the real bindings' versions, then the documented 8.5
 REAL = list(harness.BINDINGS)
 NULLPTR = "TypeError: pybind11::init(): factory function returned nullptr"
 
-# What edgeslim's TensorRT code touches on each class: member -> positional arguments it passes
-# (None: a property). Enum members come from eng.tensorrt_settings() per version and config.
+# What edgeslim's TensorRT code touches on each class (the scan of the code, which follows types, must find
+# nothing beyond these; how many arguments each call passes comes from that scan).
 USED_MEMBERS = {
-    "Builder": {"__init__": 1, "create_network": 1, "create_builder_config": 0, "create_optimization_profile": 0,
-                "build_serialized_network": 2},
-    "INetworkDefinition": {"num_inputs": None, "num_outputs": None, "get_input": 1, "get_output": 1},
-    "ITensor": {"name": None, "shape": None, "dtype": None},
-    "OnnxParser": {"__init__": 2, "parse_from_file": 1, "num_errors": None, "get_error": 1},
-    "ParserError": {"__str__": 0},
-    "IBuilderConfig": {"set_memory_pool_limit": 2, "set_flag": 1, "add_optimization_profile": 1,
-                       "create_timing_cache": 1, "set_timing_cache": 2, "get_timing_cache": 0},
-    "IOptimizationProfile": {"set_shape": 4},
-    "ITimingCache": {"serialize": 0},
-    "Runtime": {"__init__": 1, "deserialize_cuda_engine": 1},
-    "ICudaEngine": {"create_execution_context": 0, "num_io_tensors": None, "get_tensor_name": 1,
-                    "get_tensor_mode": 1, "get_tensor_shape": 1, "get_tensor_dtype": 1},
-    "IExecutionContext": {"set_input_shape": 2, "set_tensor_address": 2, "get_tensor_shape": 1,
-                          "execute_async_v3": 1},
-    "ILogger": {"__init__": 0, "log": 2, "Severity": None},
+    "Builder": {"__init__", "create_network", "create_builder_config", "create_optimization_profile",
+                "build_serialized_network"},
+    "INetworkDefinition": {"num_inputs", "num_outputs", "get_input", "get_output"},
+    "ITensor": {"name", "shape", "dtype"},
+    "OnnxParser": {"__init__", "parse_from_file", "num_errors", "get_error"},
+    "ParserError": {"__str__"},
+    "IBuilderConfig": {"set_memory_pool_limit", "set_flag", "add_optimization_profile", "create_timing_cache",
+                       "set_timing_cache", "get_timing_cache"},
+    "IOptimizationProfile": {"set_shape"},
+    "ITimingCache": {"serialize"},
+    "Runtime": {"__init__", "deserialize_cuda_engine"},
+    "ICudaEngine": {"create_execution_context", "num_io_tensors", "get_tensor_name", "get_tensor_mode",
+                    "get_tensor_shape", "get_tensor_dtype"},
+    "IExecutionContext": {"set_input_shape", "set_tensor_address", "get_tensor_shape", "execute_async_v3"},
+    "ILogger": {"__init__", "log", "Severity"},
 }
 # Members used only with a setting, so only where the version gate lets that setting through.
 USED_WITH = {
@@ -87,16 +91,12 @@ USED_WITH = {
     ("IBuilderConfig", "DLA_core"): ("dla",),
 }
 USED_TOPLEVEL = {"__version__", "Builder", "OnnxParser", "Runtime", "ILogger", "nptype", "DataType", "TensorIOMode"}
-# The variables of builder.py and runner.py that hold TensorRT objects, by class (for the scan of the code).
-HOLDERS = {"builder": "Builder", "network": "INetworkDefinition", "parser": "OnnxParser", "cfg": "IBuilderConfig",
-           "profile": "IOptimizationProfile", "cache": "ITimingCache", "empty": "ITimingCache",
-           "kept": "ITimingCache", "t": "ITensor", "self.runtime": "Runtime", "self.engine": "ICudaEngine",
-           "self.context": "IExecutionContext"}
 ENGINE = REPO / "components" / "engine"
-# Where the engine calls TensorRT: file -> the functions and classes that do.
+# Where edgeslim calls TensorRT: file -> the functions and classes that do.
 TENSORRT_CODE = {ENGINE / "builder.py": ("_build_with_tensorrt", "_attach_timing_cache", "_io_of_network"),
                  ENGINE / "runner.py": ("EngineRunner",),
-                 ENGINE / "tensorrt_calls.py": ("collecting_logger", "tensorrt_available", "enum_member")}
+                 ENGINE / "tensorrt_calls.py": ("collecting_logger", "tensorrt_available", "enum_member"),
+                 REPO / "deploy" / "agent" / "health.py": ("_tensorrt_runner",)}
 
 
 def snapshot(version: str) -> dict:
@@ -176,16 +176,42 @@ def test_every_tensorrt_name_edgeslim_uses_exists(version):
     assert missing(snapshot(version), uses(version)) == []
 
 
+def scan_code(plant: dict | None = None):
+    """The type-following scan of TENSORRT_CODE; ``plant`` maps a file to ``(after, lines)`` put into its text."""
+    scan = typescan.TypeScan([snapshot(v) for v in VERSIONS])
+    for path, names in TENSORRT_CODE.items():
+        text = path.read_text()
+        if plant and path in plant:
+            after, lines = plant[path]
+            head, tail = text.split(after, 1)
+            indent = after.splitlines()[-1][: len(after.splitlines()[-1]) - len(after.splitlines()[-1].lstrip())]
+            text = head + after + "".join(f"\n{indent}{ln}" for ln in lines) + tail
+        found = scan.scan(text, names, path.name)
+        assert sorted(found) == sorted(names), f"{path.name} no longer has all of {names}"
+    return scan
+
+
+def misfits(version: str, calls) -> list[str]:
+    """Calls whose argument count fits no overload of the member's recorded signature on ``version``."""
+    snap, used = snapshot(version), uses(version)
+    out = []
+    for call in sorted(calls, key=lambda c: (c.owner, c.member, c.where)):
+        sigs = [sig for sig in snap["signatures"].get(f"{call.owner}.{call.member}", []) if "*args" not in sig]
+        if call.member not in used.get(call.owner, ()) or not sigs:
+            continue  # a member the version gate keeps off this version, or one pybind documents no signature of
+        if not any(lo <= call.nargs <= hi for lo, hi in map(_params, sigs)):
+            out.append(f"{call.where}: {call.owner}.{call.member} gets {call.nargs} argument(s); it takes {sigs}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def scanned():
+    return scan_code()
+
+
 @pytest.mark.parametrize("version", VERSIONS)
-def test_the_calls_fit_the_pybind_signatures(version):
-    snap = snapshot(version)
-    for cls, members in USED_MEMBERS.items():
-        for member, nargs in members.items():
-            sigs = snap["signatures"].get(f"{cls}.{member}")
-            if nargs is None or not sigs:  # a property, or a dunder pybind documents elsewhere
-                continue
-            fits = [lo <= nargs <= hi for lo, hi in map(_params, sigs)]
-            assert any(fits), f"TensorRT {version}: {cls}.{member} gets {nargs} argument(s); it takes {sigs}"
+def test_the_calls_fit_the_pybind_signatures(version, scanned):
+    assert misfits(version, scanned.calls) == []
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -212,33 +238,32 @@ def test_a_wrong_attribute_fails_the_check():
                                                                                   "BuilderFlag.INT8"]
 
 
-def test_the_declared_uses_cover_what_the_code_touches():
-    """A TensorRT name added to the engine's TensorRT code or health.py without being declared here fails this."""
-    touched: set[tuple[str, str]] = set()
-    scopes = []
-    for path, names in (*TENSORRT_CODE.items(), (REPO / "deploy" / "agent" / "health.py", ("_tensorrt_runner",))):
-        tree = ast.parse(path.read_text())
-        found = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name in names]
-        assert sorted(n.name for n in found) == sorted(names), f"{path.name} no longer has all of {names}"
-        scopes += found
-    for scope in scopes:
-        for node in ast.walk(scope):
-            if isinstance(node, ast.Attribute):
-                holder = ast.unparse(node.value)
-                if holder == "trt":
-                    touched.add(("tensorrt", node.attr))
-                elif holder.startswith("trt."):
-                    touched.add((holder[4:], node.attr))
-                elif holder in HOLDERS:
-                    touched.add((HOLDERS[holder], node.attr))
-            elif isinstance(node, ast.Call) and ast.unparse(node.func) == "enum_member":
-                args = node.args[1:3]
-                if all(isinstance(a, ast.Constant) for a in args):  # else a name from tensorrt_settings()
-                    touched.add((args[0].value, args[1].value))
+def undeclared(scan) -> list[str]:
     declared = {(owner, n) for version in VERSIONS for owner, names in uses(version).items() for n in names}
-    assert sorted(touched - declared) == []
+    return sorted(f"{owner}.{name}" for owner, name in scan.uses - declared)
+
+
+def test_the_declared_uses_cover_what_the_code_touches(scanned):
+    """A TensorRT name added to the engine's TensorRT code or health.py without being declared here fails this."""
+    assert undeclared(scanned) == []
     assert {("Builder", "create_network"), ("tensorrt", "nptype"), ("TensorIOMode", "INPUT"),
-            ("Runtime", "engine_host_code_allowed"), ("tensorrt", "__version__")} <= touched
+            ("Runtime", "engine_host_code_allowed"), ("tensorrt", "__version__"), ("ParserError", "__str__"),
+            ("ITimingCache", "serialize"), ("ILogger", "log")} <= scanned.uses
+
+
+def test_a_member_reached_under_another_name_or_with_a_wrong_argument_count_is_caught():
+    """The scan follows types: an execution-context setting of the newest releases reached through an alias is
+    found (JetPack's 10.3 lacks it), and so is a call whose argument count no recorded signature takes."""
+    runner = ENGINE / "runner.py"
+    after = "            self.context = self.engine.create_execution_context()"
+    planted = scan_code({runner: (after, ["c2 = self.context", "c2.unfused_tensors_debug_state = False",
+                                          "c2.set_input_shape(self.engine.get_tensor_name(0))"])})
+    assert undeclared(planted) == ["IExecutionContext.unfused_tensors_debug_state"]
+    use = {"IExecutionContext": {"unfused_tensors_debug_state"}}
+    assert {"8.5.2.2", "8.6.1", "10.3.0"} <= {v for v in VERSIONS if missing(snapshot(v), use)}  # JetPack 5 and 6 lack it
+    for version in ("10.3.0", "11.4.0.106"):
+        [wrong] = misfits(version, planted.calls)
+        assert wrong.startswith("runner.py:") and "IExecutionContext.set_input_shape gets 1 argument(s)" in wrong
 
 
 # --- against the real bindings ------------------------------------------------------------------

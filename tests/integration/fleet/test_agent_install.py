@@ -7,10 +7,13 @@ the controller of the full environment (which uses boto3) through a real S3 serv
 loopback, see conftest.py): the light client end to end, signing, conditional polls, ranged
 downloads and conditional status writes.
 
-Installed size (site-packages and bin; without the venv's own pip and setuptools; and what a
-TensorRT-only device would install: the same without onnxruntime and what only it needs) and the
-idle agent's RSS are measured and printed (`pytest -s`), not asserted: timings and sizes vary by
-machine (docs/benchmarks.md, "Device agent install", records the figures).
+The TensorRT-only agent, `pip install 'edgeslim[agent-trt]'`, has no ONNX Runtime: its health check runs
+engines through TensorRT (Polygraphy's runner; TensorRT comes with JetPack), and a release it cannot run
+fails its check with the reason. Its venv is installed too, and its agent registers and idles.
+
+Installed size (site-packages and bin; without the venv's own pip and setuptools) of both installs and
+each idle agent's RSS are measured and printed side by side (`pytest -s`), not asserted: sizes and memory
+vary by machine and platform (docs/benchmarks.md, "Device agent install", records the figures).
 """
 
 from __future__ import annotations
@@ -57,10 +60,9 @@ def _mb(path: Path) -> float:
                .stdout.split()[0]) / 1e6
 
 
-@pytest.fixture(scope="module")
-def agent_venv(tmp_path_factory) -> Path:
-    """A fresh venv with `pip install 'edgeslim[agent]'` (not editable), at the locked versions."""
-    root = tmp_path_factory.mktemp("agent-install")
+def _venv(tmp_path_factory, extra: str) -> Path:
+    """A fresh venv with `pip install 'edgeslim[EXTRA]'` (not editable), at the locked versions."""
+    root = tmp_path_factory.mktemp(f"{extra}-install")
     src, venv = root / "src", root / "venv"
     src.mkdir()
     for name in SOURCE:
@@ -71,9 +73,21 @@ def agent_venv(tmp_path_factory) -> Path:
     env = _clean_env()
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=env, timeout=600)
     proc = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "-c", str(REPO / "tests" / "requirements.lock"),
-                           f"{src}[agent]"], capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, f"pip install '.[agent]' failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+                           f"{src}[{extra}]"], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, f"pip install '.[{extra}]' failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return venv
+
+
+@pytest.fixture(scope="module")
+def agent_venv(tmp_path_factory) -> Path:
+    """The default agent: `pip install 'edgeslim[agent]'` (ONNX Runtime for devices without TensorRT)."""
+    return _venv(tmp_path_factory, "agent")
+
+
+@pytest.fixture(scope="module")
+def agent_trt_venv(tmp_path_factory) -> Path:
+    """The TensorRT-only agent: `pip install 'edgeslim[agent-trt]'` (TensorRT itself comes with JetPack)."""
+    return _venv(tmp_path_factory, "agent-trt")
 
 
 # Run by the venv's python: each installed distribution's bytes on disk (its RECORD) and what it requires.
@@ -189,3 +203,46 @@ def test_agent_only_install_takes_a_rollout_from_the_controller(
           + f"); a TensorRT-only device without onnxruntime ({', '.join(f['onnxruntime_needs'])}: "
           f"{f['only_onnxruntime']:.0f} MB) would install {f['tensorrt_only']:.0f} MB; "
           f"idle agent RSS {rss_mb:.1f} MB (targets: <= 150 MB, <= 60 MB)")
+
+
+def _idle_rss_mb(dev) -> float:
+    wait_for(lambda: dev.local_status().get("state") == "idle", 60, "the agent to go idle")
+    status = Path(f"/proc/{dev.proc.pid}/status").read_text()
+    return int(next(ln for ln in status.splitlines() if ln.startswith("VmRSS:")).split()[1]) / 1024
+
+
+@pytest.mark.slow
+def test_tensorrt_only_install_has_no_onnxruntime_and_says_what_its_health_check_cannot_run(
+        agent_trt_venv, agent_venv, s3_store, keys, agents, tmp_path):
+    env = _clean_env()
+    python = str(agent_trt_venv / "bin" / "python")
+    for mod, present in (("onnxruntime", False), ("sympy", False), ("polygraphy", True), ("numpy", True)):
+        probe = subprocess.run([python, "-c", f"import {mod}"], capture_output=True, text=True, env=env, timeout=600)
+        assert (probe.returncode == 0) == present, f"{mod}: {probe.stderr[-300:]}"
+    # A release without an engine (no TensorRT here either): the check fails and names the fix.
+    release = tmp_path / "release"
+    release.mkdir()
+    make_onnx(release / "model.onnx", seed=3)
+    checked = subprocess.run([python, "-m", "edgeslim.deploy.agent.health"], capture_output=True, text=True, env=env,
+                             input=json.dumps({"release": str(release), "check": None}), timeout=600)
+    result = json.loads(checked.stdout.strip().splitlines()[-1].split(" ", 1)[1])
+    assert checked.returncode == 1 and not result["ok"]
+    assert result["error"].startswith("the release has no TensorRT engine; this agent has no ONNX Runtime")
+    assert "install edgeslim[agent]" in result["error"]
+
+    rss = {}
+    for name, venv in (("agent", agent_venv), ("agent-trt", agent_trt_venv)):
+        dev = agents(f"idle-{name}", ORIN, start=False)
+        dev.args = [str(venv / "bin" / "edgeslim-agent")] + dev.args[3:]
+        dev.env = _clean_env()
+        dev.start()
+        wait_for(lambda: s3_store.get_json(FleetKeys("lab").registration(dev.device_id)), 60, "the agent to register")
+        keys.controller(s3_store).enrol(dev.device_id)
+        rss[name] = _idle_rss_mb(dev)
+        dev.stop()
+    default, trt_only = _footprint(agent_venv), _footprint(agent_trt_venv)
+    assert trt_only["no_pip"] < default["no_pip"]
+    print(f"\ninstalled (site-packages + bin, without the venv's pip and setuptools) and idle agent RSS: "
+          f"edgeslim[agent] {default['no_pip']:.0f} MB, {rss['agent']:.1f} MB; edgeslim[agent-trt] "
+          f"{trt_only['no_pip']:.0f} MB (TensorRT itself comes with JetPack), {rss['agent-trt']:.1f} MB; largest in "
+          "agent-trt: " + ", ".join(f"{n} {mb:.0f} MB" for mb, n in trt_only["largest"]) + " (target <= 120 MB)")
