@@ -123,8 +123,9 @@ HOPPER_TRT10 = DeviceClass("hopper-sm90-trt10", "datacenter", "Hopper", (9, 0), 
 HOPPER_TRT11 = DeviceClass("hopper-sm90-trt11", "datacenter", "Hopper", (9, 0), "11", None, "13", 0,
                            _gfd_selector(9, 0), "Hopper datacenter GPU (H100, H200), TensorRT 11.x")
 
-# The TensorRT releases (major.minor) a class's ``tensorrt`` prefix can admit, oldest first.
-TENSORRT_RELEASES = ("8.5", "8.6", *(f"10.{minor}" for minor in range(17)), *(f"11.{minor}" for minor in range(6)))
+# The TensorRT releases (major.minor) a class's ``tensorrt`` prefix can admit, oldest first: JetPack's 8.5,
+# and what PyPI carries of 8.6, 10.x and 11.x.
+TENSORRT_RELEASES = ("8.5", "8.6", *(f"10.{minor}" for minor in range(17)), *(f"11.{minor}" for minor in range(5)))
 
 
 def releases_label(versions) -> str:
@@ -184,7 +185,10 @@ def get_device_class(key: str) -> DeviceClass:
 # The pip extra per TensorRT major, and what it installs (pyproject.toml repeats these; a test
 # checks they agree). PyPI's `tensorrt` meta package resolves to the newest major (11.x, CUDA 13)
 # whatever it is asked, so the extras name the CUDA line: tensorrt-cu12 10.x, tensorrt-cu13 11.x.
+# tensorrt-cu12 ships 11.x too: TENSORRT11_CUDA12 is TensorRT 11 for a node whose driver runs CUDA 12
+# (CUDA 13 needs an R580 or newer driver).
 TENSORRT_EXTRAS = {10: ("tensorrt10", "tensorrt-cu12>=10.3,<11"), 11: ("tensorrt11", "tensorrt-cu13>=11,<12")}
+TENSORRT11_CUDA12 = ("tensorrt11-cu12", "tensorrt-cu12>=11,<12")
 
 
 def tensorrt_extra(device_class: DeviceClass) -> Optional[str]:
@@ -201,6 +205,9 @@ def tensorrt_install_hint(device_class: Optional[DeviceClass] = None) -> str:
         return (f"install it with: {extras} (the extra of this node's device class: edgeslim engine detect); "
                 "on Jetson it comes with JetPack")
     extra = tensorrt_extra(device_class)
+    if extra and device_class.tensorrt_major == 11:
+        return (f"install it with: pip install 'edgeslim[{extra}]' (CUDA 13: an R580 or newer driver), or "
+                f"'edgeslim[{TENSORRT11_CUDA12[0]}]' on a CUDA 12 driver")
     if extra:
         return f"install it with: pip install 'edgeslim[{extra}]'"
     if device_class.is_jetson:

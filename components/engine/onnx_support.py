@@ -10,8 +10,8 @@ The operator lists are onnx-tensorrt's ``docs/operators.md`` (operators marked s
 the same as 10.0. Later releases only add operators, so a release newer than the last recorded
 table is checked against that table: the check may refuse an operator a newer release gained,
 never accept one it lacks. The opset ceilings are the ones those tables state (8.5 and 8.6: 17;
-10.0: 9 to 20), and the TensorRT 11 opset guide's 25 from 11.5 on; 10.x after 10.1 and 11.0-11.4
-keep 20, the highest recorded for them.
+10.0: 9 to 20); later 10.x and 11.0-11.4 are held to 20, the highest recorded for a release before
+them (TensorRT 11's opset guide gives 25 for its newest release, not for each 11.x).
 
 Imports only ``onnx`` (inside :func:`graph_ops`), so the device agent can use it too.
 """
@@ -48,7 +48,6 @@ _OPS_10_0 = _OPS_8_6 | {"CastLike", "DeformConv", "Gelu", "Hardmax", "Mish"}
 # (first release, operators, lowest opset, highest opset), newest first: a release takes the first
 # row at or below it.
 _TABLE = (
-    ("11.5", _OPS_10_0, 9, 25),
     ("10.0", _OPS_10_0, 9, 20),
     ("8.6", _OPS_8_6, 7, 17),
     ("8.5", _OPS_8_5, 7, 17),

@@ -16,8 +16,8 @@ from kfp.dsl import Artifact, ClassificationMetrics, Input, Markdown, Metrics, M
 
 from edgeslim.components.common.version import __version__
 
-# Built from deploy/images/ (deploy/images/README.md): Containerfile (CPU; amd64 and arm64 under one
-# tag), Containerfile.tensorrt (x86_64, TensorRT 10.3 on NVIDIA's TensorRT image; with TRT_BASE, 11.x),
+# Built from deploy/images/ (docs/kubeflow.md): Containerfile (CPU; amd64 and arm64 under one
+# tag), Containerfile.tensorrt (x86_64: TensorRT 10.3 on NVIDIA's TensorRT image, another BASE for 11.x),
 # Containerfile.jetson (arm64, NVIDIA's L4T JetPack image of each JetPack release), and Containerfile
 # with a CUDA torch (GPU training); tagged with this release's version.
 IMAGE_REPOSITORY = "ghcr.io/edgeslim/edgeslim"

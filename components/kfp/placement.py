@@ -12,9 +12,6 @@ with :func:`apply_task_settings`. The local runner has no Kubernetes: it uses no
 """
 
 
-from typing import Any
-
-
 from edgeslim.components.engine.config import TensorRTEngineConfig
 from edgeslim.components.common.errors import ConfigError, MissingDependencyError
 from edgeslim.components.recipe import ClusterConfig, Recipe, ResourcesConfig

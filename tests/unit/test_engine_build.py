@@ -427,7 +427,10 @@ def test_each_class_has_one_way_to_its_tensorrt_and_the_docs_table_says_it():
             assert "pip install" not in tensorrt_install_hint(dc)
         else:
             assert extra == f"tensorrt{dc.tensorrt_major}" and f"pip install 'edgeslim[{extra}]'" in rows[key]
-            assert tensorrt_install_hint(dc) == f"install it with: pip install 'edgeslim[{extra}]'"
+            assert tensorrt_install_hint(dc).startswith(f"install it with: pip install 'edgeslim[{extra}]'")
+            if dc.tensorrt_major == 11:  # TensorRT 11 on a CUDA 12 driver: tensorrt-cu12 ships 11.x too
+                assert "'edgeslim[tensorrt11-cu12]'" in rows[key] and "R580" in rows[key]
+                assert "'edgeslim[tensorrt11-cu12]' on a CUDA 12 driver" in tensorrt_install_hint(dc)
 
 
 def test_the_tensorrt_extras_resolve_within_their_generation():
@@ -436,7 +439,7 @@ def test_the_tensorrt_extras_resolve_within_their_generation():
 
     from packaging.requirements import Requirement
 
-    from edgeslim.components.engine.devices import TENSORRT_EXTRAS
+    from edgeslim.components.engine.devices import TENSORRT11_CUDA12, TENSORRT_EXTRAS
 
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert "tensorrt" not in extras
@@ -447,6 +450,10 @@ def test_the_tensorrt_extras_resolve_within_their_generation():
         newest = {10: ["10.3.0", "10.16.1.11"], 11: ["11.0.0.114", "11.4.0.106"]}[major]
         assert all(req.specifier.contains(v) for v in newest)
         assert not any(req.specifier.contains(v) for v in ("10.2.0", "11.0.0", "12.0.0") if int(v[:2]) != major)
+    extra, requirement = TENSORRT11_CUDA12  # TensorRT 11 from tensorrt-cu12, for a CUDA 12 driver
+    assert extras[extra] == [requirement, "polygraphy>=0.49"]
+    req = Requirement(requirement)
+    assert req.name == "tensorrt-cu12" and req.specifier.contains("11.4.0.106") and not req.specifier.contains("10.16.1.11")
 
 
 @pytest.mark.parametrize("node, lines", [
@@ -457,7 +464,8 @@ def test_the_tensorrt_extras_resolve_within_their_generation():
      ["NVIDIA H100 (sm90), TensorRT not installed: device class hopper-sm90-trt10 or hopper-sm90-trt11, by the "
       "TensorRT you install",
       "  TensorRT for hopper-sm90-trt10: install it with: pip install 'edgeslim[tensorrt10]'",
-      "  TensorRT for hopper-sm90-trt11: install it with: pip install 'edgeslim[tensorrt11]'"]),
+      "  TensorRT for hopper-sm90-trt11: install it with: pip install 'edgeslim[tensorrt11]' (CUDA 13: an R580 or "
+      "newer driver), or 'edgeslim[tensorrt11-cu12]' on a CUDA 12 driver"]),
     (ORIN,
      ["Orin (sm87), TensorRT 10.3.0.30, JetPack 6.1: device class orin-sm87-jp6.1-trt10.3",
       "  TensorRT for orin-sm87-jp6.1-trt10.3: installed (10.3.0.30); TensorRT 10.3 comes with JetPack 6.1 "

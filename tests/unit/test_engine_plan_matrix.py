@@ -32,9 +32,9 @@ from edgeslim.components.export import convert_opset
 TEN = [(10, m) for m in range(17)]
 RELEASES = {
     "orin-sm87-jp6.1-trt10.3": [(10, 3)], "orin-sm87-jp6.2-trt10.3": [(10, 3)], "xavier-sm72-jp5.1-trt8.5": [(8, 5)],
-    "ada-sm89-trt10": TEN, "hopper-sm90-trt10": TEN, "hopper-sm90-trt11": [(11, m) for m in range(6)],
+    "ada-sm89-trt10": TEN, "hopper-sm90-trt10": TEN, "hopper-sm90-trt11": [(11, m) for m in range(5)],
 }
-MAX_OPSET = {8: 17, 10: 20, 11: 20}  # 11.5 documents 25; the range 11.0-11.5 is held to its lowest
+MAX_OPSET = {8: 17, 10: 20, 11: 20}  # onnx-tensorrt's tables; 11.0-11.4 are held to 10.x's 20
 
 
 def has(setting: str, value, release: tuple[int, int], jetson: bool, dla_cores: int) -> bool:

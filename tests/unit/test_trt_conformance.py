@@ -32,7 +32,6 @@ Two halves:
 
 from __future__ import annotations
 
-import ast
 import importlib.util
 import itertools
 import json
@@ -367,3 +366,17 @@ def test_each_tensorrt_extra_resolves_to_its_generation_on_pypi(real_bindings, m
     assert meta["version"].split(".")[0] == str(major), f"[{extra}] resolves to {meta['name']} {meta['version']}"
     cuda = {10: "cu12", 11: "cu13"}[major]
     assert all(cuda in dep for dep in meta.get("requires_dist", []) if dep.startswith("tensorrt"))
+
+
+def test_tensorrt_11_for_cuda_12_resolves_to_11_on_pypi(real_bindings, tmp_path):
+    """tensorrt-cu12 ships 11.x too: the `tensorrt11-cu12` extra's requirement resolves to an 11.x built for CUDA 12."""
+    from edgeslim.components.engine.devices import TENSORRT11_CUDA12
+
+    report = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--ignore-installed",
+                           "--disable-pip-version-check", "-q", "--report", str(report), TENSORRT11_CUDA12[1]],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [item] = json.loads(report.read_text())["install"]
+    assert item["metadata"]["version"].split(".")[0] == "11"
+    assert all("cu12" in dep for dep in item["metadata"].get("requires_dist", []) if dep.startswith("tensorrt"))

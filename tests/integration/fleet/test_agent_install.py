@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -90,7 +89,7 @@ def agent_trt_venv(tmp_path_factory) -> Path:
     return _venv(tmp_path_factory, "agent-trt")
 
 
-# Run by the venv's python: each installed distribution's bytes on disk (its RECORD) and what it requires.
+# Run by the venv's python: each installed distribution's bytes on disk (its RECORD).
 _DISTS = """
 import json, re
 from importlib import metadata
@@ -100,37 +99,22 @@ for d in metadata.distributions():
     for f in d.files or []:
         p = f.locate()
         size += p.stat().st_size if p.is_file() else 0
-    reqs = [re.split(r"[ ;<>=!~\\[(]", r, maxsplit=1)[0] for r in (d.requires or []) if "extra ==" not in r]
-    out[re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower()] = {"bytes": size, "requires": reqs}
+    out[re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower()] = {"bytes": size}
 print(json.dumps(out))
 """
 
 
-def _footprint(venv: Path) -> dict[str, float]:
-    """MB installed: all, without the venv's pip and setuptools, and without onnxruntime (a TensorRT-only device)."""
+def _footprint(venv: Path) -> dict:
+    """MB installed: all, without the venv's pip and setuptools, and the largest distributions."""
     site = next((venv / "lib").glob("python3.*/site-packages"))
     installed_mb = _mb(site) + _mb(venv / "bin")
     seeded = ("pip", "setuptools", "_distutils_hack", "pkg_resources")  # what `python -m venv` puts there
     seeded_mb = sum(_mb(p) for p in site.iterdir() if p.name.split("-")[0] in seeded)
     dists = json.loads(subprocess.run([str(venv / "bin" / "python"), "-c", _DISTS], capture_output=True, text=True,
                                       check=True, env=_clean_env()).stdout)
-
-    def needed(skip: str) -> set[str]:
-        seen, todo = set(), ["edgeslim"]
-        while todo:
-            name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
-            if name in seen or name == skip or name not in dists:
-                continue
-            seen.add(name)
-            todo.extend(dists[name]["requires"])
-        return seen
-
-    everything = needed("")
-    without_ort = needed("onnxruntime")
-    only_ort_mb = sum(dists[n]["bytes"] for n in everything - without_ort) / 1e6
-    return {"installed": installed_mb, "no_pip": installed_mb - seeded_mb, "tensorrt_only": installed_mb - seeded_mb
-            - only_ort_mb, "only_onnxruntime": only_ort_mb, "onnxruntime_needs": sorted(everything - without_ort),
-            "largest": sorted(((dists[n]["bytes"] / 1e6, n) for n in everything), reverse=True)[:6]}
+    ours = {n: d for n, d in dists.items() if n not in ("pip", "setuptools")}
+    return {"installed": installed_mb, "no_pip": installed_mb - seeded_mb,
+            "largest": sorted(((d["bytes"] / 1e6, n) for n, d in ours.items()), reverse=True)[:6]}
 
 
 def _installed(venv: Path) -> list[str]:
@@ -199,10 +183,7 @@ def test_agent_only_install_takes_a_rollout_from_the_controller(
     f = _footprint(agent_venv)
     print(f"\nagent-only install, light S3 client (no boto3): {f['installed']:.0f} MB installed (site-packages + "
           f"bin; {f['no_pip']:.0f} MB without the venv's own pip and setuptools; largest: "
-          + ", ".join(f"{n} {mb:.0f} MB" for mb, n in f["largest"])
-          + f"); a TensorRT-only device without onnxruntime ({', '.join(f['onnxruntime_needs'])}: "
-          f"{f['only_onnxruntime']:.0f} MB) would install {f['tensorrt_only']:.0f} MB; "
-          f"idle agent RSS {rss_mb:.1f} MB (targets: <= 150 MB, <= 60 MB)")
+          + ", ".join(f"{n} {mb:.0f} MB" for mb, n in f["largest"]) + f"); idle agent RSS {rss_mb:.1f} MB")
 
 
 def _idle_rss_mb(dev) -> float:
