@@ -268,7 +268,8 @@ def test_gpu_node_without_tensorrt_gets_the_install_hint_of_its_class(onnx_pair,
     assert not ok and "pip install 'edgeslim[tensorrt10]' or pip install 'edgeslim[tensorrt11]'" in why
     assert "edgeslim engine detect" in why and "\n" not in why
     ok, why = tensorrt_available("hopper-sm90-trt11")
-    assert not ok and why.endswith("install it with: pip install 'edgeslim[tensorrt11]'")
+    assert not ok and why.endswith("install it with: pip install 'edgeslim[tensorrt11]' (CUDA 13: an R580 or newer "
+                                   "driver), or 'edgeslim[tensorrt11-cu12]' on a CUDA 12 driver")
 
 
 def built_meta(onnx_pair, version="10.3.0.30", **over):

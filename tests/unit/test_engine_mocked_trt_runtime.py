@@ -131,7 +131,7 @@ def test_health_check_falls_back_to_onnxruntime_and_says_so(qdq, tmp_path, monke
     def no_device(engine_path):
         raise TypeError(NULLPTR)
 
-    monkeypatch.setattr(health, "_tensorrt_importable", lambda: True)
+    monkeypatch.setattr(health, "_importable", lambda module: True)
     monkeypatch.setattr(health, "_tensorrt_runner", no_device)
     shutil.copyfile(qdq[1], tmp_path / "model.onnx")
     (tmp_path / "model.engine").write_bytes(b"an engine this device cannot load")
@@ -140,6 +140,14 @@ def test_health_check_falls_back_to_onnxruntime_and_says_so(qdq, tmp_path, monke
     res = health.run_health_check(tmp_path, {"input": encode_array(x), "outputs": {OUTPUT: encode_array(y)}})
     assert res["ok"] and res["backend"] == "onnxruntime:CPUExecutionProvider (fallback from tensorrt)"
     assert res["fallback"] == f"TensorRT engine unusable: TypeError: {NULLPTR}"
+
+    # The TensorRT-only agent (edgeslim[agent-trt]) has no ONNX Runtime to fall back to: the check fails, saying why.
+    monkeypatch.setattr(health, "_importable", lambda module: module == "tensorrt")
+    res = health.run_health_check(tmp_path, {"input": encode_array(x), "outputs": {OUTPUT: encode_array(y)}})
+    assert not res["ok"] and res["error"] == (f"TensorRT engine unusable: TypeError: {NULLPTR}; {health.NO_ONNXRUNTIME}")
+    (tmp_path / "model.engine").unlink()
+    res = health.run_health_check(tmp_path, {"input": encode_array(x), "outputs": {OUTPUT: encode_array(y)}})
+    assert not res["ok"] and res["error"].startswith("the release has no TensorRT engine; this agent has no ONNX Runtime")
 
 
 def test_device_agent_records_why_it_serves_with_onnxruntime(tmp_path, monkeypatch):
@@ -164,7 +172,7 @@ def test_device_agent_records_why_it_serves_with_onnxruntime(tmp_path, monkeypat
 
     monkeypatch.setattr(tensorrt_calls, "tensorrt_available", lambda: (True, "mocked"))
     monkeypatch.setattr(eng, "build_engine", fake_build)
-    monkeypatch.setattr(health, "_tensorrt_importable", lambda: True)
+    monkeypatch.setattr(health, "_importable", lambda module: True)
     monkeypatch.setattr(health, "_tensorrt_runner", no_device)
     from tests.fleet_trust import TrustKit
 
