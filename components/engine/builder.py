@@ -40,7 +40,7 @@ import numpy as np
 
 from edgeslim.components.engine.config import TensorRTEngineConfig
 from edgeslim.components.common.hashing import file_sha256  # noqa: F401  (re-exported)
-from edgeslim.components.common.errors import ConfigError, DeviceError, SourceError
+from edgeslim.components.common.errors import ConfigError, DeviceError, MissingDependencyError, SourceError
 from edgeslim.components.engine.onnx_support import graph_ops, parser_problem
 from edgeslim.components.engine.devices import (TENSORRT_FEATURES, DeviceClass, LocalDevice, detect_local_device,
                                                 get_device_class, match_device_class, version_tuple)
@@ -60,9 +60,6 @@ QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 def trt_major(version: str) -> int:
     return int(str(version).split(".")[0])
-
-
-# --- what the ONNX holds -------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,8 +113,10 @@ def inspect_onnx(path: str | Path) -> OnnxInfo:
     Raises:
         SourceError: the file is missing or not an ONNX model.
     """
-    import onnx
-
+    try:
+        import onnx
+    except ImportError:  # the TensorRT-only agent without it: engines come prebuilt
+        raise MissingDependencyError("onnx", None, "reading the Q/DQ ONNX before an engine build") from None
     path = Path(path)
     if not path.is_file():
         raise SourceError(f"ONNX file {path}: no such file; pass the Q/DQ ONNX the quantize stage wrote")

@@ -37,18 +37,22 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_REASON is not None, reason=_R
 
 
 @pytest.fixture(scope="module")
-def demo_qdq(tmp_path_factory):
-    """The demo's model, small: DigitsCNN trained briefly, exported, quantized by edgeslim."""
+def demo_qdq(tmp_path_factory, device_class):
+    """The demo's model, small: DigitsCNN trained briefly, exported at an opset the node's TensorRT parses
+    (17 on Xavier's 8.5), quantized by edgeslim."""
     from edgeslim.components.reference.digits import DigitsCNN, train_classifier
-    from edgeslim.components.common.stage_configs import OnnxExportConfig, PTQQuantizeConfig
+    from edgeslim.components.common.stage_configs import DEFAULT_OPSET, OnnxExportConfig, PTQQuantizeConfig
+    from edgeslim.components.engine.config import TensorRTEngineConfig
     from edgeslim.components.export import export
     from edgeslim.components.quantize.ptq import quantize
     from edgeslim.components.common.data import load_data
+    from edgeslim.components.recipe import engine_opset_ceilings
 
     folder = tmp_path_factory.mktemp("demo")
     data = load_data("sklearn-digits", {})
     model = train_classifier(DigitsCNN(width=16), data.x_train, data.y_train, epochs=5)
-    fp32 = export(model, OnnxExportConfig(), data=data, out_path=folder / "fp32.onnx").model
+    opset = min(DEFAULT_OPSET, *engine_opset_ceilings(TensorRTEngineConfig(device_classes=[device_class])).values())
+    fp32 = export(model, OnnxExportConfig(opset=opset), data=data, out_path=folder / "fp32.onnx").model
     qdq = quantize(fp32, PTQQuantizeConfig(num_samples=256), data=data, out_dir=folder / "q").model
     return qdq, data
 

@@ -113,10 +113,10 @@ def exercise(trt, work: Path, onnx_path: Path) -> dict:
     dc_key, dc_node = (key, local) if not local.is_jetson else ("ada-sm89-trt10", LocalDevice(
         "NVIDIA L4", (8, 9), "12.8", version))
     # The class admits 10.0-10.16: its build nodes are narrowed to the releases with the setting.
-    same_cc = TensorRTEngineConfig(hardware_compatibility="same_compute_capability", device_classes=[dc_key],
-                                   min_tensorrt={dc_key: "10.9"} if dc_key == "ada-sm89-trt10" else {})
-    out["same_compute_capability"] = _attempt(
-        lambda: eng.build_engine(onnx_path, work / "same_cc", dc_key, same_cc, local=dc_node))
+    out["same_compute_capability"] = _attempt(lambda: eng.build_engine(
+        onnx_path, work / "same_cc", dc_key, local=dc_node, config=TensorRTEngineConfig(
+            hardware_compatibility="same_compute_capability", device_classes=[dc_key],
+            min_tensorrt={dc_key: "10.9"} if dc_key == "ada-sm89-trt10" else {})))
 
     # An engine folder of this version and class; the CUDA driver is stood in for (no GPU here), so the
     # runner gets as far as trt.Runtime(...).

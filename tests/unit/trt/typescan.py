@@ -146,7 +146,7 @@ class TypeScan:
             holder = self._type(target.value, env, owner)
             if holder and holder.startswith("self:") and typ:
                 self.self_attrs[holder[5:]][target.attr] = typ
-            self._attribute(holder, target.attr, target)
+            self._attribute(holder, target.attr)
         elif isinstance(target, (ast.Tuple, ast.List)):
             for elt in target.elts:
                 self._bind(elt, None, env, owner)
@@ -154,7 +154,7 @@ class TypeScan:
             self._type(target, env, owner)
 
     # --- expressions ---------------------------------------------------------------------------------------
-    def _attribute(self, holder, attr: str, node) -> str | None:
+    def _attribute(self, holder, attr: str) -> str | None:
         """Record ``holder.attr`` where ``holder`` is typed; the attribute's own type where known."""
         if holder == "trt":
             self.uses.add(("tensorrt", attr))
@@ -180,7 +180,7 @@ class TypeScan:
         if isinstance(node, ast.Name):
             return env.get(node.id)
         if isinstance(node, ast.Attribute):
-            return self._attribute(self._type(node.value, env, owner), node.attr, node)
+            return self._attribute(self._type(node.value, env, owner), node.attr)
         if isinstance(node, ast.Call):
             return self._call(node, env, owner)
         if isinstance(node, (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)):
@@ -226,7 +226,7 @@ class TypeScan:
         if holder and holder.startswith("self:"):
             self._bind_params(f"{holder[5:]}.{func.attr}", arg_types)
             return None
-        typ = self._attribute(holder, func.attr, func)
+        typ = self._attribute(holder, func.attr)
         if holder == "trt" and typ and typ.startswith("class:"):  # a constructor
             cls = typ[6:]
             self.uses.add((cls, "__init__"))
