@@ -16,7 +16,8 @@ data:
 
 # Stages in order; distill/prune (if any) first, the one quantize stage last.
 stages:
-  - export: {{opset: 18}}            # ONNX, dynamic batch, checked against torch
+  - export: {{}}                     # ONNX, dynamic batch, checked against torch; opset: the highest
+                                     # every class in engines.device_classes parses (18 at most)
   - quantize:
       method: ptq                    # symmetric int8, per-channel weights: what TensorRT wants
       calibrator: percentile         # minmax | entropy | percentile | mse

@@ -22,7 +22,7 @@ data:
 {data}
 
 stages:
-  - export: {{opset: 18}}
+  - export: {{}}                     # opset: the highest every class in engines.device_classes parses
   - quantize:
       method: auto                   # PTQ per calibrator, then sensitive head layers kept in float
       calibrators: [percentile, entropy, mse, minmax]
