@@ -317,7 +317,7 @@ def plan_engines_op(recipe_json: str, parent: Input[Artifact], verdict: Input[Ar
     recipe = recipe_from_json(recipe_json)
     cfg = recipe.engines
     if not json.loads(Path(verdict.path).read_text())["passed"]:
-        cfg = dataclasses.replace(cfg, device_classes=[], node_selectors={})
+        cfg = dataclasses.replace(cfg, device_classes=[], node_selectors={}, min_tensorrt={}, images={})
     name = recipe.register.model_name(json.loads(Path(parent.path).read_text())["name"])
     Path(plan.path).write_text(json.dumps({
         "engines_config": cfg.to_dict(), "data_provider": recipe.data.provider, "data_args": recipe.data.args,

@@ -121,3 +121,25 @@ def test_the_engine_component_reports_not_built_without_a_cuda_device(tmp_path):
         engines=art(dsl.Model, out_dir)))
     assert out["device_class"] == ORIN_KEY and out["status"] == NOT_BUILT_NO_CUDA
     assert json.loads((out_dir / "engines.json").read_text())["engines"][ORIN_KEY]["status"] == NOT_BUILT_NO_CUDA
+
+
+def test_a_failed_gate_plans_no_engines_whatever_the_per_class_settings(tmp_path):
+    import yaml
+
+    from edgeslim.components.recipe import recipe_from_dict
+    from edgeslim.pipelines.demo import DEMO_RECIPE
+
+    d = yaml.safe_load(DEMO_RECIPE.read_text())
+    d["engines"].update(device_classes=[ORIN_KEY, ADA_KEY], min_tensorrt={ADA_KEY: "10.9"},
+                        images={ORIN_KEY: "registry.example/edgeslim:jetson"})
+    (tmp_path / "parent.json").write_text(json.dumps({"name": "digits-teacher"}))
+    (tmp_path / "verdict.json").write_text(json.dumps({"passed": False}))
+
+    def art(path):
+        return dsl.Artifact(name=path.name, uri=str(path), metadata={})
+
+    make_ops().plan_engines_op.python_func(
+        recipe_json=recipe_from_dict(d).to_json(), parent=art(tmp_path / "parent.json"),
+        verdict=art(tmp_path / "verdict.json"), plan=art(tmp_path / "plan.json"))
+    planned = TensorRTEngineConfig.from_dict(json.loads((tmp_path / "plan.json").read_text())["engines_config"])
+    assert planned.device_classes == [] and planned.min_tensorrt == {} and planned.images == {}
