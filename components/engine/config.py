@@ -140,7 +140,6 @@ class TensorRTEngineConfig(Config):
     def validate(self) -> None:
         from edgeslim.components.engine.devices import get_device_class
 
-        self._validate_per_class()
         seen = set()
         for key in self.device_classes:
             try:
@@ -163,6 +162,7 @@ class TensorRTEngineConfig(Config):
                     f"(device class {key}); set hardware_compatibility: none"
                 )
             self._check_features(dc)
+        self._validate_per_class()
         if self.precision == "fp16" and self.strongly_typed:
             raise ConfigError("engines.precision: fp16 is a builder flag, and a strongly typed network takes "
                               "none (it runs in the ONNX's own types); use int8 with the Q/DQ ONNX, or fp32")
@@ -218,7 +218,7 @@ class TensorRTEngineConfig(Config):
                     and tol.get("operator", "Equal") in ("Equal", "Exists")
                     and tol.get("effect", "") in ("", "NoSchedule", "PreferNoSchedule", "NoExecute")):
                 raise ConfigError(f"engines.tolerations[{i}]: got {tol!r}; use a mapping like {{key: nvidia.com/gpu, "
-                                  "operator: Exists, effect: NoSchedule}} (operator Equal or Exists; effect "
+                                  "operator: Exists, effect: NoSchedule} (operator Equal or Exists; effect "
                                   "NoSchedule, PreferNoSchedule or NoExecute)")
 
     def tensorrt_versions_for(self, device_class: str) -> tuple[str, ...]:

@@ -79,6 +79,15 @@ def test_engine_config_round_trips_through_json():
     ({"device_classes": [ORIN_KEY], "node_selectors": {ORIN_KEY: "gpu"}}, "mapping of label to value"),
     ({"verify": {"min_top1_agreement": 1.5}}, "engines.verify.min_top1_agreement"),
     ({"workspace": 1}, "unknown key"),
+    ({"device_classes": ["ada-sm89-trt10"], "min_tensorrt": {"ada-sm89-trt10": 10.9}},
+     "engines.min_tensorrt.ada-sm89-trt10: got 10.9; use a string, e.g. '10.9'"),
+    ({"device_classes": ["ada-sm89-trt10"], "min_tensorrt": {"ada-sm89-trt10": "12.0"}},
+     "device class ada-sm89-trt10 admits TensorRT 10.0-10.16: use one of those releases"),
+    ({"min_tensorrt": {ORIN_KEY: "10.3"}}, "engines.min_tensorrt: 'orin-sm87-jp6.1-trt10.3' is not in engines.device_classes"),
+    ({"images": {ORIN_KEY: "registry.example/x:1"}}, "engines.images: 'orin-sm87-jp6.1-trt10.3' is not in"),
+    ({"tolerations": [{"key": "nvidia.com/gpu", "effect": "Sometimes"}]},
+     "engines.tolerations[0]: got {'key': 'nvidia.com/gpu', 'effect': 'Sometimes'}; use a mapping like "
+     "{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule} (operator Equal or Exists"),
 ])
 def test_bad_engine_config_is_one_clear_line(bad, words):
     with pytest.raises(ConfigError) as exc:

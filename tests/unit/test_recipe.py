@@ -126,6 +126,8 @@ def test_resources_and_cluster_round_trip_and_leave_the_digest_alone():
     ("resources", {"trian": {}}, "resources.trian: unknown key; did you mean 'train'"),
     ("cluster", {"mlflow_secret": "Team_MLflow"}, "cluster.mlflow_secret: got 'Team_MLflow'; use a Kubernetes Secret"),
     ("cluster", {"s3_secrets": "x"}, "cluster.s3_secrets: unknown key; did you mean 's3_secret'"),
+    ("cluster", {"image_pull_secrets": ["Reg_Cred"]}, "cluster.image_pull_secrets: got 'Reg_Cred'; use Kubernetes "
+     "Secret names"),
 ])
 def test_bad_resources_and_cluster_settings_name_the_key_and_the_fix(section, body, needle):
     d = ptq()
