@@ -19,7 +19,10 @@ is a record in the fleet store. The controller:
 6. on success moves ``edge-stable`` and tags the model version.
 
 The rollout record is rewritten after every step, so ``get`` shows progress and
-``reconcile`` (a Kubernetes CronJob) can resume a rollout whose controller died.
+``reconcile`` (a Kubernetes CronJob) can resume a rollout whose controller died. Each
+generation of a rollout gets a random rollout id when it starts; once it ends, it stays ended:
+the controller's signed state (:mod:`~edgeslim.deploy.fleet_state`) and MLflow's tags record the
+end by that id, and a rollout is resumed only when both are read and neither records it.
 
 The controller is a coordinator over one part per concern, all sharing one
 :class:`~edgeslim.deploy.fleet_context.FleetContext`: trust (:mod:`~edgeslim.deploy.fleet_trust`),
@@ -36,17 +39,19 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from typing import Any, Callable
 
 from edgeslim.components.common.errors import FleetError
 from edgeslim.deploy.fleet_context import FleetContext, FleetPart
 from edgeslim.deploy.fleet_devices import FleetDevices
 from edgeslim.deploy.fleet_lock import FleetLock
+from edgeslim.deploy.fleet_state import ControllerState, StaleState
 from edgeslim.deploy.fleet_trust import DEFAULT_TIMESTAMP_TTL_S, FleetTrust
 from edgeslim.deploy.golden import golden_check
 from edgeslim.deploy.promotion import Promotion, approval_key, policy_key
 from edgeslim.deploy.records import RolloutRecords, UntrustedRecord, tally
-from edgeslim.deploy.registry_sync import ModelRef, RegistrySync, resolve_model
+from edgeslim.deploy.registry_sync import ModelRef, RegistrySync, RegistryUnavailable, resolve_model
 from edgeslim.deploy.rollout_config import ACTIVE, TERMINAL, WaveRolloutConfig
 from edgeslim.deploy.store import ObjectStore
 from edgeslim.deploy.targets import ReleaseTargets
@@ -83,11 +88,13 @@ class Controller(FleetPart):
         ctx = self.ctx
         self.fleet_trust = FleetTrust(ctx, signing_key=signing_key, root=root, timestamp_ttl_s=timestamp_ttl_s)
         self.lock = FleetLock(ctx, self.fleet_trust)
-        self.records = RolloutRecords(ctx, self.fleet_trust)
+        self.state = ControllerState(ctx, self.fleet_trust)
+        self.records = RolloutRecords(ctx, self.fleet_trust, self.state)
         self.fleet_devices = FleetDevices(ctx, self.fleet_trust)
         self.targets = ReleaseTargets(ctx, self.fleet_trust)
         self.registry = RegistrySync(ctx, self.records)
-        self.promotion = Promotion(ctx, self.fleet_trust, self.records, self.fleet_devices, self.lock)
+        self.promotion = Promotion(ctx, self.fleet_trust, self.records, self.fleet_devices, self.lock, self.state)
+        self.unchecked: list[str] = []  # rollouts the last reconcile left alone: their end could not be checked
         self.waves = WaveRunner(ctx, fleet_trust=self.fleet_trust, records=self.records,
                                 fleet_devices=self.fleet_devices, lock=self.lock, targets=self.targets,
                                 promotion=self.promotion, registry=self.registry)
@@ -126,8 +133,8 @@ class Controller(FleetPart):
     def list(self) -> list[dict[str, Any]]:
         return self.records.list()
 
-    def approve(self, name: str, by: str | None = None) -> dict[str, Any]:
-        return self.promotion.approve(name, by)
+    def approve(self, name: str, by: str | None = None, approver_key=None) -> dict[str, Any]:
+        return self.promotion.approve(name, by, approver_key)
 
     def set_policy(self, *, auto_promote: bool) -> dict[str, Any]:
         return self.promotion.set_policy(auto_promote=auto_promote)
@@ -185,6 +192,7 @@ class Controller(FleetPart):
                                  "wait for it or abort it")
             rec = self.targets.prepare(name, model_uri, cfg)
             rec["history"], rec["generation"] = history, generation
+            rec["rollout_uid"] = uuid.uuid4().hex  # this generation's id: its end is recorded under it
             self.records.save(rec)
             log.info("rollout %s: %s version %s to fleet %s", name, rec["model"]["name"],
                      rec["model"]["version"], self.fleet)
@@ -261,12 +269,14 @@ class Controller(FleetPart):
     def reconcile(self) -> list[dict[str, Any]]:
         """Run every pending or orphaned rollout of the fleet (the Kubernetes Job/CronJob entry).
 
-        Only records this fleet's key signed are resumed; a planted one is reported and left alone.
-        A rollout that is ``soaking`` or ``awaiting-approval`` is checked once (canaries, abort,
+        Only records this fleet's key signed are resumed; a planted or replayed one is reported and
+        left alone (``untrusted``), and so is one whose end MLflow could not be asked about
+        (``unchecked``). A rollout that is ``soaking`` or ``awaiting-approval`` is checked once (canaries, abort,
         approval, the soak's end) and, still waiting, left for the next run.
         """
         self.fleet_trust.require_key()
         self.publish_timestamp()
+        self.unchecked = []
         done = []
         for rec in self.list():
             if rec.get("state") in ACTIVE:
@@ -279,13 +289,15 @@ class Controller(FleetPart):
         """Run one recorded rollout on from where it stands, here (``edgeslim fleet approve``: an approved
         rollout promotes and runs its remaining waves). Returns its record, or None when it did not act:
         another controller holds the fleet lock and goes on with the rollout, the rollout ended
-        meanwhile, or its record is a replay (then in ``untrusted``).
+        meanwhile, its record is a replay (then in ``untrusted``), or MLflow did not answer the check
+        of its end (then in ``unchecked``).
 
         ``lock_wait_s``: while another controller holds the lock and the rollout stays as it is, try
         again every ``poll_interval_s`` for this long: a ``reconcile`` that has just left the rollout
         waiting lets go, and one that waits on the rollout moves it on.
         """
         self.fleet_trust.require_key()
+        self.unchecked = []
         rec = self.get(name)
         if rec is None:
             raise FleetError(f"no rollout {name!r} in fleet {self.fleet!r}")
@@ -297,7 +309,7 @@ class Controller(FleetPart):
             got = self._resume(rec)
             now = self.get(name)
             if got is not None or now is None or now["state"] != rec["state"] or self.clock() >= deadline \
-                    or self.keys.rollout(name) in self.untrusted:
+                    or self.keys.rollout(name) in self.untrusted or name in self.unchecked:
                 return got
             self.sleep(WaveRolloutConfig.from_dict(now["config"]).poll_interval_s)
             rec = now
@@ -316,15 +328,36 @@ class Controller(FleetPart):
             log.info("skipping %s: %s", rec["name"], exc)
             return None
         try:
-            rec = self.get(rec["name"]) or rec
-            ended = self.registry.ended(rec)
-            if ended:
-                log.error("rollout %s: its record says %s, but MLflow recorded generation %s as %s: an older "
-                          "version of the record was put back (a replay); not resumed", rec["name"],
-                          rec["state"], ended.get("generation"), ended.get("state"))
+            try:
+                rec = self.get(rec["name"])
+            except FleetError as exc:  # replayed, or the controller state cannot be trusted
+                log.error("%s", exc)
                 self.untrusted.append(self.keys.rollout(rec["name"]))
                 return None
-            if rec["state"] not in ACTIVE:  # it ended meanwhile
+            if rec is None or rec["state"] not in ACTIVE:  # it ended (or went) meanwhile
+                return None
+            if not isinstance(rec.get("rollout_uid"), str):
+                log.error("rollout %s: not resumed: its record carries no rollout id, so its end cannot be "
+                          "checked; abort it, or roll it out again with `edgeslim fleet update`", rec["name"])
+                self.untrusted.append(self.keys.rollout(rec["name"]))
+                return None
+            try:
+                ended, floor = self.registry.ended(rec)
+                self.state.require_floor(floor, f"MLflow's end tags of {rec['model']['name']} version "
+                                                f"{rec['model']['version']}")
+            except RegistryUnavailable as exc:
+                log.error("rollout %s: not resumed: %s; it is resumed once MLflow answers", rec["name"], exc)
+                self.unchecked.append(rec["name"])
+                return None
+            except StaleState as exc:
+                log.error("rollout %s: not resumed: %s", rec["name"], exc)
+                self.untrusted.append(self.keys.rollout(rec["name"]))
+                return None
+            if ended:
+                log.error("rollout %s: not resumed: its record says %s, but MLflow recorded this generation "
+                          "(rollout id %s) as %s: an older version of the record was put back (a replay)",
+                          rec["name"], rec["state"], rec["rollout_uid"], ended.get("state"))
+                self.untrusted.append(self.keys.rollout(rec["name"]))
                 return None
             requested = self.records.abort_requested(rec)
             if requested:

@@ -12,6 +12,7 @@ Where things come from (never from the command line for secrets):
 - the fleet's root document: ``--root`` or ``$EDGESLIM_FLEET_ROOT`` (``root.json`` from
   ``edgeslim fleet root-init``; newer versions in the store are followed);
 - the release key (``edgeslim fleet release``): ``--release-key`` or ``$EDGESLIM_RELEASE_KEY``;
+- the approver key (``edgeslim fleet approve``): ``--approver-key`` or ``$EDGESLIM_APPROVER_KEY``;
 - MLflow: ``$MLFLOW_TRACKING_URI`` or ``--tracking-uri``.
 
 Results print as tables and ``key: value`` lines with times in ISO-8601 UTC; ``--json`` prints
@@ -81,7 +82,8 @@ def _root_cmd(args: argparse.Namespace) -> int:
         old = [signing.load_private_key(p) for p in args.old_root_key or []]
         version, signers = current.version + 1, old + root_keys
     payload = trust.make_root(root_keys=root_keys, release_keys=pubs(args.release_pub), fleet_keys=pubs(args.fleet_pub),
-                              thresholds=thresholds, version=version, fleet=args.fleet)
+                              thresholds=thresholds, version=version, fleet=args.fleet,
+                              approver_keys=pubs(args.approver_pub))
     envelope = trust.sign_with(payload, signers)
     if version > 1:
         current.successor(envelope)  # the devices' check, before anything is published
@@ -111,13 +113,22 @@ def approved_line(rec: dict[str, Any], next_step: str) -> str:
     return f"edgeslim: rollout {rec['name']!r} (generation {rec.get('generation', 1)}) {next_step}"
 
 
-def approve(c, name: str, *, by: str | None = None, wait: bool = True) -> int:
-    """``approve`` and ``update -C action=approve``: write the approval; with the fleet key (and
-    ``wait``) promote the rollout here and run its remaining waves, as ``create`` runs its waves;
-    otherwise say what promotes it."""
+def load_approver_key(path: str | None = None):
+    """The approver's private key: ``path``, else ``$EDGESLIM_APPROVER_KEY``; None when neither is set."""
+    from edgeslim.deploy import signing
+    from edgeslim.deploy.promotion import APPROVER_KEY_ENV
+
+    path = path or os.environ.get(APPROVER_KEY_ENV)
+    return signing.load_private_key(path) if path else None
+
+
+def approve(c, name: str, *, by: str | None = None, wait: bool = True, approver_key=None) -> int:
+    """``approve`` and ``update -C action=approve``: write the approval, signed by the approver key; with
+    the fleet key (and ``wait``) promote the rollout here and run its remaining waves, as ``create``
+    runs its waves; otherwise say what promotes it."""
     from edgeslim.deploy.controller import approved_next, fleet_summary
 
-    rec = c.approve(name, by=by)
+    rec = c.approve(name, by=by, approver_key=approver_key)
     if not wait or c.fleet_trust.signing_key is None:
         _print(fleet_summary(c, rec))
         why = "" if wait else " (--no-wait)"
@@ -282,7 +293,7 @@ def _cmd(args: argparse.Namespace) -> int:
             _print(fleet_summary(c, c.abort(args.name)))
             return 0
         if action == "approve":
-            return approve(c, args.name, wait=not args.no_wait)
+            return approve(c, args.name, wait=not args.no_wait, approver_key=load_approver_key())
         if action is not None:
             raise ConfigError(f"-C action={action}: expected abort or approve")
         rec = c.get(args.name)
@@ -291,7 +302,8 @@ def _cmd(args: argparse.Namespace) -> int:
         _print(fleet_summary(c, rec))
         return 0 if rec["state"] in OK_STATES else 1
     if args.fleet_cmd == "approve":
-        return approve(c, args.name, by=args.by, wait=not args.no_wait)
+        return approve(c, args.name, by=args.by, wait=not args.no_wait,
+                       approver_key=load_approver_key(args.approver_key))
     if args.fleet_cmd == "policy":
         if args.auto_promote is not None:
             pol = c.set_policy(auto_promote=_bool("--auto-promote", args.auto_promote))
@@ -347,7 +359,11 @@ def _cmd(args: argparse.Namespace) -> int:
         if c.untrusted:  # the CronJob fails visibly: someone wrote rollout records the fleet key did not sign
             print(f"edgeslim: {len(c.untrusted)} rollout record(s) not acted on (planted, altered or replayed; "
                   "each named above): delete them", file=sys.stderr)
-        return 0 if ok and not c.untrusted and not any(h["outcome"] == "not-started" for h in handled) else 1
+        if c.unchecked:
+            print(f"edgeslim: {len(c.unchecked)} rollout(s) not resumed: MLflow did not answer the check of "
+                  "their end (each named above); run reconcile again once it answers", file=sys.stderr)
+        return 0 if ok and not c.untrusted and not c.unchecked and \
+            not any(h["outcome"] == "not-started" for h in handled) else 1
     if args.fleet_cmd == "follow":
         from edgeslim.deploy.controller import follow_alias
 
@@ -387,9 +403,9 @@ def register(subparsers) -> None:
 
     k = sub.add_parser("keygen", help="make an ed25519 key pair for one role (root, release or fleet)")
     k.add_argument("dir", help="folder for the key pair (made if missing)")
-    k.add_argument("--role", choices=("root", "release", "fleet"), default="fleet",
+    k.add_argument("--role", choices=("root", "release", "fleet", "approver"), default="fleet",
                    help="root: offline, signs the root document; release: signs gated models; "
-                        "fleet: the controller's online key")
+                        "fleet: the controller's online key; approver: signs approvals (`edgeslim fleet approve`)")
     k.add_argument("--overwrite", action="store_true", help="replace a key pair of this role already in DIR")
     k.set_defaults(func=_cmd)
     for name, helptext in (("root-init", "sign root version 1 (give root.json to devices and controllers)"),
@@ -401,6 +417,8 @@ def register(subparsers) -> None:
                             help="a private key of the current root role (repeat up to its threshold)")
         sp.add_argument("--release-pub", action="append", required=True, help="release public key PEM (repeat)")
         sp.add_argument("--fleet-pub", action="append", required=True, help="fleet public key PEM (repeat)")
+        sp.add_argument("--approver-pub", action="append",
+                        help="approver public key PEM (repeat); without one, no approval is accepted")
         sp.add_argument("--threshold", action="append", metavar="ROLE=N", help="signatures a role needs (default 1)")
         sp.add_argument("-o", "--output", help="also write the signed root document here")
     sp = sub.add_parser("release", help="sign the release statement of a gated model version")
@@ -437,7 +455,9 @@ def register(subparsers) -> None:
                                                "(-C promote=approval) past its canary wave; with the fleet key, "
                                                "promote it here and run its remaining waves"))
     sp.add_argument("name", help="rollout (deployment) name")
-    sp.add_argument("--by", default=None, help="who approves (default USER@HOST; recorded, not authenticated)")
+    sp.add_argument("--by", default=None, help="who approves (default USER@HOST; recorded; the approver key "
+                                               "is what authenticates)")
+    sp.add_argument("--approver-key", help="approver private key PEM (default $EDGESLIM_APPROVER_KEY)")
     sp.add_argument("--no-wait", action="store_true", help="only record the approval; the controller holding "
                                                            "the fleet lock, or the next `reconcile`, promotes it")
     sp = common(sub.add_parser("policy", help="show or set the fleet's promotion policy (signed by the fleet key)"))

@@ -2,8 +2,10 @@
 
 While a promotion waits, the canaries keep reporting: one that fails, stops running this
 rollout's model or goes silent counts against ``max_failure_pct`` as in a wave. An approval is
-an unsigned trigger bound to one generation and artifact of a rollout; the fleet's policy
-(may ``follow_alias`` promote on its own?) is signed by the fleet key.
+signed by an approver key of the fleet's root (``edgeslim fleet approve`` holds it) and bound to
+one generation (its rollout id) and artifact of a rollout; the fleet's policy (may
+``follow_alias`` promote on its own?) is signed by the fleet key and carries a version that only
+grows, checked against the last one the controller signed (its signed state).
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import math
 import socket
 from typing import Any
 
-from edgeslim.components.common.errors import FleetError
+from edgeslim.components.common.errors import ConfigError, FleetError
+from edgeslim.deploy import signing, trust
 from edgeslim.deploy.fleet_context import FleetContext, FleetPart
 from edgeslim.deploy.fleet_devices import FleetDevices, reported_sha, sequence_number
 from edgeslim.deploy.fleet_lock import FleetLock
+from edgeslim.deploy.fleet_state import ControllerState, StaleState
 from edgeslim.deploy.fleet_trust import FleetTrust
 from edgeslim.deploy.records import RolloutRecords, over_threshold
 from edgeslim.deploy.rollout_config import TERMINAL, WaveRolloutConfig
@@ -26,8 +30,7 @@ log = logging.getLogger("edgeslim.controller")
 
 APPROVAL_TYPE = "edgeslim.fleet.approval"
 POLICY_TYPE = "edgeslim.fleet.policy"
-# A signed policy written to the store this much later than it was signed is an old one put back.
-POLICY_REPLAY_SLACK_S = 900.0
+APPROVER_KEY_ENV = "EDGESLIM_APPROVER_KEY"
 
 
 def approval_key(keys: FleetKeys, name: str) -> str:
@@ -39,24 +42,36 @@ def policy_key(keys: FleetKeys) -> str:
     """The fleet's promotion policy, signed by the fleet key (``edgeslim fleet policy``)."""
     return f"{keys.base}/policy.json"
 
-
-
 class Promotion(FleetPart):
     """Approvals, the fleet's signed policy, and the gate between the canary wave and the rest."""
 
     def __init__(self, ctx: FleetContext, fleet_trust: FleetTrust, records: RolloutRecords,
-                 fleet_devices: FleetDevices, lock: FleetLock) -> None:
+                 fleet_devices: FleetDevices, lock: FleetLock, state: ControllerState) -> None:
         super().__init__(ctx)
         self.fleet_trust, self.records, self.fleet_devices, self.lock = fleet_trust, records, fleet_devices, lock
+        self.state = state
         self._ignored_approvals: set[str] = set()  # etags of approval objects already logged as ignored
 
-    def approve(self, name: str, by: str | None = None) -> dict[str, Any]:
+    def require_approver(self, approver_key) -> None:
+        """Refuse to approve unless ``approver_key`` is an approver key of the current root."""
+        if approver_key is None:
+            raise ConfigError(f"an approval is signed by an approver key: set {APPROVER_KEY_ENV} or pass "
+                              "--approver-key (make one with `edgeslim fleet keygen DIR --role approver`; the "
+                              "root lists its public key: --approver-pub)")
+        root = self.fleet_trust.root
+        kid = signing.key_id(approver_key.public_key())
+        if "approver" not in root.roles or kid not in root.roles["approver"].keyids:
+            raise ConfigError(f"approver key {kid} is not an approver key of root version {root.version}; use "
+                              "one the root lists, or rotate the root to add it (--approver-pub)")
+
+    def approve(self, name: str, by: str | None = None, approver_key=None) -> dict[str, Any]:
         """Approve the promotion of a rollout that is ``awaiting-approval``: write the approval object.
 
-        Needs no signing key: the approval is a trigger the controller reads, bound to this
-        rollout's generation and artifact. Anyone who can write the store can write one, and so
-        promote the *gated* (release-signed) model this rollout installs to the rest of the fleet.
+        The approval is signed by ``approver_key`` (an approver key of the fleet's root) and bound to
+        this rollout's generation, rollout id and artifact; it needs no fleet key. Whoever can only
+        write the store cannot make one.
         """
+        self.require_approver(approver_key)
         rec = self.records.get(name)
         if rec is None:
             raise FleetError(f"no rollout {name!r} in fleet {self.fleet!r}; see `edgeslim fleet list`")
@@ -77,34 +92,37 @@ class Promotion(FleetPart):
             except Exception:  # no user name (a container without one)
                 by = socket.gethostname()
         body = {"type": APPROVAL_TYPE, "fleet": self.fleet, "rollout": name, "generation": rec.get("generation", 1),
-                "artifact_sha256": rec["artifact"]["sha256"],
+                "rollout_uid": rec.get("rollout_uid"), "artifact_sha256": rec["artifact"]["sha256"],
                 "model": {k: rec["model"].get(k) for k in ("name", "version")},
                 "by": str(by)[:200], "at": self.clock()}
-        self.store.put_json(approval_key(self.keys, name), body)
+        self.store.put_json(approval_key(self.keys, name), trust.sign_with(body, [approver_key]))
         log.info("rollout %s: approved by %s", name, body["by"])
         rec["approval_requested"] = body  # for the caller's display; the object is the truth
         return rec
 
     def approval(self, rec: dict[str, Any]) -> dict[str, Any] | None:
-        """The approval of this generation and artifact of the rollout, if one was written.
+        """The approval of this generation and artifact of the rollout, if an approver key signed one.
 
-        Unsigned by design (see :meth:`approve`); one for another rollout, generation or model, or
-        one that is not an approval at all, is logged once and ignored.
+        One not signed by the root's approver role, or one for another rollout, generation or model,
+        is logged once (one line) and ignored.
         """
         key = approval_key(self.keys, rec["name"])
         try:
             got = self.fleet_trust.read(key, "approval")
+            if not got:
+                return None
+            env, etag = got
+            a = self.fleet_trust.root.verify(env, "approver", what=f"approval {key}")
         except (FleetError, ValueError) as exc:
-            got, why = None, str(exc)
+            why = str(exc)
             if why not in self._ignored_approvals:
                 self._ignored_approvals.add(why)
-                log.warning("rollout %s: unreadable approval %s ignored: %s", rec["name"], key, why[:300])
-        if not got:
+                log.error("rollout %s: approval refused: %s; approve with `edgeslim fleet approve %s %s` holding "
+                          "an approver key", rec["name"], why[:300], self.fleet, rec["name"])
             return None
-        a, etag = got
-        if isinstance(a, dict) and a.get("type") == APPROVAL_TYPE and a.get("fleet") == self.fleet and \
-                a.get("rollout") == rec["name"] and a.get("generation") == rec.get("generation", 1) and \
-                a.get("artifact_sha256") == rec["artifact"]["sha256"]:
+        if a.get("type") == APPROVAL_TYPE and a.get("fleet") == self.fleet and a.get("rollout") == rec["name"] \
+                and a.get("generation") == rec.get("generation", 1) and a.get("rollout_uid") == rec.get("rollout_uid") \
+                and a.get("artifact_sha256") == rec["artifact"]["sha256"]:
             at = a.get("at")
             return {"by": str(a.get("by"))[:200],
                     "at": at if isinstance(at, (int, float)) and not isinstance(at, bool) else None}
@@ -115,10 +133,28 @@ class Promotion(FleetPart):
                         rec.get("generation", 1), self.fleet, rec["name"])
         return None
 
+    def _stored_policy_version(self) -> int:
+        try:
+            got = self.fleet_trust.verified(policy_key(self.keys), "fleet policy")
+        except FleetError:
+            return 0
+        version = (got or ({}, None))[0].get("version")
+        return version if isinstance(version, int) and not isinstance(version, bool) else 0
+
     def set_policy(self, *, auto_promote: bool) -> dict[str, Any]:
-        """Sign and store the fleet's promotion policy (the fleet key: a bucket writer cannot turn it on)."""
+        """Sign and store the fleet's promotion policy (the fleet key: a bucket writer cannot turn it on).
+
+        Its version is one above both the stored policy's and the last one recorded in the controller
+        state, which records it before the policy is written.
+        """
         self.fleet_trust.require_key()
-        pol = {"type": POLICY_TYPE, "fleet": self.fleet, "auto_promote": bool(auto_promote),
+        try:
+            seen = self.state.read()["policy_version"]
+        except StaleState:
+            seen = 0  # recording the version replaces the untrusted state
+        version = max(seen, self._stored_policy_version()) + 1
+        self.state.record_policy(version)
+        pol = {"type": POLICY_TYPE, "fleet": self.fleet, "auto_promote": bool(auto_promote), "version": version,
                "updated_at": self.clock()}
         self.store.put_json(policy_key(self.keys), self.fleet_trust.sign(pol))
         return pol
@@ -126,25 +162,27 @@ class Promotion(FleetPart):
     def policy(self) -> dict[str, Any]:
         """The fleet's promotion policy as the fleet key signed it; the default (no auto-promotion) otherwise.
 
-        A policy nobody of this fleet signed, or one written to the store well after it was signed
-        (an old ``auto_promote: true`` put back after it was turned off), is logged and ignored.
+        A policy nobody of this fleet signed, one without a version, or one whose version is below the
+        last one the controller state records (an old ``auto_promote: true`` put back after it was
+        turned off) is logged on one line and ignored.
         """
-        default = {"type": POLICY_TYPE, "fleet": self.fleet, "auto_promote": False, "updated_at": None}
+        default = {"type": POLICY_TYPE, "fleet": self.fleet, "auto_promote": False, "version": None,
+                   "updated_at": None}
         key = policy_key(self.keys)
         try:
             got = self.fleet_trust.verified(key, "fleet policy")
             if got is None:
                 return default
-            pol, etag = got
+            pol = got[0]
             if pol.get("type") != POLICY_TYPE or pol.get("fleet") != self.fleet:
                 raise FleetError(f"it is a {str(pol.get('type'))[:60]} of fleet {str(pol.get('fleet'))[:60]!r}")
-            signed_at = pol.get("updated_at")
-            aged = self.store.age(key)
-            if not isinstance(signed_at, (int, float)) or aged is None or aged[0] != etag:
-                raise FleetError("it changed while being read, or carries no signing time")
-            if (self.clock() - signed_at) - aged[1] > POLICY_REPLAY_SLACK_S:
-                raise FleetError(f"it was signed {self.clock() - signed_at:.0f}s ago but written to the store "
-                                 f"{aged[1]:.0f}s ago: an older policy put back")
+            version = pol.get("version")
+            if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+                raise FleetError("it carries no version")
+            seen = self.state.read()["policy_version"]
+            if version < seen:
+                raise FleetError(f"it is version {version}, but the controller state records version {seen}: "
+                                 "an older policy put back")
             return {**default, **pol, "auto_promote": pol.get("auto_promote") is True}
         except (FleetError, AttributeError, TypeError) as exc:
             log.error("fleet policy %s ignored (%s); no auto-promotion: set it again with "

@@ -1,7 +1,10 @@
 """Rollout records: one signed JSON object per rollout, rewritten after every step.
 
-A record is read back only if this fleet's key signed it for this fleet and rollout name; every
-write is fenced on the ETag this controller last saw, so two controllers never both go on.
+A record is read back only if this fleet's key signed it for this fleet and rollout name, and
+the controller's signed state (:mod:`~edgeslim.deploy.fleet_state`) does not record its rollout
+id as ended otherwise (an older record put back); every write is fenced on the ETag this
+controller last saw, so two controllers never both go on. A record that ends is entered in that
+state before it is written.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from typing import Any
 from edgeslim.components.common.errors import ConfigError, FleetError
 from edgeslim.deploy import bounded, signing
 from edgeslim.deploy.fleet_context import FleetContext, FleetPart
+from edgeslim.deploy.fleet_state import ControllerState, StaleState
 from edgeslim.deploy.fleet_trust import FleetTrust
-from edgeslim.deploy.rollout_config import WaveRolloutConfig
+from edgeslim.deploy.rollout_config import ACTIVE, TERMINAL, WaveRolloutConfig
 from edgeslim.deploy.store import PreconditionFailed
 
 log = logging.getLogger("edgeslim.controller")
@@ -28,14 +32,18 @@ class UntrustedRecord(FleetError):
 class RolloutRecords(FleetPart):
     """The fleet's rollout records, as its fleet key signed them."""
 
-    def __init__(self, ctx: FleetContext, fleet_trust: FleetTrust) -> None:
+    def __init__(self, ctx: FleetContext, fleet_trust: FleetTrust, state: ControllerState) -> None:
         super().__init__(ctx)
-        self.fleet_trust = fleet_trust
+        self.fleet_trust, self.state = fleet_trust, state
         self._etags: dict[str, str | None] = {}
         self.untrusted: list[str] = []  # record keys found planted, altered or replayed (list, reconcile)
 
-    def get(self, name: str) -> dict[str, Any] | None:
-        """The rollout record, verified; raises :class:`UntrustedRecord` for a planted or altered one."""
+    def get(self, name: str, state: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """The rollout record, verified; raises :class:`UntrustedRecord` for a planted, altered or replayed one.
+
+        ``state``: the controller state to check it against (read here when not given). An active
+        record is not returned while that state cannot be trusted.
+        """
         key = self.keys.rollout(name)
         try:
             got = self.fleet_trust.verified(key, f"rollout record {name!r}", MAX_RECORD_BYTES)
@@ -48,6 +56,15 @@ class RolloutRecords(FleetPart):
         if rec.get("name") != name or rec.get("fleet") != self.fleet:
             raise UntrustedRecord(f"rollout record {key} is signed for {rec.get('fleet')}/{rec.get('name')}: "
                                   "copied from elsewhere; delete it")
+        try:
+            why = self.state.check_record(rec, state or self.state.read())
+        except StaleState as exc:
+            if rec.get("state") in ACTIVE:
+                raise UntrustedRecord(f"rollout record {key} not acted on: {exc}; the fleet's controller state "
+                                      "must be restored (or deleted, leaving MLflow's tags as the record)") from None
+            why = None  # an ended record only shows
+        if why:
+            raise UntrustedRecord(f"rollout record {key} not acted on: {why}; delete it") from None
         self._etags[name] = etag
         return rec
 
@@ -55,10 +72,14 @@ class RolloutRecords(FleetPart):
         """Every record this fleet signed; the others are logged and counted in ``self.untrusted``."""
         out = []
         self.untrusted = []
+        try:
+            state = self.state.read()
+        except StaleState:
+            state = None  # each get() says so for an active record
         for key in self.store.list(self.keys.rollouts_prefix):
             if key.endswith(".json"):
                 try:  # the whole rest of the key: rollouts/sub/r1.json is not r1 (check_name refuses it)
-                    rec = self.get(key[len(self.keys.rollouts_prefix):-len(".json")])
+                    rec = self.get(key[len(self.keys.rollouts_prefix):-len(".json")], state)
                 except FleetError as exc:
                     log.error("%s", exc)
                     self.untrusted.append(key)
@@ -89,7 +110,15 @@ class RolloutRecords(FleetPart):
         return str(req.get("reason") or "aborted by request")[:500]
 
     def save(self, rec: dict[str, Any]) -> None:
-        """Sign and write the record, fenced on the ETag this controller last saw."""
+        """Sign and write the record, fenced on the ETag this controller last saw; a record that ended
+        is entered in the controller state first."""
+        if rec.get("state") in TERMINAL and isinstance(rec.get("rollout_uid"), str):
+            try:
+                known = (self.state.read()["ended"].get(rec["rollout_uid"]) or {}).get("state")
+            except StaleState:
+                known = None
+            if known != rec["state"]:
+                rec["state_counter"] = self.state.record_end(rec)
         rec["updated_at"] = self.clock()
         name, key = rec["name"], self.keys.rollout(rec["name"])
         etag = self._etags.get(name)

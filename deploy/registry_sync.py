@@ -2,8 +2,10 @@
 
 Resolving ``models:/NAME@ALIAS`` (or ``/VERSION``) to a version and downloading its edge model;
 moving ``edge-canary``/``edge-stable`` (the version an alias pointed at is kept in the record and
-put back if the rollout aborts); tagging the version with how its rollout ended, a record outside
-the store that :meth:`RegistrySync.ended` holds a replayed rollout record against.
+put back if the rollout aborts); tagging the version with how its rollout ended (``edgeslim.fleet.FLEET``,
+the last rollout's summary, and ``edgeslim.fleet.FLEET.ended.ROLLOUT_ID``, one per ended rollout
+generation with the controller state's counter), a record outside the store that
+:meth:`RegistrySync.ended` holds a replayed rollout record against.
 MLflow is imported only inside the functions that need it.
 """
 
@@ -25,6 +27,10 @@ from edgeslim.deploy.rollout_config import TERMINAL
 log = logging.getLogger("edgeslim.controller")
 
 TAG_PREFIX = "edgeslim.fleet"
+
+
+class RegistryUnavailable(FleetError):
+    """MLflow did not answer a check the controller needs before it acts."""
 KFP_RUN_TAG = "edgeslim.kfp_run_id"  # written on the version by the pipeline's report task
 
 
@@ -134,31 +140,53 @@ class RegistrySync(FleetPart):
         m = rec["model"]
         reported, failed = tally(rec)
         summary = {"rollout": rec["name"], "generation": rec.get("generation", 1), "state": rec["state"],
+                   "rollout_id": rec.get("rollout_uid"), "counter": rec.get("state_counter"),
                    "devices": len(rec["devices"]), "reported": reported, "failed": failed,
                    "reason": rec.get("reason"), "finished_at": self.clock(),
                    # what made this version: the registration run and, on a cluster, the KFP run
                    **{k: m[k] for k in ("run_id", "kfp_run_id") if m.get(k)}}
         try:
-            self.client().set_model_version_tag(m["name"], m["version"], f"{TAG_PREFIX}.{self.fleet}",
-                                                json.dumps(summary, sort_keys=True))
+            client = self.client()
+            if isinstance(rec.get("rollout_uid"), str):
+                client.set_model_version_tag(m["name"], m["version"], self.ended_tag(rec["rollout_uid"]),
+                                             json.dumps({k: summary[k] for k in ("rollout", "generation", "state",
+                                                                                  "counter")}, sort_keys=True))
+            client.set_model_version_tag(m["name"], m["version"], f"{TAG_PREFIX}.{self.fleet}",
+                                         json.dumps(summary, sort_keys=True))
         except Exception as exc:
             log.error("could not tag the model version: %s", exc)
 
-    def ended(self, rec: dict[str, Any]) -> dict[str, Any] | None:
-        """MLflow's record that this generation of the rollout already ended, if it has one.
+    def ended_tag(self, rollout_uid: str) -> str:
+        return f"{TAG_PREFIX}.{self.fleet}.ended.{rollout_uid}"
+
+    def ended(self, rec: dict[str, Any]) -> tuple[dict[str, Any] | None, int]:
+        """``(MLflow's record that this generation of the rollout ended, or None; the highest controller
+        state counter MLflow's end tags of this model version carry)``.
 
         A bucket writer can put back an older, validly signed version of a record (``pending``
-        after it was aborted, say) and delete the abort request; the model version's tag, which
-        the controller writes when a rollout ends, is outside the store and says otherwise.
+        after it was aborted, say), and of the controller state with it; the model version's tags,
+        which the controller writes when a rollout ends, are outside the store and say otherwise.
+        Raises :class:`RegistryUnavailable` when MLflow does not answer: nothing is resumed unchecked.
         """
         m = rec.get("model") or {}
         try:
             tags = self.client().get_model_version(m["name"], m["version"]).tags or {}
-            ended = json.loads(tags.get(f"{TAG_PREFIX}.{self.fleet}", "null"))
-        except Exception as exc:  # MLflow unreachable: resume (the devices still check every signature)
-            log.warning("rollout %s: cannot check its end in MLflow (%s)", rec["name"], type(exc).__name__)
-            return None
-        if isinstance(ended, dict) and ended.get("rollout") == rec["name"] and \
-                ended.get("generation", 1) >= rec.get("generation", 1) and ended.get("state") in TERMINAL:
-            return ended
-        return None
+        except Exception as exc:
+            raise RegistryUnavailable(f"cannot check its end in MLflow ({type(exc).__name__}: "
+                                      f"{str(exc)[:200]})") from None
+        prefix, floor, mine = f"{TAG_PREFIX}.{self.fleet}.ended.", 0, None
+        for key, value in tags.items():
+            if not key.startswith(prefix):
+                continue
+            try:
+                got = json.loads(value)
+            except ValueError:
+                continue
+            if not isinstance(got, dict):
+                continue
+            counter = got.get("counter")
+            if isinstance(counter, int) and not isinstance(counter, bool):
+                floor = max(floor, counter)
+            if key == self.ended_tag(str(rec.get("rollout_uid"))) and got.get("state") in TERMINAL:
+                mine = got
+        return mine, floor

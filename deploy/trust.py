@@ -13,6 +13,8 @@ director split):
 - **fleet** (the online director key of the controller) signs per-device manifests, the
   fleet's short-lived *timestamp*, its device *inventory* and the controller's own
   rollout records.
+- **approver** (optional; held by ``edgeslim fleet approve``) signs approvals to promote a
+  rollout past its canary wave. Devices never read it; a root without it allows no approval.
 
 A device installs only what a fleet manifest directs *and* a release statement covers,
 both verified against its root. Neither a bucket writer, nor the controller's online
@@ -39,6 +41,7 @@ from edgeslim.deploy import bounded
 from edgeslim.deploy.signing import SignatureError, canonical_json, key_id
 
 ROLES = ("root", "release", "fleet")
+OPTIONAL_ROLES = ("approver",)  # parsed when the root lists them; devices ignore them
 ROOT_TYPE = "edgeslim.fleet.root"
 RELEASE_TYPE = "edgeslim.release"
 TIMESTAMP_TYPE = "edgeslim.fleet.timestamp"
@@ -115,7 +118,7 @@ class Root:
                 if key_id(key) != kid:
                     raise ValueError(f"key id {kid} does not name its key")
             self.roles: dict[str, Role] = {}
-            for role in ROLES:
+            for role in ROLES + tuple(r for r in OPTIONAL_ROLES if r in payload["roles"]):
                 r = payload["roles"][role]
                 ids = tuple(str(k) for k in r["keyids"])
                 t = int(r["threshold"])
@@ -131,6 +134,9 @@ class Root:
 
     def verify(self, envelope: Any, role: str, *, what: str) -> dict[str, Any]:
         """The payload, if at least ``threshold`` keys of ``role`` signed it; else raise."""
+        if role not in self.roles:
+            raise SignatureError(f"{what}: root version {self.version} lists no {role} key, so nothing signed "
+                                 f"by one is accepted; rotate the root to add one (--{role}-pub)")
         payload, n = count_signatures(envelope, self.role_keys(role), what=what)
         need = self.roles[role].threshold
         if n < need:
@@ -149,12 +155,17 @@ class Root:
 
 
 def make_root(*, root_keys: list, release_keys: list, fleet_keys: list, thresholds: dict[str, int] | None = None,
-              version: int = 1, fleet: str | None = None) -> dict[str, Any]:
-    """The payload of a root document (sign it with :func:`sign_with` and the root keys)."""
+              version: int = 1, fleet: str | None = None, approver_keys: list | None = None) -> dict[str, Any]:
+    """The payload of a root document (sign it with :func:`sign_with` and the root keys).
+
+    ``approver_keys`` (optional): the keys whose signature makes an approval; without them the
+    root has no approver role, and no approval is accepted.
+    """
     thresholds = thresholds or {}
     keys: dict[str, str] = {}
     roles: dict[str, Any] = {}
-    for role, ks in (("root", root_keys), ("release", release_keys), ("fleet", fleet_keys)):
+    given = [("root", root_keys), ("release", release_keys), ("fleet", fleet_keys)]
+    for role, ks in given + ([("approver", approver_keys)] if approver_keys else []):
         if not ks:
             raise ConfigError(f"the root document needs at least one {role} key")
         ids = []

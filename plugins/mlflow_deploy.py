@@ -21,7 +21,7 @@ from mlflow.deployments import BaseDeploymentClient
 from edgeslim.components.common.errors import ConfigError
 
 # -C keys that select where the fleet lives, not how the rollout moves.
-_LOCATION_KEYS = ("store", "endpoint_url", "signing_key", "root")
+_LOCATION_KEYS = ("store", "endpoint_url", "signing_key", "root", "approver_key")
 
 
 def _quiet_client_loggers() -> None:
@@ -44,6 +44,7 @@ Where the fleet lives (environment, or -C for the non-secret ones):
   EDGESLIM_S3_ENDPOINT_URL    for S3-compatible servers (RGW, MinIO) (-C endpoint_url=...)
   EDGESLIM_FLEET_SIGNING_KEY  the fleet (director) private key PEM    (-C signing_key=PATH)
   EDGESLIM_FLEET_ROOT         the fleet's root document, root.json   (-C root=PATH)
+  EDGESLIM_APPROVER_KEY       an approver private key PEM, for -C action=approve (-C approver_key=PATH)
   AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE: S3 credentials. Never pass
   credentials with -C: they are refused, because -C values reach logs and MLflow.
 
@@ -57,8 +58,9 @@ Operations:
            reason when the rollout aborts.
   update   -m another version under the same deployment name; -C action=abort to stop a
            running rollout and roll every touched device back (edge-canary goes back too);
-           -C action=approve to approve a rollout that is awaiting-approval: with the fleet key
-           set, a background controller promotes it and runs its remaining waves at once.
+           -C action=approve to approve a rollout that is awaiting-approval (signed by the approver
+           key): with the fleet key set, a background controller promotes it and runs its
+           remaining waves at once.
   delete   withdraw: every device the rollout touched goes back to its previous model.
   get/list rollout state, per-wave and per-device outcomes, what each device runs now.
   predict  run the deployment's model locally through the edgeslim_edge pyfunc; --input-path FILE
@@ -135,7 +137,7 @@ class EdgeDeploymentClient(BaseDeploymentClient):
         loc, raw = _split(config)
         raw, wait = split_config(raw, default_wait=False)
         action = str(raw.pop("action", "")).lower()
-        c = self._controller(loc, need_key=action != "approve")  # an approval is not signed: no key
+        c = self._controller(loc, need_key=action != "approve")  # an approval needs the approver key, not the fleet's
         if action == "abort":
             return self._view(c, c.abort(name, str(raw.pop("reason", "aborted by request"))))
         if action == "approve":
@@ -152,9 +154,9 @@ class EdgeDeploymentClient(BaseDeploymentClient):
         (as ``create`` starts) promotes the rollout and runs its remaining waves; without it, the
         controller holding the fleet lock or the next ``reconcile`` does (``approved`` says which)."""
         from edgeslim.deploy.controller import approved_next
-        from edgeslim.deploy.fleet_cli import SIGNING_KEY_ENV, approved_line
+        from edgeslim.deploy.fleet_cli import SIGNING_KEY_ENV, approved_line, load_approver_key
 
-        rec = c.approve(name)
+        rec = c.approve(name, approver_key=load_approver_key(loc.get("approver_key")))
         if loc.get("signing_key") or os.environ.get(SIGNING_KEY_ENV):
             log = start_controller(self.fleet, loc)
             out = self._view(c, rec)

@@ -1,4 +1,4 @@
-"""A fleet's keys and root for tests: root, release and fleet roles, as `edgeslim fleet` makes them."""
+"""A fleet's keys and root for tests: root, release, fleet and approver roles, as `edgeslim fleet` makes them."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 class TrustKit:
-    """Keys of the three roles (one each), root version 1 signed and written to ``root.json``.
+    """Keys of the four roles (one each), root version 1 signed and written to ``root.json``.
 
     Unpacks as ``(kit, root)`` for tests written as ``priv, pub = keys``: the kit signs
     (fleet and release), the :class:`~edgeslim.deploy.trust.Root` verifies.
@@ -18,12 +18,13 @@ class TrustKit:
 
         self.dir = Path(directory)
         self.fleet = fleet
-        paths = {role: signing.generate_keypair(self.dir, role=role) for role in ("root", "release", "fleet")}
+        roles = ("root", "release", "fleet", "approver")
+        paths = {role: signing.generate_keypair(self.dir, role=role) for role in roles}
         self.paths = paths
-        self.root_key, self.release_key, self.fleet_key = (signing.load_private_key(paths[r][0])
-                                                           for r in ("root", "release", "fleet"))
+        self.root_key, self.release_key, self.fleet_key, self.approver_key = (
+            signing.load_private_key(paths[r][0]) for r in roles)
         payload = trust.make_root(root_keys=[self.root_key], release_keys=[self.release_key],
-                                  fleet_keys=[self.fleet_key], fleet=fleet)
+                                  fleet_keys=[self.fleet_key], approver_keys=[self.approver_key], fleet=fleet)
         self.root_envelope = trust.sign_with(payload, [self.root_key])
         self.root_path = self.dir / "root.json"
         self.root_path.write_text(json.dumps(self.root_envelope))

@@ -76,7 +76,7 @@ class Fleet:
                   "model": {"name": "m", "version": name, "alias": None, "run_id": None, "uri": f"models:/m/{name}"},
                   "release": self.kit.release(artifact, name="m", version=name)}
         self.kit.controller(self.store).put_target(target)
-        return {"name": name, "fleet": "f", "state": "pending", "generation": 1, **target,
+        return {"name": name, "fleet": "f", "state": "pending", "generation": 1, "rollout_uid": f"uid-{name}", **target,
                 "config": cfg.to_dict(), "waves": [],
                 "devices": {}, "abort_requested": None, "reason": None, "history": []}
 

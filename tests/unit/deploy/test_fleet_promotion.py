@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 
 from fleet_unit_helpers import golden_for, make_onnx, upload
-from edgeslim.components.common.errors import FleetError
+from edgeslim.components.common.errors import ConfigError, FleetError
 from edgeslim.components.common.hashing import file_sha256
 from edgeslim.deploy import trust
 from edgeslim.deploy.agent.device import Agent, AgentSettings
@@ -93,7 +93,13 @@ class PromoFleet:
 
     def keyless(self) -> Controller:
         """Someone with the root but without the fleet key (an approver, an operator's `get`)."""
-        return Controller(self.store, "f", root=self.kit.root, clock=self.clock)
+        c = Controller(self.store, "f", root=self.kit.root, clock=self.clock)
+        c.registry.client = lambda: self.registry
+        return c
+
+    def approve(self, c, name, by=None):
+        """``c.approve`` as the approver: with the approver key."""
+        return c.approve(name, by=by, approver_key=self.kit.approver_key)
 
     def record(self, name, model_path, version, **cfg):
         cfg = WaveRolloutConfig.from_dict({"poll_interval_s": 0.05, "wave_timeout_s": 5.0, **cfg})
@@ -103,7 +109,7 @@ class PromoFleet:
                             "uri": "models:/m@edge-candidate"},
                   "release": self.kit.release(artifact, name="m", version=version)}
         self.kit.controller(self.store).put_target(target)
-        return {"name": name, "fleet": "f", "state": "pending", "generation": 1, **target,
+        return {"name": name, "fleet": "f", "state": "pending", "generation": 1, "rollout_uid": f"uid-{name}", **target,
                 "config": cfg.to_dict(), "waves": [], "devices": {}, "abort_requested": None, "reason": None,
                 "history": []}
 
@@ -233,12 +239,20 @@ def test_approval_gate_reconcile_checks_once_ignores_forged_approvals_and_promot
     assert summary["state"] == "awaiting-approval" and "edgeslim fleet approve f r1" in summary["promotion"]["next"]
     assert summary["promotion"]["waiting_s"] >= 0
 
-    # Planted approvals: another generation, rollout, model or fleet, or junk. None promotes.
+    # Planted approvals: unsigned, signed by the fleet key (not an approver's), or signed by the approver
+    # key for another generation, rollout id, rollout, model or fleet, or junk. None promotes.
     good = {"type": "edgeslim.fleet.approval", "fleet": "f", "rollout": "r1", "generation": 1,
-            "artifact_sha256": rec["artifact"]["sha256"], "by": "mallory", "at": f.clock()}
+            "rollout_uid": "uid-r1", "artifact_sha256": rec["artifact"]["sha256"], "by": "mallory", "at": f.clock()}
     key = approval_key(FleetKeys("f"), "r1")
-    for forged in ({**good, "generation": 2}, {**good, "rollout": "r0"}, {**good, "artifact_sha256": "0" * 64},
-                   {**good, "fleet": "g"}, {**good, "type": "edgeslim.fleet.request"}, [good], "approved"):
+
+    def signed(body):
+        return trust.sign_with(body, [f.kit.approver_key])
+
+    for forged in (good, {"signed": good, "signatures": []}, trust.sign_with(good, [f.kit.fleet_key]),
+                   signed({**good, "generation": 2}), signed({**good, "rollout_uid": "uid-r0"}),
+                   signed({**good, "rollout": "r0"}), signed({**good, "artifact_sha256": "0" * 64}),
+                   signed({**good, "fleet": "g"}), signed({**good, "type": "edgeslim.fleet.request"}), [good],
+                   "approved"):
         f.store.put_json(key, forged)
         assert [r["state"] for r in c.reconcile()] == ["awaiting-approval"], forged
     f.store.put(key, b"[" * 100_000)
@@ -246,15 +260,19 @@ def test_approval_gate_reconcile_checks_once_ignores_forged_approvals_and_promot
     assert f.registry.aliases["edge-stable"] == "1"
     assert sorted(d for d in f.agents if f.manifest(d)["rollout_id"] == "r1") == [canary]
 
-    approver = f.keyless()  # no fleet key needed to approve
-    approver.approve("r1", by="alice")
+    approver = f.keyless()  # no fleet key needed to approve, but the approver key
+    with pytest.raises(ConfigError, match="approver key"):
+        approver.approve("r1", by="mallory")
+    with pytest.raises(ConfigError, match="not an approver key of root version 1"):
+        approver.approve("r1", by="mallory", approver_key=f.kit.fleet_key)
+    f.approve(approver, "r1", by="alice")
     done = c.reconcile()
     assert [(r["name"], r["state"]) for r in done] == [("r1", "succeeded")]
     assert done[0]["promotion"]["approval"]["by"] == "alice"
     assert f.registry.aliases == {"edge-canary": "2", "edge-stable": "2"}
     assert all(f.running(d) == done[0]["artifact"]["sha256"] for d in f.agents)
     with pytest.raises(FleetError, match="nothing to approve"):
-        approver.approve("r1")
+        f.approve(approver, "r1")
 
 
 def test_get_shows_an_approval_at_once_and_approve_with_the_fleet_key_promotes_with_no_further_command(
@@ -269,7 +287,7 @@ def test_get_shows_an_approval_at_once_and_approve_with_the_fleet_key_promotes_w
 
     # An approval no controller has read yet: `get` shows it, and what promotes it.
     approver = f.keyless()
-    approver.approve("r1", by="alice")
+    f.approve(approver, "r1", by="alice")
     promo = fleet_summary(approver, approver.get("r1"))["promotion"]
     assert promo["approval"]["by"] == "alice"
     assert "no controller is running it: `edgeslim fleet reconcile f`" in promo["next"]
@@ -277,18 +295,18 @@ def test_get_shows_an_approval_at_once_and_approve_with_the_fleet_key_promotes_w
     promo = fleet_summary(approver, approver.get("r1"))["promotion"]
     assert promo["next"] == "approved; the controller holding the fleet lock (ctl-7) promotes it at its next poll"
     # Without the fleet key, `approve` records and says what runs next; it promotes nothing itself.
-    assert fleet_cli.approve(approver, "r1", by="alice") == 0
+    assert fleet_cli.approve(approver, "r1", by="alice", approver_key=f.kit.approver_key) == 0
     assert "(ctl-7) promotes it at its next poll (no fleet key here" in capsys.readouterr().err
     assert f.stored("r1")["state"] == "awaiting-approval"
     # With it, the same command promotes and runs the remaining waves, once the lock is free: a lock
     # held throughout is another controller's to act on, and the command says so...
-    assert fleet_cli.approve(c, "r1", by="alice") == 0
+    assert fleet_cli.approve(c, "r1", by="alice", approver_key=f.kit.approver_key) == 0
     assert "(ctl-7) promotes it at its next poll" in capsys.readouterr().err
     assert f.stored("r1")["state"] == "awaiting-approval"
     # ... and one let go of meanwhile (a `reconcile` ending its check) is taken, and the rollout run here.
     f.hooks.append(lambda: f.store.delete(FleetKeys("f").lock) if f.store.get_json(FleetKeys("f").lock) and
                    f.store.get_json(FleetKeys("f").lock)[0].get("holder") == "ctl-7" else None)
-    assert fleet_cli.approve(c, "r1", by="alice") == 0
+    assert fleet_cli.approve(c, "r1", by="alice", approver_key=f.kit.approver_key) == 0
     out = capsys.readouterr()
     assert "approved; promoting it here and running its remaining waves" in out.err
     got = json.loads(out.out)
@@ -302,12 +320,12 @@ def test_approve_is_refused_before_the_canary_wave_and_for_other_policies(fleet)
     c = f.controller()
     c.records.save(f.record("r1", f.models[0], "1", promote="approval"))
     with pytest.raises(FleetError, match="canary wave has not finished"):
-        f.keyless().approve("r1")
+        f.approve(f.keyless(), "r1")
     c.records.save(f.record("r2", f.models[0], "1", promote="soak"))
     with pytest.raises(FleetError, match="promote=soak, not approval"):
-        f.keyless().approve("r2")
+        f.approve(f.keyless(), "r2")
     with pytest.raises(FleetError, match="no rollout 'r3'"):
-        f.keyless().approve("r3")
+        f.approve(f.keyless(), "r3")
 
 
 def test_abort_while_awaiting_approval_rolls_back_and_puts_edge_canary_back(fleet):
@@ -374,10 +392,13 @@ def test_policy_defaults_off_is_signed_and_a_planted_or_replayed_one_is_ignored(
         {"type": "edgeslim.fleet.policy", "fleet": "f", "auto_promote": True, "updated_at": time.time()},
         [other.fleet_key]))
     assert c.policy()["auto_promote"] is False
-    # ... or puts back the fleet's own, older "true" after it was turned off.
-    keys.controller(store, clock=lambda: time.time() - 7200).set_policy(auto_promote=True)
-    pol = c.policy()
-    assert pol["auto_promote"] is False and "put back" in pol["ignored"]
+    # ... or puts back the fleet's own, older "true" after it was turned off (whatever its time stamps say).
+    c.set_policy(auto_promote=True)
+    older = store.get(policy_key(FleetKeys("f"))).data
+    assert c.set_policy(auto_promote=False)["version"] == c.policy()["version"] == 4
+    store.put(policy_key(FleetKeys("f")), older)
+    pol = keys.controller(store).policy()  # a fresh controller: the version seen is in the signed state
+    assert pol["auto_promote"] is False and "version 3" in pol["ignored"] and "put back" in pol["ignored"]
 
 
 def test_follow_alias_asks_for_approval_unless_the_fleet_or_the_command_line_says_auto(store, keys, monkeypatch):
@@ -412,7 +433,9 @@ def test_cli_policy_and_approve(store, keys, tmp_path):
     assert store.get_json(policy_key(FleetKeys("f")))[0]["signatures"]  # signed
     nokey = cli("policy", "f", *base, "--auto-promote", "false")
     assert nokey.returncode == 2 and "signing key" in nokey.stderr
-    got = cli("approve", "f", "nope", *base)
+    got = cli("approve", "f", "nope", *base)  # no approver key: refused before anything is read
+    assert got.returncode == 2 and "an approval is signed by an approver key" in got.stderr
+    got = cli("approve", "f", "nope", *base, "--approver-key", str(keys.paths["approver"][0]))
     assert got.returncode == 2 and "no rollout 'nope'" in got.stderr and "Traceback" not in got.stderr
 
 
@@ -424,6 +447,7 @@ def test_mlflow_deployments_update_action_approve_needs_no_key(fleet, keys, tmp_
     c.records.save(f.record("r1", f.models[0], "1", waves=[50, 100], promote="approval"))
     assert [r["state"] for r in c.reconcile()] == ["awaiting-approval"]
     monkeypatch.delenv("EDGESLIM_FLEET_SIGNING_KEY", raising=False)
+    monkeypatch.setenv("EDGESLIM_APPROVER_KEY", str(keys.paths["approver"][0]))
     out = EdgeDeploymentClient("edge:/f").update_deployment(
         "r1", config={"action": "approve", "store": str(tmp_path / "store"), "root": str(keys.root_path)})
     assert out["state"] == "awaiting-approval" and "approved" in out["approved"]
