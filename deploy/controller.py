@@ -343,8 +343,9 @@ class Controller(FleetPart):
                 return None
             try:
                 ended, floor = self.registry.ended(rec)
-                self.state.require_floor(floor, f"MLflow's end tags of {rec['model']['name']} version "
-                                                f"{rec['model']['version']}")
+                if not ended:
+                    self.state.require_floor(floor, f"MLflow's end tags of {rec['model']['name']} version "
+                                                    f"{rec['model']['version']}")
             except RegistryUnavailable as exc:
                 log.error("rollout %s: not resumed: %s; it is resumed once MLflow answers", rec["name"], exc)
                 self.unchecked.append(rec["name"])
