@@ -68,8 +68,9 @@ class Promotion(FleetPart):
         """Approve the promotion of a rollout that is ``awaiting-approval``: write the approval object.
 
         The approval is signed by ``approver_key`` (an approver key of the fleet's root) and bound to
-        this rollout's generation, rollout id and artifact; it needs no fleet key. Whoever can only
-        write the store cannot make one.
+        this rollout's generation, rollout id and artifact, and to the moment its canary wave ended
+        (``canary_done_at``, known only once it has): no approval can be made before the canaries
+        reported. It needs no fleet key; whoever can only write the store cannot make one.
         """
         self.require_approver(approver_key)
         rec = self.records.get(name)
@@ -93,6 +94,7 @@ class Promotion(FleetPart):
                 by = socket.gethostname()
         body = {"type": APPROVAL_TYPE, "fleet": self.fleet, "rollout": name, "generation": rec.get("generation", 1),
                 "rollout_uid": rec.get("rollout_uid"), "artifact_sha256": rec["artifact"]["sha256"],
+                "canary_done_at": (rec.get("promotion") or {}).get("since"),
                 "model": {k: rec["model"].get(k) for k in ("name", "version")},
                 "by": str(by)[:200], "at": self.clock()}
         self.store.put_json(approval_key(self.keys, name), trust.sign_with(body, [approver_key]))
@@ -103,8 +105,8 @@ class Promotion(FleetPart):
     def approval(self, rec: dict[str, Any]) -> dict[str, Any] | None:
         """The approval of this generation and artifact of the rollout, if an approver key signed one.
 
-        One not signed by the root's approver role, or one for another rollout, generation or model,
-        is logged once (one line) and ignored.
+        One not signed by the root's approver role, or one for another rollout, generation, model or
+        canary wave (made before it ended), is logged once (one line) and ignored.
         """
         key = approval_key(self.keys, rec["name"])
         try:
@@ -120,7 +122,8 @@ class Promotion(FleetPart):
                 log.error("rollout %s: approval refused: %s; approve with `edgeslim fleet approve %s %s` holding "
                           "an approver key", rec["name"], why[:300], self.fleet, rec["name"])
             return None
-        if a.get("type") == APPROVAL_TYPE and a.get("fleet") == self.fleet and a.get("rollout") == rec["name"] \
+        canary_done = (rec.get("promotion") or {}).get("since")
+        if canary_done is not None and a.get("canary_done_at") == canary_done and a.get("type") == APPROVAL_TYPE and a.get("fleet") == self.fleet and a.get("rollout") == rec["name"] \
                 and a.get("generation") == rec.get("generation", 1) and a.get("rollout_uid") == rec.get("rollout_uid") \
                 and a.get("artifact_sha256") == rec["artifact"]["sha256"]:
             at = a.get("at")
@@ -128,8 +131,8 @@ class Promotion(FleetPart):
                     "at": at if isinstance(at, (int, float)) and not isinstance(at, bool) else None}
         if etag not in self._ignored_approvals:
             self._ignored_approvals.add(etag)
-            log.warning("rollout %s: approval %s ignored: it is not for generation %s of this rollout and model "
-                        "(approve again with `edgeslim fleet approve %s %s`)", rec["name"], key,
+            log.warning("rollout %s: approval %s ignored: it is not for generation %s of this rollout, model and "
+                        "finished canary wave (approve again with `edgeslim fleet approve %s %s`)", rec["name"], key,
                         rec.get("generation", 1), self.fleet, rec["name"])
         return None
 

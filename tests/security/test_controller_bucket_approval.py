@@ -49,7 +49,7 @@ def test_only_an_approver_key_approves(rgw, s3_url, s3_store, keys, agents, regi
         return out
 
     body = {"type": "edgeslim.fleet.approval", "fleet": "lab", "rollout": "r1", "generation": 1,
-            "rollout_uid": rec["rollout_uid"], "artifact_sha256": sha1,
+            "rollout_uid": rec["rollout_uid"], "artifact_sha256": sha1, "canary_done_at": rec["promotion"]["since"],
             "model": {"name": "sec-approval", "version": v1}, "by": "mallory", "at": 0.0}
     own = signing.load_private_key(signing.generate_keypair(tmp_path / "mallory", role="approver")[0])
     for forged in (body, trust.sign_with(body, [own]), trust.sign_with(body, [keys.fleet_key])):

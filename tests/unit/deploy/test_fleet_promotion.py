@@ -240,9 +240,11 @@ def test_approval_gate_reconcile_checks_once_ignores_forged_approvals_and_promot
     assert summary["promotion"]["waiting_s"] >= 0
 
     # Planted approvals: unsigned, signed by the fleet key (not an approver's), or signed by the approver
-    # key for another generation, rollout id, rollout, model or fleet, or junk. None promotes.
+    # key for another generation, rollout id, rollout, model or fleet, or before the canary wave ended
+    # (a pre-approval), or junk. None promotes.
     good = {"type": "edgeslim.fleet.approval", "fleet": "f", "rollout": "r1", "generation": 1,
-            "rollout_uid": "uid-r1", "artifact_sha256": rec["artifact"]["sha256"], "by": "mallory", "at": f.clock()}
+            "rollout_uid": "uid-r1", "artifact_sha256": rec["artifact"]["sha256"],
+            "canary_done_at": c.get("r1")["promotion"]["since"], "by": "mallory", "at": f.clock()}
     key = approval_key(FleetKeys("f"), "r1")
 
     def signed(body):
@@ -250,6 +252,7 @@ def test_approval_gate_reconcile_checks_once_ignores_forged_approvals_and_promot
 
     for forged in (good, {"signed": good, "signatures": []}, trust.sign_with(good, [f.kit.fleet_key]),
                    signed({**good, "generation": 2}), signed({**good, "rollout_uid": "uid-r0"}),
+                   signed({**good, "canary_done_at": None}), signed({**good, "canary_done_at": good["at"] - 60}),
                    signed({**good, "rollout": "r0"}), signed({**good, "artifact_sha256": "0" * 64}),
                    signed({**good, "fleet": "g"}), signed({**good, "type": "edgeslim.fleet.request"}), [good],
                    "approved"):
