@@ -15,15 +15,17 @@ from tests.docs_blocks import REPO, doc_block
 pytestmark = pytest.mark.slow
 
 
-def test_the_key_ceremony_makes_three_roles_and_root_version_1(tmp_path):
+def test_the_key_ceremony_makes_four_roles_and_root_version_1(tmp_path):
     proc = run_bash(doc_block("docs/security.md", "keys"), cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for key in ("offline/root", "ci/release", "controller/fleet-signing"):
+    for key in ("offline/root", "ci/release", "controller/fleet-signing", "approvers/approver"):
         assert (tmp_path / "keys" / f"{key}.key").is_file() and (tmp_path / "keys" / f"{key}.pub").is_file()
-    from edgeslim.deploy import trust
+    from edgeslim.deploy import signing, trust
 
     root, _ = trust.load_root(tmp_path / "root.json")
     assert root.version == 1
+    approver = signing.load_private_key(tmp_path / "keys" / "approvers" / "approver.key")
+    assert root.roles["approver"].keyids == (signing.key_id(approver.public_key()),)
     published = tmp_path / "fleet-store" / "fleets" / "jetson-orin-lab" / "root" / "1.root.json"
     assert json.loads(published.read_text()) == json.loads((tmp_path / "root.json").read_text())
 

@@ -82,7 +82,7 @@ def test_fleet_rollout_and_canary_approve_stable_run_as_documented(fleet_mlflow,
 
     work = tmp_path / "reader"
     env = {k: v for k, v in os.environ.items() if k not in ("EDGESLIM_FLEET_SIGNING_KEY", "EDGESLIM_FLEET_ROOT",
-                                                            "EDGESLIM_RELEASE_KEY")}
+                                                            "EDGESLIM_RELEASE_KEY", "EDGESLIM_APPROVER_KEY")}
     env.update(MLFLOW_TRACKING_URI=fleet_mlflow, EDGESLIM_FLEET_STORE=s3_url,
                EDGESLIM_S3_ENDPOINT_URL=rgw["S3_ENDPOINT_URL"], EDGESLIM_HOME=str(tmp_path / "home"))
     v1_path, v2_path = _digits_onnx(tmp_path / "v1.onnx", 1), _digits_onnx(tmp_path / "v2.onnx", 2)
@@ -96,6 +96,7 @@ def test_fleet_rollout_and_canary_approve_stable_run_as_documented(fleet_mlflow,
         start = time.monotonic()
         sh.run("docs/fleet-rollout.md", "keys")
         assert sh.exported("EDGESLIM_FLEET_ROOT") == str(work / "root.json")
+        assert sh.exported("EDGESLIM_APPROVER_KEY") == str(work / "keys" / "approver" / "approver.key")
         sh.run("docs/fleet-rollout.md", "agents")
         wait_for(lambda: {k.split("/")[-2] for k in s3_store.list(keys.devices_prefix)
                           if k.endswith("registration.json")} >= set(DEVICES), 120, "both agents to register")
