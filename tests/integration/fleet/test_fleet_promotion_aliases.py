@@ -91,8 +91,10 @@ def test_edge_stable_moves_only_after_approve_and_an_abort_puts_edge_canary_back
         assert "edgeslim fleet approve lab r2" in got["promotion"]["next"]
         assert aliases()["edge-stable"] == v1
 
-        # The approver holds no fleet key: the approval is an object the waiting controller reads.
-        out = _fleet(_env(rgw, s3_url, keys, with_key=False), "approve", "lab", "r2", "--by", "release-manager")
+        # The approver holds the approver key, not the fleet key: the signed approval is an object the
+        # waiting controller reads.
+        out = _fleet(dict(_env(rgw, s3_url, keys, with_key=False), EDGESLIM_APPROVER_KEY=str(keys.paths["approver"][0])),
+                     "approve", "lab", "r2", "--by", "release-manager")
         assert "approved" in out.stderr
     finally:
         t.join(180)
