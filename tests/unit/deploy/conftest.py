@@ -7,7 +7,7 @@ import pytest
 
 @pytest.fixture
 def keys(tmp_path):
-    """The fleet's three roles and its root (unpacks as ``kit, root``: tests/fleet_trust.py)."""
+    """The fleet's four roles and its root (unpacks as ``kit, root``: tests/fleet_trust.py)."""
     from tests.fleet_trust import TrustKit
 
     return TrustKit(tmp_path / "keys", fleet="f")
