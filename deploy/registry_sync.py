@@ -173,7 +173,7 @@ class RegistrySync(FleetPart):
             tags = self.client().get_model_version(m["name"], m["version"]).tags or {}
         except Exception as exc:
             raise RegistryUnavailable(f"cannot check its end in MLflow ({type(exc).__name__}: "
-                                      f"{str(exc)[:200]})") from None
+                                      f"{' '.join(str(exc).split())[:200]})") from None
         prefix, floor, mine = f"{TAG_PREFIX}.{self.fleet}.ended.", 0, None
         for key, value in tags.items():
             if not key.startswith(prefix):
