@@ -219,7 +219,7 @@ class Controller(FleetPart):
 
     def abort(self, name: str, reason: str = "aborted by request") -> dict[str, Any]:
         """Ask a running rollout to stop and roll back; roll back here if nobody runs it."""
-        rec = self.get(name)
+        rec = self.records.get(name, stale_ok=True)
         if rec is None:
             raise FleetError(f"no rollout {name!r} in fleet {self.fleet!r}")
         if rec["state"] in TERMINAL:
@@ -234,7 +234,7 @@ class Controller(FleetPart):
             return rec  # the running controller sees the request at its next poll
         try:
             self.fleet_trust.require_key()
-            rec = self.get(name) or rec
+            rec = self.records.get(name, stale_ok=True) or rec
             if rec["state"] not in TERMINAL:
                 self.waves.rollback(rec, reason)
                 self.registry.tag(rec)
@@ -245,7 +245,7 @@ class Controller(FleetPart):
     def withdraw(self, name: str) -> dict[str, Any]:
         """``delete``: every device this rollout touched goes back to what it ran before it."""
         self.fleet_trust.require_key()
-        rec = self.get(name)
+        rec = self.records.get(name, stale_ok=True)
         if rec is None:
             raise FleetError(f"no rollout {name!r} in fleet {self.fleet!r}")
         if rec["state"] not in TERMINAL:

@@ -38,11 +38,13 @@ class RolloutRecords(FleetPart):
         self._etags: dict[str, str | None] = {}
         self.untrusted: list[str] = []  # record keys found planted, altered or replayed (list, reconcile)
 
-    def get(self, name: str, state: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    def get(self, name: str, state: dict[str, Any] | None = None, *,
+            stale_ok: bool = False) -> dict[str, Any] | None:
         """The rollout record, verified; raises :class:`UntrustedRecord` for a planted, altered or replayed one.
 
         ``state``: the controller state to check it against (read here when not given). An active
-        record is not returned while that state cannot be trusted.
+        record is not returned while that state cannot be trusted, unless ``stale_ok`` (an abort: it
+        only ever moves devices back to gated models they ran, so a garbled state must not stop it).
         """
         key = self.keys.rollout(name)
         try:
@@ -59,7 +61,7 @@ class RolloutRecords(FleetPart):
         try:
             why = self.state.check_record(rec, state or self.state.read())
         except StaleState as exc:
-            if rec.get("state") in ACTIVE:
+            if rec.get("state") in ACTIVE and not stale_ok:
                 raise UntrustedRecord(f"rollout record {key} not acted on: {exc}; the fleet's controller state "
                                       "must be restored (or deleted, leaving MLflow's tags as the record)") from None
             why = None  # an ended record only shows
