@@ -13,12 +13,13 @@ director split):
 - **fleet** (the online director key of the controller) signs per-device manifests, the
   fleet's short-lived *timestamp*, its device *inventory* and the controller's own
   rollout records.
-- **approver** (optional; held by ``edgeslim fleet approve``) signs approvals to promote a
-  rollout past its canary wave. Devices never read it; a root without it allows no approval.
 
 A device installs only what a fleet manifest directs *and* a release statement covers,
 both verified against its root. Neither a bucket writer, nor the controller's online
 key, nor the webhook pod alone can put an ungated model on a device.
+
+An optional fourth role, **approver** (held by ``edgeslim fleet approve``), signs approvals that
+promote a rollout past its canary wave. Devices never read it; a root without it allows no approval.
 
 Imports only ``cryptography`` and the standard library: the device agent uses it.
 """
