@@ -298,9 +298,10 @@ class Transport:
             resp = conn.getresponse()
             resp.deadline_socket = sock  # the connection lets go of it when the answer closes it
             return resp
-        except _DeadlinePassed:
-            raise ReadTimeoutError(f"{where}: no whole answer within the deadline of {self.deadline_s:g} s") from None
         except TimeoutError:
+            if time.monotonic() >= deadline:
+                raise ReadTimeoutError(f"{where}: no whole answer within the deadline of {self.deadline_s:g} s") \
+                    from None
             raise ReadTimeoutError(f"{where}: no answer within {self.timeout:g} s") from None
         except http.client.RemoteDisconnected as exc:
             raise ConnectionClosedError(f"{where}: {type(exc).__name__}") from None
