@@ -35,13 +35,21 @@ def s3():
     server.close()
 
 
+@pytest.fixture(scope="module")
+def stores(s3):
+    """The store through the hostile endpoint, once per client (a boto3 client takes a second to make)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ACCESS_KEY_ID", "hostile")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "hostile")
+        yield {c: S3Store("b", "p", endpoint_url=s3.endpoint, timeout_s=2, deadline_s=3, client=c)
+               for c in ("boto3", "light")}
+
+
 @pytest.fixture(params=["boto3", "light"])
-def store(request, s3, monkeypatch):
-    """The store through the hostile endpoint, with one client (``light`` is what a device without boto3 has)."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "hostile")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "hostile")
+def store(request, s3, stores):
+    """One client's store (``light`` is what a device without boto3 has), the object in place, no fault set."""
     s3.clear()
-    s = S3Store("b", "p", endpoint_url=s3.endpoint, timeout_s=2, deadline_s=3, client=request.param)
+    s = stores[request.param]
     s.put(KEY, DATA)
     yield s
     s3.clear()
