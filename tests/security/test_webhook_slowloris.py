@@ -1,0 +1,41 @@
+"""Slow clients do not keep signed deliveries out of the webhook receiver.
+
+A real ``edgeslim fleet webhook`` process (at most 256 connections, its default) is held by 256
+slow-loris connections (tests/slowloris.py), each having sent part of its headers, reopened as soon
+as the receiver closes one. Signed deliveries are still recorded (202, never 503): a new connection
+sheds the oldest stalled one (answered 408, one line in the log). The same over HTTPS, against
+connections whose TLS handshake never starts.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.fleet_it_helpers import self_signed_cert
+from tests.security.test_webhook_allowlist import receiver_factory, requests_in  # noqa: F401
+from tests.slowloris import SlowLoris, deliveries
+
+pytestmark = pytest.mark.slow
+STALLED = 256
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_signed_deliveries_get_through_256_stalled_connections(receiver_factory, s3_store, tmp_path, scheme):
+    args, cafile = ["--model", "m", "--read-timeout", "60"], None
+    if scheme == "https":
+        cafile, key = self_signed_cert(tmp_path / "tls")
+        args += ["--tls-cert", str(cafile), "--tls-key", str(key)]
+    rx = receiver_factory(*args)
+    loris = SlowLoris(rx.port, STALLED) if scheme == "http" else SlowLoris(rx.port, STALLED, payload=b"")
+    loris.start()
+    try:
+        got = deliveries(rx.port, rx.secret, 3, cafile=cafile, timeout=60)
+        assert [status for status, _ in got] == [202, 202, 202], got
+        assert loris.open_now == STALLED  # the attacker kept its 256 open throughout
+    finally:
+        loris.stop()
+    assert sorted(r["version"] for r in requests_in(s3_store)) == ["1", "2", "3"]
+    if scheme == "http":
+        assert rx.saw("shed after") and rx.saw("the most allowed (408)")
+    assert not rx.saw("Traceback") and not rx.saw("(503)")
+    assert rx.proc.poll() is None
