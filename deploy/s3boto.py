@@ -18,10 +18,9 @@ the transport speaks only directly to the endpoint.
 
 from __future__ import annotations
 
-import time
 from urllib.parse import urlsplit
 
-from edgeslim.deploy.s3transport import MAX_LIST_PAGE_BYTES, MAX_SMALL_BODY, BadResponseError, Transport
+from edgeslim.deploy.s3transport import MAX_LIST_PAGE_BYTES, MAX_SMALL_BODY, BadResponseError, Transport, deadline_for
 
 
 class _Answer:
@@ -63,7 +62,7 @@ class _Carrier:
         if hasattr(body, "read"):
             body = body.read()
         path = (url.path or "/") + (f"?{url.query}" if url.query else "")
-        conn, resp = t.exchange(request.method, path, body, headers, time.monotonic() + t.deadline_s)
+        conn, resp = t.exchange(request.method, path, body, headers, deadline_for(t.deadline_s, body))
         hdrs = {k.lower(): v for k, v in resp.getheaders()}
         try:
             t.content_length(hdrs)

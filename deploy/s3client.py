@@ -25,8 +25,8 @@ could not connect, or got 502/503/504, is tried once more after a short random p
 timed out is not repeated (a conditional PUT may have landed). A device whose clock is off by more
 than S3's 15 minutes (``RequestTimeTooSkewed``) signs again with the server's clock.
 
-Imports nothing outside the standard library and ``edgeslim.components.common.errors``
-(tests/integration/fleet/test_store_clients.py checks).
+Imports nothing outside the standard library, ``edgeslim.components.common.errors`` and
+:mod:`edgeslim.deploy.s3transport` (tests/integration/fleet/test_store_clients.py checks).
 """
 
 from __future__ import annotations
@@ -45,9 +45,8 @@ from typing import Any
 from urllib.parse import quote
 
 from edgeslim.components.common.errors import ConfigError
-from edgeslim.deploy.s3transport import (BadResponseError, ConnectionClosedError, ConnectTimeoutError,  # noqa: F401
-                                         EndpointConnectionError, ReadTimeoutError, S3TransportError, SSLError,
-                                         Transport)
+from edgeslim.deploy.s3transport import (BadResponseError, ConnectTimeoutError, EndpointConnectionError,
+                                         S3TransportError, Transport, deadline_for)  # noqa: F401 (the store's)
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 MAX_ATTEMPTS = 2  # as the boto3 client's config: one quick retry, the callers have their own backoff
@@ -258,7 +257,7 @@ class S3Client:
         url = f"{path}?{qs}" if qs else path
         payload = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
         attempt, resigned = 1, False
-        deadline = time.monotonic() + self._t.deadline_s
+        deadline = deadline_for(self._t.deadline_s, body)
         while True:
             signed = self._signer.sign(method, self._t.host_header, path, qs, headers or {}, payload)
             try:

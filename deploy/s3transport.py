@@ -8,9 +8,9 @@ Every answer may be hostile (a broken proxy, a compromised endpoint), so each is
 
 - a whole call has a deadline (``deadline_s``, 3 x ``timeout_s`` unless given): every read and
   write on its socket waits at most ``timeout_s`` and never past the deadline, so a server that
-  trickles a byte at a time is cut off (:class:`ReadTimeoutError`); a body's deadline grows by
-  its ``Content-Length`` over ``MIN_BODY_RATE``, so a large object on a slow link still arrives
-  (and a download cut off resumes where it stopped);
+  trickles a byte at a time is cut off (:class:`ReadTimeoutError`); a body, sent or received,
+  adds its length over ``MIN_BODY_RATE`` to the deadline, so a large object on a slow link still
+  goes through (and a download cut off resumes where it stopped);
 - a body that ends before its ``Content-Length`` raises :class:`ConnectionClosedError`, never
   passes for the whole object;
 - a listing page is parsed as it arrives, at most ``MAX_LIST_PAGE_BYTES`` and ``MAX_LIST_PAGE_KEYS``;
@@ -83,8 +83,9 @@ class _DeadlineSocket:
     deadline: float | None = None
     op_timeout: float | None = None
 
-    def _arm(self) -> None:
-        wait = self.op_timeout
+    def _arm(self, whole: bool = False) -> None:
+        """Set the wait of the next read or write; ``whole``: a ``sendall``, whose wait is for all of it."""
+        wait = None if whole else self.op_timeout
         if self.deadline is not None:
             left = self.deadline - time.monotonic()
             if left <= 0:
@@ -105,7 +106,7 @@ class _DeadlineSocket:
         return super().send(*args, **kw)
 
     def sendall(self, *args, **kw):
-        self._arm()
+        self._arm(whole=True)
         return super().sendall(*args, **kw)
 
 
@@ -228,6 +229,11 @@ class StreamingBody:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+
+
+def deadline_for(deadline_s: float, body: bytes | None) -> float:
+    """The deadline of a call sending ``body``: ``deadline_s`` from now, plus the body at ``MIN_BODY_RATE``."""
+    return time.monotonic() + deadline_s + len(body or b"") / MIN_BODY_RATE
 
 
 class Transport:
