@@ -1,11 +1,11 @@
 """Slow clients do not keep signed deliveries out of the webhook receiver.
 
-In-process first (a receiver of 8 connections, cheap): 8 stalled connections, a signed delivery
-is answered 202 and the oldest stalled connection is shed with 408. Then a real ``edgeslim fleet webhook`` process (at most 256 connections, its default) is held by 256
-slow-loris connections (tests/slowloris.py), each having sent part of its headers, reopened as soon
-as the receiver closes one. Signed deliveries are still recorded (202, never 503): a new connection
-sheds the oldest stalled one (answered 408, one line in the log). The same over HTTPS, against
-connections whose TLS handshake never starts.
+In process first (a receiver of 8 connections, cheap): with 8 stalled connections open, signed
+deliveries are answered 202 and the oldest stalled connection is shed with 408. Then a real
+``edgeslim fleet webhook`` process (at most 256 connections, its default) held by 256 slow-loris
+connections (tests/slowloris.py), each having sent part of its headers, reopened as soon as the
+receiver closes one: signed deliveries are still recorded (202, never 503), and each shed connection
+is one line in the log. The same over HTTPS, against connections whose TLS handshake never starts.
 """
 
 from __future__ import annotations
