@@ -289,7 +289,6 @@ class S3Store(ObjectStore):
     """
 
     list_page_size: int | None = None  # keys per ListObjectsV2 page; None: the server's (1000 on S3)
-    max_list_keys = MAX_LIST_KEYS
 
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
                  region: str | None = None, profile: str | None = None, timeout_s: float = 10.0,
@@ -468,8 +467,8 @@ class S3Store(ObjectStore):
                 kw["MaxKeys"] = self.list_page_size
             resp = self._call(self._client.list_objects_v2, **kw) or {}
             out.extend(o["Key"][strip:] for o in resp.get("Contents", []) if str(o.get("Key", "")).startswith(full))
-            if len(out) > self.max_list_keys:
-                raise StoreUnavailable(f"{self.describe()}: the listing of {prefix} passed {self.max_list_keys} "
+            if len(out) > MAX_LIST_KEYS:
+                raise StoreUnavailable(f"{self.describe()}: the listing of {prefix} passed {MAX_LIST_KEYS} "
                                        "keys: refused (is the endpoint S3?)")
             if not resp.get("IsTruncated"):
                 break
