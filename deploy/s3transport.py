@@ -8,9 +8,10 @@ Every answer may be hostile (a broken proxy, a compromised endpoint), so each is
 
 - a whole call has a deadline (``deadline_s``, 3 x ``timeout_s`` unless given): every read and
   write on its socket waits at most ``timeout_s`` and never past the deadline, so a server that
-  trickles a byte at a time is cut off (:class:`ReadTimeoutError`); a body, sent or received,
-  adds its length over ``MIN_BODY_RATE`` to the deadline, so a large object on a slow link still
-  goes through (and a download cut off resumes where it stopped);
+  trickles a byte at a time is cut off (:class:`ReadTimeoutError`); a body sent adds its length
+  over ``MIN_BODY_RATE`` to the deadline, and each read of a body received has a deadline of its
+  own (``deadline_s`` plus what it asks for at ``MIN_BODY_RATE``), so a large object on a slow
+  link still goes through, and a download paced under a rate cap is not cut off between reads;
 - a body that ends before its ``Content-Length`` raises :class:`ConnectionClosedError`, never
   passes for the whole object;
 - a listing page is parsed as it arrives, at most ``MAX_LIST_PAGE_BYTES`` and ``MAX_LIST_PAGE_KEYS``;
@@ -41,7 +42,7 @@ from urllib.parse import unquote_plus, urlsplit
 from edgeslim.components.common.errors import ConfigError
 
 IDLE_S = 30.0  # a pooled connection idle longer than this is closed rather than reused
-MIN_BODY_RATE = 64 << 10  # bytes/s: what a body's Content-Length adds to its deadline
+MIN_BODY_RATE = 64 << 10  # bytes/s: what a body sent, or a read of a body received, adds to a deadline
 MAX_LIST_PAGE_BYTES = 8 << 20  # S3 sends at most 1000 keys of at most 1 KiB each per page: about 1.5 MB
 MAX_LIST_PAGE_KEYS = 1000
 MAX_SMALL_BODY = 64 << 10  # an error body, or the answer to a PUT, HEAD or DELETE
@@ -175,18 +176,24 @@ class StreamingBody:
     """An object's body, read as it arrives; the connection goes back to the pool once it is all read.
 
     A body that ends before its ``Content-Length`` raises :class:`ConnectionClosedError` (http.client
-    would hand back the short read as if it were the end); one that is still arriving at the call's
-    deadline raises :class:`ReadTimeoutError`.
+    would hand back the short read as if it were the end). Each read has its own deadline, from when
+    it is asked for: ``deadline_s`` plus what it asks for (``amt``, or the rest of the body) at
+    ``MIN_BODY_RATE``; a read still arriving then raises :class:`ReadTimeoutError`. A reader that
+    paces itself (a download under a rate cap) is never cut off for the time between its reads.
     """
 
     def __init__(self, pool: Pool, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse,
-                 where: str) -> None:
+                 where: str, deadline_s: float) -> None:
         self._pool, self._conn, self._resp, self._where = pool, conn, resp, where
+        self._sock, self._deadline_s = resp.deadline_socket, deadline_s
         self._expected, self._got = resp.length, 0  # None when chunked: http.client checks those itself
 
     def read(self, amt: int | None = None) -> bytes:
         if self._conn is None:
             return b""
+        left = None if self._expected is None else self._expected - self._got
+        asked = (left or 0) if amt is None else amt if left is None else min(amt, left)
+        self._sock.deadline = time.monotonic() + self._deadline_s + asked / MIN_BODY_RATE
         try:
             data = self._resp.read() if amt is None else self._resp.read(amt)
         except http.client.IncompleteRead as exc:
@@ -195,8 +202,8 @@ class StreamingBody:
                                         f"of {self._expected} bytes") from None
         except TimeoutError:
             self.close()
-            raise ReadTimeoutError(f"{self._where}: the body was still arriving at the deadline "
-                                   f"({self._got} of {self._expected} bytes)") from None
+            raise ReadTimeoutError(f"{self._where}: the body was still arriving at the deadline of a read "
+                                   f"({self._got} of {self._expected} bytes read)") from None
         except (http.client.HTTPException, OSError, ValueError) as exc:
             self.close()
             raise ConnectionClosedError(f"{self._where}: the body broke off ({type(exc).__name__})") from None
@@ -318,10 +325,8 @@ class Transport:
             raise ConnectionClosedError(f"{where}: {type(exc).__name__}") from None
 
     def body(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> "StreamingBody":
-        """The answer's body, to read as it arrives, under its own deadline from now: ``deadline_s``
-        plus its length at ``MIN_BODY_RATE``."""
-        resp.deadline_socket.deadline = time.monotonic() + self.deadline_s + (resp.length or 0) / MIN_BODY_RATE
-        return StreamingBody(self.pool, conn, resp, self.host_header)
+        """The answer's body, to read as it arrives (each read under its own deadline)."""
+        return StreamingBody(self.pool, conn, resp, self.host_header, self.deadline_s)
 
     def content_length(self, hdrs: dict[str, str]) -> int | None:
         """The answer's Content-Length (header names lower-case); :class:`BadResponseError` if it is not a number."""

@@ -13,6 +13,7 @@ fault wins, anything else passes through. The modes:
 - ``short``: the upstream answer's headers, then half its body, then the connection closes;
 - ``truncate``: half the body, under a Content-Length that says so (a broken intermediary);
 - ``trickle``: the answer one byte every ``interval`` seconds, for at most ``duration``;
+  ``trickle-body``: the status line and headers at once, then the body so;
 - ``huge-listing``: a ListObjectsV2 page of ``size`` bytes, made as it is sent (server memory stays small);
 - ``endless-listing``: a page that says there is more, with the same continuation token every time;
 - ``garbage-xml``: a 200 whose body is not XML; ``garbage-error``: a 500 whose body is not XML;
@@ -39,7 +40,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 from xml.sax.saxutils import escape
 
-MODES = ("short", "truncate", "trickle", "huge-listing", "endless-listing", "garbage-xml", "garbage-error",
+MODES = ("short", "truncate", "trickle", "trickle-body", "huge-listing", "endless-listing", "garbage-xml", "garbage-error",
          "bad-length", "bad-status", "huge-headers", "no-date")
 
 
@@ -206,10 +207,15 @@ class _Handler(BaseHTTPRequestHandler):
         status, reason, headers, data = self._upstream(body)
         self._write(status, reason, headers, data[:len(data) // 2])
 
-    def _trickle(self, fault: Fault, body: bytes) -> None:
+    def _trickle(self, fault: Fault, body: bytes, *, headers_first: bool = False) -> None:
         status, reason, headers, data = self._upstream(body)
         head = [f"HTTP/1.1 {status} {reason}"] + [f"{k}: {v}" for k, v in headers if k.lower() != "content-length"]
-        out = ("\r\n".join(head + [f"Content-Length: {len(data)}", "Connection: close"]) + "\r\n\r\n").encode() + data
+        out = ("\r\n".join(head + [f"Content-Length: {len(data)}", "Connection: close"]) + "\r\n\r\n").encode()
+        if headers_first:
+            self.wfile.write(out)
+            self.wfile.flush()
+            out = b""
+        out += data
         end = time.monotonic() + fault.duration
         for i in range(len(out)):
             if time.monotonic() > end:
@@ -220,6 +226,9 @@ class _Handler(BaseHTTPRequestHandler):
             except OSError:
                 return  # the client gave up: what a deadline is for
             time.sleep(fault.interval)
+
+    def _trickle_body(self, fault: Fault, body: bytes) -> None:
+        self._trickle(fault, body, headers_first=True)
 
     def _huge_listing(self, fault: Fault, body: bytes) -> None:
         start = (b'<?xml version="1.0" encoding="UTF-8"?>\n<ListBucketResult xmlns="http://s3.amazonaws.com/doc/'

@@ -5,7 +5,7 @@ never a short object passed off as whole, a call that lasts as long as the serve
 held whole in memory, or an uncaught exception:
 
 - a body shorter than its Content-Length (read whole, read under a cap as manifests are, streamed);
-- a server that trickles its answer a byte at a time (cut off at the call's deadline);
+- a server that trickles its answer, or only its body, a byte at a time (cut off at the deadline);
 - a 300 MB listing page, a listing that never ends, a listing that is not XML;
 - a 500 whose body is not XML, a Content-Length that is not a number, a status line that is not
   HTTP, 100 KB of headers, a HEAD without Date and Last-Modified.
@@ -80,8 +80,9 @@ def test_a_body_shorter_than_its_length_is_an_outage(store, s3, how):
     assert read() in (DATA, store.get(KEY))  # the next try reads the whole object
 
 
-def test_a_trickling_server_is_cut_off_at_the_deadline(store, s3):
-    s3.fault("trickle", method="GET", path=r"manifest\.json", interval=0.5, duration=60)  # each byte within timeout_s
+@pytest.mark.parametrize("mode", ["trickle", "trickle-body"])
+def test_a_trickling_server_is_cut_off_at_the_deadline(store, s3, mode):
+    s3.fault(mode, method="GET", path=r"manifest\.json", interval=0.5, duration=60)  # each byte within timeout_s
     text = _one_line_refusal(lambda: store.get(KEY, max_bytes=1 << 20))
     assert "deadline" in text, text
 
