@@ -434,7 +434,8 @@ class S3Store(ObjectStore):
         try:
             yield from resp["Body"].iter_chunks(chunk_size)
         except Exception as exc:  # a reset or a deadline mid-download: resumed on the next try
-            raise StoreUnavailable(f"{self.describe()}: download of {key} broke off ({_transport_error(exc)})") from None
+            raise StoreUnavailable(f"{self.describe()}: download of {key} broke off "
+                                   f"({_transport_error(exc)})") from None
 
     def put(self, key, data, *, if_none_match_any=False, if_match=None):
         kw = {"Bucket": self.bucket, "Key": self._k(key), "Body": data}

@@ -40,8 +40,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 from xml.sax.saxutils import escape
 
-MODES = ("short", "truncate", "trickle", "trickle-body", "huge-listing", "endless-listing", "garbage-xml", "garbage-error",
-         "bad-length", "bad-status", "huge-headers", "no-date")
+MODES = ("short", "truncate", "trickle", "trickle-body", "huge-listing", "endless-listing", "garbage-xml",
+         "garbage-error", "bad-length", "bad-status", "huge-headers", "no-date")
 
 
 @dataclasses.dataclass
