@@ -375,7 +375,7 @@ class S3Store(ObjectStore):
         except self._ClientError:
             pass
         except self._TransportError as exc:
-            raise StoreUnavailable(f"{self.describe()}: cannot reach the store ({type(exc).__name__})") from None
+            raise StoreUnavailable(f"{self.describe()}: cannot reach the store ({_transport_error(exc)})") from None
 
         def create(**kw):
             try:
