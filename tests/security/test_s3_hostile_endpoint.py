@@ -10,6 +10,7 @@ held whole in memory, or an uncaught exception:
 - a 500 whose body is not XML, a Content-Length that is not a number, a status line that is not
   HTTP, 100 KB of headers, a HEAD without Date and Last-Modified.
 
+``edgeslim fleet list`` through it (a real process, slow tier) says each in one line and exits 2.
 The endpoint keeps its objects in memory here; tests/security/test_agent_hostile_s3.py puts it
 in front of RGW and real agents.
 """
@@ -116,3 +117,23 @@ def test_a_hostile_answer_is_one_clear_error(store, s3, mode, call):
     _one_line_refusal(run)
     s3.clear()
     run()  # a sane answer next time reads as usual
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("client", ["boto3", "light"])
+def test_the_cli_says_one_line_and_exits(s3, client):
+    """``edgeslim fleet list`` through the hostile endpoint: each answer is one error line, exit 2."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, AWS_ACCESS_KEY_ID="hostile", AWS_SECRET_ACCESS_KEY="hostile", EDGESLIM_S3_CLIENT=client)
+    for mode in ("garbage-xml", "huge-listing", "endless-listing", "bad-status", "huge-headers"):
+        s3.clear()
+        s3.fault(mode)
+        out = subprocess.run([sys.executable, "-m", "edgeslim", "fleet", "list", "lab", "--store", "s3://b/p",
+                              "--endpoint-url", s3.endpoint], capture_output=True, text=True, env=env, timeout=600)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("edgeslim: error: "), (mode, out.stderr)
+        assert "Traceback" not in out.stderr + out.stdout
+    s3.clear()
