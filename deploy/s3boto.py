@@ -11,13 +11,15 @@ a :class:`~edgeslim.deploy.s3transport.Transport`, and hands botocore the answer
   ``MAX_LIST_PAGE_BYTES``, anything else up to ``MAX_SMALL_BODY``; more is a
   :class:`~edgeslim.deploy.s3transport.BadResponseError`.
 
-boto3 keeps its credential chain, its signing and its retries of S3's error answers. When the
-environment names a proxy for the endpoint (``HTTPS_PROXY``), botocore carries the calls itself:
-the transport speaks only directly to the endpoint.
+boto3 keeps its credential chain, its signing and its retries of S3's error answers; HTTPS
+verifies against the CA certificates botocore would use. When the environment names a proxy for
+the endpoint (``HTTPS_PROXY``), botocore carries the calls itself: the transport speaks only
+directly to the endpoint.
 """
 
 from __future__ import annotations
 
+import os
 from urllib.parse import urlsplit
 
 from edgeslim.deploy.s3transport import MAX_LIST_PAGE_BYTES, MAX_SMALL_BODY, BadResponseError, Transport, deadline_for
@@ -80,10 +82,15 @@ class _Carrier:
 
 def carry(client, *, timeout_s: float, deadline_s: float | None) -> None:
     """Send ``client``'s S3 calls through a bounded transport (unless a proxy is set for its endpoint)."""
+    from botocore.httpsession import DEFAULT_CA_BUNDLE
     from botocore.utils import get_environ_proxies
 
     endpoint = client.meta.endpoint_url
     if get_environ_proxies(endpoint):
         return
-    transport = Transport(endpoint, timeout_s=timeout_s, deadline_s=deadline_s, max_pool_connections=64)
+    # The CA certificates botocore verifies against: AWS_CA_BUNDLE (the transport reads it), then
+    # REQUESTS_CA_BUNDLE, then its own bundle.
+    cafile = os.environ.get("REQUESTS_CA_BUNDLE") or DEFAULT_CA_BUNDLE
+    transport = Transport(endpoint, timeout_s=timeout_s, deadline_s=deadline_s, max_pool_connections=64,
+                          cafile=cafile)
     client.meta.events.register("before-send.s3", _Carrier(transport).send)

@@ -134,15 +134,17 @@ def _connect(address, timeout, source_address=None) -> socket.socket:
 class Pool:
     """Idle keep-alive connections to one endpoint, shared by threads (each request holds its own)."""
 
-    def __init__(self, scheme: str, host: str, port: int | None, timeout: float, maxsize: int) -> None:
+    def __init__(self, scheme: str, host: str, port: int | None, timeout: float, maxsize: int,
+                 cafile: str | None = None) -> None:
         self.scheme, self.host, self.port, self.timeout, self.maxsize = scheme, host, port, timeout, maxsize
         self._ctx = None
         if scheme == "https":
-            bundle = os.environ.get("AWS_CA_BUNDLE") or None  # a private CA (an on-premises S3), as boto3 reads it
+            # A private CA (an on-premises S3), as boto3 reads it; else the given bundle, else the system's.
+            bundle = os.environ.get("AWS_CA_BUNDLE") or cafile
             try:
                 self._ctx = ssl.create_default_context(cafile=bundle)
             except (OSError, ssl.SSLError) as exc:
-                raise ConfigError(f"AWS_CA_BUNDLE={bundle!r}: cannot load it ({exc.__class__.__name__}); point it "
+                raise ConfigError(f"CA bundle {bundle!r}: cannot load it ({exc.__class__.__name__}); point AWS_CA_BUNDLE "
                                   "at a PEM file of CA certificates, or unset it") from None
             self._ctx.sslsocket_class = _TlsSocket
         self._idle: list[tuple[http.client.HTTPConnection, float]] = []
@@ -251,10 +253,11 @@ class Transport:
         timeout_s: connect timeout, and the longest wait for any one read or write.
         deadline_s: the most one call may take (see the module docstring); None: 3 x ``timeout_s``.
         max_pool_connections: idle connections kept for reuse.
+        cafile: the CA certificates HTTPS verifies against when ``AWS_CA_BUNDLE`` is unset; None: the system's.
     """
 
     def __init__(self, endpoint_url: str, *, timeout_s: float = 10.0, deadline_s: float | None = None,
-                 max_pool_connections: int = 64) -> None:
+                 max_pool_connections: int = 64, cafile: str | None = None) -> None:
         parts = urlsplit(endpoint_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"S3 endpoint {endpoint_url!r}: expected http(s)://host[:port]")
@@ -269,7 +272,7 @@ class Transport:
         self.base = parts.path.rstrip("/")
         self.timeout = float(timeout_s)
         self.deadline_s = float(deadline_s) if deadline_s is not None else 3 * self.timeout
-        self.pool = Pool(parts.scheme, parts.hostname, port, self.timeout, max_pool_connections)
+        self.pool = Pool(parts.scheme, parts.hostname, port, self.timeout, max_pool_connections, cafile)
 
     def exchange(self, method: str, url: str, body: bytes | None, headers: dict[str, str],
                  deadline: float) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
