@@ -4,7 +4,8 @@ Everything the fleet reads from the store, a device or a webhook may be hostile:
 a 300 MB manifest, or 4 KB of ``[[[[...`` that makes :func:`json.loads` recurse
 until Python raises ``RecursionError``. :func:`loads` refuses both with a
 :class:`BoundedInputError` before the parser runs. The depth scan skips string
-contents with one regular expression, so its cost is one C-speed pass.
+contents: one pass over the text, linear in its size whatever it holds (an unclosed
+string of escaped quotes costs what any text of its length costs).
 
 Imports only the standard library: the device agent uses this module.
 """
@@ -25,8 +26,11 @@ MAX_SMALL_BYTES = 256 << 10  # registrations, locks, requests, roots, timestamps
 MAX_WEBHOOK_BYTES = 1 << 20
 MAX_DEPTH = 32
 
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_BRACKETS = re.compile(rb"[\[\]{}]")
+# One token of the depth scan: a whole string, a bracket, or a quote that opens a string never closed.
+# The string's quantifiers are possessive, so a string that does not close fails in one pass with no
+# backtracking, and the scan stops at the first such quote: every byte is looked at a bounded number
+# of times.
+_TOKEN = re.compile(rb'"(?:[^"\\]++|\\.)*+"|[\[\]{}]|"', re.DOTALL)
 
 
 class BoundedInputError(FleetError):
@@ -37,15 +41,25 @@ class BoundedInputError(FleetError):
         self.reason = reason
 
 
-def depth(data: bytes) -> int:
-    """The deepest nesting of ``[``/``{`` in JSON text, ignoring brackets inside strings."""
+def depth(data: bytes, limit: int | None = None) -> int:
+    """The deepest nesting of ``[``/``{`` in JSON text, ignoring brackets inside strings.
+
+    Linear in ``len(data)``. The scan stops at a string that is never closed (the text is not JSON,
+    which the parser then says), and as soon as the nesting passes ``limit``.
+    """
     deepest = level = 0
-    for m in _BRACKETS.finditer(_STRING.sub(b'""', data)):
-        if m.group() in (b"[", b"{"):
+    for m in _TOKEN.finditer(data):
+        tok = m.group()
+        if tok in (b"[", b"{"):
             level += 1
-            deepest = max(deepest, level)
-        else:
+            if level > deepest:
+                deepest = level
+                if limit is not None and deepest > limit:
+                    break
+        elif tok in (b"]", b"}"):
             level -= 1
+        elif tok == b'"':
+            break
     return deepest
 
 
@@ -59,9 +73,8 @@ def loads(data: bytes | str, *, what: str, max_bytes: int = MAX_SMALL_BYTES, max
         data = data.encode()
     if len(data) > max_bytes:
         raise BoundedInputError("oversized", f"{what} is {len(data)} bytes, over the cap of {max_bytes}: refused unread")
-    d = depth(data)
-    if d > max_depth:
-        raise BoundedInputError("too-deep", f"{what} nests {d} levels deep, over the cap of {max_depth}: refused")
+    if depth(data, max_depth) > max_depth:
+        raise BoundedInputError("too-deep", f"{what} nests more than {max_depth} levels deep: refused")
     try:
         return json.loads(data)
     except (ValueError, RecursionError) as exc:

@@ -7,12 +7,8 @@ process about 35 MB lighter). It speaks AWS Signature Version 4 in the ``Authori
 small pool of keep-alive connections that any number of threads share (a controller, or the
 fleet benchmark's 100 simulated devices, uses one client).
 
-The calls and their answers have boto3's names and shapes (``get_object(Bucket=, Key=,
-IfNoneMatch=, Range=)`` returns ``{"Body", "ETag", "ContentLength", ...}``), an HTTP error raises
-:class:`ClientError` with boto3's ``response`` dict, and a request that got no answer raises an
-:class:`S3TransportError` named as botocore names it (``EndpointConnectionError``,
-``ConnectTimeoutError``, ``ReadTimeoutError``, ...): the store maps both clients' errors with one
-piece of code, into the same one-line messages.
+Every answer is bounded (a deadline per call, a body checked against its length, a listing
+parsed as it arrives, under caps): :mod:`edgeslim.deploy.s3transport` carries the calls.
 
 Credentials: ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, then the
 shared credentials file (``AWS_SHARED_CREDENTIALS_FILE`` or ``~/.aws/credentials``, then
@@ -29,8 +25,8 @@ could not connect, or got 502/503/504, is tried once more after a short random p
 timed out is not repeated (a conditional PUT may have landed). A device whose clock is off by more
 than S3's 15 minutes (``RequestTimeTooSkewed``) signs again with the server's clock.
 
-Imports nothing outside the standard library and ``edgeslim.components.common.errors``
-(tests/integration/fleet/test_store_clients.py checks).
+Imports nothing outside the standard library, ``edgeslim.components.common.errors`` and
+:mod:`edgeslim.deploy.s3transport` (tests/integration/fleet/test_store_clients.py checks).
 """
 
 from __future__ import annotations
@@ -42,21 +38,19 @@ import hmac
 import http.client
 import os
 import random
-import ssl
-import threading
 import time
 import xml.etree.ElementTree as ET
 from email.utils import parsedate_to_datetime
-from typing import Any, Iterator
-from urllib.parse import quote, unquote_plus, urlsplit
+from typing import Any
+from urllib.parse import quote
 
 from edgeslim.components.common.errors import ConfigError
+from edgeslim.deploy.s3transport import (BadResponseError, ConnectTimeoutError, EndpointConnectionError,
+                                         S3TransportError, Transport, deadline_for)  # noqa: F401 (the store's)
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 MAX_ATTEMPTS = 2  # as the boto3 client's config: one quick retry, the callers have their own backoff
-IDLE_S = 30.0  # a pooled connection idle longer than this is closed rather than reused
 _RETRY_STATUS = (502, 503, 504)
-_MAX_ERROR_BODY = 64 << 10
 
 
 class ClientError(Exception):
@@ -65,30 +59,6 @@ class ClientError(Exception):
     def __init__(self, operation: str, status: int, code: str, message: str, headers: dict[str, str]):
         super().__init__(f"{operation}: {code} ({status}) {message}".strip())
         self.response = {"Error": {"Code": code, "Message": message}, **_meta(status, headers)}
-
-
-class S3TransportError(Exception):
-    """No answer from the server (named as botocore names the same failure)."""
-
-
-class EndpointConnectionError(S3TransportError):
-    """Connection refused, no route, DNS."""
-
-
-class ConnectTimeoutError(S3TransportError):
-    """The connection was not accepted within the timeout."""
-
-
-class ReadTimeoutError(S3TransportError):
-    """The server accepted the request and said nothing within the timeout."""
-
-
-class ConnectionClosedError(S3TransportError):
-    """The connection broke before an answer."""
-
-
-class SSLError(S3TransportError):
-    """The TLS handshake failed (certificate, protocol)."""
 
 
 def resolve_credentials(profile: str | None = None) -> tuple[str, str, str | None]:
@@ -161,91 +131,6 @@ class _Signer:
         return out
 
 
-class _Pool:
-    """Idle keep-alive connections to one endpoint, shared by threads (each request holds its own)."""
-
-    def __init__(self, scheme: str, host: str, port: int | None, timeout: float, maxsize: int) -> None:
-        self.scheme, self.host, self.port, self.timeout, self.maxsize = scheme, host, port, timeout, maxsize
-        self._ctx = None
-        if scheme == "https":
-            bundle = os.environ.get("AWS_CA_BUNDLE") or None  # a private CA (an on-premises S3), as boto3 reads it
-            try:
-                self._ctx = ssl.create_default_context(cafile=bundle)
-            except (OSError, ssl.SSLError) as exc:
-                raise ConfigError(f"AWS_CA_BUNDLE={bundle!r}: cannot load it ({exc.__class__.__name__}); point it "
-                                  "at a PEM file of CA certificates, or unset it") from None
-        self._idle: list[tuple[http.client.HTTPConnection, float]] = []
-        self._lock = threading.Lock()
-
-    def get(self) -> tuple[http.client.HTTPConnection, bool]:
-        """(connection, whether it was used before)."""
-        now = time.monotonic()
-        with self._lock:
-            while self._idle:
-                conn, since = self._idle.pop()
-                if now - since < IDLE_S:
-                    return conn, True
-                conn.close()
-        if self._ctx is not None:
-            return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self._ctx), False
-        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout), False
-
-    def put(self, conn: http.client.HTTPConnection) -> None:
-        with self._lock:
-            if len(self._idle) < self.maxsize:
-                self._idle.append((conn, time.monotonic()))
-                return
-        conn.close()
-
-
-class StreamingBody:
-    """An object's body, read as it arrives; the connection goes back to the pool once it is all read.
-
-    A body that ends before its ``Content-Length`` raises :class:`ConnectionClosedError` (http.client
-    would hand back the short read as if it were the end, as botocore does not).
-    """
-
-    def __init__(self, pool: _Pool, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
-        self._pool, self._conn, self._resp = pool, conn, resp
-        self._expected, self._got = resp.length, 0  # None when chunked: http.client checks those itself
-
-    def read(self, amt: int | None = None) -> bytes:
-        if self._conn is None:
-            return b""
-        try:
-            data = self._resp.read() if amt is None else self._resp.read(amt)
-        except BaseException:
-            self.close()
-            raise
-        self._got += len(data)
-        if self._resp.isclosed():
-            if self._expected is not None and self._got < self._expected:
-                self.close()
-                raise ConnectionClosedError(f"the body broke off after {self._got} of {self._expected} bytes")
-            self._release()
-        return data
-
-    def iter_chunks(self, chunk_size: int = 1 << 16) -> Iterator[bytes]:
-        try:
-            while chunk := self.read(chunk_size):
-                yield chunk
-        finally:
-            self.close()
-
-    def _release(self) -> None:
-        conn, self._conn = self._conn, None
-        if self._resp.will_close:
-            conn.close()
-        else:
-            self._pool.put(conn)
-
-    def close(self) -> None:
-        """Stop reading: the connection, with unread bytes in it, is closed rather than reused."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
-
-
 def _error_code(body: bytes, status: int) -> tuple[str, str]:
     """(Code, Message) of S3's XML error body; the status as the code when there is none (HEAD, 304)."""
     code, message = "", ""
@@ -286,25 +171,20 @@ class S3Client:
             ``$AWS_ENDPOINT_URL``).
         region: the signing region.
         profile: a profile of the shared credentials file.
-        timeout_s: connect and read timeout.
+        timeout_s: connect and read timeout (each wait for the server).
+        deadline_s: the most one call may take, retries included (a body's deadline grows with its
+            length, see the module docstring); None: 3 x ``timeout_s``.
         max_pool_connections: idle connections kept for reuse.
     """
 
     def __init__(self, endpoint_url: str | None = None, *, region: str | None = None, profile: str | None = None,
-                 timeout_s: float = 10.0, max_pool_connections: int = 64) -> None:
+                 timeout_s: float = 10.0, deadline_s: float | None = None, max_pool_connections: int = 64) -> None:
         env = os.environ
         self.region = region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
         url = (endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
                or f"https://s3.{self.region}.amazonaws.com")
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"S3 endpoint {url!r}: expected http(s)://host[:port]")
-        default_port = 443 if parts.scheme == "https" else 80
-        port = parts.port
-        host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
-        self._host_header = host if port in (None, default_port) else f"{host}:{port}"
-        self._base = parts.path.rstrip("/")
-        self._pool = _Pool(parts.scheme, parts.hostname, port, timeout_s, max_pool_connections)
+        self._t = Transport(url, timeout_s=timeout_s, deadline_s=deadline_s,
+                            max_pool_connections=max_pool_connections)
         self._signer = _Signer(*resolve_credentials(profile), self.region)
 
     # -- the calls ---------------------------------------------------------------------------------
@@ -312,25 +192,29 @@ class S3Client:
                    Range: str | None = None) -> dict[str, Any]:
         headers = _present({"if-none-match": IfNoneMatch, "range": Range})
         conn, resp, hdrs = self._request("GetObject", "GET", Bucket, Key, headers=headers)
-        out = self._object_meta(resp.status, hdrs)
-        out["Body"] = StreamingBody(self._pool, conn, resp)
+        try:
+            out = self._object_meta(resp.status, hdrs)
+        except BadResponseError:
+            conn.close()
+            raise
+        out["Body"] = self._t.body(conn, resp)
         return out
 
     def head_object(self, *, Bucket: str, Key: str) -> dict[str, Any]:
         conn, resp, hdrs = self._request("HeadObject", "HEAD", Bucket, Key)
-        self._finish(conn, resp)
+        self._t.finish(conn, resp)
         return self._object_meta(resp.status, hdrs)
 
     def put_object(self, *, Bucket: str, Key: str, Body: bytes, IfNoneMatch: str | None = None,
                    IfMatch: str | None = None) -> dict[str, Any]:
         headers = _present({"if-none-match": IfNoneMatch, "if-match": IfMatch})
         conn, resp, hdrs = self._request("PutObject", "PUT", Bucket, Key, headers=headers, body=bytes(Body))
-        self._finish(conn, resp)
+        self._t.finish(conn, resp)
         return {"ETag": hdrs.get("etag"), **_meta(resp.status, hdrs)}
 
     def delete_object(self, *, Bucket: str, Key: str) -> dict[str, Any]:
         conn, resp, hdrs = self._request("DeleteObject", "DELETE", Bucket, Key)
-        self._finish(conn, resp)
+        self._t.finish(conn, resp)
         return _meta(resp.status, hdrs)
 
     def list_objects_v2(self, *, Bucket: str, Prefix: str = "", ContinuationToken: str | None = None,
@@ -341,34 +225,13 @@ class S3Client:
         if MaxKeys is not None:
             query["max-keys"] = str(int(MaxKeys))
         conn, resp, hdrs = self._request("ListObjectsV2", "GET", Bucket, None, query=query)
-        body = self._finish(conn, resp)
-        root = ET.fromstring(body)
-        ns = root.tag[:root.tag.index("}") + 1] if root.tag.startswith("{") else ""
-        url_encoded = (root.findtext(f"{ns}EncodingType") or "").lower() == "url"
-
-        def key(text: str | None) -> str:
-            return unquote_plus(text or "") if url_encoded else (text or "")
-
-        contents = []
-        for c in root.iter(f"{ns}Contents"):
-            modified = c.findtext(f"{ns}LastModified") or ""
-            try:
-                when = dt.datetime.fromisoformat(modified.replace("Z", "+00:00")) if modified else None
-            except ValueError:
-                when = None
-            contents.append({"Key": key(c.findtext(f"{ns}Key")), "Size": int(c.findtext(f"{ns}Size") or 0),
-                             "ETag": c.findtext(f"{ns}ETag"), "LastModified": when})
-        out: dict[str, Any] = {"Contents": contents, "KeyCount": len(contents),
-                               "IsTruncated": (root.findtext(f"{ns}IsTruncated") or "").lower() == "true",
-                               **_meta(resp.status, hdrs)}
-        token = root.findtext(f"{ns}NextContinuationToken")
-        if token:
-            out["NextContinuationToken"] = token
+        out = self._t.read_listing(conn, resp)
+        out.update(_meta(resp.status, hdrs))
         return out
 
     def head_bucket(self, *, Bucket: str) -> dict[str, Any]:
         conn, resp, hdrs = self._request("HeadBucket", "HEAD", Bucket, None)
-        self._finish(conn, resp)
+        self._t.finish(conn, resp)
         return _meta(resp.status, hdrs)
 
     def create_bucket(self, *, Bucket: str) -> dict[str, Any]:
@@ -377,68 +240,30 @@ class S3Client:
             body = ("<CreateBucketConfiguration xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">"
                     f"<LocationConstraint>{self.region}</LocationConstraint></CreateBucketConfiguration>").encode()
         conn, resp, hdrs = self._request("CreateBucket", "PUT", Bucket, None, body=body)
-        self._finish(conn, resp)
+        self._t.finish(conn, resp)
         return _meta(resp.status, hdrs)
 
     # -- the plumbing ------------------------------------------------------------------------------
-    @staticmethod
-    def _object_meta(status: int, hdrs: dict[str, str]) -> dict[str, Any]:
-        length = hdrs.get("content-length")
-        return {"ETag": hdrs.get("etag"), "ContentLength": int(length) if length is not None else None,
+    def _object_meta(self, status: int, hdrs: dict[str, str]) -> dict[str, Any]:
+        return {"ETag": hdrs.get("etag"), "ContentLength": self._t.content_length(hdrs),
                 "LastModified": _http_date(hdrs.get("last-modified")), **_meta(status, hdrs)}
-
-    def _finish(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse, cap: int | None = None) -> bytes:
-        """Read the (small) rest of a response and give the connection back, or close it."""
-        try:
-            data = resp.read() if cap is None else resp.read(cap)
-        except Exception as exc:
-            conn.close()
-            raise ConnectionClosedError(f"{self._host_header}: the answer broke off ({type(exc).__name__})") from None
-        if resp.isclosed() and not resp.will_close:
-            self._pool.put(conn)
-        else:
-            conn.close()
-        return data
-
-    def _send(self, conn: http.client.HTTPConnection, method: str, url: str, body: bytes | None,
-              headers: dict[str, str]) -> http.client.HTTPResponse:
-        where = self._host_header
-        if conn.sock is None:
-            try:
-                conn.connect()
-            except ssl.SSLError as exc:
-                raise SSLError(f"{where}: {exc}") from None
-            except TimeoutError:
-                raise ConnectTimeoutError(f"{where}: no connection within {self._pool.timeout} s") from None
-            except OSError as exc:
-                raise EndpointConnectionError(f"{where}: {exc}") from None
-        try:
-            conn.request(method, url, body=body, headers=headers)
-            return conn.getresponse()
-        except TimeoutError:
-            raise ReadTimeoutError(f"{where}: no answer within {self._pool.timeout} s") from None
-        except (http.client.HTTPException, OSError) as exc:
-            raise ConnectionClosedError(f"{where}: {type(exc).__name__}") from None
 
     def _request(self, operation: str, method: str, bucket: str, key: str | None, *,
                  query: dict[str, str] | None = None, headers: dict[str, str] | None = None,
                  body: bytes | None = None) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse, dict]:
         """Send one call (with the retries of the module docstring); an HTTP error status raises ClientError."""
-        path = f"{self._base}/{_uri(bucket)}" + (f"/{_uri(key)}" if key is not None else "")
+        path = f"{self._t.base}/{_uri(bucket)}" + (f"/{_uri(key)}" if key is not None else "")
         qs = "&".join(f"{_uri(k, '')}={_uri(v, '')}" for k, v in sorted((query or {}).items()))
         url = f"{path}?{qs}" if qs else path
         payload = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
         attempt, resigned = 1, False
+        deadline = deadline_for(self._t.deadline_s, body)
         while True:
-            conn, reused = self._pool.get()
-            signed = self._signer.sign(method, self._host_header, path, qs, headers or {}, payload)
+            signed = self._signer.sign(method, self._t.host_header, path, qs, headers or {}, payload)
             try:
-                resp = self._send(conn, method, url, body, signed)
-            except S3TransportError as exc:
-                conn.close()
-                if reused and isinstance(exc, ConnectionClosedError):
-                    continue  # the server closed it while it sat in the pool: never sent, try a fresh one
-                if attempt < MAX_ATTEMPTS and isinstance(exc, (EndpointConnectionError, ConnectTimeoutError)):
+                conn, resp = self._t.exchange(method, url, body, signed, deadline)
+            except (EndpointConnectionError, ConnectTimeoutError):
+                if attempt < MAX_ATTEMPTS and time.monotonic() < deadline:
                     attempt += 1
                     time.sleep(random.uniform(0.05, 0.5))
                     continue
@@ -447,8 +272,8 @@ class S3Client:
             if resp.status < 300:
                 return conn, resp, hdrs
             status = resp.status
-            code, message = _error_code(self._finish(conn, resp, cap=_MAX_ERROR_BODY), status)
-            if status in _RETRY_STATUS and attempt < MAX_ATTEMPTS:
+            code, message = _error_code(self._t.finish(conn, resp), status)
+            if status in _RETRY_STATUS and attempt < MAX_ATTEMPTS and time.monotonic() < deadline:
                 attempt += 1
                 time.sleep(random.uniform(0.05, 0.5))
                 continue

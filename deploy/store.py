@@ -43,6 +43,7 @@ STORE_ENV = "EDGESLIM_FLEET_STORE"
 ENDPOINT_ENV = "EDGESLIM_S3_ENDPOINT_URL"
 CLIENT_ENV = "EDGESLIM_S3_CLIENT"  # light | boto3; unset: boto3 when installed, else light
 DEFAULT_LOCAL_STORE = "~/.edgeslim/fleet-store"
+MAX_LIST_KEYS = 500_000  # keys one listing may return (a fleet of 100,000 devices has about 400,000)
 
 
 class StoreUnavailable(FleetError):
@@ -281,6 +282,8 @@ class S3Store(ObjectStore):
         region: signing region.
         profile: a named AWS profile; ``None`` uses the client's default chain.
         timeout_s: connect and read timeout: devices must notice an outage quickly.
+        deadline_s: the most one call may take (a body's grows with its length; see
+            :mod:`edgeslim.deploy.s3transport`); None: 3 x ``timeout_s``.
         client: ``"boto3"`` or ``"light"`` (:mod:`edgeslim.deploy.s3client`); ``None``:
             ``$EDGESLIM_S3_CLIENT``, else boto3 when it is installed, else light.
     """
@@ -289,24 +292,27 @@ class S3Store(ObjectStore):
 
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
                  region: str | None = None, profile: str | None = None, timeout_s: float = 10.0,
-                 create_bucket: bool = False, client: str | None = None) -> None:
+                 deadline_s: float | None = None, create_bucket: bool = False, client: str | None = None) -> None:
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.endpoint_url = endpoint_url
         self.client = _choose_client(client)
         if self.client == "light":
             from edgeslim.deploy import s3client
 
-            self._client = s3client.S3Client(endpoint_url, region=region, profile=profile, timeout_s=timeout_s)
+            self._client = s3client.S3Client(endpoint_url, region=region, profile=profile, timeout_s=timeout_s,
+                                             deadline_s=deadline_s)
             self._ClientError, self._TransportError = s3client.ClientError, s3client.S3TransportError
         else:
-            self._open_boto3(endpoint_url, region, profile, timeout_s)
+            self._open_boto3(endpoint_url, region, profile, timeout_s, deadline_s)
         if create_bucket:
             self._ensure_bucket()
 
-    def _open_boto3(self, endpoint_url, region, profile, timeout_s) -> None:
+    def _open_boto3(self, endpoint_url, region, profile, timeout_s, deadline_s) -> None:
         import boto3
         from botocore.config import Config as BotoConfig
         from botocore.exceptions import BotoCoreError, ClientError
+
+        from edgeslim.deploy import s3boto, s3transport
 
         session = boto3.session.Session(profile_name=profile) if profile else boto3.session.Session()
         cfg = BotoConfig(
@@ -323,7 +329,9 @@ class S3Store(ObjectStore):
         )
         self._client = session.client("s3", endpoint_url=endpoint_url,
                                       region_name=region or session.region_name or "us-east-1", config=cfg)
-        self._ClientError, self._TransportError = ClientError, BotoCoreError
+        # boto3 signs (its whole credential chain); edgeslim's bounded transport carries the calls.
+        s3boto.carry(self._client, timeout_s=timeout_s, deadline_s=deadline_s)
+        self._ClientError, self._TransportError = ClientError, (BotoCoreError, s3transport.S3TransportError)
 
     def describe(self) -> str:
         where = f" at {self.endpoint_url}" if self.endpoint_url else ""
@@ -357,8 +365,8 @@ class S3Store(ObjectStore):
                 ) from None
             raise FleetError(f"{self.describe()}: {code or status}: {err.get('Message', '')}") from None
         except self._TransportError as exc:
-            # Connection refused, DNS, timeouts: the store is unavailable, not wrong.
-            raise StoreUnavailable(f"{self.describe()}: cannot reach the store ({type(exc).__name__})") from None
+            # Connection refused, DNS, timeouts, an answer that is not S3's: the store is unavailable, not wrong.
+            raise StoreUnavailable(f"{self.describe()}: cannot reach the store ({_transport_error(exc)})") from None
 
     def _ensure_bucket(self) -> None:
         try:
@@ -367,7 +375,7 @@ class S3Store(ObjectStore):
         except self._ClientError:
             pass
         except self._TransportError as exc:
-            raise StoreUnavailable(f"{self.describe()}: cannot reach the store ({type(exc).__name__})") from None
+            raise StoreUnavailable(f"{self.describe()}: cannot reach the store ({_transport_error(exc)})") from None
 
         def create(**kw):
             try:
@@ -384,24 +392,36 @@ class S3Store(ObjectStore):
         resp = self._call(self._client.get_object, **kw)
         if resp is None:
             return None
-        size = int(resp.get("ContentLength") or 0)
+        length = resp.get("ContentLength")
+        size = int(length or 0)
         if max_bytes is not None and size > max_bytes:
             resp["Body"].close()  # the headers said enough: the body is never read
             _refuse_oversized(self, key, size, max_bytes, _unquote(resp.get("ETag")))
+        # No length (never on S3, but cheap to be sure): read one byte past the cap at most.
+        data, want = bytearray(), None if max_bytes is None else max_bytes + 1
         try:
-            # No length (never on S3, but cheap to be sure): read one byte past the cap at most.
-            data = resp["Body"].read() if max_bytes is None else resp["Body"].read(max_bytes + 1)
-        except Exception as exc:  # a reset mid-body is an outage, not a bug
-            raise StoreUnavailable(f"{self.describe()}: read of {key} broke off ({type(exc).__name__})") from None
+            while want is None or len(data) < want:
+                chunk = resp["Body"].read(1 << 20 if want is None else min(1 << 20, want - len(data)))
+                if not chunk:
+                    break
+                data += chunk
+        except Exception as exc:  # a reset or a deadline mid-body is an outage, not a bug
+            resp["Body"].close()
+            raise StoreUnavailable(f"{self.describe()}: read of {key} broke off ({_transport_error(exc)})") from None
         if max_bytes is not None and len(data) > max_bytes:
             resp["Body"].close()
             _refuse_oversized(self, key, len(data), max_bytes, _unquote(resp.get("ETag")))
-        return Blob(data, _unquote(resp.get("ETag")))
+        if length is not None and len(data) != size:
+            raise StoreUnavailable(f"{self.describe()}: read of {key} broke off after {len(data)} of its {size} "
+                                   "bytes")
+        return Blob(bytes(data), _unquote(resp.get("ETag")))
 
     def head(self, key):
         resp = self._call(self._client.head_object, Bucket=self.bucket, Key=self._k(key))
         if resp is None:
             return None
+        if resp.get("ContentLength") is None:
+            raise StoreUnavailable(f"{self.describe()}: the store answered HEAD {key} without a Content-Length")
         return int(resp["ContentLength"]), _unquote(resp.get("ETag"))
 
     def stream(self, key, start=0, chunk_size=1 << 16):
@@ -413,8 +433,9 @@ class S3Store(ObjectStore):
             raise NoSuchObject(f"{self.describe()}: {key} does not exist")
         try:
             yield from resp["Body"].iter_chunks(chunk_size)
-        except Exception as exc:
-            raise StoreUnavailable(f"{self.describe()}: download of {key} broke off ({type(exc).__name__})") from None
+        except Exception as exc:  # a reset or a deadline mid-download: resumed on the next try
+            raise StoreUnavailable(f"{self.describe()}: download of {key} broke off "
+                                   f"({_transport_error(exc)})") from None
 
     def put(self, key, data, *, if_none_match_any=False, if_match=None):
         kw = {"Bucket": self.bucket, "Key": self._k(key), "Body": data}
@@ -436,6 +457,7 @@ class S3Store(ObjectStore):
     def list(self, prefix):
         out: list[str] = []
         token = None
+        tokens: set[str] = set()
         full = self._k(prefix)
         strip = len(self.prefix) + 1 if self.prefix else 0
         while True:
@@ -445,10 +467,17 @@ class S3Store(ObjectStore):
             if self.list_page_size:
                 kw["MaxKeys"] = self.list_page_size
             resp = self._call(self._client.list_objects_v2, **kw) or {}
-            out.extend(o["Key"][strip:] for o in resp.get("Contents", []))
+            out.extend(o["Key"][strip:] for o in resp.get("Contents", []) if str(o.get("Key", "")).startswith(full))
+            if len(out) > MAX_LIST_KEYS:
+                raise StoreUnavailable(f"{self.describe()}: the listing of {prefix} passed {MAX_LIST_KEYS} "
+                                       "keys: refused (is the endpoint S3?)")
             if not resp.get("IsTruncated"):
                 break
             token = resp.get("NextContinuationToken")
+            if not token or token in tokens:
+                raise StoreUnavailable(f"{self.describe()}: the listing of {prefix} says there is more but gives "
+                                       "no new continuation token: refused (is the endpoint S3?)")
+            tokens.add(token)
         return sorted(out)
 
     def age(self, key):
@@ -457,8 +486,22 @@ class S3Store(ObjectStore):
             return None
         from email.utils import parsedate_to_datetime
 
-        server_now = parsedate_to_datetime(resp["ResponseMetadata"]["HTTPHeaders"]["date"])
-        return _unquote(resp.get("ETag")), max(0.0, (server_now - resp["LastModified"]).total_seconds())
+        try:
+            server_now = parsedate_to_datetime(resp["ResponseMetadata"]["HTTPHeaders"]["date"])
+            return _unquote(resp.get("ETag")), max(0.0, (server_now - resp["LastModified"]).total_seconds())
+        except (KeyError, TypeError, ValueError):  # no Date or Last-Modified, or not dates
+            raise StoreUnavailable(f"{self.describe()}: the store answered HEAD {key} without a usable Date and "
+                                   "Last-Modified (the age of a lock is judged by them)") from None
+
+
+def _transport_error(exc: BaseException) -> str:
+    """A transport error for one line: its name; for an answer that is not S3's, or one cut off at its
+    deadline (edgeslim's transport, under either client), also what was wrong with it."""
+    from edgeslim.deploy.s3transport import BadResponseError, ReadTimeoutError
+
+    text = " ".join(str(exc).split())[:160]
+    return f"{type(exc).__name__}: {text}" if text and isinstance(exc, (BadResponseError, ReadTimeoutError)) \
+        else type(exc).__name__
 
 
 def _choose_client(name: str | None) -> str:
@@ -481,7 +524,7 @@ _S3_URL = re.compile(r"^s3://(?P<bucket>[^/]+)/?(?P<prefix>.*)$")
 
 
 def open_store(url: str | None = None, *, endpoint_url: str | None = None, profile: str | None = None,
-               create_bucket: bool = False, timeout_s: float = 10.0) -> ObjectStore:
+               create_bucket: bool = False, timeout_s: float = 10.0, deadline_s: float | None = None) -> ObjectStore:
     """Open the fleet store named by ``url`` (or ``$EDGESLIM_FLEET_STORE``, or the local default).
 
     Args:
@@ -494,7 +537,7 @@ def open_store(url: str | None = None, *, endpoint_url: str | None = None, profi
     if m:
         endpoint_url = endpoint_url or os.environ.get(ENDPOINT_ENV) or None
         return S3Store(m["bucket"], m["prefix"], endpoint_url=endpoint_url, profile=profile,
-                       create_bucket=create_bucket, timeout_s=timeout_s)
+                       create_bucket=create_bucket, timeout_s=timeout_s, deadline_s=deadline_s)
     parsed = urlparse(url)
     if parsed.scheme == "file":
         return LocalStore(parsed.path)

@@ -15,8 +15,11 @@ Everything before the HMAC check is hostile, so the server is built to stay up u
 - one thread reads every connection (``selectors``, non-blocking sockets); a stalled or slow
   client costs a socket and at most 16 KiB of headers, never a thread, and is closed (408)
   ``read_timeout`` seconds after it connected, however it trickles bytes;
-- at most ``max_connections`` are open at once (503 at once beyond), and the bodies being
-  read share a budget of ``8 x MAX_WEBHOOK_BYTES`` (503 beyond);
+- at most ``max_connections`` are open at once. One more sheds a connection to make room: one
+  already answered and draining if there is one, else the oldest, which has had longest to send
+  its request (a delivery sends its whole request at once, in milliseconds; a client that holds a
+  connection open with a trickle of bytes is what is shed), so stalled clients never keep a signed
+  delivery out. The bodies being read share a budget of ``8 x MAX_WEBHOOK_BYTES`` (503 beyond);
 - ``Content-Length`` over ``bounded.MAX_WEBHOOK_BYTES`` is answered 413 before the body is
   read (the rest is discarded, up to a cap, so the client sees the answer); no
   ``Content-Length`` is 411;
@@ -293,11 +296,7 @@ class WebhookServer:
             sock.setblocking(False)
             peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
             if len(self._conns) >= self.max_connections:
-                log.warning("%s refused: %d connections open already (503)", peer, len(self._conns))
-                if self.tls is None:  # over TLS a plain answer is noise: the client sees the close
-                    self._send_now(sock, _response(503, "too many connections; retry", {"Retry-After": "2"}))
-                sock.close()
-                continue
+                self._shed()
             if self.tls is not None:
                 try:
                     sock = self.tls.context().wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
@@ -308,6 +307,17 @@ class WebhookServer:
             conn = _Conn(sock, peer, time.monotonic() + self.read_timeout, tls=self.tls is not None)
             self._conns[sock] = conn
             self._sel.register(sock, selectors.EVENT_READ, conn)
+
+    def _shed(self) -> None:
+        """Close one connection to make room for a new one: a draining one (already answered), else the
+        oldest (dict order is accept order), answered 408 as a timed-out request is."""
+        conn = next((c for c in self._conns.values() if c.state == "drain"), None) or next(iter(self._conns.values()))
+        if conn.state not in ("drain", "handshake"):
+            waited = self.read_timeout - (conn.deadline - time.monotonic())
+            log.info("%s shed after %.1fs without a whole request: %d connections open, the most allowed (408)",
+                     conn.peer, waited, len(self._conns))
+            self._send_now(conn.sock, _response(408, "request not received in time; other clients are waiting"))
+        self._close(conn)
 
     @staticmethod
     def _send_now(sock: socket.socket, data: bytes) -> None:

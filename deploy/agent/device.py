@@ -153,12 +153,19 @@ class Agent:
         self.reporter.publish(state, **extra)
 
     # ----------------------------------------------------------------- poll loop
-    def _refuse(self, reason: str, message: str, etag: str | None) -> str:
-        """Record a refused manifest (status ``rejected``) and poll past it; the current model keeps serving."""
+    def _refuse(self, reason: str, message: str, etag: str | None, remember: bool) -> str:
+        """Record a refused manifest (status ``rejected``); the current model keeps serving.
+
+        With ``remember`` the next polls send its ETag (nothing to read until it changes); without, they
+        read it again, and the same refusal of the same object is not logged or reported again.
+        """
+        self.manifests.etag = etag if remember else None
+        seen = self.state.get("rejected") or {}
+        if not remember and (seen.get("etag"), seen.get("reason")) == (etag, reason):
+            return "unchanged"
         log.error("refused manifest: %s", message)
         self.state["rejected"] = {"reason": reason, "message": message, "etag": etag, "at": self.ctx.clock()}
         self.local.save()
-        self.manifests.etag = etag
         self.publish_status("idle")
         return "rejected"
 
@@ -182,7 +189,7 @@ class Agent:
         self.metadata.follow_timestamp()
         reading = self.manifests.read()
         if reading.outcome == "rejected":
-            return self._refuse(reading.reason, reading.message, reading.etag)
+            return self._refuse(reading.reason, reading.message, reading.etag, reading.remember)
         m = reading.manifest
         if m is None:
             return reading.outcome

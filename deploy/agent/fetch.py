@@ -38,6 +38,9 @@ class ManifestReading:
         manifest: the verified manifest to apply (``new`` only).
         digest: the sha256 of its signed payload (``new`` only).
         reason, message: why it was refused (``rejected`` only): a short reason and one line.
+        remember: whether to poll past this ETag. Not for a manifest refused as ``malformed``
+            (not JSON, or its fields wrong): a body cut short on the way reads so, and the next poll
+            must read it again rather than be told "not modified" until a new manifest is written.
     """
 
     outcome: str
@@ -46,6 +49,7 @@ class ManifestReading:
     digest: str | None = None
     reason: str | None = None
     message: str | None = None
+    remember: bool = True
 
 
 class ManifestReader:
@@ -76,7 +80,8 @@ class ManifestReader:
         try:
             envelope = bounded.loads(blob.data, what="manifest", max_bytes=ctx.settings.max_manifest_bytes)
         except bounded.BoundedInputError as exc:  # a nesting bomb, or not JSON
-            return ManifestReading("rejected", blob.etag, reason=exc.reason, message=str(exc))
+            return ManifestReading("rejected", blob.etag, reason=exc.reason, message=str(exc),
+                                   remember=exc.reason != "malformed")
         try:
             m = verify_manifest(envelope, self.metadata.root, fleet=ctx.fleet, device_id=ctx.device_id,
                                 device_class=ctx.device_class,
@@ -93,7 +98,8 @@ class ManifestReader:
                     "equivocation", f"manifest sequence {signed['sequence']} was already applied with other "
                                     f"content (payload sha256 {known[:12]}, this one {got[:12]}): two different "
                                     "signed manifests under one sequence; the signing key may be misused")
-            return ManifestReading("rejected", blob.etag, reason=exc.reason, message=str(exc))
+            return ManifestReading("rejected", blob.etag, reason=exc.reason, message=str(exc),
+                                   remember=exc.reason != "malformed")
         return ManifestReading("new", blob.etag, manifest=m, digest=manifest_digest(envelope["signed"]))
 
 

@@ -56,7 +56,7 @@ class Receiver:
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
         first = self.proc.stdout.readline()
-        m = re.search(r"http://127\.0\.0\.1:(\d+)/", first)
+        m = re.search(r"https?://127\.0\.0\.1:(\d+)/", first)
         if not m:
             self.stop()
             raise AssertionError(f"the receiver did not start: {first!r}\n{''.join(self.lines)[-3000:]}")

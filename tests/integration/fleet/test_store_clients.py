@@ -160,7 +160,7 @@ def test_light_client_is_safe_across_threads(rgw, s3_url, monkeypatch):
     for t in threads:
         t.join(120)
     assert not wrong, wrong[:5]
-    assert len(s._client._pool._idle) <= 32  # connections are reused, not one per request
+    assert len(s._client._t.pool._idle) <= 32  # connections are reused, not one per request
 
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -184,12 +184,13 @@ def test_without_boto3_the_light_client_is_chosen_and_a_forced_boto3_says_what_t
     assert bad.returncode != 0 and f"{CLIENT_ENV}='urllib': use light" in bad.stderr
 
 
-def test_light_client_imports_only_the_standard_library_and_edgeslim_errors():
-    tree = ast.parse((REPO / "deploy" / "s3client.py").read_text())
+@pytest.mark.parametrize("module", ["s3client", "s3transport"])
+def test_light_client_imports_only_the_standard_library_and_edgeslim_errors(module):
+    tree = ast.parse((REPO / "deploy" / f"{module}.py").read_text())
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     outside = sorted(m for m in imported if m.split(".")[0] not in sys.stdlib_module_names
-                     and m not in ("__future__", "edgeslim.components.common.errors"))
+                     and m not in ("__future__", "edgeslim.components.common.errors", "edgeslim.deploy.s3transport"))
     assert not outside, outside
 
 
