@@ -43,7 +43,7 @@ from typing import Any
 from edgeslim.components.common.errors import ConfigError, EdgeslimError
 from edgeslim.components.common.version import __version__
 
-from edgeslim.deploy import bounded, trust
+from edgeslim.deploy import bounded, signing, trust
 from edgeslim.deploy.agent.context import AgentContext, AgentSettings
 from edgeslim.deploy.agent.disk import read_link
 from edgeslim.deploy.agent.errors import ApplyFailed
@@ -162,6 +162,38 @@ class Agent:
         self.publish_status("idle")
         return "rejected"
 
+    def _hold(self, reason: str, message: str) -> str:
+        """Install nothing now, and read the manifest again next poll (its ETag is not kept): what is
+        missing (a verified root chain, the fleet's sequence statement) may come. One line per new reason."""
+        rejected = self.state.get("rejected") or {}
+        self.manifests.etag = None
+        if (rejected.get("reason"), rejected.get("message")) == (reason, message):
+            return "held"
+        log.error("holding manifest: %s", message)
+        self.state["rejected"] = {"reason": reason, "message": message, "etag": None, "at": self.ctx.clock()}
+        self.local.save()
+        self.publish_status("idle")
+        return "held"
+
+    def _check_floor(self, m: Manifest, etag: str | None) -> str | None:
+        """The fleet's checks before ``m`` is installed: the root chain, and for a device with no
+        replay floor of its own, the fleet's signed sequence statement. Returns the step's outcome
+        when ``m`` must not be installed, else None."""
+        problem = self.metadata.chain_problem()
+        if problem:
+            return self._hold("root", problem)
+        if self.state.get("applied_sequence", 0):
+            return None  # its own floor already refused anything older
+        try:
+            floor = self.metadata.fleet_floor()
+        except signing.SignatureError as exc:
+            return self._hold("no-floor", f"this device has no replay floor of its own (new, or its state was "
+                                          f"lost) and {exc}; installs nothing until a fresh one verifies")
+        if m.sequence < floor:
+            return self._refuse("replay", f"manifest sequence {m.sequence} is below {floor}, the sequence the fleet's "
+                                          "signed sequence statement names for this device: replayed or stale", etag)
+        return None
+
     def _fail(self, m: Manifest, digest: str, reason: str, etag: str | None) -> str:
         """Mark ``m``'s sequence failed (it is not retried: the controller sends a new one)."""
         self.state["last"] = {"sequence": m.sequence, "rollout_id": m.rollout_id, "action": m.action,
@@ -186,6 +218,9 @@ class Agent:
         m = reading.manifest
         if m is None:
             return reading.outcome
+        held = self._check_floor(m, reading.etag)
+        if held:
+            return held
         try:
             last = self.installer.apply(m, reading.digest)
         except ApplyFailed as exc:
@@ -224,7 +259,7 @@ class Agent:
                 if not self.store_ok:
                     log.info("store reachable again")
                 self.store_ok, self.failures, backoff = True, 0, self.settings.poll_interval
-                if what in ("unchanged", "none") and \
+                if what in ("unchanged", "none", "held") and \
                         self.ctx.clock() - self.reporter.last_heartbeat >= self.settings.heartbeat_interval:
                     self.publish_status("idle")
                 if once:
