@@ -31,14 +31,12 @@ _NOFOLLOW = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 def check_owned(path: Path, st: os.stat_result, *, kind: str = "file") -> None:
     """Refuse what is not a ``kind`` (``file`` or ``dir``) owned by this process's user."""
     if stat.S_ISLNK(st.st_mode):
-        raise UnsafePath(f"{path} is a symbolic link (to {read_link(path) or '?'}), not a {kind} the agent made: "
-                         "refused; remove it (whoever can write the state directory planted it)")
+        raise UnsafePath(f"{path} is a symbolic link to {read_link(path) or '?'}, not a {kind} the agent made")
     ok = stat.S_ISDIR(st.st_mode) if kind == "dir" else stat.S_ISREG(st.st_mode)
     if not ok:
-        raise UnsafePath(f"{path} is not a regular {kind}: refused; remove it")
+        raise UnsafePath(f"{path} is not a regular {kind}")
     if st.st_uid != os.geteuid():
-        raise UnsafePath(f"{path} belongs to uid {st.st_uid}, not to the agent's user (uid {os.geteuid()}): "
-                         "refused; remove it, and let only the agent's user write the state directory")
+        raise UnsafePath(f"{path} belongs to uid {st.st_uid}, not to the agent's user (uid {os.geteuid()})")
 
 
 def open_own(path: Path, flags: int = os.O_RDONLY, mode: int = 0o600) -> int:
@@ -51,8 +49,8 @@ def open_own(path: Path, flags: int = os.O_RDONLY, mode: int = 0o600) -> int:
         fd = os.open(path, flags | _NOFOLLOW, mode)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise UnsafePath(f"{path} is a symbolic link (to {read_link(path) or '?'}): refused; remove it "
-                             "(whoever can write the state directory planted it)") from None
+            raise UnsafePath(f"{path} is a symbolic link to {read_link(path) or '?'}, not a file the agent "
+                             "made") from None
         raise
     try:
         check_owned(path, os.fstat(fd))
@@ -114,7 +112,11 @@ def ensure_dir(path: Path) -> str | None:
         path.mkdir(parents=True, exist_ok=True)
         return None
     if stat.S_ISDIR(st.st_mode):
-        check_owned(path, st, kind="dir")
+        try:
+            check_owned(path, st, kind="dir")
+        except UnsafePath as exc:
+            raise UnsafePath(f"refused the state directory: {exc}; give it to the agent's user (chown) or "
+                             "remove it, and let only that user write the state directory") from None
         return None
     what = f"a symbolic link to {read_link(path)}" if stat.S_ISLNK(st.st_mode) else "not a directory"
     remove_path(path)

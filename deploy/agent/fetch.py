@@ -145,7 +145,7 @@ class ArtifactFetcher:
         try:
             return open_own(part, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         except UnsafePath as exc:
-            log.warning("%s; removed it, downloading from the start", exc)
+            log.warning("refused the partial download (%s); removed it, downloading from the start", exc)
             remove_path(part)
             return open_own(part, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
 

@@ -55,7 +55,7 @@ class Installer:
             except (ValueError, OSError) as exc:
                 j = None
                 if isinstance(exc, UnsafePath):
-                    log.error("%s", exc)
+                    log.error("refused the swap journal (%s)", exc)
             if not isinstance(j, dict) or not isinstance(j.get("sequence"), int) or \
                     not {"from", "to", "previous_before"} <= set(j):
                 j = None

@@ -74,7 +74,7 @@ class Metadata:
         try:
             self.root, accepted = trust.update_root(self.root, self._store_root)
         except (signing.SignatureError, bounded.BoundedInputError) as exc:
-            error = f"refused root version {self.root.version + 1}: {exc}"
+            error = f"refused a new root (version {self.root.version + 1}): {exc}"
             if error != self.root_error:  # one line per new problem, not one per poll
                 log.error("%s", error)
             self.root_error = error

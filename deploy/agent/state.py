@@ -41,7 +41,7 @@ class LocalState:
             self._lost = "is missing"
         except UnsafePath as exc:  # never believed: the next save replaces the link itself
             self._lost = "was refused"
-            log.error("%s; starting over from the sequence floor", exc)
+            log.error("refused agent.json (%s); starting over from the sequence floor", exc)
         except (ValueError, OSError):
             # Only atomic renames write it, so this is disk damage: start clean but keep models.
             self._lost = "is unreadable"
@@ -53,7 +53,7 @@ class LocalState:
             floor = json.loads(read_own(self.floor_file))
             return floor if isinstance(floor, dict) and isinstance(floor.get("sequence"), int) else {}
         except UnsafePath as exc:
-            log.error("%s", exc)
+            log.error("refused sequence-floor (%s)", exc)
             return {}
         except (OSError, ValueError):
             return {}
