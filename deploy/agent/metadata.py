@@ -129,12 +129,6 @@ class Metadata:
         have = self.root.version
         if self.root_error:
             return f"{self.root_error}; installs nothing until the root chain verifies"
-        if self.timestamp_error and self.timestamp_error.startswith("refused the fleet timestamp"):
-            return (f"{self.timestamp_error} (this device trusts root version {have}: a newer root may have "
-                    "rotated the fleet key); installs nothing until they agree")
-        if self.timestamp_root and self.timestamp_root > have:
-            return (f"the fleet timestamp names root version {self.timestamp_root}; this device reached only "
-                    f"version {have} (root/{have + 1} is missing from the store): installs nothing until it verifies")
         newer = []
         for key in self.ctx.store.list(self.ctx.keys.root(have).rsplit("/", 1)[0] + "/"):
             try:
@@ -146,6 +140,12 @@ class Metadata:
         if newer:
             return (f"root version {max(newer)} is in the store but the chain from version {have} stops: "
                     f"root/{have + 1} is missing; installs nothing until the chain verifies")
+        if self.timestamp_error and self.timestamp_error.startswith("refused the fleet timestamp"):
+            return (f"{self.timestamp_error} (this device trusts root version {have}: a newer root may have "
+                    "rotated the fleet key); installs nothing until they agree")
+        if self.timestamp_root and self.timestamp_root > have:
+            return (f"the fleet timestamp names root version {self.timestamp_root}; this device reached only "
+                    f"version {have} (root/{have + 1} is missing from the store): installs nothing until it verifies")
         return None
 
     def fleet_floor(self) -> int:
