@@ -15,6 +15,11 @@ On disk, under ``--state-dir``::
     agent.json                last applied sequence and manifests (atomic writes)
     sequence-floor            the replay floor again, written before agent.json (survives losing it)
     swap.json                 the swap journal: exists only while a swap is undecided
+    roots/<N>.root.json       newer roots this device accepted
+    device.key                the device's own key (mode 0600)
+
+Nothing there is followed through a link or read from another user's file (``disk.py``); with the
+whole directory lost, the fleet's signed sequence statement keeps replays out (``metadata.py``).
 
 Every step is either a rename or idempotent, so a SIGKILL anywhere leaves
 ``current`` on a complete, verified release; start-up undoes an undecided swap
