@@ -18,8 +18,8 @@ from typing import Any
 
 from edgeslim.components.common.hashing import file_sha256
 from edgeslim.deploy.agent.context import AgentContext
-from edgeslim.deploy.agent.disk import (atomic_symlink, atomic_write_json, disk_error, fsync_dir, own_sha256,
-                                        read_link, read_own, remove_path)
+from edgeslim.deploy.agent.disk import (atomic_symlink, atomic_write_json, check_owned, disk_error, fsync_dir,
+                                        own_sha256, read_link, read_own, remove_path)
 from edgeslim.deploy.agent.errors import IntegrityError, UnsafePath
 from edgeslim.deploy.agent.fetch import ArtifactFetcher
 from edgeslim.deploy.agent.report import Reporter
@@ -57,8 +57,9 @@ class Installer:
                 if isinstance(exc, UnsafePath):
                     log.error("refused the swap journal (%s)", exc)
             if not isinstance(j, dict) or not isinstance(j.get("sequence"), int) or \
-                    not {"from", "to", "previous_before"} <= set(j):
-                j = None
+                    not {"from", "to", "previous_before"} <= set(j) or \
+                    not all(j[k] is None or _RELEASE.match(str(j[k])) for k in ("from", "to", "previous_before")):
+                j = None  # a journal names only releases of the agent's own
             if j is None:
                 log.error("swap journal unreadable; keeping links as they are")
             elif state.get("applied_sequence", 0) >= j["sequence"]:
@@ -130,6 +131,7 @@ class Installer:
         device_class = self.ctx.device_class
         out = self.ctx.state_dir / "engines" / m.artifact.sha256 / device_class
         built = sorted(out.glob("*.engine")) + sorted(out.glob("*.plan")) if out.exists() else []
+        built = [e for e in built if self._own_file(e)]
         if built:
             return built[0], "tensorrt (engine built on device)", None
         log.info("no engine for class %s: building one from the Q/DQ ONNX", device_class)
@@ -140,6 +142,17 @@ class Installer:
             log.error("%s; serving the Q/DQ ONNX with ONNX Runtime", why)
             return None, "onnxruntime", why
         return Path(res.engine_path), "tensorrt (engine built on device)", None
+
+    @staticmethod
+    def _own_file(path: Path) -> bool:
+        """Whether ``path`` is a regular file of the agent's own (an engine planted as a link, or by
+        another user, is never shipped: a fresh one is built)."""
+        try:
+            check_owned(path, os.lstat(path))
+            return True
+        except (OSError, UnsafePath) as exc:
+            log.warning("engine %s refused (%s)", path, exc)
+            return False
 
     def make_release(self, m: Manifest) -> str:
         """A release directory for the manifest's artifact; returns its path relative to state_dir."""
