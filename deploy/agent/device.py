@@ -93,6 +93,7 @@ class Agent:
         self.installer = Installer(self.ctx, self.local, ArtifactFetcher(self.ctx), self.reporter)
         self.failures = 0
         self.store_ok = True
+        self._held: tuple[str, str] | None = None  # why the manifest is held now (logged once)
         self._stop = False
 
     # ----------------------------------------------------------------- what callers reach through the agent
@@ -170,10 +171,10 @@ class Agent:
     def _hold(self, reason: str, message: str) -> str:
         """Install nothing now, and read the manifest again next poll (its ETag is not kept): what is
         missing (a verified root chain, the fleet's sequence statement) may come. One line per new reason."""
-        rejected = self.state.get("rejected") or {}
         self.manifests.etag = None
-        if (rejected.get("reason"), rejected.get("message")) == (reason, message):
+        if self._held == (reason, message):
             return "held"
+        self._held = (reason, message)
         log.error("holding manifest: %s", message)
         self.state["rejected"] = {"reason": reason, "message": message, "etag": None, "at": self.ctx.clock()}
         self.local.save()
@@ -188,12 +189,14 @@ class Agent:
         if problem:
             return self._hold("root", problem)
         if self.state.get("applied_sequence", 0):
+            self._held = None
             return None  # its own floor already refused anything older
         try:
             floor = self.metadata.fleet_floor()
         except signing.SignatureError as exc:
             return self._hold("no-floor", f"this device has no replay floor of its own (new, or its state was "
                                           f"lost) and {exc}; installs nothing until a fresh one verifies")
+        self._held = None
         if m.sequence < floor:
             return self._refuse("replay", f"manifest sequence {m.sequence} is below {floor}, the sequence the fleet's "
                                           "signed sequence statement names for this device: replayed or stale", etag)
