@@ -182,20 +182,22 @@ class Agent:
         return "held"
 
     def _check_floor(self, m: Manifest, etag: str | None) -> str | None:
-        """The fleet's checks before ``m`` is installed: the root chain, and for a device with no
-        replay floor of its own, the fleet's signed sequence statement. Returns the step's outcome
+        """The fleet's checks before ``m`` is installed: the root chain, and the fleet's signed sequence
+        statement (required by a device with no replay floor of its own; for one with a floor, a fresh
+        statement also refuses a manifest the fleet has since superseded). Returns the step's outcome
         when ``m`` must not be installed, else None."""
         problem = self.metadata.chain_problem()
         if problem:
             return self._hold("root", problem)
-        if self.state.get("applied_sequence", 0):
-            self._held = None
-            return None  # its own floor already refused anything older
         try:
             floor = self.metadata.fleet_floor()
         except signing.SignatureError as exc:
-            return self._hold("no-floor", f"this device has no replay floor of its own (new, or its state was "
-                                          f"lost) and {exc}; installs nothing until a fresh one verifies")
+            if not self.state.get("applied_sequence", 0):
+                return self._hold("no-floor", f"this device has no replay floor of its own (new, or its state was "
+                                              f"lost) and {exc}; installs nothing until a fresh one verifies")
+            # Its own floor already refused anything at or below the last sequence it applied.
+            log.debug("no fresh sequence statement (%s); the device's own floor stands", exc)
+            floor = 0
         self._held = None
         if m.sequence < floor:
             return self._refuse("replay", f"manifest sequence {m.sequence} is below {floor}, the sequence the fleet's "

@@ -56,9 +56,11 @@ def test_a_device_behind_a_broken_root_chain_installs_nothing_signed_by_the_reti
     store.put_json(K.root(3), root2)  # a newer root past a gap (any content): the chain stops short of it
     got = wait_for(lambda: held("root version 3 is in the store"), 60, "a hold on the gap")
     assert got["current"] is None and dev.running_sha() is None
-    store.delete(K.root(3))
 
-    store.put_json(K.root(2), root2)  # the chain verifies again
+    dev.stop()  # the chain verifies again (mended while the device is down: no half-mended chain is seen)
+    store.delete(K.root(3))
+    store.put_json(K.root(2), root2)
+    dev.start()
     rotated = Controller(store, "lab", signing_key=new_fleet, root=keys.root)
     rotated.publish_timestamp()
     got = wait_for(lambda: (old.status("new0").get("metadata") or {}).get("root_version") == 2
