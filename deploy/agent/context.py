@@ -79,6 +79,10 @@ class AgentContext:
         """Each directory the agent writes into is its own, not a link planted to send its writes
         (and removals) elsewhere: a link is removed and the directory made, one line each; a
         directory of another user's is refused (UnsafePath)."""
+        mode = self.state_dir.stat().st_mode & 0o777
+        if mode & 0o022:
+            log.warning("state directory %s is writable by other users (mode %o): whoever can write it can plant "
+                        "files the agent refuses; chmod go-w it", self.state_dir, mode)
         for sub in SUBDIRS:
             fixed = ensure_dir(self.state_dir / sub)
             if fixed:

@@ -7,6 +7,7 @@ real agent process starts and installs v1 from a local store:
 - ``releases/.<name>.tmp`` and ``releases/<name>`` as links to a directory outside: building
   the release must not delete the files in it;
 - ``.agent.json.tmp`` as a link to a file outside: saving the state must not overwrite it;
+- ``.device.key.tmp`` as a link to a file outside: the new device key must not be written there;
 - ``objects/sha256/<sha>`` holding another model under v1's name, owned by another user: it must
   not be installed (what is installed is hashed at install time);
 - a directory at ``.current.new``: it must not block the swap.
@@ -39,7 +40,8 @@ def test_planted_links_and_files_in_the_state_dir_are_refused_and_never_followed
     outside = tmp_path / "outside"
     (outside / "dir").mkdir(parents=True)
     victims = {outside / "appended.txt": b"keep me\n", outside / "overwritten.txt": b"keep me too\n",
-               outside / "dir" / "a.txt": b"a\n", outside / "dir" / "b.txt": b"b\n"}
+               outside / "dir" / "a.txt": b"a\n", outside / "dir" / "b.txt": b"b\n",
+               outside / "readable-by-the-planter.txt": b"no key in here\n"}
     for p, data in victims.items():
         p.write_bytes(data)
 
@@ -51,6 +53,7 @@ def test_planted_links_and_files_in_the_state_dir_are_refused_and_never_followed
     os.symlink(outside / "dir", d / "releases" / f".{sha[:20]}.tmp")
     os.symlink(outside / "dir", d / "releases" / sha[:20])
     os.symlink(outside / "overwritten.txt", d / ".agent.json.tmp")
+    os.symlink(outside / "readable-by-the-planter.txt", d / ".device.key.tmp")  # where the new key is written
     planted = d / "objects" / "sha256" / sha
     planted.write_bytes(evil_path.read_bytes())
     os.chown(planted, NOBODY, NOBODY)
@@ -67,6 +70,7 @@ def test_planted_links_and_files_in_the_state_dir_are_refused_and_never_followed
     for p, data in victims.items():  # nothing outside was appended to, overwritten or deleted
         assert p.read_bytes() == data, p
     assert not os.path.islink(d / "releases" / sha[:20]) and not os.path.islink(d / "agent.json")
+    assert not os.path.islink(d / "device.key") and os.stat(d / "device.key").st_mode & 0o777 == 0o600
     assert not os.path.lexists(d / ".current.new") and not os.path.lexists(d / ".agent.json.tmp")
     assert os.stat(d / "objects" / "sha256" / sha).st_uid == os.geteuid()
     assert dev.saw(f"objects/sha256/{sha[:12]} refused") and dev.saw(f"belongs to uid {NOBODY}")
