@@ -432,7 +432,8 @@ def register(subparsers) -> None:
     sp.add_argument("--class", dest="device_class", help="device class (default: its registration's)")
     sp.add_argument("--public-key", help="its public key, base64 (default: its registration's; check the "
                                          "fingerprint `fleet devices` shows against the device's log)")
-    common(sub.add_parser("timestamp", help="sign a fresh fleet timestamp (run it as a CronJob)"))
+    common(sub.add_parser("timestamp",
+                          help="sign a fresh fleet timestamp and sequence statement (run it as a CronJob)"))
     for name, helptext in (("create", "start a rollout of models:/NAME@ALIAS"),
                            ("update", "roll out another version under a rollout name, or -C action=abort")):
         sp = common(sub.add_parser(name, help=helptext))

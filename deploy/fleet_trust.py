@@ -2,7 +2,8 @@
 
 The root the controller was provisioned with (and every newer one it leads to in the store),
 the fleet (director) key it signs with, bounded reads of untrusted JSON from the store, and
-the fleet's short-lived signed timestamp.
+the fleet's short-lived signed timestamp and sequence statement (each device's newest manifest
+sequence, so that a device which lost its state still refuses a replayed older manifest).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 from edgeslim.components.common.errors import ConfigError, FleetError
 from edgeslim.deploy import bounded, signing, trust
 from edgeslim.deploy.fleet_context import FleetContext, FleetPart
+from edgeslim.deploy.store import PreconditionFailed
 
 log = logging.getLogger("edgeslim.controller")
 
@@ -37,6 +39,7 @@ class FleetTrust(FleetPart):
         self.signing_key = signing_key
         self._root, self._root_followed = root, False
         self.timestamp_ttl_s = timestamp_ttl_s
+        self._sent: dict[str, int] = {}  # manifest sequences this controller wrote, for the next statement
 
     @property
     def root(self):
@@ -103,4 +106,62 @@ class FleetTrust(FleetPart):
         ts = trust.timestamp_payload(fleet=self.fleet, version=version, root_version=self.root.version,
                                      ttl_s=self.timestamp_ttl_s, now=self.clock())
         self.store.put_json(self.keys.timestamp, self.sign(ts))
+        self.publish_sequences()
         return ts
+
+    def note_sequence(self, device: str, sequence: int) -> None:
+        """A manifest with ``sequence`` was written for ``device``: the next sequence statement names it."""
+        self._sent[device] = max(sequence, self._sent.get(device, 0))
+
+    def _manifest_sequences(self) -> dict[str, int]:
+        """Each device's manifest sequence, read from the store (to rebuild a statement that is gone)."""
+        out: dict[str, int] = {}
+        for key in self.store.list(self.keys.devices_prefix):
+            if not key.endswith("/manifest.json"):
+                continue
+            device = key[len(self.keys.devices_prefix):].split("/", 1)[0]
+            try:
+                got = self.verified(key, f"manifest of {device}", max_bytes=bounded.MAX_MANIFEST_BYTES)
+                seq = got[0].get("sequence") if got else None
+            except (FleetError, TypeError, ValueError, AttributeError):
+                continue  # not this fleet's: it names no sequence
+            if type(seq) is int:
+                out[device] = seq
+        return out
+
+    def publish_sequences(self) -> dict[str, Any]:
+        """Re-sign the fleet's sequence statement, short-lived like the timestamp: the sequence of the
+        newest manifest sent to each device, never lower than the last statement said. A device with
+        no replay floor of its own (new, or its state lost) refuses any manifest below it.
+
+        Rebuilt from the manifests in the store when it is missing or not this fleet's.
+        """
+        self.require_key()
+        for _ in range(3):
+            seqs, version, etag = {}, int(self.clock()), None
+            try:
+                got = self.verified(self.keys.sequences, "sequence statement", max_bytes=bounded.MAX_MANIFEST_BYTES)
+            except (FleetError, TypeError, ValueError) as exc:
+                log.warning("rebuilding an unreadable sequence statement from the manifests (%s)", exc)
+                got = None
+                etag = (self.store.head(self.keys.sequences) or (0, None))[1]
+            if got and isinstance(got[0].get("sequences"), dict):
+                etag = got[1]
+                version = max(version, int(got[0].get("version", 0)) + 1)
+                seqs = {str(d): n for d, n in got[0]["sequences"].items() if type(n) is int}
+            else:
+                seqs = self._manifest_sequences()
+            for d, n in self._sent.items():
+                seqs[d] = max(n, seqs.get(d, 0))
+            st = trust.sequences_payload(fleet=self.fleet, version=version, root_version=self.root.version,
+                                         sequences=seqs, ttl_s=self.timestamp_ttl_s, now=self.clock())
+            try:
+                if etag is None:
+                    self.store.put_json(self.keys.sequences, self.sign(st), if_none_match_any=True)
+                else:
+                    self.store.put_json(self.keys.sequences, self.sign(st), if_match=etag)
+            except PreconditionFailed:
+                continue  # another controller wrote it meanwhile: merge with theirs
+            return st
+        raise FleetError("the fleet's sequence statement kept changing while this controller wrote it; "
+                         "run it again (`edgeslim fleet timestamp`)")

@@ -566,6 +566,7 @@ class FleetKeys:
         self.base = f"fleets/{fleet}"
         self.timestamp = f"{self.base}/timestamp.json"  # the fleet key's short-lived freshness statement
         self.inventory = f"{self.base}/inventory.json"  # enrolled devices, signed by the fleet key
+        self.sequences = f"{self.base}/sequences.json"  # each device's newest manifest sequence, short-lived
 
     @property
     def lock(self) -> str:

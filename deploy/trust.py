@@ -11,8 +11,10 @@ director split):
   step): model name and version, the sha256 and size of its ONNX and of every engine,
   the digest of the gate verdict, and an expiry cap.
 - **fleet** (the online director key of the controller) signs per-device manifests, the
-  fleet's short-lived *timestamp*, its device *inventory* and the controller's own
-  rollout records.
+  fleet's short-lived *timestamp* and *sequence statement* (TUF's timestamp and snapshot
+  roles: the newest manifest sequence of every device, so that a device which lost its
+  state still refuses a replayed older manifest), its device *inventory* and the
+  controller's own rollout records.
 
 A device installs only what a fleet manifest directs *and* a release statement covers,
 both verified against its root. Neither a bucket writer, nor the controller's online
@@ -46,6 +48,7 @@ OPTIONAL_ROLES = ("approver",)  # parsed when the root lists them; devices ignor
 ROOT_TYPE = "edgeslim.fleet.root"
 RELEASE_TYPE = "edgeslim.release"
 TIMESTAMP_TYPE = "edgeslim.fleet.timestamp"
+SEQUENCES_TYPE = "edgeslim.fleet.sequences"
 INVENTORY_TYPE = "edgeslim.fleet.inventory"
 RELEASE_TAG = "edgeslim.release"  # the MLflow model-version tag that carries the statement
 DEFAULT_RELEASE_EXPIRY_S = 365 * 24 * 3600.0
@@ -288,14 +291,68 @@ def verify_timestamp(envelope: Any, root: Root, *, fleet: str) -> dict[str, Any]
     return p
 
 
+# ------------------------------------------------------------------------ sequence statements
+def sequences_payload(*, fleet: str, version: int, root_version: int, sequences: dict[str, int], ttl_s: float,
+                      now: float | None = None) -> dict[str, Any]:
+    """What the fleet key signs: the newest manifest sequence sent to each device, valid for ``ttl_s``."""
+    now = time.time() if now is None else now
+    return {"type": SEQUENCES_TYPE, "fleet": fleet, "version": int(version), "root_version": int(root_version),
+            "sequences": {str(d): int(n) for d, n in sorted(sequences.items())},
+            "issued_at": now, "expires_at": now + float(ttl_s)}
+
+
+def verify_sequences(envelope: Any, root: Root, *, fleet: str, now: float) -> dict[str, Any]:
+    """A sequence statement signed by the fleet role, for ``fleet``, not expired at ``now``."""
+    p = root.verify(envelope, "fleet", what="sequence statement")
+    if p.get("type") != SEQUENCES_TYPE or p.get("fleet") != fleet:
+        raise SignatureError(f"sequence statement is for {p.get('fleet')!r} (type {p.get('type')!r}), not {fleet!r}")
+    try:
+        expires = float(p["expires_at"])
+        seqs = p["sequences"]
+        if not isinstance(seqs, dict) or not all(type(n) is int for n in seqs.values()):
+            raise ValueError("sequences is not a map of device to whole number")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SignatureError(f"sequence statement is malformed: {exc}") from None
+    if expires <= now:
+        raise SignatureError(f"the sequence statement expired (at {expires:.0f}, by this device's clock): the "
+                             "controller re-signs it on every publish (`edgeslim fleet timestamp`)")
+    return p
+
+
 # ------------------------------------------------------------------------ device keys
 def load_or_make_device_key(path: str | Path) -> Ed25519PrivateKey:
-    """The device's own key, made on first start (mode 0600) and kept across restarts."""
+    """The device's own key, made on first start (mode 0600) and kept across restarts.
+
+    Read without following a link, and only from a regular file of this process's own user: a
+    key planted as a link (or by another user) would let whoever planted it speak for the device.
+    """
+    import errno
     import os
+    import stat
 
     path = Path(path)
-    if path.exists():
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    refuse = (f"refused to read device key {path}: it is {{}}; remove it (a new key is made on the next start, "
+              "then enrol the device again) and let only the agent's user write the state directory")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        fd = None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(refuse.format(f"a symbolic link to {os.readlink(path)}")) from None
+        raise ConfigError(f"cannot read device key {path}: {exc.strerror or exc}") from None
+    if fd is not None:
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError(refuse.format("not a regular file"))
+            if st.st_uid != os.geteuid():
+                raise ConfigError(refuse.format(f"owned by uid {st.st_uid}, not the agent's uid {os.geteuid()}"))
+            pem = fh.read()
+        try:
+            key = serialization.load_pem_private_key(pem, password=None)
+        except (ValueError, TypeError):
+            key = None
         if not isinstance(key, Ed25519PrivateKey):
             raise ConfigError(f"device key {path} is not an ed25519 key; remove it to make a new one "
                               "(and enrol the device again)")
@@ -304,7 +361,13 @@ def load_or_make_device_key(path: str | Path) -> Ed25519PrivateKey:
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:  # whatever sits at the temporary name is removed as it stands (a link as a link), never written through
+        if stat.S_ISDIR(os.lstat(tmp).st_mode):
+            raise ConfigError(f"{tmp} is a directory; remove it")
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(pem)
         fh.flush()

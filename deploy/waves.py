@@ -122,6 +122,7 @@ class WaveRunner(FleetPart):
         except PreconditionFailed:
             raise FleetError(f"device {device}: its manifest changed while this controller wrote it "
                              "(another controller?); stopping") from None
+        self.fleet_trust.note_sequence(device, seq)
         return {"sequence": seq, "etag": new, "sent_at": now, "action": action,
                 "digest": manifest_digest(m.to_dict())}
 
@@ -205,6 +206,7 @@ class WaveRunner(FleetPart):
                                        "before": before if isinstance(before, str) else None,
                                        "public_key": devs[dev]["public_key"], "outcome": None, "reason": None}
             self.records.save(rec)
+            self.fleet_trust.publish_sequences()  # the floor a device that loses its state is held to
             log.info("rollout %s: wave %d (%d devices) sent", rec["name"], wave["index"], len(wave["devices"]))
             progress.emit("wave", f"rollout {rec['name']}: wave {wave['index'] + 1}/{len(rec['waves'])} sent to "
                                   f"{len(wave['devices'])} device(s)")
@@ -320,6 +322,10 @@ class WaveRunner(FleetPart):
                 log.error("rollout %s: device %s not rolled back: %s", rec["name"], dev, exc)
                 d["rolled_back"] = {"error": str(exc)[:500]}
             self.records.save(rec)
+        try:
+            self.fleet_trust.publish_sequences()
+        except FleetError as exc:  # the rollbacks are written; the next publish names them
+            log.error("rollout %s: sequence statement not re-signed: %s", rec["name"], exc)
         if in_flight:
             self.registry.restore_aliases(rec)
         rec["state"] = final_state

@@ -210,3 +210,29 @@ def proxy(rgw):
 def publisher(s3_store, keys):
     return Publisher(s3_store, keys)
 
+
+
+@pytest.fixture
+def local_fleet(tmp_path, keys):
+    """The fleet "lab" on a local-directory store (no RGW): ``.store``, ``.publisher`` (plays the
+    controller's manifest writes), ``.controller()`` (a real Controller over the store) and
+    ``.agent(device_id, start=True)``, a factory of real agent processes stopped at the end."""
+    from types import SimpleNamespace
+
+    from edgeslim.deploy.store import LocalStore
+
+    store_dir = tmp_path / "store"
+    store = LocalStore(store_dir)
+    started: list[AgentProc] = []
+
+    def agent(device_id: str, device_class: str = "orin-sm87-jp6.1-trt10.3", *, start: bool = True,
+              root: Path | None = None) -> AgentProc:
+        a = AgentProc(device_id=device_id, device_class=device_class, fleet=keys.fleet, store_url=str(store_dir),
+                      endpoint="", root=root or keys.root_path, state_dir=tmp_path / "devices" / device_id)
+        started.append(a)
+        return a.start() if start else a
+
+    yield SimpleNamespace(store=store, publisher=Publisher(store, keys), controller=lambda **kw: keys.controller(
+        store, **kw), agent=agent, keys=keys)
+    for a in started:
+        a.stop()

@@ -226,6 +226,7 @@ class Publisher:
         """``kit``: tests/fleet_trust.TrustKit; its fleet key signs, its release key covers artifacts."""
         self.store, self.fleet, self.kit = store, fleet, kit
         self.key = kit.fleet_key
+        self.sent: dict[str, int] = {}
 
     def upload(self, onnx_path: Path) -> dict:
         from edgeslim.deploy.manifest import artifact_key
@@ -257,9 +258,25 @@ class Publisher:
         return m.sign(key or self.key)
 
     def publish(self, device: str, envelope: dict) -> str:
+        """Store the manifest and, as the controller does, re-sign the fleet's sequence statement."""
         from edgeslim.deploy.store import FleetKeys
 
-        return self.store.put_json(FleetKeys(self.fleet).manifest(device), envelope)
+        etag = self.store.put_json(FleetKeys(self.fleet).manifest(device), envelope)
+        seq = envelope["signed"].get("sequence") if isinstance(envelope.get("signed"), dict) else None
+        if isinstance(seq, int):
+            self.sent[device] = max(seq, self.sent.get(device, 0))
+        self.sign_sequences()
+        return etag
+
+    def sign_sequences(self, ttl_s: float = 3600.0, key=None) -> dict:
+        """The fleet's signed sequence statement: the highest sequence published to each device."""
+        from edgeslim.deploy import trust
+        from edgeslim.deploy.store import FleetKeys
+
+        payload = trust.sequences_payload(fleet=self.fleet, version=time.time_ns(), root_version=1,
+                                          sequences=self.sent, ttl_s=ttl_s)
+        self.store.put_json(FleetKeys(self.fleet).sequences, trust.sign_with(payload, [key or self.key]))
+        return payload
 
     def status(self, device: str) -> dict:
         from edgeslim.deploy.store import FleetKeys

@@ -10,12 +10,18 @@ every part at once.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from pathlib import Path
 from typing import Callable
 
 from edgeslim.deploy import bounded
+from edgeslim.deploy.agent.disk import ensure_dir
 from edgeslim.deploy.store import FleetKeys, ObjectStore, check_name
+
+log = logging.getLogger("edgeslim.agent")
+
+SUBDIRS = ("objects", "objects/sha256", "partial", "releases", "engines", "roots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +72,21 @@ class AgentContext:
         self.keys = FleetKeys(self.fleet)  # checks the fleet's name
         self.device_id = check_name("device", self.device_id)
         self.state_dir = Path(self.state_dir).resolve()
-        for sub in ("objects/sha256", "partial", "releases", "engines"):
-            (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.check_layout()
+
+    def check_layout(self) -> None:
+        """Each directory the agent writes into is its own, not a link planted to send its writes
+        (and removals) elsewhere: a link is removed and the directory made, one line each; a
+        directory of another user's is refused (UnsafePath)."""
+        mode = self.state_dir.stat().st_mode & 0o777
+        if mode & 0o022:
+            log.warning("state directory %s is writable by other users (mode %o): whoever can write it can plant "
+                        "files the agent refuses; chmod go-w it", self.state_dir, mode)
+        for sub in SUBDIRS:
+            fixed = ensure_dir(self.state_dir / sub)
+            if fixed:
+                log.warning("%s", fixed)
 
     @property
     def current_link(self) -> Path:

@@ -15,6 +15,11 @@ On disk, under ``--state-dir``::
     agent.json                last applied sequence and manifests (atomic writes)
     sequence-floor            the replay floor again, written before agent.json (survives losing it)
     swap.json                 the swap journal: exists only while a swap is undecided
+    roots/<N>.root.json       newer roots this device accepted
+    device.key                the device's own key (mode 0600)
+
+Nothing there is followed through a link or read from another user's file (``disk.py``); with the
+whole directory lost, the fleet's signed sequence statement keeps replays out (``metadata.py``).
 
 Every step is either a rename or idempotent, so a SIGKILL anywhere leaves
 ``current`` on a complete, verified release; start-up undoes an undecided swap
@@ -43,7 +48,7 @@ from typing import Any
 from edgeslim.components.common.errors import ConfigError, EdgeslimError
 from edgeslim.components.common.version import __version__
 
-from edgeslim.deploy import bounded, trust
+from edgeslim.deploy import bounded, signing, trust
 from edgeslim.deploy.agent.context import AgentContext, AgentSettings
 from edgeslim.deploy.agent.disk import read_link
 from edgeslim.deploy.agent.errors import ApplyFailed
@@ -88,6 +93,7 @@ class Agent:
         self.installer = Installer(self.ctx, self.local, ArtifactFetcher(self.ctx), self.reporter)
         self.failures = 0
         self.store_ok = True
+        self._held: tuple[str, str] | None = None  # why the manifest is held now (logged once)
         self._stop = False
 
     # ----------------------------------------------------------------- what callers reach through the agent
@@ -169,6 +175,42 @@ class Agent:
         self.publish_status("idle")
         return "rejected"
 
+    def _hold(self, reason: str, message: str) -> str:
+        """Install nothing now, and read the manifest again next poll (its ETag is not kept): what is
+        missing (a verified root chain, the fleet's sequence statement) may come. One line per new reason."""
+        self.manifests.etag = None
+        if self._held == (reason, message):
+            return "held"
+        self._held = (reason, message)
+        log.error("holding manifest: %s", message)
+        self.state["rejected"] = {"reason": reason, "message": message, "etag": None, "at": self.ctx.clock()}
+        self.local.save()
+        self.publish_status("idle")
+        return "held"
+
+    def _check_floor(self, m: Manifest, etag: str | None) -> str | None:
+        """The fleet's checks before ``m`` is installed: the root chain, and the fleet's signed sequence
+        statement (required by a device with no replay floor of its own; for one with a floor, a fresh
+        statement also refuses a manifest the fleet has since superseded). Returns the step's outcome
+        when ``m`` must not be installed, else None."""
+        problem = self.metadata.chain_problem()
+        if problem:
+            return self._hold("root", problem)
+        try:
+            floor = self.metadata.fleet_floor()
+        except signing.SignatureError as exc:
+            if not self.state.get("applied_sequence", 0):
+                return self._hold("no-floor", f"this device has no replay floor of its own (new, or its state was "
+                                              f"lost) and {exc}; installs nothing until a fresh one verifies")
+            # Its own floor already refused anything at or below the last sequence it applied.
+            log.debug("no fresh sequence statement (%s); the device's own floor stands", exc)
+            floor = 0
+        self._held = None
+        if m.sequence < floor:
+            return self._refuse("replay", f"manifest sequence {m.sequence} is below {floor}, the sequence the fleet's "
+                                          "signed sequence statement names for this device: replayed or stale", etag)
+        return None
+
     def _fail(self, m: Manifest, digest: str, reason: str, etag: str | None) -> str:
         """Mark ``m``'s sequence failed (it is not retried: the controller sends a new one)."""
         self.state["last"] = {"sequence": m.sequence, "rollout_id": m.rollout_id, "action": m.action,
@@ -193,6 +235,9 @@ class Agent:
         m = reading.manifest
         if m is None:
             return reading.outcome
+        held = self._check_floor(m, reading.etag)
+        if held:
+            return held
         try:
             last = self.installer.apply(m, reading.digest)
         except ApplyFailed as exc:
@@ -231,7 +276,7 @@ class Agent:
                 if not self.store_ok:
                     log.info("store reachable again")
                 self.store_ok, self.failures, backoff = True, 0, self.settings.poll_interval
-                if what in ("unchanged", "none") and \
+                if what in ("unchanged", "none", "held") and \
                         self.ctx.clock() - self.reporter.last_heartbeat >= self.settings.heartbeat_interval:
                     self.publish_status("idle")
                 if once:

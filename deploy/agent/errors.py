@@ -23,3 +23,7 @@ class ArtifactMissing(ApplyFailed):
 
 class LocalDiskError(ApplyFailed):
     """The device's own disk refused a write (full, read-only, too large): the download is discarded."""
+
+
+class UnsafePath(ApplyFailed):
+    """A path in the state directory is a link, not a regular file, or another user's: never followed."""

@@ -4,7 +4,8 @@ The manifest is read bounded (a larger one is refused unread, a nesting bomb ref
 parsing), verified against the fleet's root, and checked against the replay floor. Artifacts
 are downloaded into ``partial/`` (resumed with Range requests, optionally rate-capped),
 checked against the manifest's sha256 and size, and moved into the content-addressed
-``objects/sha256/`` read-only.
+``objects/sha256/`` read-only. An object already there is hashed again before it is used: a
+file planted under the right name is removed and downloaded afresh, never installed.
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ import os
 import time
 from pathlib import Path
 
-from edgeslim.components.common.hashing import file_sha256
 from edgeslim.deploy import bounded
 from edgeslim.deploy.agent.context import AgentContext
-from edgeslim.deploy.agent.disk import disk_error, fsync_dir
-from edgeslim.deploy.agent.errors import ArtifactMissing, IntegrityError
+from edgeslim.deploy.agent.disk import disk_error, fsync_dir, open_own, own_sha256, remove_path, sha256_fd
+from edgeslim.deploy.agent.errors import ArtifactMissing, IntegrityError, UnsafePath
 from edgeslim.deploy.agent.metadata import Metadata
 from edgeslim.deploy.agent.state import LocalState
 from edgeslim.deploy.manifest import Artifact, Manifest, ManifestRejected, manifest_digest, verify_manifest
@@ -113,7 +113,7 @@ class ArtifactFetcher:
         """Make sure the verified object is in the local store; download (with resume) if not."""
         state_dir = self.ctx.state_dir
         obj = state_dir / "objects" / "sha256" / art.sha256
-        if obj.exists():
+        if self._have(obj, art):
             return obj
         part = state_dir / "partial" / f"{art.sha256}.part"
         try:
@@ -124,24 +124,51 @@ class ArtifactFetcher:
         except OSError as exc:
             # The device's own disk refused: drop the partial file (it is what filled the disk).
             try:
-                part.unlink(missing_ok=True)
+                remove_path(part)
             except OSError:
                 pass
             raise disk_error(exc, state_dir, art, f"downloading {art.sha256[:12]}") from None
 
+    @staticmethod
+    def _have(obj: Path, art: Artifact) -> bool:
+        """Whether the verified object is there: the agent's own file, hashing to its name."""
+        if not os.path.lexists(obj):
+            return False
+        try:
+            got = own_sha256(obj)
+            if got == art.sha256:
+                return True
+            why = f"hashes to {got[:12]}, not to its name"
+        except (UnsafePath, OSError) as exc:
+            why = str(exc)
+        log.warning("objects/sha256/%s refused (%s): planted or damaged; removed it, downloading it again",
+                    art.sha256[:12], why)
+        remove_path(obj)
+        return False
+
+    def _open_partial(self, part: Path) -> int:
+        """The partial download, opened to append: the agent's own file, never through a link."""
+        try:
+            return open_own(part, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        except UnsafePath as exc:
+            log.warning("refused the partial download (%s); removed it, downloading from the start", exc)
+            remove_path(part)
+            return open_own(part, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+
     def _download(self, art: Artifact, part: Path, obj: Path) -> Path:
         settings = self.ctx.settings
-        have = part.stat().st_size if part.exists() else 0
-        if have > art.size:
-            part.unlink()
-            have = 0
-        if have:
-            log.info("resuming download of %s at byte %d of %d", art.sha256[:12], have, art.size)
-        else:
-            log.info("downloading %s (%d bytes)", art.sha256[:12], art.size)
-        if have < art.size:
-            t0, got = time.monotonic(), 0
-            with open(part, "ab") as fh:
+        fd = self._open_partial(part)
+        with os.fdopen(fd, "r+b") as fh:
+            have = os.fstat(fd).st_size
+            if have > art.size:
+                os.ftruncate(fd, 0)
+                have = 0
+            if have:
+                log.info("resuming download of %s at byte %d of %d", art.sha256[:12], have, art.size)
+            else:
+                log.info("downloading %s (%d bytes)", art.sha256[:12], art.size)
+            if have < art.size:
+                t0, got = time.monotonic(), 0
                 for chunk in self.ctx.store.stream(art.key, start=have, chunk_size=settings.chunk_size):
                     fh.write(chunk)
                     got += len(chunk)
@@ -153,16 +180,16 @@ class ArtifactFetcher:
                         if ahead > 0:
                             time.sleep(ahead)
                 fh.flush()
-                os.fsync(fh.fileno())
-        size = part.stat().st_size
-        digest = file_sha256(part)
-        if size != art.size or digest != art.sha256:
-            part.unlink(missing_ok=True)
-            raise IntegrityError(
-                f"artifact {art.key}: got {size} bytes with sha256 {digest[:12]}; manifest says "
-                f"{art.size} bytes, {art.sha256[:12]} (discarded the download)"
-            )
-        os.chmod(part, 0o444)
+                os.fsync(fd)
+            size = os.fstat(fd).st_size
+            digest = sha256_fd(fd)
+            if size != art.size or digest != art.sha256:
+                remove_path(part)
+                raise IntegrityError(
+                    f"artifact {art.key}: got {size} bytes with sha256 {digest[:12]}; manifest says "
+                    f"{art.size} bytes, {art.sha256[:12]} (discarded the download)"
+                )
+            os.fchmod(fd, 0o444)
         os.replace(part, obj)
         fsync_dir(obj.parent)
         log.info("verified %s (%d bytes)", art.sha256[:12], art.size)

@@ -12,19 +12,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
+import re
 from pathlib import Path
 from typing import Any
 
 from edgeslim.components.common.hashing import file_sha256
 from edgeslim.deploy.agent.context import AgentContext
-from edgeslim.deploy.agent.disk import atomic_symlink, atomic_write_json, disk_error, fsync_dir, read_link
+from edgeslim.deploy.agent.disk import (atomic_symlink, atomic_write_json, check_owned, disk_error, fsync_dir,
+                                        own_sha256, read_link, read_own, remove_path)
+from edgeslim.deploy.agent.errors import IntegrityError, UnsafePath
 from edgeslim.deploy.agent.fetch import ArtifactFetcher
 from edgeslim.deploy.agent.report import Reporter
 from edgeslim.deploy.agent.state import LocalState
 from edgeslim.deploy.manifest import Manifest
 
 log = logging.getLogger("edgeslim.agent")
+
+_RELEASE = re.compile(r"^releases/[0-9a-f]{20}(-[0-9a-f]{12})?$")  # what current and previous may name
 
 
 class Installer:
@@ -44,16 +48,18 @@ class Installer:
     def recover(self) -> None:
         """Finish or undo a swap that a crash interrupted, and check ``current``."""
         ctx, state = self.ctx, self.local.data
-        for tmp in ctx.state_dir.glob(".*.new"):
-            tmp.unlink(missing_ok=True)
-        if ctx.journal_file.exists():
+        self.clear_stale()
+        if os.path.lexists(ctx.journal_file):
             try:
-                j = json.loads(ctx.journal_file.read_text())
-            except ValueError:
+                j = json.loads(read_own(ctx.journal_file))
+            except (ValueError, OSError) as exc:
                 j = None
+                if isinstance(exc, UnsafePath):
+                    log.error("refused the swap journal (%s)", exc)
             if not isinstance(j, dict) or not isinstance(j.get("sequence"), int) or \
-                    not {"from", "to", "previous_before"} <= set(j):
-                j = None
+                    not {"from", "to", "previous_before"} <= set(j) or \
+                    not all(j[k] is None or _RELEASE.match(str(j[k])) for k in ("from", "to", "previous_before")):
+                j = None  # a journal names only releases of the agent's own
             if j is None:
                 log.error("swap journal unreadable; keeping links as they are")
             elif state.get("applied_sequence", 0) >= j["sequence"]:
@@ -67,23 +73,43 @@ class Installer:
                 atomic_symlink(j["from"], ctx.current_link)
                 atomic_symlink(j["previous_before"], ctx.previous_link)
                 log.warning("recovered: undid a half-done swap to sequence %s; will retry it", j["sequence"])
-            ctx.journal_file.unlink(missing_ok=True)
+            remove_path(ctx.journal_file)
             fsync_dir(ctx.state_dir)
+        for link in (ctx.current_link, ctx.previous_link):
+            if os.path.lexists(link) and not os.path.islink(link):
+                log.error("%s is not a link the agent made: removed it", link)
+                remove_path(link)
         cur = read_link(ctx.current_link)
         if cur is not None and not self._release_ok(cur):
             prev = read_link(ctx.previous_link)
-            log.error("current release %s is damaged; falling back to %s", cur, prev)
+            log.error("current release %s is damaged or not the agent's; falling back to %s", cur, prev)
             atomic_symlink(prev if prev and self._release_ok(prev) else None, ctx.current_link)
 
-    def _release_ok(self, rel: str) -> bool:
-        """A release is usable if its model file is the object its name promises."""
+    def clear_stale(self) -> None:
+        """Remove temporary paths a crash (or someone else) left: ``.<name>.new`` and ``.<name>.tmp`` in
+        the state directory, its releases and its roots. Each is removed as it stands, a link as a link
+        and a directory with its tree: none can block a swap or redirect a write."""
+        d = self.ctx.state_dir
+        for parent, pattern in ((d, ".*.new"), (d, ".*.tmp"), (d / "releases", ".*.tmp"), (d / "roots", ".*.tmp")):
+            for tmp in parent.glob(pattern):
+                if os.path.islink(tmp) or tmp.is_dir():
+                    log.warning("removed %s, a %s left in the agent's temporary path", tmp,
+                                "symbolic link" if os.path.islink(tmp) else "directory")
+                remove_path(tmp)
+
+    def _release_ok(self, rel: str, sha256: str | None = None) -> bool:
+        """A release is usable if it is a directory of the agent's own under ``releases/`` whose model
+        file is the object its release.json (and, when given, ``sha256``) names."""
+        if not _RELEASE.match(rel):
+            return False
         d = self.ctx.state_dir / rel
-        meta_path = d / "release.json"
         try:
-            meta = json.loads(meta_path.read_text())
-            model = d / "model.onnx"
-            return model.stat().st_size == meta["size"] and file_sha256(model) == meta["sha256"]
-        except (FileNotFoundError, ValueError, KeyError, TypeError, OSError):
+            if os.path.islink(d) or not d.is_dir():
+                return False
+            meta = json.loads(read_own(d / "release.json"))
+            want = sha256 or meta["sha256"]
+            return meta["sha256"] == want and own_sha256(d / "model.onnx") == want
+        except (ValueError, KeyError, TypeError, OSError):
             return False
 
     # ----------------------------------------------------------------- releases
@@ -105,6 +131,7 @@ class Installer:
         device_class = self.ctx.device_class
         out = self.ctx.state_dir / "engines" / m.artifact.sha256 / device_class
         built = sorted(out.glob("*.engine")) + sorted(out.glob("*.plan")) if out.exists() else []
+        built = [e for e in built if self._own_file(e)]
         if built:
             return built[0], "tensorrt (engine built on device)", None
         log.info("no engine for class %s: building one from the Q/DQ ONNX", device_class)
@@ -116,6 +143,17 @@ class Installer:
             return None, "onnxruntime", why
         return Path(res.engine_path), "tensorrt (engine built on device)", None
 
+    @staticmethod
+    def _own_file(path: Path) -> bool:
+        """Whether ``path`` is a regular file of the agent's own (an engine planted as a link, or by
+        another user, is never shipped: a fresh one is built)."""
+        try:
+            check_owned(path, os.lstat(path))
+            return True
+        except (OSError, UnsafePath) as exc:
+            log.warning("engine %s refused (%s)", path, exc)
+            return False
+
     def make_release(self, m: Manifest) -> str:
         """A release directory for the manifest's artifact; returns its path relative to state_dir."""
         onnx_obj = self.fetcher.fetch(m.artifact)
@@ -123,34 +161,40 @@ class Installer:
         name = m.artifact.sha256[:20] + (f"-{file_sha256(engine)[:12]}" if engine else "")
         rel = f"releases/{name}"
         final = self.ctx.state_dir / rel
-        if final.exists() and self._release_ok(rel):
+        if self._release_ok(rel, m.artifact.sha256):
             return rel
         tmp = self.ctx.state_dir / "releases" / f".{name}.tmp"
         try:
             self._build_release(m, onnx_obj, engine, backend, fallback, tmp, final)
+        except UnsafePath:
+            remove_path(tmp)
+            raise
         except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                remove_path(tmp)
+            except OSError:
+                pass
             raise disk_error(exc, self.ctx.state_dir, m.artifact, f"making release {name}") from None
         return rel
 
     def _build_release(self, m: Manifest, onnx_obj: Path, engine: Path | None, backend: str,
                        fallback: str | None, tmp: Path, final: Path) -> None:
-        if tmp.exists():
-            for p in tmp.iterdir():
-                p.unlink()
-            tmp.rmdir()
+        remove_path(tmp)  # a leftover, or a link planted there: removed as it stands, never followed
         tmp.mkdir()
-        os.link(onnx_obj, tmp / "model.onnx")
+        os.link(onnx_obj, tmp / "model.onnx", follow_symlinks=False)
+        # What is installed is hashed now, where it will be loaded from: not a name's promise.
+        got = own_sha256(tmp / "model.onnx")
+        if got != m.artifact.sha256:
+            remove_path(onnx_obj)
+            raise IntegrityError(f"object {m.artifact.sha256[:12]} on the device's disk hashes to {got[:12]}: "
+                                 "planted or damaged; removed it (the next manifest downloads it again)")
         if engine:
-            os.link(engine, tmp / "model.engine")
+            os.link(engine, tmp / "model.engine", follow_symlinks=False)
         atomic_write_json(tmp / "release.json", {
             "sha256": m.artifact.sha256, "size": m.artifact.size, "backend": backend, "fallback": fallback,
             "model": m.model, "health_check": m.health_check,
         })
-        if final.exists():  # a damaged leftover: replace it
-            for p in final.iterdir():
-                p.unlink()
-            final.rmdir()
+        remove_path(final)  # a damaged leftover, or a planted link: replaced, never followed
         os.replace(tmp, final)
         fsync_dir(final.parent)
 
@@ -188,7 +232,7 @@ class Installer:
         if health.get("ok"):
             if health.get("fallback"):  # TensorRT could not load the engine here: ONNX Runtime serves it
                 meta_path = ctx.state_dir / new_rel / "release.json"
-                atomic_write_json(meta_path, {**json.loads(meta_path.read_text()), "backend": "onnxruntime",
+                atomic_write_json(meta_path, {**json.loads(read_own(meta_path)), "backend": "onnxruntime",
                                               "fallback": health["fallback"]})
             log.info("health check passed on %s (%.2f ms); committed sequence %d", health.get("backend"),
                      health.get("latency_ms") or 0, m.sequence)
@@ -224,8 +268,8 @@ class Installer:
             return
         meta_path = self.ctx.state_dir / cur / "release.json"
         try:
-            meta = json.loads(meta_path.read_text())
+            meta = json.loads(read_own(meta_path))
             if sequence > int(meta.get("sequence") or 0):
                 atomic_write_json(meta_path, {**meta, "sequence": sequence})
-        except (OSError, ValueError, AttributeError, TypeError) as exc:
+        except (OSError, ValueError, AttributeError, TypeError, UnsafePath) as exc:
             log.warning("could not record sequence %d in %s (%s)", sequence, meta_path, exc)

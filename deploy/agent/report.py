@@ -16,7 +16,8 @@ from typing import Any
 from edgeslim.components.common.version import __version__
 from edgeslim.deploy import signing, trust
 from edgeslim.deploy.agent.context import AgentContext
-from edgeslim.deploy.agent.disk import atomic_write_json, read_link
+from edgeslim.deploy.agent.disk import atomic_write_json, read_link, read_own
+from edgeslim.deploy.agent.errors import UnsafePath
 from edgeslim.deploy.agent.metadata import Metadata
 from edgeslim.deploy.agent.state import LocalState
 from edgeslim.deploy.store import StoreUnavailable
@@ -48,8 +49,8 @@ class Reporter:
         meta = {}
         if cur:
             try:
-                meta = json.loads((ctx.state_dir / cur / "release.json").read_text())
-            except (OSError, ValueError):
+                meta = json.loads(read_own(ctx.state_dir / cur / "release.json"))
+            except (OSError, ValueError, UnsafePath):
                 meta = {}
             if not isinstance(meta, dict):
                 meta = {}

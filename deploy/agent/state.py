@@ -14,7 +14,8 @@ import logging
 from typing import Any
 
 from edgeslim.deploy.agent.context import AgentContext
-from edgeslim.deploy.agent.disk import atomic_write_json
+from edgeslim.deploy.agent.disk import atomic_write_json, read_own
+from edgeslim.deploy.agent.errors import UnsafePath
 
 log = logging.getLogger("edgeslim.agent")
 
@@ -32,12 +33,15 @@ class LocalState:
     def _load(self) -> dict[str, Any]:
         self._lost: str | None = None
         try:
-            state = json.loads(self.file.read_text())
+            state = json.loads(read_own(self.file))
             if isinstance(state, dict) and isinstance(state.get("applied_sequence", 0), int):
                 return state
             raise ValueError("not an agent state")
         except FileNotFoundError:
             self._lost = "is missing"
+        except UnsafePath as exc:  # never believed: the next save replaces the link itself
+            self._lost = "was refused"
+            log.error("refused agent.json (%s); starting over from the sequence floor", exc)
         except (ValueError, OSError):
             # Only atomic renames write it, so this is disk damage: start clean but keep models.
             self._lost = "is unreadable"
@@ -46,8 +50,11 @@ class LocalState:
 
     def _read_floor_file(self) -> dict[str, Any]:
         try:
-            floor = json.loads(self.floor_file.read_text())
+            floor = json.loads(read_own(self.floor_file))
             return floor if isinstance(floor, dict) and isinstance(floor.get("sequence"), int) else {}
+        except UnsafePath as exc:
+            log.error("refused sequence-floor (%s)", exc)
+            return {}
         except (OSError, ValueError):
             return {}
 
@@ -55,9 +62,11 @@ class LocalState:
         """The highest sequence recorded as installed by any release on disk."""
         best = 0
         for meta in (self.ctx.state_dir / "releases").glob("*/release.json"):
+            if meta.parent.is_symlink():
+                continue  # a planted link to a release elsewhere is no record of this device's
             try:
-                seq = json.loads(meta.read_text()).get("sequence")
-            except (OSError, ValueError, AttributeError):
+                seq = json.loads(read_own(meta)).get("sequence")
+            except (OSError, ValueError, AttributeError, UnsafePath):
                 continue
             if isinstance(seq, int):
                 best = max(best, seq)
@@ -73,8 +82,8 @@ class LocalState:
         journal = self.ctx.journal_file
         if self._lost is None and floor_seq > recorded and journal.exists():
             try:
-                pending = json.loads(journal.read_text()).get("sequence")
-            except (OSError, ValueError, AttributeError):
+                pending = json.loads(read_own(journal)).get("sequence")
+            except (OSError, ValueError, AttributeError, UnsafePath):
                 pending = None
             if pending == floor_seq:
                 # A crash between writing the floor and recording the decision: Installer.recover()

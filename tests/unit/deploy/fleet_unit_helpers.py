@@ -59,6 +59,7 @@ class ManifestWriter:
         self.store, self.kit, self.fleet, self.device, self.device_class = store, kit, fleet, device, device_class
         self.key = kit.fleet_key
         self.seq = 0
+        self.top = 0  # the highest sequence published: what the sequence statement names
 
     def manifest(self, artifact: dict | None, health: dict | None, *, seq=None, action="install",
                  expires_in=3600.0, device_class=None, rollout="r"):
@@ -76,9 +77,19 @@ class ManifestWriter:
                         model={"name": "m", "version": "1"}, health_check=health, release=release)
 
     def publish(self, envelope: dict) -> str:
+        """Store the manifest and, as the controller does, re-sign the fleet's sequence statement
+        (the highest sequence this writer published)."""
+        from edgeslim.deploy import trust
         from edgeslim.deploy.store import FleetKeys
 
-        return self.store.put_json(FleetKeys(self.fleet).manifest(self.device), envelope)
+        etag = self.store.put_json(FleetKeys(self.fleet).manifest(self.device), envelope)
+        seq = envelope.get("signed", {}).get("sequence") if isinstance(envelope, dict) else None
+        if isinstance(seq, int):
+            self.top = max(seq, self.top)
+        payload = trust.sequences_payload(fleet=self.fleet, version=time.time_ns(), root_version=1,
+                                          sequences={self.device: self.top}, ttl_s=3600.0)
+        self.store.put_json(FleetKeys(self.fleet).sequences, trust.sign_with(payload, [self.key]))
+        return etag
 
     def send(self, artifact, health, **kw) -> dict:
         env = self.manifest(artifact, health, **kw).sign(self.key)
