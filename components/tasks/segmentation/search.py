@@ -1,0 +1,143 @@
+"""Accuracy-aware int8 for segmenters: the segmentation strategy of the one search
+(:mod:`edgeslim.components.quantize.search`).
+
+Trials are judged by the segmentation gate (mIoU drop, the worst class's IoU, pixel accuracy) against the
+segmenter's own fp32 export on the validation split. The fallback ranks *output tails*
+(:func:`~edgeslim.components.quantize.sensitivity.output_tails`: each graph output with the nodes that
+produce it -- upsampling, the classifier convs, a head's sum -- back to and including its last weighted
+layers, found from the graph, whatever the model): a model with several outputs has each tail measured
+alone in int8, one output's tail ranks first unmeasured. Past the tails, the other conv layers are ranked
+by a one-pass proxy (:func:`~edgeslim.components.quantize.sensitivity.layer_noise_proxy`: the SQNR of
+each layer's own int8 rounding), so the search's cost does not grow with the number of layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeslim.components.common.data import Splits
+from edgeslim.components.quantize.search import Strategy
+
+_RANKED = ("miou", "worst_class_iou", "pixel_accuracy", "sqnr_db")
+_LAYER_SAMPLES = 8  # val images the single layers' one-pass proxy is measured on
+_REFERENCE_BYTES = 256 << 20  # fp32 val logits kept for the trials' SQNR (the first images that fit)
+
+
+class SegmenterStrategy(Strategy):
+    """The segmentation gate against the fp32 segmenter on val; the fallback keeps output tails (and,
+    past them, single layers) in float, the most damaging first."""
+
+    task = "segmentation"
+    candidate = "segmenter candidate"
+    gate_name = "segmentation gate"
+    group_noun = "layer(s) producing"
+    fields = _RANKED
+    table_key = "head_sensitivity"
+
+    def __init__(self, fp32_onnx: str | Path, task, *, model=None):
+        self.fp32_onnx, self.task_config, self.model = fp32_onnx, task, model
+        self.table: list[dict[str, Any]] = []
+        self._val_logits: list[np.ndarray] = []
+
+    def reference(self, data: Splits) -> dict[str, Any]:
+        from edgeslim.components.tasks.segmentation.evaluate import segment_batches, segmentation_metrics
+        from edgeslim.components.tasks.segmentation.runtime import logits_output
+
+        kept, room = [], [_REFERENCE_BYTES]
+
+        def keep(raw, masks, labels):  # the first images' logits, as many as fit (at least one)
+            outs, names = raw[0]
+            logits = logits_output(dict(zip(names, outs)), self.task_config)
+            per = max(logits.nbytes // max(len(logits), 1), 1)
+            k = min(len(logits), max(room[0] // per, 0 if kept else 1))
+            if k:
+                kept.append(logits[:k].copy())
+                room[0] -= k * per
+
+        (cm,) = segment_batches([self.fp32_onnx], data.x_val, data.y_val, self.task_config, on_batch=keep)
+        self._val_logits = kept
+        self.parent = segmentation_metrics(cm)
+        return {"fp32_val": self.parent, "sqnr_val_images": int(sum(len(k) for k in kept))}
+
+    def judge(self, candidate: str | Path, data: Splits) -> dict[str, Any]:
+        from edgeslim.components.common.onnx_runtime import SqnrAccumulator
+        from edgeslim.components.tasks.segmentation.evaluate import (gate_segmentation, segment_batches,
+                                                                     segmentation_metrics)
+        from edgeslim.components.tasks.segmentation.runtime import logits_output
+
+        sqnr = SqnrAccumulator()
+        ref = np.concatenate(self._val_logits) if self._val_logits else np.zeros((0,))
+        done = [0]
+
+        def compare(raw, masks, labels):
+            outs, names = raw[0]
+            logits = logits_output(dict(zip(names, outs)), self.task_config)
+            start, n = done[0], len(logits)
+            done[0] += n
+            m = max(0, min(n, len(ref) - start))
+            if m:
+                sqnr.add(ref[start:start + m], logits[:m])
+
+        (cm,) = segment_batches([candidate], data.x_val, data.y_val, self.task_config, on_batch=compare)
+        m = segmentation_metrics(cm)
+        verdict = gate_segmentation({"source": {"segmentation": self.parent}, "candidate": {"segmentation": m}},
+                                    self.task_config.gate)
+        return {"miou": m["miou"], "worst_class_iou": m["worst_class_iou"], "pixel_accuracy": m["pixel_accuracy"],
+                "sqnr_db": round(sqnr.db(), 3), "passed": verdict["passed"], "gate": verdict["summary"]}
+
+    def damage(self, row: dict[str, Any]) -> float:
+        # Points of mIoU, of the worst class's IoU and of pixel accuracy lost against fp32.
+        p = self.parent
+        return ((p["miou"] - row["miou"]) + (p["worst_class_iou"] - row["worst_class_iou"])
+                + (p["pixel_accuracy"] - row["pixel_accuracy"]))
+
+    def key(self, row: dict[str, Any]) -> tuple:
+        return row["passed"], -self.damage(row), row["sqnr_db"]
+
+    def rank(self, fp32_onnx, config, *, calibrator, ranges, data, out_dir, pinned):
+        import onnx
+
+        from edgeslim.components.quantize.ptq import quantize
+        from edgeslim.components.quantize.sensitivity import (layer_noise_proxy, output_tails, preprocessed,
+                                                              quantizable_layers)
+
+        pre = preprocessed(fp32_onnx, out_dir / "pre.onnx")
+        all_nodes = [n.name for n in onnx.load(str(pre)).graph.node if n.name]
+        tails, heads = output_tails(pre), []
+        for i, grp in enumerate(tails if len(tails) > 1 else []):  # one tail ranks first unmeasured
+            others = [n for n in all_nodes if n not in grp["nodes"]]
+            res = quantize(fp32_onnx, dataclasses.replace(config.ptq(calibrator), float_layers=others), data=data,
+                           out_dir=out_dir / "heads" / f"group{i}", ranges=ranges)
+            r = self.judge(res.model, data)
+            heads.append({**grp, **{k: r[k] for k in _RANKED}, "damage": round(self.damage(r), 4)})
+        heads = sorted(heads, key=lambda r: (-r["damage"], r["sqnr_db"])) or [
+            {**t, **dict.fromkeys(_RANKED), "damage": None} for t in tails]
+        ranked = [r for r in heads if (r["damage"] or 0.0) > 0.0] or heads
+        layers: list[dict[str, Any]] = []
+        if config.max_float_layers > len(tails):  # too few tails to fill the fallback: single layers too
+            in_tails = {n for g in tails for n in g["nodes"]} | set(pinned)
+            singles = [lay for lay in quantizable_layers(pre) if lay["node"] not in in_tails]
+            proxy = layer_noise_proxy(pre, ranges, data.x_val[:_LAYER_SAMPLES], [lay["node"] for lay in singles])
+            layers = sorted(({"output": lay["layer"], "nodes": [lay["node"]], "layers": [lay["node"]],
+                              "sqnr_db": proxy[lay["node"]], "proxy": "own int8 rounding, one pass",
+                              "damage": None} for lay in singles), key=lambda r: r["sqnr_db"])
+        self.table = heads + layers
+        return [{"label": r["output"], "nodes": r["nodes"]} for r in ranked + layers]
+
+    def figures(self, row: dict[str, Any]) -> str:
+        p = self.parent
+        return (f"mIoU {row['miou']:.2f} vs fp32 {p['miou']:.2f}, worst class IoU {row['worst_class_iou']:.2f} "
+                f"vs {p['worst_class_iou']:.2f}")
+
+    def fix(self, config, qat_ran: bool) -> str:
+        skipped = f"QAT could not run ({self.qat_skipped}); " if config.qat and self.qat_skipped else ""
+        return skipped + ("raise quantize.max_float_layers" if config.max_float_layers < len(self.table) or
+                          not self.table else "loosen task.gate") + ", or try another calibrator"
+
+    def result_metrics(self, row, res):
+        return {"calibrator": row["calibrator"], "float_layers": res.metrics.get("float_layers", []),
+                "ranges": res.metrics.get("ranges", {})}
