@@ -1,0 +1,227 @@
+"""The segmentation task end to end, against a real `mlflow server`: a segmenter from a module outside the
+repository (logged with ``code_paths``), shape scenes written as the ``masks`` provider reads them, then
+``edgeslim init`` (which recognises the class maps), ``edgeslim run`` (pixel-wise distillation, the
+accuracy-aware search, the segmentation gate and report), the registered edge model through
+``mlflow.pyfunc`` with raw images (masks as RLE in the source image's pixels) and the device's health
+check against the release's golden masks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import run_cli, run_process
+
+pytestmark = pytest.mark.slow
+
+SOURCE = "models:/shape-segmenter@champion"
+MODULE = "shape_segmenters"
+# A user's model code: the pipeline gets it only from what was logged with the model (code_paths).
+MODEL_CODE = '''
+import torch
+from torch import nn
+
+
+def block(cin, cout, stride=1, dilation=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class ShapeSegmenter(nn.Module):
+    """A small encoder-decoder: per-pixel logits (N, classes, H, W) at the input's size."""
+
+    def __init__(self, classes=4, width=12):
+        super().__init__()
+        w = width
+        self.enc1 = block(3, w)
+        self.enc2 = nn.Sequential(block(w, 2 * w, 2), block(2 * w, 2 * w))
+        self.enc3 = nn.Sequential(block(2 * w, 4 * w, 2), block(4 * w, 4 * w, dilation=2))
+        self.fuse = block(6 * w, 2 * w)
+        self.classifier = nn.Conv2d(3 * w, classes, 1)
+
+    def forward(self, x):
+        a = self.enc1(x)
+        b = self.enc2(a)
+        c = nn.functional.interpolate(self.enc3(b), size=b.shape[-2:], mode="bilinear", align_corners=False)
+        u = nn.functional.interpolate(self.fuse(torch.cat([b, c], 1)), size=a.shape[-2:], mode="bilinear",
+                                      align_corners=False)
+        return self.classifier(torch.cat([a, u], 1))
+'''
+SIZE = 48  # the model's input; the source images are 64 px (data.preprocess resizes images and masks)
+GATE = {"max_miou_drop": 2.0, "min_class_iou": 20.0, "max_pixel_accuracy_drop": 2.0}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    from edgeslim.components.tasks.segmentation.reference import write_mask_folders
+
+    return write_mask_folders(tmp_path_factory.mktemp("shape-masks"), {"train": 160, "val": 32, "test": 32}, size=64)
+
+
+@pytest.fixture(scope="module")
+def registered_segmenter(mlflow_server, data_root, tmp_path_factory) -> str:
+    """``ShapeSegmenter`` trained for a few epochs on the train split, logged with its module as code_paths."""
+    import mlflow
+    import torch
+
+    from edgeslim.components.common.data import load_data
+    from edgeslim.components.common.tasks import task_from_dict
+    from edgeslim.components.common.tracking import connect
+    from edgeslim.components.tasks.segmentation.train import train_segmenter
+
+    src = tmp_path_factory.mktemp("user-code")
+    (src / f"{MODULE}.py").write_text(MODEL_CODE)
+    sys.path.insert(0, str(src))
+    try:
+        import shape_segmenters
+
+        data = load_data("masks", {"root": str(data_root)}, {"resize": [SIZE, SIZE]})
+        torch.manual_seed(0)
+        model = train_segmenter(shape_segmenters.ShapeSegmenter(), data, task_from_dict({"kind": "segmentation",
+                                                                                        "num_classes": 4}),
+                                epochs=6, lr=5e-3, batch_size=16)
+        client = connect(mlflow_server.uri)
+        mlflow.set_experiment("tests-segmentation")
+        with mlflow.start_run():
+            info = mlflow.pytorch.log_model(model.eval(), name="model", serialization_format="pickle",
+                                            code_paths=[str(src / f"{MODULE}.py")],
+                                            registered_model_name="shape-segmenter")
+        client.set_registered_model_alias("shape-segmenter", "champion", info.registered_model_version)
+    finally:
+        sys.path.remove(str(src))
+        sys.modules.pop(MODULE, None)
+    return SOURCE
+
+
+@pytest.fixture(scope="module")
+def recipe(registered_segmenter, data_root, mlflow_server, tmp_path_factory) -> Path:
+    """What ``edgeslim init`` writes for the segmenter (it tells the class maps apart by itself), with the
+    test's sizes: the images resized to 48 px, a short distillation, one calibrator, a quick evaluation."""
+    out = tmp_path_factory.mktemp("seg-recipe") / "recipe.yaml"
+    proc = run_cli("init", "--source", SOURCE, "--data", "masks", "--data-arg", f"root={data_root}", "-o", str(out),
+                   "--tracking-uri", mlflow_server.uri)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = yaml.safe_load(out.read_text())
+    assert doc["task"]["kind"] == "segmentation" and doc["task"]["num_classes"] == 4
+    assert doc["task"]["output"] == "output" and doc["data"]["provider"] == "masks"
+    doc["data"]["preprocess"] = {"resize": [SIZE, SIZE]}
+    quantize = {**doc["stages"][-1]["quantize"], "calibrators": ["percentile"], "num_samples": 64}
+    doc["stages"] = [doc["stages"][0],
+                     {"distill": {"method": "logit", "student": "previous", "epochs": 1, "batch_size": 16,
+                                  "lr": 1e-3, "alpha": 0.7}},
+                     {"quantize": quantize}]
+    doc["task"]["gate"] = GATE
+    doc["evaluate"] = {"latency_warmup": 1, "latency_repeats": 3, "latency_batches": [1]}
+    doc["register"] = {**doc["register"], "experiment": "tests-segmentation"}
+    out.write_text(yaml.safe_dump(doc))
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(recipe, mlflow_server, tmp_path_factory):
+    wd = tmp_path_factory.mktemp("seg-run")
+    proc = run_cli("run", str(recipe), "--tracking-uri", mlflow_server.uri, "--workdir", str(wd / "out"))
+    return proc, wd / "out"
+
+
+def test_run_distills_searches_gates_registers_and_reports_the_segmenter(run, mlflow_server):
+    proc, out = run
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["gate"]["passed"] is True, rep["gate"]["summary"]
+    assert [c["name"] for c in rep["gate"]["checks"]] == ["miou_drop", "min_class_iou", "pixel_accuracy_drop"]
+    assert rep["metric_name"] == "miou" and rep["test_samples"] == 32
+    s, c = rep["source"]["segmentation"], rep["candidate"]["segmentation"]
+    assert set(s["per_class_iou"]) == {"0", "1", "2", "3"} and s["miou"] > 50.0
+    assert s["miou"] - c["miou"] <= GATE["max_miou_drop"] and c["worst_class_iou"] >= GATE["min_class_iou"]
+    q = rep["candidate"]["quantization"]
+    assert q["chosen_on"] == "val" and q["winner"]["passed"] is True
+    assert {"miou", "worst_class_iou", "pixel_accuracy", "sqnr_db"} <= set(q["trials"][0])
+    # The per-class rows in the summary table, the overlays and the per-class chart in the page
+    assert "pixel accuracy (%)" in proc.stdout and "IoU class 3 (%)" in proc.stdout
+    html = (out / "report.html").read_text()
+    for key in ("segmentation-iou", "segmentation-overlay"):
+        assert f'id="chart-{key}"' in html and "<svg" in html.split(f'id="chart-{key}"')[1][:200]
+    assert html.split('id="chart-segmentation-overlay"')[1].count("data:image/png;base64,") == 12
+    assert len(rep["figures"]["overlays"]) == 3
+
+    from mlflow import MlflowClient
+
+    mv = MlflowClient(mlflow_server.uri).get_model_version_by_alias("shape-segmenter-edge", "edge-candidate")
+    assert mv.version == rep["registered"]["version"] and mv.tags["edgeslim.parent_name"] == "shape-segmenter"
+
+
+@pytest.fixture(scope="module")
+def edge_model_dir(run, mlflow_server, tmp_path_factory) -> Path:
+    import mlflow
+
+    assert run[0].returncode == 0, run[0].stderr[-3000:]
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    return Path(mlflow.artifacts.download_artifacts("models:/shape-segmenter-edge@edge-candidate",
+                                                    dst_path=str(tmp_path_factory.mktemp("edge-model"))))
+
+
+def python(code: str, env: dict | None = None):
+    return run_process([sys.executable, "-c", textwrap.dedent(code)], timeout=600, env=env)
+
+
+def test_the_edge_pyfunc_returns_masks_in_the_source_images_pixels(edge_model_dir, data_root, mlflow_server):
+    meta = json.loads((edge_model_dir / "edge_meta.json").read_text())
+    assert meta["task"]["kind"] == "segmentation" and meta["task"]["num_classes"] == 4
+    proc = python(f"""
+        import json, mlflow
+        from pathlib import Path
+        root = Path({str(data_root)!r}) / "test"
+        images = [(root / "images" / f"{{i:04d}}.png").read_bytes() for i in range(3)]
+        out = mlflow.pyfunc.load_model("models:/shape-segmenter-edge@edge-candidate").predict({{"images": images}})
+        print(json.dumps({{"keys": sorted(out), "masks": out["masks"]}}))
+    """, {"MLFLOW_TRACKING_URI": mlflow_server.uri})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(got["keys"]) == {"backend", "output", "masks"}
+    from PIL import Image
+
+    from edgeslim.components.tasks.segmentation.runtime import class_ious, decode_masks
+
+    for i, encoded in enumerate(got["masks"]):
+        assert all(m["size"] == [64, 64] for m in encoded)  # the source image's pixels, not the 48 px input
+        truth = np.asarray(Image.open(data_root / "test" / "masks" / f"{i:04d}.png"), np.int32)
+        ious = class_ious(truth, decode_masks(encoded))
+        assert ious[0] > 0.9 and np.mean(list(ious.values())) > 0.5, ious
+
+
+def test_the_device_health_check_compares_the_golden_masks(edge_model_dir):
+    proc = python(f"""
+        import json
+        from pathlib import Path
+        from edgeslim.deploy.golden import golden_check
+        from edgeslim.deploy.rollout_config import WaveRolloutConfig
+        print(json.dumps(golden_check(Path({str(edge_model_dir)!r}), WaveRolloutConfig())))
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert check["task"]["kind"] == "segmentation" and len(check["masks"]) == 2 and check["iou"] == 0.9
+
+    def health(check):
+        p = run_process([sys.executable, "-m", "edgeslim.deploy.agent.health"], timeout=600,
+                        input=json.dumps({"release": str(edge_model_dir), "check": check}))
+        return json.loads(p.stdout.strip().splitlines()[-1].split(" ", 1)[1])
+
+    ok = health(check)
+    assert ok["ok"] is True and ok["error"] is None, ok
+    # A device whose masks are not the golden ones fails with the class and its IoU named.
+    from edgeslim.components.tasks.segmentation.runtime import decode_masks, encode_masks
+
+    golden = decode_masks(check["masks"][0])
+    shifted = np.roll(golden, 6, axis=1)
+    bad = {**check, "masks": [encode_masks(shifted), *check["masks"][1:]]}
+    failed = health(bad)
+    assert failed["ok"] is False and "golden image 0: class" in failed["error"] and "IoU" in failed["error"], failed
