@@ -172,6 +172,12 @@ def _yolov8n_trained():
     return YoloV8nTrained()
 
 
+def _lraspp():
+    from edgeslim.pipelines.bench_segment import Lraspp
+
+    return Lraspp()
+
+
 def _arch(name: str) -> Callable[[], Workload]:
     def make() -> Workload:
         from edgeslim.pipelines.bench_archs import ARCHS
@@ -183,7 +189,7 @@ def _arch(name: str) -> Callable[[], Workload]:
 
 WORKLOADS: dict[str, Callable[[], Workload]] = {"digits": ReferenceClassifier, "mobile": ReferenceMobile,
                                                 "detect": _detect, "yolov8n": _yolov8n,
-                                                "yolov8n-trained": _yolov8n_trained,
+                                                "yolov8n-trained": _yolov8n_trained, "lraspp": _lraspp,
                                                 **{a: _arch(a) for a in ("resnet18", "mobilenetv3", "vit-tiny")}}
 
 
@@ -194,7 +200,9 @@ def register(sub) -> None:
                    "detect: the YOLO-style detector; resnet18, mobilenetv3, vit-tiny: real architectures at 224 "
                    "(torchvision, timm); yolov8n: Ultralytics' YOLOv8n at 640 with random weights (costs are real, "
                    "accuracy is not) and the accuracy-aware search's cost against one evaluation pass; yolov8n-trained: "
-                   "a YOLOv8n trained here on shape scenes at 192, PTQ and quantize: auto per calibrator")
+                   "a YOLOv8n trained here on shape scenes at 192, PTQ and quantize: auto per calibrator; lraspp: "
+                   "LRASPP-MobileNetV3 trained here on shape scenes with masks at 96, mIoU of PTQ per calibrator "
+                   "and quantize: auto")
     p.add_argument("--json", dest="json_path", default=None, help="also write the rows to this JSON file")
     p.add_argument("--workdir", default=None, help="keep the models here (default: a temporary folder)")
     p.add_argument("--threads", type=int, default=1,

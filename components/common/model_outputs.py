@@ -5,8 +5,10 @@ structures beside them: Ultralytics' ``DetectionModel`` in eval mode returns
 ``(decoded, {"boxes", "scores", "feats"})``, the decoded ``(N, 4+nc, A)`` tensor and the raw
 head values its loss uses. The deployable outputs are the tensors at the top level; the
 dicts and nested lists beside them are dropped, so the ONNX holds ``decoded`` alone (what
-the model gives in its own export mode). Outputs with no tensor at the top level (a bare
-dict, e.g. a model left in training mode) are refused in one line.
+the model gives in its own export mode). A head that returns its tensors as a tuple first, then
+its auxiliaries (Ultralytics' ``SegmentationModel`` in eval mode: ``((decoded, protos), {...})``), gives
+that tuple's tensors. Outputs with no tensor at the top level or in such a first tuple (a bare dict, e.g.
+a model left in training mode) are refused in one line.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ def tensor_outputs(out: Any) -> list:
         return [out]
     if isinstance(out, (tuple, list)):
         tensors = [o for o in out if _is_tensor(o)]
+        if not tensors and out and isinstance(out[0], (tuple, list)) and out[0] and all(map(_is_tensor, out[0])):
+            tensors = list(out[0])  # ((decoded, protos), auxiliaries): Ultralytics' segmentation head
         if tensors:
             return tensors
     from edgeslim.components.common.errors import SourceError

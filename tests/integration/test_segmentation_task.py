@@ -176,17 +176,25 @@ def python(code: str, env: dict | None = None):
 def test_the_edge_pyfunc_returns_masks_in_the_source_images_pixels(edge_model_dir, data_root, mlflow_server):
     meta = json.loads((edge_model_dir / "edge_meta.json").read_text())
     assert meta["task"]["kind"] == "segmentation" and meta["task"]["num_classes"] == 4
+    # Input tensors through mlflow.pyfunc (masks at the 48 px input), raw images through the edge flavor's
+    # loader (masks in the 64 px source images' pixels).
     proc = python(f"""
-        import json, mlflow
+        import json, mlflow, numpy as np
         from pathlib import Path
+        from edgeslim.plugins.edge_flavor import load_model
         root = Path({str(data_root)!r}) / "test"
+        uri = "models:/shape-segmenter-edge@edge-candidate"
+        x = np.random.default_rng(0).random((2, 3, {SIZE}, {SIZE}), dtype=np.float32)
+        tensors = mlflow.pyfunc.load_model(uri).predict(x)
         images = [(root / "images" / f"{{i:04d}}.png").read_bytes() for i in range(3)]
-        out = mlflow.pyfunc.load_model("models:/shape-segmenter-edge@edge-candidate").predict({{"images": images}})
-        print(json.dumps({{"keys": sorted(out), "masks": out["masks"]}}))
+        out = load_model(uri).predict({{"images": images}})
+        print(json.dumps({{"keys": sorted(out), "masks": out["masks"], "tensor_keys": sorted(tensors),
+                           "tensor_sizes": [m["size"] for img in tensors["masks"] for m in img]}}))
     """, {"MLFLOW_TRACKING_URI": mlflow_server.uri})
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(got["keys"]) == {"backend", "output", "masks"}
+    assert set(got["keys"]) == set(got["tensor_keys"]) == {"backend", "output", "masks"}
+    assert got["tensor_sizes"] and all(s == [SIZE, SIZE] for s in got["tensor_sizes"])
     from PIL import Image
 
     from edgeslim.components.tasks.segmentation.runtime import class_ious, decode_masks

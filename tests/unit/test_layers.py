@@ -53,7 +53,8 @@ AGENT_NEVER = ["torch", "mlflow", "kfp", "edgeslim.plugins", "edgeslim.pipelines
 TASK_PACKAGE = "edgeslim.components.tasks.*"
 TASK_SHOWCASES = {"edgeslim.pipelines.bench": "classification", "edgeslim.pipelines.bench_archs": "classification",
                   "edgeslim.pipelines.bench_detect": "detection", "edgeslim.pipelines.bench_yolo": "detection",
-                  "edgeslim.pipelines.demo_detect": "detection", "edgeslim.components.reference.detector": "detection"}
+                  "edgeslim.pipelines.demo_detect": "detection", "edgeslim.components.reference.detector": "detection",
+                  "edgeslim.pipelines.bench_segment": "segmentation"}
 # What a task package's own modules may hold at module level where the device agent loads them: the package
 # (its Task class), its config and its numpy runtime half.
 TASK_LIGHT_MODULES = ("", ".config", ".runtime")

@@ -34,7 +34,7 @@ stages:
 task:
   kind: segmentation
   num_classes: {num_classes}                   # {num_classes_why}
-  output: {output}
+  output: {logits_output}
   ignore_index: {ignore_index}                # label pixels that count for no class
   gate:
     max_miou_drop: 1.0               # points of mean IoU
@@ -77,7 +77,7 @@ def _task_fields(data, load_model: Callable) -> dict[str, str]:
         raise ConfigError(f"the labels hold class {top} but output {name} {shape} has {shape[1]} class channels; "
                           "check the masks' class ids, or register the model with one channel per class")
     ignore = 255 if shape[1] <= 255 else 65535
-    return {"num_classes": str(shape[1]), "output": name, "ignore_index": str(ignore), "n_probe": str(len(probe)),
+    return {"num_classes": str(shape[1]), "logits_output": name, "ignore_index": str(ignore), "n_probe": str(len(probe)),
             "outputs": actual, "num_classes_why": f"the channels of {name} (the labels use classes up to {top})"}
 
 

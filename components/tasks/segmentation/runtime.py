@@ -117,10 +117,61 @@ def class_ious(a: np.ndarray, b: np.ndarray) -> dict[int, float]:
             for c in np.union1d(np.unique(a), np.unique(b))}
 
 
+def box_to_source(box: Sequence[float], geometry) -> list[float]:
+    """An input-pixel ``[x1, y1, x2, y2]`` box in the source image's pixels, clipped to it."""
+    g = geometry
+    sw, sh = g.source
+    sx, sy = g.resized[0] / sw, g.resized[1] / sh
+    ox = (g.pad[0] if g.pad else 0) - (g.crop[0] if g.crop else 0)
+    oy = (g.pad[1] if g.pad else 0) - (g.crop[1] if g.crop else 0)
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return [round(min(max((x1 - ox) / sx, 0.0), sw), 2), round(min(max((y1 - oy) / sy, 0.0), sh), 2),
+            round(min(max((x2 - ox) / sx, 0.0), sw), 2), round(min(max((y2 - oy) / sy, 0.0), sh), 2)]
+
+
+def encode_instances(decoded: dict[str, np.ndarray], geometry=None) -> list[dict[str, Any]]:
+    """An image's decoded instances as ``[{"class", "score", "box", "size", "counts"}]`` (box and RLE mask in
+    the source image's pixels when ``geometry`` is given, else the input's), best first."""
+    out = []
+    for d, m in zip(decoded["detections"], decoded["masks"]):
+        box = [round(float(v), 2) for v in d[:4]]
+        if geometry is not None:
+            box, m = box_to_source(box, geometry), mask_to_source(m.astype(np.uint8), geometry) > 0
+        out.append({"class": int(d[5]), "score": round(float(d[4]), 5), "box": box, **rle_encode(m)})
+    return out
+
+
+def compare_instances(golden: list[dict[str, Any]], got: list[dict[str, Any]], iou: float, score_tol: float
+                      ) -> tuple[str | None, float]:
+    """Each golden instance against the device's: found with the same class at mask IoU >= ``iou`` and a score
+    within ``score_tol``; ``(reason or None, worst score difference)``."""
+    used, worst = set(), 0.0
+    masks = [rle_decode(g) for g in got]
+    for n, want in enumerate(golden):
+        w = rle_decode(want)
+        best, best_iou = None, 0.0
+        for j, (g, m) in enumerate(zip(got, masks)):
+            if j in used or g["class"] != want["class"] or m.shape != w.shape:
+                continue
+            v = float((m & w).sum() / max((m | w).sum(), 1))
+            if v > best_iou:
+                best, best_iou = j, v
+        if best is None or best_iou < iou:
+            return (f"golden instance {n} (class {want['class']}, score {want['score']:.3f}) not found at mask "
+                    f"IoU >= {iou:g} (best {best_iou:.3f})"), worst
+        used.add(best)
+        diff = abs(float(got[best]["score"]) - float(want["score"]))
+        worst = max(worst, diff)
+        if diff > score_tol:
+            return f"golden instance {n} (class {want['class']}): score differs by {diff:.3f} (> {score_tol:g})", worst
+    return None, round(worst, 6)
+
+
 class SegmentationRuntime:
-    """The segmenter's runtime half: a prediction adds its masks as RLE per class, and a release's health
-    check records the golden masks, which a device's must match class by class at IoU >= the rollout's
-    ``iou`` (not raw logits, which int8 engines of different builds do not reproduce to the bit)."""
+    """The segmenter's runtime half: a prediction adds its masks as RLE (semantic: one per class present;
+    ``yolo-seg``: one per instance, with its class, score and box), and a release's health check records
+    the golden masks, which a device's must match at IoU >= the rollout's ``iou`` (not raw outputs, which
+    int8 engines of different builds do not reproduce to the bit)."""
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -128,19 +179,43 @@ class SegmentationRuntime:
     def _masks(self, outputs: dict[str, Any]) -> np.ndarray:
         return argmax_masks(logits_output(outputs, self.config))
 
+    def _instances(self, outputs: dict[str, Any]) -> list[dict[str, np.ndarray]]:
+        from edgeslim.components.tasks.segmentation.instance import decode_instances
+
+        return decode_instances(outputs, self.config)
+
     def predict(self, outputs: dict[str, Any], geometries: list | None = None) -> dict[str, Any]:
-        """``masks``: per image a list of ``{"class", "size", "counts"}`` (RLE), in source-image pixels when
-        ``geometries`` are given, else in the model input's."""
+        """``masks``: per image a list of ``{"class", "size", "counts"}`` (RLE; ``yolo-seg`` adds ``score`` and
+        ``box``), in source-image pixels when ``geometries`` are given, else in the model input's."""
+        if getattr(self.config, "instance", False):
+            decoded = self._instances(outputs)
+            return {"masks": [encode_instances(d, g) for d, g in zip(decoded, geometries or [None] * len(decoded))]}
         masks = self._masks(outputs)
         if geometries is not None:
             return {"masks": [encode_masks(mask_to_source(m, g)) for m, g in zip(masks, geometries)]}
         return {"masks": [encode_masks(m) for m in masks]}
 
     def golden(self, outputs: dict[str, Any], rollout: Any) -> dict[str, Any]:
+        if getattr(self.config, "instance", False):
+            th = self.config.score_threshold
+            return {"instances": [[i for i in encode_instances(d) if i["score"] >= th]
+                                  for d in self._instances(outputs)], "iou": rollout.iou, "score_tol": rollout.score_tol}
         return {"masks": [encode_masks(m) for m in self._masks(outputs)], "iou": rollout.iou}
 
     def compare(self, check: dict[str, Any], outputs: dict[str, Any]) -> tuple[str | None, float]:
-        """``worst``: one minus the lowest class IoU of any golden image."""
+        """``worst``: one minus the lowest class IoU of any golden image (``yolo-seg``: the largest score
+        difference of a golden instance)."""
+        if getattr(self.config, "instance", False):
+            got, worst = [encode_instances(d) for d in self._instances(outputs)], 0.0
+            for i, golden in enumerate(check.get("instances") or []):
+                if i >= len(got):
+                    return f"golden image {i}: the device returned {len(got)} image(s) of instances", worst
+                reason, w = compare_instances(golden, got[i], float(check.get("iou", 0.9)),
+                                              float(check.get("score_tol", 0.05)))
+                worst = max(worst, w)
+                if reason:
+                    return f"golden image {i}: {reason}", worst
+            return None, worst
         got = self._masks(outputs)
         need, worst = float(check.get("iou", 0.9)), 0.0
         for i, encoded in enumerate(check.get("masks") or []):

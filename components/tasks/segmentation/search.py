@@ -99,34 +99,8 @@ class SegmenterStrategy(Strategy):
         return row["passed"], -self.damage(row), row["sqnr_db"]
 
     def rank(self, fp32_onnx, config, *, calibrator, ranges, data, out_dir, pinned):
-        import onnx
-
-        from edgeslim.components.quantize.ptq import quantize
-        from edgeslim.components.quantize.sensitivity import (layer_noise_proxy, output_tails, preprocessed,
-                                                              quantizable_layers)
-
-        pre = preprocessed(fp32_onnx, out_dir / "pre.onnx")
-        all_nodes = [n.name for n in onnx.load(str(pre)).graph.node if n.name]
-        tails, heads = output_tails(pre), []
-        for i, grp in enumerate(tails if len(tails) > 1 else []):  # one tail ranks first unmeasured
-            others = [n for n in all_nodes if n not in grp["nodes"]]
-            res = quantize(fp32_onnx, dataclasses.replace(config.ptq(calibrator), float_layers=others), data=data,
-                           out_dir=out_dir / "heads" / f"group{i}", ranges=ranges)
-            r = self.judge(res.model, data)
-            heads.append({**grp, **{k: r[k] for k in _RANKED}, "damage": round(self.damage(r), 4)})
-        heads = sorted(heads, key=lambda r: (-r["damage"], r["sqnr_db"])) or [
-            {**t, **dict.fromkeys(_RANKED), "damage": None} for t in tails]
-        ranked = [r for r in heads if (r["damage"] or 0.0) > 0.0] or heads
-        layers: list[dict[str, Any]] = []
-        if config.max_float_layers > len(tails):  # too few tails to fill the fallback: single layers too
-            in_tails = {n for g in tails for n in g["nodes"]} | set(pinned)
-            singles = [lay for lay in quantizable_layers(pre) if lay["node"] not in in_tails]
-            proxy = layer_noise_proxy(pre, ranges, data.x_val[:_LAYER_SAMPLES], [lay["node"] for lay in singles])
-            layers = sorted(({"output": lay["layer"], "nodes": [lay["node"]], "layers": [lay["node"]],
-                              "sqnr_db": proxy[lay["node"]], "proxy": "own int8 rounding, one pass",
-                              "damage": None} for lay in singles), key=lambda r: r["sqnr_db"])
-        self.table = heads + layers
-        return [{"label": r["output"], "nodes": r["nodes"]} for r in ranked + layers]
+        return _rank_with(self, _RANKED, fp32_onnx, config, calibrator=calibrator, ranges=ranges, data=data,
+                          out_dir=out_dir, pinned=pinned)
 
     def figures(self, row: dict[str, Any]) -> str:
         p = self.parent
@@ -141,3 +115,111 @@ class SegmenterStrategy(Strategy):
     def result_metrics(self, row, res):
         return {"calibrator": row["calibrator"], "float_layers": res.metrics.get("float_layers", []),
                 "ranges": res.metrics.get("ranges", {})}
+
+
+_INSTANCE_RANKED = ("mask_map50", "mask_map50_95", "mean_tp_score", "sqnr_db")
+
+
+class InstanceStrategy(SegmenterStrategy):
+    """``yolo-seg``: the instance gate (mask mAP drops, mean true-positive score) against the fp32 export on
+    val. The fallback's output tails are found from the graph: the decoded output's (box and score convs,
+    the DFL, the mask-coefficient convs) and the prototypes' (the proto branch), each measured alone in
+    int8, then single layers by the one-pass proxy."""
+
+    candidate = "instance segmenter candidate"
+    gate_name = "instance segmentation gate"
+    fields = _INSTANCE_RANKED
+
+    def reference(self, data: Splits) -> dict[str, Any]:
+        from edgeslim.components.tasks.segmentation.instance_eval import instance_batches, instance_metrics
+
+        kept, room = [], [_REFERENCE_BYTES]
+
+        def keep(raw, decoded, labels):
+            outs, _ = raw[0]
+            flat = np.concatenate([o.reshape(len(o), -1) for o in outs], 1)
+            per = max(flat.nbytes // max(len(flat), 1), 1)
+            k = min(len(flat), max(room[0] // per, 0 if kept else 1))
+            if k:
+                kept.append(flat[:k].copy())
+                room[0] -= k * per
+
+        (recs,) = instance_batches([self.fp32_onnx], data.x_val, data.y_val, self.task_config, on_batch=keep)
+        self._val_logits = kept
+        self.parent = instance_metrics(recs, self.task_config.num_classes, self.task_config.score_threshold)
+        return {"fp32_val": self.parent, "sqnr_val_images": int(sum(len(k) for k in kept))}
+
+    def judge(self, candidate: str | Path, data: Splits) -> dict[str, Any]:
+        from edgeslim.components.common.onnx_runtime import SqnrAccumulator
+        from edgeslim.components.tasks.segmentation.instance_eval import (gate_instances, instance_batches,
+                                                                          instance_metrics)
+
+        sqnr, done = SqnrAccumulator(), [0]
+        ref = np.concatenate(self._val_logits) if self._val_logits else np.zeros((0,))
+
+        def compare(raw, decoded, labels):
+            outs, _ = raw[0]
+            flat = np.concatenate([o.reshape(len(o), -1) for o in outs], 1)
+            start, n = done[0], len(flat)
+            done[0] += n
+            m = max(0, min(n, len(ref) - start))
+            if m:
+                sqnr.add(ref[start:start + m], flat[:m])
+
+        (recs,) = instance_batches([candidate], data.x_val, data.y_val, self.task_config, on_batch=compare)
+        m = instance_metrics(recs, self.task_config.num_classes, self.task_config.score_threshold)
+        verdict = gate_instances({"source": {"instance_segmentation": self.parent},
+                                  "candidate": {"instance_segmentation": m}}, self.task_config.gate)
+        return {**{k: m[k] for k in _INSTANCE_RANKED[:3]}, "sqnr_db": round(sqnr.db(), 3),
+                "passed": verdict["passed"], "gate": verdict["summary"]}
+
+    def damage(self, row: dict[str, Any]) -> float:
+        # Points of mask mAP@0.5 and @0.5:0.95, plus the score drop on a 100-point scale, against fp32.
+        p = self.parent
+        return ((p["mask_map50"] - row["mask_map50"]) + (p["mask_map50_95"] - row["mask_map50_95"])
+                + 100.0 * (p["mean_tp_score"] - row["mean_tp_score"]))
+
+    def rank(self, fp32_onnx, config, *, calibrator, ranges, data, out_dir, pinned):
+        return _rank_with(self, _INSTANCE_RANKED, fp32_onnx, config, calibrator=calibrator, ranges=ranges, data=data,
+                          out_dir=out_dir, pinned=pinned)
+
+    def figures(self, row: dict[str, Any]) -> str:
+        p = self.parent
+        return (f"mask mAP@0.5:0.95 {row['mask_map50_95']:.2f} vs fp32 {p['mask_map50_95']:.2f}, mean TP score "
+                f"{row['mean_tp_score']:.3f} vs {p['mean_tp_score']:.3f}")
+
+
+def _rank_with(strategy, ranked: tuple[str, ...], fp32_onnx, config, *, calibrator, ranges, data, out_dir,
+               pinned) -> list[dict[str, Any]]:
+    """The fallback's groups, most damaging first: each output tail measured alone in int8 (one tail ranks
+    first unmeasured), then, when there are fewer tails than ``max_float_layers``, the other conv layers by
+    the one-pass proxy. Sets ``strategy.table``."""
+    import onnx
+
+    from edgeslim.components.quantize.ptq import quantize
+    from edgeslim.components.quantize.sensitivity import (layer_noise_proxy, output_tails, preprocessed,
+                                                          quantizable_layers)
+
+    pre = preprocessed(fp32_onnx, out_dir / "pre.onnx")
+    all_nodes = [n.name for n in onnx.load(str(pre)).graph.node if n.name]
+    tails, heads = output_tails(pre), []
+    for i, grp in enumerate(tails if len(tails) > 1 else []):
+        others = [n for n in all_nodes if n not in grp["nodes"]]
+        # the fp32 graph (not ``pre``): the graph ``ranges`` were calibrated on; node names are the same
+        res = quantize(fp32_onnx, dataclasses.replace(config.ptq(calibrator), float_layers=others), data=data,
+                       out_dir=out_dir / "heads" / f"group{i}", ranges=ranges)
+        r = strategy.judge(res.model, data)
+        heads.append({**grp, **{k: r[k] for k in ranked}, "damage": round(strategy.damage(r), 4)})
+    heads = sorted(heads, key=lambda r: (-r["damage"], r["sqnr_db"])) or [
+        {**t, **dict.fromkeys(ranked), "damage": None} for t in tails]
+    ranked_heads = [r for r in heads if (r["damage"] or 0.0) > 0.0] or heads
+    layers: list[dict[str, Any]] = []
+    if config.max_float_layers > len(tails):  # too few tails to fill the fallback: single layers too
+        in_tails = {n for g in tails for n in g["nodes"]} | set(pinned)
+        singles = [lay for lay in quantizable_layers(pre) if lay["node"] not in in_tails]
+        proxy = layer_noise_proxy(pre, ranges, data.x_val[:_LAYER_SAMPLES], [lay["node"] for lay in singles])
+        layers = sorted(({"output": lay["layer"], "nodes": [lay["node"]], "layers": [lay["node"]],
+                          "sqnr_db": proxy[lay["node"]], "proxy": "own int8 rounding, one pass",
+                          "damage": None} for lay in singles), key=lambda r: r["sqnr_db"])
+    strategy.table = heads + layers
+    return [{"label": r["output"], "nodes": r["nodes"]} for r in ranked_heads + layers]

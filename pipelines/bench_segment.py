@@ -1,0 +1,192 @@
+"""``edgeslim bench --workload lraspp``: torchvision's LRASPP with a MobileNetV3-Large backbone, trained here
+on shape scenes with their class maps, through int8: a workload of the one bench harness (:mod:`.bench_harness`).
+
+Nothing is downloaded: the network starts from random weights (``weights=None, weights_backbone=None``) and
+is trained with the segmentation task's ``train_segmenter`` (per-pixel cross-entropy) on synthetic scenes
+of rectangles, discs and triangles (4 classes with the background) at 96 pixels, small enough to train on
+two CPU cores in minutes. Rows: fp32; edgeslim PTQ per calibrator; the accuracy-aware search
+(``quantize: auto``, every calibrator, QAT off), judged on val by the segmentation gate at 1.0 pt of mIoU.
+Every row is scored on the test split: mIoU, pixel accuracy, the worst class's IoU and the logits' SQNR
+against fp32. The search's cost is reported as a ratio to one evaluation pass over val.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from edgeslim.components.common.errors import MissingDependencyError
+from edgeslim.pipelines.bench_harness import Column, Context, RowSpec, Workload
+
+SIZE = 96
+CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
+MIOU_TARGET = 1.0  # points of mIoU an int8 row may lose against fp32 on test
+
+
+def lraspp(num_classes: int):
+    """LRASPP-MobileNetV3-Large with random weights, returning its logits tensor (torchvision's returns
+    ``{"out": logits}``, which is how a user wraps it to log it)."""
+    import torch
+
+    try:
+        from torchvision.models.segmentation import lraspp_mobilenet_v3_large
+    except ImportError:
+        raise MissingDependencyError("torchvision", why="the lraspp bench builds its network with it") from None
+
+    class LrasppLogits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=num_classes)
+
+        def forward(self, x):
+            return self.net(x)["out"]
+
+    return LrasppLogits()
+
+
+class Lraspp(Workload):
+    """LRASPP-MobileNetV3 trained on shape scenes: fp32, PTQ per calibrator, ``quantize: auto``."""
+
+    name = "lraspp"
+    columns = (Column("sqnr_db", "SQNR dB", 7, ".1f"), Column("miou", "mIoU", 6, ".2f"),
+               Column("pixel_accuracy", "pix acc", 7, ".2f"), Column("worst_class_iou", "worst IoU", 9, ".2f"))
+    drops = {"miou_drop": ("miou", 3)}
+
+    def __init__(self, *, n_train: int = 320, n_val: int = 64, n_test: int = 128, calib_samples: int = 64,
+                 epochs: int = 20, batch_size: int = 16, lr: float = 5e-3) -> None:
+        self.n_train, self.n_val, self.n_test, self.calib_samples = n_train, n_val, n_test, calib_samples
+        self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
+
+    def prepare(self, ctx: Context) -> None:
+        import numpy as np
+        import torch
+
+        from edgeslim.components.common.data import Splits
+        from edgeslim.components.common.stage_configs import OnnxExportConfig
+        from edgeslim.components.common.tasks import task_from_dict
+        from edgeslim.components.export import export
+        from edgeslim.components.tasks.segmentation.reference import NUM_CLASSES, as_inputs, shape_scenes
+        from edgeslim.components.tasks.segmentation.train import train_segmenter
+
+        if ctx.quick:  # a smoke run: figures mean nothing
+            self.n_train, self.n_val, self.n_test, self.calib_samples, self.epochs = 8, 4, 4, 4, 1
+            self.batch_size = 4
+        n = self.n_train + self.n_val + self.n_test
+        images, masks = shape_scenes(n, SIZE, ctx.seed)
+        x, y = as_inputs(images), masks.astype(np.int64)
+        a, b = self.n_train, self.n_train + self.n_val
+        ctx.data = Splits(x[:a], y[:a], x[a:b], y[a:b], x[b:], y[b:], source=f"shape scenes at {SIZE}")
+        task = ctx.extra["task"] = task_from_dict({"kind": "segmentation", "num_classes": NUM_CLASSES,
+                                                   "gate": {"max_miou_drop": MIOU_TARGET}})
+        torch.manual_seed(ctx.seed)
+        model = lraspp(NUM_CLASSES)
+        ctx.log(f"LRASPP-MobileNetV3-Large, {n} shape scenes at {SIZE}x{SIZE} ({a}/{self.n_val}/{self.n_test}); "
+                f"training {self.epochs} epochs, batch {self.batch_size}")
+        t = time.perf_counter()
+        train_segmenter(model, ctx.data, task, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+                        seed=ctx.seed, progress=lambda e, n_e, loss: ctx.log(
+                            f"  epoch {e}/{n_e} loss {loss:.4f} ({time.perf_counter() - t:.0f} s)"))
+        ctx.extra["train_s"] = round(time.perf_counter() - t, 1)
+        ctx.teacher = model.eval()
+        ctx.extra["fp32"] = Path(export(ctx.teacher, OnnxExportConfig(check_samples=2), data=ctx.data,
+                                        out_path=ctx.workdir / "lraspp.fp32.onnx").model)
+
+    def rows(self, ctx: Context) -> Iterator[RowSpec]:
+        import torch
+
+        from edgeslim.components.common.errors import GateRejected
+        from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig, PTQQuantizeConfig
+        from edgeslim.components.quantize.ptq import quantize
+        from edgeslim.components.quantize.search import search
+        from edgeslim.components.tasks.segmentation.evaluate import segment_batches
+        from edgeslim.components.tasks.segmentation.search import SegmenterStrategy
+        from edgeslim.components.transform.prune import count_macs_params
+
+        data, task, wd, fp32 = ctx.data, ctx.extra["task"], ctx.workdir, ctx.extra["fp32"]
+        macs = count_macs_params(ctx.teacher, torch.from_numpy(data.x_test[:1]))[0]
+        yield RowSpec("fp32", fp32, macs)
+        t = time.perf_counter()
+        segment_batches([fp32], data.x_val, data.y_val, task)
+        eval_s = time.perf_counter() - t
+        cals = CALIBRATORS[:1 if ctx.quick else None]
+        for cal in cals:
+            ctx.log(f"PTQ {cal}")
+            res = quantize(fp32, PTQQuantizeConfig(calibrator=cal, num_samples=self.calib_samples), data=data,
+                           out_dir=wd / f"ptq-{cal}")
+            yield RowSpec(f"PTQ {cal}", Path(res.model), macs, int8=True)
+        cfg = AccuracyAwareQuantizeConfig(calibrators=list(cals), num_samples=self.calib_samples, qat=False)
+        ctx.log(f"accuracy-aware search, calibrators {', '.join(cals)} (judged on {len(data.x_val)} val scenes)")
+        t = time.perf_counter()
+        name = "quantize: auto"
+        try:
+            res = search(fp32, cfg, strategy=SegmenterStrategy(fp32, task), data=data, out_dir=wd / "auto",
+                         progress=lambda m: ctx.log("    " + m))
+        except GateRejected as exc:
+            yield RowSpec(name, None, failed=" ".join(str(exc).split())[:300],
+                          extra=self._cost(time.perf_counter() - t, eval_s, wd / "auto" / "autotune.json", data))
+            return
+        yield RowSpec(name, Path(res.model), macs, int8=True, extra={
+            "winner": res.metrics.get("winner"), "float_layers": res.metrics.get("float_layers", []),
+            **self._cost(time.perf_counter() - t, eval_s, wd / "auto" / "autotune.json", data)})
+
+    def _cost(self, search_s: float, eval_s: float, autotune: Path, data) -> dict[str, Any]:
+        import json
+
+        report = json.loads(autotune.read_text()) if autotune.is_file() else {}
+        return {"search_s": round(search_s, 1), "eval_pass_s": round(eval_s, 2),
+                "search_cost_ratio": round(search_s / max(eval_s, 1e-9), 1), "trials": len(report.get("trials", []))}
+
+    def accuracy(self, ctx: Context, spec: RowSpec, reference):
+        from edgeslim.components.common.onnx_runtime import SqnrAccumulator
+        from edgeslim.components.tasks.segmentation.evaluate import segment_batches, segmentation_metrics
+        from edgeslim.components.tasks.segmentation.runtime import logits_output
+
+        task, kept, acc = ctx.extra["task"], [], SqnrAccumulator()
+
+        def on_batch(raw, masks, labels):
+            logits = logits_output(dict(zip(raw[0][1], raw[0][0])), task)
+            if reference is None:
+                kept.append(logits)
+            else:
+                acc.add(reference[len(kept)], logits)
+                kept.append(None)
+
+        (cm,) = segment_batches([spec.path], ctx.data.x_test, ctx.data.y_test, task, on_batch=on_batch)
+        m = segmentation_metrics(cm)
+        row = {k: m[k] for k in ("miou", "pixel_accuracy", "worst_class_iou")}
+        if reference is None:
+            return {**row, "sqnr_db": None}, kept
+        return {**row, "sqnr_db": round(acc.db(), 2)}, None
+
+    def targets(self, rows, ctx):
+        fp32 = rows[0]
+        out = {}
+        for r in rows[1:]:
+            name = f"{r['row']}: within {MIOU_TARGET} pt mIoU of fp32 on test"
+            if "miou" not in r:
+                out[name] = {"value": r.get("failed", "no model"), "met": False}
+                continue
+            drop = fp32["miou"] - r["miou"]
+            out[name] = {"value": round(drop, 3), "met": drop <= MIOU_TARGET}
+        return out
+
+    def summary(self, ctx):
+        return {"input": [3, SIZE, SIZE], "train_images": self.n_train, "val_images": self.n_val,
+                "test_images": self.n_test, "epochs": self.epochs, "train_s": ctx.extra.get("train_s"),
+                "calibrators": list(CALIBRATORS), "calib_samples": self.calib_samples}
+
+    def notes(self, result):
+        r = result
+        lines = [f"LRASPP-MobileNetV3-Large trained here ({r['epochs']} epochs, {r['train_s']:.0f} s, "
+                 f"{r['train_images']} scenes at {r['input'][-1]} px); mIoU over 4 classes on {r['test_images']} "
+                 f"test scenes; the search chose on {r['val_images']} val scenes."]
+        for row in r["rows"]:
+            if "search_s" in row:
+                w = row.get("winner") or {}
+                won = (f"trial {w.get('trial')} ({w.get('kind')} {w.get('calibrator')})" if w
+                       else "no trial passed on val")
+                lines.append(f"  {row['row']}: {won}; float layers {row.get('float_layers', [])}; {row['trials']} "
+                             f"trial(s), search {row['search_s']:.1f} s ({row['search_cost_ratio']:.1f}x one "
+                             "evaluation pass over val)")
+        return lines
