@@ -201,7 +201,7 @@ def register(sub) -> None:
                    "(torchvision, timm); yolov8n: Ultralytics' YOLOv8n at 640 with random weights (costs are real, "
                    "accuracy is not) and the accuracy-aware search's cost against one evaluation pass; yolov8n-trained: "
                    "a YOLOv8n trained here on shape scenes at 192, PTQ and quantize: auto per calibrator; lraspp: "
-                   "LRASPP-MobileNetV3 trained here on shape scenes with masks at 96, mIoU of PTQ per calibrator "
+                   "LRASPP-MobileNetV3 trained here on shape scenes with masks at 64, mIoU of PTQ per calibrator "
                    "and quantize: auto")
     p.add_argument("--json", dest="json_path", default=None, help="also write the rows to this JSON file")
     p.add_argument("--workdir", default=None, help="keep the models here (default: a temporary folder)")

@@ -1,5 +1,6 @@
-"""The recipe ``edgeslim init`` writes for a segmenter: the class count and logits output read from the
-model's outputs on a few validation images, checked against the labels, and the segmentation gate."""
+"""The recipe ``edgeslim init`` writes for a segmenter: its format, class count and outputs read from the
+model's outputs on a few validation images (per-pixel logits: semantic; a decoded ``(N, 4+classes+nm, A)``
+output beside ``(N, nm, h, w)`` prototypes: ``yolo-seg``), checked against the labels, and its gate."""
 
 from __future__ import annotations
 
@@ -53,18 +54,97 @@ register:
 """
 
 
-def _task_fields(data, load_model: Callable) -> dict[str, str]:
+INSTANCE_TEMPLATE = """\
+# edgeslim recipe for the instance segmenter {source}
+# Written by `edgeslim init`; run it with `edgeslim run {output}`.
+# Every key is documented in the recipe reference (docs/recipe-reference.md).
+version: 1
+
+source: {source}
+
+# Instance labels: y_* are object arrays, y[i] a (k, H, W) uint8 stack whose instance j holds its class + 1.
+data:
+{data}
+
+stages:
+  - export: {{opset: 18}}
+  - quantize:
+      method: auto                   # PTQ per calibrator, then the output tails (decoded, prototypes) in float
+      calibrators: [percentile, entropy, mse, minmax]
+      num_samples: 256
+      max_float_layers: 3
+      qat: false
+      float_layers: []               # ONNX node names or patterns always kept in float
+
+# Read from the model's outputs on {n_probe} validation image(s): {outputs}
+task:
+  kind: segmentation
+  format: yolo-seg
+  num_classes: {num_classes}                   # {num_classes_why}
+  score_threshold: 0.25              # your deployment threshold: precision/recall are reported at it
+  decoder:
+    output: {det}
+    proto: {proto}
+    nms_iou: 0.7
+    min_score: 0.01
+    max_detections: 100
+    mask_threshold: 0.5
+  # loss_fn: mypkg.losses:loss       # distill/prune's label loss (default: Ultralytics' v8SegmentationLoss)
+  gate:
+    max_mask_map_drop: 1.0           # points of mask mAP@0.5
+    max_mask_map50_95_drop: 1.0      # points of mask mAP@0.5:0.95
+    max_tp_score_drop: 0.05          # mean true-positive score: catches collapsed confidence
+
+evaluate:
+  latency_batches: [1, 8]
+  latency_warmup: 3
+  latency_repeats: 10
+
+register:
+  name: "{edge_name}"
+  alias: edge-candidate
+  experiment: edgeslim
+"""
+
+
+def _probe(data, load_model: Callable):
     import numpy as np
     import torch
 
     from edgeslim.components.common.model_outputs import forward_tensors, output_names
 
     probe = data.x_val[:2] if len(data.x_val) else data.x_train[:2]
-    labels = np.asarray(data.y_val[:2] if len(data.y_val) else data.y_train[:2])
     outs = forward_tensors(load_model().eval(), torch.from_numpy(np.ascontiguousarray(probe, dtype=np.float32)))
     names = output_names(len(outs))
     shapes = [list(o.shape) for o in outs]
-    actual = ", ".join(f"{n} {s}" for n, s in zip(names, shapes))
+    return probe, names, shapes, ", ".join(f"{n} {s}" for n, s in zip(names, shapes))
+
+
+def _instance_fields(data, load_model: Callable) -> dict[str, str]:
+    import numpy as np
+
+    probe, names, shapes, actual = _probe(data, load_model)
+    det = [(n, s) for n, s in zip(names, shapes) if len(s) == 3]
+    proto = [(n, s) for n, s in zip(names, shapes) if len(s) == 4]
+    if len(det) != 1 or len(proto) != 1 or det[0][1][1] <= 4 + proto[0][1][1]:
+        raise ConfigError(f"the labels are instances but the model's outputs ({actual}) are not a decoded "
+                          "(N, 4+classes+masks, A) output beside (N, masks, h, w) prototypes; log an Ultralytics "
+                          "segmentation model in eval mode (YOLO('best.pt').model.eval())")
+    nc = det[0][1][1] - 4 - proto[0][1][1]
+    seen = [int(np.asarray(y).max()) - 1 for y in data.y_train[:64] if np.asarray(y).size]
+    top = max(seen) if seen else 0
+    if top >= nc:
+        raise ConfigError(f"the labels hold class {top} but the model's head has {nc} classes; check the labels")
+    return {"num_classes": str(nc), "det": det[0][0], "proto": proto[0][0], "n_probe": str(len(probe)),
+            "outputs": actual, "num_classes_why": f"from the model's {det[0][0]} ({det[0][1][1]} channels: 4 box "
+            f"values + classes + {proto[0][1][1]} mask coefficients)"}
+
+
+def _task_fields(data, load_model: Callable) -> dict[str, str]:
+    import numpy as np
+
+    labels = np.asarray(data.y_val[:2] if len(data.y_val) else data.y_train[:2])
+    probe, names, shapes, actual = _probe(data, load_model)
     logits = [(n, s) for n, s in zip(names, shapes) if len(s) == 4 and s[1] >= 2]
     if not logits:
         raise ConfigError(f"the model's outputs ({actual}) hold no per-pixel logits [N, classes, H, W]; a "
@@ -84,6 +164,10 @@ def _task_fields(data, load_model: Callable) -> dict[str, str]:
 def init_recipe(*, source: str, output: Path, data: str, edge_name: str, splits, load_model: Callable) -> str:
     if splits is None:
         raise ConfigError("--task segmentation needs segmentation data: --npz PATH (y_* integer class maps of "
-                          "shape (N, H, W)) or --data masks --data-arg root=FOLDER")
+                          "shape (N, H, W), or object arrays of (k, H, W) instance stacks) or --data masks "
+                          "--data-arg root=FOLDER")
+    if splits.y_train.dtype == object:
+        return INSTANCE_TEMPLATE.format(source=source, output=output, data=data, edge_name=edge_name,
+                                        **_instance_fields(splits, load_model))
     return INIT_TEMPLATE.format(source=source, output=output, data=data, edge_name=edge_name,
                                 **_task_fields(splits, load_model))

@@ -34,8 +34,10 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Pairwise IoU of binary masks ``a`` (N, H, W) and ``b`` (M, H, W)."""
-    fa = np.asarray(a, np.float32).reshape(len(a), -1)
-    fb = np.asarray(b, np.float32).reshape(len(b), -1)
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    if not len(a) or not len(b):
+        return np.zeros((len(a), len(b)))
+    fa, fb = a.reshape(len(a), -1), b.reshape(len(b), -1)
     inter = fa @ fb.T
     return inter / np.maximum(fa.sum(1)[:, None] + fb.sum(1)[None, :] - inter, 1e-9)
 

@@ -228,3 +228,27 @@ def gate_instances(metrics: dict[str, Any], config) -> dict[str, Any]:
         result["summary"] = ("confidences collapsed while mask mAP held: keep the class-score branch in float "
                              "(quantize.float_layers) or use quantize method auto. " + result["summary"])
     return result
+
+
+def check_instance_segmenter(model, data: Splits, task) -> None:
+    """Preflight for a ``yolo-seg`` recipe: the labels are instance stacks and the model's outputs fit the decoder.
+
+    Raises:
+        DataError: the labels are no ``(k, H, W)`` instance stacks.
+        ConfigError: the outputs are not the decoded output and prototypes of ``num_classes`` (one line).
+    """
+    import torch
+
+    from edgeslim.components.common.model_outputs import forward_tensors, output_names
+
+    y0 = np.asarray(data.y_test[0]) if len(data.y_test) else None
+    if y0 is None or y0.ndim != 3:
+        raise DataError("data: a yolo-seg task needs y_* object arrays of per-image (k, H, W) instance stacks; got "
+                        f"labels like {list(y0.shape) if y0 is not None else 'none'}")
+    x = np.ascontiguousarray(data.x_test[:2])
+    outs = [o.numpy() for o in forward_tensors(model.eval(), torch.from_numpy(x))]
+    decode_instances(dict(zip(output_names(len(outs)), outs)), task, x.shape[-2:])
+    if getattr(task, "loss_fn", ""):  # before anything trains: one line if it cannot be imported
+        from edgeslim.components.tasks.segmentation.train_instance import label_loss
+
+        label_loss(model, task)
