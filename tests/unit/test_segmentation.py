@@ -151,3 +151,125 @@ def test_a_splits_of_class_maps_is_told_apart_from_labels_and_boxes():
     x = np.zeros((3, 3, 4, 4), np.float32)
     d = Splits(x, np.zeros((3, 4, 4), np.int64), x, np.zeros((3, 4, 4), np.int64), x, np.zeros((3, 4, 4), np.int64))
     assert [k for k in TASKS.names() if task_class(k).recognises(d)] == ["segmentation"]
+
+
+# ----------------------------------------------------------------------------------------- yolo-seg
+
+INSTANCE = task_from_dict({"kind": "segmentation", "format": "yolo-seg", "num_classes": 2,
+                           "decoder": {"nms_iou": 0.5, "min_score": 0.05}})
+
+
+def yolo_seg_outputs() -> dict[str, np.ndarray]:
+    """One 32x32 image: two anchors on one 8x8 box (class 1, scores 0.9 and 0.8: NMS keeps one), one anchor on a
+    12x12 box (class 0, 0.6), the rest scoring 0.01; prototype 0 positive everywhere, so a mask is its box."""
+    a, nm = 6, 2
+    det = np.zeros((1, 4 + 2 + nm, a), np.float32)
+    det[0, 4:6] = 0.01
+    for j, (cx, cy, w, h, cls, score) in enumerate([(8, 8, 8, 8, 1, 0.9), (8.5, 8, 8, 8, 1, 0.8),
+                                                     (22, 22, 12, 12, 0, 0.6)]):
+        det[0, :4, j] = cx, cy, w, h
+        det[0, 4 + cls, j] = score
+        det[0, 6, j] = 1.0  # the coefficient of prototype 0
+    proto = np.zeros((1, nm, 8, 8), np.float32)
+    proto[0, 0] = 10.0
+    return {"output_0": det, "output_1": proto}
+
+
+def test_the_yolo_seg_decoder_keeps_the_best_of_overlaps_and_crops_each_mask_to_its_box():
+    from edgeslim.components.tasks.segmentation.instance import decode_instances
+
+    (img,) = decode_instances(yolo_seg_outputs(), INSTANCE, (32, 32))
+    dets, masks = img["detections"], img["masks"]
+    assert dets[:, 4].tolist() == pytest.approx([0.9, 0.6]) and dets[:, 5].tolist() == [1, 0]
+    assert dets[0, :4].tolist() == pytest.approx([4, 4, 12, 12])
+    assert masks.shape == (2, 32, 32) and masks[0].sum() == 64 and masks[0, 4:12, 4:12].all()
+    assert masks[1].sum() == 144 and masks[1, 16:28, 16:28].all()
+    with pytest.raises(ConfigError, match=r"do not fit num_classes=3: the decoded output needs 4 box values \+ 3"):
+        decode_instances(yolo_seg_outputs(), task_from_dict({"kind": "segmentation", "format": "yolo-seg",
+                                                             "num_classes": 3}))
+
+
+def test_box_and_mask_map_match_by_their_own_iou():
+    from edgeslim.components.tasks.segmentation.instance import decode_instances, instance_labels
+    from edgeslim.components.tasks.segmentation.instance_eval import instance_metrics, record
+
+    (img,) = decode_instances(yolo_seg_outputs(), INSTANCE, (32, 32))
+    exact = instance_labels([1, 0], img["masks"])
+    m = instance_metrics([record(img, exact)], 2, 0.25)
+    assert m["mask_map50_95"] == m["box_map50_95"] == 100.0 and m["mean_tp_score"] == pytest.approx(0.75)
+    # the same boxes, but the class-1 object is a thin bar inside its box: the box still matches, the mask not
+    bar = img["masks"].copy()
+    bar[0] = False
+    bar[0, 4:12, 4:6] = True
+    bar[0, 4, 4:12] = True
+    m = instance_metrics([record(img, instance_labels([1, 0], bar))], 2, 0.25)
+    assert m["box_map50"] == 100.0 and m["per_class_mask_ap50"] == {"0": 100.0, "1": 0.0}
+    assert m["recall"] == 50.0 and m["instances"] == 2
+
+
+def test_the_yolo_seg_runtime_returns_instances_and_the_device_check_matches_them():
+    from types import SimpleNamespace
+
+    run = task_class("segmentation").runtime(INSTANCE)
+    outs = yolo_seg_outputs()
+    (img,) = run.predict(outs)["masks"]
+    assert [(i["class"], i["score"], i["box"]) for i in img] == [(1, 0.9, [4.0, 4.0, 12.0, 12.0]),
+                                                                  (0, 0.6, [16.0, 16.0, 28.0, 28.0])]
+    check = run.golden(outs, SimpleNamespace(iou=0.9, score_tol=0.05))
+    assert run.compare(check, outs) == (None, 0.0)
+    low = {k: v.copy() for k, v in outs.items()}
+    low["output_0"][0, 5, :2] = 0.7, 0.6  # the class-1 object's best score falls by 0.2
+    reason, worst = run.compare(check, low)
+    assert reason == "golden image 0: golden instance 0 (class 1): score differs by 0.200 (> 0.05)"
+    assert worst == pytest.approx(0.2)
+
+
+def test_init_recognises_a_yolo_seg_model_and_its_instance_labels():
+    import torch
+    import yaml
+
+    from edgeslim.components.common.model_outputs import tensor_outputs
+    from edgeslim.components.tasks.segmentation.instance import instance_labels
+
+    class FakeSeg(torch.nn.Module):  # what Ultralytics' SegmentationModel returns in eval mode
+        def forward(self, x):
+            n = len(x)
+            return (torch.zeros(n, 4 + 2 + 32, 21), torch.zeros(n, 32, 8, 8)), {"feats": [x]}
+
+    x = np.zeros((4, 3, 32, 32), np.float32)
+    labels = np.empty(4, dtype=object)
+    labels[:] = [instance_labels([1], np.ones((1, 32, 32), bool))] * 4
+    d = Splits(x, labels, x, labels, x, labels)
+    cls = task_class("segmentation")
+    assert [k for k in TASKS.names() if task_class(k).recognises(d)] == ["segmentation"]
+    assert [list(t.shape) for t in tensor_outputs(FakeSeg()(torch.from_numpy(x)))] == [[4, 38, 21], [4, 32, 8, 8]]
+    text = cls.init_recipe(source="models:/s@champion", output="r.yaml", data="  provider: npz", edge_name="s-edge",
+                           splits=d, load_model=FakeSeg)
+    task = yaml.safe_load(text)["task"]
+    assert task["format"] == "yolo-seg" and task["num_classes"] == 2
+    assert task["decoder"]["output"] == "output_0" and task["decoder"]["proto"] == "output_1"
+
+
+@pytest.mark.slow
+def test_ultralytics_segmentation_loss_trains_on_instance_labels():
+    import os
+
+    import torch
+
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    ultralytics = pytest.importorskip("ultralytics.nn.tasks")
+    from edgeslim.components.tasks.segmentation.reference import as_inputs, instance_scenes
+    from edgeslim.components.tasks.segmentation.train_instance import (_padded, label_loss, output_matching,
+                                                                       training_outputs)
+
+    torch.manual_seed(0)
+    model = ultralytics.SegmentationModel("yolov8n-seg.yaml", nc=3, verbose=False)
+    images, labels = instance_scenes(2, 64, seed=0)
+    loss_fn, name = label_loss(model, task_from_dict({"kind": "segmentation", "format": "yolo-seg", "num_classes": 3}))
+    assert name == "ultralytics v8SegmentationLoss"
+    model.train()
+    with training_outputs(model):
+        out = model(torch.from_numpy(as_inputs(images)))
+        loss = loss_fn(out, _padded(labels), model)
+        assert loss.dim() == 0 and torch.isfinite(loss) and loss.requires_grad
+        assert float(output_matching(out, out)) == 0.0

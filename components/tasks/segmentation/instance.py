@@ -4,8 +4,8 @@ The model gives two outputs (Ultralytics' segmentation head in eval or export mo
 ``(N, 4 + nc + nm, A)`` -- per anchor the box centre, width and height in input pixels, ``nc`` class
 scores, ``nm`` mask coefficients -- and the prototype masks ``(N, nm, H/4, W/4)``. Per image the decoder
 keeps anchors scoring at least ``min_score``, suppresses overlaps of one class (NMS at ``nms_iou``),
-multiplies each kept anchor's coefficients with the prototypes, crops the mask logits to the box, upsamples
-them (bilinear) to the input and thresholds them at ``mask_threshold``. Decoding stays out of the graph so
+multiplies each kept anchor's coefficients with the prototypes, upsamples the mask logits (bilinear) to the
+input, thresholds them at ``mask_threshold`` and crops them to the box (as Ultralytics' own predictor does). Decoding stays out of the graph so
 that fp32, int8 and TensorRT outputs are judged by the same numpy code.
 
 Instance labels (a split's ``y``) are per image a ``(k, H, W)`` uint8 stack at the input's size: instance
@@ -121,12 +121,11 @@ def decode_instances(outputs: dict[str, Any], config, hw: Sequence[int] | None =
             out.append({"detections": dets.astype(np.float32), "masks": np.zeros((0, h, w), bool)})
             continue
         logits = (d[4 + nc:, idx].T @ p.reshape(len(p), -1)).reshape(-1, ph, pw)
-        ys, xs = (np.arange(ph) + 0.5) * h / ph, (np.arange(pw) + 0.5) * w / pw
-        b = dets[:, :4]
-        inside = ((xs[None, None, :] >= b[:, 0, None, None]) & (xs[None, None, :] <= b[:, 2, None, None])
-                  & (ys[None, :, None] >= b[:, 1, None, None]) & (ys[None, :, None] <= b[:, 3, None, None]))
-        logits = np.where(inside, logits, -30.0).astype(np.float32)
         masks = upsample_bilinear(logits, h, w) > cut
+        ys, xs = np.arange(h) + 0.5, np.arange(w) + 0.5  # pixel centres inside the box: the crop
+        b = dets[:, :4]
+        masks &= ((xs[None, None, :] >= b[:, 0, None, None]) & (xs[None, None, :] <= b[:, 2, None, None])
+                  & (ys[None, :, None] >= b[:, 1, None, None]) & (ys[None, :, None] <= b[:, 3, None, None]))
         out.append({"detections": dets.astype(np.float32), "masks": masks})
     return out
 

@@ -54,10 +54,52 @@ def _png(rgb: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _instance_map(decoded: dict[str, np.ndarray], threshold: float) -> np.ndarray:
+    """An image's instances scored at least ``threshold`` as one class map (class + 1; the best on top)."""
+    dets, masks = decoded["detections"], decoded["masks"]
+    out = np.zeros(masks.shape[1:], np.int32)
+    for d, m in list(zip(dets, masks))[::-1]:
+        if d[4] >= threshold:
+            out[m] = int(d[5]) + 1
+    return out
+
+
+def _label_map(label: np.ndarray) -> np.ndarray:
+    lab = np.asarray(label)
+    return lab.max(0).astype(np.int32) if len(lab) else np.zeros(lab.shape[1:], np.int32)
+
+
+def instance_figures(candidate_onnx, *, parent_onnx, data, task, student_onnx=None) -> dict[str, Any]:
+    """``yolo-seg``: the output error and the overlays of the instances scored at the deployment threshold."""
+    from edgeslim.components.tasks.segmentation.instance_eval import instance_batches
+
+    ref_path, reference = reference_onnx(parent_onnx=parent_onnx, student_onnx=student_onnx)
+    own = ref_path != Path(parent_onnx)
+    err, shown = OutputError(), []
+    x = np.asarray(data.x_test[:OVERLAY_IMAGES])
+    k, thr = task.num_classes + 1, task.score_threshold
+
+    def on_batch(raw, decoded, labels):
+        err.add(raw[2 if own else 0], raw[1])
+        for i in range(min(len(labels), OVERLAY_IMAGES - len(shown))):
+            fp32, int8 = _instance_map(decoded[0][i], thr), _instance_map(decoded[1][i], thr)
+            xi = x[len(shown)]
+            shown.append({"input": _png(overlay(xi, None, k)), "labels": _png(overlay(xi, _label_map(labels[i]), k)),
+                          "fp32": _png(overlay(xi, fp32, k)), "int8": _png(overlay(xi, int8, k)),
+                          "pixel_agreement": round(float((fp32 == int8).mean()), 5)})
+
+    paths = [parent_onnx, candidate_onnx, *([student_onnx] if own else [])]
+    instance_batches(paths, data.x_test, data.y_test, task, basic=True, on_batch=on_batch)
+    return {"output_error": err.result(reference), "overlays": shown}
+
+
 def figures(candidate_onnx: str | Path, *, parent_onnx: str | Path, data, task,
             student_onnx: str | Path | None = None) -> dict[str, Any]:
     """The int8 output error against its own fp32 model, and the overlays (input, labels, fp32, int8 masks as
     PNGs) of the first test images, in one pass of the models over the test split."""
+    if task.instance:
+        return instance_figures(candidate_onnx, parent_onnx=parent_onnx, data=data, task=task,
+                                student_onnx=student_onnx)
     ref_path, reference = reference_onnx(parent_onnx=parent_onnx, student_onnx=student_onnx)
     own = ref_path != Path(parent_onnx)
     err = OutputError()
@@ -81,6 +123,15 @@ def figures(candidate_onnx: str | Path, *, parent_onnx: str | Path, data, task,
 
 
 def iou_chart(rep: dict[str, Any]) -> Chart:
+    si, ci = (rep[k].get("instance_segmentation") or {} for k in ("source", "candidate"))
+    if si and ci:
+        title = "Per-class mask AP@0.5, fp32 and int8"
+        rows_ = [{"class": f"class {k}", "fp32": v, "int8": ci["per_class_mask_ap50"].get(k, 0.0)}
+                 for k, v in si["per_class_mask_ap50"].items()]
+        svg = bar_panels(title, rows_, "class", [("fp32 mask AP@0.5 (%)", "fp32", FP32, None),
+                                                 ("int8 mask AP@0.5 (%)", "int8", INT8, None)])
+        return Chart("segmentation-iou", title, svg, f"Test split, {si['instances']} instances; mask mAP@0.5:0.95 "
+                     f"{si['mask_map50_95']:.2f} (fp32), {ci['mask_map50_95']:.2f} (int8).")
     title = "Per-class IoU, fp32 and int8"
     s, c = (rep[k].get("segmentation") or {} for k in ("source", "candidate"))
     if not s or not c:
@@ -120,8 +171,29 @@ def charts(rep: dict[str, Any]) -> list[Chart]:
     return [iou_chart(rep), overlay_chart(rep)]
 
 
+def instance_rows(rep: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """``yolo-seg``: box and mask mAP, the score calibration and the agreement figures."""
+    cand = rep["candidate"]
+    s, c = rep["source"].get("instance_segmentation") or {}, cand.get("instance_segmentation") or {}
+    if not s or not c:
+        return []
+    thr = c.get("score_threshold", 0.25)
+    out = [(label, f"{s[k]:.2f}", f"{c[k]:.2f}", f"{c[k] - s[k]:+.2f} pt") for label, k in (
+        ("mask mAP@0.5 (%)", "mask_map50"), ("box mAP@0.5 (%)", "box_map50"), ("box mAP@0.5:0.95 (%)", "box_map50_95"),
+        (f"recall at score >= {thr:g} (%)", "recall"), (f"precision at score >= {thr:g} (%)", "precision"))]
+    out.insert(1, ("mean true-positive score", f"{s['mean_tp_score']:.3f}", f"{c['mean_tp_score']:.3f}",
+                   f"{c['mean_tp_score'] - s['mean_tp_score']:+.3f}"))
+    out.append(("instance agreement", "", f"{cand['fidelity'].get('mask_agreement', 0.0):.4f}", ""))
+    if cand.get("cpu_int8_kernel_metric") is not None:
+        out.append(("mask mAP@0.5:0.95, ORT fused int8 CPU kernels (%)", "", f"{cand['cpu_int8_kernel_metric']:.2f}",
+                    "not gated"))
+    return out
+
+
 def rows(rep: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """Pixel accuracy, the worst class's IoU and the agreement figures the segmentation gate's reader wants."""
+    if rep["source"].get("instance_segmentation"):
+        return instance_rows(rep)
     cand = rep["candidate"]
     s, c = rep["source"].get("segmentation") or {}, cand.get("segmentation") or {}
     if not s or not c:
