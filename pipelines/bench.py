@@ -178,6 +178,12 @@ def _lraspp():
     return Lraspp()
 
 
+def _yolov8n_seg_trained():
+    from edgeslim.pipelines.bench_segment import YoloV8nSegTrained
+
+    return YoloV8nSegTrained()
+
+
 def _arch(name: str) -> Callable[[], Workload]:
     def make() -> Workload:
         from edgeslim.pipelines.bench_archs import ARCHS
@@ -190,6 +196,7 @@ def _arch(name: str) -> Callable[[], Workload]:
 WORKLOADS: dict[str, Callable[[], Workload]] = {"digits": ReferenceClassifier, "mobile": ReferenceMobile,
                                                 "detect": _detect, "yolov8n": _yolov8n,
                                                 "yolov8n-trained": _yolov8n_trained, "lraspp": _lraspp,
+                                                "yolov8n-seg-trained": _yolov8n_seg_trained,
                                                 **{a: _arch(a) for a in ("resnet18", "mobilenetv3", "vit-tiny")}}
 
 
@@ -202,7 +209,8 @@ def register(sub) -> None:
                    "accuracy is not) and the accuracy-aware search's cost against one evaluation pass; yolov8n-trained: "
                    "a YOLOv8n trained here on shape scenes at 192, PTQ and quantize: auto per calibrator; lraspp: "
                    "LRASPP-MobileNetV3 trained here on shape scenes with masks at 64, mIoU of PTQ per calibrator "
-                   "and quantize: auto")
+                   "and quantize: auto; yolov8n-seg-trained: a YOLOv8n-seg trained here on shape scenes with instance "
+                   "masks at 128, mask mAP of PTQ per calibrator and quantize: auto")
     p.add_argument("--json", dest="json_path", default=None, help="also write the rows to this JSON file")
     p.add_argument("--workdir", default=None, help="keep the models here (default: a temporary folder)")
     p.add_argument("--threads", type=int, default=1,

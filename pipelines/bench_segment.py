@@ -1,4 +1,4 @@
-"""``edgeslim bench --workload lraspp``: torchvision's LRASPP head on a MobileNetV3-Small backbone (dilated,
+"""``edgeslim bench --workload lraspp`` and ``--workload yolov8n-seg-trained``: torchvision's LRASPP head on a MobileNetV3-Small backbone (dilated,
 as torchvision builds its LRASPP-MobileNetV3), trained here on shape scenes with their class maps, through
 int8: a workload of the one bench harness (:mod:`.bench_harness`).
 
@@ -9,6 +9,8 @@ Large backbone at 96 pixels took 15 minutes an epoch there). Rows: fp32; edgesli
 (``quantize: auto``, every calibrator, QAT off), judged on val by the segmentation gate at 1.0 pt of mIoU.
 Every row is scored on the test split: mIoU, pixel accuracy, the worst class's IoU and the logits' SQNR
 against fp32. The search's cost is reported as a ratio to one evaluation pass over val.
+
+:class:`YoloV8nSegTrained` does the same for instance segmentation with Ultralytics' YOLOv8n-seg (mask mAP).
 """
 
 from __future__ import annotations
@@ -23,6 +25,28 @@ from edgeslim.pipelines.bench_harness import Column, Context, RowSpec, Workload
 SIZE = 64
 CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
 MIOU_TARGET = 1.0  # points of mIoU an int8 row may lose against fp32 on test
+
+
+def search_cost(search_s: float, eval_s: float, autotune: Path) -> dict[str, Any]:
+    """What a search cost: its seconds, and their ratio to one evaluation pass over val (``eval_s``)."""
+    import json
+
+    report = json.loads(autotune.read_text()) if autotune.is_file() else {}
+    return {"search_s": round(search_s, 1), "eval_pass_s": round(eval_s, 2),
+            "search_cost_ratio": round(search_s / max(eval_s, 1e-9), 1), "trials": len(report.get("trials", []))}
+
+
+def search_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per search row: the winner (or none), the layers left in float, the search's cost."""
+    lines = []
+    for row in rows:
+        if "search_s" in row:
+            w = row.get("winner") or {}
+            won = f"trial {w.get('trial')} ({w.get('kind')} {w.get('calibrator')})" if w else "no trial passed on val"
+            lines.append(f"  {row['row']}: {won}; float layers {row.get('float_layers', [])}; {row['trials']} "
+                         f"trial(s), search {row['search_s']:.1f} s ({row['search_cost_ratio']:.1f}x one "
+                         "evaluation pass over val)")
+    return lines
 
 
 def lraspp(num_classes: int, inter_channels: int = 64):
@@ -132,18 +156,11 @@ class Lraspp(Workload):
                          progress=lambda m: ctx.log("    " + m))
         except GateRejected as exc:
             yield RowSpec(name, None, failed=" ".join(str(exc).split())[:300],
-                          extra=self._cost(time.perf_counter() - t, eval_s, wd / "auto" / "autotune.json", data))
+                          extra=search_cost(time.perf_counter() - t, eval_s, wd / "auto" / "autotune.json"))
             return
         yield RowSpec(name, Path(res.model), macs, int8=True, extra={
             "winner": res.metrics.get("winner"), "float_layers": res.metrics.get("float_layers", []),
-            **self._cost(time.perf_counter() - t, eval_s, wd / "auto" / "autotune.json", data)})
-
-    def _cost(self, search_s: float, eval_s: float, autotune: Path, data) -> dict[str, Any]:
-        import json
-
-        report = json.loads(autotune.read_text()) if autotune.is_file() else {}
-        return {"search_s": round(search_s, 1), "eval_pass_s": round(eval_s, 2),
-                "search_cost_ratio": round(search_s / max(eval_s, 1e-9), 1), "trials": len(report.get("trials", []))}
+            **search_cost(time.perf_counter() - t, eval_s, wd / "auto" / "autotune.json")})
 
     def accuracy(self, ctx: Context, spec: RowSpec, reference):
         from edgeslim.components.common.onnx_runtime import SqnrAccumulator
@@ -186,15 +203,152 @@ class Lraspp(Workload):
 
     def notes(self, result):
         r = result
-        lines = [f"LRASPP-MobileNetV3-Small trained here ({r['epochs']} epochs, {r['train_s']:.0f} s, "
-                 f"{r['train_images']} scenes at {r['input'][-1]} px); mIoU over 4 classes on {r['test_images']} "
-                 f"test scenes; the search chose on {r['val_images']} val scenes."]
-        for row in r["rows"]:
-            if "search_s" in row:
-                w = row.get("winner") or {}
-                won = (f"trial {w.get('trial')} ({w.get('kind')} {w.get('calibrator')})" if w
-                       else "no trial passed on val")
-                lines.append(f"  {row['row']}: {won}; float layers {row.get('float_layers', [])}; {row['trials']} "
-                             f"trial(s), search {row['search_s']:.1f} s ({row['search_cost_ratio']:.1f}x one "
-                             "evaluation pass over val)")
-        return lines
+        return [f"LRASPP-MobileNetV3-Small trained here ({r['epochs']} epochs, {r['train_s']:.0f} s, "
+                f"{r['train_images']} scenes at {r['input'][-1]} px); mIoU over 4 classes on {r['test_images']} "
+                f"test scenes; the search chose on {r['val_images']} val scenes.", *search_notes(r["rows"])]
+
+SEG_SIZE = 128
+
+
+class YoloV8nSegTrained(Workload):
+    """``edgeslim bench --workload yolov8n-seg-trained``: Ultralytics' YOLOv8n-seg (``yolov8n-seg.yaml``, ``nc`` 3,
+    random initial weights: nothing is downloaded) trained here for a few epochs on shape scenes with one
+    instance label per shape at 128 pixels, with the segmentation task's ``train_instance_segmenter``
+    (Ultralytics' own v8SegmentationLoss); then fp32, PTQ per calibrator and ``quantize: auto`` (every
+    calibrator, QAT off, judged on val by the instance gate at 1.0 pt of mask mAP), every row scored on the
+    test split: box and mask mAP@0.5:0.95, mask mAP@0.5, and the raw outputs' SQNR against fp32."""
+
+    name = "yolov8n-seg-trained"
+    columns = (Column("sqnr_db", "SQNR dB", 7, ".1f"), Column("mask_map50", "mask50", 6, ".2f"),
+               Column("mask_map50_95", "mask50-95", 9, ".2f"), Column("box_map50_95", "box50-95", 8, ".2f"))
+    drops = {"mask_map50_95_drop": ("mask_map50_95", 3)}
+    latency_batches = (1,)
+
+    def __init__(self, *, n_train: int = 192, n_val: int = 48, n_test: int = 64, calib_samples: int = 32,
+                 epochs: int = 6, batch_size: int = 8, lr: float = 3e-3) -> None:
+        self.n_train, self.n_val, self.n_test, self.calib_samples = n_train, n_val, n_test, calib_samples
+        self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
+
+    def prepare(self, ctx: Context) -> None:
+        import os
+
+        import torch
+
+        from edgeslim.components.common.data import Splits
+        from edgeslim.components.common.stage_configs import OnnxExportConfig
+        from edgeslim.components.common.tasks import task_from_dict
+        from edgeslim.components.export import export
+        from edgeslim.components.tasks.segmentation.reference import as_inputs, instance_scenes
+        from edgeslim.components.tasks.segmentation.train_instance import train_instance_segmenter
+
+        if ctx.quick:  # a smoke run: one epoch on a few scenes, figures mean nothing
+            self.n_train, self.n_val, self.n_test, self.calib_samples, self.epochs, self.batch_size = 8, 4, 4, 4, 1, 4
+        os.environ.setdefault("YOLO_OFFLINE", "1")
+        try:
+            from ultralytics.nn.tasks import SegmentationModel
+        except ImportError:
+            raise MissingDependencyError("ultralytics", why="the yolov8n-seg-trained bench builds its network with it") \
+                from None
+        n = self.n_train + self.n_val + self.n_test
+        images, labels = instance_scenes(n, SEG_SIZE, ctx.seed)
+        x = as_inputs(images)
+        a, b = self.n_train, self.n_train + self.n_val
+        ctx.data = Splits(x[:a], labels[:a], x[a:b], labels[a:b], x[b:], labels[b:],
+                          source=f"instance shape scenes at {SEG_SIZE}")
+        task = ctx.extra["task"] = task_from_dict({"kind": "segmentation", "format": "yolo-seg", "num_classes": 3,
+                                                   "gate": {"max_mask_map_drop": 1.0, "max_mask_map50_95_drop": 1.0}})
+        torch.manual_seed(ctx.seed)
+        model = SegmentationModel("yolov8n-seg.yaml", nc=3, verbose=False)  # YOLO("yolov8n-seg.yaml").model's class
+        ctx.log(f"YOLOv8n-seg (nc=3), {n} shape scenes at {SEG_SIZE}x{SEG_SIZE} ({a}/{self.n_val}/{self.n_test}); "
+                f"training {self.epochs} epochs, batch {self.batch_size}")
+        t = time.perf_counter()
+        train_instance_segmenter(model, ctx.data.x_train, ctx.data.y_train, task, epochs=self.epochs, lr=self.lr,
+                                 batch_size=self.batch_size, seed=ctx.seed,
+                                 progress=lambda e, n_e, loss: ctx.log(
+                                     f"  epoch {e}/{n_e} loss {loss:.3f} ({time.perf_counter() - t:.0f} s)"))
+        ctx.extra["train_s"] = round(time.perf_counter() - t, 1)
+        ctx.teacher = model.eval()
+        ctx.extra["fp32"] = Path(export(ctx.teacher, OnnxExportConfig(check_samples=2, atol=0.1), data=ctx.data,
+                                        out_path=ctx.workdir / "yolov8n-seg.fp32.onnx").model)
+
+    def rows(self, ctx: Context) -> Iterator[RowSpec]:
+        import torch
+
+        from edgeslim.components.common.errors import GateRejected
+        from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig, PTQQuantizeConfig
+        from edgeslim.components.quantize.ptq import quantize
+        from edgeslim.components.quantize.search import search
+        from edgeslim.components.tasks.segmentation.instance_eval import instance_batches
+        from edgeslim.components.tasks.segmentation.search import InstanceStrategy
+        from edgeslim.components.transform.prune import count_macs_params
+
+        data, task, wd, fp32 = ctx.data, ctx.extra["task"], ctx.workdir, ctx.extra["fp32"]
+        macs = count_macs_params(ctx.teacher, torch.from_numpy(data.x_test[:1]))[0]
+        yield RowSpec("fp32", fp32, macs)
+        t = time.perf_counter()
+        instance_batches([fp32], data.x_val, data.y_val, task)
+        eval_s = time.perf_counter() - t
+        cals = CALIBRATORS[:1 if ctx.quick else None]
+        for cal in cals:
+            ctx.log(f"PTQ {cal}")
+            res = quantize(fp32, PTQQuantizeConfig(calibrator=cal, num_samples=self.calib_samples), data=data,
+                           out_dir=wd / f"ptq-{cal}")
+            yield RowSpec(f"PTQ {cal}", Path(res.model), macs, int8=True)
+        cfg = AccuracyAwareQuantizeConfig(calibrators=list(cals), num_samples=self.calib_samples, qat=False)
+        ctx.log(f"accuracy-aware search, calibrators {', '.join(cals)} (judged on {len(data.x_val)} val scenes)")
+        t = time.perf_counter()
+        try:
+            res = search(fp32, cfg, strategy=InstanceStrategy(fp32, task), data=data, out_dir=wd / "auto",
+                         progress=lambda m: ctx.log("    " + m))
+        except GateRejected as exc:
+            yield RowSpec("quantize: auto", None, failed=" ".join(str(exc).split())[:300],
+                          extra=search_cost(time.perf_counter() - t, eval_s, wd / "auto" / "autotune.json"))
+            return
+        yield RowSpec("quantize: auto", Path(res.model), macs, int8=True, extra={
+            "winner": res.metrics.get("winner"), "float_layers": res.metrics.get("float_layers", []),
+            **search_cost(time.perf_counter() - t, eval_s, wd / "auto" / "autotune.json")})
+
+    def accuracy(self, ctx: Context, spec: RowSpec, reference):
+        import numpy as np
+
+        from edgeslim.components.common.onnx_runtime import SqnrAccumulator
+        from edgeslim.components.tasks.segmentation.instance_eval import instance_batches, instance_metrics
+
+        task, kept, acc = ctx.extra["task"], [], SqnrAccumulator()
+
+        def on_batch(raw, decoded, labels):
+            flat = np.concatenate([o.reshape(len(o), -1) for o in raw[0][0]], 1)
+            if reference is None:
+                kept.append(flat)
+            else:
+                acc.add(reference[len(kept)], flat)
+                kept.append(None)
+
+        (recs,) = instance_batches([spec.path], ctx.data.x_test, ctx.data.y_test, task, on_batch=on_batch)
+        m = instance_metrics(recs, task.num_classes, task.score_threshold)
+        row = {k: m[k] for k in ("mask_map50", "mask_map50_95", "box_map50_95", "mean_tp_score")}
+        if reference is None:
+            return {**row, "sqnr_db": None}, kept
+        return {**row, "sqnr_db": round(acc.db(), 2)}, None
+
+    def targets(self, rows, ctx):
+        fp32, out = rows[0], {}
+        for r in rows[1:]:
+            name = f"{r['row']}: within 1.0 pt mask mAP@0.5:0.95 of fp32 on test"
+            if "mask_map50_95" not in r:
+                out[name] = {"value": r.get("failed", "no model"), "met": False}
+                continue
+            drop = fp32["mask_map50_95"] - r["mask_map50_95"]
+            out[name] = {"value": round(drop, 3), "met": drop <= 1.0}
+        return out
+
+    def summary(self, ctx):
+        return {"input": [3, SEG_SIZE, SEG_SIZE], "train_images": self.n_train, "val_images": self.n_val,
+                "test_images": self.n_test, "epochs": self.epochs, "train_s": ctx.extra.get("train_s"),
+                "test_instances": int(sum(len(v) for v in ctx.data.y_test)), "calibrators": list(CALIBRATORS)}
+
+    def notes(self, result):
+        return [f"YOLOv8n-seg trained here ({result['epochs']} epochs, {result['train_s']:.0f} s, "
+                f"{result['train_images']} scenes at {SEG_SIZE} px); mask and box mAP against the drawn shapes on "
+                f"{result['test_images']} test scenes ({result['test_instances']} instances).",
+                *search_notes(result["rows"])]

@@ -273,3 +273,26 @@ def test_ultralytics_segmentation_loss_trains_on_instance_labels():
         loss = loss_fn(out, _padded(labels), model)
         assert loss.dim() == 0 and torch.isfinite(loss) and loss.requires_grad
         assert float(output_matching(out, out)) == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workload", ["lraspp", "yolov8n-seg-trained"])
+def test_the_segmentation_benches_train_then_report_fp32_ptq_and_the_search(workload, tmp_path, capsys):
+    """`edgeslim bench --workload lraspp|yolov8n-seg-trained --quick`: a model trained a step or two on shape
+    scenes, then fp32, PTQ and `quantize: auto` scored on the test split; the search's row says what it cost."""
+    import json
+
+    from edgeslim.cli import main
+
+    pytest.importorskip("ultralytics" if workload.startswith("yolo") else "torchvision")
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--workload", workload, "--quick", "--repeats", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    rows = {r["row"]: r for r in res["rows"]}
+    assert list(rows) == ["fp32", "PTQ minmax", "quantize: auto"]
+    metric = "miou" if workload == "lraspp" else "mask_map50_95"
+    for r in (rows["fp32"], rows["PTQ minmax"]):
+        assert 0.0 <= r[metric] <= 100.0
+    auto = rows["quantize: auto"]
+    assert auto["search_s"] > 0 and auto["trials"] >= 1 and (auto.get("failed") or metric in auto)
+    assert "trained here" in capsys.readouterr().out
