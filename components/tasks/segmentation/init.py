@@ -29,6 +29,7 @@ stages:
       calibrators: [percentile, entropy, mse, minmax]
       num_samples: 256
       max_float_layers: 3
+      qat: false                     # a segmenter has no QAT twin
       float_layers: []               # ONNX node names or patterns always kept in float
 
 # Read from the model's outputs on {n_probe} validation image(s): {outputs}
