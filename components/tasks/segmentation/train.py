@@ -154,7 +154,8 @@ def distill_segmenter(model: nn.Module, config: LogitDistillConfig, *, data: Spl
     """Train a segmenter student with the pixel-wise loss, distilled from ``teacher``.
 
     ``student: previous`` trains a copy of ``model``; ``student: width`` prunes the teacher to ``width`` of
-    its channels first (the classifier convs whole)."""
+    its channels first (the classifier convs whole). BatchNorm statistics a short distillation leaves stale
+    (MobileNetV3's momentum is 0.01) get the training inputs' average at the end."""
     from edgeslim.components.transform.prune import count_macs_params
 
     start = time.perf_counter()
@@ -171,7 +172,7 @@ def distill_segmenter(model: nn.Module, config: LogitDistillConfig, *, data: Spl
     train_segmenter(student, data, task, epochs=config.epochs, lr=config.lr, batch_size=config.batch_size,
                     teacher=teacher, temperature=config.temperature, alpha=config.alpha, seed=config.seed,
                     augment=config.augment, optimizer=config.optimizer, weight_decay=config.weight_decay,
-                    schedule=config.schedule,
+                    schedule=config.schedule, recalibrate_batchnorm=True,
                     progress=lambda e, n, l: (losses.append(l), progress and progress(e, n, l)))
     example = torch.from_numpy(np.ascontiguousarray(data.x_train[:1]))
     macs, params = count_macs_params(student, example)
