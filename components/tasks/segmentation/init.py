@@ -23,7 +23,7 @@ data:
 {data}
 
 stages:
-  - export: {{opset: 18}}
+  - export: {{}}                     # opset: the highest every class in engines.device_classes parses
   - quantize:
       method: auto                   # PTQ per calibrator, then the most sensitive layers kept in float
       calibrators: [percentile, entropy, mse, minmax]
@@ -68,7 +68,7 @@ data:
 {data}
 
 stages:
-  - export: {{opset: 18}}
+  - export: {{}}                     # opset: the highest every class in engines.device_classes parses
   - quantize:
       method: auto                   # PTQ per calibrator, then the output tails (decoded, prototypes) in float
       calibrators: [percentile, entropy, mse, minmax]
