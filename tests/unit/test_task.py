@@ -73,20 +73,20 @@ def test_your_own_task_through_an_installed_entry_point(tmp_path):
         from edgeslim.components.common.tasks import TaskConfig
 
         @dataclasses.dataclass(frozen=True)
-        class SegConfig(TaskConfig):
-            kind: Literal["segmentation"] = "segmentation"
+        class DepthConfig(TaskConfig):
+            kind: Literal["depth"] = "depth"
             num_classes: int = 2
             quantize_methods = ("ptq", "auto")
 
-        class SegTask:
-            kind = "segmentation"
-            config_class = SegConfig
+        class DepthTask:
+            kind = "depth"
+            config_class = DepthConfig
 
             def __init__(self, config):
                 self.config = config
 
             def gate(self, metrics, recipe):
-                return {"passed": metrics["miou"] > 50, "summary": "mIoU", "checks": []}
+                return {"passed": metrics["delta1"] > 50, "summary": "delta1", "checks": []}
 
             def metadata(self):
                 return self.config.metadata()
@@ -94,15 +94,15 @@ def test_your_own_task_through_an_installed_entry_point(tmp_path):
     dist = tmp_path / "my_tasks-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-tasks\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[edgeslim.tasks]\nsegmentation = my_tasks:SegTask\n")
+    (dist / "entry_points.txt").write_text("[edgeslim.tasks]\ndepth = my_tasks:DepthTask\n")
     code = textwrap.dedent('''
         from edgeslim.components.recipe import recipe_from_dict
         from edgeslim.components.common.tasks import task_for
-        r = recipe_from_dict({"source": "models:/m@champion", "task": {"kind": "segmentation", "num_classes": 5}})
+        r = recipe_from_dict({"source": "models:/m@champion", "task": {"kind": "depth", "num_classes": 5}})
         t = task_for(r.task)
-        print(type(t).__name__, r.task.num_classes, t.gate({"miou": 61.0}, r)["passed"], t.metadata()["kind"])
+        print(type(t).__name__, r.task.num_classes, t.gate({"delta1": 61.0}, r)["passed"], t.metadata()["kind"])
         try:  # a method the task's config does not list is refused when the recipe loads, in one line
-            recipe_from_dict({"source": "models:/m@champion", "task": {"kind": "segmentation"},
+            recipe_from_dict({"source": "models:/m@champion", "task": {"kind": "depth"},
                               "stages": [{"quantize": {"method": "qat"}}]})
         except Exception as e:
             print(type(e).__name__, "|", str(e).replace(" ", "_"))
@@ -111,6 +111,6 @@ def test_your_own_task_through_an_installed_entry_point(tmp_path):
                          env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     first, refusal = out.stdout.splitlines()
-    assert first.split() == ["SegTask", "5", "True", "segmentation"]
-    assert refusal == ("ConfigError | stages:_quantize_method_'qat'_is_not_available_for_a_segmentation_task;_"
+    assert first.split() == ["DepthTask", "5", "True", "depth"]
+    assert refusal == ("ConfigError | stages:_quantize_method_'qat'_is_not_available_for_a_depth_task;_"
                        "use_one_of_ptq,_auto")
