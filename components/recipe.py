@@ -317,7 +317,7 @@ class Recipe:
         """The export stage's settings, its opset resolved for the engines' device classes."""
         config = next((s for s in self.stages if isinstance(s, OnnxExportConfig)), OnnxExportConfig())
         if config.opset is None:
-            config = dataclasses.replace(config, opset=min(DEFAULT_OPSET, *engine_opset_ceilings(self.engines).values()))
+            config = dataclasses.replace(config, opset=min([DEFAULT_OPSET, *engine_opset_ceilings(self.engines).values()]))
         return config
 
     @property

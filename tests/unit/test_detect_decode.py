@@ -100,7 +100,7 @@ def test_task_section_validation_is_one_line_per_problem():
     with pytest.raises(ConfigError, match="task.decoder.heads: empty"):
         task_from_dict({"kind": "detection", "num_classes": 3})
     with pytest.raises(ConfigError, match="task.kind"):
-        task_from_dict({"kind": "segmentation"})
+        task_from_dict({"kind": "depth"})
     with pytest.raises(ConfigError, match="task.decoder.box_encoding"):
         _task(box_encoding="cxcywh")
     with pytest.raises(ConfigError, match="task.decode_fn"):
