@@ -272,7 +272,7 @@ def test_ultralytics_segmentation_loss_trains_on_instance_labels():
         out = model(torch.from_numpy(as_inputs(images)))
         loss = loss_fn(out, _padded(labels), model)
         assert loss.dim() == 0 and torch.isfinite(loss) and loss.requires_grad
-        assert float(output_matching(out, out)) == 0.0
+        assert float(output_matching(out, out).detach()) == 0.0
 
 
 @pytest.mark.slow
