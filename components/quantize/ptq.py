@@ -174,6 +174,47 @@ def unquantized_outputs(path: str | Path) -> list[str]:
     return [o.name for o in g.output if producer.get(o.name) != "DequantizeLinear"]
 
 
+def stored_bytes(path: str | Path) -> dict:
+    """Where a Q/DQ ONNX's parameter bytes go: ``int8`` (quantized weights), ``zero_points`` (all zero; one
+    byte per weight channel and per activation), and the float parameters by
+    why they stay float -- ``scales`` (per-channel weight and activation scales, which DequantizeLinear
+    needs), ``biases`` (Conv/Gemm biases: TensorRT adds them in higher precision and has no int32-bias
+    Q/DQ path), ``normalization`` (affine parameters of a normalization, applied in float),
+    ``elementwise`` (a parameter of more than one element that an Add/Sub/Mul/Div applies: a Linear's bias
+    after its MatMul, a position embedding, a layer scale -- one int8 scale over the vector would round
+    its small entries away), ``float_layers`` (the weights of weighted layers kept in float) and
+    ``other``; and ``duplicate`` (bytes of initializers whose contents another one already holds)."""
+    import onnx
+    from onnx import numpy_helper
+
+    g = onnx.load(str(path)).graph
+    use: dict[str, tuple[str, int]] = {}
+    for n in g.node:
+        for k, i in enumerate(n.input):
+            use.setdefault(i, (n.op_type, k))
+    out = dict.fromkeys(("int8", "zero_points", "scales", "biases", "normalization", "elementwise", "float_layers", "other",
+                         "duplicate"), 0)
+    seen: set[bytes] = set()
+    for t in g.initializer:
+        a = numpy_helper.to_array(t)
+        key = a.dtype.str.encode() + a.tobytes()
+        if a.size > 1 and key in seen:
+            out["duplicate"] += a.nbytes
+        seen.add(key)
+        op, k = use.get(t.name, ("", 0))
+        if a.dtype != np.float32:
+            out["zero_points" if op in ("QuantizeLinear", "DequantizeLinear") and k == 2 else
+                "int8" if a.dtype == np.int8 else "other"] += a.nbytes
+            continue
+        cause = ("scales" if op in ("QuantizeLinear", "DequantizeLinear") else
+                 "biases" if op in ("Conv", "ConvTranspose", "Gemm") and k == 2 else
+                 "float_layers" if op in WEIGHTED_OPS else
+                 "normalization" if op.endswith("Normalization") else
+                 "elementwise" if op in PARAMETER_OPS and a.size > 1 else "other")
+        out[cause] += a.nbytes
+    return out
+
+
 def check_qdq(path: str | Path) -> dict:
     """Facts TensorRT cares about: Q/DQ count, zero points, per-channel weight axes."""
     import onnx
@@ -287,6 +328,7 @@ def quantize(onnx_path: str | Path, config: PTQQuantizeConfig, *, data: Splits,
         calibration_cache_path=str(cache),
     )
     facts = check_qdq(out)
+    facts["stored_bytes"] = stored_bytes(out)
     (out_dir / "ranges.json").write_text(json.dumps(ranges, indent=1, sort_keys=True))
     return StageResult(
         model=out,

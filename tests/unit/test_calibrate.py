@@ -188,3 +188,37 @@ def test_calibration_ranges_are_all_images_binned_at_once_and_each_image_is_read
     monkeypatch.setattr(ptq, "CALIB_MEMORY", 1)
     assert ptq.calibrate_onnx(path, cfg, data) == _reference_ranges(path, data, cfg)
     assert train.rows_read == 24
+
+
+def test_stored_bytes_say_why_each_float_parameter_stays_float(tmp_path):
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    from edgeslim.components.common.data import Splits
+    from edgeslim.components.common.stage_configs import PTQQuantizeConfig
+    from edgeslim.components.quantize import ptq
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3),
+                                torch.nn.Flatten(), torch.nn.Linear(16 * 4 * 4, 4)).eval()
+    path = tmp_path / "net.onnx"
+    torch.onnx.export(model, torch.rand(1, 3, 8, 8), str(path), input_names=["input"], output_names=["output"],
+                      dynamic_axes={"input": {0: "n"}, "output": {0: "n"}}, opset_version=17, dynamo=False)
+    x = np.random.default_rng(0).normal(0, 1, (12, 3, 8, 8)).astype(np.float32)
+    y = np.zeros(12, dtype=np.int64)
+    data = Splits(x[:8], y[:8], x[8:10], y[8:10], x[10:], y[10:])
+    pre = onnx.load(str(ptq.quantize(path, PTQQuantizeConfig(num_samples=8), data=data, out_dir=tmp_path / "p").model))
+    second_conv = [n.name for n in pre.graph.node if n.op_type == "Conv"][1]
+    res = ptq.quantize(path, PTQQuantizeConfig(num_samples=8, float_layers=[second_conv]), data=data,
+                       out_dir=tmp_path / "q")
+    stored = res.metrics["stored_bytes"]
+    # the second conv's 16x8x3x3 weights stay float; the first conv's and the linear's are int8
+    assert stored["float_layers"] == 16 * 8 * 3 * 3 * 4
+    assert stored["int8"] == 8 * 3 * 3 * 3 + 4 * 256
+    assert stored["zero_points"] >= 8 + 4  # one a weight channel, one an activation
+    assert stored["biases"] == (8 + 16 + 4) * 4 and stored["scales"] >= (8 + 4) * 4 and stored["duplicate"] == 0
+    g = onnx.load(str(res.model)).graph
+    floats = sum(numpy_helper.to_array(t).nbytes for t in g.initializer if t.data_type == onnx.TensorProto.FLOAT)
+    assert floats == sum(stored[k] for k in ("scales", "biases", "normalization", "elementwise", "float_layers",
+                                             "other"))
