@@ -178,6 +178,11 @@ class Strategy(abc.ABC):
         """Node groups to keep in float, most damaging first: ``[{"label", "nodes"}]``; sets ``table``.
         ``ranges`` are ``calibrator``'s, for ``fp32_onnx``; ``pinned`` nodes are float in every trial."""
 
+    def float_from_start(self, fp32_onnx: str | Path) -> list[dict[str, Any]]:
+        """Node groups every trial keeps in float from the first one on (``[{"label", "nodes"}]``), found from
+        the graph, never by name; the fallback ranks the others. None by default."""
+        return []
+
     def log_ranking(self, client, run_id: str) -> None:
         """Log the ranking's files to the MLflow run ``run_id`` (nothing by default)."""
 
@@ -307,7 +312,8 @@ def search(fp32_onnx: str | Path, config: AccuracyAwareQuantizeConfig, *, strate
              strategy.table_key: strategy.table, "cost": costs()}, indent=1, default=str))
 
     def finish(row: dict[str, Any], groups: list[dict[str, Any]]) -> StageResult:
-        reason = strategy.reason(row, groups, config)
+        reason = strategy.reason(row, groups, config) + (
+            f"; float in every trial: {[g['label'] for g in start_float]}" if start_float else "")
         report(row["trial"], reason)
         tracker.outcome(row, strategy.fields, len(trials))
         final = out_dir / "model.int8.onnx"
@@ -320,7 +326,12 @@ def search(fp32_onnx: str | Path, config: AccuracyAwareQuantizeConfig, *, strate
                    "data_digest": data.digest()}
         return StageResult(final, metrics, lineage, time.perf_counter() - start)
 
-    # 1. PTQ with each calibrator (plus the recipe's pinned float layers), calibrated once.
+    # 1. PTQ with each calibrator (plus the recipe's pinned float layers and the strategy's groups float from
+    # the start), calibrated once.
+    start_float = strategy.float_from_start(fp32_onnx)
+    if start_float:
+        config = dataclasses.replace(config, float_layers=list(dict.fromkeys(
+            config.float_layers + [n for g in start_float for n in g["nodes"]])))
     ranges: dict[str, dict[str, float]] = {}
     pinned: list[str] = []
     placements = config.placements

@@ -152,6 +152,19 @@ class DetectorStrategy(Strategy):
     def key(self, row: dict[str, Any]) -> tuple:
         return row["passed"], -self.damage(row)
 
+    def float_from_start(self, fp32_onnx):
+        """Every output's tail (:func:`~edgeslim.components.quantize.sensitivity.output_tails`: the head's last
+        weighted layers and what follows them -- a DFL, the decode, the sigmoid), found from the graph: the
+        int8 rounding of the output convs moves every box and score, and their weights are a few percent of
+        the model's bytes. Ultralytics' int8 exports keep the same layers out of int8, by name."""
+        import tempfile
+
+        from edgeslim.components.quantize.sensitivity import output_tails, preprocessed
+
+        with tempfile.TemporaryDirectory(prefix="edgeslim-tails-") as tmp:
+            tails = output_tails(preprocessed(fp32_onnx, Path(tmp) / "pre.onnx"))
+        return [{"label": t["output"], "nodes": t["nodes"]} for t in tails]
+
     def rank(self, fp32_onnx, config, *, calibrator, ranges, data, out_dir, pinned):
         # Damage of each output tail: only that group int8, everything else float. Then the other layers
         # by the one-pass proxy, after the tails.
@@ -163,7 +176,8 @@ class DetectorStrategy(Strategy):
 
         pre = preprocessed(fp32_onnx, out_dir / "pre.onnx")
         all_nodes = [n.name for n in onnx.load(str(pre)).graph.node if n.name]
-        tails, heads = output_tails(pre), []
+        tails = [t for t in output_tails(pre) if not set(t["nodes"]) <= set(pinned)]  # not float already
+        heads: list[dict[str, Any]] = []
         for i, grp in enumerate(tails if len(tails) > 1 else []):  # one tail ranks first unmeasured
             others = [n for n in all_nodes if n not in grp["nodes"]]
             # The fp32 graph (not ``pre``): the graph ``ranges`` were calibrated on; node names are the same.
