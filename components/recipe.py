@@ -61,11 +61,17 @@ class AccuracyGateConfig(Config):
         min_top1_agreement: smallest share of test samples whose top-1 matches the parent.
         min_sqnr_db: smallest signal-to-quantization-noise ratio of the outputs
             against the parent, in dB.
+        confidence: judge the top-1 drop by its interval at this level (e.g. 0.95) over the evaluation
+            images, not by its point estimate: the check passes when the upper bound is within
+            ``max_metric_drop``, and refuses beyond the noise when the lower bound is above it; in between the
+            verdict is "not distinguishable from noise at n = <images>", a refusal that says how many images
+            would decide. The accuracy-aware search judges its trials the same way. Empty: the point estimate.
     """
 
     max_metric_drop: float = 1.0
     min_top1_agreement: float = 0.97
     min_sqnr_db: float = 15.0
+    confidence: float | None = None
 
     def validate(self) -> None:
         if self.max_metric_drop < 0:
@@ -76,6 +82,9 @@ class AccuracyGateConfig(Config):
             raise ConfigError(
                 f"gate.min_top1_agreement: got {self.min_top1_agreement}; use a share in [0, 1]"
             )
+        if self.confidence is not None and not 0.5 <= self.confidence < 1.0:
+            raise ConfigError(f"gate.confidence: got {self.confidence}; use a level in [0.5, 1), e.g. 0.95, "
+                              "or leave it out to judge the point estimate")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,21 +25,37 @@ class StageResult:
 
 @dataclasses.dataclass
 class GateCheck:
-    """One check of a gate: the measured value, its threshold, and a sentence a person can act on."""
+    """One check of a gate: the measured value, its threshold, and a sentence a person can act on.
+
+    A drop judged with a confidence level (:func:`edgeslim.components.common.confidence.drop_check`) also
+    holds its interval (``low``, ``high`` at ``level``) and its ``outcome``: ``within`` (passed), ``worse``
+    (beyond the noise) or ``noise`` (the interval holds the threshold: not distinguishable at these images).
+    """
 
     name: str
     value: float
     threshold: float
     passed: bool
     detail: str
+    low: float | None = None
+    high: float | None = None
+    level: float | None = None
+    outcome: str = ""
 
 
 def verdict(checks: list[GateCheck], shown_when_passed: int | None = None) -> dict[str, Any]:
-    """``{passed, checks, summary}`` of a gate: what passed, or by how much each failed check missed."""
+    """``{passed, outcome, checks, summary}`` of a gate: what passed, or by how much each failed check missed.
+
+    ``outcome`` is ``passed``, ``refused`` (a check failed beyond the noise, or a check without an interval
+    failed) or ``noise`` (every failed check's interval holds its threshold: these images cannot decide).
+    """
     failed = [c for c in checks if not c.passed]
     if not failed:
         summary = "passed: " + "; ".join(c.detail for c in checks[:shown_when_passed])
     else:
         summary = "failed: " + "; ".join(
+            f"{c.name} {c.detail}" if c.outcome == "noise" else
             f"{c.name} missed by {abs(c.value - c.threshold):.4g} ({c.detail})" for c in failed)
-    return {"passed": not failed, "checks": [dataclasses.asdict(c) for c in checks], "summary": summary}
+    outcome = "passed" if not failed else "noise" if all(c.outcome == "noise" for c in failed) else "refused"
+    return {"passed": not failed, "outcome": outcome, "checks": [dataclasses.asdict(c) for c in checks],
+            "summary": summary}

@@ -86,9 +86,9 @@ class _Tracker:
         self.client.log_param(rid, "float_layers", (",".join(row["float_layers"]) or "-")[:5000])
         self.client.log_param(rid, "kind", row["kind"])
         self.client.log_param(rid, "placement", row["placement"])
-        for k in (*fields, "size_bytes"):
-            if isinstance(row.get(k), (int, float)) and np.isfinite(row[k]):
-                self.client.log_metric(rid, k, float(row[k]))
+        for k, v in {**{k: row.get(k) for k in (*fields, "size_bytes")}, **bounds(row)}.items():
+            if isinstance(v, (int, float)) and np.isfinite(v):
+                self.client.log_metric(rid, k, float(v))
         self.client.set_terminated(rid, "FINISHED")
         return rid
 
@@ -105,7 +105,7 @@ class _Tracker:
         params: list[Param] = []
         if winner is not None:
             values.update({"winning_trial": winner["trial"], **{k: winner.get(k) for k in (*fields, "size_bytes")},
-                           "float_layers": len(winner["float_layers"])})
+                           "float_layers": len(winner["float_layers"]), **bounds(winner)})
             params = [Param(k, str(winner[k])) for k in ("calibrator", "kind", "placement")]
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, 0) for k, v in values.items()
@@ -116,6 +116,23 @@ class _Tracker:
     def ranking(self, strategy: Strategy) -> None:
         if self.client:
             strategy.log_ranking(self.client, self.parent.info.run_id)
+
+
+def bounds(row: dict[str, Any]) -> dict[str, float]:
+    """A judged row's drop intervals as MLflow metrics: ``<drop>_low`` and ``<drop>_high``."""
+    return {f"{name}_{end}": iv[end] for name, iv in (row.get("intervals") or {}).items() for end in ("low", "high")}
+
+
+def undecided(row: dict[str, Any]) -> str:
+    """What to change first when the best trial's verdict was "not distinguishable from noise": the images that
+    would decide each drop whose interval holds its allowance (empty where the verdict was decided)."""
+    if row.get("outcome") != "noise":
+        return ""
+    held = [iv for iv in (row.get("intervals") or {}).values() if iv["low"] <= iv["allowed"] < iv["high"]]
+    n = held[0]["n"] if held else "its"
+    need = max((iv["images_needed"] for iv in held if iv.get("images_needed")), default=None)
+    more = f"give it about {need:,} images, " if need else ""
+    return f"the validation split ({n} images) cannot tell the drop from noise: {more}or "
 
 
 class Strategy(abc.ABC):
@@ -156,12 +173,14 @@ class Strategy(abc.ABC):
 
     @abc.abstractmethod
     def judge(self, candidate: str | Path, data: Splits) -> dict[str, Any]:
-        """Metric fields of ``candidate`` on the validation split, ``passed`` and ``gate`` (the summary)."""
+        """Metric fields of ``candidate`` on the validation split, ``passed``, ``outcome`` (``passed``,
+        ``refused``, or ``noise``: the gate's confidence interval could not decide), ``gate`` (the summary)
+        and ``intervals`` (per gated drop, :func:`~edgeslim.components.common.confidence.drop_intervals`)."""
 
     def screen(self, candidate: str | Path, data: Splits) -> dict[str, Any] | None:
         """Judge ``candidate`` on a part of the validation split first (a row, with ``screened_on``: how
-        many images): a trial that fails there is not judged on the whole split. None (the default):
-        every trial is judged on the whole split."""
+        many images): a trial refused there (``outcome``) is not judged on the whole split. None (the
+        default): every trial is judged on the whole split."""
         return None
 
     @abc.abstractmethod
@@ -286,7 +305,8 @@ def search(fp32_onnx: str | Path, config: AccuracyAwareQuantizeConfig, *, strate
         t = time.perf_counter()
         # A trial that clearly fails on a part of val is not judged on all of it (its row has the part's figures).
         screened = strategy.screen(path, data)
-        judged = screened if screened is not None and not screened["passed"] else {
+        refused = screened is not None and screened.get("outcome", "refused" if not screened["passed"] else "") == "refused"
+        judged = screened if refused else {
             **strategy.judge(path, data), **({"screen": screened} if screened else {})}
         cost["quantize_s"] += seconds
         cost["judge_s"] += time.perf_counter() - t
@@ -390,7 +410,7 @@ def search(fp32_onnx: str | Path, config: AccuracyAwareQuantizeConfig, *, strate
     best = max(trials, key=strategy.key)
     msg = (f"quantize(auto): no {strategy.candidate} passed the {strategy.gate_name} after {len(trials)} "
            f"trial(s); best was trial {best['trial']} ({best['kind']}, {best['calibrator']}, "
-           f"{strategy.figures(best)}: {best['gate']}); {strategy.fix(config, qat_ran)}")
+           f"{strategy.figures(best)}: {best['gate']}); {undecided(best)}{strategy.fix(config, qat_ran)}")
     report(None, msg)
     tracker.outcome(None, strategy.fields, len(trials))
     raise GateRejected(msg)

@@ -16,6 +16,7 @@ import numpy as np
 
 from edgeslim.components.common.onnx_runtime import latency_ms, run_batched, sqnr_db  # noqa: F401  (re-exported)
 from edgeslim.components.common.accuracy import top1_percent  # noqa: F401  (re-exported)
+from edgeslim.components.common.confidence import drop_check, top1_drop
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import DataError
 from edgeslim.components.recipe import AccuracyGateConfig, EvaluateConfig
@@ -87,7 +88,8 @@ def evaluate(candidate_onnx: str | Path, config: EvaluateConfig, *, parent_onnx:
 
     Returns:
         ``StageResult`` whose metrics hold ``source`` and ``candidate`` sections
-        (metric = top-1 %, fidelity, size, latency).
+        (metric = top-1 %, fidelity, size, latency) and ``confidence``: the top-1 drop's statistic over the
+        test images (:func:`~edgeslim.components.common.confidence.top1_drop`).
     """
     t0 = time.perf_counter()
     parent = measure(parent_onnx, data, config)
@@ -110,6 +112,7 @@ def evaluate(candidate_onnx: str | Path, config: EvaluateConfig, *, parent_onnx:
             "cpu_int8_kernel_metric": round(cpu_kernel_metric, 4),
         },
     }
+    metrics["confidence"] = {"metric_drop": paired_top1(parent["outputs"], cand["outputs"], data.y_test)}
     for section, measured in (("source", parent), ("candidate", cand)):
         cm = confusion_matrix(measured["outputs"], data.y_test)
         if cm is not None:
@@ -118,16 +121,24 @@ def evaluate(candidate_onnx: str | Path, config: EvaluateConfig, *, parent_onnx:
     return StageResult(model=Path(candidate_onnx), metrics=metrics, seconds=time.perf_counter() - t0)
 
 
+def paired_top1(parent_logits: np.ndarray, candidate_logits: np.ndarray, labels) -> dict[str, Any]:
+    """The top-1 drop's statistic: each image right or wrong under the parent and under the candidate."""
+    y = np.asarray(labels)
+    return top1_drop(parent_logits.argmax(1) == y, candidate_logits.argmax(1) == y)
+
+
 def gate(metrics: dict[str, Any], config: AccuracyGateConfig) -> dict[str, Any]:
-    """Judge evaluation metrics against the gate; returns ``{passed, checks, summary}``."""
+    """Judge evaluation metrics against the gate; returns ``{passed, outcome, checks, summary}``. With
+    ``config.confidence`` the top-1 drop is judged by its interval (``metrics["confidence"]``)."""
     src, cand = metrics["source"], metrics["candidate"]
     drop = round(src["metric"] - cand["metric"], 4)
     fid = cand["fidelity"]
     qsqnr = fid.get("quantization_sqnr_db", fid["sqnr_db"])
     checks = [
-        GateCheck("metric_drop", drop, config.max_metric_drop, drop <= config.max_metric_drop,
-                  f"top-1 fell {drop:.2f} pt ({src['metric']:.2f} -> {cand['metric']:.2f}); "
-                  f"allowed {config.max_metric_drop:.2f}"),
+        drop_check("metric_drop", drop, config.max_metric_drop,
+                   f"top-1 fell {drop:.2f} pt ({src['metric']:.2f} -> {cand['metric']:.2f}); "
+                   f"allowed {config.max_metric_drop:.2f}",
+                   stat=(metrics.get("confidence") or {}).get("metric_drop"), level=config.confidence),
         GateCheck("top1_agreement", fid["top1_agreement"], config.min_top1_agreement,
                   fid["top1_agreement"] >= config.min_top1_agreement,
                   f"top-1 agreement with the parent {fid['top1_agreement']:.4f}; "

@@ -37,19 +37,24 @@ class ClassifierStrategy(Strategy):
         return {"parent_metric": self.parent_metric}
 
     def judge(self, candidate: str | Path, data: Splits) -> dict[str, Any]:
-        from edgeslim.components.tasks.classification.evaluate import fidelity, gate, top1_percent
+        from edgeslim.components.common.confidence import drop_intervals
+        from edgeslim.components.tasks.classification.evaluate import fidelity, gate, paired_top1, top1_percent
         from edgeslim.components.quantize.sensitivity import _scores
 
         out = _scores(candidate, data.x_val)
-        metrics = {"source": {"metric": self.parent_metric},
+        stats = {"metric_drop": paired_top1(self.parent_out, out, data.y_val)}
+        metrics = {"source": {"metric": self.parent_metric}, "confidence": stats,
                    "candidate": {"metric": top1_percent(out, data.y_val), "fidelity": fidelity(self.parent_out, out)}}
         verdict = gate(metrics, self.gate)
         return {"metric": round(metrics["candidate"]["metric"], 4),
                 "metric_drop": round(self.parent_metric - metrics["candidate"]["metric"], 4),
-                **metrics["candidate"]["fidelity"], "passed": verdict["passed"], "gate": verdict["summary"]}
+                **metrics["candidate"]["fidelity"], "passed": verdict["passed"], "outcome": verdict["outcome"],
+                "gate": verdict["summary"],
+                "intervals": drop_intervals(stats, {"metric_drop": self.gate.max_metric_drop}, self.gate.confidence)}
 
     def key(self, row: dict[str, Any]) -> tuple:
-        return row["metric"], row["sqnr_db"]
+        # a trial the gate could not decide ranks above one it refused beyond the noise
+        return row.get("outcome") != "refused", row["metric"], row["sqnr_db"]
 
     def rank(self, fp32_onnx, config, *, calibrator, ranges, data, out_dir, pinned):
         from edgeslim.components.quantize.sensitivity import layer_sensitivity, rank, write

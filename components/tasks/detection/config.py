@@ -108,6 +108,11 @@ class DetectionGateConfig(Config):
             collapse of confidence shows here while mAP holds).
         max_recall_drop: largest allowed drop of recall at the deployment threshold, in points.
         min_recall: smallest recall at the deployment threshold, in points (0: no floor).
+        confidence: judge each drop by its interval at this level (e.g. 0.95), a paired bootstrap over the
+            evaluation images, not by its point estimate: a drop passes when its upper bound is within its
+            allowance, and refuses beyond the noise when its lower bound is above it; in between the verdict
+            is "not distinguishable from noise at n = <images>", a refusal that says how many images would
+            decide. The accuracy-aware search judges its trials the same way. Empty: the point estimates.
     """
 
     max_map_drop: float = 1.0
@@ -115,6 +120,7 @@ class DetectionGateConfig(Config):
     max_tp_score_drop: float = 0.05
     max_recall_drop: float = 2.0
     min_recall: float = 0.0
+    confidence: float | None = None
 
     def validate(self) -> None:
         for key in ("max_map_drop", "max_map50_95_drop", "max_tp_score_drop", "max_recall_drop", "min_recall"):
@@ -122,6 +128,9 @@ class DetectionGateConfig(Config):
                 raise ConfigError(f"task.gate.{key}: got {getattr(self, key)}; use 0 or more")
         if self.min_recall > 100:
             raise ConfigError(f"task.gate.min_recall: got {self.min_recall}; recall is in points (0..100)")
+        if self.confidence is not None and not 0.5 <= self.confidence < 1.0:
+            raise ConfigError(f"task.gate.confidence: got {self.confidence}; use a level in [0.5, 1), e.g. 0.95, "
+                              "or leave it out to judge the point estimates")
 
 
 _DECODE_FN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")

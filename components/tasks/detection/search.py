@@ -73,11 +73,13 @@ class DetectorStrategy(Strategy):
         self._val_outputs: list[Any] = []  # fp32 raw outputs of the first val images (up to _REFERENCE_BYTES)
         self._val_dets: list[Any] = []  # fp32 detections on val
         self._screen_parent: dict[str, Any] | None = None  # fp32 metrics on the screening subsample
+        self._val_records: Any = None  # fp32's per-image matches on val, for the drops' intervals
 
     def reference(self, data: Splits) -> dict[str, Any]:
         import numpy as np
 
         from edgeslim.components.tasks.detection.evaluate import detect_batches, detection_metrics
+        from edgeslim.components.tasks.detection.records import detection_records
 
         kept, room = [], [_REFERENCE_BYTES]
 
@@ -94,15 +96,18 @@ class DetectorStrategy(Strategy):
         self._val_dets, self._screen_parent = dets, None
         self.parent = detection_metrics(dets, list(data.y_val), self.task_config.num_classes,
                                         self.task_config.score_threshold)
+        self._val_records = detection_records(dets, list(data.y_val), self.task_config.num_classes,
+                                              self.task_config.score_threshold)
         return {"fp32_val": self.parent, "sqnr_val_images": len(self._val_outputs[0]) if kept else 0}
 
     def judge(self, candidate: str | Path, data: Splits) -> dict[str, Any]:
-        return self._judge(candidate, data.x_val, data.y_val, self.parent, self.task_config.gate)
+        return self._judge(candidate, data.x_val, data.y_val, self.parent, self.task_config.gate, self._val_records)
 
     def screen(self, candidate: str | Path, data: Splits) -> dict[str, Any] | None:
-        """The candidate on the first ``n // 4`` val images (at least ``_SCREEN_MIN``), against the gate
-        with every allowed drop doubled: a clear failure there is not judged on the whole split. None
-        where val is too small to screen."""
+        """The candidate on the first ``n // 4`` val images (at least ``_SCREEN_MIN``): a trial refused there
+        is not judged on the whole split. With ``task.gate.confidence`` it is refused only when a drop's
+        interval on those images is above its allowance (worse beyond the noise); without, when it fails the
+        gate with every allowed drop doubled. None where val is too small to screen."""
         k = max(_SCREEN_MIN, len(data.x_val) // 4)
         if 2 * k > len(data.x_val):
             return None
@@ -112,14 +117,21 @@ class DetectorStrategy(Strategy):
         if self._screen_parent is None:
             self._screen_parent = detection_metrics(self._val_dets[:k], list(data.y_val[:k]), task.num_classes,
                                                     task.score_threshold)
+        if g.confidence is not None:
+            return {**self._judge(candidate, data.x_val[:k], data.y_val[:k], self._screen_parent, g,
+                                  self._val_records.head(k)), "screened_on": k}
         loose = dataclasses.replace(g, max_map_drop=2 * g.max_map_drop, max_map50_95_drop=2 * g.max_map50_95_drop,
                                     max_tp_score_drop=2 * g.max_tp_score_drop, max_recall_drop=2 * g.max_recall_drop)
-        return {**self._judge(candidate, data.x_val[:k], data.y_val[:k], self._screen_parent, loose),
+        return {**self._judge(candidate, data.x_val[:k], data.y_val[:k], self._screen_parent, loose, None),
                 "screened_on": k}
 
-    def _judge(self, candidate, x, y, parent: dict[str, Any], gate) -> dict[str, Any]:
+    def _judge(self, candidate, x, y, parent: dict[str, Any], gate, parent_records) -> dict[str, Any]:
+        """The candidate on ``x`` against fp32's figures on it (``parent``); with fp32's per-image records on it,
+        each drop's interval too (the gate then judges by them where it sets a confidence)."""
+        from edgeslim.components.common.confidence import detection_drops, drop_intervals
         from edgeslim.components.common.onnx_runtime import SqnrAccumulator
         from edgeslim.components.tasks.detection.evaluate import detect_batches, detection_metrics, gate_detection
+        from edgeslim.components.tasks.detection.records import detection_records
 
         task = self.task_config
         sqnr, done = SqnrAccumulator(), [0]
@@ -134,10 +146,16 @@ class DetectorStrategy(Strategy):
 
         (dets,) = detect_batches([candidate], x, task, on_batch=compare)
         m = detection_metrics(dets, list(y), task.num_classes, task.score_threshold)
-        verdict = gate_detection({"source": {"detection": parent}, "candidate": {"detection": m}}, gate)
+        stats = {} if parent_records is None else detection_drops(
+            parent_records, detection_records(dets, list(y), task.num_classes, task.score_threshold))
+        verdict = gate_detection({"source": {"detection": parent}, "candidate": {"detection": m},
+                                  "confidence": stats}, gate)
+        allowed = {"map50_drop": gate.max_map_drop, "map50_95_drop": gate.max_map50_95_drop,
+                   "mean_tp_score_drop": gate.max_tp_score_drop, "recall_drop": gate.max_recall_drop}
         return {"map50": m["map50"], "map50_95": m["map50_95"], "mean_tp_score": m["mean_tp_score"],
                 "recall": m["recall"], "sqnr_db": round(sqnr.db(), 3), "passed": verdict["passed"],
-                "gate": verdict["summary"]}
+                "outcome": verdict["outcome"], "gate": verdict["summary"],
+                "intervals": drop_intervals(stats, allowed, gate.confidence)}
 
     def _fp32_for(self, row: dict[str, Any]) -> dict[str, Any]:
         """fp32's figures on the images ``row`` was judged on: a screened-out row's are the screen's."""
@@ -150,7 +168,8 @@ class DetectorStrategy(Strategy):
                 + (p["recall"] - row["recall"]))
 
     def key(self, row: dict[str, Any]) -> tuple:
-        return row["passed"], -self.damage(row)
+        # a trial the gate could not decide ranks above one it refused beyond the noise
+        return row["passed"], row.get("outcome") != "refused", -self.damage(row)
 
     def float_from_start(self, fp32_onnx):
         """Every output's tail (:func:`~edgeslim.components.quantize.sensitivity.output_tails`: the head's last
