@@ -59,10 +59,13 @@ def _engines_to_ship(engines) -> dict[str, str]:
     return out
 
 
-def _flat_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
+def _flat_metrics(evaluation: dict[str, Any], level: float | None = None) -> dict[str, float]:
     """The evaluation's figures as flat MLflow metrics: the task metric, every fidelity figure the task's
     evaluation measured (agreement, SQNR, ...), size, MACs and parameters (one sample's forward pass, as
-    the exports counted them), and latency."""
+    the exports counted them), latency, and each gated drop's interval on the test split at ``level`` (the
+    gate's confidence; 95% where it sets none) as ``<drop>_low`` and ``<drop>_high``."""
+    from edgeslim.components.common.confidence import REPORT_LEVEL, interval
+
     src, cand = evaluation["source"], evaluation["candidate"]
     out = {
         "source_metric": src["metric"], "candidate_metric": cand["metric"],
@@ -77,6 +80,9 @@ def _flat_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
     for who, sec in (("source", src), ("candidate", cand)):
         for b, ms in sec.get("latency_ms", {}).items():
             out[f"{who}_latency_ms_{b}"] = ms
+    for name, stat in (evaluation.get("confidence") or {}).items():
+        iv = interval(stat, level or REPORT_LEVEL)
+        out[f"{name}_low"], out[f"{name}_high"] = iv["low"], iv["high"]
     return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and np.isfinite(v)}
 
 
@@ -218,7 +224,7 @@ def register(candidate_onnx: str | Path, *, parent: dict[str, Any], recipe, eval
                         if k.startswith(TAG + "engine.")},
         }, seconds=time.perf_counter() - t0)
 
-    flat = _flat_metrics(evaluation)
+    flat = _flat_metrics(evaluation, getattr(recipe.applied_gate, "confidence", None))
     tags = {
         TAG + "parent_name": parent["name"], TAG + "parent_version": parent["version"],
         TAG + "parent_run_id": parent.get("run_id", ""), TAG + "parent_model_id": parent.get("model_id", ""),

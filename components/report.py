@@ -60,6 +60,7 @@ def build_report(*, recipe, parent: dict, parent_export: dict, transform: dict, 
         # the MLflow run of the quantize search (its trials are child runs) and the KFP run
         "runs": {"quantize": quantized.get("mlflow_run_id"), **{f"kfp_{k}": v for k, v in (kfp_run or {}).items()}},
         "gate": {"passed": verdict["passed"], "checks": verdict["checks"], "summary": verdict["summary"]},
+        "confidence": drop_confidence(recipe, evaluation, quantized, verdict),
         "registered": reg,
         "engines": registered.get("engines", {}),
         "seconds": {
@@ -69,6 +70,48 @@ def build_report(*, recipe, parent: dict, parent_export: dict, transform: dict, 
         },
         "notes": [CPU_INT8_NOTE],
     }
+
+
+def drop_confidence(recipe, evaluation: dict, quantized: dict, verdict: dict) -> dict[str, Any]:
+    """Each gated drop with its interval on the validation split (where the search judged the chosen trial)
+    and on the test split, at the gate's confidence level (95% where it sets none), and the images that would
+    decide it against its allowance (:func:`~edgeslim.components.common.confidence.drop_intervals`); ``{}``
+    where the evaluation kept no per-image records."""
+    from edgeslim.components.common.confidence import REPORT_LEVEL, drop_intervals
+
+    stats = evaluation.get("confidence") or {}
+    if not stats:  # an evaluation that kept no per-image records
+        return {}
+    level = getattr(recipe.applied_gate, "confidence", None)
+    allowed = {c["name"]: c["threshold"] for c in verdict["checks"] if c["name"] in stats}
+    test = drop_intervals(stats, allowed, level)
+    val = ((quantized.get("winner") or {}).get("intervals")) or {}
+    return {"level": level or REPORT_LEVEL, "gated": level is not None,
+            "drops": [{"name": name, "allowed": allowed[name], "val": val.get(name), "test": test[name]}
+                      for name in test]}
+
+
+def drop_rows(rep: dict[str, Any]) -> list[tuple[str, ...]]:
+    """The report's table of drops: each with its interval on val and on test, its allowance, and the
+    validation images that would decide it (the test split's figure where the search judged nothing on val)."""
+    conf = rep.get("confidence") or {}
+    if not conf.get("drops"):
+        return []
+    label = report_task(rep).metric_label
+    pct = f"{100 * conf['level']:g}%"
+
+    def cell(iv):
+        return (f"{iv['drop']:+.2f} [{iv['low']:+.2f}, {iv['high']:+.2f}], n = {iv['n']:,}" if iv else
+                "not judged on val")
+
+    rows = [("drop", f"val: drop [{pct} interval]", f"test: drop [{pct} interval]", "allowed",
+             "val images a decision needs")]
+    for d in conf["drops"]:
+        name = label if d["name"] == "metric_drop" else d["name"].removesuffix("_drop")
+        need = (d["val"] or d["test"]).get("images_needed")
+        rows.append((name, cell(d["val"]), cell(d["test"]), f"{d['allowed']:g}",
+                     f"{need:,}" if need else "none (the drop sits on the allowance)"))
+    return rows
 
 
 def report_task(rep: dict[str, Any]):

@@ -23,7 +23,7 @@ from edgeslim.components.common.charts import (
     write_svg)
 from edgeslim.components.engine.stage import STATUS_BUILT
 from edgeslim.components.quantize.sensitivity import CHART_SERIES
-from edgeslim.components.report import CPU_INT8_NOTE, report_task, summary_rows
+from edgeslim.components.report import CPU_INT8_NOTE, drop_rows, report_task, summary_rows
 
 
 def format_table(rep: dict[str, Any]) -> str:
@@ -34,6 +34,13 @@ def format_table(rep: dict[str, Any]) -> str:
     gate = rep["gate"]
     lines.append("")
     lines.append(f"gate: {'PASSED' if gate['passed'] else 'FAILED'} - {gate['summary']}")
+    drops = drop_rows(rep)
+    if drops:
+        lines.append("")
+        dw = [max(len(r[i]) for r in drops) for i in range(len(drops[0]))]
+        lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, dw)).rstrip() for r in drops]
+        if not rep["confidence"].get("gated"):
+            lines.append("(the gate judged the point estimates: set its confidence to judge the intervals)")
     reg = rep["registered"]
     lines.append(f"registered: {reg['name']} version {reg['version']} @{reg['alias']}"
                  + (" (reused, same parent and recipe)" if reg.get("reused") else "")
@@ -246,6 +253,12 @@ def render_html(rep: dict[str, Any]) -> str:
         f"<td>{gate_figure(c['threshold'])}</td><td>{'pass' if c['passed'] else 'FAIL'}</td>"
         f"<td>{esc(c['detail'])}</td></tr>"
         for c in rep["gate"]["checks"])
+    drops = drop_rows(rep)
+    drops_html = "" if not drops else (
+        '<table class="drops"><tr>' + "".join(f"<th>{esc(h)}</th>" for h in drops[0]) + "</tr>"
+        + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in drops[1:]) + "</table>"
+        + ("" if rep["confidence"].get("gated") else
+           "<p>The gate judged the point estimates; set its <code>confidence</code> to judge the intervals.</p>"))
     reg = rep["registered"]
     reg_html = (f"{esc(reg['name'])} version {esc(str(reg['version']))} with alias {esc(reg['alias'])}"
                 if reg else "nothing: the gate failed")
@@ -263,6 +276,7 @@ p.nochart{{color:#555;font-style:italic}}</style></head><body>
 <table class="summary"><tr>{head}</tr>{body}</table>
 <h2>Gate: {'passed' if rep['gate']['passed'] else 'FAILED'}</h2>
 <table class="gate"><tr><th>check</th><th>value</th><th>threshold</th><th>result</th><th>detail</th></tr>{checks}</table>
+{drops_html}
 <h2>Registered</h2><p>{reg_html}</p>
 <h2>Engines</h2>
 {_engines_html(rep)}
@@ -342,7 +356,9 @@ def log_report(rep: dict[str, Any], report_path: str, html_path: str, *, trackin
                              "edgeslim.parent_version": str(rep["source"]["version"]),
                              "edgeslim.recipe_hash": rep["recipe_hash"], **tags})
             mlflow.log_metrics({"source_metric": rep["source"]["metric"],
-                                "candidate_metric": rep["candidate"]["metric"]})
+                                "candidate_metric": rep["candidate"]["metric"],
+                                **{f"{d['name']}_{end}": d["test"][end] for d in (rep.get("confidence") or {})
+                                   .get("drops", []) for end in ("low", "high")}})
             log_all(run.info.run_id, curves=True)
         _tag_quantize_run(client, rep, {"edgeslim.compression_run_id": run.info.run_id})
 

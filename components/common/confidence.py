@@ -183,8 +183,9 @@ class Judgement:
 
 def judge(stat: dict[str, Any], allowed: float, level: float) -> Judgement:
     """The drop of ``stat`` against ``allowed`` at ``level``."""
+    _, low, high = _bounds(stat, level)
+    outcome = "within" if high <= allowed else "worse" if low > allowed else "noise"
     iv = interval(stat, level)
-    outcome = "within" if iv["high"] <= allowed else "worse" if iv["low"] > allowed else "noise"
     return Judgement(outcome, iv["low"], iv["high"], level, stat["n"],
                      images_needed(stat, allowed, level) if outcome == "noise" else None)
 

@@ -220,7 +220,8 @@ def evaluate_op(recipe_json: str, qdq_model: Input[Model], parent_onnx: Input[Mo
     detector's precision-recall curves, for the report's charts), and each side's ``macs`` and
     ``params`` as the exports counted them (the candidate's are those of the fp32 model it was quantized
     from: int8 changes how weights are stored, not how many there are or the MACs); ``metrics`` (KFP)
-    the task metric, agreement, SQNR, size, MACs, parameters and latency of both; ``confusion`` (KFP) a
+    the task metric, agreement, SQNR, size, MACs, parameters and latency of both, and each gated drop's
+    interval (``<drop>_low``, ``<drop>_high``, at the gate's confidence or 95%); ``confusion`` (KFP) a
     classifier candidate's confusion matrix on the test split (up to 100 classes; the KFP UI draws it).
     """
     import json
@@ -270,6 +271,12 @@ def evaluate_op(recipe_json: str, qdq_model: Input[Model], parent_onnx: Input[Mo
         for k, v in task.logged_metrics(sec).items():  # the task's own figures (a detector's mAP@0.5:0.95, ...)
             log(f"{who}_{k}", v)
     log("cpu_int8_kernel_metric", cand.get("cpu_int8_kernel_metric"))
+    from edgeslim.components.common.confidence import REPORT_LEVEL, interval
+
+    for drop, stat in (res.metrics.get("confidence") or {}).items():  # each gated drop's interval on test
+        iv = interval(stat, getattr(recipe.applied_gate, "confidence", None) or REPORT_LEVEL)
+        log(f"{drop}_low", iv["low"])
+        log(f"{drop}_high", iv["high"])
     if cand.get("confusion_matrix"):
         cm = cand["confusion_matrix"]
         confusion.log_confusion_matrix([str(i) for i in range(len(cm))], cm)
