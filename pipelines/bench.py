@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from edgeslim.pipelines.bench_harness import Column, Context, RowSpec, Workload, format_rows, run_workload
+from edgeslim.pipelines.bench_harness import (INTERVAL_COLUMNS, INTERVAL_NOTE, Column, Context, RowSpec, Workload,
+                                              format_rows, run_workload, top1_drop_interval)
 from edgeslim.pipelines.bench_peers import ort_quantize_static_defaults
 
 
@@ -34,7 +35,7 @@ class ReferenceClassifier(Workload):
     default int8, edgeslim PTQ, the distilled + pruned student, and the full recipe."""
 
     name = "digits"
-    columns = (Column("top1", "top-1 %", 7, ".2f"), Column("top1_agreement", "agree", 6, ".3f"),
+    columns = (Column("top1", "top-1 %", 7, ".2f"), *INTERVAL_COLUMNS, Column("top1_agreement", "agree", 6, ".3f"),
                Column("sqnr_db", "SQNR dB", 7, ".1f"))
     drops = {"top1_drop": ("top1", 3)}
     TARGETS = {  # the full recipe on the digits workload
@@ -115,7 +116,8 @@ class ReferenceClassifier(Workload):
         data = ctx.data
         out = run_batched(make_session(spec.path, basic=True), data.x_test)
         row = {"top1": round(top1_percent(out, data.y_test), 3),
-               **({"top1_agreement": 1.0, "sqnr_db": None} if reference is None else fidelity(reference, out))}
+               **({"top1_agreement": 1.0, "sqnr_db": None} if reference is None else
+                  {**fidelity(reference, out), **top1_drop_interval(reference, out, data.y_test)})}
         if spec.int8:
             fused = run_batched(make_session(spec.path, basic=False), data.x_test)
             row["cpu_int8_kernel_top1"] = round(top1_percent(fused, data.y_test), 3)
@@ -140,8 +142,8 @@ class ReferenceClassifier(Workload):
         return {"test_samples": int(len(ctx.data.x_test)), **ctx.extra}
 
     def notes(self, result):
-        return [f"  {r['row']}: top-1 with ORT's fused int8 CPU kernels {r['cpu_int8_kernel_top1']:.2f}%"
-                for r in result["rows"] if "cpu_int8_kernel_top1" in r]
+        return [INTERVAL_NOTE] + [f"  {r['row']}: top-1 with ORT's fused int8 CPU kernels {r['cpu_int8_kernel_top1']:.2f}%"
+                                  for r in result["rows"] if "cpu_int8_kernel_top1" in r]
 
 
 class ReferenceMobile(ReferenceClassifier):

@@ -24,7 +24,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from edgeslim.components.common.errors import MissingDependencyError
-from edgeslim.pipelines.bench_harness import Column, Context, RowSpec, Workload
+from edgeslim.pipelines.bench_harness import (INTERVAL_COLUMNS, INTERVAL_NOTE, Column, Context, RowSpec, Workload,
+                                              top1_drop_interval)
 from edgeslim.pipelines.bench_peers import ort_quantize_static_defaults
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
@@ -86,7 +87,7 @@ def _timm(name: str) -> Callable[[int], Any]:
 class ArchClassifier(Workload):
     """A real classifier architecture at 224, trained briefly from scratch on upscaled digits."""
 
-    columns = (Column("top1", "top-1 %", 7, ".2f"), Column("top1_agreement", "agree", 6, ".3f"),
+    columns = (Column("top1", "top-1 %", 7, ".2f"), *INTERVAL_COLUMNS, Column("top1_agreement", "agree", 6, ".3f"),
                Column("sqnr_db", "SQNR dB", 7, ".1f"))
     drops = {"top1_drop": ("top1", 3)}
     targets_apply = False
@@ -179,7 +180,8 @@ class ArchClassifier(Workload):
 
         out = run_batched(make_session(spec.path, basic=True), ctx.data.x_test, batch=32)
         row = {"top1": round(top1_percent(out, ctx.data.y_test), 3),
-               **({"top1_agreement": 1.0, "sqnr_db": None} if reference is None else fidelity(reference, out))}
+               **({"top1_agreement": 1.0, "sqnr_db": None} if reference is None else
+                  {**fidelity(reference, out), **top1_drop_interval(reference, out, ctx.data.y_test)})}
         return row, out
 
     def summary(self, ctx: Context) -> dict[str, Any]:
@@ -188,7 +190,8 @@ class ArchClassifier(Workload):
 
     def notes(self, result: dict[str, Any]) -> list[str]:
         return [f"{result['test_samples']} test images (sklearn digits drawn at 224x224x3); the network was "
-                f"trained {result['train_epochs']} epoch(s) from scratch, so top-1 is not the architecture's best."]
+                f"trained {result['train_epochs']} epoch(s) from scratch, so top-1 is not the architecture's best.",
+                INTERVAL_NOTE]
 
 
 ARCHS: dict[str, Callable[[], Workload]] = {

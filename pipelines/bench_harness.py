@@ -91,6 +91,24 @@ class Workload:
         return []
 
 
+def top1_drop_interval(reference_logits, logits, labels, level: float = 0.95) -> dict[str, float]:
+    """A classifier row's top-1 drop against the first row's, as a paired interval over the test images
+    (:func:`~edgeslim.components.common.confidence.top1_drop`): ``top1_drop_low`` and ``top1_drop_high``."""
+    import numpy as np
+
+    from edgeslim.components.common.confidence import interval, top1_drop
+
+    y = np.asarray(labels)
+    iv = interval(top1_drop(np.asarray(reference_logits).argmax(1) == y, np.asarray(logits).argmax(1) == y), level)
+    return {"top1_drop_low": iv["low"], "top1_drop_high": iv["high"]}
+
+
+# The accuracy columns of a classifier's paired top-1 drop interval, and the line that explains them.
+INTERVAL_COLUMNS = (Column("top1_drop_low", "d-lo95", 7, ".2f"), Column("top1_drop_high", "d-hi95", 7, ".2f"))
+INTERVAL_NOTE = ("d-lo95, d-hi95: the 95% interval of the top-1 drop against the first row, paired over the test "
+                 "images (Tango's score interval: only the images where exactly one of the two is right move it).")
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set since it started, or since the last :func:`reset_peak_rss`
     (Linux reports KiB)."""
