@@ -190,12 +190,34 @@ def judge(stat: dict[str, Any], allowed: float, level: float) -> Judgement:
                      images_needed(stat, allowed, level) if outcome == "noise" else None)
 
 
-def suggested_images(allowed: float, changed_share: float, level: float = REPORT_LEVEL) -> int | None:
-    """Images a bound of ``allowed`` points on a top-1-like drop needs when the candidate changes the answer on
-    ``changed_share`` of the images, half each way (a drop of zero): what ``edgeslim init`` suggests."""
-    half = changed_share * 500.0  # of 1000 images
-    return images_needed({"method": "score", "n": 1000, "parent_only": half, "candidate_only": half},
-                         allowed, level)
+# The share of answers int8 changes that ``edgeslim init`` assumes when it suggests split sizes: int8 changed the
+# top-1 of 0.3-1.1% of the test images in the classifier bench; twice that leaves room for harder models.
+CHANGED_SHARE = 0.02
+
+
+def suggested_images(allowed: float, *, units_per_image: float = 1.0, changed_share: float = CHANGED_SHARE,
+                     level: float = REPORT_LEVEL) -> int | None:
+    """Images a gate of ``allowed`` points needs for the upper bound of a zero drop to fall within it, where
+    the candidate changes ``changed_share`` of the answers (half each way), an image holding
+    ``units_per_image`` answers (a detector's boxes): what ``edgeslim init`` suggests as split sizes."""
+    half = changed_share * 500.0  # of 1000 answers
+    units = images_needed({"method": "score", "n": 1000, "parent_only": half, "candidate_only": half}, allowed, level)
+    return None if units is None else int(math.ceil(units / max(units_per_image, 1e-9)))
+
+
+def split_advice(allowed: float, unit: str, *, val: int | None, test: int | None, units_per_image: float = 1.0,
+                 indent: str = "  ") -> str:
+    """The commented ``confidence:`` lines of a recipe ``edgeslim init`` writes: the key, and the split sizes
+    a bound of ``allowed`` points needs (:func:`suggested_images`) beside the data's."""
+    need = suggested_images(allowed, units_per_image=units_per_image)
+    have = (f"val has {val:,} images, test {test:,}" if val is not None and test is not None else
+            "the data could not be read here to count its images")
+    per = f"; {units_per_image:.1f} per image" if units_per_image != 1.0 else ""
+    pad = f"{indent}#" + " " * 34
+    return (f"{indent}# confidence: 0.95                 # judge each drop by its 95% interval over the images, not its\n"
+            f"{pad}# point estimate: pass when the upper bound is within the allowance\n"
+            f"{pad}# a {allowed:g}-pt bound needs about {need:,} images in val and in test where\n"
+            f"{pad}# int8 changes {100 * CHANGED_SHARE:g}% of the {unit}{per} ({have})")
 
 
 # --- a detector's figures on a resample ------------------------------------------------------------------------

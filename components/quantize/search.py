@@ -23,6 +23,11 @@ worded. Each task's strategy lives in its task package (the classifier's in
 :mod:`edgeslim.components.tasks.classification.search`, the detector's in
 :mod:`edgeslim.components.tasks.detection.search`).
 
+With a gate that sets a ``confidence`` (:mod:`edgeslim.components.common.confidence`), a trial is judged by
+its drops' intervals over the validation images: refused only when it is worse beyond the noise (a screen
+refuses only then too), passed only when it is within the allowance beyond the noise; an undecided trial
+ranks above a refused one, and when none passes the refusal says how many validation images would decide.
+
 Every choice is made on the **validation** split: trials are judged and ranked there
 and so is the fallback's ranking. The test split only reports: the pipeline's
 evaluate task judges the winner on it afterwards (``autotune.json`` says

@@ -34,9 +34,13 @@ class ClassificationTask:
     @classmethod
     def init_recipe(cls, *, source: str, output: Path, data: str, edge_name: str, splits,
                     load_model: Callable) -> str:
+        from edgeslim.components.common.confidence import split_advice
+        from edgeslim.components.recipe import AccuracyGateConfig
         from edgeslim.components.tasks.classification.init import INIT_TEMPLATE
 
-        return INIT_TEMPLATE.format(source=source, output=output, data=data, edge_name=edge_name)
+        sizes = {"val": len(splits.y_val), "test": len(splits.y_test)} if splits is not None else {"val": None, "test": None}
+        return INIT_TEMPLATE.format(source=source, output=output, data=data, edge_name=edge_name,
+                                    confidence=split_advice(AccuracyGateConfig().max_metric_drop, "top-1 answers", **sizes))
 
     def transform(self, model, stages, *, data, progress: Callable | None = None):
         """The recipe's distill/prune stages, in order; the registered model is the teacher."""

@@ -31,6 +31,7 @@ gate:
   max_metric_drop: 1.0               # points of top-1
   min_top1_agreement: 0.97           # share of test samples whose top-1 matches the parent
   min_sqnr_db: 15.0                  # output SQNR against the parent
+{confidence}
 
 evaluate:
   latency_batches: [1, 32]

@@ -52,6 +52,7 @@ task:
     max_tp_score_drop: 0.05          # mean true-positive score: catches collapsed confidence
     max_recall_drop: 2.0             # points of recall at score_threshold
     min_recall: 0.0
+{confidence}
 
 evaluate:
   latency_batches: [1, 8]
@@ -121,4 +122,15 @@ def init_recipe(*, source: str, output: Path, data: str, edge_name: str, splits,
         raise ConfigError("--task detection needs detection data: --npz PATH (y_* object arrays of (k, 5) "
                           "[x1, y1, x2, y2, class] arrays in pixels) or --data yolo|coco with --data-arg")
     return INIT_TEMPLATE.format(source=source, output=output, data=data, edge_name=edge_name,
-                                **_task_fields(splits, load_model))
+                                confidence=_split_advice(splits), **_task_fields(splits, load_model))
+
+
+def _split_advice(splits) -> str:
+    """The commented ``confidence:`` key, with the split sizes a bound of the default mAP@0.5 allowance needs
+    (the labels' boxes per image count as the answers int8 can change)."""
+    from edgeslim.components.common.confidence import split_advice
+    from edgeslim.components.tasks.detection.config import DetectionGateConfig
+
+    boxes = sum(len(y) for y in splits.y_train) / max(len(splits.y_train), 1)
+    return split_advice(DetectionGateConfig().max_map_drop, "boxes", val=len(splits.y_val), test=len(splits.y_test),
+                        units_per_image=max(boxes, 1.0), indent="    ")
