@@ -193,6 +193,7 @@ def judge(stat: dict[str, Any], allowed: float, level: float) -> Judgement:
 # The share of answers int8 changes that ``edgeslim init`` assumes when it suggests split sizes: int8 changed the
 # top-1 of 0.3-1.1% of the test images in the classifier bench; twice that leaves room for harder models.
 CHANGED_SHARE = 0.02
+_COMMENT_COLUMN = 37  # where the comments of the recipes ``edgeslim init`` writes start
 
 
 def suggested_images(allowed: float, *, units_per_image: float = 1.0, changed_share: float = CHANGED_SHARE,
@@ -210,14 +211,14 @@ def split_advice(allowed: float, unit: str, *, val: int | None, test: int | None
     """The commented ``confidence:`` lines of a recipe ``edgeslim init`` writes: the key, and the split sizes
     a bound of ``allowed`` points needs (:func:`suggested_images`) beside the data's."""
     need = suggested_images(allowed, units_per_image=units_per_image)
-    have = (f"val has {val:,} images, test {test:,}" if val is not None and test is not None else
-            "the data could not be read here to count its images")
+    have = f"val has {val:,} images, test {test:,}" if val is not None and test is not None else "data not read here"
     per = f"; {units_per_image:.1f} per image" if units_per_image != 1.0 else ""
-    pad = f"{indent}#" + " " * 34
-    return (f"{indent}# confidence: 0.95                 # judge each drop by its 95% interval over the images, not its\n"
-            f"{pad}# point estimate: pass when the upper bound is within the allowance\n"
-            f"{pad}# a {allowed:g}-pt bound needs about {need:,} images in val and in test where\n"
-            f"{pad}# int8 changes {100 * CHANGED_SHARE:g}% of the {unit}{per} ({have})")
+    key = f"{indent}# confidence: 0.95"
+    pad = f"{indent}#" + " " * (_COMMENT_COLUMN - len(indent) - 1)  # the template's comments start at one column
+    return (f"{key:<{_COMMENT_COLUMN}}# judge each drop by its 95% interval over the images, not its\n"
+            f"{pad}# point estimate: pass when the upper bound is within the allowance;\n"
+            f"{pad}# a {allowed:g}-pt bound needs about {need:,} images in val and in test\n"
+            f"{pad}# where int8 changes {100 * CHANGED_SHARE:g}% of the {unit}{per} ({have})")
 
 
 # --- a detector's figures on a resample ------------------------------------------------------------------------

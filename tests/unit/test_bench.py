@@ -27,8 +27,11 @@ def test_bench_rows_and_ratios(workload, tmp_path, capsys):
     assert ours["int8"] and ours["size_ratio"] > 2.5  # scales and zero points cost more on tiny nets and ours["macs"] == teacher["macs"]
     assert full["macs"] < teacher["macs"] and full["size_ratio"] > ours["size_ratio"]
     assert "cpu_int8_kernel_top1" in full and "cpu_int8_kernel_top1" not in teacher
+    # each row's top-1 drop with its paired interval over the test images
+    assert "top1_drop_low" not in teacher
+    assert all(r["top1_drop_low"] <= r["top1_drop"] <= r["top1_drop_high"] for r in res["rows"][1:])
     text = capsys.readouterr().out
-    assert "NOT the edge (TensorRT) speed-up" in text and "full recipe" in text
+    assert "NOT the edge (TensorRT) speed-up" in text and "full recipe" in text and "d-lo95" in text
 
 
 def test_bench_refuses_bad_repeats(capsys):

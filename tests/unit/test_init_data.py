@@ -36,6 +36,12 @@ def test_the_demo_data_is_named_explicitly(tmp_path):
     assert proc.returncode == 0, proc.stderr
     recipe = load_recipe(out)
     assert (recipe.data.provider, recipe.task.kind) == ("sklearn-digits", "classification")
+    # the gate's confidence, commented, with the split sizes a 1-pt bound needs beside the data's
+    text = out.read_text()
+    assert recipe.gate.confidence is None and "  # confidence: 0.95" in text
+    need = next(line for line in text.splitlines() if "bound needs about" in line)
+    assert int(need.split("about ")[1].split()[0].replace(",", "")) > 360  # more than the digits hold
+    assert "(val has 180 images, test 359)" in text
 
 
 @pytest.mark.parametrize("args, needle", [
