@@ -224,16 +224,18 @@ def split_advice(allowed: float, unit: str, *, val: int | None, test: int | None
 # --- a detector's figures on a resample ------------------------------------------------------------------------
 
 
-_POINTS_AND_END = np.append(_RECALL_POINTS, np.inf)
+# The recall points that sit a rounding above their hundredth (linspace's 0.35 > 0.35): a recall of exactly k/100
+# does not reach point k there, as the evaluator's float comparison has it.
+_ABOVE_HUNDREDTH = _RECALL_POINTS > np.arange(len(_RECALL_POINTS)) / (len(_RECALL_POINTS) - 1)
 
 
-def _points_upto(recall: np.ndarray) -> np.ndarray:
-    """How many of the recall points are <= each recall in [0, 1] (``searchsorted(points, recall, "right")``,
-    from the nearest hundredth, then one step either way where rounding put it off)."""
-    idx = np.minimum((recall * (len(_RECALL_POINTS) - 1)).astype(np.int64) + 1, len(_RECALL_POINTS))
-    idx += _POINTS_AND_END[idx] <= recall
-    idx -= (idx > 0) & (_POINTS_AND_END[np.maximum(idx - 1, 0)] > recall)
-    return idx
+def _points_upto(matched: np.ndarray, n_gt: np.ndarray) -> np.ndarray:
+    """How many recall points are <= each recall ``matched / n_gt`` (integer counts, ``n_gt`` > 0): what
+    ``searchsorted(points, recall, "right")`` gives on the float recall, from exact integer arithmetic."""
+    steps = len(_RECALL_POINTS) - 1
+    scaled = steps * matched.astype(np.int64)
+    q = np.minimum(scaled // n_gt, steps)
+    return q + 1 - ((q * n_gt == scaled) & _ABOVE_HUNDREDTH[q])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,6 +263,14 @@ class DetectionRecords:
     det_tp: np.ndarray
     gt: np.ndarray
     score_threshold: float
+    _resampled: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def resampled(self, resamples: int = RESAMPLES, seed: int = SEED) -> dict[str, np.ndarray]:
+        """:meth:`scores` on the seeded resamples of :func:`resample_weights`, kept: a search judges every
+        trial against the same fp32 records."""
+        if (resamples, seed) not in self._resampled:
+            self._resampled[(resamples, seed)] = self.scores(resample_weights(self.n, resamples, seed))
+        return self._resampled[(resamples, seed)]
 
     def head(self, k: int) -> "DetectionRecords":
         """The records of the first ``k`` images."""
@@ -291,16 +301,15 @@ class DetectionRecords:
             for a in range(0, r, step):
                 wd = w[a:a + step][:, img]  # (rows, D): each detection weighted by its image's draws
                 cdet, wh = np.cumsum(wd, axis=1, dtype=np.int32)[:, hits], wd[:, hits]
-                ngt = n_gt[a:a + step].astype(np.float64)[:, None]
+                ngt = n_gt[a:a + step][:, None]
+                counted = ngt[:, 0] > 0
                 for k in range(k_thr):
                     ctp = np.cumsum(wh * tp[:, k], axis=1, dtype=np.int32)
-                    with np.errstate(invalid="ignore", divide="ignore"):
-                        recall = np.nan_to_num(ctp / ngt)
                     precision = ctp / np.maximum(cdet, 1)
                     env = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]
                     # each recall point takes the envelope at the first detection whose recall reaches it
-                    took = np.diff(_points_upto(recall), axis=1, prepend=0)
-                    ap[a:a + step, c, k] = np.where(ngt[:, 0] > 0, (env * took).sum(1) / len(_RECALL_POINTS), np.nan)
+                    took = np.diff(_points_upto(ctp, np.maximum(ngt, 1)), axis=1, prepend=0)
+                    ap[a:a + step, c, k] = np.where(counted, (env * took).sum(1) / len(_RECALL_POINTS), np.nan)
         valid = ~np.isnan(ap[:, :, 0])
         counted = valid.sum(1)
         with np.errstate(invalid="ignore"):
@@ -329,8 +338,7 @@ def detection_drops(parent: DetectionRecords, candidate: DetectionRecords, *, re
     if parent.n != candidate.n:
         raise ValueError(f"records of {parent.n} parent and {candidate.n} candidate images; they must pair up")
     ones = np.ones((1, parent.n), np.int32)
-    w = resample_weights(parent.n, resamples, seed)
-    p, c = parent.scores(w), candidate.scores(w)
+    p, c = parent.resampled(resamples, seed), candidate.scores(resample_weights(parent.n, resamples, seed))
     p1, c1 = parent.scores(ones), candidate.scores(ones)
     return {name: bootstrap_drop(p1[key][0] - c1[key][0], p[key] - c[key], parent.n)
             for name, key in DETECTION_DROPS.items()}

@@ -87,6 +87,7 @@ def test_run_registers_a_gated_int8_candidate_with_lineage(first_run, mlflow_ser
     assert t["edgeslim.parent_run_id"] == parent.run_id
     assert t["edgeslim.recipe_hash"] == rep["recipe_hash"]
     assert float(t["edgeslim.metric.candidate_metric"]) == pytest.approx(rep["candidate"]["metric"])
+    assert float(t["edgeslim.metric.metric_drop_high"]) == pytest.approx(rep["confidence"]["drops"][0]["test"]["high"])
     assert "edgeslim.version" in t
     # Lineage as run inputs: the parent LoggedModel and the calibration dataset.
     run = client.get_run(rep["registered"]["run_id"])
@@ -318,6 +319,12 @@ def test_each_kfp_task_writes_its_metrics_and_the_gate_its_verdict_as_markdown(f
     assert rep["transform"]["stages"] == [] and rep["seconds"]["transform"] == 0.0
     md = (_kfp_task_dir(wd, "gate-op") / "verdict_md").read_text()
     assert md.startswith("## Gate: passed\n") and "| sqnr_db | " in md and md.count("| pass |") == 3
+    # the top-1 drop with its 95% interval over the test images, in the report and the KFP metrics (method ptq
+    # judges nothing on val)
+    (drop,) = rep["confidence"]["drops"]
+    assert drop["name"] == "metric_drop" and drop["val"] is None and drop["test"]["n"] == rep["test_samples"]
+    assert drop["test"]["low"] <= ev["top1_drop"] <= drop["test"]["high"]
+    assert (ev["metric_drop_low"], ev["metric_drop_high"]) == pytest.approx((drop["test"]["low"], drop["test"]["high"]))
 
 
 def test_the_registered_version_has_a_signature_environment_files_a_description_and_run_links(first_run, mlflow_server):
