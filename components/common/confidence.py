@@ -94,10 +94,11 @@ def resample_weights(n: int, resamples: int = RESAMPLES, seed: int = SEED) -> np
         np.zeros((resamples, 0), np.int32)
 
 
-def bootstrap_drop(drop: float, replicates: np.ndarray, n: int) -> dict[str, Any]:
-    """A drop's statistic from its value on all ``n`` images and its value on each paired resample."""
+def bootstrap_drop(drop: float, replicates: np.ndarray, n: int, seed: int = SEED) -> dict[str, Any]:
+    """A drop's statistic from its value on all ``n`` images and its value on each paired resample (drawn with
+    ``seed``). A candidate that matches its parent on every image has a zero-width interval."""
     reps = np.asarray(replicates, np.float64)
-    return {"method": "bootstrap", "n": int(n), "drop": round(float(drop), 6), "seed": SEED,
+    return {"method": "bootstrap", "n": int(n), "drop": round(float(drop), 6), "seed": seed,
             "replicates": [round(float(v), 5) for v in reps[np.isfinite(reps)]]}
 
 
@@ -119,7 +120,7 @@ def _bounds(stat: dict[str, Any], level: float, scale: float = 1.0) -> tuple[flo
         return drop, -math.inf, math.inf
     lo, hi = float(np.quantile(reps, (1 - level) / 2)), float(np.quantile(reps, (1 + level) / 2))
     shrink = math.sqrt(scale)
-    return drop, drop - (drop - lo) / shrink, drop + (hi - drop) / shrink
+    return drop, drop - max(drop - lo, 0.0) / shrink, drop + max(hi - drop, 0.0) / shrink
 
 
 def interval(stat: dict[str, Any], level: float = REPORT_LEVEL) -> dict[str, Any]:
@@ -340,7 +341,7 @@ def detection_drops(parent: DetectionRecords, candidate: DetectionRecords, *, re
     ones = np.ones((1, parent.n), np.int32)
     p, c = parent.resampled(resamples, seed), candidate.scores(resample_weights(parent.n, resamples, seed))
     p1, c1 = parent.scores(ones), candidate.scores(ones)
-    return {name: bootstrap_drop(p1[key][0] - c1[key][0], p[key] - c[key], parent.n)
+    return {name: bootstrap_drop(p1[key][0] - c1[key][0], p[key] - c[key], parent.n, seed)
             for name, key in DETECTION_DROPS.items()}
 
 

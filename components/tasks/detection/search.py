@@ -74,6 +74,7 @@ class DetectorStrategy(Strategy):
         self._val_dets: list[Any] = []  # fp32 detections on val
         self._screen_parent: dict[str, Any] | None = None  # fp32 metrics on the screening subsample
         self._val_records: Any = None  # fp32's per-image matches on val, for the drops' intervals
+        self._screen_records: Any = None  # and on the screening subsample
 
     def reference(self, data: Splits) -> dict[str, Any]:
         import numpy as np
@@ -93,7 +94,7 @@ class DetectorStrategy(Strategy):
 
         (dets,) = detect_batches([self.fp32_onnx], data.x_val, self.task_config, on_batch=keep)
         self._val_outputs = [np.concatenate(p) for p in zip(*kept)]
-        self._val_dets, self._screen_parent = dets, None
+        self._val_dets, self._screen_parent, self._screen_records = dets, None, None
         self.parent = detection_metrics(dets, list(data.y_val), self.task_config.num_classes,
                                         self.task_config.score_threshold)
         self._val_records = detection_records(dets, list(data.y_val), self.task_config.num_classes,
@@ -117,9 +118,10 @@ class DetectorStrategy(Strategy):
         if self._screen_parent is None:
             self._screen_parent = detection_metrics(self._val_dets[:k], list(data.y_val[:k]), task.num_classes,
                                                     task.score_threshold)
+            self._screen_records = self._val_records.head(k)
         if g.confidence is not None:
             return {**self._judge(candidate, data.x_val[:k], data.y_val[:k], self._screen_parent, g,
-                                  self._val_records.head(k)), "screened_on": k}
+                                  self._screen_records), "screened_on": k}
         loose = dataclasses.replace(g, max_map_drop=2 * g.max_map_drop, max_map50_95_drop=2 * g.max_map50_95_drop,
                                     max_tp_score_drop=2 * g.max_tp_score_drop, max_recall_drop=2 * g.max_recall_drop)
         return {**self._judge(candidate, data.x_val[:k], data.y_val[:k], self._screen_parent, loose, None),
