@@ -172,7 +172,7 @@ class Judgement:
     def words(self, unit: str = "pt") -> str:
         """The interval and what it says, for a gate check's detail."""
         pct = f"{100 * self.level:g}%"
-        span = f"{pct} interval [{self.low:.2f}, {self.high:.2f}] {unit}"
+        span = f"{pct} interval [{self.low:.2f}, {self.high:.2f}]" + (f" {unit}" if unit else "")
         if self.outcome == "within":
             return f"{span}, within the allowance"
         if self.outcome == "worse":
