@@ -34,14 +34,15 @@ def detection_records(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], nu
             pc = pc[np.argsort(-pc[:, 4], kind="stable")]
             tp = np.zeros((len(pc), len(IOU_THRESHOLDS)), bool)
             if len(gc):
-                ious = box_iou(pc[:, :4], gc[:, :4])
-                for k, thr in enumerate(IOU_THRESHOLDS):
-                    taken = np.zeros(len(gc), bool)
-                    for j in range(len(pc)):
-                        cand = np.where(~taken & (ious[j] >= thr), ious[j], -1.0)
-                        m = int(np.argmax(cand))
-                        if cand[m] >= 0:
-                            taken[m] = tp[j, k] = True
+                # greedy by score at every threshold at once: each threshold keeps its own taken boxes
+                ious, rows = box_iou(pc[:, :4], gc[:, :4]), np.arange(len(IOU_THRESHOLDS))
+                taken = np.zeros((len(IOU_THRESHOLDS), len(gc)), bool)
+                for j in range(len(pc)):
+                    cand = np.where(~taken & (ious[j] >= IOU_THRESHOLDS[:, None]), ious[j], -1.0)
+                    m = cand.argmax(1)
+                    hit = cand[rows, m] >= 0
+                    taken[rows[hit], m[hit]] = True
+                    tp[j] = hit
             images.append(np.full(len(pc), i, np.int64))
             classes.append(np.full(len(pc), c, np.int64))
             scores.append(pc[:, 4].astype(np.float64))
