@@ -369,11 +369,12 @@ def register_op(recipe_json: str, tracking_uri: str, qdq_model: Input[Model], pa
     recipe = recipe_from_json(recipe_json)
     data = load_data(recipe.data.provider, recipe.data.args, recipe.data.preprocess)
     q = recipe.quantize
-    calib = data.calibration(getattr(q, "num_samples", 512), getattr(q, "seed", 0))
+    # a few rows stand for the calibration set where MLflow wants an array; the lineage says how many
+    calib, calib_lineage = data.calibration_profile(getattr(q, "num_samples", 512), getattr(q, "seed", 0))
     res = register(
         qdq_model.path, parent=json.loads(Path(parent.path).read_text()), recipe=recipe,
         evaluation=json.loads(Path(evaluation.path).read_text()),
-        gate_result=json.loads(Path(verdict.path).read_text()), calibration=calib,
+        gate_result=json.loads(Path(verdict.path).read_text()), calibration=calib, calibration_lineage=calib_lineage,
         data_description=describe_data(recipe.data.provider, recipe.data.args, recipe.data.preprocess),
         tracking_uri=tracking_uri or recipe.tracking_uri or None,
         # kfp's local runner hands JSON-looking strings over already parsed
