@@ -167,7 +167,7 @@ class LazyImages:
     def subset(self, rows: Sequence[int]) -> "LazyImages":
         """The rows ``rows`` as another lazy split (no file is read)."""
         rows = list(rows)
-        return LazyImages(self.files, [self.keys[r] for r in rows], self.preprocess, sizes=self.sizes[rows],
+        return type(self)(self.files, [self.keys[r] for r in rows], self.preprocess, sizes=self.sizes[rows],
                           hw=self._hw, workers=self.workers, split=self.split)
 
     def digest(self) -> str:

@@ -14,8 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edgeslim.components.common.onnx_runtime import (SqnrAccumulator, latency_ms, make_session,  # noqa: F401
-                                                     run_batched, run_side_by_side, sqnr_db)  # (re-exported)
+from edgeslim.components.common.onnx_runtime import (SqnrAccumulator, latency_ms, make_session, run_side_by_side,
+                                                     sqnr_db)
 from edgeslim.components.common.accuracy import top1_percent  # noqa: F401  (re-exported)
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import DataError

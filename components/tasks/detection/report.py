@@ -6,8 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from edgeslim.components.common.charts import BAR, FAIL, FP32, INT8, MUTED, Chart, Panel, Svg, bar_panels
 from edgeslim.components.common.output_error import OutputError, reference_onnx
 from edgeslim.components.tasks.detection.evaluate import detect_batches, pr_curve
