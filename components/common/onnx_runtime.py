@@ -100,8 +100,11 @@ def stream_batches(x, batch: int = STREAM_BATCH) -> Iterator[tuple[int, np.ndarr
     n = len(x)
     if n == 0:
         return
+
+    def read(i: int) -> np.ndarray:
+        return np.ascontiguousarray(x[i:i + batch], dtype=np.float32)
+
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edgeslim-prefetch") as pool:
-        read = lambda i: np.ascontiguousarray(x[i:i + batch], dtype=np.float32)  # noqa: E731
         ahead = pool.submit(read, 0)
         for i in range(0, n, batch):
             rows = ahead.result()
