@@ -176,7 +176,7 @@ def version_description(*, parent: dict[str, Any], recipe_hash: str, gate_result
 def register(candidate_onnx: str | Path, *, parent: dict[str, Any], recipe, evaluation: dict[str, Any],
              gate_result: dict[str, Any], calibration: np.ndarray, data_description: dict[str, Any],
              artifacts: list[str | Path] = (), tracking_uri: str | None = None,
-             engines: list[dict[str, str]] = ()) -> StageResult:
+             engines: list[dict[str, str]] = (), calibration_lineage: dict[str, Any] | None = None) -> StageResult:
     """Register a candidate that passed its gate.
 
     Args:
@@ -185,7 +185,11 @@ def register(candidate_onnx: str | Path, *, parent: dict[str, Any], recipe, eval
         recipe: the validated ``Recipe``.
         evaluation: ``evaluate``'s metrics.
         gate_result: ``gate``'s verdict; a failed one is refused.
-        calibration: the calibration samples (logged as a dataset input).
+        calibration: calibration samples: the rows MLflow profiles for the calibration dataset input and
+            the model's input example (a few rows: :meth:`~edgeslim.components.common.data.Splits.calibration_profile`).
+        calibration_lineage: what ``calibration`` stands for: ``samples`` (how many calibrated),
+            ``profiled_rows``, ``digest`` (of every calibration row); without it, ``calibration`` is the
+            whole calibration set.
         data_description: the provider and its arguments.
         artifacts: more files logged with the run (report.json, the HTML report).
         tracking_uri: the MLflow server.
@@ -247,11 +251,17 @@ def register(candidate_onnx: str | Path, *, parent: dict[str, Any], recipe, eval
             mlflow.log_metrics(flat)
             if parent.get("model_id"):
                 mlflow.log_input(model=LoggedModelInput(parent["model_id"]))
+            calib = {"samples": len(calibration), "profiled_rows": len(calibration), **(calibration_lineage or {})}
+            # The dataset's digest is of every calibration row; its profile and schema are of the rows given.
             calib_ds = mlflow.data.from_numpy(
                 calibration, source=str(data_description.get("path") or data_description.get("provider")),
-                name=f"calibration-{data_description.get('provider', 'data')}")
-            mlflow.log_input(calib_ds, context="calibration",
-                             tags={"split": "train", "samples": str(len(calibration))})
+                name=f"calibration-{data_description.get('provider', 'data')}",
+                digest=str(calib["digest"])[:32] if calib.get("digest") else None)
+            input_tags = {"split": "train", "samples": str(calib["samples"])}
+            if calib["profiled_rows"] != calib["samples"]:
+                input_tags["profile"] = (f"profile and schema of the first {calib['profiled_rows']} of the "
+                                   f"{calib['samples']} calibration samples")
+            mlflow.log_input(calib_ds, context="calibration", tags=input_tags)
             for a in artifacts:
                 if Path(a).exists():
                     mlflow.log_artifact(str(a))

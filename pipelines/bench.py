@@ -204,7 +204,7 @@ WORKLOADS: dict[str, Callable[[], Workload]] = {"digits": ReferenceClassifier, "
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="compare fp32, ORT's default int8, edgeslim's int8 and the full recipe")
-    p.add_argument("--workload", choices=tuple(WORKLOADS), default="digits",
+    p.add_argument("--workload", choices=(*WORKLOADS, "data"), default="digits",
                    help="digits: the VGG-style DigitsCNN teacher (default); mobile: the inverted-residual net; "
                    "detect: the YOLO-style detector; resnet18, mobilenetv3, vit-tiny: real architectures at 224 "
                    "(torchvision, timm); yolov8n: Ultralytics' YOLOv8n at 640 with random weights (costs are real, "
@@ -212,13 +212,17 @@ def register(sub) -> None:
                    "a YOLOv8n trained here on shape scenes at 192, PTQ and quantize: auto per calibrator; lraspp: "
                    "LRASPP-MobileNetV3 trained here on shape scenes with masks at 64, mIoU of PTQ per calibrator "
                    "and quantize: auto; yolov8n-seg-trained: a YOLOv8n-seg trained here on shape scenes with instance "
-                   "masks at 128, mask mAP of PTQ per calibrator and quantize: auto")
+                   "masks at 128, mask mAP of PTQ per calibrator and quantize: auto; data: a whole `edgeslim run` per "
+                   "dataset size (--sizes) of an image-folder classifier and a YOLO-format detector, each task's peak "
+                   "RSS and wall time")
     p.add_argument("--json", dest="json_path", default=None, help="also write the rows to this JSON file")
     p.add_argument("--workdir", default=None, help="keep the models here (default: a temporary folder)")
     p.add_argument("--threads", type=int, default=1,
                    help="ONNX Runtime intra-op threads for latency (default 1: steadier on shared machines)")
     p.add_argument("--repeats", type=int, default=50, help="timed runs per latency (median reported)")
     p.add_argument("--seed", type=int, default=0, help="training seed")
+    p.add_argument("--sizes", default="2000,20000",
+                   help="with --workload data: the dataset sizes in images, comma-separated (default 2000,20000)")
     p.add_argument("--quick", action="store_true",
                    help="a few epochs everywhere: checks the command works, not the targets")
     p.set_defaults(func=cmd_bench)
@@ -233,6 +237,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
+    if args.workload == "data":
+        return _bench_data(args, log)
     wl = WORKLOADS[args.workload]()
     with tempfile.TemporaryDirectory(prefix="edgeslim-bench-") as tmp:
         result = run_workload(wl, workdir=args.workdir or tmp, threads=args.threads, repeats=args.repeats,
@@ -240,4 +246,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(format_rows(result, wl))
         if args.json_path:
             Path(args.json_path).write_text(json.dumps(result, indent=1, default=str))
+    return 0
+
+
+def _bench_data(args: argparse.Namespace, log) -> int:
+    """``--workload data``: :func:`~edgeslim.pipelines.bench_data_run.pipeline_scale_bench` at ``--sizes``."""
+    from edgeslim.components.common.errors import ConfigError
+    from edgeslim.pipelines.bench_data_run import format_pipeline_bench, pipeline_scale_bench
+
+    try:
+        sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 100:
+        raise ConfigError(f"bench --sizes {args.sizes!r}: give dataset sizes of 100 images or more, "
+                          "comma-separated, e.g. 2000,20000")
+    result = pipeline_scale_bench(sizes, workdir=args.workdir, progress=log)
+    print(format_pipeline_bench(result))
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(result, indent=1, default=str))
     return 0

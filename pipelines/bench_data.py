@@ -256,3 +256,4 @@ def format_bench(result: dict[str, Any]) -> str:
         lines.append(" ".join(f"{'x' + str(growth[k]) if k in growth else '':>20}" for k in keys)
                      + f"  (last / first; {result['calibration_target']})")
     return "\n".join(lines)
+

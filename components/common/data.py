@@ -11,6 +11,9 @@ from edgeslim.components.common.errors import ConfigError, DataError
 from edgeslim.components.common.registry import Registry
 
 SPLIT_KEYS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
+# Rows that stand for a set of samples where MLflow demands an array (a dataset's profile and schema, a
+# model's input example): memory stays that of a few rows, whatever the set's size; lineage says so.
+PROFILE_ROWS = 8
 
 
 def is_lazy(x) -> bool:
@@ -70,6 +73,23 @@ class Splits:
         """The train rows :meth:`calibration` draws, in order (to read them a batch at a time)."""
         n = min(n, len(self.x_train))
         return np.sort(np.random.default_rng(seed).choice(len(self.x_train), size=n, replace=False))
+
+    def calibration_profile(self, n: int, seed: int = 0, rows: int = PROFILE_ROWS) -> tuple[np.ndarray, dict]:
+        """The first ``rows`` of the ``n`` calibration samples (:meth:`calibration`), to stand for them where
+        an array is demanded, and the lineage that says so: ``samples`` (how many calibrated),
+        ``profiled_rows`` (how many the array holds) and ``digest`` (of all ``n`` rows; a lazy split's is
+        of their files, sizes and preprocessing, so no image is read for it). Only ``rows`` rows are read."""
+        idx = self.calibration_rows(n, seed)
+        x = self.x_train
+        if is_lazy(x) and hasattr(x, "subset"):
+            digest = x.subset(idx).digest()
+        else:
+            h = hashlib.sha256()
+            for i in range(0, len(idx), 256):
+                h.update(np.ascontiguousarray(x[idx[i:i + 256]]).tobytes())
+            digest = h.hexdigest()
+        sample = np.ascontiguousarray(x[idx[:rows]])
+        return sample, {"samples": int(len(idx)), "profiled_rows": int(len(sample)), "digest": digest}
 
     def digest(self) -> str:
         h = hashlib.sha256()

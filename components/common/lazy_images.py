@@ -140,10 +140,11 @@ class LazyImages:
         out = np.empty((len(rows), *shape), np.float32)
         if not rows:
             return out
-        unique = list(dict.fromkeys(rows))
-        slot = {r: k for k, r in enumerate(unique)}
+        first: dict[int, int] = {}  # row -> the first place it fills; a repeated row is copied from there
+        for k, r in enumerate(rows):
+            first.setdefault(r, k)
 
-        def one(r: int) -> np.ndarray:
+        def one(r: int) -> None:  # decoded straight into its place: no second copy of the batch
             x = self._decode(r)
             if x.shape != shape:
                 hint = ("set data.preprocess.resize (or letterbox / center_crop) so that every image "
@@ -151,20 +152,22 @@ class LazyImages:
                     "this is a bug in the preprocessing: report it"
                 raise DataError(f"data {self.where(r)}: the image comes out as {list(x.shape)} but the "
                                 f"{self.split or 'split'}'s images are {list(shape)}; {hint}")
-            return x
+            out[first[r]] = x
 
-        if self.workers <= 1 or len(unique) == 1:
-            decoded = [one(r) for r in unique]
+        if self.workers <= 1 or len(first) == 1:
+            for r in first:
+                one(r)
         else:
-            decoded = list(_pool(self.workers).map(one, unique))
+            list(_pool(self.workers).map(one, first))
         for k, r in enumerate(rows):
-            out[k] = decoded[slot[r]]
+            if first[r] != k:
+                out[k] = out[first[r]]
         return out
 
     def subset(self, rows: Sequence[int]) -> "LazyImages":
         """The rows ``rows`` as another lazy split (no file is read)."""
         rows = list(rows)
-        return LazyImages(self.files, [self.keys[r] for r in rows], self.preprocess, sizes=self.sizes[rows],
+        return type(self)(self.files, [self.keys[r] for r in rows], self.preprocess, sizes=self.sizes[rows],
                           hw=self._hw, workers=self.workers, split=self.split)
 
     def digest(self) -> str:

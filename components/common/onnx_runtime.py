@@ -8,17 +8,22 @@ TensorRT's int8 math approximates.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
 from edgeslim.components.common.errors import ConfigError, SourceError
+
+# Rows per batch when a split is streamed through models: small enough that a batch of 224-pixel images
+# (and each session's activations for it) stays in tens of MB, large enough that ONNX Runtime runs at speed.
+STREAM_BATCH = 64
 
 
 def make_session(path: str | Path, *, basic: bool = True, threads: int = 0,
@@ -68,7 +73,7 @@ def session_with_outputs(model, names: list[str]) -> Iterator:
         yield make_session(Path(tmp) / "probe.onnx")
 
 
-def run_outputs(session, x: np.ndarray, batch: int = 256) -> tuple[list[str], list[np.ndarray]]:
+def run_outputs(session, x: np.ndarray, batch: int = STREAM_BATCH) -> tuple[list[str], list[np.ndarray]]:
     """Every output of ``session`` on ``x`` (fed to its first input), joined over batches of ``batch``."""
     name = session.get_inputs()[0].name
     names = [o.name for o in session.get_outputs()]
@@ -79,13 +84,53 @@ def run_outputs(session, x: np.ndarray, batch: int = 256) -> tuple[list[str], li
     return names, [np.concatenate(p) for p in parts]
 
 
-def run_batched(session, x: np.ndarray, batch: int = 256) -> np.ndarray:
+def run_batched(session, x: np.ndarray, batch: int = STREAM_BATCH) -> np.ndarray:
     """The output of ``session`` on ``x`` as one ``(N, ...)`` array; several outputs are flattened and
     joined along axis 1."""
     _, outs = run_outputs(session, x, batch)
     if len(outs) == 1:
         return outs[0]
     return np.concatenate([o.reshape(len(o), -1) for o in outs], axis=1)
+
+
+def stream_batches(x, batch: int = STREAM_BATCH) -> Iterator[tuple[int, np.ndarray]]:
+    """``(start, rows)`` of ``x`` a batch at a time, each row read once. The next batch is read on a
+    thread while the caller works on this one (a lazy split decodes while the models run): at most two
+    batches are held."""
+    n = len(x)
+    if n == 0:
+        return
+
+    def read(i: int) -> np.ndarray:
+        return np.ascontiguousarray(x[i:i + batch], dtype=np.float32)
+
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edgeslim-prefetch") as pool:
+        ahead = pool.submit(read, 0)
+        for i in range(0, n, batch):
+            rows = ahead.result()
+            if i + batch < n:
+                ahead = pool.submit(read, i + batch)
+            yield i, rows
+
+
+def run_side_by_side(sessions: Sequence, x, batch: int = STREAM_BATCH, *, on_error=None
+                     ) -> Iterator[tuple[int, np.ndarray, list[list[np.ndarray]]]]:
+    """Every session on each batch of ``x`` as it is read: ``(start, rows, outputs per session)``.
+    Comparing models costs one read (one decode of a lazy split) per row, not one per model.
+
+    ``on_error(k, rows, exc)``: the exception to raise when session ``k`` fails on a batch (ONNX Runtime
+    raises its own types, e.g. for a shape it does not take); without it the error goes through."""
+    feeds = [s.get_inputs()[0].name for s in sessions]
+    for start, rows in stream_batches(x, batch):
+        outs = []
+        for k, (sess, name) in enumerate(zip(sessions, feeds)):
+            try:
+                outs.append(sess.run(None, {name: rows}))
+            except Exception as exc:
+                if on_error is None:
+                    raise
+                raise on_error(k, rows, exc) from None
+        yield start, rows, outs
 
 
 def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
@@ -119,8 +164,8 @@ class SqnrAccumulator:
 
 
 def latency_ms(session, x: np.ndarray, batch: int, warmup: int, repeats: int) -> float:
-    """Median wall time of one ``session.run`` at ``batch``, in milliseconds."""
-    # the first `batch` samples, repeated when there are fewer (only those rows are read)
+    """Median wall time of one ``session.run`` at ``batch``, in milliseconds. ``x``: the inputs (the first
+    ``batch`` rows are read; repeated where there are fewer)."""
     xb = np.ascontiguousarray(x[:batch] if len(x) >= batch else x[np.arange(batch) % len(x)])
     feed = {session.get_inputs()[0].name: xb}
     for _ in range(warmup):

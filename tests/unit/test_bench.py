@@ -40,6 +40,13 @@ def test_bench_refuses_bad_repeats(capsys):
     assert len(err) == 1 and "--repeats" in err[0]
 
 
+@pytest.mark.parametrize("sizes", ["2000,lots", "50", ""])
+def test_the_data_bench_refuses_bad_sizes_in_one_line(sizes, capsys):
+    assert main(["bench", "--workload", "data", "--sizes", sizes]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--sizes" in err[0] and "2000,20000" in err[0]
+
+
 def test_every_workload_the_command_offers_is_a_workload_with_columns_and_rows():
     """What `edgeslim bench --workload NAME` builds before it trains anything (the runs are the slow tier's)."""
     from edgeslim.pipelines.bench import WORKLOADS

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
-from edgeslim.components.common.onnx_runtime import latency_ms, run_batched, sqnr_db  # noqa: F401  (re-exported)
+from edgeslim.components.common.onnx_runtime import (SqnrAccumulator, latency_ms, make_session, run_side_by_side,
+                                                     sqnr_db)
 from edgeslim.components.common.accuracy import top1_percent  # noqa: F401  (re-exported)
 from edgeslim.components.common.confidence import drop_check, top1_drop
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import DataError
+from edgeslim.components.common.output_error import OutputError, reference_onnx
 from edgeslim.components.recipe import AccuracyGateConfig, EvaluateConfig
 from edgeslim.components.common.result import GateCheck, StageResult, verdict
-from edgeslim.components.export import make_session
 
 
 def fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
@@ -32,25 +33,46 @@ def fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
     }
 
 
-def measure(onnx_path: str | Path, data: Splits, config: EvaluateConfig) -> dict[str, Any]:
-    """Outputs on the test split, top-1, size and latencies of one ONNX model."""
-    sess = make_session(onnx_path, basic=True, threads=config.threads)
-    try:
-        out = run_batched(sess, data.x_test)
-    except Exception as exc:  # ORT raises its own types for shape mismatches
-        raise DataError(
-            f"{Path(onnx_path).name} rejects test inputs of shape {list(data.x_test.shape)} "
-            f"({str(exc).splitlines()[0][:140]}); give data whose x arrays match the model's input"
-        ) from None
-    return {
-        "outputs": out,
-        "metric": round(top1_percent(out, data.y_test), 4),
-        "size_bytes": Path(onnx_path).stat().st_size,
-        "latency_ms": {
-            f"batch_{b}": latency_ms(sess, data.x_test, b, config.latency_warmup, config.latency_repeats)
-            for b in config.latency_batches
-        },
-    }
+def flat_logits(outputs: list[np.ndarray]) -> np.ndarray:
+    """A model's outputs on a batch as ``(n, k)``: one output as it is, several flattened and joined (as
+    :func:`run_batched` joins them)."""
+    return outputs[0] if len(outputs) == 1 else np.concatenate([o.reshape(len(o), -1) for o in outputs], 1)
+
+
+class StreamedTop1:
+    """Models compared over a split streamed a batch at a time: each model's top-1 prediction per image
+    (one int per image and model: the per-image record), and the SQNR of named pairs of models, whose
+    signal and noise powers are summed as the batches come. No model's outputs over the split are held.
+
+    Args:
+        models: the models' keys.
+        n: images in the split.
+        pairs: ``(reference, candidate)`` keys whose SQNR is summed.
+    """
+
+    def __init__(self, models: Sequence[str], n: int, pairs: Sequence[tuple[str, str]] = ()):
+        self.pred = {m: np.full(n, -1, np.int64) for m in models}
+        self.sqnr = {p: SqnrAccumulator() for p in pairs}
+        self.classes = 0
+
+    def add(self, start: int, logits: dict[str, np.ndarray]) -> None:
+        """One batch's ``(n, k)`` logits per model; ``start``: the batch's first row in the split."""
+        for m, out in logits.items():
+            self.pred[m][start:start + len(out)] = out.argmax(1)
+            self.classes = int(out.shape[1])
+        for (ref, cand), acc in self.sqnr.items():
+            acc.add(logits[ref], logits[cand])
+
+    def top1(self, model: str, labels: np.ndarray) -> float:
+        """Share of images whose top-1 is the label, in percent."""
+        return float((self.pred[model] == np.asarray(labels)).mean() * 100.0)
+
+    def agreement(self, reference: str, candidate: str) -> float:
+        """Share of images on which both models' top-1 agree."""
+        return float((self.pred[reference] == self.pred[candidate]).mean())
+
+    def sqnr_db(self, reference: str, candidate: str) -> float:
+        return self.sqnr[(reference, candidate)].db()
 
 
 # Above this many classes the confusion matrix is left out of the evaluation (and of KFP's
@@ -58,23 +80,36 @@ def measure(onnx_path: str | Path, data: Splits, config: EvaluateConfig) -> dict
 MAX_CONFUSION_CLASSES = 100
 
 
-def confusion_matrix(logits: np.ndarray, labels: np.ndarray) -> list[list[int]] | None:
-    """Rows: true class, columns: predicted class (top-1), over the test split; None past
-    :data:`MAX_CONFUSION_CLASSES` classes."""
-    k = int(logits.shape[1]) if logits.ndim == 2 else 0
+def confusion_matrix(pred: np.ndarray, labels: np.ndarray, classes: int) -> list[list[int]] | None:
+    """Rows: true class, columns: predicted class (top-1 ``pred`` of ``classes``), over the test split;
+    None past :data:`MAX_CONFUSION_CLASSES` classes."""
+    k = int(classes)
     if not 0 < k <= MAX_CONFUSION_CLASSES:
         return None
     y = np.asarray(labels, np.int64)
     if len(y) and (y.min() < 0 or y.max() >= k):  # labels the logits cannot name: no matrix to draw
         return None
     m = np.zeros((k, k), np.int64)
-    np.add.at(m, (y, logits.argmax(1)), 1)
+    np.add.at(m, (y, np.asarray(pred, np.int64)), 1)
     return m.tolist()
+
+
+def _rejects(paths: Sequence[str | Path], x):
+    """The one line for a model that refuses the test inputs (``on_error`` of :func:`run_side_by_side`)."""
+    def error(k: int, rows: np.ndarray, exc: Exception) -> DataError:
+        return DataError(f"{Path(paths[k]).name} rejects test inputs of shape {list(x.shape)} "
+                         f"({str(exc).splitlines()[0][:140]}); give data whose x arrays match the model's input")
+    return error
 
 
 def evaluate(candidate_onnx: str | Path, config: EvaluateConfig, *, parent_onnx: str | Path,
              data: Splits, student_onnx: str | Path | None = None) -> StageResult:
     """Evaluate the candidate and its parent side by side on the test split.
+
+    One pass over the split: each batch, as it is read (decoded, for an image split), runs through every
+    model compared: the parent, the candidate (Q/DQ semantics), the candidate on ORT's fused int8 CPU
+    kernels and the student where there is one. Figures are summed per batch (top-1 per image, SQNR,
+    the output error the report charts), so memory follows the batch, not the split.
 
     Args:
         candidate_onnx: the int8 Q/DQ ONNX.
@@ -88,43 +123,61 @@ def evaluate(candidate_onnx: str | Path, config: EvaluateConfig, *, parent_onnx:
 
     Returns:
         ``StageResult`` whose metrics hold ``source`` and ``candidate`` sections
-        (metric = top-1 %, fidelity, size, latency) and ``confidence``: the top-1 drop's statistic over the
-        test images (:func:`~edgeslim.components.common.confidence.top1_drop`).
+        (metric = top-1 %, fidelity, size, latency), ``figures`` (the int8 output error against its own
+        fp32 model, for the report's chart) and ``confidence``: the top-1 drop's statistic over the test
+        images (:func:`~edgeslim.components.common.confidence.top1_drop`).
     """
     t0 = time.perf_counter()
-    parent = measure(parent_onnx, data, config)
-    cand = measure(candidate_onnx, data, config)
-    fused = make_session(candidate_onnx, basic=False, threads=config.threads)
-    cpu_kernel_metric = top1_percent(run_batched(fused, data.x_test), data.y_test)
-    fid = fidelity(parent["outputs"], cand["outputs"])
-    if student_onnx is not None and Path(student_onnx).resolve() != Path(parent_onnx).resolve():
-        student_out = run_batched(make_session(student_onnx, basic=True, threads=config.threads), data.x_test)
-        fid["quantization_sqnr_db"] = round(sqnr_db(student_out, cand["outputs"]), 3)
-    else:
-        fid["quantization_sqnr_db"] = fid["sqnr_db"]
+    ref_path, reference = reference_onnx(parent_onnx=parent_onnx, student_onnx=student_onnx)
+    own_student = ref_path != Path(parent_onnx)
+    paths = {"source": parent_onnx, "candidate": candidate_onnx, "fused": candidate_onnx,
+             **({"student": ref_path} if own_student else {})}
+    sessions = {k: make_session(p, basic=k != "fused", threads=config.threads) for k, p in paths.items()}
+    x, y = data.x_test, data.y_test
+    ref = "student" if own_student else "source"
+    top1s = StreamedTop1(list(sessions), len(x), pairs=[("source", "candidate"), *([(ref, "candidate")] if own_student else [])])
+    err, names = OutputError(), [o.name for o in sessions[ref].get_outputs()]
+    chart_error = None
+    for start, _, outs in run_side_by_side(list(sessions.values()), x, on_error=_rejects(list(paths.values()), x)):
+        raw = dict(zip(sessions, outs))
+        top1s.add(start, {k: flat_logits(v) for k, v in raw.items()})
+        if chart_error is None:
+            try:  # a chart must not cost the evaluation: the report says what went wrong
+                err.add((raw[ref], names), (raw["candidate"], names))
+            except Exception as exc:
+                chart_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    lat_x = np.ascontiguousarray(x[:max(config.latency_batches, default=1)])  # read once for every latency
+
+    def side(key: str) -> dict[str, Any]:
+        return {"metric": round(top1s.top1(key, y), 4), "size_bytes": Path(paths[key]).stat().st_size,
+                "latency_ms": {f"batch_{b}": latency_ms(sessions[key], lat_x, b, config.latency_warmup,
+                                                        config.latency_repeats) for b in config.latency_batches}}
+
+    fid = {"top1_agreement": top1s.agreement("source", "candidate"),
+           "sqnr_db": round(top1s.sqnr_db("source", "candidate"), 3)}
+    fid["quantization_sqnr_db"] = round(top1s.sqnr_db(ref, "candidate"), 3) if own_student else fid["sqnr_db"]
     metrics = {
         "metric_name": "top1",
-        "test_samples": int(len(data.x_test)),
-        "source": {k: v for k, v in parent.items() if k != "outputs"},
-        "candidate": {
-            **{k: v for k, v in cand.items() if k != "outputs"},
-            "fidelity": fid,
-            "cpu_int8_kernel_metric": round(cpu_kernel_metric, 4),
-        },
+        "test_samples": int(len(x)),
+        "source": side("source"),
+        "candidate": {**side("candidate"), "fidelity": fid,
+                      "cpu_int8_kernel_metric": round(top1s.top1("fused", y), 4)},
     }
-    metrics["confidence"] = {"metric_drop": paired_top1(parent["outputs"], cand["outputs"], data.y_test)}
-    for section, measured in (("source", parent), ("candidate", cand)):
-        cm = confusion_matrix(measured["outputs"], data.y_test)
+    metrics["confidence"] = {"metric_drop": paired_top1(top1s.pred["source"], top1s.pred["candidate"], y)}
+    for section, key in (("source", "source"), ("candidate", "candidate")):
+        cm = confusion_matrix(top1s.pred[key], y, top1s.classes)
         if cm is not None:
             metrics[section]["confusion_matrix"] = cm
-    metrics["candidate"]["size_ratio"] = round(parent["size_bytes"] / cand["size_bytes"], 3)
+    metrics["candidate"]["size_ratio"] = round(metrics["source"]["size_bytes"] / metrics["candidate"]["size_bytes"], 3)
+    metrics["figures"] = {"error": chart_error} if chart_error else {"output_error": err.result(reference)}
     return StageResult(model=Path(candidate_onnx), metrics=metrics, seconds=time.perf_counter() - t0)
 
 
-def paired_top1(parent_logits: np.ndarray, candidate_logits: np.ndarray, labels) -> dict[str, Any]:
-    """The top-1 drop's statistic: each image right or wrong under the parent and under the candidate."""
+def paired_top1(parent_pred: np.ndarray, candidate_pred: np.ndarray, labels) -> dict[str, Any]:
+    """The top-1 drop's statistic from each image's top-1 class under the parent and the candidate: each
+    image right or wrong under both."""
     y = np.asarray(labels)
-    return top1_drop(parent_logits.argmax(1) == y, candidate_logits.argmax(1) == y)
+    return top1_drop(np.asarray(parent_pred) == y, np.asarray(candidate_pred) == y)
 
 
 def gate(metrics: dict[str, Any], config: AccuracyGateConfig) -> dict[str, Any]:

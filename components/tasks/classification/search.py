@@ -29,27 +29,36 @@ class ClassifierStrategy(Strategy):
         self.files: dict[str, Path] = {}
 
     def reference(self, data: Splits) -> dict[str, Any]:
-        from edgeslim.components.tasks.classification.evaluate import top1_percent
-        from edgeslim.components.quantize.sensitivity import _scores
+        from edgeslim.components.common.onnx_runtime import make_session, run_side_by_side
+        from edgeslim.components.tasks.classification.evaluate import StreamedTop1, flat_logits
 
-        self.parent_out = _scores(self.parent_onnx, data.x_val)
-        self.parent_metric = top1_percent(self.parent_out, data.y_val)
+        self.parent_session = make_session(self.parent_onnx)
+        top1s = StreamedTop1(["parent"], len(data.x_val))
+        for start, _, (out,) in run_side_by_side([self.parent_session], data.x_val):
+            top1s.add(start, {"parent": flat_logits(out)})
+        self.parent_metric = top1s.top1("parent", data.y_val)
         return {"parent_metric": self.parent_metric}
 
     def judge(self, candidate: str | Path, data: Splits) -> dict[str, Any]:
+        """The candidate and the parent on each validation batch as it is read (one read of every image,
+        no outputs over the split held): top-1, agreement and SQNR, judged by the gate, with the top-1
+        drop's paired statistic over the validation images."""
         from edgeslim.components.common.confidence import drop_intervals
-        from edgeslim.components.tasks.classification.evaluate import fidelity, gate, paired_top1, top1_percent
-        from edgeslim.components.quantize.sensitivity import _scores
+        from edgeslim.components.common.onnx_runtime import make_session, run_side_by_side
+        from edgeslim.components.tasks.classification.evaluate import StreamedTop1, flat_logits, gate, paired_top1
 
-        out = _scores(candidate, data.x_val)
-        stats = {"metric_drop": paired_top1(self.parent_out, out, data.y_val)}
+        top1s = StreamedTop1(["parent", "candidate"], len(data.x_val), pairs=[("parent", "candidate")])
+        for start, _, (ref, out) in run_side_by_side([self.parent_session, make_session(candidate)], data.x_val):
+            top1s.add(start, {"parent": flat_logits(ref), "candidate": flat_logits(out)})
+        fid = {"top1_agreement": top1s.agreement("parent", "candidate"),
+               "sqnr_db": round(top1s.sqnr_db("parent", "candidate"), 3)}
+        stats = {"metric_drop": paired_top1(top1s.pred["parent"], top1s.pred["candidate"], data.y_val)}
         metrics = {"source": {"metric": self.parent_metric}, "confidence": stats,
-                   "candidate": {"metric": top1_percent(out, data.y_val), "fidelity": fidelity(self.parent_out, out)}}
+                   "candidate": {"metric": top1s.top1("candidate", data.y_val), "fidelity": fid}}
         verdict = gate(metrics, self.gate)
         return {"metric": round(metrics["candidate"]["metric"], 4),
                 "metric_drop": round(self.parent_metric - metrics["candidate"]["metric"], 4),
-                **metrics["candidate"]["fidelity"], "passed": verdict["passed"], "outcome": verdict["outcome"],
-                "gate": verdict["summary"],
+                **fid, "passed": verdict["passed"], "outcome": verdict["outcome"], "gate": verdict["summary"],
                 "intervals": drop_intervals(stats, {"metric_drop": self.gate.max_metric_drop}, self.gate.confidence)}
 
     def key(self, row: dict[str, Any]) -> tuple:

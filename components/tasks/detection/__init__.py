@@ -58,7 +58,8 @@ class DetectionTask:
     def evaluate(self, candidate_onnx, config, *, parent_onnx, data, student_onnx=None):
         from edgeslim.components.tasks.detection.evaluate import evaluate_detection
 
-        return evaluate_detection(candidate_onnx, config, parent_onnx=parent_onnx, data=data, task=self.config)
+        return evaluate_detection(candidate_onnx, config, parent_onnx=parent_onnx, data=data, task=self.config,
+                                  student_onnx=student_onnx)
 
     def gate(self, metrics: dict[str, Any], recipe) -> dict[str, Any]:
         from edgeslim.components.tasks.detection.evaluate import gate_detection

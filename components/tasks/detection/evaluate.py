@@ -22,7 +22,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from edgeslim.components.common.confidence import drop_check
-from edgeslim.components.common.onnx_runtime import SqnrAccumulator, latency_ms, make_session, run_outputs
+from edgeslim.components.common.onnx_runtime import (STREAM_BATCH, SqnrAccumulator, latency_ms, make_session,
+                                                     run_side_by_side)
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import DataError
 from edgeslim.components.common.result import GateCheck, StageResult, verdict
@@ -123,6 +124,38 @@ def detection_metrics(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], nu
     }
 
 
+def pr_curve(preds, gts, num_classes: int, score_threshold: float, *, iou: float = 0.5,
+             points: int = 200) -> dict[str, Any]:
+    """Precision against recall at IoU ``iou``, all classes pooled (each prediction matches only boxes of its
+    own class, greedily by score, as :mod:`.evaluate` matches them for mAP), at most ``points``
+    points, and the operating point at ``score_threshold``."""
+    preds = [np.asarray(p, np.float32).reshape(-1, 6) for p in preds]
+    gts = [np.asarray(g, np.float32).reshape(-1, 5) for g in gts]
+    scores, tps, n_gt = [], [], 0
+    for c in range(num_classes):
+        s, tp, n = _match(preds, gts, c, iou)
+        scores.append(s)
+        tps.append(tp)
+        n_gt += n
+    s, tp = np.concatenate(scores), np.concatenate(tps)
+    out: dict[str, Any] = {"iou": iou, "ground_truth": int(n_gt), "detections": int(len(s)),
+                           "score_threshold": score_threshold, "recall": [], "precision": [], "at_threshold": None}
+    if not n_gt or not len(s):
+        return out
+    order = np.argsort(-s, kind="stable")
+    s, tp = s[order], tp[order]
+    ctp = np.cumsum(tp)
+    precision = ctp / np.arange(1, len(tp) + 1)
+    recall = ctp / n_gt
+    idx = np.unique(np.linspace(0, len(s) - 1, min(points, len(s))).round().astype(int))
+    out["recall"] = [round(float(v), 5) for v in recall[idx]]
+    out["precision"] = [round(float(v), 5) for v in precision[idx]]
+    k = int((s >= score_threshold).sum())
+    if k:
+        out["at_threshold"] = {"recall": round(float(recall[k - 1]), 5), "precision": round(float(precision[k - 1]), 5)}
+    return out
+
+
 def _rejects(onnx_path, x, exc: Exception) -> DataError:
     return DataError(
         f"{Path(onnx_path).name} rejects inputs of shape {list(x.shape)} "
@@ -130,11 +163,13 @@ def _rejects(onnx_path, x, exc: Exception) -> DataError:
 
 
 def detect_batches(onnx_paths: Sequence[str | Path], x, task, *, basic: Sequence[bool] | bool = True,
-                   batch: int = 256, on_batch=None) -> list[list[np.ndarray]]:
+                   batch: int = STREAM_BATCH, on_batch=None, decode: Sequence[bool] | None = None,
+                   threads: int = 0) -> list[list[np.ndarray]]:
     """Decoded detections of one or more ONNX detectors on ``x``, run side by side a batch at a time.
 
-    Each batch of ``x`` is read once (``x`` may be a lazy split) and decoded per batch, so neither the
-    inputs nor the raw outputs of the whole split are held.
+    Each batch of ``x`` is read once (``x`` may be a lazy split: one decode per image, whatever the number
+    of models) and every model runs on it; outputs are decoded per batch, so neither the inputs nor the
+    raw outputs of the whole split are held.
 
     Args:
         onnx_paths: the models.
@@ -143,25 +178,28 @@ def detect_batches(onnx_paths: Sequence[str | Path], x, task, *, basic: Sequence
         basic: per model (or for all), Q/DQ semantics (see :func:`make_session`).
         batch: images per run.
         on_batch: called with each batch's raw outputs, per model ``(outputs, names)``.
+        decode: per model, whether its outputs are decoded to boxes (default: every model's); a model
+            run only for ``on_batch`` gets an empty list.
+        threads: ONNX Runtime intra-op threads (0: its default; see :func:`make_session`).
 
     Returns:
         Per model, per image an (M, 6) ``[x1, y1, x2, y2, score, class]`` array.
     """
     basics = [basic] * len(onnx_paths) if isinstance(basic, bool) else list(basic)
-    sessions = [make_session(p, basic=b) for p, b in zip(onnx_paths, basics)]
+    decodes = [True] * len(onnx_paths) if decode is None else list(decode)
+    sessions = [make_session(p, basic=b, threads=threads) for p, b in zip(onnx_paths, basics)]
+    names = [[o.name for o in s.get_outputs()] for s in sessions]
     dets: list[list[np.ndarray]] = [[] for _ in sessions]
-    for i in range(0, len(x), batch):
-        xb = np.ascontiguousarray(x[i:i + batch])
-        raw = []
-        for path, sess, out in zip(onnx_paths, sessions, dets):
-            try:
-                names, outs = run_outputs(sess, xb, batch=len(xb))
-            except Exception as exc:  # ORT raises its own types for shape mismatches
-                raise _rejects(path, x, exc) from None
-            out.extend(decode_outputs(outs, task, names))
-            raw.append((outs, names))
+
+    def rejects(k: int, rows, exc: Exception) -> DataError:  # ORT raises its own types for shape mismatches
+        return _rejects(onnx_paths[k], x, exc)
+
+    for _, _, outs in run_side_by_side(sessions, x, batch, on_error=rejects):
+        for n, o, out, keep in zip(names, outs, dets, decodes):
+            if keep:
+                out.extend(decode_outputs(o, task, n))
         if on_batch is not None:
-            on_batch(raw)
+            on_batch(list(zip(outs, names)))
     return dets
 
 
@@ -211,24 +249,27 @@ def detection_agreement(reference: list[np.ndarray], candidate: list[np.ndarray]
     return round(hit / total, 4) if total else 1.0
 
 
-def _measured(onnx_path: str | Path, dets: list[np.ndarray], data: Splits, task, config) -> dict[str, Any]:
+def _measured(onnx_path: str | Path, dets: list[np.ndarray], data: Splits, task, config,
+              lat_x=None) -> dict[str, Any]:
     m = detection_metrics(dets, list(data.y_test), task.num_classes, task.score_threshold)
     res = {"detections": dets, "metric": m["map50"], "detection": m, "size_bytes": Path(onnx_path).stat().st_size}
     if config is not None:
         sess = make_session(onnx_path, basic=True, threads=config.threads)
-        res["latency_ms"] = {f"batch_{b}": latency_ms(sess, data.x_test, b, config.latency_warmup,
-                                                      config.latency_repeats)
+        x = data.x_test[:max(config.latency_batches, default=1)] if lat_x is None else lat_x
+        res["latency_ms"] = {f"batch_{b}": latency_ms(sess, x, b, config.latency_warmup, config.latency_repeats)
                              for b in config.latency_batches}
     return res
 
 
 def evaluate_detection(candidate_onnx: str | Path, config, *, parent_onnx: str | Path, data: Splits,
-                       task) -> StageResult:
+                       task, student_onnx: str | Path | None = None) -> StageResult:
     """Evaluate a detector candidate and its parent side by side on the test split.
 
-    The parent, the candidate (Q/DQ semantics) and the candidate on ORT's fused int8 CPU kernels
-    run on each test batch in turn: the split is read once, and the outputs' SQNR is summed over
-    batches rather than computed over held outputs.
+    One pass over the split: each batch, as it is read (decoded, for an image split), runs through the
+    parent, the candidate (Q/DQ semantics), the candidate on ORT's fused int8 CPU kernels and the student
+    where there is one. The outputs' SQNR and the output error are summed over batches rather than
+    computed over held outputs; the report's figures (output error, precision-recall curves) come from
+    the same pass.
 
     Args:
         candidate_onnx: the int8 Q/DQ ONNX (judged in Q/DQ semantics).
@@ -236,25 +277,42 @@ def evaluate_detection(candidate_onnx: str | Path, config, *, parent_onnx: str |
         parent_onnx: the parent's fp32 ONNX.
         data: detection splits (``y_*`` hold (k, 5) boxes per image).
         task: the recipe's ``DetectionTaskConfig``.
+        student_onnx: the fp32 ONNX the candidate was quantized from, when distill or prune made one:
+            the output error is measured against it.
 
     Returns:
         ``StageResult`` whose metrics have the spine's shape (``metric`` = mAP@0.5 in points,
-        ``fidelity``, size, latency) plus a ``detection`` section per model and ``confidence``: the
+        ``fidelity``, size, latency) plus a ``detection`` section per model, ``figures`` and ``confidence``: the
         statistic of each drop the gate checks, a paired bootstrap over the test images
         (:func:`~edgeslim.components.tasks.detection.records.paired_detection_drops`).
     """
+    from edgeslim.components.common.output_error import OutputError, reference_onnx
 
     t0 = time.perf_counter()
-    sqnr = SqnrAccumulator()
+    sqnr, err = SqnrAccumulator(), OutputError()
+    ref_path, reference = reference_onnx(parent_onnx=parent_onnx, student_onnx=student_onnx)
+    own = ref_path != Path(parent_onnx)
+    ref = 3 if own else 0
+    chart_error: list[str] = []
 
     def flat(outs: list[np.ndarray]) -> np.ndarray:
         return np.concatenate([o.reshape(len(o), -1) for o in outs], 1)
 
-    parent_dets, cand_dets, fused_dets = detect_batches(
-        [parent_onnx, candidate_onnx, candidate_onnx], data.x_test, task, basic=[True, True, False],
-        on_batch=lambda raw: sqnr.add(flat(raw[0][0]), flat(raw[1][0])))
-    parent = _measured(parent_onnx, parent_dets, data, task, config)
-    cand = _measured(candidate_onnx, cand_dets, data, task, config)
+    def on_batch(raw) -> None:
+        sqnr.add(flat(raw[0][0]), flat(raw[1][0]))
+        if not chart_error:
+            try:  # a chart must not cost the evaluation: the report says what went wrong
+                err.add(raw[ref], raw[1])
+            except Exception as exc:
+                chart_error.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+
+    paths = [parent_onnx, candidate_onnx, candidate_onnx, *([ref_path] if own else [])]
+    parent_dets, cand_dets, fused_dets, *_ = detect_batches(
+        paths, data.x_test, task, basic=[True, True, False, True][:len(paths)], on_batch=on_batch,
+        decode=[True, True, True, False][:len(paths)], threads=config.threads)
+    lat_x = np.ascontiguousarray(data.x_test[:max(config.latency_batches, default=1)])  # read once
+    parent = _measured(parent_onnx, parent_dets, data, task, config, lat_x=lat_x)
+    cand = _measured(candidate_onnx, cand_dets, data, task, config, lat_x=lat_x)
     agree = detection_agreement(parent["detections"], cand["detections"], task.score_threshold)
     fused = detection_metrics(fused_dets, list(data.y_test), task.num_classes, task.score_threshold)
     keep = ("metric", "size_bytes", "latency_ms", "detection")
@@ -273,6 +331,13 @@ def evaluate_detection(candidate_onnx: str | Path, config, *, parent_onnx: str |
     }
     metrics["candidate"]["size_ratio"] = round(parent["size_bytes"] / cand["size_bytes"], 3)
     metrics["confidence"] = paired_detection_drops(parent_dets, cand_dets, data.y_test, task)
+    if chart_error:
+        metrics["figures"] = {"error": chart_error[0]}
+    else:
+        gts = list(data.y_test)
+        metrics["figures"] = {"output_error": err.result(reference), "pr": {
+            "fp32": pr_curve(parent_dets, gts, task.num_classes, task.score_threshold),
+            "int8": pr_curve(cand_dets, gts, task.num_classes, task.score_threshold)}}
     return StageResult(model=Path(candidate_onnx), metrics=metrics, seconds=time.perf_counter() - t0)
 
 

@@ -6,43 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from edgeslim.components.common.charts import BAR, FAIL, FP32, INT8, MUTED, Chart, Panel, Svg, bar_panels
 from edgeslim.components.common.output_error import OutputError, reference_onnx
-from edgeslim.components.tasks.detection.evaluate import _match, detect_batches
-
-
-def pr_curve(preds, gts, num_classes: int, score_threshold: float, *, iou: float = 0.5,
-             points: int = 200) -> dict[str, Any]:
-    """Precision against recall at IoU ``iou``, all classes pooled (each prediction matches only boxes of its
-    own class, greedily by score, as :mod:`.evaluate` matches them for mAP), at most ``points``
-    points, and the operating point at ``score_threshold``."""
-    preds = [np.asarray(p, np.float32).reshape(-1, 6) for p in preds]
-    gts = [np.asarray(g, np.float32).reshape(-1, 5) for g in gts]
-    scores, tps, n_gt = [], [], 0
-    for c in range(num_classes):
-        s, tp, n = _match(preds, gts, c, iou)
-        scores.append(s)
-        tps.append(tp)
-        n_gt += n
-    s, tp = np.concatenate(scores), np.concatenate(tps)
-    out: dict[str, Any] = {"iou": iou, "ground_truth": int(n_gt), "detections": int(len(s)),
-                           "score_threshold": score_threshold, "recall": [], "precision": [], "at_threshold": None}
-    if not n_gt or not len(s):
-        return out
-    order = np.argsort(-s, kind="stable")
-    s, tp = s[order], tp[order]
-    ctp = np.cumsum(tp)
-    precision = ctp / np.arange(1, len(tp) + 1)
-    recall = ctp / n_gt
-    idx = np.unique(np.linspace(0, len(s) - 1, min(points, len(s))).round().astype(int))
-    out["recall"] = [round(float(v), 5) for v in recall[idx]]
-    out["precision"] = [round(float(v), 5) for v in precision[idx]]
-    k = int((s >= score_threshold).sum())
-    if k:
-        out["at_threshold"] = {"recall": round(float(recall[k - 1]), 5), "precision": round(float(precision[k - 1]), 5)}
-    return out
+from edgeslim.components.tasks.detection.evaluate import detect_batches, pr_curve
 
 
 def figures(candidate_onnx: str | Path, *, parent_onnx: str | Path, data, task,
