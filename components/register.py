@@ -7,6 +7,7 @@ version is deleted again: nothing half-made stays registered.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -86,9 +87,16 @@ def _flat_metrics(evaluation: dict[str, Any], level: float | None = None) -> dic
     return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and np.isfinite(v)}
 
 
-def onnx_signature(onnx_path: str | Path):
+def onnx_signature(onnx_path: str | Path, *, images: bool = False):
     """The MLflow model signature of an ONNX model: one tensor spec per graph input and output, a
-    dynamic dimension as -1 (what the edge pyfunc takes and what its arrays are)."""
+    dynamic dimension as -1 (what the edge pyfunc takes and what its arrays are).
+
+    With ``images`` (the model records ``data.preprocess``, so its pyfunc also takes
+    ``{"images": [...]}`` or an ``image`` column), the signature holds the outputs only: an MLflow
+    input schema is either tensors or columns, so any input schema would make MLflow refuse one of
+    the two forms before the model sees it. The edge pyfunc checks its inputs itself then, and
+    :func:`tensor_inputs` gives the tensor specs (recorded in the model's metadata as ``tensor_inputs``).
+    """
     import onnx
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
@@ -102,8 +110,21 @@ def onnx_signature(onnx_path: str | Path):
         shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
         return TensorSpec(dtype, shape, v.name)
 
-    return ModelSignature(inputs=Schema([spec(v) for v in graph.input if v.name not in inits]),
-                          outputs=Schema([spec(v) for v in graph.output]))
+    inputs = Schema([spec(v) for v in graph.input if v.name not in inits])
+    return ModelSignature(inputs=None if images else inputs, outputs=Schema([spec(v) for v in graph.output]))
+
+
+def tensor_inputs(model_meta):
+    """The tensor input schema of a logged edge model (``mlflow.models.Model``): its signature's, or,
+    for a model that also takes raw images (logged without an input schema), the ``tensor_inputs``
+    its metadata records; None when neither is there."""
+    from mlflow.types.schema import Schema
+
+    schema = model_meta.get_input_schema()
+    recorded = (model_meta.metadata or {}).get("tensor_inputs")
+    if schema is None and recorded:
+        schema = Schema.from_json(json.dumps(recorded))
+    return schema
 
 
 def edge_requirements(images: bool = False) -> list[str]:
@@ -272,13 +293,17 @@ def register(candidate_onnx: str | Path, *, parent: dict[str, Any], recipe, eval
                         # a detector's edge pyfunc decodes its outputs with this
                         "task": task_for(recipe.task).metadata(),
                         # how an image becomes the model's input (resize, crop, mean/std, ...)
-                        **({"preprocess": recipe.data.preprocess.to_dict()} if recipe.data.preprocess else {})}
+                        **({"preprocess": recipe.data.preprocess.to_dict(),
+                            # the signature leaves the input out (raw images go in too); these are its tensors
+                            "tensor_inputs": onnx_signature(candidate_onnx).inputs.to_dict()}
+                           if recipe.data.preprocess else {})}
             # edge_model.log_model, plus the signature (the ONNX's tensors) and the environment files.
             info = Model.log(
                 artifact_path=None, name="model",
                 flavor=_EdgeFlavorWithEnv(edge_requirements(images=recipe.data.preprocess is not None)),
                 onnx_path=candidate_onnx, metadata=metadata, edge_metadata=metadata, engines=shipped or None,
-                signature=onnx_signature(candidate_onnx), input_example=np.ascontiguousarray(calibration[:2]),
+                signature=onnx_signature(candidate_onnx, images=recipe.data.preprocess is not None),
+                input_example=np.ascontiguousarray(calibration[:2]),
                 tags=edge_model.engine_status_tags({k: v if isinstance(v, str) and not Path(v).exists()
                                                     else "built and verified" for k, v in shipped.items()}) or None,
             )

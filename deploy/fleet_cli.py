@@ -152,6 +152,7 @@ def predict(controller, name: str, inputs: Any) -> dict[str, Any]:
     (:func:`~edgeslim.deploy.predict_input.model_input` says which forms)."""
     import mlflow.pyfunc
 
+    from edgeslim.components.register import tensor_inputs
     from edgeslim.deploy.predict_input import model_input
 
     rec = controller.get(name)
@@ -159,7 +160,7 @@ def predict(controller, name: str, inputs: Any) -> dict[str, Any]:
         raise FleetError(f"no rollout {name!r} in fleet {controller.fleet!r}")
     m = rec["model"]
     model = mlflow.pyfunc.load_model(f"models:/{m['name']}/{m['version']}")
-    out = model.predict(model_input(inputs, model.metadata.get_input_schema()))
+    out = model.predict(model_input(inputs, tensor_inputs(model.metadata)))
     return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in out.items()}
 
 

@@ -8,7 +8,10 @@ target a DataFrame; ``edgeslim fleet predict --input FILE`` hands it the parsed 
   a model with several inputs;
 - a bare JSON list of samples, nested the same way;
 - rows of flat numbers, one row per sample (what a DataFrame holds): reshaped to the model's input
-  shape when the signature fixes it and the count matches.
+  shape when the signature fixes it and the count matches;
+- raw images for a model that records ``data.preprocess``: ``{"inputs": {"images": [base64, ...]}}``
+  (or ``{"images": [...]}``), or an ``image`` column of base64 text; they go to the model as
+  ``{"images": [...]}``, which preprocesses them.
 
 The model's signature (``model.metadata.get_input_schema()``) gives the input names, dtypes and
 shapes; without one, the arrays go to the model as float32, unchanged.
@@ -71,11 +74,15 @@ def model_input(data: Any, schema=None) -> Any:
         SourceError: the request cannot be the model's input (one line: what was sent, what it takes).
     """
     if hasattr(data, "iloc") and hasattr(data, "columns"):  # a pandas DataFrame
+        if "image" in data.columns:
+            return {"images": data["image"].tolist()}
         data = _unwrap_frame(data)
     if isinstance(data, dict):
         wrapped = [k for k in _WRAPPERS if k in data]
         if wrapped and len(data) == 1:
             data = data[wrapped[0]]
+    if isinstance(data, dict) and "images" in data:
+        return {"images": list(data["images"])}
     specs = _specs(schema)
     names = [n for n, _, _ in specs if n]
     if isinstance(data, dict):

@@ -189,19 +189,51 @@ class EdgeModel:
             self.backend = f"onnxruntime:{self.session.get_providers()[0]}" + (fallback or "")
         log.info("edge model %s: backend %s (%s)", self.path, self.backend, self.choice.reason)
 
+    def _input_specs(self) -> list[tuple[str, tuple]]:
+        """(name, shape) per model input; a dynamic dimension is -1 (or a name, in ONNX Runtime)."""
+        if self.session is not None:
+            return [(i.name, tuple(d if isinstance(d, int) else -1 for d in i.shape)) for i in self.session.get_inputs()]
+        return [(n, (-1,)) for n in self.runner.inputs]
+
     def _feeds(self, data) -> dict[str, np.ndarray]:
-        names = ([i.name for i in self.session.get_inputs()] if self.session is not None
-                 else list(self.runner.inputs))
+        """The model's input tensors, checked here: a model that takes raw images is logged without an
+        input schema (MLflow's enforcement cannot describe both forms), so this is where a wrong
+        dtype or shape is caught."""
+        specs = self._input_specs()
+        names = [n for n, _ in specs]
         if isinstance(data, Mapping):
             missing = [n for n in names if n not in data]
             if missing:
-                raise SourceError(f"predict: input {missing[0]!r} is missing; the model's inputs: {', '.join(names)}")
-            return {n: np.asarray(data[n], dtype=np.float32) for n in names}
-        x = np.asarray(data.values if hasattr(data, "values") else data, dtype=np.float32)
-        return {names[0]: x}
+                raise SourceError(f"predict: input {missing[0]!r} is missing; the model's inputs: {', '.join(names)}"
+                                  + self._images_hint())
+            given = {n: data[n] for n in names}
+        else:
+            given = {names[0]: data.values if hasattr(data, "values") else data}
+        return {n: self._tensor(n, given[n], shape) for n, shape in specs}
+
+    def _images_hint(self) -> str:
+        return ', or {"images": [JPEG/PNG bytes or (H, W, 3) uint8 arrays]}' if self.preprocess is not None else ""
+
+    def _tensor(self, name: str, value, shape: tuple) -> np.ndarray:
+        want = "(" + ", ".join("N" if i == 0 and d == -1 else "?" if d == -1 else str(d)
+                               for i, d in enumerate(shape)) + ")"
+        try:
+            x = np.asarray(value)
+        except (TypeError, ValueError):  # ragged nested lists
+            x = None
+        if x is None or x.dtype.kind not in "fiub":
+            got = f"an array of {x.dtype}" if x is not None else f"a ragged {type(value).__name__}"
+            raise SourceError(f"predict: input {name!r} got {got}; give numbers, float32 of shape {want}"
+                              + self._images_hint())
+        x = x.astype(np.float32)
+        if len(shape) > 1 and (x.ndim != len(shape) or any(d > 0 and d != g for d, g in zip(shape, x.shape))):
+            raise SourceError(f"predict: input {name!r} got shape {tuple(x.shape)}; the model takes {want}"
+                              + self._images_hint())
+        return x
 
     def _images(self, data):
-        """The raw images in ``data`` (``{"images": [...]}`` or a DataFrame with an ``image`` column), or None."""
+        """The raw images in ``data`` (``{"images": [...]}`` or a DataFrame with an ``image`` column), or None.
+        Text items are base64 (what JSON carries: MLflow serving, ``fleet predict``)."""
         if isinstance(data, Mapping) and "images" in data:
             return list(data["images"])
         columns = getattr(data, "columns", None)

@@ -10,6 +10,7 @@ boxes from the source image's pixels into the model input's (:meth:`Geometry.box
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import io
 from typing import Literal
@@ -207,8 +208,9 @@ def image_size(blob: bytes, where: str) -> tuple[int, int]:
 
 
 def images_to_inputs(images, config: ImagePreprocessConfig) -> tuple[np.ndarray, list[Geometry]]:
-    """Images as given to a served model (encoded JPEG/PNG bytes, ``(H, W[, C])`` uint8 arrays or
-    Pillow images) as one model-input batch, with each image's :class:`Geometry`.
+    """Images as given to a served model (encoded JPEG/PNG bytes, the same as base64 text, which is
+    how JSON carries them, ``(H, W[, C])`` uint8 arrays or Pillow images) as one model-input batch,
+    with each image's :class:`Geometry`.
 
     Raises:
         DataError: an item that is none of those, or bytes that are not a readable image.
@@ -218,6 +220,12 @@ def images_to_inputs(images, config: ImagePreprocessConfig) -> tuple[np.ndarray,
     batch, geometries = [], []
     for i, item in enumerate(images):
         where = f"images[{i}]"
+        if isinstance(item, str):
+            try:
+                item = base64.b64decode(item, validate=True)
+            except ValueError:
+                raise DataError(f"data {where}: text that is not base64; give encoded image bytes, or their "
+                                "base64 text in JSON") from None
         if isinstance(item, (bytes, bytearray, memoryview)):
             im = open_image(bytes(item), where)
         elif isinstance(item, Image.Image):
