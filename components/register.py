@@ -7,7 +7,6 @@ version is deleted again: nothing half-made stays registered.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -95,7 +94,7 @@ def onnx_signature(onnx_path: str | Path, *, images: bool = False):
     ``{"images": [...]}`` or an ``image`` column), the signature holds the outputs only: an MLflow
     input schema is either tensors or columns, so any input schema would make MLflow refuse one of
     the two forms before the model sees it. The edge pyfunc checks its inputs itself then, and
-    :func:`tensor_inputs` gives the tensor specs (recorded in the model's metadata as ``tensor_inputs``).
+    :func:`register` records the tensor specs in the model's metadata as ``tensor_inputs``.
     """
     import onnx
     from mlflow.models.signature import ModelSignature
@@ -112,19 +111,6 @@ def onnx_signature(onnx_path: str | Path, *, images: bool = False):
 
     inputs = Schema([spec(v) for v in graph.input if v.name not in inits])
     return ModelSignature(inputs=None if images else inputs, outputs=Schema([spec(v) for v in graph.output]))
-
-
-def tensor_inputs(model_meta):
-    """The tensor input schema of a logged edge model (``mlflow.models.Model``): its signature's, or,
-    for a model that also takes raw images (logged without an input schema), the ``tensor_inputs``
-    its metadata records; None when neither is there."""
-    from mlflow.types.schema import Schema
-
-    schema = model_meta.get_input_schema()
-    recorded = (model_meta.metadata or {}).get("tensor_inputs")
-    if schema is None and recorded:
-        schema = Schema.from_json(json.dumps(recorded))
-    return schema
 
 
 def edge_requirements(images: bool = False) -> list[str]:

@@ -152,8 +152,7 @@ def predict(controller, name: str, inputs: Any) -> dict[str, Any]:
     (:func:`~edgeslim.deploy.predict_input.model_input` says which forms)."""
     import mlflow.pyfunc
 
-    from edgeslim.components.register import tensor_inputs
-    from edgeslim.deploy.predict_input import model_input
+    from edgeslim.deploy.predict_input import model_input, tensor_inputs
 
     rec = controller.get(name)
     if rec is None:

@@ -67,6 +67,21 @@ def _unwrap_frame(df) -> Any:
     return {c: _stacked(df[col].tolist(), c) for c, col in zip(columns, df.columns)}
 
 
+def tensor_inputs(model_meta):
+    """The tensor input schema of a logged edge model (``mlflow.models.Model``): its signature's, or,
+    for a model that also takes raw images (logged with an output-only signature), the
+    ``tensor_inputs`` its metadata records; None when neither is there."""
+    schema = model_meta.get_input_schema()
+    recorded = (model_meta.metadata or {}).get("tensor_inputs")
+    if schema is None and recorded:
+        import json
+
+        from mlflow.types.schema import Schema
+
+        schema = Schema.from_json(json.dumps(recorded))
+    return schema
+
+
 def model_input(data: Any, schema=None) -> Any:
     """``data`` as the model's input: one float array (a model with one input) or ``{name: array}``.
 
@@ -74,15 +89,16 @@ def model_input(data: Any, schema=None) -> Any:
         SourceError: the request cannot be the model's input (one line: what was sent, what it takes).
     """
     if hasattr(data, "iloc") and hasattr(data, "columns"):  # a pandas DataFrame
-        if "image" in data.columns:
-            return {"images": data["image"].tolist()}
+        column = next((c for c in ("images", "image") if c in data.columns), None)
+        if column is not None:
+            return {"images": data[column].tolist()}
         data = _unwrap_frame(data)
     if isinstance(data, dict):
         wrapped = [k for k in _WRAPPERS if k in data]
         if wrapped and len(data) == 1:
             data = data[wrapped[0]]
-    if isinstance(data, dict) and "images" in data:
-        return {"images": list(data["images"])}
+    if isinstance(data, dict) and ("images" in data or "image" in data):
+        return {"images": list(data["images"] if "images" in data else data["image"])}
     specs = _specs(schema)
     names = [n for n, _, _ in specs if n]
     if isinstance(data, dict):

@@ -73,7 +73,7 @@ def test_register_records_the_preprocessing_in_the_edge_model(registered, tmp_pa
 def test_the_registered_pyfunc_takes_raw_images_and_tensors(registered):
     import mlflow.pyfunc
 
-    from edgeslim.components.register import tensor_inputs
+    from edgeslim.deploy.predict_input import tensor_inputs
 
     metrics, _, paths, x = registered
     pyfunc = mlflow.pyfunc.load_model(f"models:/{metrics['name']}@{metrics['alias']}")
@@ -121,8 +121,7 @@ def test_fleet_predict_input_passes_images_through(registered):
 
     import mlflow.pyfunc
 
-    from edgeslim.components.register import tensor_inputs
-    from edgeslim.deploy.predict_input import model_input
+    from edgeslim.deploy.predict_input import model_input, tensor_inputs
 
     metrics, _, paths, x = registered
     pyfunc = mlflow.pyfunc.load_model(f"models:/{metrics['name']}/{metrics['version']}")
@@ -137,3 +136,38 @@ def test_fleet_predict_input_passes_images_through(registered):
     rows = pd.DataFrame(x[:2].reshape(2, -1))
     got = pyfunc.predict(model_input(rows, tensor_inputs(pyfunc.metadata)))
     np.testing.assert_allclose(got[out], want[out], atol=1e-4)
+
+
+def test_mlflow_serving_takes_base64_images(registered):
+    """MLflow's scoring app (what ``mlflow models serve`` runs) over the registered model: images as
+    base64 text in ``inputs`` or in a ``dataframe_split`` ``image`` column."""
+    import mlflow.pyfunc
+    from fastapi.testclient import TestClient
+    from mlflow.pyfunc import scoring_server
+
+    metrics, _, paths, x = registered
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{metrics['name']}@{metrics['alias']}")
+    want = pyfunc.predict(x)
+    out = [k for k in want if k != "backend"][0]
+    b64 = [base64.b64encode(p.read_bytes()).decode() for p in paths]
+    client = TestClient(scoring_server.init(pyfunc))
+    for body in ({"inputs": {"images": b64}},
+                 {"dataframe_split": {"columns": ["image"], "data": [[b] for b in b64]}},
+                 {"inputs": x.tolist()}):
+        resp = client.post("/invocations", json=body)
+        assert resp.status_code == 200, resp.text
+        np.testing.assert_allclose(np.asarray(resp.json()["predictions"][out]), want[out], atol=1e-4)
+    resp = client.post("/invocations", json={"inputs": {"images": ["%%% not base64"]}})
+    assert resp.status_code >= 400 and "not base64" in resp.text
+
+
+def test_the_documented_pyfunc_block_runs(registered, mlflow_server, tmp_path, monkeypatch, capsys):
+    from tests.docs_blocks import doc_block
+
+    _, _, paths, _ = registered
+    (tmp_path / "photo.png").write_bytes(paths[0].read_bytes())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    exec(compile(doc_block("docs/data.md", "pyfunc-images"), "docs/data.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert printed.startswith("onnxruntime:") and "(1, 10)" in printed

@@ -3,6 +3,7 @@ detector's boxes come back in each source image's pixels."""
 
 from __future__ import annotations
 
+import base64
 import io
 
 import numpy as np
@@ -62,12 +63,13 @@ def test_raw_images_go_through_the_recorded_preprocessing(edge_dirs):
     by_bytes = edge.predict({"images": [_png(p) for p in photos]})
     by_array = edge.predict({"images": photos})
     by_frame = edge.predict(pd.DataFrame({"image": [_png(p) for p in photos]}))
+    by_base64 = edge.predict({"images": [base64.b64encode(_png(p)).decode() for p in photos]})
     cfg = ImagePreprocessConfig.from_dict(PRE)
     x = np.stack([preprocess_image(Image.fromarray(p), cfg) for p in photos])
     with torch.no_grad():
         want = model(torch.from_numpy(x)).numpy()
     out = edge.session.get_outputs()[0].name
-    for got in (by_bytes, by_array, by_frame):
+    for got in (by_bytes, by_array, by_frame, by_base64):
         np.testing.assert_allclose(got[out], want, atol=1e-4)
     # the same tensors given directly give the same answer: images are only a way in
     np.testing.assert_allclose(edge.predict(x)[out], want, atol=1e-4)
@@ -84,6 +86,17 @@ def test_images_for_a_model_without_preprocessing_or_of_the_wrong_kind_are_one_l
         edge.predict({"images": [photo, photo.astype(np.float32)]})
     with pytest.raises(DataError, match=r"images\[0\].*not a readable image"):
         edge.predict({"images": [b"not a png"]})
+    with pytest.raises(DataError, match=r"images\[0\]: text that is not base64"):
+        edge.predict({"images": ["not base64!"]})
+
+
+def test_tensors_of_the_wrong_dtype_or_shape_are_one_line_naming_what_the_model_takes(edge_dirs):
+    _, path, without = edge_dirs
+    with pytest.raises(SourceError, match=r"got shape \(2, 3, 30, 30\); the model takes \(N, 3, 32, 32\), or "
+                                          r"\{\"images\""):
+        flavor.EdgeModel(path).predict(np.zeros((2, 3, 30, 30), np.float32))
+    with pytest.raises(SourceError, match=r"got an array of object; give numbers, float32 of shape \(N, 3, 32, 32\)$"):
+        flavor.EdgeModel(without).predict(np.array([[b"x"]], dtype=object))
 
 
 @pytest.mark.parametrize("pre", [{"letterbox": 64}, {"resize": 48, "center_crop": 40}, {"resize": [30, 50]}])

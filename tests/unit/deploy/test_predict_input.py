@@ -65,3 +65,10 @@ def test_a_shape_the_model_cannot_take_is_one_line_saying_what_it_takes(tmp_path
         model_input({"inputs": [[1, 2], [3]]}, DIGITS)
     with pytest.raises(SourceError, match="the rows are not all numbers"):
         model_input(pd.DataFrame({"a": ["x", "y"], "b": [1, 2]}), DIGITS)
+
+
+@pytest.mark.parametrize("payload", [{"inputs": {"images": ["aGk=", "aGk="]}}, {"images": ["aGk=", "aGk="]},
+                                     {"image": ["aGk=", "aGk="]}], ids=["inputs", "bare", "image-column"])
+def test_raw_images_go_to_the_model_as_images_for_it_to_preprocess(tmp_path, payload):
+    for data in _both(tmp_path, payload):
+        assert model_input(data, DIGITS) == {"images": ["aGk=", "aGk="]}
