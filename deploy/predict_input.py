@@ -13,8 +13,9 @@ target a DataFrame; ``edgeslim fleet predict --input FILE`` hands it the parsed 
   (or ``{"images": [...]}``), or an ``image`` column of base64 text; they go to the model as
   ``{"images": [...]}``, which preprocesses them.
 
-The model's signature (``model.metadata.get_input_schema()``) gives the input names, dtypes and
-shapes; without one, the arrays go to the model as float32, unchanged.
+The model's tensor inputs (:func:`tensor_inputs`: its signature's, or, for a model that takes raw
+images, those its metadata records) give the input names, dtypes and shapes; without them, the arrays
+go to the model as float32, unchanged.
 """
 
 from __future__ import annotations

@@ -190,9 +190,11 @@ class EdgeModel:
         log.info("edge model %s: backend %s (%s)", self.path, self.backend, self.choice.reason)
 
     def _input_specs(self) -> list[tuple[str, tuple]]:
-        """(name, shape) per model input; a dynamic dimension is -1 (or a name, in ONNX Runtime)."""
+        """(name, shape) per model input, a dynamic dimension as -1; for a TensorRT engine the shape is
+        left open, ``(-1,)``: its runner checks shapes against the engine's profile."""
         if self.session is not None:
-            return [(i.name, tuple(d if isinstance(d, int) else -1 for d in i.shape)) for i in self.session.get_inputs()]
+            return [(i.name, tuple(d if isinstance(d, int) else -1 for d in i.shape))
+                    for i in self.session.get_inputs()]
         return [(n, (-1,)) for n in self.runner.inputs]
 
     def _feeds(self, data) -> dict[str, np.ndarray]:
