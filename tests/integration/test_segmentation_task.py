@@ -176,18 +176,18 @@ def python(code: str, env: dict | None = None):
 def test_the_edge_pyfunc_returns_masks_in_the_source_images_pixels(edge_model_dir, data_root, mlflow_server):
     meta = json.loads((edge_model_dir / "edge_meta.json").read_text())
     assert meta["task"]["kind"] == "segmentation" and meta["task"]["num_classes"] == 4
-    # Input tensors through mlflow.pyfunc (masks at the 48 px input), raw images through the edge flavor's
-    # loader (masks in the 64 px source images' pixels).
+    # Both through mlflow.pyfunc, as registered by `edgeslim run`: input tensors (masks at the 48 px
+    # input) and raw images (masks in the 64 px source images' pixels).
     proc = python(f"""
         import json, mlflow, numpy as np
         from pathlib import Path
-        from edgeslim.plugins.edge_flavor import load_model
         root = Path({str(data_root)!r}) / "test"
         uri = "models:/shape-segmenter-edge@edge-candidate"
         x = np.random.default_rng(0).random((2, 3, {SIZE}, {SIZE}), dtype=np.float32)
-        tensors = mlflow.pyfunc.load_model(uri).predict(x)
+        model = mlflow.pyfunc.load_model(uri)
+        tensors = model.predict(x)
         images = [(root / "images" / f"{{i:04d}}.png").read_bytes() for i in range(3)]
-        out = load_model(uri).predict({{"images": images}})
+        out = model.predict({{"images": images}})
         print(json.dumps({{"keys": sorted(out), "masks": out["masks"], "tensor_keys": sorted(tensors),
                            "tensor_sizes": [m["size"] for img in tensors["masks"] for m in img]}}))
     """, {"MLFLOW_TRACKING_URI": mlflow_server.uri})
