@@ -208,7 +208,8 @@ class Agent:
         self._held = None
         if m.sequence < floor:
             return self._refuse("replay", f"manifest sequence {m.sequence} is below {floor}, the sequence the fleet's "
-                                          "signed sequence statement names for this device: replayed or stale", etag)
+                                          "signed sequence statement names for this device: replayed or stale", etag,
+                                remember=True)
         return None
 
     def _fail(self, m: Manifest, digest: str, reason: str, etag: str | None) -> str:

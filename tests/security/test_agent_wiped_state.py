@@ -67,7 +67,9 @@ def test_a_wiped_device_refuses_a_replay_and_installs_nothing_without_a_fresh_st
     assert "expired" in got["rejected"]["message"] and dev.saw("holding manifest", since), got
     assert dev.running_sha() is None
     local_fleet.controller().publish_timestamp()
-    wait_for(lambda: dev.running_sha() == v3["sha256"], 60, "v3 installed under a fresh statement")
+    wait_for(lambda: (pub.status("wipe0").get("last") or {}).get("result") == "committed"
+             and pub.status("wipe0")["last"]["sequence"] == 3, 60, "v3 committed under a fresh statement")
+    assert dev.running_sha() == v3["sha256"]
     assert sum("holding manifest" in line for line in dev.lines[since:]) == 1
 
     # A device with a floor of its own (3), offline while the fleet sent it 4 then 5: the older 4,
