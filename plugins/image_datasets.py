@@ -6,7 +6,9 @@ are :class:`~edgeslim.components.common.lazy_images.LazyImages`: a batch's image
 decoded and preprocessed (the recipe's ``data.preprocess``) when a stage indexes that batch,
 never the whole split. Detection labels are per image a float32 ``(k, 5)`` array
 ``[x1, y1, x2, y2, class]`` in model-input pixels (after the preprocessing's resize, letterbox
-and crop), as the ``npz`` and ``digits-detect`` providers give them.
+and crop), as the ``npz`` and ``digits-detect`` providers give them. With ``masks: true`` the
+``yolo`` and ``coco`` providers read the instances' outlines instead (polygons, COCO RLE) and give
+per-image ``(k, H, W)`` instance stacks (:mod:`~edgeslim.plugins.instance_labels`).
 
 Locations are a local path or ``s3://bucket/prefix``; for S3-compatible stores the endpoint is
 ``endpoint_url``, else ``$EDGESLIM_S3_ENDPOINT_URL``, else ``$AWS_ENDPOINT_URL``; credentials come
@@ -28,6 +30,7 @@ from edgeslim.components.common.errors import ConfigError, DataError
 from edgeslim.components.common.image_files import Files, open_files, split_location
 from edgeslim.components.common.image_preprocess import ImagePreprocessConfig, image_size
 from edgeslim.components.common.lazy_images import LazyImages, _pool, default_workers
+from edgeslim.plugins.instance_labels import LazyInstances, coco_shape
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -67,6 +70,14 @@ class _ImageProvider:
         """``fn`` over ``items`` on the decode threads (label files and image headers are many small reads)."""
         return list(_pool(self.workers).map(fn, items)) if len(items) > 1 and self.workers > 1 else \
             [fn(i) for i in items]
+
+    def _check_masks(self, masks: Any) -> bool:
+        if not isinstance(masks, bool):
+            raise ConfigError(f"data.args.masks: got {masks!r}; use true (instance masks) or false (boxes)")
+        if masks and self.preprocess.output_hw() is None:
+            raise ConfigError("data.args.masks: instance masks need one input size; set data.preprocess letterbox, "
+                              "resize: [h, w] or center_crop")
+        return masks
 
     def _labels_in_input_pixels(self, xyxy: np.ndarray, cls: np.ndarray, width: float, height: float) -> np.ndarray:
         """Source-pixel boxes of a ``width`` x ``height`` image as ``(k, 5)`` in model-input pixels."""
@@ -234,14 +245,17 @@ def label_key(image_key: str) -> str:
     return posixpath.splitext(k[1:])[0] + ".txt"
 
 
-def parse_yolo_label(text: str, num_classes: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+def parse_yolo_label(text: str, num_classes: int, where: str, polygons: list | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """A YOLO label file: normalised ``[x1, y1, x2, y2]`` boxes and their classes.
 
     A line is ``class cx cy w h`` (a box) or ``class x1 y1 x2 y2 x3 y3 ...`` (a polygon, whose
-    bounding box is taken), every coordinate a share of the image's width or height.
+    bounding box is taken), every coordinate a share of the image's width or height. Given a
+    ``polygons`` list, every line must be a polygon and each is appended as normalised ``(n, 2)`` points.
 
     Raises:
-        DataError: an unparsable line, a class out of range, or a box outside the image.
+        DataError: an unparsable line, a class out of range, a box outside the image, or a box
+            line where ``polygons`` asks for outlines.
     """
     boxes, classes = [], []
     for n, line in enumerate(text.splitlines(), 1):
@@ -259,6 +273,9 @@ def parse_yolo_label(text: str, num_classes: int, where: str) -> tuple[np.ndarra
         if c != int(c) or not 0 <= c < num_classes:
             raise DataError(f"data {where} line {n}: class {c:g} is out of range; data.yaml names {num_classes} "
                             f"classes (0..{num_classes - 1}); fix the label or add the class to names:")
+        if len(vals) == 5 and polygons is not None:
+            raise DataError(f"data {where} line {n}: a box; data.args.masks: true needs Ultralytics segmentation "
+                            "labels 'class x1 y1 x2 y2 x3 y3 ...' (a polygon per object), or drop masks for boxes")
         if len(vals) == 5:
             cx, cy, w, h = vals[1:]
             if w < 0 or h < 0:
@@ -268,6 +285,8 @@ def parse_yolo_label(text: str, num_classes: int, where: str) -> tuple[np.ndarra
         elif len(vals) >= 7 and len(vals) % 2 == 1:
             pts = np.asarray(vals[1:]).reshape(-1, 2)
             box = [pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max()]
+            if polygons is not None:
+                polygons.append(pts.clip(0.0, 1.0))
         else:
             raise DataError(f"data {where} line {n}: {len(vals)} numbers; a YOLO label line is 'class cx cy w h' "
                             "(5 numbers) or a polygon 'class x1 y1 x2 y2 x3 y3 ...'")
@@ -287,23 +306,30 @@ class YoloDataset(_ImageProvider):
     those, relative to the yaml's ``path:`` (itself relative to the yaml's folder; default that
     folder). An image's labels are in the matching ``labels/`` file (``images/train/a.jpg`` ->
     ``labels/train/a.txt``), one ``class cx cy w h`` line per object, normalised; an image
-    without a label file has no objects.
+    without a label file has no objects. With ``masks`` the lines are Ultralytics segmentation
+    polygons ``class x1 y1 x2 y2 ...`` and ``y_*`` are instance stacks.
 
     Args:
         path: the ``data.yaml``, local or ``s3://bucket/prefix/data.yaml``.
         endpoint_url: the S3 endpoint of an S3-compatible store.
         preprocess: the recipe's ``data.preprocess`` (``letterbox`` is what Ultralytics models expect).
         workers: decode threads (also reading label files and image headers).
+        masks: per-image ``(k, H, W)`` instance stacks from polygon labels instead of boxes.
     """
 
     name = "yolo"
 
-    def __init__(self, path: str = "", endpoint_url: str | None = None, preprocess=None, workers: int | None = None):
+    def __init__(self, path: str = "", endpoint_url: str | None = None, preprocess=None, workers: int | None = None,
+                 masks: bool = False):
         if not path:
             raise ConfigError("data.args.path: required for the yolo provider; give the dataset's data.yaml "
                               "(local or s3://bucket/prefix/data.yaml)")
         super().__init__(path, endpoint_url, preprocess, workers)
+        self.masks = self._check_masks(masks)
         self.classes: list[str] = []
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "masks": True} if self.masks else super().describe()
 
     def _yaml(self) -> tuple[dict, Files, str]:
         import yaml
@@ -368,10 +394,11 @@ class YoloDataset(_ImageProvider):
         for split in SPLITS:
             keys = self._split_images(doc, split, files, listing)
 
-            def labels_of(key: str) -> np.ndarray:
+            def labels_of(key: str):
                 lk = label_key(key)
+                polys: list | None = [] if self.masks else None
                 xyxy, cls = (parse_yolo_label(files.read(lk).decode("utf-8", "replace"), len(self.classes),
-                                              files.url(lk))
+                                              files.url(lk), polys)
                              if lk in listing else (np.zeros((0, 4)), np.zeros(0, np.int64)))
                 if need_size:
                     try:
@@ -380,10 +407,15 @@ class YoloDataset(_ImageProvider):
                         w, h = image_size(files.read(key), files.url(key))
                 else:  # resize to exactly [h, w]: normalised boxes scale straight to the input
                     h, w = target
+                if polys is not None:
+                    return (w, h, cls, [("poly", [p * [w, h]]) for p in polys])
                 return self._labels_in_input_pixels(xyxy * [w, h, w, h], cls, w, h)
 
-            labels = np.empty(len(keys), dtype=object)
-            labels[:] = self._map(labels_of, keys)
+            if self.masks:
+                labels = LazyInstances(self._map(labels_of, keys), self.preprocess)
+            else:
+                labels = np.empty(len(keys), dtype=object)
+                labels[:] = self._map(labels_of, keys)
             parts[f"x_{split}"] = self._lazy(files, keys, [listing[k] for k in keys], split)
             parts[f"y_{split}"] = labels
         return Splits(**parts, source=self.location)
@@ -397,7 +429,9 @@ class CocoDataset(_ImageProvider):
     Categories are numbered in the order of their ids (the train JSON's; val and test must have the
     same); crowd annotations (``iscrowd: 1``) are left out, as COCO's evaluation ignores them.
     Boxes (``[x, y, w, h]`` in source pixels) go through the preprocessing's geometry; the source
-    size comes from the JSON's ``width``/``height``, so no image is read to load the labels.
+    size comes from the JSON's ``width``/``height``, so no image is read to load the labels. With
+    ``masks`` each annotation's ``segmentation`` (polygons, or RLE with list or compressed counts)
+    gives its mask and ``y_*`` are instance stacks.
 
     Args:
         root: the dataset folder, local or ``s3://bucket/prefix``.
@@ -406,12 +440,13 @@ class CocoDataset(_ImageProvider):
         splits: per split ``{annotations: <json>, images: <folder>}`` relative to ``root``; default
             ``annotations/instances_<split>.json`` and ``images/<split>``.
         workers: decode threads.
+        masks: per-image ``(k, H, W)`` instance stacks from the annotations' outlines instead of boxes.
     """
 
     name = "coco"
 
     def __init__(self, root: str = "", endpoint_url: str | None = None, preprocess=None,
-                 splits: dict | None = None, workers: int | None = None):
+                 splits: dict | None = None, workers: int | None = None, masks: bool = False):
         if not root:
             raise ConfigError("data.args.root: required for the coco provider; give the folder holding "
                               "annotations/ and images/ (local or s3://bucket/prefix)")
@@ -422,11 +457,12 @@ class CocoDataset(_ImageProvider):
                 raise ConfigError(f"data.args.splits.{s}: use one of train, val, test, each "
                                   "{annotations: <json>, images: <folder>}")
             self.splits[s].update({k: str(x).strip("/") for k, x in v.items()})
+        self.masks = self._check_masks(masks)
         self.classes: list[str] = []
         self._category_ids: list[int] = []
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "splits": self.splits}
+        return {**super().describe(), "splits": self.splits, **({"masks": True} if self.masks else {})}
 
     def _read_json(self, files: Files, key: str) -> dict:
         blob = files.read(key)
@@ -469,6 +505,7 @@ class CocoDataset(_ImageProvider):
                                     "add the image or remove it from the JSON")
                 info[im["id"]] = (key, float(im["width"]), float(im["height"]))
             boxes: dict[Any, list] = {i: [] for i in info}
+            shapes: dict[Any, list] = {i: [] for i in info}
             for a in doc["annotations"]:
                 if a.get("iscrowd", 0):
                     continue
@@ -489,12 +526,18 @@ class CocoDataset(_ImageProvider):
                                     f"outside the {w:g}x{h:g} image; COCO boxes are [x, y, width, height] in "
                                     "pixels: fix or clip it")
                 boxes[a["image_id"]].append((x, y, x + bw, y + bh, index[c]))
+                if self.masks:
+                    shapes[a["image_id"]].append(coco_shape(a.get("segmentation"), w, h,
+                                                            f"{where} annotation {aid} ({key})"))
             del doc
             keys, labels = [], np.empty(len(info), dtype=object)
             for n, (img_id, (key, w, h)) in enumerate(info.items()):
                 b = np.asarray(boxes[img_id], np.float64).reshape(-1, 5)
-                labels[n] = self._labels_in_input_pixels(b[:, :4], b[:, 4].astype(np.int64), w, h)
+                labels[n] = (int(round(w)), int(round(h)), b[:, 4].astype(np.int64), shapes[img_id]) if self.masks \
+                    else self._labels_in_input_pixels(b[:, :4], b[:, 4].astype(np.int64), w, h)
                 keys.append(key)
+            if self.masks:
+                labels = LazyInstances(list(labels), self.preprocess)
             parts[f"x_{split}"] = self._lazy(files, keys, [listing[k] for k in keys], split)
             parts[f"y_{split}"] = labels
         return Splits(**parts, source=files.root)

@@ -4,6 +4,8 @@
 - :func:`write_detection`: coloured rectangles on 40x30 canvases, labelled both as an Ultralytics
   dataset (``data.yaml``, ``images/<split>``, ``labels/<split>``) and as COCO instances JSONs
   (``annotations/instances_<split>.json``) over the same image files.
+- :func:`write_segmentation`: the same rectangles labelled with outlines: Ultralytics polygon
+  lines, and COCO polygons, uncompressed RLE and compressed RLE (:func:`rle_string`).
 """
 
 from __future__ import annotations
@@ -104,6 +106,65 @@ def write_detection(root: Path, counts=(24, 8, 8), seed: int = 0) -> dict:
     (root / "data.yaml").write_text(
         "train: images/train\nval: images/val\ntest: images/test\n"
         "names:\n" + "".join(f"  {c}: shape{c}\n" for c in range(len(DET_COLOURS))))
+    return out
+
+
+def rle_string(counts) -> str:
+    """COCO's compressed RLE string of run lengths (the encoding pycocotools writes)."""
+    out = []
+    for i, x in enumerate(int(c) for c in counts):
+        if i > 2:
+            x -= int(counts[i - 2])
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5
+            more = x != -1 if c & 0x10 else x != 0
+            out.append(chr((c | 0x20 if more else c) + 48))
+    return "".join(out)
+
+
+def rle_of(mask: np.ndarray) -> list[int]:
+    """Column-major run lengths of a bool mask, zeros first (COCO's uncompressed RLE counts)."""
+    flat = np.asarray(mask, bool).T.reshape(-1)
+    edges = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
+    runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    return ([0] if flat[0] else []) + runs
+
+
+def write_segmentation(root: Path, counts=(6, 4, 4), seed: int = 1) -> dict:
+    """:func:`write_detection`'s rectangles with outlines: YOLO polygon labels, and COCO annotations whose
+    segmentation cycles through polygons, uncompressed RLE and compressed RLE.
+
+    Returns:
+        ``{split: [(image path, (k, h, w) bool source-pixel masks, (k,) classes)]}``.
+    """
+    det = write_detection(root, counts, seed)
+    w, h = DET_SIZE
+    out: dict[str, list] = {}
+    n_ann = 0
+    for split, rows in det.items():
+        coco = json.loads((root / "annotations" / f"instances_{split}.json").read_text())
+        anns = iter(coco["annotations"])
+        out[split] = []
+        for path, b in rows:
+            masks = np.zeros((len(b), h, w), bool)
+            lines = []
+            for j, (x1, y1, x2, y2, c) in enumerate(b):
+                masks[j, int(y1):int(y2), int(x1):int(x2)] = True
+                poly = [x1, y1, x2, y1, x2, y2, x1, y2]
+                lines.append(f"{int(c)} " + " ".join(f"{v / (w if k % 2 == 0 else h):.6f}"
+                                                     for k, v in enumerate(poly)) + "\n")
+                a = next(anns)
+                kind = n_ann % 3
+                a["segmentation"] = [poly] if kind == 0 else {"size": [h, w], "counts": (
+                    rle_of(masks[j]) if kind == 1 else rle_string(rle_of(masks[j])))}
+                n_ann += 1
+            label = root / "labels" / split / (path.stem + ".txt")
+            if lines or label.exists():
+                label.write_text("".join(lines))
+            out[split].append((path, masks, b[:, 4].astype(np.int64)))
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
     return out
 
 

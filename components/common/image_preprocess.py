@@ -166,6 +166,12 @@ class Geometry:
         keep = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
         return b.astype(np.float32), keep
 
+    def points(self, xy: np.ndarray) -> np.ndarray:
+        """Source-pixel ``(n, 2)`` points (e.g. a polygon's) in input pixels, unclipped."""
+        sx, sy, ox, oy = self._affine()
+        p = np.asarray(xy, np.float64).reshape(-1, 2)
+        return np.stack([p[:, 0] * sx + ox, p[:, 1] * sy + oy], 1)
+
     def to_source(self, xyxy: np.ndarray) -> np.ndarray:
         """Input-pixel ``[x1, y1, x2, y2]`` boxes (e.g. a detector's) in the source image's pixels,
         clipped to it: the inverse of :meth:`boxes`."""
