@@ -8,7 +8,8 @@ indexes its image, through the preprocessing's geometry (resize, letterbox, crop
 the batch, never the split's pixels.
 
 Polygons are filled at pixel centres: a pixel belongs to an instance when its centre lies inside the
-polygon (even-odd rule within a polygon; a COCO instance's parts are united, as pycocotools does). Run-length masks are decoded at the source size and placed by nearest-neighbour resampling.
+polygon (even-odd rule within a polygon; a COCO instance's parts are united, as pycocotools does).
+Run-length masks are decoded at the source size and placed by nearest-neighbour resampling.
 """
 
 from __future__ import annotations

@@ -243,8 +243,9 @@ def check_instance_segmenter(model, data: Splits, task) -> None:
 
     y0 = np.asarray(data.y_test[0]) if len(data.y_test) else None
     if y0 is None or y0.ndim != 3:
-        raise DataError("data: a yolo-seg task needs y_* object arrays of per-image (k, H, W) instance stacks; got "
-                        f"labels like {list(y0.shape) if y0 is not None else 'none'}")
+        raise DataError("data: a yolo-seg task needs per-image (k, H, W) instance stacks (npz object arrays, or "
+                        "the yolo / coco provider with data.args.masks: true); got labels like "
+                        f"{list(y0.shape) if y0 is not None else 'none'}")
     x = np.ascontiguousarray(data.x_test[:2])
     outs = [o.numpy() for o in forward_tensors(model.eval(), torch.from_numpy(x))]
     decode_instances(dict(zip(output_names(len(outs)), outs)), task, x.shape[-2:])
