@@ -148,9 +148,9 @@ def read_instances(label: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     if lab.ndim != 3:
         raise ValueError(f"an instance label is a (k, H, W) stack; got shape {list(lab.shape)}")
     masks = lab > 0
-    keep = masks.reshape(len(lab), -1).any(1)
+    keep = masks.reshape(len(lab), lab.shape[1] * lab.shape[2]).any(1)  # an image may have no instance
     lab, masks = lab[keep], masks[keep]
-    classes = lab.reshape(len(lab), -1).max(1).astype(np.int64) - 1
+    classes = lab.reshape(len(lab), lab.shape[1] * lab.shape[2]).max(1, initial=0).astype(np.int64) - 1
     boxes = np.zeros((len(lab), 4), np.float32)
     for j, m in enumerate(masks):
         ys, xs = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))

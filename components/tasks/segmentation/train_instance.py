@@ -59,8 +59,10 @@ def _raw(out: Any) -> dict[str, torch.Tensor]:
 
 def is_ultralytics_segmenter(model: nn.Module) -> bool:
     """An Ultralytics segmentation model, found without importing ``ultralytics``: its class comes from that
-    package, it builds its own criterion, and its last layer has ``nc``, ``nm`` and ``proto``."""
-    if type(model).__module__.split(".")[0] != "ultralytics" or not callable(getattr(model, "init_criterion", None)):
+    package (or subclasses one of its classes, as a user's model built from a yaml may), it builds its own
+    criterion, and its last layer has ``nc``, ``nm`` and ``proto``."""
+    if not any(c.__module__.split(".")[0] == "ultralytics" for c in type(model).__mro__) \
+            or not callable(getattr(model, "init_criterion", None)):
         return False
     layers = getattr(model, "model", None)
     head = layers[-1] if isinstance(layers, nn.Sequential) and len(layers) else None
