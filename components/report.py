@@ -40,7 +40,7 @@ def build_report(*, recipe, parent: dict, parent_export: dict, transform: dict, 
             "run_id": parent.get("run_id"), "model_id": parent.get("model_id"),
             "metric": src["metric"], "size_bytes": src["size_bytes"], "latency_ms": src["latency_ms"],
             "macs": src.get("macs"), "params": src.get("params"),
-            **({kind: src[kind]} if kind in src else {}),
+            **task_sections(src, kind),
         },
         "candidate": {
             "metric": cand["metric"], "fidelity": cand["fidelity"], "size_bytes": cand["size_bytes"],
@@ -50,7 +50,7 @@ def build_report(*, recipe, parent: dict, parent_export: dict, transform: dict, 
             "student_fp32_size_bytes": evaluation.get("student_fp32_size_bytes"),
             "onnx_path": str(onnx_path),
             "quantization": q,
-            **({kind: cand[kind]} if kind in cand else {}),
+            **task_sections(cand, kind),
         },
         "transform": transform,
         # what the charts draw beyond the figures above (evaluate's output error and PR curves)
@@ -112,6 +112,12 @@ def drop_rows(rep: dict[str, Any]) -> list[tuple[str, ...]]:
         rows.append((name, cell(d["val"]), cell(d["test"]), f"{d['allowed']:g}",
                      f"{need:,}" if need else "none (the drop sits on the allowance)"))
     return rows
+
+
+def task_sections(section: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The task's own parts of an evaluation section: those named by its kind, or a variant of it
+    (``segmentation``, ``instance_segmentation``)."""
+    return {k: v for k, v in section.items() if isinstance(v, dict) and (k == kind or k.endswith(f"_{kind}"))}
 
 
 def report_task(rep: dict[str, Any]):

@@ -1,0 +1,206 @@
+"""The ``yolo-seg`` instance task end to end, against a real `mlflow server`: a tiny Ultralytics segmentation
+model from a module outside the repository (a ``SegmentationModel`` subclass built from YOLOv8-seg's yaml at an
+eighth of the n width, logged with ``code_paths``), rectangles labelled as an Ultralytics segmentation dataset
+(polygon lines) read by the ``yolo`` provider with ``masks: true``, then ``edgeslim init`` (which recognises
+the instance labels and the model's decoded output and prototypes), ``edgeslim run`` (export, ``quantize:
+auto``, the instance gate), the registered edge model through ``mlflow.pyfunc`` with raw images (instances as
+RLE in the source image's pixels) and the device's health check against the release's golden instances.
+
+The model is untrained (nothing is downloaded, and training a detector from scratch costs minutes): its class
+biases are set so that every anchor scores about 0.5, so it reports instances for the pyfunc and the golden
+check to carry. Accuracy is the unit tests' and the benches' business; this checks the parts fit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import run_cli, run_process
+from tests.image_datasets import DET_SIZE, write_segmentation
+
+pytestmark = pytest.mark.slow
+
+SOURCE = "models:/tiny-yolo-seg@champion"
+MODULE = "tiny_yolo_segs"
+MODEL_CODE = '''
+import copy
+
+import torch
+from ultralytics.nn.tasks import SegmentationModel, yaml_model_load
+
+
+class TinyYoloSeg(SegmentationModel):
+    """YOLOv8-seg's layout at an eighth of the n width; every anchor's class scores start near 0.5."""
+
+    def __init__(self, nc=3):
+        cfg = copy.deepcopy(yaml_model_load("yolov8n-seg.yaml"))
+        cfg["scales"] = {"n": [0.33, 0.125, 1024]}
+        super().__init__(cfg, nc=nc, verbose=False)
+        with torch.no_grad():
+            for branch in self.model[-1].cv3:
+                branch[-1].bias.zero_()
+'''
+SIZE = 64  # the model's input: the 40x30 sources letterboxed (scale 1.6, 8 rows of padding top and bottom)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("yolo-seg-data")
+    write_segmentation(root, counts=(16, 8, 8))
+    return root
+
+
+@pytest.fixture(scope="module")
+def registered(mlflow_server, tmp_path_factory) -> str:
+    import mlflow
+
+    from edgeslim.components.common.tracking import connect
+
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    pytest.importorskip("ultralytics")
+    src = tmp_path_factory.mktemp("user-code")
+    (src / f"{MODULE}.py").write_text(MODEL_CODE)
+    sys.path.insert(0, str(src))
+    try:
+        import tiny_yolo_segs
+
+        model = tiny_yolo_segs.TinyYoloSeg().eval()
+        client = connect(mlflow_server.uri)
+        mlflow.set_experiment("tests-yolo-seg")
+        with mlflow.start_run():
+            info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
+                                            code_paths=[str(src / f"{MODULE}.py")], registered_model_name="tiny-yolo-seg")
+        client.set_registered_model_alias("tiny-yolo-seg", "champion", info.registered_model_version)
+    finally:
+        sys.path.remove(str(src))
+        sys.modules.pop(MODULE, None)
+    return SOURCE
+
+
+@pytest.fixture(scope="module")
+def recipe(registered, data_root, mlflow_server, tmp_path_factory) -> Path:
+    """What ``edgeslim init`` writes for the yolo provider with polygon labels, at the test's sizes."""
+    out = tmp_path_factory.mktemp("yolo-seg-recipe") / "recipe.yaml"
+    proc = run_cli("init", "--source", SOURCE, "--data", "yolo", "--data-arg", f"path={data_root / 'data.yaml'}",
+                   "--data-arg", "masks=true", "-o", str(out), "--tracking-uri", mlflow_server.uri)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = yaml.safe_load(out.read_text())
+    assert doc["task"]["format"] == "yolo-seg" and doc["task"]["num_classes"] == 3
+    assert doc["data"]["provider"] == "yolo" and doc["data"]["args"]["masks"] is True
+    doc["data"]["preprocess"] = {**doc["data"]["preprocess"], "letterbox": SIZE}
+    doc["stages"][-1]["quantize"].update(calibrators=["percentile"], num_samples=16)
+    doc["evaluate"] = {"latency_warmup": 1, "latency_repeats": 3, "latency_batches": [1]}
+    doc["register"] = {**doc["register"], "experiment": "tests-yolo-seg"}
+    out.write_text(yaml.safe_dump(doc))
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(recipe, mlflow_server, tmp_path_factory):
+    wd = tmp_path_factory.mktemp("yolo-seg-run")
+    proc = run_cli("run", str(recipe), "--tracking-uri", mlflow_server.uri, "--workdir", str(wd / "out"))
+    return proc, wd / "out"
+
+
+def test_run_quantizes_gates_and_registers_the_instance_segmenter(run, data_root, mlflow_server):
+    proc, out = run
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["gate"]["passed"] is True, rep["gate"]["summary"]
+    assert rep["metric_name"] == "mask_map50_95" and rep["test_samples"] == 8
+    s, c = rep["source"]["instance_segmentation"], rep["candidate"]["instance_segmentation"]
+    # the test split's polygons reached the evaluator as instances, one per labelled object
+    labelled = sum(len(p.read_text().splitlines()) for p in (data_root / "labels" / "test").glob("*.txt"))
+    assert labelled and s["instances"] == c["instances"] == labelled
+    assert [k["name"] for k in rep["gate"]["checks"]] == ["mask_map50_drop", "mask_map50_95_drop",
+                                                          "mean_tp_score_drop"]
+
+    from mlflow import MlflowClient
+
+    mv = MlflowClient(mlflow_server.uri).get_model_version_by_alias("tiny-yolo-seg-edge", "edge-candidate")
+    assert mv.version == rep["registered"]["version"] and mv.tags["edgeslim.parent_name"] == "tiny-yolo-seg"
+
+
+@pytest.fixture(scope="module")
+def edge_model_dir(run, mlflow_server, tmp_path_factory) -> Path:
+    import mlflow
+
+    assert run[0].returncode == 0, run[0].stderr[-3000:]
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    return Path(mlflow.artifacts.download_artifacts("models:/tiny-yolo-seg-edge@edge-candidate",
+                                                    dst_path=str(tmp_path_factory.mktemp("edge-model"))))
+
+
+def python(code: str, env: dict | None = None):
+    return run_process([sys.executable, "-c", textwrap.dedent(code)], timeout=600, env=env)
+
+
+def test_the_edge_pyfunc_returns_instances_in_the_source_images_pixels(edge_model_dir, data_root, mlflow_server):
+    meta = json.loads((edge_model_dir / "edge_meta.json").read_text())
+    assert meta["task"]["kind"] == "segmentation" and meta["task"]["format"] == "yolo-seg"
+    proc = python(f"""
+        import json, mlflow, numpy as np
+        from pathlib import Path
+        from edgeslim.plugins.edge_flavor import load_model
+        root = Path({str(data_root)!r}) / "images" / "test"
+        uri = "models:/tiny-yolo-seg-edge@edge-candidate"
+        x = np.random.default_rng(0).random((2, 3, {SIZE}, {SIZE}), dtype=np.float32)
+        tensors = mlflow.pyfunc.load_model(uri).predict(x)
+        images = [p.read_bytes() for p in sorted(root.glob("*.png"))[:3]]
+        out = load_model(uri).predict({{"images": images}})
+        print(json.dumps({{"masks": out["masks"], "tensor_sizes": [m["size"] for img in tensors["masks"] for m in img]}}))
+    """, {"MLFLOW_TRACKING_URI": mlflow_server.uri})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["tensor_sizes"] and all(s == [SIZE, SIZE] for s in got["tensor_sizes"])
+    from edgeslim.components.tasks.segmentation.runtime import rle_decode
+
+    w, h = DET_SIZE
+    assert len(got["masks"]) == 3 and all(got["masks"])
+    for image in got["masks"]:
+        for inst in image:
+            assert inst["size"] == [h, w]  # the 40x30 source's pixels, not the 64 px input
+            x1, y1, x2, y2 = inst["box"]
+            assert 0 <= x1 <= x2 <= w and 0 <= y1 <= y2 <= h
+            ys, xs = np.nonzero(rle_decode(inst))
+            if len(xs):  # a mask stays inside its box (a pixel of rounding either side)
+                assert xs.min() >= x1 - 1 and xs.max() <= x2 and ys.min() >= y1 - 1 and ys.max() <= y2
+
+
+def test_the_device_health_check_compares_the_golden_instances(edge_model_dir):
+    proc = python(f"""
+        import json
+        from pathlib import Path
+        from edgeslim.deploy.golden import golden_check
+        from edgeslim.deploy.rollout_config import WaveRolloutConfig
+        print(json.dumps(golden_check(Path({str(edge_model_dir)!r}), WaveRolloutConfig())))
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert check["task"]["format"] == "yolo-seg" and check["instances"] and any(check["instances"])
+
+    def health(check):
+        p = run_process([sys.executable, "-m", "edgeslim.deploy.agent.health"], timeout=600,
+                        input=json.dumps({"release": str(edge_model_dir), "check": check}))
+        return json.loads(p.stdout.strip().splitlines()[-1].split(" ", 1)[1])
+
+    ok = health(check)
+    assert ok["ok"] is True and ok["error"] is None, ok
+    # A device whose instance has lost its mask fails, naming the golden instance it misses.
+    from edgeslim.components.tasks.segmentation.runtime import rle_decode, rle_encode
+
+    n = next(i for i, insts in enumerate(check["instances"]) if insts)
+    first = check["instances"][n][0]
+    emptied = {**first, **rle_encode(np.zeros_like(rle_decode(first)))}
+    bad = {**check, "instances": [*check["instances"][:n], [emptied, *check["instances"][n][1:]],
+                                  *check["instances"][n + 1:]]}
+    failed = health(bad)
+    assert failed["ok"] is False and f"golden image {n}: golden instance 0" in failed["error"], failed
