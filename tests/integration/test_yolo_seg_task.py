@@ -122,6 +122,10 @@ def test_run_quantizes_gates_and_registers_the_instance_segmenter(run, data_root
     assert labelled and s["instances"] == c["instances"] == labelled
     assert [k["name"] for k in rep["gate"]["checks"]] == ["mask_map50_drop", "mask_map50_95_drop",
                                                           "mean_tp_score_drop"]
+    # the instance rows in the summary table and the per-class mask AP chart in the page
+    assert "mask mAP@0.5 (%)" in proc.stdout and "mean true-positive score" in proc.stdout
+    html = (out / "report.html").read_text()
+    assert f"Test split, {labelled} instances" in html
 
     from mlflow import MlflowClient
 
