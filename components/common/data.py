@@ -35,7 +35,8 @@ class Splits:
     ``x_*`` are float32 numpy arrays, or lazy array-likes (:func:`is_lazy`, e.g. an image
     provider's :class:`~edgeslim.components.common.lazy_images.LazyImages`) that decode the rows
     asked for: stages index and slice them in batches and never hold a whole split.
-    ``y_*`` are always in memory (class indices, or per-image (k, 5) boxes).
+    ``y_*`` are in memory (class indices, or per-image (k, 5) boxes), or lazy like ``x_*`` where a label
+    is pixels (class maps, or instance stacks drawn from outlines).
     """
 
     x_train: np.ndarray
