@@ -77,7 +77,8 @@ def registered(mlflow_server, tmp_path_factory) -> str:
         mlflow.set_experiment("tests-yolo-seg")
         with mlflow.start_run():
             info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                                            code_paths=[str(src / f"{MODULE}.py")], registered_model_name="tiny-yolo-seg")
+                                            code_paths=[str(src / f"{MODULE}.py")],
+                                            registered_model_name="tiny-yolo-seg")
         client.set_registered_model_alias("tiny-yolo-seg", "champion", info.registered_model_version)
     finally:
         sys.path.remove(str(src))
@@ -160,7 +161,8 @@ def test_the_edge_pyfunc_returns_instances_in_the_source_images_pixels(edge_mode
         tensors = mlflow.pyfunc.load_model(uri).predict(x)
         images = [p.read_bytes() for p in sorted(root.glob("*.png"))[:3]]
         out = load_model(uri).predict({{"images": images}})
-        print(json.dumps({{"masks": out["masks"], "tensor_sizes": [m["size"] for img in tensors["masks"] for m in img]}}))
+        sizes = [m["size"] for img in tensors["masks"] for m in img]
+        print(json.dumps({{"masks": out["masks"], "tensor_sizes": sizes}}))
     """, {"MLFLOW_TRACKING_URI": mlflow_server.uri})
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])

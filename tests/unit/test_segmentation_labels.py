@@ -46,7 +46,7 @@ def test_outlines_become_instance_stacks_placed_by_the_letterbox(seg, provider):
             np.testing.assert_array_equal(stack, _expected(masks, classes))
     # what the yolo-seg evaluator reads from a stack: classes, masks and tight boxes in input pixels
     stack = data.y_train[0]
-    cls, m, boxes = read_instances(stack)
+    cls, _, boxes = read_instances(stack)
     _, masks, classes = truth["train"][0]
     np.testing.assert_array_equal(cls, classes)
     ys, xs = np.nonzero(masks[0])
@@ -62,7 +62,7 @@ def test_outlines_become_instance_stacks_placed_by_the_letterbox(seg, provider):
 def test_a_crop_cuts_masks_as_it_cuts_the_image(seg, provider):
     root, truth = seg
     data = load_data(provider, {**_args(provider, root), "masks": True}, {"resize": [30, 40], "center_crop": [20, 20]})
-    for stack, (_, masks, classes) in zip(data.y_test[:], truth["test"]):
+    for stack, (_, masks, _) in zip(data.y_test[:], truth["test"]):
         assert stack.shape == (len(masks), 20, 20)
         np.testing.assert_array_equal(stack > 0, masks[:, 5:25, 10:30])
 
