@@ -339,8 +339,11 @@ def engine_build_op(qdq_model: Input[Model], device_class: str, plan: Input[Arti
                     engines: Output[Model]) -> str:
     """Build and verify the TensorRT engine of one device class (on a GPU node of that class).
 
-    Returns JSON ``{device_class, status, path, uri}`` for the register task.
+    Returns ``{device_class, status, path, uri}`` for the register task as base64 of its JSON: the
+    register task takes every class's string in one list parameter, which the runners write into a JSON
+    list as the strings stand, so the string must hold no quotes.
     """
+    import base64
     import json
     from pathlib import Path
 
@@ -357,7 +360,8 @@ def engine_build_op(qdq_model: Input[Model], device_class: str, plan: Input[Arti
                                    task=p.get("task"))["status"]
         engines.metadata.update({"device_class": device_class, "status": status})
     print(f"engine {device_class}: {status}")
-    return json.dumps({"device_class": device_class, "status": status, "path": engines.path, "uri": engines.uri})
+    return base64.b64encode(json.dumps({"device_class": device_class, "status": status, "path": engines.path,
+                                        "uri": engines.uri}).encode()).decode()
 
 
 def register_op(recipe_json: str, tracking_uri: str, qdq_model: Input[Model], parent: Input[Artifact],
@@ -366,6 +370,7 @@ def register_op(recipe_json: str, tracking_uri: str, qdq_model: Input[Model], pa
 
     Returns the registration as JSON (a parameter: the local runner's ``OneOf`` takes parameters).
     """
+    import base64
     import json
     from pathlib import Path
 
@@ -384,8 +389,7 @@ def register_op(recipe_json: str, tracking_uri: str, qdq_model: Input[Model], pa
         gate_result=json.loads(Path(verdict.path).read_text()), calibration=calib, calibration_lineage=calib_lineage,
         data_description=describe_data(recipe.data.provider, recipe.data.args, recipe.data.preprocess),
         tracking_uri=tracking_uri or recipe.tracking_uri or None,
-        # kfp's local runner hands JSON-looking strings over already parsed
-        engines=[e if isinstance(e, dict) else json.loads(e) for e in engines],
+        engines=[json.loads(base64.b64decode(e)) for e in engines],  # each engine task's base64 JSON
     )
     return json.dumps({**res.metrics, "seconds": res.seconds})
 

@@ -2,18 +2,17 @@
 
 ONNX Runtime's own Entropy calibrator runs with 128 bins and gives the same
 ranges as MinMax (docs/design.md), so edgeslim collects |x| histograms itself
-(TensorRT-style, at least 2048 bins by default) and chooses each tensor's clipping
+(TensorRT-style, 2048 bins by default) and chooses each tensor's clipping
 threshold ``amax`` with a calibrator. A calibrator is a function
 
-    calibrator(top: float, hist: np.ndarray, *, percentile: float) -> float
+    calibrator(amax: float, hist: np.ndarray, *, percentile: float) -> float
 
-given the histogram of the non-zero |x| on ``[0, top]`` (``len(hist)`` equal bins, never all zero,
-``top > 0``; the largest |x| seen lies in the last bin) and returning the threshold, in ``(0, top]``
-for the built-ins; a threshold above the largest |x| that is still within ``top`` is cut to that
-largest |x|. ``percentile`` is the config's ``quantize.percentile`` (calibrators other than
-``percentile`` ignore it). A calibrator that needs only the largest |x| sets the attribute
-``needs_histogram = False`` on itself, and calibration then bins nothing. Either way calibration is
-one pass over the data (:func:`collect`). Calibrators are registered in the
+given the largest |x| seen and the histogram of the non-zero |x| on ``[0, amax]``
+(``len(hist)`` equal bins, never all zero, ``amax > 0``); it returns the threshold, in
+``(0, amax]`` for the built-ins. ``percentile`` is the config's ``quantize.percentile``
+(calibrators other than ``percentile`` ignore it). A calibrator that needs only ``amax`` sets the
+attribute ``needs_histogram = False`` on itself, and calibration then makes one pass over the data
+instead of two. Calibrators are registered in the
 entry-point group ``edgeslim.calibrators`` (:data:`~edgeslim.components.common.stage_configs.CALIBRATORS`),
 the built-in four in edgeslim's own ``pyproject.toml``:
 
@@ -38,40 +37,44 @@ _QLEVELS = 128  # int8 symmetric: 127 positive levels plus zero
 
 
 def collect(session_run, tensor_names: list[str], batches, num_bins: int,
-            histograms: bool = True) -> dict[str, tuple[float, np.ndarray, float]]:
-    """One pass over ``batches``: each tensor's largest |x| and, with ``histograms``, its |x| histogram.
-
-    The histogram is built in the same pass (as pytorch-quantization's ``HistogramCalibrator`` does, so
-    calibration costs one inference over the data, not two): its bins are ``((j - 1) w, j w]`` with ``w`` a
-    power of two, the smallest for which ``num_bins * 2`` bins reach the largest |x| seen so far. When a
-    larger value arrives, ``w`` doubles as often as needed and neighbouring bins are merged, which on a
-    power-of-two grid is exact: the result is the histogram of all the data on the final grid, whatever the
-    batches and their order (between ``num_bins`` and ``2 * num_bins`` bins up to the largest |x|).
+            histograms: bool = True) -> dict[str, tuple[float, np.ndarray]]:
+    """Two passes over ``batches``: |x| maxima, then |x| histograms on [0, amax].
 
     Args:
         session_run: ``f(batch) -> list[np.ndarray]`` giving the named tensors in order.
         tensor_names: names of the tensors ``session_run`` returns.
-        batches: an iterable of input batches, read once.
-        num_bins: the least number of histogram bins up to the largest |x|.
-        histograms: ``False`` keeps only the maxima (``minmax`` reads nothing else); the histograms are
-            then empty.
+        batches: a re-iterable of input batches (read once per pass, so they need not be held).
+        num_bins: histogram bins.
+        histograms: ``False`` skips the second pass (``minmax`` needs only the maxima); the
+            histograms are then all zero.
 
     Returns:
-        name -> (amax, histogram of the non-zero |x|, top), the histogram's bins of equal width on
-        ``[0, top]``, ``top`` at most one bin above ``amax``. NaN and infinite values are left out.
+        name -> (amax, histogram of |x|).
     """
-    hists = {n: _Histogram(num_bins, histograms) for n in tensor_names}
+    amax = {n: 0.0 for n in tensor_names}
+    odd = set()  # tensors with a NaN in some batch: their histograms take np.histogram's own path
+    for b in batches:
+        for n, v in zip(tensor_names, session_run(b)):
+            if v.size:  # max |x| without a copy of the tensor
+                hi, lo = float(v.max()), float(v.min())
+                amax[n] = max(amax[n], hi, -lo)
+                if math.isnan(hi) or math.isnan(lo):
+                    odd.add(n)
+    hists = {n: np.zeros(num_bins, dtype=np.float64) for n in tensor_names}
+    if not histograms:
+        return {n: (amax[n], hists[n]) for n in tensor_names}
 
     def add(item) -> None:  # each tensor's histogram is its own: the threads never share one
         n, v = item
-        hists[n].add(v)
+        if v.size and amax[n] > 0:
+            hists[n] += abs_histogram(v, amax[n], num_bins, exact_path=n in odd)
 
     # Binning is numpy on blocks that release the GIL, between inference runs that leave the cores idle:
     # a batch's tensors are binned on as many threads as there are cores (the counts are the same).
-    with ThreadPoolExecutor(_binning_threads() if histograms else 1, thread_name_prefix="edgeslim-calib-bin") as pool:
+    with ThreadPoolExecutor(_binning_threads(), thread_name_prefix="edgeslim-calib-bin") as pool:
         for b in batches:
             list(pool.map(add, zip(tensor_names, session_run(b))))
-    return {n: h.result() for n, h in hists.items()}
+    return {n: (amax[n], hists[n]) for n in tensor_names}
 
 
 def _binning_threads() -> int:
@@ -84,85 +87,56 @@ def _binning_threads() -> int:
 _BLOCK = 1 << 16  # values per step: a few temporaries of this size stay in cache
 
 
-class _Histogram:
-    """The |x| maximum and histogram of one tensor over the batches seen (:func:`collect`)."""
+def abs_histogram(v: np.ndarray, amax: float, num_bins: int, exact_path: bool = False) -> np.ndarray:
+    """``np.histogram(|v|[|v| > 0], num_bins, range=(0, amax))[0]``, bin for bin, without copies of ``v``
+    (``amax`` is at least every finite |v|, as :func:`collect`'s first pass makes it).
 
-    def __init__(self, num_bins: int, histograms: bool):
-        self.limit, self.histograms = 2 * num_bins, histograms
-        self.amax = 0.0
-        self.exp: int | None = None  # bin width 2**exp, set by the first non-zero value
-        self.counts = np.zeros(0, dtype=np.int64)
-
-    def _exp_for(self, amax: float) -> int:
-        """The smallest exponent ``e`` with ``ceil(amax / 2**e) <= self.limit``."""
-        e = math.ceil(math.log2(amax / self.limit))
-        while math.ceil(amax / 2.0 ** (e - 1)) <= self.limit:
-            e -= 1
-        while math.ceil(amax / 2.0 ** e) > self.limit:
-            e += 1
-        return e
-
-    def add(self, v: np.ndarray) -> None:
-        if not v.size:
-            return
-        hi, lo = float(v.max()), float(v.min())
-        if not (math.isfinite(hi) and math.isfinite(lo)):  # NaN or inf: only the finite values count
-            v = v[np.isfinite(v)]
-            if not v.size:
-                return
-            hi, lo = float(v.max()), float(v.min())
-        m = max(hi, -lo)
-        if m <= 0:
-            return
-        self.amax = max(self.amax, m)
-        if not self.histograms:
-            return
-        exp = self._exp_for(self.amax)
-        if self.exp is None:
-            self.exp = exp
-        elif exp > self.exp:  # merge 2**k neighbouring bins into one: exact on a power-of-two grid
-            f = 1 << (exp - self.exp)
-            c = np.concatenate([self.counts, np.zeros(-len(self.counts) % f, dtype=np.int64)])
-            self.counts, self.exp = c.reshape(-1, f).sum(axis=1), exp
-        n = math.ceil(self.amax / 2.0 ** self.exp)
-        if n > len(self.counts):
-            self.counts = np.concatenate([self.counts, np.zeros(n - len(self.counts), dtype=np.int64)])
-        self.counts += _binned(v.reshape(-1), self.exp, len(self.counts))
-
-    def result(self) -> tuple[float, np.ndarray, float]:
-        if self.exp is None:
-            return self.amax, np.zeros(1, dtype=np.float64), self.amax
-        return self.amax, self.counts.astype(np.float64), len(self.counts) * 2.0 ** self.exp
-
-
-def _binned(flat: np.ndarray, exp: int, n: int) -> np.ndarray:
-    """Counts of the non-zero |x| in the bins ``((j - 1) 2**exp, j 2**exp]``, ``j = 1..n`` (every |x| is at
-    most ``n * 2**exp``). Scaling by a power of two is exact, so each value's bin is exact, without copies
-    of ``flat``: blocks of it are scaled, rounded up and counted in place; exact zeros (ReLU outputs,
-    padding) land in bin 0, which is dropped -- they are exact in symmetric int8 whatever the range, and
-    counting them would only drag the thresholds towards zero."""
-    dtype = flat.dtype if flat.dtype in (np.float32, np.float64) else np.dtype(np.float64)
-    if dtype == np.float32 and not -120 < exp < 120:  # 2**-exp beyond float32's range
-        dtype = np.dtype(np.float64)
-    scale = dtype.type(2.0 ** -exp)
-    counts = np.zeros(n + 1, dtype=np.int64)
-    buf = np.empty(min(_BLOCK, flat.size), dtype=dtype)
+    Exact zeros (ReLU outputs, padding, blank pixels) are exact in symmetric int8 whatever the
+    range: counting them only drags entropy and percentile thresholds towards zero and clips the
+    values that matter. They fall in bin 0, so they are counted with the rest and taken off there.
+    The bin of each value is numpy's own computation (same dtype, same scaling, the same one-ulp
+    edge corrections where they can apply) on blocks of |v|, followed by ``np.bincount``; numpy's
+    path (masking, the compressed copy, its per-block range checks) stays for what it alone
+    handles the same way: NaNs, an infinite range, dtypes other than float32/float64 (``exact_path``).
+    """
+    flat = v.reshape(-1)
+    edges = None
+    if not exact_path and flat.dtype in (np.float32, np.float64) and np.isfinite(amax):
+        edges = np.linspace(0.0, amax, num_bins + 1, dtype=flat.dtype)
+    if edges is None or edges[1] == 0:
+        a = np.abs(v)
+        return np.histogram(a[a > 0], bins=num_bins, range=(0.0, amax))[0]
+    den, num = flat.dtype.type(amax), flat.dtype.type(num_bins)
+    # numpy's scaled position is a few ulps from exact, so its one-bin corrections against the edges can
+    # only apply within num_bins * 2**-22 of a whole number: this band (16 times wider) gets them, the
+    # rest of the values (all but ~1.6% at 2048 bins) need no look-up of their edges.
+    band = flat.dtype.type(num_bins * 2.0 ** -18)
+    counts = np.zeros(num_bins, dtype=np.intp)
+    zeros = 0
+    buf = np.empty(min(_BLOCK, flat.size), dtype=flat.dtype)
     for i in range(0, flat.size, _BLOCK):
-        a = buf[:min(_BLOCK, flat.size - i)]
-        np.abs(flat[i:i + _BLOCK], out=a)
-        np.multiply(a, scale, out=a)
-        np.ceil(a, out=a)
-        counts += np.bincount(a.astype(np.intp), minlength=n + 1)
-    return counts[1:]
+        a = np.abs(flat[i:i + _BLOCK], out=buf[:min(_BLOCK, flat.size - i)])
+        zeros += int(np.count_nonzero(a == 0))
+        f = (a / den) * num
+        np.minimum(f, num_bins - 1, out=f)  # |x| == amax: the last bin holds its right edge
+        idx = f.astype(np.intp)
+        frac = f - np.floor(f)
+        # (below edge 1 only the upper correction can apply: zeros, often half a tensor, need none)
+        near = np.flatnonzero((frac > 1 - band) | ((frac < band) & (f >= 1)))
+        if near.size:
+            x, k = a[near], idx[near]
+            k -= x < edges[k]
+            k += (x >= edges[k + 1]) & (k != num_bins - 1)
+            idx[near] = k
+        counts += np.bincount(idx, minlength=num_bins)
+    counts[0] -= zeros
+    return counts
 
 
-def choose_amax(amax: float, hist: np.ndarray, method: str, percentile: float = 99.99,
-                top: float | None = None) -> float:
+def choose_amax(amax: float, hist: np.ndarray, method: str, percentile: float = 99.99) -> float:
     """The clipping threshold for one tensor, by the calibrator registered as ``method``.
 
-    ``hist`` covers ``[0, top]`` (``top`` defaults to ``amax``, the largest |x| seen). A threshold in
-    ``(amax, top]`` is ``amax``: the histogram reaches past ``amax`` only to end on a whole bin. A tensor
-    that is all zeros (``amax`` 0 or an empty histogram) keeps ``amax`` whatever the calibrator.
+    A tensor that is all zeros (``amax`` 0 or an empty histogram) keeps ``amax`` whatever the calibrator.
 
     Raises:
         ConfigError: no calibrator is registered as ``method``.
@@ -170,41 +144,39 @@ def choose_amax(amax: float, hist: np.ndarray, method: str, percentile: float = 
     calibrator = CALIBRATORS.get(method)
     if amax <= 0 or hist.sum() == 0:
         return float(amax)
-    top = amax if top is None else top
-    t = float(calibrator(top, hist, percentile=percentile))
-    return float(amax) if amax < t <= top else t
+    return float(calibrator(amax, hist, percentile=percentile))
 
 
-def minmax(top: float, hist: np.ndarray, *, percentile: float) -> float:
-    """The largest |x| seen (the histogram's top, which :func:`choose_amax` cuts to it)."""
-    return float(top)
+def minmax(amax: float, hist: np.ndarray, *, percentile: float) -> float:
+    """The largest |x| seen."""
+    return float(amax)
 
 
-minmax.needs_histogram = False  # the maxima are all it reads: calibration bins nothing
+minmax.needs_histogram = False  # one pass over the calibration data: the maxima are all it reads
 
 
 def needs_histogram(method: str) -> bool:
-    """Whether the calibrator registered as ``method`` reads the histograms."""
+    """Whether the calibrator registered as ``method`` reads the histograms (the second pass)."""
     return bool(getattr(CALIBRATORS.get(method), "needs_histogram", True))
 
 
-def percentile(top: float, hist: np.ndarray, *, percentile: float) -> float:
+def percentile(amax: float, hist: np.ndarray, *, percentile: float) -> float:
     """The upper edge of the bin where the share ``percentile`` of the non-zero |x| is reached."""
-    edges = np.linspace(0.0, top, len(hist) + 1)
+    edges = np.linspace(0.0, amax, len(hist) + 1)
     cdf = np.cumsum(hist) / hist.sum()
     i = int(np.searchsorted(cdf, percentile / 100.0))
     return float(edges[min(i + 1, len(hist))])
 
 
-def entropy(top: float, hist: np.ndarray, *, percentile: float) -> float:
+def entropy(amax: float, hist: np.ndarray, *, percentile: float) -> float:
     """The threshold with the least KL divergence between the histogram and its 128-level quantization."""
-    edges = np.linspace(0.0, top, len(hist) + 1)
+    edges = np.linspace(0.0, amax, len(hist) + 1)
     return float(edges[_entropy_bin(hist)])
 
 
-def mse(top: float, hist: np.ndarray, *, percentile: float) -> float:
+def mse(amax: float, hist: np.ndarray, *, percentile: float) -> float:
     """The threshold with the least expected squared quantization error."""
-    return float(_mse_threshold(hist, np.linspace(0.0, top, len(hist) + 1)))
+    return float(_mse_threshold(hist, np.linspace(0.0, amax, len(hist) + 1)))
 
 
 def _entropy_bin(hist: np.ndarray) -> int:

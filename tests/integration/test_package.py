@@ -146,7 +146,7 @@ def test_the_venv_runs_the_wheel_not_the_checkout(wheel_venv, tmp_path):
     assert Path(module).resolve().is_relative_to(wheel_venv.resolve()), module
     assert Path(dist_dir).resolve().is_relative_to(wheel_venv.resolve()), dist_dir
     assert dist_version == module_version == __version__
-    assert tasks == str(["classification", "detection"])
+    assert tasks == str(["classification", "detection", "segmentation"])
     assert not list((wheel_venv / "lib").glob("python3*/site-packages/__editable__*"))
 
 

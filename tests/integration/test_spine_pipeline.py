@@ -251,8 +251,10 @@ def test_compile_writes_kfp_ir(tmp_path):
     ir = next(yaml.safe_load_all(out.read_text()))
     assert ir["pipelineInfo"]["name"] == "edgeslim-edge-compression"
     images = {name: e["container"]["image"] for name, e in ir["deploymentSpec"]["executors"].items()}
-    # Engine builds run on the TensorRT image; every other task on the base image.
-    assert images.pop("exec-engine-build-op") == "registry.example/edgeslim:test-trt"
+    # The default device class is a Jetson (Orin, JetPack 6.1): its engine builds on the arm64 JetPack
+    # image (--engine-image is the x86_64 TensorRT image of datacenter classes); every other task on the
+    # base image.
+    assert images.pop("exec-engine-build-op").endswith("-jetpack6.1")
     assert set(images.values()) == {"registry.example/edgeslim:test"}
 
 

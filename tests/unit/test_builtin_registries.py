@@ -70,9 +70,9 @@ def test_an_unknown_provider_is_one_line_naming_the_closest():
 
 @pytest.fixture
 def half_amax():
-    """A calibrator another package registers: half the histogram's top (about half the largest |x|)."""
-    def half(top: float, hist: np.ndarray, *, percentile: float) -> float:
-        return top / 2
+    """A calibrator another package registers: half the largest |x|."""
+    def half(amax: float, hist: np.ndarray, *, percentile: float) -> float:
+        return amax / 2
 
     CALIBRATORS.register("half", half)
     yield half

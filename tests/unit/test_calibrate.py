@@ -9,7 +9,7 @@ from edgeslim.components.quantize import calibrate
 
 def _stats(x):
     (name_stats,) = calibrate.collect(lambda b: [b], ["t"], [x], 2048).values()
-    return name_stats[:2]
+    return name_stats
 
 
 def test_minmax_is_the_largest_magnitude():
@@ -21,58 +21,55 @@ def test_minmax_is_the_largest_magnitude():
 def test_clipping_calibrators_cut_a_rare_outlier():
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(0, 1, 200_000), [80.0]]).astype(np.float32)
-    (amax, hist, top), = calibrate.collect(lambda b: [b], ["t"], [x], 2048).values()
-    assert amax == 80.0 and amax <= top < amax * (1 + 1 / 2048)
-    pct = calibrate.choose_amax(amax, hist, "percentile", 99.99, top=top)
-    ent = calibrate.choose_amax(amax, hist, "entropy", top=top)
-    mse = calibrate.choose_amax(amax, hist, "mse", top=top)
+    amax, hist = _stats(x)
+    assert amax == 80.0
+    pct = calibrate.choose_amax(amax, hist, "percentile", 99.99)
+    ent = calibrate.choose_amax(amax, hist, "entropy")
+    mse = calibrate.choose_amax(amax, hist, "mse")
     for t in (pct, ent):
         assert 2.0 < t < 20.0  # the bulk (|x| up to ~4.5 sigma) is kept, the outlier is clipped
     # MSE weighs the lone outlier quadratically: it clips less, but still clips.
     assert pct < mse < amax
-    assert calibrate.choose_amax(amax, hist, "percentile", 100.0, top=top) == amax  # the top bin: cut to amax
+    assert calibrate.choose_amax(amax, hist, "percentile", 100.0) == amax
 
 
 def test_percentile_grows_with_the_percentile():
     x = np.random.default_rng(1).exponential(1.0, 100_000).astype(np.float32)
-    (amax, hist, top), = calibrate.collect(lambda b: [b], ["t"], [x], 2048).values()
-    assert (calibrate.choose_amax(amax, hist, "percentile", 99.0, top=top)
-            < calibrate.choose_amax(amax, hist, "percentile", 99.99, top=top))
+    amax, hist = _stats(x)
+    assert calibrate.choose_amax(amax, hist, "percentile", 99.0) < calibrate.choose_amax(amax, hist, "percentile", 99.99)
 
 
-def _grid_histogram(values, exp, n):
-    """|x| > 0 counted in the bins ((j - 1) 2**exp, j 2**exp], j = 1..n, in float64 arithmetic."""
-    a = np.abs(np.concatenate([np.ravel(v) for v in values]).astype(np.float64))
-    a = a[np.isfinite(a) & (a > 0)]
-    return np.bincount(np.ceil(a / 2.0 ** exp).astype(np.int64) - 1, minlength=n)[:n]
+def _numpy_abs_histogram(x, amax, bins):
+    a = np.abs(x)
+    return np.histogram(a[a > 0], bins=bins, range=(0.0, amax))[0]
 
 
-def test_one_pass_histogram_is_the_whole_datas_on_its_final_grid_whatever_the_batches():
-    # The bins start from the first batch's range and widen (merging neighbours) as larger values arrive;
-    # on a power-of-two grid that is exact: the counts are those of all the data binned at once.
+def test_the_histograms_are_numpys_bin_for_bin():
+    # collect bins |x| itself (no masked copy, blocks of 64k, zeros taken off bin 0); every count
+    # must be np.histogram's, values on and one ulp beside the bin edges included.
     rng = np.random.default_rng(0)
-    parts = [rng.normal(0, 0.01, 50_000), np.maximum(rng.normal(0, 1, 80_000), 0),  # ReLU: half zeros
-             rng.standard_cauchy(70_000), rng.integers(-4, 5, 90_000) * 0.25,  # values on the bin edges
-             rng.normal(0, 1e-3, 10_000)]
-    for dtype in (np.float32, np.float64):
-        batches = [p.astype(dtype) for p in parts]
-        results = [calibrate.collect(lambda b: [b], ["t"], order, 2048)["t"]
-                   for order in (batches, batches[::-1], [np.concatenate(batches)])]
-        (amax, hist, top) = results[0]
-        assert amax == max(float(np.abs(b).max()) for b in batches)
-        assert 2048 < len(hist) <= 4096 and amax <= top < amax + top / len(hist)
-        exp = int(np.log2(top / len(hist)))
-        assert top == len(hist) * 2.0 ** exp
-        assert np.array_equal(hist, _grid_histogram(batches, exp, len(hist)))
-        for amax2, hist2, top2 in results[1:]:
-            assert amax2 == amax and top2 == top and np.array_equal(hist2, hist)
-    # NaN and infinite values are left out of the maximum and the histogram; the rest count.
-    batches = [np.array([1.0, -2.0, 0.0], dtype=np.float32), np.array([np.nan, 5.0, -np.inf, -0.5], dtype=np.float32)]
-    amax, hist, top = calibrate.collect(lambda b: [b], ["t"], batches, 16)["t"]
-    assert amax == 5.0 and hist.sum() == 4
+    amax = float(np.float32(3.7))  # as collect passes it: the float32 max of the data
+    samples = [rng.normal(0, 1, 200_000), np.maximum(rng.normal(0, 1, 150_000), 0),  # ReLU: half zeros
+               rng.standard_cauchy(70_000), rng.integers(-4, 5, 90_000) * 0.25]
+    for x in samples:
+        for dtype in (np.float32, np.float64):
+            v = x.astype(dtype)
+            top = max(float(v.max()), -float(v.min()))
+            for bins in (2048, 1000, 7):
+                assert np.array_equal(calibrate.abs_histogram(v, top, bins), _numpy_abs_histogram(v, top, bins))
+    for bins in (2048, 1000, 7):
+        edges = np.linspace(0.0, amax, bins + 1, dtype=np.float32)
+        on_edges = np.concatenate([edges, np.nextafter(edges, 0), np.nextafter(edges, 10)])
+        v = np.clip(on_edges, 0, np.float32(amax))
+        assert np.array_equal(calibrate.abs_histogram(v, amax, bins), _numpy_abs_histogram(v, amax, bins))
+    # A batch with a NaN adds nothing to the maxima; np.histogram drops its NaN and what lies beyond amax.
+    batches = [np.array([1.0, -2.0, 0.0], dtype=np.float32), np.array([np.nan, 5.0, -0.5], dtype=np.float32)]
+    (amax_nan, hist_nan), = calibrate.collect(lambda b: [b], ["t"], batches, 16).values()
+    assert amax_nan == 2.0
+    assert np.array_equal(hist_nan, sum(_numpy_abs_histogram(b, 2.0, 16) for b in batches))
 
 
-def test_calibration_reads_each_batch_once_and_minmax_bins_nothing():
+def test_minmax_reads_the_batches_once_and_the_others_twice():
     reads = []
 
     def run(b):
@@ -81,11 +78,11 @@ def test_calibration_reads_each_batch_once_and_minmax_bins_nothing():
 
     x = np.random.default_rng(0).normal(0, 1, (6, 50)).astype(np.float32)
     batches = [x[:4], x[4:]]
-    (amax, hist, _), = calibrate.collect(run, ["t"], batches, 2048, histograms=False).values()
+    (amax, hist), = calibrate.collect(run, ["t"], batches, 2048, histograms=False).values()
     assert reads == [4, 2] and amax == float(np.abs(x).max()) and hist.sum() == 0
     reads.clear()
-    (amax2, hist2, _), = calibrate.collect(run, ["t"], batches, 2048).values()
-    assert reads == [4, 2] and amax2 == amax and hist2.sum() == np.count_nonzero(x)
+    (amax2, hist2), = calibrate.collect(run, ["t"], batches, 2048).values()
+    assert reads == [4, 2, 4, 2] and amax2 == amax and hist2.sum() == np.count_nonzero(x)
 
 
 def test_histograms_binned_on_several_threads_are_the_ones_binned_on_one(monkeypatch):
@@ -104,8 +101,7 @@ def test_histograms_binned_on_several_threads_are_the_ones_binned_on_one(monkeyp
         monkeypatch.setattr(calibrate, "_binning_threads", lambda threads=threads: threads)
         out[threads] = calibrate.collect(run, names, batches, 2048)
     for n in names:
-        assert out[1][n][0] == out[4][n][0] and out[1][n][2] == out[4][n][2]
-        assert np.array_equal(out[1][n][1], out[4][n][1])
+        assert out[1][n][0] == out[4][n][0] and np.array_equal(out[1][n][1], out[4][n][1])
     assert out[4]["t2"][1].sum() == np.count_nonzero(tensors[2])
 
 
@@ -125,7 +121,7 @@ class _CountedRows:
 
 
 def _reference_ranges(path, data, cfg):
-    """Ranges from all calibration images run at once and binned at once on the final grid."""
+    """Ranges the way calibration first made them: all images at once, np.histogram of |x| > 0."""
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -143,21 +139,12 @@ def _reference_ranges(path, data, cfg):
     out = {}
     for n in names:
         amax = float(np.abs(outs[n]).max())
-        if amax == 0:
-            out[n] = 0.0
-            continue
-        exp = int(np.ceil(np.log2(amax / (2 * cfg.num_bins))))  # the smallest power-of-two width ...
-        while np.ceil(amax / 2.0 ** (exp - 1)) <= 2 * cfg.num_bins:
-            exp -= 1
-        while np.ceil(amax / 2.0 ** exp) > 2 * cfg.num_bins:  # ... whose 2 * num_bins bins reach amax
-            exp += 1
-        bins = int(np.ceil(amax / 2.0 ** exp))
-        hist = _grid_histogram([outs[n]], exp, bins).astype(np.float64)
-        out[n] = calibrate.choose_amax(amax, hist, cfg.calibrator, cfg.percentile, top=bins * 2.0 ** exp)
+        hist = _numpy_abs_histogram(outs[n], amax, cfg.num_bins).astype(np.float64) if amax > 0 else np.zeros(1)
+        out[n] = calibrate.choose_amax(amax, hist, cfg.calibrator, cfg.percentile)
     return out
 
 
-def test_calibration_ranges_are_all_images_binned_at_once_and_each_image_is_read_once(tmp_path, monkeypatch):
+def test_calibration_ranges_match_the_first_method_and_images_are_decoded_once_when_they_fit(tmp_path, monkeypatch):
     import torch
 
     from edgeslim.components.common.data import Splits
@@ -179,15 +166,29 @@ def test_calibration_ranges_are_all_images_binned_at_once_and_each_image_is_read
         cfg = PTQQuantizeConfig(calibrator=calibrator, num_samples=24)
         ranges = ptq.calibrate_onnx(path, cfg, data)
         assert ranges == _reference_ranges(path, data, cfg)
-        # One pass: each calibration image read once (the first sizes the batches and is binned too).
-        assert train.rows_read == 24
-    # A budget smaller than one image's intermediate tensors: batches of one image, the same ranges.
+        # The one image that sizes the batch, then each calibration image once: minmax makes one pass,
+        # the others keep the first pass's images for the second.
+        assert train.rows_read == 1 + 24
+    # A budget smaller than one image's intermediate tensors: batches of one image, none kept, every
+    # image read on both passes, the same ranges.
     train = _CountedRows(x[:30])
     data = Splits(train, y[:30], x[30:35], y[30:35], x[35:], y[35:])
     cfg = PTQQuantizeConfig(calibrator="entropy", num_samples=24)
     monkeypatch.setattr(ptq, "CALIB_MEMORY", 1)
     assert ptq.calibrate_onnx(path, cfg, data) == _reference_ranges(path, data, cfg)
-    assert train.rows_read == 24
+    assert train.rows_read == 1 + 2 * 24
+
+
+def test_calibration_batches_are_kept_up_to_their_budget_and_the_rest_read_again():
+    from edgeslim.components.quantize import ptq
+
+    x = _CountedRows(np.arange(24 * 5, dtype=np.float32).reshape(24, 5))
+    rows = np.arange(2, 22)  # 20 rows in batches of 4 (80 bytes each); room for two batches
+    batches = ptq._Rows(x, rows, 4, hold=2 * 80 + 79)
+    first, second = list(batches), list(batches)
+    assert x.rows_read == 20 + 12  # the second pass reads only the three batches not kept
+    assert all(np.array_equal(a, b) for a, b in zip(first, second))
+    assert np.array_equal(np.concatenate(second), x.x[rows])
 
 
 def test_stored_bytes_say_why_each_float_parameter_stays_float(tmp_path):

@@ -3,6 +3,7 @@ Jetson, x86_64 otherwise), asking for a GPU and a node of its class and architec
 
 # No `from __future__ import annotations`: kfp reads the components' real annotations.
 
+import base64
 import json
 
 import pytest
@@ -116,9 +117,9 @@ def test_the_engine_component_reports_not_built_without_a_cuda_device(tmp_path):
     def art(cls, path):
         return cls(name=path.name, uri=str(path), metadata={})
 
-    out = json.loads(make_ops().engine_build_op.python_func(
+    out = json.loads(base64.b64decode(make_ops().engine_build_op.python_func(
         qdq_model=art(dsl.Model, qdq), device_class=ORIN_KEY, plan=art(dsl.Artifact, plan),
-        engines=art(dsl.Model, out_dir)))
+        engines=art(dsl.Model, out_dir))))
     assert out["device_class"] == ORIN_KEY and out["status"] == NOT_BUILT_NO_CUDA
     assert json.loads((out_dir / "engines.json").read_text())["engines"][ORIN_KEY]["status"] == NOT_BUILT_NO_CUDA
 
