@@ -310,14 +310,31 @@ class WebhookServer:
 
     def _shed(self) -> None:
         """Close one connection to make room for a new one: a draining one (already answered), else the
-        oldest (dict order is accept order), answered 408 as a timed-out request is."""
-        conn = next((c for c in self._conns.values() if c.state == "drain"), None) or next(iter(self._conns.values()))
+        oldest (dict order is accept order) with nothing waiting to be read, answered 408 as a timed-out
+        request is. A connection whose bytes have arrived but are not read yet (a delivery accepted in the
+        same burst as the slow clients' reconnections) is making progress, so it is passed over."""
+        conns = list(self._conns.values())
+        conn = next((c for c in conns if c.state == "drain"), None) \
+            or next((c for c in conns if not self._has_unread(c)), None) or conns[0]
         if conn.state not in ("drain", "handshake"):
             waited = self.read_timeout - (conn.deadline - time.monotonic())
             log.info("%s shed after %.1fs without a whole request: %d connections open, the most allowed (408)",
                      conn.peer, waited, len(self._conns))
             self._send_now(conn.sock, _response(408, "request not received in time; other clients are waiting"))
         self._close(conn)
+
+    @staticmethod
+    def _has_unread(conn: _Conn) -> bool:
+        """Bytes have arrived on ``conn`` that the server has not read (plain TCP; a TLS connection's
+        records cannot be peeked, so it counts as having none)."""
+        if isinstance(conn.sock, ssl.SSLSocket):
+            return False
+        try:
+            return bool(conn.sock.recv(1, socket.MSG_PEEK))
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:  # reset or closed: nothing it waits to say
+            return False
 
     @staticmethod
     def _send_now(sock: socket.socket, data: bytes) -> None:
