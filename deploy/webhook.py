@@ -16,9 +16,9 @@ Everything before the HMAC check is hostile, so the server is built to stay up u
   client costs a socket and at most 16 KiB of headers, never a thread, and is closed (408)
   ``read_timeout`` seconds after it connected, however it trickles bytes;
 - at most ``max_connections`` are open at once. One more sheds a connection to make room: one
-  already answered and draining if there is one, else the oldest, which has had longest to send
-  its request (a delivery sends its whole request at once, in milliseconds; a client that holds a
-  connection open with a trickle of bytes is what is shed), so stalled clients never keep a signed
+  already answered and draining if there is one, else the oldest with no bytes waiting unread, which
+  has had longest to send its request (a delivery sends its whole request at once, in milliseconds; a
+  client that holds a connection open with a trickle of bytes is what is shed), so stalled clients never keep a signed
   delivery out. The bodies being read share a budget of ``8 x MAX_WEBHOOK_BYTES`` (503 beyond);
 - ``Content-Length`` over ``bounded.MAX_WEBHOOK_BYTES`` is answered 413 before the body is
   read (the rest is discarded, up to a cap, so the client sees the answer); no
