@@ -7,27 +7,13 @@ from pathlib import Path
 from typing import Callable
 
 from edgeslim.components.common.errors import ConfigError
+from edgeslim.components.common.task_init import auto_quantize_stages, probe_outputs, recipe_closing, recipe_opening
 from edgeslim.components.tasks.detection.runtime import infer_decoder
 
-INIT_TEMPLATE = """\
-# edgeslim recipe for the detector {source}
-# Written by `edgeslim init`; run it with `edgeslim run {output}`.
-# Every key is documented in the recipe reference (docs/recipe-reference.md); docs/recipes.md, "Detection recipes".
-version: 1
-
-source: {source}
-
-# Detection labels: y_* are object arrays, y[i] a (k, 5) [x1, y1, x2, y2, class] array in pixels.
-data:
-{data}
-
-stages:
-  - export: {{}}                     # opset: the highest every class in engines.device_classes parses
-  - quantize:
-      method: auto                   # PTQ per calibrator, then sensitive head layers kept in float
-      calibrators: [percentile, entropy, mse, minmax]
-      num_samples: 512
-      max_float_layers: 3
+INIT_TEMPLATE = recipe_opening(
+    "detector", "# Detection labels: y_* are object arrays, y[i] a (k, 5) [x1, y1, x2, y2, class] array in pixels.",
+    '; docs/recipes.md, "Detection recipes"') + auto_quantize_stages(
+    "PTQ per calibrator, then sensitive head layers kept in float", 512) + """\
       qat: false                     # true: QAT last, trained label-free to match the fp32 outputs (slow on CPU)
       placement: weighted            # Q/DQ only on conv inputs (TensorRT's placement): score outputs stay float
       float_layers: []               # ONNX node names or patterns always kept in float
@@ -53,17 +39,7 @@ task:
     max_recall_drop: 2.0             # points of recall at score_threshold
     min_recall: 0.0
 {confidence}
-
-evaluate:
-  latency_batches: [1, 8]
-  latency_warmup: 3
-  latency_repeats: 10
-
-register:
-  name: "{edge_name}"
-  alias: edge-candidate
-  experiment: edgeslim
-"""
+""" + recipe_closing()
 
 
 def _task_fields(data, load_model: Callable) -> dict[str, str]:
@@ -71,21 +47,16 @@ def _task_fields(data, load_model: Callable) -> dict[str, str]:
     import numpy as np
     import torch
 
-    from edgeslim.components.common.model_outputs import forward_tensors, output_names
-
     classes = [int(c) for y in data.y_train for c in np.asarray(y)[:, 4]]
     if not classes:
         raise ConfigError("the training labels hold no boxes; detection needs labelled objects")
     num_classes = max(classes) + 1
-    probe = data.x_val[:2] if len(data.x_val) else data.x_train[:2]
-    model = load_model().eval()
-    outs = forward_tensors(model, torch.from_numpy(np.ascontiguousarray(probe, dtype=np.float32)))
-    names = output_names(len(outs))
-    shapes = [list(o.shape) for o in outs]
+    probe = probe_outputs(data, load_model)
+    model, outs, names, shapes = probe.model, probe.outputs, probe.names, probe.shapes
     stride = getattr(model, "stride", None)  # Ultralytics models carry their strides
     model_strides = [float(v) for v in np.asarray(stride, dtype=np.float64).reshape(-1)] \
         if isinstance(stride, (torch.Tensor, list, tuple)) else []
-    dec = infer_decoder(names, shapes, probe.shape[-2:], num_classes,
+    dec = infer_decoder(names, shapes, probe.images.shape[-2:], num_classes,
                         [s for s in model_strides if s.is_integer()] if len(model_strides) > 1 else [])
     fields = {"num_classes": str(num_classes), "num_classes_why": "from the labels (largest class + 1)"}
     if dec["format"] == "yolo-decoded":
@@ -109,8 +80,7 @@ def _task_fields(data, load_model: Callable) -> dict[str, str]:
             f"      - {{box: {h['box']}, cls: {h['cls']}, stride: {h['stride']}}}" for h in dec["heads"]) + "\n"
     bounded = all(float(m.min()) >= 0.0 and float(m.max()) <= 1.0 for m in score_maps)
     return {
-        **fields, "n_probe": str(len(probe)),
-        "outputs": ", ".join(f"{n} {s}" for n, s in zip(names, shapes)),
+        **fields, **probe.fields(),
         "scores": "sigmoid" if bounded else "logits",
         "scores_why": ("the class scores stay in [0, 1]: the graph ends in a sigmoid" if bounded else
                        "the class scores leave [0, 1]: raw logits, the decoder applies the sigmoid"),

@@ -8,27 +8,12 @@ from pathlib import Path
 from typing import Callable
 
 from edgeslim.components.common.errors import ConfigError
+from edgeslim.components.common.task_init import auto_quantize_stages, probe_outputs, recipe_closing, recipe_opening
 
-INIT_TEMPLATE = """\
-# edgeslim recipe for the segmenter {source}
-# Written by `edgeslim init`; run it with `edgeslim run {output}`.
-# Every key is documented in the recipe reference (docs/recipe-reference.md).
-version: 1
-
-source: {source}
-
-# Segmentation labels: y_* are class maps, one class id per input pixel ((N, H, W) integer arrays,
-# or the masks provider's PNGs).
-data:
-{data}
-
-stages:
-  - export: {{}}                     # opset: the highest every class in engines.device_classes parses
-  - quantize:
-      method: auto                   # PTQ per calibrator, then the most sensitive layers kept in float
-      calibrators: [percentile, entropy, mse, minmax]
-      num_samples: 256
-      max_float_layers: 3
+INIT_TEMPLATE = recipe_opening(
+    "segmenter", "# Segmentation labels: y_* are class maps, one class id per input pixel ((N, H, W) integer arrays,\n"
+    "# or the masks provider's PNGs).") + auto_quantize_stages(
+    "PTQ per calibrator, then the most sensitive layers kept in float", 256) + """\
       qat: false                     # a segmenter has no QAT twin
       float_layers: []               # ONNX node names or patterns always kept in float
 
@@ -42,38 +27,13 @@ task:
     max_miou_drop: 1.0               # points of mean IoU
     min_class_iou: 0.0               # points: a floor on the worst class's IoU (0: none)
     max_pixel_accuracy_drop: 1.0     # points of pixel accuracy
-
-evaluate:
-  latency_batches: [1, 8]
-  latency_warmup: 3
-  latency_repeats: 10
-
-register:
-  name: "{edge_name}"
-  alias: edge-candidate
-  experiment: edgeslim
-"""
+""" + recipe_closing()
 
 
-INSTANCE_TEMPLATE = """\
-# edgeslim recipe for the instance segmenter {source}
-# Written by `edgeslim init`; run it with `edgeslim run {output}`.
-# Every key is documented in the recipe reference (docs/recipe-reference.md).
-version: 1
-
-source: {source}
-
-# Instance labels: y_* are object arrays, y[i] a (k, H, W) uint8 stack whose instance j holds its class + 1.
-data:
-{data}
-
-stages:
-  - export: {{}}                     # opset: the highest every class in engines.device_classes parses
-  - quantize:
-      method: auto                   # PTQ per calibrator, then the output tails (decoded, prototypes) in float
-      calibrators: [percentile, entropy, mse, minmax]
-      num_samples: 256
-      max_float_layers: 3
+INSTANCE_TEMPLATE = recipe_opening(
+    "instance segmenter",
+    "# Instance labels: y_* are object arrays, y[i] a (k, H, W) uint8 stack whose instance j holds its class + 1."
+) + auto_quantize_stages("PTQ per calibrator, then the output tails (decoded, prototypes) in float", 256) + """\
       qat: false
       float_layers: []               # ONNX node names or patterns always kept in float
 
@@ -95,36 +55,14 @@ task:
     max_mask_map_drop: 1.0           # points of mask mAP@0.5
     max_mask_map50_95_drop: 1.0      # points of mask mAP@0.5:0.95
     max_tp_score_drop: 0.05          # mean true-positive score: catches collapsed confidence
-
-evaluate:
-  latency_batches: [1, 8]
-  latency_warmup: 3
-  latency_repeats: 10
-
-register:
-  name: "{edge_name}"
-  alias: edge-candidate
-  experiment: edgeslim
-"""
-
-
-def _probe(data, load_model: Callable):
-    import numpy as np
-    import torch
-
-    from edgeslim.components.common.model_outputs import forward_tensors, output_names
-
-    probe = data.x_val[:2] if len(data.x_val) else data.x_train[:2]
-    outs = forward_tensors(load_model().eval(), torch.from_numpy(np.ascontiguousarray(probe, dtype=np.float32)))
-    names = output_names(len(outs))
-    shapes = [list(o.shape) for o in outs]
-    return probe, names, shapes, ", ".join(f"{n} {s}" for n, s in zip(names, shapes))
+""" + recipe_closing()
 
 
 def _instance_fields(data, load_model: Callable) -> dict[str, str]:
     import numpy as np
 
-    probe, names, shapes, actual = _probe(data, load_model)
+    probe = probe_outputs(data, load_model)
+    names, shapes, actual = probe.names, probe.shapes, probe.described()
     det = [(n, s) for n, s in zip(names, shapes) if len(s) == 3]
     proto = [(n, s) for n, s in zip(names, shapes) if len(s) == 4]
     if len(det) != 1 or len(proto) != 1 or det[0][1][1] <= 4 + proto[0][1][1]:
@@ -136,8 +74,8 @@ def _instance_fields(data, load_model: Callable) -> dict[str, str]:
     top = max(seen) if seen else 0
     if top >= nc:
         raise ConfigError(f"the labels hold class {top} but the model's head has {nc} classes; check the labels")
-    return {"num_classes": str(nc), "det": det[0][0], "proto": proto[0][0], "n_probe": str(len(probe)),
-            "outputs": actual, "num_classes_why": f"from the model's {det[0][0]} ({det[0][1][1]} channels: 4 box "
+    return {"num_classes": str(nc), "det": det[0][0], "proto": proto[0][0], **probe.fields(),
+            "num_classes_why": f"from the model's {det[0][0]} ({det[0][1][1]} channels: 4 box "
             f"values + classes + {proto[0][1][1]} mask coefficients)"}
 
 
@@ -145,7 +83,8 @@ def _task_fields(data, load_model: Callable) -> dict[str, str]:
     import numpy as np
 
     labels = np.asarray(data.y_val[:2] if len(data.y_val) else data.y_train[:2])
-    probe, names, shapes, actual = _probe(data, load_model)
+    probe = probe_outputs(data, load_model)
+    names, shapes, actual = probe.names, probe.shapes, probe.described()
     logits = [(n, s) for n, s in zip(names, shapes) if len(s) == 4 and s[1] >= 2]
     if not logits:
         raise ConfigError(f"the model's outputs ({actual}) hold no per-pixel logits [N, classes, H, W]; a "
@@ -158,8 +97,8 @@ def _task_fields(data, load_model: Callable) -> dict[str, str]:
         raise ConfigError(f"the labels hold class {top} but output {name} {shape} has {shape[1]} class channels; "
                           "check the masks' class ids, or register the model with one channel per class")
     ignore = 255 if shape[1] <= 255 else 65535
-    return {"num_classes": str(shape[1]), "logits_output": name, "ignore_index": str(ignore), "n_probe": str(len(probe)),
-            "outputs": actual, "num_classes_why": f"the channels of {name} (the labels use classes up to {top})"}
+    return {"num_classes": str(shape[1]), "logits_output": name, "ignore_index": str(ignore), **probe.fields(),
+            "num_classes_why": f"the channels of {name} (the labels use classes up to {top})"}
 
 
 def init_recipe(*, source: str, output: Path, data: str, edge_name: str, splits, load_model: Callable) -> str:
