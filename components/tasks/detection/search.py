@@ -30,10 +30,10 @@ from typing import Any, Callable
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.result import StageResult
 from edgeslim.components.quantize.search import Strategy, search
+from edgeslim.components.quantize.tail_ranking import rank_output_tails
 
 # A judged row's figures in the fallback's ranking table: mAP@0.5, score calibration, recall, output SQNR vs fp32.
 _RANKED = ("map50", "mean_tp_score", "recall", "sqnr_db")
-_LAYER_SAMPLES = 8  # val images the single layers' one-pass proxy is measured on
 # Val images a trial is screened on, at least (a quarter of val; no screen when val has fewer than twice
 # as many). Fewer is noise: on a trained YOLOv8n, 32 images moved mAP@0.5 by more than a 0.3 pt gate's
 # doubled allowance, and the screen rejected candidates within the target on test (docs/benchmarks.md, "Trained YOLOv8n").
@@ -187,38 +187,9 @@ class DetectorStrategy(Strategy):
         return [{"label": t["output"], "nodes": t["nodes"]} for t in tails]
 
     def rank(self, fp32_onnx, config, *, calibrator, ranges, data, out_dir, pinned):
-        # Damage of each output tail: only that group int8, everything else float. Then the other layers
-        # by the one-pass proxy, after the tails.
-        import onnx
-
-        from edgeslim.components.quantize.ptq import quantize
-        from edgeslim.components.quantize.sensitivity import (layer_noise_proxy, output_tails, preprocessed,
-                                                              quantizable_layers)
-
-        pre = preprocessed(fp32_onnx, out_dir / "pre.onnx")
-        all_nodes = [n.name for n in onnx.load(str(pre)).graph.node if n.name]
-        tails = [t for t in output_tails(pre) if not set(t["nodes"]) <= set(pinned)]  # not float already
-        heads: list[dict[str, Any]] = []
-        for i, grp in enumerate(tails if len(tails) > 1 else []):  # one tail ranks first unmeasured
-            others = [n for n in all_nodes if n not in grp["nodes"]]
-            # The fp32 graph (not ``pre``): the graph ``ranges`` were calibrated on; node names are the same.
-            res = quantize(fp32_onnx, dataclasses.replace(config.ptq(calibrator), float_layers=others), data=data,
-                           out_dir=out_dir / "heads" / f"group{i}", ranges=ranges)
-            r = self.judge(res.model, data)
-            heads.append({**grp, **{k: r[k] for k in _RANKED}, "damage": round(self.damage(r), 4)})
-        heads = sorted(heads, key=lambda r: (-r["damage"], r["sqnr_db"])) or [
-            {**t, **dict.fromkeys(_RANKED), "damage": None} for t in tails]
-        ranked = [r for r in heads if (r["damage"] or 0.0) > 0.0] or heads
-        layers: list[dict[str, Any]] = []
-        if config.max_float_layers > len(tails):  # too few tails to fill the fallback: single layers too
-            in_tails = {n for g in tails for n in g["nodes"]} | set(pinned)
-            singles = [lay for lay in quantizable_layers(pre) if lay["node"] not in in_tails]
-            proxy = layer_noise_proxy(pre, ranges, data.x_val[:_LAYER_SAMPLES], [lay["node"] for lay in singles])
-            layers = sorted(({"output": lay["layer"], "nodes": [lay["node"]], "layers": [lay["node"]],
-                              "sqnr_db": proxy[lay["node"]], "proxy": "own int8 rounding, one pass",
-                              "damage": None} for lay in singles), key=lambda r: r["sqnr_db"])
-        self.table = heads + layers
-        return [{"label": r["output"], "nodes": r["nodes"]} for r in ranked + layers]
+        # Each output tail not already float, measured alone in int8; then the other layers by the one-pass proxy.
+        return rank_output_tails(self, _RANKED, fp32_onnx, config, calibrator=calibrator, ranges=ranges, data=data,
+                                 out_dir=out_dir, pinned=pinned, skip_pinned_tails=True)
 
     def train_qat(self, fp32_onnx, config, *, data, out_dir, progress=None):
         from edgeslim.components.tasks.detection.qat import qat_detector

@@ -13,7 +13,6 @@ each layer's own int8 rounding), so the search's cost does not grow with the num
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +20,9 @@ import numpy as np
 
 from edgeslim.components.common.data import Splits
 from edgeslim.components.quantize.search import Strategy
+from edgeslim.components.quantize.tail_ranking import rank_output_tails
 
 _RANKED = ("miou", "worst_class_iou", "pixel_accuracy", "sqnr_db")
-_LAYER_SAMPLES = 8  # val images the single layers' one-pass proxy is measured on
 _REFERENCE_BYTES = 256 << 20  # fp32 val logits kept for the trials' SQNR (the first images that fit)
 
 
@@ -99,8 +98,8 @@ class SegmenterStrategy(Strategy):
         return row["passed"], -self.damage(row), row["sqnr_db"]
 
     def rank(self, fp32_onnx, config, *, calibrator, ranges, data, out_dir, pinned):
-        return _rank_with(self, _RANKED, fp32_onnx, config, calibrator=calibrator, ranges=ranges, data=data,
-                          out_dir=out_dir, pinned=pinned)
+        return rank_output_tails(self, _RANKED, fp32_onnx, config, calibrator=calibrator, ranges=ranges, data=data,
+                                 out_dir=out_dir, pinned=pinned, skip_pinned_tails=False)
 
     def figures(self, row: dict[str, Any]) -> str:
         p = self.parent
@@ -180,46 +179,10 @@ class InstanceStrategy(SegmenterStrategy):
                 + 100.0 * (p["mean_tp_score"] - row["mean_tp_score"]))
 
     def rank(self, fp32_onnx, config, *, calibrator, ranges, data, out_dir, pinned):
-        return _rank_with(self, _INSTANCE_RANKED, fp32_onnx, config, calibrator=calibrator, ranges=ranges, data=data,
-                          out_dir=out_dir, pinned=pinned)
+        return rank_output_tails(self, _INSTANCE_RANKED, fp32_onnx, config, calibrator=calibrator, ranges=ranges,
+                                 data=data, out_dir=out_dir, pinned=pinned, skip_pinned_tails=False)
 
     def figures(self, row: dict[str, Any]) -> str:
         p = self.parent
         return (f"mask mAP@0.5:0.95 {row['mask_map50_95']:.2f} vs fp32 {p['mask_map50_95']:.2f}, mean TP score "
                 f"{row['mean_tp_score']:.3f} vs {p['mean_tp_score']:.3f}")
-
-
-def _rank_with(strategy, ranked: tuple[str, ...], fp32_onnx, config, *, calibrator, ranges, data, out_dir,
-               pinned) -> list[dict[str, Any]]:
-    """The fallback's groups, most damaging first: each output tail measured alone in int8 (one tail ranks
-    first unmeasured), then, when there are fewer tails than ``max_float_layers``, the other conv layers by
-    the one-pass proxy. Sets ``strategy.table``."""
-    import onnx
-
-    from edgeslim.components.quantize.ptq import quantize
-    from edgeslim.components.quantize.sensitivity import (layer_noise_proxy, output_tails, preprocessed,
-                                                          quantizable_layers)
-
-    pre = preprocessed(fp32_onnx, out_dir / "pre.onnx")
-    all_nodes = [n.name for n in onnx.load(str(pre)).graph.node if n.name]
-    tails, heads = output_tails(pre), []
-    for i, grp in enumerate(tails if len(tails) > 1 else []):
-        others = [n for n in all_nodes if n not in grp["nodes"]]
-        # the fp32 graph (not ``pre``): the graph ``ranges`` were calibrated on; node names are the same
-        res = quantize(fp32_onnx, dataclasses.replace(config.ptq(calibrator), float_layers=others), data=data,
-                       out_dir=out_dir / "heads" / f"group{i}", ranges=ranges)
-        r = strategy.judge(res.model, data)
-        heads.append({**grp, **{k: r[k] for k in ranked}, "damage": round(strategy.damage(r), 4)})
-    heads = sorted(heads, key=lambda r: (-r["damage"], r["sqnr_db"])) or [
-        {**t, **dict.fromkeys(ranked), "damage": None} for t in tails]
-    ranked_heads = [r for r in heads if (r["damage"] or 0.0) > 0.0] or heads
-    layers: list[dict[str, Any]] = []
-    if config.max_float_layers > len(tails):  # too few tails to fill the fallback: single layers too
-        in_tails = {n for g in tails for n in g["nodes"]} | set(pinned)
-        singles = [lay for lay in quantizable_layers(pre) if lay["node"] not in in_tails]
-        proxy = layer_noise_proxy(pre, ranges, data.x_val[:_LAYER_SAMPLES], [lay["node"] for lay in singles])
-        layers = sorted(({"output": lay["layer"], "nodes": [lay["node"]], "layers": [lay["node"]],
-                          "sqnr_db": proxy[lay["node"]], "proxy": "own int8 rounding, one pass",
-                          "damage": None} for lay in singles), key=lambda r: r["sqnr_db"])
-    strategy.table = heads + layers
-    return [{"label": r["output"], "nodes": r["nodes"]} for r in ranked_heads + layers]
