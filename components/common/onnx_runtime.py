@@ -19,7 +19,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from edgeslim.components.common.errors import ConfigError, SourceError
+from edgeslim.components.common.errors import ConfigError, DataError, SourceError
 
 # Rows per batch when a split is streamed through models: small enough that a batch of 224-pixel images
 # (and each session's activations for it) stays in tens of MB, large enough that ONNX Runtime runs at speed.
@@ -131,6 +131,14 @@ def run_side_by_side(sessions: Sequence, x, batch: int = STREAM_BATCH, *, on_err
                     raise
                 raise on_error(k, rows, exc) from None
         yield start, rows, outs
+
+
+def input_rejected(onnx_path: str | Path, x, exc: Exception) -> DataError:
+    """The one-line error for a model that fails on the inputs ``x`` (ONNX Runtime raises its own types, e.g. for
+    a shape the model does not take): the model, the inputs' shape and ONNX Runtime's first line."""
+    return DataError(
+        f"{Path(onnx_path).name} rejects inputs of shape {list(x.shape)} "
+        f"({str(exc).splitlines()[0][:140]}); give data whose x arrays match the model's input")
 
 
 def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from edgeslim.components.tasks.detection.config import DetectionGateConfig
-from edgeslim.components.tasks.detection.evaluate import average_precision, detection_metrics, gate_detection
+from edgeslim.components.common.average_precision import average_precision
+from edgeslim.components.tasks.detection.evaluate import detection_metrics, gate_detection
 
 GT = [np.array([[0, 0, 10, 10, 0], [20, 20, 30, 30, 1]], np.float32),
       np.array([[5, 5, 25, 25, 1]], np.float32)]

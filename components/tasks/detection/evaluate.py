@@ -21,18 +21,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from edgeslim.components.common.average_precision import IOU_THRESHOLDS, average_precision, by_score
 from edgeslim.components.common.confidence import drop_check
-from edgeslim.components.common.onnx_runtime import (STREAM_BATCH, SqnrAccumulator, latency_ms, make_session,
-                                                     run_side_by_side)
+from edgeslim.components.common.onnx_runtime import (STREAM_BATCH, SqnrAccumulator, input_rejected, latency_ms,
+                                                     make_session, run_side_by_side)
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import DataError
 from edgeslim.components.common.result import GateCheck, StageResult, verdict
-from edgeslim.components.tasks.detection.records import IOU_THRESHOLDS, paired_detection_drops
+from edgeslim.components.tasks.detection.records import paired_detection_drops
 from edgeslim.components.tasks.detection.runtime import box_iou, decode_outputs
 from edgeslim.components.common.model_outputs import forward_tensors, output_names
-
-_RECALL_POINTS = np.linspace(0.0, 1.0, 101)
-
 
 def _match(preds: list[np.ndarray], gts: list[np.ndarray], cls: int, iou_thr: float
            ) -> tuple[np.ndarray, np.ndarray, int]:
@@ -58,26 +56,7 @@ def _match(preds: list[np.ndarray], gts: list[np.ndarray], cls: int, iou_thr: fl
                     tp[i] = True
         scores.append(p[:, 4])
         tps.append(tp)
-    if not scores:
-        return np.zeros(0), np.zeros(0, bool), n_gt
-    s, t = np.concatenate(scores), np.concatenate(tps)
-    order = np.argsort(-s, kind="stable")
-    return s[order], t[order], n_gt
-
-
-def average_precision(tp: np.ndarray, n_gt: int) -> float:
-    """COCO's 101-point interpolated AP from TP flags sorted by score."""
-    if n_gt == 0:
-        return float("nan")
-    if len(tp) == 0:
-        return 0.0
-    ctp = np.cumsum(tp)
-    recall = ctp / n_gt
-    precision = ctp / np.arange(1, len(tp) + 1)
-    # Precision envelope (monotone non-increasing from the right).
-    precision = np.maximum.accumulate(precision[::-1])[::-1]
-    idx = np.searchsorted(recall, _RECALL_POINTS, side="left")
-    return float(np.mean([precision[i] if i < len(precision) else 0.0 for i in idx]))
+    return by_score(scores, tps, n_gt)
 
 
 def detection_metrics(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], num_classes: int,
@@ -156,12 +135,6 @@ def pr_curve(preds, gts, num_classes: int, score_threshold: float, *, iou: float
     return out
 
 
-def _rejects(onnx_path, x, exc: Exception) -> DataError:
-    return DataError(
-        f"{Path(onnx_path).name} rejects inputs of shape {list(x.shape)} "
-        f"({str(exc).splitlines()[0][:140]}); give data whose x arrays match the model's input")
-
-
 def detect_batches(onnx_paths: Sequence[str | Path], x, task, *, basic: Sequence[bool] | bool = True,
                    batch: int = STREAM_BATCH, on_batch=None, decode: Sequence[bool] | None = None,
                    threads: int = 0) -> list[list[np.ndarray]]:
@@ -192,7 +165,7 @@ def detect_batches(onnx_paths: Sequence[str | Path], x, task, *, basic: Sequence
     dets: list[list[np.ndarray]] = [[] for _ in sessions]
 
     def rejects(k: int, rows, exc: Exception) -> DataError:  # ORT raises its own types for shape mismatches
-        return _rejects(onnx_paths[k], x, exc)
+        return input_rejected(onnx_paths[k], x, exc)
 
     for _, _, outs in run_side_by_side(sessions, x, batch, on_error=rejects):
         for n, o, out, keep in zip(names, outs, dets, decodes):

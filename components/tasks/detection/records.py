@@ -12,10 +12,9 @@ from typing import Sequence
 
 import numpy as np
 
+from edgeslim.components.common.average_precision import IOU_THRESHOLDS
 from edgeslim.components.common.confidence import DetectionRecords, detection_drops
 from edgeslim.components.tasks.detection.runtime import box_iou
-
-IOU_THRESHOLDS = np.round(np.arange(0.5, 0.96, 0.05), 2)  # mAP@0.5:0.95's, as COCO counts them
 
 
 def detection_records(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], num_classes: int,

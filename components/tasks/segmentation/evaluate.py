@@ -20,7 +20,8 @@ import numpy as np
 
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import DataError
-from edgeslim.components.common.onnx_runtime import SqnrAccumulator, latency_ms, make_session, run_outputs
+from edgeslim.components.common.onnx_runtime import (SqnrAccumulator, input_rejected, latency_ms, make_session,
+                                                     run_outputs)
 from edgeslim.components.common.result import GateCheck, StageResult, verdict
 from edgeslim.components.tasks.segmentation.runtime import argmax_masks, logits_output
 
@@ -60,12 +61,6 @@ def segmentation_metrics(cm: np.ndarray) -> dict[str, Any]:
     }
 
 
-def _rejects(onnx_path, x, exc: Exception) -> DataError:
-    return DataError(
-        f"{Path(onnx_path).name} rejects inputs of shape {list(x.shape)} "
-        f"({str(exc).splitlines()[0][:140]}); give data whose x arrays match the model's input")
-
-
 def segment_batches(onnx_paths: Sequence[str | Path], x, y, task, *, basic: Sequence[bool] | bool = True,
                     batch: int = 64, on_batch=None) -> list[np.ndarray]:
     """Confusion matrices of one or more ONNX segmenters on ``x`` against masks ``y``, run side by side a
@@ -96,7 +91,7 @@ def segment_batches(onnx_paths: Sequence[str | Path], x, y, task, *, basic: Sequ
             try:
                 names, outs = run_outputs(sess, xb, batch=len(xb))
             except Exception as exc:  # ORT raises its own types for shape mismatches
-                raise _rejects(path, x, exc) from None
+                raise input_rejected(path, x, exc) from None
             m = argmax_masks(logits_output(dict(zip(names, outs)), task), yb.shape[1:])
             cm += confusion(m, yb, k, task.ignore_index)
             raw.append((outs, names))

@@ -20,14 +20,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from edgeslim.components.common.average_precision import IOU_THRESHOLDS, average_precision, by_score
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import DataError
-from edgeslim.components.common.onnx_runtime import SqnrAccumulator, latency_ms, make_session, run_outputs
+from edgeslim.components.common.onnx_runtime import (SqnrAccumulator, input_rejected, latency_ms, make_session,
+                                                     run_outputs)
 from edgeslim.components.common.result import GateCheck, StageResult, verdict
 from edgeslim.components.tasks.segmentation.instance import box_iou, decode_instances, mask_iou, read_instances
-
-IOU_THRESHOLDS = np.round(np.arange(0.5, 0.96, 0.05), 2)
-_RECALL_POINTS = np.linspace(0.0, 1.0, 101)
 
 
 @dataclasses.dataclass
@@ -69,24 +68,7 @@ def _match(records: Sequence[ImageRecord], cls: int, thr: float, which: str) -> 
                 taken[int(cand.argmax())] = tp[i] = True
         scores.append(s)
         tps.append(tp)
-    if not scores:
-        return np.zeros(0), np.zeros(0, bool), n_gt
-    s, t = np.concatenate(scores), np.concatenate(tps)
-    order = np.argsort(-s, kind="stable")
-    return s[order], t[order], n_gt
-
-
-def average_precision(tp: np.ndarray, n_gt: int) -> float:
-    """COCO's 101-point interpolated AP from TP flags sorted by score."""
-    if n_gt == 0:
-        return float("nan")
-    if not len(tp):
-        return 0.0
-    ctp = np.cumsum(tp)
-    recall, precision = ctp / n_gt, ctp / np.arange(1, len(tp) + 1)
-    precision = np.maximum.accumulate(precision[::-1])[::-1]
-    idx = np.searchsorted(recall, _RECALL_POINTS, side="left")
-    return float(np.mean([precision[i] if i < len(precision) else 0.0 for i in idx]))
+    return by_score(scores, tps, n_gt)
 
 
 def instance_metrics(records: Sequence[ImageRecord], num_classes: int, score_threshold: float) -> dict[str, Any]:
@@ -138,9 +120,7 @@ def instance_batches(onnx_paths: Sequence[str | Path], x, y, task, *, basic: Seq
             try:
                 names, outs = run_outputs(sess, xb, batch=len(xb))
             except Exception as exc:  # ORT raises its own types for shape mismatches
-                raise DataError(f"{Path(path).name} rejects inputs of shape {list(x.shape)} "
-                                f"({str(exc).splitlines()[0][:140]}); give data whose x arrays match the model's "
-                                "input") from None
+                raise input_rejected(path, x, exc) from None
             dec = decode_instances(dict(zip(names, outs)), task, hw)
             recs.extend(record(d, lab) for d, lab in zip(dec, yb))
             raw.append((outs, names))
