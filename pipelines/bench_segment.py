@@ -49,6 +49,112 @@ def search_notes(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+class SegmentBench(Workload):
+    """What both segmentation workloads share: the teacher trained and exported, then the fp32, PTQ per
+    calibrator and ``quantize: auto`` rows, each scored on the test split (the metrics ``scored``, and the SQNR
+    of the outputs ``compared`` against fp32's), and each int8 row's ``target``."""
+
+    scored: tuple[str, ...] = ()  # the metrics a row reports
+    target: tuple[str, float, str] = ("", 0.0, "")  # (metric, points an int8 row may lose on test, its words)
+
+    def evaluate(self, paths, x, y, task, on_batch=None) -> list:
+        """Per model what :meth:`metrics` reads, on ``x`` against ``y``; ``on_batch(raw, ...)`` as the task's
+        evaluator calls it."""
+        raise NotImplementedError
+
+    def metrics(self, result, task) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def compared(self, outs, names, task):
+        """The array of one model's outputs on a batch that the SQNR against fp32 is measured on."""
+        raise NotImplementedError
+
+    def strategy(self, fp32: Path, task):
+        """The search strategy that judges the ``quantize: auto`` trials."""
+        raise NotImplementedError
+
+    def train_and_export(self, ctx: Context, model, fit, *, loss_format: str, onnx_name: str, export_config) -> None:
+        """``fit(progress)`` trains ``model`` (``progress(epoch, epochs, loss)`` logs a line an epoch); the
+        trained model becomes the teacher, exported to ``onnx_name`` in the workdir as the fp32 row."""
+        from edgeslim.components.export import export
+
+        t = time.perf_counter()
+        fit(lambda e, n_e, loss: ctx.log(f"  epoch {e}/{n_e} loss {loss:{loss_format}} "
+                                         f"({time.perf_counter() - t:.0f} s)"))
+        ctx.extra["train_s"] = round(time.perf_counter() - t, 1)
+        ctx.teacher = model.eval()
+        ctx.extra["fp32"] = Path(export(ctx.teacher, export_config, data=ctx.data,
+                                        out_path=ctx.workdir / onnx_name).model)
+
+    def rows(self, ctx: Context) -> Iterator[RowSpec]:
+        import torch
+
+        from edgeslim.components.common.errors import GateRejected
+        from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig, PTQQuantizeConfig
+        from edgeslim.components.quantize.ptq import quantize
+        from edgeslim.components.quantize.search import search
+        from edgeslim.components.transform.prune import count_macs_params
+
+        data, task, wd, fp32 = ctx.data, ctx.extra["task"], ctx.workdir, ctx.extra["fp32"]
+        macs = count_macs_params(ctx.teacher, torch.from_numpy(data.x_test[:1]))[0]
+        yield RowSpec("fp32", fp32, macs)
+        t = time.perf_counter()
+        self.evaluate([fp32], data.x_val, data.y_val, task)
+        eval_s = time.perf_counter() - t
+        cals = CALIBRATORS[:1 if ctx.quick else None]
+        for cal in cals:
+            ctx.log(f"PTQ {cal}")
+            res = quantize(fp32, PTQQuantizeConfig(calibrator=cal, num_samples=self.calib_samples), data=data,
+                           out_dir=wd / f"ptq-{cal}")
+            yield RowSpec(f"PTQ {cal}", Path(res.model), macs, int8=True)
+        cfg = AccuracyAwareQuantizeConfig(calibrators=list(cals), num_samples=self.calib_samples, qat=False)
+        ctx.log(f"accuracy-aware search, calibrators {', '.join(cals)} (judged on {len(data.x_val)} val scenes)")
+        t = time.perf_counter()
+        name = "quantize: auto"
+        try:
+            res = search(fp32, cfg, strategy=self.strategy(fp32, task), data=data, out_dir=wd / "auto",
+                         progress=lambda m: ctx.log("    " + m))
+        except GateRejected as exc:
+            yield RowSpec(name, None, failed=" ".join(str(exc).split())[:300],
+                          extra=search_cost(time.perf_counter() - t, eval_s, wd / "auto" / "autotune.json"))
+            return
+        yield RowSpec(name, Path(res.model), macs, int8=True, extra={
+            "winner": res.metrics.get("winner"), "float_layers": res.metrics.get("float_layers", []),
+            **search_cost(time.perf_counter() - t, eval_s, wd / "auto" / "autotune.json")})
+
+    def accuracy(self, ctx: Context, spec: RowSpec, reference):
+        from edgeslim.components.common.onnx_runtime import SqnrAccumulator
+
+        task, kept, acc = ctx.extra["task"], [], SqnrAccumulator()
+
+        def on_batch(raw, *_):
+            out = self.compared(raw[0][0], raw[0][1], task)
+            if reference is None:
+                kept.append(out)
+            else:
+                acc.add(reference[len(kept)], out)
+                kept.append(None)
+
+        (result,) = self.evaluate([spec.path], ctx.data.x_test, ctx.data.y_test, task, on_batch=on_batch)
+        m = self.metrics(result, task)
+        row = {k: m[k] for k in self.scored}
+        if reference is None:
+            return {**row, "sqnr_db": None}, kept
+        return {**row, "sqnr_db": round(acc.db(), 2)}, None
+
+    def targets(self, rows, ctx):
+        key, points, words = self.target
+        fp32, out = rows[0], {}
+        for r in rows[1:]:
+            name = f"{r['row']}: within {points} pt {words} of fp32 on test"
+            if key not in r:
+                out[name] = {"value": r.get("failed", "no model"), "met": False}
+                continue
+            drop = fp32[key] - r[key]
+            out[name] = {"value": round(drop, 3), "met": drop <= points}
+        return out
+
+
 def lraspp(num_classes: int, inter_channels: int = 64):
     """LRASPP on a dilated MobileNetV3-Small with random weights (torchvision's own LRASPP-MobileNetV3 recipe:
     the low-level features from the fourth-last stage, the high-level from the last), returning its logits
@@ -77,13 +183,15 @@ def lraspp(num_classes: int, inter_channels: int = 64):
     return LrasppLogits()
 
 
-class Lraspp(Workload):
+class Lraspp(SegmentBench):
     """LRASPP-MobileNetV3 trained on shape scenes: fp32, PTQ per calibrator, ``quantize: auto``."""
 
     name = "lraspp"
     columns = (Column("sqnr_db", "SQNR dB", 7, ".1f"), Column("miou", "mIoU", 6, ".2f"),
                Column("pixel_accuracy", "pix acc", 7, ".2f"), Column("worst_class_iou", "worst IoU", 9, ".2f"))
     drops = {"miou_drop": ("miou", 3)}
+    scored = ("miou", "pixel_accuracy", "worst_class_iou")
+    target = ("miou", MIOU_TARGET, "mIoU")
 
     def __init__(self, *, n_train: int = 160, n_val: int = 48, n_test: int = 64, calib_samples: int = 64,
                  epochs: int = 6, batch_size: int = 16, lr: float = 1e-2) -> None:
@@ -97,7 +205,6 @@ class Lraspp(Workload):
         from edgeslim.components.common.data import Splits
         from edgeslim.components.common.stage_configs import OnnxExportConfig
         from edgeslim.components.common.tasks import task_from_dict
-        from edgeslim.components.export import export
         from edgeslim.components.tasks.segmentation.reference import NUM_CLASSES, as_inputs, shape_scenes
         from edgeslim.components.tasks.segmentation.train import train_segmenter
 
@@ -115,88 +222,32 @@ class Lraspp(Workload):
         model = lraspp(NUM_CLASSES)
         ctx.log(f"LRASPP-MobileNetV3-Small, {n} shape scenes at {SIZE}x{SIZE} ({a}/{self.n_val}/{self.n_test}); "
                 f"training {self.epochs} epochs, batch {self.batch_size}")
-        t = time.perf_counter()
         # MobileNetV3's BatchNorm momentum is 0.01: after a few hundred steps its running statistics are still
         # near their start, so they get the training inputs' average at the end (recalibrate_batchnorm).
-        train_segmenter(model, ctx.data, task, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
-                        seed=ctx.seed, recalibrate_batchnorm=True, progress=lambda e, n_e, loss: ctx.log(
-                            f"  epoch {e}/{n_e} loss {loss:.4f} ({time.perf_counter() - t:.0f} s)"))
-        ctx.extra["train_s"] = round(time.perf_counter() - t, 1)
-        ctx.teacher = model.eval()
-        ctx.extra["fp32"] = Path(export(ctx.teacher, OnnxExportConfig(check_samples=2), data=ctx.data,
-                                        out_path=ctx.workdir / "lraspp.fp32.onnx").model)
+        self.train_and_export(ctx, model, lambda progress: train_segmenter(
+            model, ctx.data, task, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, seed=ctx.seed,
+            recalibrate_batchnorm=True, progress=progress), loss_format=".4f", onnx_name="lraspp.fp32.onnx",
+            export_config=OnnxExportConfig(check_samples=2))
 
-    def rows(self, ctx: Context) -> Iterator[RowSpec]:
-        import torch
-
-        from edgeslim.components.common.errors import GateRejected
-        from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig, PTQQuantizeConfig
-        from edgeslim.components.quantize.ptq import quantize
-        from edgeslim.components.quantize.search import search
+    def evaluate(self, paths, x, y, task, on_batch=None):
         from edgeslim.components.tasks.segmentation.evaluate import segment_batches
-        from edgeslim.components.tasks.segmentation.search import SegmenterStrategy
-        from edgeslim.components.transform.prune import count_macs_params
 
-        data, task, wd, fp32 = ctx.data, ctx.extra["task"], ctx.workdir, ctx.extra["fp32"]
-        macs = count_macs_params(ctx.teacher, torch.from_numpy(data.x_test[:1]))[0]
-        yield RowSpec("fp32", fp32, macs)
-        t = time.perf_counter()
-        segment_batches([fp32], data.x_val, data.y_val, task)
-        eval_s = time.perf_counter() - t
-        cals = CALIBRATORS[:1 if ctx.quick else None]
-        for cal in cals:
-            ctx.log(f"PTQ {cal}")
-            res = quantize(fp32, PTQQuantizeConfig(calibrator=cal, num_samples=self.calib_samples), data=data,
-                           out_dir=wd / f"ptq-{cal}")
-            yield RowSpec(f"PTQ {cal}", Path(res.model), macs, int8=True)
-        cfg = AccuracyAwareQuantizeConfig(calibrators=list(cals), num_samples=self.calib_samples, qat=False)
-        ctx.log(f"accuracy-aware search, calibrators {', '.join(cals)} (judged on {len(data.x_val)} val scenes)")
-        t = time.perf_counter()
-        name = "quantize: auto"
-        try:
-            res = search(fp32, cfg, strategy=SegmenterStrategy(fp32, task), data=data, out_dir=wd / "auto",
-                         progress=lambda m: ctx.log("    " + m))
-        except GateRejected as exc:
-            yield RowSpec(name, None, failed=" ".join(str(exc).split())[:300],
-                          extra=search_cost(time.perf_counter() - t, eval_s, wd / "auto" / "autotune.json"))
-            return
-        yield RowSpec(name, Path(res.model), macs, int8=True, extra={
-            "winner": res.metrics.get("winner"), "float_layers": res.metrics.get("float_layers", []),
-            **search_cost(time.perf_counter() - t, eval_s, wd / "auto" / "autotune.json")})
+        return segment_batches(paths, x, y, task, on_batch=on_batch)
 
-    def accuracy(self, ctx: Context, spec: RowSpec, reference):
-        from edgeslim.components.common.onnx_runtime import SqnrAccumulator
-        from edgeslim.components.tasks.segmentation.evaluate import segment_batches, segmentation_metrics
+    def metrics(self, result, task):
+        from edgeslim.components.tasks.segmentation.evaluate import segmentation_metrics
+
+        return segmentation_metrics(result)
+
+    def compared(self, outs, names, task):
         from edgeslim.components.tasks.segmentation.runtime import logits_output
 
-        task, kept, acc = ctx.extra["task"], [], SqnrAccumulator()
+        return logits_output(dict(zip(names, outs)), task)
 
-        def on_batch(raw, masks, labels):
-            logits = logits_output(dict(zip(raw[0][1], raw[0][0])), task)
-            if reference is None:
-                kept.append(logits)
-            else:
-                acc.add(reference[len(kept)], logits)
-                kept.append(None)
+    def strategy(self, fp32, task):
+        from edgeslim.components.tasks.segmentation.search import SegmenterStrategy
 
-        (cm,) = segment_batches([spec.path], ctx.data.x_test, ctx.data.y_test, task, on_batch=on_batch)
-        m = segmentation_metrics(cm)
-        row = {k: m[k] for k in ("miou", "pixel_accuracy", "worst_class_iou")}
-        if reference is None:
-            return {**row, "sqnr_db": None}, kept
-        return {**row, "sqnr_db": round(acc.db(), 2)}, None
-
-    def targets(self, rows, ctx):
-        fp32 = rows[0]
-        out = {}
-        for r in rows[1:]:
-            name = f"{r['row']}: within {MIOU_TARGET} pt mIoU of fp32 on test"
-            if "miou" not in r:
-                out[name] = {"value": r.get("failed", "no model"), "met": False}
-                continue
-            drop = fp32["miou"] - r["miou"]
-            out[name] = {"value": round(drop, 3), "met": drop <= MIOU_TARGET}
-        return out
+        return SegmenterStrategy(fp32, task)
 
     def summary(self, ctx):
         return {"input": [3, SIZE, SIZE], "train_images": self.n_train, "val_images": self.n_val,
@@ -212,7 +263,7 @@ class Lraspp(Workload):
 SEG_SIZE = 128
 
 
-class YoloV8nSegTrained(Workload):
+class YoloV8nSegTrained(SegmentBench):
     """``edgeslim bench --workload yolov8n-seg-trained``: Ultralytics' YOLOv8n-seg (``yolov8n-seg.yaml``, ``nc`` 3,
     random initial weights: nothing is downloaded) trained here for a few epochs on shape scenes with one
     instance label per shape at 128 pixels, with the segmentation task's ``train_instance_segmenter``
@@ -225,6 +276,8 @@ class YoloV8nSegTrained(Workload):
                Column("mask_map50_95", "mask50-95", 9, ".2f"), Column("box_map50_95", "box50-95", 8, ".2f"))
     drops = {"mask_map50_95_drop": ("mask_map50_95", 3)}
     latency_batches = (1,)
+    scored = ("mask_map50", "mask_map50_95", "box_map50_95", "mean_tp_score")
+    target = ("mask_map50_95", 1.0, "mask mAP@0.5:0.95")
 
     def __init__(self, *, n_train: int = 192, n_val: int = 48, n_test: int = 64, calib_samples: int = 32,
                  epochs: int = 6, batch_size: int = 8, lr: float = 3e-3) -> None:
@@ -239,7 +292,6 @@ class YoloV8nSegTrained(Workload):
         from edgeslim.components.common.data import Splits
         from edgeslim.components.common.stage_configs import OnnxExportConfig
         from edgeslim.components.common.tasks import task_from_dict
-        from edgeslim.components.export import export
         from edgeslim.components.tasks.segmentation.reference import as_inputs, instance_scenes
         from edgeslim.components.tasks.segmentation.train_instance import train_instance_segmenter
 
@@ -263,86 +315,30 @@ class YoloV8nSegTrained(Workload):
         model = SegmentationModel("yolov8n-seg.yaml", nc=3, verbose=False)  # YOLO("yolov8n-seg.yaml").model's class
         ctx.log(f"YOLOv8n-seg (nc=3), {n} shape scenes at {SEG_SIZE}x{SEG_SIZE} ({a}/{self.n_val}/{self.n_test}); "
                 f"training {self.epochs} epochs, batch {self.batch_size}")
-        t = time.perf_counter()
-        train_instance_segmenter(model, ctx.data.x_train, ctx.data.y_train, task, epochs=self.epochs, lr=self.lr,
-                                 batch_size=self.batch_size, seed=ctx.seed,
-                                 progress=lambda e, n_e, loss: ctx.log(
-                                     f"  epoch {e}/{n_e} loss {loss:.3f} ({time.perf_counter() - t:.0f} s)"))
-        ctx.extra["train_s"] = round(time.perf_counter() - t, 1)
-        ctx.teacher = model.eval()
-        ctx.extra["fp32"] = Path(export(ctx.teacher, OnnxExportConfig(check_samples=2, atol=0.1), data=ctx.data,
-                                        out_path=ctx.workdir / "yolov8n-seg.fp32.onnx").model)
+        self.train_and_export(ctx, model, lambda progress: train_instance_segmenter(
+            model, ctx.data.x_train, ctx.data.y_train, task, epochs=self.epochs, lr=self.lr,
+            batch_size=self.batch_size, seed=ctx.seed, progress=progress), loss_format=".3f",
+            onnx_name="yolov8n-seg.fp32.onnx", export_config=OnnxExportConfig(check_samples=2, atol=0.1))
 
-    def rows(self, ctx: Context) -> Iterator[RowSpec]:
-        import torch
-
-        from edgeslim.components.common.errors import GateRejected
-        from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig, PTQQuantizeConfig
-        from edgeslim.components.quantize.ptq import quantize
-        from edgeslim.components.quantize.search import search
+    def evaluate(self, paths, x, y, task, on_batch=None):
         from edgeslim.components.tasks.segmentation.instance_eval import instance_batches
-        from edgeslim.components.tasks.segmentation.search import InstanceStrategy
-        from edgeslim.components.transform.prune import count_macs_params
 
-        data, task, wd, fp32 = ctx.data, ctx.extra["task"], ctx.workdir, ctx.extra["fp32"]
-        macs = count_macs_params(ctx.teacher, torch.from_numpy(data.x_test[:1]))[0]
-        yield RowSpec("fp32", fp32, macs)
-        t = time.perf_counter()
-        instance_batches([fp32], data.x_val, data.y_val, task)
-        eval_s = time.perf_counter() - t
-        cals = CALIBRATORS[:1 if ctx.quick else None]
-        for cal in cals:
-            ctx.log(f"PTQ {cal}")
-            res = quantize(fp32, PTQQuantizeConfig(calibrator=cal, num_samples=self.calib_samples), data=data,
-                           out_dir=wd / f"ptq-{cal}")
-            yield RowSpec(f"PTQ {cal}", Path(res.model), macs, int8=True)
-        cfg = AccuracyAwareQuantizeConfig(calibrators=list(cals), num_samples=self.calib_samples, qat=False)
-        ctx.log(f"accuracy-aware search, calibrators {', '.join(cals)} (judged on {len(data.x_val)} val scenes)")
-        t = time.perf_counter()
-        try:
-            res = search(fp32, cfg, strategy=InstanceStrategy(fp32, task), data=data, out_dir=wd / "auto",
-                         progress=lambda m: ctx.log("    " + m))
-        except GateRejected as exc:
-            yield RowSpec("quantize: auto", None, failed=" ".join(str(exc).split())[:300],
-                          extra=search_cost(time.perf_counter() - t, eval_s, wd / "auto" / "autotune.json"))
-            return
-        yield RowSpec("quantize: auto", Path(res.model), macs, int8=True, extra={
-            "winner": res.metrics.get("winner"), "float_layers": res.metrics.get("float_layers", []),
-            **search_cost(time.perf_counter() - t, eval_s, wd / "auto" / "autotune.json")})
+        return instance_batches(paths, x, y, task, on_batch=on_batch)
 
-    def accuracy(self, ctx: Context, spec: RowSpec, reference):
+    def metrics(self, result, task):
+        from edgeslim.components.tasks.segmentation.instance_eval import instance_metrics
+
+        return instance_metrics(result, task.num_classes, task.score_threshold)
+
+    def compared(self, outs, names, task):
         import numpy as np
 
-        from edgeslim.components.common.onnx_runtime import SqnrAccumulator
-        from edgeslim.components.tasks.segmentation.instance_eval import instance_batches, instance_metrics
+        return np.concatenate([o.reshape(len(o), -1) for o in outs], 1)
 
-        task, kept, acc = ctx.extra["task"], [], SqnrAccumulator()
+    def strategy(self, fp32, task):
+        from edgeslim.components.tasks.segmentation.search import InstanceStrategy
 
-        def on_batch(raw, decoded, labels):
-            flat = np.concatenate([o.reshape(len(o), -1) for o in raw[0][0]], 1)
-            if reference is None:
-                kept.append(flat)
-            else:
-                acc.add(reference[len(kept)], flat)
-                kept.append(None)
-
-        (recs,) = instance_batches([spec.path], ctx.data.x_test, ctx.data.y_test, task, on_batch=on_batch)
-        m = instance_metrics(recs, task.num_classes, task.score_threshold)
-        row = {k: m[k] for k in ("mask_map50", "mask_map50_95", "box_map50_95", "mean_tp_score")}
-        if reference is None:
-            return {**row, "sqnr_db": None}, kept
-        return {**row, "sqnr_db": round(acc.db(), 2)}, None
-
-    def targets(self, rows, ctx):
-        fp32, out = rows[0], {}
-        for r in rows[1:]:
-            name = f"{r['row']}: within 1.0 pt mask mAP@0.5:0.95 of fp32 on test"
-            if "mask_map50_95" not in r:
-                out[name] = {"value": r.get("failed", "no model"), "met": False}
-                continue
-            drop = fp32["mask_map50_95"] - r["mask_map50_95"]
-            out[name] = {"value": round(drop, 3), "met": drop <= 1.0}
-        return out
+        return InstanceStrategy(fp32, task)
 
     def summary(self, ctx):
         return {"input": [3, SEG_SIZE, SEG_SIZE], "train_images": self.n_train, "val_images": self.n_val,
