@@ -271,6 +271,20 @@ def _check_reachable(model: nn.Module, config: ChannelPruneConfig, example: torc
         )
 
 
+class FlatOutputs(nn.Module):
+    """A model with any outputs (a detector's maps, a segmenter's logits), its outputs flattened and joined into
+    one ``(N, K)`` tensor: what :func:`prune` takes. The model is ``.m``: its layers' names gain ``m.``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.m = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from edgeslim.components.common.model_outputs import tensor_outputs
+
+        return torch.cat([o.flatten(1) for o in tensor_outputs(self.m(x))], 1)
+
+
 def prune(model: nn.Module, config: ChannelPruneConfig, *, data: Splits,
           teacher: nn.Module | None = None, progress: Progress | None = None) -> StageResult:
     """Remove channels until the model keeps ``config.keep_fraction`` of its MACs or params.

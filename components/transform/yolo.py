@@ -17,12 +17,28 @@ Everything here goes by structure and class name, never by importing the model's
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
 from torch import nn
 
 _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
+
+
+@contextlib.contextmanager
+def training_outputs(*models: nn.Module):
+    """Inside the block, heads with a boolean ``export`` flag (YOLO's Detect and Segment) leave export mode, so
+    that a model returns its raw head values in training mode and beside its decoded outputs in eval mode alike."""
+    flagged = [m for model in models for m in model.modules() if isinstance(getattr(m, "export", None), bool)]
+    before = [m.export for m in flagged]
+    for m in flagged:
+        m.export = False
+    try:
+        yield
+    finally:
+        for m, flag in zip(flagged, before):
+            m.export = flag
 
 
 def _class_names(mod: nn.Module) -> set[str]:

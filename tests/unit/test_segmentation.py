@@ -259,8 +259,8 @@ def test_ultralytics_segmentation_loss_trains_on_instance_labels():
     os.environ.setdefault("YOLO_OFFLINE", "1")
     ultralytics = pytest.importorskip("ultralytics.nn.tasks")
     from edgeslim.components.tasks.segmentation.reference import as_inputs, instance_scenes
-    from edgeslim.components.tasks.segmentation.train_instance import (_padded, label_loss, output_matching,
-                                                                       training_outputs)
+    from edgeslim.components.tasks.segmentation.train_instance import _padded, label_loss, output_matching
+    from edgeslim.components.transform.yolo import training_outputs
 
     torch.manual_seed(0)
     model = ultralytics.SegmentationModel("yolov8n-seg.yaml", nc=3, verbose=False)

@@ -16,7 +16,6 @@ to its author. So this QAT:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import time
@@ -31,6 +30,7 @@ from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import DataError, SourceError
 from edgeslim.components.common.result import StageResult
 from edgeslim.components.quantize.qat import ActFakeQuant, QuantLayer
+from edgeslim.components.transform.yolo import training_outputs
 
 Progress = Callable[[int, int, float], None]
 
@@ -167,21 +167,6 @@ def raw_outputs(o) -> list[torch.Tensor]:
         dicts = [v for v in o if isinstance(v, dict)]
         return [t for d in dicts for t in _dict_tensors(d)] if dicts else [v for v in o if isinstance(v, torch.Tensor)]
     return [o]
-
-
-@contextlib.contextmanager
-def training_outputs(*models: nn.Module):
-    """Inside the block, heads with a boolean ``export`` flag (YOLO's Detect) leave export mode, so a
-    model returns its raw head values in training and beside its decoded output in eval alike."""
-    flagged = [m for model in models for m in model.modules() if isinstance(getattr(m, "export", None), bool)]
-    before = [m.export for m in flagged]
-    for m in flagged:
-        m.export = False
-    try:
-        yield
-    finally:
-        for m, flag in zip(flagged, before):
-            m.export = flag
 
 
 def output_matching_loss(student, teacher, _labels) -> torch.Tensor:

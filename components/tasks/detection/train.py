@@ -33,25 +33,12 @@ from edgeslim.components.common.result import StageResult
 from edgeslim.components.common.stage_configs import ChannelPruneConfig, FeatureDistillConfig, LogitDistillConfig
 from edgeslim.components.transform.c2f import without_splits
 from edgeslim.components.transform.train import TrainConfig, fit
-from edgeslim.components.transform.yolo import attention_layers, last_layers, split_free
+from edgeslim.components.transform.yolo import attention_layers, last_layers, split_free, training_outputs
 
 # What a detector's pruning fine-tunes with: the detection loss on the labels for (box, cls) map pairs,
 # else (any other outputs, e.g. Ultralytics' decoded one) the unpruned model's raw outputs, label-free.
 FINETUNE_LOSS = {True: "detection loss (labels) with distillation from the unpruned model",
                  False: "output matching against the unpruned model's raw outputs (label-free)"}
-
-
-class _Flat(nn.Module):
-    """The detector with its outputs flattened and joined: what the classifier pruner expects."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.m = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from edgeslim.components.common.model_outputs import tensor_outputs
-
-        return torch.cat([o.flatten(1) for o in tensor_outputs(self.m(x))], 1)
 
 
 def head_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
@@ -107,7 +94,7 @@ def prune_detector(model: nn.Module, config: ChannelPruneConfig, *, data: Splits
     Raises:
         ConfigError: ``importance: taylor`` (it needs a classification loss) or a pattern matches nothing.
     """
-    from edgeslim.components.transform.prune import count_macs_params, prune
+    from edgeslim.components.transform.prune import FlatOutputs, count_macs_params, prune
 
     if config.importance == "taylor":
         raise ConfigError("prune.importance: 'taylor' needs a classification loss; for a detector use "
@@ -142,7 +129,7 @@ def prune_detector(model: nn.Module, config: ChannelPruneConfig, *, data: Splits
                                          ignored_layers=[f"m.{n}" for n in ignored],
                                          layer_ratios={f"m.{k}": v for k, v in config.layer_ratios.items()}
                                          if step == 1 else {})
-        pruned = prune(_Flat(pruned), structural, data=view).model.m
+        pruned = prune(FlatOutputs(pruned), structural, data=view).model.m
         fidelity = {}
         if not pairs:  # no map-pair loss to judge by: how close the outputs stay to the unpruned model's
             fidelity["sqnr_db_val_pruned"] = round(output_sqnr_db(pruned, model, data.x_val[:64]), 3)
@@ -329,7 +316,7 @@ def train_detector(model: nn.Module, x: np.ndarray, labels: Sequence[np.ndarray]
             not an Ultralytics model.
     """
     from edgeslim.components.common.model_outputs import describe
-    from edgeslim.components.tasks.detection.qat import output_matching_loss, training_outputs
+    from edgeslim.components.tasks.detection.qat import output_matching_loss
     from edgeslim.components.tasks.detection.loss import (build_targets, detection_loss, level_strides,
                                                           output_distill_loss)
     from edgeslim.components.tasks.detection.label_loss import pad_boxes, unpad_boxes
@@ -401,7 +388,7 @@ def finetune_outputs(model: nn.Module, reference: nn.Module, x, *, epochs: int, 
     in training mode and decoded ones in eval (Ultralytics) is matched on the raw ones. AdamW,
     one-cycle; returns the model in eval mode.
     """
-    from edgeslim.components.tasks.detection.qat import output_matching_loss, training_outputs
+    from edgeslim.components.tasks.detection.qat import output_matching_loss
 
     ref = copy.deepcopy(reference).eval()
     with training_outputs(model, ref):

@@ -57,12 +57,14 @@ class SegmentationTask:
                            load_model=load_model)
 
     def transform(self, model, stages, *, data, progress: Callable | None = None):
-        if self.config.instance:
-            from edgeslim.components.tasks.segmentation.train_instance import apply_instance_stages
-
-            return apply_instance_stages(model, stages, data=data, task=self.config, progress=progress)
         from edgeslim.components.tasks.segmentation.train import apply_segmenter_stages
 
+        if self.config.instance:
+            from edgeslim.components.tasks.segmentation.train_instance import (distill_instance_segmenter,
+                                                                               prune_instance_segmenter)
+
+            return apply_segmenter_stages(model, stages, data=data, task=self.config, progress=progress,
+                                          distill=distill_instance_segmenter, prune=prune_instance_segmenter)
         return apply_segmenter_stages(model, stages, data=data, task=self.config, progress=progress)
 
     def search_strategy(self, *, fp32_onnx, reference_onnx, recipe, model=None):

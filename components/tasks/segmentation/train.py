@@ -30,19 +30,6 @@ from edgeslim.components.common.stage_configs import ChannelPruneConfig, LogitDi
 from edgeslim.components.transform.train import TrainConfig, fit
 
 
-class _Flat(nn.Module):
-    """The segmenter with its outputs flattened and joined: what the classifier pruner expects."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.m = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from edgeslim.components.common.model_outputs import tensor_outputs
-
-        return torch.cat([o.flatten(1) for o in tensor_outputs(self.m(x))], 1)
-
-
 def classifier_layers(model: nn.Module, num_classes: int) -> list[str]:
     """Convs whose output channels are the classes: the per-pixel classifiers, pruned never."""
     return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.out_channels == num_classes]
@@ -109,7 +96,7 @@ def prune_segmenter(model: nn.Module, config: ChannelPruneConfig, *, data: Split
     """Structurally prune a segmenter to ``config.keep_fraction`` of its MACs; the classifier convs stay
     whole. Each of ``config.steps`` geometric steps is followed by ``finetune_epochs`` of pixel-wise
     training, distilled from the unpruned model when ``config.distill`` (``alpha``, ``temperature``)."""
-    from edgeslim.components.transform.prune import count_macs_params, prune
+    from edgeslim.components.transform.prune import FlatOutputs, count_macs_params, prune
 
     if config.importance == "taylor":
         raise ConfigError("prune.importance: 'taylor' needs a classification loss; for a segmenter use "
@@ -130,7 +117,7 @@ def prune_segmenter(model: nn.Module, config: ChannelPruneConfig, *, data: Split
                                                                         [*kept, *config.ignored_layers]],
                                          layer_ratios={f"m.{k}": v for k, v in config.layer_ratios.items()}
                                          if step == 1 else {})
-        pruned = prune(_Flat(pruned), structural, data=view).model.m
+        pruned = prune(FlatOutputs(pruned), structural, data=view).model.m
         if config.finetune_epochs:
             done = len(losses)
             train_segmenter(pruned, data, task, epochs=config.finetune_epochs, lr=config.lr,
@@ -156,8 +143,6 @@ def distill_segmenter(model: nn.Module, config: LogitDistillConfig, *, data: Spl
     ``student: previous`` trains a copy of ``model``; ``student: width`` prunes the teacher to ``width`` of
     its channels first (the classifier convs whole). BatchNorm statistics a short distillation leaves stale
     (MobileNetV3's momentum is 0.01) get the training inputs' average at the end."""
-    from edgeslim.components.transform.prune import count_macs_params
-
     start = time.perf_counter()
     if config.student == "uri":
         raise ConfigError("distill.student: 'uri' is not supported for segmenters; use previous or width")
@@ -174,9 +159,17 @@ def distill_segmenter(model: nn.Module, config: LogitDistillConfig, *, data: Spl
                     augment=config.augment, optimizer=config.optimizer, weight_decay=config.weight_decay,
                     schedule=config.schedule, recalibrate_batchnorm=True,
                     progress=lambda e, n, l: (losses.append(l), progress and progress(e, n, l)))
-    example = torch.from_numpy(np.ascontiguousarray(data.x_train[:1]))
-    macs, params = count_macs_params(student, example)
     kind = f"pixel-wise KL from the teacher (alpha {config.alpha:g}, T {config.temperature:g}) and cross-entropy"
+    return distilled(student, config, data=data, losses=losses, kind=kind, start=start)
+
+
+def distilled(student: nn.Module, config: LogitDistillConfig, *, data: Splits, losses: list[float], kind: str,
+              start: float) -> StageResult:
+    """A segmenter's distill stage result: the trained ``student`` in eval mode, its MACs and parameters, the last
+    of its ``losses`` and what they were (``kind``), timed from ``start``."""
+    from edgeslim.components.transform.prune import count_macs_params
+
+    macs, params = count_macs_params(student, torch.from_numpy(np.ascontiguousarray(data.x_train[:1])))
     metrics = {"student_macs": macs, "student_params": params, "final_loss": losses[-1] if losses else None,
                "loss_kind": kind}
     lineage = {"stage": "distill", "config": config.to_json_dict(), "task": "segmentation",
@@ -185,17 +178,22 @@ def distill_segmenter(model: nn.Module, config: LogitDistillConfig, *, data: Spl
 
 
 def apply_segmenter_stages(model: nn.Module, stages: Sequence[Any], *, data: Splits, task,
-                           progress: Callable[[str, int, int, float], None] | None = None) -> StageResult:
+                           progress: Callable[[str, int, int, float], None] | None = None,
+                           distill: Callable[..., StageResult] | None = None,
+                           prune: Callable[..., StageResult] | None = None) -> StageResult:
     """The recipe's distill/prune stages for a segmenter, in order
-    (:func:`edgeslim.components.transform.stages.apply_torch_stages` with the segmenter's distill and
-    prune). The input model is the teacher and is not changed."""
+    (:func:`edgeslim.components.transform.stages.apply_torch_stages` with ``distill`` and ``prune``, by
+    default the semantic segmenter's; a ``yolo-seg`` task passes :mod:`.train_instance`'s). The input model is
+    the teacher and is not changed."""
     from edgeslim.components.transform.stages import apply_torch_stages
 
+    distill, prune = distill or distill_segmenter, prune or prune_segmenter
+
     def distill_fn(current, cfg, cb):
-        return distill_segmenter(current, cfg, data=data, teacher=model, task=task, progress=cb)
+        return distill(current, cfg, data=data, teacher=model, task=task, progress=cb)
 
     def prune_fn(current, cfg, cb):
-        return prune_segmenter(current, cfg, data=data, task=task, progress=cb)
+        return prune(current, cfg, data=data, task=task, progress=cb)
 
     return apply_torch_stages(model, stages, data=data, teacher=model, progress=progress,
                               distill_fn=distill_fn, prune_fn=prune_fn)

@@ -13,11 +13,10 @@ step is fine-tuned with the label loss, distilled from the unpruned model.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -28,23 +27,9 @@ from edgeslim.components.common.errors import ConfigError, EdgeslimError, Source
 from edgeslim.components.common.result import StageResult
 from edgeslim.components.common.stage_configs import ChannelPruneConfig, LogitDistillConfig
 from edgeslim.components.transform.train import TrainConfig, fit
+from edgeslim.components.transform.yolo import training_outputs
 
 _RAW = ("boxes", "scores", "mask_coefficient", "proto")  # the segmentation head's raw training outputs
-
-
-@contextlib.contextmanager
-def training_outputs(*models: nn.Module):
-    """Inside the block, heads with a boolean ``export`` flag leave export mode, so that a model returns its
-    raw head values (a dict) in training mode and beside its decoded outputs in eval mode alike."""
-    flagged = [m for model in models for m in model.modules() if isinstance(getattr(m, "export", None), bool)]
-    before = [m.export for m in flagged]
-    for m in flagged:
-        m.export = False
-    try:
-        yield
-    finally:
-        for m, flag in zip(flagged, before):
-            m.export = flag
 
 
 def _raw(out: Any) -> dict[str, torch.Tensor]:
@@ -204,17 +189,6 @@ def train_instance_segmenter(model: nn.Module, x, y, task, *, epochs: int, lr: f
     return f"{name} (labels)" + (f" with output distillation (alpha {alpha:g})" if t_model is not None else "")
 
 
-class _Flat(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.m = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from edgeslim.components.common.model_outputs import tensor_outputs
-
-        return torch.cat([o.flatten(1) for o in tensor_outputs(self.m(x))], 1)
-
-
 def head_layers(model: nn.Module) -> list[str]:
     """Every layer of the segmentation head: box, class and mask-coefficient convs, the DFL, the prototypes."""
     layers = getattr(model, "model", None)
@@ -230,7 +204,7 @@ def prune_instance_segmenter(model: nn.Module, config: ChannelPruneConfig, *, da
     """Prune to ``config.keep_fraction`` of the MACs in ``config.steps`` geometric steps, the head whole,
     each step fine-tuned with the label loss (distilled from the unpruned model when ``config.distill``)."""
     from edgeslim.components.transform.c2f import without_splits
-    from edgeslim.components.transform.prune import count_macs_params, prune
+    from edgeslim.components.transform.prune import FlatOutputs, count_macs_params, prune
     from edgeslim.components.transform.yolo import split_free
 
     if config.importance == "taylor":
@@ -252,7 +226,7 @@ def prune_instance_segmenter(model: nn.Module, config: ChannelPruneConfig, *, da
                                          distill=False, ignored_layers=[f"m.{n}" for n in
                                                                         [*kept, *config.ignored_layers]],
                                          layer_ratios={})
-        pruned = prune(_Flat(pruned), structural, data=view).model.m
+        pruned = prune(FlatOutputs(pruned), structural, data=view).model.m
         if config.finetune_epochs:
             done = len(losses)
             kind = train_instance_segmenter(
@@ -275,7 +249,7 @@ def distill_instance_segmenter(model: nn.Module, config: LogitDistillConfig, *, 
                                task, progress: Callable[[int, int, float], None] | None = None) -> StageResult:
     """Train a student (``previous``: a copy; ``width``: the teacher pruned to ``width``, head whole) with the
     label loss and output distillation from ``teacher`` (``alpha``)."""
-    from edgeslim.components.transform.prune import count_macs_params
+    from edgeslim.components.tasks.segmentation.train import distilled
 
     start = time.perf_counter()
     if config.student == "uri" or getattr(config, "layer_pairs", None) or config.augment:
@@ -290,24 +264,4 @@ def distill_instance_segmenter(model: nn.Module, config: LogitDistillConfig, *, 
     kind = train_instance_segmenter(student, data.x_train, data.y_train, task, epochs=config.epochs, lr=config.lr,
                                     batch_size=config.batch_size, seed=config.seed, teacher=teacher, alpha=config.alpha,
                                     progress=lambda e, n, l: (losses.append(l), progress and progress(e, n, l)))
-    macs, params = count_macs_params(student, torch.from_numpy(np.ascontiguousarray(data.x_train[:1])))
-    metrics = {"student_macs": macs, "student_params": params, "final_loss": losses[-1] if losses else None,
-               "loss_kind": kind}
-    lineage = {"stage": "distill", "config": config.to_json_dict(), "task": "segmentation",
-               "data_digest": data.digest(), "loss": kind}
-    return StageResult(student.eval(), metrics, lineage, time.perf_counter() - start)
-
-
-def apply_instance_stages(model: nn.Module, stages: Sequence[Any], *, data: Splits, task,
-                          progress: Callable[[str, int, int, float], None] | None = None) -> StageResult:
-    """The recipe's distill/prune stages for a yolo-seg segmenter, in order (the input model is the teacher)."""
-    from edgeslim.components.transform.stages import apply_torch_stages
-
-    def distill_fn(current, cfg, cb):
-        return distill_instance_segmenter(current, cfg, data=data, teacher=model, task=task, progress=cb)
-
-    def prune_fn(current, cfg, cb):
-        return prune_instance_segmenter(current, cfg, data=data, task=task, progress=cb)
-
-    return apply_torch_stages(model, stages, data=data, teacher=model, progress=progress,
-                              distill_fn=distill_fn, prune_fn=prune_fn)
+    return distilled(student, config, data=data, losses=losses, kind=kind, start=start)
