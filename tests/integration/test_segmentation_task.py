@@ -9,16 +9,15 @@ check against the release's golden masks.
 from __future__ import annotations
 
 import json
-import os
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import run_cli, run_process
+from tests.conftest import run_cli
+from tests.task_e2e import (check_registered, device_health, download_edge_model, edge_task, golden_check,
+                            passed_report, python, register_user_model, run_recipe, write_quick_recipe)
 
 pytestmark = pytest.mark.slow
 
@@ -69,35 +68,20 @@ def data_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def registered_segmenter(mlflow_server, data_root, tmp_path_factory) -> str:
     """``ShapeSegmenter`` trained for a few epochs on the train split, logged with its module as code_paths."""
-    import mlflow
     import torch
 
     from edgeslim.components.common.data import load_data
     from edgeslim.components.common.tasks import task_from_dict
-    from edgeslim.components.common.tracking import connect
     from edgeslim.components.tasks.segmentation.train import train_segmenter
 
-    src = tmp_path_factory.mktemp("user-code")
-    (src / f"{MODULE}.py").write_text(MODEL_CODE)
-    sys.path.insert(0, str(src))
-    try:
-        import shape_segmenters
-
+    def trained(module):
         data = load_data("masks", {"root": str(data_root)}, {"resize": [SIZE, SIZE]})
         torch.manual_seed(0)
-        model = train_segmenter(shape_segmenters.ShapeSegmenter(), data, task_from_dict({"kind": "segmentation",
-                                                                                        "num_classes": 4}),
-                                epochs=6, lr=5e-3, batch_size=16)
-        client = connect(mlflow_server.uri)
-        mlflow.set_experiment("tests-segmentation")
-        with mlflow.start_run():
-            info = mlflow.pytorch.log_model(model.eval(), name="model", serialization_format="pickle",
-                                            code_paths=[str(src / f"{MODULE}.py")],
-                                            registered_model_name="shape-segmenter")
-        client.set_registered_model_alias("shape-segmenter", "champion", info.registered_model_version)
-    finally:
-        sys.path.remove(str(src))
-        sys.modules.pop(MODULE, None)
+        task = task_from_dict({"kind": "segmentation", "num_classes": 4})
+        return train_segmenter(module.ShapeSegmenter(), data, task, epochs=6, lr=5e-3, batch_size=16).eval()
+
+    register_user_model(mlflow_server.uri, "tests-segmentation", "shape-segmenter",
+                        tmp_path_factory.mktemp("user-code"), MODULE, MODEL_CODE, trained)
     return SOURCE
 
 
@@ -119,24 +103,16 @@ def recipe(registered_segmenter, data_root, mlflow_server, tmp_path_factory) -> 
                                   "lr": 1e-3, "alpha": 0.7}},
                      {"quantize": quantize}]
     doc["task"]["gate"] = GATE
-    doc["evaluate"] = {"latency_warmup": 1, "latency_repeats": 3, "latency_batches": [1]}
-    doc["register"] = {**doc["register"], "experiment": "tests-segmentation"}
-    out.write_text(yaml.safe_dump(doc))
-    return out
+    return write_quick_recipe(doc, out, "tests-segmentation")
 
 
 @pytest.fixture(scope="module")
 def run(recipe, mlflow_server, tmp_path_factory):
-    wd = tmp_path_factory.mktemp("seg-run")
-    proc = run_cli("run", str(recipe), "--tracking-uri", mlflow_server.uri, "--workdir", str(wd / "out"))
-    return proc, wd / "out"
+    return run_recipe(recipe, mlflow_server.uri, tmp_path_factory.mktemp("seg-run"))
 
 
 def test_run_distills_searches_gates_registers_and_reports_the_segmenter(run, mlflow_server):
-    proc, out = run
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rep = json.loads((out / "report.json").read_text())
-    assert rep["gate"]["passed"] is True, rep["gate"]["summary"]
+    rep, (proc, out) = passed_report(run), run
     assert [c["name"] for c in rep["gate"]["checks"]] == ["miou_drop", "min_class_iou", "pixel_accuracy_drop"]
     assert rep["metric_name"] == "miou" and rep["test_samples"] == 32
     s, c = rep["source"]["segmentation"], rep["candidate"]["segmentation"]
@@ -152,30 +128,17 @@ def test_run_distills_searches_gates_registers_and_reports_the_segmenter(run, ml
         assert f'id="chart-{key}"' in html and "<svg" in html.split(f'id="chart-{key}"')[1][:200]
     assert html.split('id="chart-segmentation-overlay"')[1].count("data:image/png;base64,") == 12
     assert len(rep["figures"]["overlays"]) == 3
-
-    from mlflow import MlflowClient
-
-    mv = MlflowClient(mlflow_server.uri).get_model_version_by_alias("shape-segmenter-edge", "edge-candidate")
-    assert mv.version == rep["registered"]["version"] and mv.tags["edgeslim.parent_name"] == "shape-segmenter"
+    check_registered(mlflow_server.uri, "shape-segmenter", rep)
 
 
 @pytest.fixture(scope="module")
 def edge_model_dir(run, mlflow_server, tmp_path_factory) -> Path:
-    import mlflow
-
-    assert run[0].returncode == 0, run[0].stderr[-3000:]
-    mlflow.set_tracking_uri(mlflow_server.uri)
-    return Path(mlflow.artifacts.download_artifacts("models:/shape-segmenter-edge@edge-candidate",
-                                                    dst_path=str(tmp_path_factory.mktemp("edge-model"))))
-
-
-def python(code: str, env: dict | None = None):
-    return run_process([sys.executable, "-c", textwrap.dedent(code)], timeout=600, env=env)
+    return download_edge_model("shape-segmenter", run, mlflow_server.uri, tmp_path_factory.mktemp("edge-model"))
 
 
 def test_the_edge_pyfunc_returns_masks_in_the_source_images_pixels(edge_model_dir, data_root, mlflow_server):
-    meta = json.loads((edge_model_dir / "edge_meta.json").read_text())
-    assert meta["task"]["kind"] == "segmentation" and meta["task"]["num_classes"] == 4
+    task = edge_task(edge_model_dir)
+    assert task["kind"] == "segmentation" and task["num_classes"] == 4
     # Both through mlflow.pyfunc, as registered by `edgeslim run`: input tensors (masks at the 48 px
     # input) and raw images (masks in the 64 px source images' pixels).
     proc = python(f"""
@@ -207,23 +170,9 @@ def test_the_edge_pyfunc_returns_masks_in_the_source_images_pixels(edge_model_di
 
 
 def test_the_device_health_check_compares_the_golden_masks(edge_model_dir):
-    proc = python(f"""
-        import json
-        from pathlib import Path
-        from edgeslim.deploy.golden import golden_check
-        from edgeslim.deploy.rollout_config import WaveRolloutConfig
-        print(json.dumps(golden_check(Path({str(edge_model_dir)!r}), WaveRolloutConfig())))
-    """)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    check = json.loads(proc.stdout.strip().splitlines()[-1])
+    check = golden_check(edge_model_dir)
     assert check["task"]["kind"] == "segmentation" and len(check["masks"]) == 2 and check["iou"] == 0.9
-
-    def health(check):
-        p = run_process([sys.executable, "-m", "edgeslim.deploy.agent.health"], timeout=600,
-                        input=json.dumps({"release": str(edge_model_dir), "check": check}))
-        return json.loads(p.stdout.strip().splitlines()[-1].split(" ", 1)[1])
-
-    ok = health(check)
+    ok = device_health(edge_model_dir, check)
     assert ok["ok"] is True and ok["error"] is None, ok
     # A device whose masks are not the golden ones fails with the class and its IoU named.
     from edgeslim.components.tasks.segmentation.runtime import decode_masks, encode_masks
@@ -231,5 +180,5 @@ def test_the_device_health_check_compares_the_golden_masks(edge_model_dir):
     golden = decode_masks(check["masks"][0])
     shifted = np.roll(golden, 6, axis=1)
     bad = {**check, "masks": [encode_masks(shifted), *check["masks"][1:]]}
-    failed = health(bad)
+    failed = device_health(edge_model_dir, bad)
     assert failed["ok"] is False and "golden image 0: class" in failed["error"] and "IoU" in failed["error"], failed

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import run_cli, run_process
+from tests.conftest import run_cli
+from tests.task_e2e import (check_registered, device_health, download_edge_model, edge_task, golden_check,
+                            passed_report, python, register_user_model, run_recipe, write_quick_recipe)
 from tests.image_datasets import DET_SIZE, write_segmentation
 
 pytestmark = pytest.mark.slow
@@ -60,29 +60,10 @@ def data_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def registered(mlflow_server, tmp_path_factory) -> str:
-    import mlflow
-
-    from edgeslim.components.common.tracking import connect
-
     os.environ.setdefault("YOLO_OFFLINE", "1")
     pytest.importorskip("ultralytics")
-    src = tmp_path_factory.mktemp("user-code")
-    (src / f"{MODULE}.py").write_text(MODEL_CODE)
-    sys.path.insert(0, str(src))
-    try:
-        import tiny_yolo_segs
-
-        model = tiny_yolo_segs.TinyYoloSeg().eval()
-        client = connect(mlflow_server.uri)
-        mlflow.set_experiment("tests-yolo-seg")
-        with mlflow.start_run():
-            info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                                            code_paths=[str(src / f"{MODULE}.py")],
-                                            registered_model_name="tiny-yolo-seg")
-        client.set_registered_model_alias("tiny-yolo-seg", "champion", info.registered_model_version)
-    finally:
-        sys.path.remove(str(src))
-        sys.modules.pop(MODULE, None)
+    register_user_model(mlflow_server.uri, "tests-yolo-seg", "tiny-yolo-seg", tmp_path_factory.mktemp("user-code"),
+                        MODULE, MODEL_CODE, lambda module: module.TinyYoloSeg().eval())
     return SOURCE
 
 
@@ -98,24 +79,17 @@ def recipe(registered, data_root, mlflow_server, tmp_path_factory) -> Path:
     assert doc["data"]["provider"] == "yolo" and doc["data"]["args"]["masks"] is True
     doc["data"]["preprocess"] = {**doc["data"]["preprocess"], "letterbox": SIZE}
     doc["stages"][-1]["quantize"].update(calibrators=["percentile"], num_samples=16)
-    doc["evaluate"] = {"latency_warmup": 1, "latency_repeats": 3, "latency_batches": [1]}
-    doc["register"] = {**doc["register"], "experiment": "tests-yolo-seg"}
-    out.write_text(yaml.safe_dump(doc))
-    return out
+    return write_quick_recipe(doc, out, "tests-yolo-seg")
 
 
 @pytest.fixture(scope="module")
 def run(recipe, mlflow_server, tmp_path_factory):
-    wd = tmp_path_factory.mktemp("yolo-seg-run")
-    proc = run_cli("run", str(recipe), "--tracking-uri", mlflow_server.uri, "--workdir", str(wd / "out"))
-    return proc, wd / "out"
+    return run_recipe(recipe, mlflow_server.uri, tmp_path_factory.mktemp("yolo-seg-run"))
 
 
 def test_run_quantizes_gates_and_registers_the_instance_segmenter(run, data_root, mlflow_server):
-    proc, out = run
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rep = json.loads((out / "report.json").read_text())
-    assert rep["gate"]["passed"] is True, rep["gate"]["summary"]
+    rep, (proc, out) = passed_report(run), run
+    check_registered(mlflow_server.uri, "tiny-yolo-seg", rep)
     assert rep["metric_name"] == "mask_map50_95" and rep["test_samples"] == 8
     s, c = rep["source"]["instance_segmentation"], rep["candidate"]["instance_segmentation"]
     # the test split's polygons reached the evaluator as instances, one per labelled object
@@ -128,29 +102,15 @@ def test_run_quantizes_gates_and_registers_the_instance_segmenter(run, data_root
     html = (out / "report.html").read_text()
     assert f"Test split, {labelled} instances" in html
 
-    from mlflow import MlflowClient
-
-    mv = MlflowClient(mlflow_server.uri).get_model_version_by_alias("tiny-yolo-seg-edge", "edge-candidate")
-    assert mv.version == rep["registered"]["version"] and mv.tags["edgeslim.parent_name"] == "tiny-yolo-seg"
-
 
 @pytest.fixture(scope="module")
 def edge_model_dir(run, mlflow_server, tmp_path_factory) -> Path:
-    import mlflow
-
-    assert run[0].returncode == 0, run[0].stderr[-3000:]
-    mlflow.set_tracking_uri(mlflow_server.uri)
-    return Path(mlflow.artifacts.download_artifacts("models:/tiny-yolo-seg-edge@edge-candidate",
-                                                    dst_path=str(tmp_path_factory.mktemp("edge-model"))))
-
-
-def python(code: str, env: dict | None = None):
-    return run_process([sys.executable, "-c", textwrap.dedent(code)], timeout=600, env=env)
+    return download_edge_model("tiny-yolo-seg", run, mlflow_server.uri, tmp_path_factory.mktemp("edge-model"))
 
 
 def test_the_edge_pyfunc_returns_instances_in_the_source_images_pixels(edge_model_dir, data_root, mlflow_server):
-    meta = json.loads((edge_model_dir / "edge_meta.json").read_text())
-    assert meta["task"]["kind"] == "segmentation" and meta["task"]["format"] == "yolo-seg"
+    task = edge_task(edge_model_dir)
+    assert task["kind"] == "segmentation" and task["format"] == "yolo-seg"
     proc = python(f"""
         import json, mlflow, numpy as np
         from pathlib import Path
@@ -182,23 +142,9 @@ def test_the_edge_pyfunc_returns_instances_in_the_source_images_pixels(edge_mode
 
 
 def test_the_device_health_check_compares_the_golden_instances(edge_model_dir):
-    proc = python(f"""
-        import json
-        from pathlib import Path
-        from edgeslim.deploy.golden import golden_check
-        from edgeslim.deploy.rollout_config import WaveRolloutConfig
-        print(json.dumps(golden_check(Path({str(edge_model_dir)!r}), WaveRolloutConfig())))
-    """)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    check = json.loads(proc.stdout.strip().splitlines()[-1])
+    check = golden_check(edge_model_dir)
     assert check["task"]["format"] == "yolo-seg" and check["instances"] and any(check["instances"])
-
-    def health(check):
-        p = run_process([sys.executable, "-m", "edgeslim.deploy.agent.health"], timeout=600,
-                        input=json.dumps({"release": str(edge_model_dir), "check": check}))
-        return json.loads(p.stdout.strip().splitlines()[-1].split(" ", 1)[1])
-
-    ok = health(check)
+    ok = device_health(edge_model_dir, check)
     assert ok["ok"] is True and ok["error"] is None, ok
     # A device whose instance has lost its mask fails, naming the golden instance it misses.
     from edgeslim.components.tasks.segmentation.runtime import rle_decode, rle_encode
@@ -208,5 +154,5 @@ def test_the_device_health_check_compares_the_golden_instances(edge_model_dir):
     emptied = {**first, **rle_encode(np.zeros_like(rle_decode(first)))}
     bad = {**check, "instances": [*check["instances"][:n], [emptied, *check["instances"][n][1:]],
                                   *check["instances"][n + 1:]]}
-    failed = health(bad)
+    failed = device_health(edge_model_dir, bad)
     assert failed["ok"] is False and f"golden image {n}: golden instance 0" in failed["error"], failed
