@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -61,6 +61,25 @@ def segmentation_metrics(cm: np.ndarray) -> dict[str, Any]:
     }
 
 
+def side_by_side(onnx_paths: Sequence[str | Path], x, y, *, basic: Sequence[bool] | bool, batch: int
+                 ) -> Iterator[tuple[Any, list[tuple[list[np.ndarray], list[str]]]]]:
+    """Each batch's labels and per model its ``(outputs, names)`` on the batch: the models run side by side, each
+    batch of ``x`` read once (``x`` and ``y`` may be lazy splits), in Q/DQ semantics where ``basic`` says so
+    (per model, or for all; see :func:`make_session`)."""
+    basics = [basic] * len(onnx_paths) if isinstance(basic, bool) else list(basic)
+    sessions = [make_session(p, basic=b) for p, b in zip(onnx_paths, basics)]
+    for i in range(0, len(x), batch):
+        xb = np.ascontiguousarray(x[i:i + batch])
+        raw = []
+        for path, sess in zip(onnx_paths, sessions):
+            try:
+                names, outs = run_outputs(sess, xb, batch=len(xb))
+            except Exception as exc:  # ORT raises its own types for shape mismatches
+                raise input_rejected(path, x, exc) from None
+            raw.append((outs, names))
+        yield y[i:i + batch], raw
+
+
 def segment_batches(onnx_paths: Sequence[str | Path], x, y, task, *, basic: Sequence[bool] | bool = True,
                     batch: int = 64, on_batch=None) -> list[np.ndarray]:
     """Confusion matrices of one or more ONNX segmenters on ``x`` against masks ``y``, run side by side a
@@ -79,23 +98,13 @@ def segment_batches(onnx_paths: Sequence[str | Path], x, y, task, *, basic: Sequ
     Returns:
         Per model its ``(num_classes, num_classes)`` confusion matrix.
     """
-    basics = [basic] * len(onnx_paths) if isinstance(basic, bool) else list(basic)
-    sessions = [make_session(p, basic=b) for p, b in zip(onnx_paths, basics)]
     k = task.num_classes
-    cms = [np.zeros((k, k), np.int64) for _ in sessions]
-    for i in range(0, len(x), batch):
-        xb = np.ascontiguousarray(x[i:i + batch])
-        yb = np.asarray(y[i:i + batch])
-        raw, masks = [], []
-        for path, sess, cm in zip(onnx_paths, sessions, cms):
-            try:
-                names, outs = run_outputs(sess, xb, batch=len(xb))
-            except Exception as exc:  # ORT raises its own types for shape mismatches
-                raise input_rejected(path, x, exc) from None
-            m = argmax_masks(logits_output(dict(zip(names, outs)), task), yb.shape[1:])
+    cms = [np.zeros((k, k), np.int64) for _ in onnx_paths]
+    for labels, raw in side_by_side(onnx_paths, x, y, basic=basic, batch=batch):
+        yb = np.asarray(labels)
+        masks = [argmax_masks(logits_output(dict(zip(names, outs)), task), yb.shape[1:]) for outs, names in raw]
+        for cm, m in zip(cms, masks):
             cm += confusion(m, yb, k, task.ignore_index)
-            raw.append((outs, names))
-            masks.append(m)
         if on_batch is not None:
             on_batch(raw, masks, yb)
     return cms

@@ -23,9 +23,9 @@ import numpy as np
 from edgeslim.components.common.average_precision import IOU_THRESHOLDS, average_precision, by_score
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import DataError
-from edgeslim.components.common.onnx_runtime import (SqnrAccumulator, input_rejected, latency_ms, make_session,
-                                                     run_outputs)
+from edgeslim.components.common.onnx_runtime import SqnrAccumulator, latency_ms, make_session
 from edgeslim.components.common.result import GateCheck, StageResult, verdict
+from edgeslim.components.tasks.segmentation.evaluate import side_by_side
 from edgeslim.components.tasks.segmentation.instance import box_iou, decode_instances, mask_iou, read_instances
 
 
@@ -108,23 +108,13 @@ def instance_batches(onnx_paths: Sequence[str | Path], x, y, task, *, basic: Seq
 
     ``on_batch`` is called with each batch's ``(raw, decoded, labels)``: per model ``(outputs, names)`` and
     per model its decoded images (:func:`.instance.decode_instances`)."""
-    basics = [basic] * len(onnx_paths) if isinstance(basic, bool) else list(basic)
-    sessions = [make_session(p, basic=b) for p, b in zip(onnx_paths, basics)]
-    records: list[list[ImageRecord]] = [[] for _ in sessions]
+    records: list[list[ImageRecord]] = [[] for _ in onnx_paths]
     hw = tuple(x.shape[-2:])
-    for i in range(0, len(x), batch):
-        xb = np.ascontiguousarray(x[i:i + batch])
-        yb = list(y[i:i + batch])
-        raw, decoded = [], []
-        for path, sess, recs in zip(onnx_paths, sessions, records):
-            try:
-                names, outs = run_outputs(sess, xb, batch=len(xb))
-            except Exception as exc:  # ORT raises its own types for shape mismatches
-                raise input_rejected(path, x, exc) from None
-            dec = decode_instances(dict(zip(names, outs)), task, hw)
+    for labels, raw in side_by_side(onnx_paths, x, y, basic=basic, batch=batch):
+        yb = list(labels)
+        decoded = [decode_instances(dict(zip(names, outs)), task, hw) for outs, names in raw]
+        for recs, dec in zip(records, decoded):
             recs.extend(record(d, lab) for d, lab in zip(dec, yb))
-            raw.append((outs, names))
-            decoded.append(dec)
         if on_batch is not None:
             on_batch(raw, decoded, yb)
     return records

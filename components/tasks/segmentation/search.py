@@ -43,50 +43,62 @@ class SegmenterStrategy(Strategy):
         self._val_logits: list[np.ndarray] = []
 
     def reference(self, data: Splits) -> dict[str, Any]:
-        from edgeslim.components.tasks.segmentation.evaluate import segment_batches, segmentation_metrics
-        from edgeslim.components.tasks.segmentation.runtime import logits_output
-
         kept, room = [], [_REFERENCE_BYTES]
 
-        def keep(raw, masks, labels):  # the first images' logits, as many as fit (at least one)
-            outs, names = raw[0]
-            logits = logits_output(dict(zip(names, outs)), self.task_config)
-            per = max(logits.nbytes // max(len(logits), 1), 1)
-            k = min(len(logits), max(room[0] // per, 0 if kept else 1))
+        def keep(raw, *_):  # the first images' compared outputs, as many as fit (at least one)
+            out = self._compared(*raw[0])
+            per = max(out.nbytes // max(len(out), 1), 1)
+            k = min(len(out), max(room[0] // per, 0 if kept else 1))
             if k:
-                kept.append(logits[:k].copy())
+                kept.append(out[:k].copy())
                 room[0] -= k * per
 
-        (cm,) = segment_batches([self.fp32_onnx], data.x_val, data.y_val, self.task_config, on_batch=keep)
+        self.parent = self._metrics(self._run(self.fp32_onnx, data, keep))
         self._val_logits = kept
-        self.parent = segmentation_metrics(cm)
         return {"fp32_val": self.parent, "sqnr_val_images": int(sum(len(k) for k in kept))}
 
     def judge(self, candidate: str | Path, data: Splits) -> dict[str, Any]:
         from edgeslim.components.common.onnx_runtime import SqnrAccumulator
-        from edgeslim.components.tasks.segmentation.evaluate import (gate_segmentation, segment_batches,
-                                                                     segmentation_metrics)
-        from edgeslim.components.tasks.segmentation.runtime import logits_output
 
-        sqnr = SqnrAccumulator()
+        sqnr, done = SqnrAccumulator(), [0]
         ref = np.concatenate(self._val_logits) if self._val_logits else np.zeros((0,))
-        done = [0]
 
-        def compare(raw, masks, labels):
-            outs, names = raw[0]
-            logits = logits_output(dict(zip(names, outs)), self.task_config)
-            start, n = done[0], len(logits)
+        def compare(raw, *_):  # SQNR against fp32's outputs on the images kept
+            out = self._compared(*raw[0])
+            start, n = done[0], len(out)
             done[0] += n
             m = max(0, min(n, len(ref) - start))
             if m:
-                sqnr.add(ref[start:start + m], logits[:m])
+                sqnr.add(ref[start:start + m], out[:m])
 
-        (cm,) = segment_batches([candidate], data.x_val, data.y_val, self.task_config, on_batch=compare)
-        m = segmentation_metrics(cm)
-        verdict = gate_segmentation({"source": {"segmentation": self.parent}, "candidate": {"segmentation": m}},
-                                    self.task_config.gate)
-        return {"miou": m["miou"], "worst_class_iou": m["worst_class_iou"], "pixel_accuracy": m["pixel_accuracy"],
-                "sqnr_db": round(sqnr.db(), 3), "passed": verdict["passed"], "gate": verdict["summary"]}
+        m = self._metrics(self._run(candidate, data, compare))
+        verdict = self._verdict(m)
+        return {**{k: m[k] for k in self.fields[:3]}, "sqnr_db": round(sqnr.db(), 3), "passed": verdict["passed"],
+                "gate": verdict["summary"]}
+
+    def _compared(self, outs: list[np.ndarray], names: list[str]) -> np.ndarray:
+        """What a trial's output SQNR is measured on, of a batch's outputs: the logits."""
+        from edgeslim.components.tasks.segmentation.runtime import logits_output
+
+        return logits_output(dict(zip(names, outs)), self.task_config)
+
+    def _run(self, onnx_path, data: Splits, on_batch):
+        """The model on val (``on_batch`` sees each batch's raw outputs): what :meth:`_metrics` reads."""
+        from edgeslim.components.tasks.segmentation.evaluate import segment_batches
+
+        (cm,) = segment_batches([onnx_path], data.x_val, data.y_val, self.task_config, on_batch=on_batch)
+        return cm
+
+    def _metrics(self, cm) -> dict[str, Any]:
+        from edgeslim.components.tasks.segmentation.evaluate import segmentation_metrics
+
+        return segmentation_metrics(cm)
+
+    def _verdict(self, m: dict[str, Any]) -> dict[str, Any]:
+        from edgeslim.components.tasks.segmentation.evaluate import gate_segmentation
+
+        return gate_segmentation({"source": {"segmentation": self.parent}, "candidate": {"segmentation": m}},
+                                 self.task_config.gate)
 
     def damage(self, row: dict[str, Any]) -> float:
         # Points of mIoU, of the worst class's IoU and of pixel accuracy lost against fp32.
@@ -98,8 +110,8 @@ class SegmenterStrategy(Strategy):
         return row["passed"], -self.damage(row), row["sqnr_db"]
 
     def rank(self, fp32_onnx, config, *, calibrator, ranges, data, out_dir, pinned):
-        return rank_output_tails(self, _RANKED, fp32_onnx, config, calibrator=calibrator, ranges=ranges, data=data,
-                                 out_dir=out_dir, pinned=pinned, skip_pinned_tails=False)
+        return rank_output_tails(self, self.fields, fp32_onnx, config, calibrator=calibrator, ranges=ranges,
+                                 data=data, out_dir=out_dir, pinned=pinned, skip_pinned_tails=False)
 
     def figures(self, row: dict[str, Any]) -> str:
         p = self.parent
@@ -129,58 +141,32 @@ class InstanceStrategy(SegmenterStrategy):
     gate_name = "instance segmentation gate"
     fields = _INSTANCE_RANKED
 
-    def reference(self, data: Splits) -> dict[str, Any]:
-        from edgeslim.components.tasks.segmentation.instance_eval import instance_batches, instance_metrics
+    def _compared(self, outs: list[np.ndarray], names: list[str]) -> np.ndarray:
+        """Every raw output, flattened and joined per image."""
+        return np.concatenate([o.reshape(len(o), -1) for o in outs], 1)
 
-        kept, room = [], [_REFERENCE_BYTES]
+    def _run(self, onnx_path, data: Splits, on_batch):
+        from edgeslim.components.tasks.segmentation.instance_eval import instance_batches
 
-        def keep(raw, decoded, labels):
-            outs, _ = raw[0]
-            flat = np.concatenate([o.reshape(len(o), -1) for o in outs], 1)
-            per = max(flat.nbytes // max(len(flat), 1), 1)
-            k = min(len(flat), max(room[0] // per, 0 if kept else 1))
-            if k:
-                kept.append(flat[:k].copy())
-                room[0] -= k * per
+        (recs,) = instance_batches([onnx_path], data.x_val, data.y_val, self.task_config, on_batch=on_batch)
+        return recs
 
-        (recs,) = instance_batches([self.fp32_onnx], data.x_val, data.y_val, self.task_config, on_batch=keep)
-        self._val_logits = kept
-        self.parent = instance_metrics(recs, self.task_config.num_classes, self.task_config.score_threshold)
-        return {"fp32_val": self.parent, "sqnr_val_images": int(sum(len(k) for k in kept))}
+    def _metrics(self, recs) -> dict[str, Any]:
+        from edgeslim.components.tasks.segmentation.instance_eval import instance_metrics
 
-    def judge(self, candidate: str | Path, data: Splits) -> dict[str, Any]:
-        from edgeslim.components.common.onnx_runtime import SqnrAccumulator
-        from edgeslim.components.tasks.segmentation.instance_eval import (gate_instances, instance_batches,
-                                                                          instance_metrics)
+        return instance_metrics(recs, self.task_config.num_classes, self.task_config.score_threshold)
 
-        sqnr, done = SqnrAccumulator(), [0]
-        ref = np.concatenate(self._val_logits) if self._val_logits else np.zeros((0,))
+    def _verdict(self, m: dict[str, Any]) -> dict[str, Any]:
+        from edgeslim.components.tasks.segmentation.instance_eval import gate_instances
 
-        def compare(raw, decoded, labels):
-            outs, _ = raw[0]
-            flat = np.concatenate([o.reshape(len(o), -1) for o in outs], 1)
-            start, n = done[0], len(flat)
-            done[0] += n
-            m = max(0, min(n, len(ref) - start))
-            if m:
-                sqnr.add(ref[start:start + m], flat[:m])
-
-        (recs,) = instance_batches([candidate], data.x_val, data.y_val, self.task_config, on_batch=compare)
-        m = instance_metrics(recs, self.task_config.num_classes, self.task_config.score_threshold)
-        verdict = gate_instances({"source": {"instance_segmentation": self.parent},
-                                  "candidate": {"instance_segmentation": m}}, self.task_config.gate)
-        return {**{k: m[k] for k in _INSTANCE_RANKED[:3]}, "sqnr_db": round(sqnr.db(), 3),
-                "passed": verdict["passed"], "gate": verdict["summary"]}
+        return gate_instances({"source": {"instance_segmentation": self.parent},
+                               "candidate": {"instance_segmentation": m}}, self.task_config.gate)
 
     def damage(self, row: dict[str, Any]) -> float:
         # Points of mask mAP@0.5 and @0.5:0.95, plus the score drop on a 100-point scale, against fp32.
         p = self.parent
         return ((p["mask_map50"] - row["mask_map50"]) + (p["mask_map50_95"] - row["mask_map50_95"])
                 + 100.0 * (p["mean_tp_score"] - row["mean_tp_score"]))
-
-    def rank(self, fp32_onnx, config, *, calibrator, ranges, data, out_dir, pinned):
-        return rank_output_tails(self, _INSTANCE_RANKED, fp32_onnx, config, calibrator=calibrator, ranges=ranges,
-                                 data=data, out_dir=out_dir, pinned=pinned, skip_pinned_tails=False)
 
     def figures(self, row: dict[str, Any]) -> str:
         p = self.parent
