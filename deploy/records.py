@@ -10,6 +10,7 @@ state before it is written.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from edgeslim.components.common.errors import ConfigError, FleetError
@@ -23,6 +24,9 @@ from edgeslim.deploy.store import PreconditionFailed
 log = logging.getLogger("edgeslim.controller")
 
 MAX_RECORD_BYTES = bounded.MAX_MANIFEST_BYTES + (8 << 20)
+# How long a record behind the controller state is read again before it counts as put back: far above
+# the one write that separates them, on a loaded machine too.
+SETTLE_S = 10.0
 
 
 class UntrustedRecord(FleetError):
@@ -37,15 +41,45 @@ class RolloutRecords(FleetPart):
         self.fleet_trust, self.state = fleet_trust, state
         self._etags: dict[str, str | None] = {}
         self.untrusted: list[str] = []  # record keys found planted, altered or replayed (list, reconcile)
+        self._behind: set[tuple[str, str | None]] = set()  # (key, ETag) of records found put back
 
-    def get(self, name: str, state: dict[str, Any] | None = None, *,
-            stale_ok: bool = False) -> dict[str, Any] | None:
+    def get(self, name: str, state: dict[str, Any] | None = None, *, stale_ok: bool = False,
+            settle_by: float | None = None) -> dict[str, Any] | None:
         """The rollout record, verified; raises :class:`UntrustedRecord` for a planted, altered or replayed one.
 
         ``state``: the controller state to check it against (read here when not given). An active
         record is not returned while that state cannot be trusted, unless ``stale_ok`` (an abort: it
         only ever moves devices back to gated models they ran, so a garbled state must not stop it).
+
+        A controller enters an ending rollout in its state and then writes the record, so a read
+        between the two writes finds the record one step behind the state, as a replay would. Such a
+        record is read again (state too) until ``settle_by`` (``SETTLE_S`` seconds from the first
+        contradiction when not given): the controller's record catches up with its next write, a record
+        put back stays behind and is refused, at once whenever the same object is read again.
         """
+        key = self.keys.rollout(name)
+        while True:
+            rec, etag, why = self._read(name, state, stale_ok)
+            if not why:
+                break
+            now = time.monotonic()
+            settle_by = settle_by if settle_by is not None else now + SETTLE_S
+            if now >= settle_by or (key, etag) in self._behind:
+                if len(self._behind) >= 4096:  # a store rewritten with ever new replays: forget, never grow
+                    self._behind.clear()
+                self._behind.add((key, etag))
+                raise UntrustedRecord(f"rollout record {key} not acted on: {why}; delete it")
+            time.sleep(0.2)
+            state = None
+        if rec is None:
+            return None
+        self._etags[name] = etag
+        return rec
+
+    def _read(self, name: str, state: dict[str, Any] | None,
+              stale_ok: bool) -> tuple[dict[str, Any] | None, str | None, str | None]:
+        """(record, its ETag, why it contradicts the controller state or None); raises for a record
+        this fleet did not sign, or an active one while the state cannot be trusted."""
         key = self.keys.rollout(name)
         try:
             got = self.fleet_trust.verified(key, f"rollout record {name!r}", MAX_RECORD_BYTES)
@@ -53,7 +87,7 @@ class RolloutRecords(FleetPart):
             raise UntrustedRecord(f"{exc}; the record was planted or altered in the store, so it is never acted "
                                   f"on: delete {key}") from None
         if got is None:
-            return None
+            return None, None, None
         rec, etag = got
         if rec.get("name") != name or rec.get("fleet") != self.fleet:
             raise UntrustedRecord(f"rollout record {key} is signed for {rec.get('fleet')}/{rec.get('name')}: "
@@ -65,10 +99,7 @@ class RolloutRecords(FleetPart):
                 raise UntrustedRecord(f"rollout record {key} not acted on: {exc}; the fleet's controller state "
                                       "must be restored (or deleted, leaving MLflow's tags as the record)") from None
             why = None  # an ended record only shows
-        if why:
-            raise UntrustedRecord(f"rollout record {key} not acted on: {why}; delete it") from None
-        self._etags[name] = etag
-        return rec
+        return rec, etag, why
 
     def list(self) -> list[dict[str, Any]]:
         """Every record this fleet signed; the others are logged and counted in ``self.untrusted``."""
@@ -78,10 +109,11 @@ class RolloutRecords(FleetPart):
             state = self.state.read()
         except StaleState:
             state = None  # each get() says so for an active record
+        settle_by = time.monotonic() + SETTLE_S  # one wait for the whole listing, however many records are behind
         for key in self.store.list(self.keys.rollouts_prefix):
             if key.endswith(".json"):
                 try:  # the whole rest of the key: rollouts/sub/r1.json is not r1 (check_name refuses it)
-                    rec = self.get(key[len(self.keys.rollouts_prefix):-len(".json")], state)
+                    rec = self.get(key[len(self.keys.rollouts_prefix):-len(".json")], state, settle_by=settle_by)
                 except FleetError as exc:
                     log.error("%s", exc)
                     self.untrusted.append(key)
