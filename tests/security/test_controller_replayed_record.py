@@ -36,3 +36,28 @@ def test_a_replayed_pending_record_of_an_aborted_rollout_is_not_resumed(s3_store
     wait_for(lambda: dev.running_sha() == sha1, 30, "the device to keep v1")
     manifest = s3_store.get_json(FleetKeys("lab").manifest("p0"))[0]["signed"]
     assert manifest["rollout_id"] == "r1" and manifest["artifact"]["sha256"] == sha1 != sha2
+
+
+def test_a_record_one_write_behind_the_state_is_read_again_until_it_catches_up(s3_store, keys, register_edge_model,
+                                                                                tmp_path):
+    """A controller enters an ending rollout in its signed state, then writes the record: a reader (`mlflow
+    deployments get`) between the two writes finds the record behind the state. It reads again and gets the
+    ended record once it is written, where a record put back for good is refused (the test above)."""
+    import threading
+
+    register_edge_model("fleet-settle", make_onnx(tmp_path / "v1.onnx", seed=23))
+    c = keys.controller(s3_store)
+    cfg = WaveRolloutConfig.from_strings({"waves": "100", "poll_interval_s": "0.2", "wave_timeout_s": "60"})
+    key = FleetKeys("lab").rollout("r3")
+    assert c.create("r3", "models:/fleet-settle@edge-candidate", cfg, wait=False)["state"] == "pending"
+    before = s3_store.get(key).data
+    assert c.abort("r3", "operator said no")["state"] == "aborted"
+    ended = s3_store.get(key).data
+    s3_store.put(key, before)  # the store as a reader sees it between the controller's two writes
+    late = threading.Timer(1.0, s3_store.put, (key, ended))
+    late.start()
+    try:
+        got = keys.controller(s3_store).get("r3")
+    finally:
+        late.join()
+    assert got["state"] == "aborted" and got["name"] == "r3"
