@@ -107,9 +107,9 @@ class _Histogram:
     def __init__(self, num_bins: int, histograms: bool):
         self.num_bins, self.histograms = num_bins, histograms
         self.amax = 0.0
-        self.scale = None  # bins per unit of |x|, a scalar of the binning dtype, set by set_scale
+        self.scale = None  # bins per unit of |x|, a scalar of the binning dtype (_set_scale)
         self.counts = np.zeros(0, dtype=np.int64)
-        self.held: list[np.ndarray] = []  # non-zero batches seen before the scale is set
+        self.held: list[tuple[np.ndarray, float]] = []  # non-zero batches (and their largest |x|) not yet binned
 
     def add(self, v: np.ndarray) -> None:
         if not v.size:
@@ -140,7 +140,7 @@ class _Histogram:
 
     def _set_scale(self, dtype) -> None:
         dtype = np.result_type(dtype, np.float32)
-        if dtype != np.float64 and not np.isfinite(np.float32(self.num_bins / self.amax)):
+        if dtype != np.float64 and self.num_bins / self.amax > float(np.finfo(np.float32).max):
             dtype = np.dtype(np.float64)  # a subnormal largest |x|: float32 cannot hold its scale
         s = dtype.type(self.num_bins / self.amax)
         while dtype.type(self.amax) * s > self.num_bins:  # the largest |x| on or below the top edge
@@ -150,17 +150,15 @@ class _Histogram:
     def _bin(self, flat: np.ndarray, m: float) -> None:
         """Counts the non-zero |x| of ``flat`` (largest |x| ``m``) into the bins, first extending them to
         ``m``, or merging them past ``GROWTH * num_bins``."""
-        s = self.scale
-        m = s.dtype.type(m)
-        last = int(m * s)
-        if last >= GROWTH * self.num_bins:  # merge 2**k neighbouring bins into one
-            k = 1
-            while int(m * (s / 2 ** k)) >= GROWTH * self.num_bins:
-                k += 1
-            f = 1 << k
+        k = 0  # (in float64: the product in the binning dtype may overflow before the merge)
+        while m * float(self.scale) / 2 ** k >= GROWTH * self.num_bins:
+            k += 1
+        if k:  # merge 2**k neighbouring bins into one
+            f = min(1 << k, len(self.counts))  # (all of them into bin 0 when 2**k is more)
             c = np.concatenate([self.counts, np.zeros(-len(self.counts) % f, dtype=np.int64)])
-            self.counts, self.scale = c.reshape(-1, f).sum(axis=1), s / f
-            s, last = self.scale, int(m * self.scale)
+            self.counts, self.scale = c.reshape(-1, f).sum(axis=1), np.ldexp(self.scale, -k)
+        s = self.scale
+        last = int(s.dtype.type(m) * s)
         if last >= len(self.counts):
             self.counts = np.concatenate([self.counts, np.zeros(last + 1 - len(self.counts), dtype=np.int64)])
         n, zeros = len(self.counts), 0

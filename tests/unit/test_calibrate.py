@@ -105,6 +105,12 @@ def test_a_first_batch_far_smaller_than_the_rest_merges_bins_in_powers_of_two():
     assert 2048 <= len(hist) <= calibrate.GROWTH * 2048 and amax <= top < amax + top / len(hist)
     assert hist.sum() == np.count_nonzero(np.concatenate(batches))
     assert _moved_off_an_edge(np.concatenate(batches), hist, top)
+    # sixty decades above the first batches: all of those fall in bin 0, the new values in the last bins
+    batches = [np.array([1e-30, -2e-30], np.float32), np.array([3e-30], np.float32),
+               np.array([1e30, -5e29, 0.0], np.float32)]
+    amax, hist, top = calibrate.collect(lambda b: [b], ["t"], batches, 2048)["t"]
+    assert amax == np.float32(1e30) and len(hist) <= calibrate.GROWTH * 2048 and hist.sum() == 5
+    assert hist[0] == 3 and hist[-1] == 1 and _choose((amax, hist, top), "minmax") == amax
 
 
 def test_nan_and_infinite_values_are_left_out():
