@@ -130,12 +130,12 @@ def calibrate_ranges(model_path: Path, config: PTQQuantizeConfig, data: Splits) 
 
         rows = data.calibration_rows(config.num_samples, config.seed)
         first = np.ascontiguousarray(data.x_train[rows[:1]])
-        held = [run(first)]  # sizes the batches, and is binned as the first of them (then let go)
+        held = [run(first)]  # sizes the batches, and is calibrated as the first of them
         per_image = sum(o.nbytes for o in held[0])
         size = int(min(CALIB_BATCH, max(1, CALIB_MEMORY // max(per_image, 1))))
         # Read a batch at a time: never more than one batch of intermediate tensors is held beside the
-        # first image's (the ranges do not depend on the batching), and every image is read and run once
-        # (calibrate.collect bins each batch as it comes).
+        # first image's, and every image is read and run once (calibrate.collect bins each batch as it
+        # comes; the histograms' bin width is set by the first two batches, this image and `size` more).
         stats = calibrate.collect(lambda b: held.pop() if b is first else run(b), names,
                                   itertools.chain([first], _Rows(data.x_train, rows[1:], size)), config.num_bins,
                                   histograms=calibrate.needs_histogram(config.calibrator))
