@@ -44,8 +44,8 @@ def collect(session_run, tensor_names: list[str], batches, num_bins: int,
 
     The histogram is built as the batches come (as pytorch-quantization's ``HistogramCalibrator``
     builds it), so calibration runs the model over the data once. Its bin width is the largest |x| of
-    the tensor's first two batches over ``num_bins``: two, because :func:`~edgeslim.components.quantize.ptq.calibrate_ranges`'s
-    first batch is the one image that sizes the others. A later batch with a larger |x| extends the
+    the tensor's first two batches over ``num_bins``: two, because the first batch of
+    :func:`~edgeslim.components.quantize.ptq.calibrate_ranges` is the one image that sizes the others. A later batch with a larger |x| extends the
     histogram with more bins of the same width, so no bin is ever coarser than that; only past
     :data:`GROWTH` times ``num_bins`` bins (a first batch far smaller than the rest) are neighbouring
     bins merged, by the power of two that brings it back under. See :class:`_Histogram` for the bins.
