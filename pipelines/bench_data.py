@@ -3,7 +3,7 @@
 :func:`data_scale_bench` writes N synthetic 64x64 JPEGs per size into a temporary image folder,
 then, in a fresh Python process per size (so that one size's peak does not carry into the
 next), loads it with the ``imagefolder`` provider (lazy splits), calibrates a small CNN's ONNX
-(512 samples, the PTQ calibrator's two passes), runs one plain ONNX Runtime pass over the same
+(512 samples, the PTQ calibrator's one pass), runs one plain ONNX Runtime pass over the same
 512 images, and one evaluation pass over the validation split. It reports each step's wall time
 and the process's peak RSS (``VmHWM``) side by side, with the ratio of the largest size's peak
 to the smallest's. Then, again in a fresh process per count, it calibrates 256 and 1024 samples
@@ -27,7 +27,7 @@ IMAGE_SIZE = 64
 CLASSES = 10
 CALIBRATION_SAMPLES = 512
 GROWTH_SAMPLES = (256, 1024)  # calibration samples whose cost is compared
-CALIBRATORS = ("entropy", "minmax")  # two-pass histogram calibrators cost as entropy does
+CALIBRATORS = ("entropy", "minmax")  # the other histogram calibrators bin as entropy does
 REPEATS = 3
 PREPROCESS = {"resize": [IMAGE_SIZE, IMAGE_SIZE], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
 

@@ -142,7 +142,8 @@ class PTQQuantizeConfig(OneCalibrator, StageConfig):
             :data:`CALIBRATORS` (``minmax``, ``entropy``, ``percentile``, ``mse`` or your own).
         num_samples: calibration samples, drawn from the train split only.
         percentile: for ``percentile``, the percentile of |x| kept unclipped.
-        num_bins: histogram bins for ``entropy``/``mse``/``percentile`` (TensorRT uses 2048).
+        num_bins: histogram bins for ``entropy``/``mse``/``percentile`` at the width the first calibration
+            batches set (TensorRT uses 2048); later, larger values add bins of that width.
         float_layers: node names or fnmatch patterns kept in float.
         placement: where Q/DQ pairs go. ``all``: every op ONNX Runtime can quantize
             (activations such as Sigmoid, Mul, Concat, Resize, Softmax included), while
@@ -402,7 +403,7 @@ class QATQuantizeConfig(OneCalibrator, DistilledFinetuning, StageConfig):
         calibrator: the PTQ calibrator that initialises the activation ranges.
         num_samples: calibration samples (train split only).
         percentile: for the ``percentile`` calibrator.
-        num_bins: histogram bins for ``entropy``/``mse``/``percentile``.
+        num_bins: histogram bins for ``entropy``/``mse``/``percentile`` (at least; see ``PTQQuantizeConfig``).
         float_layers: node names or fnmatch patterns kept in float.
         epochs: fine-tuning epochs with fake quantization (1 or more).
         lr: fine-tuning learning rate (small: the model is already trained).
@@ -440,7 +441,7 @@ class AccuracyAwareQuantizeConfig(Calibration, StageConfig):
         calibrators: PTQ calibrators tried in this order, names in :data:`CALIBRATORS`.
         num_samples: calibration samples (train split only).
         percentile: for the ``percentile`` calibrator.
-        num_bins: histogram bins for ``entropy``/``mse``/``percentile``.
+        num_bins: histogram bins for ``entropy``/``mse``/``percentile`` (at least; see ``PTQQuantizeConfig``).
         max_float_layers: how many of the most sensitive layers may be kept in
             float, one more per trial (0: no fallback).
         sensitivity_metric: how layers are ranked: by the metric drop when only that

@@ -10,6 +10,7 @@ its calibration cache.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import difflib
 import json
 import logging
@@ -128,27 +129,26 @@ def calibrate_ranges(model_path: Path, config: PTQQuantizeConfig, data: Splits) 
             return [outs[i] for i in pick]
 
         rows = data.calibration_rows(config.num_samples, config.seed)
-        per_image = sum(o.nbytes for o in run(np.ascontiguousarray(data.x_train[rows[:1]])))
+        first = np.ascontiguousarray(data.x_train[rows[:1]])
+        held = [run(first)]  # sizes the batches, and is calibrated as the first of them
+        per_image = sum(o.nbytes for o in held[0])
         size = int(min(CALIB_BATCH, max(1, CALIB_MEMORY // max(per_image, 1))))
-        # Read a batch at a time: never more than one batch of intermediate tensors is held (the ranges
-        # do not depend on the batching). collect makes two passes (one for a calibrator that reads no
-        # histogram, such as minmax); the images decoded
-        # on the first are kept for the second as far as they fit in CALIB_MEMORY beside that batch
-        # (decoding is most of a plain pass on small images), and the rest are read again.
-        two_passes = calibrate.needs_histogram(config.calibrator)
-        batches = _Rows(data.x_train, rows, size, hold=CALIB_MEMORY - size * per_image if two_passes else 0)
-        stats = calibrate.collect(run, names, batches, config.num_bins, histograms=two_passes)
-    return {n: calibrate.choose_amax(a, h, config.calibrator, config.percentile) for n, (a, h) in stats.items()}
+        # Read a batch at a time: never more than one batch of intermediate tensors is held beside the
+        # first image's, and every image is read and run once (calibrate.collect bins each batch as it
+        # comes; the histograms' bin width is set by the first two batches, this image and `size` more).
+        stats = calibrate.collect(lambda b: held.pop() if b is first else run(b), names,
+                                  itertools.chain([first], _Rows(data.x_train, rows[1:], size)), config.num_bins,
+                                  histograms=calibrate.needs_histogram(config.calibrator))
+    return {n: calibrate.choose_amax(a, h, config.calibrator, config.percentile, top=top)
+            for n, (a, h, top) in stats.items()}
 
 
 class _Rows:
-    """``x[rows]`` in batches of ``size``. The first batches, up to ``hold`` bytes of them, are kept
-    once read; the others are read again on every iteration, each while the one before it runs
-    (one batch of images ahead, on a thread: decoding images overlaps inference and binning)."""
+    """``x[rows]`` in batches of ``size``, each read while the one before it runs (one batch of images
+    ahead, on a thread: decoding images overlaps inference and binning)."""
 
-    def __init__(self, x, rows: np.ndarray, size: int, hold: int = 0):
-        self.x, self.rows, self.size, self.hold = x, rows, size, hold
-        self.kept: list[np.ndarray] = []
+    def __init__(self, x, rows: np.ndarray, size: int):
+        self.x, self.rows, self.size = x, rows, size
 
     def _read(self, k: int) -> np.ndarray:
         return np.ascontiguousarray(self.x[self.rows[k * self.size:(k + 1) * self.size]])
@@ -156,19 +156,12 @@ class _Rows:
     def __iter__(self):
         from concurrent.futures import ThreadPoolExecutor
 
-        held = sum(b.nbytes for b in self.kept)
         n = -(-len(self.rows) // self.size)
         with ThreadPoolExecutor(1, thread_name_prefix="edgeslim-calib-read") as pool:
             ahead = None
             for k in range(n):
-                if k < len(self.kept):
-                    yield self.kept[k]
-                    continue
                 batch = ahead.result() if ahead is not None else self._read(k)
                 ahead = pool.submit(self._read, k + 1) if k + 1 < n else None
-                if k == len(self.kept) and held + batch.nbytes <= self.hold:
-                    self.kept.append(batch)
-                    held += batch.nbytes
                 yield batch
 
 

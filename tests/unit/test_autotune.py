@@ -23,6 +23,12 @@ from tests.spread import measured
 GAIN_DB = 0.5
 
 IMPOSSIBLE = AccuracyGateConfig(max_metric_drop=0.0, min_top1_agreement=1.0, min_sqnr_db=200.0)
+# A gate both nets' first PTQ trial clears by several of the 180 validation images. Which images an int8
+# model gets right is redrawn by any change of its ranges: percentile ranges moved by under a twentieth of a
+# histogram bin (0.04 % at most) take the mobile net's validation top-1 drop from 0.0 to 1.1 pt (2 images),
+# past the default gate's 1.0 pt, and its top-1 agreement (0.978) is 1.4 images above the default 0.97. This
+# test is about the search stopping at the first trial that passes, not about those margins.
+FIRST_PASSES = AccuracyGateConfig(max_metric_drop=3.0, min_top1_agreement=0.94, min_sqnr_db=15.0)
 
 
 def _auto(model, fp32, cfg, gate, out, data=None):
@@ -32,7 +38,7 @@ def _auto(model, fp32, cfg, gate, out, data=None):
 @pytest.mark.parametrize("kind", WORKLOADS)
 def test_first_passing_ptq_wins_and_stops(kind, tmp_path):
     cfg = AccuracyAwareQuantizeConfig(calibrators=["percentile", "minmax"], num_samples=128)
-    res = _auto(trained(kind), onnx_of(kind), cfg, AccuracyGateConfig(), tmp_path)
+    res = _auto(trained(kind), onnx_of(kind), cfg, FIRST_PASSES, tmp_path)
     trials = res.metrics["trials"]
     assert len(trials) == 1 and trials[0]["kind"] == "ptq" and trials[0]["passed"]
     assert res.metrics["winner"]["trial"] == 1

@@ -12,31 +12,33 @@ def _stats(x):
     return name_stats
 
 
+def _choose(stats, method, percentile=99.99):
+    amax, hist, top = stats
+    return calibrate.choose_amax(amax, hist, method, percentile, top=top)
+
+
 def test_minmax_is_the_largest_magnitude():
     x = np.array([-3.0, 0.5, 2.0], dtype=np.float32)
-    amax, hist = _stats(x)
-    assert calibrate.choose_amax(amax, hist, "minmax") == 3.0
+    assert _choose(_stats(x), "minmax") == 3.0
 
 
 def test_clipping_calibrators_cut_a_rare_outlier():
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(0, 1, 200_000), [80.0]]).astype(np.float32)
-    amax, hist = _stats(x)
-    assert amax == 80.0
-    pct = calibrate.choose_amax(amax, hist, "percentile", 99.99)
-    ent = calibrate.choose_amax(amax, hist, "entropy")
-    mse = calibrate.choose_amax(amax, hist, "mse")
+    stats = _stats(x)
+    assert stats[0] == 80.0
+    pct, ent, mse = (_choose(stats, m) for m in ("percentile", "entropy", "mse"))
     for t in (pct, ent):
         assert 2.0 < t < 20.0  # the bulk (|x| up to ~4.5 sigma) is kept, the outlier is clipped
     # MSE weighs the lone outlier quadratically: it clips less, but still clips.
-    assert pct < mse < amax
-    assert calibrate.choose_amax(amax, hist, "percentile", 100.0) == amax
+    assert pct < mse < 80.0
+    assert _choose(stats, "percentile", 100.0) == 80.0
 
 
 def test_percentile_grows_with_the_percentile():
     x = np.random.default_rng(1).exponential(1.0, 100_000).astype(np.float32)
-    amax, hist = _stats(x)
-    assert calibrate.choose_amax(amax, hist, "percentile", 99.0) < calibrate.choose_amax(amax, hist, "percentile", 99.99)
+    stats = _stats(x)
+    assert _choose(stats, "percentile", 99.0) < _choose(stats, "percentile", 99.99)
 
 
 def _numpy_abs_histogram(x, amax, bins):
@@ -44,32 +46,83 @@ def _numpy_abs_histogram(x, amax, bins):
     return np.histogram(a[a > 0], bins=bins, range=(0.0, amax))[0]
 
 
-def test_the_histograms_are_numpys_bin_for_bin():
-    # collect bins |x| itself (no masked copy, blocks of 64k, zeros taken off bin 0); every count
-    # must be np.histogram's, values on and one ulp beside the bin edges included.
+def _moved_off_an_edge(x, hist, top):
+    """Whether ``hist`` is np.histogram's on the same bins but for values within float rounding of an edge."""
+    a = np.abs(x[np.isfinite(x)]).astype(np.float64)
+    a = a[a > 0]
+    ref = np.histogram(a, bins=len(hist), range=(0.0, top))[0]
+    pos = a * len(hist) / top
+    near = np.abs(pos - np.round(pos)) <= 1e-5 * np.maximum(pos, 1)  # within float32 rounding of an edge
+    return int(np.abs(hist - ref).sum()) <= 2 * int(np.count_nonzero(near))
+
+
+def test_one_batch_bins_as_numpy_does_and_equally_spaced_values_exactly():
+    # a single batch: num_bins bins up to its largest |x|, np.histogram's bins on [0, amax] but for
+    # values within float rounding of an edge; exact zeros are left out
     rng = np.random.default_rng(0)
-    amax = float(np.float32(3.7))  # as collect passes it: the float32 max of the data
     samples = [rng.normal(0, 1, 200_000), np.maximum(rng.normal(0, 1, 150_000), 0),  # ReLU: half zeros
-               rng.standard_cauchy(70_000), rng.integers(-4, 5, 90_000) * 0.25]
+               rng.standard_cauchy(70_000)]
     for x in samples:
         for dtype in (np.float32, np.float64):
             v = x.astype(dtype)
-            top = max(float(v.max()), -float(v.min()))
             for bins in (2048, 1000, 7):
-                assert np.array_equal(calibrate.abs_histogram(v, top, bins), _numpy_abs_histogram(v, top, bins))
-    for bins in (2048, 1000, 7):
-        edges = np.linspace(0.0, amax, bins + 1, dtype=np.float32)
-        on_edges = np.concatenate([edges, np.nextafter(edges, 0), np.nextafter(edges, 10)])
-        v = np.clip(on_edges, 0, np.float32(amax))
-        assert np.array_equal(calibrate.abs_histogram(v, amax, bins), _numpy_abs_histogram(v, amax, bins))
-    # A batch with a NaN adds nothing to the maxima; np.histogram drops its NaN and what lies beyond amax.
-    batches = [np.array([1.0, -2.0, 0.0], dtype=np.float32), np.array([np.nan, 5.0, -0.5], dtype=np.float32)]
-    (amax_nan, hist_nan), = calibrate.collect(lambda b: [b], ["t"], batches, 16).values()
-    assert amax_nan == 2.0
-    assert np.array_equal(hist_nan, sum(_numpy_abs_histogram(b, 2.0, 16) for b in batches))
+                (amax, hist, top), = calibrate.collect(lambda b: [b], ["t"], [v], bins).values()
+                assert len(hist) == bins and amax <= top < amax * (1 + 1e-6) and amax == np.abs(v).max()
+                assert hist.sum() == np.count_nonzero(v) and _moved_off_an_edge(v, hist, top)
+    # Grey levels k/16 and quarter steps (pixels, quantized inputs) lie on the bin edges of [0, amax]: every
+    # one is counted in np.histogram's bin, which is what entropy's threshold on such a tensor turns on.
+    for x in (rng.integers(0, 17, 90_000) / 16, rng.integers(-4, 5, 90_000) * 0.25):
+        for dtype in (np.float32, np.float64):
+            v = x.astype(dtype)
+            for bins in (2048, 1000, 7):
+                (amax, hist, top), = calibrate.collect(lambda b: [b], ["t"], [v], bins).values()
+                assert top == amax and np.array_equal(hist, _numpy_abs_histogram(v, amax, bins))
 
 
-def test_minmax_reads_the_batches_once_and_the_others_twice():
+def test_later_larger_values_extend_the_bins_and_the_batching_does_not_change_the_counts():
+    rng = np.random.default_rng(2)
+    first = [rng.normal(0, 0.5, 5_000).astype(np.float32), rng.normal(0, 1, 20_000).astype(np.float32)]
+    rest = [rng.normal(0, 2, 30_000).astype(np.float32), rng.normal(0, 1, 30_000).astype(np.float32)]
+    rest[0][:5] = 0.0
+    width = float(np.abs(np.concatenate(first)).max()) / 2048  # set by the first two batches
+    runs = [first + rest, first + rest[::-1], first + [np.concatenate(rest)]]
+    out = [calibrate.collect(lambda b: [b], ["t"], batches, 2048)["t"] for batches in runs]
+    amax, hist, top = out[0]
+    for a, h, t in out[1:]:  # same bins, same counts whatever the order and grouping after the first two
+        assert a == amax and t == top and np.array_equal(h, hist)
+    everything = np.concatenate(first + rest)
+    assert amax == np.abs(everything).max() and hist.sum() == np.count_nonzero(everything)
+    # the bins keep the first batches' width, and reach the largest |x| within one of them
+    assert len(hist) > 2048 and abs(top / len(hist) - width) < 1e-6 * width and amax <= top < amax + width
+    assert _moved_off_an_edge(everything, hist, top)
+
+
+def test_a_first_batch_far_smaller_than_the_rest_merges_bins_in_powers_of_two():
+    rng = np.random.default_rng(3)
+    small, big = rng.normal(0, 1e-3, 10_000), rng.normal(0, 10, 100_000)
+    batches = [small.astype(np.float32), small[::-1].astype(np.float32), big.astype(np.float32)]
+    amax, hist, top = calibrate.collect(lambda b: [b], ["t"], batches, 2048)["t"]
+    assert 2048 <= len(hist) <= calibrate.GROWTH * 2048 and amax <= top < amax + top / len(hist)
+    assert hist.sum() == np.count_nonzero(np.concatenate(batches))
+    assert _moved_off_an_edge(np.concatenate(batches), hist, top)
+    # sixty decades above the first batches: all of those fall in bin 0, the new values in the last bins
+    batches = [np.array([1e-30, -2e-30], np.float32), np.array([3e-30], np.float32),
+               np.array([1e30, -5e29, 0.0], np.float32)]
+    amax, hist, top = calibrate.collect(lambda b: [b], ["t"], batches, 2048)["t"]
+    assert amax == np.float32(1e30) and len(hist) <= calibrate.GROWTH * 2048 and hist.sum() == 5
+    assert hist[0] == 3 and hist[-1] == 1 and _choose((amax, hist, top), "minmax") == amax
+
+
+def test_nan_and_infinite_values_are_left_out():
+    batches = [np.array([1.0, -2.0, 0.0], dtype=np.float32), np.array([np.nan, 5.0, -0.5, np.inf], dtype=np.float32)]
+    (amax, hist, top), = calibrate.collect(lambda b: [b], ["t"], batches, 16).values()
+    assert amax == 5.0 == top and hist.sum() == 4
+    assert np.array_equal(hist, _numpy_abs_histogram(np.array([1.0, -2.0, 5.0, -0.5]), 5.0, 16))
+    (amax, hist, top), = calibrate.collect(lambda b: [b], ["t"], [np.full(3, np.nan, np.float32)], 16).values()
+    assert amax == 0.0 and calibrate.choose_amax(amax, hist, "entropy", top=top) == 0.0
+
+
+def test_every_calibrator_reads_the_batches_once():
     reads = []
 
     def run(b):
@@ -78,11 +131,11 @@ def test_minmax_reads_the_batches_once_and_the_others_twice():
 
     x = np.random.default_rng(0).normal(0, 1, (6, 50)).astype(np.float32)
     batches = [x[:4], x[4:]]
-    (amax, hist), = calibrate.collect(run, ["t"], batches, 2048, histograms=False).values()
+    (amax, hist, _), = calibrate.collect(run, ["t"], batches, 2048, histograms=False).values()
     assert reads == [4, 2] and amax == float(np.abs(x).max()) and hist.sum() == 0
     reads.clear()
-    (amax2, hist2), = calibrate.collect(run, ["t"], batches, 2048).values()
-    assert reads == [4, 2, 4, 2] and amax2 == amax and hist2.sum() == np.count_nonzero(x)
+    (amax2, hist2, _), = calibrate.collect(run, ["t"], batches, 2048).values()
+    assert reads == [4, 2] and amax2 == amax and hist2.sum() == np.count_nonzero(x)
 
 
 def test_histograms_binned_on_several_threads_are_the_ones_binned_on_one(monkeypatch):
@@ -121,7 +174,7 @@ class _CountedRows:
 
 
 def _reference_ranges(path, data, cfg):
-    """Ranges the way calibration first made them: all images at once, np.histogram of |x| > 0."""
+    """Each tensor's (amax, range) from all images at once: np.histogram of |x| > 0 on [0, amax]."""
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -140,11 +193,11 @@ def _reference_ranges(path, data, cfg):
     for n in names:
         amax = float(np.abs(outs[n]).max())
         hist = _numpy_abs_histogram(outs[n], amax, cfg.num_bins).astype(np.float64) if amax > 0 else np.zeros(1)
-        out[n] = calibrate.choose_amax(amax, hist, cfg.calibrator, cfg.percentile)
+        out[n] = amax, calibrate.choose_amax(amax, hist, cfg.calibrator, cfg.percentile)
     return out
 
 
-def test_calibration_ranges_match_the_first_method_and_images_are_decoded_once_when_they_fit(tmp_path, monkeypatch):
+def test_calibration_reads_each_image_once_and_its_ranges_are_the_whole_sets(tmp_path, monkeypatch):
     import torch
 
     from edgeslim.components.common.data import Splits
@@ -160,66 +213,21 @@ def test_calibration_ranges_match_the_first_method_and_images_are_decoded_once_w
                       dynamic_axes={"input": {0: "n"}, "output": {0: "n"}}, opset_version=17, dynamo=False)
     x = np.random.default_rng(0).normal(0, 1, (40, 3, 16, 16)).astype(np.float32)
     y = np.zeros(40, dtype=np.int64)
-    for calibrator in ("entropy", "percentile", "mse", "minmax"):
-        train = _CountedRows(x[:30])
-        data = Splits(train, y[:30], x[30:35], y[30:35], x[35:], y[35:])
-        cfg = PTQQuantizeConfig(calibrator=calibrator, num_samples=24)
-        ranges = ptq.calibrate_onnx(path, cfg, data)
-        assert ranges == _reference_ranges(path, data, cfg)
-        # The one image that sizes the batch, then each calibration image once: minmax makes one pass,
-        # the others keep the first pass's images for the second.
-        assert train.rows_read == 1 + 24
-    # A budget smaller than one image's intermediate tensors: batches of one image, none kept, every
-    # image read on both passes, the same ranges.
-    train = _CountedRows(x[:30])
-    data = Splits(train, y[:30], x[30:35], y[30:35], x[35:], y[35:])
-    cfg = PTQQuantizeConfig(calibrator="entropy", num_samples=24)
-    monkeypatch.setattr(ptq, "CALIB_MEMORY", 1)
-    assert ptq.calibrate_onnx(path, cfg, data) == _reference_ranges(path, data, cfg)
-    assert train.rows_read == 1 + 2 * 24
-
-
-def test_calibration_batches_are_kept_up_to_their_budget_and_the_rest_read_again():
-    from edgeslim.components.quantize import ptq
-
-    x = _CountedRows(np.arange(24 * 5, dtype=np.float32).reshape(24, 5))
-    rows = np.arange(2, 22)  # 20 rows in batches of 4 (80 bytes each); room for two batches
-    batches = ptq._Rows(x, rows, 4, hold=2 * 80 + 79)
-    first, second = list(batches), list(batches)
-    assert x.rows_read == 20 + 12  # the second pass reads only the three batches not kept
-    assert all(np.array_equal(a, b) for a, b in zip(first, second))
-    assert np.array_equal(np.concatenate(second), x.x[rows])
-
-
-def test_stored_bytes_say_why_each_float_parameter_stays_float(tmp_path):
-    import onnx
-    import torch
-    from onnx import numpy_helper
-
-    from edgeslim.components.common.data import Splits
-    from edgeslim.components.common.stage_configs import PTQQuantizeConfig
-    from edgeslim.components.quantize import ptq
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3),
-                                torch.nn.Flatten(), torch.nn.Linear(16 * 4 * 4, 4)).eval()
-    path = tmp_path / "net.onnx"
-    torch.onnx.export(model, torch.rand(1, 3, 8, 8), str(path), input_names=["input"], output_names=["output"],
-                      dynamic_axes={"input": {0: "n"}, "output": {0: "n"}}, opset_version=17, dynamo=False)
-    x = np.random.default_rng(0).normal(0, 1, (12, 3, 8, 8)).astype(np.float32)
-    y = np.zeros(12, dtype=np.int64)
-    data = Splits(x[:8], y[:8], x[8:10], y[8:10], x[10:], y[10:])
-    pre = onnx.load(str(ptq.quantize(path, PTQQuantizeConfig(num_samples=8), data=data, out_dir=tmp_path / "p").model))
-    second_conv = [n.name for n in pre.graph.node if n.op_type == "Conv"][1]
-    res = ptq.quantize(path, PTQQuantizeConfig(num_samples=8, float_layers=[second_conv]), data=data,
-                       out_dir=tmp_path / "q")
-    stored = res.metrics["stored_bytes"]
-    # the second conv's 16x8x3x3 weights stay float; the first conv's and the linear's are int8
-    assert stored["float_layers"] == 16 * 8 * 3 * 3 * 4
-    assert stored["int8"] == 8 * 3 * 3 * 3 + 4 * 256
-    assert stored["zero_points"] >= 8 + 4  # one a weight channel, one an activation
-    assert stored["biases"] == (8 + 16 + 4) * 4 and stored["scales"] >= (8 + 4) * 4 and stored["duplicate"] == 0
-    g = onnx.load(str(res.model)).graph
-    floats = sum(numpy_helper.to_array(t).nbytes for t in g.initializer if t.data_type == onnx.TensorProto.FLOAT)
-    assert floats == sum(stored[k] for k in ("scales", "biases", "normalization", "elementwise", "float_layers",
-                                             "other"))
+    for budget in (ptq.CALIB_MEMORY, 1):  # one batch beside the first image; batches of one image
+        monkeypatch.setattr(ptq, "CALIB_MEMORY", budget)
+        for calibrator in ("entropy", "percentile", "mse", "minmax"):
+            train = _CountedRows(x[:30])
+            data = Splits(train, y[:30], x[30:35], y[30:35], x[35:], y[35:])
+            cfg = PTQQuantizeConfig(calibrator=calibrator, num_samples=24)
+            ranges = ptq.calibrate_onnx(path, cfg, data)
+            assert train.rows_read == 24  # the image that sizes the batches is the first calibrated
+            ref = _reference_ranges(path, data, cfg)
+            assert ranges.keys() == ref.keys()
+            # Bins in units of the whole set's bin (amax / num_bins) that each range lies from the reference's.
+            off = {n: abs(ranges[n] - r) / (amax / cfg.num_bins) for n, (amax, r) in ref.items()}
+            if budget > 1:  # the first two batches hold every image: the whole set's bins, to float rounding
+                assert max(off.values()) < 0.01, (calibrator, off)
+            elif calibrator != "entropy":  # finer bins from two images' largest |x|: within one bin
+                assert max(off.values()) <= 1.0, (calibrator, off)
+            # (entropy on these 12,288 values a tensor is not checked with batches of one: the whole set's
+            # own threshold for the sigmoid moves from 0.70 to 0.31 between 2,045 and 2,050 bins)
