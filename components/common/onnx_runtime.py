@@ -58,6 +58,19 @@ def make_session(path: str | Path, *, basic: bool = True, threads: int = 0,
         raise SourceError(f"ONNX file {path} cannot be loaded by ONNX Runtime ({str(exc)[:160]})") from None
 
 
+def threads_beside_decoding(threads: int, x) -> int:
+    """Intra-op threads for sessions that run while the next batch of ``x`` is read beside them
+    (:func:`stream_batches`): ``threads`` when given, else ``$EDGESLIM_ORT_THREADS`` (0 here:
+    :func:`make_session` reads it), else for a lazy split (images decoded as read) one per usable core but
+    one, which the decoding takes; ONNX Runtime's own choice for rows already in memory. ONNX Runtime's
+    threads on every core beside busy decoding threads wait on each other: on 2 cores, evaluation over 2,000
+    decoded images took 1.5 times as long with 2 intra-op threads as with 1 (docs/benchmarks.md)."""
+    if threads or os.environ.get("EDGESLIM_ORT_THREADS") or isinstance(x, np.ndarray):
+        return threads
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, usable - 1)
+
+
 @contextlib.contextmanager
 def session_with_outputs(model, names: list[str]) -> Iterator:
     """A session (Q/DQ semantics) of ``model`` in which the intermediate tensors ``names`` are graph

@@ -216,6 +216,23 @@ def test_latency_is_timed_on_the_evaluation_runs_and_the_fused_kernels_run_on_a_
     assert "cpu_int8_kernel_metric" not in off and fused_kernel_row(off, "top-1") == []
 
 
+def test_evaluation_leaves_a_core_to_the_image_decoding_beside_it(monkeypatch):
+    import os
+
+    from edgeslim.components.common.onnx_runtime import threads_beside_decoding
+
+    class Lazy:  # a split decoded as it is read (LazyImages' place)
+        def __len__(self):
+            return 10
+
+    monkeypatch.delenv("EDGESLIM_ORT_THREADS", raising=False)
+    assert threads_beside_decoding(0, Lazy()) == max(1, len(os.sched_getaffinity(0)) - 1)
+    assert threads_beside_decoding(0, np.zeros((10, 3))) == 0  # rows in memory: ONNX Runtime chooses
+    assert threads_beside_decoding(3, Lazy()) == 3  # the recipe's evaluate.threads
+    monkeypatch.setenv("EDGESLIM_ORT_THREADS", "2")
+    assert threads_beside_decoding(0, Lazy()) == 0  # make_session reads the variable
+
+
 def test_sqnr():
     x = np.ones(100)
     assert sqnr_db(x, x) == float("inf")

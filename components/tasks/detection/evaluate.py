@@ -24,7 +24,8 @@ import numpy as np
 from edgeslim.components.common.average_precision import IOU_THRESHOLDS, average_precision, by_score
 from edgeslim.components.common.confidence import drop_check
 from edgeslim.components.common.onnx_runtime import (STREAM_BATCH, BatchTimer, SqnrAccumulator, input_rejected,
-                                                     make_session, run_side_by_side, sample_rows)
+                                                     make_session, run_side_by_side, sample_rows,
+                                                     threads_beside_decoding)
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import DataError
 from edgeslim.components.common.result import GateCheck, StageResult, verdict
@@ -285,7 +286,8 @@ def evaluate_detection(candidate_onnx: str | Path, config, *, parent_onnx: str |
 
     fused_rows = sample_rows(len(data.x_test), config.cpu_int8_kernel_samples)
     paths = [parent_onnx, candidate_onnx, candidate_onnx, *([ref_path] if own else [])]
-    sessions = [make_session(p, basic=b, threads=config.threads) for p, b in zip(paths, [True, True, False, True])]
+    threads = threads_beside_decoding(config.threads, data.x_test)
+    sessions = [make_session(p, basic=b, threads=threads) for p, b in zip(paths, [True, True, False, True])]
     timer = BatchTimer([0, 1], config.latency_batches, config.latency_warmup, config.latency_repeats)
     parent_dets, cand_dets, fused_dets, *_ = detect_batches(
         paths, data.x_test, task, on_batch=on_batch, decode=[True, True, True, False][:len(paths)],
