@@ -92,21 +92,32 @@ class EvaluateConfig(Config):
     """How the candidate is measured on the test split.
 
     Attributes:
-        latency_batches: batch sizes whose latency is reported.
+        latency_batches: batch sizes whose latency is reported. The evaluation's own runs over the test
+            split are timed, ``b`` rows a call, until each model has its runs at each size (with nothing
+            decoding meanwhile); a split too small for them is completed on its first rows.
         latency_warmup: runs discarded before timing.
         latency_repeats: timed runs; the median is reported.
-        threads: ONNX Runtime intra-op threads (0: its default).
+        threads: ONNX Runtime intra-op threads. 0: ``$EDGESLIM_ORT_THREADS`` when set, else, over image files
+            (decoded beside the models), one per core but one, the one left to the decoding; over arrays in
+            memory, ONNX Runtime's own choice.
+        cpu_int8_kernel_samples: test images, spread evenly over the split, on which the candidate also
+            runs on ONNX Runtime's fused int8 CPU kernels (reported beside the candidate's Q/DQ figure on
+            the same images, never gated); 0 leaves that figure out, a number at least the split's size
+            takes the whole split.
     """
 
     latency_batches: list[int] = dataclasses.field(default_factory=lambda: [1, 32])
     latency_warmup: int = 5
     latency_repeats: int = 30
     threads: int = 0
+    cpu_int8_kernel_samples: int = 256
 
     def validate(self) -> None:
         self.require(bool(self.latency_batches) and all(b >= 1 for b in self.latency_batches), "latency_batches",
                      "use batch sizes >= 1", section="evaluate")
         self.require(self.latency_repeats >= 1, "latency_repeats", "use >= 1", section="evaluate")
+        self.require(self.cpu_int8_kernel_samples >= 0, "cpu_int8_kernel_samples",
+                     "use 0 (leave the figure out) or a number of test images", section="evaluate")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -75,7 +75,8 @@ def _flat_metrics(evaluation: dict[str, Any], level: float | None = None) -> dic
         "size_ratio": cand.get("size_ratio", 0.0),
         "source_macs": src.get("macs"), "candidate_macs": cand.get("macs"),
         "source_params": src.get("params"), "candidate_params": cand.get("params"),
-        "cpu_int8_kernel_metric": cand.get("cpu_int8_kernel_metric", 0.0),
+        # ORT's fused int8 CPU kernels on a sample of the test images, and the Q/DQ figure on the same images
+        **{k: cand.get(k) for k in ("cpu_int8_kernel_metric", "cpu_int8_kernel_qdq_metric", "cpu_int8_kernel_samples")},
     }
     for who, sec in (("source", src), ("candidate", cand)):
         for b, ms in sec.get("latency_ms", {}).items():

@@ -15,7 +15,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -58,6 +58,19 @@ def make_session(path: str | Path, *, basic: bool = True, threads: int = 0,
         raise SourceError(f"ONNX file {path} cannot be loaded by ONNX Runtime ({str(exc)[:160]})") from None
 
 
+def threads_beside_decoding(threads: int, x) -> int:
+    """Intra-op threads for sessions that run while the next batch of ``x`` is read beside them
+    (:func:`stream_batches`): ``threads`` when given, else ``$EDGESLIM_ORT_THREADS`` (0 here:
+    :func:`make_session` reads it), else for a lazy split (images decoded as read) one per usable core but
+    one, which the decoding takes; ONNX Runtime's own choice for rows already in memory. ONNX Runtime's
+    threads on every core beside busy decoding threads wait on each other: on 2 cores, evaluation over 2,000
+    decoded images took 1.5 times as long with 2 intra-op threads as with 1 (docs/benchmarks.md)."""
+    if threads or os.environ.get("EDGESLIM_ORT_THREADS") or isinstance(x, np.ndarray):
+        return threads
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, usable - 1)
+
+
 @contextlib.contextmanager
 def session_with_outputs(model, names: list[str]) -> Iterator:
     """A session (Q/DQ semantics) of ``model`` in which the intermediate tensors ``names`` are graph
@@ -93,10 +106,12 @@ def run_batched(session, x: np.ndarray, batch: int = STREAM_BATCH) -> np.ndarray
     return np.concatenate([o.reshape(len(o), -1) for o in outs], axis=1)
 
 
-def stream_batches(x, batch: int = STREAM_BATCH) -> Iterator[tuple[int, np.ndarray]]:
+def stream_batches(x, batch: int = STREAM_BATCH, quiet: Optional[Callable[[], bool]] = None
+                   ) -> Iterator[tuple[int, np.ndarray]]:
     """``(start, rows)`` of ``x`` a batch at a time, each row read once. The next batch is read on a
     thread while the caller works on this one (a lazy split decodes while the models run): at most two
-    batches are held."""
+    batches are held. ``quiet()`` true when a batch is handed over: the next batch is read first, so that
+    nothing decodes while the caller works on this one (what it times is the models alone)."""
     n = len(x)
     if n == 0:
         return
@@ -110,26 +125,131 @@ def stream_batches(x, batch: int = STREAM_BATCH) -> Iterator[tuple[int, np.ndarr
             rows = ahead.result()
             if i + batch < n:
                 ahead = pool.submit(read, i + batch)
+                if quiet is not None and quiet():
+                    concurrent.futures.wait([ahead])
             yield i, rows
 
 
-def run_side_by_side(sessions: Sequence, x, batch: int = STREAM_BATCH, *, on_error=None
-                     ) -> Iterator[tuple[int, np.ndarray, list[list[np.ndarray]]]]:
+class BatchTimer:
+    """Latency at the recipe's batch sizes, timed on the runs an evaluation makes anyway: while a model
+    still lacks timed runs at a batch size, its share of each streamed batch is run ``b`` rows a call,
+    each call timed, and the outputs joined (the same outputs, read from the same decoded rows). The
+    first ``warmup`` calls per model and size are discarded and the median of the next ``repeats`` is
+    reported, as :func:`latency_ms` does; a split with too few rows for them is completed on the first
+    batch's rows (repeated up to ``b``) by :meth:`result`. Timing therefore costs no extra run over a
+    split of ``(warmup + repeats) * max(batches)`` rows or more, whatever the split's size.
+
+    Args:
+        models: the indices (in :func:`run_side_by_side`'s ``sessions``) of the models timed.
+        batches, warmup, repeats: the recipe's ``evaluate`` latency settings.
+    """
+
+    def __init__(self, models: Sequence[int], batches: Sequence[int], warmup: int, repeats: int):
+        self.batches, self.warmup, self.repeats = sorted(set(batches)), warmup, repeats
+        self.times: dict[tuple[int, int], list[float]] = {(k, b): [] for k in models for b in self.batches}
+        self.first: Optional[np.ndarray] = None  # the first batch's first rows, for :meth:`result`
+        self.whole: set[int] = set()  # models whose outputs cannot be split by rows: timed apart
+
+    def busy(self) -> bool:
+        """Whether any model still lacks timed runs (the next batch is then worked on with nothing decoding)."""
+        need = self.warmup + self.repeats
+        return any(len(t) < need for (k, _), t in self.times.items() if k not in self.whole)
+
+    def run(self, k: int, session, feed: str, rows: np.ndarray) -> list[np.ndarray]:
+        """Model ``k``'s outputs on ``rows``, timed ``b`` rows a call where it still lacks runs at ``b``."""
+        if self.first is None:
+            self.first = rows[:self.batches[-1]].copy()
+        need = self.warmup + self.repeats
+        b = next((b for b in self.batches if (k, b) in self.times and len(self.times[(k, b)]) < need
+                  and b <= len(rows) and k not in self.whole), None)
+        if b is None:
+            return session.run(None, {feed: rows})
+        calls = min(need - len(self.times[(k, b)]), len(rows) // b)
+        parts, took = [], []
+        for j in range(calls):
+            t = time.perf_counter()
+            parts.append(session.run(None, {feed: rows[j * b:(j + 1) * b]}))
+            took.append((time.perf_counter() - t) * 1000.0)
+        if calls * b < len(rows):
+            parts.append(session.run(None, {feed: rows[calls * b:]}))
+        if any(np.ndim(o) == 0 or len(o) != len(part) for p, part in zip(parts, _chunks(rows, b, calls))
+               for o in p):  # an output without the batch as its first axis: time this model apart
+            self.whole.add(k)
+            return session.run(None, {feed: rows})
+        self.times[(k, b)].extend(took)
+        return [np.concatenate(o) for o in zip(*parts)]
+
+    def result(self, k: int, session) -> dict[str, float]:
+        """``{"batch_<b>": median ms}`` of model ``k``; runs still lacking are timed on the first batch's
+        rows (:func:`latency_ms`'s way)."""
+        out = {}
+        for b in self.batches:
+            got = self.times[(k, b)] if k not in self.whole else []
+            short = self.warmup + self.repeats - len(got)
+            if short > 0 and self.first is not None:
+                x = self.first
+                got = got + _timed(session, x[:b] if len(x) >= b else x[np.arange(b) % len(x)], short)
+            out[f"batch_{b}"] = round(statistics.median(got[self.warmup:] or got), 4) if got else 0.0
+        return out
+
+
+def _chunks(rows: np.ndarray, b: int, calls: int) -> list[np.ndarray]:
+    """The pieces :meth:`BatchTimer.run` runs: ``calls`` of ``b`` rows, then the rest."""
+    pieces = [rows[j * b:(j + 1) * b] for j in range(calls)]
+    return pieces + ([rows[calls * b:]] if calls * b < len(rows) else [])
+
+
+def _timed(session, xb: np.ndarray, runs: int) -> list[float]:
+    feed = {session.get_inputs()[0].name: np.ascontiguousarray(xb)}
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - t) * 1000.0)
+    return times
+
+
+def sample_rows(n: int, samples: int) -> np.ndarray:
+    """``samples`` row indices spread evenly over a split of ``n`` rows (all of them when ``samples >= n``):
+    a figure measured on part of a split sees all of it, whatever order its provider lists it in."""
+    if samples >= n:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, max(samples, 0)).round().astype(np.int64))
+
+
+def run_side_by_side(sessions: Sequence, x, batch: int = STREAM_BATCH, *, on_error=None,
+                     timer: Optional[BatchTimer] = None, only: Optional[dict[int, np.ndarray]] = None
+                     ) -> Iterator[tuple[int, np.ndarray, list[Optional[list[np.ndarray]]]]]:
     """Every session on each batch of ``x`` as it is read: ``(start, rows, outputs per session)``.
     Comparing models costs one read (one decode of a lazy split) per row, not one per model.
 
     ``on_error(k, rows, exc)``: the exception to raise when session ``k`` fails on a batch (ONNX Runtime
-    raises its own types, e.g. for a shape it does not take); without it the error goes through."""
+    raises its own types, e.g. for a shape it does not take); without it the error goes through.
+    ``timer``: times its models on these runs (:class:`BatchTimer`); nothing decodes while it still does.
+    ``only``: ``{k: sorted row indices}``, a session run on those rows alone (its outputs hold those of the
+    batch's rows that are listed, in order; ``None`` for a batch with none)."""
     feeds = [s.get_inputs()[0].name for s in sessions]
-    for start, rows in stream_batches(x, batch):
-        outs = []
+    only = only or {}
+    for start, rows in stream_batches(x, batch, quiet=timer.busy if timer is not None else None):
+        outs: list[Optional[list[np.ndarray]]] = []
         for k, (sess, name) in enumerate(zip(sessions, feeds)):
+            feed = rows
+            if k in only:
+                idx = only[k]
+                local = idx[(idx >= start) & (idx < start + len(rows))] - start
+                if not len(local):
+                    outs.append(None)
+                    continue
+                feed = rows if len(local) == len(rows) else np.ascontiguousarray(rows[local])
             try:
-                outs.append(sess.run(None, {name: rows}))
+                if timer is not None and feed is rows:
+                    outs.append(timer.run(k, sess, name, rows))
+                else:
+                    outs.append(sess.run(None, {name: feed}))
             except Exception as exc:
                 if on_error is None:
                     raise
-                raise on_error(k, rows, exc) from None
+                raise on_error(k, feed, exc) from None
         yield start, rows, outs
 
 
@@ -174,13 +294,5 @@ class SqnrAccumulator:
 def latency_ms(session, x: np.ndarray, batch: int, warmup: int, repeats: int) -> float:
     """Median wall time of one ``session.run`` at ``batch``, in milliseconds. ``x``: the inputs (the first
     ``batch`` rows are read; repeated where there are fewer)."""
-    xb = np.ascontiguousarray(x[:batch] if len(x) >= batch else x[np.arange(batch) % len(x)])
-    feed = {session.get_inputs()[0].name: xb}
-    for _ in range(warmup):
-        session.run(None, feed)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - t) * 1000.0)
-    return round(statistics.median(times), 4)
+    xb = x[:batch] if len(x) >= batch else x[np.arange(batch) % len(x)]
+    return round(statistics.median(_timed(session, xb, warmup + repeats)[warmup:]), 4)

@@ -200,3 +200,17 @@ def compare_outputs(check: dict[str, Any], outputs: dict[str, Any]) -> tuple[str
         if not np.allclose(got, want, atol=atol, rtol=rtol):
             return f"output {name!r} differs from the golden output (max abs error {err:.4g} > atol {atol:g})", err
     return None, worst
+
+
+def fused_kernel_row(candidate: dict[str, Any], label: str, test_samples: int | None = None
+                     ) -> list[tuple[str, str, str, str]]:
+    """The report's row of the candidate on ONNX Runtime's fused int8 CPU kernels (never gated): ``label``
+    (the task metric, as the report names it), on how many test images, beside the candidate's Q/DQ figure
+    on the same images. Empty when the evaluation left it out."""
+    value = candidate.get("cpu_int8_kernel_metric")
+    if value is None:
+        return []
+    n, qdq = candidate.get("cpu_int8_kernel_samples"), candidate.get("cpu_int8_kernel_qdq_metric")
+    on = f", {n:,} of {test_samples:,} test images" if n is not None and test_samples and n < test_samples else ""
+    note = f"Q/DQ on the same images {qdq:.2f}; not gated" if qdq is not None else "not gated"
+    return [(f"{label}, ORT fused int8 CPU kernels (%){on}", "", f"{value:.2f}", note)]

@@ -271,7 +271,8 @@ def evaluate_op(recipe_json: str, qdq_model: Input[Model], parent_onnx: Input[Mo
             log(f"{who}_latency_ms_{b}", ms)
         for k, v in task.logged_metrics(sec).items():  # the task's own figures (a detector's mAP@0.5:0.95, ...)
             log(f"{who}_{k}", v)
-    log("cpu_int8_kernel_metric", cand.get("cpu_int8_kernel_metric"))
+    for k in ("cpu_int8_kernel_metric", "cpu_int8_kernel_qdq_metric", "cpu_int8_kernel_samples"):
+        log(k, cand.get(k))
     from edgeslim.components.common.confidence import REPORT_LEVEL, interval
 
     for drop, stat in (res.metrics.get("confidence") or {}).items():  # each gated drop's interval on test

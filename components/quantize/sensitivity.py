@@ -4,7 +4,8 @@ For every conv/linear node of the fp32 ONNX, the PTQ quantizer runs with every
 *other* node in ``float_layers``; the metric drop and the output SQNR of that
 one-layer-int8 model against the fp32 model rank the layers. The ranking feeds
 the accuracy-aware fallback (:mod:`edgeslim.components.quantize.search`), which keeps
-the top layers in float. That costs a quantized model and an inference per layer;
+the top layers in float. That costs a quantized model and an inference per layer (the split is read
+once per :data:`MODELS_PER_PASS` of them, and only per-batch figures are summed);
 :func:`layer_noise_proxy` ranks every layer from one pass instead (the detector search's
 single layers).
 """
@@ -198,10 +199,36 @@ def layer_noise_proxy(pre_onnx: str | Path, ranges: dict[str, float], x, nodes: 
     return out
 
 
-def _scores(onnx_path: str | Path, x: np.ndarray) -> np.ndarray:
-    from edgeslim.components.common.onnx_runtime import make_session, run_batched
+# One-layer-int8 models run side by side with the fp32 model per pass over the split: each pass reads
+# (decodes) the split once for all of them, and this many sessions are held at once.
+MODELS_PER_PASS = 4
 
-    return run_batched(make_session(onnx_path), x)
+
+def _flat(outputs: list[np.ndarray]) -> np.ndarray:
+    """A model's outputs on a batch as ``(n, k)``, several flattened and joined (as ``run_batched`` joins them)."""
+    return outputs[0] if len(outputs) == 1 else np.concatenate([o.reshape(len(o), -1) for o in outputs], 1)
+
+
+def _scores(fp32: str | Path, models: list[Path], x, y) -> tuple[float, list[tuple[float, float]]]:
+    """The fp32 model's top-1 (%) on ``x`` and, per model of ``models``, its top-1 and the SQNR (dB) of
+    its outputs against the fp32 model's: one pass over ``x`` with every model on each batch, correct
+    counts and signal and noise powers summed per batch (no model's outputs over the split are held)."""
+    from edgeslim.components.common.onnx_runtime import SqnrAccumulator, make_session, run_side_by_side
+
+    y = np.asarray(y)
+    right = np.zeros(len(models) + 1, np.int64)
+    sqnr = [SqnrAccumulator() for _ in models]
+    sessions = [make_session(fp32), *(make_session(m) for m in models)]
+    for start, rows, outs in run_side_by_side(sessions, x):
+        ref = _flat(outs[0])
+        labels = y[start:start + len(rows)]
+        right[0] += int((ref.argmax(1) == labels).sum())
+        for k, (out, acc) in enumerate(zip(outs[1:], sqnr), 1):
+            out = _flat(out)
+            right[k] += int((out.argmax(1) == labels).sum())
+            acc.add(ref, out)
+    top1 = right * 100.0 / max(len(y), 1)
+    return float(top1[0]), [(float(t), acc.db()) for t, acc in zip(top1[1:], sqnr)]
 
 
 @dataclasses.dataclass
@@ -233,8 +260,6 @@ def layer_sensitivity(fp32_onnx: str | Path, config: PTQQuantizeConfig, *, data:
         ``{"split", "fp32_metric", "calibrator", "layers": [rows, most sensitive first]}``;
         a row has node, layer, op, metric, metric_drop (points), sqnr_db and nodes (what was int8).
     """
-    from edgeslim.components.common.accuracy import top1_percent
-    from edgeslim.components.common.onnx_runtime import sqnr_db
     from edgeslim.components.quantize.ptq import calibrate_onnx, quantize
 
     x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
@@ -245,22 +270,24 @@ def layer_sensitivity(fp32_onnx: str | Path, config: PTQQuantizeConfig, *, data:
         import onnx
 
         all_nodes = [n.name for n in onnx.load(str(pre)).graph.node if n.name]
-        ref = _scores(pre, x)
-        base = top1_percent(ref, y)
         rows = []
         ranges = calibrate_onnx(pre, config, data)  # once: float_layers never changes a range
         groups = [{**lay, "nodes": [lay["node"]]} for lay in quantizable_layers(pre)]
         if tails:
             groups += [{"node": f"tail:{t['output']}", "layer": f"tail of {t['output']}", "op": "tail", "nodes": t["nodes"]}
                        for t in output_tails(pre) if len(t["nodes"]) > 1]
-        for i, layer in enumerate(groups):
-            others = [n for n in all_nodes if n not in layer["nodes"]]
-            cfg = dataclasses.replace(config, float_layers=others)
-            res = quantize(pre, cfg, data=data, out_dir=root / f"layer{i:03d}", ranges=ranges)
-            out = _scores(res.model, x)
-            metric = top1_percent(out, y)
-            rows.append(LayerSensitivity(layer["node"], layer["layer"], layer["op"], round(metric, 4),
-                                         round(base - metric, 4), round(sqnr_db(ref, out), 3), nodes=layer["nodes"]))
+        base = None
+        for first in range(0, max(len(groups), 1), MODELS_PER_PASS):
+            chunk = groups[first:first + MODELS_PER_PASS]
+            models = []
+            for i, layer in enumerate(chunk, first):
+                others = [n for n in all_nodes if n not in layer["nodes"]]
+                cfg = dataclasses.replace(config, float_layers=others)
+                models.append(quantize(pre, cfg, data=data, out_dir=root / f"layer{i:03d}", ranges=ranges).model)
+            base, scores = _scores(pre, models, x, y)
+            for layer, (metric, db) in zip(chunk, scores):
+                rows.append(LayerSensitivity(layer["node"], layer["layer"], layer["op"], round(metric, 4),
+                                             round(base - metric, 4), round(db, 3), nodes=layer["nodes"]))
     rows.sort(key=lambda r: (-r.metric_drop, r.sqnr_db))
     for i, r in enumerate(rows, 1):
         r.rank = i

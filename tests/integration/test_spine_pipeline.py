@@ -88,6 +88,8 @@ def test_run_registers_a_gated_int8_candidate_with_lineage(first_run, mlflow_ser
     assert t["edgeslim.recipe_hash"] == rep["recipe_hash"]
     assert float(t["edgeslim.metric.candidate_metric"]) == pytest.approx(rep["candidate"]["metric"])
     assert float(t["edgeslim.metric.metric_drop_high"]) == pytest.approx(rep["confidence"]["drops"][0]["test"]["high"])
+    # the fused int8 CPU kernel figure says on how many test images it was measured
+    assert float(t["edgeslim.metric.cpu_int8_kernel_samples"]) == rep["candidate"]["cpu_int8_kernel_samples"]
     assert "edgeslim.version" in t
     # Lineage as run inputs: the parent LoggedModel and the calibration dataset.
     run = client.get_run(rep["registered"]["run_id"])
@@ -301,6 +303,11 @@ def test_each_kfp_task_writes_its_metrics_and_the_gate_its_verdict_as_markdown(f
     assert ev["sqnr_db"] == pytest.approx(rep["candidate"]["fidelity"]["sqnr_db"])
     assert ev["candidate_size_bytes"] == rep["candidate"]["size_bytes"] and ev["size_ratio"] > 1
     assert {"source_latency_ms_batch_1", "candidate_latency_ms_batch_32"} <= set(ev)
+    # ORT's fused int8 CPU kernels on a sample of the test images, the candidate's Q/DQ top-1 on the same ones
+    cand = rep["candidate"]
+    assert 0 < cand["cpu_int8_kernel_samples"] <= rep["test_samples"] and ev["cpu_int8_kernel_samples"] == cand[
+        "cpu_int8_kernel_samples"]
+    assert ev["cpu_int8_kernel_qdq_metric"] == pytest.approx(cand["cpu_int8_kernel_qdq_metric"])
     # nothing pruned: the candidate has its parent's MACs and parameters (the parent's export counted both)
     assert ev["source_macs"] == ev["candidate_macs"] == rep["candidate"]["macs"] > 0
     assert ev["source_params"] == ev["candidate_params"] == rep["source"]["params"] > 0

@@ -178,6 +178,61 @@ def test_the_evaluate_task_gives_each_side_the_macs_and_parameters_its_export_co
     assert metrics.metadata["candidate_macs"] == 5000.0 and metrics.metadata["candidate_params"] == 400.0
 
 
+def test_latency_is_timed_on_the_evaluation_runs_and_the_fused_kernels_run_on_a_spread_sample(fp32_onnx, digits,
+                                                                                                  tmp_path):
+    import dataclasses
+
+    from edgeslim.components.common.onnx_runtime import BatchTimer, make_session, run_side_by_side, sample_rows
+    from edgeslim.components.common.tasks import fused_kernel_row
+
+    # The timed runs give the outputs one run of each whole batch gives, and as many timed runs as asked.
+    sess = make_session(fp32_onnx.model)
+    x = np.ascontiguousarray(digits.x_test[:100])
+    timer = BatchTimer([0], [1, 8], warmup=1, repeats=3)
+    got = np.concatenate([outs[0][0] for _, _, outs in run_side_by_side([sess], x, 16, timer=timer)])
+    np.testing.assert_allclose(got, run_onnx(fp32_onnx.model, x), rtol=1e-5, atol=1e-5)
+    assert {b: len(t) for (_, b), t in timer.times.items()} == {1: 4, 8: 4} and not timer.busy()
+    # a split smaller than the batch timed is completed on its own rows, repeated
+    small = BatchTimer([0], [8], warmup=1, repeats=3)
+    list(run_side_by_side([sess], x[:5], 16, timer=small))
+    assert small.times[(0, 8)] == [] and small.result(0, sess)["batch_8"] > 0
+
+    q = quantize(fp32_onnx.model, PTQQuantizeConfig(), data=digits, out_dir=tmp_path).model
+    cfg = EvaluateConfig(latency_batches=[1, 8], latency_warmup=1, latency_repeats=3, cpu_int8_kernel_samples=50)
+    cand = evaluate(q, cfg, parent_onnx=fp32_onnx.model, data=digits).metrics["candidate"]
+    rows = sample_rows(len(digits.x_test), 50)
+    assert len(rows) == 50 and rows[0] == 0 and rows[-1] == len(digits.x_test) - 1
+    y = np.asarray(digits.y_test)[rows]
+    fused = run_onnx(q, np.ascontiguousarray(digits.x_test[rows]), basic=False)
+    qdq = run_onnx(q, np.ascontiguousarray(digits.x_test[rows]))
+    assert cand["cpu_int8_kernel_samples"] == 50
+    assert cand["cpu_int8_kernel_metric"] == round(float((fused.argmax(1) == y).mean() * 100), 4)
+    assert cand["cpu_int8_kernel_qdq_metric"] == round(float((qdq.argmax(1) == y).mean() * 100), 4)
+    assert set(cand["latency_ms"]) == {"batch_1", "batch_8"}
+    (row,) = fused_kernel_row(cand, "top-1", len(digits.x_test))
+    assert f"50 of {len(digits.x_test):,} test images" in row[0] and "Q/DQ on the same images" in row[3]
+    off = evaluate(q, dataclasses.replace(cfg, cpu_int8_kernel_samples=0), parent_onnx=fp32_onnx.model,
+                   data=digits).metrics["candidate"]
+    assert "cpu_int8_kernel_metric" not in off and fused_kernel_row(off, "top-1") == []
+
+
+def test_evaluation_leaves_a_core_to_the_image_decoding_beside_it(monkeypatch):
+    import os
+
+    from edgeslim.components.common.onnx_runtime import threads_beside_decoding
+
+    class Lazy:  # a split decoded as it is read (LazyImages' place)
+        def __len__(self):
+            return 10
+
+    monkeypatch.delenv("EDGESLIM_ORT_THREADS", raising=False)
+    assert threads_beside_decoding(0, Lazy()) == max(1, len(os.sched_getaffinity(0)) - 1)
+    assert threads_beside_decoding(0, np.zeros((10, 3))) == 0  # rows in memory: ONNX Runtime chooses
+    assert threads_beside_decoding(3, Lazy()) == 3  # the recipe's evaluate.threads
+    monkeypatch.setenv("EDGESLIM_ORT_THREADS", "2")
+    assert threads_beside_decoding(0, Lazy()) == 0  # make_session reads the variable
+
+
 def test_sqnr():
     x = np.ones(100)
     assert sqnr_db(x, x) == float("inf")

@@ -2,8 +2,8 @@
 
 Q/DQ models are evaluated in Q/DQ semantics (ORT_ENABLE_BASIC: each
 DequantizeLinear feeds a float op, which is what TensorRT's int8 math
-approximates). The accuracy of ORT's fused int8 CPU kernels is reported too,
-labelled as such, and never gates (docs/design.md).
+approximates). The accuracy of ORT's fused int8 CPU kernels is reported too, on a
+sample of the test images, labelled as such, and never gates (docs/design.md).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edgeslim.components.common.onnx_runtime import (SqnrAccumulator, latency_ms, make_session, run_side_by_side,
-                                                     sqnr_db)
+from edgeslim.components.common.onnx_runtime import (STREAM_BATCH, BatchTimer, SqnrAccumulator, make_session,
+                                                     run_side_by_side, sample_rows, sqnr_db, threads_beside_decoding)
 from edgeslim.components.common.accuracy import top1_percent  # noqa: F401  (re-exported)
 from edgeslim.components.common.confidence import drop_check, top1_drop
 from edgeslim.components.common.data import Splits
@@ -55,17 +55,23 @@ class StreamedTop1:
         self.sqnr = {p: SqnrAccumulator() for p in pairs}
         self.classes = 0
 
-    def add(self, start: int, logits: dict[str, np.ndarray]) -> None:
-        """One batch's ``(n, k)`` logits per model; ``start``: the batch's first row in the split."""
+    def add(self, start: int, logits: dict[str, np.ndarray], rows: dict[str, np.ndarray] | None = None) -> None:
+        """One batch's ``(n, k)`` logits per model; ``start``: the batch's first row in the split; ``rows``:
+        per model run on some of the batch's rows alone, their indices in the split."""
         for m, out in logits.items():
-            self.pred[m][start:start + len(out)] = out.argmax(1)
+            if rows and m in rows:
+                self.pred[m][rows[m]] = out.argmax(1)
+            else:
+                self.pred[m][start:start + len(out)] = out.argmax(1)
             self.classes = int(out.shape[1])
         for (ref, cand), acc in self.sqnr.items():
             acc.add(logits[ref], logits[cand])
 
-    def top1(self, model: str, labels: np.ndarray) -> float:
-        """Share of images whose top-1 is the label, in percent."""
-        return float((self.pred[model] == np.asarray(labels)).mean() * 100.0)
+    def top1(self, model: str, labels: np.ndarray, rows: np.ndarray | None = None) -> float:
+        """Share of images (``rows`` of the split alone, when given) whose top-1 is the label, in percent."""
+        if rows is None:
+            return float((self.pred[model] == np.asarray(labels)).mean() * 100.0)
+        return float((self.pred[model][rows] == np.asarray(labels)[rows]).mean() * 100.0) if len(rows) else 0.0
 
     def agreement(self, reference: str, candidate: str) -> float:
         """Share of images on which both models' top-1 agree."""
@@ -107,13 +113,15 @@ def evaluate(candidate_onnx: str | Path, config: EvaluateConfig, *, parent_onnx:
     """Evaluate the candidate and its parent side by side on the test split.
 
     One pass over the split: each batch, as it is read (decoded, for an image split), runs through every
-    model compared: the parent, the candidate (Q/DQ semantics), the candidate on ORT's fused int8 CPU
-    kernels and the student where there is one. Figures are summed per batch (top-1 per image, SQNR,
-    the output error the report charts), so memory follows the batch, not the split.
+    model compared: the parent, the candidate (Q/DQ semantics) and the student where there is one, and, on
+    ``config.cpu_int8_kernel_samples`` images spread over the split, the candidate on ORT's fused int8 CPU
+    kernels. Figures are summed per batch (top-1 per image, SQNR, the output error the report charts), so
+    memory follows the batch, not the split. The parent's and the candidate's latency is timed on those
+    same runs (:class:`~edgeslim.components.common.onnx_runtime.BatchTimer`).
 
     Args:
         candidate_onnx: the int8 Q/DQ ONNX.
-        config: latency settings.
+        config: latency settings, and the images of the fused-kernel figure.
         parent_onnx: the fp32 ONNX of the registered parent model.
         data: the test split is used.
         student_onnx: the fp32 ONNX the candidate was quantized from, when distill or
@@ -123,35 +131,42 @@ def evaluate(candidate_onnx: str | Path, config: EvaluateConfig, *, parent_onnx:
 
     Returns:
         ``StageResult`` whose metrics hold ``source`` and ``candidate`` sections
-        (metric = top-1 %, fidelity, size, latency), ``figures`` (the int8 output error against its own
-        fp32 model, for the report's chart) and ``confidence``: the top-1 drop's statistic over the test
-        images (:func:`~edgeslim.components.common.confidence.top1_drop`).
+        (metric = top-1 %, fidelity, size, latency; the candidate's fused-kernel figure, its images and its
+        Q/DQ figure on them), ``figures`` (the int8 output error against its own fp32 model, for the
+        report's chart) and ``confidence``: the top-1 drop's statistic over the test images
+        (:func:`~edgeslim.components.common.confidence.top1_drop`).
     """
     t0 = time.perf_counter()
     ref_path, reference = reference_onnx(parent_onnx=parent_onnx, student_onnx=student_onnx)
     own_student = ref_path != Path(parent_onnx)
-    paths = {"source": parent_onnx, "candidate": candidate_onnx, "fused": candidate_onnx,
-             **({"student": ref_path} if own_student else {})}
-    sessions = {k: make_session(p, basic=k != "fused", threads=config.threads) for k, p in paths.items()}
     x, y = data.x_test, data.y_test
+    fused_rows = sample_rows(len(x), config.cpu_int8_kernel_samples)
+    paths = {"source": parent_onnx, "candidate": candidate_onnx,
+             **({"fused": candidate_onnx} if len(fused_rows) else {}), **({"student": ref_path} if own_student else {})}
+    threads = threads_beside_decoding(config.threads, x)
+    sessions = {k: make_session(p, basic=k != "fused", threads=threads) for k, p in paths.items()}
+    keys = list(sessions)
     ref = "student" if own_student else "source"
-    top1s = StreamedTop1(list(sessions), len(x), pairs=[("source", "candidate"), *([(ref, "candidate")] if own_student else [])])
+    top1s = StreamedTop1(keys, len(x), pairs=[("source", "candidate"), *([(ref, "candidate")] if own_student else [])])
     err, names = OutputError(), [o.name for o in sessions[ref].get_outputs()]
+    timer = BatchTimer([keys.index("source"), keys.index("candidate")], config.latency_batches,
+                       config.latency_warmup, config.latency_repeats)
+    only = {keys.index("fused"): fused_rows} if "fused" in sessions else {}
     chart_error = None
-    for start, _, outs in run_side_by_side(list(sessions.values()), x, on_error=_rejects(list(paths.values()), x)):
-        raw = dict(zip(sessions, outs))
-        top1s.add(start, {k: flat_logits(v) for k, v in raw.items()})
+    for start, rows, outs in run_side_by_side(list(sessions.values()), x, max(STREAM_BATCH, *config.latency_batches),
+                                           on_error=_rejects(list(paths.values()), x), timer=timer, only=only):
+        raw = {k: v for k, v in zip(keys, outs) if v is not None}
+        part = {"fused": fused_rows[(fused_rows >= start) & (fused_rows < start + len(rows))]}
+        top1s.add(start, {k: flat_logits(v) for k, v in raw.items()}, rows=part)
         if chart_error is None:
             try:  # a chart must not cost the evaluation: the report says what went wrong
                 err.add((raw[ref], names), (raw["candidate"], names))
             except Exception as exc:
                 chart_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-    lat_x = np.ascontiguousarray(x[:max(config.latency_batches, default=1)])  # read once for every latency
 
     def side(key: str) -> dict[str, Any]:
         return {"metric": round(top1s.top1(key, y), 4), "size_bytes": Path(paths[key]).stat().st_size,
-                "latency_ms": {f"batch_{b}": latency_ms(sessions[key], lat_x, b, config.latency_warmup,
-                                                        config.latency_repeats) for b in config.latency_batches}}
+                "latency_ms": timer.result(keys.index(key), sessions[key])}
 
     fid = {"top1_agreement": top1s.agreement("source", "candidate"),
            "sqnr_db": round(top1s.sqnr_db("source", "candidate"), 3)}
@@ -160,9 +175,12 @@ def evaluate(candidate_onnx: str | Path, config: EvaluateConfig, *, parent_onnx:
         "metric_name": "top1",
         "test_samples": int(len(x)),
         "source": side("source"),
-        "candidate": {**side("candidate"), "fidelity": fid,
-                      "cpu_int8_kernel_metric": round(top1s.top1("fused", y), 4)},
+        "candidate": {**side("candidate"), "fidelity": fid},
     }
+    if "fused" in sessions:
+        metrics["candidate"].update(cpu_int8_kernel_metric=round(top1s.top1("fused", y, fused_rows), 4),
+                                    cpu_int8_kernel_samples=int(len(fused_rows)),
+                                    cpu_int8_kernel_qdq_metric=round(top1s.top1("candidate", y, fused_rows), 4))
     metrics["confidence"] = {"metric_drop": paired_top1(top1s.pred["source"], top1s.pred["candidate"], y)}
     for section, key in (("source", "source"), ("candidate", "candidate")):
         cm = confusion_matrix(top1s.pred[key], y, top1s.classes)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeslim.components.common.output_error import output_error
+from edgeslim.components.common.tasks import fused_kernel_row
 
 
 def figures(candidate_onnx: str | Path, *, parent_onnx: str | Path, data,
@@ -19,6 +20,4 @@ def rows(rep: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     c = rep["candidate"]
     rows = [("top-1 agreement", "", f"{c['fidelity']['top1_agreement']:.4f}", ""),
             ("output SQNR (dB)", "", f"{c['fidelity']['sqnr_db']:.2f}", "")]
-    if c.get("cpu_int8_kernel_metric") is not None:
-        rows.append(("top-1, ORT fused int8 CPU kernels (%)", "", f"{c['cpu_int8_kernel_metric']:.2f}", "not gated"))
-    return rows
+    return rows + fused_kernel_row(c, "top-1", rep.get("test_samples"))

@@ -23,8 +23,9 @@ import numpy as np
 
 from edgeslim.components.common.average_precision import IOU_THRESHOLDS, average_precision, by_score
 from edgeslim.components.common.confidence import drop_check
-from edgeslim.components.common.onnx_runtime import (STREAM_BATCH, SqnrAccumulator, input_rejected, latency_ms,
-                                                     make_session, run_side_by_side)
+from edgeslim.components.common.onnx_runtime import (STREAM_BATCH, BatchTimer, SqnrAccumulator, input_rejected,
+                                                     make_session, run_side_by_side, sample_rows,
+                                                     threads_beside_decoding)
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import DataError
 from edgeslim.components.common.result import GateCheck, StageResult, verdict
@@ -137,7 +138,8 @@ def pr_curve(preds, gts, num_classes: int, score_threshold: float, *, iou: float
 
 def detect_batches(onnx_paths: Sequence[str | Path], x, task, *, basic: Sequence[bool] | bool = True,
                    batch: int = STREAM_BATCH, on_batch=None, decode: Sequence[bool] | None = None,
-                   threads: int = 0) -> list[list[np.ndarray]]:
+                   threads: int = 0, timer=None, only: dict[int, np.ndarray] | None = None,
+                   sessions: Sequence | None = None) -> list[list[np.ndarray]]:
     """Decoded detections of one or more ONNX detectors on ``x``, run side by side a batch at a time.
 
     Each batch of ``x`` is read once (``x`` may be a lazy split: one decode per image, whatever the number
@@ -154,25 +156,31 @@ def detect_batches(onnx_paths: Sequence[str | Path], x, task, *, basic: Sequence
         decode: per model, whether its outputs are decoded to boxes (default: every model's); a model
             run only for ``on_batch`` gets an empty list.
         threads: ONNX Runtime intra-op threads (0: its default; see :func:`make_session`).
+        timer: a :class:`~edgeslim.components.common.onnx_runtime.BatchTimer` that times its models on
+            these runs.
+        only: ``{model: sorted row indices}``, a model run on those images alone (its list holds theirs,
+            in order; ``on_batch`` gets ``None`` for it on a batch with none of them).
+        sessions: the models' sessions, when the caller made them (``basic`` and ``threads`` then unused).
 
     Returns:
         Per model, per image an (M, 6) ``[x1, y1, x2, y2, score, class]`` array.
     """
     basics = [basic] * len(onnx_paths) if isinstance(basic, bool) else list(basic)
     decodes = [True] * len(onnx_paths) if decode is None else list(decode)
-    sessions = [make_session(p, basic=b, threads=threads) for p, b in zip(onnx_paths, basics)]
+    if sessions is None:
+        sessions = [make_session(p, basic=b, threads=threads) for p, b in zip(onnx_paths, basics)]
     names = [[o.name for o in s.get_outputs()] for s in sessions]
     dets: list[list[np.ndarray]] = [[] for _ in sessions]
 
     def rejects(k: int, rows, exc: Exception) -> DataError:  # ORT raises its own types for shape mismatches
         return input_rejected(onnx_paths[k], x, exc)
 
-    for _, _, outs in run_side_by_side(sessions, x, batch, on_error=rejects):
+    for _, _, outs in run_side_by_side(sessions, x, batch, on_error=rejects, timer=timer, only=only):
         for n, o, out, keep in zip(names, outs, dets, decodes):
-            if keep:
+            if keep and o is not None:
                 out.extend(decode_outputs(o, task, n))
         if on_batch is not None:
-            on_batch(list(zip(outs, names)))
+            on_batch([(o, n) if o is not None else None for o, n in zip(outs, names)])
     return dets
 
 
@@ -222,16 +230,11 @@ def detection_agreement(reference: list[np.ndarray], candidate: list[np.ndarray]
     return round(hit / total, 4) if total else 1.0
 
 
-def _measured(onnx_path: str | Path, dets: list[np.ndarray], data: Splits, task, config,
-              lat_x=None) -> dict[str, Any]:
+def _measured(onnx_path: str | Path, dets: list[np.ndarray], data: Splits, task, latency: dict[str, float]
+              ) -> dict[str, Any]:
     m = detection_metrics(dets, list(data.y_test), task.num_classes, task.score_threshold)
-    res = {"detections": dets, "metric": m["map50"], "detection": m, "size_bytes": Path(onnx_path).stat().st_size}
-    if config is not None:
-        sess = make_session(onnx_path, basic=True, threads=config.threads)
-        x = data.x_test[:max(config.latency_batches, default=1)] if lat_x is None else lat_x
-        res["latency_ms"] = {f"batch_{b}": latency_ms(sess, x, b, config.latency_warmup, config.latency_repeats)
-                             for b in config.latency_batches}
-    return res
+    return {"detections": dets, "metric": m["map50"], "detection": m, "size_bytes": Path(onnx_path).stat().st_size,
+            "latency_ms": latency}
 
 
 def evaluate_detection(candidate_onnx: str | Path, config, *, parent_onnx: str | Path, data: Splits,
@@ -239,14 +242,16 @@ def evaluate_detection(candidate_onnx: str | Path, config, *, parent_onnx: str |
     """Evaluate a detector candidate and its parent side by side on the test split.
 
     One pass over the split: each batch, as it is read (decoded, for an image split), runs through the
-    parent, the candidate (Q/DQ semantics), the candidate on ORT's fused int8 CPU kernels and the student
-    where there is one. The outputs' SQNR and the output error are summed over batches rather than
-    computed over held outputs; the report's figures (output error, precision-recall curves) come from
-    the same pass.
+    parent, the candidate (Q/DQ semantics) and the student where there is one, and, on
+    ``config.cpu_int8_kernel_samples`` images spread over the split, the candidate on ORT's fused int8 CPU
+    kernels. The outputs' SQNR and the output error are summed over batches rather than computed over held
+    outputs; the report's figures (output error, precision-recall curves) come from the same pass, and
+    the parent's and the candidate's latency is timed on its runs
+    (:class:`~edgeslim.components.common.onnx_runtime.BatchTimer`).
 
     Args:
         candidate_onnx: the int8 Q/DQ ONNX (judged in Q/DQ semantics).
-        config: the recipe's ``EvaluateConfig`` (latency settings).
+        config: the recipe's ``EvaluateConfig`` (latency settings, the images of the fused-kernel figure).
         parent_onnx: the parent's fp32 ONNX.
         data: detection splits (``y_*`` hold (k, 5) boxes per image).
         task: the recipe's ``DetectionTaskConfig``.
@@ -279,15 +284,17 @@ def evaluate_detection(candidate_onnx: str | Path, config, *, parent_onnx: str |
             except Exception as exc:
                 chart_error.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
 
+    fused_rows = sample_rows(len(data.x_test), config.cpu_int8_kernel_samples)
     paths = [parent_onnx, candidate_onnx, candidate_onnx, *([ref_path] if own else [])]
+    threads = threads_beside_decoding(config.threads, data.x_test)
+    sessions = [make_session(p, basic=b, threads=threads) for p, b in zip(paths, [True, True, False, True])]
+    timer = BatchTimer([0, 1], config.latency_batches, config.latency_warmup, config.latency_repeats)
     parent_dets, cand_dets, fused_dets, *_ = detect_batches(
-        paths, data.x_test, task, basic=[True, True, False, True][:len(paths)], on_batch=on_batch,
-        decode=[True, True, True, False][:len(paths)], threads=config.threads)
-    lat_x = np.ascontiguousarray(data.x_test[:max(config.latency_batches, default=1)])  # read once
-    parent = _measured(parent_onnx, parent_dets, data, task, config, lat_x=lat_x)
-    cand = _measured(candidate_onnx, cand_dets, data, task, config, lat_x=lat_x)
+        paths, data.x_test, task, on_batch=on_batch, decode=[True, True, True, False][:len(paths)],
+        batch=max(STREAM_BATCH, *config.latency_batches), timer=timer, only={2: fused_rows}, sessions=sessions)
+    parent = _measured(parent_onnx, parent_dets, data, task, timer.result(0, sessions[0]))
+    cand = _measured(candidate_onnx, cand_dets, data, task, timer.result(1, sessions[1]))
     agree = detection_agreement(parent["detections"], cand["detections"], task.score_threshold)
-    fused = detection_metrics(fused_dets, list(data.y_test), task.num_classes, task.score_threshold)
     keep = ("metric", "size_bytes", "latency_ms", "detection")
     metrics = {
         "metric_name": "map50",
@@ -299,9 +306,15 @@ def evaluate_detection(candidate_onnx: str | Path, config, *, parent_onnx: str |
             # top1_agreement mirrors the detection agreement so the spine's registry metrics work.
             "fidelity": {"detection_agreement": agree, "top1_agreement": agree,
                          "sqnr_db": round(sqnr.db(), 3)},
-            "cpu_int8_kernel_metric": fused["map50"],
         },
     }
+    if len(fused_rows):  # the fused kernels' mAP@0.5 beside the candidate's Q/DQ one, on the same images
+        gts = [data.y_test[i] for i in fused_rows]
+        metrics["candidate"].update(
+            cpu_int8_kernel_metric=detection_metrics(fused_dets, gts, task.num_classes, task.score_threshold)["map50"],
+            cpu_int8_kernel_samples=int(len(fused_rows)),
+            cpu_int8_kernel_qdq_metric=detection_metrics([cand_dets[i] for i in fused_rows], gts, task.num_classes,
+                                                         task.score_threshold)["map50"])
     metrics["candidate"]["size_ratio"] = round(parent["size_bytes"] / cand["size_bytes"], 3)
     metrics["confidence"] = paired_detection_drops(parent_dets, cand_dets, data.y_test, task)
     if chart_error:

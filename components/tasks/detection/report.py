@@ -8,6 +8,7 @@ from typing import Any
 
 from edgeslim.components.common.charts import BAR, FAIL, FP32, INT8, MUTED, Chart, Panel, Svg, bar_panels
 from edgeslim.components.common.output_error import OutputError, reference_onnx
+from edgeslim.components.common.tasks import fused_kernel_row
 from edgeslim.components.tasks.detection.evaluate import detect_batches, pr_curve
 
 
@@ -92,9 +93,7 @@ def rows(rep: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             (f"precision at score >= {thr:g} (%)", f"{s['precision']:.2f}", f"{c['precision']:.2f}",
              f"{c['precision'] - s['precision']:+.2f} pt"),
             ("detection agreement", "", f"{cand['fidelity'].get('detection_agreement', 0.0):.4f}", "")]
-    if cand.get("cpu_int8_kernel_metric") is not None:
-        rows.append(("mAP@0.5, ORT fused int8 CPU kernels (%)", "", f"{cand['cpu_int8_kernel_metric']:.2f}",
-                     "not gated"))
+    rows += fused_kernel_row(cand, "mAP@0.5", rep.get("test_samples"))
     quant = cand.get("quantization") or {}
     ranges, floats = quant.get("ranges") or {}, set(quant.get("float_outputs") or [])
     outs = {k: v for k, v in ranges.items() if k.startswith("output")}

@@ -20,8 +20,8 @@ import numpy as np
 
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import DataError
-from edgeslim.components.common.onnx_runtime import (SqnrAccumulator, input_rejected, latency_ms, make_session,
-                                                     run_outputs)
+from edgeslim.components.common.onnx_runtime import (BatchTimer, SqnrAccumulator, input_rejected, make_session,
+                                                     run_side_by_side, sample_rows, threads_beside_decoding)
 from edgeslim.components.common.result import GateCheck, StageResult, verdict
 from edgeslim.components.tasks.segmentation.runtime import argmax_masks, logits_output
 
@@ -61,27 +61,37 @@ def segmentation_metrics(cm: np.ndarray) -> dict[str, Any]:
     }
 
 
-def side_by_side(onnx_paths: Sequence[str | Path], x, y, *, basic: Sequence[bool] | bool, batch: int
-                 ) -> Iterator[tuple[Any, list[tuple[list[np.ndarray], list[str]]]]]:
-    """Each batch's labels and per model its ``(outputs, names)`` on the batch: the models run side by side, each
-    batch of ``x`` read once (``x`` and ``y`` may be lazy splits), in Q/DQ semantics where ``basic`` says so
-    (per model, or for all; see :func:`make_session`)."""
+def side_by_side(onnx_paths: Sequence[str | Path], x, y, *, basic: Sequence[bool] | bool, batch: int,
+                 sessions: Sequence | None = None, timer=None, only: dict[int, np.ndarray] | None = None
+                 ) -> Iterator[tuple[int, Any, list[tuple[list[np.ndarray], list[str]] | None]]]:
+    """Each batch's first row, its labels and per model its ``(outputs, names)`` on the batch: the models run
+    side by side, each batch of ``x`` read once (``x`` and ``y`` may be lazy splits), in Q/DQ semantics where
+    ``basic`` says so (per model, or for all; see :func:`make_session`). ``sessions``, ``timer``, ``only``: as
+    :func:`~edgeslim.components.common.onnx_runtime.run_side_by_side` takes them (a model in ``only`` has the
+    outputs of those of the batch's rows, ``None`` for a batch with none of them)."""
     basics = [basic] * len(onnx_paths) if isinstance(basic, bool) else list(basic)
-    sessions = [make_session(p, basic=b) for p, b in zip(onnx_paths, basics)]
-    for i in range(0, len(x), batch):
-        xb = np.ascontiguousarray(x[i:i + batch])
-        raw = []
-        for path, sess in zip(onnx_paths, sessions):
-            try:
-                names, outs = run_outputs(sess, xb, batch=len(xb))
-            except Exception as exc:  # ORT raises its own types for shape mismatches
-                raise input_rejected(path, x, exc) from None
-            raw.append((outs, names))
-        yield y[i:i + batch], raw
+    if sessions is None:
+        sessions = [make_session(p, basic=b) for p, b in zip(onnx_paths, basics)]
+    names = [[o.name for o in s.get_outputs()] for s in sessions]
+
+    def rejects(k: int, rows, exc: Exception) -> DataError:  # ORT raises its own types for shape mismatches
+        return input_rejected(onnx_paths[k], x, exc)
+
+    for start, xb, outs in run_side_by_side(sessions, x, batch, on_error=rejects, timer=timer, only=only):
+        yield start, y[start:start + len(xb)], [(o, n) if o is not None else None for o, n in zip(outs, names)]
+
+
+def picked(only: dict[int, np.ndarray] | None, k: int, start: int, n: int) -> np.ndarray | None:
+    """The rows of a batch (``start``, ``n`` rows) model ``k`` of ``only`` ran on, within the batch; None
+    for a model that ran on every row."""
+    if not only or k not in only:
+        return None
+    return only[k][(only[k] >= start) & (only[k] < start + n)] - start
 
 
 def segment_batches(onnx_paths: Sequence[str | Path], x, y, task, *, basic: Sequence[bool] | bool = True,
-                    batch: int = 64, on_batch=None) -> list[np.ndarray]:
+                    batch: int = 64, on_batch=None, sessions: Sequence | None = None, timer=None,
+                    only: dict[int, np.ndarray] | None = None) -> list[np.ndarray]:
     """Confusion matrices of one or more ONNX segmenters on ``x`` against masks ``y``, run side by side a
     batch at a time (``x`` and ``y`` may be lazy splits: each batch is read once).
 
@@ -94,30 +104,32 @@ def segment_batches(onnx_paths: Sequence[str | Path], x, y, task, *, basic: Sequ
         batch: images per run.
         on_batch: called with each batch's ``(raw, masks, labels)``: per model ``(outputs, names)``, per
             model the argmax masks, and the label masks.
+        sessions, timer, only: as :func:`side_by_side` takes them (a model in ``only`` counts those images
+            alone, and has ``None`` in ``on_batch`` for a batch with none of them).
 
     Returns:
         Per model its ``(num_classes, num_classes)`` confusion matrix.
     """
     k = task.num_classes
     cms = [np.zeros((k, k), np.int64) for _ in onnx_paths]
-    for labels, raw in side_by_side(onnx_paths, x, y, basic=basic, batch=batch):
+    for start, labels, raw in side_by_side(onnx_paths, x, y, basic=basic, batch=batch, sessions=sessions,
+                                           timer=timer, only=only):
         yb = np.asarray(labels)
-        masks = [argmax_masks(logits_output(dict(zip(names, outs)), task), yb.shape[1:]) for outs, names in raw]
-        for cm, m in zip(cms, masks):
-            cm += confusion(m, yb, k, task.ignore_index)
+        masks = [None if r is None else argmax_masks(logits_output(dict(zip(r[1], r[0])), task), yb.shape[1:])
+                 for r in raw]
+        for j, (cm, m) in enumerate(zip(cms, masks)):
+            if m is not None:
+                rows = picked(only, j, start, len(yb))
+                cm += confusion(m, yb if rows is None else yb[rows], k, task.ignore_index)
         if on_batch is not None:
             on_batch(raw, masks, yb)
     return cms
 
 
-def _measured(onnx_path: str | Path, cm: np.ndarray, data: Splits, config) -> dict[str, Any]:
+def _measured(onnx_path: str | Path, cm: np.ndarray, latency: dict[str, float]) -> dict[str, Any]:
     m = segmentation_metrics(cm)
-    res = {"metric": m["miou"], "segmentation": m, "size_bytes": Path(onnx_path).stat().st_size}
-    if config is not None:
-        sess = make_session(onnx_path, basic=True, threads=config.threads)
-        res["latency_ms"] = {f"batch_{b}": latency_ms(sess, data.x_test, b, config.latency_warmup,
-                                                      config.latency_repeats) for b in config.latency_batches}
-    return res
+    return {"metric": m["miou"], "segmentation": m, "size_bytes": Path(onnx_path).stat().st_size,
+            "latency_ms": latency}
 
 
 class PixelAgreement:
@@ -138,9 +150,10 @@ def evaluate_segmentation(candidate_onnx: str | Path, config, *, parent_onnx: st
                           task, student_onnx: str | Path | None = None) -> StageResult:
     """Evaluate a segmenter candidate and its parent side by side on the test split.
 
-    The parent, the candidate (Q/DQ semantics), the candidate on ORT's fused int8 CPU kernels and (when
-    distill or prune made one) the fp32 student run on each test batch in turn: the split is read once,
-    and the logits' SQNR and the masks' agreement are summed over batches.
+    The parent, the candidate (Q/DQ semantics) and (when distill or prune made one) the fp32 student run on
+    each test batch in turn, the candidate on ORT's fused int8 CPU kernels on ``config.cpu_int8_kernel_samples``
+    images spread over the split: the split is read once, the logits' SQNR and the masks' agreement are
+    summed over batches, and latency is timed on those runs.
 
     Returns:
         ``StageResult`` whose metrics have the spine's shape (``metric`` = mIoU in points, ``fidelity``,
@@ -150,20 +163,28 @@ def evaluate_segmentation(candidate_onnx: str | Path, config, *, parent_onnx: st
     own = student_onnx is not None and Path(student_onnx).resolve() != Path(parent_onnx).resolve()
     paths = [parent_onnx, candidate_onnx, candidate_onnx, *([student_onnx] if own else [])]
     sqnr, qsqnr, agree = SqnrAccumulator(), SqnrAccumulator(), PixelAgreement()
+    fused_rows = sample_rows(len(data.x_test), config.cpu_int8_kernel_samples)
+    k = task.num_classes
+    sampled, seen = np.zeros((k, k), np.int64), [0]  # the candidate's Q/DQ confusion on the fused kernels' images
 
     def logits(raw) -> np.ndarray:
         return logits_output(dict(zip(raw[1], raw[0])), task)
 
-    def on_batch(raw, masks, _labels):
+    def on_batch(raw, masks, labels):
         sqnr.add(logits(raw[0]), logits(raw[1]))
         qsqnr.add(logits(raw[3] if own else raw[0]), logits(raw[1]))
         agree.add(masks[0], masks[1])
+        rows = picked({2: fused_rows}, 2, seen[0], len(labels))
+        sampled[...] += confusion(masks[1][rows], labels[rows], k, task.ignore_index)
+        seen[0] += len(labels)
 
-    cms = segment_batches(paths, data.x_test, data.y_test, task, basic=[True, True, False, True][:len(paths)],
-                          on_batch=on_batch)
-    parent = _measured(parent_onnx, cms[0], data, config)
-    cand = _measured(candidate_onnx, cms[1], data, config)
-    fused = segmentation_metrics(cms[2])
+    threads = threads_beside_decoding(config.threads, data.x_test)
+    sessions = [make_session(p, basic=b, threads=threads) for p, b in zip(paths, [True, True, False, True])]
+    timer = BatchTimer([0, 1], config.latency_batches, config.latency_warmup, config.latency_repeats)
+    cms = segment_batches(paths, data.x_test, data.y_test, task, on_batch=on_batch, sessions=sessions, timer=timer,
+                          only={2: fused_rows}, batch=max(64, *config.latency_batches))
+    parent = _measured(parent_onnx, cms[0], timer.result(0, sessions[0]))
+    cand = _measured(candidate_onnx, cms[1], timer.result(1, sessions[1]))
     metrics = {
         "metric_name": "miou",
         "task": "segmentation",
@@ -174,9 +195,12 @@ def evaluate_segmentation(candidate_onnx: str | Path, config, *, parent_onnx: st
             # top1_agreement mirrors the pixel agreement so the spine's registry metrics work.
             "fidelity": {"pixel_agreement": agree.share(), "top1_agreement": agree.share(),
                          "sqnr_db": round(sqnr.db(), 3), "quantization_sqnr_db": round(qsqnr.db(), 3)},
-            "cpu_int8_kernel_metric": fused["miou"],
         },
     }
+    if len(fused_rows):  # the fused kernels' mIoU beside the candidate's Q/DQ one, on the same images
+        metrics["candidate"].update(cpu_int8_kernel_metric=segmentation_metrics(cms[2])["miou"],
+                                    cpu_int8_kernel_samples=int(len(fused_rows)),
+                                    cpu_int8_kernel_qdq_metric=segmentation_metrics(sampled)["miou"])
     metrics["candidate"]["size_ratio"] = round(parent["size_bytes"] / cand["size_bytes"], 3)
     return StageResult(model=Path(candidate_onnx), metrics=metrics, seconds=time.perf_counter() - t0)
 

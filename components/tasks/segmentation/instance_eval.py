@@ -23,9 +23,10 @@ import numpy as np
 from edgeslim.components.common.average_precision import IOU_THRESHOLDS, average_precision, by_score
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import DataError
-from edgeslim.components.common.onnx_runtime import SqnrAccumulator, latency_ms, make_session
+from edgeslim.components.common.onnx_runtime import (BatchTimer, SqnrAccumulator, make_session, sample_rows,
+                                                     threads_beside_decoding)
 from edgeslim.components.common.result import GateCheck, StageResult, verdict
-from edgeslim.components.tasks.segmentation.evaluate import side_by_side
+from edgeslim.components.tasks.segmentation.evaluate import picked, side_by_side
 from edgeslim.components.tasks.segmentation.instance import box_iou, decode_instances, mask_iou, read_instances
 
 
@@ -102,19 +103,26 @@ def instance_metrics(records: Sequence[ImageRecord], num_classes: int, score_thr
 
 
 def instance_batches(onnx_paths: Sequence[str | Path], x, y, task, *, basic: Sequence[bool] | bool = True,
-                     batch: int = 32, on_batch=None) -> list[list[ImageRecord]]:
+                     batch: int = 32, on_batch=None, sessions: Sequence | None = None, timer=None,
+                     only: dict[int, np.ndarray] | None = None) -> list[list[ImageRecord]]:
     """Per model, per image of ``x`` its :class:`ImageRecord` against the labels ``y``; the models run side
     by side a batch at a time (``x`` may be a lazy split: each batch is read once).
 
     ``on_batch`` is called with each batch's ``(raw, decoded, labels)``: per model ``(outputs, names)`` and
-    per model its decoded images (:func:`.instance.decode_instances`)."""
+    per model its decoded images (:func:`.instance.decode_instances`). ``sessions``, ``timer``, ``only``: as
+    :func:`.evaluate.side_by_side` takes them (a model in ``only`` has records of those images alone, and
+    ``None`` in ``on_batch`` for a batch with none of them)."""
     records: list[list[ImageRecord]] = [[] for _ in onnx_paths]
     hw = tuple(x.shape[-2:])
-    for labels, raw in side_by_side(onnx_paths, x, y, basic=basic, batch=batch):
+    for start, labels, raw in side_by_side(onnx_paths, x, y, basic=basic, batch=batch, sessions=sessions,
+                                           timer=timer, only=only):
         yb = list(labels)
-        decoded = [decode_instances(dict(zip(names, outs)), task, hw) for outs, names in raw]
-        for recs, dec in zip(records, decoded):
-            recs.extend(record(d, lab) for d, lab in zip(dec, yb))
+        decoded = [None if r is None else decode_instances(dict(zip(r[1], r[0])), task, hw) for r in raw]
+        for j, (recs, dec) in enumerate(zip(records, decoded)):
+            if dec is None:
+                continue
+            rows = picked(only, j, start, len(yb))
+            recs.extend(record(d, lab) for d, lab in zip(dec, yb if rows is None else [yb[i] for i in rows]))
         if on_batch is not None:
             on_batch(raw, decoded, yb)
     return records
@@ -138,9 +146,10 @@ def mask_agreement(reference: Sequence[dict], candidate: Sequence[dict], thresho
 
 def evaluate_instances(candidate_onnx: str | Path, config, *, parent_onnx: str | Path, data: Splits, task,
                        student_onnx: str | Path | None = None) -> StageResult:
-    """An instance-segmentation candidate and its parent side by side on the test split (the parent, the
-    candidate in Q/DQ semantics and on ORT's fused int8 kernels run on each batch in turn; the raw outputs'
-    SQNR and the instances' agreement are summed over batches)."""
+    """An instance-segmentation candidate and its parent side by side on the test split (the parent and the
+    candidate in Q/DQ semantics run on each batch in turn, the candidate on ORT's fused int8 kernels on
+    ``config.cpu_int8_kernel_samples`` images spread over the split; the raw outputs' SQNR and the
+    instances' agreement are summed over batches, and latency is timed on those runs)."""
     t0 = time.perf_counter()
     sqnr, agree = SqnrAccumulator(), [0, 0]
 
@@ -151,27 +160,31 @@ def evaluate_instances(candidate_onnx: str | Path, config, *, parent_onnx: str |
         agree[0] += found
         agree[1] += total
 
-    recs = instance_batches([parent_onnx, candidate_onnx, candidate_onnx], data.x_test, data.y_test, task,
-                            basic=[True, True, False], on_batch=on_batch)
+    paths = [parent_onnx, candidate_onnx, candidate_onnx]
+    threads = threads_beside_decoding(config.threads, data.x_test)
+    sessions = [make_session(p, basic=b, threads=threads) for p, b in zip(paths, [True, True, False])]
+    fused_rows = sample_rows(len(data.x_test), config.cpu_int8_kernel_samples)
+    timer = BatchTimer([0, 1], config.latency_batches, config.latency_warmup, config.latency_repeats)
+    recs = instance_batches(paths, data.x_test, data.y_test, task, on_batch=on_batch, sessions=sessions, timer=timer,
+                            only={2: fused_rows}, batch=max(32, *config.latency_batches))
     k, thr = task.num_classes, task.score_threshold
     sections = []
-    for path, r in zip((parent_onnx, candidate_onnx), recs):
+    for i, (path, r) in enumerate(zip((parent_onnx, candidate_onnx), recs)):
         m = instance_metrics(r, k, thr)
-        sess = make_session(path, basic=True, threads=config.threads)
         sections.append({"metric": m["mask_map50_95"], "instance_segmentation": m,
-                         "size_bytes": Path(path).stat().st_size,
-                         "latency_ms": {f"batch_{b}": latency_ms(sess, data.x_test, b, config.latency_warmup,
-                                                                 config.latency_repeats)
-                                        for b in config.latency_batches}})
-    fused = instance_metrics(recs[2], k, thr)
+                         "size_bytes": Path(path).stat().st_size, "latency_ms": timer.result(i, sessions[i])})
     share = round(agree[0] / agree[1], 4) if agree[1] else 1.0
     metrics = {"metric_name": "mask_map50_95", "task": "segmentation", "test_samples": int(len(data.x_test)),
                "source": sections[0],
                "candidate": {**sections[1],
                              # top1_agreement mirrors the instance agreement so the spine's registry metrics work.
                              "fidelity": {"mask_agreement": share, "top1_agreement": share,
-                                          "sqnr_db": round(sqnr.db(), 3)},
-                             "cpu_int8_kernel_metric": fused["mask_map50_95"]}}
+                                          "sqnr_db": round(sqnr.db(), 3)}}}
+    if len(fused_rows):  # the fused kernels beside the candidate's Q/DQ figure, on the same images
+        metrics["candidate"].update(
+            cpu_int8_kernel_metric=instance_metrics(recs[2], k, thr)["mask_map50_95"],
+            cpu_int8_kernel_samples=int(len(fused_rows)),
+            cpu_int8_kernel_qdq_metric=instance_metrics([recs[1][i] for i in fused_rows], k, thr)["mask_map50_95"])
     metrics["candidate"]["size_ratio"] = round(sections[0]["size_bytes"] / sections[1]["size_bytes"], 3)
     return StageResult(model=Path(candidate_onnx), metrics=metrics, seconds=time.perf_counter() - t0)
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from edgeslim.components.common.charts import FP32, INT8, Chart, Svg, bar_panels
 from edgeslim.components.common.output_error import OutputError, reference_onnx
+from edgeslim.components.common.tasks import fused_kernel_row
 from edgeslim.components.tasks.segmentation.evaluate import segment_batches
 
 OVERLAY_IMAGES = 3  # test images the overlay chart shows
@@ -184,10 +185,7 @@ def instance_rows(rep: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     out.insert(1, ("mean true-positive score", f"{s['mean_tp_score']:.3f}", f"{c['mean_tp_score']:.3f}",
                    f"{c['mean_tp_score'] - s['mean_tp_score']:+.3f}"))
     out.append(("instance agreement", "", f"{cand['fidelity'].get('mask_agreement', 0.0):.4f}", ""))
-    if cand.get("cpu_int8_kernel_metric") is not None:
-        out.append(("mask mAP@0.5:0.95, ORT fused int8 CPU kernels (%)", "", f"{cand['cpu_int8_kernel_metric']:.2f}",
-                    "not gated"))
-    return out
+    return out + fused_kernel_row(cand, "mask mAP@0.5:0.95", rep.get("test_samples"))
 
 
 def rows(rep: dict[str, Any]) -> list[tuple[str, str, str, str]]:
@@ -208,6 +206,4 @@ def rows(rep: dict[str, Any]) -> list[tuple[str, str, str, str]]:
              f"{c['per_class_iou'].get(k, 0.0) - v:+.2f} pt") for k, v in s["per_class_iou"].items()]
     out += [("pixel agreement with the parent", "", f"{fid.get('pixel_agreement', 0.0):.4f}", ""),
             ("logits SQNR (dB)", "", f"{fid.get('sqnr_db', 0.0):.2f}", "")]
-    if cand.get("cpu_int8_kernel_metric") is not None:
-        out.append(("mIoU, ORT fused int8 CPU kernels (%)", "", f"{cand['cpu_int8_kernel_metric']:.2f}", "not gated"))
-    return out
+    return out + fused_kernel_row(cand, "mIoU", rep.get("test_samples"))
