@@ -151,6 +151,9 @@ class PTQQuantizeConfig(OneCalibrator, StageConfig):
             inputs of Conv/ConvTranspose/Gemm/MatMul, TensorRT's recommended placement,
             where pointwise ops run in higher precision inside fused layers. Both put Q/DQ
             on both inputs of an attention MatMul.
+        bias_correction: after quantizing, remove from each Conv/Gemm bias the mean shift that
+            rounding its weights and input to int8 puts on its output channels, measured in one more
+            pass over the calibration samples (:mod:`edgeslim.components.quantize.bias`).
         seed: which calibration samples are drawn.
     """
 
@@ -158,6 +161,7 @@ class PTQQuantizeConfig(OneCalibrator, StageConfig):
     method = "ptq"
     is_default = True
     placement: Literal["all", "weighted"] = "all"
+    bias_correction: bool = False
     seed: int = 0
 
     def validate(self) -> None:
