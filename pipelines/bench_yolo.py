@@ -431,21 +431,24 @@ class YoloV8nTrained(YoloV8n):
                            data=data, out_dir=wd / f"ptq-{cal}-weighted")
             yield RowSpec(f"PTQ {cal}, weighted", Path(res.model), macs, int8=True)
             yield self._search(ctx, [cal], data, eval_s, macs)
-        if len(cals) > 1:  # the recipe's calibrators, the search choosing among them on val
+        if len(cals) > 1:  # the recipe's calibrators: the first trial to pass (the default), then the best on val
+            yield self._search(ctx, cals, data, eval_s, macs, select="first")
             yield self._search(ctx, cals, data, eval_s, macs)
             yield self._search(ctx, cals, data, eval_s, macs, bias_correction=True)
 
-    def _search(self, ctx: Context, cals: list[str], data, eval_s: float, macs: int,
-                bias_correction: bool = False) -> RowSpec:
+    def _search(self, ctx: Context, cals: list[str], data, eval_s: float, macs: int, *,
+                select: str = "best", bias_correction: bool = False) -> RowSpec:
         from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig
 
         # the recipe's defaults (placement auto, max_float_layers 3) but the calibrators, QAT off, and
-        # select: best (every PTQ trial judged on val, the passing one with the most mAP kept wins)
-        cfg = AccuracyAwareQuantizeConfig(calibrators=cals, num_samples=self.calib_samples, qat=False, select="best",
+        # select: best (every PTQ trial judged on val, the passing one with the most mAP kept wins) unless
+        # select says "first" (the default: the first trial to pass)
+        cfg = AccuracyAwareQuantizeConfig(calibrators=cals, num_samples=self.calib_samples, qat=False, select=select,
                                           bias_correction=bias_correction)
-        tag = (cals[0] if len(cals) == 1 else f"{len(cals)} calibrators") + (", bias corrected" if bias_correction else "")
+        tag = ((cals[0] if len(cals) == 1 else f"{len(cals)} calibrators") + (", select first" if select == "first" else "")
+               + (", bias corrected" if bias_correction else ""))
         ctx.log(f"accuracy-aware search, {tag} (judged on {len(data.x_val)} val scenes)")
-        out = ctx.workdir / ("auto-" + "-".join(cals) + ("-bc" if bias_correction else ""))
+        out = ctx.workdir / ("auto-" + "-".join(cals) + f"-{select}" + ("-bc" if bias_correction else ""))
         return self._search_row(ctx, cfg, f"quantize: auto ({tag})", out, data, eval_s, macs)
 
     def accuracy(self, ctx: Context, spec: RowSpec, reference):
