@@ -152,6 +152,9 @@ class PTQQuantizeConfig(OneCalibrator, StageConfig):
             inputs of Conv/ConvTranspose/Gemm/MatMul, TensorRT's recommended placement,
             where pointwise ops run in higher precision inside fused layers. Both put Q/DQ
             on both inputs of an attention MatMul.
+        bias_correction: after quantizing, remove from each Conv/Gemm bias the mean shift that
+            rounding its weights and input to int8 puts on its output channels, measured in one more
+            pass over the calibration samples (:mod:`edgeslim.components.quantize.bias`).
         seed: which calibration samples are drawn.
     """
 
@@ -159,6 +162,7 @@ class PTQQuantizeConfig(OneCalibrator, StageConfig):
     method = "ptq"
     is_default = True
     placement: Literal["all", "weighted"] = "all"
+    bias_correction: bool = False
     seed: int = 0
 
     def validate(self) -> None:
@@ -452,6 +456,13 @@ class AccuracyAwareQuantizeConfig(Calibration, StageConfig):
             ``auto`` (the default): each calibrator tries ``all`` and then, when that fails the gate,
             ``weighted`` on the same ranges (one more quantize and judgement, no calibration); the
             fallback and QAT keep the best trial's placement.
+        select: which PTQ trial is returned when several would pass. ``first`` (the default): the
+            first that passes the gate, in the order above (the cheapest search). ``best``: every
+            calibrator's PTQ trials are judged, and of those that pass, the one the task ranks best on
+            the validation split (for a detector: the least mAP@0.5:0.95 and mAP@0.5 lost, then the
+            highest output SQNR) is returned; each further trial costs one quantize and one judgement.
+        bias_correction: PTQ trials correct their biases (as ``quantize.bias_correction`` of
+            ``method: ptq``).
         qat: run QAT when PTQ and fallback all fail.
         qat_epochs: QAT fine-tuning epochs.
         qat_lr: QAT learning rate.
@@ -466,6 +477,8 @@ class AccuracyAwareQuantizeConfig(Calibration, StageConfig):
     max_float_layers: int = 3
     sensitivity_metric: Literal["drop", "sqnr"] = "drop"
     placement: Literal["auto", "all", "weighted"] = "auto"
+    select: Literal["first", "best"] = "first"
+    bias_correction: bool = False
     qat: bool = True
     qat_epochs: int = 3
     qat_lr: float = 1e-4
@@ -498,7 +511,8 @@ class AccuracyAwareQuantizeConfig(Calibration, StageConfig):
         (default: the first of :attr:`placements`)."""
         pinned_and_trial = list(dict.fromkeys(self.float_layers + list(float_layers or [])))
         return PTQQuantizeConfig(**self.calibration(float_layers=pinned_and_trial), calibrator=calibrator,
-                                 placement=placement or self.placements[0], seed=self.seed)  # type: ignore[arg-type]
+                                 placement=placement or self.placements[0], seed=self.seed,  # type: ignore[arg-type]
+                                 bias_correction=self.bias_correction)
 
     def qat_config(self, calibrator: str, float_layers: list[str], **overrides) -> "QATQuantizeConfig":
         """The search's last trial as ``method: qat``: QAT from ``calibrator``'s ranges with ``float_layers``

@@ -242,6 +242,15 @@ def check_qdq(path: str | Path) -> dict:
     }
 
 
+def correct_biases(qdq_path: Path, pre_model, config: PTQQuantizeConfig, data: Splits) -> dict:
+    """Bias correction (:func:`edgeslim.components.quantize.bias.correct_bias`) of ``qdq_path`` in place,
+    over ``config``'s calibration samples, in batches whose probed tensors hold at most :data:`CALIB_MEMORY`."""
+    from edgeslim.components.quantize.bias import correct_bias
+
+    return correct_bias(qdq_path, pre_model, data.x_train, data.calibration_rows(config.num_samples, config.seed),
+                        INPUT_NAME, memory=CALIB_MEMORY, max_batch=CALIB_BATCH)
+
+
 def calibrate_onnx(onnx_path: str | Path, config: PTQQuantizeConfig, data: Splits) -> dict[str, float]:
     """The per-tensor ranges :func:`quantize` would choose for ``onnx_path``.
 
@@ -327,8 +336,11 @@ def quantize(onnx_path: str | Path, config: PTQQuantizeConfig, *, data: Splits,
         },
         calibration_cache_path=str(cache),
     )
+    corrected = correct_biases(out, pre_model, config, data) if config.bias_correction else None
     facts = check_qdq(out)
     facts["stored_bytes"] = stored_bytes(out)
+    if corrected is not None:
+        facts["bias_correction"] = corrected
     (out_dir / "ranges.json").write_text(json.dumps(ranges, indent=1, sort_keys=True))
     return StageResult(
         model=out,

@@ -6,7 +6,9 @@ that passes:
 1. PTQ with each configured calibrator (each calibrates once; every later trial
    with that calibrator reuses its ranges, since keeping nodes in float changes no
    tensor's range), in each of ``config.placements``: with ``placement: auto``, Q/DQ
-   on every op, then on the weighted layers' inputs only (TensorRT's placement);
+   on every op, then on the weighted layers' inputs only (TensorRT's placement). With
+   ``select: best`` every one of these trials is judged, and the passing one the
+   strategy ranks first (:meth:`Strategy.choice_key`) wins;
 2. the best calibrator and placement with the most damaging node groups kept in float,
    one more group per trial, up to ``max_float_layers``;
 3. QAT from the best candidate so far.
@@ -192,6 +194,11 @@ class Strategy(abc.ABC):
     def key(self, row: dict[str, Any]) -> tuple:
         """Sort key of a judged row: the larger, the better."""
 
+    def choice_key(self, row: dict[str, Any]) -> tuple:
+        """Sort key among trials that all passed (``select: best``): the larger, the better; :meth:`key` by
+        default."""
+        return self.key(row)
+
     @abc.abstractmethod
     def figures(self, row: dict[str, Any]) -> str:
         """A row's judged figures against the reference, for the progress line and the refusal."""
@@ -249,7 +256,8 @@ class Strategy(abc.ABC):
         t, cal, gate, name = row["trial"], row["calibrator"], row["gate"], self.gate_name
         where = {"weighted": ", Q/DQ on the weighted layers' inputs only"}.get(row["placement"], "")
         if row["kind"] == "ptq":
-            return f"trial {t}: PTQ with the {cal} calibrator{where} passed the {name} first ({gate})"
+            first = " first" if config.select == "first" else ""
+            return f"trial {t}: PTQ with the {cal} calibrator{where} passed the {name}{first} ({gate})"
         if row["kind"] == "fallback":
             return (f"trial {t}: PTQ ({cal}{where}) failed the {name}; keeping the {len(groups)} most sensitive "
                     f"{self.group_noun} {[g['label'] for g in groups]} in float passed ({gate})")
@@ -336,8 +344,8 @@ def search(fp32_onnx: str | Path, config: AccuracyAwareQuantizeConfig, *, strate
             {"chosen_on": CHOSEN_ON, "trials": trials, "winner": winner, "reason": reason, **reference,
              strategy.table_key: strategy.table, "cost": costs()}, indent=1, default=str))
 
-    def finish(row: dict[str, Any], groups: list[dict[str, Any]]) -> StageResult:
-        reason = strategy.reason(row, groups, config) + (
+    def finish(row: dict[str, Any], groups: list[dict[str, Any]], note: str = "") -> StageResult:
+        reason = strategy.reason(row, groups, config) + note + (
             f"; float in every trial: {[g['label'] for g in start_float]}" if start_float else "")
         report(row["trial"], reason)
         tracker.outcome(row, strategy.fields, len(trials))
@@ -371,8 +379,13 @@ def search(fp32_onnx: str | Path, config: AccuracyAwareQuantizeConfig, *, strate
                            ranges=ranges[cal])
             pinned = list(res.metrics["float_layers"])  # the recipe's patterns, resolved to nodes
             row = record("ptq", res, cal, pinned, time.perf_counter() - t, {"placement": place})
-            if row["passed"]:
+            if row["passed"] and config.select == "first":
                 return finish(row, [])
+    passed = [r for r in trials if r["passed"]]
+    if passed:  # select: best -- the passing PTQ trial the strategy ranks first on val
+        won = max(passed, key=strategy.choice_key)
+        return finish(won, [], f"; ranked first on val of the {len(passed)} PTQ trial(s) that passed "
+                               f"({', '.join(str(r['trial']) for r in passed)})")
     best = max(trials, key=strategy.key)
     cal = best["calibrator"]
     # The fallback and QAT keep the best trial's placement.

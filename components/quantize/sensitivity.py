@@ -125,6 +125,46 @@ def output_tails(pre_onnx: str | Path) -> list[dict[str, Any]]:
     return tails
 
 
+def input_layers(pre_onnx: str | Path) -> list[dict[str, Any]]:
+    """Per graph input, its *head*: the first weighted (Conv/Gemm/MatMul) layers on each path from
+    the input, with the nodes between (a normalization's Sub/Div, a Pad), found from the graph alone.
+
+    Their input is the data as it comes in: an image's 256 levels on 0..1, which a symmetric int8 scale
+    (zero point 0, as TensorRT wants) spreads over -1..1, keeping 128 of them. Their weights are a
+    few hundred parameters (3 input channels).
+
+    Returns:
+        ``[{"input", "nodes", "layers"}]`` in input order: ``nodes`` the ones between and the layers,
+        ``layers`` the first weighted layers; an input that reaches no weighted layer has no head.
+    """
+    import onnx
+
+    g = onnx.load(str(pre_onnx)).graph
+    inits = {i.name for i in g.initializer}
+    consumers: dict[str, list[Any]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    heads = []
+    for inp in g.input:
+        if inp.name in inits:
+            continue
+        seen, nodes, layers, queue = set(), [], [], [inp.name]
+        while queue:
+            for n in consumers.get(queue.pop(0), []):
+                if id(n) in seen or n.op_type in _SHAPE_OPS:
+                    continue
+                seen.add(id(n))
+                if _weighted(n, inits):
+                    layers.append(n.name)
+                    continue
+                nodes.append(n.name)
+                queue.extend(n.output)
+        if layers:
+            heads.append({"input": inp.name, "nodes": [n for n in nodes if n] + layers, "layers": layers})
+    return heads
+
+
 def _weight_axis(node) -> int:
     """The output-channel axis of a weighted node's weight (per-channel quantization's axis)."""
     if node.op_type == "MatMul" or (node.op_type == "Gemm" and not any(

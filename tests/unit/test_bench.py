@@ -141,25 +141,30 @@ def test_yolov8n_bench_reports_each_stages_cost_and_the_search_against_one_evalu
 @pytest.mark.slow
 def test_trained_yolov8n_bench_trains_then_reports_ptq_and_the_search_per_calibrator_on_test(tmp_path, capsys):
     """`--workload yolov8n-trained --quick`: a YOLOv8n (3 classes) trained a couple of steps on shape scenes
-    with edgeslim's train_detector, then plain PTQ and `quantize: auto` with that calibrator, scored on the
-    test split against the drawn boxes; the search's row says which trial won or why none did."""
+    with edgeslim's train_detector (its weights kept in the workdir), then plain PTQ and `quantize: auto` with
+    that calibrator, scored on the test split against the drawn boxes, each drop with its interval; the
+    search's row says which trial won or why none did."""
     out = tmp_path / "bench.json"
-    assert main(["bench", "--workload", "yolov8n-trained", "--quick", "--repeats", "1", "--json", str(out)]) == 0
+    assert main(["bench", "--workload", "yolov8n-trained", "--quick", "--repeats", "1", "--json", str(out),
+                 "--workdir", str(tmp_path / "wd")]) == 0
     res = json.loads(out.read_text())
     rows = {r["row"]: r for r in res["rows"]}
     ultralytics_peer = "ModelOpt int8, Ultralytics' settings (own export, head excluded by name)"
-    assert list(rows) == ["fp32", ultralytics_peer, "ModelOpt int8 (max, tails float)", "PTQ minmax",
-                          "PTQ minmax, weighted", "quantize: auto (minmax)"]
+    assert list(rows) == ["fp32", ultralytics_peer, "ModelOpt int8 (max, tails float)", "PTQ minmax, weighted",
+                          "quantize: auto (minmax)"]
     # the hand-tuned peer (ModelOpt), on Ultralytics' export and on edgeslim's: a row of its own each, or
     # one line saying how to install it
     for peer in (rows[ultralytics_peer], rows["ModelOpt int8 (max, tails float)"]):
         assert "map50" in peer or "pip install 'nvidia-modelopt[onnx]'" in peer["failed"]
     assert res["input"][0] == 3 and res["epochs"] >= 1 and res["train_s"] > 0 and res["test_objects"] > 0
-    for r in (rows["fp32"], rows["PTQ minmax"], rows["PTQ minmax, weighted"]):
+    assert len(list((tmp_path / "wd").glob("yolov8n-trained-seed0-*.pt"))) == 1  # what a rerun starts from
+    for r in (rows["fp32"], rows["PTQ minmax, weighted"]):
         assert 0 <= r["map50_95"] <= r["map50"] <= 100
+    low, high = rows["PTQ minmax, weighted"]["map50_95_drop_95"]
+    assert low <= rows["PTQ minmax, weighted"]["map50_95_drop"] <= high
     auto = rows["quantize: auto (minmax)"]
     assert auto["search_s"] > 0 and auto["trials"] >= 1
     assert auto.get("failed") or (auto["winner"]["calibrator"] == "minmax" and "map50_drop" in auto
                                   and auto["winner"]["placement"] in ("all", "weighted"))
     text = capsys.readouterr().out
-    assert "trained here" in text and "quantize: auto (minmax)" in text
+    assert "trained here" in text and "quantize: auto (minmax)" in text and "95% intervals" in text

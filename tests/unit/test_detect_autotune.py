@@ -134,3 +134,52 @@ def test_trials_are_screened_on_a_quarter_of_val_only_when_it_holds_128_images(n
     assert trial_lines and all("(first 128 val images)" in ln for ln in trial_lines)
     sub = strategy._screen_parent["map50"]
     assert all(f"vs fp32 {sub:.2f}" in ln for ln in trial_lines)
+
+
+def test_the_first_layer_reading_the_image_stays_float_from_the_first_trial(onnx_and_data, tmp_path):
+    """The detector search keeps every input's first weighted layer float (found from the graph, as the output
+    tails are): its input is the image, whose levels a symmetric int8 scale halves."""
+    import onnx
+
+    from edgeslim.components.common.tasks import task_from_dict
+    from edgeslim.components.quantize.sensitivity import input_layers, preprocessed
+    from edgeslim.components.reference.detector import default_heads
+    from edgeslim.components.tasks.detection.search import DetectorStrategy
+
+    path, _ = onnx_and_data
+    pre = preprocessed(path, tmp_path / "pre.onnx")
+    g = onnx.load(str(pre)).graph
+    first = [n.name for n in g.node if n.op_type == "Conv" and n.input[0] == g.input[0].name]
+    assert [h["layers"] for h in input_layers(pre)] == [first]
+    task = task_from_dict({"kind": "detection", "num_classes": 10, "decoder": {"heads": default_heads()}})
+    groups = DetectorStrategy(path, task).float_from_start(path)
+    assert {"label": g.input[0].name, "nodes": first} in groups
+
+
+def test_select_best_judges_every_ptq_trial_and_returns_the_passing_one_ranked_first(tmp_path):
+    import json
+
+    from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig, OnnxExportConfig
+    from edgeslim.components.common.tasks import task_from_dict
+    from edgeslim.components.export import export
+    from edgeslim.components.quantize.search import search
+    from edgeslim.components.reference.detector import default_heads
+    from edgeslim.components.tasks.detection.search import DetectorStrategy
+
+    data = make_detection_splits(seed=0, n_train=16, n_val=8, n_test=4)
+    torch.manual_seed(0)
+    fp32 = export(DigitsDetector(width=8, head_hidden=8).eval(), OnnxExportConfig(), data=data,
+                  out_path=tmp_path / "det.onnx").model
+    # a gate every trial passes: which one is returned is select's choice alone
+    loose = task_from_dict({"kind": "detection", "num_classes": 10, "decoder": {"heads": default_heads()},
+                            "gate": {"max_map_drop": 100.0, "max_map50_95_drop": 100.0, "max_tp_score_drop": 1.0,
+                                     "max_recall_drop": 100.0}})
+    cfg = AccuracyAwareQuantizeConfig(calibrators=["minmax", "percentile"], num_samples=8, qat=False, select="best")
+    strategy = DetectorStrategy(fp32, loose)
+    res = search(fp32, cfg, strategy=strategy, data=data, out_dir=tmp_path / "s")
+    rows = json.loads((tmp_path / "s" / "autotune.json").read_text())["trials"]
+    assert [(r["calibrator"], r["placement"]) for r in rows] == [
+        ("minmax", "all"), ("minmax", "weighted"), ("percentile", "all"), ("percentile", "weighted")]
+    best = max(rows, key=strategy.choice_key)
+    assert res.metrics["winner"]["trial"] == best["trial"]
+    assert "ranked first on val of the 4 PTQ trial(s) that passed" in res.metrics["reason"]

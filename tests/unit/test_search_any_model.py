@@ -59,13 +59,11 @@ def yolo(tmp_path_factory):
     return path, Splits(x[:6], y[:6], x[6:9], y[6:9], x[9:], y[9:], source="yolov8n-random")
 
 
-def test_yolov8n_output_tail_is_its_head_and_the_search_keeps_it_float_from_the_first_trial(yolo, tmp_path,
-                                                                                              monkeypatch):
-    # PTQ keeps a Concat of pixel boxes and 0-1 scores float by itself (ptq.MIXED_RANGE); with that
-    # rule off, all-int8 PTQ is the failure that keeping the tail float avoids.
+def test_yolov8n_output_tail_is_its_head_and_the_search_keeps_it_float_from_the_first_trial(yolo, tmp_path):
+    # Weighted placement (Q/DQ on conv inputs only): the output convs' int8 inputs and weights are what
+    # keeping the tail float avoids. (On a random network 3 val images' own-box mAP swings by tens of points
+    # with any change of the int8 model, so the search is judged here against a loose gate only.)
     from edgeslim.components.quantize import ptq as ptq_module
-
-    monkeypatch.setattr(ptq_module, "MIXED_RANGE", float("inf"))
     from edgeslim.components.common.onnx_runtime import make_session, run_outputs, sqnr_db
     from edgeslim.components.common.stage_configs import AccuracyAwareQuantizeConfig
     from edgeslim.components.tasks.detection.config import DetectionGateConfig, DetectionTaskConfig
@@ -84,12 +82,13 @@ def test_yolov8n_output_tail_is_its_head_and_the_search_keeps_it_float_from_the_
                                gate=DetectionGateConfig(max_map_drop=15.0, max_map50_95_drop=30.0,
                                                         max_recall_drop=15.0))
     cfg = AccuracyAwareQuantizeConfig(calibrators=["minmax"], num_samples=6, max_float_layers=1, qat=False,
-                                      placement="all")
+                                      placement="weighted")
     res = quantize_detector_auto(path, cfg, data=data, task=task, out_dir=tmp_path / "auto")
     report = json.loads((tmp_path / "auto" / "autotune.json").read_text())
     (ptq,) = report["trials"]
     assert ptq["kind"] == "ptq" and ptq["passed"] and set(tail["nodes"]) <= set(ptq["float_layers"])
-    assert "float in every trial: ['output']" in res.metrics["reason"]
+    # and the first conv, which reads the image itself
+    assert "float in every trial: ['output', " in res.metrics["reason"] and "/model.0/conv/Conv" in ptq["float_layers"]
     all_int8 = ptq_module.quantize(path, cfg.ptq("minmax"), data=data, out_dir=tmp_path / "all-int8").model
 
     # The chosen int8 model's decoded output is closer to fp32 than all-int8 PTQ's, on the validation images.

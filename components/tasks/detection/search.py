@@ -173,18 +173,28 @@ class DetectorStrategy(Strategy):
         # a trial the gate could not decide ranks above one it refused beyond the noise
         return row["passed"], row.get("outcome") != "refused", -self.damage(row)
 
+    def choice_key(self, row: dict[str, Any]) -> tuple:
+        # Among passing trials (select: best): the most mAP@0.5:0.95 kept (box precision, which a calibrator
+        # that clips the box regression loses while mAP@0.5 holds), then mAP@0.5, then the output SQNR.
+        return row["map50_95"], row["map50"], row["sqnr_db"]
+
     def float_from_start(self, fp32_onnx):
         """Every output's tail (:func:`~edgeslim.components.quantize.sensitivity.output_tails`: the head's last
-        weighted layers and what follows them -- a DFL, the decode, the sigmoid), found from the graph: the
-        int8 rounding of the output convs moves every box and score, and their weights are a few percent of
-        the model's bytes. Ultralytics' int8 exports keep the same layers out of int8, by name."""
+        weighted layers and what follows them -- a DFL, the decode, the sigmoid) and every input's first
+        weighted layers (:func:`~edgeslim.components.quantize.sensitivity.input_layers`), found from the graph.
+        The int8 rounding of the output convs moves every box and score, and their weights are a few percent
+        of the model's bytes; Ultralytics' int8 exports keep the same layers out of int8, by name. The first
+        layers read the image itself, whose 256 levels on 0..1 a symmetric int8 scale cuts to 128, and their
+        weights are a few hundred parameters."""
         import tempfile
 
-        from edgeslim.components.quantize.sensitivity import output_tails, preprocessed
+        from edgeslim.components.quantize.sensitivity import input_layers, output_tails, preprocessed
 
         with tempfile.TemporaryDirectory(prefix="edgeslim-tails-") as tmp:
-            tails = output_tails(preprocessed(fp32_onnx, Path(tmp) / "pre.onnx"))
-        return [{"label": t["output"], "nodes": t["nodes"]} for t in tails]
+            pre = preprocessed(fp32_onnx, Path(tmp) / "pre.onnx")
+            tails, heads = output_tails(pre), input_layers(pre)
+        return ([{"label": t["output"], "nodes": t["nodes"]} for t in tails]
+                + [{"label": h["input"], "nodes": h["nodes"]} for h in heads])
 
     def rank(self, fp32_onnx, config, *, calibrator, ranges, data, out_dir, pinned):
         # Each output tail not already float, measured alone in int8; then the other layers by the one-pass proxy.
