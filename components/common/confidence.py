@@ -87,11 +87,25 @@ def _score_interval(b: float, c: float, n: float, level: float) -> tuple[float, 
 # --- any metric: the paired bootstrap ------------------------------------------------------------------------
 
 
+_BLOCK_COUNTS = 1 << 20  # resample counts drawn and scored at a time: 8 MiB of int64, whatever the split's size
+
+
 def resample_weights(n: int, resamples: int = RESAMPLES, seed: int = SEED) -> np.ndarray:
-    """How often each of ``n`` images is drawn in each resample: ``(resamples, n)`` counts, seeded."""
+    """How often each of ``n`` images is drawn in each resample: ``(resamples, n)`` counts, seeded (the rows of
+    :func:`resample_blocks`, joined)."""
+    blocks = list(resample_blocks(n, resamples, seed))
+    return np.concatenate(blocks) if blocks else np.zeros((0, n), np.int32)
+
+
+def resample_blocks(n: int, resamples: int = RESAMPLES, seed: int = SEED):
+    """:func:`resample_weights` a block of rows at a time, so that memory stays bounded as ``n`` grows: each
+    row is one draw from the same seeded generator, so the rows are the same however they are blocked."""
     rng = np.random.default_rng(seed)
-    return rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.int32) if n else \
-        np.zeros((resamples, 0), np.int32)
+    step = max(1, _BLOCK_COUNTS // max(n, 1))
+    for a in range(0, resamples, step):
+        rows = min(step, resamples - a)
+        yield rng.multinomial(n, np.full(n, 1.0 / n), size=rows).astype(np.int32) if n else \
+            np.zeros((rows, 0), np.int32)
 
 
 def bootstrap_drop(drop: float, replicates: np.ndarray, n: int, seed: int = SEED) -> dict[str, Any]:
@@ -271,8 +285,14 @@ class DetectionRecords:
         """:meth:`scores` on the seeded resamples of :func:`resample_weights`, kept: a search judges every
         trial against the same fp32 records."""
         if (resamples, seed) not in self._resampled:
-            self._resampled[(resamples, seed)] = self.scores(resample_weights(self.n, resamples, seed))
+            self._resampled[(resamples, seed)] = self.scores_resampled(resamples, seed)
         return self._resampled[(resamples, seed)]
+
+    def scores_resampled(self, resamples: int = RESAMPLES, seed: int = SEED) -> dict[str, np.ndarray]:
+        """:meth:`scores` on the seeded resamples, drawn and scored a block at a time (:func:`resample_blocks`)."""
+        parts = [self.scores(w) for w in resample_blocks(self.n, resamples, seed)]
+        return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]} if parts else \
+            {k: np.zeros(0) for k in ("map50", "map50_95", "mean_tp_score", "recall")}
 
     def head(self, k: int) -> "DetectionRecords":
         """The records of the first ``k`` images."""
@@ -340,7 +360,7 @@ def detection_drops(parent: DetectionRecords, candidate: DetectionRecords, *, re
     if parent.n != candidate.n:
         raise ValueError(f"records of {parent.n} parent and {candidate.n} candidate images; they must pair up")
     ones = np.ones((1, parent.n), np.int32)
-    p, c = parent.resampled(resamples, seed), candidate.scores(resample_weights(parent.n, resamples, seed))
+    p, c = parent.resampled(resamples, seed), candidate.scores_resampled(resamples, seed)
     p1, c1 = parent.scores(ones), candidate.scores(ones)
     return {name: bootstrap_drop(p1[key][0] - c1[key][0], p[key] - c[key], parent.n, seed)
             for name, key in DETECTION_DROPS.items()}

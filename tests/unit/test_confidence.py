@@ -114,7 +114,7 @@ def test_the_bootstrap_interval_covers_a_known_map_drop():
         assert np.mean(h) >= 0.85, (k, np.mean(h))
 
 
-def test_the_bootstrap_is_seeded_and_scores_a_resample_as_the_evaluator_scores_those_images():
+def test_the_bootstrap_is_seeded_and_scores_a_resample_as_the_evaluator_scores_those_images(monkeypatch):
     from edgeslim.components.tasks.detection.evaluate import detection_metrics
     from edgeslim.components.tasks.detection.records import detection_records
 
@@ -133,6 +133,12 @@ def test_the_bootstrap_is_seeded_and_scores_a_resample_as_the_evaluator_scores_t
     p, c = detection_records(preds, gts, 3, 0.25), detection_records(cands, gts, 3, 0.25)
     a, b = C.detection_drops(p, c, resamples=200), C.detection_drops(p, c, resamples=200)
     assert a == b  # the same records give the same interval
+    # the resamples are drawn and scored a block at a time (memory flat in the split's size): blocks of 7 rows
+    # give the same draws, and so the same interval, as one block of all 200
+    monkeypatch.setattr(C, "_BLOCK_COUNTS", 7 * 40)
+    assert np.array_equal(C.resample_weights(40, 200), np.random.default_rng(C.SEED).multinomial(
+        40, np.full(40, 1 / 40), size=200))
+    assert C.detection_drops(detection_records(preds, gts, 3, 0.25), c, resamples=200) == a
     assert C.detection_drops(p, c, resamples=200, seed=1)["map50_drop"]["replicates"] != a["map50_drop"]["replicates"]
     # a resample drawing image 3 twice and leaving out image 0 scores as the evaluator scores that list of images
     w = np.ones((1, 40), np.int32)
