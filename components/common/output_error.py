@@ -13,7 +13,8 @@ import numpy as np
 
 class OutputError:
     """int8 minus fp32 over every output value of a split, batch by batch: per-output SQNR exactly,
-    the error distribution from a seeded sample (at most ``cap`` values are kept)."""
+    the error distribution from a seeded sample (at most ``2 * cap`` values per output are kept, however
+    long the split)."""
 
     def __init__(self, cap: int = 200_000, per_batch: int = 20_000, seed: int = 0):
         from edgeslim.components.common.onnx_runtime import SqnrAccumulator
@@ -38,7 +39,11 @@ class OutputError:
             self.count[name] = self.count.get(name, 0) + r.size
             if rate < 1.0:
                 e = e[self.rng.choice(e.size, max(1, round(e.size * rate)), replace=False)]
-            self.samples.setdefault(name, []).append(e)
+            kept = self.samples.setdefault(name, [])
+            kept.append(e)
+            if sum(k.size for k in kept) > 2 * self.cap:  # thinned evenly: every batch keeps its share
+                both = np.concatenate(kept)
+                kept[:] = [both[np.sort(self.rng.choice(both.size, self.cap, replace=False))]]
 
     def result(self, reference: str, bins: int = 41) -> dict[str, Any]:
         outputs, normalized = [], []

@@ -408,3 +408,16 @@ def test_the_gate_task_writes_its_verdict_as_markdown(tmp_path, monkeypatch):
     assert passed is False and text.startswith("## Gate: FAILED\n\nfailed: metric_drop missed by")
     assert "| check | value | threshold | result | detail |" in text and "| metric_drop | 9 | " in text
     assert "**FAIL**" in text and text.count("\n| ") == 4  # header + 3 checks
+
+
+def test_the_output_error_sample_stays_bounded_however_long_the_split():
+    from edgeslim.components.common.output_error import OutputError
+
+    rng = np.random.default_rng(0)
+    err = OutputError(cap=1_000, per_batch=400)
+    for _ in range(50):  # 50 batches of 4,000 values: 400 sampled from each, 20,000 in all
+        ref = rng.normal(size=4_000).astype(np.float32)
+        err.add(([ref], ["y"]), ([ref + rng.normal(scale=0.01, size=4_000).astype(np.float32)], ["y"]))
+    assert sum(k.size for k in err.samples["y"]) <= 2_000
+    out = err.result("fp32")["outputs"][0]
+    assert out["name"] == "y" and 35 < out["sqnr_db"] < 45  # the SQNR still counts every value (about 40 dB)

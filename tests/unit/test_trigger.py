@@ -198,6 +198,7 @@ def test_a_version_is_compressed_once_per_recipe_whatever_events_arrive(rig, cap
     assert r.trigger.wait_idle()
     # Champion set again later, and the same delivery replayed: nothing more runs.
     assert deliver(r.port, event("m", "3", kind="alias"))[0] == 202
+    assert r.trigger.wait_idle()  # its job found the version done (a delivery meanwhile would find it queued)
     headers = signed(event("m", "3", kind="alias"))
     assert request(r.port, "POST", "/", event("m", "3", kind="alias"), headers)[0] == 202
     assert r.trigger.wait_idle()
