@@ -461,7 +461,8 @@ class YoloV8nTrained(YoloV8n):
         from edgeslim.components.common.confidence import interval
         from edgeslim.components.common.onnx_runtime import SqnrAccumulator
         from edgeslim.components.tasks.detection.evaluate import detection_metrics, onnx_detections
-        from edgeslim.components.tasks.detection.records import paired_detection_drops
+        from edgeslim.components.common.confidence import detection_drops
+        from edgeslim.components.tasks.detection.records import detection_records
 
         task = ctx.extra["task"]
         dets, outs, _ = onnx_detections(spec.path, ctx.data.x_test, task)
@@ -472,7 +473,8 @@ class YoloV8nTrained(YoloV8n):
         acc = SqnrAccumulator()
         for r, c in zip(reference[0], outs):
             acc.add(r, c)
-        stats = paired_detection_drops(reference[1], dets, ctx.data.y_test, task)
+        stats = detection_drops(*(detection_records(d, list(ctx.data.y_test), task.num_classes, task.score_threshold)
+                                  for d in (reference[1], dets)))
         for name in ("map50_drop", "map50_95_drop"):
             iv = interval(stats[name])
             row[f"{name}_95"] = [round(iv["low"], 2), round(iv["high"], 2)]

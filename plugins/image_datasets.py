@@ -39,6 +39,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tif
 # YOLO labels are normalised and often rounded; COCO boxes are floats in pixels.
 YOLO_TOLERANCE = 1e-3
 COCO_TOLERANCE_PX = 1.0
+_MAP_CHUNK = 256  # items handed to the decode threads at a time (see _ImageProvider._map)
 
 
 def is_image(key: str) -> bool:
@@ -67,9 +68,15 @@ class _ImageProvider:
         return LazyImages(files, keys, self.preprocess, sizes=sizes, workers=self.workers, split=split)
 
     def _map(self, fn, items: Sequence) -> list:
-        """``fn`` over ``items`` on the decode threads (label files and image headers are many small reads)."""
-        return list(_pool(self.workers).map(fn, items)) if len(items) > 1 and self.workers > 1 else \
-            [fn(i) for i in items]
+        """``fn`` over ``items`` on the decode threads (label files and image headers are many small reads),
+        a few hundred at a time: the pool holds a future per item it is given, so a split handed over whole
+        would hold one per image."""
+        if len(items) <= 1 or self.workers <= 1:
+            return [fn(i) for i in items]
+        out: list = []
+        for a in range(0, len(items), _MAP_CHUNK):
+            out.extend(_pool(self.workers).map(fn, items[a:a + _MAP_CHUNK]))
+        return out
 
     def _check_masks(self, masks: Any) -> bool:
         if not isinstance(masks, bool):

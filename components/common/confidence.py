@@ -36,7 +36,7 @@ SEED = 0  # of the bootstrap's draws: the same records give the same interval
 RESAMPLES = 1000  # bootstrap draws per interval
 REPORT_LEVEL = 0.95  # the level of the intervals a report shows where the gate sets none
 _RECALL_POINTS = np.linspace(0.0, 1.0, 101)  # COCO's 101-point interpolation, as the detection evaluator uses
-_CELLS = 4_000_000  # resamples x detections held at once by the weighted AP
+_CELLS = 1 << 20  # resamples x detections held at once by the weighted AP (4 MiB of int32 a working array)
 
 
 def _z(level: float) -> float:
@@ -304,7 +304,7 @@ class DetectionRecords:
     def scores(self, weights: np.ndarray) -> dict[str, np.ndarray]:
         """mAP@0.5 and mAP@0.5:0.95 (points), the mean true-positive score and recall at the threshold (points)
         on each resample: ``weights`` (R, n) says how often each image is drawn."""
-        w = np.asarray(weights, np.int64)
+        w = np.asarray(weights, np.int32)  # draws of an image: at most n
         r, (classes, k_thr) = len(w), (self.gt.shape[1], self.det_tp.shape[1])
         ap = np.full((r, classes, k_thr), np.nan)
         for c in range(classes):
@@ -338,10 +338,13 @@ class DetectionRecords:
             map50 = np.where(counted > 0, np.nansum(ap[:, :, 0], 1) / np.maximum(counted, 1), 0.0) * 100
             map50_95 = np.where(counted > 0, np.nansum(ap, (1, 2)) / np.maximum(counted * k_thr, 1), 0.0) * 100
         tp50 = self.det_tp[:, 0]
-        per_image = np.zeros((self.n, 3))  # true-positive score sum, true positives, those at the threshold
-        np.add.at(per_image, self.det_image, np.stack(
-            [self.det_score * tp50, tp50, tp50 & (self.det_score >= self.score_threshold)], 1).astype(np.float64))
-        sums, gts = w @ per_image, w @ self.gt.sum(1)
+        at = tp50 & (self.det_score >= self.score_threshold)
+        # per image: the true positives' score sum, the true positives, those at the threshold
+        per_image = np.stack([np.bincount(self.det_image, weights=np.where(tp50, self.det_score, 0.0),
+                                          minlength=self.n),
+                              np.bincount(self.det_image[tp50], minlength=self.n).astype(np.float64),
+                              np.bincount(self.det_image[at], minlength=self.n).astype(np.float64)], 1)
+        sums, gts = w @ per_image, w @ self.gt.sum(1, dtype=np.int64)
         with np.errstate(invalid="ignore", divide="ignore"):
             mean_tp = np.where(sums[:, 1] > 0, sums[:, 0] / np.maximum(sums[:, 1], 1), 0.0)
             recall = np.where(gts > 0, 100.0 * sums[:, 2] / np.maximum(gts, 1), 0.0)

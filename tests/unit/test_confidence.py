@@ -188,7 +188,7 @@ def test_the_classifier_gate_judges_the_interval_only_with_a_confidence():
 def test_a_detector_gate_refuses_beyond_the_noise_and_passes_a_faithful_candidate():
     from edgeslim.components.tasks.detection.config import DetectionGateConfig
     from edgeslim.components.tasks.detection.evaluate import detection_metrics, gate_detection
-    from edgeslim.components.tasks.detection.records import paired_detection_drops
+    from edgeslim.components.tasks.detection.records import detection_records
 
     rng = np.random.default_rng(3)
     gts = []
@@ -205,13 +205,13 @@ def test_a_detector_gate_refuses_beyond_the_noise_and_passes_a_faithful_candidat
                                   np.full((len(g), 1), 0.9), g[:, 4:5]]).astype(np.float32))
         return out
 
-    task = type("Task", (), {"num_classes": 3, "score_threshold": 0.25})
     parent = predict(0.0)
     gate = DetectionGateConfig(confidence=0.95)
     for cand, passed in ((predict(0.08), False), (parent, True)):  # loose boxes: mAP@0.5:0.95 falls > 10 pt
         metrics = {"source": {"detection": detection_metrics(parent, gts, 3, 0.25)},
                    "candidate": {"detection": detection_metrics(cand, gts, 3, 0.25)},
-                   "confidence": paired_detection_drops(parent, cand, gts, task)}
+                   "confidence": C.detection_drops(detection_records(parent, gts, 3, 0.25),
+                                                   detection_records(cand, gts, 3, 0.25))}
         v = gate_detection(metrics, gate)
         assert v["passed"] is passed, v["summary"]
         (loc,) = [c for c in v["checks"] if c["name"] == "map50_95_drop"]

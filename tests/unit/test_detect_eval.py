@@ -73,3 +73,65 @@ def test_a_map_drop_fails_without_the_collapse_wording_and_a_faithful_candidate_
     assert "collapsed" not in verdict["summary"]
     ok = gate_detection(_metrics(src, detection_metrics(_perfect(0.89), GT, 2, 0.25)), DetectionGateConfig())
     assert ok["passed"] and ok["summary"].startswith("passed")
+
+
+def _scenes(rng, images=30, classes=3):
+    """Random labelled scenes and detections near the labels (some lost, some false, some duplicated)."""
+    gts, preds = [], []
+    for _ in range(images):
+        k = int(rng.integers(0, 5))
+        xy = rng.uniform(0, 150, (k, 2))
+        g = np.hstack([xy, xy + rng.uniform(10, 60, (k, 2)), rng.integers(0, classes, (k, 1))]).astype(np.float32)
+        near = np.repeat(g, 2, axis=0)[rng.uniform(size=2 * k) < 0.6]  # found once, twice or not at all
+        near[:, :4] += rng.normal(0, 4, (len(near), 4))
+        false = np.hstack([rng.uniform(0, 150, (3, 2)), rng.uniform(150, 210, (3, 2)), np.zeros((3, 1))])
+        false[:, 4] = rng.integers(0, classes, 3)
+        boxes = np.vstack([near, false])
+        gts.append(g)
+        preds.append(np.hstack([boxes[:, :4], rng.uniform(0, 1, (len(boxes), 1)), boxes[:, 4:5]]).astype(np.float32))
+    return preds, gts
+
+
+def _reference_ap(preds, gts, cls, thr):
+    """COCO's AP of one class at one IoU threshold, matched the plain way: each image's detections by score,
+    each taking the best-overlapping label not yet taken."""
+    from edgeslim.components.tasks.detection.runtime import box_iou
+
+    scores, tps, n_gt = [], [], 0
+    for p, g in zip(preds, gts):
+        p, g = p[p[:, 5] == cls], g[g[:, 4] == cls]
+        n_gt += len(g)
+        p = p[np.argsort(-p[:, 4], kind="stable")]
+        taken = np.zeros(len(g), bool)
+        for box in p:
+            iou = box_iou(box[None, :4], g[:, :4])[0] if len(g) else np.zeros(0)
+            iou = np.where(taken | (iou < thr), -1.0, iou)
+            hit = len(iou) > 0 and iou.max() >= 0
+            if hit:
+                taken[iou.argmax()] = True
+            scores.append(box[4])
+            tps.append(hit)
+    order = np.argsort(-np.array(scores, np.float32), kind="stable")
+    return average_precision(np.array(tps, bool)[order], n_gt)
+
+
+def test_map_matches_a_plain_per_threshold_matching_and_does_not_depend_on_the_batches():
+    from edgeslim.components.common.average_precision import IOU_THRESHOLDS
+    from edgeslim.components.tasks.detection.records import DetectionRecorder, record_metrics
+
+    preds, gts = _scenes(np.random.default_rng(7))
+    m = detection_metrics(preds, gts, 3, 0.25)
+    ap = np.array([[_reference_ap(preds, gts, c, t) for t in IOU_THRESHOLDS] for c in range(3)])
+    assert m["map50"] == pytest.approx(100 * np.nanmean(ap[:, 0]), abs=1e-3)
+    assert m["map50_95"] == pytest.approx(100 * np.nanmean(ap), abs=1e-3)
+    assert 0 < m["map50_95"] < m["map50"] < 100
+    # an evaluation matches each batch as it is decoded: any batching gives the same figures and records
+    rec = DetectionRecorder(3, 0.25)
+    for a in range(0, len(gts), 7):
+        rec.add(preds[a:a + 7], gts[a:a + 7])
+    batched = rec.records()
+    assert record_metrics(batched) == m
+    whole = DetectionRecorder(3, 0.25)
+    whole.add(preds, gts)
+    assert np.array_equal(batched.det_tp, whole.records().det_tp)
+    assert np.array_equal(batched.det_image, whole.records().det_image)

@@ -194,20 +194,20 @@ GT = [np.array([[0, 0, 10, 10, 0], [20, 20, 30, 30, 1]], np.float32), np.array([
 
 
 def test_the_pr_curve_pools_classes_and_ends_at_the_recall_map_counts():
-    from edgeslim.components.tasks.detection.evaluate import detection_metrics
+    from edgeslim.components.tasks.detection.evaluate import detection_metrics, pr_curve
 
     perfect = [np.hstack([g[:, :4], np.full((len(g), 1), 0.9), g[:, 4:5]]) for g in GT]
-    c = D.pr_curve(perfect, GT, 2, 0.25)
+    c = pr_curve(perfect, GT, 2, 0.25)
     assert c["recall"][-1] == 1.0 and set(c["precision"]) == {1.0} and c["ground_truth"] == 3
     assert c["at_threshold"] == {"recall": 1.0, "precision": 1.0}
     # a duplicate of class 1 on a class-0 box is a false positive; a low-score miss lies under the threshold
     preds = [np.vstack([perfect[0], [[0, 0, 10, 10, 0.95, 1]]]), np.array([[5, 5, 25, 25, 0.1, 1]], np.float32)]
-    c = D.pr_curve(preds, GT, 2, 0.25)
+    c = pr_curve(preds, GT, 2, 0.25)
     m = detection_metrics(preds, GT, 2, 0.25)
     assert c["recall"][-1] == pytest.approx(m["true_positives"] / m["ground_truth"])
     assert c["precision"][0] == 0.0  # the top-scored detection is the false positive
     assert c["at_threshold"] == {"recall": pytest.approx(2 / 3, abs=1e-4), "precision": pytest.approx(2 / 3, abs=1e-4)}
-    empty = D.pr_curve([np.zeros((0, 6))] * 2, GT, 2, 0.25)
+    empty = pr_curve([np.zeros((0, 6))] * 2, GT, 2, 0.25)
     assert empty["recall"] == [] and empty["at_threshold"] is None
 
 

@@ -21,48 +21,22 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edgeslim.components.common.average_precision import IOU_THRESHOLDS, average_precision, by_score
-from edgeslim.components.common.confidence import drop_check
+from edgeslim.components.common.confidence import detection_drops, drop_check
 from edgeslim.components.common.onnx_runtime import (STREAM_BATCH, BatchTimer, SqnrAccumulator, input_rejected,
                                                      make_session, run_side_by_side, sample_rows,
                                                      threads_beside_decoding)
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import DataError
 from edgeslim.components.common.result import GateCheck, StageResult, verdict
-from edgeslim.components.tasks.detection.records import paired_detection_drops
-from edgeslim.components.tasks.detection.runtime import box_iou, decode_outputs
+from edgeslim.components.tasks.detection.records import (AgreementCounter, DetectionRecorder, detection_records,
+                                                         record_metrics, record_pr_curve)
+from edgeslim.components.tasks.detection.runtime import decode_outputs
 from edgeslim.components.common.model_outputs import forward_tensors, output_names
-
-def _match(preds: list[np.ndarray], gts: list[np.ndarray], cls: int, iou_thr: float
-           ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Scores and TP flags of class ``cls`` predictions over all images, sorted by score; #GT."""
-    scores, tps = [], []
-    n_gt = 0
-    for p, g in zip(preds, gts):
-        p = p[p[:, 5] == cls]
-        g = g[g[:, 4] == cls]
-        n_gt += len(g)
-        if not len(p):
-            continue
-        p = p[np.argsort(-p[:, 4], kind="stable")]
-        tp = np.zeros(len(p), bool)
-        if len(g):
-            ious = box_iou(p[:, :4], g[:, :4])
-            taken = np.zeros(len(g), bool)
-            for i in range(len(p)):
-                cand = np.where(~taken & (ious[i] >= iou_thr), ious[i], -1.0)
-                j = int(np.argmax(cand))
-                if cand[j] >= 0:
-                    taken[j] = True
-                    tp[i] = True
-        scores.append(p[:, 4])
-        tps.append(tp)
-    return by_score(scores, tps, n_gt)
-
 
 def detection_metrics(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], num_classes: int,
                       score_threshold: float) -> dict[str, Any]:
-    """mAP@0.5, mAP@0.5:0.95, per-class AP@0.5, precision/recall at the threshold, mean TP score.
+    """mAP@0.5, mAP@0.5:0.95, per-class AP@0.5, precision/recall at the threshold, mean TP score
+    (:func:`~edgeslim.components.tasks.detection.records.record_metrics` of the images' records).
 
     Args:
         preds: per image (M, 6) ``[x1, y1, x2, y2, score, class]``.
@@ -73,73 +47,19 @@ def detection_metrics(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], nu
     Returns:
         Percentages for mAP, precision and recall (points); scores in [0, 1].
     """
-    preds = [np.asarray(p, np.float32).reshape(-1, 6) for p in preds]
-    gts = [np.asarray(g, np.float32).reshape(-1, 5) for g in gts]
-    if len(preds) != len(gts):
-        raise DataError(f"detections for {len(preds)} images but labels for {len(gts)}; they must pair up")
-    ap = np.full((num_classes, len(IOU_THRESHOLDS)), np.nan)
-    tp_scores: list[np.ndarray] = []
-    tp_at, n_pred_at, n_gt_all = 0, 0, 0
-    for c in range(num_classes):
-        for k, thr in enumerate(IOU_THRESHOLDS):
-            s, tp, n_gt = _match(preds, gts, c, float(thr))
-            ap[c, k] = average_precision(tp, n_gt)
-            if k == 0:
-                tp_scores.append(s[tp])
-                tp_at += int((tp & (s >= score_threshold)).sum())
-                n_pred_at += int((s >= score_threshold).sum())
-                n_gt_all += n_gt
-    valid = ~np.isnan(ap[:, 0])
-    tp_all = np.concatenate(tp_scores) if tp_scores else np.zeros(0)
-    return {
-        "map50": round(float(np.mean(ap[valid, 0])) * 100, 4) if valid.any() else 0.0,
-        "map50_95": round(float(np.mean(ap[valid])) * 100, 4) if valid.any() else 0.0,
-        "per_class_ap50": {str(c): round(float(ap[c, 0]) * 100, 3) for c in range(num_classes) if valid[c]},
-        "precision": round(100.0 * tp_at / n_pred_at, 4) if n_pred_at else 0.0,
-        "recall": round(100.0 * tp_at / n_gt_all, 4) if n_gt_all else 0.0,
-        "mean_tp_score": round(float(tp_all.mean()), 4) if len(tp_all) else 0.0,
-        "true_positives": int(len(tp_all)),
-        "ground_truth": int(n_gt_all),
-        "score_threshold": score_threshold,
-    }
+    return record_metrics(detection_records(preds, gts, num_classes, score_threshold))
 
 
-def pr_curve(preds, gts, num_classes: int, score_threshold: float, *, iou: float = 0.5,
-             points: int = 200) -> dict[str, Any]:
-    """Precision against recall at IoU ``iou``, all classes pooled (each prediction matches only boxes of its
-    own class, greedily by score, as :mod:`.evaluate` matches them for mAP), at most ``points``
-    points, and the operating point at ``score_threshold``."""
-    preds = [np.asarray(p, np.float32).reshape(-1, 6) for p in preds]
-    gts = [np.asarray(g, np.float32).reshape(-1, 5) for g in gts]
-    scores, tps, n_gt = [], [], 0
-    for c in range(num_classes):
-        s, tp, n = _match(preds, gts, c, iou)
-        scores.append(s)
-        tps.append(tp)
-        n_gt += n
-    s, tp = np.concatenate(scores), np.concatenate(tps)
-    out: dict[str, Any] = {"iou": iou, "ground_truth": int(n_gt), "detections": int(len(s)),
-                           "score_threshold": score_threshold, "recall": [], "precision": [], "at_threshold": None}
-    if not n_gt or not len(s):
-        return out
-    order = np.argsort(-s, kind="stable")
-    s, tp = s[order], tp[order]
-    ctp = np.cumsum(tp)
-    precision = ctp / np.arange(1, len(tp) + 1)
-    recall = ctp / n_gt
-    idx = np.unique(np.linspace(0, len(s) - 1, min(points, len(s))).round().astype(int))
-    out["recall"] = [round(float(v), 5) for v in recall[idx]]
-    out["precision"] = [round(float(v), 5) for v in precision[idx]]
-    k = int((s >= score_threshold).sum())
-    if k:
-        out["at_threshold"] = {"recall": round(float(recall[k - 1]), 5), "precision": round(float(precision[k - 1]), 5)}
-    return out
+def pr_curve(preds, gts, num_classes: int, score_threshold: float, *, points: int = 200) -> dict[str, Any]:
+    """Precision against recall at IoU 0.5, all classes pooled, at most ``points`` points, and the operating
+    point at ``score_threshold`` (:func:`~edgeslim.components.tasks.detection.records.record_pr_curve`)."""
+    return record_pr_curve(detection_records(preds, gts, num_classes, score_threshold), points=points)
 
 
 def detect_batches(onnx_paths: Sequence[str | Path], x, task, *, basic: Sequence[bool] | bool = True,
                    batch: int = STREAM_BATCH, on_batch=None, decode: Sequence[bool] | None = None,
                    threads: int = 0, timer=None, only: dict[int, np.ndarray] | None = None,
-                   sessions: Sequence | None = None) -> list[list[np.ndarray]]:
+                   sessions: Sequence | None = None, on_detections=None) -> list[list[np.ndarray]]:
     """Decoded detections of one or more ONNX detectors on ``x``, run side by side a batch at a time.
 
     Each batch of ``x`` is read once (``x`` may be a lazy split: one decode per image, whatever the number
@@ -161,6 +81,9 @@ def detect_batches(onnx_paths: Sequence[str | Path], x, task, *, basic: Sequence
         only: ``{model: sorted row indices}``, a model run on those images alone (its list holds theirs,
             in order; ``on_batch`` gets ``None`` for it on a batch with none of them).
         sessions: the models' sessions, when the caller made them (``basic`` and ``threads`` then unused).
+        on_detections: called with each batch's first row and, per model, its decoded detections on the
+            batch (as the returned lists hold them); with it, nothing is kept and the lists come back empty,
+            so the caller holds only what it makes of them.
 
     Returns:
         Per model, per image an (M, 6) ``[x1, y1, x2, y2, score, class]`` array.
@@ -175,10 +98,13 @@ def detect_batches(onnx_paths: Sequence[str | Path], x, task, *, basic: Sequence
     def rejects(k: int, rows, exc: Exception) -> DataError:  # ORT raises its own types for shape mismatches
         return input_rejected(onnx_paths[k], x, exc)
 
-    for _, _, outs in run_side_by_side(sessions, x, batch, on_error=rejects, timer=timer, only=only):
-        for n, o, out, keep in zip(names, outs, dets, decodes):
-            if keep and o is not None:
-                out.extend(decode_outputs(o, task, n))
+    for start, _, outs in run_side_by_side(sessions, x, batch, on_error=rejects, timer=timer, only=only):
+        got = [decode_outputs(o, task, n) if keep and o is not None else [] for n, o, keep in zip(names, outs, decodes)]
+        if on_detections is not None:
+            on_detections(start, got)
+        else:
+            for out, d in zip(dets, got):
+                out.extend(d)
         if on_batch is not None:
             on_batch([(o, n) if o is not None else None for o, n in zip(outs, names)])
     return dets
@@ -218,23 +144,9 @@ def torch_detections(model, x: np.ndarray, task, batch: int = 128) -> list[np.nd
 def detection_agreement(reference: list[np.ndarray], candidate: list[np.ndarray], threshold: float,
                         iou: float = 0.5) -> float:
     """Share of the parent's detections above ``threshold`` that the candidate also makes."""
-    total = hit = 0
-    for r, c in zip(reference, candidate):
-        r, c = r[r[:, 4] >= threshold], c[c[:, 4] >= threshold]
-        total += len(r)
-        if not len(r) or not len(c):
-            continue
-        ious = box_iou(r[:, :4], c[:, :4])
-        same = r[:, 5][:, None] == c[:, 5][None, :]
-        hit += int(((ious >= iou) & same).any(axis=1).sum())
-    return round(hit / total, 4) if total else 1.0
-
-
-def _measured(onnx_path: str | Path, dets: list[np.ndarray], data: Splits, task, latency: dict[str, float]
-              ) -> dict[str, Any]:
-    m = detection_metrics(dets, list(data.y_test), task.num_classes, task.score_threshold)
-    return {"detections": dets, "metric": m["map50"], "detection": m, "size_bytes": Path(onnx_path).stat().st_size,
-            "latency_ms": latency}
+    counter = AgreementCounter(threshold, iou)
+    counter.add(reference, candidate)
+    return counter.share()
 
 
 def evaluate_detection(candidate_onnx: str | Path, config, *, parent_onnx: str | Path, data: Splits,
@@ -262,7 +174,9 @@ def evaluate_detection(candidate_onnx: str | Path, config, *, parent_onnx: str |
         ``StageResult`` whose metrics have the spine's shape (``metric`` = mAP@0.5 in points,
         ``fidelity``, size, latency) plus a ``detection`` section per model, ``figures`` and ``confidence``: the
         statistic of each drop the gate checks, a paired bootstrap over the test images
-        (:func:`~edgeslim.components.tasks.detection.records.paired_detection_drops`).
+        (:func:`~edgeslim.components.common.confidence.detection_drops`). Each batch's
+        detections are matched to its labels as it is decoded and kept only as compact records
+        (:class:`~edgeslim.components.tasks.detection.records.DetectionRecorder`).
     """
     from edgeslim.components.common.output_error import OutputError, reference_onnx
 
@@ -289,13 +203,30 @@ def evaluate_detection(candidate_onnx: str | Path, config, *, parent_onnx: str |
     threads = threads_beside_decoding(config.threads, data.x_test)
     sessions = [make_session(p, basic=b, threads=threads) for p, b in zip(paths, [True, True, False, True])]
     timer = BatchTimer([0, 1], config.latency_batches, config.latency_warmup, config.latency_repeats)
-    parent_dets, cand_dets, fused_dets, *_ = detect_batches(
-        paths, data.x_test, task, on_batch=on_batch, decode=[True, True, True, False][:len(paths)],
-        batch=max(STREAM_BATCH, *config.latency_batches), timer=timer, only={2: fused_rows}, sessions=sessions)
-    parent = _measured(parent_onnx, parent_dets, data, task, timer.result(0, sessions[0]))
-    cand = _measured(candidate_onnx, cand_dets, data, task, timer.result(1, sessions[1]))
-    agree = detection_agreement(parent["detections"], cand["detections"], task.score_threshold)
+    # parent, candidate; the fused kernels and the candidate's Q/DQ on the fused-kernel images
+    recorders = [DetectionRecorder(task.num_classes, task.score_threshold) for _ in range(4)]
+    agreement = AgreementCounter(task.score_threshold)
+
+    def on_detections(start: int, dets: list[list[np.ndarray]]) -> None:  # each batch matched, then dropped
+        gts = list(data.y_test[start:start + len(dets[0])])
+        recorders[0].add(dets[0], gts)
+        recorders[1].add(dets[1], gts)
+        agreement.add(dets[0], dets[1])
+        local = fused_rows[(fused_rows >= start) & (fused_rows < start + len(gts))] - start
+        if len(local):
+            recorders[2].add(dets[2], [gts[i] for i in local])
+            recorders[3].add([dets[1][i] for i in local], [gts[i] for i in local])
+
+    detect_batches(paths, data.x_test, task, on_batch=on_batch, decode=[True, True, True, False][:len(paths)],
+                   batch=max(STREAM_BATCH, *config.latency_batches), timer=timer, only={2: fused_rows},
+                   sessions=sessions, on_detections=on_detections)
+    parent_records, cand_records = recorders[0].records(), recorders[1].records()
     keep = ("metric", "size_bytes", "latency_ms", "detection")
+    parent, cand = ({"metric": m["map50"], "detection": m, "size_bytes": Path(p).stat().st_size,
+                     "latency_ms": timer.result(k, sessions[k])}
+                    for k, (p, m) in enumerate(((parent_onnx, record_metrics(parent_records)),
+                                                (candidate_onnx, record_metrics(cand_records)))))
+    agree = agreement.share()
     metrics = {
         "metric_name": "map50",
         "task": "detection",
@@ -309,21 +240,17 @@ def evaluate_detection(candidate_onnx: str | Path, config, *, parent_onnx: str |
         },
     }
     if len(fused_rows):  # the fused kernels' mAP@0.5 beside the candidate's Q/DQ one, on the same images
-        gts = [data.y_test[i] for i in fused_rows]
         metrics["candidate"].update(
-            cpu_int8_kernel_metric=detection_metrics(fused_dets, gts, task.num_classes, task.score_threshold)["map50"],
+            cpu_int8_kernel_metric=record_metrics(recorders[2].records())["map50"],
             cpu_int8_kernel_samples=int(len(fused_rows)),
-            cpu_int8_kernel_qdq_metric=detection_metrics([cand_dets[i] for i in fused_rows], gts, task.num_classes,
-                                                         task.score_threshold)["map50"])
+            cpu_int8_kernel_qdq_metric=record_metrics(recorders[3].records())["map50"])
     metrics["candidate"]["size_ratio"] = round(parent["size_bytes"] / cand["size_bytes"], 3)
-    metrics["confidence"] = paired_detection_drops(parent_dets, cand_dets, data.y_test, task)
+    metrics["confidence"] = detection_drops(parent_records, cand_records)
     if chart_error:
         metrics["figures"] = {"error": chart_error[0]}
     else:
-        gts = list(data.y_test)
         metrics["figures"] = {"output_error": err.result(reference), "pr": {
-            "fp32": pr_curve(parent_dets, gts, task.num_classes, task.score_threshold),
-            "int8": pr_curve(cand_dets, gts, task.num_classes, task.score_threshold)}}
+            "fp32": record_pr_curve(parent_records), "int8": record_pr_curve(cand_records)}}
     return StageResult(model=Path(candidate_onnx), metrics=metrics, seconds=time.perf_counter() - t0)
 
 

@@ -9,7 +9,8 @@ from typing import Any
 from edgeslim.components.common.charts import BAR, FAIL, FP32, INT8, MUTED, Chart, Panel, Svg, bar_panels
 from edgeslim.components.common.output_error import OutputError, reference_onnx
 from edgeslim.components.common.tasks import fused_kernel_row
-from edgeslim.components.tasks.detection.evaluate import detect_batches, pr_curve
+from edgeslim.components.tasks.detection.evaluate import detect_batches
+from edgeslim.components.tasks.detection.records import DetectionRecorder, record_pr_curve
 
 
 def figures(candidate_onnx: str | Path, *, parent_onnx: str | Path, data, task,
@@ -21,11 +22,17 @@ def figures(candidate_onnx: str | Path, *, parent_onnx: str | Path, data, task,
     err = OutputError()
     paths = [parent_onnx, candidate_onnx, *([student_onnx] if own else [])]
     ref = 2 if own else 0
-    dets = detect_batches(paths, data.x_test, task, basic=True, on_batch=lambda raw: err.add(raw[ref], raw[1]))
-    gts = list(data.y_test)
+    recorders = [DetectionRecorder(task.num_classes, task.score_threshold) for _ in range(2)]
+
+    def on_detections(start: int, dets) -> None:
+        gts = list(data.y_test[start:start + len(dets[0])])
+        for rec, d in zip(recorders, dets):
+            rec.add(d, gts)
+
+    detect_batches(paths, data.x_test, task, basic=True, on_batch=lambda raw: err.add(raw[ref], raw[1]),
+                   decode=[True, True, False][:len(paths)], on_detections=on_detections)
     return {"output_error": err.result(reference), "pr": {
-        "fp32": pr_curve(dets[0], gts, task.num_classes, task.score_threshold),
-        "int8": pr_curve(dets[1], gts, task.num_classes, task.score_threshold)}}
+        "fp32": record_pr_curve(recorders[0].records()), "int8": record_pr_curve(recorders[1].records())}}
 
 
 def pr_chart(rep: dict[str, Any]) -> Chart:

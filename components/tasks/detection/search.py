@@ -53,6 +53,17 @@ def head_groups(onnx_path: str | Path) -> list[dict[str, Any]]:
     return [{**t, "conv": t["layers"][0]} for t in output_tails(onnx_path)]
 
 
+def _records(onnx_path: str | Path, x, y, task, *, on_batch=None):
+    """A detector's records on ``x`` against labels ``y``, each batch matched as it is decoded."""
+    from edgeslim.components.tasks.detection.evaluate import detect_batches
+    from edgeslim.components.tasks.detection.records import DetectionRecorder
+
+    rec = DetectionRecorder(task.num_classes, task.score_threshold)
+    detect_batches([onnx_path], x, task, on_batch=on_batch,
+                   on_detections=lambda start, dets: rec.add(dets[0], list(y[start:start + len(dets[0])])))
+    return rec.records()
+
+
 class DetectorStrategy(Strategy):
     """The detection gate (mAP *and* score calibration) against the fp32 detector on val; the
     fallback keeps whole output tails (and, past them, single layers) in float, the most damaging
@@ -71,7 +82,6 @@ class DetectorStrategy(Strategy):
         self.fp32_onnx, self.task_config, self.model, self.export_config = fp32_onnx, task, model, export_config
         self.table: list[dict[str, Any]] = []
         self._val_outputs: list[Any] = []  # fp32 raw outputs of the first val images (up to _REFERENCE_BYTES)
-        self._val_dets: list[Any] = []  # fp32 detections on val
         self._screen_parent: dict[str, Any] | None = None  # fp32 metrics on the screening subsample
         self._val_records: Any = None  # fp32's per-image matches on val, for the drops' intervals
         self._screen_records: Any = None  # and on the screening subsample
@@ -79,8 +89,7 @@ class DetectorStrategy(Strategy):
     def reference(self, data: Splits) -> dict[str, Any]:
         import numpy as np
 
-        from edgeslim.components.tasks.detection.evaluate import detect_batches, detection_metrics
-        from edgeslim.components.tasks.detection.records import detection_records
+        from edgeslim.components.tasks.detection.records import record_metrics
 
         kept, room = [], [_REFERENCE_BYTES]
 
@@ -92,13 +101,10 @@ class DetectorStrategy(Strategy):
                 kept.append([o[:k].copy() for o in outs])
                 room[0] -= k * per
 
-        (dets,) = detect_batches([self.fp32_onnx], data.x_val, self.task_config, on_batch=keep)
+        self._val_records = _records(self.fp32_onnx, data.x_val, data.y_val, self.task_config, on_batch=keep)
         self._val_outputs = [np.concatenate(p) for p in zip(*kept)]
-        self._val_dets, self._screen_parent, self._screen_records = dets, None, None
-        self.parent = detection_metrics(dets, list(data.y_val), self.task_config.num_classes,
-                                        self.task_config.score_threshold)
-        self._val_records = detection_records(dets, list(data.y_val), self.task_config.num_classes,
-                                              self.task_config.score_threshold)
+        self._screen_parent, self._screen_records = None, None
+        self.parent = record_metrics(self._val_records)
         return {"fp32_val": self.parent, "sqnr_val_images": len(self._val_outputs[0]) if kept else 0}
 
     def judge(self, candidate: str | Path, data: Splits) -> dict[str, Any]:
@@ -112,13 +118,12 @@ class DetectorStrategy(Strategy):
         k = max(_SCREEN_MIN, len(data.x_val) // 4)
         if 2 * k > len(data.x_val):
             return None
-        from edgeslim.components.tasks.detection.evaluate import detection_metrics
+        from edgeslim.components.tasks.detection.records import record_metrics
 
-        g, task = self.task_config.gate, self.task_config
+        g = self.task_config.gate
         if self._screen_parent is None:
-            self._screen_parent = detection_metrics(self._val_dets[:k], list(data.y_val[:k]), task.num_classes,
-                                                    task.score_threshold)
             self._screen_records = self._val_records.head(k)
+            self._screen_parent = record_metrics(self._screen_records)
         if g.confidence is not None:
             return {**self._judge(candidate, data.x_val[:k], data.y_val[:k], self._screen_parent, g,
                                   self._screen_records), "screened_on": k}
@@ -132,8 +137,8 @@ class DetectorStrategy(Strategy):
         each drop's interval too (the gate then judges by them where it sets a confidence)."""
         from edgeslim.components.common.confidence import detection_drops, drop_intervals
         from edgeslim.components.common.onnx_runtime import SqnrAccumulator
-        from edgeslim.components.tasks.detection.evaluate import detect_batches, detection_metrics, gate_detection
-        from edgeslim.components.tasks.detection.records import detection_records
+        from edgeslim.components.tasks.detection.evaluate import gate_detection
+        from edgeslim.components.tasks.detection.records import record_metrics
 
         task = self.task_config
         sqnr, done = SqnrAccumulator(), [0]
@@ -146,10 +151,9 @@ class DetectorStrategy(Strategy):
                 m = max(0, min(n, len(r) - start))
                 sqnr.add(r[start:start + m], c[:m])
 
-        (dets,) = detect_batches([candidate], x, task, on_batch=compare)
-        m = detection_metrics(dets, list(y), task.num_classes, task.score_threshold)
-        stats = {} if parent_records is None else detection_drops(
-            parent_records, detection_records(dets, list(y), task.num_classes, task.score_threshold))
+        records = _records(candidate, x, y, task, on_batch=compare)
+        m = record_metrics(records)
+        stats = {} if parent_records is None else detection_drops(parent_records, records)
         verdict = gate_detection({"source": {"detection": parent}, "candidate": {"detection": m},
                                   "confidence": stats}, gate)
         allowed = {"map50_drop": gate.max_map_drop, "map50_95_drop": gate.max_map50_95_drop,
