@@ -132,20 +132,28 @@ def mlflow_server(tmp_path_factory):
         yield server
 
 
-@pytest.fixture(scope="session")
-def registered_teacher(mlflow_server, tiny_teacher, digits):
-    """The tiny teacher registered as `tiny-teacher@champion`; returns the URI."""
+def register_champion(tracking_uri: str, model, name: str, experiment: str, *,
+                      code_paths: list[str] | None = None) -> str:
+    """``model`` logged pickled in a run of ``experiment`` (with ``code_paths`` where its code lives outside
+    the repository), registered as ``name`` and its new version made ``@champion``, as a team's training job
+    leaves a model for edgeslim; returns ``models:/name@champion``."""
     import mlflow
 
     from edgeslim.components.common.tracking import connect
 
-    client = connect(mlflow_server.uri)
-    mlflow.set_experiment("tests-reference")
+    client = connect(tracking_uri)
+    mlflow.set_experiment(experiment)
     with mlflow.start_run():
-        info = mlflow.pytorch.log_model(tiny_teacher, name="model", serialization_format="pickle",
-                                        registered_model_name="tiny-teacher")
-    client.set_registered_model_alias("tiny-teacher", "champion", info.registered_model_version)
-    return "models:/tiny-teacher@champion"
+        info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle", code_paths=code_paths,
+                                        registered_model_name=name)
+    client.set_registered_model_alias(name, "champion", info.registered_model_version)
+    return f"models:/{name}@champion"
+
+
+@pytest.fixture(scope="session")
+def registered_teacher(mlflow_server, tiny_teacher, digits):
+    """The tiny teacher registered as `tiny-teacher@champion`; returns the URI."""
+    return register_champion(mlflow_server.uri, tiny_teacher, "tiny-teacher", "tests-reference")
 
 
 def run_process(cmd: list[str], *, timeout: float, env: dict | None = None, cwd: Path | None = None,

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import yaml
 
-from tests.conftest import run_cli, run_process
+from tests.conftest import register_champion, run_cli, run_process
 
 
 def register_user_model(tracking_uri: str, experiment: str, name: str, src: Path, module: str, code: str,
@@ -22,21 +22,12 @@ def register_user_model(tracking_uri: str, experiment: str, name: str, src: Path
     """``code`` written as the module ``module`` in ``src``; ``build(module)`` makes the model, which is logged
     pickled with the module as its ``code_paths`` (the pipeline gets the code only from there) and registered
     as ``name@champion``. The module is importable only while ``build`` runs."""
-    import mlflow
-
-    from edgeslim.components.common.tracking import connect
-
     path = src / f"{module}.py"
     path.write_text(code)
     sys.path.insert(0, str(src))
     try:
         model = build(importlib.import_module(module))
-        client = connect(tracking_uri)
-        mlflow.set_experiment(experiment)
-        with mlflow.start_run():
-            info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                                            code_paths=[str(path)], registered_model_name=name)
-        client.set_registered_model_alias(name, "champion", info.registered_model_version)
+        register_champion(tracking_uri, model, name, experiment, code_paths=[str(path)])
     finally:
         sys.path.remove(str(src))
         sys.modules.pop(module, None)

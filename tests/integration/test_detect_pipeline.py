@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import run_cli
+from tests.conftest import register_champion, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -36,11 +36,9 @@ def write_recipe(path: Path, source: str, task_over: dict | None = None, **over)
 
 @pytest.fixture(scope="module")
 def registered_detector(mlflow_server):
-    import mlflow
     import torch
 
     from edgeslim.components.reference.detector import DigitsDetector, train_detector
-    from edgeslim.components.common.tracking import connect
     from edgeslim.components.common.data import load_data
 
     data = load_data(DATA["provider"], DATA["args"])
@@ -52,13 +50,7 @@ def registered_detector(mlflow_server):
                                batch_size=32)
     finally:
         torch.set_num_threads(threads)
-    client = connect(mlflow_server.uri)
-    mlflow.set_experiment("tests-reference")
-    with mlflow.start_run():
-        info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                                        registered_model_name="tiny-detector")
-    client.set_registered_model_alias("tiny-detector", "champion", info.registered_model_version)
-    return "models:/tiny-detector@champion"
+    return register_champion(mlflow_server.uri, model, "tiny-detector", "tests-reference")
 
 
 def versions(uri: str, name: str) -> list:

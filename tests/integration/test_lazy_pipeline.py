@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import run_cli
+from tests.conftest import register_champion, run_cli
 from tests.entry_points import install_entry_points
 from tests.image_datasets import write_detection, write_imagefolder
 
@@ -90,11 +90,9 @@ def test_a_classifier_goes_through_every_task_on_guarded_splits(mlflow_server, r
 
 
 def test_a_detector_goes_through_every_task_on_guarded_splits(mlflow_server, env, tmp_path):
-    import mlflow
     import torch
 
     from edgeslim.components.common.data import load_data
-    from edgeslim.components.common.tracking import connect
     from edgeslim.components.reference.detector import DigitsDetector, default_heads, train_detector
 
     write_detection(tmp_path / "shapes", counts=COUNTS)
@@ -103,12 +101,7 @@ def test_a_detector_goes_through_every_task_on_guarded_splits(mlflow_server, env
     torch.manual_seed(0)
     model = train_detector(DigitsDetector(width=4, head_hidden=4, num_classes=3), data.x_train[:64],
                            data.y_train[:64], epochs=1, batch_size=16)
-    client = connect(mlflow_server.uri)
-    mlflow.set_experiment("tests-lazy")
-    with mlflow.start_run():
-        info = mlflow.pytorch.log_model(model.eval(), name="model", serialization_format="pickle",
-                                        registered_model_name="guarded-detector")
-    client.set_registered_model_alias("guarded-detector", "champion", info.registered_model_version)
+    register_champion(mlflow_server.uri, model.eval(), "guarded-detector", "tests-lazy")
     rep = run({"source": "models:/guarded-detector@champion",
                "data": {"provider": "guarded-yolo", "args": args, "preprocess": pre},
                "task": {"kind": "detection", "num_classes": 3, "decoder": {"heads": default_heads()},

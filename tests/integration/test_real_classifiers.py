@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import run_cli
+from tests.conftest import register_champion, run_cli
 from tests.spread import measured
 
 pytestmark = pytest.mark.slow
@@ -272,19 +272,12 @@ def test_registered_resnet18_runs_through_edgeslim_run_with_prune_and_auto_qat(
     its own that loads the torchvision model from what the previous one wrote. The gate asks for an
     int8 SQNR no int8 model reaches, so the search goes on to QAT, and the run ends with the gate's
     one-line refusal naming its best trial."""
-    import mlflow
     from mlflow import MlflowClient
 
     from edgeslim.components.common.errors import GateRejected
-    from edgeslim.components.common.tracking import connect
 
     model = build("resnet18", data.x_train)
-    client = connect(mlflow_server.uri)
-    mlflow.set_experiment("tests-real-classifiers")
-    with mlflow.start_run():
-        info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                                        registered_model_name="real-resnet18")
-    client.set_registered_model_alias("real-resnet18", "champion", info.registered_model_version)
+    register_champion(mlflow_server.uri, model, "real-resnet18", "tests-real-classifiers")
 
     recipe = {
         "source": "models:/real-resnet18@champion",

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import run_cli, run_process
+from tests.conftest import register_champion, run_cli, run_process
 from tests.entry_points import install_entry_points
 
 pytestmark = pytest.mark.slow
@@ -66,10 +66,7 @@ def data_npz(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def registered_regressor(mlflow_server, data_npz) -> str:
     """A tiny MLP trained in seconds to predict the digit's value, registered as `digit-regressor@champion`."""
-    import mlflow
     import torch
-
-    from edgeslim.components.common.tracking import connect
 
     arrays = np.load(data_npz)
     x, y = torch.from_numpy(arrays["x_train"]), torch.from_numpy(arrays["y_train"]).view(-1, 1)
@@ -80,12 +77,7 @@ def registered_regressor(mlflow_server, data_npz) -> str:
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
-    client = connect(mlflow_server.uri)
-    mlflow.set_experiment("tests-regression")
-    with mlflow.start_run():
-        info = mlflow.pytorch.log_model(model.eval(), name="model", serialization_format="pickle",
-                                        registered_model_name="digit-regressor")
-    client.set_registered_model_alias("digit-regressor", "champion", info.registered_model_version)
+    register_champion(mlflow_server.uri, model.eval(), "digit-regressor", "tests-regression")
     return SOURCE
 
 

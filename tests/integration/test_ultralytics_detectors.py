@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import register_champion, run_cli
 from tests.doc_commands import run_bash
 from tests.docs_blocks import doc_block
 
@@ -52,22 +52,13 @@ def det_npz(tmp_path_factory):
 
 def _register(uri: str, cfg: str) -> str:
     """A random-init Ultralytics DetectionModel registered as users do it; returns models:/NAME@champion."""
-    import mlflow
     import torch
     from ultralytics.nn.tasks import DetectionModel
-
-    from edgeslim.components.common.tracking import connect
 
     torch.manual_seed(0)
     model = DetectionModel(cfg, nc=NC, verbose=False).eval()
     name = f"ul-{cfg.removesuffix('.yaml')}"
-    client = connect(uri)
-    mlflow.set_experiment("tests-ultralytics")
-    with mlflow.start_run():
-        info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                                        registered_model_name=name)
-    client.set_registered_model_alias(name, "champion", info.registered_model_version)
-    return f"models:/{name}@champion"
+    return register_champion(uri, model, name, "tests-ultralytics")
 
 
 def _weights(path) -> None:
