@@ -26,19 +26,29 @@ from edgeslim.components.common.errors import ConfigError, DataError, SourceErro
 STREAM_BATCH = 64
 
 
+def evaluation_batch(latency_batches) -> int:
+    """Rows per batch of an evaluation that times latency on its own runs (:class:`BatchTimer`): the largest
+    latency batch, and at least 32 (the recipe's default largest). Every run of the evaluation then has at
+    most the timed calls' rows, so a split that ends before the timing does (a few hundred images) peaks
+    where a long split does: the evaluation's memory follows the batch, whatever the split's length. ONNX
+    Runtime runs as fast per image at 32 rows as at 64."""
+    return max(32, *latency_batches)
+
+
 def make_session(path: str | Path, *, basic: bool = True, threads: int = 0,
-                 providers: Optional[list[str]] = None):
+                 providers: Optional[list[str]] = None, arena: bool = True):
     """An ONNX Runtime session of ``path``; ``basic`` keeps Q/DQ semantics.
 
     ``threads``: intra-op threads; 0 takes ``$EDGESLIM_ORT_THREADS`` when set, else lets ONNX Runtime
     choose (one per core). Capping it suits a machine whose cores other jobs share: idle ONNX Runtime
     threads spin for a while, and spinning threads beyond the free cores slow everything down.
 
-    ONNX Runtime's CPU memory arena is off: the arena keeps the activations of the largest batch a session
-    has run (grown a power of two at a time) for the session's life, and every session beside it keeps its
-    own, so a stage that runs several models side by side held several times one batch's activations, more
-    the longer the split. Without it a run's buffers go back when it ends: the detector evaluation over a
-    split of 2,000 images peaked at half the memory, with runs about a tenth slower (docs/benchmarks.md).
+    ``arena``: ONNX Runtime's CPU memory arena, which keeps the buffers of the largest batch a session has
+    run (grown a power of two at a time) for the session's life. Sessions run side by side over a split
+    (:func:`run_side_by_side`) are made without it, since each would keep its own: the detector and
+    classifier evaluations peak at about half the memory without it, their runs about a tenth slower. A
+    session that runs alone keeps it (calibration peaked higher without it, from the allocator's
+    fragmentation). docs/benchmarks.md has the figures.
 
     Raises:
         SourceError: ONNX Runtime cannot load the file (one line, with ORT's reason).
@@ -54,7 +64,7 @@ def make_session(path: str | Path, *, basic: bool = True, threads: int = 0,
         threads = int(raw)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    opts.enable_cpu_mem_arena = False
+    opts.enable_cpu_mem_arena = arena
     if basic:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     if threads:
@@ -228,7 +238,8 @@ def run_side_by_side(sessions: Sequence, x, batch: int = STREAM_BATCH, *, on_err
                      timer: Optional[BatchTimer] = None, only: Optional[dict[int, np.ndarray]] = None
                      ) -> Iterator[tuple[int, np.ndarray, list[Optional[list[np.ndarray]]]]]:
     """Every session on each batch of ``x`` as it is read: ``(start, rows, outputs per session)``.
-    Comparing models costs one read (one decode of a lazy split) per row, not one per model.
+    Comparing models costs one read (one decode of a lazy split) per row, not one per model. Make the
+    sessions with ``arena=False`` (:func:`make_session`): each would otherwise keep a batch's buffers.
 
     ``on_error(k, rows, exc)``: the exception to raise when session ``k`` fails on a batch (ONNX Runtime
     raises its own types, e.g. for a shape it does not take); without it the error goes through.

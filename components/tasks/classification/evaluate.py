@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edgeslim.components.common.onnx_runtime import (STREAM_BATCH, BatchTimer, SqnrAccumulator, make_session,
+from edgeslim.components.common.onnx_runtime import (BatchTimer, SqnrAccumulator, evaluation_batch, make_session,
                                                      run_side_by_side, sample_rows, sqnr_db, threads_beside_decoding)
 from edgeslim.components.common.accuracy import top1_percent  # noqa: F401  (re-exported)
 from edgeslim.components.common.confidence import drop_check, top1_drop
@@ -144,7 +144,7 @@ def evaluate(candidate_onnx: str | Path, config: EvaluateConfig, *, parent_onnx:
     paths = {"source": parent_onnx, "candidate": candidate_onnx,
              **({"fused": candidate_onnx} if len(fused_rows) else {}), **({"student": ref_path} if own_student else {})}
     threads = threads_beside_decoding(config.threads, x)
-    sessions = {k: make_session(p, basic=k != "fused", threads=threads) for k, p in paths.items()}
+    sessions = {k: make_session(p, basic=k != "fused", threads=threads, arena=False) for k, p in paths.items()}
     keys = list(sessions)
     ref = "student" if own_student else "source"
     top1s = StreamedTop1(keys, len(x), pairs=[("source", "candidate"), *([(ref, "candidate")] if own_student else [])])
@@ -153,7 +153,7 @@ def evaluate(candidate_onnx: str | Path, config: EvaluateConfig, *, parent_onnx:
                        config.latency_warmup, config.latency_repeats)
     only = {keys.index("fused"): fused_rows} if "fused" in sessions else {}
     chart_error = None
-    for start, rows, outs in run_side_by_side(list(sessions.values()), x, max(STREAM_BATCH, *config.latency_batches),
+    for start, rows, outs in run_side_by_side(list(sessions.values()), x, evaluation_batch(config.latency_batches),
                                            on_error=_rejects(list(paths.values()), x), timer=timer, only=only):
         raw = {k: v for k, v in zip(keys, outs) if v is not None}
         part = {"fused": fused_rows[(fused_rows >= start) & (fused_rows < start + len(rows))]}

@@ -22,8 +22,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from edgeslim.components.common.confidence import detection_drops, drop_check
-from edgeslim.components.common.onnx_runtime import (STREAM_BATCH, BatchTimer, SqnrAccumulator, input_rejected,
-                                                     make_session, run_side_by_side, sample_rows,
+from edgeslim.components.common.onnx_runtime import (STREAM_BATCH, BatchTimer, SqnrAccumulator, evaluation_batch,
+                                                     input_rejected, make_session, run_side_by_side, sample_rows,
                                                      threads_beside_decoding)
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import DataError
@@ -91,7 +91,7 @@ def detect_batches(onnx_paths: Sequence[str | Path], x, task, *, basic: Sequence
     basics = [basic] * len(onnx_paths) if isinstance(basic, bool) else list(basic)
     decodes = [True] * len(onnx_paths) if decode is None else list(decode)
     if sessions is None:
-        sessions = [make_session(p, basic=b, threads=threads) for p, b in zip(onnx_paths, basics)]
+        sessions = [make_session(p, basic=b, threads=threads, arena=False) for p, b in zip(onnx_paths, basics)]
     names = [[o.name for o in s.get_outputs()] for s in sessions]
     dets: list[list[np.ndarray]] = [[] for _ in sessions]
 
@@ -201,7 +201,8 @@ def evaluate_detection(candidate_onnx: str | Path, config, *, parent_onnx: str |
     fused_rows = sample_rows(len(data.x_test), config.cpu_int8_kernel_samples)
     paths = [parent_onnx, candidate_onnx, candidate_onnx, *([ref_path] if own else [])]
     threads = threads_beside_decoding(config.threads, data.x_test)
-    sessions = [make_session(p, basic=b, threads=threads) for p, b in zip(paths, [True, True, False, True])]
+    sessions = [make_session(p, basic=b, threads=threads, arena=False)
+                for p, b in zip(paths, [True, True, False, True])]
     timer = BatchTimer([0, 1], config.latency_batches, config.latency_warmup, config.latency_repeats)
     # parent, candidate; the fused kernels and the candidate's Q/DQ on the fused-kernel images
     recorders = [DetectionRecorder(task.num_classes, task.score_threshold) for _ in range(4)]
@@ -218,7 +219,7 @@ def evaluate_detection(candidate_onnx: str | Path, config, *, parent_onnx: str |
             recorders[3].add([dets[1][i] for i in local], [gts[i] for i in local])
 
     detect_batches(paths, data.x_test, task, on_batch=on_batch, decode=[True, True, True, False][:len(paths)],
-                   batch=max(STREAM_BATCH, *config.latency_batches), timer=timer, only={2: fused_rows},
+                   batch=evaluation_batch(config.latency_batches), timer=timer, only={2: fused_rows},
                    sessions=sessions, on_detections=on_detections)
     parent_records, cand_records = recorders[0].records(), recorders[1].records()
     keep = ("metric", "size_bytes", "latency_ms", "detection")

@@ -20,8 +20,9 @@ import numpy as np
 
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import DataError
-from edgeslim.components.common.onnx_runtime import (BatchTimer, SqnrAccumulator, input_rejected, make_session,
-                                                     run_side_by_side, sample_rows, threads_beside_decoding)
+from edgeslim.components.common.onnx_runtime import (BatchTimer, SqnrAccumulator, evaluation_batch, input_rejected,
+                                                     make_session, run_side_by_side, sample_rows,
+                                                     threads_beside_decoding)
 from edgeslim.components.common.result import GateCheck, StageResult, verdict
 from edgeslim.components.tasks.segmentation.runtime import argmax_masks, logits_output
 
@@ -71,7 +72,7 @@ def side_by_side(onnx_paths: Sequence[str | Path], x, y, *, basic: Sequence[bool
     outputs of those of the batch's rows, ``None`` for a batch with none of them)."""
     basics = [basic] * len(onnx_paths) if isinstance(basic, bool) else list(basic)
     if sessions is None:
-        sessions = [make_session(p, basic=b) for p, b in zip(onnx_paths, basics)]
+        sessions = [make_session(p, basic=b, arena=False) for p, b in zip(onnx_paths, basics)]
     names = [[o.name for o in s.get_outputs()] for s in sessions]
 
     def rejects(k: int, rows, exc: Exception) -> DataError:  # ORT raises its own types for shape mismatches
@@ -179,10 +180,11 @@ def evaluate_segmentation(candidate_onnx: str | Path, config, *, parent_onnx: st
         seen[0] += len(labels)
 
     threads = threads_beside_decoding(config.threads, data.x_test)
-    sessions = [make_session(p, basic=b, threads=threads) for p, b in zip(paths, [True, True, False, True])]
+    sessions = [make_session(p, basic=b, threads=threads, arena=False)
+                for p, b in zip(paths, [True, True, False, True])]
     timer = BatchTimer([0, 1], config.latency_batches, config.latency_warmup, config.latency_repeats)
     cms = segment_batches(paths, data.x_test, data.y_test, task, on_batch=on_batch, sessions=sessions, timer=timer,
-                          only={2: fused_rows}, batch=max(64, *config.latency_batches))
+                          only={2: fused_rows}, batch=evaluation_batch(config.latency_batches))
     parent = _measured(parent_onnx, cms[0], timer.result(0, sessions[0]))
     cand = _measured(candidate_onnx, cms[1], timer.result(1, sessions[1]))
     metrics = {

@@ -23,8 +23,8 @@ import numpy as np
 from edgeslim.components.common.average_precision import IOU_THRESHOLDS, average_precision, by_score
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import DataError
-from edgeslim.components.common.onnx_runtime import (BatchTimer, SqnrAccumulator, make_session, sample_rows,
-                                                     threads_beside_decoding)
+from edgeslim.components.common.onnx_runtime import (BatchTimer, SqnrAccumulator, evaluation_batch, make_session,
+                                                     sample_rows, threads_beside_decoding)
 from edgeslim.components.common.result import GateCheck, StageResult, verdict
 from edgeslim.components.tasks.segmentation.evaluate import picked, side_by_side
 from edgeslim.components.tasks.segmentation.instance import box_iou, decode_instances, mask_iou, read_instances
@@ -162,11 +162,11 @@ def evaluate_instances(candidate_onnx: str | Path, config, *, parent_onnx: str |
 
     paths = [parent_onnx, candidate_onnx, candidate_onnx]
     threads = threads_beside_decoding(config.threads, data.x_test)
-    sessions = [make_session(p, basic=b, threads=threads) for p, b in zip(paths, [True, True, False])]
+    sessions = [make_session(p, basic=b, threads=threads, arena=False) for p, b in zip(paths, [True, True, False])]
     fused_rows = sample_rows(len(data.x_test), config.cpu_int8_kernel_samples)
     timer = BatchTimer([0, 1], config.latency_batches, config.latency_warmup, config.latency_repeats)
     recs = instance_batches(paths, data.x_test, data.y_test, task, on_batch=on_batch, sessions=sessions, timer=timer,
-                            only={2: fused_rows}, batch=max(32, *config.latency_batches))
+                            only={2: fused_rows}, batch=evaluation_batch(config.latency_batches))
     k, thr = task.num_classes, task.score_threshold
     sections = []
     for i, (path, r) in enumerate(zip((parent_onnx, candidate_onnx), recs)):
