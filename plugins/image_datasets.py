@@ -78,6 +78,18 @@ class _ImageProvider:
             out.extend(_pool(self.workers).map(fn, items[a:a + _MAP_CHUNK]))
         return out
 
+    def _box_labels(self, fn, items: Sequence) -> np.ndarray:
+        """``fn``'s ``(k, 5)`` float32 boxes of each of ``items``, made on the decode threads (:meth:`_map`), as
+        an object array of views into one buffer per few hundred images: what the threads made is freed as
+        each part is packed, and a split's labels cost a view an image beside their boxes."""
+        out = np.empty(len(items), dtype=object)
+        for a in range(0, len(items), _MAP_CHUNK):
+            part = self._map(fn, items[a:a + _MAP_CHUNK])
+            buf = np.concatenate(part).astype(np.float32, copy=False)
+            ends = np.cumsum([len(p) for p in part])
+            out[a:a + len(part)] = [buf[e - len(p):e] for p, e in zip(part, ends)]
+        return out
+
     def _check_masks(self, masks: Any) -> bool:
         if not isinstance(masks, bool):
             raise ConfigError(f"data.args.masks: got {masks!r}; use true (instance masks) or false (boxes)")
@@ -421,8 +433,7 @@ class YoloDataset(_ImageProvider):
             if self.masks:
                 labels = LazyInstances(self._map(labels_of, keys), self.preprocess)
             else:
-                labels = np.empty(len(keys), dtype=object)
-                labels[:] = self._map(labels_of, keys)
+                labels = self._box_labels(labels_of, keys)
             parts[f"x_{split}"] = self._lazy(files, keys, [listing[k] for k in keys], split)
             parts[f"y_{split}"] = labels
         return Splits(**parts, source=self.location)
