@@ -38,7 +38,10 @@ _RANKED = ("map50", "mean_tp_score", "recall", "sqnr_db")
 # as many). Fewer is noise: on a trained YOLOv8n, 32 images moved mAP@0.5 by more than a 0.3 pt gate's
 # doubled allowance, and the screen rejected candidates within the target on test (docs/benchmarks.md, "Trained YOLOv8n").
 _SCREEN_MIN = 128
-_REFERENCE_BYTES = 512 << 20  # fp32 raw val outputs kept for the trials' SQNR (the first images that fit)
+# fp32 raw val outputs kept for the trials' SQNR: the first images, at most this many and this many bytes (a
+# count, so that what the search holds stops growing with val at a few hundred images)
+_REFERENCE_IMAGES = 256
+_REFERENCE_BYTES = 512 << 20
 
 
 def head_groups(onnx_path: str | Path) -> list[dict[str, Any]]:
@@ -81,7 +84,7 @@ class DetectorStrategy(Strategy):
     def __init__(self, fp32_onnx: str | Path, task, *, model=None, export_config=None):
         self.fp32_onnx, self.task_config, self.model, self.export_config = fp32_onnx, task, model, export_config
         self.table: list[dict[str, Any]] = []
-        self._val_outputs: list[Any] = []  # fp32 raw outputs of the first val images (up to _REFERENCE_BYTES)
+        self._val_outputs: list[Any] = []  # fp32 raw outputs of the first val images (_REFERENCE_IMAGES)
         self._screen_parent: dict[str, Any] | None = None  # fp32 metrics on the screening subsample
         self._val_records: Any = None  # fp32's per-image matches on val, for the drops' intervals
         self._screen_records: Any = None  # and on the screening subsample
@@ -91,15 +94,16 @@ class DetectorStrategy(Strategy):
 
         from edgeslim.components.tasks.detection.records import record_metrics
 
-        kept, room = [], [_REFERENCE_BYTES]
+        kept, room, images = [], [_REFERENCE_BYTES], [_REFERENCE_IMAGES]
 
         def keep(raw):  # the first images' raw outputs, as many as fit (at least one)
             outs, _ = raw[0]
             per = max(sum(o.nbytes for o in outs) // max(len(outs[0]), 1), 1)
-            k = min(len(outs[0]), max(room[0] // per, 0 if kept else 1))
+            k = min(len(outs[0]), images[0], max(room[0] // per, 0 if kept else 1))
             if k:
                 kept.append([o[:k].copy() for o in outs])
                 room[0] -= k * per
+                images[0] -= k
 
         self._val_records = _records(self.fp32_onnx, data.x_val, data.y_val, self.task_config, on_batch=keep)
         self._val_outputs = [np.concatenate(p) for p in zip(*kept)]
