@@ -230,8 +230,10 @@ def evaluate_op(recipe_json: str, qdq_model: Input[Model], parent_onnx: Input[Mo
 
     from edgeslim.components.recipe import recipe_from_json
     from edgeslim.components.common.data import load_data
+    from edgeslim.components.common.memory import return_large_buffers
     from edgeslim.components.common.tasks import task_for
 
+    return_large_buffers()  # the evaluation frees a batch's buffers per model and batch: its peak follows them
     recipe = recipe_from_json(recipe_json)
     data = load_data(recipe.data.provider, recipe.data.args, recipe.data.preprocess)
     student = student_onnx.path if recipe.torch_stages else None
