@@ -13,8 +13,8 @@ import numpy as np
 
 class OutputError:
     """int8 minus fp32 over every output value of a split, batch by batch: per-output SQNR exactly,
-    the error distribution from a seeded sample (at most ``2 * cap`` values per output are kept, however
-    long the split)."""
+    the error distribution from a seeded sample (at most ``2 * cap`` values over all outputs are kept, as
+    float32, however long the split and however many outputs the model has)."""
 
     def __init__(self, cap: int = 200_000, per_batch: int = 20_000, seed: int = 0):
         from edgeslim.components.common.onnx_runtime import SqnrAccumulator
@@ -39,11 +39,13 @@ class OutputError:
             self.count[name] = self.count.get(name, 0) + r.size
             if rate < 1.0:
                 e = e[self.rng.choice(e.size, max(1, round(e.size * rate)), replace=False)]
-            kept = self.samples.setdefault(name, [])
-            kept.append(e)
-            if sum(k.size for k in kept) > 2 * self.cap:  # thinned evenly: every batch keeps its share
+            self.samples.setdefault(name, []).append(e.astype(np.float32))
+        total = sum(k.size for kept in self.samples.values() for k in kept)
+        if total > 2 * self.cap:  # thinned evenly to the cap: every output and every batch keeps its share
+            for kept in self.samples.values():
                 both = np.concatenate(kept)
-                kept[:] = [both[np.sort(self.rng.choice(both.size, self.cap, replace=False))]]
+                keep = max(1, round(both.size * self.cap / total))
+                kept[:] = [both[np.sort(self.rng.choice(both.size, keep, replace=False))]]
 
     def result(self, reference: str, bins: int = 41) -> dict[str, Any]:
         outputs, normalized = [], []
@@ -52,7 +54,7 @@ class OutputError:
             db = self.sqnr[name].db()
             outputs.append({"name": name, "sqnr_db": round(db, 3) if math.isfinite(db) else None,
                             "rms": round(rms, 6), "values": self.count[name]})
-            normalized.append(np.concatenate(self.samples[name]) / rms)
+            normalized.append(np.concatenate(self.samples[name]).astype(np.float64) / rms)
         n = np.concatenate(normalized) if normalized else np.zeros(0)
         if n.size > self.cap:
             n = n[self.rng.choice(n.size, self.cap, replace=False)]

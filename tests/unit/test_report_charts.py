@@ -415,9 +415,12 @@ def test_the_output_error_sample_stays_bounded_however_long_the_split():
 
     rng = np.random.default_rng(0)
     err = OutputError(cap=1_000, per_batch=400)
-    for _ in range(50):  # 50 batches of 4,000 values: 400 sampled from each, 20,000 in all
-        ref = rng.normal(size=4_000).astype(np.float32)
-        err.add(([ref], ["y"]), ([ref + rng.normal(scale=0.01, size=4_000).astype(np.float32)], ["y"]))
-    assert sum(k.size for k in err.samples["y"]) <= 2_000
+    for _ in range(50):  # 50 batches of 4,000 values in two outputs: 400 sampled from each, 20,000 in all
+        refs = [rng.normal(size=3_000).astype(np.float32), rng.normal(size=1_000).astype(np.float32)]
+        err.add((refs, ["y", "z"]), ([r + rng.normal(scale=0.01, size=r.size).astype(np.float32) for r in refs],
+                                     ["y", "z"]))
+    kept = {k: sum(part.size for part in v) for k, v in err.samples.items()}
+    assert sum(kept.values()) <= 2_000  # over all outputs, however many
+    assert 2.5 < kept["y"] / kept["z"] < 3.5  # each output keeps its share of the values
     out = err.result("fp32")["outputs"][0]
     assert out["name"] == "y" and 35 < out["sqnr_db"] < 45  # the SQNR still counts every value (about 40 dB)
