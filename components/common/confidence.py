@@ -254,6 +254,14 @@ def _points_upto(matched: np.ndarray, n_gt: np.ndarray) -> np.ndarray:
     return q + 1 - ((q * n_gt == scaled) & _ABOVE_HUNDREDTH[q])
 
 
+def match_bits(flags: np.ndarray) -> np.ndarray:
+    """(D, K) per-threshold match flags as (D,) integers, bit k for threshold k (K at most 16)."""
+    flags = np.asarray(flags, bool)
+    if flags.shape[1] > 16:
+        raise ValueError(f"records hold at most 16 IoU thresholds; got {flags.shape[1]}")
+    return (flags.astype(np.uint16) << np.arange(flags.shape[1], dtype=np.uint16)).sum(1, dtype=np.uint16)
+
+
 @dataclasses.dataclass(frozen=True)
 class DetectionRecords:
     """One detector's per-image figures on ``n`` images: enough to score it on any resample of them.
@@ -267,9 +275,11 @@ class DetectionRecords:
         det_image: per detection, its image (D,).
         det_class: per detection, its class (D,).
         det_score: per detection, its score (D,).
-        det_tp: per detection, whether it matched a ground-truth box at each IoU threshold (D, K).
+        det_tp: per detection, whether it matched a ground-truth box at each IoU threshold: (D, K) flags, kept
+            as (D,) bits (bit k: threshold k; :meth:`matches` gives the flags back).
         gt: ground-truth boxes per image and class (n, C).
         score_threshold: the deployment threshold (recall is counted at it).
+        thresholds: K, where ``det_tp`` is given as bits.
     """
 
     n: int
@@ -279,7 +289,20 @@ class DetectionRecords:
     det_tp: np.ndarray
     gt: np.ndarray
     score_threshold: float
+    thresholds: int = 0
     _resampled: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        tp = np.asarray(self.det_tp)
+        if tp.ndim == 2:  # flags: a detection's K flags become the bits of one integer
+            object.__setattr__(self, "det_tp", match_bits(tp))
+            object.__setattr__(self, "thresholds", tp.shape[1])
+        elif self.thresholds <= 0:
+            raise ValueError("records given match bits need their number of IoU thresholds (thresholds=K)")
+
+    def matches(self, sel=slice(None)) -> np.ndarray:
+        """Whether each selected detection matched at each IoU threshold: (len, K) flags."""
+        return (self.det_tp[sel, None] >> np.arange(self.thresholds, dtype=np.uint16)) & 1 == 1
 
     def resampled(self, resamples: int = RESAMPLES, seed: int = SEED) -> dict[str, np.ndarray]:
         """:meth:`scores` on the seeded resamples of :func:`resample_weights`, kept: a search judges every
@@ -305,7 +328,7 @@ class DetectionRecords:
         """mAP@0.5 and mAP@0.5:0.95 (points), the mean true-positive score and recall at the threshold (points)
         on each resample: ``weights`` (R, n) says how often each image is drawn."""
         w = np.asarray(weights, np.int32)  # draws of an image: at most n
-        r, (classes, k_thr) = len(w), (self.gt.shape[1], self.det_tp.shape[1])
+        r, (classes, k_thr) = len(w), (self.gt.shape[1], self.thresholds)
         ap = np.full((r, classes, k_thr), np.nan)
         for c in range(classes):
             n_gt = w @ self.gt[:, c]
@@ -314,11 +337,11 @@ class DetectionRecords:
             sel = sel[np.argsort(-self.det_score[sel], kind="stable")]
             # Only a true positive moves recall, and precision peaks at one: the curve is read at the detections
             # that match at some threshold, each with the weight of every detection ranked above it.
-            hits = np.flatnonzero(self.det_tp[sel].any(1))
+            hits = np.flatnonzero(self.det_tp[sel])
             if not len(hits):
                 continue
             sel = sel[:hits[-1] + 1]  # the detections ranked below the last hit move neither recall nor precision
-            img, tp = self.det_image[sel], self.det_tp[sel][hits].astype(np.int32)
+            img, tp = self.det_image[sel], self.matches(sel[hits]).astype(np.int32)
             step = max(1, _CELLS // len(sel))
             for a in range(0, r, step):
                 wd = w[a:a + step][:, img]  # (rows, D): each detection weighted by its image's draws
@@ -337,7 +360,7 @@ class DetectionRecords:
         with np.errstate(invalid="ignore"):
             map50 = np.where(counted > 0, np.nansum(ap[:, :, 0], 1) / np.maximum(counted, 1), 0.0) * 100
             map50_95 = np.where(counted > 0, np.nansum(ap, (1, 2)) / np.maximum(counted * k_thr, 1), 0.0) * 100
-        tp50 = self.det_tp[:, 0]
+        tp50 = (self.det_tp & 1) == 1
         at = tp50 & (self.det_score >= self.score_threshold)
         # per image: the true positives' score sum, the true positives, those at the threshold
         per_image = np.stack([np.bincount(self.det_image, weights=np.where(tp50, self.det_score, 0.0),

@@ -69,8 +69,8 @@ def _records(rng, n, *, lost=0.0, moved=0.0, base=None):
         base = C.DetectionRecords(n=n, det_image=np.array(img), det_class=np.zeros(len(img), np.int64),
                                   det_score=np.array(score), det_tp=tps, gt=gt, score_threshold=0.25)
         return _sorted(base)
-    drop = base.det_tp[:, 0] & (rng.uniform(size=len(base.det_score)) < lost)
-    tps = base.det_tp & ~drop[:, None]
+    drop = base.matches()[:, 0] & (rng.uniform(size=len(base.det_score)) < lost)
+    tps = base.matches() & ~drop[:, None]
     score = np.clip(base.det_score + rng.uniform(-moved, moved, len(base.det_score)), 0.0, 1.0)
     return _sorted(dataclasses.replace(base, det_tp=tps, det_score=score))
 

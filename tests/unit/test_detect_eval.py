@@ -133,5 +133,5 @@ def test_map_matches_a_plain_per_threshold_matching_and_does_not_depend_on_the_b
     assert record_metrics(batched) == m
     whole = DetectionRecorder(3, 0.25)
     whole.add(preds, gts)
-    assert np.array_equal(batched.det_tp, whole.records().det_tp)
+    assert np.array_equal(batched.matches(), whole.records().matches())
     assert np.array_equal(batched.det_image, whole.records().det_image)

@@ -3,9 +3,9 @@ batch at a time, and every figure the detection evaluator reports read from them
 
 Each image's detections are matched to its ground-truth boxes per class, greedily by score, at each IoU
 threshold (COCO's matching); since matching never looks past an image, the images can be matched as their
-batch is decoded and dropped, and a resample of the images only weights the records. A record is ten
-bytes and a flag per threshold (image, class, score, matches), so an evaluation holds its split's
-detections in that form and never the images, the raw outputs or per-image arrays.
+batch is decoded and dropped, and a resample of the images only weights the records. A record is twelve
+bytes (image, class, score, and its matches as one bit per IoU threshold), so an evaluation holds its
+split's detections in that form and never the images, the raw outputs or per-image arrays.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from edgeslim.components.common.average_precision import IOU_THRESHOLDS, average_precision
-from edgeslim.components.common.confidence import DetectionRecords
+from edgeslim.components.common.confidence import DetectionRecords, match_bits
 from edgeslim.components.common.errors import DataError
 from edgeslim.components.tasks.detection.runtime import box_iou
 
@@ -72,7 +72,7 @@ class DetectionRecorder:
                 images.append(np.full(len(pc), self.n + i, np.int32))
                 classes.append(np.full(len(pc), c, np.int16 if self.num_classes <= 32767 else np.int32))
                 scores.append(pc[:, 4].copy())
-                tps.append(_matches(pc, gc))
+                tps.append(match_bits(_matches(pc, gc)))
         if images:  # one array per batch and field: no per-image array outlives the batch
             self._parts.append((np.concatenate(images), np.concatenate(classes), np.concatenate(scores),
                                 np.concatenate(tps)))
@@ -83,10 +83,10 @@ class DetectionRecorder:
         """The records of every image added so far."""
         k = len(IOU_THRESHOLDS)
         fields = [np.concatenate(f) for f in zip(*self._parts)] if self._parts else \
-            [np.zeros(0, np.int32), np.zeros(0, np.int16), np.zeros(0, np.float32), np.zeros((0, k), bool)]
+            [np.zeros(0, np.int32), np.zeros(0, np.int16), np.zeros(0, np.float32), np.zeros(0, np.uint16)]
         gt = np.concatenate(self._gt) if self._gt else np.zeros((0, self.num_classes), np.int32)
         return DetectionRecords(n=self.n, det_image=fields[0], det_class=fields[1], det_score=fields[2],
-                                det_tp=fields[3], gt=gt, score_threshold=self.score_threshold)
+                                det_tp=fields[3], gt=gt, score_threshold=self.score_threshold, thresholds=k)
 
 
 def detection_records(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], num_classes: int,
@@ -105,7 +105,7 @@ def _by_class(rec: DetectionRecords):
     for c in range(rec.gt.shape[1]):
         sel = np.flatnonzero(rec.det_class == c)
         sel = sel[np.argsort(-rec.det_score[sel], kind="stable")]
-        yield c, rec.det_score[sel], rec.det_tp[sel], int(n_gt[c])
+        yield c, rec.det_score[sel], rec.matches(sel), int(n_gt[c])
 
 
 def record_metrics(rec: DetectionRecords) -> dict[str, Any]:
