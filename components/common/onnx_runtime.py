@@ -35,20 +35,24 @@ def evaluation_batch(latency_batches) -> int:
     return max(32, *latency_batches)
 
 
+_SHARED_ARENA: list[bool] = []  # whether this process registered ONNX Runtime's shared CPU arena
+
+
 def make_session(path: str | Path, *, basic: bool = True, threads: int = 0,
-                 providers: Optional[list[str]] = None, arena: bool = True):
+                 providers: Optional[list[str]] = None, shared_arena: bool = False):
     """An ONNX Runtime session of ``path``; ``basic`` keeps Q/DQ semantics.
 
     ``threads``: intra-op threads; 0 takes ``$EDGESLIM_ORT_THREADS`` when set, else lets ONNX Runtime
     choose (one per core). Capping it suits a machine whose cores other jobs share: idle ONNX Runtime
     threads spin for a while, and spinning threads beyond the free cores slow everything down.
 
-    ``arena``: ONNX Runtime's CPU memory arena, which keeps the buffers of the largest batch a session has
-    run (grown a power of two at a time) for the session's life. Sessions run side by side over a split
-    (:func:`run_side_by_side`) are made without it, since each would keep its own: the detector and
-    classifier evaluations peak at about half the memory without it, their runs about a tenth slower. A
-    session that runs alone keeps it (calibration peaked higher without it, from the allocator's
-    fragmentation). docs/benchmarks.md has the figures.
+    ``shared_arena``: the session draws its CPU buffers from one arena per process (ONNX Runtime's
+    environment allocator) instead of an arena of its own. An arena keeps the buffers of the largest batch
+    its session has run, for the session's life; sessions run side by side over a split
+    (:func:`run_side_by_side`) each kept their own, so an evaluation held a batch's buffers once per model
+    compared. Sharing one keeps them once, at the speed of an arena (without any arena, ONNX Runtime
+    allocates every buffer on every run: a third slower on a 224-pixel classifier). docs/benchmarks.md has
+    the figures.
 
     Raises:
         SourceError: ONNX Runtime cannot load the file (one line, with ORT's reason).
@@ -64,7 +68,12 @@ def make_session(path: str | Path, *, basic: bool = True, threads: int = 0,
         threads = int(raw)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    opts.enable_cpu_mem_arena = arena
+    if shared_arena and (providers or ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]:
+        if not _SHARED_ARENA:
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 0, -1, -1))  # ORT's default arena settings
+            _SHARED_ARENA.append(True)
+        opts.add_session_config_entry("session.use_env_allocators", "1")
     if basic:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     if threads:
@@ -239,7 +248,7 @@ def run_side_by_side(sessions: Sequence, x, batch: int = STREAM_BATCH, *, on_err
                      ) -> Iterator[tuple[int, np.ndarray, list[Optional[list[np.ndarray]]]]]:
     """Every session on each batch of ``x`` as it is read: ``(start, rows, outputs per session)``.
     Comparing models costs one read (one decode of a lazy split) per row, not one per model. Make the
-    sessions with ``arena=False`` (:func:`make_session`): each would otherwise keep a batch's buffers.
+    sessions with ``shared_arena=True`` (:func:`make_session`): each would otherwise keep a batch's buffers.
 
     ``on_error(k, rows, exc)``: the exception to raise when session ``k`` fails on a batch (ONNX Runtime
     raises its own types, e.g. for a shape it does not take); without it the error goes through.

@@ -144,7 +144,8 @@ def evaluate(candidate_onnx: str | Path, config: EvaluateConfig, *, parent_onnx:
     paths = {"source": parent_onnx, "candidate": candidate_onnx,
              **({"fused": candidate_onnx} if len(fused_rows) else {}), **({"student": ref_path} if own_student else {})}
     threads = threads_beside_decoding(config.threads, x)
-    sessions = {k: make_session(p, basic=k != "fused", threads=threads, arena=False) for k, p in paths.items()}
+    sessions = {k: make_session(p, basic=k != "fused", threads=threads, shared_arena=True)
+                for k, p in paths.items()}
     keys = list(sessions)
     ref = "student" if own_student else "source"
     top1s = StreamedTop1(keys, len(x), pairs=[("source", "candidate"), *([(ref, "candidate")] if own_student else [])])

@@ -91,7 +91,8 @@ def detect_batches(onnx_paths: Sequence[str | Path], x, task, *, basic: Sequence
     basics = [basic] * len(onnx_paths) if isinstance(basic, bool) else list(basic)
     decodes = [True] * len(onnx_paths) if decode is None else list(decode)
     if sessions is None:
-        sessions = [make_session(p, basic=b, threads=threads, arena=False) for p, b in zip(onnx_paths, basics)]
+        sessions = [make_session(p, basic=b, threads=threads, shared_arena=True)
+                    for p, b in zip(onnx_paths, basics)]
     names = [[o.name for o in s.get_outputs()] for s in sessions]
     dets: list[list[np.ndarray]] = [[] for _ in sessions]
 
@@ -201,7 +202,7 @@ def evaluate_detection(candidate_onnx: str | Path, config, *, parent_onnx: str |
     fused_rows = sample_rows(len(data.x_test), config.cpu_int8_kernel_samples)
     paths = [parent_onnx, candidate_onnx, candidate_onnx, *([ref_path] if own else [])]
     threads = threads_beside_decoding(config.threads, data.x_test)
-    sessions = [make_session(p, basic=b, threads=threads, arena=False)
+    sessions = [make_session(p, basic=b, threads=threads, shared_arena=True)
                 for p, b in zip(paths, [True, True, False, True])]
     timer = BatchTimer([0, 1], config.latency_batches, config.latency_warmup, config.latency_repeats)
     # parent, candidate; the fused kernels and the candidate's Q/DQ on the fused-kernel images

@@ -162,7 +162,8 @@ def evaluate_instances(candidate_onnx: str | Path, config, *, parent_onnx: str |
 
     paths = [parent_onnx, candidate_onnx, candidate_onnx]
     threads = threads_beside_decoding(config.threads, data.x_test)
-    sessions = [make_session(p, basic=b, threads=threads, arena=False) for p, b in zip(paths, [True, True, False])]
+    sessions = [make_session(p, basic=b, threads=threads, shared_arena=True)
+                for p, b in zip(paths, [True, True, False])]
     fused_rows = sample_rows(len(data.x_test), config.cpu_int8_kernel_samples)
     timer = BatchTimer([0, 1], config.latency_batches, config.latency_warmup, config.latency_repeats)
     recs = instance_batches(paths, data.x_test, data.y_test, task, on_batch=on_batch, sessions=sessions, timer=timer,
