@@ -13,6 +13,7 @@ import contextlib
 import os
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -36,6 +37,7 @@ def evaluation_batch(latency_batches) -> int:
 
 
 _SHARED_ARENA: list[bool] = []  # whether this process registered ONNX Runtime's shared CPU arena
+_SHARED_ARENA_LOCK = threading.Lock()
 
 
 def make_session(path: str | Path, *, basic: bool = True, threads: int = 0,
@@ -48,9 +50,9 @@ def make_session(path: str | Path, *, basic: bool = True, threads: int = 0,
 
     ``shared_arena``: the session draws its CPU buffers from one arena per process (ONNX Runtime's
     environment allocator) instead of an arena of its own. An arena keeps the buffers of the largest batch
-    its session has run, for the session's life; sessions run side by side over a split
-    (:func:`run_side_by_side`) each kept their own, so an evaluation held a batch's buffers once per model
-    compared. Sharing one keeps them once, at the speed of an arena (without any arena, ONNX Runtime
+    its session has run, for the session's life: sessions run side by side over a split
+    (:func:`run_side_by_side`) with arenas of their own would hold a batch's buffers once per model
+    compared. Sharing one holds them once, at the speed of an arena (without any arena, ONNX Runtime
     allocates every buffer on every run: a third slower on a 224-pixel classifier). docs/benchmarks.md has
     the figures.
 
@@ -69,10 +71,11 @@ def make_session(path: str | Path, *, basic: bool = True, threads: int = 0,
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if shared_arena and (providers or ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]:
-        if not _SHARED_ARENA:
-            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-            ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 0, -1, -1))  # ORT's default arena settings
-            _SHARED_ARENA.append(True)
+        with _SHARED_ARENA_LOCK:  # registered once per process
+            if not _SHARED_ARENA:
+                info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+                ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 0, -1, -1))  # ORT's default settings
+                _SHARED_ARENA.append(True)
         opts.add_session_config_entry("session.use_env_allocators", "1")
     if basic:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
