@@ -224,10 +224,13 @@ def evaluate_detection(candidate_onnx: str | Path, config, *, parent_onnx: str |
                    sessions=sessions, on_detections=on_detections)
     parent_records, cand_records = recorders[0].records(), recorders[1].records()
     keep = ("metric", "size_bytes", "latency_ms", "detection")
-    parent, cand = ({"metric": m["map50"], "detection": m, "size_bytes": Path(p).stat().st_size,
-                     "latency_ms": timer.result(k, sessions[k])}
-                    for k, (p, m) in enumerate(((parent_onnx, record_metrics(parent_records)),
-                                                (candidate_onnx, record_metrics(cand_records)))))
+
+    def measured(k: int, onnx_path, records) -> dict[str, Any]:
+        m = record_metrics(records)
+        return {"metric": m["map50"], "detection": m, "size_bytes": Path(onnx_path).stat().st_size,
+                "latency_ms": timer.result(k, sessions[k])}
+
+    parent, cand = measured(0, parent_onnx, parent_records), measured(1, candidate_onnx, cand_records)
     agree = agreement.share()
     metrics = {
         "metric_name": "map50",
