@@ -11,7 +11,7 @@ import pytest
 from edgeslim.components.common.errors import ConfigError, DataError
 from edgeslim.components.common.tasks import task_from_dict
 from edgeslim.components.tasks.detection.runtime import (
-    batched_nms, box_iou, check_outputs, decode_outputs, match_detections,
+    batched_nms, box_iou, check_outputs, decode_outputs, match_detections, nms,
 )
 
 
@@ -57,6 +57,31 @@ def test_nms_suppresses_overlaps_of_one_class_only():
     kept = batched_nms(dets, 0.5, 100)
     assert kept[:, 4].tolist() == pytest.approx([0.9, 0.7, 0.6])
     assert box_iou(dets[:1, :4], dets[1:2, :4])[0, 0] == pytest.approx(81 / 100)
+
+
+def _greedy_nms(boxes, scores, iou, limit):
+    """Greedy NMS as the textbook writes it: keep the best box left, drop what overlaps it, repeat."""
+    order, keep = list(np.argsort(-scores, kind="stable")), []
+    while order and len(keep) < limit:
+        i, order = order[0], order[1:]
+        keep.append(i)
+        order = [j for j in order if box_iou(boxes[i:i + 1], boxes[j:j + 1])[0, 0] <= iou]
+    return keep
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_blockwise_nms_keeps_exactly_the_boxes_greedy_nms_keeps(seed):
+    """Crowded scenes of several hundred boxes (more than one block), with repeated boxes, equal scores and
+    empty boxes: the blockwise NMS keeps the same boxes in the same order as the greedy loop."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(150, 400))
+    xy = rng.uniform(0, 120, (n, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(0, 40, (n, 2))], 1)
+    boxes[rng.integers(0, n, n // 8)] = boxes[0]            # the same box several times
+    boxes[rng.integers(0, n, 4), 2] = boxes[rng.integers(0, n, 4), 0]  # some without width
+    scores = np.round(rng.random(n), 1)                      # many equal scores
+    for iou, limit in ((0.5, 300), (0.7, 40), (0.3, 1000)):
+        assert nms(boxes, scores, iou, limit).tolist() == _greedy_nms(boxes, scores, iou, limit)
 
 
 def test_outputs_that_do_not_match_the_heads_name_expected_and_actual_shapes():

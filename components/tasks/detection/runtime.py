@@ -17,36 +17,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from edgeslim.components.common.boxes import box_iou, nms  # noqa: F401  (box_iou: re-exported)
 from edgeslim.components.common.errors import ConfigError, DataError, SourceError
 
 Decoder = Callable[[list[np.ndarray]], list[np.ndarray]]
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of boxes ``a`` (N, 4) and ``b`` (M, 4), ``[x1, y1, x2, y2]``."""
-    a = np.asarray(a, np.float64).reshape(-1, 4)
-    b = np.asarray(b, np.float64).reshape(-1, 4)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    wh = np.clip(rb - lt, 0, None)
-    inter = wh[..., 0] * wh[..., 1]
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
-
-
-def nms(boxes: np.ndarray, scores: np.ndarray, iou: float, limit: int | None = None) -> np.ndarray:
-    """Indices kept by greedy non-maximum suppression, best score first (at most ``limit``)."""
-    order = np.argsort(-scores, kind="stable")
-    keep = []
-    while order.size:
-        i = order[0]
-        keep.append(i)
-        if order.size == 1 or len(keep) == limit:
-            break
-        ious = box_iou(boxes[i:i + 1], boxes[order[1:]])[0]
-        order = order[1:][ious <= iou]
-    return np.asarray(keep, dtype=np.int64)
 
 
 def batched_nms(dets: np.ndarray, iou: float, max_detections: int) -> np.ndarray:

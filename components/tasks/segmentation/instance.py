@@ -20,16 +20,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from edgeslim.components.common.boxes import box_iou  # noqa: F401  (re-exported)
+from edgeslim.components.common.boxes import nms as greedy_nms
 from edgeslim.components.common.errors import ConfigError
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of ``[x1, y1, x2, y2]`` boxes ``a`` (N, 4) and ``b`` (M, 4)."""
-    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
-    lt, rb = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(-1)
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
-    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-12)
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -47,13 +40,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float, 
     if not len(boxes):
         return np.zeros(0, np.int64)
     shifted = boxes + classes[:, None] * (float(np.abs(boxes).max()) + 1.0)  # classes never overlap
-    order, keep = np.argsort(-scores, kind="stable"), []
-    while order.size and len(keep) < limit:
-        i, order = order[0], order[1:]
-        keep.append(i)
-        if order.size:
-            order = order[box_iou(shifted[i:i + 1], shifted[order])[0] <= iou]
-    return np.asarray(keep, np.int64)
+    return greedy_nms(shifted, scores, iou, limit)
 
 
 def upsample_bilinear(maps: np.ndarray, h: int, w: int) -> np.ndarray:
