@@ -97,9 +97,9 @@ class EvaluateConfig(Config):
             decoding meanwhile); a split too small for them is completed on its first rows.
         latency_warmup: runs discarded before timing.
         latency_repeats: timed runs; the median is reported.
-        threads: ONNX Runtime intra-op threads. 0: ``$EDGESLIM_ORT_THREADS`` when set, else, over image files
-            (decoded beside the models), one per core but one, the one left to the decoding; over arrays in
-            memory, ONNX Runtime's own choice.
+        threads: ONNX Runtime intra-op threads per model. 0: ``$EDGESLIM_ORT_THREADS`` when set, else ONNX
+            Runtime's own choice (one per core). The models take turns on each batch, and their idle threads
+            sleep rather than spin, so that the next model and the image decoding get the cores.
         cpu_int8_kernel_samples: test images, spread evenly over the split, on which the candidate also
             runs on ONNX Runtime's fused int8 CPU kernels (reported beside the candidate's Q/DQ figure on
             the same images, never gated); 0 leaves that figure out, a number at least the split's size

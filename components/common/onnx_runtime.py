@@ -41,20 +41,26 @@ _SHARED_ARENA_LOCK = threading.Lock()
 
 
 def make_session(path: str | Path, *, basic: bool = True, threads: int = 0,
-                 providers: Optional[list[str]] = None, shared_arena: bool = False):
+                 providers: Optional[list[str]] = None, side_by_side: bool = False):
     """An ONNX Runtime session of ``path``; ``basic`` keeps Q/DQ semantics.
 
     ``threads``: intra-op threads; 0 takes ``$EDGESLIM_ORT_THREADS`` when set, else lets ONNX Runtime
     choose (one per core). Capping it suits a machine whose cores other jobs share: idle ONNX Runtime
     threads spin for a while, and spinning threads beyond the free cores slow everything down.
 
-    ``shared_arena``: the session draws its CPU buffers from one arena per process (ONNX Runtime's
-    environment allocator) instead of an arena of its own. An arena keeps the buffers of the largest batch
-    its session has run, for the session's life: sessions run side by side over a split
-    (:func:`run_side_by_side`) with arenas of their own would hold a batch's buffers once per model
-    compared. Sharing one holds them once, at the speed of an arena (without any arena, ONNX Runtime
-    allocates every buffer on every run: a third slower on a 224-pixel classifier). docs/benchmarks.md has
-    the figures.
+    ``side_by_side``: the session takes turns with others on every batch (:func:`run_side_by_side`), and
+    is made for it in two ways:
+
+    - Its CPU buffers come from one arena per process (ONNX Runtime's environment allocator) instead of
+      an arena of its own. An arena keeps the buffers of the largest batch its session has run, for the
+      session's life: sessions that take turns with arenas of their own would hold a batch's buffers once
+      per model compared. Sharing one holds them once, at the speed of an arena (without any arena, ONNX
+      Runtime allocates every buffer on every run: a third slower on a 224-pixel classifier).
+    - Its idle intra-op threads sleep at once instead of spinning (ONNX Runtime's default, which suits a
+      session run alone): each session has threads of its own, and those of the session that has just run
+      would spin on the cores that the next session, and the image decoding beside them, need. On 2 cores,
+      evaluating a 224-pixel classifier over 2,000 decoded images took a fifth less time with sleeping
+      threads than with spinning ones on one core. docs/benchmarks.md has the figures.
 
     Raises:
         SourceError: ONNX Runtime cannot load the file (one line, with ORT's reason).
@@ -70,7 +76,7 @@ def make_session(path: str | Path, *, basic: bool = True, threads: int = 0,
         threads = int(raw)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    if shared_arena and (providers or ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]:
+    if side_by_side and (providers or ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]:
         with _SHARED_ARENA_LOCK:  # registered once per process
             if not _SHARED_ARENA:
                 info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
@@ -81,23 +87,12 @@ def make_session(path: str | Path, *, basic: bool = True, threads: int = 0,
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     if threads:
         opts.intra_op_num_threads = threads
+    if side_by_side:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
         raise SourceError(f"ONNX file {path} cannot be loaded by ONNX Runtime ({str(exc)[:160]})") from None
-
-
-def threads_beside_decoding(threads: int, x) -> int:
-    """Intra-op threads for sessions that run while the next batch of ``x`` is read beside them
-    (:func:`stream_batches`): ``threads`` when given, else ``$EDGESLIM_ORT_THREADS`` (0 here:
-    :func:`make_session` reads it), else for a lazy split (images decoded as read) one per usable core but
-    one, which the decoding takes; ONNX Runtime's own choice for rows already in memory. ONNX Runtime's
-    threads on every core beside busy decoding threads wait on each other: on 2 cores, evaluation over 2,000
-    decoded images took 1.5 times as long with 2 intra-op threads as with 1 (docs/benchmarks.md)."""
-    if threads or os.environ.get("EDGESLIM_ORT_THREADS") or isinstance(x, np.ndarray):
-        return threads
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, usable - 1)
 
 
 @contextlib.contextmanager
@@ -251,7 +246,8 @@ def run_side_by_side(sessions: Sequence, x, batch: int = STREAM_BATCH, *, on_err
                      ) -> Iterator[tuple[int, np.ndarray, list[Optional[list[np.ndarray]]]]]:
     """Every session on each batch of ``x`` as it is read: ``(start, rows, outputs per session)``.
     Comparing models costs one read (one decode of a lazy split) per row, not one per model. Make the
-    sessions with ``shared_arena=True`` (:func:`make_session`): each would otherwise keep a batch's buffers.
+    sessions with ``side_by_side=True`` (:func:`make_session`): each would otherwise keep a batch's buffers,
+    and spin on the cores the next one needs.
 
     ``on_error(k, rows, exc)``: the exception to raise when session ``k`` fails on a batch (ONNX Runtime
     raises its own types, e.g. for a shape it does not take); without it the error goes through.

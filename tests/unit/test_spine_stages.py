@@ -216,21 +216,33 @@ def test_latency_is_timed_on_the_evaluation_runs_and_the_fused_kernels_run_on_a_
     assert "cpu_int8_kernel_metric" not in off and fused_kernel_row(off, "top-1") == []
 
 
-def test_evaluation_leaves_a_core_to_the_image_decoding_beside_it(monkeypatch):
-    import os
+def test_sessions_that_take_turns_sleep_when_idle(monkeypatch, tmp_path):
+    """Sessions made to take turns on each batch (``side_by_side``) have idle threads that sleep instead of
+    spinning on the cores the next session needs; a session run alone keeps ONNX Runtime's own behaviour; a
+    thread count from the recipe is kept either way."""
+    import onnx
+    from onnx import TensorProto, helper
 
-    from edgeslim.components.common.onnx_runtime import threads_beside_decoding
+    from edgeslim.components.common.onnx_runtime import make_session
 
-    class Lazy:  # a split decoded as it is read (LazyImages' place)
-        def __len__(self):
-            return 10
-
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])])
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
     monkeypatch.delenv("EDGESLIM_ORT_THREADS", raising=False)
-    assert threads_beside_decoding(0, Lazy()) == max(1, len(os.sched_getaffinity(0)) - 1)
-    assert threads_beside_decoding(0, np.zeros((10, 3))) == 0  # rows in memory: ONNX Runtime chooses
-    assert threads_beside_decoding(3, Lazy()) == 3  # the recipe's evaluate.threads
-    monkeypatch.setenv("EDGESLIM_ORT_THREADS", "2")
-    assert threads_beside_decoding(0, Lazy()) == 0  # make_session reads the variable
+
+    def spins(opts) -> bool:
+        try:
+            return opts.get_session_config_entry("session.intra_op.allow_spinning") != "0"
+        except RuntimeError:  # ONNX Runtime raises for an entry never set: its default, which spins
+            return True
+
+    turns = make_session(path, threads=3, side_by_side=True)
+    assert not spins(turns.get_session_options()) and turns.get_session_options().intra_op_num_threads == 3
+    assert spins(make_session(path).get_session_options())
+    x = np.array([[-1.0, 0.0, 2.0]], np.float32)
+    assert turns.run(None, {"x": x})[0].tolist() == [[0.0, 0.0, 2.0]]
 
 
 def test_sqnr():

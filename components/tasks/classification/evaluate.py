@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from edgeslim.components.common.onnx_runtime import (BatchTimer, SqnrAccumulator, evaluation_batch, make_session,
-                                                     run_side_by_side, sample_rows, sqnr_db, threads_beside_decoding)
+                                                     run_side_by_side, sample_rows, sqnr_db)
 from edgeslim.components.common.accuracy import top1_percent  # noqa: F401  (re-exported)
 from edgeslim.components.common.confidence import drop_check, top1_drop
 from edgeslim.components.common.data import Splits
@@ -143,8 +143,7 @@ def evaluate(candidate_onnx: str | Path, config: EvaluateConfig, *, parent_onnx:
     fused_rows = sample_rows(len(x), config.cpu_int8_kernel_samples)
     paths = {"source": parent_onnx, "candidate": candidate_onnx,
              **({"fused": candidate_onnx} if len(fused_rows) else {}), **({"student": ref_path} if own_student else {})}
-    threads = threads_beside_decoding(config.threads, x)
-    sessions = {k: make_session(p, basic=k != "fused", threads=threads, shared_arena=True)
+    sessions = {k: make_session(p, basic=k != "fused", threads=config.threads, side_by_side=True)
                 for k, p in paths.items()}
     keys = list(sessions)
     ref = "student" if own_student else "source"

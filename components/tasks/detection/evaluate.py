@@ -23,8 +23,7 @@ import numpy as np
 
 from edgeslim.components.common.confidence import detection_drops, drop_check
 from edgeslim.components.common.onnx_runtime import (STREAM_BATCH, BatchTimer, SqnrAccumulator, evaluation_batch,
-                                                     input_rejected, make_session, run_side_by_side, sample_rows,
-                                                     threads_beside_decoding)
+                                                     input_rejected, make_session, run_side_by_side, sample_rows)
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import DataError
 from edgeslim.components.common.result import GateCheck, StageResult, verdict
@@ -91,7 +90,7 @@ def detect_batches(onnx_paths: Sequence[str | Path], x, task, *, basic: Sequence
     basics = [basic] * len(onnx_paths) if isinstance(basic, bool) else list(basic)
     decodes = [True] * len(onnx_paths) if decode is None else list(decode)
     if sessions is None:
-        sessions = [make_session(p, basic=b, threads=threads, shared_arena=True)
+        sessions = [make_session(p, basic=b, threads=threads, side_by_side=True)
                     for p, b in zip(onnx_paths, basics)]
     names = [[o.name for o in s.get_outputs()] for s in sessions]
     dets: list[list[np.ndarray]] = [[] for _ in sessions]
@@ -201,8 +200,7 @@ def evaluate_detection(candidate_onnx: str | Path, config, *, parent_onnx: str |
 
     fused_rows = sample_rows(len(data.x_test), config.cpu_int8_kernel_samples)
     paths = [parent_onnx, candidate_onnx, candidate_onnx, *([ref_path] if own else [])]
-    threads = threads_beside_decoding(config.threads, data.x_test)
-    sessions = [make_session(p, basic=b, threads=threads, shared_arena=True)
+    sessions = [make_session(p, basic=b, threads=config.threads, side_by_side=True)
                 for p, b in zip(paths, [True, True, False, True])]
     timer = BatchTimer([0, 1], config.latency_batches, config.latency_warmup, config.latency_repeats)
     # parent, candidate; the fused kernels and the candidate's Q/DQ on the fused-kernel images

@@ -21,8 +21,7 @@ import numpy as np
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import DataError
 from edgeslim.components.common.onnx_runtime import (BatchTimer, SqnrAccumulator, evaluation_batch, input_rejected,
-                                                     make_session, run_side_by_side, sample_rows,
-                                                     threads_beside_decoding)
+                                                     make_session, run_side_by_side, sample_rows)
 from edgeslim.components.common.result import GateCheck, StageResult, verdict
 from edgeslim.components.tasks.segmentation.runtime import argmax_masks, logits_output
 
@@ -72,7 +71,7 @@ def side_by_side(onnx_paths: Sequence[str | Path], x, y, *, basic: Sequence[bool
     outputs of those of the batch's rows, ``None`` for a batch with none of them)."""
     basics = [basic] * len(onnx_paths) if isinstance(basic, bool) else list(basic)
     if sessions is None:
-        sessions = [make_session(p, basic=b, shared_arena=True) for p, b in zip(onnx_paths, basics)]
+        sessions = [make_session(p, basic=b, side_by_side=True) for p, b in zip(onnx_paths, basics)]
     names = [[o.name for o in s.get_outputs()] for s in sessions]
 
     def rejects(k: int, rows, exc: Exception) -> DataError:  # ORT raises its own types for shape mismatches
@@ -179,8 +178,7 @@ def evaluate_segmentation(candidate_onnx: str | Path, config, *, parent_onnx: st
         sampled[...] += confusion(masks[1][rows], labels[rows], k, task.ignore_index)
         seen[0] += len(labels)
 
-    threads = threads_beside_decoding(config.threads, data.x_test)
-    sessions = [make_session(p, basic=b, threads=threads, shared_arena=True)
+    sessions = [make_session(p, basic=b, threads=config.threads, side_by_side=True)
                 for p, b in zip(paths, [True, True, False, True])]
     timer = BatchTimer([0, 1], config.latency_batches, config.latency_warmup, config.latency_repeats)
     cms = segment_batches(paths, data.x_test, data.y_test, task, on_batch=on_batch, sessions=sessions, timer=timer,

@@ -24,7 +24,7 @@ from edgeslim.components.common.average_precision import IOU_THRESHOLDS, average
 from edgeslim.components.common.data import Splits
 from edgeslim.components.common.errors import DataError
 from edgeslim.components.common.onnx_runtime import (BatchTimer, SqnrAccumulator, evaluation_batch, make_session,
-                                                     sample_rows, threads_beside_decoding)
+                                                     sample_rows)
 from edgeslim.components.common.result import GateCheck, StageResult, verdict
 from edgeslim.components.tasks.segmentation.evaluate import picked, side_by_side
 from edgeslim.components.tasks.segmentation.instance import box_iou, decode_instances, mask_iou, read_instances
@@ -161,8 +161,7 @@ def evaluate_instances(candidate_onnx: str | Path, config, *, parent_onnx: str |
         agree[1] += total
 
     paths = [parent_onnx, candidate_onnx, candidate_onnx]
-    threads = threads_beside_decoding(config.threads, data.x_test)
-    sessions = [make_session(p, basic=b, threads=threads, shared_arena=True)
+    sessions = [make_session(p, basic=b, threads=config.threads, side_by_side=True)
                 for p, b in zip(paths, [True, True, False])]
     fused_rows = sample_rows(len(data.x_test), config.cpu_int8_kernel_samples)
     timer = BatchTimer([0, 1], config.latency_batches, config.latency_warmup, config.latency_repeats)
