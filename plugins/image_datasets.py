@@ -17,6 +17,7 @@ from boto3's usual chain.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import posixpath
@@ -25,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edgeslim.components.common.data import Splits
+from edgeslim.components.common.data import DeferredLabels, Splits
 from edgeslim.components.common.errors import ConfigError, DataError
 from edgeslim.components.common.image_files import Files, open_files, split_location
 from edgeslim.components.common.image_preprocess import ImagePreprocessConfig, image_size
@@ -399,6 +400,35 @@ class YoloDataset(_ImageProvider):
                             "point it at the split's image folder")
         return sorted(dict.fromkeys(keys))
 
+    def _labels(self, files: Files, keys: Sequence[str], labelled: Sequence[bool]):
+        """One split's labels, read from its label files (and, where the preprocessing needs the source size,
+        its images' headers) on the decode threads: boxes, or instance outlines with ``masks``."""
+        need_size = self.preprocess.boxes_need_source_size()
+        target = self.preprocess.output_hw()
+
+        def labels_of(i: int):
+            key = keys[i]
+            lk = label_key(key)
+            polys: list | None = [] if self.masks else None
+            xyxy, cls = (parse_yolo_label(files.read(lk).decode("utf-8", "replace"), len(self.classes),
+                                          files.url(lk), polys)
+                         if labelled[i] else (np.zeros((0, 4)), np.zeros(0, np.int64)))
+            if need_size:
+                try:
+                    w, h = image_size(files.read_head(key), files.url(key))
+                except DataError:  # a header past the first 64 kB (large EXIF): read it all
+                    w, h = image_size(files.read(key), files.url(key))
+            else:  # resize to exactly [h, w]: normalised boxes scale straight to the input
+                h, w = target
+            if polys is not None:
+                return (w, h, cls, [("poly", [p * [w, h]]) for p in polys])
+            return self._labels_in_input_pixels(xyxy * [w, h, w, h], cls, w, h)
+
+        rows = range(len(keys))
+        if self.masks:
+            return LazyInstances(self._map(labels_of, rows), self.preprocess)
+        return self._box_labels(labels_of, rows)
+
     def load(self) -> Splits:
         doc, files, _ = self._yaml()
         self.classes = _names(doc["names"], self.location)
@@ -407,35 +437,13 @@ class YoloDataset(_ImageProvider):
             raise DataError(f"data {self.location}: nc: {nc} but names: lists {len(self.classes)} classes; make "
                             "them agree (or drop nc:)")
         listing = files.list()
-        need_size = self.preprocess.boxes_need_source_size()
-        target = self.preprocess.output_hw()
         parts: dict[str, Any] = {}
         for split in SPLITS:
             keys = self._split_images(doc, split, files, listing)
-
-            def labels_of(key: str):
-                lk = label_key(key)
-                polys: list | None = [] if self.masks else None
-                xyxy, cls = (parse_yolo_label(files.read(lk).decode("utf-8", "replace"), len(self.classes),
-                                              files.url(lk), polys)
-                             if lk in listing else (np.zeros((0, 4)), np.zeros(0, np.int64)))
-                if need_size:
-                    try:
-                        w, h = image_size(files.read_head(key), files.url(key))
-                    except DataError:  # a header past the first 64 kB (large EXIF): read it all
-                        w, h = image_size(files.read(key), files.url(key))
-                else:  # resize to exactly [h, w]: normalised boxes scale straight to the input
-                    h, w = target
-                if polys is not None:
-                    return (w, h, cls, [("poly", [p * [w, h]]) for p in polys])
-                return self._labels_in_input_pixels(xyxy * [w, h, w, h], cls, w, h)
-
-            if self.masks:
-                labels = LazyInstances(self._map(labels_of, keys), self.preprocess)
-            else:
-                labels = self._box_labels(labels_of, keys)
+            labelled = [label_key(k) in listing for k in keys]  # images with no label file have no boxes
             parts[f"x_{split}"] = self._lazy(files, keys, [listing[k] for k in keys], split)
-            parts[f"y_{split}"] = labels
+            parts[f"y_{split}"] = DeferredLabels(len(keys), functools.partial(self._labels, files, keys, labelled),
+                                                 f"{self.location} {split}")
         return Splits(**parts, source=self.location)
 
 

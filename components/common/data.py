@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import threading
+from typing import Any, Callable
 
 import numpy as np
 
@@ -23,6 +25,86 @@ def is_lazy(x) -> bool:
             and all(hasattr(x, a) for a in ("__getitem__", "__len__", "shape", "dtype")))
 
 
+class DeferredLabels:
+    """One split's labels, read the first time anything but their number is asked of them.
+
+    A provider whose labels lie in a file per image (YOLO's) gives these instead of the labels: a task that
+    never reads a split's labels never opens its files (export and calibration read images alone; the
+    evaluation reads the test split's, the detector search the validation split's). Indexing, iterating,
+    ``np.asarray`` and the array's own methods read them (once, then kept: they are small beside the
+    images) and answer as the labels would; a bad label file is refused there, in one line, as the
+    provider refuses it. :meth:`Splits.read_labels` reads every split's at once.
+
+    Args:
+        n: the split's images (one label each).
+        read: reads the labels: ``n`` of them, as an array (or lazy array-like) the provider would give.
+        where: the split, for messages.
+    """
+
+    dtype = np.dtype(object)
+    ndim = 1
+
+    def __init__(self, n: int, read: Callable[[], Any], where: str = ""):
+        self._n, self._read, self._where = int(n), read, where
+        self._labels: Any = None
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (self._n,)
+
+    def read(self) -> Any:
+        """The labels, read on the first call."""
+        with self._lock:
+            if self._labels is None:
+                labels = self._read()
+                if len(labels) != self._n:
+                    raise DataError(f"data {self._where}: {self._n} images but {len(labels)} labels; they must "
+                                    "pair up")
+                self._labels = labels
+            return self._labels
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.read()[key]
+
+    def __iter__(self):
+        return iter(self.read())
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        labels = np.asarray(self.read())
+        return labels if dtype is None else labels.astype(dtype)
+
+    def __getattr__(self, name: str) -> Any:
+        # an array's public attributes (tolist, size, ...) read the labels; any other name is absent without
+        # reading them (``hasattr(y, "numpy")`` and the like ask what kind of thing this is)
+        if name.startswith("_") or not hasattr(np.ndarray, name):
+            raise AttributeError(name)
+        return getattr(self.read(), name)
+
+    def digest(self) -> str:
+        """sha256 of the labels (read for it)."""
+        labels = self.read()
+        if hasattr(labels, "digest"):
+            return labels.digest()
+        h = hashlib.sha256()
+        for item in labels:
+            h.update(np.ascontiguousarray(item).tobytes())
+        return h.hexdigest()
+
+    def __repr__(self) -> str:
+        return f"DeferredLabels({self._n} labels of {self._where or 'a split'}, " \
+               f"{'read' if self._labels is not None else 'not read yet'})"
+
+    def __getstate__(self) -> dict:  # a copy for another process carries the labels, not the reader
+        return {"_n": self._n, "_where": self._where, "_labels": self.read()}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _read=None, _lock=threading.Lock())
+
+
 def check_labels(x: np.ndarray, y: np.ndarray, where: str) -> None:
     if len(x) != len(y):
         raise DataError(f"data {where}: {len(x)} inputs but {len(y)} labels; they must pair up")
@@ -36,7 +118,8 @@ class Splits:
     provider's :class:`~edgeslim.components.common.lazy_images.LazyImages`) that decode the rows
     asked for: stages index and slice them in batches and never hold a whole split.
     ``y_*`` are in memory (class indices, or per-image (k, 5) boxes), or lazy like ``x_*`` where a label
-    is pixels (class maps, or instance stacks drawn from outlines).
+    is pixels (class maps, or instance stacks drawn from outlines), or :class:`DeferredLabels` (read from
+    their files when first asked for).
     """
 
     x_train: np.ndarray
@@ -64,6 +147,14 @@ class Splits:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
+
+    def read_labels(self) -> None:
+        """Read every split's labels now where a provider defers them (:class:`DeferredLabels`), so that a
+        bad label file is refused here, in one line, before any task runs."""
+        for split in ("train", "val", "test"):
+            y = getattr(self, f"y_{split}")
+            if isinstance(y, DeferredLabels):
+                y.read()
 
     def calibration(self, n: int, seed: int = 0) -> np.ndarray:
         """``n`` samples from the train split (all of it when ``n`` is larger), drawn with ``seed``.

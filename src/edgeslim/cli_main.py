@@ -141,6 +141,7 @@ def _preflight(recipe, tracking_uri: str, workdir: Path) -> None:
     from edgeslim.components.common.data import load_data
 
     data = load_data(recipe.data.provider, recipe.data.args, recipe.data.preprocess)
+    data.read_labels()  # a provider that reads labels when a task asks for them is checked here, whole
     res = pull(recipe.source, tracking_uri=tracking_uri, out_dir=workdir / "preflight")
     check_model_accepts(res.model, data.x_test[:4])
     from edgeslim.components.common.tasks import task_for

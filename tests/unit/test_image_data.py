@@ -260,9 +260,38 @@ def copy_detection(root, tmp_path):
 def test_yolo_label_errors_name_the_file_and_line(detection, tmp_path, line, want):
     d = copy_detection(detection[0], tmp_path)
     (d / "labels" / "val" / "val_002.txt").write_text(line + "\n")
+    data = load_data("yolo", {"path": str(d / "data.yaml")}, {"resize": [32, 32]})
+    assert data.y_test[0].shape[1:] == (5,)  # the test split's labels read as they are
     with pytest.raises(DataError) as exc:
-        load_data("yolo", {"path": str(d / "data.yaml")}, {"resize": [32, 32]})
+        data.y_val[0]  # the val split's labels are read when first asked for
     assert f"data {d / 'labels' / 'val' / 'val_002.txt'} {want}" in one_line(exc)
+    with pytest.raises(DataError) as exc:  # as `edgeslim run` reads every split's before any task
+        load_data("yolo", {"path": str(d / "data.yaml")}, {"resize": [32, 32]}).read_labels()
+    assert f"data {d / 'labels' / 'val' / 'val_002.txt'} {want}" in one_line(exc)
+
+
+def test_edgeslim_run_refuses_a_bad_label_of_any_split_before_any_task(detection, tmp_path, capsys):
+    """A task reads only the labels it needs; `edgeslim run` reads every split's first, so a bad label file in
+    a split that a later task would read is refused at once, in one line, before the model is even pulled."""
+    import yaml
+
+    from edgeslim.cli import main
+
+    d = copy_detection(detection[0], tmp_path)
+    (d / "labels" / "train" / "train_001.txt").write_text("0 0.5 0.5\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "version": 1, "source": "models:/never-pulled@champion",
+        "data": {"provider": "yolo", "args": {"path": str(d / "data.yaml")}, "preprocess": {"resize": [32, 32]}},
+        "task": {"kind": "detection", "num_classes": 3,
+                 "decoder": {"heads": [{"box": "b", "cls": "c", "stride": 8}]}},
+        "stages": [{"export": {}}, {"quantize": {"method": "ptq"}}],
+        "register": {"name": "never-registered"}}))
+    code = main(["run", str(recipe), "--tracking-uri", "http://127.0.0.1:9", "--workdir", str(tmp_path / "w")])
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err
+    assert f"data {d / 'labels' / 'train' / 'train_001.txt'} line 1: 3 numbers" in err
+    assert not (tmp_path / "w" / "preflight").exists()  # refused before the model was pulled
 
 
 @pytest.mark.parametrize("drop, want", [
