@@ -400,7 +400,7 @@ class YoloDataset(_ImageProvider):
                             "point it at the split's image folder")
         return sorted(dict.fromkeys(keys))
 
-    def _labels(self, files: Files, keys: Sequence[str], labelled: Sequence[bool]):
+    def _labels(self, files: Files, keys: Sequence[str], labelled: np.ndarray):
         """One split's labels, read from its label files (and, where the preprocessing needs the source size,
         its images' headers) on the decode threads: boxes, or instance outlines with ``masks``."""
         need_size = self.preprocess.boxes_need_source_size()
@@ -440,7 +440,8 @@ class YoloDataset(_ImageProvider):
         parts: dict[str, Any] = {}
         for split in SPLITS:
             keys = self._split_images(doc, split, files, listing)
-            labelled = [label_key(k) in listing for k in keys]  # images with no label file have no boxes
+            # images without a label file have no boxes (a byte an image: the listing is not kept)
+            labelled = np.fromiter((label_key(k) in listing for k in keys), bool, len(keys))
             parts[f"x_{split}"] = self._lazy(files, keys, [listing[k] for k in keys], split)
             parts[f"y_{split}"] = DeferredLabels(len(keys), functools.partial(self._labels, files, keys, labelled),
                                                  f"{self.location} {split}")

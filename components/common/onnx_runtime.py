@@ -40,9 +40,13 @@ _SHARED_ARENA: list[bool] = []  # whether this process registered ONNX Runtime's
 _SHARED_ARENA_LOCK = threading.Lock()
 
 
-def make_session(path: str | Path, *, basic: bool = True, threads: int = 0,
+def make_session(path: str | Path, *, basic: bool | None = True, threads: int = 0,
                  providers: Optional[list[str]] = None, side_by_side: bool = False):
-    """An ONNX Runtime session of ``path``; ``basic`` keeps Q/DQ semantics.
+    """An ONNX Runtime session of ``path``.
+
+    ``basic``: True keeps Q/DQ semantics (``ORT_ENABLE_BASIC``); False gives ONNX Runtime's full
+    optimizations (Q/DQ fused into its int8 kernels); None keeps Q/DQ semantics where the graph has Q/DQ
+    nodes and optimizes a float graph fully (:func:`has_qdq`): the way to run models that may be either.
 
     ``threads``: intra-op threads; 0 takes ``$EDGESLIM_ORT_THREADS`` when set, else lets ONNX Runtime
     choose (one per core). Capping it suits a machine whose cores other jobs share: idle ONNX Runtime
@@ -83,6 +87,8 @@ def make_session(path: str | Path, *, basic: bool = True, threads: int = 0,
                 ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 0, -1, -1))  # ORT's default settings
                 _SHARED_ARENA.append(True)
         opts.add_session_config_entry("session.use_env_allocators", "1")
+    if basic is None:
+        basic = has_qdq(path)
     if basic:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     if threads:
@@ -93,6 +99,28 @@ def make_session(path: str | Path, *, basic: bool = True, threads: int = 0,
         return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
         raise SourceError(f"ONNX file {path} cannot be loaded by ONNX Runtime ({str(exc)[:160]})") from None
+
+
+def has_qdq(path: str | Path) -> bool:
+    """Whether the ONNX graph at ``path`` has QuantizeLinear or DequantizeLinear nodes (its subgraphs
+    included). Only those need ``ORT_ENABLE_BASIC`` to keep their meaning (:func:`make_session`): a float
+    graph keeps it under ONNX Runtime's full optimizations, which round its float math differently (by
+    about 1e-7) and lay its convolutions out for the CPU: a float CNN then runs 1.5-2 times as fast."""
+    import onnx
+
+    def quantizes(graph) -> bool:
+        for node in graph.node:
+            if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+                return True
+            for attr in node.attribute:
+                if any(quantizes(g) for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)):
+                    return True
+        return False
+
+    try:
+        return quantizes(onnx.load(str(path), load_external_data=False).graph)
+    except Exception:  # not ONNX onnx can read: ONNX Runtime names the problem when it loads it
+        return True
 
 
 @contextlib.contextmanager

@@ -258,7 +258,7 @@ def _scores(fp32: str | Path, models: list[Path], x, y) -> tuple[float, list[tup
     y = np.asarray(y)
     right = np.zeros(len(models) + 1, np.int64)
     sqnr = [SqnrAccumulator() for _ in models]
-    sessions = [make_session(p, side_by_side=True) for p in (fp32, *models)]
+    sessions = [make_session(p, basic=None, side_by_side=True) for p in (fp32, *models)]
     for start, rows, outs in run_side_by_side(sessions, x):
         ref = _flat(outs[0])
         labels = y[start:start + len(rows)]

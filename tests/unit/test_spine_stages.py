@@ -245,6 +245,36 @@ def test_sessions_that_take_turns_sleep_when_idle(monkeypatch, tmp_path):
     assert turns.run(None, {"x": x})[0].tolist() == [[0.0, 0.0, 2.0]]
 
 
+def test_models_that_may_be_float_or_qdq_keep_qdq_semantics_only_where_they_quantize(tmp_path):
+    """``basic=None``: a graph with Q/DQ nodes runs in Q/DQ semantics (its int8 rounding kept), a float graph
+    under ONNX Runtime's full optimizations, which leave its outputs as they were (to float rounding)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from edgeslim.components.common.onnx_runtime import has_qdq, make_session
+
+    io = ([helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3])],
+          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])])
+    consts = [helper.make_tensor("s", TensorProto.FLOAT, [], [0.5]), helper.make_tensor("z", TensorProto.INT8, [], [0])]
+    qdq = helper.make_graph([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+                             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+                             helper.make_node("Relu", ["d"], ["y"])], "qdq", *io, initializer=consts)
+    flt = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "float", *io)
+    paths = {}
+    for name, graph in (("qdq", qdq), ("float", flt)):
+        paths[name] = tmp_path / f"{name}.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(paths[name]))
+    assert has_qdq(paths["qdq"]) and not has_qdq(paths["float"])
+    level = lambda p: make_session(p, basic=None).get_session_options().graph_optimization_level  # noqa: E731
+    assert level(paths["qdq"]) == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    assert level(paths["float"]) == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    x = np.array([[0.3, -1.0, 1.26]], np.float32)
+    assert make_session(paths["qdq"], basic=None).run(None, {"x": x})[0].tolist() == [[0.5, 0.0, 1.5]]
+    np.testing.assert_allclose(make_session(paths["float"], basic=None).run(None, {"x": x})[0], [[0.3, 0.0, 1.26]],
+                               rtol=0, atol=1e-7)
+
+
 def test_sqnr():
     x = np.ones(100)
     assert sqnr_db(x, x) == float("inf")

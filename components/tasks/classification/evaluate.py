@@ -143,7 +143,7 @@ def evaluate(candidate_onnx: str | Path, config: EvaluateConfig, *, parent_onnx:
     fused_rows = sample_rows(len(x), config.cpu_int8_kernel_samples)
     paths = {"source": parent_onnx, "candidate": candidate_onnx,
              **({"fused": candidate_onnx} if len(fused_rows) else {}), **({"student": ref_path} if own_student else {})}
-    sessions = {k: make_session(p, basic=k != "fused", threads=config.threads, side_by_side=True)
+    sessions = {k: make_session(p, basic=False if k == "fused" else None, threads=config.threads, side_by_side=True)
                 for k, p in paths.items()}
     keys = list(sessions)
     ref = "student" if own_student else "source"

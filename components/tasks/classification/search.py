@@ -32,7 +32,7 @@ class ClassifierStrategy(Strategy):
         from edgeslim.components.common.onnx_runtime import make_session, run_side_by_side
         from edgeslim.components.tasks.classification.evaluate import StreamedTop1, flat_logits
 
-        self.parent_session = make_session(self.parent_onnx, side_by_side=True)
+        self.parent_session = make_session(self.parent_onnx, basic=None, side_by_side=True)
         top1s = StreamedTop1(["parent"], len(data.x_val))
         for start, _, (out,) in run_side_by_side([self.parent_session], data.x_val):
             top1s.add(start, {"parent": flat_logits(out)})
@@ -48,7 +48,7 @@ class ClassifierStrategy(Strategy):
         from edgeslim.components.tasks.classification.evaluate import StreamedTop1, flat_logits, gate, paired_top1
 
         top1s = StreamedTop1(["parent", "candidate"], len(data.x_val), pairs=[("parent", "candidate")])
-        sessions = [self.parent_session, make_session(candidate, side_by_side=True)]
+        sessions = [self.parent_session, make_session(candidate, basic=None, side_by_side=True)]
         for start, _, (ref, out) in run_side_by_side(sessions, data.x_val):
             top1s.add(start, {"parent": flat_logits(ref), "candidate": flat_logits(out)})
         fid = {"top1_agreement": top1s.agreement("parent", "candidate"),

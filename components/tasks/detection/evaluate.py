@@ -55,7 +55,7 @@ def pr_curve(preds, gts, num_classes: int, score_threshold: float, *, points: in
     return record_pr_curve(detection_records(preds, gts, num_classes, score_threshold), points=points)
 
 
-def detect_batches(onnx_paths: Sequence[str | Path], x, task, *, basic: Sequence[bool] | bool = True,
+def detect_batches(onnx_paths: Sequence[str | Path], x, task, *, basic: Sequence[bool | None] | bool | None = None,
                    batch: int = STREAM_BATCH, on_batch=None, decode: Sequence[bool] | None = None,
                    threads: int = 0, timer=None, only: dict[int, np.ndarray] | None = None,
                    sessions: Sequence | None = None, on_detections=None) -> list[list[np.ndarray]]:
@@ -69,7 +69,7 @@ def detect_batches(onnx_paths: Sequence[str | Path], x, task, *, basic: Sequence
         onnx_paths: the models.
         x: the inputs.
         task: the recipe's ``DetectionTaskConfig``.
-        basic: per model (or for all), Q/DQ semantics (see :func:`make_session`).
+        basic: per model (or for all), Q/DQ semantics (see :func:`make_session`; None: where the graph has Q/DQ).
         batch: images per run.
         on_batch: called with each batch's raw outputs, per model ``(outputs, names)``.
         decode: per model, whether its outputs are decoded to boxes (default: every model's); a model
@@ -87,7 +87,7 @@ def detect_batches(onnx_paths: Sequence[str | Path], x, task, *, basic: Sequence
     Returns:
         Per model, per image an (M, 6) ``[x1, y1, x2, y2, score, class]`` array.
     """
-    basics = [basic] * len(onnx_paths) if isinstance(basic, bool) else list(basic)
+    basics = [basic] * len(onnx_paths) if basic is None or isinstance(basic, bool) else list(basic)
     decodes = [True] * len(onnx_paths) if decode is None else list(decode)
     if sessions is None:
         sessions = [make_session(p, basic=b, threads=threads, side_by_side=True)
@@ -201,7 +201,7 @@ def evaluate_detection(candidate_onnx: str | Path, config, *, parent_onnx: str |
     fused_rows = sample_rows(len(data.x_test), config.cpu_int8_kernel_samples)
     paths = [parent_onnx, candidate_onnx, candidate_onnx, *([ref_path] if own else [])]
     sessions = [make_session(p, basic=b, threads=config.threads, side_by_side=True)
-                for p, b in zip(paths, [True, True, False, True])]
+                for p, b in zip(paths, [None, None, False, None])]
     timer = BatchTimer([0, 1], config.latency_batches, config.latency_warmup, config.latency_repeats)
     # parent, candidate; the fused kernels and the candidate's Q/DQ on the fused-kernel images
     recorders = [DetectionRecorder(task.num_classes, task.score_threshold) for _ in range(4)]

@@ -29,7 +29,7 @@ def figures(candidate_onnx: str | Path, *, parent_onnx: str | Path, data, task,
         for rec, d in zip(recorders, dets):
             rec.add(d, gts)
 
-    detect_batches(paths, data.x_test, task, basic=True, on_batch=lambda raw: err.add(raw[ref], raw[1]),
+    detect_batches(paths, data.x_test, task, on_batch=lambda raw: err.add(raw[ref], raw[1]),
                    decode=[True, True, False][:len(paths)], on_detections=on_detections)
     return {"output_error": err.result(reference), "pr": {
         "fp32": record_pr_curve(recorders[0].records()), "int8": record_pr_curve(recorders[1].records())}}

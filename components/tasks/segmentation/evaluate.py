@@ -61,7 +61,7 @@ def segmentation_metrics(cm: np.ndarray) -> dict[str, Any]:
     }
 
 
-def side_by_side(onnx_paths: Sequence[str | Path], x, y, *, basic: Sequence[bool] | bool, batch: int,
+def side_by_side(onnx_paths: Sequence[str | Path], x, y, *, basic: Sequence[bool | None] | bool | None, batch: int,
                  sessions: Sequence | None = None, timer=None, only: dict[int, np.ndarray] | None = None
                  ) -> Iterator[tuple[int, Any, list[tuple[list[np.ndarray], list[str]] | None]]]:
     """Each batch's first row, its labels and per model its ``(outputs, names)`` on the batch: the models run
@@ -69,7 +69,7 @@ def side_by_side(onnx_paths: Sequence[str | Path], x, y, *, basic: Sequence[bool
     ``basic`` says so (per model, or for all; see :func:`make_session`). ``sessions``, ``timer``, ``only``: as
     :func:`~edgeslim.components.common.onnx_runtime.run_side_by_side` takes them (a model in ``only`` has the
     outputs of those of the batch's rows, ``None`` for a batch with none of them)."""
-    basics = [basic] * len(onnx_paths) if isinstance(basic, bool) else list(basic)
+    basics = [basic] * len(onnx_paths) if basic is None or isinstance(basic, bool) else list(basic)
     if sessions is None:
         sessions = [make_session(p, basic=b, side_by_side=True) for p, b in zip(onnx_paths, basics)]
     names = [[o.name for o in s.get_outputs()] for s in sessions]
@@ -89,7 +89,7 @@ def picked(only: dict[int, np.ndarray] | None, k: int, start: int, n: int) -> np
     return only[k][(only[k] >= start) & (only[k] < start + n)] - start
 
 
-def segment_batches(onnx_paths: Sequence[str | Path], x, y, task, *, basic: Sequence[bool] | bool = True,
+def segment_batches(onnx_paths: Sequence[str | Path], x, y, task, *, basic: Sequence[bool | None] | bool | None = None,
                     batch: int = 64, on_batch=None, sessions: Sequence | None = None, timer=None,
                     only: dict[int, np.ndarray] | None = None) -> list[np.ndarray]:
     """Confusion matrices of one or more ONNX segmenters on ``x`` against masks ``y``, run side by side a
@@ -179,7 +179,7 @@ def evaluate_segmentation(candidate_onnx: str | Path, config, *, parent_onnx: st
         seen[0] += len(labels)
 
     sessions = [make_session(p, basic=b, threads=config.threads, side_by_side=True)
-                for p, b in zip(paths, [True, True, False, True])]
+                for p, b in zip(paths, [None, None, False, None])]
     timer = BatchTimer([0, 1], config.latency_batches, config.latency_warmup, config.latency_repeats)
     cms = segment_batches(paths, data.x_test, data.y_test, task, on_batch=on_batch, sessions=sessions, timer=timer,
                           only={2: fused_rows}, batch=evaluation_batch(config.latency_batches))

@@ -102,7 +102,7 @@ def instance_metrics(records: Sequence[ImageRecord], num_classes: int, score_thr
     return out
 
 
-def instance_batches(onnx_paths: Sequence[str | Path], x, y, task, *, basic: Sequence[bool] | bool = True,
+def instance_batches(onnx_paths: Sequence[str | Path], x, y, task, *, basic: Sequence[bool | None] | bool | None = None,
                      batch: int = 32, on_batch=None, sessions: Sequence | None = None, timer=None,
                      only: dict[int, np.ndarray] | None = None) -> list[list[ImageRecord]]:
     """Per model, per image of ``x`` its :class:`ImageRecord` against the labels ``y``; the models run side
@@ -162,7 +162,7 @@ def evaluate_instances(candidate_onnx: str | Path, config, *, parent_onnx: str |
 
     paths = [parent_onnx, candidate_onnx, candidate_onnx]
     sessions = [make_session(p, basic=b, threads=config.threads, side_by_side=True)
-                for p, b in zip(paths, [True, True, False])]
+                for p, b in zip(paths, [None, None, False])]
     fused_rows = sample_rows(len(data.x_test), config.cpu_int8_kernel_samples)
     timer = BatchTimer([0, 1], config.latency_batches, config.latency_warmup, config.latency_repeats)
     recs = instance_batches(paths, data.x_test, data.y_test, task, on_batch=on_batch, sessions=sessions, timer=timer,

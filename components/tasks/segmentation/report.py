@@ -90,7 +90,7 @@ def instance_figures(candidate_onnx, *, parent_onnx, data, task, student_onnx=No
                           "pixel_agreement": round(float((fp32 == int8).mean()), 5)})
 
     paths = [parent_onnx, candidate_onnx, *([student_onnx] if own else [])]
-    instance_batches(paths, data.x_test, data.y_test, task, basic=True, on_batch=on_batch)
+    instance_batches(paths, data.x_test, data.y_test, task, on_batch=on_batch)
     return {"output_error": err.result(reference), "overlays": shown}
 
 
@@ -119,7 +119,7 @@ def figures(candidate_onnx: str | Path, *, parent_onnx: str | Path, data, task,
                           "fp32": _png(overlay(x[len(shown)], fp32, k)), "int8": _png(overlay(x[len(shown)], int8, k)),
                           "pixel_agreement": round(float((fp32 == int8).mean()), 5)})
 
-    segment_batches(paths, data.x_test, data.y_test, task, basic=True, on_batch=on_batch)
+    segment_batches(paths, data.x_test, data.y_test, task, on_batch=on_batch)
     return {"output_error": err.result(reference), "overlays": shown}
 
 
