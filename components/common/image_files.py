@@ -67,25 +67,28 @@ class LocalFiles(Files):
     def _path(self, key: str) -> Path:
         return Path(self.root) / key if key else Path(self.root)
 
+    def _file(self, key: str) -> str:
+        return os.path.join(self.root, key)  # string joins: a listing or a read per image stays cheap
+
     def list(self, prefix: str = "") -> dict[str, int]:
-        base = self._path(prefix)
-        if not base.is_dir():
+        base = str(self._path(prefix))
+        if not os.path.isdir(base):
             return {}
         out: dict[str, int] = {}
-        root = Path(self.root)
         for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
             dirnames.sort()
+            rel = os.path.relpath(dirpath, self.root)
+            under = "" if rel == os.curdir else rel.replace(os.sep, "/") + "/"
             for name in sorted(filenames):
-                p = Path(dirpath) / name
                 try:
-                    out[p.relative_to(root).as_posix()] = p.stat().st_size
+                    out[under + name] = os.stat(os.path.join(dirpath, name)).st_size
                 except OSError:
                     continue
         return out
 
     def read(self, key: str) -> bytes:
         try:
-            with open(self._path(key), "rb") as f:
+            with open(self._file(key), "rb") as f:
                 return f.read()
         except OSError as exc:
             raise DataError(f"data {self.url(key)}: cannot be read ({exc.strerror or exc}); check the path "
@@ -93,7 +96,7 @@ class LocalFiles(Files):
 
     def read_head(self, key: str, n: int = 65536) -> bytes:
         try:
-            with open(self._path(key), "rb") as f:
+            with open(self._file(key), "rb") as f:
                 return f.read(n)
         except OSError as exc:
             raise DataError(f"data {self.url(key)}: cannot be read ({exc.strerror or exc}); check the path "
