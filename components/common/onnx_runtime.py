@@ -63,8 +63,9 @@ def make_session(path: str | Path, *, basic: bool | None = True, threads: int = 
     - Its idle intra-op threads sleep at once instead of spinning (ONNX Runtime's default, which suits a
       session run alone): each session has threads of its own, and those of the session that has just run
       would spin on the cores that the next session, and the image decoding beside them, need. On 2 cores,
-      evaluating a 224-pixel classifier over 2,000 decoded images took a fifth less time with sleeping
-      threads than with spinning ones on one core. docs/benchmarks.md has the figures.
+      evaluating a 224-pixel classifier over 2,000 decoded images took a fifth less time with two sleeping
+      threads per session than with one, and a third less than with two spinning ones. docs/benchmarks.md
+      has the figures.
 
     Raises:
         SourceError: ONNX Runtime cannot load the file (one line, with ORT's reason).
