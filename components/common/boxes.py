@@ -27,8 +27,10 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, iou: float, limit: int | None = None) -> np.ndarray:
-    """Indices kept by greedy non-maximum suppression, best score first (at most ``limit``).
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float, limit: int | None = None,
+        classes: np.ndarray | None = None) -> np.ndarray:
+    """Indices kept by greedy non-maximum suppression, best score first (at most ``limit``); with
+    ``classes`` (one per box), boxes of different classes never suppress each other.
 
     Greedy NMS keeps a box when no better-scored kept box overlaps it by more than ``iou`` (ties in score
     keep the given order). The boxes are taken a block at a time in score order: a block's boxes are
@@ -36,6 +38,8 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float, limit: int | None = N
     themselves, so the Python loop runs once per kept box over a handful of rows, not once per box over
     all of them. The result is exactly the plain loop's, IoU for IoU.
     """
+    if classes is not None and len(boxes):  # each class's boxes moved clear of every other class's
+        boxes = np.asarray(boxes) + np.asarray(classes)[:, None] * (float(np.abs(boxes).max()) + 1.0)
     order = np.argsort(-np.asarray(scores), kind="stable")
     ranked = np.asarray(boxes, np.float64).reshape(-1, 4)[order]
     cap = int(limit) if limit and limit > 0 else len(order)

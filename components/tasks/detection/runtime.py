@@ -27,9 +27,7 @@ def batched_nms(dets: np.ndarray, iou: float, max_detections: int) -> np.ndarray
     """Class-aware NMS of (M, 6) detections; returns the kept rows, best first."""
     if len(dets) == 0:
         return dets.reshape(0, 6).astype(np.float32)
-    # Offsetting boxes per class keeps classes apart in one NMS pass.
-    offset = dets[:, 5:6] * (float(np.abs(dets[:, :4]).max()) + 1.0)
-    keep = nms(dets[:, :4] + offset, dets[:, 4], iou, limit=max_detections)
+    keep = nms(dets[:, :4], dets[:, 4], iou, limit=max_detections, classes=dets[:, 5])
     return dets[keep].astype(np.float32)
 
 

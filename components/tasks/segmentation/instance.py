@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from edgeslim.components.common.boxes import box_iou  # noqa: F401  (re-exported)
-from edgeslim.components.common.boxes import nms as greedy_nms
+from edgeslim.components.common.boxes import nms
 from edgeslim.components.common.errors import ConfigError
 
 
@@ -33,14 +33,6 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     fa, fb = a.reshape(len(a), -1), b.reshape(len(b), -1)
     inter = fa @ fb.T
     return inter / np.maximum(fa.sum(1)[:, None] + fb.sum(1)[None, :] - inter, 1e-9)
-
-
-def nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float, limit: int) -> np.ndarray:
-    """Indices kept by class-aware greedy NMS, best first, at most ``limit``."""
-    if not len(boxes):
-        return np.zeros(0, np.int64)
-    shifted = boxes + classes[:, None] * (float(np.abs(boxes).max()) + 1.0)  # classes never overlap
-    return greedy_nms(shifted, scores, iou, limit)
 
 
 def upsample_bilinear(maps: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -101,7 +93,7 @@ def decode_instances(outputs: dict[str, Any], config, hw: Sequence[int] | None =
         cx, cy, bw, bh = d[:4, keep]
         boxes = np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1)
         boxes = np.clip(boxes, 0, [w, h, w, h]).astype(np.float32)
-        kept = nms(boxes, score[keep], cls[keep], dec.nms_iou, dec.max_detections)
+        kept = nms(boxes, score[keep], dec.nms_iou, dec.max_detections, classes=cls[keep])
         idx = keep[kept]
         dets = np.concatenate([boxes[kept], score[idx, None], cls[idx, None].astype(np.float32)], 1).reshape(-1, 6)
         if not len(idx):
